@@ -1,0 +1,227 @@
+//! Types shared by ambridge's kernel programs and its daemon.
+//!
+//! Every type here crosses the user/kernel boundary as raw bytes in a BPF map,
+//! so each is `#[repr(C)]`, has no implicit padding, and carries compile-time
+//! size and offset assertions: a layout change must be made on purpose, on
+//! both sides at once.
+//!
+//! Conventions: IP addresses are stored as four `u32` words in network byte
+//! order, exactly as the kernel hands them to BPF programs (`user_ip6`,
+//! `src_ip6`, ...). IPv4 addresses are stored IPv4-mapped (`::ffff:a.b.c.d`)
+//! wherever both families share a field, so a dual-stack socket and an IPv4
+//! socket of the same connection produce the same key. Ports are host order
+//! unless a field name says otherwise.
+#![no_std]
+
+use core::mem::{offset_of, size_of};
+
+/// Names of the maps as they appear in the object file and under the bpffs
+/// pin directory.
+pub mod map_names {
+    /// [`super::CgroupInfo`] by cgroup v2 id.
+    pub const CGROUPS: &str = "AMB_CGROUPS";
+    /// [`super::OrigDst`] by socket cookie, between `connect()` and
+    /// establishment.
+    pub const PENDING: &str = "AMB_PENDING";
+    /// [`super::OrigDst`] by [`super::ConnKey`], for established connections.
+    pub const ORIG_DST: &str = "AMB_ORIG_DST";
+    /// Per-CPU `u64` counters indexed by [`super::Counter`].
+    pub const COUNTERS: &str = "AMB_COUNTERS";
+}
+
+/// Capacity of [`map_names::CGROUPS`]: pods (and ztunnels) on one node.
+pub const CGROUPS_CAPACITY: u32 = 16_384;
+/// Capacity of [`map_names::PENDING`] (an LRU: a connect that never
+/// completes and never closes is evicted rather than leaked).
+pub const PENDING_CAPACITY: u32 = 65_536;
+/// Capacity of [`map_names::ORIG_DST`] (an LRU). An entry is read once, when
+/// the proxy accepts the connection; eviction only ever hits long-lived
+/// connections whose original destination was read long ago.
+pub const ORIG_DST_CAPACITY: u32 = 65_536;
+
+/// Deepest cgroup level the kernel programs look at when matching a socket's
+/// cgroup against [`map_names::CGROUPS`].
+pub const MAX_CGROUP_DEPTH: i32 = 16;
+
+/// Flag bits of [`CgroupInfo::flags`].
+pub mod flags {
+    /// The cgroup is an enrolled pod: its outbound TCP is redirected.
+    pub const ENROLLED: u32 = 1 << 0;
+    /// The cgroup is a ztunnel: its sockets are never redirected, whatever
+    /// other entry matches a deeper or shallower level.
+    pub const ZTUNNEL: u32 = 1 << 1;
+    /// [`super::CgroupInfo::pod_ip4`] and `redirect_ip4` are set.
+    pub const HAS_IP4: u32 = 1 << 2;
+    /// [`super::CgroupInfo::pod_ip6`] and `redirect_ip6` are set.
+    pub const HAS_IP6: u32 = 1 << 3;
+}
+
+/// What the datapath knows about one pod-level (or ztunnel) cgroup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CgroupInfo {
+    /// Bits from [`flags`].
+    pub flags: u32,
+    /// Port connects are redirected to (host order), e.g. 15001.
+    pub redirect_port: u16,
+    pub _pad: u16,
+    /// The pod's IPv4 address (network order); connects to it are not
+    /// redirected, as istio-cni does not redirect a pod calling itself.
+    pub pod_ip4: u32,
+    /// Where IPv4 connects go (network order): the pod's own IP in the
+    /// in-pod model, ztunnel's IP in the shared model.
+    pub redirect_ip4: u32,
+    /// The pod's IPv6 address.
+    pub pod_ip6: [u32; 4],
+    /// Where IPv6 connects go.
+    pub redirect_ip6: [u32; 4],
+}
+
+/// The destination a connection was going to before it was redirected.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct OrigDst {
+    /// IPv6, or IPv4-mapped for IPv4 (network order words).
+    pub ip: [u32; 4],
+    /// Host order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// One direction of a TCP connection, as seen by its client: `src` is the
+/// client's address, `dst` the (redirected) server's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    pub src_ip: [u32; 4],
+    pub dst_ip: [u32; 4],
+    /// Host order.
+    pub src_port: u16,
+    /// Host order.
+    pub dst_port: u16,
+}
+
+/// Indexes into [`map_names::COUNTERS`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// IPv4 (or IPv4-mapped) connects rewritten to a redirect target.
+    ConnectRedirected4 = 0,
+    /// IPv6 connects rewritten to a redirect target.
+    ConnectRedirected6 = 1,
+    /// Connects from an enrolled pod not redirected because the original
+    /// destination could not be recorded (map update failed).
+    ConnectRecordFailed = 2,
+    /// `SO_ORIGINAL_DST` answered from [`map_names::ORIG_DST`].
+    OrigDstAnswered = 3,
+}
+
+impl Counter {
+    /// Every counter, in index order.
+    pub const ALL: [Counter; 4] = [
+        Counter::ConnectRedirected4,
+        Counter::ConnectRedirected6,
+        Counter::ConnectRecordFailed,
+        Counter::OrigDstAnswered,
+    ];
+
+    /// Stable name, as printed by `ambridge stats`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::ConnectRedirected4 => "connect_redirected_ipv4",
+            Counter::ConnectRedirected6 => "connect_redirected_ipv6",
+            Counter::ConnectRecordFailed => "connect_record_failed",
+            Counter::OrigDstAnswered => "orig_dst_answered",
+        }
+    }
+}
+
+/// Number of entries of [`map_names::COUNTERS`].
+pub const COUNTER_SLOTS: u32 = Counter::ALL.len() as u32;
+
+/// `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST`: the same optname at `SOL_IP`
+/// and `SOL_IPV6`.
+pub const SO_ORIGINAL_DST: i32 = 80;
+
+/// Word 2 of an IPv4-mapped IPv6 address (`::ffff:0:0/96`), network order.
+pub const V4_MAPPED_WORD2: u32 = u32::from_be(0x0000_ffff);
+
+/// The IPv4-mapped form of a network-order IPv4 address.
+#[inline(always)]
+pub const fn v4_mapped(ip4: u32) -> [u32; 4] {
+    [0, 0, V4_MAPPED_WORD2, ip4]
+}
+
+/// The IPv4 address inside an IPv4-mapped IPv6 address, if it is one.
+#[inline(always)]
+pub const fn as_v4(ip6: &[u32; 4]) -> Option<u32> {
+    if ip6[0] == 0 && ip6[1] == 0 && ip6[2] == V4_MAPPED_WORD2 {
+        Some(ip6[3])
+    } else {
+        None
+    }
+}
+
+// Layout is ABI: these fail the build of both sides if it drifts.
+const _: () = {
+    assert!(size_of::<CgroupInfo>() == 48);
+    assert!(offset_of!(CgroupInfo, flags) == 0);
+    assert!(offset_of!(CgroupInfo, redirect_port) == 4);
+    assert!(offset_of!(CgroupInfo, pod_ip4) == 8);
+    assert!(offset_of!(CgroupInfo, redirect_ip4) == 12);
+    assert!(offset_of!(CgroupInfo, pod_ip6) == 16);
+    assert!(offset_of!(CgroupInfo, redirect_ip6) == 32);
+
+    assert!(size_of::<OrigDst>() == 20);
+    assert!(offset_of!(OrigDst, ip) == 0);
+    assert!(offset_of!(OrigDst, port) == 16);
+
+    assert!(size_of::<ConnKey>() == 36);
+    assert!(offset_of!(ConnKey, src_ip) == 0);
+    assert!(offset_of!(ConnKey, dst_ip) == 16);
+    assert!(offset_of!(ConnKey, src_port) == 32);
+    assert!(offset_of!(ConnKey, dst_port) == 34);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: each type is repr(C), Copy, made only of integers, and has no
+    // padding (asserted above), so any byte pattern is a valid value.
+    unsafe impl aya::Pod for super::CgroupInfo {}
+    unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::ConnKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v4_mapped_round_trips() {
+        let ip = u32::from_ne_bytes([198, 18, 0, 2]);
+        let mapped = v4_mapped(ip);
+        assert_eq!(as_v4(&mapped), Some(ip));
+        // The mapped form is ::ffff:198.18.0.2 byte for byte.
+        let mut bytes = [0u8; 16];
+        for (i, w) in mapped.iter().enumerate() {
+            bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        assert_eq!(
+            core::net::Ipv6Addr::from(bytes),
+            core::net::Ipv4Addr::new(198, 18, 0, 2).to_ipv6_mapped()
+        );
+    }
+
+    #[test]
+    fn native_ipv6_is_not_v4() {
+        let ip6 = [u32::from_be(0xfd00_0018), 0, 0, u32::from_be(2)];
+        assert_eq!(as_v4(&ip6), None);
+    }
+
+    #[test]
+    fn counter_indexes_are_dense() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as u32, i as u32);
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! `cgroup/connect4` and `cgroup/connect6` (Linux 4.17): send an enrolled
+//! pod's outbound TCP to its redirect target and remember where it was going.
+//!
+//! The programs always allow the connect (return 1); they only ever rewrite
+//! the destination. What is left alone: UDP and other non-stream sockets,
+//! loopback destinations, the pod's own IPs (istio-cni lets a pod call itself
+//! directly), the kubelet probe address, the redirect target itself, and
+//! every socket of a ztunnel or of a cgroup that is not enrolled.
+
+use ambridge_common::{CgroupInfo, Counter, OrigDst, as_v4, flags, v4_mapped};
+use aya_ebpf::{
+    EbpfContext, bindings::bpf_sock_addr, helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+
+use crate::{
+    maps::{PENDING, bump},
+    net::{KUBELET_PROBE_IP4, SOCK_STREAM, is_loopback4, is_loopback6},
+    pod,
+};
+
+const ALLOW: i32 = 1;
+
+#[cgroup_sock_addr(connect4)]
+pub fn connect4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel passes a valid context for the program's lifetime.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.type_ != SOCK_STREAM {
+        return ALLOW;
+    }
+    let Some(pod) = pod::current() else {
+        return ALLOW;
+    };
+    if let Some(target) = target4(&pod, sa.user_ip4)
+        && record(&ctx, sa.user_ip4, sa, v4_mapped)
+    {
+        sa.user_ip4 = target;
+        sa.user_port = u32::from(pod.redirect_port.to_be());
+        bump(Counter::ConnectRedirected4);
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn connect6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: as in connect4.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.type_ != SOCK_STREAM {
+        return ALLOW;
+    }
+    let Some(pod) = pod::current() else {
+        return ALLOW;
+    };
+    let dst = sa.user_ip6;
+    // A dual-stack socket connecting to ::ffff:a.b.c.d speaks IPv4 on the
+    // wire (only this hook runs, not connect4): apply the IPv4 rules and
+    // keep the mapped form so the socket stays IPv4 on the wire.
+    if let Some(dst4) = as_v4(&dst) {
+        if let Some(target) = target4(&pod, dst4)
+            && record(&ctx, dst4, sa, v4_mapped)
+        {
+            sa.user_ip6 = v4_mapped(target);
+            sa.user_port = u32::from(pod.redirect_port.to_be());
+            bump(Counter::ConnectRedirected4);
+        }
+        return ALLOW;
+    }
+    if let Some(target) = target6(&pod, &dst)
+        && record(&ctx, dst, sa, |ip6| ip6)
+    {
+        sa.user_ip6 = target;
+        sa.user_port = u32::from(pod.redirect_port.to_be());
+        bump(Counter::ConnectRedirected6);
+    }
+    ALLOW
+}
+
+/// The IPv4 redirect target for a connect from `pod` to `dst`, if it is to be
+/// redirected.
+#[inline(always)]
+fn target4(pod: &CgroupInfo, dst: u32) -> Option<u32> {
+    if !pod::redirects(pod)
+        || pod.flags & flags::HAS_IP4 == 0
+        || is_loopback4(dst)
+        || dst == pod.pod_ip4
+        || dst == pod.redirect_ip4
+        || dst == KUBELET_PROBE_IP4
+    {
+        return None;
+    }
+    Some(pod.redirect_ip4)
+}
+
+/// The IPv6 redirect target for a connect from `pod` to `dst`, if any.
+#[inline(always)]
+fn target6(pod: &CgroupInfo, dst: &[u32; 4]) -> Option<[u32; 4]> {
+    if !pod::redirects(pod)
+        || pod.flags & flags::HAS_IP6 == 0
+        || is_loopback6(dst)
+        || *dst == pod.pod_ip6
+        || *dst == pod.redirect_ip6
+    {
+        return None;
+    }
+    Some(pod.redirect_ip6)
+}
+
+/// Records the original destination under the socket's cookie. A connect
+/// whose destination cannot be recorded is not redirected: ztunnel could not
+/// route it.
+#[inline(always)]
+fn record<A>(
+    ctx: &SockAddrContext,
+    dst: A,
+    sa: &bpf_sock_addr,
+    to_ip6: impl FnOnce(A) -> [u32; 4],
+) -> bool {
+    let orig = OrigDst {
+        ip: to_ip6(dst),
+        port: u16::from_be(sa.user_port as u16),
+        _pad: 0,
+    };
+    // SAFETY: plain helper call on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if PENDING.insert(&cookie, &orig, 0).is_err() {
+        bump(Counter::ConnectRecordFailed);
+        return false;
+    }
+    true
+}

@@ -1,0 +1,30 @@
+//! ambridge's kernel programs: one object, one module per program type.
+//!
+//! | hook | module | minimum kernel |
+//! |---|---|---|
+//! | `cgroup/connect4`, `cgroup/connect6` | [`connect`] | 4.17 |
+//! | `sockops` | [`sock_ops`] | 4.13 (state callbacks 4.16) |
+//! | `cgroup/getsockopt` | [`sockopt`] | 5.3 |
+//!
+//! Shared helpers live apart: [`maps`] (every map), [`pod`] (which pod a
+//! socket belongs to), [`net`] (address and port conversions).
+#![no_std]
+#![no_main]
+
+mod connect;
+mod maps;
+mod net;
+mod pod;
+mod sock_ops;
+mod sockopt;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier proves programs cannot panic; this is never reached.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,132 @@
+//! `cgroup/getsockopt` (Linux 5.3): answer `SO_ORIGINAL_DST` for connections
+//! that were redirected at connect time, where no conntrack entry exists.
+//!
+//! The program runs after the kernel's own getsockopt and sees its result.
+//! Anything but `SO_ORIGINAL_DST` at `SOL_IP`/`SOL_IPV6` on a TCP socket
+//! with a recorded tuple returns at once without touching `optlen`, `optval`
+//! or `retval`, so every other option reads exactly as without the program.
+//! As the kernel does, `SOL_IP` answers IPv4 connections with a
+//! `sockaddr_in` and `SOL_IPV6` answers IPv6 ones with a `sockaddr_in6`.
+
+use ambridge_common::{ConnKey, Counter, OrigDst, SO_ORIGINAL_DST, as_v4};
+use aya_ebpf::{bindings::bpf_sockopt, macros::cgroup_sockopt, programs::SockoptContext};
+
+use crate::{
+    maps::{ORIG_DST, bump},
+    net::{AF_INET, AF_INET6, IPPROTO_TCP, SOL_IP, SOL_IPV6, normalize},
+};
+
+const PROCEED: i32 = 1;
+
+#[repr(C)]
+struct SockaddrIn {
+    family: u16,
+    port_be: u16,
+    addr: u32,
+    zero: [u8; 8],
+}
+
+#[repr(C)]
+struct SockaddrIn6 {
+    family: u16,
+    port_be: u16,
+    flowinfo: u32,
+    addr: [u32; 4],
+    scope_id: u32,
+}
+
+#[cgroup_sockopt(getsockopt)]
+pub fn getsockopt(ctx: SockoptContext) -> i32 {
+    // SAFETY: the kernel passes a valid context for the program's lifetime.
+    let opt = unsafe { &mut *ctx.sockopt };
+    if opt.optname != SO_ORIGINAL_DST || (opt.level != SOL_IP && opt.level != SOL_IPV6) {
+        return PROCEED;
+    }
+    if let Some(orig) = lookup(opt) {
+        answer(opt, &orig);
+    }
+    PROCEED
+}
+
+/// The original destination of the accepted socket's connection: its peer is
+/// the client's source, its local address the redirect target.
+#[inline(always)]
+fn lookup(opt: &bpf_sockopt) -> Option<OrigDst> {
+    // SAFETY: `sk` is the union's only pointer member for this hook.
+    let sk = unsafe { opt.__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: non-null `sk` points at the socket for the program's lifetime.
+    let sk = unsafe { &*sk };
+    if sk.protocol != IPPROTO_TCP || (sk.family != AF_INET && sk.family != AF_INET6) {
+        return None;
+    }
+    let key = ConnKey {
+        src_ip: normalize(sk.family, sk.dst_ip4, sk.dst_ip6),
+        dst_ip: normalize(sk.family, sk.src_ip4, sk.src_ip6),
+        src_port: u16::from_be(sk.dst_port),
+        dst_port: sk.src_port as u16,
+    };
+    // SAFETY: copied out at once.
+    unsafe { ORIG_DST.get(&key) }.copied()
+}
+
+#[inline(always)]
+fn answer(opt: &mut bpf_sockopt, orig: &OrigDst) {
+    // SAFETY: reading the union members the kernel filled in.
+    let (start, end) = unsafe {
+        (
+            opt.__bindgen_anon_2.optval as *mut u8,
+            opt.__bindgen_anon_3.optval_end as *mut u8,
+        )
+    };
+    let len = match (opt.level, as_v4(&orig.ip)) {
+        (SOL_IP, Some(addr)) => {
+            let value = SockaddrIn {
+                family: AF_INET as u16,
+                port_be: orig.port.to_be(),
+                addr,
+                zero: [0; 8],
+            };
+            // A caller's buffer shorter than a sockaddr_in gets the kernel's
+            // answer untouched.
+            if !write(start, end, value) {
+                return;
+            }
+            size_of::<SockaddrIn>()
+        }
+        (SOL_IPV6, None) => {
+            let value = SockaddrIn6 {
+                family: AF_INET6 as u16,
+                port_be: orig.port.to_be(),
+                flowinfo: 0,
+                addr: orig.ip,
+                scope_id: 0,
+            };
+            if !write(start, end, value) {
+                return;
+            }
+            size_of::<SockaddrIn6>()
+        }
+        _ => return,
+    };
+    opt.optlen = len as i32;
+    opt.retval = 0;
+    bump(Counter::OrigDstAnswered);
+}
+
+/// Writes `value` at `start` if it fits before `end` (the verifier needs the
+/// bound checked against `optval_end`).
+#[inline(always)]
+fn write<T>(start: *mut u8, end: *mut u8, value: T) -> bool {
+    // SAFETY: only dereferenced after the bound check below.
+    let past = unsafe { start.add(size_of::<T>()) };
+    if past > end {
+        return false;
+    }
+    // SAFETY: [start, start + size_of::<T>()) lies within the kernel's
+    // optval buffer, checked above; the buffer may be unaligned for T.
+    unsafe { core::ptr::write_unaligned(start as *mut T, value) };
+    true
+}

@@ -1,0 +1,15 @@
+//! Builds the kernel programs (`ebpf/ambridge-ebpf`) for the BPF target with
+//! the nightly toolchain and bpf-linker; the object is embedded in the daemon.
+
+fn main() -> anyhow::Result<()> {
+    // aya-build watches the program crate; the shared types live apart.
+    println!("cargo:rerun-if-changed=../ebpf/ambridge-common/src");
+    aya_build::build_ebpf(
+        [aya_build::Package {
+            name: "ambridge-ebpf",
+            root_dir: "../ebpf/ambridge-ebpf",
+            ..Default::default()
+        }],
+        aya_build::Toolchain::default(),
+    )
+}

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Installs what ambridge needs to build and test on a Debian machine with
+# rustup's stable and nightly toolchains. Idempotent: each step checks first
+# and says what it does. Must run as root (apt, bpffs mount).
+set -euo pipefail
+
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+
+BPF_LINKER_VERSION=0.13.0
+
+if [[ $(id -u) -ne 0 ]]; then
+    echo "setup.sh must run as root (it installs packages and mounts bpffs)" >&2
+    exit 1
+fi
+
+# --- Debian packages -------------------------------------------------------
+need_pkgs=()
+command -v ip >/dev/null || need_pkgs+=(iproute2)
+command -v iptables >/dev/null || need_pkgs+=(iptables)
+command -v conntrack >/dev/null || need_pkgs+=(conntrack)
+command -v bpftool >/dev/null || need_pkgs+=(bpftool)
+if ((${#need_pkgs[@]})); then
+    say "installing Debian packages: ${need_pkgs[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+else
+    say "Debian packages present (iproute2, iptables, conntrack, bpftool)"
+fi
+
+# --- Rust: nightly rust-src for -Z build-std --------------------------------
+if ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src'; then
+    say "adding rust-src to the nightly toolchain"
+    rustup component add rust-src --toolchain nightly
+else
+    say "nightly rust-src present"
+fi
+
+# --- bpf-linker, linked against the nightly's own LLVM ----------------------
+# Debian's LLVM is older than the nightly's (22); bpf-linker must use the same
+# major version as rustc's bitcode, so it links the nightly's libLLVM.
+if bpf-linker --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"; then
+    say "bpf-linker $BPF_LINKER_VERSION present"
+else
+    sysroot=$(rustc +nightly --print sysroot)
+    libllvm=$(ls "$sysroot"/lib/libLLVM.so.* 2>/dev/null | head -n1 || true)
+    if [[ -z $libllvm ]]; then
+        echo "no libLLVM.so.* in the nightly sysroot $sysroot/lib" >&2
+        exit 1
+    fi
+    major=$(basename "$libllvm" | sed -E 's/^libLLVM\.so\.([0-9]+).*/\1/')
+    prefix=${CARGO_HOME:-$HOME/.cargo}/llvm-nightly-prefix
+    mkdir -p "$prefix/lib"
+    ln -sf "$libllvm" "$prefix/lib/libLLVM.so"
+    say "building bpf-linker $BPF_LINKER_VERSION against $(basename "$libllvm") (about two minutes)"
+    LLVM_PREFIX=$prefix RUSTFLAGS="-C link-arg=-Wl,-rpath,$sysroot/lib" \
+        cargo +stable install bpf-linker --locked --version "$BPF_LINKER_VERSION" \
+        --no-default-features --features "llvm-$major" --quiet
+fi
+
+# --- bpffs -------------------------------------------------------------------
+if ! grep -qs ' /sys/fs/bpf bpf ' /proc/self/mounts; then
+    say "mounting bpffs at /sys/fs/bpf"
+    mount -t bpf bpf /sys/fs/bpf
+else
+    say "bpffs mounted at /sys/fs/bpf"
+fi
+
+# --- cgroup v2 ---------------------------------------------------------------
+if ! grep -qs ' cgroup2 ' /proc/self/mounts; then
+    echo "no cgroup2 mount found in /proc/self/mounts: ambridge needs cgroup v2" >&2
+    exit 1
+fi
+say "ready"
