@@ -15,7 +15,7 @@ use aya_ebpf::{
 
 use crate::{
     maps::{PENDING, bump},
-    net::{KUBELET_PROBE_IP4, SOCK_STREAM, is_loopback4, is_loopback6},
+    net::{KUBELET_PROBE_IP4, SOCK_STREAM, ctx_read, is_loopback4, is_loopback6},
     pod,
 };
 
@@ -51,7 +51,15 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
     let Some(pod) = pod::current() else {
         return ALLOW;
     };
-    let dst = sa.user_ip6;
+    // SAFETY: `sa` is the live context of this program.
+    let dst = unsafe {
+        [
+            ctx_read!(sa.user_ip6[0]),
+            ctx_read!(sa.user_ip6[1]),
+            ctx_read!(sa.user_ip6[2]),
+            ctx_read!(sa.user_ip6[3]),
+        ]
+    };
     // A dual-stack socket connecting to ::ffff:a.b.c.d speaks IPv4 on the
     // wire (only this hook runs, not connect4): apply the IPv4 rules and
     // keep the mapped form so the socket stays IPv4 on the wire.

@@ -1,8 +1,6 @@
 //! Address and port conversions between the kernel's context layouts and the
 //! shared map types.
 
-use ambridge_common::v4_mapped;
-
 pub const AF_INET: u32 = 2;
 pub const AF_INET6: u32 = 10;
 pub const SOCK_STREAM: u32 = 1;
@@ -26,8 +24,40 @@ pub fn is_loopback6(ip6: &[u32; 4]) -> bool {
     ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0 && ip6[3] == u32::from_be(1)
 }
 
-/// A socket's address as the shared maps store it: IPv4 as IPv4-mapped.
-#[inline(always)]
-pub fn normalize(family: u32, ip4: u32, ip6: [u32; 4]) -> [u32; 4] {
-    if family == AF_INET { v4_mapped(ip4) } else { ip6 }
+/// Reads one field of a kernel context with a fixed-offset load. Use inside
+/// an `unsafe` block, on a field of a context the kernel keeps valid for the
+/// program's lifetime.
+///
+/// The verifier only accepts context accesses at constant offsets from the
+/// context pointer; without a volatile read LLVM may merge the reads of two
+/// branches into one load through a computed pointer, which the verifier
+/// rejects ("dereference of modified ctx ptr").
+macro_rules! ctx_read {
+    ($place:expr) => {
+        core::ptr::read_volatile(core::ptr::addr_of!($place))
+    };
 }
+pub(crate) use ctx_read;
+
+/// A socket address from a context, as the shared maps store it (IPv4 as
+/// IPv4-mapped): `$ip4` and `$ip6` are the context's two fields for the same
+/// address. Both are read whatever the family (the kernel allows it) and the
+/// right one is selected as a value: branching on which field to load lets
+/// LLVM merge the loads into one at a computed offset. Use inside `unsafe`.
+macro_rules! ctx_addr {
+    ($family:expr, $ip4:expr, $ip6:expr) => {{
+        let ip4 = $crate::net::ctx_read!($ip4);
+        let ip6 = [
+            $crate::net::ctx_read!($ip6[0]),
+            $crate::net::ctx_read!($ip6[1]),
+            $crate::net::ctx_read!($ip6[2]),
+            $crate::net::ctx_read!($ip6[3]),
+        ];
+        if $family == $crate::net::AF_INET {
+            ambridge_common::v4_mapped(ip4)
+        } else {
+            ip6
+        }
+    }};
+}
+pub(crate) use ctx_addr;

@@ -23,7 +23,7 @@ use aya_ebpf::{
 
 use crate::{
     maps::{ORIG_DST, PENDING},
-    net::normalize,
+    net::{ctx_addr, ctx_read},
 };
 
 #[sock_ops]
@@ -46,14 +46,18 @@ fn cookie(ctx: &SockOpsContext) -> u64 {
 /// The connection as its client sees it (this socket is the client).
 #[inline(always)]
 fn client_key(ctx: &SockOpsContext) -> ConnKey {
-    let family = ctx.family();
-    ConnKey {
-        src_ip: normalize(family, ctx.local_ip4(), ctx.local_ip6()),
-        dst_ip: normalize(family, ctx.remote_ip4(), ctx.remote_ip6()),
-        // local_port is host order; remote_port is the network-order port
-        // in the upper half of the word.
-        src_port: ctx.local_port() as u16,
-        dst_port: u32::from_be(ctx.remote_port()) as u16,
+    let ops = ctx.ops;
+    // SAFETY: `ops` is the live context of this program.
+    unsafe {
+        let family = ctx_read!((*ops).family);
+        ConnKey {
+            src_ip: ctx_addr!(family, (*ops).local_ip4, (*ops).local_ip6),
+            dst_ip: ctx_addr!(family, (*ops).remote_ip4, (*ops).remote_ip6),
+            // local_port is host order; remote_port is the network-order
+            // port in the upper half of the word.
+            src_port: ctx_read!((*ops).local_port) as u16,
+            dst_port: u32::from_be(ctx_read!((*ops).remote_port)) as u16,
+        }
     }
 }
 

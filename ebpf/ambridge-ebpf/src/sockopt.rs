@@ -13,7 +13,7 @@ use aya_ebpf::{bindings::bpf_sockopt, macros::cgroup_sockopt, programs::SockoptC
 
 use crate::{
     maps::{ORIG_DST, bump},
-    net::{AF_INET, AF_INET6, IPPROTO_TCP, SOL_IP, SOL_IPV6, normalize},
+    net::{AF_INET, AF_INET6, IPPROTO_TCP, SOL_IP, SOL_IPV6, ctx_addr, ctx_read},
 };
 
 const PROCEED: i32 = 1;
@@ -57,16 +57,18 @@ fn lookup(opt: &bpf_sockopt) -> Option<OrigDst> {
     if sk.is_null() {
         return None;
     }
-    // SAFETY: non-null `sk` points at the socket for the program's lifetime.
-    let sk = unsafe { &*sk };
-    if sk.protocol != IPPROTO_TCP || (sk.family != AF_INET && sk.family != AF_INET6) {
-        return None;
-    }
-    let key = ConnKey {
-        src_ip: normalize(sk.family, sk.dst_ip4, sk.dst_ip6),
-        dst_ip: normalize(sk.family, sk.src_ip4, sk.src_ip6),
-        src_port: u16::from_be(sk.dst_port),
-        dst_port: sk.src_port as u16,
+    // SAFETY: non-null `sk` is live for the program's lifetime.
+    let key = unsafe {
+        let family = ctx_read!((*sk).family);
+        if ctx_read!((*sk).protocol) != IPPROTO_TCP || (family != AF_INET && family != AF_INET6) {
+            return None;
+        }
+        ConnKey {
+            src_ip: ctx_addr!(family, (*sk).dst_ip4, (*sk).dst_ip6),
+            dst_ip: ctx_addr!(family, (*sk).src_ip4, (*sk).src_ip6),
+            src_port: u16::from_be(ctx_read!((*sk).dst_port)),
+            dst_port: ctx_read!((*sk).src_port) as u16,
+        }
     };
     // SAFETY: copied out at once.
     unsafe { ORIG_DST.get(&key) }.copied()

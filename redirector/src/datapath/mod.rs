@@ -1,0 +1,186 @@
+//! The kernel side: load the programs, attach them to the node's cgroup,
+//! pin maps and links under bpffs, and keep the cgroup map as reconciled.
+//!
+//! Pin layout under the bpffs directory (default `/sys/fs/bpf/ambridge`):
+//! `maps/<MAP>` for every map (pinned by name, so a restarted daemon reuses
+//! them with their contents) and `links/<program>` for every attachment.
+//! Links are held only by their pins: the daemon can exit or crash and the
+//! datapath keeps working; `ambridge uninstall` removes the pins and with
+//! them the attachments.
+
+mod error;
+mod link;
+mod pins;
+
+use std::{collections::BTreeMap, fs, os::fd::AsFd, path::Path};
+
+use ambridge_common::{CgroupInfo, Counter, map_names};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, Map, MapData, PerCpuArray},
+    programs::{CgroupSockAddr, CgroupSockopt, SockOps},
+};
+use link::AttachType;
+pub use error::Error;
+pub use pins::Pins;
+use tracing::{debug, info};
+
+use crate::{reconcile::Op, types::CgroupId};
+
+/// The compiled kernel programs, built by `build.rs` for the BPF target.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ambridge-ebpf"));
+
+/// How a program is loaded (aya's typed loader per program type).
+#[derive(Clone, Copy)]
+enum Kind {
+    SockAddr,
+    SockOps,
+    Sockopt,
+}
+
+/// Every program of the object: its name (the function name), how it is
+/// loaded, and the cgroup hook it attaches to.
+const PROGRAMS: [(&str, Kind, AttachType); 4] = [
+    ("connect4", Kind::SockAddr, AttachType::CgroupInet4Connect),
+    ("connect6", Kind::SockAddr, AttachType::CgroupInet6Connect),
+    ("sock_ops", Kind::SockOps, AttachType::CgroupSockOps),
+    ("getsockopt", Kind::Sockopt, AttachType::CgroupGetsockopt),
+];
+
+/// The loaded datapath, with a handle on the cgroup map.
+pub struct Datapath {
+    cgroups: HashMap<MapData, u64, CgroupInfo>,
+    // Keeps program fds (and the object's other maps) open while the daemon
+    // runs; the pinned links keep them alive after it exits.
+    _ebpf: Ebpf,
+}
+
+impl Datapath {
+    /// Loads the programs, reusing pinned maps, and attaches them to
+    /// `cgroup_root` in multi-attach mode (other cgroup programs, such as a
+    /// CNI's socket load balancer, keep running). Links already pinned by an
+    /// earlier run are replaced atomically: the new link is attached before
+    /// the old one's pin is renamed over, so no connect goes unseen.
+    pub fn install(cgroup_root: &Path, pins: &Pins) -> Result<Self, Error> {
+        pins.create()?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pins.maps())
+            .load(OBJECT)
+            .map_err(Error::Load)?;
+        let cgroup = fs::File::open(cgroup_root).map_err(|source| Error::Io {
+            what: format!("open cgroup {}", cgroup_root.display()),
+            source,
+        })?;
+        for (name, kind, attach_type) in PROGRAMS {
+            let program = ebpf
+                .program_mut(name)
+                .ok_or(Error::MissingProgram(name))?;
+            match kind {
+                Kind::SockAddr => {
+                    let p: &mut CgroupSockAddr = program.try_into().map_err(prog_err(name))?;
+                    p.load().map_err(prog_err(name))?;
+                }
+                Kind::SockOps => {
+                    let p: &mut SockOps = program.try_into().map_err(prog_err(name))?;
+                    p.load().map_err(prog_err(name))?;
+                }
+                Kind::Sockopt => {
+                    let p: &mut CgroupSockopt = program.try_into().map_err(prog_err(name))?;
+                    p.load().map_err(prog_err(name))?;
+                }
+            }
+            let prog_fd = program.fd().map_err(prog_err(name))?.as_fd();
+            let link = link::create_cgroup_link(prog_fd, cgroup.as_fd(), attach_type)
+                .map_err(|source| Error::Syscall {
+                    call: "bpf(BPF_LINK_CREATE)",
+                    what: format!("attach {name} to {}", cgroup_root.display()),
+                    source,
+                })?;
+            pins.pin_link(name, link)?;
+            debug!(program = name, cgroup = %cgroup_root.display(), "attached");
+        }
+        let cgroups = ebpf
+            .take_map(map_names::CGROUPS)
+            .ok_or(Error::MissingMap(map_names::CGROUPS))?;
+        let cgroups = HashMap::try_from(cgroups).map_err(map_err(map_names::CGROUPS))?;
+        info!(cgroup = %cgroup_root.display(), bpffs = %pins.root().display(), "datapath installed");
+        Ok(Self {
+            cgroups,
+            _ebpf: ebpf,
+        })
+    }
+
+    /// What the kernel's cgroup map holds now.
+    pub fn cgroup_entries(&self) -> Result<BTreeMap<CgroupId, CgroupInfo>, Error> {
+        self.cgroups
+            .iter()
+            .map(|r| r.map(|(k, v)| (CgroupId(k), v)))
+            .collect::<Result<_, _>>()
+            .map_err(map_err(map_names::CGROUPS))
+    }
+
+    /// Applies map operations from [`crate::reconcile::diff`].
+    pub fn apply(&mut self, ops: &[Op]) -> Result<(), Error> {
+        for op in ops {
+            match *op {
+                Op::Put(id, info) => self
+                    .cgroups
+                    .insert(id.0, info, 0)
+                    .map_err(map_err(map_names::CGROUPS))?,
+                Op::Delete(id) => match self.cgroups.remove(&id.0) {
+                    Ok(()) => {}
+                    // Already gone: the goal state is reached all the same.
+                    Err(aya::maps::MapError::KeyNotFound) => {}
+                    Err(aya::maps::MapError::SyscallError(e))
+                        if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                    Err(e) => return Err(map_err(map_names::CGROUPS)(e)),
+                },
+            }
+        }
+        Ok(())
+    }
+}
+
+fn prog_err(program: &'static str) -> impl Fn(aya::programs::ProgramError) -> Error {
+    move |source| Error::Program { program, source }
+}
+
+fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> Error {
+    move |source| Error::Map { map, source }
+}
+
+/// Sums the per-CPU counters pinned under `pins`.
+pub fn read_counters(pins: &Pins) -> Result<Vec<(Counter, u64)>, Error> {
+    let path = pins.map(map_names::COUNTERS);
+    let data = MapData::from_pin(&path).map_err(map_err(map_names::COUNTERS))?;
+    let map = Map::from_map_data(data).map_err(map_err(map_names::COUNTERS))?;
+    let counters: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(map).map_err(map_err(map_names::COUNTERS))?;
+    Counter::ALL
+        .iter()
+        .map(|c| {
+            let per_cpu = counters.get(&(*c as u32), 0).map_err(map_err(map_names::COUNTERS))?;
+            Ok((*c, per_cpu.iter().sum()))
+        })
+        .collect()
+}
+
+/// What `uninstall` removed.
+#[derive(Debug, Default)]
+pub struct Removed {
+    pub links: Vec<String>,
+    pub maps: Vec<String>,
+}
+
+/// Removes every pin under `pins`: the links go (and with them the
+/// attachments, as nothing else holds them), then the maps.
+pub fn uninstall(pins: &Pins) -> Result<Removed, Error> {
+    let mut removed = Removed::default();
+    if !pins.root().exists() {
+        return Ok(removed);
+    }
+    removed.links = pins.remove_all_in(&pins.links())?;
+    removed.maps = pins.remove_all_in(&pins.maps())?;
+    pins.remove_dirs()?;
+    Ok(removed)
+}

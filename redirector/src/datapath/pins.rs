@@ -1,0 +1,126 @@
+//! Where maps and links are pinned, and pinning without a gap.
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use std::os::fd::{AsFd, OwnedFd};
+
+use super::{Error, link};
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// The pin directory of one ambridge installation.
+#[derive(Clone, Debug)]
+pub struct Pins {
+    root: PathBuf,
+}
+
+impl Pins {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn maps(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+
+    pub fn links(&self) -> PathBuf {
+        self.root.join("links")
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps().join(name)
+    }
+
+    pub fn link(&self, program: &str) -> PathBuf {
+        self.links().join(program)
+    }
+
+    /// Creates the pin directories, checking they are on bpffs.
+    pub fn create(&self) -> Result<(), Error> {
+        for dir in [self.maps(), self.links()] {
+            fs::create_dir_all(&dir).map_err(|source| Error::Io {
+                what: format!("create pin directory {}", dir.display()),
+                source,
+            })?;
+        }
+        let fs = nix::sys::statfs::statfs(&self.root).map_err(|e| Error::Io {
+            what: format!("statfs {}", self.root.display()),
+            source: e.into(),
+        })?;
+        if fs.filesystem_type().0 as i64 != BPF_FS_MAGIC {
+            return Err(Error::NotBpffs {
+                path: self.root.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Pins `link` as `program`'s link, replacing an earlier pin in one
+    /// rename: the old link stays attached until the new one is in place.
+    pub fn pin_link(&self, program: &str, link: OwnedFd) -> Result<(), Error> {
+        let path = self.link(program);
+        // bpffs refuses names with a dot in them.
+        let staging = self.links().join(format!("{program}_staging"));
+        let _ = fs::remove_file(&staging);
+        link::pin(link.as_fd(), &staging).map_err(|source| Error::Syscall {
+            call: "bpf(BPF_OBJ_PIN)",
+            what: format!("pin the link of {program} at {}", staging.display()),
+            source,
+        })?;
+        fs::rename(&staging, &path).map_err(|source| Error::Io {
+            what: format!("rename {} to {}", staging.display(), path.display()),
+            source,
+        })
+    }
+
+    /// Unlinks every pin in `dir`, returning their names.
+    pub(super) fn remove_all_in(&self, dir: &Path) -> Result<Vec<String>, Error> {
+        let entries = match fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => {
+                return Err(Error::Io {
+                    what: format!("read {}", dir.display()),
+                    source,
+                });
+            }
+        };
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|source| Error::Io {
+                what: format!("read {}", dir.display()),
+                source,
+            })?;
+            fs::remove_file(entry.path()).map_err(|source| Error::Io {
+                what: format!("unpin {}", entry.path().display()),
+                source,
+            })?;
+            names.push(entry.file_name().to_string_lossy().into_owned());
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    pub(super) fn remove_dirs(&self) -> Result<(), Error> {
+        for dir in [self.links(), self.maps(), self.root.clone()] {
+            match fs::remove_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(Error::Io {
+                        what: format!("remove {}", dir.display()),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,380 @@
+//! The workloads file: the embedded feed, and the one used when no cluster is
+//! configured.
+//!
+//! ```yaml
+//! workloads:
+//!   - uid: 9f2c0d7e-...           # pod UID
+//!     name: sleep
+//!     namespace: default
+//!     cgroup: /sys/fs/cgroup/unified/node/pod-sleep   # pod-level cgroup
+//!     ips: [198.18.0.2, "fd00:18::2"]
+//!     mode: ambient               # ambient | none
+//! ztunnel:
+//!   cgroup: /sys/fs/cgroup/unified/node/ztunnel
+//! ```
+//!
+//! Parsing is all or nothing: a file with any error yields a [`FileError`]
+//! naming the line and field, and the caller keeps its last good state.
+
+use std::{
+    collections::HashSet,
+    fmt,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+use crate::{
+    state::{Mode, NodeSpec, PodSpec, ZtunnelSpec},
+    types::PodUid,
+};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    workloads: Vec<Workload>,
+    ztunnel: Option<Ztunnel>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Workload {
+    uid: PodUid,
+    name: String,
+    namespace: String,
+    cgroup: PathBuf,
+    #[serde(default)]
+    ips: Vec<IpAddr>,
+    mode: Mode,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Ztunnel {
+    cgroup: PathBuf,
+}
+
+/// Why a workloads file was rejected.
+#[derive(Debug, PartialEq, Eq)]
+pub struct FileError {
+    /// 1-based line of the offending value, when known.
+    pub line: Option<usize>,
+    /// Dotted path of the offending field, e.g. `workloads[1].ips`.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for FileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "line {line}: {}: {}", self.field, self.message),
+            None => write!(f, "{}: {}", self.field, self.message),
+        }
+    }
+}
+
+impl std::error::Error for FileError {}
+
+/// Parses and validates the text of a workloads file.
+pub fn parse(text: &str) -> Result<NodeSpec, FileError> {
+    let file: File = if text.trim().is_empty() {
+        File {
+            workloads: Vec::new(),
+            ztunnel: None,
+        }
+    } else {
+        serde_yaml::from_str(text).map_err(|e| syntax_error(&e))?
+    };
+    validate(&file, text)?;
+    Ok(NodeSpec {
+        pods: file
+            .workloads
+            .into_iter()
+            .map(|w| PodSpec {
+                uid: w.uid,
+                name: w.name,
+                namespace: w.namespace,
+                cgroup: w.cgroup,
+                ips: w.ips,
+                mode: w.mode,
+            })
+            .collect(),
+        ztunnels: file
+            .ztunnel
+            .into_iter()
+            .map(|z| ZtunnelSpec { cgroup: z.cgroup })
+            .collect(),
+    })
+}
+
+/// Reads and parses the workloads file at `path`.
+pub fn load(path: &Path) -> Result<NodeSpec, FileError> {
+    let text = std::fs::read_to_string(path).map_err(|e| FileError {
+        line: None,
+        field: "(file)".into(),
+        message: format!("cannot read {}: {e}", path.display()),
+    })?;
+    parse(&text)
+}
+
+/// serde_yaml reports "path: message at line L column C"; split it so the
+/// line and field are fields of their own.
+fn syntax_error(e: &serde_yaml::Error) -> FileError {
+    let line = e.location().map(|l| l.line());
+    let full = e.to_string();
+    let without_location = match full.rfind(" at line ") {
+        Some(i) => full[..i].to_string(),
+        None => full,
+    };
+    let (field, message) = match without_location.split_once(": ") {
+        Some((path, msg)) if !path.contains(' ') => (path.to_string(), msg.to_string()),
+        _ => ("(document)".to_string(), without_location),
+    };
+    FileError {
+        line,
+        field,
+        message,
+    }
+}
+
+fn validate(file: &File, text: &str) -> Result<(), FileError> {
+    let mut uids = HashSet::new();
+    let mut cgroups = HashSet::new();
+    for (i, w) in file.workloads.iter().enumerate() {
+        let err = |field: &str, needle: &str, message: String| FileError {
+            line: line_of(text, needle, 1),
+            field: format!("workloads[{i}].{field}"),
+            message,
+        };
+        if w.uid.0.is_empty() {
+            return Err(err("uid", "uid:", "must not be empty".into()));
+        }
+        if !uids.insert(&w.uid) {
+            return Err(FileError {
+                line: line_of(text, &w.uid.0, 2),
+                field: format!("workloads[{i}].uid"),
+                message: format!("uid {} is listed twice", w.uid),
+            });
+        }
+        if !w.cgroup.is_absolute() {
+            return Err(err(
+                "cgroup",
+                &w.cgroup.to_string_lossy(),
+                format!("{} is not an absolute path", w.cgroup.display()),
+            ));
+        }
+        if !cgroups.insert(&w.cgroup) {
+            return Err(FileError {
+                line: line_of(text, &w.cgroup.to_string_lossy(), 2),
+                field: format!("workloads[{i}].cgroup"),
+                message: format!(
+                    "cgroup {} is already used by another workload",
+                    w.cgroup.display()
+                ),
+            });
+        }
+        let v4: Vec<_> = w.ips.iter().filter(|ip| ip.is_ipv4()).collect();
+        let v6: Vec<_> = w.ips.iter().filter(|ip| ip.is_ipv6()).collect();
+        for (family, ips) in [("IPv4", &v4), ("IPv6", &v6)] {
+            if ips.len() > 1 {
+                return Err(err(
+                    "ips",
+                    &ips[1].to_string(),
+                    format!(
+                        "pod {} has more than one {family} address ({}, {}); a pod has one per family",
+                        w.uid, ips[0], ips[1]
+                    ),
+                ));
+            }
+        }
+        if let Some(IpAddr::V6(mapped)) = v6.first()
+            && mapped.to_ipv4_mapped().is_some()
+        {
+            return Err(err(
+                "ips",
+                &mapped.to_string(),
+                format!("{mapped} is IPv4-mapped; list the IPv4 address instead"),
+            ));
+        }
+    }
+    if let Some(z) = &file.ztunnel {
+        if !z.cgroup.is_absolute() {
+            return Err(FileError {
+                line: line_of(text, &z.cgroup.to_string_lossy(), 1),
+                field: "ztunnel.cgroup".into(),
+                message: format!("{} is not an absolute path", z.cgroup.display()),
+            });
+        }
+        if cgroups.contains(&z.cgroup) {
+            return Err(FileError {
+                line: line_of(text, &z.cgroup.to_string_lossy(), 2),
+                field: "ztunnel.cgroup".into(),
+                message: format!(
+                    "{} is also a workload's cgroup; ztunnel must have its own",
+                    z.cgroup.display()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// 1-based line of the `occurrence`-th appearance of `needle` in `text`.
+fn line_of(text: &str, needle: &str, occurrence: usize) -> Option<usize> {
+    if needle.is_empty() {
+        return None;
+    }
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| l.contains(needle))
+        .nth(occurrence - 1)
+        .map(|(i, _)| i + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+workloads:
+  - uid: 9f2c-1
+    name: sleep
+    namespace: default
+    cgroup: /sys/fs/cgroup/unified/node/pod-sleep
+    ips: [198.18.0.2, "fd00:18::2"]
+    mode: ambient
+  - uid: 9f2c-2
+    name: httpbin
+    namespace: default
+    cgroup: /sys/fs/cgroup/unified/node/pod-httpbin
+    ips: [198.18.0.3]
+    mode: none
+ztunnel:
+  cgroup: /sys/fs/cgroup/unified/node/ztunnel
+"#;
+
+    #[test]
+    fn parses_the_documented_shape() {
+        let spec = parse(GOOD).unwrap();
+        assert_eq!(spec.pods.len(), 2);
+        let sleep = &spec.pods[0];
+        assert_eq!(sleep.uid, PodUid("9f2c-1".into()));
+        assert_eq!(sleep.name, "sleep");
+        assert_eq!(sleep.namespace, "default");
+        assert_eq!(sleep.mode, Mode::Ambient);
+        assert_eq!(
+            sleep.ips,
+            vec![
+                "198.18.0.2".parse::<IpAddr>().unwrap(),
+                "fd00:18::2".parse().unwrap()
+            ]
+        );
+        assert_eq!(spec.pods[1].mode, Mode::None);
+        assert_eq!(
+            spec.ztunnels,
+            vec![ZtunnelSpec {
+                cgroup: "/sys/fs/cgroup/unified/node/ztunnel".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn an_empty_file_is_an_empty_node() {
+        assert_eq!(parse("").unwrap(), NodeSpec::default());
+        assert_eq!(parse("workloads: []\n").unwrap(), NodeSpec::default());
+    }
+
+    #[test]
+    fn a_bad_mode_names_its_line_and_field() {
+        let text = GOOD.replace("mode: none", "mode: sidecar");
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.line, Some(14));
+        assert_eq!(err.field, "workloads[1].mode");
+        assert!(err.message.contains("sidecar"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_ip_names_its_line_and_field() {
+        let text = GOOD.replace("198.18.0.3", "198.18.0.300");
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.line, Some(13));
+        assert_eq!(err.field, "workloads[1].ips[0]");
+    }
+
+    #[test]
+    fn a_missing_field_is_named() {
+        let text = GOOD.replace("    name: httpbin\n", "");
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.field, "workloads[1]");
+        assert!(err.message.contains("missing field `name`"), "{err}");
+        assert!(err.line.is_some());
+    }
+
+    #[test]
+    fn an_unknown_field_is_rejected() {
+        let text = GOOD.replace("mode: none", "mode: none\n    colour: blue");
+        let err = parse(&text).unwrap_err();
+        assert!(err.message.contains("unknown field `colour`"), "{err}");
+        assert_eq!(err.line, Some(15));
+    }
+
+    #[test]
+    fn broken_yaml_is_a_document_error_with_a_line() {
+        let err = parse("workloads:\n  - uid: [unclosed\n").unwrap_err();
+        assert!(err.line.is_some(), "{err}");
+    }
+
+    #[test]
+    fn a_duplicate_uid_points_at_its_second_use() {
+        let text = GOOD.replace("uid: 9f2c-2", "uid: 9f2c-1");
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.field, "workloads[1].uid");
+        assert_eq!(err.line, Some(9));
+    }
+
+    #[test]
+    fn two_addresses_of_one_family_are_rejected() {
+        let text = GOOD.replace("[198.18.0.3]", "[198.18.0.3, 198.18.0.4]");
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.field, "workloads[1].ips");
+        assert_eq!(err.line, Some(13));
+        assert!(err.message.contains("more than one IPv4"), "{err}");
+    }
+
+    #[test]
+    fn an_ipv4_mapped_address_is_rejected() {
+        let text = GOOD.replace("[198.18.0.3]", "[\"::ffff:198.18.0.3\"]");
+        let err = parse(&text).unwrap_err();
+        assert!(err.message.contains("IPv4-mapped"), "{err}");
+    }
+
+    #[test]
+    fn a_relative_cgroup_is_rejected() {
+        let text = GOOD.replace("/sys/fs/cgroup/unified/node/pod-httpbin", "pod-httpbin");
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.field, "workloads[1].cgroup");
+    }
+
+    #[test]
+    fn ztunnel_cannot_share_a_pod_cgroup() {
+        let text = GOOD.replace(
+            "cgroup: /sys/fs/cgroup/unified/node/ztunnel",
+            "cgroup: /sys/fs/cgroup/unified/node/pod-sleep",
+        );
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.field, "ztunnel.cgroup");
+        assert_eq!(err.line, Some(16));
+    }
+
+    #[test]
+    fn display_names_line_and_field() {
+        let err = FileError {
+            line: Some(3),
+            field: "workloads[0].mode".into(),
+            message: "unknown variant".into(),
+        };
+        assert_eq!(err.to_string(), "line 3: workloads[0].mode: unknown variant");
+    }
+}
