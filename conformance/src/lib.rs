@@ -1,1 +1,87 @@
+//! Real-kernel sandbox for ambridge's conformance suite, demo and benchmarks.
+//!
+//! A [`Node`] is a cgroup under the cgroup2 mount plus a network namespace
+//! holding a bridge; each [`Pod`] is a network namespace wired to that bridge
+//! by a veth (IPv4 198.18.0.0/24 and IPv6 fd00:18::/64, no other route) and a
+//! pod-level cgroup whose processes run in an `app` container cgroup below
+//! it. Every node is private to its test (unique names, its own netns), so
+//! tests run in parallel, and everything is torn down on drop, panics
+//! included. Nothing here touches the machine's own interfaces or its root
+//! cgroup's programs.
 
+pub mod daemon;
+pub mod probe;
+pub mod sandbox;
+
+pub use daemon::Daemon;
+pub use probe::{Background, Event};
+pub use sandbox::{Node, Pod};
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+/// Path of a binary built from this workspace (`ambridge`,
+/// `ambridge-probe`), found next to the running executable: tests run from
+/// `target/<profile>/deps`, binaries from `target/<profile>`.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().expect("executable has a directory");
+    for candidate in [dir.join(name), dir.join("..").join(name)] {
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!(
+        "{name} is not built next to {}: run `cargo build --workspace --bins` first (README's test command does)",
+        exe.display()
+    );
+}
+
+/// Polls `check` until it returns `Some` or `timeout` passes.
+pub fn eventually<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Parses a socket address as probes print it, turning IPv4-mapped IPv6
+/// (what a dual-stack listener reports) into plain IPv4.
+pub fn canon(addr: &str) -> std::net::SocketAddr {
+    let a: std::net::SocketAddr = addr
+        .parse()
+        .unwrap_or_else(|e| panic!("{addr:?} is not a socket address: {e}"));
+    match a {
+        std::net::SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => std::net::SocketAddr::from((v4, v6.port())),
+            None => a,
+        },
+        v4 => v4,
+    }
+}
+
+/// Starts the ztunnel stand-in in `cgroup`, listening on `port` inside each
+/// of `pods`' network namespaces; its own thread of control lives in the
+/// node netns, never the machine's.
+pub fn ztunnel_stand_in(node: &Node, cgroup: &std::path::Path, pods: &[&Pod], port: u16) -> Background {
+    let mut cmd = std::process::Command::new(workspace_bin("ambridge-probe"));
+    cmd.arg("--cgroup")
+        .arg(cgroup)
+        .arg("--netns")
+        .arg(format!("/run/netns/{}", node.netns_name))
+        .args(["ztunnel", "--port", &port.to_string()]);
+    for pod in pods {
+        cmd.arg("--pod-netns").arg(&pod.netns);
+    }
+    let z = Background::spawn(cmd);
+    z.wait_for(|e| e["event"] == "listening", Duration::from_secs(10));
+    z
+}

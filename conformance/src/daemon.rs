@@ -1,0 +1,146 @@
+//! The real `ambridge` daemon, run as a child process against a sandbox node.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use crate::{Node, eventually, workspace_bin};
+
+/// A running `ambridge run` for one node. Dropping it stops the daemon and
+/// runs `ambridge uninstall`, so no pin or attachment outlives the test.
+pub struct Daemon {
+    child: Option<Child>,
+    bpffs: PathBuf,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    /// Starts the daemon on `node`'s cgroup and workloads file, and waits
+    /// until it reports `ready`.
+    pub fn start(node: &Node) -> Self {
+        Self::start_with(node, &[])
+    }
+
+    /// As [`Daemon::start`], with extra `ambridge run` arguments.
+    pub fn start_with(node: &Node, extra: &[&str]) -> Self {
+        let mut child = Command::new(workspace_bin("ambridge"))
+            .arg("run")
+            .arg("--cgroup-root")
+            .arg(&node.cgroup)
+            .arg("--bpffs")
+            .arg(node.bpffs())
+            .arg("--workloads")
+            .arg(node.workloads_path())
+            .args(["--resync-seconds", "1"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning ambridge run");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[ambridge] {line}");
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut daemon = Daemon {
+            child: Some(child),
+            bpffs: node.bpffs(),
+            log,
+        };
+        if daemon.wait_log("ready", Duration::from_secs(30)).is_none() {
+            let status = daemon.child.as_mut().unwrap().try_wait();
+            panic!(
+                "ambridge did not become ready (exit status {status:?}); log:\n{}",
+                daemon.log().join("\n")
+            );
+        }
+        daemon
+    }
+
+    /// Every line the daemon has logged so far.
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits for a log line containing `needle` (counting only lines logged
+    /// after `skip` lines).
+    pub fn wait_log_after(&self, skip: usize, needle: &str, timeout: Duration) -> Option<String> {
+        eventually(timeout, || {
+            self.log
+                .lock()
+                .unwrap()
+                .iter()
+                .skip(skip)
+                .find(|l| l.contains(needle))
+                .cloned()
+        })
+    }
+
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> Option<String> {
+        self.wait_log_after(0, needle, timeout)
+    }
+
+    /// The datapath counters, from `ambridge stats --json`.
+    pub fn stats(&self) -> BTreeMap<String, u64> {
+        let out = Command::new(workspace_bin("ambridge"))
+            .args(["stats", "--json", "--bpffs"])
+            .arg(&self.bpffs)
+            .output()
+            .expect("running ambridge stats");
+        assert!(
+            out.status.success(),
+            "ambridge stats failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("ambridge stats --json output")
+    }
+
+    /// Stops the daemon (SIGTERM) and waits for it; the datapath stays.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = child.wait();
+        }
+    }
+
+    /// Runs `ambridge uninstall` for this daemon's pins and returns its
+    /// output.
+    pub fn uninstall(&self) -> String {
+        let out = Command::new(workspace_bin("ambridge"))
+            .args(["uninstall", "--bpffs"])
+            .arg(&self.bpffs)
+            .output()
+            .expect("running ambridge uninstall");
+        assert!(
+            out.status.success(),
+            "ambridge uninstall failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+        if self.bpffs.exists() {
+            let _ = Command::new(workspace_bin("ambridge"))
+                .args(["uninstall", "--bpffs"])
+                .arg(&self.bpffs)
+                .output();
+        }
+    }
+}

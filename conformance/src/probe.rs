@@ -1,0 +1,124 @@
+//! Running `ambridge-probe` inside pods.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use serde_json::Value;
+
+use crate::{Pod, eventually, workspace_bin};
+
+/// One JSON line reported by a probe.
+pub type Event = Value;
+
+fn command(cgroup: Option<&Path>, netns: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(workspace_bin("ambridge-probe"));
+    if let Some(cg) = cgroup {
+        cmd.arg("--cgroup").arg(cg);
+    }
+    cmd.arg("--netns").arg(netns).args(args);
+    cmd
+}
+
+fn parse_lines(stdout: &[u8]) -> Vec<Event> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Runs a probe to completion in `netns`, in `cgroup` (or, with `None`, in
+/// the test runner's own cgroup, outside the node) and returns its events.
+pub fn run_in(cgroup: Option<&Path>, netns: &Path, args: &[&str]) -> Vec<Event> {
+    let out = command(cgroup, netns, args)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("running ambridge-probe");
+    let events = parse_lines(&out.stdout);
+    assert!(
+        out.status.success(),
+        "ambridge-probe {args:?} failed ({}): {events:?}",
+        out.status
+    );
+    events
+}
+
+impl Pod {
+    /// Runs a probe in this pod's app container.
+    pub fn run(&self, args: &[&str]) -> Vec<Event> {
+        run_in(Some(&self.container), &self.netns, args)
+    }
+
+    /// Connects from this pod to `to`, sending `bytes` and expecting them
+    /// echoed; returns the probe's `connect` event.
+    pub fn connect(&self, to: &str, bytes: usize) -> Event {
+        let events = self.run(&["connect", "--to", to, "--bytes", &bytes.to_string()]);
+        events
+            .into_iter()
+            .find(|e| e["event"] == "connect")
+            .expect("connect event")
+    }
+
+    /// Starts a long-running probe in this pod's app container.
+    pub fn spawn(&self, args: &[&str]) -> Background {
+        Background::spawn(command(Some(&self.container), &self.netns, args))
+    }
+
+    /// Starts an echo server on `addr` (e.g. `[::]:8080`) and waits until it
+    /// listens.
+    pub fn echo_server(&self, addr: &str) -> Background {
+        let server = self.spawn(&["echo", "--listen", addr]);
+        server.wait_for(|e| e["event"] == "listening", Duration::from_secs(10));
+        server
+    }
+}
+
+/// A probe running in the background; killed on drop.
+pub struct Background {
+    child: Child,
+    events: Arc<Mutex<Vec<Event>>>,
+}
+
+impl Background {
+    pub fn spawn(mut cmd: Command) -> Self {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawning ambridge-probe");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let sink = events.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str(&line) {
+                    sink.lock().unwrap().push(v);
+                }
+            }
+        });
+        Background { child, events }
+    }
+
+    /// Every event reported so far.
+    pub fn events(&self) -> Vec<Event> {
+        self.events.lock().unwrap().clone()
+    }
+
+    /// Waits for an event matching `pred`; panics with all events on timeout.
+    pub fn wait_for(&self, pred: impl Fn(&Event) -> bool, timeout: Duration) -> Event {
+        eventually(timeout, || self.events().into_iter().find(|e| pred(e))).unwrap_or_else(|| {
+            panic!("no matching probe event within {timeout:?}; got {:?}", self.events())
+        })
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
