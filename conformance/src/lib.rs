@@ -71,7 +71,12 @@ pub fn canon(addr: &str) -> std::net::SocketAddr {
 /// Starts the ztunnel stand-in in `cgroup`, listening on `port` inside each
 /// of `pods`' network namespaces; its own thread of control lives in the
 /// node netns, never the machine's.
-pub fn ztunnel_stand_in(node: &Node, cgroup: &std::path::Path, pods: &[&Pod], port: u16) -> Background {
+pub fn ztunnel_stand_in(
+    node: &Node,
+    cgroup: &std::path::Path,
+    pods: &[&Pod],
+    port: u16,
+) -> Background {
     let mut cmd = std::process::Command::new(workspace_bin("ambridge-probe"));
     cmd.arg("--cgroup")
         .arg(cgroup)

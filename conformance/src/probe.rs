@@ -111,7 +111,10 @@ impl Background {
     /// Waits for an event matching `pred`; panics with all events on timeout.
     pub fn wait_for(&self, pred: impl Fn(&Event) -> bool, timeout: Duration) -> Event {
         eventually(timeout, || self.events().into_iter().find(|e| pred(e))).unwrap_or_else(|| {
-            panic!("no matching probe event within {timeout:?}; got {:?}", self.events())
+            panic!(
+                "no matching probe event within {timeout:?}; got {:?}",
+                self.events()
+            )
         })
     }
 }

@@ -35,8 +35,10 @@ pub fn preflight() -> PathBuf {
     );
     let mounts = fs::read_to_string("/proc/self/mounts").expect("reading /proc/self/mounts");
     assert!(
-        mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf")
-            && l.split_whitespace().nth(2) == Some("bpf")),
+        mounts
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf")
+                && l.split_whitespace().nth(2) == Some("bpf")),
         "bpffs is not mounted at /sys/fs/bpf: run scripts/setup.sh (mount -t bpf bpf /sys/fs/bpf)"
     );
     let cgroup2 = mounts
@@ -110,7 +112,16 @@ impl Node {
         node.add_netns(&ns);
         ip(&["-n", &ns, "link", "add", "br0", "type", "bridge"]);
         ip(&["-n", &ns, "addr", "add", "198.18.0.1/24", "dev", "br0"]);
-        ip(&["-n", &ns, "addr", "add", "fd00:18::1/64", "dev", "br0", "nodad"]);
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            "fd00:18::1/64",
+            "dev",
+            "br0",
+            "nodad",
+        ]);
         ip(&["-n", &ns, "link", "set", "br0", "up"]);
         node
     }
@@ -145,13 +156,49 @@ impl Node {
         self.add_netns(&pod.netns_name);
         let veth = format!("veth{n}");
         ip(&[
-            "-n", &self.netns_name, "link", "add", &veth, "type", "veth", "peer", "name", "eth0",
-            "netns", &pod.netns_name,
+            "-n",
+            &self.netns_name,
+            "link",
+            "add",
+            &veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &pod.netns_name,
         ]);
-        ip(&["-n", &self.netns_name, "link", "set", &veth, "master", "br0", "up"]);
+        ip(&[
+            "-n",
+            &self.netns_name,
+            "link",
+            "set",
+            &veth,
+            "master",
+            "br0",
+            "up",
+        ]);
         let ns = &pod.netns_name;
-        ip(&["-n", ns, "addr", "add", &format!("{}/24", pod.ip4), "dev", "eth0"]);
-        ip(&["-n", ns, "addr", "add", &format!("{}/64", pod.ip6), "dev", "eth0", "nodad"]);
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{}/24", pod.ip4),
+            "dev",
+            "eth0",
+        ]);
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{}/64", pod.ip6),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
         ip(&["-n", ns, "link", "set", "eth0", "up"]);
         self.mkdir_cgroup(&pod.cgroup.clone());
         self.mkdir_cgroup(&pod.container.clone());

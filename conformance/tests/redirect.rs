@@ -67,10 +67,25 @@ impl Fixture {
 
     /// Asserts that a connect through the probe went straight to `to` and
     /// that neither ztunnel nor the redirect counter saw it.
-    fn assert_direct(&self, result: &Event, to: &str, before_accepts: usize, before_redirects: u64) {
+    fn assert_direct(
+        &self,
+        result: &Event,
+        to: &str,
+        before_accepts: usize,
+        before_redirects: u64,
+    ) {
         assert_eq!(result["ok"], true, "connect failed: {result}");
-        assert_eq!(canon(result["peer"].as_str().unwrap()), canon(to), "{result}");
-        assert_eq!(self.ztunnel_accepts().len(), before_accepts, "ztunnel saw it: {:?}", self.ztunnel_accepts());
+        assert_eq!(
+            canon(result["peer"].as_str().unwrap()),
+            canon(to),
+            "{result}"
+        );
+        assert_eq!(
+            self.ztunnel_accepts().len(),
+            before_accepts,
+            "ztunnel saw it: {:?}",
+            self.ztunnel_accepts()
+        );
         assert_eq!(self.redirected_total(), before_redirects);
     }
 }
@@ -79,11 +94,22 @@ fn ip_of(addr: &str) -> std::net::IpAddr {
     canon(addr).ip()
 }
 
-fn assert_redirected(f: &Fixture, to: &str, expected_orig: SocketAddr, client_ip: std::net::IpAddr) {
+fn assert_redirected(
+    f: &Fixture,
+    to: &str,
+    expected_orig: SocketAddr,
+    client_ip: std::net::IpAddr,
+) {
     let before = f.ztunnel_accepts().len();
     let result = f.client.connect(to, 64 * 1024);
-    assert_eq!(result["ok"], true, "connect through ztunnel failed: {result}");
-    assert_eq!(result["intact"], true, "bytes were not relayed intact: {result}");
+    assert_eq!(
+        result["ok"], true,
+        "connect through ztunnel failed: {result}"
+    );
+    assert_eq!(
+        result["intact"], true,
+        "bytes were not relayed intact: {result}"
+    );
     let accepted = f.ztunnel.wait_for(
         |e| e["event"] == "accepted" && e["pod"] == f.client.netns.display().to_string(),
         Duration::from_secs(5),
@@ -94,14 +120,20 @@ fn assert_redirected(f: &Fixture, to: &str, expected_orig: SocketAddr, client_ip
     assert_eq!(local.port(), 15001, "{accepted}");
     assert_eq!(local.ip(), client_ip, "{accepted}");
     // ... from the client pod's IP (ztunnel's view of the client) ...
-    assert_eq!(ip_of(accepted["peer"].as_str().unwrap()), client_ip, "{accepted}");
+    assert_eq!(
+        ip_of(accepted["peer"].as_str().unwrap()),
+        client_ip,
+        "{accepted}"
+    );
     // ... and SO_ORIGINAL_DST says where it was going.
     assert_eq!(
         accepted["orig_dst"].as_str().map(canon),
         Some(expected_orig),
         "{accepted}"
     );
-    let relayed = f.ztunnel.wait_for(|e| e["event"] == "relayed", Duration::from_secs(5));
+    let relayed = f
+        .ztunnel
+        .wait_for(|e| e["event"] == "relayed", Duration::from_secs(5));
     assert_eq!(relayed["bytes_up"], 64 * 1024, "{relayed}");
     assert_eq!(relayed["bytes_down"], 64 * 1024, "{relayed}");
 }
@@ -127,7 +159,12 @@ fn enrolled_pod_ipv6_connect_lands_on_its_own_15001_with_the_original_destinatio
 fn dual_stack_socket_to_an_ipv4_mapped_address_is_redirected_as_ipv4() {
     let f = fixture();
     let to = format!("[::ffff:{}]:8080", f.server.ip4);
-    assert_redirected(&f, &to, canon(&format!("{}:8080", f.server.ip4)), f.client.ip4.into());
+    assert_redirected(
+        &f,
+        &to,
+        canon(&format!("{}:8080", f.server.ip4)),
+        f.client.ip4.into(),
+    );
     assert_eq!(f.daemon.stats()["connect_redirected_ipv4"], 1);
 }
 
@@ -136,15 +173,23 @@ fn the_server_sees_the_relayed_connection_from_the_client_pod_ip() {
     let f = fixture();
     let to = format!("{}:8080", f.server.ip4);
     assert_eq!(f.client.connect(&to, 10)["ok"], true);
-    let seen = f._server_echo.wait_for(|e| e["event"] == "accepted", Duration::from_secs(5));
-    assert_eq!(ip_of(seen["peer"].as_str().unwrap()), std::net::IpAddr::from(f.client.ip4));
+    let seen = f
+        ._server_echo
+        .wait_for(|e| e["event"] == "accepted", Duration::from_secs(5));
+    assert_eq!(
+        ip_of(seen["peer"].as_str().unwrap()),
+        std::net::IpAddr::from(f.client.ip4)
+    );
 }
 
 #[test]
 fn a_non_enrolled_pod_is_not_redirected() {
     let f = fixture();
     let (a, r) = (f.ztunnel_accepts().len(), f.redirected_total());
-    for to in [format!("{}:8080", f.server.ip4), format!("[{}]:8080", f.server.ip6)] {
+    for to in [
+        format!("{}:8080", f.server.ip4),
+        format!("[{}]:8080", f.server.ip6),
+    ] {
         let result = f.plain.connect(&to, 1000);
         f.assert_direct(&result, &to, a, r);
     }
@@ -156,7 +201,11 @@ fn a_host_process_outside_the_node_cgroup_is_not_redirected() {
     let (a, r) = (f.ztunnel_accepts().len(), f.redirected_total());
     // Same netns as the enrolled client, but the test runner's own cgroup.
     let to = format!("{}:8080", f.server.ip4);
-    let events = run_in(None, &f.client.netns, &["connect", "--to", &to, "--bytes", "100"]);
+    let events = run_in(
+        None,
+        &f.client.netns,
+        &["connect", "--to", &to, "--bytes", "100"],
+    );
     f.assert_direct(&events[0], &to, a, r);
 }
 
@@ -174,7 +223,10 @@ fn loopback_destinations_are_not_redirected() {
 fn connects_to_the_pods_own_ips_are_not_redirected() {
     let f = fixture();
     let (a, r) = (f.ztunnel_accepts().len(), f.redirected_total());
-    for to in [format!("{}:9090", f.client.ip4), format!("[{}]:9090", f.client.ip6)] {
+    for to in [
+        format!("{}:9090", f.client.ip4),
+        format!("[{}]:9090", f.client.ip6),
+    ] {
         let result = f.client.connect(&to, 100);
         f.assert_direct(&result, &to, a, r);
     }
@@ -187,7 +239,11 @@ fn ztunnel_own_connects_are_not_redirected() {
     // plain connect from the ztunnel cgroup inside the enrolled pod's netns.
     let (a, r) = (f.ztunnel_accepts().len(), f.redirected_total());
     let to = format!("{}:8080", f.server.ip4);
-    let events = run_in(Some(&f.ztunnel_cgroup), &f.client.netns, &["connect", "--to", &to]);
+    let events = run_in(
+        Some(&f.ztunnel_cgroup),
+        &f.client.netns,
+        &["connect", "--to", &to],
+    );
     f.assert_direct(&events[0], &to, a, r);
 }
 
@@ -200,7 +256,10 @@ fn getsockopt_calls_other_than_so_original_dst_read_as_without_the_program() {
     assert_eq!(with_program, without);
     // TCP_INFO with an 8 KiB buffer (more than the page BPF sees) still
     // returns the kernel's full answer.
-    let tcp_info = with_program.iter().find(|e| e["name"] == "TCP_INFO_8K").unwrap();
+    let tcp_info = with_program
+        .iter()
+        .find(|e| e["name"] == "TCP_INFO_8K")
+        .unwrap();
     assert_eq!(tcp_info["ret"], 0, "{tcp_info}");
     assert!(tcp_info["optlen"].as_u64().unwrap() > 100, "{tcp_info}");
 }
@@ -210,11 +269,19 @@ fn editing_the_workloads_file_enrolls_and_unenrolls_a_pod_without_restart() {
     let f = fixture();
     let to = format!("{}:8080", f.server.ip4);
     let plain_netns = f.plain.netns.display().to_string();
-    let accepts_from_plain =
-        |f: &Fixture| f.ztunnel_accepts().iter().filter(|e| e["pod"] == plain_netns).count();
+    let accepts_from_plain = |f: &Fixture| {
+        f.ztunnel_accepts()
+            .iter()
+            .filter(|e| e["pod"] == plain_netns)
+            .count()
+    };
 
     f.node.write_workloads(
-        &[(&f.client, "ambient"), (&f.server, "none"), (&f.plain, "ambient")],
+        &[
+            (&f.client, "ambient"),
+            (&f.server, "none"),
+            (&f.plain, "ambient"),
+        ],
         Some(&f.ztunnel_cgroup),
     );
     let enrolled = eventually(Duration::from_secs(10), || {
@@ -222,10 +289,17 @@ fn editing_the_workloads_file_enrolls_and_unenrolls_a_pod_without_restart() {
         assert_eq!(f.plain.connect(&to, 100)["ok"], true);
         (accepts_from_plain(&f) > before).then_some(())
     });
-    assert!(enrolled.is_some(), "plain was never redirected after enrolling it");
+    assert!(
+        enrolled.is_some(),
+        "plain was never redirected after enrolling it"
+    );
 
     f.node.write_workloads(
-        &[(&f.client, "ambient"), (&f.server, "none"), (&f.plain, "none")],
+        &[
+            (&f.client, "ambient"),
+            (&f.server, "none"),
+            (&f.plain, "none"),
+        ],
         Some(&f.ztunnel_cgroup),
     );
     let unenrolled = eventually(Duration::from_secs(10), || {
@@ -233,7 +307,10 @@ fn editing_the_workloads_file_enrolls_and_unenrolls_a_pod_without_restart() {
         let result = f.plain.connect(&to, 100);
         (result["ok"] == true && accepts_from_plain(&f) == before).then_some(())
     });
-    assert!(unenrolled.is_some(), "plain was still redirected after unenrolling it");
+    assert!(
+        unenrolled.is_some(),
+        "plain was still redirected after unenrolling it"
+    );
 }
 
 #[test]
@@ -243,7 +320,11 @@ fn a_malformed_workloads_file_is_rejected_and_the_last_good_state_stays() {
     f.node.write_workloads_text("workloads:\n  - uid: x\n    name: x\n    namespace: d\n    cgroup: /x\n    mode: sideways\n");
     let err = f
         .daemon
-        .wait_log_after(lines_before, "workloads file rejected", Duration::from_secs(10))
+        .wait_log_after(
+            lines_before,
+            "workloads file rejected",
+            Duration::from_secs(10),
+        )
         .expect("the daemon did not report the bad file");
     assert!(err.contains("line 6"), "{err}");
     assert!(err.contains("workloads[0].mode"), "{err}");
@@ -266,14 +347,22 @@ fn after_uninstall_nothing_is_pinned_or_attached_and_connections_go_directly() {
     f.daemon.stop();
     let out = f.daemon.uninstall();
     assert!(out.contains("detached 4"), "{out}");
-    assert!(!f.node.bpffs().exists(), "pins remain under {}", f.node.bpffs().display());
+    assert!(
+        !f.node.bpffs().exists(),
+        "pins remain under {}",
+        f.node.bpffs().display()
+    );
     let attached = Command::new("bpftool")
         .args(["cgroup", "show", "-j"])
         .arg(&f.node.cgroup)
         .output()
         .expect("running bpftool (scripts/setup.sh installs it)");
     let attached: serde_json::Value = serde_json::from_slice(&attached.stdout).unwrap_or_default();
-    assert_eq!(attached.as_array().map(Vec::len).unwrap_or(0), 0, "still attached: {attached}");
+    assert_eq!(
+        attached.as_array().map(Vec::len).unwrap_or(0),
+        0,
+        "still attached: {attached}"
+    );
 
     let before = f.ztunnel_accepts().len();
     let to = format!("{}:8080", f.server.ip4);

@@ -37,7 +37,9 @@ fn unescape_mount_path(s: &str) -> String {
     let mut rest = s;
     while let Some(i) = rest.find('\\') {
         out.push_str(&rest[..i]);
-        let code = rest.get(i + 1..i + 4).and_then(|o| u8::from_str_radix(o, 8).ok());
+        let code = rest
+            .get(i + 1..i + 4)
+            .and_then(|o| u8::from_str_radix(o, 8).ok());
         match code {
             Some(c) => {
                 out.push(c as char);
@@ -86,13 +88,19 @@ cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0
 
     #[test]
     fn no_cgroup2_mount_is_none() {
-        assert_eq!(cgroup2_mount_in("cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\n"), None);
+        assert_eq!(
+            cgroup2_mount_in("cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\n"),
+            None
+        );
     }
 
     #[test]
     fn unescapes_octal_in_mount_paths() {
         let mounts = "none /mnt/my\\040cgroups cgroup2 rw 0 0\n";
-        assert_eq!(cgroup2_mount_in(mounts), Some(PathBuf::from("/mnt/my cgroups")));
+        assert_eq!(
+            cgroup2_mount_in(mounts),
+            Some(PathBuf::from("/mnt/my cgroups"))
+        );
     }
 
     #[test]

@@ -15,7 +15,9 @@ pub fn ip4_word(ip: std::net::Ipv4Addr) -> u32 {
 /// A network-order IPv6 address as the kernel programs compare it.
 pub fn ip6_words(ip: std::net::Ipv6Addr) -> [u32; 4] {
     let o = ip.octets();
-    std::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+    })
 }
 
 /// The cgroup entry of a pod. In the in-pod model ztunnel's listeners live in
@@ -84,22 +86,25 @@ mod tests {
         assert_eq!(info.redirect_port, 15001);
         assert_eq!(info.pod_ip4.to_ne_bytes(), [198, 18, 0, 2]);
         assert_eq!(info.redirect_ip4, info.pod_ip4);
-        assert_eq!(
-            info.pod_ip6,
-            ip6_words("fd00:18::2".parse().unwrap())
-        );
+        assert_eq!(info.pod_ip6, ip6_words("fd00:18::2".parse().unwrap()));
         assert_eq!(info.redirect_ip6, info.pod_ip6);
     }
 
     #[test]
     fn a_pod_with_mode_none_is_not_enrolled() {
-        let info = pod_entry(&pod(Mode::None, &["198.18.0.2"]), &RedirectSettings::default());
+        let info = pod_entry(
+            &pod(Mode::None, &["198.18.0.2"]),
+            &RedirectSettings::default(),
+        );
         assert_eq!(info.flags & flags::ENROLLED, 0);
     }
 
     #[test]
     fn a_single_stack_pod_has_only_that_family() {
-        let info = pod_entry(&pod(Mode::Ambient, &["fd00:18::2"]), &RedirectSettings::default());
+        let info = pod_entry(
+            &pod(Mode::Ambient, &["fd00:18::2"]),
+            &RedirectSettings::default(),
+        );
         assert_eq!(info.flags & flags::HAS_IP4, 0);
         assert_ne!(info.flags & flags::HAS_IP6, 0);
     }

@@ -138,7 +138,8 @@ fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Validate { file } => {
-            let spec = workloads::load(&file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let spec =
+                workloads::load(&file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             for pod in &spec.pods {
                 println!(
                     "pod {}/{} uid={} mode={:?} cgroup={}",

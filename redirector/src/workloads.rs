@@ -375,6 +375,9 @@ ztunnel:
             field: "workloads[0].mode".into(),
             message: "unknown variant".into(),
         };
-        assert_eq!(err.to_string(), "line 3: workloads[0].mode: unknown variant");
+        assert_eq!(
+            err.to_string(),
+            "line 3: workloads[0].mode: unknown variant"
+        );
     }
 }

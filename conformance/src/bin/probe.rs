@@ -7,7 +7,7 @@ use std::{
     fs,
     io::{self, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
-    path::PathBuf,
+    path::{Path, PathBuf},
     thread,
     time::Duration,
 };
@@ -97,7 +97,7 @@ fn enter(cli: &Cli) -> io::Result<()> {
 }
 
 /// Moves the calling thread into a network namespace.
-fn enter_netns(path: &PathBuf) -> io::Result<()> {
+fn enter_netns(path: &Path) -> io::Result<()> {
     let ns = fs::File::open(path)?;
     nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)
 }
@@ -110,7 +110,9 @@ fn connect(to: SocketAddr, bytes: usize) -> io::Result<()> {
     let stream = match TcpStream::connect_timeout(&to, IO_TIMEOUT) {
         Ok(s) => s,
         Err(e) => {
-            report(json!({"event": "connect", "ok": false, "to": to.to_string(), "error": e.to_string()}));
+            report(
+                json!({"event": "connect", "ok": false, "to": to.to_string(), "error": e.to_string()}),
+            );
             return Ok(());
         }
     };
@@ -218,7 +220,7 @@ fn ztunnel(pods: &[PathBuf], port: u16) -> io::Result<()> {
     Ok(())
 }
 
-fn relay(pod: &PathBuf, client: Socket) -> io::Result<()> {
+fn relay(pod: &Path, client: Socket) -> io::Result<()> {
     let peer = client.peer_addr()?.as_socket();
     let local = client.local_addr()?.as_socket();
     let orig = original_dst(&client);
@@ -242,7 +244,9 @@ fn relay(pod: &PathBuf, client: Socket) -> io::Result<()> {
     let down = pump(upstream, client);
     let up = up.join().expect("relay thread")?;
     let down = down.join().expect("relay thread")?;
-    report(json!({"event": "relayed", "orig_dst": orig.to_string(), "bytes_up": up, "bytes_down": down}));
+    report(
+        json!({"event": "relayed", "orig_dst": orig.to_string(), "bytes_up": up, "bytes_down": down}),
+    );
     Ok(())
 }
 
@@ -293,8 +297,12 @@ fn sockopts() -> io::Result<()> {
             let errno = (ret != 0).then(|| io::Error::last_os_error().raw_os_error());
             // TCP_INFO holds timers and counters that change between reads:
             // compare its length and outcome, not its bytes.
-            let value = (ret == 0 && name != "TCP_INFO_8K")
-                .then(|| buf[..optlen as usize].iter().map(|b| format!("{b:02x}")).collect::<String>());
+            let value = (ret == 0 && name != "TCP_INFO_8K").then(|| {
+                buf[..optlen as usize]
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>()
+            });
             report(json!({
                 "event": "sockopt", "end": end, "name": name,
                 "ret": ret, "errno": errno, "optlen": optlen, "value": value,

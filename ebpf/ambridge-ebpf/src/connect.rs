@@ -130,7 +130,7 @@ fn record<A>(
     };
     // SAFETY: plain helper call on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if PENDING.insert(&cookie, &orig, 0).is_err() {
+    if PENDING.insert(cookie, orig, 0).is_err() {
         bump(Counter::ConnectRecordFailed);
         return false;
     }

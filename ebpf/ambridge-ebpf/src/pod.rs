@@ -27,7 +27,7 @@ pub fn current() -> Option<CgroupInfo> {
         }
         // SAFETY: the value is copied out at once; the daemon replaces
         // entries whole, so a torn read only ever sees old or new flags.
-        if let Some(info) = unsafe { CGROUPS.get(&id) } {
+        if let Some(info) = unsafe { CGROUPS.get(id) } {
             ztunnel |= info.flags & flags::ZTUNNEL != 0;
             found = Some(*info);
         }

@@ -64,7 +64,7 @@ fn client_key(ctx: &SockOpsContext) -> ConnKey {
 #[inline(always)]
 fn on_connect(ctx: &SockOpsContext) {
     // SAFETY: the value is only tested for presence.
-    if unsafe { PENDING.get(&cookie(ctx)) }.is_some() {
+    if unsafe { PENDING.get(cookie(ctx)) }.is_some() {
         let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     }
 }
@@ -73,15 +73,15 @@ fn on_connect(ctx: &SockOpsContext) {
 fn on_established(ctx: &SockOpsContext) {
     let cookie = cookie(ctx);
     // SAFETY: copied out at once.
-    let Some(orig) = (unsafe { PENDING.get(&cookie) }).copied() else {
+    let Some(orig) = (unsafe { PENDING.get(cookie) }).copied() else {
         return;
     };
-    let _ = ORIG_DST.insert(&client_key(ctx), &orig, 0);
-    let _ = PENDING.remove(&cookie);
+    let _ = ORIG_DST.insert(client_key(ctx), orig, 0);
+    let _ = PENDING.remove(cookie);
 }
 
 #[inline(always)]
 fn on_close(ctx: &SockOpsContext) {
-    let _ = PENDING.remove(&cookie(ctx));
-    let _ = ORIG_DST.remove(&client_key(ctx));
+    let _ = PENDING.remove(cookie(ctx));
+    let _ = ORIG_DST.remove(client_key(ctx));
 }

@@ -71,7 +71,7 @@ fn lookup(opt: &bpf_sockopt) -> Option<OrigDst> {
         }
     };
     // SAFETY: copied out at once.
-    unsafe { ORIG_DST.get(&key) }.copied()
+    unsafe { ORIG_DST.get(key) }.copied()
 }
 
 #[inline(always)]

@@ -20,8 +20,8 @@ use aya::{
     maps::{HashMap, Map, MapData, PerCpuArray},
     programs::{CgroupSockAddr, CgroupSockopt, SockOps},
 };
-use link::AttachType;
 pub use error::Error;
+use link::AttachType;
 pub use pins::Pins;
 use tracing::{debug, info};
 
@@ -72,9 +72,7 @@ impl Datapath {
             source,
         })?;
         for (name, kind, attach_type) in PROGRAMS {
-            let program = ebpf
-                .program_mut(name)
-                .ok_or(Error::MissingProgram(name))?;
+            let program = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
             match kind {
                 Kind::SockAddr => {
                     let p: &mut CgroupSockAddr = program.try_into().map_err(prog_err(name))?;
@@ -90,12 +88,13 @@ impl Datapath {
                 }
             }
             let prog_fd = program.fd().map_err(prog_err(name))?.as_fd();
-            let link = link::create_cgroup_link(prog_fd, cgroup.as_fd(), attach_type)
-                .map_err(|source| Error::Syscall {
+            let link = link::create_cgroup_link(prog_fd, cgroup.as_fd(), attach_type).map_err(
+                |source| Error::Syscall {
                     call: "bpf(BPF_LINK_CREATE)",
                     what: format!("attach {name} to {}", cgroup_root.display()),
                     source,
-                })?;
+                },
+            )?;
             pins.pin_link(name, link)?;
             debug!(program = name, cgroup = %cgroup_root.display(), "attached");
         }
@@ -159,7 +158,9 @@ pub fn read_counters(pins: &Pins) -> Result<Vec<(Counter, u64)>, Error> {
     Counter::ALL
         .iter()
         .map(|c| {
-            let per_cpu = counters.get(&(*c as u32), 0).map_err(map_err(map_names::COUNTERS))?;
+            let per_cpu = counters
+                .get(&(*c as u32), 0)
+                .map_err(map_err(map_names::COUNTERS))?;
             Ok((*c, per_cpu.iter().sum()))
         })
         .collect()

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Every test: formatting and lints, unit tests, and the real-kernel
+# conformance suite (BPF programs loaded and attached to sandbox cgroups,
+# pods as network namespaces). Run as root. Installs what is missing first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[[ -f $HOME/.cargo/env ]] && source "$HOME/.cargo/env"
+
+scripts/setup.sh
+echo "[test] rustfmt"
+cargo fmt --all --check
+echo "[test] clippy (host crates)"
+cargo clippy --all-targets --quiet -- -D warnings
+echo "[test] clippy (kernel programs, BPF target)"
+cargo +nightly clippy --quiet -p ambridge-ebpf --release --target bpfel-unknown-none \
+    -Z build-std=core -- -D warnings
+echo "[test] building binaries used by the conformance suite"
+cargo build --bins --quiet
+echo "[test] unit and conformance tests"
+cargo test --no-fail-fast
