@@ -57,14 +57,27 @@ impl Daemon {
             bpffs: node.bpffs(),
             log,
         };
-        if daemon.wait_log("ready", Duration::from_secs(30)).is_none() {
-            let status = daemon.child.as_mut().unwrap().try_wait();
-            panic!(
-                "ambridge did not become ready (exit status {status:?}); log:\n{}",
-                daemon.log().join("\n")
-            );
+        let ready = eventually(Duration::from_secs(30), || {
+            if daemon.log().iter().any(|l| l.contains("ready")) {
+                return Some(Ok(()));
+            }
+            // A daemon that exited will never be ready: fail at once.
+            match daemon.child.as_mut().unwrap().try_wait() {
+                Ok(Some(status)) => Some(Err(status)),
+                _ => None,
+            }
+        });
+        match ready {
+            Some(Ok(())) => daemon,
+            outcome => {
+                // Let the reader thread drain the last lines.
+                std::thread::sleep(Duration::from_millis(100));
+                panic!(
+                    "ambridge did not become ready ({outcome:?}); log:\n{}",
+                    daemon.log().join("\n")
+                )
+            }
         }
-        daemon
     }
 
     /// Every line the daemon has logged so far.
@@ -92,6 +105,15 @@ impl Daemon {
 
     /// The datapath counters, from `ambridge stats --json`.
     pub fn stats(&self) -> BTreeMap<String, u64> {
+        self.stats_section("counters")
+    }
+
+    /// Entries per map, from `ambridge stats --json`.
+    pub fn map_entries(&self) -> BTreeMap<String, u64> {
+        self.stats_section("map_entries")
+    }
+
+    fn stats_section(&self, section: &str) -> BTreeMap<String, u64> {
         let out = Command::new(workspace_bin("ambridge"))
             .args(["stats", "--json", "--bpffs"])
             .arg(&self.bpffs)
@@ -102,7 +124,9 @@ impl Daemon {
             "ambridge stats failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        serde_json::from_slice(&out.stdout).expect("ambridge stats --json output")
+        let all: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("ambridge stats --json output");
+        serde_json::from_value(all[section].clone()).expect("a section of numbers")
     }
 
     /// Stops the daemon (SIGTERM) and waits for it; the datapath stays.

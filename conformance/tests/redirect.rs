@@ -346,7 +346,7 @@ fn after_uninstall_nothing_is_pinned_or_attached_and_connections_go_directly() {
     let mut f = fixture();
     f.daemon.stop();
     let out = f.daemon.uninstall();
-    assert!(out.contains("detached 4"), "{out}");
+    assert!(out.contains("detached 6"), "{out}");
     assert!(
         !f.node.bpffs().exists(),
         "pins remain under {}",
@@ -370,4 +370,66 @@ fn after_uninstall_nothing_is_pinned_or_attached_and_connections_go_directly() {
     assert_eq!(result["ok"], true, "{result}");
     assert_eq!(canon(result["peer"].as_str().unwrap()), canon(&to));
     assert_eq!(f.ztunnel_accepts().len(), before);
+}
+
+#[test]
+fn tracking_entries_are_removed_when_connections_close_so_churn_never_fills_the_maps() {
+    let f = fixture();
+    let to = format!("{}:8080", f.server.ip4);
+    let to6 = format!("[{}]:8080", f.server.ip6);
+    for target in [&to, &to6] {
+        let events = f
+            .client
+            .run(&["connect", "--to", target, "--bytes", "16", "--count", "250"]);
+        let summary = events
+            .iter()
+            .find(|e| e["event"] == "connect-summary")
+            .unwrap();
+        assert_eq!(summary["ok"], 250, "{summary}");
+    }
+    let stats = f.daemon.stats();
+    assert_eq!(
+        stats["connect_redirected_ipv4"] + stats["connect_redirected_ipv6"],
+        500
+    );
+    assert_eq!(stats["orig_dst_answered"], 500);
+    // Every client socket has closed (the client end reaches TCP_CLOSE as it
+    // enters TIME_WAIT), so nothing stays tracked.
+    let drained = eventually(Duration::from_secs(10), || {
+        let maps = f.daemon.map_entries();
+        (maps["tracked_connections"] == 0 && maps["pending_connects"] == 0).then_some(maps)
+    });
+    assert!(
+        drained.is_some(),
+        "entries left behind: {:?}",
+        f.daemon.map_entries()
+    );
+    assert_eq!(f.daemon.map_entries()["cgroups"], 4);
+}
+
+#[test]
+fn udp_from_an_enrolled_pod_is_not_redirected() {
+    let f = fixture();
+    let udp = f.server.spawn(&["udp-echo", "--listen", "[::]:5353"]);
+    udp.wait_for(|e| e["event"] == "listening", Duration::from_secs(10));
+    let r = f.redirected_total();
+    for to in [
+        format!("{}:5353", f.server.ip4),
+        format!("[{}]:5353", f.server.ip6),
+    ] {
+        let events = f.client.run(&["udp", "--to", &to]);
+        assert_eq!(events[0]["ok"], true, "{events:?}");
+        assert_eq!(canon(events[0]["peer"].as_str().unwrap()), canon(&to));
+    }
+    let from_client = udp
+        .events()
+        .iter()
+        .filter(|e| e["event"] == "datagram")
+        .map(|e| ip_of(e["from"].as_str().unwrap()))
+        .collect::<Vec<_>>();
+    assert_eq!(
+        from_client,
+        vec![f.client.ip4.into(), std::net::IpAddr::from(f.client.ip6)]
+    );
+    assert_eq!(f.redirected_total(), r);
 }

@@ -49,7 +49,7 @@ enum Command {
         #[arg(long, default_value = DEFAULT_BPFFS)]
         bpffs: PathBuf,
     },
-    /// Print the datapath counters.
+    /// Print the datapath counters and how full the maps are.
     Stats {
         #[arg(long, default_value = DEFAULT_BPFFS)]
         bpffs: PathBuf,
@@ -122,17 +122,32 @@ fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Stats { bpffs, json } => {
-            let counters = datapath::read_counters(&Pins::new(&bpffs))
+            let pins = Pins::new(&bpffs);
+            let counters = datapath::read_counters(&pins)
                 .with_context(|| format!("reading counters pinned under {}", bpffs.display()))?;
+            let maps = datapath::map_occupancy(&pins)
+                .with_context(|| format!("reading maps pinned under {}", bpffs.display()))?;
             if json {
-                let obj: serde_json::Map<_, _> = counters
+                let counters: serde_json::Map<_, _> = counters
                     .iter()
                     .map(|(c, v)| (c.name().to_string(), serde_json::Value::from(*v)))
                     .collect();
-                println!("{}", serde_json::Value::Object(obj));
+                let maps: serde_json::Map<_, _> = maps
+                    .iter()
+                    .map(|(name, n)| (name.to_string(), serde_json::Value::from(*n)))
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::json!({"counters": counters, "map_entries": maps})
+                );
             } else {
+                println!("counters");
                 for (c, v) in counters {
-                    println!("{:<28} {v}", c.name());
+                    println!("  {:<28} {v}", c.name());
+                }
+                println!("map entries");
+                for (name, n) in maps {
+                    println!("  {name:<28} {n}");
                 }
             }
             Ok(())

@@ -34,12 +34,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Role {
-    /// Connect, send `bytes` bytes, read them back, report both ends.
+    /// Connect, send `bytes` bytes, read them back, report both ends. With
+    /// `--count` above 1, connect that many times one after another and
+    /// report one summary.
     Connect {
         #[arg(long)]
         to: SocketAddr,
         #[arg(long, default_value_t = 64)]
         bytes: usize,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
     },
     /// Echo server: report every accepted connection, echo until EOF.
     Echo {
@@ -55,6 +59,16 @@ enum Role {
         #[arg(long, default_value_t = 15001)]
         port: u16,
     },
+    /// UDP echo server: report every datagram's source, send it back.
+    UdpEcho {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Connect a UDP socket, send one datagram, report who answered.
+    Udp {
+        #[arg(long)]
+        to: SocketAddr,
+    },
     /// Read socket options on both ends of a loopback connection and print
     /// them, to compare with and without the getsockopt program.
     Sockopts,
@@ -67,9 +81,16 @@ fn main() {
         std::process::exit(2);
     }
     let result = match cli.role {
-        Role::Connect { to, bytes } => connect(to, bytes),
+        Role::Connect {
+            to,
+            bytes,
+            count: 1,
+        } => connect(to, bytes).map(report),
+        Role::Connect { to, bytes, count } => connect_many(to, bytes, count),
         Role::Echo { listen } => echo(listen),
         Role::Ztunnel { pods, port } => ztunnel(&pods, port),
+        Role::UdpEcho { listen } => udp_echo(listen),
+        Role::Udp { to } => udp(to),
         Role::Sockopts => sockopts(),
     };
     if let Err(e) = result {
@@ -106,14 +127,31 @@ fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 7 % 251) as u8).collect()
 }
 
-fn connect(to: SocketAddr, bytes: usize) -> io::Result<()> {
+fn connect_many(to: SocketAddr, bytes: usize, count: usize) -> io::Result<()> {
+    let mut ok = 0;
+    let mut failures = Vec::new();
+    for _ in 0..count {
+        let result = connect(to, bytes)?;
+        if result["ok"] == true {
+            ok += 1;
+        } else if failures.len() < 5 {
+            failures.push(result);
+        }
+    }
+    report(json!({
+        "event": "connect-summary", "to": to.to_string(),
+        "ok": ok, "failed": count - ok, "failures": failures,
+    }));
+    Ok(())
+}
+
+fn connect(to: SocketAddr, bytes: usize) -> io::Result<serde_json::Value> {
     let stream = match TcpStream::connect_timeout(&to, IO_TIMEOUT) {
         Ok(s) => s,
         Err(e) => {
-            report(
-                json!({"event": "connect", "ok": false, "to": to.to_string(), "error": e.to_string()}),
-            );
-            return Ok(());
+            return Ok(json!({
+                "event": "connect", "ok": false, "to": to.to_string(), "error": e.to_string(),
+            }));
         }
     };
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
@@ -132,7 +170,7 @@ fn connect(to: SocketAddr, bytes: usize) -> io::Result<()> {
     let mut got = Vec::with_capacity(bytes);
     let read = (&stream).read_to_end(&mut got);
     let wrote = writer.join().expect("writer thread");
-    report(json!({
+    Ok(json!({
         "event": "connect",
         "ok": read.is_ok() && wrote.is_ok() && got == sent,
         "to": to.to_string(),
@@ -142,8 +180,7 @@ fn connect(to: SocketAddr, bytes: usize) -> io::Result<()> {
         "received": got.len(),
         "intact": got == sent,
         "error": read.err().or(wrote.err()).map(|e| e.to_string()),
-    }));
-    Ok(())
+    }))
 }
 
 /// A dual-stack listener when `addr` is `[::]`.
@@ -174,6 +211,41 @@ fn echo(addr: SocketAddr) -> io::Result<()> {
             back.shutdown(Shutdown::Write)
         });
     }
+    Ok(())
+}
+
+fn udp_echo(addr: SocketAddr) -> io::Result<()> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.bind(&addr.into())?;
+    let socket: std::net::UdpSocket = socket.into();
+    report(json!({"event": "listening", "addr": addr.to_string()}));
+    let mut buf = [0u8; 2048];
+    loop {
+        let (n, from) = socket.recv_from(&mut buf)?;
+        report(json!({"event": "datagram", "from": from.to_string(), "bytes": n}));
+        socket.send_to(&buf[..n], from)?;
+    }
+}
+
+fn udp(to: SocketAddr) -> io::Result<()> {
+    let bind: SocketAddr = if to.is_ipv6() {
+        "[::]:0".parse().unwrap()
+    } else {
+        "0.0.0.0:0".parse().unwrap()
+    };
+    let socket = std::net::UdpSocket::bind(bind)?;
+    socket.set_read_timeout(Some(IO_TIMEOUT))?;
+    socket.connect(to)?;
+    socket.send(b"ping")?;
+    let mut buf = [0u8; 16];
+    let n = socket.recv(&mut buf)?;
+    report(json!({
+        "event": "udp", "ok": &buf[..n] == b"ping",
+        "peer": socket.peer_addr()?.to_string(), "to": to.to_string(),
+    }));
     Ok(())
 }
 

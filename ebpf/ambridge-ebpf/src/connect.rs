@@ -15,7 +15,10 @@ use aya_ebpf::{
 
 use crate::{
     maps::{PENDING, bump},
-    net::{KUBELET_PROBE_IP4, SOCK_STREAM, ctx_read, is_loopback4, is_loopback6},
+    net::{
+        KUBELET_PROBE_IP4, SOCK_STREAM, ctx_read, ctx_write, ctx_write_ip6, is_loopback4,
+        is_loopback6,
+    },
     pod,
 };
 
@@ -34,8 +37,11 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
     if let Some(target) = target4(&pod, sa.user_ip4)
         && record(&ctx, sa.user_ip4, sa, v4_mapped)
     {
-        sa.user_ip4 = target;
-        sa.user_port = u32::from(pod.redirect_port.to_be());
+        // SAFETY: writable fields of the live context.
+        unsafe {
+            ctx_write!(sa.user_ip4, target);
+            ctx_write!(sa.user_port, u32::from(pod.redirect_port.to_be()));
+        }
         bump(Counter::ConnectRedirected4);
     }
     ALLOW
@@ -67,8 +73,11 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
         if let Some(target) = target4(&pod, dst4)
             && record(&ctx, dst4, sa, v4_mapped)
         {
-            sa.user_ip6 = v4_mapped(target);
-            sa.user_port = u32::from(pod.redirect_port.to_be());
+            // SAFETY: writable fields of the live context.
+            unsafe {
+                ctx_write_ip6!(sa.user_ip6, v4_mapped(target));
+                ctx_write!(sa.user_port, u32::from(pod.redirect_port.to_be()));
+            }
             bump(Counter::ConnectRedirected4);
         }
         return ALLOW;
@@ -76,8 +85,11 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
     if let Some(target) = target6(&pod, &dst)
         && record(&ctx, dst, sa, |ip6| ip6)
     {
-        sa.user_ip6 = target;
-        sa.user_port = u32::from(pod.redirect_port.to_be());
+        // SAFETY: writable fields of the live context.
+        unsafe {
+            ctx_write_ip6!(sa.user_ip6, target);
+            ctx_write!(sa.user_port, u32::from(pod.redirect_port.to_be()));
+        }
         bump(Counter::ConnectRedirected6);
     }
     ALLOW

@@ -5,6 +5,7 @@
 //! | `cgroup/connect4`, `cgroup/connect6` | [`connect`] | 4.17 |
 //! | `sockops` | [`sock_ops`] | 4.13 (state callbacks 4.16) |
 //! | `cgroup/getsockopt` | [`sockopt`] | 5.3 |
+//! | `cgroup/getpeername4`, `cgroup/getpeername6` | [`peername`] | 5.8 |
 //!
 //! Shared helpers live apart: [`maps`] (every map), [`pod`] (which pod a
 //! socket belongs to), [`net`] (address and port conversions).
@@ -14,6 +15,7 @@
 mod connect;
 mod maps;
 mod net;
+mod peername;
 mod pod;
 mod sock_ops;
 mod sockopt;

@@ -39,6 +39,33 @@ macro_rules! ctx_read {
 }
 pub(crate) use ctx_read;
 
+/// Writes one field of a kernel context with a fixed-offset store (see
+/// [`ctx_read`]); an array is written element by element, since a whole
+/// array assignment may become a byte-wise copy through a moving pointer.
+/// Use inside an `unsafe` block.
+macro_rules! ctx_write {
+    ($place:expr, [$a:expr, $b:expr, $c:expr, $d:expr]) => {{
+        let v: [u32; 4] = [$a, $b, $c, $d];
+        core::ptr::write_volatile(core::ptr::addr_of_mut!($place[0]), v[0]);
+        core::ptr::write_volatile(core::ptr::addr_of_mut!($place[1]), v[1]);
+        core::ptr::write_volatile(core::ptr::addr_of_mut!($place[2]), v[2]);
+        core::ptr::write_volatile(core::ptr::addr_of_mut!($place[3]), v[3]);
+    }};
+    ($place:expr, $value:expr) => {
+        core::ptr::write_volatile(core::ptr::addr_of_mut!($place), $value)
+    };
+}
+pub(crate) use ctx_write;
+
+/// Writes an IPv6 address (four network-order words) into a context field.
+macro_rules! ctx_write_ip6 {
+    ($place:expr, $ip6:expr) => {{
+        let ip6: [u32; 4] = $ip6;
+        $crate::net::ctx_write!($place, [ip6[0], ip6[1], ip6[2], ip6[3]])
+    }};
+}
+pub(crate) use ctx_write_ip6;
+
 /// A socket address from a context, as the shared maps store it (IPv4 as
 /// IPv4-mapped): `$ip4` and `$ip6` are the context's two fields for the same
 /// address. Both are read whatever the family (the kernel allows it) and the

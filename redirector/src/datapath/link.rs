@@ -22,6 +22,8 @@ pub enum AttachType {
     CgroupInet4Connect = 10,
     CgroupInet6Connect = 11,
     CgroupGetsockopt = 21,
+    CgroupInet4Getpeername = 29,
+    CgroupInet6Getpeername = 30,
 }
 
 const BPF_OBJ_PIN: libc::c_long = 6;

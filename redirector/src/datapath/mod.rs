@@ -14,7 +14,7 @@ mod pins;
 
 use std::{collections::BTreeMap, fs, os::fd::AsFd, path::Path};
 
-use ambridge_common::{CgroupInfo, Counter, map_names};
+use ambridge_common::{CgroupInfo, ConnKey, Counter, OrigDst, map_names};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, Map, MapData, PerCpuArray},
@@ -40,9 +40,19 @@ enum Kind {
 
 /// Every program of the object: its name (the function name), how it is
 /// loaded, and the cgroup hook it attaches to.
-const PROGRAMS: [(&str, Kind, AttachType); 4] = [
+const PROGRAMS: [(&str, Kind, AttachType); 6] = [
     ("connect4", Kind::SockAddr, AttachType::CgroupInet4Connect),
     ("connect6", Kind::SockAddr, AttachType::CgroupInet6Connect),
+    (
+        "getpeername4",
+        Kind::SockAddr,
+        AttachType::CgroupInet4Getpeername,
+    ),
+    (
+        "getpeername6",
+        Kind::SockAddr,
+        AttachType::CgroupInet6Getpeername,
+    ),
     ("sock_ops", Kind::SockOps, AttachType::CgroupSockOps),
     ("getsockopt", Kind::Sockopt, AttachType::CgroupGetsockopt),
 ];
@@ -148,11 +158,14 @@ fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> Error {
     move |source| Error::Map { map, source }
 }
 
+fn open_pinned(pins: &Pins, name: &'static str) -> Result<Map, Error> {
+    let data = MapData::from_pin(pins.map(name)).map_err(map_err(name))?;
+    Map::from_map_data(data).map_err(map_err(name))
+}
+
 /// Sums the per-CPU counters pinned under `pins`.
 pub fn read_counters(pins: &Pins) -> Result<Vec<(Counter, u64)>, Error> {
-    let path = pins.map(map_names::COUNTERS);
-    let data = MapData::from_pin(&path).map_err(map_err(map_names::COUNTERS))?;
-    let map = Map::from_map_data(data).map_err(map_err(map_names::COUNTERS))?;
+    let map = open_pinned(pins, map_names::COUNTERS)?;
     let counters: PerCpuArray<MapData, u64> =
         PerCpuArray::try_from(map).map_err(map_err(map_names::COUNTERS))?;
     Counter::ALL
@@ -164,6 +177,26 @@ pub fn read_counters(pins: &Pins) -> Result<Vec<(Counter, u64)>, Error> {
             Ok((*c, per_cpu.iter().sum()))
         })
         .collect()
+}
+
+/// How many entries each map pinned under `pins` holds: cgroups known to the
+/// datapath, connects not yet established, and connections whose original
+/// destination is tracked.
+pub fn map_occupancy(pins: &Pins) -> Result<Vec<(&'static str, usize)>, Error> {
+    let cgroups: HashMap<MapData, u64, CgroupInfo> =
+        HashMap::try_from(open_pinned(pins, map_names::CGROUPS)?)
+            .map_err(map_err(map_names::CGROUPS))?;
+    let pending: HashMap<MapData, u64, OrigDst> =
+        HashMap::try_from(open_pinned(pins, map_names::PENDING)?)
+            .map_err(map_err(map_names::PENDING))?;
+    let orig_dst: HashMap<MapData, ConnKey, OrigDst> =
+        HashMap::try_from(open_pinned(pins, map_names::ORIG_DST)?)
+            .map_err(map_err(map_names::ORIG_DST))?;
+    Ok(vec![
+        ("cgroups", cgroups.keys().count()),
+        ("pending_connects", pending.keys().count()),
+        ("tracked_connections", orig_dst.keys().count()),
+    ])
 }
 
 /// What `uninstall` removed.
