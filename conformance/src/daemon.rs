@@ -114,19 +114,27 @@ impl Daemon {
     }
 
     fn stats_section(&self, section: &str) -> BTreeMap<String, u64> {
+        let out = self.cli(&["stats", "--json"]);
+        let all: serde_json::Value =
+            serde_json::from_str(&out).expect("ambridge stats --json output");
+        serde_json::from_value(all[section].clone()).expect("a section of numbers")
+    }
+
+    /// Runs `ambridge <args> --bpffs <this daemon's pins>` and returns its
+    /// stdout, panicking with its stderr if it fails.
+    fn cli(&self, args: &[&str]) -> String {
         let out = Command::new(workspace_bin("ambridge"))
-            .args(["stats", "--json", "--bpffs"])
+            .args(args)
+            .arg("--bpffs")
             .arg(&self.bpffs)
             .output()
-            .expect("running ambridge stats");
+            .unwrap_or_else(|e| panic!("running ambridge {args:?}: {e}"));
         assert!(
             out.status.success(),
-            "ambridge stats failed: {}",
+            "ambridge {args:?} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let all: serde_json::Value =
-            serde_json::from_slice(&out.stdout).expect("ambridge stats --json output");
-        serde_json::from_value(all[section].clone()).expect("a section of numbers")
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// Stops the daemon (SIGTERM) and waits for it; the datapath stays.
@@ -143,17 +151,7 @@ impl Daemon {
     /// Runs `ambridge uninstall` for this daemon's pins and returns its
     /// output.
     pub fn uninstall(&self) -> String {
-        let out = Command::new(workspace_bin("ambridge"))
-            .args(["uninstall", "--bpffs"])
-            .arg(&self.bpffs)
-            .output()
-            .expect("running ambridge uninstall");
-        assert!(
-            out.status.success(),
-            "ambridge uninstall failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.cli(&["uninstall"])
     }
 }
 
@@ -161,6 +159,7 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.stop();
         if self.bpffs.exists() {
+            // Not `cli`: a drop during a panic must not panic again.
             let _ = Command::new(workspace_bin("ambridge"))
                 .args(["uninstall", "--bpffs"])
                 .arg(&self.bpffs)
