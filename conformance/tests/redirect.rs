@@ -346,7 +346,7 @@ fn after_uninstall_nothing_is_pinned_or_attached_and_connections_go_directly() {
     let mut f = fixture();
     f.daemon.stop();
     let out = f.daemon.uninstall();
-    assert!(out.contains("detached 6"), "{out}");
+    assert!(out.contains("detached 8"), "{out}");
     assert!(
         !f.node.bpffs().exists(),
         "pins remain under {}",

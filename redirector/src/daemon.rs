@@ -18,8 +18,10 @@ use tracing::{error, info, warn};
 use crate::{
     cgroup,
     datapath::{Datapath, Pins},
-    reconcile::{self, Unresolved},
-    state::{NodeSpec, RedirectSettings},
+    netns::CookieCache,
+    reconcile::{self, Resolve, Unresolved},
+    state::{NodeSpec, Settings},
+    types::{CgroupId, NetnsCookie},
     workloads,
 };
 
@@ -29,7 +31,7 @@ pub struct Options {
     pub cgroup_root: PathBuf,
     pub pins: Pins,
     pub workloads: PathBuf,
-    pub redirect: RedirectSettings,
+    pub settings: Settings,
     pub resync: Duration,
 }
 
@@ -40,7 +42,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let _watcher = watch(&opts.workloads, tx)?;
     let mut node = Node::default();
     node.load(&opts.workloads);
-    node.reconcile(&mut datapath, &opts.redirect)?;
+    node.reconcile(&mut datapath, &opts.settings)?;
     info!(workloads = %opts.workloads.display(), "ready");
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -54,10 +56,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 while changed.try_recv().is_ok() {}
                 if node.load(&opts.workloads) {
-                    node.reconcile(&mut datapath, &opts.redirect)?;
+                    node.reconcile(&mut datapath, &opts.settings)?;
                 }
             }
-            _ = resync.tick() => node.reconcile(&mut datapath, &opts.redirect)?,
+            _ = resync.tick() => node.reconcile(&mut datapath, &opts.settings)?,
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -66,12 +68,27 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The daemon's view of the node: the last good spec, and what it last
-/// reported as unresolved (so a persisting problem is logged once).
+/// The daemon's view of the node: the last good spec, what it last
+/// reported as unresolved (so a persisting problem is logged once), and the
+/// netns cookies it has already looked up.
 #[derive(Default)]
 struct Node {
     spec: Option<NodeSpec>,
     unresolved: Vec<Unresolved>,
+    cookies: CookieCache,
+}
+
+/// Resolves against the live system: cgroupfs and the pods' processes.
+struct SystemResolver<'a>(&'a mut CookieCache);
+
+impl Resolve for SystemResolver<'_> {
+    fn cgroup_id(&mut self, cgroup: &Path) -> std::io::Result<CgroupId> {
+        cgroup::cgroup_id(cgroup)
+    }
+
+    fn netns_cookie(&mut self, cgroup: &Path) -> std::io::Result<Option<NetnsCookie>> {
+        Ok(self.0.of_cgroup(cgroup)?.map(NetnsCookie))
+    }
 }
 
 impl Node {
@@ -98,30 +115,31 @@ impl Node {
         }
     }
 
-    fn reconcile(
-        &mut self,
-        datapath: &mut Datapath,
-        redirect: &RedirectSettings,
-    ) -> anyhow::Result<()> {
+    fn reconcile(&mut self, datapath: &mut Datapath, settings: &Settings) -> anyhow::Result<()> {
         // Until a file has been read successfully, whatever is pinned stays.
         let Some(spec) = &self.spec else {
             return Ok(());
         };
-        let desired = reconcile::desired(spec, redirect, cgroup::cgroup_id);
+        let desired = reconcile::desired(spec, settings, &mut SystemResolver(&mut self.cookies));
         if desired.unresolved != self.unresolved {
             for u in &desired.unresolved {
                 warn!(owner = %u.owner, cgroup = %u.cgroup.display(), "cgroup not found, retrying: {}", u.error);
             }
             self.unresolved = desired.unresolved.clone();
         }
-        let current = datapath.cgroup_entries()?;
-        let ops = reconcile::diff(&current, &desired.entries);
-        if !ops.is_empty() {
-            datapath.apply(&ops)?;
+        let cgroup_ops = reconcile::diff(&datapath.cgroup_entries()?, &desired.cgroups);
+        let netns_ops = reconcile::diff(&datapath.netns_entries()?, &desired.netns);
+        // Namespaces first: a pod's binds are judged against its netns entry
+        // as soon as its cgroup entry makes it known.
+        datapath.apply_netns(&netns_ops)?;
+        datapath.apply_cgroups(&cgroup_ops)?;
+        if !cgroup_ops.is_empty() || !netns_ops.is_empty() {
             info!(
-                changes = ops.len(),
-                entries = desired.entries.len(),
-                "reconciled cgroup map"
+                cgroup_changes = cgroup_ops.len(),
+                netns_changes = netns_ops.len(),
+                cgroups = desired.cgroups.len(),
+                netns = desired.netns.len(),
+                "reconciled"
             );
         }
         Ok(())

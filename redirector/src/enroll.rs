@@ -1,66 +1,104 @@
-//! What the datapath holds for a pod or a ztunnel: pure functions from node
-//! state to map values.
+//! What the datapath holds for a pod, a ztunnel or a network namespace: pure
+//! functions from node state and settings to map values.
 
-use std::net::IpAddr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use ambridge_common::{CgroupInfo, flags};
+use ambridge_common::{CgroupInfo, NetnsInfo, flags};
 
-use crate::state::{Mode, PodSpec, RedirectSettings};
+use crate::state::{Mode, NodeSpec, OriginalSrc, PodSpec, Settings, ZtunnelSpec};
 
 /// A network-order IPv4 address as the kernel programs compare it.
-pub fn ip4_word(ip: std::net::Ipv4Addr) -> u32 {
+pub fn ip4_word(ip: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(ip.octets())
 }
 
 /// A network-order IPv6 address as the kernel programs compare it.
-pub fn ip6_words(ip: std::net::Ipv6Addr) -> [u32; 4] {
+pub fn ip6_words(ip: Ipv6Addr) -> [u32; 4] {
     let o = ip.octets();
     std::array::from_fn(|i| {
         u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
     })
 }
 
+/// Acceleration flags for connections served by a proxy: allowed when
+/// sockmap is on, unless the proxy relays with `splice(2)`.
+fn accel(settings: &Settings, zero_copy: bool) -> u32 {
+    match (settings.sockmap, zero_copy) {
+        (false, _) => 0,
+        (true, false) => flags::ACCEL,
+        (true, true) => flags::ZEROCOPY,
+    }
+}
+
 /// The cgroup entry of a pod. In the in-pod model ztunnel's listeners live in
 /// the pod's own network namespace, so the redirect target is the pod's own
-/// IP (which also keeps the pod IP as the connection's source).
-pub fn pod_entry(pod: &PodSpec, redirect: &RedirectSettings) -> CgroupInfo {
+/// IP (which also keeps the pod IP as the connection's source); in the
+/// shared model it is ztunnel's IP. A family is redirected only when both
+/// the pod and the target have an address in it.
+pub fn pod_entry(pod: &PodSpec, node: &NodeSpec, settings: &Settings) -> CgroupInfo {
+    let shared = node.redirect;
     let mut info = CgroupInfo {
-        redirect_port: redirect.port.0,
+        redirect_port: shared.and_then(|s| s.port).unwrap_or(settings.port).0,
         ..CgroupInfo::default()
     };
     if pod.mode == Mode::Ambient {
-        info.flags |= flags::ENROLLED;
+        info.flags |= flags::ENROLLED | accel(settings, node.zero_copy());
     }
-    for ip in &pod.ips {
-        match ip {
-            IpAddr::V4(v4) if info.flags & flags::HAS_IP4 == 0 => {
-                info.flags |= flags::HAS_IP4;
-                info.pod_ip4 = ip4_word(*v4);
-                info.redirect_ip4 = info.pod_ip4;
-            }
-            IpAddr::V6(v6) if info.flags & flags::HAS_IP6 == 0 => {
-                info.flags |= flags::HAS_IP6;
-                info.pod_ip6 = ip6_words(*v6);
-                info.redirect_ip6 = info.pod_ip6;
-            }
-            _ => {}
-        }
+    let target4 = match shared {
+        Some(s) => s.ip4,
+        None => pod.ip4(),
+    };
+    if let (Some(own), Some(target)) = (pod.ip4(), target4) {
+        info.flags |= flags::HAS_IP4;
+        info.pod_ip4 = ip4_word(own);
+        info.redirect_ip4 = ip4_word(target);
+    }
+    let target6 = match shared {
+        Some(s) => s.ip6,
+        None => pod.ip6(),
+    };
+    if let (Some(own), Some(target)) = (pod.ip6(), target6) {
+        info.flags |= flags::HAS_IP6;
+        info.pod_ip6 = ip6_words(own);
+        info.redirect_ip6 = ip6_words(target);
     }
     info
 }
 
-/// The cgroup entry of a ztunnel: nothing of its own is ever redirected.
-pub fn ztunnel_entry() -> CgroupInfo {
-    CgroupInfo {
-        flags: flags::ZTUNNEL,
+/// The cgroup entry of a ztunnel: nothing of its own is ever redirected;
+/// its original-source binds are undone or preserved as the node is set up.
+pub fn ztunnel_entry(ztunnel: &ZtunnelSpec, settings: &Settings) -> CgroupInfo {
+    let mut info = CgroupInfo {
+        flags: flags::ZTUNNEL | accel(settings, ztunnel.zero_copy),
         ..CgroupInfo::default()
+    };
+    if settings.original_src == OriginalSrc::Undo {
+        info.flags |= flags::UNDO_ORIG_SRC;
     }
+    info
+}
+
+/// The local identity of a network namespace holding `ip4`/`ip6`.
+pub fn netns_entry(ip4: Option<Ipv4Addr>, ip6: Option<Ipv6Addr>) -> NetnsInfo {
+    let mut info = NetnsInfo::default();
+    if let Some(v4) = ip4 {
+        info.flags |= flags::HAS_IP4;
+        info.ip4 = ip4_word(v4);
+    }
+    if let Some(v6) = ip6 {
+        info.flags |= flags::HAS_IP6;
+        info.ip6 = ip6_words(v6);
+    }
+    info
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::{PodUid, Port};
+    use crate::{
+        state::SharedRedirect,
+        types::{PodUid, Port},
+    };
 
     fn pod(mode: Mode, ips: &[&str]) -> PodSpec {
         PodSpec {
@@ -73,11 +111,34 @@ mod tests {
         }
     }
 
+    fn ztunnel(zero_copy: bool) -> ZtunnelSpec {
+        ZtunnelSpec {
+            cgroup: "/sys/fs/cgroup/z".into(),
+            zero_copy,
+        }
+    }
+
+    fn node_with(ztunnels: Vec<ZtunnelSpec>, redirect: Option<SharedRedirect>) -> NodeSpec {
+        NodeSpec {
+            pods: vec![],
+            ztunnels,
+            redirect,
+        }
+    }
+
+    fn sockmap_on() -> Settings {
+        Settings {
+            sockmap: true,
+            ..Settings::default()
+        }
+    }
+
     #[test]
     fn an_ambient_pod_is_enrolled_and_redirects_to_its_own_ips() {
         let info = pod_entry(
             &pod(Mode::Ambient, &["198.18.0.2", "fd00:18::2"]),
-            &RedirectSettings::default(),
+            &NodeSpec::default(),
+            &Settings::default(),
         );
         assert_eq!(
             info.flags,
@@ -91,19 +152,21 @@ mod tests {
     }
 
     #[test]
-    fn a_pod_with_mode_none_is_not_enrolled() {
+    fn a_pod_with_mode_none_is_neither_enrolled_nor_accelerated() {
         let info = pod_entry(
             &pod(Mode::None, &["198.18.0.2"]),
-            &RedirectSettings::default(),
+            &NodeSpec::default(),
+            &Settings::default(),
         );
-        assert_eq!(info.flags & flags::ENROLLED, 0);
+        assert_eq!(info.flags & (flags::ENROLLED | flags::ACCEL), 0);
     }
 
     #[test]
     fn a_single_stack_pod_has_only_that_family() {
         let info = pod_entry(
             &pod(Mode::Ambient, &["fd00:18::2"]),
-            &RedirectSettings::default(),
+            &NodeSpec::default(),
+            &Settings::default(),
         );
         assert_eq!(info.flags & flags::HAS_IP4, 0);
         assert_ne!(info.flags & flags::HAS_IP6, 0);
@@ -111,17 +174,95 @@ mod tests {
 
     #[test]
     fn the_redirect_port_is_configurable() {
+        let settings = Settings {
+            port: Port(16001),
+            ..Settings::default()
+        };
         let info = pod_entry(
             &pod(Mode::Ambient, &["198.18.0.2"]),
-            &RedirectSettings { port: Port(16001) },
+            &NodeSpec::default(),
+            &settings,
         );
         assert_eq!(info.redirect_port, 16001);
     }
 
     #[test]
-    fn ztunnel_is_flagged_and_never_enrolled() {
-        let info = ztunnel_entry();
-        assert_eq!(info.flags, flags::ZTUNNEL);
+    fn the_shared_model_redirects_to_ztunnels_ip_and_port() {
+        let shared = SharedRedirect {
+            ip4: Some("198.18.0.50".parse().unwrap()),
+            ip6: None,
+            port: Some(Port(15011)),
+        };
+        let info = pod_entry(
+            &pod(Mode::Ambient, &["198.18.0.2", "fd00:18::2"]),
+            &node_with(vec![], Some(shared)),
+            &Settings::default(),
+        );
+        assert_eq!(info.redirect_ip4.to_ne_bytes(), [198, 18, 0, 50]);
+        assert_eq!(info.pod_ip4.to_ne_bytes(), [198, 18, 0, 2]);
+        assert_eq!(info.redirect_port, 15011);
+        // No IPv6 ztunnel address: IPv6 is not redirected.
+        assert_eq!(info.flags & flags::HAS_IP6, 0);
+    }
+
+    #[test]
+    fn with_sockmap_on_an_ambient_pod_is_accelerated() {
+        let info = pod_entry(
+            &pod(Mode::Ambient, &["198.18.0.2"]),
+            &NodeSpec::default(),
+            &sockmap_on(),
+        );
+        assert_ne!(info.flags & flags::ACCEL, 0);
+        assert_eq!(info.flags & flags::ZEROCOPY, 0);
+    }
+
+    #[test]
+    fn a_zero_copy_ztunnel_keeps_its_pods_out_of_acceleration() {
+        let info = pod_entry(
+            &pod(Mode::Ambient, &["198.18.0.2"]),
+            &node_with(vec![ztunnel(false), ztunnel(true)], None),
+            &sockmap_on(),
+        );
+        assert_eq!(info.flags & flags::ACCEL, 0);
+        assert_ne!(info.flags & flags::ZEROCOPY, 0);
+    }
+
+    #[test]
+    fn sockmap_off_accelerates_nothing_and_flags_no_fallback() {
+        let settings = Settings::default();
+        let info = pod_entry(
+            &pod(Mode::Ambient, &["198.18.0.2"]),
+            &node_with(vec![ztunnel(true)], None),
+            &settings,
+        );
+        assert_eq!(info.flags & (flags::ACCEL | flags::ZEROCOPY), 0);
+        let z = ztunnel_entry(&ztunnel(true), &settings);
+        assert_eq!(z.flags & (flags::ACCEL | flags::ZEROCOPY), 0);
+    }
+
+    #[test]
+    fn ztunnel_is_flagged_never_enrolled_and_undoes_by_default() {
+        let info = ztunnel_entry(&ztunnel(false), &Settings::default());
+        assert_eq!(info.flags, flags::ZTUNNEL | flags::UNDO_ORIG_SRC);
+        let accelerated = ztunnel_entry(&ztunnel(false), &sockmap_on());
+        assert_ne!(accelerated.flags & flags::ACCEL, 0);
+    }
+
+    #[test]
+    fn preserve_leaves_ztunnel_binds_alone() {
+        let settings = Settings {
+            original_src: OriginalSrc::Preserve,
+            ..Settings::default()
+        };
+        let info = ztunnel_entry(&ztunnel(false), &settings);
+        assert_eq!(info.flags & flags::UNDO_ORIG_SRC, 0);
+    }
+
+    #[test]
+    fn a_netns_entry_holds_each_family_it_has() {
+        let info = netns_entry(Some("198.18.0.2".parse().unwrap()), None);
+        assert_eq!(info.flags, flags::HAS_IP4);
+        assert_eq!(info.ip4.to_ne_bytes(), [198, 18, 0, 2]);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use ambridge::{
     cgroup,
     daemon::{self, Options},
     datapath::{self, Pins},
-    state::RedirectSettings,
+    state::{OriginalSrc, Settings},
     types::Port,
     workloads,
 };
@@ -40,6 +40,17 @@ enum Command {
         /// ztunnel's outbound listener port.
         #[arg(long, default_value_t = Port::ZTUNNEL_OUTBOUND.0)]
         redirect_port: u16,
+        /// What to do with ztunnel's original-source (IP_TRANSPARENT)
+        /// binds: `undo` where the node has no TPROXY return routing,
+        /// `preserve` where istio-cni's routing is in place.
+        #[arg(long, value_enum, default_value = "undo")]
+        original_src: OriginalSrc,
+        /// Same-node acceleration with sockmap and msg_redirect. Off by
+        /// default: on Linux 6.18 a *blocking* reader of an accelerated
+        /// socket can get EAGAIN on a wakeup without data (see README);
+        /// turn it on where applications use non-blocking sockets.
+        #[arg(long, value_enum, default_value = "off")]
+        sockmap: Switch,
         /// How often the maps are re-checked against the workloads.
         #[arg(long, default_value = "5", value_name = "SECONDS")]
         resync_seconds: u64,
@@ -59,6 +70,12 @@ enum Command {
     },
     /// Check a workloads file and print what it enrolls.
     Validate { file: PathBuf },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Switch {
+    On,
+    Off,
 }
 
 fn main() -> ExitCode {
@@ -85,6 +102,8 @@ fn run(command: Command) -> anyhow::Result<()> {
             bpffs,
             workloads,
             redirect_port,
+            original_src,
+            sockmap,
             resync_seconds,
         } => {
             let cgroup_root = match cgroup_root {
@@ -95,8 +114,10 @@ fn run(command: Command) -> anyhow::Result<()> {
                 cgroup_root,
                 pins: Pins::new(bpffs),
                 workloads,
-                redirect: RedirectSettings {
+                settings: Settings {
                     port: Port(redirect_port),
+                    original_src,
+                    sockmap: sockmap == Switch::On,
                 },
                 resync: Duration::from_secs(resync_seconds.max(1)),
             };

@@ -1,108 +1,150 @@
-//! From node state to map operations: compute the cgroup map the kernel
-//! should hold, diff it against what it holds, apply only the difference.
-//! Both steps are pure, so reconciling twice changes nothing the second time.
+//! From node state to map operations: compute what the kernel maps should
+//! hold, diff it against what they hold, apply only the difference. Both
+//! steps are pure (resolving paths to ids is injected), so reconciling twice
+//! changes nothing the second time.
 
-use std::{
-    collections::BTreeMap,
-    io,
-    path::{Path, PathBuf},
-};
+use std::{collections::BTreeMap, io, path::Path};
 
-use ambridge_common::CgroupInfo;
+use ambridge_common::{CgroupInfo, NetnsInfo};
 
 use crate::{
     enroll,
-    state::{NodeSpec, RedirectSettings},
-    types::CgroupId,
+    state::{NodeSpec, Settings},
+    types::{CgroupId, NetnsCookie},
 };
 
-/// A cgroup directory named by the node state that could not be resolved to
-/// an id (typically a pod whose sandbox is not created yet). It is retried at
-/// the next reconcile.
+/// Turns the paths named by the node state into kernel ids.
+pub trait Resolve {
+    /// The id of a cgroup directory.
+    fn cgroup_id(&mut self, cgroup: &Path) -> io::Result<CgroupId>;
+    /// The netns cookie of a cgroup's processes; `None` while it has none.
+    fn netns_cookie(&mut self, cgroup: &Path) -> io::Result<Option<NetnsCookie>>;
+}
+
+/// A cgroup directory named by the node state that could not be resolved
+/// (typically a pod whose sandbox is not created yet). It is retried at the
+/// next reconcile.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unresolved {
     pub owner: String,
-    pub cgroup: PathBuf,
+    pub cgroup: std::path::PathBuf,
     pub error: String,
 }
 
-/// The cgroup map contents that `spec` calls for.
+/// The map contents that a node state calls for.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Desired {
-    pub entries: BTreeMap<CgroupId, CgroupInfo>,
+    pub cgroups: BTreeMap<CgroupId, CgroupInfo>,
+    pub netns: BTreeMap<NetnsCookie, NetnsInfo>,
     pub unresolved: Vec<Unresolved>,
 }
 
-/// Computes the desired cgroup map. A ztunnel's entry wins over a pod's if
+impl Desired {
+    fn unresolved(&mut self, owner: String, cgroup: &Path, error: String) {
+        self.unresolved.push(Unresolved {
+            owner,
+            cgroup: cgroup.to_path_buf(),
+            error,
+        });
+    }
+
+    /// Adds the netns entry of `cgroup`'s processes.
+    fn netns_of(
+        &mut self,
+        owner: &str,
+        cgroup: &Path,
+        info: NetnsInfo,
+        resolve: &mut impl Resolve,
+    ) {
+        match resolve.netns_cookie(cgroup) {
+            Ok(Some(cookie)) => {
+                self.netns.insert(cookie, info);
+            }
+            Ok(None) => self.unresolved(
+                owner.to_string(),
+                cgroup,
+                "no process in the cgroup yet, so its network namespace is unknown".into(),
+            ),
+            Err(e) => self.unresolved(owner.to_string(), cgroup, format!("network namespace: {e}")),
+        }
+    }
+}
+
+/// Computes the desired maps. A ztunnel's cgroup entry wins over a pod's if
 /// both resolve to the same cgroup.
-pub fn desired(
-    spec: &NodeSpec,
-    redirect: &RedirectSettings,
-    mut resolve: impl FnMut(&Path) -> io::Result<CgroupId>,
-) -> Desired {
+pub fn desired(spec: &NodeSpec, settings: &Settings, resolve: &mut impl Resolve) -> Desired {
     let mut out = Desired::default();
     for pod in &spec.pods {
-        match resolve(&pod.cgroup) {
+        let owner = format!("pod {}/{} ({})", pod.namespace, pod.name, pod.uid);
+        match resolve.cgroup_id(&pod.cgroup) {
             Ok(id) => {
-                out.entries.insert(id, enroll::pod_entry(pod, redirect));
+                out.cgroups
+                    .insert(id, enroll::pod_entry(pod, spec, settings));
             }
-            Err(e) => out.unresolved.push(Unresolved {
-                owner: format!("pod {}/{} ({})", pod.namespace, pod.name, pod.uid),
-                cgroup: pod.cgroup.clone(),
-                error: e.to_string(),
-            }),
+            Err(e) => {
+                out.unresolved(owner, &pod.cgroup, e.to_string());
+                continue;
+            }
+        }
+        if !pod.ips.is_empty() {
+            let info = enroll::netns_entry(pod.ip4(), pod.ip6());
+            out.netns_of(&owner, &pod.cgroup, info, resolve);
         }
     }
     for z in &spec.ztunnels {
-        match resolve(&z.cgroup) {
+        match resolve.cgroup_id(&z.cgroup) {
             Ok(id) => {
-                out.entries.insert(id, enroll::ztunnel_entry());
+                out.cgroups.insert(id, enroll::ztunnel_entry(z, settings));
             }
-            Err(e) => out.unresolved.push(Unresolved {
-                owner: "ztunnel".into(),
-                cgroup: z.cgroup.clone(),
-                error: e.to_string(),
-            }),
+            Err(e) => {
+                out.unresolved("ztunnel".into(), &z.cgroup, e.to_string());
+                continue;
+            }
+        }
+        // In the shared model ztunnel binds in its own netns, whose local
+        // addresses are the redirect target's.
+        if let Some(shared) = spec.redirect {
+            let info = enroll::netns_entry(shared.ip4, shared.ip6);
+            out.netns_of("ztunnel", &z.cgroup, info, resolve);
         }
     }
     out
 }
 
-/// One change to the cgroup map.
+/// One change to a map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Op {
-    Put(CgroupId, CgroupInfo),
-    Delete(CgroupId),
+pub enum Op<K, V> {
+    Put(K, V),
+    Delete(K),
 }
 
-/// The operations that turn `current` into `desired`: deletes first (a
-/// cgroup id is never reused while its directory exists, so order between
-/// different ids does not matter), then puts of new or changed entries.
-pub fn diff(
-    current: &BTreeMap<CgroupId, CgroupInfo>,
-    desired: &BTreeMap<CgroupId, CgroupInfo>,
-) -> Vec<Op> {
+/// The operations that turn `current` into `desired`: deletes of keys no
+/// longer wanted, then puts of new or changed entries.
+pub fn diff<K: Ord + Copy, V: PartialEq + Copy>(
+    current: &BTreeMap<K, V>,
+    desired: &BTreeMap<K, V>,
+) -> Vec<Op<K, V>> {
     let deletes = current
         .keys()
-        .filter(|id| !desired.contains_key(id))
-        .map(|id| Op::Delete(*id));
+        .filter(|k| !desired.contains_key(k))
+        .map(|k| Op::Delete(*k));
     let puts = desired
         .iter()
-        .filter(|(id, info)| current.get(id) != Some(info))
-        .map(|(id, info)| Op::Put(*id, *info));
+        .filter(|(k, v)| current.get(k) != Some(v))
+        .map(|(k, v)| Op::Put(*k, *v));
     deletes.chain(puts).collect()
 }
 
-/// Applies `ops` to an in-memory copy of the map (what the kernel map becomes
-/// once the same ops are applied to it).
-pub fn apply(map: &mut BTreeMap<CgroupId, CgroupInfo>, ops: &[Op]) {
+/// Applies `ops` to an in-memory map (what the kernel map becomes once the
+/// same ops are applied to it).
+pub fn apply<K: Ord + Copy, V: Copy>(map: &mut BTreeMap<K, V>, ops: &[Op<K, V>]) {
     for op in ops {
         match *op {
-            Op::Put(id, info) => {
-                map.insert(id, info);
+            Op::Put(k, v) => {
+                map.insert(k, v);
             }
-            Op::Delete(id) => {
-                map.remove(&id);
+            Op::Delete(k) => {
+                map.remove(&k);
             }
         }
     }
@@ -114,7 +156,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        state::{Mode, PodSpec, ZtunnelSpec},
+        state::{Mode, PodSpec, SharedRedirect, ZtunnelSpec},
         types::PodUid,
     };
 
@@ -129,13 +171,23 @@ mod tests {
         }
     }
 
-    /// Resolves `/cg/<n>` to id n; anything else does not exist.
-    fn resolve(path: &Path) -> io::Result<CgroupId> {
-        path.strip_prefix("/cg")
-            .ok()
-            .and_then(|p| p.to_str()?.parse().ok())
-            .map(CgroupId)
-            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
+    /// Resolves `/cg/<n>` to cgroup id n and netns cookie 1000+n, unless n
+    /// is 13 (a pod without processes yet); anything else does not exist.
+    struct Fake;
+
+    impl Resolve for Fake {
+        fn cgroup_id(&mut self, path: &Path) -> io::Result<CgroupId> {
+            path.strip_prefix("/cg")
+                .ok()
+                .and_then(|p| p.to_str()?.parse().ok())
+                .map(CgroupId)
+                .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
+        }
+
+        fn netns_cookie(&mut self, cgroup: &Path) -> io::Result<Option<NetnsCookie>> {
+            let id = self.cgroup_id(cgroup)?.0;
+            Ok((id != 13).then_some(NetnsCookie(1000 + id)))
+        }
     }
 
     fn spec() -> NodeSpec {
@@ -146,24 +198,26 @@ mod tests {
             ],
             ztunnels: vec![ZtunnelSpec {
                 cgroup: "/cg/20".into(),
+                zero_copy: false,
             }],
+            redirect: None,
         }
     }
 
     #[test]
     fn reconciling_twice_changes_nothing_the_second_time() {
-        let want = desired(&spec(), &RedirectSettings::default(), resolve).entries;
+        let want = desired(&spec(), &Settings::default(), &mut Fake);
         let mut kernel = BTreeMap::new();
-        let first = diff(&kernel, &want);
+        let first = diff(&kernel, &want.cgroups);
         assert_eq!(first.len(), 3);
         apply(&mut kernel, &first);
-        assert_eq!(kernel, want);
-        assert!(diff(&kernel, &want).is_empty());
+        assert_eq!(kernel, want.cgroups);
+        assert!(diff(&kernel, &want.cgroups).is_empty());
     }
 
     #[test]
     fn entries_not_in_the_state_are_deleted() {
-        let want = desired(&spec(), &RedirectSettings::default(), resolve).entries;
+        let want = desired(&spec(), &Settings::default(), &mut Fake).cgroups;
         let mut kernel = want.clone();
         kernel.insert(CgroupId(99), CgroupInfo::default());
         assert_eq!(diff(&kernel, &want), vec![Op::Delete(CgroupId(99))]);
@@ -172,9 +226,9 @@ mod tests {
     #[test]
     fn a_changed_entry_is_rewritten_in_place() {
         let mut s = spec();
-        let before = desired(&s, &RedirectSettings::default(), resolve).entries;
+        let before = desired(&s, &Settings::default(), &mut Fake).cgroups;
         s.pods[1].mode = Mode::Ambient;
-        let after = desired(&s, &RedirectSettings::default(), resolve).entries;
+        let after = desired(&s, &Settings::default(), &mut Fake).cgroups;
         let ops = diff(&before, &after);
         assert_eq!(ops.len(), 1);
         assert!(matches!(ops[0], Op::Put(CgroupId(11), info) if info.flags & flags::ENROLLED != 0));
@@ -184,8 +238,8 @@ mod tests {
     fn an_unresolvable_cgroup_is_reported_not_fatal() {
         let mut s = spec();
         s.pods.push(pod("c", "/elsewhere/pod-c", Mode::Ambient));
-        let d = desired(&s, &RedirectSettings::default(), resolve);
-        assert_eq!(d.entries.len(), 3);
+        let d = desired(&s, &Settings::default(), &mut Fake);
+        assert_eq!(d.cgroups.len(), 3);
         assert_eq!(d.unresolved.len(), 1);
         assert!(d.unresolved[0].owner.contains("default/c"));
     }
@@ -194,7 +248,47 @@ mod tests {
     fn ztunnel_wins_over_a_pod_on_the_same_cgroup() {
         let mut s = spec();
         s.ztunnels[0].cgroup = "/cg/10".into();
-        let d = desired(&s, &RedirectSettings::default(), resolve);
-        assert_eq!(d.entries[&CgroupId(10)].flags, flags::ZTUNNEL);
+        let d = desired(&s, &Settings::default(), &mut Fake);
+        assert_ne!(d.cgroups[&CgroupId(10)].flags & flags::ZTUNNEL, 0);
+        assert_eq!(d.cgroups[&CgroupId(10)].flags & flags::ENROLLED, 0);
+    }
+
+    #[test]
+    fn every_pod_netns_knows_its_pods_addresses() {
+        let d = desired(&spec(), &Settings::default(), &mut Fake);
+        assert_eq!(d.netns.len(), 2);
+        let a = d.netns[&NetnsCookie(1010)];
+        assert_eq!(a.ip4.to_ne_bytes(), [198, 18, 0, 2]);
+        // In the in-pod model ztunnel's own netns needs no entry.
+        assert!(!d.netns.contains_key(&NetnsCookie(1020)));
+    }
+
+    #[test]
+    fn a_pod_without_processes_has_its_cgroup_entry_and_waits_for_its_netns() {
+        let mut s = spec();
+        s.pods.push(pod("c", "/cg/13", Mode::Ambient));
+        let d = desired(&s, &Settings::default(), &mut Fake);
+        assert!(d.cgroups.contains_key(&CgroupId(13)));
+        assert_eq!(d.unresolved.len(), 1);
+        assert!(
+            d.unresolved[0].error.contains("no process"),
+            "{:?}",
+            d.unresolved
+        );
+    }
+
+    #[test]
+    fn the_shared_ztunnels_netns_holds_the_redirect_addresses() {
+        let mut s = spec();
+        s.redirect = Some(SharedRedirect {
+            ip4: Some("198.18.0.50".parse().unwrap()),
+            ip6: None,
+            port: None,
+        });
+        let d = desired(&s, &Settings::default(), &mut Fake);
+        assert_eq!(
+            d.netns[&NetnsCookie(1020)].ip4.to_ne_bytes(),
+            [198, 18, 0, 50]
+        );
     }
 }

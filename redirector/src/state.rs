@@ -1,7 +1,10 @@
 //! The node state every feed contributes to: which pods are on this node,
 //! which cgroups are ztunnel, and how connects are redirected.
 
-use std::{net::IpAddr, path::PathBuf};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+};
 
 use crate::types::{PodUid, Port};
 
@@ -27,10 +30,39 @@ pub struct PodSpec {
     pub mode: Mode,
 }
 
+impl PodSpec {
+    pub fn ip4(&self) -> Option<Ipv4Addr> {
+        self.ips.iter().find_map(|ip| match ip {
+            IpAddr::V4(v4) => Some(*v4),
+            IpAddr::V6(_) => None,
+        })
+    }
+
+    pub fn ip6(&self) -> Option<Ipv6Addr> {
+        self.ips.iter().find_map(|ip| match ip {
+            IpAddr::V6(v6) => Some(*v6),
+            IpAddr::V4(_) => None,
+        })
+    }
+}
+
 /// One ztunnel on this node (two during an upgrade).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ZtunnelSpec {
     pub cgroup: PathBuf,
+    /// It relays with `splice(2)`, which cannot read what `msg_redirect`
+    /// delivers: keep its connections out of the sockhash.
+    pub zero_copy: bool,
+}
+
+/// The shared-ztunnel model (Istio 1.18-1.20, the original Merbridge ambient
+/// work): ztunnel has its own IPs, and every enrolled pod's connects go there.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SharedRedirect {
+    pub ip4: Option<Ipv4Addr>,
+    pub ip6: Option<Ipv6Addr>,
+    /// Overrides the node's `--redirect-port`.
+    pub port: Option<Port>,
 }
 
 /// Everything the datapath is derived from.
@@ -38,19 +70,46 @@ pub struct ZtunnelSpec {
 pub struct NodeSpec {
     pub pods: Vec<PodSpec>,
     pub ztunnels: Vec<ZtunnelSpec>,
+    /// `None`: the in-pod model, each pod redirects to its own IP.
+    pub redirect: Option<SharedRedirect>,
 }
 
-/// How redirected connects are addressed.
+impl NodeSpec {
+    /// Whether the node's proxy relays with `splice(2)`. With two ztunnels
+    /// (an upgrade) either one being zero-copy is enough: a pod may be
+    /// served by both.
+    pub fn zero_copy(&self) -> bool {
+        self.ztunnels.iter().any(|z| z.zero_copy)
+    }
+}
+
+/// What to do with a ztunnel's original-source binds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OriginalSrc {
+    /// Rewrite them to the netns's own address (no TPROXY routing needed);
+    /// the application still sees the client IP through `getpeername()`.
+    Undo,
+    /// Leave them alone: istio-cni's return routing is in place.
+    Preserve,
+}
+
+/// Node-wide datapath settings (command-line flags).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RedirectSettings {
+pub struct Settings {
     /// ztunnel's outbound listener port.
     pub port: Port,
+    pub original_src: OriginalSrc,
+    /// Same-node acceleration with sockmap + `msg_redirect` (off by
+    /// default, see `--sockmap`).
+    pub sockmap: bool,
 }
 
-impl Default for RedirectSettings {
+impl Default for Settings {
     fn default() -> Self {
         Self {
             port: Port::ZTUNNEL_OUTBOUND,
+            original_src: OriginalSrc::Undo,
+            sockmap: false,
         }
     }
 }

@@ -42,3 +42,13 @@ impl fmt::Display for Port {
         self.0.fmt(f)
     }
 }
+
+/// A network namespace cookie (`SO_NETNS_COOKIE`, `bpf_get_netns_cookie`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NetnsCookie(pub u64);
+
+impl fmt::Display for NetnsCookie {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}

@@ -11,6 +11,10 @@
 //!     mode: ambient               # ambient | none
 //! ztunnel:
 //!   cgroup: /sys/fs/cgroup/unified/node/ztunnel
+//!   zero_copy: false              # true: it relays with splice(2)
+//! redirect:                       # only for the shared-ztunnel model
+//!   ips: [198.18.0.50, "fd00:18::50"]   # ztunnel's own IPs (or `ip: ...`)
+//!   port: 15001
 //! ```
 //!
 //! Parsing is all or nothing: a file with any error yields a [`FileError`]
@@ -26,8 +30,8 @@ use std::{
 use serde::Deserialize;
 
 use crate::{
-    state::{Mode, NodeSpec, PodSpec, ZtunnelSpec},
-    types::PodUid,
+    state::{Mode, NodeSpec, PodSpec, SharedRedirect, ZtunnelSpec},
+    types::{PodUid, Port},
 };
 
 #[derive(Debug, Deserialize)]
@@ -36,6 +40,7 @@ struct File {
     #[serde(default)]
     workloads: Vec<Workload>,
     ztunnel: Option<Ztunnel>,
+    redirect: Option<Redirect>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -54,6 +59,17 @@ struct Workload {
 #[serde(deny_unknown_fields)]
 struct Ztunnel {
     cgroup: PathBuf,
+    #[serde(default)]
+    zero_copy: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Redirect {
+    ip: Option<IpAddr>,
+    #[serde(default)]
+    ips: Vec<IpAddr>,
+    port: Option<Port>,
 }
 
 /// Why a workloads file was rejected.
@@ -83,12 +99,19 @@ pub fn parse(text: &str) -> Result<NodeSpec, FileError> {
         File {
             workloads: Vec::new(),
             ztunnel: None,
+            redirect: None,
         }
     } else {
         serde_yaml::from_str(text).map_err(|e| syntax_error(&e))?
     };
     validate(&file, text)?;
+    let redirect = file
+        .redirect
+        .as_ref()
+        .map(|r| shared_redirect(r, text))
+        .transpose()?;
     Ok(NodeSpec {
+        redirect,
         pods: file
             .workloads
             .into_iter()
@@ -104,7 +127,10 @@ pub fn parse(text: &str) -> Result<NodeSpec, FileError> {
         ztunnels: file
             .ztunnel
             .into_iter()
-            .map(|z| ZtunnelSpec { cgroup: z.cgroup })
+            .map(|z| ZtunnelSpec {
+                cgroup: z.cgroup,
+                zero_copy: z.zero_copy,
+            })
             .collect(),
     })
 }
@@ -221,6 +247,59 @@ fn validate(file: &File, text: &str) -> Result<(), FileError> {
     Ok(())
 }
 
+/// The shared-ztunnel target: at most one address per family, given as
+/// `ip` or `ips`, and a port that is not 0.
+fn shared_redirect(r: &Redirect, text: &str) -> Result<SharedRedirect, FileError> {
+    let err = |field: &str, needle: &str, message: String| FileError {
+        line: line_of(text, needle, 1),
+        field: format!("redirect.{field}"),
+        message,
+    };
+    if r.ip.is_some() && !r.ips.is_empty() {
+        return Err(err(
+            "ip",
+            "ip:",
+            "give either `ip` or `ips`, not both".into(),
+        ));
+    }
+    let ips: Vec<IpAddr> = r.ip.into_iter().chain(r.ips.iter().copied()).collect();
+    if ips.is_empty() {
+        return Err(err(
+            "ips",
+            "redirect:",
+            "the shared-ztunnel model needs ztunnel's IP (`ip` or `ips`)".into(),
+        ));
+    }
+    let mut out = SharedRedirect::default();
+    for ip in ips {
+        let taken = match ip {
+            IpAddr::V4(v4) => out.ip4.replace(v4).is_some(),
+            IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => {
+                return Err(err(
+                    "ips",
+                    &v6.to_string(),
+                    format!("{v6} is IPv4-mapped; give the IPv4 address instead"),
+                ));
+            }
+            IpAddr::V6(v6) => out.ip6.replace(v6).is_some(),
+        };
+        if taken {
+            return Err(err(
+                "ips",
+                &ip.to_string(),
+                format!("more than one address of {ip}'s family; ztunnel has one per family"),
+            ));
+        }
+    }
+    if let Some(port) = r.port {
+        if port.0 == 0 {
+            return Err(err("port", "port:", "port 0 is not a listener port".into()));
+        }
+        out.port = Some(port);
+    }
+    Ok(out)
+}
+
 /// 1-based line of the `occurrence`-th appearance of `needle` in `text`.
 fn line_of(text: &str, needle: &str, occurrence: usize) -> Option<usize> {
     if needle.is_empty() {
@@ -255,6 +334,8 @@ ztunnel:
   cgroup: /sys/fs/cgroup/unified/node/ztunnel
 "#;
 
+    const SHARED: &str = "redirect:\n  ips: [198.18.0.50, \"fd00:18::50\"]\n  port: 15011\n";
+
     #[test]
     fn parses_the_documented_shape() {
         let spec = parse(GOOD).unwrap();
@@ -275,9 +356,56 @@ ztunnel:
         assert_eq!(
             spec.ztunnels,
             vec![ZtunnelSpec {
-                cgroup: "/sys/fs/cgroup/unified/node/ztunnel".into()
+                cgroup: "/sys/fs/cgroup/unified/node/ztunnel".into(),
+                zero_copy: false,
             }]
         );
+        assert_eq!(spec.redirect, None);
+    }
+
+    #[test]
+    fn a_zero_copy_ztunnel_is_parsed() {
+        let text = format!("{GOOD}  zero_copy: true\n");
+        assert!(parse(&text).unwrap().ztunnels[0].zero_copy);
+    }
+
+    #[test]
+    fn the_shared_model_redirect_is_parsed() {
+        let spec = parse(&format!("{GOOD}{SHARED}")).unwrap();
+        assert_eq!(
+            spec.redirect,
+            Some(SharedRedirect {
+                ip4: Some("198.18.0.50".parse().unwrap()),
+                ip6: Some("fd00:18::50".parse().unwrap()),
+                port: Some(Port(15011)),
+            })
+        );
+        let one = parse("redirect:\n  ip: 198.18.0.50\n").unwrap();
+        assert_eq!(
+            one.redirect.unwrap().ip4,
+            Some("198.18.0.50".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn a_shared_redirect_without_an_address_is_rejected() {
+        let err = parse("redirect:\n  port: 15001\n").unwrap_err();
+        assert_eq!(err.field, "redirect.ips");
+        assert_eq!(err.line, Some(1));
+    }
+
+    #[test]
+    fn a_shared_redirect_with_two_ipv4_addresses_is_rejected() {
+        let err = parse("redirect:\n  ips: [198.18.0.50, 198.18.0.51]\n").unwrap_err();
+        assert_eq!(err.field, "redirect.ips");
+        assert!(err.message.contains("one per family"), "{err}");
+    }
+
+    #[test]
+    fn a_shared_redirect_to_port_zero_is_rejected() {
+        let err = parse("redirect:\n  ip: 198.18.0.50\n  port: 0\n").unwrap_err();
+        assert_eq!(err.field, "redirect.port");
+        assert_eq!(err.line, Some(3));
     }
 
     #[test]

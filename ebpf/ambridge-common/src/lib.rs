@@ -20,24 +20,35 @@ use core::mem::{offset_of, size_of};
 pub mod map_names {
     /// [`super::CgroupInfo`] by cgroup v2 id.
     pub const CGROUPS: &str = "AMB_CGROUPS";
-    /// [`super::OrigDst`] by socket cookie, between `connect()` and
-    /// establishment.
+    /// [`super::NetnsInfo`] by network namespace cookie.
+    pub const NETNS: &str = "AMB_NETNS";
+    /// [`super::ConnRecord`] by socket cookie, between `connect()` (or an
+    /// original-source `bind()`) and establishment.
     pub const PENDING: &str = "AMB_PENDING";
-    /// [`super::OrigDst`] by [`super::ConnKey`], for established connections.
-    pub const ORIG_DST: &str = "AMB_ORIG_DST";
+    /// [`super::ConnRecord`] by [`super::ConnKey`], for established
+    /// connections.
+    pub const CONNS: &str = "AMB_CONNS";
+    /// Sockhash of accelerated sockets, by their own [`super::ConnKey`]
+    /// (`src` = local end).
+    pub const SOCKS: &str = "AMB_SOCKS";
     /// Per-CPU `u64` counters indexed by [`super::Counter`].
     pub const COUNTERS: &str = "AMB_COUNTERS";
 }
 
 /// Capacity of [`map_names::CGROUPS`]: pods (and ztunnels) on one node.
 pub const CGROUPS_CAPACITY: u32 = 16_384;
+/// Capacity of [`map_names::NETNS`]: one per pod netns (and the shared
+/// ztunnel's).
+pub const NETNS_CAPACITY: u32 = 16_384;
 /// Capacity of [`map_names::PENDING`] (an LRU: a connect that never
 /// completes and never closes is evicted rather than leaked).
 pub const PENDING_CAPACITY: u32 = 65_536;
-/// Capacity of [`map_names::ORIG_DST`] (an LRU). An entry is read once, when
-/// the proxy accepts the connection; eviction only ever hits long-lived
-/// connections whose original destination was read long ago.
-pub const ORIG_DST_CAPACITY: u32 = 65_536;
+/// Capacity of [`map_names::CONNS`] (an LRU). An entry is read when the proxy
+/// accepts the connection; eviction only ever hits long-lived connections
+/// whose record was read long ago.
+pub const CONNS_CAPACITY: u32 = 65_536;
+/// Capacity of [`map_names::SOCKS`]: two sockets per accelerated connection.
+pub const SOCKS_CAPACITY: u32 = 65_536;
 
 /// Deepest cgroup level the kernel programs look at when matching a socket's
 /// cgroup against [`map_names::CGROUPS`].
@@ -54,6 +65,15 @@ pub mod flags {
     pub const HAS_IP4: u32 = 1 << 2;
     /// [`super::CgroupInfo::pod_ip6`] and `redirect_ip6` are set.
     pub const HAS_IP6: u32 = 1 << 3;
+    /// Same-node acceleration (sockmap + `msg_redirect`) may be used for
+    /// this cgroup's connections.
+    pub const ACCEL: u32 = 1 << 4;
+    /// The proxy relays with `splice(2)` (on a ztunnel), or the pod's proxy
+    /// does (on a pod): never put its sockets in the sockhash.
+    pub const ZEROCOPY: u32 = 1 << 5;
+    /// On a ztunnel: rewrite its original-source binds to a local address
+    /// (`--original-src=undo`).
+    pub const UNDO_ORIG_SRC: u32 = 1 << 6;
 }
 
 /// What the datapath knows about one pod-level (or ztunnel) cgroup.
@@ -77,15 +97,47 @@ pub struct CgroupInfo {
     pub redirect_ip6: [u32; 4],
 }
 
-/// The destination a connection was going to before it was redirected.
+/// The local identity of one network namespace: the addresses a bind in it
+/// may use as its own. Foreign-address binds are judged against it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct OrigDst {
+pub struct NetnsInfo {
+    /// [`flags::HAS_IP4`] / [`flags::HAS_IP6`].
+    pub flags: u32,
+    /// Network order.
+    pub ip4: u32,
+    pub ip6: [u32; 4],
+}
+
+/// [`ConnRecord::kind`] values.
+pub mod conn_kind {
+    /// `addr:port` is where a redirected connect was going.
+    pub const ORIG_DST: u8 = 1;
+    /// `addr` is the client whose address a proxy's original-source bind
+    /// asked for, before it was undone.
+    pub const ORIG_SRC: u8 = 2;
+}
+
+/// What the datapath remembers about one connection it changed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConnRecord {
     /// IPv6, or IPv4-mapped for IPv4 (network order words).
-    pub ip: [u32; 4],
+    pub addr: [u32; 4],
     /// Host order.
     pub port: u16,
-    pub _pad: u16,
+    /// A [`conn_kind`] value.
+    pub kind: u8,
+    /// [`conn_flags`] bits.
+    pub flags: u8,
+}
+
+/// [`ConnRecord::flags`] bits.
+pub mod conn_flags {
+    /// Both ends may go into the sockhash.
+    pub const ACCEL: u8 = 1 << 0;
+    /// Not accelerated because the proxy relays with `splice(2)`.
+    pub const ZEROCOPY: u8 = 1 << 1;
 }
 
 /// One direction of a TCP connection, as seen by its client: `src` is the
@@ -112,17 +164,41 @@ pub enum Counter {
     /// Connects from an enrolled pod not redirected because the original
     /// destination could not be recorded (map update failed).
     ConnectRecordFailed = 2,
-    /// `SO_ORIGINAL_DST` answered from [`map_names::ORIG_DST`].
+    /// `SO_ORIGINAL_DST` answered from [`map_names::CONNS`].
     OrigDstAnswered = 3,
+    /// Original-source binds of a ztunnel rewritten to a local address.
+    BindRewritten = 4,
+    /// Original-source binds left alone because the netns they happen in is
+    /// not known to the daemon yet.
+    BindUnknownNetns = 5,
+    /// `getpeername()`/`accept()` answers rewritten to the original peer.
+    PeernameRewritten = 6,
+    /// Sockets inserted into the sockhash.
+    SockhashInserted = 7,
+    /// Messages moved straight into the peer socket by `msg_redirect`.
+    MsgRedirected = 8,
+    /// Messages of an accelerated socket passed to the normal path because
+    /// the peer socket was not in the sockhash.
+    MsgPassed = 9,
+    /// Connections kept out of the sockhash because their proxy relays with
+    /// `splice(2)` (the zero-copy fallback).
+    ZerocopyFallback = 10,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 4] = [
+    pub const ALL: [Counter; 11] = [
         Counter::ConnectRedirected4,
         Counter::ConnectRedirected6,
         Counter::ConnectRecordFailed,
         Counter::OrigDstAnswered,
+        Counter::BindRewritten,
+        Counter::BindUnknownNetns,
+        Counter::PeernameRewritten,
+        Counter::SockhashInserted,
+        Counter::MsgRedirected,
+        Counter::MsgPassed,
+        Counter::ZerocopyFallback,
     ];
 
     /// Stable name, as printed by `ambridge stats`.
@@ -132,6 +208,13 @@ impl Counter {
             Counter::ConnectRedirected6 => "connect_redirected_ipv6",
             Counter::ConnectRecordFailed => "connect_record_failed",
             Counter::OrigDstAnswered => "orig_dst_answered",
+            Counter::BindRewritten => "bind_rewritten",
+            Counter::BindUnknownNetns => "bind_unknown_netns",
+            Counter::PeernameRewritten => "peername_rewritten",
+            Counter::SockhashInserted => "sockhash_inserted",
+            Counter::MsgRedirected => "msg_redirected",
+            Counter::MsgPassed => "msg_passed",
+            Counter::ZerocopyFallback => "zerocopy_fallback",
         }
     }
 }
@@ -172,9 +255,16 @@ const _: () = {
     assert!(offset_of!(CgroupInfo, pod_ip6) == 16);
     assert!(offset_of!(CgroupInfo, redirect_ip6) == 32);
 
-    assert!(size_of::<OrigDst>() == 20);
-    assert!(offset_of!(OrigDst, ip) == 0);
-    assert!(offset_of!(OrigDst, port) == 16);
+    assert!(size_of::<NetnsInfo>() == 24);
+    assert!(offset_of!(NetnsInfo, flags) == 0);
+    assert!(offset_of!(NetnsInfo, ip4) == 4);
+    assert!(offset_of!(NetnsInfo, ip6) == 8);
+
+    assert!(size_of::<ConnRecord>() == 20);
+    assert!(offset_of!(ConnRecord, addr) == 0);
+    assert!(offset_of!(ConnRecord, port) == 16);
+    assert!(offset_of!(ConnRecord, kind) == 18);
+    assert!(offset_of!(ConnRecord, flags) == 19);
 
     assert!(size_of::<ConnKey>() == 36);
     assert!(offset_of!(ConnKey, src_ip) == 0);
@@ -188,7 +278,8 @@ mod pod {
     // SAFETY: each type is repr(C), Copy, made only of integers, and has no
     // padding (asserted above), so any byte pattern is a valid value.
     unsafe impl aya::Pod for super::CgroupInfo {}
-    unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::NetnsInfo {}
+    unsafe impl aya::Pod for super::ConnRecord {}
     unsafe impl aya::Pod for super::ConnKey {}
 }
 

@@ -7,7 +7,7 @@
 //! directly), the kubelet probe address, the redirect target itself, and
 //! every socket of a ztunnel or of a cgroup that is not enrolled.
 
-use ambridge_common::{CgroupInfo, Counter, OrigDst, as_v4, flags, v4_mapped};
+use ambridge_common::{CgroupInfo, ConnRecord, Counter, as_v4, conn_kind, flags, v4_mapped};
 use aya_ebpf::{
     EbpfContext, bindings::bpf_sock_addr, helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr,
     programs::SockAddrContext,
@@ -35,7 +35,7 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
         return ALLOW;
     };
     if let Some(target) = target4(&pod, sa.user_ip4)
-        && record(&ctx, sa.user_ip4, sa, v4_mapped)
+        && record(&ctx, &pod, sa.user_ip4, sa, v4_mapped)
     {
         // SAFETY: writable fields of the live context.
         unsafe {
@@ -71,7 +71,7 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
     // keep the mapped form so the socket stays IPv4 on the wire.
     if let Some(dst4) = as_v4(&dst) {
         if let Some(target) = target4(&pod, dst4)
-            && record(&ctx, dst4, sa, v4_mapped)
+            && record(&ctx, &pod, dst4, sa, v4_mapped)
         {
             // SAFETY: writable fields of the live context.
             unsafe {
@@ -83,7 +83,7 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
         return ALLOW;
     }
     if let Some(target) = target6(&pod, &dst)
-        && record(&ctx, dst, sa, |ip6| ip6)
+        && record(&ctx, &pod, dst, sa, |ip6| ip6)
     {
         // SAFETY: writable fields of the live context.
         unsafe {
@@ -131,14 +131,16 @@ fn target6(pod: &CgroupInfo, dst: &[u32; 4]) -> Option<[u32; 4]> {
 #[inline(always)]
 fn record<A>(
     ctx: &SockAddrContext,
+    pod: &CgroupInfo,
     dst: A,
     sa: &bpf_sock_addr,
     to_ip6: impl FnOnce(A) -> [u32; 4],
 ) -> bool {
-    let orig = OrigDst {
-        ip: to_ip6(dst),
+    let orig = ConnRecord {
+        addr: to_ip6(dst),
         port: u16::from_be(sa.user_port as u16),
-        _pad: 0,
+        kind: conn_kind::ORIG_DST,
+        flags: pod::accel_flags(pod),
     };
     // SAFETY: plain helper call on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };

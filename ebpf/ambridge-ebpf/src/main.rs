@@ -3,20 +3,25 @@
 //! | hook | module | minimum kernel |
 //! |---|---|---|
 //! | `cgroup/connect4`, `cgroup/connect6` | [`connect`] | 4.17 |
+//! | `cgroup/bind4`, `cgroup/bind6` | [`bind`] | 4.17 (netns cookie 5.7) |
 //! | `sockops` | [`sock_ops`] | 4.13 (state callbacks 4.16) |
 //! | `cgroup/getsockopt` | [`sockopt`] | 5.3 |
 //! | `cgroup/getpeername4`, `cgroup/getpeername6` | [`peername`] | 5.8 |
+//! | `sk_msg` on the sockhash | [`sk_msg`] | 4.18 |
 //!
 //! Shared helpers live apart: [`maps`] (every map), [`pod`] (which pod a
-//! socket belongs to), [`net`] (address and port conversions).
+//! socket belongs to), [`net`] (context access, address and port
+//! conversions).
 #![no_std]
 #![no_main]
 
+mod bind;
 mod connect;
 mod maps;
 mod net;
 mod peername;
 mod pod;
+mod sk_msg;
 mod sock_ops;
 mod sockopt;
 

@@ -2,27 +2,38 @@
 //! build of the programs) finds the same maps and the state in them.
 
 use ambridge_common::{
-    CGROUPS_CAPACITY, COUNTER_SLOTS, CgroupInfo, ConnKey, Counter, ORIG_DST_CAPACITY, OrigDst,
-    PENDING_CAPACITY,
+    CGROUPS_CAPACITY, CONNS_CAPACITY, COUNTER_SLOTS, CgroupInfo, ConnKey, ConnRecord, Counter,
+    NETNS_CAPACITY, NetnsInfo, PENDING_CAPACITY, SOCKS_CAPACITY,
 };
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
 };
 
 /// Pod and ztunnel cgroups, by cgroup v2 id. Written by the daemon only.
 #[map(name = "AMB_CGROUPS")]
 pub static CGROUPS: HashMap<u64, CgroupInfo> = HashMap::pinned(CGROUPS_CAPACITY, 0);
 
-/// Original destinations of redirected connects, by socket cookie, until the
-/// connection is established (then moved to [`ORIG_DST`]) or closes.
-#[map(name = "AMB_PENDING")]
-pub static PENDING: LruHashMap<u64, OrigDst> = LruHashMap::pinned(PENDING_CAPACITY, 0);
+/// Local addresses of pod (and shared ztunnel) network namespaces, by netns
+/// cookie. Written by the daemon only.
+#[map(name = "AMB_NETNS")]
+pub static NETNS: HashMap<u64, NetnsInfo> = HashMap::pinned(NETNS_CAPACITY, 0);
 
-/// Original destinations of established redirected connections, by the
-/// client's view of the 4-tuple, until the client socket closes.
-#[map(name = "AMB_ORIG_DST")]
-pub static ORIG_DST: LruHashMap<ConnKey, OrigDst> = LruHashMap::pinned(ORIG_DST_CAPACITY, 0);
+/// Records of redirected connects and original-source binds, by socket
+/// cookie, until the connection is established (then moved to [`CONNS`]) or
+/// closes.
+#[map(name = "AMB_PENDING")]
+pub static PENDING: LruHashMap<u64, ConnRecord> = LruHashMap::pinned(PENDING_CAPACITY, 0);
+
+/// Records of established connections the datapath changed, by the client's
+/// view of the 4-tuple, until the client socket closes.
+#[map(name = "AMB_CONNS")]
+pub static CONNS: LruHashMap<ConnKey, ConnRecord> = LruHashMap::pinned(CONNS_CAPACITY, 0);
+
+/// Accelerated sockets, by their own view of the 4-tuple. The kernel removes
+/// a socket from it when the socket closes.
+#[map(name = "AMB_SOCKS")]
+pub static SOCKS: SockHash<ConnKey> = SockHash::pinned(SOCKS_CAPACITY, 0);
 
 #[map(name = "AMB_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);

@@ -1,47 +1,87 @@
-//! `cgroup/getpeername4` and `cgroup/getpeername6` (Linux 5.8): give a
-//! redirected client socket back the peer address it asked for.
+//! `cgroup/getpeername4` and `cgroup/getpeername6` (Linux 5.8): answer
+//! `getpeername()` (and `accept()`, which asks the same hook) with the peer
+//! the application would have seen without the datapath's rewrites.
 //!
-//! With iptables REDIRECT the application's `getpeername()` shows the
-//! original destination (NAT is invisible to it). A connect-time rewrite
-//! really connects to the redirect target, so without this hook the
-//! application would see `pod_ip:15001`. The connection's entry in
-//! [`crate::maps::ORIG_DST`] is keyed by the client's own view of the
-//! 4-tuple, so only the redirected client socket matches: the proxy's
-//! accepted end (reversed tuple) and every other socket keep their answer.
+//! - A redirected client socket asked for the original destination: with
+//!   iptables REDIRECT (NAT) its `getpeername()` shows it, so it does here
+//!   too, not `pod_ip:15001`. Found by the socket's own 4-tuple, recorded
+//!   with kind `ORIG_DST`.
+//! - An application accepting a proxy's inbound leg whose original-source
+//!   bind was undone sees the real client IP (port as chosen by the kernel,
+//!   as with a transparent bind). Found by the reversed 4-tuple, recorded
+//!   with kind `ORIG_SRC`.
+//!
+//! Every other socket gets the kernel's answer untouched.
 
-use ambridge_common::{ConnKey, as_v4, v4_mapped};
+use ambridge_common::{ConnKey, Counter, as_v4, conn_kind, v4_mapped};
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 
 use crate::{
-    maps::ORIG_DST,
+    maps::{CONNS, bump},
     net::{ctx_addr, ctx_read, ctx_write, ctx_write_ip6},
 };
 
 const PROCEED: i32 = 1;
+
+/// The address to answer instead, if any: `(addr, Some(port))` for a
+/// redirected client, `(addr, None)` (keep the port) for an undone source.
+#[inline(always)]
+fn replacement(
+    local: [u32; 4],
+    local_port: u16,
+    peer: [u32; 4],
+    peer_port: u16,
+) -> Option<([u32; 4], Option<u16>)> {
+    let as_client = ConnKey {
+        src_ip: local,
+        dst_ip: peer,
+        src_port: local_port,
+        dst_port: peer_port,
+    };
+    // SAFETY: copied out at once.
+    if let Some(r) = unsafe { CONNS.get(as_client) }.copied()
+        && r.kind == conn_kind::ORIG_DST
+    {
+        return Some((r.addr, Some(r.port)));
+    }
+    let as_server = ConnKey {
+        src_ip: peer,
+        dst_ip: local,
+        src_port: peer_port,
+        dst_port: local_port,
+    };
+    // SAFETY: copied out at once.
+    match unsafe { CONNS.get(as_server) }.copied() {
+        Some(r) if r.kind == conn_kind::ORIG_SRC && r.addr != peer => Some((r.addr, None)),
+        _ => None,
+    }
+}
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn getpeername4(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: `sa` is the live context; `sk` is its socket, never null for
     // this hook.
-    let key = unsafe {
+    let (local, local_port, peer, peer_port) = unsafe {
         let sk = (*sa).__bindgen_anon_1.sk;
-        ConnKey {
-            src_ip: v4_mapped(ctx_read!((*sk).src_ip4)),
-            dst_ip: v4_mapped(ctx_read!((*sa).user_ip4)),
-            src_port: ctx_read!((*sk).src_port) as u16,
-            dst_port: u16::from_be(ctx_read!((*sa).user_port) as u16),
-        }
+        (
+            v4_mapped(ctx_read!((*sk).src_ip4)),
+            ctx_read!((*sk).src_port) as u16,
+            v4_mapped(ctx_read!((*sa).user_ip4)),
+            u16::from_be(ctx_read!((*sa).user_port) as u16),
+        )
     };
-    // SAFETY: copied out at once.
-    if let Some(orig) = unsafe { ORIG_DST.get(key) }.copied()
-        && let Some(ip4) = as_v4(&orig.ip)
+    if let Some((addr, port)) = replacement(local, local_port, peer, peer_port)
+        && let Some(ip4) = as_v4(&addr)
     {
-        // SAFETY: as above; user_ip4 and user_port are writable here.
+        // SAFETY: user_ip4 and user_port are writable for this hook.
         unsafe {
             ctx_write!((*sa).user_ip4, ip4);
-            ctx_write!((*sa).user_port, u32::from(orig.port.to_be()));
+            if let Some(port) = port {
+                ctx_write!((*sa).user_port, u32::from(port.to_be()));
+            }
         }
+        bump(Counter::PeernameRewritten);
     }
     PROCEED
 }
@@ -50,29 +90,31 @@ pub fn getpeername4(ctx: SockAddrContext) -> i32 {
 pub fn getpeername6(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: as in getpeername4. An AF_INET6 socket's addresses are
-    // IPv4-mapped on an IPv4 connection, matching how the keys are stored.
-    let key = unsafe {
+    // IPv4-mapped on an IPv4 connection, matching how records are keyed.
+    let (local, local_port, peer, peer_port) = unsafe {
         let sk = (*sa).__bindgen_anon_1.sk;
         let family = ctx_read!((*sk).family);
-        ConnKey {
-            src_ip: ctx_addr!(family, (*sk).src_ip4, (*sk).src_ip6),
-            dst_ip: [
+        (
+            ctx_addr!(family, (*sk).src_ip4, (*sk).src_ip6),
+            ctx_read!((*sk).src_port) as u16,
+            [
                 ctx_read!((*sa).user_ip6[0]),
                 ctx_read!((*sa).user_ip6[1]),
                 ctx_read!((*sa).user_ip6[2]),
                 ctx_read!((*sa).user_ip6[3]),
             ],
-            src_port: ctx_read!((*sk).src_port) as u16,
-            dst_port: u16::from_be(ctx_read!((*sa).user_port) as u16),
-        }
+            u16::from_be(ctx_read!((*sa).user_port) as u16),
+        )
     };
-    // SAFETY: copied out at once.
-    if let Some(orig) = unsafe { ORIG_DST.get(key) }.copied() {
+    if let Some((addr, port)) = replacement(local, local_port, peer, peer_port) {
         // SAFETY: user_ip6 and user_port are writable for this hook.
         unsafe {
-            ctx_write_ip6!((*sa).user_ip6, orig.ip);
-            ctx_write!((*sa).user_port, u32::from(orig.port.to_be()));
+            ctx_write_ip6!((*sa).user_ip6, addr);
+            if let Some(port) = port {
+                ctx_write!((*sa).user_port, u32::from(port.to_be()));
+            }
         }
+        bump(Counter::PeernameRewritten);
     }
     PROCEED
 }

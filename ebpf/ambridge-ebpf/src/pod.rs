@@ -6,7 +6,7 @@
 //! cgroup sock_addr programs), so every container of a pod is covered without
 //! per-container entries.
 
-use ambridge_common::{CgroupInfo, MAX_CGROUP_DEPTH, flags};
+use ambridge_common::{CgroupInfo, MAX_CGROUP_DEPTH, conn_flags, flags};
 use aya_ebpf::helpers::bpf_get_current_ancestor_cgroup_id;
 
 use crate::maps::CGROUPS;
@@ -43,4 +43,18 @@ pub fn current() -> Option<CgroupInfo> {
 #[inline(always)]
 pub fn redirects(info: &CgroupInfo) -> bool {
     info.flags & flags::ENROLLED != 0 && info.flags & flags::ZTUNNEL == 0
+}
+
+/// The acceleration flags of a connection opened (or bound) by this cgroup:
+/// accelerated if allowed, and marked when kept out because its proxy
+/// relays with `splice(2)`.
+#[inline(always)]
+pub fn accel_flags(info: &CgroupInfo) -> u8 {
+    if info.flags & flags::ZEROCOPY != 0 {
+        conn_flags::ZEROCOPY
+    } else if info.flags & flags::ACCEL != 0 {
+        conn_flags::ACCEL
+    } else {
+        0
+    }
 }

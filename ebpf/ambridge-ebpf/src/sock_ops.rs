@@ -1,20 +1,26 @@
-//! `sockops` (Linux 4.13; state callbacks 4.16): follow redirected
-//! connections from `connect()` to close.
+//! `sockops` (Linux 4.13; state callbacks 4.16, sockhash 4.18): follow the
+//! connections the datapath changed from `connect()` to close, and put both
+//! ends of accelerated ones into the sockhash.
 //!
-//! - `TCP_CONNECT_CB`: a redirected socket asks for state callbacks, so it is
+//! - `TCP_CONNECT_CB`: a recorded socket (redirected connect, or proxy leg
+//!   with an original-source bind) asks for state callbacks, so it is
 //!   cleaned up even if the connect fails.
-//! - `ACTIVE_ESTABLISHED_CB`: the 4-tuple is now known; the original
-//!   destination moves from the cookie map to the tuple map, where the
-//!   proxy's `getsockopt(SO_ORIGINAL_DST)` finds it. On one host this runs
-//!   before the final ACK is sent, so before the proxy can accept.
-//! - `STATE_CB` to `TCP_CLOSE`: both entries go.
+//! - `ACTIVE_ESTABLISHED_CB`: the 4-tuple is now known; the record moves from
+//!   the cookie map to the tuple map, where the proxy's `SO_ORIGINAL_DST`
+//!   and the server's `getpeername()` find it. On one host this runs before
+//!   the final ACK is sent, so before the other end can accept.
+//! - `PASSIVE_ESTABLISHED_CB`: the accepting end of a recorded connection
+//!   joins the sockhash if the connection is accelerated.
+//! - `STATE_CB` to `TCP_CLOSE`: the records go; the kernel drops closed
+//!   sockets from the sockhash by itself.
 
-use ambridge_common::ConnKey;
+use ambridge_common::{ConnKey, ConnRecord, Counter, conn_flags};
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+        BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_TCP_CLOSE,
     },
     helpers::bpf_get_socket_cookie,
     macros::sock_ops,
@@ -22,7 +28,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    maps::{ORIG_DST, PENDING},
+    maps::{CONNS, PENDING, SOCKS, bump},
     net::{ctx_addr, ctx_read},
 };
 
@@ -30,7 +36,8 @@ use crate::{
 pub fn sock_ops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(&ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_active_established(&ctx),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_passive_established(&ctx),
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => on_close(&ctx),
         _ => {}
     }
@@ -43,9 +50,9 @@ fn cookie(ctx: &SockOpsContext) -> u64 {
     unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }
 
-/// The connection as its client sees it (this socket is the client).
+/// This socket's own view of its connection: `src` is the local end.
 #[inline(always)]
-fn client_key(ctx: &SockOpsContext) -> ConnKey {
+fn own_key(ctx: &SockOpsContext) -> ConnKey {
     let ops = ctx.ops;
     // SAFETY: `ops` is the live context of this program.
     unsafe {
@@ -62,6 +69,16 @@ fn client_key(ctx: &SockOpsContext) -> ConnKey {
 }
 
 #[inline(always)]
+fn reversed(key: &ConnKey) -> ConnKey {
+    ConnKey {
+        src_ip: key.dst_ip,
+        dst_ip: key.src_ip,
+        src_port: key.dst_port,
+        dst_port: key.src_port,
+    }
+}
+
+#[inline(always)]
 fn on_connect(ctx: &SockOpsContext) {
     // SAFETY: the value is only tested for presence.
     if unsafe { PENDING.get(cookie(ctx)) }.is_some() {
@@ -70,18 +87,47 @@ fn on_connect(ctx: &SockOpsContext) {
 }
 
 #[inline(always)]
-fn on_established(ctx: &SockOpsContext) {
+fn on_active_established(ctx: &SockOpsContext) {
     let cookie = cookie(ctx);
     // SAFETY: copied out at once.
-    let Some(orig) = (unsafe { PENDING.get(cookie) }).copied() else {
+    let Some(record) = (unsafe { PENDING.get(cookie) }).copied() else {
         return;
     };
-    let _ = ORIG_DST.insert(client_key(ctx), orig, 0);
+    let key = own_key(ctx);
+    let _ = CONNS.insert(key, record, 0);
     let _ = PENDING.remove(cookie);
+    accelerate(ctx, key, &record);
+}
+
+#[inline(always)]
+fn on_passive_established(ctx: &SockOpsContext) {
+    let key = own_key(ctx);
+    // SAFETY: copied out at once.
+    if let Some(record) = unsafe { CONNS.get(reversed(&key)) }.copied() {
+        accelerate(ctx, key, &record);
+    }
+}
+
+/// Puts this end of a recorded connection into the sockhash if the
+/// connection may be accelerated.
+#[inline(always)]
+fn accelerate(ctx: &SockOpsContext, key: ConnKey, record: &ConnRecord) {
+    if record.flags & conn_flags::ACCEL != 0 {
+        // SAFETY: `ops` is the live context; the helper takes a full
+        // socket, which the established callbacks always have.
+        if SOCKS
+            .update(key, unsafe { &mut *ctx.ops }, BPF_ANY as u64)
+            .is_ok()
+        {
+            bump(Counter::SockhashInserted);
+        }
+    } else if record.flags & conn_flags::ZEROCOPY != 0 {
+        bump(Counter::ZerocopyFallback);
+    }
 }
 
 #[inline(always)]
 fn on_close(ctx: &SockOpsContext) {
     let _ = PENDING.remove(cookie(ctx));
-    let _ = ORIG_DST.remove(client_key(ctx));
+    let _ = CONNS.remove(own_key(ctx));
 }

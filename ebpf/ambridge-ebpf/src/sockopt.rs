@@ -8,11 +8,11 @@
 //! As the kernel does, `SOL_IP` answers IPv4 connections with a
 //! `sockaddr_in` and `SOL_IPV6` answers IPv6 ones with a `sockaddr_in6`.
 
-use ambridge_common::{ConnKey, Counter, OrigDst, SO_ORIGINAL_DST, as_v4};
+use ambridge_common::{ConnKey, ConnRecord, Counter, SO_ORIGINAL_DST, as_v4, conn_kind};
 use aya_ebpf::{bindings::bpf_sockopt, macros::cgroup_sockopt, programs::SockoptContext};
 
 use crate::{
-    maps::{ORIG_DST, bump},
+    maps::{CONNS, bump},
     net::{AF_INET, AF_INET6, IPPROTO_TCP, SOL_IP, SOL_IPV6, ctx_addr, ctx_read},
 };
 
@@ -51,7 +51,7 @@ pub fn getsockopt(ctx: SockoptContext) -> i32 {
 /// The original destination of the accepted socket's connection: its peer is
 /// the client's source, its local address the redirect target.
 #[inline(always)]
-fn lookup(opt: &bpf_sockopt) -> Option<OrigDst> {
+fn lookup(opt: &bpf_sockopt) -> Option<ConnRecord> {
     // SAFETY: `sk` is the union's only pointer member for this hook.
     let sk = unsafe { opt.__bindgen_anon_1.sk };
     if sk.is_null() {
@@ -71,11 +71,13 @@ fn lookup(opt: &bpf_sockopt) -> Option<OrigDst> {
         }
     };
     // SAFETY: copied out at once.
-    unsafe { ORIG_DST.get(key) }.copied()
+    unsafe { CONNS.get(key) }
+        .copied()
+        .filter(|r| r.kind == conn_kind::ORIG_DST)
 }
 
 #[inline(always)]
-fn answer(opt: &mut bpf_sockopt, orig: &OrigDst) {
+fn answer(opt: &mut bpf_sockopt, orig: &ConnRecord) {
     // SAFETY: reading the union members the kernel filled in.
     let (start, end) = unsafe {
         (
@@ -83,7 +85,7 @@ fn answer(opt: &mut bpf_sockopt, orig: &OrigDst) {
             opt.__bindgen_anon_3.optval_end as *mut u8,
         )
     };
-    let len = match (opt.level, as_v4(&orig.ip)) {
+    let len = match (opt.level, as_v4(&orig.addr)) {
         (SOL_IP, Some(addr)) => {
             let value = SockaddrIn {
                 family: AF_INET as u16,
@@ -103,7 +105,7 @@ fn answer(opt: &mut bpf_sockopt, orig: &OrigDst) {
                 family: AF_INET6 as u16,
                 port_be: orig.port.to_be(),
                 flowinfo: 0,
-                addr: orig.ip,
+                addr: orig.addr,
                 scope_id: 0,
             };
             if !write(start, end, value) {

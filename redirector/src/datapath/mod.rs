@@ -14,18 +14,21 @@ mod pins;
 
 use std::{collections::BTreeMap, fs, os::fd::AsFd, path::Path};
 
-use ambridge_common::{CgroupInfo, ConnKey, Counter, OrigDst, map_names};
+use ambridge_common::{CgroupInfo, ConnKey, ConnRecord, Counter, NetnsInfo, map_names};
 use aya::{
-    Ebpf, EbpfLoader,
-    maps::{HashMap, Map, MapData, PerCpuArray},
-    programs::{CgroupSockAddr, CgroupSockopt, SockOps},
+    Ebpf, EbpfLoader, Pod,
+    maps::{HashMap, Map, MapData, MapError, PerCpuArray, SockHash},
+    programs::{CgroupSockAddr, CgroupSockopt, SkMsg, SockOps},
 };
 pub use error::Error;
 use link::AttachType;
 pub use pins::Pins;
 use tracing::{debug, info};
 
-use crate::{reconcile::Op, types::CgroupId};
+use crate::{
+    reconcile::Op,
+    types::{CgroupId, NetnsCookie},
+};
 
 /// The compiled kernel programs, built by `build.rs` for the BPF target.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ambridge-ebpf"));
@@ -40,9 +43,11 @@ enum Kind {
 
 /// Every program of the object: its name (the function name), how it is
 /// loaded, and the cgroup hook it attaches to.
-const PROGRAMS: [(&str, Kind, AttachType); 6] = [
+const PROGRAMS: [(&str, Kind, AttachType); 8] = [
     ("connect4", Kind::SockAddr, AttachType::CgroupInet4Connect),
     ("connect6", Kind::SockAddr, AttachType::CgroupInet6Connect),
+    ("bind4", Kind::SockAddr, AttachType::CgroupInet4Bind),
+    ("bind6", Kind::SockAddr, AttachType::CgroupInet6Bind),
     (
         "getpeername4",
         Kind::SockAddr,
@@ -57,9 +62,13 @@ const PROGRAMS: [(&str, Kind, AttachType); 6] = [
     ("getsockopt", Kind::Sockopt, AttachType::CgroupGetsockopt),
 ];
 
-/// The loaded datapath, with a handle on the cgroup map.
+/// The `sk_msg` program, attached to the sockhash rather than to a cgroup.
+const SK_MSG: &str = "redirect";
+
+/// The loaded datapath, with handles on the maps the daemon writes.
 pub struct Datapath {
     cgroups: HashMap<MapData, u64, CgroupInfo>,
+    netns: HashMap<MapData, u64, NetnsInfo>,
     // Keeps program fds (and the object's other maps) open while the daemon
     // runs; the pinned links keep them alive after it exits.
     _ebpf: Ebpf,
@@ -108,46 +117,102 @@ impl Datapath {
             pins.pin_link(name, link)?;
             debug!(program = name, cgroup = %cgroup_root.display(), "attached");
         }
-        let cgroups = ebpf
-            .take_map(map_names::CGROUPS)
-            .ok_or(Error::MissingMap(map_names::CGROUPS))?;
-        let cgroups = HashMap::try_from(cgroups).map_err(map_err(map_names::CGROUPS))?;
+        attach_sk_msg(&mut ebpf)?;
+        let cgroups = take_hash(&mut ebpf, map_names::CGROUPS)?;
+        let netns = take_hash(&mut ebpf, map_names::NETNS)?;
         info!(cgroup = %cgroup_root.display(), bpffs = %pins.root().display(), "datapath installed");
         Ok(Self {
             cgroups,
+            netns,
             _ebpf: ebpf,
         })
     }
 
     /// What the kernel's cgroup map holds now.
     pub fn cgroup_entries(&self) -> Result<BTreeMap<CgroupId, CgroupInfo>, Error> {
-        self.cgroups
-            .iter()
-            .map(|r| r.map(|(k, v)| (CgroupId(k), v)))
-            .collect::<Result<_, _>>()
-            .map_err(map_err(map_names::CGROUPS))
+        entries(&self.cgroups, map_names::CGROUPS, CgroupId)
     }
 
-    /// Applies map operations from [`crate::reconcile::diff`].
-    pub fn apply(&mut self, ops: &[Op]) -> Result<(), Error> {
-        for op in ops {
-            match *op {
-                Op::Put(id, info) => self
-                    .cgroups
-                    .insert(id.0, info, 0)
-                    .map_err(map_err(map_names::CGROUPS))?,
-                Op::Delete(id) => match self.cgroups.remove(&id.0) {
-                    Ok(()) => {}
-                    // Already gone: the goal state is reached all the same.
-                    Err(aya::maps::MapError::KeyNotFound) => {}
-                    Err(aya::maps::MapError::SyscallError(e))
-                        if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
-                    Err(e) => return Err(map_err(map_names::CGROUPS)(e)),
-                },
-            }
-        }
-        Ok(())
+    /// What the kernel's netns map holds now.
+    pub fn netns_entries(&self) -> Result<BTreeMap<NetnsCookie, NetnsInfo>, Error> {
+        entries(&self.netns, map_names::NETNS, NetnsCookie)
     }
+
+    /// Applies cgroup map operations from [`crate::reconcile::diff`].
+    pub fn apply_cgroups(&mut self, ops: &[Op<CgroupId, CgroupInfo>]) -> Result<(), Error> {
+        apply(&mut self.cgroups, map_names::CGROUPS, ops, |id| id.0)
+    }
+
+    /// Applies netns map operations from [`crate::reconcile::diff`].
+    pub fn apply_netns(&mut self, ops: &[Op<NetnsCookie, NetnsInfo>]) -> Result<(), Error> {
+        apply(&mut self.netns, map_names::NETNS, ops, |c| c.0)
+    }
+}
+
+/// Loads the `sk_msg` program and attaches it to the sockhash. The
+/// attachment lives as long as the (pinned) map does, and replaces the
+/// program of an earlier run.
+fn attach_sk_msg(ebpf: &mut Ebpf) -> Result<(), Error> {
+    let socks: SockHash<&MapData, ConnKey> = ebpf
+        .map(map_names::SOCKS)
+        .ok_or(Error::MissingMap(map_names::SOCKS))?
+        .try_into()
+        .map_err(map_err(map_names::SOCKS))?;
+    let map_fd = socks.fd().try_clone().map_err(|source| Error::Io {
+        what: format!("dup the fd of map {}", map_names::SOCKS),
+        source,
+    })?;
+    let program: &mut SkMsg = ebpf
+        .program_mut(SK_MSG)
+        .ok_or(Error::MissingProgram(SK_MSG))?
+        .try_into()
+        .map_err(prog_err(SK_MSG))?;
+    program.load().map_err(prog_err(SK_MSG))?;
+    let link = program.attach(&map_fd).map_err(prog_err(SK_MSG))?;
+    // Dropping the link would detach it; the map holds the program anyway.
+    std::mem::forget(program.take_link(link).map_err(prog_err(SK_MSG))?);
+    Ok(())
+}
+
+fn take_hash<V: Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<HashMap<MapData, u64, V>, Error> {
+    let map = ebpf.take_map(name).ok_or(Error::MissingMap(name))?;
+    HashMap::try_from(map).map_err(map_err(name))
+}
+
+fn entries<K: Ord, V: Pod>(
+    map: &HashMap<MapData, u64, V>,
+    name: &'static str,
+    key: impl Fn(u64) -> K,
+) -> Result<BTreeMap<K, V>, Error> {
+    map.iter()
+        .map(|r| r.map(|(k, v)| (key(k), v)))
+        .collect::<Result<_, _>>()
+        .map_err(map_err(name))
+}
+
+fn apply<K: Copy, V: Pod>(
+    map: &mut HashMap<MapData, u64, V>,
+    name: &'static str,
+    ops: &[Op<K, V>],
+    raw: impl Fn(K) -> u64,
+) -> Result<(), Error> {
+    for op in ops {
+        match *op {
+            Op::Put(k, v) => map.insert(raw(k), v, 0).map_err(map_err(name))?,
+            Op::Delete(k) => match map.remove(&raw(k)) {
+                Ok(()) => {}
+                // Already gone: the goal state is reached all the same.
+                Err(MapError::KeyNotFound) => {}
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(map_err(name)(e)),
+            },
+        }
+    }
+    Ok(())
 }
 
 fn prog_err(program: &'static str) -> impl Fn(aya::programs::ProgramError) -> Error {
@@ -179,23 +244,31 @@ pub fn read_counters(pins: &Pins) -> Result<Vec<(Counter, u64)>, Error> {
         .collect()
 }
 
-/// How many entries each map pinned under `pins` holds: cgroups known to the
-/// datapath, connects not yet established, and connections whose original
-/// destination is tracked.
+/// How many entries each map pinned under `pins` holds: cgroups and network
+/// namespaces known to the datapath, connects not yet established,
+/// connections whose record is tracked, and sockets in the sockhash.
 pub fn map_occupancy(pins: &Pins) -> Result<Vec<(&'static str, usize)>, Error> {
     let cgroups: HashMap<MapData, u64, CgroupInfo> =
         HashMap::try_from(open_pinned(pins, map_names::CGROUPS)?)
             .map_err(map_err(map_names::CGROUPS))?;
-    let pending: HashMap<MapData, u64, OrigDst> =
+    let netns: HashMap<MapData, u64, NetnsInfo> =
+        HashMap::try_from(open_pinned(pins, map_names::NETNS)?)
+            .map_err(map_err(map_names::NETNS))?;
+    let pending: HashMap<MapData, u64, ConnRecord> =
         HashMap::try_from(open_pinned(pins, map_names::PENDING)?)
             .map_err(map_err(map_names::PENDING))?;
-    let orig_dst: HashMap<MapData, ConnKey, OrigDst> =
-        HashMap::try_from(open_pinned(pins, map_names::ORIG_DST)?)
-            .map_err(map_err(map_names::ORIG_DST))?;
+    let conns: HashMap<MapData, ConnKey, ConnRecord> =
+        HashMap::try_from(open_pinned(pins, map_names::CONNS)?)
+            .map_err(map_err(map_names::CONNS))?;
+    let socks: SockHash<MapData, ConnKey> =
+        SockHash::try_from(open_pinned(pins, map_names::SOCKS)?)
+            .map_err(map_err(map_names::SOCKS))?;
     Ok(vec![
         ("cgroups", cgroups.keys().count()),
+        ("netns", netns.keys().count()),
         ("pending_connects", pending.keys().count()),
-        ("tracked_connections", orig_dst.keys().count()),
+        ("tracked_connections", conns.keys().count()),
+        ("accelerated_sockets", socks.keys().count()),
     ])
 }
 
