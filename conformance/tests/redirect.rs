@@ -421,12 +421,18 @@ fn udp_from_an_enrolled_pod_is_not_redirected() {
         assert_eq!(events[0]["ok"], true, "{events:?}");
         assert_eq!(canon(events[0]["peer"].as_str().unwrap()), canon(&to));
     }
-    let from_client = udp
-        .events()
-        .iter()
-        .filter(|e| e["event"] == "datagram")
-        .map(|e| ip_of(e["from"].as_str().unwrap()))
-        .collect::<Vec<_>>();
+    // The echo server reports each datagram as it answers it; wait for
+    // both reports rather than racing the reader of its output.
+    let from_client = eventually(Duration::from_secs(5), || {
+        let sources: Vec<_> = udp
+            .events()
+            .iter()
+            .filter(|e| e["event"] == "datagram")
+            .map(|e| ip_of(e["from"].as_str().unwrap()))
+            .collect();
+        (sources.len() == 2).then_some(sources)
+    })
+    .expect("two datagrams reported");
     assert_eq!(
         from_client,
         vec![f.client.ip4.into(), std::net::IpAddr::from(f.client.ip6)]
