@@ -56,7 +56,15 @@ impl Pod {
     /// Connects from this pod to `to`, sending `bytes` and expecting them
     /// echoed; returns the probe's `connect` event.
     pub fn connect(&self, to: &str, bytes: usize) -> Event {
-        let events = self.run(&["connect", "--to", to, "--bytes", &bytes.to_string()]);
+        self.connect_with(to, bytes, &[])
+    }
+
+    /// As [`Pod::connect`], with extra `connect` arguments (`--io poll`).
+    pub fn connect_with(&self, to: &str, bytes: usize, extra: &[&str]) -> Event {
+        let bytes = bytes.to_string();
+        let mut args = vec!["connect", "--to", to, "--bytes", &bytes];
+        args.extend_from_slice(extra);
+        let events = self.run(&args);
         events
             .into_iter()
             .find(|e| e["event"] == "connect")

@@ -84,6 +84,8 @@ pub struct Node {
     pub dir: PathBuf,
     cgroups: Vec<PathBuf>,
     netns: Vec<String>,
+    /// Pause processes (reaped on drop; killed with the node's cgroups).
+    sandboxes: Vec<std::process::Child>,
 }
 
 impl Node {
@@ -105,6 +107,7 @@ impl Node {
             dir: dir.clone(),
             cgroups: Vec::new(),
             netns: Vec::new(),
+            sandboxes: Vec::new(),
         };
         fs::create_dir_all(&dir).expect("creating the node's scratch directory");
         node.mkdir_cgroup(&cgroup);
@@ -139,7 +142,8 @@ impl Node {
 
     /// Adds pod number `n` (1..=200): netns with eth0 on the bridge at
     /// 198.18.0.(10+n) and fd00:18::(10+n), pod cgroup `pod-<name>` with an
-    /// `app` container cgroup.
+    /// `app` container cgroup, and a pause process in a `pause` container
+    /// cgroup holding the netns, as a pod sandbox does.
     pub fn add_pod(&mut self, name: &str) -> Pod {
         let n = self.pods.len() as u8 + 1;
         let host = 10 + n;
@@ -202,6 +206,17 @@ impl Node {
         ip(&["-n", ns, "link", "set", "eth0", "up"]);
         self.mkdir_cgroup(&pod.cgroup.clone());
         self.mkdir_cgroup(&pod.container.clone());
+        let pause = pod.cgroup.join("pause");
+        self.mkdir_cgroup(&pause);
+        let child = std::process::Command::new(crate::workspace_bin("ambridge-probe"))
+            .arg("--cgroup")
+            .arg(&pause)
+            .arg("--netns")
+            .arg(&pod.netns)
+            .arg("pause")
+            .spawn()
+            .expect("starting the pod's pause process");
+        self.sandboxes.push(child);
         self.pods.push(pod.clone());
         pod
     }
@@ -226,6 +241,15 @@ impl Node {
     /// Writes the workloads file atomically (rename), as an operator's
     /// editor or a ConfigMap update would replace it.
     pub fn write_workloads(&self, pods: &[(&Pod, &str)], ztunnel: Option<&Path>) {
+        let tail = ztunnel
+            .map(|z| format!("ztunnel:\n  cgroup: {}\n", z.display()))
+            .unwrap_or_default();
+        self.write_workloads_yaml(pods, &tail);
+    }
+
+    /// As [`Node::write_workloads`], with `tail` (raw YAML: the `ztunnel`
+    /// and `redirect` blocks) after the workloads.
+    pub fn write_workloads_yaml(&self, pods: &[(&Pod, &str)], tail: &str) {
         let mut text = String::from("workloads:\n");
         for (pod, mode) in pods {
             text += &format!(
@@ -240,9 +264,7 @@ impl Node {
         if pods.is_empty() {
             text = "workloads: []\n".into();
         }
-        if let Some(z) = ztunnel {
-            text += &format!("ztunnel:\n  cgroup: {}\n", z.display());
-        }
+        text += tail;
         self.write_workloads_text(&text);
     }
 
@@ -274,6 +296,10 @@ impl Default for Node {
 impl Drop for Node {
     fn drop(&mut self) {
         self.kill_all();
+        for child in &mut self.sandboxes {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         for ns in self.netns.iter().rev() {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }

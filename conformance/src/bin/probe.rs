@@ -18,7 +18,12 @@ use socket2::{Domain, SockAddr, Socket, Type};
 
 /// The mark ztunnel puts on every socket it opens in a pod (0x539).
 const ZTUNNEL_MARK: u32 = 1337;
-const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// I/O and connect timeout in milliseconds (`--timeout-ms`).
+static TIMEOUT_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(10_000);
+
+fn io_timeout() -> Duration {
+    Duration::from_millis(TIMEOUT_MS.load(std::sync::atomic::Ordering::Relaxed))
+}
 
 #[derive(Parser)]
 struct Cli {
@@ -28,9 +33,27 @@ struct Cli {
     /// Network namespace (e.g. /run/netns/NAME) to enter.
     #[arg(long)]
     netns: Option<PathBuf>,
+    /// Connect and I/O timeout.
+    #[arg(long, default_value_t = 10_000)]
+    timeout_ms: u64,
     #[command(subcommand)]
     role: Role,
 }
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Io {
+    Blocking,
+    Poll,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Relay {
+    Poll,
+    Splice,
+}
+
+/// The port of the inbound (HBONE) leg.
+const HBONE_PORT: u16 = 15008;
 
 #[derive(Subcommand)]
 enum Role {
@@ -44,6 +67,11 @@ enum Role {
         bytes: usize,
         #[arg(long, default_value_t = 1)]
         count: usize,
+        /// How the client reads: `blocking` (plain blocking recv, like
+        /// C, Java or Rust std code) or `poll` (non-blocking, like tokio,
+        /// Go or Node).
+        #[arg(long, value_enum, default_value = "blocking")]
+        io: Io,
     },
     /// Echo server: report every accepted connection, echo until EOF.
     Echo {
@@ -58,7 +86,22 @@ enum Role {
         pods: Vec<PathBuf>,
         #[arg(long, default_value_t = 15001)]
         port: u16,
+        /// How bytes are relayed: `poll` (buffered reads like today's
+        /// ztunnel) or `splice` (zero-copy, like older proxies).
+        #[arg(long, value_enum, default_value = "poll")]
+        relay: Relay,
+        /// Also listen on 15008 for the inbound leg, and send outbound
+        /// connections to `<original ip>:15008` with a header naming the
+        /// target and the client, as HBONE does.
+        #[arg(long)]
+        hbone: bool,
+        /// Send the HBONE leg here instead of `<original ip>:15008` (the
+        /// shared-ztunnel model, where ztunnel serves the destination too).
+        #[arg(long)]
+        hbone_via: Option<SocketAddr>,
     },
+    /// Sleep until killed: the pod sandbox's own process.
+    Pause,
     /// UDP echo server: report every datagram's source, send it back.
     UdpEcho {
         #[arg(long)]
@@ -76,6 +119,7 @@ enum Role {
 
 fn main() {
     let cli = Cli::parse();
+    TIMEOUT_MS.store(cli.timeout_ms, std::sync::atomic::Ordering::Relaxed);
     if let Err(e) = enter(&cli) {
         report(json!({"event": "error", "error": format!("entering the pod: {e}")}));
         std::process::exit(2);
@@ -85,10 +129,25 @@ fn main() {
             to,
             bytes,
             count: 1,
-        } => connect(to, bytes).map(report),
-        Role::Connect { to, bytes, count } => connect_many(to, bytes, count),
+            io,
+        } => connect(to, bytes, io).map(report),
+        Role::Connect {
+            to,
+            bytes,
+            count,
+            io,
+        } => connect_many(to, bytes, count, io),
         Role::Echo { listen } => echo(listen),
-        Role::Ztunnel { pods, port } => ztunnel(&pods, port),
+        Role::Ztunnel {
+            pods,
+            port,
+            relay,
+            hbone,
+            hbone_via,
+        } => ztunnel(&pods, port, relay, hbone.then_some(hbone_via)),
+        Role::Pause => loop {
+            thread::park();
+        },
         Role::UdpEcho { listen } => udp_echo(listen),
         Role::Udp { to } => udp(to),
         Role::Sockopts => sockopts(),
@@ -127,11 +186,11 @@ fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 7 % 251) as u8).collect()
 }
 
-fn connect_many(to: SocketAddr, bytes: usize, count: usize) -> io::Result<()> {
+fn connect_many(to: SocketAddr, bytes: usize, count: usize, io: Io) -> io::Result<()> {
     let mut ok = 0;
     let mut failures = Vec::new();
     for _ in 0..count {
-        let result = connect(to, bytes)?;
+        let result = connect(to, bytes, io)?;
         if result["ok"] == true {
             ok += 1;
         } else if failures.len() < 5 {
@@ -145,8 +204,8 @@ fn connect_many(to: SocketAddr, bytes: usize, count: usize) -> io::Result<()> {
     Ok(())
 }
 
-fn connect(to: SocketAddr, bytes: usize) -> io::Result<serde_json::Value> {
-    let stream = match TcpStream::connect_timeout(&to, IO_TIMEOUT) {
+fn connect(to: SocketAddr, bytes: usize, io: Io) -> io::Result<serde_json::Value> {
+    let stream = match TcpStream::connect_timeout(&to, io_timeout()) {
         Ok(s) => s,
         Err(e) => {
             return Ok(json!({
@@ -154,8 +213,8 @@ fn connect(to: SocketAddr, bytes: usize) -> io::Result<serde_json::Value> {
             }));
         }
     };
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    stream.set_read_timeout(Some(io_timeout()))?;
+    stream.set_write_timeout(Some(io_timeout()))?;
     let local = stream.local_addr()?;
     let peer = stream.peer_addr()?;
     let sent = pattern(bytes);
@@ -163,12 +222,18 @@ fn connect(to: SocketAddr, bytes: usize) -> io::Result<serde_json::Value> {
         let mut s = stream.try_clone()?;
         let sent = sent.clone();
         thread::spawn(move || -> io::Result<()> {
-            s.write_all(&sent)?;
+            match io {
+                Io::Blocking => s.write_all(&sent)?,
+                Io::Poll => polled::send_all(&s, &sent)?,
+            }
             s.shutdown(Shutdown::Write)
         })
     };
     let mut got = Vec::with_capacity(bytes);
-    let read = (&stream).read_to_end(&mut got);
+    let read = match io {
+        Io::Blocking => (&stream).read_to_end(&mut got),
+        Io::Poll => polled::read_to_end(&stream, &mut got),
+    };
     let wrote = writer.join().expect("writer thread");
     Ok(json!({
         "event": "connect",
@@ -198,10 +263,11 @@ fn listener(addr: SocketAddr) -> io::Result<TcpListener> {
 fn echo(addr: SocketAddr) -> io::Result<()> {
     let listener = listener(addr)?;
     report(json!({"event": "listening", "addr": addr.to_string()}));
-    for conn in listener.incoming() {
-        let mut conn = conn?;
+    loop {
+        let (mut conn, accepted_from) = listener.accept()?;
         report(json!({
             "event": "accepted",
+            "accept_addr": accepted_from.to_string(),
             "peer": conn.peer_addr()?.to_string(),
             "local": conn.local_addr()?.to_string(),
         }));
@@ -211,7 +277,6 @@ fn echo(addr: SocketAddr) -> io::Result<()> {
             back.shutdown(Shutdown::Write)
         });
     }
-    Ok(())
 }
 
 fn udp_echo(addr: SocketAddr) -> io::Result<()> {
@@ -237,7 +302,7 @@ fn udp(to: SocketAddr) -> io::Result<()> {
         "0.0.0.0:0".parse().unwrap()
     };
     let socket = std::net::UdpSocket::bind(bind)?;
-    socket.set_read_timeout(Some(IO_TIMEOUT))?;
+    socket.set_read_timeout(Some(io_timeout()))?;
     socket.connect(to)?;
     socket.send(b"ping")?;
     let mut buf = [0u8; 16];
@@ -247,6 +312,116 @@ fn udp(to: SocketAddr) -> io::Result<()> {
         "peer": socket.peer_addr()?.to_string(), "to": to.to_string(),
     }));
     Ok(())
+}
+
+/// Non-blocking reads and writes driven by poll(2), as an event-loop
+/// runtime (tokio, Go, Node) does them: a wakeup without data just polls
+/// again. The socket's file flags are left alone (other threads may use it
+/// blocking); each call passes `MSG_DONTWAIT`.
+mod polled {
+    use std::{io, net::TcpStream, os::fd::AsRawFd};
+
+
+    fn wait(s: &TcpStream, events: libc::c_short) -> io::Result<()> {
+        let mut pfd = libc::pollfd {
+            fd: s.as_raw_fd(),
+            events,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, super::io_timeout().as_millis() as i32) };
+        match n {
+            0 => Err(io::Error::new(io::ErrorKind::TimedOut, "poll timed out")),
+            n if n < 0 => Err(io::Error::last_os_error()),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn recv(s: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            wait(s, libc::POLLIN)?;
+            // SAFETY: buf is valid for writes of its length.
+            let n = unsafe { libc::recv(s.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let e = io::Error::last_os_error();
+            if !matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) {
+                return Err(e);
+            }
+        }
+    }
+
+    pub fn send_all(s: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            wait(s, libc::POLLOUT)?;
+            // SAFETY: data is valid for reads of its length.
+            let n = unsafe {
+                libc::send(s.as_raw_fd(), data.as_ptr().cast(), data.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+            };
+            if n >= 0 {
+                data = &data[n as usize..];
+                continue;
+            }
+            let e = io::Error::last_os_error();
+            if !matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn read_to_end(s: &TcpStream, out: &mut Vec<u8>) -> io::Result<usize> {
+        let mut buf = vec![0u8; 64 * 1024];
+        let start = out.len();
+        loop {
+            match recv(s, &mut buf)? {
+                0 => return Ok(out.len() - start),
+                n => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+
+    pub fn copy(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut total = 0;
+        loop {
+            match recv(from, &mut buf)? {
+                0 => return Ok(total),
+                n => {
+                    send_all(to, &buf[..n])?;
+                    total += n as u64;
+                }
+            }
+        }
+    }
+}
+
+/// Zero-copy relaying with splice(2) through a pipe, as older ztunnel and
+/// other L4 proxies do. It reads the socket's normal receive queue only.
+mod spliced {
+    use std::{io, net::TcpStream, os::fd::AsFd};
+
+    use nix::fcntl::{SpliceFFlags, splice};
+
+    pub fn copy(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
+        let (pipe_r, pipe_w) = nix::unistd::pipe().map_err(io::Error::from)?;
+        let mut total = 0u64;
+        loop {
+            let n = splice(from.as_fd(), None, pipe_w.as_fd(), None, 64 * 1024, SpliceFFlags::SPLICE_F_MOVE)
+                .map_err(io::Error::from)?;
+            if n == 0 {
+                return Ok(total);
+            }
+            let mut left = n;
+            while left > 0 {
+                let m = splice(pipe_r.as_fd(), None, to.as_fd(), None, left, SpliceFFlags::SPLICE_F_MOVE)
+                    .map_err(io::Error::from)?;
+                left -= m;
+            }
+            total += n as u64;
+        }
+    }
 }
 
 /// Reads the original destination exactly as ztunnel does: `SOL_IP`
@@ -259,40 +434,57 @@ fn original_dst(socket: &Socket) -> io::Result<SocketAddr> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "not an IP address"))
 }
 
-fn ztunnel(pods: &[PathBuf], port: u16) -> io::Result<()> {
+/// `hbone`: `None` relays straight to the original destination; `Some(via)`
+/// also serves the inbound leg on 15008 and sends outbound connections to
+/// `via` (or `<original ip>:15008`).
+fn ztunnel(pods: &[PathBuf], port: u16, relay: Relay, hbone: Option<Option<SocketAddr>>) -> io::Result<()> {
     let mut threads = Vec::new();
+    let ports: &[u16] = if hbone.is_some() { &[port, HBONE_PORT] } else { &[port] };
     for pod_path in pods {
-        let pod = pod_path.clone();
-        // Listeners are opened inside each pod's netns, as in-pod ztunnel
-        // does; a socket keeps the netns it was created in.
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        threads.push(thread::spawn(move || -> io::Result<()> {
-            enter_netns(&pod)?;
-            let l = listener(SocketAddr::from(([0u16; 8], port)))?;
-            ready_tx.send(()).ok();
-            for conn in l.incoming() {
-                let conn = Socket::from(conn?);
-                let pod = pod.clone();
-                thread::spawn(move || relay(&pod, conn));
+        for &listen_port in ports {
+            let pod = pod_path.clone();
+            // Listeners are opened inside each pod's netns, as in-pod
+            // ztunnel does; a socket keeps the netns it was created in.
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+            threads.push(thread::spawn(move || -> io::Result<()> {
+                enter_netns(&pod)?;
+                let l = listener(SocketAddr::from(([0u16; 8], listen_port)))?;
+                ready_tx.send(()).ok();
+                for conn in l.incoming() {
+                    let conn = Socket::from(conn?);
+                    let pod = pod.clone();
+                    thread::spawn(move || {
+                        let result = if listen_port == HBONE_PORT {
+                            inbound(&pod, conn, relay)
+                        } else {
+                            outbound(&pod, conn, relay, hbone)
+                        };
+                        if let Err(e) = result {
+                            report(json!({"event": "relay-error", "error": e.to_string()}));
+                        }
+                    });
+                }
+                Ok(())
+            }));
+            if ready_rx.recv().is_err() {
+                let result = threads.pop().expect("just pushed").join();
+                return Err(io::Error::other(format!(
+                    "listener on {listen_port} in {} failed: {result:?}",
+                    pod_path.display()
+                )));
             }
-            Ok(())
-        }));
-        if ready_rx.recv().is_err() {
-            let result = threads.pop().expect("just pushed").join();
-            return Err(io::Error::other(format!(
-                "listener in {} failed: {result:?}",
-                pod_path.display()
-            )));
         }
     }
-    report(json!({"event": "listening", "pods": pods.len(), "port": port}));
+    report(json!({"event": "listening", "pods": pods.len(), "port": port, "hbone": hbone.is_some()}));
     for t in threads {
         t.join().expect("listener thread")?;
     }
     Ok(())
 }
 
-fn relay(pod: &Path, client: Socket) -> io::Result<()> {
+/// The outbound leg: where was the client going, and relay there (or to the
+/// destination's HBONE port, telling it the target and the client).
+fn outbound(pod: &Path, client: Socket, relay: Relay, hbone: Option<Option<SocketAddr>>) -> io::Result<()> {
     let peer = client.peer_addr()?.as_socket();
     let local = client.local_addr()?.as_socket();
     let orig = original_dst(&client);
@@ -305,26 +497,93 @@ fn relay(pod: &Path, client: Socket) -> io::Result<()> {
         "orig_dst_error": orig.as_ref().err().map(|e| e.to_string()),
     }));
     let orig = orig?;
+    let next_hop = match hbone {
+        None => orig,
+        Some(via) => via.unwrap_or(SocketAddr::new(orig.ip(), HBONE_PORT)),
+    };
     // The upstream leg is opened in the pod's netns (this thread's), marked
     // as ztunnel marks its sockets.
-    let upstream = Socket::new(Domain::for_address(orig), Type::STREAM, None)?;
+    let upstream = Socket::new(Domain::for_address(next_hop), Type::STREAM, None)?;
     upstream.set_mark(ZTUNNEL_MARK)?;
-    upstream.connect_timeout(&orig.into(), IO_TIMEOUT)?;
-    let client: TcpStream = client.into();
+    upstream.connect_timeout(&next_hop.into(), io_timeout())?;
     let upstream: TcpStream = upstream.into();
-    let up = pump(client.try_clone()?, upstream.try_clone()?);
-    let down = pump(upstream, client);
-    let up = up.join().expect("relay thread")?;
-    let down = down.join().expect("relay thread")?;
-    report(
-        json!({"event": "relayed", "orig_dst": orig.to_string(), "bytes_up": up, "bytes_down": down}),
-    );
+    if hbone.is_some() {
+        let client_ip = peer.map(|p| p.ip().to_canonical()).ok_or_else(|| io::Error::other("no peer"))?;
+        polled::send_all(&upstream, format!("CONNECT {orig} {client_ip}\n").as_bytes())?;
+    }
+    let (up, down) = relay_both(client.into(), upstream, relay)?;
+    report(json!({"event": "relayed", "orig_dst": orig.to_string(), "bytes_up": up, "bytes_down": down}));
     Ok(())
 }
 
-fn pump(mut from: TcpStream, mut to: TcpStream) -> thread::JoinHandle<io::Result<u64>> {
+/// The inbound leg: read the header, bind the client's address
+/// (`IP_TRANSPARENT` + `IP_FREEBIND`, port 0) as ztunnel's ORIGINAL_SRC does,
+/// connect to the target, relay. A failed bind is reported and the
+/// connection goes on with a kernel-chosen source, as ztunnel does.
+fn inbound(pod: &Path, conn: Socket, relay: Relay) -> io::Result<()> {
+    let conn: TcpStream = conn.into();
+    let header = read_line(&conn)?;
+    let mut words = header.split_whitespace();
+    let (Some("CONNECT"), Some(target), Some(client)) = (words.next(), words.next(), words.next())
+    else {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("bad header {header:?}")));
+    };
+    let target: SocketAddr = target.parse().map_err(|e| io::Error::other(format!("{e}")))?;
+    let client: std::net::IpAddr = client.parse().map_err(|e| io::Error::other(format!("{e}")))?;
+    let upstream = Socket::new(Domain::for_address(target), Type::STREAM, None)?;
+    upstream.set_mark(ZTUNNEL_MARK)?;
+    let bind = (|| -> io::Result<()> {
+        if target.is_ipv4() {
+            upstream.set_ip_transparent_v4(true)?;
+            upstream.set_freebind_v4(true)?;
+        } else {
+            upstream.set_ip_transparent_v6(true)?;
+            upstream.set_freebind_v6(true)?;
+        }
+        upstream.bind(&SocketAddr::new(client, 0).into())
+    })();
+    upstream.connect_timeout(&target.into(), io_timeout())?;
+    let upstream: TcpStream = upstream.into();
+    report(json!({
+        "event": "inbound",
+        "pod": pod.display().to_string(),
+        "target": target.to_string(),
+        "client": client.to_string(),
+        "bind_error": bind.err().map(|e| e.to_string()),
+        "source": upstream.local_addr()?.to_string(),
+    }));
+    let (up, down) = relay_both(conn, upstream, relay)?;
+    report(json!({"event": "inbound-relayed", "target": target.to_string(), "bytes_up": up, "bytes_down": down}));
+    Ok(())
+}
+
+/// Reads one `\n`-terminated line, byte by byte (nothing past it).
+fn read_line(conn: &TcpStream) -> io::Result<String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        if polled::recv(conn, &mut byte)? == 0 || byte[0] == b'\n' || line.len() > 512 {
+            return String::from_utf8(line).map_err(|e| io::Error::other(e.to_string()));
+        }
+        line.push(byte[0]);
+    }
+}
+
+/// Relays both directions until both reach EOF; returns the byte counts.
+fn relay_both(a: TcpStream, b: TcpStream, relay: Relay) -> io::Result<(u64, u64)> {
+    let up = pump(a.try_clone()?, b.try_clone()?, relay);
+    let down = pump(b, a, relay);
+    let up = up.join().expect("relay thread")?;
+    let down = down.join().expect("relay thread")?;
+    Ok((up, down))
+}
+
+fn pump(from: TcpStream, to: TcpStream, relay: Relay) -> thread::JoinHandle<io::Result<u64>> {
     thread::spawn(move || {
-        let n = io::copy(&mut from, &mut to)?;
+        let n = match relay {
+            Relay::Poll => polled::copy(&from, &to)?,
+            Relay::Splice => spliced::copy(&from, &to)?,
+        };
         to.shutdown(Shutdown::Write)?;
         Ok(n)
     })
