@@ -77,12 +77,24 @@ pub fn ztunnel_stand_in(
     pods: &[&Pod],
     port: u16,
 ) -> Background {
+    ztunnel_stand_in_with(node, cgroup, pods, &["--port", &port.to_string()])
+}
+
+/// As [`ztunnel_stand_in`], with the stand-in's own arguments (`--port`,
+/// `--relay splice`, `--hbone`).
+pub fn ztunnel_stand_in_with(
+    node: &Node,
+    cgroup: &std::path::Path,
+    pods: &[&Pod],
+    args: &[&str],
+) -> Background {
     let mut cmd = std::process::Command::new(workspace_bin("ambridge-probe"));
     cmd.arg("--cgroup")
         .arg(cgroup)
         .arg("--netns")
         .arg(format!("/run/netns/{}", node.netns_name))
-        .args(["ztunnel", "--port", &port.to_string()]);
+        .arg("ztunnel")
+        .args(args);
     for pod in pods {
         cmd.arg("--pod-netns").arg(&pod.netns);
     }

@@ -321,7 +321,6 @@ fn udp(to: SocketAddr) -> io::Result<()> {
 mod polled {
     use std::{io, net::TcpStream, os::fd::AsRawFd};
 
-
     fn wait(s: &TcpStream, events: libc::c_short) -> io::Result<()> {
         let mut pfd = libc::pollfd {
             fd: s.as_raw_fd(),
@@ -341,12 +340,22 @@ mod polled {
         loop {
             wait(s, libc::POLLIN)?;
             // SAFETY: buf is valid for writes of its length.
-            let n = unsafe { libc::recv(s.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+            let n = unsafe {
+                libc::recv(
+                    s.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
             if n >= 0 {
                 return Ok(n as usize);
             }
             let e = io::Error::last_os_error();
-            if !matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) {
+            if !matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ) {
                 return Err(e);
             }
         }
@@ -357,14 +366,22 @@ mod polled {
             wait(s, libc::POLLOUT)?;
             // SAFETY: data is valid for reads of its length.
             let n = unsafe {
-                libc::send(s.as_raw_fd(), data.as_ptr().cast(), data.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+                libc::send(
+                    s.as_raw_fd(),
+                    data.as_ptr().cast(),
+                    data.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
             };
             if n >= 0 {
                 data = &data[n as usize..];
                 continue;
             }
             let e = io::Error::last_os_error();
-            if !matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) {
+            if !matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ) {
                 return Err(e);
             }
         }
@@ -408,15 +425,29 @@ mod spliced {
         let (pipe_r, pipe_w) = nix::unistd::pipe().map_err(io::Error::from)?;
         let mut total = 0u64;
         loop {
-            let n = splice(from.as_fd(), None, pipe_w.as_fd(), None, 64 * 1024, SpliceFFlags::SPLICE_F_MOVE)
-                .map_err(io::Error::from)?;
+            let n = splice(
+                from.as_fd(),
+                None,
+                pipe_w.as_fd(),
+                None,
+                64 * 1024,
+                SpliceFFlags::SPLICE_F_MOVE,
+            )
+            .map_err(io::Error::from)?;
             if n == 0 {
                 return Ok(total);
             }
             let mut left = n;
             while left > 0 {
-                let m = splice(pipe_r.as_fd(), None, to.as_fd(), None, left, SpliceFFlags::SPLICE_F_MOVE)
-                    .map_err(io::Error::from)?;
+                let m = splice(
+                    pipe_r.as_fd(),
+                    None,
+                    to.as_fd(),
+                    None,
+                    left,
+                    SpliceFFlags::SPLICE_F_MOVE,
+                )
+                .map_err(io::Error::from)?;
                 left -= m;
             }
             total += n as u64;
@@ -437,9 +468,18 @@ fn original_dst(socket: &Socket) -> io::Result<SocketAddr> {
 /// `hbone`: `None` relays straight to the original destination; `Some(via)`
 /// also serves the inbound leg on 15008 and sends outbound connections to
 /// `via` (or `<original ip>:15008`).
-fn ztunnel(pods: &[PathBuf], port: u16, relay: Relay, hbone: Option<Option<SocketAddr>>) -> io::Result<()> {
+fn ztunnel(
+    pods: &[PathBuf],
+    port: u16,
+    relay: Relay,
+    hbone: Option<Option<SocketAddr>>,
+) -> io::Result<()> {
     let mut threads = Vec::new();
-    let ports: &[u16] = if hbone.is_some() { &[port, HBONE_PORT] } else { &[port] };
+    let ports: &[u16] = if hbone.is_some() {
+        &[port, HBONE_PORT]
+    } else {
+        &[port]
+    };
     for pod_path in pods {
         for &listen_port in ports {
             let pod = pod_path.clone();
@@ -475,7 +515,9 @@ fn ztunnel(pods: &[PathBuf], port: u16, relay: Relay, hbone: Option<Option<Socke
             }
         }
     }
-    report(json!({"event": "listening", "pods": pods.len(), "port": port, "hbone": hbone.is_some()}));
+    report(
+        json!({"event": "listening", "pods": pods.len(), "port": port, "hbone": hbone.is_some()}),
+    );
     for t in threads {
         t.join().expect("listener thread")?;
     }
@@ -484,7 +526,12 @@ fn ztunnel(pods: &[PathBuf], port: u16, relay: Relay, hbone: Option<Option<Socke
 
 /// The outbound leg: where was the client going, and relay there (or to the
 /// destination's HBONE port, telling it the target and the client).
-fn outbound(pod: &Path, client: Socket, relay: Relay, hbone: Option<Option<SocketAddr>>) -> io::Result<()> {
+fn outbound(
+    pod: &Path,
+    client: Socket,
+    relay: Relay,
+    hbone: Option<Option<SocketAddr>>,
+) -> io::Result<()> {
     let peer = client.peer_addr()?.as_socket();
     let local = client.local_addr()?.as_socket();
     let orig = original_dst(&client);
@@ -508,11 +555,18 @@ fn outbound(pod: &Path, client: Socket, relay: Relay, hbone: Option<Option<Socke
     upstream.connect_timeout(&next_hop.into(), io_timeout())?;
     let upstream: TcpStream = upstream.into();
     if hbone.is_some() {
-        let client_ip = peer.map(|p| p.ip().to_canonical()).ok_or_else(|| io::Error::other("no peer"))?;
-        polled::send_all(&upstream, format!("CONNECT {orig} {client_ip}\n").as_bytes())?;
+        let client_ip = peer
+            .map(|p| p.ip().to_canonical())
+            .ok_or_else(|| io::Error::other("no peer"))?;
+        polled::send_all(
+            &upstream,
+            format!("CONNECT {orig} {client_ip}\n").as_bytes(),
+        )?;
     }
     let (up, down) = relay_both(client.into(), upstream, relay)?;
-    report(json!({"event": "relayed", "orig_dst": orig.to_string(), "bytes_up": up, "bytes_down": down}));
+    report(
+        json!({"event": "relayed", "orig_dst": orig.to_string(), "bytes_up": up, "bytes_down": down}),
+    );
     Ok(())
 }
 
@@ -526,10 +580,17 @@ fn inbound(pod: &Path, conn: Socket, relay: Relay) -> io::Result<()> {
     let mut words = header.split_whitespace();
     let (Some("CONNECT"), Some(target), Some(client)) = (words.next(), words.next(), words.next())
     else {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("bad header {header:?}")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("bad header {header:?}"),
+        ));
     };
-    let target: SocketAddr = target.parse().map_err(|e| io::Error::other(format!("{e}")))?;
-    let client: std::net::IpAddr = client.parse().map_err(|e| io::Error::other(format!("{e}")))?;
+    let target: SocketAddr = target
+        .parse()
+        .map_err(|e| io::Error::other(format!("{e}")))?;
+    let client: std::net::IpAddr = client
+        .parse()
+        .map_err(|e| io::Error::other(format!("{e}")))?;
     let upstream = Socket::new(Domain::for_address(target), Type::STREAM, None)?;
     upstream.set_mark(ZTUNNEL_MARK)?;
     let bind = (|| -> io::Result<()> {
@@ -553,7 +614,9 @@ fn inbound(pod: &Path, conn: Socket, relay: Relay) -> io::Result<()> {
         "source": upstream.local_addr()?.to_string(),
     }));
     let (up, down) = relay_both(conn, upstream, relay)?;
-    report(json!({"event": "inbound-relayed", "target": target.to_string(), "bytes_up": up, "bytes_down": down}));
+    report(
+        json!({"event": "inbound-relayed", "target": target.to_string(), "bytes_up": up, "bytes_down": down}),
+    );
     Ok(())
 }
 
