@@ -2,7 +2,7 @@
 //! binds (undo / preserve), same-node acceleration with the zero-copy
 //! fallback, and the shared-ztunnel model.
 
-use std::{net::IpAddr, path::PathBuf, process::Command, time::Duration};
+use std::{net::IpAddr, process::Command, time::Duration};
 
 use ambridge_conformance::{
     Background, Daemon, Event, Node, Pod, canon, eventually, probe::run_in, ztunnel_stand_in_with,
@@ -21,8 +21,7 @@ struct Mesh {
     daemon: Daemon,
     client: Pod,
     server: Pod,
-    ztunnel_cgroup: PathBuf,
-    node: Node,
+    _node: Node,
 }
 
 fn mesh(daemon_args: &[&str], stand_in_args: &[&str], ztunnel_yaml: &str) -> Mesh {
@@ -46,8 +45,7 @@ fn mesh(daemon_args: &[&str], stand_in_args: &[&str], ztunnel_yaml: &str) -> Mes
         daemon,
         client,
         server,
-        ztunnel_cgroup,
-        node,
+        _node: node,
     };
     mesh.wait_for_netns(2);
     mesh
@@ -229,4 +227,217 @@ fn without_undo_or_tproxy_routing_the_original_source_leg_fails() {
         "{:?}",
         m.app.events()
     );
+}
+
+#[test]
+fn a_ztunnel_cgroup_nested_under_an_enrolled_pod_is_never_redirected() {
+    let mut node = Node::new();
+    let client = node.add_pod("client");
+    let server = node.add_pod("server");
+    // A ztunnel whose cgroup sits below an enrolled pod's cgroup.
+    let nested = node.add_cgroup("pod-client/ztunnel");
+    node.write_workloads(&[(&client, "ambient"), (&server, "none")], Some(&nested));
+    let daemon = Daemon::start(&node);
+    let _app = server.echo_server("[::]:8080");
+    for to in [
+        format!("{}:8080", server.ip4),
+        format!("[{}]:8080", server.ip6),
+    ] {
+        let events = run_in(
+            Some(&nested),
+            &client.netns,
+            &["connect", "--to", &to, "--bytes", "100"],
+        );
+        assert_eq!(events[0]["ok"], true, "{events:?}");
+        assert_eq!(canon(events[0]["peer"].as_str().unwrap()), canon(&to));
+    }
+    let s = daemon.stats();
+    assert_eq!(
+        s["connect_redirected_ipv4"] + s["connect_redirected_ipv6"],
+        0,
+        "{s:?}"
+    );
+}
+
+const MIB: usize = 1024 * 1024;
+
+#[test]
+fn with_sockmap_a_polling_relay_carries_1mib_each_way_through_msg_redirect() {
+    let m = mesh(&["--sockmap", "on"], &[], "");
+    let to = format!("{}:8080", m.server.ip4);
+    let result = m.client.connect_with(&to, MIB, &["--io", "poll"]);
+    assert_eq!(result["intact"], true, "{result}");
+    assert_eq!(result["received"], MIB, "{result}");
+    let relayed = m.event(&m.ztunnel, "relayed");
+    assert_eq!(
+        (relayed["bytes_up"].as_u64(), relayed["bytes_down"].as_u64()),
+        (Some(MIB as u64), Some(MIB as u64))
+    );
+    assert!(m.stat("sockhash_inserted") >= 2);
+    assert!(m.stat("msg_redirected") > 0);
+    assert_eq!(m.stat("zerocopy_fallback"), 0);
+}
+
+#[test]
+fn with_sockmap_a_blocking_reader_can_see_eagain_which_is_why_sockmap_is_off_by_default() {
+    // tcp_bpf_recvmsg (Linux 6.18) returns EAGAIN to a reader blocked on an
+    // accelerated socket when it is woken without data; the client's own
+    // half-close does that. Event-loop readers just poll again.
+    let m = mesh(&["--sockmap", "on"], &[], "");
+    let to = format!("{}:8080", m.server.ip4);
+    let results: Vec<Event> = (0..5).map(|_| m.client.connect(&to, 100)).collect();
+    assert!(
+        results.iter().any(|r| r["ok"] == false
+            && r["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("os error 11"))),
+        "no blocking read failed with EAGAIN: {results:?}"
+    );
+    // The same client with the default (sockmap off) never does.
+    let m = mesh(&[], &[], "");
+    for _ in 0..5 {
+        let r = m.client.connect(&format!("{}:8080", m.server.ip4), 100);
+        assert_eq!(r["ok"], true, "{r}");
+    }
+}
+
+#[test]
+fn a_splice_relay_flagged_zero_copy_falls_back_and_carries_1mib_each_way() {
+    let m = mesh(
+        &["--sockmap", "on"],
+        &["--relay", "splice"],
+        "  zero_copy: true\n",
+    );
+    let to = format!("{}:8080", m.server.ip4);
+    let result = m.client.connect_with(&to, MIB, &["--io", "poll"]);
+    assert_eq!(result["intact"], true, "{result}");
+    let relayed = m.event(&m.ztunnel, "relayed");
+    assert_eq!(
+        (relayed["bytes_up"].as_u64(), relayed["bytes_down"].as_u64()),
+        (Some(MIB as u64), Some(MIB as u64))
+    );
+    assert!(m.stat("zerocopy_fallback") >= 1);
+    assert_eq!(m.stat("msg_redirected"), 0);
+    assert_eq!(m.stat("sockhash_inserted"), 0);
+}
+
+#[test]
+fn without_the_fallback_a_splice_relay_never_sees_redirected_bytes() {
+    // The reason for the zero-copy flag: msg_redirect puts the client's
+    // bytes in the proxy socket's BPF ingress queue, and splice(2) reads
+    // only the normal receive queue.
+    let m = mesh(&["--sockmap", "on"], &["--relay", "splice"], "");
+    let to = format!("{}:8080", m.server.ip4);
+    let result = run_in(
+        Some(&m.client.container),
+        &m.client.netns,
+        &[
+            "--timeout-ms",
+            "2000",
+            "connect",
+            "--to",
+            &to,
+            "--bytes",
+            "65536",
+            "--io",
+            "poll",
+        ],
+    );
+    assert_eq!(result[0]["intact"], false, "{result:?}");
+    assert_eq!(result[0]["received"], 0, "{result:?}");
+    assert!(m.stat("msg_redirected") > 0);
+    // When the client gives up and closes, splice sees the FIN and ends:
+    // it moved none of the 64 KiB, which sat in the BPF ingress queue.
+    let relayed = m.event(&m.ztunnel, "relayed");
+    assert_eq!(relayed["bytes_up"], 0, "{relayed}");
+}
+
+#[test]
+fn the_shared_ztunnel_model_works_end_to_end_for_ipv4_and_ipv6() {
+    let mut node = Node::new();
+    let client = node.add_pod("client");
+    let server = node.add_pod("server");
+    // ztunnel as its own pod with its own IPs; its pod cgroup is the
+    // ztunnel cgroup.
+    let zpod = node.add_pod("ztunnel");
+    node.write_workloads_yaml(
+        &[(&client, "ambient"), (&server, "none")],
+        &format!(
+            "ztunnel:\n  cgroup: {}\nredirect:\n  ips: [{}, \"{}\"]\n  port: 15001\n",
+            zpod.cgroup.display(),
+            zpod.ip4,
+            zpod.ip6
+        ),
+    );
+    let daemon = Daemon::start(&node);
+    let app = server.echo_server("[::]:8080");
+    // ztunnel relays the inbound leg itself (HBONE to its own 15008).
+    let ztunnel = ztunnel_stand_in_with(
+        &node,
+        &zpod.container,
+        &[&zpod],
+        &["--hbone", "--hbone-via", &format!("{}:15008", zpod.ip4)],
+    );
+    let netns = eventually(Duration::from_secs(10), || {
+        (daemon.map_entries()["netns"] >= 3).then_some(())
+    });
+    assert!(netns.is_some(), "{:?}", daemon.map_entries());
+    for (to, client_ip, zt_ip) in [
+        (
+            format!("{}:8080", server.ip4),
+            IpAddr::from(client.ip4),
+            IpAddr::from(zpod.ip4),
+        ),
+        (
+            format!("[{}]:8080", server.ip6),
+            IpAddr::from(client.ip6),
+            IpAddr::from(zpod.ip6),
+        ),
+    ] {
+        let before = ztunnel.events().len();
+        let app_before = app.events().len();
+        let result = client.connect(&to, 16 * 1024);
+        assert_eq!(result["intact"], true, "{result}");
+        let new: Vec<Event> = ztunnel.events().into_iter().skip(before).collect();
+        let accepted = new
+            .iter()
+            .find(|e| e["event"] == "accepted")
+            .expect("ztunnel accepted");
+        // Landed on ztunnel's own IP and port, from the client pod's IP.
+        assert_eq!(
+            canon(accepted["local"].as_str().unwrap()).ip(),
+            zt_ip.to_canonical(),
+            "{accepted}"
+        );
+        assert_eq!(canon(accepted["local"].as_str().unwrap()).port(), 15001);
+        assert_eq!(
+            ip_of(accepted["peer"].as_str().unwrap()),
+            client_ip,
+            "{accepted}"
+        );
+        assert_eq!(
+            accepted["orig_dst"].as_str().map(canon),
+            Some(canon(&to)),
+            "{accepted}"
+        );
+        // The original-source bind was rewritten to ztunnel's IP ...
+        let inbound = new
+            .iter()
+            .find(|e| e["event"] == "inbound")
+            .expect("inbound leg");
+        assert_eq!(
+            ip_of(inbound["source"].as_str().unwrap()),
+            zt_ip,
+            "{inbound}"
+        );
+        // ... and the application still sees the client.
+        let seen = app
+            .events()
+            .into_iter()
+            .skip(app_before)
+            .find(|e| e["event"] == "accepted")
+            .expect("app accepted");
+        assert_eq!(ip_of(seen["peer"].as_str().unwrap()), client_ip, "{seen}");
+    }
+    assert_eq!(daemon.stats()["bind_rewritten"], 2);
 }
