@@ -68,6 +68,39 @@ pub fn canon(addr: &str) -> std::net::SocketAddr {
     }
 }
 
+/// The IP of an address as probes print it (IPv4-mapped made plain).
+pub fn ip_of(addr: &str) -> std::net::IpAddr {
+    canon(addr).ip()
+}
+
+/// Asserts that a ztunnel stand-in `accepted` event shows a redirected
+/// connection: it landed on `ztunnel_ip:15001`, came from the client pod's
+/// IP (ztunnel's view of the client), and `SO_ORIGINAL_DST` said where it
+/// was going.
+pub fn assert_landed(
+    accepted: &Event,
+    ztunnel_ip: std::net::IpAddr,
+    client_ip: std::net::IpAddr,
+    original: std::net::SocketAddr,
+) {
+    let local = canon(accepted["local"].as_str().expect("local address"));
+    assert_eq!(
+        (local.ip(), local.port()),
+        (ztunnel_ip, 15001),
+        "{accepted}"
+    );
+    assert_eq!(
+        ip_of(accepted["peer"].as_str().expect("peer")),
+        client_ip,
+        "{accepted}"
+    );
+    assert_eq!(
+        accepted["orig_dst"].as_str().map(canon),
+        Some(original),
+        "{accepted}"
+    );
+}
+
 /// Starts the ztunnel stand-in in `cgroup`, listening on `port` inside each
 /// of `pods`' network namespaces; its own thread of control lives in the
 /// node netns, never the machine's.

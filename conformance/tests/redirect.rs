@@ -5,7 +5,8 @@
 use std::{net::SocketAddr, path::PathBuf, process::Command, time::Duration};
 
 use ambridge_conformance::{
-    Background, Daemon, Event, Node, Pod, canon, eventually, probe::run_in, ztunnel_stand_in,
+    Background, Daemon, Event, Node, Pod, assert_landed, canon, eventually, ip_of, probe::run_in,
+    ztunnel_stand_in,
 };
 
 /// Field order is drop order: processes and the daemon go before the node.
@@ -90,10 +91,6 @@ impl Fixture {
     }
 }
 
-fn ip_of(addr: &str) -> std::net::IpAddr {
-    canon(addr).ip()
-}
-
 fn assert_redirected(
     f: &Fixture,
     to: &str,
@@ -115,22 +112,9 @@ fn assert_redirected(
         Duration::from_secs(5),
     );
     assert_eq!(f.ztunnel_accepts().len(), before + 1);
-    // Landed on the client pod's own 15001 ...
-    let local = canon(accepted["local"].as_str().unwrap());
-    assert_eq!(local.port(), 15001, "{accepted}");
-    assert_eq!(local.ip(), client_ip, "{accepted}");
-    // ... from the client pod's IP (ztunnel's view of the client) ...
-    assert_eq!(
-        ip_of(accepted["peer"].as_str().unwrap()),
-        client_ip,
-        "{accepted}"
-    );
-    // ... and SO_ORIGINAL_DST says where it was going.
-    assert_eq!(
-        accepted["orig_dst"].as_str().map(canon),
-        Some(expected_orig),
-        "{accepted}"
-    );
+    // Landed on the client pod's own 15001, from its IP, with the
+    // original destination.
+    assert_landed(&accepted, client_ip, client_ip, expected_orig);
     let relayed = f
         .ztunnel
         .wait_for(|e| e["event"] == "relayed", Duration::from_secs(5));

@@ -5,12 +5,9 @@
 use std::{net::IpAddr, process::Command, time::Duration};
 
 use ambridge_conformance::{
-    Background, Daemon, Event, Node, Pod, canon, eventually, probe::run_in, ztunnel_stand_in_with,
+    Background, Daemon, Event, Node, Pod, assert_landed, canon, eventually, ip_of, probe::run_in,
+    ztunnel_stand_in_with,
 };
-
-fn ip_of(addr: &str) -> IpAddr {
-    canon(addr).ip()
-}
 
 /// An in-pod mesh: client and server both enrolled, a ztunnel stand-in
 /// listening in both pods (15001, and 15008 with `--hbone`), and an echo
@@ -404,22 +401,7 @@ fn the_shared_ztunnel_model_works_end_to_end_for_ipv4_and_ipv6() {
             .find(|e| e["event"] == "accepted")
             .expect("ztunnel accepted");
         // Landed on ztunnel's own IP and port, from the client pod's IP.
-        assert_eq!(
-            canon(accepted["local"].as_str().unwrap()).ip(),
-            zt_ip.to_canonical(),
-            "{accepted}"
-        );
-        assert_eq!(canon(accepted["local"].as_str().unwrap()).port(), 15001);
-        assert_eq!(
-            ip_of(accepted["peer"].as_str().unwrap()),
-            client_ip,
-            "{accepted}"
-        );
-        assert_eq!(
-            accepted["orig_dst"].as_str().map(canon),
-            Some(canon(&to)),
-            "{accepted}"
-        );
+        assert_landed(accepted, zt_ip, client_ip, canon(&to));
         // The original-source bind was rewritten to ztunnel's IP ...
         let inbound = new
             .iter()
