@@ -231,9 +231,10 @@ fn a_ztunnel_cgroup_nested_under_an_enrolled_pod_is_never_redirected() {
     let mut node = Node::new();
     let client = node.add_pod("client");
     let server = node.add_pod("server");
-    // A ztunnel whose cgroup sits below an enrolled pod's cgroup.
+    // A ztunnel whose cgroup sits below an enrolled pod's cgroup, calling
+    // another enrolled pod.
     let nested = node.add_cgroup("pod-client/ztunnel");
-    node.write_workloads(&[(&client, "ambient"), (&server, "none")], Some(&nested));
+    node.write_workloads(&[(&client, "ambient"), (&server, "ambient")], Some(&nested));
     let daemon = Daemon::start(&node);
     let _app = server.echo_server("[::]:8080");
     for to in [

@@ -54,6 +54,8 @@ enum Relay {
 
 /// The port of the inbound (HBONE) leg.
 const HBONE_PORT: u16 = 15008;
+/// The port of plaintext inbound capture.
+const INBOUND_PLAINTEXT_PORT: u16 = 15006;
 
 #[derive(Subcommand)]
 enum Role {
@@ -494,10 +496,10 @@ fn ztunnel(
                     let conn = Socket::from(conn?);
                     let pod = pod.clone();
                     thread::spawn(move || {
-                        let result = if listen_port == HBONE_PORT {
-                            inbound(&pod, conn, relay)
-                        } else {
-                            outbound(&pod, conn, relay, hbone)
+                        let result = match listen_port {
+                            HBONE_PORT => inbound_hbone(&pod, conn, relay),
+                            INBOUND_PLAINTEXT_PORT => inbound_plaintext(&pod, conn, relay),
+                            _ => outbound(&pod, conn, relay, hbone),
                         };
                         if let Err(e) = result {
                             report(json!({"event": "relay-error", "error": e.to_string()}));
@@ -570,11 +572,8 @@ fn outbound(
     Ok(())
 }
 
-/// The inbound leg: read the header, bind the client's address
-/// (`IP_TRANSPARENT` + `IP_FREEBIND`, port 0) as ztunnel's ORIGINAL_SRC does,
-/// connect to the target, relay. A failed bind is reported and the
-/// connection goes on with a kernel-chosen source, as ztunnel does.
-fn inbound(pod: &Path, conn: Socket, relay: Relay) -> io::Result<()> {
+/// The HBONE inbound leg: the header names the target and the client.
+fn inbound_hbone(pod: &Path, conn: Socket, relay: Relay) -> io::Result<()> {
     let conn: TcpStream = conn.into();
     let header = read_line(&conn)?;
     let mut words = header.split_whitespace();
@@ -591,6 +590,47 @@ fn inbound(pod: &Path, conn: Socket, relay: Relay) -> io::Result<()> {
     let client: std::net::IpAddr = client
         .parse()
         .map_err(|e| io::Error::other(format!("{e}")))?;
+    inbound(pod, conn, target, client, relay)
+}
+
+/// The plaintext inbound leg (15006): the target is the original
+/// destination (the local address if there is none, as ztunnel falls back
+/// to), the client is the peer.
+fn inbound_plaintext(pod: &Path, conn: Socket, relay: Relay) -> io::Result<()> {
+    let target = match original_dst(&conn) {
+        Ok(dst) => dst,
+        Err(_) => conn
+            .local_addr()?
+            .as_socket()
+            .ok_or_else(|| io::Error::other("no local address"))?,
+    };
+    // ztunnel refuses a self-call: nothing to relay to.
+    if [15001, HBONE_PORT, INBOUND_PLAINTEXT_PORT].contains(&target.port()) {
+        return Err(io::Error::new(
+            io::ErrorKind::ConnectionRefused,
+            format!("{target} is one of ztunnel's own capture ports"),
+        ));
+    }
+    let client = conn
+        .peer_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("no peer"))?
+        .ip()
+        .to_canonical();
+    inbound(pod, conn.into(), target, client, relay)
+}
+
+/// The inbound leg to the application: bind the client's address
+/// (`IP_TRANSPARENT` + `IP_FREEBIND`, port 0) as ztunnel's ORIGINAL_SRC does,
+/// connect to the target, relay. A failed bind is reported and the
+/// connection goes on with a kernel-chosen source, as ztunnel does.
+fn inbound(
+    pod: &Path,
+    conn: TcpStream,
+    target: SocketAddr,
+    client: std::net::IpAddr,
+    relay: Relay,
+) -> io::Result<()> {
     let upstream = Socket::new(Domain::for_address(target), Type::STREAM, None)?;
     upstream.set_mark(ZTUNNEL_MARK)?;
     let bind = (|| -> io::Result<()> {
