@@ -21,9 +21,9 @@ pub fn ip6_words(ip: Ipv6Addr) -> [u32; 4] {
 }
 
 /// Acceleration flags for connections served by a proxy: allowed when
-/// sockmap is on, unless the proxy relays with `splice(2)`.
-fn accel(settings: &Settings, zero_copy: bool) -> u32 {
-    match (settings.sockmap, zero_copy) {
+/// wanted (`accelerate`), unless the proxy relays with `splice(2)`.
+fn accel(accelerate: bool, zero_copy: bool) -> u32 {
+    match (accelerate, zero_copy) {
         (false, _) => 0,
         (true, false) => flags::ACCEL,
         (true, true) => flags::ZEROCOPY,
@@ -42,7 +42,8 @@ pub fn pod_entry(pod: &PodSpec, node: &NodeSpec, settings: &Settings) -> CgroupI
         ..CgroupInfo::default()
     };
     if pod.mode == Mode::Ambient {
-        info.flags |= flags::ENROLLED | accel(settings, node.zero_copy());
+        let accelerate = pod.accelerate.unwrap_or(settings.sockmap);
+        info.flags |= flags::ENROLLED | accel(accelerate, node.zero_copy());
     }
     let target4 = match shared {
         Some(s) => s.ip4,
@@ -69,7 +70,7 @@ pub fn pod_entry(pod: &PodSpec, node: &NodeSpec, settings: &Settings) -> CgroupI
 /// its original-source binds are undone or preserved as the node is set up.
 pub fn ztunnel_entry(ztunnel: &ZtunnelSpec, settings: &Settings) -> CgroupInfo {
     let mut info = CgroupInfo {
-        flags: flags::ZTUNNEL | accel(settings, ztunnel.zero_copy),
+        flags: flags::ZTUNNEL | accel(settings.sockmap, ztunnel.zero_copy),
         ..CgroupInfo::default()
     };
     if settings.original_src == OriginalSrc::Undo {
@@ -108,6 +109,7 @@ mod tests {
             cgroup: "/sys/fs/cgroup/p".into(),
             ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
             mode,
+            accelerate: None,
         }
     }
 
@@ -214,6 +216,17 @@ mod tests {
         );
         assert_ne!(info.flags & flags::ACCEL, 0);
         assert_eq!(info.flags & flags::ZEROCOPY, 0);
+    }
+
+    #[test]
+    fn a_pod_can_opt_in_or_out_of_the_nodes_acceleration_setting() {
+        let mut p = pod(Mode::Ambient, &["198.18.0.2"]);
+        p.accelerate = Some(true);
+        let info = pod_entry(&p, &NodeSpec::default(), &Settings::default());
+        assert_ne!(info.flags & flags::ACCEL, 0);
+        p.accelerate = Some(false);
+        let info = pod_entry(&p, &NodeSpec::default(), &sockmap_on());
+        assert_eq!(info.flags & flags::ACCEL, 0);
     }
 
     #[test]

@@ -168,6 +168,7 @@ mod tests {
             cgroup: cgroup.into(),
             ips: vec!["198.18.0.2".parse().unwrap()],
             mode,
+            accelerate: None,
         }
     }
 

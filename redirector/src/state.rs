@@ -28,6 +28,10 @@ pub struct PodSpec {
     pub cgroup: PathBuf,
     pub ips: Vec<IpAddr>,
     pub mode: Mode,
+    /// Same-node acceleration for this pod, overriding the node's
+    /// `--sockmap`: opt in pods whose applications use non-blocking
+    /// sockets, or opt out those that block.
+    pub accelerate: Option<bool>,
 }
 
 impl PodSpec {

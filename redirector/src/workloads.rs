@@ -9,6 +9,7 @@
 //!     cgroup: /sys/fs/cgroup/unified/node/pod-sleep   # pod-level cgroup
 //!     ips: [198.18.0.2, "fd00:18::2"]
 //!     mode: ambient               # ambient | none
+//!     accelerate: true            # optional: overrides --sockmap for this pod
 //! ztunnel:
 //!   cgroup: /sys/fs/cgroup/unified/node/ztunnel
 //!   zero_copy: false              # true: it relays with splice(2)
@@ -53,6 +54,7 @@ struct Workload {
     #[serde(default)]
     ips: Vec<IpAddr>,
     mode: Mode,
+    accelerate: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -122,6 +124,7 @@ pub fn parse(text: &str) -> Result<NodeSpec, FileError> {
                 cgroup: w.cgroup,
                 ips: w.ips,
                 mode: w.mode,
+                accelerate: w.accelerate,
             })
             .collect(),
         ztunnels: file
@@ -361,6 +364,14 @@ ztunnel:
             }]
         );
         assert_eq!(spec.redirect, None);
+    }
+
+    #[test]
+    fn a_pods_acceleration_override_is_parsed() {
+        let text = GOOD.replace("    mode: none\n", "    mode: none\n    accelerate: true\n");
+        let spec = parse(&text).unwrap();
+        assert_eq!(spec.pods[0].accelerate, None);
+        assert_eq!(spec.pods[1].accelerate, Some(true));
     }
 
     #[test]
