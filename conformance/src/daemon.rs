@@ -36,7 +36,12 @@ impl Daemon {
             .arg(node.bpffs())
             .arg("--workloads")
             .arg(node.workloads_path())
-            .args(["--resync-seconds", "1"])
+            // Tests want changes picked up fast, unless they say otherwise.
+            .args(if extra.contains(&"--resync-seconds") {
+                &[][..]
+            } else {
+                &["--resync-seconds", "1"][..]
+            })
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -78,6 +83,11 @@ impl Daemon {
                 )
             }
         }
+    }
+
+    /// The daemon's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     /// Every line the daemon has logged so far.

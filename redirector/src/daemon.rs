@@ -120,10 +120,20 @@ impl Node {
         let Some(spec) = &self.spec else {
             return Ok(());
         };
+        let started = std::time::Instant::now();
         let desired = reconcile::desired(spec, settings, &mut SystemResolver(&mut self.cookies));
         if desired.unresolved != self.unresolved {
-            for u in &desired.unresolved {
-                warn!(owner = %u.owner, cgroup = %u.cgroup.display(), "cgroup not found, retrying: {}", u.error);
+            // Name the first few; a node starting many pods at once would
+            // otherwise log one line per pod.
+            const NAMED: usize = 10;
+            for u in desired.unresolved.iter().take(NAMED) {
+                warn!(owner = %u.owner, cgroup = %u.cgroup.display(), "not in the datapath yet, retrying: {}", u.error);
+            }
+            if desired.unresolved.len() > NAMED {
+                warn!(
+                    more = desired.unresolved.len() - NAMED,
+                    "more workloads not in the datapath yet, retrying"
+                );
             }
             self.unresolved = desired.unresolved.clone();
         }
@@ -139,6 +149,7 @@ impl Node {
                 netns_changes = netns_ops.len(),
                 cgroups = desired.cgroups.len(),
                 netns = desired.netns.len(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
                 "reconciled"
             );
         }

@@ -104,6 +104,29 @@ enum Role {
     },
     /// Sleep until killed: the pod sandbox's own process.
     Pause,
+    /// Benchmark echo server (tokio).
+    BenchEcho {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Benchmark relay (tokio) listening in each pod netns.
+    BenchRelay {
+        #[arg(long = "pod-netns", required = true)]
+        pods: Vec<PathBuf>,
+        #[arg(long, default_value_t = 15001)]
+        port: u16,
+        /// Where connections without an original destination go (the
+        /// explicit-proxy path).
+        #[arg(long)]
+        default_upstream: Option<SocketAddr>,
+    },
+    /// Benchmark load generator (tokio).
+    BenchLoad {
+        #[arg(long)]
+        to: SocketAddr,
+        #[command(subcommand)]
+        what: bench::Load,
+    },
     /// UDP echo server: report every datagram's source, send it back.
     UdpEcho {
         #[arg(long)]
@@ -150,6 +173,13 @@ fn main() {
         Role::Pause => loop {
             thread::park();
         },
+        Role::BenchEcho { listen } => bench::echo(listen),
+        Role::BenchRelay {
+            pods,
+            port,
+            default_upstream,
+        } => bench::relay(&pods, port, default_upstream),
+        Role::BenchLoad { to, what } => bench::load(to, what),
         Role::UdpEcho { listen } => udp_echo(listen),
         Role::Udp { to } => udp(to),
         Role::Sockopts => sockopts(),
@@ -316,6 +346,7 @@ fn udp(to: SocketAddr) -> io::Result<()> {
     Ok(())
 }
 
+mod bench;
 mod polled;
 
 mod spliced;

@@ -1,0 +1,737 @@
+//! `ambridge-bench`: the datapath benchmark. Builds one sandbox node with a
+//! client pod per path, the same tokio echo server and the same tokio relay
+//! for all of them, runs every measurement on every path in interleaved
+//! rounds (so machine drift hits all paths alike), and reports each figure
+//! with its ratio to iptables capture and to the two floors.
+//!
+//! Paths (each its own client pod, so the node never changes between
+//! measurements):
+//! - `no-mesh`: the client connects straight to the server (the floor);
+//! - `explicit`: the client connects to the relay's 15001 in its own pod,
+//!   which relays to the server (the floor for any capture mechanism);
+//! - `iptables`: Istio's in-pod nat rules redirect to 15001, the relay reads
+//!   `SO_ORIGINAL_DST` from conntrack;
+//! - `ambridge`: connect-time rewrite and `SO_ORIGINAL_DST` emulation;
+//! - `ambridge+sockmap`: the same, with msg_redirect acceleration.
+//!
+//! Output: `results.json`, `results.md` and `chart.svg` under `--out`.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use ambridge_conformance::{Background, Daemon, Node, Pod, eventually};
+use clap::Parser;
+use serde_json::{Value, json};
+
+#[derive(Parser)]
+struct Args {
+    /// A quick run (about a minute) that checks the benchmark still works;
+    /// its figures are too short to compare.
+    #[arg(long)]
+    quick: bool,
+    /// Directory for results.json, results.md and chart.svg.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+    /// Interleaved rounds; each figure is the median over them.
+    #[arg(long)]
+    rounds: Option<usize>,
+}
+
+/// The capture paths, in report order.
+const PATHS: [&str; 5] = [
+    "no-mesh",
+    "explicit",
+    "iptables",
+    "ambridge",
+    "ambridge+sockmap",
+];
+
+/// Durations and sizes of one run.
+struct Plan {
+    rounds: usize,
+    cps_ms: u64,
+    rr_ms: u64,
+    bulk_bytes: usize,
+    pod_counts: Vec<usize>,
+}
+
+impl Plan {
+    fn new(args: &Args) -> Self {
+        let mut plan = if args.quick {
+            Plan {
+                rounds: 1,
+                cps_ms: 300,
+                rr_ms: 300,
+                bulk_bytes: 16 << 20,
+                pod_counts: vec![1_000],
+            }
+        } else {
+            Plan {
+                rounds: 3,
+                cps_ms: 1_500,
+                rr_ms: 2_000,
+                bulk_bytes: 512 << 20,
+                pod_counts: vec![1_000, 10_000],
+            }
+        };
+        if let Some(r) = args.rounds {
+            plan.rounds = r.max(1);
+        }
+        plan
+    }
+}
+
+/// One measurement: its key in the results, and the load generator's
+/// arguments.
+struct Phase {
+    key: String,
+    load: Vec<String>,
+}
+
+fn phases(plan: &Plan) -> Vec<Phase> {
+    let mut out = Vec::new();
+    for c in [1, 16, 128] {
+        out.push(Phase {
+            key: format!("cps_c{c}"),
+            load: vec![
+                "cps".into(),
+                "--concurrency".into(),
+                c.to_string(),
+                "--duration-ms".into(),
+                plan.cps_ms.to_string(),
+            ],
+        });
+    }
+    for (name, size) in [("1B", 1), ("4KiB", 4096)] {
+        out.push(Phase {
+            key: format!("rr_{name}"),
+            load: vec![
+                "rr".into(),
+                "--size".into(),
+                size.to_string(),
+                "--duration-ms".into(),
+                plan.rr_ms.to_string(),
+            ],
+        });
+    }
+    out.push(Phase {
+        key: "bulk".into(),
+        load: vec!["bulk".into(), "--bytes".into(), plan.bulk_bytes.to_string()],
+    });
+    out
+}
+
+/// The sandbox the benchmark runs in. Field order is drop order.
+struct Bench {
+    _relay: Background,
+    _server: Background,
+    daemon: Daemon,
+    server: Pod,
+    clients: BTreeMap<&'static str, Pod>,
+    node: Node,
+}
+
+/// The YAML of one workload.
+fn workload_yaml(pod: &Pod, mode: &str, accelerate: Option<bool>) -> String {
+    let mut y = format!(
+        "  - uid: {}\n    name: {}\n    namespace: bench\n    cgroup: {}\n    ips: [{}, \"{}\"]\n    mode: {mode}\n",
+        pod.uid,
+        pod.name,
+        pod.cgroup.display(),
+        pod.ip4,
+        pod.ip6
+    );
+    if let Some(a) = accelerate {
+        let _ = writeln!(y, "    accelerate: {a}");
+    }
+    y
+}
+
+impl Bench {
+    fn new() -> Self {
+        let mut node = Node::new();
+        let server = node.add_pod("server");
+        let mut clients = BTreeMap::new();
+        for (path, name) in PATHS
+            .iter()
+            .zip(["nomesh", "explicit", "iptables", "ambridge", "accel"])
+        {
+            clients.insert(*path, node.add_pod(name));
+        }
+        let ztunnel = node.add_cgroup("ztunnel");
+        fs::write(
+            node.workloads_path(),
+            Self::base_yaml(&server, &clients, &ztunnel),
+        )
+        .expect("writing the workloads file");
+        // Sockmap stays off node-wide; the accelerated path's pod opts in.
+        let daemon = Daemon::start_with(&node, &["--resync-seconds", "300"]);
+        install_istio_redirect(&clients["iptables"].netns_name);
+
+        let probe = ambridge_conformance::workspace_bin("ambridge-probe");
+        let server_proc = Background::spawn({
+            let mut c = Command::new(&probe);
+            c.arg("--cgroup")
+                .arg(&server.container)
+                .arg("--netns")
+                .arg(&server.netns)
+                .args(["bench-echo", "--listen", "[::]:8080"]);
+            c
+        });
+        server_proc.wait_for(|e| e["event"] == "listening", Duration::from_secs(10));
+        let relay = Background::spawn({
+            let mut c = Command::new(&probe);
+            c.arg("--cgroup")
+                .arg(&ztunnel)
+                .arg("--netns")
+                .arg(format!("/run/netns/{}", node.netns_name))
+                .args([
+                    "bench-relay",
+                    "--default-upstream",
+                    &format!("{}:8080", server.ip4),
+                ]);
+            for path in ["explicit", "iptables", "ambridge", "ambridge+sockmap"] {
+                c.arg("--pod-netns").arg(&clients[path].netns);
+            }
+            c
+        });
+        relay.wait_for(|e| e["event"] == "listening", Duration::from_secs(10));
+        Bench {
+            _relay: relay,
+            _server: server_proc,
+            daemon,
+            server,
+            clients,
+            node,
+        }
+    }
+
+    fn base_yaml(server: &Pod, clients: &BTreeMap<&str, Pod>, ztunnel: &Path) -> String {
+        let mut y = String::from("workloads:\n");
+        y += &workload_yaml(server, "none", None);
+        y += &workload_yaml(&clients["no-mesh"], "none", None);
+        y += &workload_yaml(&clients["explicit"], "none", None);
+        y += &workload_yaml(&clients["iptables"], "none", None);
+        y += &workload_yaml(&clients["ambridge"], "ambient", Some(false));
+        y += &workload_yaml(&clients["ambridge+sockmap"], "ambient", Some(true));
+        y += &format!("ztunnel:\n  cgroup: {}\n", ztunnel.display());
+        y
+    }
+
+    /// Where a path's client connects.
+    fn target(&self, path: &str) -> String {
+        match path {
+            "explicit" => format!("{}:15001", self.clients[path].ip4),
+            _ => format!("{}:8080", self.server.ip4),
+        }
+    }
+
+    fn load(&self, path: &str, args: &[String]) -> Value {
+        let target = self.target(path);
+        let mut full = vec!["bench-load", "--to", &target];
+        full.extend(args.iter().map(String::as_str));
+        let events = self.clients[path].run(&full);
+        events
+            .into_iter()
+            .find(|e| matches!(e["event"].as_str(), Some("cps" | "rr" | "bulk")))
+            .unwrap_or_else(|| panic!("no result from the load generator on {path}"))
+    }
+
+    /// Checks that every path takes the route it claims before measuring.
+    fn check_paths(&self) {
+        let warm: Vec<String> = ["cps", "--concurrency", "1", "--duration-ms", "100"]
+            .map(String::from)
+            .to_vec();
+        for path in PATHS {
+            let before = self.daemon.stats();
+            let r = self.load(path, &warm);
+            assert!(
+                r["ok"].as_u64() > Some(0) && r["failed"] == 0,
+                "{path} does not work: {r}"
+            );
+            let after = self.daemon.stats();
+            let redirected = |s: &BTreeMap<String, u64>| s["connect_redirected_ipv4"];
+            let redirects = redirected(&after) - redirected(&before);
+            let inserted = after["sockhash_inserted"] - before["sockhash_inserted"];
+            match path {
+                "ambridge" => assert!(redirects > 0 && inserted == 0, "ambridge path: {after:?}"),
+                "ambridge+sockmap" => {
+                    assert!(redirects > 0 && inserted > 0, "accelerated path: {after:?}")
+                }
+                _ => assert_eq!(redirects, 0, "{path} was redirected by ambridge"),
+            }
+        }
+        assert!(
+            conntrack_count(&self.clients["iptables"].netns_name) > 0,
+            "the iptables path created no conntrack entry"
+        );
+    }
+}
+
+/// Istio's in-pod nat OUTPUT rules (see the reference), TCP part.
+fn install_istio_redirect(ns: &str) {
+    for rule in [
+        "-t nat -N ISTIO_OUTPUT",
+        "-t nat -A OUTPUT -p tcp -j ISTIO_OUTPUT",
+        "-t nat -A ISTIO_OUTPUT -d 169.254.7.127/32 -j ACCEPT",
+        "-t nat -A ISTIO_OUTPUT -p tcp -m mark --mark 0x111/0xfff -j ACCEPT",
+        "-t nat -A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -j ACCEPT",
+        "-t nat -A ISTIO_OUTPUT ! -d 127.0.0.1/32 -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001",
+    ] {
+        let mut args = vec!["netns", "exec", ns, "iptables"];
+        args.extend(rule.split(' '));
+        let out = Command::new("ip")
+            .args(&args)
+            .output()
+            .expect("running iptables");
+        assert!(
+            out.status.success(),
+            "iptables {rule}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Conntrack entries in a netns (0 where conntrack is not active).
+fn conntrack_count(ns: &str) -> u64 {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "conntrack", "-C"])
+        .output()
+        .expect("running conntrack (scripts/setup.sh installs it)");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+/// Busy CPU time of the whole machine so far, in seconds (every process
+/// and the kernel, softirqs included).
+fn busy_cpu_seconds() -> f64 {
+    let stat = fs::read_to_string("/proc/stat").expect("reading /proc/stat");
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .expect("cpu line")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let busy = fields[0]
+        + fields[1]
+        + fields[2]
+        + fields[5]
+        + fields[6]
+        + fields.get(7).copied().unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    busy as f64 / hz
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The figures of one path: metric name -> value.
+type Figures = BTreeMap<String, f64>;
+
+fn measure(
+    bench: &Bench,
+    plan: &Plan,
+) -> (
+    BTreeMap<&'static str, Figures>,
+    BTreeMap<&'static str, Vec<f64>>,
+) {
+    let mut samples: BTreeMap<(&str, String), Vec<f64>> = BTreeMap::new();
+    let mut cdfs: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
+    for round in 0..plan.rounds {
+        eprintln!("[bench] round {}/{}", round + 1, plan.rounds);
+        for phase in phases(plan) {
+            for path in PATHS {
+                let cpu_before = busy_cpu_seconds();
+                let r = bench.load(path, &phase.load);
+                let cpu = busy_cpu_seconds() - cpu_before;
+                let mut put =
+                    |k: &str, v: f64| samples.entry((path, k.to_string())).or_default().push(v);
+                match r["event"].as_str() {
+                    Some("cps") => put(
+                        &format!("{}_per_s", phase.key),
+                        r["per_second"].as_f64().unwrap_or(0.0),
+                    ),
+                    Some("rr") => {
+                        for p in ["p50", "p99", "p999"] {
+                            put(
+                                &format!("{}_{p}_us", phase.key),
+                                r[format!("{p}_us")].as_f64().unwrap_or(0.0),
+                            );
+                        }
+                        let count = r["count"].as_f64().unwrap_or(1.0);
+                        put(
+                            &format!("{}_cpu_s_per_10k", phase.key),
+                            cpu / count * 10_000.0,
+                        );
+                        if phase.key == "rr_1B" {
+                            let cdf = r["cdf_us"]
+                                .as_array()
+                                .map(|a| a.iter().filter_map(Value::as_f64).collect());
+                            cdfs.insert(path, cdf.unwrap_or_default());
+                        }
+                    }
+                    Some("bulk") => put("bulk_gbit_per_s", r["gbit_per_s"].as_f64().unwrap_or(0.0)),
+                    _ => {}
+                }
+            }
+        }
+    }
+    let mut figures: BTreeMap<&'static str, Figures> = BTreeMap::new();
+    for ((path, key), v) in samples {
+        let path = PATHS.iter().find(|p| **p == path).expect("known path");
+        figures.entry(path).or_default().insert(key, median(v));
+    }
+    for path in PATHS {
+        let n = conntrack_count(&bench.clients[path].netns_name);
+        figures
+            .entry(path)
+            .or_default()
+            .insert("conntrack_entries".into(), n as f64);
+    }
+    (figures, cdfs)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Time for the daemon to reach `want` cgroup entries.
+fn time_until_cgroups(daemon: &Daemon, want: u64, since: Instant) -> f64 {
+    eventually(Duration::from_secs(120), || {
+        (daemon.map_entries()["cgroups"] == want).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the daemon never reached {want} cgroup entries: {:?}",
+            daemon.map_entries()
+        )
+    });
+    since.elapsed().as_secs_f64()
+}
+
+fn control_plane(bench: &mut Bench, plan: &Plan) -> Value {
+    let pid = bench.daemon.pid().expect("daemon running");
+    let idle_rss = rss_kib(pid);
+    let base = fs::read_to_string(bench.node.workloads_path()).expect("workloads file");
+    let base_entries = bench.daemon.map_entries()["cgroups"];
+    let max = *plan.pod_counts.iter().max().unwrap_or(&0);
+    bench.node.add_cgroup("cp");
+    let cgroups: Vec<PathBuf> = (0..max)
+        .map(|i| bench.node.add_cgroup(&format!("cp/p{i}")))
+        .collect();
+    let synthetic = |n: usize| {
+        let mut y = String::new();
+        for (i, cg) in cgroups.iter().take(n).enumerate() {
+            let _ = write!(
+                y,
+                "  - uid: cp-{i}\n    name: cp-{i}\n    namespace: bench\n    cgroup: {}\n    ips: [100.64.{}.{}]\n    mode: ambient\n",
+                cg.display(),
+                i / 250,
+                i % 250 + 1
+            );
+        }
+        y
+    };
+    let with = |extra: &str| base.replacen("ztunnel:", &format!("{extra}ztunnel:"), 1);
+    let mut apply = serde_json::Map::new();
+    let mut one_change = 0.0;
+    let mut loaded_rss = 0;
+    for &n in &plan.pod_counts {
+        // Back to the base state, then all n pods in one edit.
+        bench.node.write_workloads_text(&base);
+        time_until_cgroups(&bench.daemon, base_entries, Instant::now());
+        let text = with(&synthetic(n));
+        let t0 = Instant::now();
+        bench.node.write_workloads_text(&text);
+        let secs = time_until_cgroups(&bench.daemon, base_entries + n as u64, t0);
+        eprintln!("[bench] applied {n} pods in {secs:.3} s");
+        apply.insert(format!("apply_{n}_pods_s"), json!(secs));
+        if n == max {
+            loaded_rss = rss_kib(pid);
+            // One pod leaves: the file edit that reaches the kernel.
+            let t0 = Instant::now();
+            bench.node.write_workloads_text(&with(&synthetic(n - 1)));
+            one_change = time_until_cgroups(&bench.daemon, base_entries + n as u64 - 1, t0);
+        }
+    }
+    bench.node.write_workloads_text(&base);
+    json!({
+        "apply": apply,
+        "one_pod_change_s": one_change,
+        "rss_idle_kib": idle_rss,
+        "rss_loaded_kib": loaded_rss,
+        "loaded_pods": max,
+    })
+}
+
+fn machine() -> Value {
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default();
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    json!({
+        "kernel": kernel.trim(),
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu_model": cpu,
+    })
+}
+
+/// Whether a larger value of `metric` is better.
+fn higher_is_better(metric: &str) -> bool {
+    metric.ends_with("_per_s")
+}
+
+fn ratio(a: f64, b: f64) -> Value {
+    if b > 0.0 {
+        json!((a / b * 1000.0).round() / 1000.0)
+    } else {
+        Value::Null
+    }
+}
+
+fn report(
+    figures: &BTreeMap<&'static str, Figures>,
+    cp: &Value,
+    machine: &Value,
+    plan: &Plan,
+    quick: bool,
+) -> (Value, String) {
+    let metrics: Vec<String> = figures["iptables"].keys().cloned().collect();
+    let mut table = serde_json::Map::new();
+    for m in &metrics {
+        let mut row = serde_json::Map::new();
+        for path in PATHS {
+            let v = figures[path].get(m).copied().unwrap_or(f64::NAN);
+            row.insert(
+                path.to_string(),
+                json!({
+                    "value": v,
+                    "vs_iptables": ratio(v, figures["iptables"][m]),
+                    "vs_no_mesh": ratio(v, figures["no-mesh"][m]),
+                    "vs_explicit": ratio(v, figures["explicit"][m]),
+                }),
+            );
+        }
+        table.insert(m.clone(), Value::Object(row));
+    }
+    let json = json!({
+        "machine": machine,
+        "quick": quick,
+        "rounds": plan.rounds,
+        "paths": PATHS,
+        "datapath": table,
+        "control_plane": cp,
+    });
+
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "Machine: {} CPUs ({}), Linux {}. {} round(s){}; each figure is the median; in brackets the ratio to iptables capture.\n",
+        machine["cpus"],
+        machine["cpu_model"].as_str().unwrap_or("?"),
+        machine["kernel"].as_str().unwrap_or("?"),
+        plan.rounds,
+        if quick {
+            ", quick mode (not comparable)"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(md, "| figure | {} |", PATHS.join(" | "));
+    let _ = writeln!(md, "|---|{}", "---|".repeat(PATHS.len()));
+    for m in &metrics {
+        let arrow = if higher_is_better(m) {
+            "higher is better"
+        } else {
+            "lower is better"
+        };
+        let _ = write!(md, "| {m} ({arrow}) |");
+        for path in PATHS {
+            let v = figures[path].get(m).copied().unwrap_or(f64::NAN);
+            let r = figures["iptables"].get(m).copied().unwrap_or(f64::NAN);
+            let value = if v.abs() >= 100.0 {
+                format!("{v:.0}")
+            } else {
+                format!("{v:.3}")
+            };
+            if r > 0.0 {
+                let _ = write!(md, " {value} ({:.2}x) |", v / r);
+            } else {
+                let _ = write!(md, " {value} |");
+            }
+        }
+        md.push('\n');
+    }
+    let _ = writeln!(md, "\nControl plane: {}", cp);
+    (json, md)
+}
+
+/// Two panels: connection rates by concurrency, and the latency
+/// distribution of 1-byte request/response.
+fn chart(
+    figures: &BTreeMap<&'static str, Figures>,
+    cdfs: &BTreeMap<&'static str, Vec<f64>>,
+) -> String {
+    const COLORS: [&str; 5] = ["#7f7f7f", "#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
+    let (w, h, pad) = (1100.0, 440.0, 50.0);
+    let mut s = format!(
+        "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='12'>\n<rect width='100%' height='100%' fill='white'/>\n"
+    );
+    // Panel 1: new connections per second.
+    let (x0, y0, pw, ph) = (pad, pad, 480.0, h - 2.0 * pad - 40.0);
+    let keys = ["cps_c1_per_s", "cps_c16_per_s", "cps_c128_per_s"];
+    let max = keys
+        .iter()
+        .flat_map(|k| {
+            PATHS
+                .iter()
+                .map(move |p| figures[p].get(*k).copied().unwrap_or(0.0))
+        })
+        .fold(1.0, f64::max);
+    let _ = writeln!(
+        s,
+        "<text x='{x0}' y='{}' font-weight='bold'>New connections per second</text>",
+        y0 - 15.0
+    );
+    let group = pw / keys.len() as f64;
+    let bar = group / (PATHS.len() as f64 + 1.5);
+    for (gi, k) in keys.iter().enumerate() {
+        for (pi, p) in PATHS.iter().enumerate() {
+            let v = figures[p].get(*k).copied().unwrap_or(0.0);
+            let bh = v / max * ph;
+            let x = x0 + gi as f64 * group + (pi as f64 + 0.5) * bar;
+            let _ = writeln!(
+                s,
+                "<rect x='{x:.1}' y='{:.1}' width='{:.1}' height='{bh:.1}' fill='{}'><title>{p}: {v:.0}/s</title></rect>",
+                y0 + ph - bh,
+                bar * 0.9,
+                COLORS[pi]
+            );
+        }
+        let label = k.trim_start_matches("cps_c").trim_end_matches("_per_s");
+        let _ = writeln!(
+            s,
+            "<text x='{:.1}' y='{:.1}'>{label} concurrent</text>",
+            x0 + gi as f64 * group + bar,
+            y0 + ph + 15.0
+        );
+    }
+    let _ = writeln!(
+        s,
+        "<text x='{x0}' y='{:.1}'>max {max:.0}/s</text>",
+        y0 + ph + 32.0
+    );
+    // Panel 2: latency percentiles (x: latency, y: percentile).
+    let (x1, pw2) = (x0 + pw + 80.0, 480.0);
+    let lmax = cdfs
+        .values()
+        .filter_map(|c| c.get(99).copied())
+        .fold(1.0, f64::max);
+    let _ = writeln!(
+        s,
+        "<text x='{x1}' y='{}' font-weight='bold'>1-byte request/response latency (percentile by microseconds, up to p99)</text>",
+        y0 - 15.0
+    );
+    let _ = writeln!(
+        s,
+        "<line x1='{x1}' y1='{:.1}' x2='{:.1}' y2='{:.1}' stroke='black'/>",
+        y0 + ph,
+        x1 + pw2,
+        y0 + ph
+    );
+    let _ = writeln!(
+        s,
+        "<line x1='{x1}' y1='{y0}' x2='{x1}' y2='{:.1}' stroke='black'/>",
+        y0 + ph
+    );
+    for (pi, p) in PATHS.iter().enumerate() {
+        let Some(cdf) = cdfs.get(p) else { continue };
+        let points: Vec<String> = cdf
+            .iter()
+            .take(100)
+            .enumerate()
+            .map(|(i, us)| {
+                format!(
+                    "{:.1},{:.1}",
+                    x1 + (us / lmax).min(1.0) * pw2,
+                    y0 + ph - i as f64 / 99.0 * ph
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            s,
+            "<polyline fill='none' stroke='{}' stroke-width='2' points='{}'/>",
+            COLORS[pi],
+            points.join(" ")
+        );
+    }
+    let _ = writeln!(
+        s,
+        "<text x='{:.1}' y='{:.1}'>{lmax:.0} us</text>",
+        x1 + pw2 - 40.0,
+        y0 + ph + 15.0
+    );
+    // Legend.
+    for (pi, p) in PATHS.iter().enumerate() {
+        let x = x0 + pi as f64 * 190.0;
+        let y = h - 15.0;
+        let _ = writeln!(
+            s,
+            "<rect x='{x}' y='{}' width='12' height='12' fill='{}'/><text x='{}' y='{y}'>{p}</text>",
+            y - 11.0,
+            COLORS[pi],
+            x + 16.0
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+fn main() {
+    let args = Args::parse();
+    let plan = Plan::new(&args);
+    let started = Instant::now();
+    let mut bench = Bench::new();
+    bench.check_paths();
+    let (figures, cdfs) = measure(&bench, &plan);
+    let cp = control_plane(&mut bench, &plan);
+    let (json, md) = report(&figures, &cp, &machine(), &plan, args.quick);
+    fs::create_dir_all(&args.out).expect("creating the output directory");
+    fs::write(
+        args.out.join("results.json"),
+        serde_json::to_string_pretty(&json).unwrap(),
+    )
+    .expect("writing results.json");
+    fs::write(args.out.join("results.md"), &md).expect("writing results.md");
+    fs::write(args.out.join("chart.svg"), chart(&figures, &cdfs)).expect("writing chart.svg");
+    println!("{md}");
+    println!(
+        "wrote {}/results.json, results.md and chart.svg in {:.0} s",
+        args.out.display(),
+        started.elapsed().as_secs_f64()
+    );
+}
