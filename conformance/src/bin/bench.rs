@@ -173,6 +173,33 @@ impl Bench {
         // Sockmap stays off node-wide; the accelerated path's pod opts in.
         let daemon = Daemon::start_with(&node, &["--resync-seconds", "300"]);
         install_istio_redirect(&clients["iptables"].netns_name);
+        // Connection storms leave thousands of TIME_WAIT sockets towards one
+        // destination; without reuse every later connect searches past them
+        // and the rate collapses (about 14k/s to 1k/s here, with or without
+        // a mesh). Clients and the relay's upstream side reuse them, as many
+        // production nodes are set up to.
+        let namespaces = clients
+            .values()
+            .map(|p| p.netns_name.clone())
+            .chain([node.netns_name.clone()]);
+        for ns in namespaces {
+            let out = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &ns,
+                    "sysctl",
+                    "-qw",
+                    "net.ipv4.tcp_tw_reuse=1",
+                ])
+                .output()
+                .expect("running sysctl");
+            assert!(
+                out.status.success(),
+                "sysctl in {ns}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
 
         let probe = ambridge_conformance::workspace_bin("ambridge-probe");
         let server_proc = Background::spawn({
