@@ -432,6 +432,51 @@ fn measure(
     (figures, cdfs)
 }
 
+/// Kernel-side cost of each ambridge program: runs and nanoseconds per run,
+/// from the kernel's BPF run-time statistics (`kernel.bpf_stats_enabled`).
+fn program_costs() -> Value {
+    let out = Command::new("bpftool")
+        .args(["prog", "show", "-j"])
+        .output()
+        .expect("running bpftool (scripts/setup.sh installs it)");
+    let progs: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    let mut costs = serde_json::Map::new();
+    for p in progs.as_array().into_iter().flatten() {
+        let name = p["name"].as_str().unwrap_or_default();
+        if ![
+            "connect4",
+            "connect6",
+            "bind4",
+            "bind6",
+            "getpeername4",
+            "getpeername6",
+            "getsockopt",
+            "sock_ops",
+            "redirect",
+        ]
+        .contains(&name)
+        {
+            continue;
+        }
+        let runs = p["run_cnt"].as_u64().unwrap_or(0);
+        let ns = p["run_time_ns"].as_u64().unwrap_or(0);
+        let entry = costs
+            .entry(name.to_string())
+            .or_insert(json!({"runs": 0, "run_time_ns": 0}));
+        entry["runs"] = json!(entry["runs"].as_u64().unwrap_or(0) + runs);
+        entry["run_time_ns"] = json!(entry["run_time_ns"].as_u64().unwrap_or(0) + ns);
+    }
+    for v in costs.values_mut() {
+        let runs = v["runs"].as_u64().unwrap_or(0);
+        v["ns_per_run"] = json!(if runs > 0 {
+            v["run_time_ns"].as_u64().unwrap_or(0) as f64 / runs as f64
+        } else {
+            0.0
+        });
+    }
+    Value::Object(costs)
+}
+
 fn rss_kib(pid: u32) -> u64 {
     fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -742,11 +787,20 @@ fn main() {
     let args = Args::parse();
     let plan = Plan::new(&args);
     let started = Instant::now();
+    // Per-program run-time statistics cost a little on every run; they are
+    // on for the whole run, so every path pays it alike.
+    let stats_flag = Path::new("/proc/sys/kernel/bpf_stats_enabled");
+    let stats_before = fs::read_to_string(stats_flag).unwrap_or_else(|_| "0".into());
+    fs::write(stats_flag, "1").expect("enabling kernel.bpf_stats_enabled");
     let mut bench = Bench::new();
     bench.check_paths();
     let (figures, cdfs) = measure(&bench, &plan);
+    let costs = program_costs();
+    fs::write(stats_flag, stats_before.trim()).expect("restoring kernel.bpf_stats_enabled");
     let cp = control_plane(&mut bench, &plan);
-    let (json, md) = report(&figures, &cp, &machine(), &plan, args.quick);
+    let (mut json, mut md) = report(&figures, &cp, &machine(), &plan, args.quick);
+    json["kernel_programs"] = costs.clone();
+    let _ = writeln!(md, "\nKernel programs (runs, ns per run): {costs}");
     fs::create_dir_all(&args.out).expect("creating the output directory");
     fs::write(
         args.out.join("results.json"),
