@@ -18,3 +18,10 @@ echo "[test] building binaries used by the conformance suite"
 cargo build --bins --quiet
 echo "[test] unit and conformance tests"
 cargo test --no-fail-fast
+# Not a test: no threshold is checked. It runs so the benchmark cannot rot.
+echo "[test] benchmark, quick mode (figures not comparable)"
+if ! target/debug/ambridge-bench --quick --out target/bench-quick > target/bench-quick.log 2>&1; then
+    cat target/bench-quick.log
+    exit 1
+fi
+echo "[test] benchmark quick mode ran: target/bench-quick/results.md"

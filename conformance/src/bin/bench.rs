@@ -725,7 +725,7 @@ fn chart(
         .fold(1.0, f64::max);
     let _ = writeln!(
         s,
-        "<text x='{x1}' y='{}' font-weight='bold'>1-byte request/response latency (percentile by microseconds, up to p99)</text>",
+        "<text x='{x1}' y='{}' font-weight='bold'>1-byte request/response latency, percentiles to p99</text>",
         y0 - 15.0
     );
     let _ = writeln!(
