@@ -18,6 +18,7 @@ use tracing::{error, info, warn};
 use crate::{
     cgroup,
     datapath::{Datapath, Pins},
+    enroll,
     netns::CookieCache,
     reconcile::{self, Resolve, Unresolved},
     state::{NodeSpec, Settings},
@@ -38,6 +39,8 @@ pub struct Options {
 /// Runs until SIGTERM or SIGINT. The datapath stays installed afterwards.
 pub async fn run(opts: Options) -> anyhow::Result<()> {
     let mut datapath = Datapath::install(&opts.cgroup_root, &opts.pins)?;
+    // The flags alone set the redirect port; a node state adds the rest.
+    datapath.set_node_config(enroll::node_config(None, &opts.settings))?;
     let (tx, mut changed) = mpsc::channel(1);
     let _watcher = watch(&opts.workloads, tx)?;
     let mut node = Node::default();
@@ -142,6 +145,11 @@ impl Node {
         // Namespaces first: a pod's binds are judged against its netns entry
         // as soon as its cgroup entry makes it known.
         datapath.apply_netns(&netns_ops)?;
+        // Before the cgroups: a newly enrolled pod's first connect may ask
+        // getpeername at once.
+        if datapath.set_node_config(desired.node)? {
+            info!(config = ?desired.node, "node settings written");
+        }
         datapath.apply_cgroups(&cgroup_ops)?;
         if !cgroup_ops.is_empty() || !netns_ops.is_empty() {
             info!(

@@ -3,7 +3,7 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use ambridge_common::{CgroupInfo, NetnsInfo, flags};
+use ambridge_common::{CgroupInfo, NetnsInfo, NodeConfig, REDIRECT_PORTS, flags, v4_mapped};
 
 use crate::state::{Mode, NodeSpec, OriginalSrc, PodSpec, Settings, ZtunnelSpec};
 
@@ -77,6 +77,36 @@ pub fn ztunnel_entry(ztunnel: &ZtunnelSpec, settings: &Settings) -> CgroupInfo {
         info.flags |= flags::UNDO_ORIG_SRC;
     }
     info
+}
+
+/// The node-wide settings the programs filter on: every port connects are
+/// redirected to, and the shared ztunnel's addresses (if any). `spec` is
+/// `None` before any feed has delivered a node state.
+pub fn node_config(spec: Option<&NodeSpec>, settings: &Settings) -> NodeConfig {
+    let mut cfg = NodeConfig::default();
+    let shared = spec.and_then(|s| s.redirect);
+    let ports = [
+        Some(settings.port.0),
+        shared.and_then(|s| s.port).map(|p| p.0),
+    ];
+    let mut n = 0;
+    for port in ports.into_iter().flatten() {
+        if n < REDIRECT_PORTS && !cfg.redirect_ports[..n].contains(&port) {
+            cfg.redirect_ports[n] = port;
+            n += 1;
+        }
+    }
+    if let Some(shared) = shared {
+        if let Some(ip4) = shared.ip4 {
+            cfg.flags |= flags::HAS_IP4;
+            cfg.shared_ip4 = v4_mapped(ip4_word(ip4));
+        }
+        if let Some(ip6) = shared.ip6 {
+            cfg.flags |= flags::HAS_IP6;
+            cfg.shared_ip6 = ip6_words(ip6);
+        }
+    }
+    cfg
 }
 
 /// The local identity of a network namespace holding `ip4`/`ip6`.
@@ -269,6 +299,31 @@ mod tests {
         };
         let info = ztunnel_entry(&ztunnel(false), &settings);
         assert_eq!(info.flags & flags::UNDO_ORIG_SRC, 0);
+    }
+
+    #[test]
+    fn the_node_config_holds_every_redirect_port_once_and_the_shared_ztunnel() {
+        let cfg = node_config(None, &Settings::default());
+        assert_eq!(cfg.redirect_ports, [15001, 0, 0, 0]);
+        assert_eq!(cfg.flags, 0);
+        let shared = SharedRedirect {
+            ip4: Some("198.18.0.50".parse().unwrap()),
+            ip6: None,
+            port: Some(Port(15011)),
+        };
+        let cfg = node_config(Some(&node_with(vec![], Some(shared))), &Settings::default());
+        assert_eq!(cfg.redirect_ports, [15001, 15011, 0, 0]);
+        assert_eq!(cfg.flags, flags::HAS_IP4);
+        assert!(cfg.is_shared_ztunnel(&v4_mapped(ip4_word("198.18.0.50".parse().unwrap()))));
+        let same_port = SharedRedirect {
+            port: Some(Port(15001)),
+            ..shared
+        };
+        let cfg = node_config(
+            Some(&node_with(vec![], Some(same_port))),
+            &Settings::default(),
+        );
+        assert_eq!(cfg.redirect_ports, [15001, 0, 0, 0]);
     }
 
     #[test]

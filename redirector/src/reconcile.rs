@@ -5,7 +5,7 @@
 
 use std::{collections::BTreeMap, io, path::Path};
 
-use ambridge_common::{CgroupInfo, NetnsInfo};
+use ambridge_common::{CgroupInfo, NetnsInfo, NodeConfig};
 
 use crate::{
     enroll,
@@ -36,6 +36,7 @@ pub struct Unresolved {
 pub struct Desired {
     pub cgroups: BTreeMap<CgroupId, CgroupInfo>,
     pub netns: BTreeMap<NetnsCookie, NetnsInfo>,
+    pub node: NodeConfig,
     pub unresolved: Vec<Unresolved>,
 }
 
@@ -73,7 +74,10 @@ impl Desired {
 /// Computes the desired maps. A ztunnel's cgroup entry wins over a pod's if
 /// both resolve to the same cgroup.
 pub fn desired(spec: &NodeSpec, settings: &Settings, resolve: &mut impl Resolve) -> Desired {
-    let mut out = Desired::default();
+    let mut out = Desired {
+        node: enroll::node_config(Some(spec), settings),
+        ..Desired::default()
+    };
     for pod in &spec.pods {
         let owner = format!("pod {}/{} ({})", pod.namespace, pod.name, pod.uid);
         match resolve.cgroup_id(&pod.cgroup) {

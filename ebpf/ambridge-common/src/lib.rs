@@ -33,6 +33,8 @@ pub mod map_names {
     pub const SOCKS: &str = "AMB_SOCKS";
     /// Per-CPU `u64` counters indexed by [`super::Counter`].
     pub const COUNTERS: &str = "AMB_COUNTERS";
+    /// One [`super::NodeConfig`], at index 0.
+    pub const NODE: &str = "AMB_NODE";
 }
 
 /// Capacity of [`map_names::CGROUPS`]: pods (and ztunnels) on one node.
@@ -107,6 +109,40 @@ pub struct NetnsInfo {
     /// Network order.
     pub ip4: u32,
     pub ip6: [u32; 4],
+}
+
+/// How many distinct redirect ports [`NodeConfig`] holds.
+pub const REDIRECT_PORTS: usize = 4;
+
+/// Node-wide facts the programs use to rule sockets out cheaply before any
+/// hash lookup: a redirected client's peer port is a redirect port, and an
+/// undone inbound leg's peer is the netns's own IP (in-pod) or ztunnel's
+/// (shared model).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NodeConfig {
+    /// Host order; unused slots are 0.
+    pub redirect_ports: [u16; REDIRECT_PORTS],
+    /// [`flags::HAS_IP4`] / [`flags::HAS_IP6`]: the shared ztunnel's
+    /// addresses are set.
+    pub flags: u32,
+    /// The shared ztunnel's IPv4 (network order), IPv4-mapped.
+    pub shared_ip4: [u32; 4],
+    pub shared_ip6: [u32; 4],
+}
+
+impl NodeConfig {
+    #[inline(always)]
+    pub fn is_redirect_port(&self, port: u16) -> bool {
+        port != 0 && self.redirect_ports.contains(&port)
+    }
+
+    /// Whether `ip` (IPv6 or IPv4-mapped) is the shared ztunnel's.
+    #[inline(always)]
+    pub fn is_shared_ztunnel(&self, ip: &[u32; 4]) -> bool {
+        (self.flags & flags::HAS_IP4 != 0 && *ip == self.shared_ip4)
+            || (self.flags & flags::HAS_IP6 != 0 && *ip == self.shared_ip6)
+    }
 }
 
 /// [`ConnRecord::kind`] values.
@@ -260,6 +296,12 @@ const _: () = {
     assert!(offset_of!(NetnsInfo, ip4) == 4);
     assert!(offset_of!(NetnsInfo, ip6) == 8);
 
+    assert!(size_of::<NodeConfig>() == 44);
+    assert!(offset_of!(NodeConfig, redirect_ports) == 0);
+    assert!(offset_of!(NodeConfig, flags) == 8);
+    assert!(offset_of!(NodeConfig, shared_ip4) == 12);
+    assert!(offset_of!(NodeConfig, shared_ip6) == 28);
+
     assert!(size_of::<ConnRecord>() == 20);
     assert!(offset_of!(ConnRecord, addr) == 0);
     assert!(offset_of!(ConnRecord, port) == 16);
@@ -280,6 +322,7 @@ mod pod {
     unsafe impl aya::Pod for super::CgroupInfo {}
     unsafe impl aya::Pod for super::NetnsInfo {}
     unsafe impl aya::Pod for super::ConnRecord {}
+    unsafe impl aya::Pod for super::NodeConfig {}
     unsafe impl aya::Pod for super::ConnKey {}
 }
 
@@ -307,6 +350,23 @@ mod tests {
     fn native_ipv6_is_not_v4() {
         let ip6 = [u32::from_be(0xfd00_0018), 0, 0, u32::from_be(2)];
         assert_eq!(as_v4(&ip6), None);
+    }
+
+    #[test]
+    fn node_config_matches_only_what_it_holds() {
+        let mut cfg = NodeConfig {
+            redirect_ports: [15001, 0, 0, 0],
+            ..NodeConfig::default()
+        };
+        assert!(cfg.is_redirect_port(15001));
+        assert!(!cfg.is_redirect_port(0));
+        assert!(!cfg.is_redirect_port(8080));
+        let zt = v4_mapped(u32::from_ne_bytes([198, 18, 0, 50]));
+        assert!(!cfg.is_shared_ztunnel(&zt));
+        cfg.flags = flags::HAS_IP4;
+        cfg.shared_ip4 = zt;
+        assert!(cfg.is_shared_ztunnel(&zt));
+        assert!(!cfg.is_shared_ztunnel(&[0; 4]));
     }
 
     #[test]

@@ -3,11 +3,11 @@
 
 use ambridge_common::{
     CGROUPS_CAPACITY, CONNS_CAPACITY, COUNTER_SLOTS, CgroupInfo, ConnKey, ConnRecord, Counter,
-    NETNS_CAPACITY, NetnsInfo, PENDING_CAPACITY, SOCKS_CAPACITY,
+    NETNS_CAPACITY, NetnsInfo, NodeConfig, PENDING_CAPACITY, SOCKS_CAPACITY,
 };
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
 };
 
 /// Pod and ztunnel cgroups, by cgroup v2 id. Written by the daemon only.
@@ -34,6 +34,17 @@ pub static CONNS: LruHashMap<ConnKey, ConnRecord> = LruHashMap::pinned(CONNS_CAP
 /// a socket from it when the socket closes.
 #[map(name = "AMB_SOCKS")]
 pub static SOCKS: SockHash<ConnKey> = SockHash::pinned(SOCKS_CAPACITY, 0);
+
+/// Node-wide settings (one entry). Written by the daemon only.
+#[map(name = "AMB_NODE")]
+static NODE: Array<NodeConfig> = Array::pinned(1, 0);
+
+/// The node's settings; all-zero (nothing matches) until the daemon wrote
+/// them.
+#[inline(always)]
+pub fn node() -> NodeConfig {
+    NODE.get(0).copied().unwrap_or_default()
+}
 
 #[map(name = "AMB_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);

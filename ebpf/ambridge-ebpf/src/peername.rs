@@ -17,7 +17,7 @@ use ambridge_common::{ConnKey, Counter, as_v4, conn_kind, v4_mapped};
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 
 use crate::{
-    maps::{CONNS, bump},
+    maps::{CONNS, bump, node},
     net::{ctx_addr, ctx_read, ctx_write, ctx_write_ip6},
 };
 
@@ -25,6 +25,11 @@ const PROCEED: i32 = 1;
 
 /// The address to answer instead, if any: `(addr, Some(port))` for a
 /// redirected client, `(addr, None)` (keep the port) for an undone source.
+///
+/// Every `accept()` and `getpeername()` under the cgroup runs this, so the
+/// node settings rule sockets out before any hash lookup: a redirected
+/// client's peer port is a redirect port, and an undone inbound leg's peer
+/// is the netns's own address (in-pod) or the shared ztunnel's.
 #[inline(always)]
 fn replacement(
     local: [u32; 4],
@@ -32,17 +37,23 @@ fn replacement(
     peer: [u32; 4],
     peer_port: u16,
 ) -> Option<([u32; 4], Option<u16>)> {
-    let as_client = ConnKey {
-        src_ip: local,
-        dst_ip: peer,
-        src_port: local_port,
-        dst_port: peer_port,
-    };
-    // SAFETY: copied out at once.
-    if let Some(r) = unsafe { CONNS.get(as_client) }.copied()
-        && r.kind == conn_kind::ORIG_DST
-    {
-        return Some((r.addr, Some(r.port)));
+    let node = node();
+    if node.is_redirect_port(peer_port) {
+        let as_client = ConnKey {
+            src_ip: local,
+            dst_ip: peer,
+            src_port: local_port,
+            dst_port: peer_port,
+        };
+        // SAFETY: copied out at once.
+        if let Some(r) = unsafe { CONNS.get(as_client) }.copied()
+            && r.kind == conn_kind::ORIG_DST
+        {
+            return Some((r.addr, Some(r.port)));
+        }
+    }
+    if peer != local && !node.is_shared_ztunnel(&peer) {
+        return None;
     }
     let as_server = ConnKey {
         src_ip: peer,

@@ -28,7 +28,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    maps::{CONNS, PENDING, SOCKS, bump},
+    maps::{CONNS, PENDING, SOCKS, bump, node},
     net::{ctx_addr, ctx_read},
 };
 
@@ -99,9 +99,20 @@ fn on_active_established(ctx: &SockOpsContext) {
     accelerate(ctx, key, &record);
 }
 
+/// The accepting end of a recorded connection is a proxy's socket on a
+/// redirect port, or an application's socket whose peer is an undone
+/// source (the netns's own address, or the shared ztunnel's). Everything
+/// else is ruled out without a hash lookup.
 #[inline(always)]
 fn on_passive_established(ctx: &SockOpsContext) {
     let key = own_key(ctx);
+    let node = node();
+    if !node.is_redirect_port(key.src_port)
+        && key.dst_ip != key.src_ip
+        && !node.is_shared_ztunnel(&key.dst_ip)
+    {
+        return;
+    }
     // SAFETY: copied out at once.
     if let Some(record) = unsafe { CONNS.get(reversed(&key)) }.copied() {
         accelerate(ctx, key, &record);

@@ -14,10 +14,10 @@ mod pins;
 
 use std::{collections::BTreeMap, fs, os::fd::AsFd, path::Path};
 
-use ambridge_common::{CgroupInfo, ConnKey, ConnRecord, Counter, NetnsInfo, map_names};
+use ambridge_common::{CgroupInfo, ConnKey, ConnRecord, Counter, NetnsInfo, NodeConfig, map_names};
 use aya::{
     Ebpf, EbpfLoader, Pod,
-    maps::{HashMap, Map, MapData, MapError, PerCpuArray, SockHash},
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, SockHash},
     programs::{CgroupSockAddr, CgroupSockopt, SkMsg, SockOps},
 };
 pub use error::Error;
@@ -69,6 +69,7 @@ const SK_MSG: &str = "redirect";
 pub struct Datapath {
     cgroups: HashMap<MapData, u64, CgroupInfo>,
     netns: HashMap<MapData, u64, NetnsInfo>,
+    node: Array<MapData, NodeConfig>,
     // Keeps program fds (and the object's other maps) open while the daemon
     // runs; the pinned links keep them alive after it exits.
     _ebpf: Ebpf,
@@ -120,10 +121,15 @@ impl Datapath {
         attach_sk_msg(&mut ebpf)?;
         let cgroups = take_hash(&mut ebpf, map_names::CGROUPS)?;
         let netns = take_hash(&mut ebpf, map_names::NETNS)?;
+        let node = ebpf
+            .take_map(map_names::NODE)
+            .ok_or(Error::MissingMap(map_names::NODE))?;
+        let node = Array::try_from(node).map_err(map_err(map_names::NODE))?;
         info!(cgroup = %cgroup_root.display(), bpffs = %pins.root().display(), "datapath installed");
         Ok(Self {
             cgroups,
             netns,
+            node,
             _ebpf: ebpf,
         })
     }
@@ -136,6 +142,17 @@ impl Datapath {
     /// What the kernel's netns map holds now.
     pub fn netns_entries(&self) -> Result<BTreeMap<NetnsCookie, NetnsInfo>, Error> {
         entries(&self.netns, map_names::NETNS, NetnsCookie)
+    }
+
+    /// Writes the node settings if they differ from what the kernel holds;
+    /// returns whether they did.
+    pub fn set_node_config(&mut self, cfg: NodeConfig) -> Result<bool, Error> {
+        let current = self.node.get(&0, 0).map_err(map_err(map_names::NODE))?;
+        if current == cfg {
+            return Ok(false);
+        }
+        self.node.set(0, cfg, 0).map_err(map_err(map_names::NODE))?;
+        Ok(true)
     }
 
     /// Applies cgroup map operations from [`crate::reconcile::diff`].
