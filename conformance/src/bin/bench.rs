@@ -73,7 +73,7 @@ impl Plan {
             }
         } else {
             Plan {
-                rounds: 3,
+                rounds: 5,
                 cps_ms: 1_500,
                 rr_ms: 2_000,
                 bulk_bytes: 512 << 20,
@@ -366,16 +366,21 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// The figures of one path: metric name -> value.
+/// The figures of one path: metric name -> median over the rounds.
 type Figures = BTreeMap<String, f64>;
+/// The spread of one path's figures: metric name -> (min, max) over the
+/// rounds.
+type Spread = BTreeMap<String, (f64, f64)>;
 
-fn measure(
-    bench: &Bench,
-    plan: &Plan,
-) -> (
-    BTreeMap<&'static str, Figures>,
-    BTreeMap<&'static str, Vec<f64>>,
-) {
+/// What one run measured: medians, spreads, and the 1-byte latency
+/// distribution of each path.
+struct Measured {
+    figures: BTreeMap<&'static str, Figures>,
+    spread: BTreeMap<&'static str, Spread>,
+    cdfs: BTreeMap<&'static str, Vec<f64>>,
+}
+
+fn measure(bench: &Bench, plan: &Plan) -> Measured {
     let mut samples: BTreeMap<(&str, String), Vec<f64>> = BTreeMap::new();
     let mut cdfs: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
     for round in 0..plan.rounds {
@@ -418,18 +423,33 @@ fn measure(
         }
     }
     let mut figures: BTreeMap<&'static str, Figures> = BTreeMap::new();
+    let mut spread: BTreeMap<&'static str, Spread> = BTreeMap::new();
     for ((path, key), v) in samples {
         let path = PATHS.iter().find(|p| **p == path).expect("known path");
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        spread
+            .entry(path)
+            .or_default()
+            .insert(key.clone(), (lo, hi));
         figures.entry(path).or_default().insert(key, median(v));
     }
     for path in PATHS {
-        let n = conntrack_count(&bench.clients[path].netns_name);
+        let n = conntrack_count(&bench.clients[path].netns_name) as f64;
         figures
             .entry(path)
             .or_default()
-            .insert("conntrack_entries".into(), n as f64);
+            .insert("conntrack_entries".into(), n);
+        spread
+            .entry(path)
+            .or_default()
+            .insert("conntrack_entries".into(), (n, n));
     }
-    (figures, cdfs)
+    Measured {
+        figures,
+        spread,
+        cdfs,
+    }
 }
 
 /// Kernel-side cost of each ambridge program: runs and nanoseconds per run,
@@ -586,12 +606,13 @@ fn ratio(a: f64, b: f64) -> Value {
 }
 
 fn report(
-    figures: &BTreeMap<&'static str, Figures>,
+    measured: &Measured,
     cp: &Value,
     machine: &Value,
     plan: &Plan,
     quick: bool,
 ) -> (Value, String) {
+    let figures = &measured.figures;
     let metrics: Vec<String> = figures["iptables"].keys().cloned().collect();
     let mut table = serde_json::Map::new();
     for m in &metrics {
@@ -602,6 +623,8 @@ fn report(
                 path.to_string(),
                 json!({
                     "value": v,
+                    "min": measured.spread[path].get(m).map(|s| s.0),
+                    "max": measured.spread[path].get(m).map(|s| s.1),
                     "vs_iptables": ratio(v, figures["iptables"][m]),
                     "vs_no_mesh": ratio(v, figures["no-mesh"][m]),
                     "vs_explicit": ratio(v, figures["explicit"][m]),
@@ -622,7 +645,7 @@ fn report(
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "Machine: {} CPUs ({}), Linux {}. {} round(s){}; each figure is the median; in brackets the ratio to iptables capture.\n",
+        "Machine: {} CPUs ({}), Linux {}. {} round(s){}; each figure is the median over the rounds, then its ratio to iptables capture, then the range over the rounds.\n",
         machine["cpus"],
         machine["cpu_model"].as_str().unwrap_or("?"),
         machine["kernel"].as_str().unwrap_or("?"),
@@ -794,11 +817,11 @@ fn main() {
     fs::write(stats_flag, "1").expect("enabling kernel.bpf_stats_enabled");
     let mut bench = Bench::new();
     bench.check_paths();
-    let (figures, cdfs) = measure(&bench, &plan);
+    let measured = measure(&bench, &plan);
     let costs = program_costs();
     fs::write(stats_flag, stats_before.trim()).expect("restoring kernel.bpf_stats_enabled");
     let cp = control_plane(&mut bench, &plan);
-    let (mut json, mut md) = report(&figures, &cp, &machine(), &plan, args.quick);
+    let (mut json, mut md) = report(&measured, &cp, &machine(), &plan, args.quick);
     json["kernel_programs"] = costs.clone();
     let _ = writeln!(md, "\nKernel programs (runs, ns per run): {costs}");
     fs::create_dir_all(&args.out).expect("creating the output directory");
@@ -808,7 +831,11 @@ fn main() {
     )
     .expect("writing results.json");
     fs::write(args.out.join("results.md"), &md).expect("writing results.md");
-    fs::write(args.out.join("chart.svg"), chart(&figures, &cdfs)).expect("writing chart.svg");
+    fs::write(
+        args.out.join("chart.svg"),
+        chart(&measured.figures, &measured.cdfs),
+    )
+    .expect("writing chart.svg");
     println!("{md}");
     println!(
         "wrote {}/results.json, results.md and chart.svg in {:.0} s",
