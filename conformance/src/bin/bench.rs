@@ -668,15 +668,23 @@ fn report(
         for path in PATHS {
             let v = figures[path].get(m).copied().unwrap_or(f64::NAN);
             let r = figures["iptables"].get(m).copied().unwrap_or(f64::NAN);
-            let value = if v.abs() >= 100.0 {
-                format!("{v:.0}")
+            let fmt = |x: f64| {
+                if x.abs() >= 100.0 {
+                    format!("{x:.0}")
+                } else {
+                    format!("{x:.2}")
+                }
+            };
+            let (lo, hi) = measured.spread[path].get(m).copied().unwrap_or((v, v));
+            let range = if lo == hi {
+                String::new()
             } else {
-                format!("{v:.3}")
+                format!(" [{}–{}]", fmt(lo), fmt(hi))
             };
             if r > 0.0 {
-                let _ = write!(md, " {value} ({:.2}x) |", v / r);
+                let _ = write!(md, " {} ({:.2}x){range} |", fmt(v), v / r);
             } else {
-                let _ = write!(md, " {value} |");
+                let _ = write!(md, " {}{range} |", fmt(v));
             }
         }
         md.push('\n');
