@@ -147,6 +147,25 @@ impl Daemon {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Kills the daemon with SIGKILL, as a crash or an OOM kill would, and
+    /// leaves its pins alone: unlike dropping the guard, nothing is
+    /// uninstalled.
+    pub fn crash(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // The pins now belong to whichever daemon runs next.
+        self.bpffs = PathBuf::new();
+    }
+
+    /// Hands the node over: stops this daemon (SIGTERM) and leaves its pins
+    /// to the daemon that runs next, as a rolling upgrade does.
+    pub fn retire(mut self) {
+        self.stop();
+        self.bpffs = PathBuf::new();
+    }
+
     /// Stops the daemon (SIGTERM) and waits for it; the datapath stays.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -168,7 +187,7 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.stop();
-        if self.bpffs.exists() {
+        if !self.bpffs.as_os_str().is_empty() && self.bpffs.exists() {
             // Not `cli`: a drop during a panic must not panic again.
             let _ = Command::new(workspace_bin("ambridge"))
                 .args(["uninstall", "--bpffs"])

@@ -1,0 +1,214 @@
+//! Issue 5, restarts: the datapath is held by its pins, so a daemon that
+//! crashes, restarts or is replaced by a newer one never leaves a connect
+//! unredirected or failed, and a restarted daemon cleans up what changed
+//! while it was down.
+
+use std::{path::PathBuf, time::Duration};
+
+use ambridge_conformance::{Background, Daemon, Event, Node, Pod, eventually, ztunnel_stand_in};
+
+/// Field order is drop order.
+struct Setup {
+    ztunnel: Background,
+    _app: Background,
+    client: Pod,
+    server: Pod,
+    plain: Pod,
+    ztunnel_cgroup: PathBuf,
+    node: Node,
+}
+
+fn setup() -> (Setup, Daemon) {
+    let mut node = Node::new();
+    let client = node.add_pod("client");
+    let server = node.add_pod("server");
+    let plain = node.add_pod("plain");
+    let ztunnel_cgroup = node.add_cgroup("ztunnel");
+    node.write_workloads(
+        &[(&client, "ambient"), (&server, "none"), (&plain, "none")],
+        Some(&ztunnel_cgroup),
+    );
+    let daemon = Daemon::start(&node);
+    let app = server.echo_server("[::]:8080");
+    let ztunnel = ztunnel_stand_in(&node, &ztunnel_cgroup, &[&client, &plain], 15001);
+    (
+        Setup {
+            ztunnel,
+            _app: app,
+            client,
+            server,
+            plain,
+            ztunnel_cgroup,
+            node,
+        },
+        daemon,
+    )
+}
+
+impl Setup {
+    fn accepted(&self) -> usize {
+        self.ztunnel
+            .events()
+            .iter()
+            .filter(|e| e["event"] == "accepted")
+            .count()
+    }
+
+    /// Starts `count` sequential connects from the enrolled client.
+    fn connect_loop(&self, count: usize) -> Background {
+        let to = format!("{}:8080", self.server.ip4);
+        self.client.spawn(&[
+            "connect",
+            "--to",
+            &to,
+            "--bytes",
+            "16",
+            "--count",
+            &count.to_string(),
+        ])
+    }
+
+    /// Waits for the loop's summary and checks every connect succeeded and
+    /// went through ztunnel.
+    fn assert_all_redirected(&self, looped: &Background, accepted_before: usize, count: usize) {
+        let summary: Event = looped.wait_for(
+            |e| e["event"] == "connect-summary",
+            Duration::from_secs(120),
+        );
+        assert_eq!(summary["failed"], 0, "failed connects: {summary}");
+        assert_eq!(summary["ok"], count, "{summary}");
+        let through_ztunnel = eventually(Duration::from_secs(5), || {
+            let n = self.accepted() - accepted_before;
+            (n == count).then_some(n)
+        });
+        assert_eq!(
+            through_ztunnel,
+            Some(count),
+            "connects that bypassed ztunnel: {}",
+            count - (self.accepted() - accepted_before)
+        );
+    }
+}
+
+#[test]
+fn a_daemon_killed_with_sigkill_and_restarted_leaves_no_connect_unredirected_or_failed() {
+    let (s, daemon) = setup();
+    let before = s.accepted();
+    let looped = s.connect_loop(1500);
+    std::thread::sleep(Duration::from_millis(300));
+    daemon.crash();
+    // While no daemon runs, connects still go through ztunnel.
+    std::thread::sleep(Duration::from_millis(300));
+    let daemon = Daemon::start(&s.node);
+    s.assert_all_redirected(&looped, before, 1500);
+    drop(daemon);
+}
+
+#[test]
+fn a_new_daemon_replacing_a_running_one_leaves_no_connect_unredirected_or_failed() {
+    // An upgrade: the new daemon loads its programs and swaps every pinned
+    // link while the old one still runs, then the old one stops.
+    let (s, old) = setup();
+    let before = s.accepted();
+    let looped = s.connect_loop(1500);
+    std::thread::sleep(Duration::from_millis(300));
+    let new = Daemon::start(&s.node);
+    std::thread::sleep(Duration::from_millis(200));
+    old.retire();
+    s.assert_all_redirected(&looped, before, 1500);
+    drop(new);
+}
+
+#[test]
+fn a_restarted_daemon_removes_pods_deleted_while_it_was_down_and_gives_a_reused_ip_to_the_new_pod()
+{
+    let (mut s, daemon) = setup();
+    let yaml = |pod: &Pod, ip4: std::net::Ipv4Addr, mode: &str| {
+        format!(
+            "  - uid: {}\n    name: {}\n    namespace: default\n    cgroup: {}\n    ips: [{ip4}, \"{}\"]\n    mode: {mode}\n",
+            pod.uid,
+            pod.name,
+            pod.cgroup.display(),
+            pod.ip6
+        )
+    };
+    let ztunnel = format!("ztunnel:\n  cgroup: {}\n", s.ztunnel_cgroup.display());
+    let to6 = format!("[{}]:8080", s.server.ip6);
+    // `plain` is enrolled and redirected.
+    s.node.write_workloads_text(&format!(
+        "workloads:\n{}{}{}{ztunnel}",
+        yaml(&s.client, s.client.ip4, "ambient"),
+        yaml(&s.server, s.server.ip4, "none"),
+        yaml(&s.plain, s.plain.ip4, "ambient"),
+    ));
+    let enrolled = eventually(Duration::from_secs(10), || {
+        let before = s.accepted();
+        assert_eq!(s.plain.connect(&to6, 16)["ok"], true);
+        (s.accepted() > before).then_some(())
+    });
+    assert!(enrolled.is_some(), "plain was never redirected");
+    daemon.crash();
+
+    // While the daemon is down, `plain` is deleted and a new pod gets its
+    // IPv4 address, enrolled.
+    let reuser = s.node.add_pod("reuser");
+    let reused = s.plain.ip4;
+    ambridge_conformance::sandbox::ip(&[
+        "-n",
+        &s.plain.netns_name,
+        "addr",
+        "del",
+        &format!("{reused}/24"),
+        "dev",
+        "eth0",
+    ]);
+    // The new pod has only the reused address, as a real pod would.
+    ambridge_conformance::sandbox::ip(&[
+        "-n",
+        &reuser.netns_name,
+        "addr",
+        "del",
+        &format!("{}/24", reuser.ip4),
+        "dev",
+        "eth0",
+    ]);
+    ambridge_conformance::sandbox::ip(&[
+        "-n",
+        &reuser.netns_name,
+        "addr",
+        "add",
+        &format!("{reused}/24"),
+        "dev",
+        "eth0",
+    ]);
+    s.node.write_workloads_text(&format!(
+        "workloads:\n{}{}{}{ztunnel}",
+        yaml(&s.client, s.client.ip4, "ambient"),
+        yaml(&s.server, s.server.ip4, "none"),
+        yaml(&reuser, reused, "ambient"),
+    ));
+    let daemon = Daemon::start(&s.node);
+    assert_eq!(
+        daemon.map_entries()["cgroups"],
+        4,
+        "{:?}",
+        daemon.map_entries()
+    );
+
+    // The deleted pod's entry is gone: its (IPv6) connects are no longer
+    // redirected.
+    let before = s.accepted();
+    assert_eq!(s.plain.connect(&to6, 16)["ok"], true);
+    assert_eq!(s.accepted(), before, "the deleted pod is still redirected");
+    // The new pod with the reused IP is redirected to its own 15001.
+    let reuser_ztunnel = ztunnel_stand_in(&s.node, &s.ztunnel_cgroup, &[&reuser], 15001);
+    let r = reuser.connect(&format!("{}:8080", s.server.ip4), 16);
+    assert_eq!(r["ok"], true, "{r}");
+    let accepted = reuser_ztunnel.wait_for(|e| e["event"] == "accepted", Duration::from_secs(5));
+    assert_eq!(
+        ambridge_conformance::ip_of(accepted["peer"].as_str().unwrap()),
+        std::net::IpAddr::from(reused),
+        "{accepted}"
+    );
+    drop(daemon);
+}
