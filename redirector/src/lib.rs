@@ -8,6 +8,7 @@ pub mod cgroup;
 pub mod daemon;
 pub mod datapath;
 pub mod enroll;
+pub mod membership;
 pub mod netns;
 pub mod reconcile;
 pub mod state;

@@ -1,0 +1,358 @@
+//! Istio's enrollment rules as one pure function: given what Kubernetes
+//! says about a pod and its namespace, is the pod in the ambient mesh, with
+//! which per-pod overrides, or is it a ztunnel?
+//!
+//! The rules (Istio 1.28):
+//! - enrolled if the pod has `istio.io/dataplane-mode=ambient`, or its
+//!   namespace does and the pod's own label is not `none`;
+//! - never: host-network pods, sidecar-injected pods (annotation
+//!   `sidecar.istio.io/status`), ztunnel pods, pods in excluded namespaces
+//!   (default `kube-system`), terminated pods;
+//! - overrides: `ambient.istio.io/bypass-inbound-capture: "true"` (outbound
+//!   capture only) and `ambient.istio.io/dns-capture: "true"|"false"`;
+//! - ztunnel is recognised by proven identity (namespace, service account
+//!   and owning DaemonSet), never by a label.
+
+use std::collections::BTreeMap;
+
+pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+pub const SIDECAR_STATUS_ANNOTATION: &str = "sidecar.istio.io/status";
+pub const BYPASS_INBOUND_ANNOTATION: &str = "ambient.istio.io/bypass-inbound-capture";
+pub const DNS_CAPTURE_ANNOTATION: &str = "ambient.istio.io/dns-capture";
+
+/// What the rules need to know about a pod.
+#[derive(Clone, Debug, Default)]
+pub struct PodFacts {
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    pub host_network: bool,
+    /// `status.phase`: `Succeeded` and `Failed` are terminal.
+    pub phase: Option<String>,
+    pub service_account: Option<String>,
+    /// `(kind, name)` of each owner reference.
+    pub owners: Vec<(String, String)>,
+}
+
+/// Node-wide mesh settings the rules depend on.
+#[derive(Clone, Debug)]
+pub struct MeshSettings {
+    pub excluded_namespaces: Vec<String>,
+    pub ztunnel_namespace: String,
+    pub ztunnel_service_account: String,
+    /// Name of ztunnel's DaemonSet.
+    pub ztunnel_daemonset: String,
+}
+
+impl Default for MeshSettings {
+    fn default() -> Self {
+        Self {
+            excluded_namespaces: vec!["kube-system".into()],
+            ztunnel_namespace: "istio-system".into(),
+            ztunnel_service_account: "ztunnel".into(),
+            ztunnel_daemonset: "ztunnel".into(),
+        }
+    }
+}
+
+/// Why a pod is not in the mesh.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Excluded {
+    HostNetwork,
+    SidecarInjected,
+    ExcludedNamespace,
+    Terminated,
+    /// Its own label is `none`.
+    OptedOut,
+    /// Neither it nor its namespace asked for ambient.
+    NotLabelled,
+}
+
+/// The rules' verdict on a pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Enrolled {
+        /// False under `bypass-inbound-capture: "true"`.
+        inbound_capture: bool,
+        /// `dns-capture` if the pod sets it; the node default otherwise.
+        dns_capture: Option<bool>,
+    },
+    NotEnrolled(Excluded),
+    /// The pod is ztunnel itself (identity proven).
+    Ztunnel,
+}
+
+/// An annotation whose value the rules cannot use. The caller keeps the
+/// pod's last good decision.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("pod annotation {annotation}={value:?} is not valid: expected {expected}")]
+pub struct AnnotationError {
+    pub annotation: &'static str,
+    pub value: String,
+    pub expected: &'static str,
+}
+
+fn bool_annotation(
+    pod: &PodFacts,
+    annotation: &'static str,
+) -> Result<Option<bool>, AnnotationError> {
+    match pod.annotations.get(annotation).map(String::as_str) {
+        None => Ok(None),
+        Some("true") => Ok(Some(true)),
+        Some("false") => Ok(Some(false)),
+        Some(other) => Err(AnnotationError {
+            annotation,
+            value: other.to_string(),
+            expected: "\"true\" or \"false\"",
+        }),
+    }
+}
+
+/// Whether `pod` is proven to be ztunnel.
+pub fn is_ztunnel(pod: &PodFacts, settings: &MeshSettings) -> bool {
+    pod.namespace == settings.ztunnel_namespace
+        && pod.service_account.as_deref() == Some(settings.ztunnel_service_account.as_str())
+        && pod
+            .owners
+            .iter()
+            .any(|(kind, name)| kind == "DaemonSet" && *name == settings.ztunnel_daemonset)
+}
+
+/// Applies Istio's enrollment rules to a pod in a namespace labelled
+/// `namespace_labels`.
+pub fn decide(
+    pod: &PodFacts,
+    namespace_labels: &BTreeMap<String, String>,
+    settings: &MeshSettings,
+) -> Result<Decision, AnnotationError> {
+    if is_ztunnel(pod, settings) {
+        return Ok(Decision::Ztunnel);
+    }
+    let excluded = if pod.host_network {
+        Some(Excluded::HostNetwork)
+    } else if pod.annotations.contains_key(SIDECAR_STATUS_ANNOTATION) {
+        Some(Excluded::SidecarInjected)
+    } else if settings.excluded_namespaces.contains(&pod.namespace) {
+        Some(Excluded::ExcludedNamespace)
+    } else if matches!(pod.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        Some(Excluded::Terminated)
+    } else {
+        match (
+            pod.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str),
+            namespace_labels
+                .get(DATAPLANE_MODE_LABEL)
+                .map(String::as_str),
+        ) {
+            (Some("ambient"), _) => None,
+            (Some("none"), _) => Some(Excluded::OptedOut),
+            (_, Some("ambient")) => None,
+            _ => Some(Excluded::NotLabelled),
+        }
+    };
+    if let Some(why) = excluded {
+        return Ok(Decision::NotEnrolled(why));
+    }
+    let bypass_inbound = bool_annotation(pod, BYPASS_INBOUND_ANNOTATION)?.unwrap_or(false);
+    let dns_capture = bool_annotation(pod, DNS_CAPTURE_ANNOTATION)?;
+    Ok(Decision::Enrolled {
+        inbound_capture: !bypass_inbound,
+        dns_capture,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn pod(ns: &str, pod_labels: &[(&str, &str)], annotations: &[(&str, &str)]) -> PodFacts {
+        PodFacts {
+            namespace: ns.into(),
+            labels: labels(pod_labels),
+            annotations: labels(annotations),
+            phase: Some("Running".into()),
+            service_account: Some("default".into()),
+            ..PodFacts::default()
+        }
+    }
+
+    const ENROLLED: Decision = Decision::Enrolled {
+        inbound_capture: true,
+        dns_capture: None,
+    };
+    const AMBIENT: &[(&str, &str)] = &[(DATAPLANE_MODE_LABEL, "ambient")];
+    const NONE: &[(&str, &str)] = &[(DATAPLANE_MODE_LABEL, "none")];
+
+    fn decide_default(p: &PodFacts, ns: &[(&str, &str)]) -> Decision {
+        decide(p, &labels(ns), &MeshSettings::default()).unwrap()
+    }
+
+    #[test]
+    fn a_pod_labelled_ambient_is_enrolled_whatever_its_namespace_says() {
+        assert_eq!(decide_default(&pod("default", AMBIENT, &[]), &[]), ENROLLED);
+        assert_eq!(
+            decide_default(&pod("default", AMBIENT, &[]), NONE),
+            ENROLLED
+        );
+    }
+
+    #[test]
+    fn a_pod_in_an_ambient_namespace_is_enrolled_unless_it_opts_out() {
+        assert_eq!(decide_default(&pod("default", &[], &[]), AMBIENT), ENROLLED);
+        assert_eq!(
+            decide_default(&pod("default", NONE, &[]), AMBIENT),
+            Decision::NotEnrolled(Excluded::OptedOut)
+        );
+    }
+
+    #[test]
+    fn a_pod_with_no_label_anywhere_is_not_enrolled() {
+        assert_eq!(
+            decide_default(&pod("default", &[], &[]), &[]),
+            Decision::NotEnrolled(Excluded::NotLabelled)
+        );
+        let other = [(DATAPLANE_MODE_LABEL, "sidecar")];
+        assert_eq!(
+            decide_default(&pod("default", &other, &[]), &[]),
+            Decision::NotEnrolled(Excluded::NotLabelled)
+        );
+    }
+
+    #[test]
+    fn host_network_pods_are_never_enrolled() {
+        let mut p = pod("default", AMBIENT, &[]);
+        p.host_network = true;
+        assert_eq!(
+            decide_default(&p, AMBIENT),
+            Decision::NotEnrolled(Excluded::HostNetwork)
+        );
+    }
+
+    #[test]
+    fn sidecar_injected_pods_are_never_enrolled() {
+        let p = pod("default", AMBIENT, &[(SIDECAR_STATUS_ANNOTATION, "{}")]);
+        assert_eq!(
+            decide_default(&p, AMBIENT),
+            Decision::NotEnrolled(Excluded::SidecarInjected)
+        );
+    }
+
+    #[test]
+    fn pods_in_excluded_namespaces_are_never_enrolled() {
+        let p = pod("kube-system", AMBIENT, &[]);
+        assert_eq!(
+            decide_default(&p, AMBIENT),
+            Decision::NotEnrolled(Excluded::ExcludedNamespace)
+        );
+        let settings = MeshSettings {
+            excluded_namespaces: vec!["legacy".into()],
+            ..MeshSettings::default()
+        };
+        let p = pod("legacy", AMBIENT, &[]);
+        assert_eq!(
+            decide(&p, &BTreeMap::new(), &settings).unwrap(),
+            Decision::NotEnrolled(Excluded::ExcludedNamespace)
+        );
+    }
+
+    #[test]
+    fn terminated_pods_are_never_enrolled() {
+        for phase in ["Succeeded", "Failed"] {
+            let mut p = pod("default", AMBIENT, &[]);
+            p.phase = Some(phase.into());
+            assert_eq!(
+                decide_default(&p, AMBIENT),
+                Decision::NotEnrolled(Excluded::Terminated)
+            );
+        }
+        let mut pending = pod("default", AMBIENT, &[]);
+        pending.phase = Some("Pending".into());
+        assert_eq!(decide_default(&pending, &[]), ENROLLED);
+    }
+
+    fn ztunnel_pod() -> PodFacts {
+        PodFacts {
+            namespace: "istio-system".into(),
+            service_account: Some("ztunnel".into()),
+            owners: vec![("DaemonSet".into(), "ztunnel".into())],
+            phase: Some("Running".into()),
+            ..PodFacts::default()
+        }
+    }
+
+    #[test]
+    fn ztunnel_is_recognised_by_namespace_service_account_and_daemonset() {
+        assert_eq!(decide_default(&ztunnel_pod(), AMBIENT), Decision::Ztunnel);
+    }
+
+    #[test]
+    fn a_pod_that_only_looks_like_ztunnel_is_not_trusted_as_one() {
+        // A label proves nothing.
+        let mut labelled = pod("default", &[("app", "ztunnel")], &[]);
+        labelled.service_account = Some("ztunnel".into());
+        assert_ne!(decide_default(&labelled, &[]), Decision::Ztunnel);
+        // Each part of the identity is required.
+        let mut wrong_ns = ztunnel_pod();
+        wrong_ns.namespace = "default".into();
+        let mut wrong_sa = ztunnel_pod();
+        wrong_sa.service_account = Some("default".into());
+        let mut deployment = ztunnel_pod();
+        deployment.owners = vec![("ReplicaSet".into(), "ztunnel-abc".into())];
+        for p in [wrong_ns, wrong_sa, deployment] {
+            assert_ne!(decide_default(&p, &[]), Decision::Ztunnel, "{p:?}");
+        }
+    }
+
+    #[test]
+    fn bypass_inbound_capture_keeps_outbound_only() {
+        let p = pod("default", AMBIENT, &[(BYPASS_INBOUND_ANNOTATION, "true")]);
+        assert_eq!(
+            decide_default(&p, &[]),
+            Decision::Enrolled {
+                inbound_capture: false,
+                dns_capture: None
+            }
+        );
+    }
+
+    #[test]
+    fn dns_capture_can_be_set_per_pod() {
+        for (value, want) in [("true", Some(true)), ("false", Some(false))] {
+            let p = pod("default", AMBIENT, &[(DNS_CAPTURE_ANNOTATION, value)]);
+            assert_eq!(
+                decide_default(&p, &[]),
+                Decision::Enrolled {
+                    inbound_capture: true,
+                    dns_capture: want
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn a_malformed_override_is_an_error_naming_the_annotation() {
+        let p = pod("default", AMBIENT, &[(DNS_CAPTURE_ANNOTATION, "yes")]);
+        let err = decide(&p, &BTreeMap::new(), &MeshSettings::default()).unwrap_err();
+        assert_eq!(err.annotation, DNS_CAPTURE_ANNOTATION);
+        assert!(
+            err.to_string()
+                .contains("ambient.istio.io/dns-capture=\"yes\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn overrides_of_a_pod_that_is_not_enrolled_are_not_judged() {
+        let p = pod("default", NONE, &[(DNS_CAPTURE_ANNOTATION, "yes")]);
+        assert_eq!(
+            decide_default(&p, AMBIENT),
+            Decision::NotEnrolled(Excluded::OptedOut)
+        );
+    }
+}
