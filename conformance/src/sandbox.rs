@@ -145,6 +145,12 @@ impl Node {
     /// `app` container cgroup, and a pause process in a `pause` container
     /// cgroup holding the netns, as a pod sandbox does.
     pub fn add_pod(&mut self, name: &str) -> Pod {
+        self.add_pod_in(name, &format!("pod-{name}"))
+    }
+
+    /// As [`Node::add_pod`], with the pod cgroup at `cgroup` (relative to
+    /// the node cgroup; its parents must exist), e.g. a kubelet layout.
+    pub fn add_pod_in(&mut self, name: &str, cgroup: &str) -> Pod {
         let n = self.pods.len() as u8 + 1;
         let host = 10 + n;
         let pod = Pod {
@@ -152,8 +158,8 @@ impl Node {
             uid: format!("{}-uid-{name}", self.id),
             netns_name: format!("ambr{}-{name}", self.id),
             netns: PathBuf::from(format!("/run/netns/ambr{}-{name}", self.id)),
-            cgroup: self.cgroup.join(format!("pod-{name}")),
-            container: self.cgroup.join(format!("pod-{name}")).join("app"),
+            cgroup: self.cgroup.join(cgroup),
+            container: self.cgroup.join(cgroup).join("app"),
             ip4: Ipv4Addr::new(198, 18, 0, host),
             ip6: format!("fd00:18::{host:x}").parse().unwrap(),
         };

@@ -423,3 +423,36 @@ fn udp_from_an_enrolled_pod_is_not_redirected() {
     );
     assert_eq!(f.redirected_total(), r);
 }
+
+#[test]
+fn a_workload_named_only_by_pod_uid_is_found_in_the_kubelets_cgroup_layout() {
+    let mut node = Node::new();
+    // The systemd driver's layout for a burstable pod.
+    let uid = "9f2c0d7e-5b1a-4c6e-9a53-2f0b8e1d4c11";
+    node.add_cgroup("kubepods.slice");
+    node.add_cgroup("kubepods.slice/kubepods-burstable.slice");
+    let client = node.add_pod_in(
+        "client",
+        &format!(
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice",
+            uid.replace('-', "_")
+        ),
+    );
+    let server = node.add_pod("server");
+    let ztunnel_cgroup = node.add_cgroup("ztunnel");
+    node.write_workloads_text(&format!(
+        "workloads:\n  - uid: {uid}\n    name: client\n    namespace: default\n    ips: [{}]\n    mode: ambient\nztunnel:\n  cgroup: {}\n",
+        client.ip4,
+        ztunnel_cgroup.display()
+    ));
+    let kubepods_parent = node.cgroup.display().to_string();
+    let daemon = Daemon::start_with(&node, &["--kubepods-parent", &kubepods_parent]);
+    let _app = server.echo_server("[::]:8080");
+    let ztunnel = ztunnel_stand_in(&node, &ztunnel_cgroup, &[&client], 15001);
+    let to = format!("{}:8080", server.ip4);
+    let result = client.connect(&to, 100);
+    assert_eq!(result["intact"], true, "{result}");
+    let accepted = ztunnel.wait_for(|e| e["event"] == "accepted", Duration::from_secs(5));
+    assert_landed(&accepted, client.ip4.into(), client.ip4.into(), canon(&to));
+    assert_eq!(daemon.stats()["connect_redirected_ipv4"], 1);
+}

@@ -109,3 +109,124 @@ cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0
         assert!(cgroup_id(dir.path()).is_err());
     }
 }
+
+/// Where the kubelet puts a pod's cgroup, relative to the cgroup2 mount,
+/// for both cgroup drivers and every QoS class: guaranteed pods sit
+/// directly under `kubepods`, the others under their QoS level.
+pub fn kubepods_candidates(pod_uid: &str) -> Vec<PathBuf> {
+    let systemd_uid = pod_uid.replace('-', "_");
+    vec![
+        // cgroupfs driver
+        PathBuf::from(format!("kubepods/pod{pod_uid}")),
+        PathBuf::from(format!("kubepods/burstable/pod{pod_uid}")),
+        PathBuf::from(format!("kubepods/besteffort/pod{pod_uid}")),
+        // systemd driver
+        PathBuf::from(format!("kubepods.slice/kubepods-pod{systemd_uid}.slice")),
+        PathBuf::from(format!(
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{systemd_uid}.slice"
+        )),
+        PathBuf::from(format!(
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{systemd_uid}.slice"
+        )),
+    ]
+}
+
+/// Finds the pod-level cgroup of `pod_uid` under `parent` (the cgroup2
+/// mount, or wherever the kubelet's `kubepods` lives).
+pub fn find_pod_cgroup(parent: &Path, pod_uid: &str) -> io::Result<PathBuf> {
+    kubepods_candidates(pod_uid)
+        .into_iter()
+        .map(|relative| parent.join(relative))
+        .find(|path| path.is_dir())
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "no cgroup for pod {pod_uid} under {} (looked for the cgroupfs and systemd layouts of every QoS class)",
+                    parent.display()
+                ),
+            )
+        })
+}
+
+/// Whether `uid` has the shape of a Kubernetes UID (a UUID), so it can be
+/// put into a cgroup path safely.
+pub fn is_pod_uid(uid: &str) -> bool {
+    uid.len() == 36
+        && uid.char_indices().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
+#[cfg(test)]
+mod kubepods_tests {
+    use super::*;
+
+    const UID: &str = "9f2c0d7e-5b1a-4c6e-9a53-2f0b8e1d4c11";
+
+    #[test]
+    fn every_driver_and_qos_layout_is_found() {
+        for relative in kubepods_candidates(UID) {
+            let root = tempfile::tempdir().unwrap();
+            std::fs::create_dir_all(root.path().join(&relative)).unwrap();
+            assert_eq!(
+                find_pod_cgroup(root.path(), UID).unwrap(),
+                root.path().join(&relative),
+                "{}",
+                relative.display()
+            );
+        }
+    }
+
+    #[test]
+    fn the_systemd_layout_uses_underscores_in_the_uid() {
+        let systemd: Vec<_> = kubepods_candidates(UID)
+            .into_iter()
+            .filter(|p| p.starts_with("kubepods.slice"))
+            .collect();
+        assert_eq!(systemd.len(), 3);
+        assert!(systemd.iter().all(|p| {
+            p.to_string_lossy()
+                .contains("9f2c0d7e_5b1a_4c6e_9a53_2f0b8e1d4c11")
+        }));
+        assert_eq!(
+            systemd[1],
+            PathBuf::from(
+                "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod9f2c0d7e_5b1a_4c6e_9a53_2f0b8e1d4c11.slice"
+            )
+        );
+    }
+
+    #[test]
+    fn a_guaranteed_pod_sits_directly_under_kubepods() {
+        let c = kubepods_candidates(UID);
+        assert_eq!(c[0], PathBuf::from(format!("kubepods/pod{UID}")));
+        assert_eq!(
+            c[3],
+            PathBuf::from("kubepods.slice/kubepods-pod9f2c0d7e_5b1a_4c6e_9a53_2f0b8e1d4c11.slice")
+        );
+    }
+
+    #[test]
+    fn a_missing_pod_cgroup_names_the_pod() {
+        let root = tempfile::tempdir().unwrap();
+        let err = find_pod_cgroup(root.path(), UID).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        assert!(err.to_string().contains(UID), "{err}");
+    }
+
+    #[test]
+    fn only_uuid_shaped_uids_are_pod_uids() {
+        assert!(is_pod_uid(UID));
+        for bad in [
+            "",
+            "sleep",
+            "../../etc",
+            "9f2c0d7e-5b1a-4c6e-9a53-2f0b8e1d4c1x",
+            "9f2c0d7e5b1a4c6e9a532f0b8e1d4c11abcd",
+        ] {
+            assert!(!is_pod_uid(bad), "{bad}");
+        }
+    }
+}

@@ -22,7 +22,7 @@ use crate::{
     netns::CookieCache,
     reconcile::{self, Resolve, Unresolved},
     state::{NodeSpec, Settings},
-    types::{CgroupId, NetnsCookie},
+    types::{CgroupId, NetnsCookie, PodUid},
     workloads,
 };
 
@@ -30,6 +30,9 @@ use crate::{
 #[derive(Clone, Debug)]
 pub struct Options {
     pub cgroup_root: PathBuf,
+    /// Where the kubelet's `kubepods` cgroups live (for pods named only by
+    /// UID).
+    pub kubepods_parent: PathBuf,
     pub pins: Pins,
     pub workloads: PathBuf,
     pub settings: Settings,
@@ -45,7 +48,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let _watcher = watch(&opts.workloads, tx)?;
     let mut node = Node::default();
     node.load(&opts.workloads);
-    node.reconcile(&mut datapath, &opts.settings)?;
+    node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent)?;
     info!(workloads = %opts.workloads.display(), "ready");
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -59,10 +62,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 while changed.try_recv().is_ok() {}
                 if node.load(&opts.workloads) {
-                    node.reconcile(&mut datapath, &opts.settings)?;
+                    node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent)?;
                 }
             }
-            _ = resync.tick() => node.reconcile(&mut datapath, &opts.settings)?,
+            _ = resync.tick() => node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent)?,
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -82,15 +85,22 @@ struct Node {
 }
 
 /// Resolves against the live system: cgroupfs and the pods' processes.
-struct SystemResolver<'a>(&'a mut CookieCache);
+struct SystemResolver<'a> {
+    kubepods_parent: &'a Path,
+    cookies: &'a mut CookieCache,
+}
 
 impl Resolve for SystemResolver<'_> {
+    fn pod_cgroup(&mut self, uid: &PodUid) -> std::io::Result<PathBuf> {
+        cgroup::find_pod_cgroup(self.kubepods_parent, &uid.0)
+    }
+
     fn cgroup_id(&mut self, cgroup: &Path) -> std::io::Result<CgroupId> {
         cgroup::cgroup_id(cgroup)
     }
 
     fn netns_cookie(&mut self, cgroup: &Path) -> std::io::Result<Option<NetnsCookie>> {
-        Ok(self.0.of_cgroup(cgroup)?.map(NetnsCookie))
+        Ok(self.cookies.of_cgroup(cgroup)?.map(NetnsCookie))
     }
 }
 
@@ -118,13 +128,22 @@ impl Node {
         }
     }
 
-    fn reconcile(&mut self, datapath: &mut Datapath, settings: &Settings) -> anyhow::Result<()> {
+    fn reconcile(
+        &mut self,
+        datapath: &mut Datapath,
+        settings: &Settings,
+        kubepods_parent: &Path,
+    ) -> anyhow::Result<()> {
         // Until a file has been read successfully, whatever is pinned stays.
         let Some(spec) = &self.spec else {
             return Ok(());
         };
         let started = std::time::Instant::now();
-        let desired = reconcile::desired(spec, settings, &mut SystemResolver(&mut self.cookies));
+        let mut resolver = SystemResolver {
+            kubepods_parent,
+            cookies: &mut self.cookies,
+        };
+        let desired = reconcile::desired(spec, settings, &mut resolver);
         if desired.unresolved != self.unresolved {
             // Name the first few; a node starting many pods at once would
             // otherwise log one line per pod.

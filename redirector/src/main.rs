@@ -34,6 +34,10 @@ enum Command {
         /// bpffs directory where maps and links are pinned.
         #[arg(long, default_value = DEFAULT_BPFFS)]
         bpffs: PathBuf,
+        /// Where the kubelet's `kubepods` cgroups live, for workloads named
+        /// only by pod UID [default: the cgroup2 mount].
+        #[arg(long)]
+        kubepods_parent: Option<PathBuf>,
         /// Workloads file (watched; edits apply without restart).
         #[arg(long, default_value = "/etc/ambridge/workloads.yaml")]
         workloads: PathBuf,
@@ -100,6 +104,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Run {
             cgroup_root,
             bpffs,
+            kubepods_parent,
             workloads,
             redirect_port,
             original_src,
@@ -110,8 +115,13 @@ fn run(command: Command) -> anyhow::Result<()> {
                 Some(dir) => dir,
                 None => cgroup::cgroup2_mount()?,
             };
+            let kubepods_parent = match kubepods_parent {
+                Some(dir) => dir,
+                None => cgroup::cgroup2_mount()?,
+            };
             let opts = Options {
                 cgroup_root,
+                kubepods_parent,
                 pins: Pins::new(bpffs),
                 workloads,
                 settings: Settings {
@@ -177,13 +187,13 @@ fn run(command: Command) -> anyhow::Result<()> {
             let spec =
                 workloads::load(&file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             for pod in &spec.pods {
+                let cgroup = pod.cgroup.as_ref().map_or_else(
+                    || "(from the pod UID)".to_string(),
+                    |c| c.display().to_string(),
+                );
                 println!(
-                    "pod {}/{} uid={} mode={:?} cgroup={}",
-                    pod.namespace,
-                    pod.name,
-                    pod.uid,
-                    pod.mode,
-                    pod.cgroup.display()
+                    "pod {}/{} uid={} mode={:?} cgroup={cgroup}",
+                    pod.namespace, pod.name, pod.uid, pod.mode
                 );
             }
             for z in &spec.ztunnels {

@@ -10,11 +10,13 @@ use ambridge_common::{CgroupInfo, NetnsInfo, NodeConfig};
 use crate::{
     enroll,
     state::{NodeSpec, Settings},
-    types::{CgroupId, NetnsCookie},
+    types::{CgroupId, NetnsCookie, PodUid},
 };
 
 /// Turns the paths named by the node state into kernel ids.
 pub trait Resolve {
+    /// The pod-level cgroup of a pod the node state names only by UID.
+    fn pod_cgroup(&mut self, uid: &PodUid) -> io::Result<std::path::PathBuf>;
     /// The id of a cgroup directory.
     fn cgroup_id(&mut self, cgroup: &Path) -> io::Result<CgroupId>;
     /// The netns cookie of a cgroup's processes; `None` while it has none.
@@ -80,19 +82,29 @@ pub fn desired(spec: &NodeSpec, settings: &Settings, resolve: &mut impl Resolve)
     };
     for pod in &spec.pods {
         let owner = format!("pod {}/{} ({})", pod.namespace, pod.name, pod.uid);
-        match resolve.cgroup_id(&pod.cgroup) {
+        let cgroup = match &pod.cgroup {
+            Some(path) => path.clone(),
+            None => match resolve.pod_cgroup(&pod.uid) {
+                Ok(path) => path,
+                Err(e) => {
+                    out.unresolved(owner, Path::new(""), e.to_string());
+                    continue;
+                }
+            },
+        };
+        match resolve.cgroup_id(&cgroup) {
             Ok(id) => {
                 out.cgroups
                     .insert(id, enroll::pod_entry(pod, spec, settings));
             }
             Err(e) => {
-                out.unresolved(owner, &pod.cgroup, e.to_string());
+                out.unresolved(owner, &cgroup, e.to_string());
                 continue;
             }
         }
         if !pod.ips.is_empty() {
             let info = enroll::netns_entry(pod.ip4(), pod.ip6());
-            out.netns_of(&owner, &pod.cgroup, info, resolve);
+            out.netns_of(&owner, &cgroup, info, resolve);
         }
     }
     for z in &spec.ztunnels {
@@ -169,7 +181,7 @@ mod tests {
             uid: PodUid(uid.into()),
             name: uid.into(),
             namespace: "default".into(),
-            cgroup: cgroup.into(),
+            cgroup: Some(cgroup.into()),
             ips: vec!["198.18.0.2".parse().unwrap()],
             mode,
             accelerate: None,
@@ -181,6 +193,14 @@ mod tests {
     struct Fake;
 
     impl Resolve for Fake {
+        /// UID `by-uid-<n>` lives in `/cg/<n>`.
+        fn pod_cgroup(&mut self, uid: &PodUid) -> io::Result<std::path::PathBuf> {
+            uid.0
+                .strip_prefix("by-uid-")
+                .map(|n| std::path::PathBuf::from(format!("/cg/{n}")))
+                .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
+        }
+
         fn cgroup_id(&mut self, path: &Path) -> io::Result<CgroupId> {
             path.strip_prefix("/cg")
                 .ok()
@@ -247,6 +267,23 @@ mod tests {
         assert_eq!(d.cgroups.len(), 3);
         assert_eq!(d.unresolved.len(), 1);
         assert!(d.unresolved[0].owner.contains("default/c"));
+    }
+
+    #[test]
+    fn a_pod_named_only_by_uid_is_found_from_its_uid() {
+        let mut s = spec();
+        let mut by_uid = pod("by-uid-12", "/unused", Mode::Ambient);
+        by_uid.cgroup = None;
+        s.pods.push(by_uid);
+        let d = desired(&s, &Settings::default(), &mut Fake);
+        assert!(d.cgroups.contains_key(&CgroupId(12)));
+        assert!(d.netns.contains_key(&NetnsCookie(1012)));
+        let mut lost = pod("unknown", "/unused", Mode::Ambient);
+        lost.cgroup = None;
+        s.pods.push(lost);
+        let d = desired(&s, &Settings::default(), &mut Fake);
+        assert_eq!(d.unresolved.len(), 1);
+        assert!(d.unresolved[0].owner.contains("default/unknown"));
     }
 
     #[test]

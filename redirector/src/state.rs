@@ -24,8 +24,9 @@ pub struct PodSpec {
     pub uid: PodUid,
     pub name: String,
     pub namespace: String,
-    /// The pod-level cgroup v2 directory.
-    pub cgroup: PathBuf,
+    /// The pod-level cgroup v2 directory; `None`: found from the pod UID in
+    /// the kubelet's layout.
+    pub cgroup: Option<PathBuf>,
     pub ips: Vec<IpAddr>,
     pub mode: Mode,
     /// Same-node acceleration for this pod, overriding the node's

@@ -6,7 +6,8 @@
 //!   - uid: 9f2c0d7e-...           # pod UID
 //!     name: sleep
 //!     namespace: default
-//!     cgroup: /sys/fs/cgroup/unified/node/pod-sleep   # pod-level cgroup
+//!     cgroup: /sys/fs/cgroup/unified/node/pod-sleep   # pod-level cgroup;
+//!                                 # optional: found from the UID if absent
 //!     ips: [198.18.0.2, "fd00:18::2"]
 //!     mode: ambient               # ambient | none
 //!     accelerate: true            # optional: overrides --sockmap for this pod
@@ -50,7 +51,7 @@ struct Workload {
     uid: PodUid,
     name: String,
     namespace: String,
-    cgroup: PathBuf,
+    cgroup: Option<PathBuf>,
     #[serde(default)]
     ips: Vec<IpAddr>,
     mode: Mode,
@@ -187,22 +188,37 @@ fn validate(file: &File, text: &str) -> Result<(), FileError> {
                 message: format!("uid {} is listed twice", w.uid),
             });
         }
-        if !w.cgroup.is_absolute() {
-            return Err(err(
-                "cgroup",
-                &w.cgroup.to_string_lossy(),
-                format!("{} is not an absolute path", w.cgroup.display()),
-            ));
-        }
-        if !cgroups.insert(&w.cgroup) {
-            return Err(FileError {
-                line: line_of(text, &w.cgroup.to_string_lossy(), 2),
-                field: format!("workloads[{i}].cgroup"),
-                message: format!(
-                    "cgroup {} is already used by another workload",
-                    w.cgroup.display()
-                ),
-            });
+        match &w.cgroup {
+            // Found from the UID: it must be one, to be a safe path part.
+            None if !crate::cgroup::is_pod_uid(&w.uid.0) => {
+                return Err(err(
+                    "uid",
+                    &w.uid.0,
+                    format!(
+                        "{} is not a Kubernetes pod UID; give `cgroup` or the pod's UID",
+                        w.uid
+                    ),
+                ));
+            }
+            None => {}
+            Some(cgroup) if !cgroup.is_absolute() => {
+                return Err(err(
+                    "cgroup",
+                    &cgroup.to_string_lossy(),
+                    format!("{} is not an absolute path", cgroup.display()),
+                ));
+            }
+            Some(cgroup) if !cgroups.insert(cgroup) => {
+                return Err(FileError {
+                    line: line_of(text, &cgroup.to_string_lossy(), 2),
+                    field: format!("workloads[{i}].cgroup"),
+                    message: format!(
+                        "cgroup {} is already used by another workload",
+                        cgroup.display()
+                    ),
+                });
+            }
+            Some(_) => {}
         }
         let v4: Vec<_> = w.ips.iter().filter(|ip| ip.is_ipv4()).collect();
         let v6: Vec<_> = w.ips.iter().filter(|ip| ip.is_ipv6()).collect();
@@ -487,6 +503,23 @@ ztunnel:
         let text = GOOD.replace("[198.18.0.3]", "[\"::ffff:198.18.0.3\"]");
         let err = parse(&text).unwrap_err();
         assert!(err.message.contains("IPv4-mapped"), "{err}");
+    }
+
+    #[test]
+    fn a_workload_named_only_by_its_pod_uid_is_accepted() {
+        let text = "workloads:\n  - uid: 9f2c0d7e-5b1a-4c6e-9a53-2f0b8e1d4c11\n    name: a\n    namespace: d\n    mode: ambient\n";
+        let spec = parse(text).unwrap();
+        assert_eq!(spec.pods[0].cgroup, None);
+    }
+
+    #[test]
+    fn without_a_cgroup_the_uid_must_be_a_pod_uid() {
+        let text =
+            "workloads:\n  - uid: ../../etc\n    name: a\n    namespace: d\n    mode: ambient\n";
+        let err = parse(text).unwrap_err();
+        assert_eq!(err.field, "workloads[0].uid");
+        assert_eq!(err.line, Some(2));
+        assert!(err.message.contains("not a Kubernetes pod UID"), "{err}");
     }
 
     #[test]
