@@ -53,6 +53,37 @@ pub fn eventually<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) ->
     }
 }
 
+/// The node most tests start from: `client` enrolled, `server` and `plain`
+/// not, a `ztunnel` cgroup, and the workloads file saying so.
+pub struct ThreePods {
+    pub client: Pod,
+    pub server: Pod,
+    pub plain: Pod,
+    pub ztunnel_cgroup: std::path::PathBuf,
+    /// Last, so it is dropped after the pods' processes.
+    pub node: Node,
+}
+
+/// Builds a [`ThreePods`] node (no daemon yet).
+pub fn three_pods() -> ThreePods {
+    let mut node = Node::new();
+    let client = node.add_pod("client");
+    let server = node.add_pod("server");
+    let plain = node.add_pod("plain");
+    let ztunnel_cgroup = node.add_cgroup("ztunnel");
+    node.write_workloads(
+        &[(&client, "ambient"), (&server, "none"), (&plain, "none")],
+        Some(&ztunnel_cgroup),
+    );
+    ThreePods {
+        client,
+        server,
+        plain,
+        ztunnel_cgroup,
+        node,
+    }
+}
+
 /// Parses a socket address as probes print it, turning IPv4-mapped IPv6
 /// (what a dual-stack listener reports) into plain IPv4.
 pub fn canon(addr: &str) -> std::net::SocketAddr {

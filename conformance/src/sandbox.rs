@@ -27,6 +27,22 @@ pub fn ip(args: &[&str]) {
     );
 }
 
+/// Runs `iptables <rule>` inside network namespace `ns`, panicking with its
+/// stderr on failure.
+pub fn iptables(ns: &str, rule: &str) {
+    let mut args = vec!["netns", "exec", ns, "iptables"];
+    args.extend(rule.split(' '));
+    let out = Command::new("ip")
+        .args(&args)
+        .output()
+        .expect("running iptables (scripts/setup.sh installs it)");
+    assert!(
+        out.status.success(),
+        "iptables {rule} in {ns}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Fails (never skips) when the machine cannot run the suite, saying why.
 pub fn preflight() -> PathBuf {
     assert!(

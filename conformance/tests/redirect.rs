@@ -5,8 +5,8 @@
 use std::{net::SocketAddr, path::PathBuf, process::Command, time::Duration};
 
 use ambridge_conformance::{
-    Background, Daemon, Event, Node, Pod, assert_landed, canon, eventually, ip_of, probe::run_in,
-    ztunnel_stand_in,
+    Background, Daemon, Event, Node, Pod, ThreePods, assert_landed, canon, eventually, ip_of,
+    probe::run_in, three_pods, ztunnel_stand_in,
 };
 
 /// Field order is drop order: processes and the daemon go before the node.
@@ -26,15 +26,13 @@ struct Fixture {
 /// on 15001 in all three pods, so a wrong redirect shows up as an event
 /// rather than as a refused connection.
 fn fixture() -> Fixture {
-    let mut node = Node::new();
-    let client = node.add_pod("client");
-    let server = node.add_pod("server");
-    let plain = node.add_pod("plain");
-    let ztunnel_cgroup = node.add_cgroup("ztunnel");
-    node.write_workloads(
-        &[(&client, "ambient"), (&server, "none"), (&plain, "none")],
-        Some(&ztunnel_cgroup),
-    );
+    let ThreePods {
+        client,
+        server,
+        plain,
+        ztunnel_cgroup,
+        node,
+    } = three_pods();
     let daemon = Daemon::start(&node);
     let server_echo = server.echo_server("[::]:8080");
     let client_echo = client.echo_server("[::]:9090");

@@ -5,7 +5,9 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use ambridge_conformance::{Background, Daemon, Event, Node, Pod, eventually, ztunnel_stand_in};
+use ambridge_conformance::{
+    Background, Daemon, Event, Node, Pod, ThreePods, eventually, three_pods, ztunnel_stand_in,
+};
 
 /// Field order is drop order.
 struct Setup {
@@ -19,15 +21,13 @@ struct Setup {
 }
 
 fn setup() -> (Setup, Daemon) {
-    let mut node = Node::new();
-    let client = node.add_pod("client");
-    let server = node.add_pod("server");
-    let plain = node.add_pod("plain");
-    let ztunnel_cgroup = node.add_cgroup("ztunnel");
-    node.write_workloads(
-        &[(&client, "ambient"), (&server, "none"), (&plain, "none")],
-        Some(&ztunnel_cgroup),
-    );
+    let ThreePods {
+        client,
+        server,
+        plain,
+        ztunnel_cgroup,
+        node,
+    } = three_pods();
     let daemon = Daemon::start(&node);
     let app = server.echo_server("[::]:8080");
     let ztunnel = ztunnel_stand_in(&node, &ztunnel_cgroup, &[&client, &plain], 15001);

@@ -2,7 +2,7 @@
 //! binds (undo / preserve), same-node acceleration with the zero-copy
 //! fallback, and the shared-ztunnel model.
 
-use std::{net::IpAddr, process::Command, time::Duration};
+use std::{net::IpAddr, time::Duration};
 
 use ambridge_conformance::{
     Background, Daemon, Event, Node, Pod, assert_landed, canon, eventually, ip_of, probe::run_in,
@@ -145,17 +145,7 @@ fn preserve_with_istio_cni_routing_leaves_the_bind_alone_and_the_connection_work
         "-t mangle -A OUTPUT -m mark --mark 0x539/0xfff -j CONNMARK --set-xmark 0x111/0xfff",
         "-t mangle -A OUTPUT -m connmark --mark 0x111/0xfff -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff",
     ] {
-        let mut args = vec!["netns", "exec", ns, "iptables"];
-        args.extend(rule.split(' '));
-        let out = Command::new("ip")
-            .args(&args)
-            .output()
-            .expect("iptables (scripts/setup.sh installs it)");
-        assert!(
-            out.status.success(),
-            "iptables {rule}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        ambridge_conformance::sandbox::iptables(ns, rule);
     }
     ambridge_conformance::sandbox::ip(&[
         "-n",

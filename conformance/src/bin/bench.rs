@@ -311,17 +311,7 @@ fn install_istio_redirect(ns: &str) {
         "-t nat -A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -j ACCEPT",
         "-t nat -A ISTIO_OUTPUT ! -d 127.0.0.1/32 -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001",
     ] {
-        let mut args = vec!["netns", "exec", ns, "iptables"];
-        args.extend(rule.split(' '));
-        let out = Command::new("ip")
-            .args(&args)
-            .output()
-            .expect("running iptables");
-        assert!(
-            out.status.success(),
-            "iptables {rule}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        ambridge_conformance::sandbox::iptables(ns, rule);
     }
 }
 
