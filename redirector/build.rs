@@ -1,7 +1,12 @@
 //! Builds the kernel programs (`ebpf/ambridge-ebpf`) for the BPF target with
-//! the nightly toolchain and bpf-linker; the object is embedded in the daemon.
+//! the nightly toolchain and bpf-linker (the object is embedded in the
+//! daemon), and the local API from `proto/` (with protoc).
 
 fn main() -> anyhow::Result<()> {
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_protos(&["../proto/ambridge/v1/node.proto"], &["../proto"])?;
     // aya-build watches the program crate; the shared types live apart.
     println!("cargo:rerun-if-changed=../ebpf/ambridge-common/src");
     aya_build::build_ebpf(

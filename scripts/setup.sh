@@ -19,12 +19,13 @@ command -v ip >/dev/null || need_pkgs+=(iproute2)
 command -v iptables >/dev/null || need_pkgs+=(iptables)
 command -v conntrack >/dev/null || need_pkgs+=(conntrack)
 command -v bpftool >/dev/null || need_pkgs+=(bpftool)
+command -v protoc >/dev/null || need_pkgs+=(protobuf-compiler)
 if ((${#need_pkgs[@]})); then
     say "installing Debian packages: ${need_pkgs[*]}"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
 else
-    say "Debian packages present (iproute2, iptables, conntrack, bpftool)"
+    say "Debian packages present (iproute2, iptables, conntrack, bpftool, protoc)"
 fi
 
 # --- Rust: nightly rust-src for -Z build-std --------------------------------

@@ -16,6 +16,7 @@ use crate::{Node, eventually, workspace_bin};
 pub struct Daemon {
     child: Option<Child>,
     bpffs: PathBuf,
+    api: PathBuf,
     log: Arc<Mutex<Vec<String>>>,
 }
 
@@ -36,6 +37,8 @@ impl Daemon {
             .arg(node.bpffs())
             .arg("--workloads")
             .arg(node.workloads_path())
+            .arg("--api-socket")
+            .arg(node.dir.join("api.sock"))
             // Tests want changes picked up fast, unless they say otherwise.
             .args(if extra.contains(&"--resync-seconds") {
                 &[][..]
@@ -60,6 +63,7 @@ impl Daemon {
         let mut daemon = Daemon {
             child: Some(child),
             bpffs: node.bpffs(),
+            api: node.dir.join("api.sock"),
             log,
         };
         let ready = eventually(Duration::from_secs(30), || {
@@ -83,6 +87,27 @@ impl Daemon {
                 )
             }
         }
+    }
+
+    /// The local API's socket.
+    pub fn api_socket(&self) -> &std::path::Path {
+        &self.api
+    }
+
+    /// `ambridge <command> --json --api <socket>` (`status`, `pods`),
+    /// parsed.
+    pub fn api_json(&self, command: &str) -> serde_json::Value {
+        let out = Command::new(workspace_bin("ambridge"))
+            .args([command, "--json", "--api"])
+            .arg(&self.api)
+            .output()
+            .unwrap_or_else(|e| panic!("running ambridge {command}: {e}"));
+        assert!(
+            out.status.success(),
+            "ambridge {command} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("JSON from the API client")
     }
 
     /// The daemon's process id, while it runs.

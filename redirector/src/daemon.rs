@@ -16,7 +16,7 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    cgroup,
+    api, cgroup,
     datapath::{Datapath, Pins},
     enroll,
     netns::CookieCache,
@@ -37,6 +37,8 @@ pub struct Options {
     pub workloads: PathBuf,
     pub settings: Settings,
     pub resync: Duration,
+    /// Where the local API listens.
+    pub api_socket: PathBuf,
 }
 
 /// Runs until SIGTERM or SIGINT. The datapath stays installed afterwards.
@@ -46,7 +48,18 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     datapath.set_node_config(enroll::node_config(None, &opts.settings))?;
     let (tx, mut changed) = mpsc::channel(1);
     let _watcher = watch(&opts.workloads, tx)?;
-    let mut node = Node::default();
+    let view = api::SharedView::default();
+    let mut api_task = tokio::spawn(api::serve(
+        opts.api_socket.clone(),
+        view.clone(),
+        opts.settings,
+        opts.cgroup_root.clone(),
+        opts.pins.clone(),
+    ));
+    let mut node = Node {
+        view,
+        ..Node::default()
+    };
     node.load(&opts.workloads);
     node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent)?;
     info!(workloads = %opts.workloads.display(), "ready");
@@ -66,6 +79,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 }
             }
             _ = resync.tick() => node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent)?,
+            result = &mut api_task => {
+                return Err(anyhow::anyhow!("the local API stopped: {:?}", result.map(|r| r.map_err(|e| format!("{e:#}")))));
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -82,6 +98,7 @@ struct Node {
     spec: Option<NodeSpec>,
     unresolved: Vec<Unresolved>,
     cookies: CookieCache,
+    view: api::SharedView,
 }
 
 /// Resolves against the live system: cgroupfs and the pods' processes.
@@ -159,6 +176,7 @@ impl Node {
             }
             self.unresolved = desired.unresolved.clone();
         }
+        *self.view.write().expect("view lock") = api::view(spec, &desired);
         let cgroup_ops = reconcile::diff(&datapath.cgroup_entries()?, &desired.cgroups);
         let netns_ops = reconcile::diff(&datapath.netns_entries()?, &desired.netns);
         // Namespaces first: a pod's binds are judged against its netns entry

@@ -4,6 +4,7 @@
 //! pure decisions ([`enroll`], [`reconcile`]) turn it into the map contents
 //! the kernel programs need; [`datapath`] owns the programs, links and maps.
 
+pub mod api;
 pub mod cgroup;
 pub mod daemon;
 pub mod datapath;

@@ -3,7 +3,7 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use ambridge::{
-    cgroup,
+    api, cgroup,
     daemon::{self, Options},
     datapath::{self, Pins},
     state::{OriginalSrc, Settings},
@@ -15,6 +15,7 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 const DEFAULT_BPFFS: &str = "/sys/fs/bpf/ambridge";
+const DEFAULT_API: &str = "/run/ambridge/api.sock";
 
 #[derive(Parser)]
 #[command(version, about = "eBPF traffic capture for Istio Ambient")]
@@ -58,6 +59,23 @@ enum Command {
         /// How often the maps are re-checked against the workloads.
         #[arg(long, default_value = "5", value_name = "SECONDS")]
         resync_seconds: u64,
+        /// Unix socket of the local API (mode 0600, root only).
+        #[arg(long, default_value = DEFAULT_API)]
+        api_socket: PathBuf,
+    },
+    /// Show the daemon, its settings and the datapath counters (local API).
+    Status {
+        #[arg(long, default_value = DEFAULT_API)]
+        api: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the node's workloads and where they stand (local API).
+    Pods {
+        #[arg(long, default_value = DEFAULT_API)]
+        api: PathBuf,
+        #[arg(long)]
+        json: bool,
     },
     /// Detach every program and remove every pin: traffic flows directly.
     Uninstall {
@@ -99,6 +117,15 @@ fn main() -> ExitCode {
     }
 }
 
+/// Runs an API client call on a small runtime.
+fn client(call: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?
+        .block_on(call)
+}
+
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run {
@@ -110,6 +137,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             original_src,
             sockmap,
             resync_seconds,
+            api_socket,
         } => {
             let cgroup_root = match cgroup_root {
                 Some(dir) => dir,
@@ -130,6 +158,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                     sockmap: sockmap == Switch::On,
                 },
                 resync: Duration::from_secs(resync_seconds.max(1)),
+                api_socket,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -137,6 +166,97 @@ fn run(command: Command) -> anyhow::Result<()> {
                 .context("starting the tokio runtime")?
                 .block_on(daemon::run(opts))
         }
+        Command::Status { api, json } => client(async move {
+            let status = api::connect(&api)
+                .await?
+                .status(api::pb::StatusRequest {})
+                .await?
+                .into_inner();
+            if json {
+                let counters: serde_json::Map<_, _> = status
+                    .counters
+                    .iter()
+                    .map(|c| (c.name.clone(), serde_json::Value::from(c.value)))
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "version": status.version, "cgroup_root": status.cgroup_root,
+                        "bpffs": status.bpffs, "state_loaded": status.state_loaded,
+                        "pods": status.pods, "enrolled": status.enrolled,
+                        "ztunnels": status.ztunnels, "unresolved": status.unresolved,
+                        "original_src": status.original_src, "sockmap": status.sockmap,
+                        "counters": counters,
+                    })
+                );
+            } else {
+                println!("ambridge {}", status.version);
+                println!("  cgroup root   {}", status.cgroup_root);
+                println!("  bpffs         {}", status.bpffs);
+                println!(
+                    "  node state    {}",
+                    if status.state_loaded {
+                        "loaded"
+                    } else {
+                        "not loaded yet"
+                    }
+                );
+                println!(
+                    "  pods          {} ({} enrolled, {} not in the datapath yet)",
+                    status.pods, status.enrolled, status.unresolved
+                );
+                println!("  ztunnels      {}", status.ztunnels);
+                println!("  original-src  {}", status.original_src);
+                println!(
+                    "  sockmap       {}",
+                    if status.sockmap { "on" } else { "off" }
+                );
+                for c in status.counters {
+                    println!("  {:<28} {}", c.name, c.value);
+                }
+            }
+            Ok(())
+        }),
+        Command::Pods { api, json } => client(async move {
+            let pods = api::connect(&api)
+                .await?
+                .list_pods(api::pb::ListPodsRequest {})
+                .await?
+                .into_inner()
+                .pods;
+            if json {
+                let rows: Vec<_> = pods
+                    .iter()
+                    .map(|p| {
+                        serde_json::json!({
+                            "uid": p.uid, "namespace": p.namespace, "name": p.name,
+                            "mode": p.mode, "ips": p.ips, "cgroup": p.cgroup,
+                            "cgroup_id": p.cgroup_id, "in_datapath": p.in_datapath,
+                            "accelerated": p.accelerated, "problem": p.problem,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(rows));
+            } else {
+                println!(
+                    "{:<16} {:<24} {:<8} {:<11} {:<5} {:<32} PROBLEM",
+                    "NAMESPACE", "NAME", "MODE", "DATAPATH", "ACCEL", "IPS"
+                );
+                for p in pods {
+                    println!(
+                        "{:<16} {:<24} {:<8} {:<11} {:<5} {:<32} {}",
+                        p.namespace,
+                        p.name,
+                        p.mode,
+                        if p.in_datapath { "in" } else { "not yet" },
+                        if p.accelerated { "yes" } else { "no" },
+                        p.ips.join(","),
+                        p.problem
+                    );
+                }
+            }
+            Ok(())
+        }),
         Command::Uninstall { bpffs } => {
             let removed = datapath::uninstall(&Pins::new(&bpffs))?;
             if removed.links.is_empty() && removed.maps.is_empty() {

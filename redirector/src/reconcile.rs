@@ -28,6 +28,8 @@ pub trait Resolve {
 /// next reconcile.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unresolved {
+    /// The pod's UID (`None` for a ztunnel).
+    pub uid: Option<PodUid>,
     pub owner: String,
     pub cgroup: std::path::PathBuf,
     pub error: String,
@@ -39,12 +41,15 @@ pub struct Desired {
     pub cgroups: BTreeMap<CgroupId, CgroupInfo>,
     pub netns: BTreeMap<NetnsCookie, NetnsInfo>,
     pub node: NodeConfig,
+    /// Where each pod with a resolved cgroup sits.
+    pub placed: BTreeMap<PodUid, (std::path::PathBuf, CgroupId)>,
     pub unresolved: Vec<Unresolved>,
 }
 
 impl Desired {
-    fn unresolved(&mut self, owner: String, cgroup: &Path, error: String) {
+    fn unresolved(&mut self, uid: Option<&PodUid>, owner: String, cgroup: &Path, error: String) {
         self.unresolved.push(Unresolved {
+            uid: uid.cloned(),
             owner,
             cgroup: cgroup.to_path_buf(),
             error,
@@ -54,6 +59,7 @@ impl Desired {
     /// Adds the netns entry of `cgroup`'s processes.
     fn netns_of(
         &mut self,
+        uid: Option<&PodUid>,
         owner: &str,
         cgroup: &Path,
         info: NetnsInfo,
@@ -64,11 +70,17 @@ impl Desired {
                 self.netns.insert(cookie, info);
             }
             Ok(None) => self.unresolved(
+                uid,
                 owner.to_string(),
                 cgroup,
                 "no process in the cgroup yet, so its network namespace is unknown".into(),
             ),
-            Err(e) => self.unresolved(owner.to_string(), cgroup, format!("network namespace: {e}")),
+            Err(e) => self.unresolved(
+                uid,
+                owner.to_string(),
+                cgroup,
+                format!("network namespace: {e}"),
+            ),
         }
     }
 }
@@ -87,7 +99,7 @@ pub fn desired(spec: &NodeSpec, settings: &Settings, resolve: &mut impl Resolve)
             None => match resolve.pod_cgroup(&pod.uid) {
                 Ok(path) => path,
                 Err(e) => {
-                    out.unresolved(owner, Path::new(""), e.to_string());
+                    out.unresolved(Some(&pod.uid), owner, Path::new(""), e.to_string());
                     continue;
                 }
             },
@@ -96,15 +108,16 @@ pub fn desired(spec: &NodeSpec, settings: &Settings, resolve: &mut impl Resolve)
             Ok(id) => {
                 out.cgroups
                     .insert(id, enroll::pod_entry(pod, spec, settings));
+                out.placed.insert(pod.uid.clone(), (cgroup.clone(), id));
             }
             Err(e) => {
-                out.unresolved(owner, &cgroup, e.to_string());
+                out.unresolved(Some(&pod.uid), owner, &cgroup, e.to_string());
                 continue;
             }
         }
         if !pod.ips.is_empty() {
             let info = enroll::netns_entry(pod.ip4(), pod.ip6());
-            out.netns_of(&owner, &cgroup, info, resolve);
+            out.netns_of(Some(&pod.uid), &owner, &cgroup, info, resolve);
         }
     }
     for z in &spec.ztunnels {
@@ -113,7 +126,7 @@ pub fn desired(spec: &NodeSpec, settings: &Settings, resolve: &mut impl Resolve)
                 out.cgroups.insert(id, enroll::ztunnel_entry(z, settings));
             }
             Err(e) => {
-                out.unresolved("ztunnel".into(), &z.cgroup, e.to_string());
+                out.unresolved(None, "ztunnel".into(), &z.cgroup, e.to_string());
                 continue;
             }
         }
@@ -121,7 +134,7 @@ pub fn desired(spec: &NodeSpec, settings: &Settings, resolve: &mut impl Resolve)
         // addresses are the redirect target's.
         if let Some(shared) = spec.redirect {
             let info = enroll::netns_entry(shared.ip4, shared.ip6);
-            out.netns_of("ztunnel", &z.cgroup, info, resolve);
+            out.netns_of(None, "ztunnel", &z.cgroup, info, resolve);
         }
     }
     out
