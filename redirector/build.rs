@@ -9,6 +9,7 @@ fn main() -> anyhow::Result<()> {
         .compile_protos(&["../proto/ambridge/v1/node.proto"], &["../proto"])?;
     // aya-build watches the program crate; the shared types live apart.
     println!("cargo:rerun-if-changed=../ebpf/ambridge-common/src");
+    println!("cargo:rerun-if-changed=../proto");
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "ambridge-ebpf",

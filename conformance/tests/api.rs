@@ -1,9 +1,11 @@
 //! Issue 5, the local API: `ambridge status` and `ambridge pods` against a
 //! running daemon, and a socket that refuses non-root callers.
 
-use std::{os::unix::process::CommandExt, process::Command};
+use std::{os::unix::process::CommandExt, process::Command, time::Duration};
 
-use ambridge_conformance::{Daemon, ThreePods, three_pods, workspace_bin};
+use ambridge::api::{self, pb};
+use ambridge_conformance::{Daemon, ThreePods, three_pods, workspace_bin, ztunnel_stand_in};
+use tokio_stream::StreamExt;
 
 #[test]
 fn status_and_pods_report_the_node_and_the_datapath() {
@@ -88,4 +90,89 @@ fn the_api_refuses_callers_that_are_not_root() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("root only"), "{err}");
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The next change on a watch, within a few seconds.
+async fn next_change(watch: &mut tonic::Streaming<pb::Change>) -> pb::Change {
+    tokio::time::timeout(Duration::from_secs(10), watch.next())
+        .await
+        .expect("a change within 10 s")
+        .expect("the stream goes on")
+        .expect("no stream error")
+}
+
+fn push_pod(pod: &ambridge_conformance::Pod, mode: &str, remove: bool) -> pb::PushCgroupRequest {
+    pb::PushCgroupRequest {
+        entry: Some(pb::push_cgroup_request::Entry::Pod(pb::PushedPod {
+            uid: pod.uid.clone(),
+            namespace: "default".into(),
+            name: pod.name.clone(),
+            cgroup: pod.cgroup.display().to_string(),
+            ips: vec![pod.ip4.to_string(), pod.ip6.to_string()],
+            mode: mode.into(),
+        })),
+        remove,
+    }
+}
+
+#[test]
+fn a_pushed_pod_joins_the_node_state_and_watchers_see_every_change() {
+    let ThreePods {
+        client: _client,
+        server,
+        plain,
+        ztunnel_cgroup,
+        node,
+    } = three_pods();
+    let daemon = Daemon::start(&node);
+    let _app = server.echo_server("[::]:8080");
+    let ztunnel = ztunnel_stand_in(&node, &ztunnel_cgroup, &[&plain], 15001);
+    let to = format!("{}:8080", server.ip4);
+    runtime().block_on(async {
+        let mut api = api::connect(daemon.api_socket()).await.unwrap();
+        let mut watch = api.watch(pb::WatchRequest {}).await.unwrap().into_inner();
+        // The snapshot: every pod of the file, as ADDED.
+        for _ in 0..3 {
+            assert_eq!(
+                next_change(&mut watch).await.kind,
+                pb::change::Kind::Added as i32
+            );
+        }
+        // `plain` is `none` in the file; an agent pushes it as ambient.
+        api.push_cgroup(push_pod(&plain, "ambient", false))
+            .await
+            .unwrap();
+        let change = next_change(&mut watch).await;
+        assert_eq!(change.kind, pb::change::Kind::Updated as i32, "{change:?}");
+        let pod = change.pod.unwrap();
+        assert_eq!(
+            (pod.uid.as_str(), pod.mode.as_str()),
+            (plain.uid.as_str(), "ambient")
+        );
+        // It is redirected now.
+        let r = plain.connect(&to, 16);
+        assert_eq!(r["ok"], true, "{r}");
+        ztunnel.wait_for(|e| e["event"] == "accepted", Duration::from_secs(5));
+        // Taking the push back restores the file's word for it.
+        api.push_cgroup(push_pod(&plain, "ambient", true))
+            .await
+            .unwrap();
+        let change = next_change(&mut watch).await;
+        assert_eq!(change.kind, pb::change::Kind::Updated as i32);
+        assert_eq!(change.pod.unwrap().mode, "none");
+        // A malformed push is refused, naming the field.
+        let err = api
+            .push_cgroup(push_pod(&plain, "sideways", false))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().starts_with("pod.mode"), "{}", err.message());
+    });
 }

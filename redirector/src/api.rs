@@ -3,14 +3,23 @@
 //! (`SO_PEERCRED`) as well.
 
 use std::{
+    collections::BTreeMap,
+    net::IpAddr,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
+    pin::Pin,
     sync::{Arc, RwLock},
 };
 
 use anyhow::Context as _;
-use tokio::net::UnixListener;
-use tokio_stream::wrappers::UnixListenerStream;
+use tokio::{
+    net::UnixListener,
+    sync::{broadcast, mpsc},
+};
+use tokio_stream::{
+    Stream, StreamExt,
+    wrappers::{BroadcastStream, UnixListenerStream},
+};
 use tonic::{Request, Response, Status, transport::server::UdsConnectInfo};
 
 use ambridge_common::flags;
@@ -18,7 +27,8 @@ use ambridge_common::flags;
 use crate::{
     datapath::{self, Pins},
     reconcile::Desired,
-    state::{Mode, NodeSpec, OriginalSrc, Settings},
+    state::{Mode, NodeSpec, OriginalSrc, PodSpec, Settings, ZtunnelSpec},
+    types::PodUid,
 };
 
 /// Generated from `proto/ambridge/v1/node.proto`.
@@ -78,6 +88,118 @@ pub fn view(spec: &NodeSpec, desired: &Desired) -> View {
     }
 }
 
+/// What changed between two views, pod by pod (by UID).
+pub fn changes(old: &View, new: &View) -> Vec<pb::Change> {
+    use pb::change::Kind;
+    let before: BTreeMap<&str, &pb::Pod> = old.pods.iter().map(|p| (p.uid.as_str(), p)).collect();
+    let after: BTreeMap<&str, &pb::Pod> = new.pods.iter().map(|p| (p.uid.as_str(), p)).collect();
+    let mut out = Vec::new();
+    for (uid, pod) in &after {
+        let kind = match before.get(uid) {
+            None => Kind::Added,
+            Some(was) if was != pod => Kind::Updated,
+            Some(_) => continue,
+        };
+        out.push(pb::Change {
+            kind: kind as i32,
+            pod: Some((*pod).clone()),
+        });
+    }
+    for (uid, pod) in &before {
+        if !after.contains_key(uid) {
+            out.push(pb::Change {
+                kind: Kind::Removed as i32,
+                pod: Some((*pod).clone()),
+            });
+        }
+    }
+    out
+}
+
+/// An entry pushed by an external agent, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Pushed {
+    Pod(PodSpec),
+    RemovePod(PodUid),
+    Ztunnel(ZtunnelSpec),
+    RemoveZtunnel(PathBuf),
+}
+
+fn invalid(field: &str, message: String) -> Status {
+    Status::invalid_argument(format!("{field}: {message}"))
+}
+
+/// Checks a push request; errors name the offending field.
+pub fn pushed(req: pb::PushCgroupRequest) -> Result<Pushed, Status> {
+    let cgroup_path = |field: &str, raw: &str| -> Result<Option<PathBuf>, Status> {
+        if raw.is_empty() {
+            return Ok(None);
+        }
+        let path = PathBuf::from(raw);
+        if !path.is_absolute() {
+            return Err(invalid(field, format!("{raw:?} is not an absolute path")));
+        }
+        Ok(Some(path))
+    };
+    match req.entry {
+        None => Err(invalid("entry", "give a pod or a ztunnel".into())),
+        Some(pb::push_cgroup_request::Entry::Pod(p)) => {
+            if p.uid.is_empty() {
+                return Err(invalid("pod.uid", "must not be empty".into()));
+            }
+            if req.remove {
+                return Ok(Pushed::RemovePod(PodUid(p.uid)));
+            }
+            let cgroup = cgroup_path("pod.cgroup", &p.cgroup)?;
+            if cgroup.is_none() && !crate::cgroup::is_pod_uid(&p.uid) {
+                return Err(invalid(
+                    "pod.uid",
+                    format!("{:?} is not a Kubernetes pod UID; give pod.cgroup", p.uid),
+                ));
+            }
+            let ips = p
+                .ips
+                .iter()
+                .map(|ip| {
+                    ip.parse::<IpAddr>()
+                        .map_err(|e| invalid("pod.ips", format!("{ip:?}: {e}")))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let mode = match p.mode.as_str() {
+                "ambient" => Mode::Ambient,
+                "none" => Mode::None,
+                other => {
+                    return Err(invalid(
+                        "pod.mode",
+                        format!("{other:?}: expected \"ambient\" or \"none\""),
+                    ));
+                }
+            };
+            Ok(Pushed::Pod(PodSpec {
+                uid: PodUid(p.uid),
+                name: p.name,
+                namespace: p.namespace,
+                cgroup,
+                ips,
+                mode,
+                accelerate: None,
+            }))
+        }
+        Some(pb::push_cgroup_request::Entry::Ztunnel(z)) => {
+            let cgroup = cgroup_path("ztunnel.cgroup", &z.cgroup)?
+                .ok_or_else(|| invalid("ztunnel.cgroup", "must not be empty".into()))?;
+            Ok(if req.remove {
+                Pushed::RemoveZtunnel(cgroup)
+            } else {
+                Pushed::Ztunnel(ZtunnelSpec {
+                    cgroup,
+                    zero_copy: z.zero_copy,
+                })
+            })
+        }
+    }
+}
+
 /// The view shared between the reconcile loop (writer) and the API.
 pub type SharedView = Arc<RwLock<View>>;
 
@@ -86,6 +208,16 @@ struct Node {
     settings: Settings,
     cgroup_root: PathBuf,
     pins: Pins,
+    push: mpsc::Sender<Pushed>,
+    changes: broadcast::Sender<pb::Change>,
+}
+
+/// The channels between the API and the reconcile loop.
+pub struct Channels {
+    /// Validated pushes, for the reconcile loop.
+    pub push: mpsc::Sender<Pushed>,
+    /// Changes after each reconcile, for watchers.
+    pub changes: broadcast::Sender<pb::Change>,
 }
 
 fn require_root<T>(req: &Request<T>) -> Result<(), Status> {
@@ -103,8 +235,53 @@ fn require_root<T>(req: &Request<T>) -> Result<(), Status> {
     }
 }
 
+type ChangeStream = Pin<Box<dyn Stream<Item = Result<pb::Change, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl pb::node_server::Node for Node {
+    type WatchStream = ChangeStream;
+
+    async fn watch(
+        &self,
+        req: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        require_root(&req)?;
+        // Subscribe first, so nothing between the snapshot and the stream is
+        // missed (a change may then arrive twice, as ADDED and UPDATED).
+        let live = BroadcastStream::new(self.changes.subscribe()).map(|c| {
+            c.map_err(|e| Status::data_loss(format!("watcher fell behind: {e}; watch again")))
+        });
+        let snapshot: Vec<Result<pb::Change, Status>> = self
+            .view
+            .read()
+            .expect("view lock")
+            .pods
+            .iter()
+            .map(|pod| {
+                Ok(pb::Change {
+                    kind: pb::change::Kind::Added as i32,
+                    pod: Some(pod.clone()),
+                })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(
+            tokio_stream::iter(snapshot).chain(live),
+        )))
+    }
+
+    async fn push_cgroup(
+        &self,
+        req: Request<pb::PushCgroupRequest>,
+    ) -> Result<Response<pb::PushCgroupResponse>, Status> {
+        require_root(&req)?;
+        let entry = pushed(req.into_inner())?;
+        self.push
+            .send(entry)
+            .await
+            .map_err(|_| Status::unavailable("the daemon is stopping"))?;
+        Ok(Response::new(pb::PushCgroupResponse {}))
+    }
+
     async fn status(
         &self,
         req: Request<pb::StatusRequest>,
@@ -152,6 +329,7 @@ impl pb::node_server::Node for Node {
 pub async fn serve(
     socket: PathBuf,
     view: SharedView,
+    channels: Channels,
     settings: Settings,
     cgroup_root: PathBuf,
     pins: Pins,
@@ -169,6 +347,8 @@ pub async fn serve(
         settings,
         cgroup_root,
         pins,
+        push: channels.push,
+        changes: channels.changes,
     };
     tonic::transport::Server::builder()
         .add_service(pb::node_server::NodeServer::new(node))
@@ -193,4 +373,121 @@ pub async fn connect(
         .await
         .context("connecting to the ambridge API (is `ambridge run` running, and are you root?)")?;
     Ok(pb::node_client::NodeClient::new(channel))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(uid: &str, in_datapath: bool) -> pb::Pod {
+        pb::Pod {
+            uid: uid.into(),
+            in_datapath,
+            ..pb::Pod::default()
+        }
+    }
+
+    fn view(pods: Vec<pb::Pod>) -> View {
+        View {
+            pods,
+            ..View::default()
+        }
+    }
+
+    #[test]
+    fn changes_name_every_added_updated_and_removed_pod_once() {
+        use pb::change::Kind;
+        let old = view(vec![pod("a", true), pod("b", false), pod("c", true)]);
+        let new = view(vec![pod("a", true), pod("b", true), pod("d", false)]);
+        let got: Vec<(i32, String)> = changes(&old, &new)
+            .into_iter()
+            .map(|c| (c.kind, c.pod.unwrap().uid))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (Kind::Updated as i32, "b".into()),
+                (Kind::Added as i32, "d".into()),
+                (Kind::Removed as i32, "c".into()),
+            ]
+        );
+        assert!(changes(&new, &new).is_empty());
+    }
+
+    fn push_pod(p: pb::PushedPod, remove: bool) -> Result<Pushed, Status> {
+        pushed(pb::PushCgroupRequest {
+            entry: Some(pb::push_cgroup_request::Entry::Pod(p)),
+            remove,
+        })
+    }
+
+    #[test]
+    fn a_pushed_pod_is_validated_field_by_field() {
+        let good = pb::PushedPod {
+            uid: "u1".into(),
+            namespace: "default".into(),
+            name: "sleep".into(),
+            cgroup: "/sys/fs/cgroup/x".into(),
+            ips: vec!["198.18.0.2".into()],
+            mode: "ambient".into(),
+        };
+        assert!(
+            matches!(push_pod(good.clone(), false), Ok(Pushed::Pod(p)) if p.mode == Mode::Ambient)
+        );
+        for (bad, field) in [
+            (
+                pb::PushedPod {
+                    mode: "sidecar".into(),
+                    ..good.clone()
+                },
+                "pod.mode",
+            ),
+            (
+                pb::PushedPod {
+                    ips: vec!["300.1.1.1".into()],
+                    ..good.clone()
+                },
+                "pod.ips",
+            ),
+            (
+                pb::PushedPod {
+                    cgroup: "relative".into(),
+                    ..good.clone()
+                },
+                "pod.cgroup",
+            ),
+            (
+                pb::PushedPod {
+                    cgroup: String::new(),
+                    ..good.clone()
+                },
+                "pod.uid",
+            ),
+            (
+                pb::PushedPod {
+                    uid: String::new(),
+                    ..good.clone()
+                },
+                "pod.uid",
+            ),
+        ] {
+            let err = push_pod(bad, false).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument);
+            assert!(
+                err.message().starts_with(field),
+                "{field}: {}",
+                err.message()
+            );
+        }
+        assert_eq!(
+            push_pod(good, true).unwrap(),
+            Pushed::RemovePod(PodUid("u1".into()))
+        );
+    }
+
+    #[test]
+    fn a_push_without_an_entry_is_refused() {
+        let err = pushed(pb::PushCgroupRequest::default()).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    }
 }

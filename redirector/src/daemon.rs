@@ -3,6 +3,7 @@
 //! also picks up pod cgroups created after the file named them).
 
 use std::{
+    collections::BTreeMap,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -21,7 +22,7 @@ use crate::{
     enroll,
     netns::CookieCache,
     reconcile::{self, Resolve, Unresolved},
-    state::{NodeSpec, Settings},
+    state::{NodeSpec, PodSpec, Settings, ZtunnelSpec},
     types::{CgroupId, NetnsCookie, PodUid},
     workloads,
 };
@@ -49,16 +50,27 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let (tx, mut changed) = mpsc::channel(1);
     let _watcher = watch(&opts.workloads, tx)?;
     let view = api::SharedView::default();
+    let (push, mut pushes) = mpsc::channel(64);
+    let (changes, _) = tokio::sync::broadcast::channel(1024);
     let mut api_task = tokio::spawn(api::serve(
         opts.api_socket.clone(),
         view.clone(),
+        api::Channels {
+            push,
+            changes: changes.clone(),
+        },
         opts.settings,
         opts.cgroup_root.clone(),
         opts.pins.clone(),
     ));
     let mut node = Node {
+        spec: None,
+        pushed_pods: BTreeMap::new(),
+        pushed_ztunnels: BTreeMap::new(),
+        unresolved: Vec::new(),
+        cookies: CookieCache::default(),
         view,
-        ..Node::default()
+        changes,
     };
     node.load(&opts.workloads);
     node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent)?;
@@ -78,6 +90,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                     node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent)?;
                 }
             }
+            Some(entry) = pushes.recv() => {
+                info!(?entry, "pushed through the API");
+                node.apply_push(entry);
+                node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent)?;
+            }
             _ = resync.tick() => node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent)?,
             result = &mut api_task => {
                 return Err(anyhow::anyhow!("the local API stopped: {:?}", result.map(|r| r.map_err(|e| format!("{e:#}")))));
@@ -93,12 +110,16 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 /// The daemon's view of the node: the last good spec, what it last
 /// reported as unresolved (so a persisting problem is logged once), and the
 /// netns cookies it has already looked up.
-#[derive(Default)]
 struct Node {
+    /// The workloads file's last good state.
     spec: Option<NodeSpec>,
+    /// Entries pushed through the API.
+    pushed_pods: BTreeMap<PodUid, PodSpec>,
+    pushed_ztunnels: BTreeMap<PathBuf, ZtunnelSpec>,
     unresolved: Vec<Unresolved>,
     cookies: CookieCache,
     view: api::SharedView,
+    changes: tokio::sync::broadcast::Sender<api::pb::Change>,
 }
 
 /// Resolves against the live system: cgroupfs and the pods' processes.
@@ -122,6 +143,41 @@ impl Resolve for SystemResolver<'_> {
 }
 
 impl Node {
+    fn apply_push(&mut self, entry: api::Pushed) {
+        match entry {
+            api::Pushed::Pod(pod) => {
+                self.pushed_pods.insert(pod.uid.clone(), pod);
+            }
+            api::Pushed::RemovePod(uid) => {
+                self.pushed_pods.remove(&uid);
+            }
+            api::Pushed::Ztunnel(z) => {
+                self.pushed_ztunnels.insert(z.cgroup.clone(), z);
+            }
+            api::Pushed::RemoveZtunnel(cgroup) => {
+                self.pushed_ztunnels.remove(&cgroup);
+            }
+        }
+    }
+
+    /// The node state from every source: the file's, with pushed pods
+    /// replacing file pods of the same UID and pushed ztunnels added. `None`
+    /// until some source has delivered.
+    fn merged(&self) -> Option<NodeSpec> {
+        if self.spec.is_none() && self.pushed_pods.is_empty() && self.pushed_ztunnels.is_empty() {
+            return None;
+        }
+        let mut spec = self.spec.clone().unwrap_or_default();
+        spec.pods.retain(|p| !self.pushed_pods.contains_key(&p.uid));
+        spec.pods.extend(self.pushed_pods.values().cloned());
+        for z in self.pushed_ztunnels.values() {
+            if !spec.ztunnels.iter().any(|f| f.cgroup == z.cgroup) {
+                spec.ztunnels.push(z.clone());
+            }
+        }
+        Some(spec)
+    }
+
     /// Re-reads the workloads file; returns whether the spec changed. A bad
     /// file is logged and the last good spec stays in force.
     fn load(&mut self, path: &Path) -> bool {
@@ -151,10 +207,11 @@ impl Node {
         settings: &Settings,
         kubepods_parent: &Path,
     ) -> anyhow::Result<()> {
-        // Until a file has been read successfully, whatever is pinned stays.
-        let Some(spec) = &self.spec else {
+        // Until some source has delivered a state, whatever is pinned stays.
+        let Some(spec) = self.merged() else {
             return Ok(());
         };
+        let spec = &spec;
         let started = std::time::Instant::now();
         let mut resolver = SystemResolver {
             kubepods_parent,
@@ -176,7 +233,13 @@ impl Node {
             }
             self.unresolved = desired.unresolved.clone();
         }
-        *self.view.write().expect("view lock") = api::view(spec, &desired);
+        let view = api::view(spec, &desired);
+        let changes = api::changes(&self.view.read().expect("view lock"), &view);
+        *self.view.write().expect("view lock") = view;
+        for change in changes {
+            // No watcher is not an error.
+            let _ = self.changes.send(change);
+        }
         let cgroup_ops = reconcile::diff(&datapath.cgroup_entries()?, &desired.cgroups);
         let netns_ops = reconcile::diff(&datapath.netns_entries()?, &desired.netns);
         // Namespaces first: a pod's binds are judged against its netns entry
