@@ -9,6 +9,7 @@ pub mod cgroup;
 pub mod daemon;
 pub mod datapath;
 pub mod enroll;
+pub mod kubernetes;
 pub mod membership;
 pub mod netns;
 pub mod reconcile;
