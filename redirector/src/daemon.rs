@@ -40,6 +40,30 @@ pub struct Options {
     pub resync: Duration,
     /// Where the local API listens.
     pub api_socket: PathBuf,
+    /// Whether the workloads file is a source.
+    pub file_source: bool,
+    /// The Kubernetes source, if any.
+    pub kubernetes: Option<KubernetesSource>,
+}
+
+/// Where and how to watch Kubernetes.
+#[derive(Clone, Debug)]
+pub struct KubernetesSource {
+    /// This node's name (`spec.nodeName` of its pods).
+    pub node_name: String,
+    /// The API server URL; `None`: kubeconfig or the in-cluster config.
+    pub api_url: Option<String>,
+    pub mesh: crate::membership::MeshSettings,
+}
+
+async fn kube_client(source: &KubernetesSource) -> anyhow::Result<kube::Client> {
+    let config = match &source.api_url {
+        Some(url) => kube::Config::new(url.parse().with_context(|| format!("--kube-api {url}"))?),
+        None => kube::Config::infer()
+            .await
+            .context("finding a Kubernetes config (kubeconfig or in-cluster)")?,
+    };
+    kube::Client::try_from(config).context("building the Kubernetes client")
 }
 
 /// Runs until SIGTERM or SIGINT. The datapath stays installed afterwards.
@@ -48,7 +72,28 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     // The flags alone set the redirect port; a node state adds the rest.
     datapath.set_node_config(enroll::node_config(None, &opts.settings))?;
     let (tx, mut changed) = mpsc::channel(1);
-    let _watcher = watch(&opts.workloads, tx)?;
+    let _watcher = if opts.file_source {
+        Some(watch(&opts.workloads, tx)?)
+    } else {
+        None
+    };
+    // The Kubernetes feed publishes snapshots; without it the sender just
+    // stays here, silent.
+    let (kube_tx, mut kube_rx) = tokio::sync::watch::channel(None);
+    let _idle_kube_sender = match &opts.kubernetes {
+        Some(source) => {
+            let client = kube_client(source).await?;
+            info!(node = %source.node_name, "watching Kubernetes");
+            tokio::spawn(crate::kubernetes::run(
+                client,
+                source.node_name.clone(),
+                source.mesh.clone(),
+                kube_tx,
+            ));
+            None
+        }
+        None => Some(kube_tx),
+    };
     let view = api::SharedView::default();
     let (push, mut pushes) = mpsc::channel(64);
     let (changes, _) = tokio::sync::broadcast::channel(1024);
@@ -64,6 +109,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         opts.pins.clone(),
     ));
     let mut node = Node {
+        kubepods_parent: opts.kubepods_parent.clone(),
+        kube: None,
         spec: None,
         pushed_pods: BTreeMap::new(),
         pushed_ztunnels: BTreeMap::new(),
@@ -72,7 +119,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         view,
         changes,
     };
-    node.load(&opts.workloads);
+    if opts.file_source {
+        node.load(&opts.workloads);
+    }
     node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent)?;
     info!(workloads = %opts.workloads.display(), "ready");
 
@@ -89,6 +138,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 if node.load(&opts.workloads) {
                     node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent)?;
                 }
+            }
+            Ok(()) = kube_rx.changed() => {
+                node.kube = kube_rx.borrow_and_update().clone();
+                node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent)?;
             }
             Some(entry) = pushes.recv() => {
                 info!(?entry, "pushed through the API");
@@ -113,6 +166,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 struct Node {
     /// The workloads file's last good state.
     spec: Option<NodeSpec>,
+    /// The Kubernetes feed's last snapshot.
+    kube: Option<crate::kubernetes::Snapshot>,
+    /// Where ztunnel pods from Kubernetes have their cgroups.
+    kubepods_parent: PathBuf,
     /// Entries pushed through the API.
     pushed_pods: BTreeMap<PodUid, PodSpec>,
     pushed_ztunnels: BTreeMap<PathBuf, ZtunnelSpec>,
@@ -160,14 +217,32 @@ impl Node {
         }
     }
 
-    /// The node state from every source: the file's, with pushed pods
-    /// replacing file pods of the same UID and pushed ztunnels added. `None`
-    /// until some source has delivered.
+    /// The node state from every source, later ones replacing pods of the
+    /// same UID: the file, then Kubernetes, then pushes. `None` until some
+    /// source has delivered.
     fn merged(&self) -> Option<NodeSpec> {
-        if self.spec.is_none() && self.pushed_pods.is_empty() && self.pushed_ztunnels.is_empty() {
+        if self.spec.is_none()
+            && self.kube.is_none()
+            && self.pushed_pods.is_empty()
+            && self.pushed_ztunnels.is_empty()
+        {
             return None;
         }
         let mut spec = self.spec.clone().unwrap_or_default();
+        if let Some(kube) = &self.kube {
+            spec.pods
+                .retain(|p| !kube.pods.iter().any(|k| k.uid == p.uid));
+            spec.pods.extend(kube.pods.iter().cloned());
+            for uid in &kube.ztunnels {
+                match cgroup::find_pod_cgroup(&self.kubepods_parent, &uid.0) {
+                    Ok(cgroup) => spec.ztunnels.push(ZtunnelSpec {
+                        cgroup,
+                        zero_copy: false,
+                    }),
+                    Err(e) => warn!(pod = %uid, "ztunnel pod not in the datapath yet: {e}"),
+                }
+            }
+        }
         spec.pods.retain(|p| !self.pushed_pods.contains_key(&p.uid));
         spec.pods.extend(self.pushed_pods.values().cloned());
         for z in self.pushed_ztunnels.values() {

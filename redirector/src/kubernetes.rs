@@ -16,7 +16,7 @@ use tracing::{error, warn};
 
 use crate::{
     membership::{self, Decision, MeshSettings, PodFacts},
-    state::{Mode, PodSpec, ZtunnelSpec},
+    state::{Mode, PodSpec},
     types::PodUid,
 };
 
@@ -75,7 +75,12 @@ pub fn snapshot(
 ) -> Snapshot {
     let ns_labels: BTreeMap<String, BTreeMap<String, String>> = namespaces
         .iter()
-        .filter_map(|ns| Some((ns.metadata.name.clone()?, ns.metadata.labels.clone().unwrap_or_default())))
+        .filter_map(|ns| {
+            Some((
+                ns.metadata.name.clone()?,
+                ns.metadata.labels.clone().unwrap_or_default(),
+            ))
+        })
         .collect();
     let empty = BTreeMap::new();
     let mut out = Snapshot::default();
@@ -94,7 +99,8 @@ pub fn snapshot(
             Ok(Decision::NotEnrolled(_)) => Mode::None,
             Err(e) => {
                 error!(pod = %uid, namespace = %facts.namespace, "keeping the pod's last good state: {e}");
-                out.pods.extend(last.pods.iter().find(|p| p.uid == uid).cloned());
+                out.pods
+                    .extend(last.pods.iter().find(|p| p.uid == uid).cloned());
                 continue;
             }
         };
@@ -114,7 +120,12 @@ pub fn snapshot(
 /// Watches `node`'s pods and every namespace, publishing a new snapshot on
 /// every change. Runs until the receiver is gone; watch errors are retried
 /// with backoff by the watchers.
-pub async fn run(client: Client, node: String, mesh: MeshSettings, out: watch::Sender<Option<Snapshot>>) {
+pub async fn run(
+    client: Client,
+    node: String,
+    mesh: MeshSettings,
+    out: watch::Sender<Option<Snapshot>>,
+) {
     let (pod_store, pod_writer) = reflector::store::<Pod>();
     let (ns_store, ns_writer) = reflector::store::<Namespace>();
     let pods = watcher(
@@ -172,7 +183,12 @@ mod tests {
         )
     }
 
-    fn app(uid: &str, ns: &str, labels: serde_json::Value, annotations: serde_json::Value) -> Arc<Pod> {
+    fn app(
+        uid: &str,
+        ns: &str,
+        labels: serde_json::Value,
+        annotations: serde_json::Value,
+    ) -> Arc<Pod> {
         pod(json!({
             "metadata": {"name": format!("app-{uid}"), "namespace": ns, "uid": uid,
                          "labels": labels, "annotations": annotations},
@@ -190,7 +206,12 @@ mod tests {
     fn pods_get_the_mode_istios_rules_give_them_and_their_ips() {
         let pods = [
             app("a", "mesh", json!({}), json!({})),
-            app("b", "mesh", json!({"istio.io/dataplane-mode": "none"}), json!({})),
+            app(
+                "b",
+                "mesh",
+                json!({"istio.io/dataplane-mode": "none"}),
+                json!({}),
+            ),
             app("c", "plain", json!({}), json!({})),
         ];
         let nss = [
@@ -200,7 +221,11 @@ mod tests {
         let s = snapshot(&pods, &nss, &MeshSettings::default(), &Snapshot::default());
         assert_eq!(
             modes(&s),
-            vec![("a".into(), Mode::Ambient), ("b".into(), Mode::None), ("c".into(), Mode::None)]
+            vec![
+                ("a".into(), Mode::Ambient),
+                ("b".into(), Mode::None),
+                ("c".into(), Mode::None)
+            ]
         );
         assert_eq!(s.pods[0].ips.len(), 2);
         assert_eq!(s.pods[0].namespace, "mesh");
@@ -212,11 +237,19 @@ mod tests {
         let pods = [app("a", "mesh", json!({}), json!({}))];
         let on = snapshot(
             &pods,
-            &[namespace("mesh", json!({"istio.io/dataplane-mode": "ambient"}))],
+            &[namespace(
+                "mesh",
+                json!({"istio.io/dataplane-mode": "ambient"}),
+            )],
             &MeshSettings::default(),
             &Snapshot::default(),
         );
-        let off = snapshot(&pods, &[namespace("mesh", json!({}))], &MeshSettings::default(), &on);
+        let off = snapshot(
+            &pods,
+            &[namespace("mesh", json!({}))],
+            &MeshSettings::default(),
+            &on,
+        );
         assert_eq!(modes(&on), vec![("a".into(), Mode::Ambient)]);
         assert_eq!(modes(&off), vec![("a".into(), Mode::None)]);
     }
@@ -244,7 +277,12 @@ mod tests {
             &MeshSettings::default(),
             &Snapshot::default(),
         );
-        let bad = [app("a", "ns", ambient, json!({"ambient.istio.io/dns-capture": "maybe"}))];
+        let bad = [app(
+            "a",
+            "ns",
+            ambient,
+            json!({"ambient.istio.io/dns-capture": "maybe"}),
+        )];
         let after = snapshot(&bad, &[], &MeshSettings::default(), &good);
         assert_eq!(after, good);
         // With no earlier state, the pod stays out.

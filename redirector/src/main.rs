@@ -62,6 +62,16 @@ enum Command {
         /// Unix socket of the local API (mode 0600, root only).
         #[arg(long, default_value = DEFAULT_API)]
         api_socket: PathBuf,
+        /// Where the node state comes from (repeat to combine; later
+        /// sources replace pods of the same UID: file, then kubernetes).
+        #[arg(long = "source", value_enum, default_values_t = [Source::File])]
+        sources: Vec<Source>,
+        /// This node's name, for `--source kubernetes`.
+        #[arg(long, env = "NODE_NAME")]
+        node_name: Option<String>,
+        /// Kubernetes API server URL [default: kubeconfig or in-cluster].
+        #[arg(long)]
+        kube_api: Option<String>,
     },
     /// Show the daemon, its settings and the datapath counters (local API).
     Status {
@@ -92,6 +102,14 @@ enum Command {
     },
     /// Check a workloads file and print what it enrolls.
     Validate { file: PathBuf },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Source {
+    /// The workloads file (`--workloads`).
+    File,
+    /// This node's pods and every namespace, from the Kubernetes API.
+    Kubernetes,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -138,7 +156,21 @@ fn run(command: Command) -> anyhow::Result<()> {
             sockmap,
             resync_seconds,
             api_socket,
+            sources,
+            node_name,
+            kube_api,
         } => {
+            let kubernetes = if sources.contains(&Source::Kubernetes) {
+                Some(daemon::KubernetesSource {
+                    node_name: node_name.context(
+                        "--source kubernetes needs the node's name (--node-name or NODE_NAME)",
+                    )?,
+                    api_url: kube_api,
+                    mesh: ambridge::membership::MeshSettings::default(),
+                })
+            } else {
+                None
+            };
             let cgroup_root = match cgroup_root {
                 Some(dir) => dir,
                 None => cgroup::cgroup2_mount()?,
@@ -159,6 +191,8 @@ fn run(command: Command) -> anyhow::Result<()> {
                 },
                 resync: Duration::from_secs(resync_seconds.max(1)),
                 api_socket,
+                file_source: sources.contains(&Source::File),
+                kubernetes,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
