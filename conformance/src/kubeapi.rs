@@ -1,0 +1,267 @@
+//! A local Kubernetes API server for the Kubernetes feed's tests: list and
+//! watch of pods and namespaces over HTTP/1.1 on loopback, with real JSON
+//! objects, resource versions, bookmarks, and watches that can be ended or
+//! answered with `410 Gone` (an expired resource version) to force a relist.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Write},
+    net::{TcpListener, TcpStream},
+    sync::{
+        Arc, Mutex,
+        mpsc::{self, Receiver, Sender},
+    },
+    thread,
+    time::Duration,
+};
+
+use serde_json::{Value, json};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Pods,
+    Namespaces,
+}
+
+#[derive(Default)]
+struct State {
+    resource_version: u64,
+    pods: BTreeMap<String, Value>,
+    namespaces: BTreeMap<String, Value>,
+    watchers: Vec<(Kind, Sender<Option<String>>)>,
+    /// Watches started from a resource version at or below this get 410.
+    expired_below: u64,
+}
+
+/// The server; stops serving when dropped (its threads end with their
+/// connections).
+pub struct KubeApi {
+    port: u16,
+    state: Arc<Mutex<State>>,
+}
+
+impl KubeApi {
+    pub fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("binding the local API server");
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new(Mutex::new(State {
+            resource_version: 1,
+            ..State::default()
+        }));
+        let shared = state.clone();
+        thread::spawn(move || {
+            for conn in listener.incoming().map_while(Result::ok) {
+                let state = shared.clone();
+                thread::spawn(move || serve(conn, &state));
+            }
+        });
+        KubeApi { port, state }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn upsert(&self, kind: Kind, key: String, mut object: Value) {
+        let mut st = self.state.lock().unwrap();
+        st.resource_version += 1;
+        object["metadata"]["resourceVersion"] = json!(st.resource_version.to_string());
+        let map = match kind {
+            Kind::Pods => &mut st.pods,
+            Kind::Namespaces => &mut st.namespaces,
+        };
+        let event = if map.insert(key, object.clone()).is_some() {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        notify(&mut st, kind, json!({"type": event, "object": object}));
+    }
+
+    /// Adds or replaces a pod (keyed by its UID).
+    pub fn put_pod(&self, pod: Value) {
+        let uid = pod["metadata"]["uid"]
+            .as_str()
+            .expect("a pod uid")
+            .to_string();
+        self.upsert(Kind::Pods, uid, pod);
+    }
+
+    /// Adds or replaces a namespace (keyed by its name).
+    pub fn put_namespace(&self, ns: Value) {
+        let name = ns["metadata"]["name"]
+            .as_str()
+            .expect("a namespace name")
+            .to_string();
+        self.upsert(Kind::Namespaces, name, ns);
+    }
+
+    pub fn delete_pod(&self, uid: &str) {
+        let mut st = self.state.lock().unwrap();
+        if let Some(mut pod) = st.pods.remove(uid) {
+            st.resource_version += 1;
+            pod["metadata"]["resourceVersion"] = json!(st.resource_version.to_string());
+            notify(
+                &mut st,
+                Kind::Pods,
+                json!({"type": "DELETED", "object": pod}),
+            );
+        }
+    }
+
+    /// Ends every open watch. With `expire`, the resource versions they had
+    /// are too old to resume from: re-watching gets `410 Gone`, and the
+    /// client must list again.
+    pub fn end_watches(&self, expire: bool) {
+        let mut st = self.state.lock().unwrap();
+        if expire {
+            st.expired_below = st.resource_version;
+        }
+        for (_, tx) in st.watchers.drain(..) {
+            let _ = tx.send(None);
+        }
+    }
+}
+
+fn notify(st: &mut State, kind: Kind, event: Value) {
+    let line = event.to_string();
+    st.watchers
+        .retain(|(k, tx)| *k != kind || tx.send(Some(line.clone())).is_ok());
+}
+
+fn write_json(conn: &mut TcpStream, status: &str, body: &Value) -> std::io::Result<()> {
+    let body = body.to_string();
+    write!(
+        conn,
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+fn write_chunk(conn: &mut TcpStream, line: &str) -> std::io::Result<()> {
+    let data = format!("{line}\n");
+    write!(conn, "{:x}\r\n{data}\r\n", data.len())?;
+    conn.flush()
+}
+
+/// One connection: requests until the client closes, or a watch stream
+/// until it ends.
+fn serve(conn: TcpStream, state: &Mutex<State>) {
+    let mut reader = BufReader::new(conn.try_clone().expect("clone the connection"));
+    let mut conn = conn;
+    loop {
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+            return;
+        }
+        // Headers, up to the blank line.
+        loop {
+            let mut header = String::new();
+            if reader.read_line(&mut header).unwrap_or(0) == 0 {
+                return;
+            }
+            if header == "\r\n" || header == "\n" {
+                break;
+            }
+        }
+        let target = request_line
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or("/")
+            .to_string();
+        let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+        let params: BTreeMap<&str, &str> = query
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .collect();
+        let kind = match path {
+            "/api/v1/pods" => Kind::Pods,
+            "/api/v1/namespaces" => Kind::Namespaces,
+            _ => {
+                let _ = write_json(
+                    &mut conn,
+                    "404 Not Found",
+                    &json!({"kind": "Status", "code": 404}),
+                );
+                continue;
+            }
+        };
+        if params
+            .get("watch")
+            .is_some_and(|w| *w == "true" || *w == "1")
+        {
+            let from: u64 = params
+                .get("resourceVersion")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            watch(conn, state, kind, from);
+            return;
+        }
+        let st = state.lock().unwrap();
+        let (items, list_kind): (Vec<Value>, &str) = match kind {
+            Kind::Pods => (st.pods.values().cloned().collect(), "PodList"),
+            Kind::Namespaces => (st.namespaces.values().cloned().collect(), "NamespaceList"),
+        };
+        let body = json!({
+            "kind": list_kind, "apiVersion": "v1",
+            "metadata": {"resourceVersion": st.resource_version.to_string()},
+            "items": items,
+        });
+        drop(st);
+        if write_json(&mut conn, "200 OK", &body).is_err() {
+            return;
+        }
+    }
+}
+
+fn watch(mut conn: TcpStream, state: &Mutex<State>, kind: Kind, from: u64) {
+    let (tx, rx): (Sender<Option<String>>, Receiver<Option<String>>) = mpsc::channel();
+    let (gone, rv) = {
+        let mut st = state.lock().unwrap();
+        let gone = from <= st.expired_below && st.expired_below > 0;
+        if !gone {
+            st.watchers.push((kind, tx));
+        }
+        (gone, st.resource_version)
+    };
+    if write!(
+        conn,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    .is_err()
+    {
+        return;
+    }
+    if gone {
+        let status = json!({"type": "ERROR", "object": {
+            "kind": "Status", "apiVersion": "v1", "status": "Failure",
+            "message": "too old resource version", "reason": "Expired", "code": 410}});
+        let _ = write_chunk(&mut conn, &status.to_string());
+        let _ = write!(conn, "0\r\n\r\n");
+        return;
+    }
+    // A bookmark first, as a real server sends them from time to time.
+    let list_kind = match kind {
+        Kind::Pods => "Pod",
+        Kind::Namespaces => "Namespace",
+    };
+    let bookmark = json!({"type": "BOOKMARK", "object": {
+        "kind": list_kind, "apiVersion": "v1", "metadata": {"resourceVersion": rv.to_string()}}});
+    if write_chunk(&mut conn, &bookmark.to_string()).is_err() {
+        return;
+    }
+    loop {
+        match rx.recv_timeout(Duration::from_secs(300)) {
+            Ok(Some(line)) => {
+                if write_chunk(&mut conn, &line).is_err() {
+                    return;
+                }
+            }
+            // Ended by the test (or timed out): close the stream.
+            Ok(None) | Err(_) => {
+                let _ = write!(conn, "0\r\n\r\n");
+                return;
+            }
+        }
+    }
+}
