@@ -148,8 +148,17 @@ impl Daemon {
         self.stats_section("map_entries")
     }
 
+    /// `ambridge stats --json`: through this daemon's API while it runs,
+    /// from its pinned maps otherwise.
+    pub fn stats_json(&self) -> serde_json::Value {
+        let api = self.api.display().to_string();
+        let out = self.cli(&["stats", "--json", "--api", &api]);
+        serde_json::from_str(&out).expect("ambridge stats --json output")
+    }
+
     fn stats_section(&self, section: &str) -> BTreeMap<String, u64> {
-        let out = self.cli(&["stats", "--json"]);
+        let api = self.api.display().to_string();
+        let out = self.cli(&["stats", "--json", "--api", &api]);
         let all: serde_json::Value =
             serde_json::from_str(&out).expect("ambridge stats --json output");
         serde_json::from_value(all[section].clone()).expect("a section of numbers")

@@ -318,7 +318,14 @@ fn a_malformed_workloads_file_is_rejected_and_the_last_good_state_stays() {
 #[test]
 fn redirection_survives_the_daemon_stopping() {
     let mut f = fixture();
+    assert_eq!(f.daemon.stats_json()["source"], "the daemon's API");
     f.daemon.stop();
+    // Counters stay readable, from the pinned maps.
+    let stats = f.daemon.stats_json();
+    assert!(
+        stats["source"].as_str().unwrap().starts_with("pinned maps"),
+        "{stats}"
+    );
     let to = format!("{}:8080", f.server.ip4);
     assert_redirected(&f, &to, canon(&to), f.client.ip4.into());
 }

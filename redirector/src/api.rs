@@ -295,6 +295,14 @@ impl pb::node_server::Node for Node {
                 value,
             })
             .collect();
+        let map_entries = datapath::map_occupancy(&self.pins)
+            .map_err(|e| Status::internal(format!("reading maps: {e:#}")))?
+            .into_iter()
+            .map(|(name, n)| pb::Counter {
+                name: name.to_string(),
+                value: n as u64,
+            })
+            .collect();
         let view = self.view.read().expect("view lock").clone();
         Ok(Response::new(pb::StatusResponse {
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -311,6 +319,7 @@ impl pb::node_server::Node for Node {
             },
             sockmap: self.settings.sockmap,
             counters,
+            map_entries,
         }))
     }
 

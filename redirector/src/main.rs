@@ -17,6 +17,9 @@ use tracing_subscriber::EnvFilter;
 const DEFAULT_BPFFS: &str = "/sys/fs/bpf/ambridge";
 const DEFAULT_API: &str = "/run/ambridge/api.sock";
 
+/// Counters or map sizes, by name, as `ambridge stats` prints them.
+type NamedValues = Vec<(String, u64)>;
+
 #[derive(Parser)]
 #[command(version, about = "eBPF traffic capture for Istio Ambient")]
 struct Cli {
@@ -92,8 +95,11 @@ enum Command {
         #[arg(long, default_value = DEFAULT_BPFFS)]
         bpffs: PathBuf,
     },
-    /// Print the datapath counters and how full the maps are.
+    /// Print the datapath counters and how full the maps are (through the
+    /// local API, or from the pinned maps while the daemon is down).
     Stats {
+        #[arg(long, default_value = DEFAULT_API)]
+        api: PathBuf,
         #[arg(long, default_value = DEFAULT_BPFFS)]
         bpffs: PathBuf,
         /// One JSON object instead of a table.
@@ -136,7 +142,9 @@ fn main() -> ExitCode {
 }
 
 /// Runs an API client call on a small runtime.
-fn client(call: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+fn client_value<T>(
+    call: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -200,7 +208,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 .context("starting the tokio runtime")?
                 .block_on(daemon::run(opts))
         }
-        Command::Status { api, json } => client(async move {
+        Command::Status { api, json } => client_value(async move {
             let status = api::connect(&api)
                 .await?
                 .status(api::pb::StatusRequest {})
@@ -251,7 +259,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }),
-        Command::Pods { api, json } => client(async move {
+        Command::Pods { api, json } => client_value(async move {
             let pods = api::connect(&api)
                 .await?
                 .list_pods(api::pb::ListPodsRequest {})
@@ -306,29 +314,59 @@ fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Stats { bpffs, json } => {
-            let pins = Pins::new(&bpffs);
-            let counters = datapath::read_counters(&pins)
-                .with_context(|| format!("reading counters pinned under {}", bpffs.display()))?;
-            let maps = datapath::map_occupancy(&pins)
-                .with_context(|| format!("reading maps pinned under {}", bpffs.display()))?;
+        Command::Stats { api, bpffs, json } => {
+            // The daemon's API first; the pinned maps when it is down (the
+            // datapath keeps working without it, and so does this).
+            let from_api: anyhow::Result<(NamedValues, NamedValues)> = client_value(async {
+                let s = api::connect(&api)
+                    .await?
+                    .status(api::pb::StatusRequest {})
+                    .await?
+                    .into_inner();
+                let pairs =
+                    |v: Vec<api::pb::Counter>| v.into_iter().map(|c| (c.name, c.value)).collect();
+                Ok((pairs(s.counters), pairs(s.map_entries)))
+            });
+            let (counters, maps, source) = match from_api {
+                Ok((c, m)) => (c, m, "the daemon's API".to_string()),
+                Err(e) => {
+                    let pins = Pins::new(&bpffs);
+                    let counters = datapath::read_counters(&pins).with_context(|| {
+                        format!("daemon not reachable ({e:#}), and reading counters pinned under {} failed", bpffs.display())
+                    })?;
+                    let maps = datapath::map_occupancy(&pins).with_context(|| {
+                        format!("reading maps pinned under {}", bpffs.display())
+                    })?;
+                    (
+                        counters
+                            .into_iter()
+                            .map(|(c, v)| (c.name().to_string(), v))
+                            .collect(),
+                        maps.into_iter()
+                            .map(|(n, v)| (n.to_string(), v as u64))
+                            .collect(),
+                        format!(
+                            "pinned maps under {} (daemon not reachable)",
+                            bpffs.display()
+                        ),
+                    )
+                }
+            };
             if json {
-                let counters: serde_json::Map<_, _> = counters
-                    .iter()
-                    .map(|(c, v)| (c.name().to_string(), serde_json::Value::from(*v)))
-                    .collect();
-                let maps: serde_json::Map<_, _> = maps
-                    .iter()
-                    .map(|(name, n)| (name.to_string(), serde_json::Value::from(*n)))
-                    .collect();
+                let obj = |v: &[(String, u64)]| -> serde_json::Map<String, serde_json::Value> {
+                    v.iter()
+                        .map(|(k, n)| (k.clone(), serde_json::Value::from(*n)))
+                        .collect()
+                };
                 println!(
                     "{}",
-                    serde_json::json!({"counters": counters, "map_entries": maps})
+                    serde_json::json!({"counters": obj(&counters), "map_entries": obj(&maps), "source": source})
                 );
             } else {
+                println!("from {source}");
                 println!("counters");
-                for (c, v) in counters {
-                    println!("  {:<28} {v}", c.name());
+                for (name, v) in counters {
+                    println!("  {name:<28} {v}");
                 }
                 println!("map entries");
                 for (name, n) in maps {
