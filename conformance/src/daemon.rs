@@ -157,11 +157,7 @@ impl Daemon {
     }
 
     fn stats_section(&self, section: &str) -> BTreeMap<String, u64> {
-        let api = self.api.display().to_string();
-        let out = self.cli(&["stats", "--json", "--api", &api]);
-        let all: serde_json::Value =
-            serde_json::from_str(&out).expect("ambridge stats --json output");
-        serde_json::from_value(all[section].clone()).expect("a section of numbers")
+        serde_json::from_value(self.stats_json()[section].clone()).expect("a section of numbers")
     }
 
     /// Runs `ambridge <args> --bpffs <this daemon's pins>` and returns its

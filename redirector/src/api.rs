@@ -27,7 +27,7 @@ use ambridge_common::flags;
 use crate::{
     datapath::{self, Pins},
     reconcile::Desired,
-    state::{Mode, NodeSpec, OriginalSrc, PodSpec, Settings, ZtunnelSpec},
+    state::{Mode, NodeSpec, OriginalSrc, PodSpec, Settings},
     types::PodUid,
 };
 
@@ -48,19 +48,22 @@ pub struct View {
 /// The API's picture of the node after a reconcile: every pod of the node
 /// state with where it landed in the datapath.
 pub fn view(spec: &NodeSpec, desired: &Desired) -> View {
+    let mut problems: BTreeMap<&PodUid, Vec<&str>> = BTreeMap::new();
+    for u in &desired.unresolved {
+        if let Some(uid) = &u.uid {
+            problems.entry(uid).or_default().push(&u.error);
+        }
+    }
     let pods = spec
         .pods
         .iter()
         .map(|pod| {
             let placed = desired.placed.get(&pod.uid);
             let entry = placed.and_then(|(_, id)| desired.cgroups.get(id));
-            let problem = desired
-                .unresolved
-                .iter()
-                .filter(|u| u.uid.as_ref() == Some(&pod.uid))
-                .map(|u| u.error.clone())
-                .collect::<Vec<_>>()
-                .join("; ");
+            let problem = problems
+                .get(&pod.uid)
+                .map(|p| p.join("; "))
+                .unwrap_or_default();
             pb::Pod {
                 uid: pod.uid.0.clone(),
                 namespace: pod.namespace.clone(),
@@ -121,7 +124,7 @@ pub fn changes(old: &View, new: &View) -> Vec<pb::Change> {
 pub enum Pushed {
     Pod(PodSpec),
     RemovePod(PodUid),
-    Ztunnel(ZtunnelSpec),
+    Ztunnel { cgroup: PathBuf, zero_copy: bool },
     RemoveZtunnel(PathBuf),
 }
 
@@ -191,10 +194,10 @@ pub fn pushed(req: pb::PushCgroupRequest) -> Result<Pushed, Status> {
             Ok(if req.remove {
                 Pushed::RemoveZtunnel(cgroup)
             } else {
-                Pushed::Ztunnel(ZtunnelSpec {
+                Pushed::Ztunnel {
                     cgroup,
                     zero_copy: z.zero_copy,
-                })
+                }
             })
         }
     }

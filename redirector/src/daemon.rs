@@ -22,7 +22,7 @@ use crate::{
     enroll,
     netns::CookieCache,
     reconcile::{self, Resolve, Unresolved},
-    state::{NodeSpec, PodSpec, Settings, ZtunnelSpec},
+    state::{CgroupRef, NodeSpec, PodSpec, Settings, ZtunnelSpec},
     types::{CgroupId, NetnsCookie, PodUid},
     workloads,
 };
@@ -109,7 +109,6 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         opts.pins.clone(),
     ));
     let mut node = Node {
-        kubepods_parent: opts.kubepods_parent.clone(),
         kube: None,
         spec: None,
         pushed_pods: BTreeMap::new(),
@@ -168,11 +167,10 @@ struct Node {
     spec: Option<NodeSpec>,
     /// The Kubernetes feed's last snapshot.
     kube: Option<crate::kubernetes::Snapshot>,
-    /// Where ztunnel pods from Kubernetes have their cgroups.
-    kubepods_parent: PathBuf,
     /// Entries pushed through the API.
     pushed_pods: BTreeMap<PodUid, PodSpec>,
-    pushed_ztunnels: BTreeMap<PathBuf, ZtunnelSpec>,
+    /// Pushed ztunnel cgroups, with their zero-copy flag.
+    pushed_ztunnels: BTreeMap<PathBuf, bool>,
     unresolved: Vec<Unresolved>,
     cookies: CookieCache,
     view: api::SharedView,
@@ -208,8 +206,8 @@ impl Node {
             api::Pushed::RemovePod(uid) => {
                 self.pushed_pods.remove(&uid);
             }
-            api::Pushed::Ztunnel(z) => {
-                self.pushed_ztunnels.insert(z.cgroup.clone(), z);
+            api::Pushed::Ztunnel { cgroup, zero_copy } => {
+                self.pushed_ztunnels.insert(cgroup, zero_copy);
             }
             api::Pushed::RemoveZtunnel(cgroup) => {
                 self.pushed_ztunnels.remove(&cgroup);
@@ -233,21 +231,21 @@ impl Node {
             spec.pods
                 .retain(|p| !kube.pods.iter().any(|k| k.uid == p.uid));
             spec.pods.extend(kube.pods.iter().cloned());
-            for uid in &kube.ztunnels {
-                match cgroup::find_pod_cgroup(&self.kubepods_parent, &uid.0) {
-                    Ok(cgroup) => spec.ztunnels.push(ZtunnelSpec {
-                        cgroup,
-                        zero_copy: false,
-                    }),
-                    Err(e) => warn!(pod = %uid, "ztunnel pod not in the datapath yet: {e}"),
-                }
-            }
+            spec.ztunnels
+                .extend(kube.ztunnels.iter().map(|uid| ZtunnelSpec {
+                    cgroup: CgroupRef::Pod(uid.clone()),
+                    zero_copy: false,
+                }));
         }
         spec.pods.retain(|p| !self.pushed_pods.contains_key(&p.uid));
         spec.pods.extend(self.pushed_pods.values().cloned());
-        for z in self.pushed_ztunnels.values() {
-            if !spec.ztunnels.iter().any(|f| f.cgroup == z.cgroup) {
-                spec.ztunnels.push(z.clone());
+        for (path, zero_copy) in &self.pushed_ztunnels {
+            let cgroup = CgroupRef::Path(path.clone());
+            if !spec.ztunnels.iter().any(|f| f.cgroup == cgroup) {
+                spec.ztunnels.push(ZtunnelSpec {
+                    cgroup,
+                    zero_copy: *zero_copy,
+                });
             }
         }
         Some(spec)

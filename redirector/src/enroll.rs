@@ -145,7 +145,7 @@ mod tests {
 
     fn ztunnel(zero_copy: bool) -> ZtunnelSpec {
         ZtunnelSpec {
-            cgroup: "/sys/fs/cgroup/z".into(),
+            cgroup: crate::state::CgroupRef::Path("/sys/fs/cgroup/z".into()),
             zero_copy,
         }
     }

@@ -389,7 +389,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 );
             }
             for z in &spec.ztunnels {
-                println!("ztunnel cgroup={}", z.cgroup.display());
+                println!("ztunnel cgroup={:?}", z.cgroup);
             }
             Ok(())
         }

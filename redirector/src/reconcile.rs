@@ -9,7 +9,7 @@ use ambridge_common::{CgroupInfo, NetnsInfo, NodeConfig};
 
 use crate::{
     enroll,
-    state::{NodeSpec, Settings},
+    state::{CgroupRef, NodeSpec, Settings},
     types::{CgroupId, NetnsCookie, PodUid},
 };
 
@@ -94,15 +94,16 @@ pub fn desired(spec: &NodeSpec, settings: &Settings, resolve: &mut impl Resolve)
     };
     for pod in &spec.pods {
         let owner = format!("pod {}/{} ({})", pod.namespace, pod.name, pod.uid);
-        let cgroup = match &pod.cgroup {
-            Some(path) => path.clone(),
-            None => match resolve.pod_cgroup(&pod.uid) {
-                Ok(path) => path,
-                Err(e) => {
-                    out.unresolved(Some(&pod.uid), owner, Path::new(""), e.to_string());
-                    continue;
-                }
-            },
+        let located = match &pod.cgroup {
+            Some(path) => Ok(path.clone()),
+            None => resolve.pod_cgroup(&pod.uid),
+        };
+        let cgroup = match located {
+            Ok(path) => path,
+            Err(e) => {
+                out.unresolved(Some(&pod.uid), owner, Path::new(""), e.to_string());
+                continue;
+            }
         };
         match resolve.cgroup_id(&cgroup) {
             Ok(id) => {
@@ -121,20 +122,25 @@ pub fn desired(spec: &NodeSpec, settings: &Settings, resolve: &mut impl Resolve)
         }
     }
     for z in &spec.ztunnels {
-        match resolve.cgroup_id(&z.cgroup) {
-            Ok(id) => {
+        let (located, owner) = match &z.cgroup {
+            CgroupRef::Path(path) => (Ok(path.clone()), "ztunnel".to_string()),
+            CgroupRef::Pod(uid) => (resolve.pod_cgroup(uid), format!("ztunnel pod {uid}")),
+        };
+        let cgroup = match located.and_then(|path| Ok((resolve.cgroup_id(&path)?, path))) {
+            Ok((id, path)) => {
                 out.cgroups.insert(id, enroll::ztunnel_entry(z, settings));
+                path
             }
             Err(e) => {
-                out.unresolved(None, "ztunnel".into(), &z.cgroup, e.to_string());
+                out.unresolved(None, owner, Path::new(""), e.to_string());
                 continue;
             }
-        }
+        };
         // In the shared model ztunnel binds in its own netns, whose local
         // addresses are the redirect target's.
         if let Some(shared) = spec.redirect {
             let info = enroll::netns_entry(shared.ip4, shared.ip6);
-            out.netns_of(None, "ztunnel", &z.cgroup, info, resolve);
+            out.netns_of(None, &owner, &cgroup, info, resolve);
         }
     }
     out
@@ -164,21 +170,6 @@ pub fn diff<K: Ord + Copy, V: PartialEq + Copy>(
     deletes.chain(puts).collect()
 }
 
-/// Applies `ops` to an in-memory map (what the kernel map becomes once the
-/// same ops are applied to it).
-pub fn apply<K: Ord + Copy, V: Copy>(map: &mut BTreeMap<K, V>, ops: &[Op<K, V>]) {
-    for op in ops {
-        match *op {
-            Op::Put(k, v) => {
-                map.insert(k, v);
-            }
-            Op::Delete(k) => {
-                map.remove(&k);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use ambridge_common::flags;
@@ -198,6 +189,21 @@ mod tests {
             ips: vec!["198.18.0.2".parse().unwrap()],
             mode,
             accelerate: None,
+        }
+    }
+
+    /// Applies `ops` to an in-memory map (what the kernel map becomes once the
+    /// same ops are applied to it).
+    pub fn apply<K: Ord + Copy, V: Copy>(map: &mut BTreeMap<K, V>, ops: &[Op<K, V>]) {
+        for op in ops {
+            match *op {
+                Op::Put(k, v) => {
+                    map.insert(k, v);
+                }
+                Op::Delete(k) => {
+                    map.remove(&k);
+                }
+            }
         }
     }
 
@@ -235,7 +241,7 @@ mod tests {
                 pod("b", "/cg/11", Mode::None),
             ],
             ztunnels: vec![ZtunnelSpec {
-                cgroup: "/cg/20".into(),
+                cgroup: CgroupRef::Path("/cg/20".into()),
                 zero_copy: false,
             }],
             redirect: None,
@@ -300,9 +306,28 @@ mod tests {
     }
 
     #[test]
+    fn a_ztunnel_named_by_pod_uid_is_found_like_a_pod_and_reported_when_missing() {
+        let mut s = spec();
+        s.ztunnels = vec![
+            ZtunnelSpec {
+                cgroup: CgroupRef::Pod(PodUid("by-uid-21".into())),
+                zero_copy: false,
+            },
+            ZtunnelSpec {
+                cgroup: CgroupRef::Pod(PodUid("gone".into())),
+                zero_copy: false,
+            },
+        ];
+        let d = desired(&s, &Settings::default(), &mut Fake);
+        assert_ne!(d.cgroups[&CgroupId(21)].flags & flags::ZTUNNEL, 0);
+        assert_eq!(d.unresolved.len(), 1);
+        assert_eq!(d.unresolved[0].owner, "ztunnel pod gone");
+    }
+
+    #[test]
     fn ztunnel_wins_over_a_pod_on_the_same_cgroup() {
         let mut s = spec();
-        s.ztunnels[0].cgroup = "/cg/10".into();
+        s.ztunnels[0].cgroup = CgroupRef::Path("/cg/10".into());
         let d = desired(&s, &Settings::default(), &mut Fake);
         assert_ne!(d.cgroups[&CgroupId(10)].flags & flags::ZTUNNEL, 0);
         assert_eq!(d.cgroups[&CgroupId(10)].flags & flags::ENROLLED, 0);

@@ -51,10 +51,18 @@ impl PodSpec {
     }
 }
 
+/// Where a cgroup is: a directory, or the pod-level cgroup of a pod UID in
+/// the kubelet's layout.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CgroupRef {
+    Path(PathBuf),
+    Pod(PodUid),
+}
+
 /// One ztunnel on this node (two during an upgrade).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ZtunnelSpec {
-    pub cgroup: PathBuf,
+    pub cgroup: CgroupRef,
     /// It relays with `splice(2)`, which cannot read what `msg_redirect`
     /// delivers: keep its connections out of the sockhash.
     pub zero_copy: bool,

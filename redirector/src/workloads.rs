@@ -32,7 +32,7 @@ use std::{
 use serde::Deserialize;
 
 use crate::{
-    state::{Mode, NodeSpec, PodSpec, SharedRedirect, ZtunnelSpec},
+    state::{CgroupRef, Mode, NodeSpec, PodSpec, SharedRedirect, ZtunnelSpec},
     types::{PodUid, Port},
 };
 
@@ -132,7 +132,7 @@ pub fn parse(text: &str) -> Result<NodeSpec, FileError> {
             .ztunnel
             .into_iter()
             .map(|z| ZtunnelSpec {
-                cgroup: z.cgroup,
+                cgroup: CgroupRef::Path(z.cgroup),
                 zero_copy: z.zero_copy,
             })
             .collect(),
@@ -375,7 +375,7 @@ ztunnel:
         assert_eq!(
             spec.ztunnels,
             vec![ZtunnelSpec {
-                cgroup: "/sys/fs/cgroup/unified/node/ztunnel".into(),
+                cgroup: CgroupRef::Path("/sys/fs/cgroup/unified/node/ztunnel".into()),
                 zero_copy: false,
             }]
         );
