@@ -12,6 +12,7 @@ pub mod enroll;
 pub mod kubernetes;
 pub mod membership;
 pub mod netns;
+pub mod pb;
 pub mod reconcile;
 pub mod state;
 pub mod types;
