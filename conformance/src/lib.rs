@@ -10,6 +10,7 @@
 //! cgroup's programs.
 
 pub mod daemon;
+pub mod istiod;
 pub mod kubeapi;
 pub mod probe;
 pub mod sandbox;

@@ -27,7 +27,7 @@ use ambridge_common::flags;
 use crate::{
     datapath::{self, Pins},
     reconcile::Desired,
-    state::{Mode, NodeSpec, OriginalSrc, PodSpec, Settings},
+    state::{Mode, NodeSpec, OriginalSrc, PodCgroup, PodSpec, Settings},
     types::PodUid,
 };
 
@@ -182,7 +182,7 @@ pub fn pushed(req: pb::PushCgroupRequest) -> Result<Pushed, Status> {
                 uid: PodUid(p.uid),
                 name: p.name,
                 namespace: p.namespace,
-                cgroup,
+                cgroup: cgroup.map_or(PodCgroup::Uid, PodCgroup::Path),
                 ips,
                 mode,
                 accelerate: None,

@@ -110,25 +110,132 @@ cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0
     }
 }
 
+/// One directory where the kubelet creates pod-level cgroups, and how it
+/// names them there. A single table serves both looking a pod up by UID and
+/// listing every pod, so the two cannot disagree about the layout.
+struct PodCgroupDir {
+    /// The directory holding the pod cgroups, relative to the parent.
+    dir: &'static str,
+    prefix: &'static str,
+    suffix: &'static str,
+    /// What stands for `-` in the UID: the systemd driver uses `_`, as `-`
+    /// separates the levels of a slice name.
+    dash: char,
+}
+
+/// Every driver and QoS class: guaranteed pods sit directly under
+/// `kubepods`, the others under their QoS level.
+const POD_CGROUP_DIRS: [PodCgroupDir; 6] = [
+    // cgroupfs driver
+    PodCgroupDir {
+        dir: "kubepods",
+        prefix: "pod",
+        suffix: "",
+        dash: '-',
+    },
+    PodCgroupDir {
+        dir: "kubepods/burstable",
+        prefix: "pod",
+        suffix: "",
+        dash: '-',
+    },
+    PodCgroupDir {
+        dir: "kubepods/besteffort",
+        prefix: "pod",
+        suffix: "",
+        dash: '-',
+    },
+    // systemd driver
+    PodCgroupDir {
+        dir: "kubepods.slice",
+        prefix: "kubepods-pod",
+        suffix: ".slice",
+        dash: '_',
+    },
+    PodCgroupDir {
+        dir: "kubepods.slice/kubepods-burstable.slice",
+        prefix: "kubepods-burstable-pod",
+        suffix: ".slice",
+        dash: '_',
+    },
+    PodCgroupDir {
+        dir: "kubepods.slice/kubepods-besteffort.slice",
+        prefix: "kubepods-besteffort-pod",
+        suffix: ".slice",
+        dash: '_',
+    },
+];
+
+impl PodCgroupDir {
+    /// The name of the cgroup directory of `pod_uid` in this directory.
+    fn name_of(&self, pod_uid: &str) -> String {
+        let uid = pod_uid.replace('-', &self.dash.to_string());
+        format!("{}{uid}{}", self.prefix, self.suffix)
+    }
+
+    /// The pod UID (with dashes) whose cgroup in this directory is called
+    /// `name`, or `None` if `name` is not a pod cgroup (a QoS level, a
+    /// container scope, a cgroup interface file).
+    fn pod_uid_of(&self, name: &str) -> Option<String> {
+        let uid = name
+            .strip_prefix(self.prefix)?
+            .strip_suffix(self.suffix)?
+            .replace(self.dash, "-");
+        // The round trip rejects names this layout would not produce, such
+        // as a systemd slice spelling the UID with dashes.
+        (is_pod_uid(&uid) && self.name_of(&uid) == name).then_some(uid)
+    }
+}
+
 /// Where the kubelet puts a pod's cgroup, relative to the cgroup2 mount,
 /// for both cgroup drivers and every QoS class: guaranteed pods sit
 /// directly under `kubepods`, the others under their QoS level.
 pub fn kubepods_candidates(pod_uid: &str) -> Vec<PathBuf> {
-    let systemd_uid = pod_uid.replace('-', "_");
-    vec![
-        // cgroupfs driver
-        PathBuf::from(format!("kubepods/pod{pod_uid}")),
-        PathBuf::from(format!("kubepods/burstable/pod{pod_uid}")),
-        PathBuf::from(format!("kubepods/besteffort/pod{pod_uid}")),
-        // systemd driver
-        PathBuf::from(format!("kubepods.slice/kubepods-pod{systemd_uid}.slice")),
-        PathBuf::from(format!(
-            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{systemd_uid}.slice"
-        )),
-        PathBuf::from(format!(
-            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{systemd_uid}.slice"
-        )),
-    ]
+    POD_CGROUP_DIRS
+        .iter()
+        .map(|d| Path::new(d.dir).join(d.name_of(pod_uid)))
+        .collect()
+}
+
+/// Every pod-level cgroup under `parent` (the same parent as
+/// [`find_pod_cgroup`]), as (pod UID with dashes, cgroup directory), in no
+/// particular order. Layouts that do not exist on this node (the other
+/// driver, an unused QoS class) are skipped.
+pub fn list_pod_cgroups(parent: &Path) -> io::Result<Vec<(String, PathBuf)>> {
+    let mut pods = Vec::new();
+    for layout in &POD_CGROUP_DIRS {
+        let dir = parent.join(layout.dir);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(with_path(e, "read_dir", &dir)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| with_path(e, "read_dir", &dir))?;
+            let Some(uid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| layout.pod_uid_of(n))
+            else {
+                continue;
+            };
+            let path = entry.path();
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => pods.push((uid, path)),
+                Ok(_) => {}
+                // The pod went away while we were listing.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(with_path(e, "stat", &path)),
+            }
+        }
+    }
+    Ok(pods)
+}
+
+/// `e`, saying which operation on which path failed; the kind is kept so
+/// callers can still tell `NotFound` apart.
+fn with_path(e: io::Error, op: &str, path: &Path) -> io::Error {
+    io::Error::new(e.kind(), format!("{op} {}: {e}", path.display()))
 }
 
 /// Finds the pod-level cgroup of `pod_uid` under `parent` (the cgroup2
@@ -214,6 +321,99 @@ mod kubepods_tests {
         let err = find_pod_cgroup(root.path(), UID).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
         assert!(err.to_string().contains(UID), "{err}");
+    }
+
+    const OTHER: &str = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
+
+    fn mkdirs(root: &Path, dirs: &[&str]) {
+        for d in dirs {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+    }
+
+    fn sorted(mut pods: Vec<(String, PathBuf)>) -> Vec<(String, PathBuf)> {
+        pods.sort();
+        pods
+    }
+
+    #[test]
+    fn every_driver_and_qos_layout_is_listed() {
+        for relative in kubepods_candidates(UID) {
+            let root = tempfile::tempdir().unwrap();
+            mkdirs(root.path(), &[relative.to_str().unwrap()]);
+            assert_eq!(
+                list_pod_cgroups(root.path()).unwrap(),
+                vec![(UID.to_string(), root.path().join(&relative))],
+                "{}",
+                relative.display()
+            );
+        }
+    }
+
+    #[test]
+    fn pods_of_every_qos_class_are_listed_together() {
+        let root = tempfile::tempdir().unwrap();
+        let guaranteed = format!("kubepods/pod{UID}");
+        let besteffort = format!("kubepods/besteffort/pod{OTHER}");
+        mkdirs(
+            root.path(),
+            &[&guaranteed, &besteffort, "kubepods/burstable"],
+        );
+        assert_eq!(
+            sorted(list_pod_cgroups(root.path()).unwrap()),
+            sorted(vec![
+                (UID.to_string(), root.path().join(guaranteed)),
+                (OTHER.to_string(), root.path().join(besteffort)),
+            ])
+        );
+    }
+
+    #[test]
+    fn directories_that_are_not_pods_are_ignored() {
+        let root = tempfile::tempdir().unwrap();
+        let pod = "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod9f2c0d7e_5b1a_4c6e_9a53_2f0b8e1d4c11.slice";
+        mkdirs(
+            root.path(),
+            &[
+                &format!("{pod}/cri-containerd-0123abcd.scope"),
+                "kubepods.slice/kubepods-besteffort.slice",
+                "kubepods.slice/system.slice",
+                "kubepods.slice/kubepods-podnotauid.slice",
+                // The systemd driver never spells the UID with dashes.
+                &format!("kubepods.slice/kubepods-pod{OTHER}.slice"),
+                &format!("kubepods/pod{OTHER}x"),
+                "kubepods/burstable/random",
+            ],
+        );
+        std::fs::write(root.path().join("kubepods.slice/cgroup.procs"), "").unwrap();
+        std::fs::write(root.path().join(format!("kubepods/pod{OTHER}")), "").unwrap();
+        assert_eq!(
+            list_pod_cgroups(root.path()).unwrap(),
+            vec![(UID.to_string(), root.path().join(pod))]
+        );
+    }
+
+    #[test]
+    fn no_kubepods_directory_lists_no_pods() {
+        let root = tempfile::tempdir().unwrap();
+        assert_eq!(list_pod_cgroups(root.path()).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn an_unreadable_parent_is_an_error_naming_it() {
+        let root = tempfile::tempdir().unwrap();
+        // A file where a directory should be: ENOTDIR, not NotFound.
+        std::fs::write(root.path().join("kubepods"), "").unwrap();
+        let err = list_pod_cgroups(root.path()).unwrap_err();
+        assert!(err.to_string().contains("kubepods"), "{err}");
+    }
+
+    #[test]
+    fn pod_cgroup_names_parse_back_to_the_uid() {
+        for layout in &POD_CGROUP_DIRS {
+            let name = layout.name_of(UID);
+            assert_eq!(layout.pod_uid_of(&name).as_deref(), Some(UID), "{name}");
+        }
     }
 
     #[test]

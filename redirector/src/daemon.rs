@@ -1,9 +1,12 @@
-//! `ambridge run`: install the datapath, then keep the cgroup map equal to
-//! what the workloads file says, on every edit and on a periodic resync (which
-//! also picks up pod cgroups created after the file named them).
+//! `ambridge run`: install the datapath, then keep the maps equal to the
+//! node state its sources describe (the workloads file, Kubernetes,
+//! istiod's workload discovery, pushes through the local API), on every
+//! change and on a periodic resync (which also picks up pod cgroups created
+//! after a source named them).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -20,11 +23,11 @@ use crate::{
     api, cgroup,
     datapath::{Datapath, Pins},
     enroll,
-    netns::CookieCache,
+    netns::{AddressCache, CookieCache},
     reconcile::{self, Resolve, Unresolved},
-    state::{CgroupRef, NodeSpec, PodSpec, Settings, ZtunnelSpec},
+    state::{CgroupRef, Mode, NodeSpec, PodCgroup, PodSpec, Settings, ZtunnelSpec},
     types::{CgroupId, NetnsCookie, PodUid},
-    workloads,
+    workloads, xds,
 };
 
 /// Settings of `ambridge run`.
@@ -44,6 +47,9 @@ pub struct Options {
     pub file_source: bool,
     /// The Kubernetes source, if any.
     pub kubernetes: Option<KubernetesSource>,
+    /// istiod's workload discovery, if any: the pods' membership, or a
+    /// cross-check of Kubernetes's when both are sources.
+    pub xds: Option<xds::XdsSource>,
 }
 
 /// Where and how to watch Kubernetes.
@@ -94,6 +100,15 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         }
         None => Some(kube_tx),
     };
+    let (xds_tx, mut xds_rx) = tokio::sync::watch::channel(None);
+    let _idle_xds_sender = match &opts.xds {
+        Some(source) => {
+            info!(address = %source.address, node = %source.node_name, "following istiod's workload discovery");
+            tokio::spawn(xds::run(source.clone(), xds_tx));
+            None
+        }
+        None => Some(xds_tx),
+    };
     let view = api::SharedView::default();
     let (push, mut pushes) = mpsc::channel(64);
     let (changes, _) = tokio::sync::broadcast::channel(1024);
@@ -110,6 +125,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     ));
     let mut node = Node {
         kube: None,
+        kube_is_source: opts.kubernetes.is_some(),
+        xds: None,
+        disagreements: BTreeSet::new(),
+        addresses: AddressCache::default(),
         spec: None,
         pushed_pods: BTreeMap::new(),
         pushed_ztunnels: BTreeMap::new(),
@@ -142,6 +161,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 node.kube = kube_rx.borrow_and_update().clone();
                 node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent)?;
             }
+            Ok(()) = xds_rx.changed() => {
+                node.xds = xds_rx.borrow_and_update().clone();
+                node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent)?;
+            }
             Some(entry) = pushes.recv() => {
                 info!(?entry, "pushed through the API");
                 node.apply_push(entry);
@@ -167,6 +190,14 @@ struct Node {
     spec: Option<NodeSpec>,
     /// The Kubernetes feed's last snapshot.
     kube: Option<crate::kubernetes::Snapshot>,
+    /// Whether Kubernetes is a source: istiod's view is then only a
+    /// cross-check.
+    kube_is_source: bool,
+    /// istiod's last view of this node's workloads.
+    xds: Option<xds::Snapshot>,
+    /// Where Kubernetes and istiod disagree, as last logged.
+    disagreements: BTreeSet<String>,
+    addresses: AddressCache,
     /// Entries pushed through the API.
     pushed_pods: BTreeMap<PodUid, PodSpec>,
     /// Pushed ztunnel cgroups, with their zero-copy flag.
@@ -181,11 +212,48 @@ struct Node {
 struct SystemResolver<'a> {
     kubepods_parent: &'a Path,
     cookies: &'a mut CookieCache,
+    addresses: &'a mut AddressCache,
+    /// Pod cgroups by the addresses of their netns, listed at the first
+    /// lookup of a reconcile.
+    by_address: Option<HashMap<IpAddr, PathBuf>>,
+}
+
+impl SystemResolver<'_> {
+    fn address_index(&mut self) -> std::io::Result<&HashMap<IpAddr, PathBuf>> {
+        if self.by_address.is_none() {
+            let mut index = HashMap::new();
+            for (_, pod_cgroup) in cgroup::list_pod_cgroups(self.kubepods_parent)? {
+                // A pod without processes (or just gone) has no netns to
+                // look at; it is found at a later reconcile.
+                if let Ok(Some(ips)) = self.addresses.of_cgroup(&pod_cgroup) {
+                    for ip in ips {
+                        index.insert(ip, pod_cgroup.clone());
+                    }
+                }
+            }
+            self.by_address = Some(index);
+        }
+        Ok(self.by_address.as_ref().expect("filled above"))
+    }
 }
 
 impl Resolve for SystemResolver<'_> {
     fn pod_cgroup(&mut self, uid: &PodUid) -> std::io::Result<PathBuf> {
         cgroup::find_pod_cgroup(self.kubepods_parent, &uid.0)
+    }
+
+    fn pod_cgroup_by_address(&mut self, ips: &[IpAddr]) -> std::io::Result<PathBuf> {
+        let index = self.address_index()?;
+        ips.iter()
+            .find_map(|ip| index.get(ip).cloned())
+            .ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!(
+                        "no pod cgroup's network namespace holds {ips:?} (pod not started yet?)"
+                    ),
+                )
+            })
     }
 
     fn cgroup_id(&mut self, cgroup: &Path) -> std::io::Result<CgroupId> {
@@ -216,11 +284,13 @@ impl Node {
     }
 
     /// The node state from every source, later ones replacing pods of the
-    /// same UID: the file, then Kubernetes, then pushes. `None` until some
-    /// source has delivered.
+    /// same UID: the file, then Kubernetes (or istiod's workloads when
+    /// Kubernetes is not a source), then pushes. `None` until some source
+    /// has delivered.
     fn merged(&self) -> Option<NodeSpec> {
         if self.spec.is_none()
             && self.kube.is_none()
+            && self.xds.is_none()
             && self.pushed_pods.is_empty()
             && self.pushed_ztunnels.is_empty()
         {
@@ -236,6 +306,23 @@ impl Node {
                     cgroup: CgroupRef::Pod(uid.clone()),
                     zero_copy: false,
                 }));
+        }
+        if let Some(xds) = self.xds.as_ref().filter(|_| !self.kube_is_source) {
+            spec.pods
+                .retain(|p| !xds.workloads.iter().any(|w| w.uid == p.uid.0));
+            spec.pods.extend(xds.workloads.iter().map(|w| PodSpec {
+                uid: PodUid(w.uid.clone()),
+                name: w.name.clone(),
+                namespace: w.namespace.clone(),
+                cgroup: PodCgroup::Address,
+                ips: w.ips.clone(),
+                mode: if w.captured {
+                    Mode::Ambient
+                } else {
+                    Mode::None
+                },
+                accelerate: None,
+            }));
         }
         spec.pods.retain(|p| !self.pushed_pods.contains_key(&p.uid));
         spec.pods.extend(self.pushed_pods.values().cloned());
@@ -274,6 +361,22 @@ impl Node {
         }
     }
 
+    /// With both Kubernetes and istiod as sources, logs each pod on which
+    /// they start or stop disagreeing (Kubernetes decides).
+    fn cross_check(&mut self) {
+        let (Some(kube), Some(xds)) = (&self.kube, &self.xds) else {
+            return;
+        };
+        let now = xds::disagreements(&kube.pods, &xds.workloads);
+        for d in now.difference(&self.disagreements) {
+            info!("Kubernetes and istiod disagree (Kubernetes decides): {d}");
+        }
+        for d in self.disagreements.difference(&now) {
+            info!("Kubernetes and istiod agree again: {d}");
+        }
+        self.disagreements = now;
+    }
+
     fn reconcile(
         &mut self,
         datapath: &mut Datapath,
@@ -285,12 +388,18 @@ impl Node {
             return Ok(());
         };
         let spec = &spec;
+        self.cross_check();
         let started = std::time::Instant::now();
         let mut resolver = SystemResolver {
             kubepods_parent,
             cookies: &mut self.cookies,
+            addresses: &mut self.addresses,
+            by_address: None,
         };
         let desired = reconcile::desired(spec, settings, &mut resolver);
+        // Every pod was looked at: namespaces not asked for are gone.
+        self.cookies.retain_seen();
+        self.addresses.retain_seen();
         if desired.unresolved != self.unresolved {
             // Name the first few; a node starting many pods at once would
             // otherwise log one line per pod.

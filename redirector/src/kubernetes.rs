@@ -16,7 +16,7 @@ use tracing::{error, warn};
 
 use crate::{
     membership::{self, Decision, MeshSettings, PodFacts},
-    state::{Mode, PodSpec},
+    state::{Mode, PodCgroup, PodSpec},
     types::PodUid,
 };
 
@@ -108,7 +108,7 @@ pub fn snapshot(
             uid,
             name: pod.metadata.name.clone().unwrap_or_default(),
             namespace: facts.namespace,
-            cgroup: None,
+            cgroup: PodCgroup::Uid,
             ips: pod_ips(pod),
             mode,
             accelerate: None,
@@ -229,7 +229,7 @@ mod tests {
         );
         assert_eq!(s.pods[0].ips.len(), 2);
         assert_eq!(s.pods[0].namespace, "mesh");
-        assert_eq!(s.pods[0].cgroup, None);
+        assert_eq!(s.pods[0].cgroup, PodCgroup::Uid);
     }
 
     #[test]

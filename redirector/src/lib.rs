@@ -17,3 +17,4 @@ pub mod reconcile;
 pub mod state;
 pub mod types;
 pub mod workloads;
+pub mod xds;

@@ -6,7 +6,7 @@ use ambridge::{
     api, cgroup,
     daemon::{self, Options},
     datapath::{self, Pins},
-    state::{OriginalSrc, Settings},
+    state::{OriginalSrc, PodCgroup, Settings},
     types::Port,
     workloads,
 };
@@ -66,15 +66,18 @@ enum Command {
         #[arg(long, default_value = DEFAULT_API)]
         api_socket: PathBuf,
         /// Where the node state comes from (repeat to combine; later
-        /// sources replace pods of the same UID: file, then kubernetes).
+        /// sources replace pods of the same UID: file, then kubernetes or
+        /// xds; with both kubernetes and xds, istiod only cross-checks).
         #[arg(long = "source", value_enum, default_values_t = [Source::File])]
         sources: Vec<Source>,
-        /// This node's name, for `--source kubernetes`.
+        /// This node's name, for `--source kubernetes` and `--source xds`.
         #[arg(long, env = "NODE_NAME")]
         node_name: Option<String>,
         /// Kubernetes API server URL [default: kubeconfig or in-cluster].
         #[arg(long)]
         kube_api: Option<String>,
+        #[command(flatten)]
+        xds: Box<XdsArgs>,
     },
     /// Show the daemon, its settings and the datapath counters (local API).
     Status {
@@ -116,6 +119,64 @@ enum Source {
     File,
     /// This node's pods and every namespace, from the Kubernetes API.
     Kubernetes,
+    /// This node's workloads from istiod's workload discovery (delta ADS,
+    /// `istio.workload.Address`), connecting as ztunnel does.
+    Xds,
+}
+
+/// How to reach istiod, for `--source xds` (defaults: ztunnel's).
+#[derive(clap::Args)]
+struct XdsArgs {
+    /// istiod's discovery address.
+    #[arg(
+        long,
+        env = "XDS_ADDRESS",
+        default_value = "https://istiod.istio-system.svc:15012"
+    )]
+    xds_address: String,
+    /// The Istio root CA that istiod's certificate chains to (PEM).
+    #[arg(long, default_value = "/var/run/secrets/istio/root-cert.pem")]
+    xds_root_cert: PathBuf,
+    /// A token of audience `istio-ca`, sent as a bearer token ("" for none).
+    #[arg(long, default_value = "/var/run/secrets/tokens/istio-token")]
+    xds_token: PathBuf,
+    /// The name istiod's certificate must carry [default: the address's
+    /// host].
+    #[arg(long)]
+    xds_server_name: Option<String>,
+    /// The cluster's Istio id.
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    cluster_id: String,
+    /// This agent's pod name (in the node id istiod sees).
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
+    /// This agent's namespace.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
+    pod_namespace: String,
+    /// This agent's IP (in the node id istiod sees).
+    #[arg(long, env = "INSTANCE_IP")]
+    instance_ip: Option<String>,
+}
+
+impl XdsArgs {
+    fn source(self, node_name: Option<String>) -> anyhow::Result<ambridge::xds::XdsSource> {
+        Ok(ambridge::xds::XdsSource {
+            address: self.xds_address,
+            root_cert: self.xds_root_cert,
+            token: (!self.xds_token.as_os_str().is_empty()).then_some(self.xds_token),
+            server_name: self.xds_server_name,
+            node_name: node_name
+                .context("--source xds needs the node's name (--node-name or NODE_NAME)")?,
+            cluster_id: self.cluster_id,
+            pod_name: self
+                .pod_name
+                .context("--source xds needs this agent's pod name (--pod-name or POD_NAME)")?,
+            pod_namespace: self.pod_namespace,
+            instance_ip: self
+                .instance_ip
+                .context("--source xds needs this agent's IP (--instance-ip or INSTANCE_IP)")?,
+        })
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -167,7 +228,13 @@ fn run(command: Command) -> anyhow::Result<()> {
             sources,
             node_name,
             kube_api,
+            xds,
         } => {
+            let xds = if sources.contains(&Source::Xds) {
+                Some(xds.source(node_name.clone())?)
+            } else {
+                None
+            };
             let kubernetes = if sources.contains(&Source::Kubernetes) {
                 Some(daemon::KubernetesSource {
                     node_name: node_name.context(
@@ -201,6 +268,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 api_socket,
                 file_source: sources.contains(&Source::File),
                 kubernetes,
+                xds,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -379,10 +447,11 @@ fn run(command: Command) -> anyhow::Result<()> {
             let spec =
                 workloads::load(&file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             for pod in &spec.pods {
-                let cgroup = pod.cgroup.as_ref().map_or_else(
-                    || "(from the pod UID)".to_string(),
-                    |c| c.display().to_string(),
-                );
+                let cgroup = match &pod.cgroup {
+                    PodCgroup::Path(path) => path.display().to_string(),
+                    PodCgroup::Uid => "(from the pod UID)".to_string(),
+                    PodCgroup::Address => "(from the pod's addresses)".to_string(),
+                };
                 println!(
                     "pod {}/{} uid={} mode={:?} cgroup={cgroup}",
                     pod.namespace, pod.name, pod.uid, pod.mode

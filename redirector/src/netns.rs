@@ -9,6 +9,7 @@
 use std::{
     collections::HashMap,
     fs, io,
+    net::IpAddr,
     os::{fd::AsRawFd, unix::fs::MetadataExt},
     path::{Path, PathBuf},
 };
@@ -34,65 +35,227 @@ pub fn netns_of_cgroup(cgroup: &Path) -> io::Result<Option<PathBuf>> {
 /// The cookie of the network namespace at `netns` (a `/proc/*/ns/net` or
 /// `/run/netns/*` path).
 pub fn cookie(netns: &Path) -> io::Result<u64> {
-    let ns = fs::File::open(netns)?;
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(|e| io::Error::other(format!("setns into {}: {e}", netns.display())))?;
-            let sock = std::net::UdpSocket::bind("127.0.0.1:0")
-                .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))?;
-            let mut cookie = 0u64;
-            let mut len = size_of::<u64>() as libc::socklen_t;
-            // SAFETY: `cookie` and `len` outlive the call and match in size.
-            let ret = unsafe {
-                libc::getsockopt(
-                    sock.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_NETNS_COOKIE,
-                    (&mut cookie as *mut u64).cast(),
-                    &mut len,
-                )
-            };
-            if ret != 0 {
-                return Err(io::Error::other(format!(
-                    "getsockopt(SO_NETNS_COOKIE) in {}: {}",
-                    netns.display(),
-                    io::Error::last_os_error()
-                )));
-            }
-            Ok(cookie)
+    in_netns(&open_netns(netns)?, netns, || own_cookie(netns))
+}
+
+/// The cookie of the calling thread's network namespace; `netns` only
+/// names it in errors.
+fn own_cookie(netns: &Path) -> io::Result<u64> {
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0")
+        .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))?;
+    let mut cookie = 0u64;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` and `len` outlive the call and match in size.
+    let ret = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::other(format!(
+            "getsockopt(SO_NETNS_COOKIE) in {}: {}",
+            netns.display(),
+            io::Error::last_os_error()
+        )));
+    }
+    Ok(cookie)
+}
+
+/// The addresses of the interfaces of the network namespace at `netns`,
+/// sorted, without loopback and IPv6 link-local ones: in a pod's netns,
+/// the pod IPs.
+pub fn addresses(netns: &Path) -> io::Result<Vec<IpAddr>> {
+    in_netns(&open_netns(netns)?, netns, || own_addresses(netns))
+}
+
+/// The addresses of the calling thread's network namespace, filtered as
+/// [`addresses`] describes; `netns` only names it in errors.
+fn own_addresses(netns: &Path) -> io::Result<Vec<IpAddr>> {
+    let interfaces = nix::ifaddrs::getifaddrs().map_err(|e| {
+        io::Error::new(
+            io::Error::from(e).kind(),
+            format!("getifaddrs in {}: {e}", netns.display()),
+        )
+    })?;
+    let mut ips: Vec<IpAddr> = interfaces
+        .filter_map(|i| i.address)
+        .filter_map(|a| match (a.as_sockaddr_in(), a.as_sockaddr_in6()) {
+            (Some(v4), _) => Some(IpAddr::V4(v4.ip())),
+            (_, Some(v6)) => Some(IpAddr::V6(v6.ip())),
+            _ => None,
         })
-        .join()
-        .map_err(|_| io::Error::other("netns cookie thread panicked"))?
+        .filter(|ip| match ip {
+            IpAddr::V4(v4) => !v4.is_loopback(),
+            IpAddr::V6(v6) => !v6.is_loopback() && !v6.is_unicast_link_local(),
+        })
+        .collect();
+    ips.sort();
+    ips.dedup();
+    Ok(ips)
+}
+
+/// Opens a netns file, naming it if that fails; the error kind is kept so
+/// callers can tell an exited process (`NotFound`) apart.
+fn open_netns(netns: &Path) -> io::Result<fs::File> {
+    fs::File::open(netns)
+        .map_err(|e| io::Error::new(e.kind(), format!("open {}: {e}", netns.display())))
+}
+
+/// Runs `f` on a short-lived thread that has entered the network namespace
+/// `ns` (opened from `netns`, which names it in errors). Only that thread
+/// changes netns, so the daemon's own threads never do.
+fn in_netns<T: Send>(
+    ns: &fs::File,
+    netns: &Path,
+    f: impl FnOnce() -> io::Result<T> + Send,
+) -> io::Result<T> {
+    std::thread::scope(|s| {
+        std::thread::Builder::new()
+            .name("netns".into())
+            .spawn_scoped(s, || {
+                nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+                    io::Error::new(
+                        io::Error::from(e).kind(),
+                        format!("setns into {}: {e}", netns.display()),
+                    )
+                })?;
+                f()
+            })
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("spawning a thread to enter {}: {e}", netns.display()),
+                )
+            })?
+            .join()
+            .map_err(|_| {
+                io::Error::other(format!("thread in netns {} panicked", netns.display()))
+            })?
     })
 }
 
-/// Netns cookies by namespace identity (device and inode of the nsfs file),
-/// so each namespace is entered once.
-#[derive(Default)]
-pub struct CookieCache {
-    by_ns: HashMap<(u64, u64), u64>,
+/// Per-namespace values (cookies, addresses), so each namespace is entered
+/// once rather than at every reconcile.
+///
+/// Entries are keyed by namespace identity (device and inode of the nsfs
+/// file), and each entry keeps the namespace open: the kernel hands a freed
+/// namespace's inode number to the next namespace created, so without the
+/// open file a new pod could be answered with a dead pod's cookie or
+/// addresses. The price is that a dead pod's namespace lives on until
+/// [`Self::retain_seen`] drops its entry.
+pub struct NsCache<T> {
+    by_ns: HashMap<(u64, u64), Held<T>>,
 }
 
-impl CookieCache {
-    /// The netns cookie of `cgroup`'s processes, `None` while it has none.
-    pub fn of_cgroup(&mut self, cgroup: &Path) -> io::Result<Option<u64>> {
-        let Some(ns) = netns_of_cgroup(cgroup)? else {
+struct Held<T> {
+    /// Held only to keep the namespace, and so its inode number, alive.
+    _ns: fs::File,
+    value: T,
+    /// Looked up since the last [`NsCache::retain_seen`].
+    seen: bool,
+}
+
+impl<T> Default for NsCache<T> {
+    fn default() -> Self {
+        Self {
+            by_ns: HashMap::new(),
+        }
+    }
+}
+
+impl<T: Clone> NsCache<T> {
+    /// The value for `cgroup`'s network namespace, `None` while the cgroup
+    /// has no process. `load` computes it inside the namespace; values
+    /// `keep` refuses are returned but looked up again next time.
+    fn of_cgroup(
+        &mut self,
+        cgroup: &Path,
+        load: impl FnOnce(&Path) -> io::Result<T> + Send,
+        keep: impl FnOnce(&T) -> bool,
+    ) -> io::Result<Option<T>>
+    where
+        T: Send,
+    {
+        let Some(netns) = netns_of_cgroup(cgroup)? else {
             return Ok(None);
         };
-        let meta = match fs::metadata(&ns) {
-            Ok(m) => m,
+        let ns = match open_netns(&netns) {
+            Ok(f) => f,
             // The process exited between listing and looking: try later.
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
+        // Identity from the open file, not the path, so it is the namespace
+        // we enter even if the process exits and its pid is reused meanwhile.
+        let meta = ns
+            .metadata()
+            .map_err(|e| io::Error::new(e.kind(), format!("fstat {}: {e}", netns.display())))?;
         let id = (meta.dev(), meta.ino());
-        if let Some(c) = self.by_ns.get(&id) {
-            return Ok(Some(*c));
+        if let Some(held) = self.by_ns.get_mut(&id) {
+            held.seen = true;
+            return Ok(Some(held.value.clone()));
         }
-        let c = cookie(&ns)?;
-        self.by_ns.insert(id, c);
-        Ok(Some(c))
+        let value = in_netns(&ns, &netns, || load(&netns))?;
+        if keep(&value) {
+            self.by_ns.insert(
+                id,
+                Held {
+                    _ns: ns,
+                    value: value.clone(),
+                    seen: true,
+                },
+            );
+        }
+        Ok(Some(value))
+    }
+
+    /// Drops the entries not looked up since the previous call, closing
+    /// their namespaces. Call it after each full pass over the pods: what a
+    /// pass did not ask for belongs to a pod that is gone or has a new
+    /// sandbox.
+    pub fn retain_seen(&mut self) {
+        self.by_ns.retain(|_, held| std::mem::take(&mut held.seen));
+    }
+}
+
+/// Netns cookies of cgroups.
+#[derive(Default)]
+pub struct CookieCache(NsCache<u64>);
+
+impl CookieCache {
+    /// The netns cookie of `cgroup`'s processes, `None` while it has none.
+    pub fn of_cgroup(&mut self, cgroup: &Path) -> io::Result<Option<u64>> {
+        self.0.of_cgroup(cgroup, own_cookie, |_| true)
+    }
+
+    /// See [`NsCache::retain_seen`].
+    pub fn retain_seen(&mut self) {
+        self.0.retain_seen();
+    }
+}
+
+/// Interface addresses of cgroups' network namespaces (see [`addresses`]).
+#[derive(Default)]
+pub struct AddressCache(NsCache<Vec<IpAddr>>);
+
+impl AddressCache {
+    /// The addresses of `cgroup`'s network namespace, `None` while the
+    /// cgroup has no process.
+    ///
+    /// An empty list is not cached: the CNI adds the pod IP only after the
+    /// sandbox's namespace exists, so a later call must look again.
+    pub fn of_cgroup(&mut self, cgroup: &Path) -> io::Result<Option<Vec<IpAddr>>> {
+        self.0
+            .of_cgroup(cgroup, own_addresses, |ips| !ips.is_empty())
+    }
+
+    /// See [`NsCache::retain_seen`].
+    pub fn retain_seen(&mut self) {
+        self.0.retain_seen();
     }
 }
 
@@ -126,5 +289,51 @@ mod tests {
     fn the_cookie_of_our_own_netns_is_stable() {
         let own = Path::new("/proc/self/ns/net");
         assert_eq!(cookie(own).unwrap(), cookie(own).unwrap());
+    }
+
+    #[test]
+    fn our_own_netns_has_no_loopback_or_link_local_address() {
+        let ips = addresses(Path::new("/proc/self/ns/net")).unwrap();
+        assert!(
+            ips.iter().all(|ip| !ip.is_loopback()
+                && !matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local())),
+            "{ips:?}"
+        );
+    }
+
+    #[test]
+    fn a_missing_netns_is_not_found_and_named() {
+        let err = addresses(Path::new("/proc/self/ns/no-such-ns")).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        assert!(err.to_string().contains("no-such-ns"), "{err}");
+    }
+
+    #[test]
+    fn a_cgroup_without_processes_has_no_addresses_yet() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("cgroup.procs"), "").unwrap();
+        assert_eq!(AddressCache::default().of_cgroup(dir.path()).unwrap(), None);
+    }
+
+    #[test]
+    fn cached_addresses_last_while_seen_in_every_pass() {
+        // A plain directory listing our pid stands in for our own cgroup.
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(
+            dir.path().join("cgroup.procs"),
+            format!("{}\n", std::process::id()),
+        )
+        .unwrap();
+        let expected = addresses(Path::new("/proc/self/ns/net")).unwrap();
+        let mut cache = AddressCache::default();
+        assert_eq!(cache.of_cgroup(dir.path()).unwrap(), Some(expected.clone()));
+        let cached = usize::from(!expected.is_empty());
+        assert_eq!(cache.0.by_ns.len(), cached);
+        cache.retain_seen();
+        assert_eq!(cache.0.by_ns.len(), cached);
+        assert_eq!(cache.of_cgroup(dir.path()).unwrap(), Some(expected));
+        cache.retain_seen();
+        cache.retain_seen();
+        assert!(cache.0.by_ns.is_empty());
     }
 }

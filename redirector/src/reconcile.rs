@@ -3,13 +3,13 @@
 //! steps are pure (resolving paths to ids is injected), so reconciling twice
 //! changes nothing the second time.
 
-use std::{collections::BTreeMap, io, path::Path};
+use std::{collections::BTreeMap, io, net::IpAddr, path::Path};
 
 use ambridge_common::{CgroupInfo, NetnsInfo, NodeConfig};
 
 use crate::{
     enroll,
-    state::{CgroupRef, NodeSpec, Settings},
+    state::{CgroupRef, NodeSpec, PodCgroup, Settings},
     types::{CgroupId, NetnsCookie, PodUid},
 };
 
@@ -17,6 +17,8 @@ use crate::{
 pub trait Resolve {
     /// The pod-level cgroup of a pod the node state names only by UID.
     fn pod_cgroup(&mut self, uid: &PodUid) -> io::Result<std::path::PathBuf>;
+    /// The pod-level cgroup whose network namespace holds one of `ips`.
+    fn pod_cgroup_by_address(&mut self, ips: &[IpAddr]) -> io::Result<std::path::PathBuf>;
     /// The id of a cgroup directory.
     fn cgroup_id(&mut self, cgroup: &Path) -> io::Result<CgroupId>;
     /// The netns cookie of a cgroup's processes; `None` while it has none.
@@ -95,8 +97,9 @@ pub fn desired(spec: &NodeSpec, settings: &Settings, resolve: &mut impl Resolve)
     for pod in &spec.pods {
         let owner = format!("pod {}/{} ({})", pod.namespace, pod.name, pod.uid);
         let located = match &pod.cgroup {
-            Some(path) => Ok(path.clone()),
-            None => resolve.pod_cgroup(&pod.uid),
+            PodCgroup::Path(path) => Ok(path.clone()),
+            PodCgroup::Uid => resolve.pod_cgroup(&pod.uid),
+            PodCgroup::Address => resolve.pod_cgroup_by_address(&pod.ips),
         };
         let cgroup = match located {
             Ok(path) => path,
@@ -185,7 +188,7 @@ mod tests {
             uid: PodUid(uid.into()),
             name: uid.into(),
             namespace: "default".into(),
-            cgroup: Some(cgroup.into()),
+            cgroup: PodCgroup::Path(cgroup.into()),
             ips: vec!["198.18.0.2".parse().unwrap()],
             mode,
             accelerate: None,
@@ -216,6 +219,17 @@ mod tests {
         fn pod_cgroup(&mut self, uid: &PodUid) -> io::Result<std::path::PathBuf> {
             uid.0
                 .strip_prefix("by-uid-")
+                .map(|n| std::path::PathBuf::from(format!("/cg/{n}")))
+                .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
+        }
+
+        /// Address `198.18.9.<n>` is in the netns of `/cg/<n>`.
+        fn pod_cgroup_by_address(&mut self, ips: &[IpAddr]) -> io::Result<std::path::PathBuf> {
+            ips.iter()
+                .find_map(|ip| match ip {
+                    IpAddr::V4(v4) if v4.octets()[..3] == [198, 18, 9] => Some(v4.octets()[3]),
+                    _ => None,
+                })
                 .map(|n| std::path::PathBuf::from(format!("/cg/{n}")))
                 .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
         }
@@ -292,17 +306,39 @@ mod tests {
     fn a_pod_named_only_by_uid_is_found_from_its_uid() {
         let mut s = spec();
         let mut by_uid = pod("by-uid-12", "/unused", Mode::Ambient);
-        by_uid.cgroup = None;
+        by_uid.cgroup = PodCgroup::Uid;
         s.pods.push(by_uid);
         let d = desired(&s, &Settings::default(), &mut Fake);
         assert!(d.cgroups.contains_key(&CgroupId(12)));
         assert!(d.netns.contains_key(&NetnsCookie(1012)));
         let mut lost = pod("unknown", "/unused", Mode::Ambient);
-        lost.cgroup = None;
+        lost.cgroup = PodCgroup::Uid;
         s.pods.push(lost);
         let d = desired(&s, &Settings::default(), &mut Fake);
         assert_eq!(d.unresolved.len(), 1);
         assert!(d.unresolved[0].owner.contains("default/unknown"));
+    }
+
+    #[test]
+    fn a_pod_known_by_address_is_found_in_the_cgroup_whose_netns_holds_it() {
+        let mut s = spec();
+        let mut by_ip = pod("Kubernetes//Pod/default/web", "/unused", Mode::Ambient);
+        by_ip.cgroup = PodCgroup::Address;
+        by_ip.ips = vec!["fd00::9".parse().unwrap(), "198.18.9.14".parse().unwrap()];
+        s.pods.push(by_ip.clone());
+        let d = desired(&s, &Settings::default(), &mut Fake);
+        assert_ne!(d.cgroups[&CgroupId(14)].flags & flags::ENROLLED, 0);
+        assert_eq!(d.placed[&by_ip.uid].0, std::path::Path::new("/cg/14"));
+        by_ip.ips = vec!["198.18.7.1".parse().unwrap()];
+        s.pods.pop();
+        s.pods.push(by_ip);
+        let d = desired(&s, &Settings::default(), &mut Fake);
+        assert_eq!(d.unresolved.len(), 1);
+        assert!(
+            d.unresolved[0]
+                .owner
+                .contains("default/Kubernetes//Pod/default/web")
+        );
     }
 
     #[test]

@@ -24,9 +24,8 @@ pub struct PodSpec {
     pub uid: PodUid,
     pub name: String,
     pub namespace: String,
-    /// The pod-level cgroup v2 directory; `None`: found from the pod UID in
-    /// the kubelet's layout.
-    pub cgroup: Option<PathBuf>,
+    /// Where its pod-level cgroup v2 directory is.
+    pub cgroup: PodCgroup,
     pub ips: Vec<IpAddr>,
     pub mode: Mode,
     /// Same-node acceleration for this pod, overriding the node's
@@ -49,6 +48,19 @@ impl PodSpec {
             IpAddr::V4(_) => None,
         })
     }
+}
+
+/// How a pod's cgroup is found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PodCgroup {
+    /// This directory.
+    Path(PathBuf),
+    /// From the pod's UID (a Kubernetes pod UID), in the kubelet's layout.
+    Uid,
+    /// The kubelet pod cgroup whose network namespace holds the pod's IPs:
+    /// for feeds that do not know the Kubernetes UID (istiod's workload
+    /// discovery names pods `<cluster>//Pod/<namespace>/<name>`).
+    Address,
 }
 
 /// Where a cgroup is: a directory, or the pod-level cgroup of a pod UID in

@@ -32,7 +32,7 @@ use std::{
 use serde::Deserialize;
 
 use crate::{
-    state::{CgroupRef, Mode, NodeSpec, PodSpec, SharedRedirect, ZtunnelSpec},
+    state::{CgroupRef, Mode, NodeSpec, PodCgroup, PodSpec, SharedRedirect, ZtunnelSpec},
     types::{PodUid, Port},
 };
 
@@ -122,7 +122,7 @@ pub fn parse(text: &str) -> Result<NodeSpec, FileError> {
                 uid: w.uid,
                 name: w.name,
                 namespace: w.namespace,
-                cgroup: w.cgroup,
+                cgroup: w.cgroup.map_or(PodCgroup::Uid, PodCgroup::Path),
                 ips: w.ips,
                 mode: w.mode,
                 accelerate: w.accelerate,
@@ -509,7 +509,7 @@ ztunnel:
     fn a_workload_named_only_by_its_pod_uid_is_accepted() {
         let text = "workloads:\n  - uid: 9f2c0d7e-5b1a-4c6e-9a53-2f0b8e1d4c11\n    name: a\n    namespace: d\n    mode: ambient\n";
         let spec = parse(text).unwrap();
-        assert_eq!(spec.pods[0].cgroup, None);
+        assert_eq!(spec.pods[0].cgroup, PodCgroup::Uid);
     }
 
     #[test]

@@ -1,0 +1,230 @@
+//! Issue 5, istiod's workload discovery: the daemon follows a fake istiod
+//! over TLS (delta ADS, `istio.workload.Address`) and the real datapath
+//! follows it: HBONE workloads of this node are redirected, others not; a
+//! malformed resource is NACKed naming it and changes nothing; a restarted
+//! stream resumes from `initial_resource_versions`; a removed workload
+//! leaves the datapath. Pods are found by the addresses of their
+//! network namespaces (istiod does not know Kubernetes pod UIDs).
+
+use std::{
+    net::IpAddr,
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use ambridge_conformance::{
+    Daemon, Node, eventually,
+    istiod::{
+        self, FakeIstiod, TOKEN,
+        pb::istio::workload::{Address, Service, TunnelProtocol, Workload, address},
+    },
+    ztunnel_stand_in,
+};
+use prost::Message as _;
+
+const NODE: &str = "node-1";
+
+/// A fresh UUID-shaped pod UID (the kubelet names pod cgroups by it).
+fn pod_uid() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{:08x}-0000-4000-9000-{:012x}", std::process::id(), n)
+}
+
+/// Waits until `ambridge pods` shows `uid` with `mode` in the datapath (or
+/// absent, with `None`).
+fn wait_for_mode(daemon: &Daemon, uid: &str, mode: Option<&str>) {
+    let reached = eventually(Duration::from_secs(15), || {
+        let pods = daemon.api_json("pods");
+        let found = pods.as_array()?.iter().find(|p| p["uid"] == uid).cloned();
+        match (mode, found) {
+            (None, None) => Some(()),
+            (Some(m), Some(p)) if p["mode"] == m && p["in_datapath"] == true => Some(()),
+            _ => None,
+        }
+    });
+    assert!(
+        reached.is_some(),
+        "pod {uid} never reached mode {mode:?}: {}",
+        daemon.api_json("pods")
+    );
+}
+
+#[test]
+fn the_xds_feed_drives_the_datapath_nacks_malformed_resources_and_resumes_after_reconnect() {
+    let mut node = Node::new();
+    for dir in ["kubepods", "kubepods/besteffort", "kubepods/burstable"] {
+        node.add_cgroup(dir);
+    }
+    let client = node.add_pod_in("client", &format!("kubepods/besteffort/pod{}", pod_uid()));
+    // Another pod in the kubelet's layout: the address lookup must not
+    // mistake it for the client.
+    let _bystander = node.add_pod_in("bystander", &format!("kubepods/burstable/pod{}", pod_uid()));
+    let server = node.add_pod("server");
+    let zcgroup = node.add_cgroup("ztunnel");
+    // istiod does not describe ztunnel; the file names its cgroup.
+    node.write_workloads(&[], Some(&zcgroup));
+
+    let istiod = FakeIstiod::start(&node.dir);
+    let kubepods_parent = node.cgroup.display().to_string();
+    let mut args = istiod.daemon_args(NODE);
+    args.extend(["--source", "file", "--kubepods-parent", &kubepods_parent].map(String::from));
+    let daemon = Daemon::start_with(&node, &args.iter().map(String::as_str).collect::<Vec<_>>());
+
+    let _app = server.echo_server("[::]:8080");
+    let ztunnel = ztunnel_stand_in(&node, &zcgroup, &[&client], 15001);
+    let to = format!("{}:8080", server.ip4);
+    let accepted = || {
+        ztunnel
+            .events()
+            .iter()
+            .filter(|e| e["event"] == "accepted")
+            .count()
+    };
+    let redirected = |expect: bool| {
+        let before = accepted();
+        let r = client.connect(&to, 16);
+        assert_eq!(r["ok"], true, "{r}");
+        let got = eventually(Duration::from_secs(3), || {
+            (accepted() > before).then_some(())
+        });
+        assert_eq!(got.is_some(), expect, "redirected: {}", got.is_some());
+    };
+    let client_ips: [IpAddr; 2] = [client.ip4.into(), client.ip6.into()];
+    let uid = istiod::workload_uid("default", "client");
+    let service = istiod::resource(
+        "default/server.default.svc.cluster.local",
+        "1",
+        Address {
+            r#type: Some(address::Type::Service(Service {
+                name: "server".into(),
+                namespace: "default".into(),
+                hostname: "server.default.svc.cluster.local".into(),
+            })),
+        }
+        .encode_to_vec(),
+    );
+
+    // The first response: the client without HBONE, a workload of another
+    // node that carries the client's IP (never ours), and a service.
+    let first = istiod.send(
+        vec![
+            istiod::workload(
+                "default",
+                "client",
+                NODE,
+                &client_ips,
+                TunnelProtocol::None,
+                "1",
+            ),
+            istiod::workload(
+                "default",
+                "elsewhere",
+                "node-2",
+                &client_ips,
+                TunnelProtocol::Hbone,
+                "1",
+            ),
+            service,
+        ],
+        &[],
+    );
+    assert_eq!(istiod.reply(&first), Ok(()));
+    wait_for_mode(&daemon, &uid, Some("none"));
+    redirected(false);
+    let opened = &istiod.seen()[0];
+    assert_eq!(
+        opened.node_id.as_deref(),
+        Some("ztunnel~10.0.0.7~ambridge-test.istio-system~istio-system.svc.cluster.local")
+    );
+    assert_eq!(
+        opened.authorization.as_deref(),
+        Some(format!("Bearer {TOKEN}").as_str())
+    );
+    assert!(opened.initial_versions.is_empty());
+
+    // istiod marks the client HBONE: captured.
+    let hbone = istiod.send(
+        vec![istiod::workload(
+            "default",
+            "client",
+            NODE,
+            &client_ips,
+            TunnelProtocol::Hbone,
+            "2",
+        )],
+        &[],
+    );
+    assert_eq!(istiod.reply(&hbone), Ok(()));
+    wait_for_mode(&daemon, &uid, Some("ambient"));
+    redirected(true);
+
+    // A response with one malformed resource is NACKed naming it, and none
+    // of it applies (the client's change to NONE in the same response
+    // included).
+    let bad = istiod::resource(
+        &istiod::workload_uid("default", "bad"),
+        "3",
+        Address {
+            r#type: Some(address::Type::Workload(Workload {
+                uid: istiod::workload_uid("default", "bad"),
+                addresses: vec![vec![1, 2, 3]],
+                node: NODE.into(),
+                ..Default::default()
+            })),
+        }
+        .encode_to_vec(),
+    );
+    let nacked = istiod.send(
+        vec![
+            istiod::workload(
+                "default",
+                "client",
+                NODE,
+                &client_ips,
+                TunnelProtocol::None,
+                "3",
+            ),
+            bad,
+        ],
+        &[],
+    );
+    let error = istiod.reply(&nacked).expect_err("a NACK");
+    assert!(
+        error.contains("Kubernetes//Pod/default/bad") && error.contains("3 bytes"),
+        "{error}"
+    );
+    assert!(
+        daemon
+            .wait_log("NACK to istiod", Duration::from_secs(5))
+            .is_some()
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    wait_for_mode(&daemon, &uid, Some("ambient"));
+    redirected(true);
+
+    // istiod restarts: the daemon reconnects, offers what it holds, and
+    // keeps redirecting meanwhile.
+    istiod.end_stream();
+    let resumed = eventually(Duration::from_secs(15), || {
+        istiod.seen().into_iter().find(|s| s.stream == 2)
+    })
+    .expect("the daemon reconnected");
+    assert_eq!(
+        resumed.initial_versions.get(&uid).map(String::as_str),
+        Some("2"),
+        "{resumed:?}"
+    );
+    assert!(
+        resumed
+            .initial_versions
+            .contains_key("default/server.default.svc.cluster.local")
+    );
+    redirected(true);
+
+    // The workload is removed.
+    let removed = istiod.send(Vec::new(), &[&uid]);
+    assert_eq!(istiod.reply(&removed), Ok(()));
+    wait_for_mode(&daemon, &uid, None);
+    redirected(false);
+}
