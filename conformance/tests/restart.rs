@@ -212,3 +212,34 @@ fn a_restarted_daemon_removes_pods_deleted_while_it_was_down_and_gives_a_reused_
     );
     drop(daemon);
 }
+
+#[test]
+fn a_new_daemon_with_another_map_layout_fills_its_maps_before_taking_over_and_no_connect_is_lost() {
+    // An upgrade across a layout change. The running programs' cgroup map
+    // is re-pinned under the name of an older layout; the new daemon then
+    // cannot share it, creates its own, fills it from the node state,
+    // attaches, and unpins the old one. The connection-tracking maps keep
+    // their layout and stay shared, so connects in flight are answered.
+    let (s, old) = setup();
+    let pins = s.node.bpffs().join("maps");
+    let current = pins.join("AMB_CGROUPS_V1");
+    let older = pins.join("AMB_CGROUPS_V0");
+    std::fs::rename(&current, &older).expect("re-pinning the cgroup map as an older layout");
+    let before = s.accepted();
+    let looped = s.connect_loop(1500);
+    std::thread::sleep(Duration::from_millis(300));
+    let new = Daemon::start(&s.node);
+    assert!(
+        new.wait_log(
+            "unpinned the maps of an older layout",
+            Duration::from_secs(10)
+        )
+        .is_some()
+    );
+    old.retire();
+    s.assert_all_redirected(&looped, before, 1500);
+    assert!(current.exists());
+    assert!(!older.exists());
+    assert_eq!(new.map_entries()["cgroups"], 4, "{:?}", new.map_entries());
+    drop(new);
+}

@@ -74,9 +74,16 @@ async fn kube_client(source: &KubernetesSource) -> anyhow::Result<kube::Client> 
 
 /// Runs until SIGTERM or SIGINT. The datapath stays installed afterwards.
 pub async fn run(opts: Options) -> anyhow::Result<()> {
-    let mut datapath = Datapath::install(&opts.cgroup_root, &opts.pins)?;
+    let mut datapath = Datapath::load(&opts.pins)?;
     // The flags alone set the redirect port; a node state adds the rest.
     datapath.set_node_config(enroll::node_config(None, &opts.settings))?;
+    // Maps of a new layout start empty: the programs attach once the first
+    // node state is in them.
+    let mut attached = false;
+    if !datapath.needs_state_before_attach() {
+        datapath.attach(&opts.cgroup_root, &opts.pins)?;
+        attached = true;
+    }
     let (tx, mut changed) = mpsc::channel(1);
     let _watcher = if opts.file_source {
         Some(watch(&opts.workloads, tx)?)
@@ -141,6 +148,14 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         node.load(&opts.workloads);
     }
     node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent)?;
+    if !attached {
+        if node.has_state() {
+            datapath.attach(&opts.cgroup_root, &opts.pins)?;
+            attached = true;
+        } else {
+            info!("new map layout: the programs attach once a source has delivered the node state");
+        }
+    }
     info!(workloads = %opts.workloads.display(), "ready");
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -176,6 +191,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
+        }
+        if !attached && node.has_state() {
+            datapath.attach(&opts.cgroup_root, &opts.pins)?;
+            attached = true;
         }
     }
     info!("stopping; the datapath stays installed (`ambridge uninstall` removes it)");
@@ -283,17 +302,21 @@ impl Node {
         }
     }
 
+    /// Whether some source has delivered a node state.
+    fn has_state(&self) -> bool {
+        self.spec.is_some()
+            || self.kube.is_some()
+            || self.xds.is_some()
+            || !self.pushed_pods.is_empty()
+            || !self.pushed_ztunnels.is_empty()
+    }
+
     /// The node state from every source, later ones replacing pods of the
     /// same UID: the file, then Kubernetes (or istiod's workloads when
     /// Kubernetes is not a source), then pushes. `None` until some source
     /// has delivered.
     fn merged(&self) -> Option<NodeSpec> {
-        if self.spec.is_none()
-            && self.kube.is_none()
-            && self.xds.is_none()
-            && self.pushed_pods.is_empty()
-            && self.pushed_ztunnels.is_empty()
-        {
+        if !self.has_state() {
             return None;
         }
         let mut spec = self.spec.clone().unwrap_or_default();

@@ -16,25 +16,31 @@
 use core::mem::{offset_of, size_of};
 
 /// Names of the maps as they appear in the object file and under the bpffs
-/// pin directory.
+/// pin directory. Each ends in its layout version (`_V<n>`): a build whose
+/// map differs in key, value or capacity uses a new name, so it installs a
+/// new map beside the pinned one instead of misreading it, and maps whose
+/// layout did not change stay shared (with their contents) across the
+/// upgrade.
 pub mod map_names {
     /// [`super::CgroupInfo`] by cgroup v2 id.
-    pub const CGROUPS: &str = "AMB_CGROUPS";
+    pub const CGROUPS: &str = "AMB_CGROUPS_V1";
     /// [`super::NetnsInfo`] by network namespace cookie.
-    pub const NETNS: &str = "AMB_NETNS";
+    pub const NETNS: &str = "AMB_NETNS_V1";
     /// [`super::ConnRecord`] by socket cookie, between `connect()` (or an
     /// original-source `bind()`) and establishment.
-    pub const PENDING: &str = "AMB_PENDING";
+    pub const PENDING: &str = "AMB_PENDING_V1";
     /// [`super::ConnRecord`] by [`super::ConnKey`], for established
     /// connections.
-    pub const CONNS: &str = "AMB_CONNS";
+    pub const CONNS: &str = "AMB_CONNS_V1";
     /// Sockhash of accelerated sockets, by their own [`super::ConnKey`]
     /// (`src` = local end).
-    pub const SOCKS: &str = "AMB_SOCKS";
+    pub const SOCKS: &str = "AMB_SOCKS_V1";
     /// Per-CPU `u64` counters indexed by [`super::Counter`].
-    pub const COUNTERS: &str = "AMB_COUNTERS";
+    pub const COUNTERS: &str = "AMB_COUNTERS_V1";
     /// One [`super::NodeConfig`], at index 0.
-    pub const NODE: &str = "AMB_NODE";
+    pub const NODE: &str = "AMB_NODE_V1";
+    /// Every map of the object.
+    pub const ALL: [&str; 7] = [CGROUPS, NETNS, PENDING, CONNS, SOCKS, COUNTERS, NODE];
 }
 
 /// Capacity of [`map_names::CGROUPS`]: pods (and ztunnels) on one node.
@@ -367,6 +373,48 @@ mod tests {
         cfg.shared_ip4 = zt;
         assert!(cfg.is_shared_ztunnel(&zt));
         assert!(!cfg.is_shared_ztunnel(&[0; 4]));
+    }
+
+    #[test]
+    fn each_map_layout_is_the_one_its_versioned_name_stands_for() {
+        // (name, key size, value size, capacity). A change here must come
+        // with a new `_V<n>` in the name (and in ambridge-ebpf's maps.rs).
+        let layouts = [
+            (
+                map_names::CGROUPS,
+                8,
+                size_of::<CgroupInfo>(),
+                CGROUPS_CAPACITY,
+            ),
+            (map_names::NETNS, 8, size_of::<NetnsInfo>(), NETNS_CAPACITY),
+            (
+                map_names::PENDING,
+                8,
+                size_of::<ConnRecord>(),
+                PENDING_CAPACITY,
+            ),
+            (
+                map_names::CONNS,
+                size_of::<ConnKey>(),
+                size_of::<ConnRecord>(),
+                CONNS_CAPACITY,
+            ),
+            (map_names::SOCKS, size_of::<ConnKey>(), 4, SOCKS_CAPACITY),
+            (map_names::COUNTERS, 4, 8, COUNTER_SLOTS),
+            (map_names::NODE, 4, size_of::<NodeConfig>(), 1),
+        ];
+        assert_eq!(
+            layouts,
+            [
+                ("AMB_CGROUPS_V1", 8, 48, 16_384),
+                ("AMB_NETNS_V1", 8, 24, 16_384),
+                ("AMB_PENDING_V1", 8, 20, 65_536),
+                ("AMB_CONNS_V1", 36, 20, 65_536),
+                ("AMB_SOCKS_V1", 36, 4, 65_536),
+                ("AMB_COUNTERS_V1", 4, 8, 11),
+                ("AMB_NODE_V1", 4, 44, 1),
+            ]
+        );
     }
 
     #[test]

@@ -11,32 +11,32 @@ use aya_ebpf::{
 };
 
 /// Pod and ztunnel cgroups, by cgroup v2 id. Written by the daemon only.
-#[map(name = "AMB_CGROUPS")]
+#[map(name = "AMB_CGROUPS_V1")]
 pub static CGROUPS: HashMap<u64, CgroupInfo> = HashMap::pinned(CGROUPS_CAPACITY, 0);
 
 /// Local addresses of pod (and shared ztunnel) network namespaces, by netns
 /// cookie. Written by the daemon only.
-#[map(name = "AMB_NETNS")]
+#[map(name = "AMB_NETNS_V1")]
 pub static NETNS: HashMap<u64, NetnsInfo> = HashMap::pinned(NETNS_CAPACITY, 0);
 
 /// Records of redirected connects and original-source binds, by socket
 /// cookie, until the connection is established (then moved to [`CONNS`]) or
 /// closes.
-#[map(name = "AMB_PENDING")]
+#[map(name = "AMB_PENDING_V1")]
 pub static PENDING: LruHashMap<u64, ConnRecord> = LruHashMap::pinned(PENDING_CAPACITY, 0);
 
 /// Records of established connections the datapath changed, by the client's
 /// view of the 4-tuple, until the client socket closes.
-#[map(name = "AMB_CONNS")]
+#[map(name = "AMB_CONNS_V1")]
 pub static CONNS: LruHashMap<ConnKey, ConnRecord> = LruHashMap::pinned(CONNS_CAPACITY, 0);
 
 /// Accelerated sockets, by their own view of the 4-tuple. The kernel removes
 /// a socket from it when the socket closes.
-#[map(name = "AMB_SOCKS")]
+#[map(name = "AMB_SOCKS_V1")]
 pub static SOCKS: SockHash<ConnKey> = SockHash::pinned(SOCKS_CAPACITY, 0);
 
 /// Node-wide settings (one entry). Written by the daemon only.
-#[map(name = "AMB_NODE")]
+#[map(name = "AMB_NODE_V1")]
 static NODE: Array<NodeConfig> = Array::pinned(1, 0);
 
 /// The node's settings; all-zero (nothing matches) until the daemon wrote
@@ -46,7 +46,7 @@ pub fn node() -> NodeConfig {
     NODE.get(0).copied().unwrap_or_default()
 }
 
-#[map(name = "AMB_COUNTERS")]
+#[map(name = "AMB_COUNTERS_V1")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
 
 /// Adds one to a per-CPU counter (no atomics needed: per-CPU, and BPF

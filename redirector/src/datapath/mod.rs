@@ -2,8 +2,9 @@
 //! pin maps and links under bpffs, and keep the cgroup map as reconciled.
 //!
 //! Pin layout under the bpffs directory (default `/sys/fs/bpf/ambridge`):
-//! `maps/<MAP>` for every map (pinned by name, so a restarted daemon reuses
-//! them with their contents) and `links/<program>` for every attachment.
+//! `maps/<MAP>_V<n>` for every map (pinned by name and layout version, so a
+//! restarted or upgraded daemon reuses the maps whose layout it shares,
+//! with their contents) and `links/<program>` for every attachment.
 //! Links are held only by their pins: the daemon can exit or crash and the
 //! datapath keeps working; `ambridge uninstall` removes the pins and with
 //! them the attachments.
@@ -65,28 +66,66 @@ const PROGRAMS: [(&str, Kind, AttachType); 8] = [
 /// The `sk_msg` program, attached to the sockhash rather than to a cgroup.
 const SK_MSG: &str = "redirect";
 
+/// The maps the daemon fills from the node state (the others are the
+/// programs' own).
+const CONFIG_MAPS: [&str; 3] = [map_names::CGROUPS, map_names::NETNS, map_names::NODE];
+
 /// The loaded datapath, with handles on the maps the daemon writes.
 pub struct Datapath {
     cgroups: HashMap<MapData, u64, CgroupInfo>,
     netns: HashMap<MapData, u64, NetnsInfo>,
     node: Array<MapData, NodeConfig>,
+    /// Some configuration map was created empty (first install, or a build
+    /// whose layout differs from the pinned one).
+    fresh_config: bool,
     // Keeps program fds (and the object's other maps) open while the daemon
     // runs; the pinned links keep them alive after it exits.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
 }
 
 impl Datapath {
-    /// Loads the programs, reusing pinned maps, and attaches them to
-    /// `cgroup_root` in multi-attach mode (other cgroup programs, such as a
-    /// CNI's socket load balancer, keep running). Links already pinned by an
-    /// earlier run are replaced atomically: the new link is attached before
-    /// the old one's pin is renamed over, so no connect goes unseen.
-    pub fn install(cgroup_root: &Path, pins: &Pins) -> Result<Self, Error> {
+    /// Loads the programs, reusing the pinned maps of the same layout, and
+    /// attaches the `sk_msg` program to the sockhash. Nothing is attached
+    /// to a cgroup yet: see [`Datapath::attach`].
+    pub fn load(pins: &Pins) -> Result<Self, Error> {
         pins.create()?;
+        let fresh_config = CONFIG_MAPS.iter().any(|name| !pins.map(name).exists());
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pins.maps())
             .load(OBJECT)
             .map_err(Error::Load)?;
+        attach_sk_msg(&mut ebpf)?;
+        let cgroups = take_hash(&mut ebpf, map_names::CGROUPS)?;
+        let netns = take_hash(&mut ebpf, map_names::NETNS)?;
+        let node = ebpf
+            .take_map(map_names::NODE)
+            .ok_or(Error::MissingMap(map_names::NODE))?;
+        let node = Array::try_from(node).map_err(map_err(map_names::NODE))?;
+        Ok(Self {
+            cgroups,
+            netns,
+            node,
+            fresh_config,
+            ebpf,
+        })
+    }
+
+    /// Whether the configuration maps were created empty by [`Self::load`]:
+    /// attach only once they hold the node state, or enrolled pods' connects
+    /// would go unredirected meanwhile. Otherwise they are the running
+    /// datapath's own maps, and attaching at once changes nothing.
+    pub fn needs_state_before_attach(&self) -> bool {
+        self.fresh_config
+    }
+
+    /// Attaches the programs to `cgroup_root` in multi-attach mode (other
+    /// cgroup programs, such as a CNI's socket load balancer, keep
+    /// running). Links already pinned by an earlier run are replaced
+    /// atomically: the new link is attached before the old one's pin is
+    /// renamed over, so no connect goes unseen. Then the maps of other
+    /// layouts, now unused, are unpinned.
+    pub fn attach(&mut self, cgroup_root: &Path, pins: &Pins) -> Result<(), Error> {
+        let ebpf = &mut self.ebpf;
         let cgroup = fs::File::open(cgroup_root).map_err(|source| Error::Io {
             what: format!("open cgroup {}", cgroup_root.display()),
             source,
@@ -118,20 +157,12 @@ impl Datapath {
             pins.pin_link(name, link)?;
             debug!(program = name, cgroup = %cgroup_root.display(), "attached");
         }
-        attach_sk_msg(&mut ebpf)?;
-        let cgroups = take_hash(&mut ebpf, map_names::CGROUPS)?;
-        let netns = take_hash(&mut ebpf, map_names::NETNS)?;
-        let node = ebpf
-            .take_map(map_names::NODE)
-            .ok_or(Error::MissingMap(map_names::NODE))?;
-        let node = Array::try_from(node).map_err(map_err(map_names::NODE))?;
+        let stale = pins.remove_maps_except(&map_names::ALL)?;
+        if !stale.is_empty() {
+            info!(?stale, "unpinned the maps of an older layout");
+        }
         info!(cgroup = %cgroup_root.display(), bpffs = %pins.root().display(), "datapath installed");
-        Ok(Self {
-            cgroups,
-            netns,
-            node,
-            _ebpf: ebpf,
-        })
+        Ok(())
     }
 
     /// What the kernel's cgroup map holds now.

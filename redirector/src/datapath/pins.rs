@@ -80,6 +80,35 @@ impl Pins {
         })
     }
 
+    /// Unpins every map not named in `keep` (maps of another layout
+    /// version, which only programs no longer attached used), returning
+    /// their names.
+    pub fn remove_maps_except(&self, keep: &[&str]) -> Result<Vec<String>, Error> {
+        let dir = self.maps();
+        let entries = fs::read_dir(&dir).map_err(|source| Error::Io {
+            what: format!("read {}", dir.display()),
+            source,
+        })?;
+        let mut removed = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|source| Error::Io {
+                what: format!("read {}", dir.display()),
+                source,
+            })?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if keep.contains(&name.as_str()) {
+                continue;
+            }
+            fs::remove_file(entry.path()).map_err(|source| Error::Io {
+                what: format!("unpin {}", entry.path().display()),
+                source,
+            })?;
+            removed.push(name);
+        }
+        removed.sort();
+        Ok(removed)
+    }
+
     /// Unlinks every pin in `dir`, returning their names.
     pub(super) fn remove_all_in(&self, dir: &Path) -> Result<Vec<String>, Error> {
         let entries = match fs::read_dir(dir) {
