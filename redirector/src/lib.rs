@@ -18,3 +18,4 @@ pub mod state;
 pub mod types;
 pub mod workloads;
 pub mod xds;
+pub mod zds;
