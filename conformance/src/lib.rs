@@ -168,3 +168,30 @@ pub fn ztunnel_stand_in_with(
     z.wait_for(|e| e["event"] == "listening", Duration::from_secs(10));
     z
 }
+
+/// Starts the ztunnel stand-in in `cgroup` taking its pods over ZDS, as
+/// in-pod ztunnel does: it connects to the node agent's `zds_socket`, says
+/// hello, and opens its listeners in the netns of each pod added there. Its
+/// own thread of control lives in the node netns. `args` are the stand-in's
+/// own (`--port`, `--hbone`, `--zds-nack UID`). Returns once the hello is
+/// sent, so the socket must be listening by then (the stand-in retries it
+/// for 15 s, the wait here is 10 s).
+pub fn ztunnel_stand_in_zds(
+    node: &Node,
+    cgroup: &std::path::Path,
+    zds_socket: &std::path::Path,
+    args: &[&str],
+) -> Background {
+    let mut cmd = std::process::Command::new(workspace_bin("ambridge-probe"));
+    cmd.arg("--cgroup")
+        .arg(cgroup)
+        .arg("--netns")
+        .arg(format!("/run/netns/{}", node.netns_name))
+        .arg("ztunnel")
+        .arg("--zds")
+        .arg(zds_socket)
+        .args(args);
+    let z = Background::spawn(cmd);
+    z.wait_for(|e| e["event"] == "listening", Duration::from_secs(10));
+    z
+}

@@ -27,7 +27,7 @@ use crate::{
     reconcile::{self, Resolve, Unresolved},
     state::{CgroupRef, Mode, NodeSpec, PodCgroup, PodSpec, Settings, ZtunnelSpec},
     types::{CgroupId, NetnsCookie, PodUid},
-    workloads, xds,
+    workloads, xds, zds,
 };
 
 /// Settings of `ambridge run`.
@@ -50,6 +50,9 @@ pub struct Options {
     /// istiod's workload discovery, if any: the pods' membership, or a
     /// cross-check of Kubernetes's when both are sources.
     pub xds: Option<xds::XdsSource>,
+    /// Where to serve ZDS to ztunnel (`--zds serve`); `None`: istio-cni
+    /// does.
+    pub zds_socket: Option<PathBuf>,
 }
 
 /// Where and how to watch Kubernetes.
@@ -116,6 +119,22 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         }
         None => Some(xds_tx),
     };
+    // ZDS: the pods to hand ztunnel go out, the pods it acknowledged come
+    // back.
+    let (zds_pods, zds_pods_rx) = tokio::sync::watch::channel(zds::server::Pods::new());
+    let (zds_ready_tx, mut zds_ready) = tokio::sync::watch::channel(BTreeSet::new());
+    let _idle_zds_sender = match &opts.zds_socket {
+        Some(path) => {
+            let listener = zds::server::listen(path)?;
+            tokio::spawn(async move {
+                if let Err(e) = zds::server::serve(listener, zds_pods_rx, zds_ready_tx).await {
+                    error!("the ZDS server stopped: {e}");
+                }
+            });
+            None
+        }
+        None => Some(zds_ready_tx),
+    };
     let view = api::SharedView::default();
     let (push, mut pushes) = mpsc::channel(64);
     let (changes, _) = tokio::sync::broadcast::channel(1024);
@@ -136,6 +155,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         xds: None,
         disagreements: BTreeSet::new(),
         addresses: AddressCache::default(),
+        zds: opts
+            .zds_socket
+            .as_ref()
+            .map(|_| (BTreeSet::new(), zds_pods)),
         spec: None,
         pushed_pods: BTreeMap::new(),
         pushed_ztunnels: BTreeMap::new(),
@@ -174,6 +197,13 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             }
             Ok(()) = kube_rx.changed() => {
                 node.kube = kube_rx.borrow_and_update().clone();
+                node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent)?;
+            }
+            Ok(()) = zds_ready.changed() => {
+                let ready = zds_ready.borrow_and_update().clone();
+                if let Some((acked, _)) = &mut node.zds {
+                    *acked = ready;
+                }
                 node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent)?;
             }
             Ok(()) = xds_rx.changed() => {
@@ -217,6 +247,12 @@ struct Node {
     /// Where Kubernetes and istiod disagree, as last logged.
     disagreements: BTreeSet<String>,
     addresses: AddressCache,
+    /// With `--zds serve`: the pods ztunnel acknowledged, and where the
+    /// pods to hand it are published.
+    zds: Option<(
+        BTreeSet<PodUid>,
+        tokio::sync::watch::Sender<zds::server::Pods>,
+    )>,
     /// Entries pushed through the API.
     pushed_pods: BTreeMap<PodUid, PodSpec>,
     /// Pushed ztunnel cgroups, with their zero-copy flag.
@@ -349,6 +385,10 @@ impl Node {
         }
         spec.pods.retain(|p| !self.pushed_pods.contains_key(&p.uid));
         spec.pods.extend(self.pushed_pods.values().cloned());
+        // ZDS gates the in-pod model only; a shared ztunnel takes no pods.
+        if spec.redirect.is_none() {
+            spec.ready = self.zds.as_ref().map(|(acked, _)| acked.clone());
+        }
         for (path, zero_copy) in &self.pushed_ztunnels {
             let cgroup = CgroupRef::Path(path.clone());
             if !spec.ztunnels.iter().any(|f| f.cgroup == cgroup) {
@@ -456,6 +496,16 @@ impl Node {
             info!(config = ?desired.node, "node settings written");
         }
         datapath.apply_cgroups(&cgroup_ops)?;
+        // After the maps: a pod leaving the mesh is handed its Del only once
+        // its redirect entries are gone.
+        if let Some((_, pods)) = &self.zds {
+            let want = zds_pods(spec, &desired);
+            pods.send_if_modified(|current| {
+                let changed = *current != want;
+                *current = want;
+                changed
+            });
+        }
         if !cgroup_ops.is_empty() || !netns_ops.is_empty() {
             info!(
                 cgroup_changes = cgroup_ops.len(),
@@ -468,6 +518,30 @@ impl Node {
         }
         Ok(())
     }
+}
+
+/// The pods to hand ztunnel over ZDS: enrolled pods of the in-pod model
+/// whose cgroups are known.
+fn zds_pods(spec: &NodeSpec, desired: &reconcile::Desired) -> zds::server::Pods {
+    if spec.redirect.is_some() {
+        return zds::server::Pods::new();
+    }
+    spec.pods
+        .iter()
+        .filter(|p| p.mode == Mode::Ambient)
+        .filter_map(|p| {
+            let (cgroup, _) = desired.placed.get(&p.uid)?;
+            Some((
+                p.uid.clone(),
+                zds::server::ZdsPod {
+                    name: p.name.clone(),
+                    namespace: p.namespace.clone(),
+                    service_account: String::new(),
+                    cgroup: cgroup.clone(),
+                },
+            ))
+        })
+        .collect()
 }
 
 /// Watches the directory holding `file` (editors and ConfigMap mounts replace

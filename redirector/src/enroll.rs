@@ -44,6 +44,13 @@ pub fn pod_entry(pod: &PodSpec, node: &NodeSpec, settings: &Settings) -> CgroupI
     if pod.mode == Mode::Ambient {
         let accelerate = pod.accelerate.unwrap_or(settings.sockmap);
         info.flags |= flags::ENROLLED | accel(accelerate, node.zero_copy());
+        if node
+            .ready
+            .as_ref()
+            .is_some_and(|ready| !ready.contains(&pod.uid))
+        {
+            info.flags |= flags::HELD;
+        }
     }
     let target4 = match shared {
         Some(s) => s.ip4,
@@ -155,6 +162,7 @@ mod tests {
             pods: vec![],
             ztunnels,
             redirect,
+            ready: None,
         }
     }
 
@@ -181,6 +189,37 @@ mod tests {
         assert_eq!(info.redirect_ip4, info.pod_ip4);
         assert_eq!(info.pod_ip6, ip6_words("fd00:18::2".parse().unwrap()));
         assert_eq!(info.redirect_ip6, info.pod_ip6);
+    }
+
+    #[test]
+    fn with_zds_an_enrolled_pod_is_held_until_ztunnel_acknowledged_it() {
+        let p = pod(Mode::Ambient, &["198.18.0.2"]);
+        let mut node = NodeSpec {
+            ready: Some(Default::default()),
+            ..NodeSpec::default()
+        };
+        let held = pod_entry(&p, &node, &Settings::default());
+        assert_ne!(held.flags & flags::HELD, 0);
+        assert_ne!(held.flags & flags::ENROLLED, 0);
+        node.ready = Some([p.uid.clone()].into());
+        assert_eq!(
+            pod_entry(&p, &node, &Settings::default()).flags & flags::HELD,
+            0
+        );
+        // Without ZDS (istio-cni talks to ztunnel), nothing is held.
+        node.ready = None;
+        assert_eq!(
+            pod_entry(&p, &node, &Settings::default()).flags & flags::HELD,
+            0
+        );
+        // A pod out of the mesh is never held.
+        node.ready = Some(Default::default());
+        let out = pod_entry(
+            &pod(Mode::None, &["198.18.0.2"]),
+            &node,
+            &Settings::default(),
+        );
+        assert_eq!(out.flags & flags::HELD, 0);
     }
 
     #[test]

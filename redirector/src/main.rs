@@ -78,6 +78,15 @@ enum Command {
         kube_api: Option<String>,
         #[command(flatten)]
         xds: Box<XdsArgs>,
+        /// `serve`: ambridge is the ZDS server and the only capture (no
+        /// istio-cni): it hands ztunnel each enrolled pod's netns and
+        /// refuses a pod's connects until ztunnel acknowledged it. `off`:
+        /// istio-cni serves ZDS and ambridge accelerates beside it.
+        #[arg(long, value_enum, default_value = "off")]
+        zds: Zds,
+        /// The ZDS socket ztunnel connects to (`INPOD_UDS` in ztunnel).
+        #[arg(long, default_value = "/var/run/ztunnel/ztunnel.sock")]
+        zds_socket: PathBuf,
     },
     /// Show the daemon, its settings and the datapath counters (local API).
     Status {
@@ -180,6 +189,12 @@ impl XdsArgs {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Zds {
+    Off,
+    Serve,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Switch {
     On,
     Off,
@@ -229,6 +244,8 @@ fn run(command: Command) -> anyhow::Result<()> {
             node_name,
             kube_api,
             xds,
+            zds,
+            zds_socket,
         } => {
             let xds = if sources.contains(&Source::Xds) {
                 Some(xds.source(node_name.clone())?)
@@ -269,6 +286,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 file_source: sources.contains(&Source::File),
                 kubernetes,
                 xds,
+                zds_socket: (zds == Zds::Serve).then_some(zds_socket),
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -259,6 +259,7 @@ mod tests {
                 zero_copy: false,
             }],
             redirect: None,
+            ready: None,
         }
     }
 

@@ -2,6 +2,7 @@
 //! which cgroups are ztunnel, and how connects are redirected.
 
 use std::{
+    collections::BTreeSet,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
 };
@@ -97,6 +98,10 @@ pub struct NodeSpec {
     pub ztunnels: Vec<ZtunnelSpec>,
     /// `None`: the in-pod model, each pod redirects to its own IP.
     pub redirect: Option<SharedRedirect>,
+    /// With ambridge serving ZDS: the pods ztunnel has acknowledged. Other
+    /// enrolled pods are held (their connects refused) until it does.
+    /// `None`: no gating (istio-cni talks to ztunnel).
+    pub ready: Option<BTreeSet<PodUid>>,
 }
 
 impl NodeSpec {

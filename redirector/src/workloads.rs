@@ -115,6 +115,7 @@ pub fn parse(text: &str) -> Result<NodeSpec, FileError> {
         .transpose()?;
     Ok(NodeSpec {
         redirect,
+        ready: None,
         pods: file
             .workloads
             .into_iter()

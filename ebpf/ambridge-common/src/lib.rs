@@ -36,7 +36,7 @@ pub mod map_names {
     /// (`src` = local end).
     pub const SOCKS: &str = "AMB_SOCKS_V1";
     /// Per-CPU `u64` counters indexed by [`super::Counter`].
-    pub const COUNTERS: &str = "AMB_COUNTERS_V1";
+    pub const COUNTERS: &str = "AMB_COUNTERS_V2";
     /// One [`super::NodeConfig`], at index 0.
     pub const NODE: &str = "AMB_NODE_V1";
     /// Every map of the object.
@@ -82,6 +82,11 @@ pub mod flags {
     /// On a ztunnel: rewrite its original-source binds to a local address
     /// (`--original-src=undo`).
     pub const UNDO_ORIG_SRC: u32 = 1 << 6;
+    /// On an enrolled pod: ztunnel has not acknowledged it over ZDS yet
+    /// (or refused it), so connects that would be redirected are refused
+    /// (`EPERM`) rather than sent where nothing listens or let past
+    /// ztunnel.
+    pub const HELD: u32 = 1 << 7;
 }
 
 /// What the datapath knows about one pod-level (or ztunnel) cgroup.
@@ -225,11 +230,13 @@ pub enum Counter {
     /// Connections kept out of the sockhash because their proxy relays with
     /// `splice(2)` (the zero-copy fallback).
     ZerocopyFallback = 10,
+    /// Connects refused because their pod is [`flags::HELD`].
+    ConnectHeld = 11,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 11] = [
+    pub const ALL: [Counter; 12] = [
         Counter::ConnectRedirected4,
         Counter::ConnectRedirected6,
         Counter::ConnectRecordFailed,
@@ -241,6 +248,7 @@ impl Counter {
         Counter::MsgRedirected,
         Counter::MsgPassed,
         Counter::ZerocopyFallback,
+        Counter::ConnectHeld,
     ];
 
     /// Stable name, as printed by `ambridge stats`.
@@ -257,6 +265,7 @@ impl Counter {
             Counter::MsgRedirected => "msg_redirected",
             Counter::MsgPassed => "msg_passed",
             Counter::ZerocopyFallback => "zerocopy_fallback",
+            Counter::ConnectHeld => "connect_held",
         }
     }
 }
@@ -411,7 +420,7 @@ mod tests {
                 ("AMB_PENDING_V1", 8, 20, 65_536),
                 ("AMB_CONNS_V1", 36, 20, 65_536),
                 ("AMB_SOCKS_V1", 36, 4, 65_536),
-                ("AMB_COUNTERS_V1", 4, 8, 11),
+                ("AMB_COUNTERS_V2", 4, 8, 12),
                 ("AMB_NODE_V1", 4, 44, 1),
             ]
         );

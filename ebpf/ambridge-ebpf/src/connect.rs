@@ -1,8 +1,10 @@
 //! `cgroup/connect4` and `cgroup/connect6` (Linux 4.17): send an enrolled
 //! pod's outbound TCP to its redirect target and remember where it was going.
 //!
-//! The programs always allow the connect (return 1); they only ever rewrite
-//! the destination. What is left alone: UDP and other non-stream sockets,
+//! The programs allow the connect (return 1) and only ever rewrite the
+//! destination, except for a pod ztunnel is not ready for yet
+//! ([`flags::HELD`]): its connects that would be redirected are refused
+//! (return 0, `EPERM`), never let past ztunnel. What is left alone: UDP and other non-stream sockets,
 //! loopback destinations, the pod's own IPs (istio-cni lets a pod call itself
 //! directly), the kubelet probe address, the redirect target itself, and
 //! every socket of a ztunnel or of a cgroup that is not enrolled.
@@ -23,6 +25,7 @@ use crate::{
 };
 
 const ALLOW: i32 = 1;
+const REFUSE: i32 = 0;
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
@@ -34,15 +37,18 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
     let Some(pod) = pod::current() else {
         return ALLOW;
     };
-    if let Some(target) = target4(&pod, sa.user_ip4)
-        && record(&ctx, &pod, sa.user_ip4, sa, v4_mapped)
-    {
-        // SAFETY: writable fields of the live context.
-        unsafe {
-            ctx_write!(sa.user_ip4, target);
-            ctx_write!(sa.user_port, u32::from(pod.redirect_port.to_be()));
+    if let Some(target) = target4(&pod, sa.user_ip4) {
+        if held(&pod) {
+            return REFUSE;
         }
-        bump(Counter::ConnectRedirected4);
+        if record(&ctx, &pod, sa.user_ip4, sa, v4_mapped) {
+            // SAFETY: writable fields of the live context.
+            unsafe {
+                ctx_write!(sa.user_ip4, target);
+                ctx_write!(sa.user_port, u32::from(pod.redirect_port.to_be()));
+            }
+            bump(Counter::ConnectRedirected4);
+        }
     }
     ALLOW
 }
@@ -70,29 +76,45 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
     // wire (only this hook runs, not connect4): apply the IPv4 rules and
     // keep the mapped form so the socket stays IPv4 on the wire.
     if let Some(dst4) = as_v4(&dst) {
-        if let Some(target) = target4(&pod, dst4)
-            && record(&ctx, &pod, dst4, sa, v4_mapped)
-        {
-            // SAFETY: writable fields of the live context.
-            unsafe {
-                ctx_write_ip6!(sa.user_ip6, v4_mapped(target));
-                ctx_write!(sa.user_port, u32::from(pod.redirect_port.to_be()));
+        if let Some(target) = target4(&pod, dst4) {
+            if held(&pod) {
+                return REFUSE;
             }
-            bump(Counter::ConnectRedirected4);
+            if record(&ctx, &pod, dst4, sa, v4_mapped) {
+                // SAFETY: writable fields of the live context.
+                unsafe {
+                    ctx_write_ip6!(sa.user_ip6, v4_mapped(target));
+                    ctx_write!(sa.user_port, u32::from(pod.redirect_port.to_be()));
+                }
+                bump(Counter::ConnectRedirected4);
+            }
         }
         return ALLOW;
     }
-    if let Some(target) = target6(&pod, &dst)
-        && record(&ctx, &pod, dst, sa, |ip6| ip6)
-    {
-        // SAFETY: writable fields of the live context.
-        unsafe {
-            ctx_write_ip6!(sa.user_ip6, target);
-            ctx_write!(sa.user_port, u32::from(pod.redirect_port.to_be()));
+    if let Some(target) = target6(&pod, &dst) {
+        if held(&pod) {
+            return REFUSE;
         }
-        bump(Counter::ConnectRedirected6);
+        if record(&ctx, &pod, dst, sa, |ip6| ip6) {
+            // SAFETY: writable fields of the live context.
+            unsafe {
+                ctx_write_ip6!(sa.user_ip6, target);
+                ctx_write!(sa.user_port, u32::from(pod.redirect_port.to_be()));
+            }
+            bump(Counter::ConnectRedirected6);
+        }
     }
     ALLOW
+}
+
+/// Whether `pod`'s redirected connects are refused for now; counts them.
+#[inline(always)]
+fn held(pod: &CgroupInfo) -> bool {
+    let held = pod.flags & flags::HELD != 0;
+    if held {
+        bump(Counter::ConnectHeld);
+    }
+    held
 }
 
 /// The IPv4 redirect target for a connect from `pod` to `dst`, if it is to be

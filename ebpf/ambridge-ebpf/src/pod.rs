@@ -16,7 +16,11 @@ use crate::maps::CGROUPS;
 /// are never redirected, even when its cgroup nests under a pod-like path.
 #[inline(always)]
 pub fn current() -> Option<CgroupInfo> {
-    let mut found: Option<CgroupInfo> = None;
+    // Not an `Option` in the loop: LLVM would copy its uninitialised
+    // payload around, which the verifier rejects as a read of an unset
+    // register.
+    let mut found = CgroupInfo::default();
+    let mut matched = false;
     let mut ztunnel = false;
     // Level 0 is the root cgroup, which is never a pod.
     for level in 1..MAX_CGROUP_DEPTH {
@@ -29,14 +33,17 @@ pub fn current() -> Option<CgroupInfo> {
         // entries whole, so a torn read only ever sees old or new flags.
         if let Some(info) = unsafe { CGROUPS.get(id) } {
             ztunnel |= info.flags & flags::ZTUNNEL != 0;
-            found = Some(*info);
+            found = *info;
+            matched = true;
         }
     }
-    let mut info = found?;
-    if ztunnel {
-        info.flags |= flags::ZTUNNEL;
+    if !matched {
+        return None;
     }
-    Some(info)
+    if ztunnel {
+        found.flags |= flags::ZTUNNEL;
+    }
+    Some(found)
 }
 
 /// Whether connects from this cgroup are redirected at all.

@@ -2,4 +2,5 @@
 //! namespace to ztunnel over a unix socket. ambridge is the server: it
 //! listens, ztunnel connects.
 
+pub mod server;
 pub mod wire;

@@ -6,8 +6,15 @@
 use std::{
     fs,
     io::{self, Read, Write},
+    mem,
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    os::fd::OwnedFd,
     path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
     thread,
     time::Duration,
 };
@@ -80,11 +87,12 @@ enum Role {
         #[arg(long)]
         listen: SocketAddr,
     },
-    /// ztunnel stand-in: listen on `port` inside each pod netns, read
+    /// ztunnel stand-in: listen on `port` inside each pod netns (named
+    /// with `--pod-netns`, or handed over ZDS with `--zds`), read
     /// SO_ORIGINAL_DST as ztunnel does, relay to the original destination.
     Ztunnel {
         /// Pod network namespaces to open listeners in.
-        #[arg(long = "pod-netns", required = true)]
+        #[arg(long = "pod-netns", required_unless_present = "zds")]
         pods: Vec<PathBuf>,
         #[arg(long, default_value_t = 15001)]
         port: u16,
@@ -101,6 +109,18 @@ enum Role {
         /// shared-ztunnel model, where ztunnel serves the destination too).
         #[arg(long)]
         hbone_via: Option<SocketAddr>,
+        /// Also take pods over ZDS, as in-pod ztunnel does: connect to the
+        /// node agent's `SOCK_SEQPACKET` socket here, say hello, and open
+        /// the listeners in the netns each Add carries.
+        #[arg(long)]
+        zds: Option<PathBuf>,
+        /// Refuse the first `--zds-nack-count` Adds of this pod UID, so
+        /// that tests can see a refused pod retried.
+        #[arg(long = "zds-nack", requires = "zds")]
+        zds_nacks: Vec<String>,
+        /// How many Adds of each `--zds-nack` UID to refuse.
+        #[arg(long, default_value_t = 1, requires = "zds")]
+        zds_nack_count: usize,
     },
     /// Sleep until killed: the pod sandbox's own process.
     Pause,
@@ -169,7 +189,22 @@ fn main() {
             relay,
             hbone,
             hbone_via,
-        } => ztunnel(&pods, port, relay, hbone.then_some(hbone_via)),
+            zds,
+            zds_nacks,
+            zds_nack_count,
+        } => ztunnel(
+            &pods,
+            Serving {
+                port,
+                relay,
+                hbone: hbone.then_some(hbone_via),
+            },
+            zds.map(|socket| zds::Options {
+                socket,
+                nacks: zds_nacks,
+                nack_count: zds_nack_count,
+            }),
+        ),
         Role::Pause => loop {
             thread::park();
         },
@@ -351,6 +386,8 @@ mod polled;
 
 mod spliced;
 
+mod zds;
+
 /// Reads the original destination exactly as ztunnel does: `SOL_IP`
 /// first, then `SOL_IPV6`.
 fn original_dst(socket: &Socket) -> io::Result<SocketAddr> {
@@ -361,69 +398,175 @@ fn original_dst(socket: &Socket) -> io::Result<SocketAddr> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "not an IP address"))
 }
 
-/// `hbone`: `None` relays straight to the original destination; `Some(via)`
-/// also serves the inbound leg on 15008 and sends outbound connections to
-/// `via` (or `<original ip>:15008`).
-fn ztunnel(
-    pods: &[PathBuf],
+/// How the stand-in serves every pod, whether it was named with
+/// `--pod-netns` or handed over ZDS.
+#[derive(Clone, Copy)]
+struct Serving {
+    /// The capture port (15001 outbound, 15006 inbound plaintext).
     port: u16,
     relay: Relay,
+    /// `None` relays straight to the original destination; `Some(via)`
+    /// also serves the inbound leg on 15008 and sends outbound connections
+    /// to `via` (or `<original ip>:15008`).
     hbone: Option<Option<SocketAddr>>,
-) -> io::Result<()> {
-    let mut threads = Vec::new();
-    let ports: &[u16] = if hbone.is_some() {
-        &[port, HBONE_PORT]
-    } else {
-        &[port]
-    };
-    for pod_path in pods {
-        for &listen_port in ports {
-            let pod = pod_path.clone();
-            // Listeners are opened inside each pod's netns, as in-pod
-            // ztunnel does; a socket keeps the netns it was created in.
-            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-            threads.push(thread::spawn(move || -> io::Result<()> {
-                enter_netns(&pod)?;
-                let l = listener(SocketAddr::from(([0u16; 8], listen_port)))?;
-                ready_tx.send(()).ok();
-                for conn in l.incoming() {
-                    let conn = Socket::from(conn?);
-                    let pod = pod.clone();
-                    thread::spawn(move || {
-                        let result = match listen_port {
-                            HBONE_PORT => inbound_hbone(&pod, conn, relay),
-                            INBOUND_PLAINTEXT_PORT => inbound_plaintext(&pod, conn, relay),
-                            _ => outbound(&pod, conn, relay, hbone),
-                        };
-                        if let Err(e) = result {
-                            report(json!({"event": "relay-error", "error": e.to_string()}));
-                        }
-                    });
-                }
-                Ok(())
-            }));
-            if ready_rx.recv().is_err() {
-                let result = threads.pop().expect("just pushed").join();
-                return Err(io::Error::other(format!(
-                    "listener on {listen_port} in {} failed: {result:?}",
-                    pod_path.display()
-                )));
-            }
+}
+
+impl Serving {
+    fn ports(&self) -> Vec<u16> {
+        if self.hbone.is_some() {
+            vec![self.port, HBONE_PORT]
+        } else {
+            vec![self.port]
         }
     }
-    report(
-        json!({"event": "listening", "pods": pods.len(), "port": port, "hbone": hbone.is_some()}),
-    );
-    for t in threads {
-        t.join().expect("listener thread")?;
+}
+
+/// One pod's listeners, each accepting on its own thread inside the pod's
+/// netns. Dropping it stops them: connects to their ports are refused once
+/// the drop returns.
+struct PodListeners {
+    /// A second handle on each listening socket. Shutting it down stops the
+    /// listener and wakes its thread's blocked `accept` (with `EINVAL`).
+    handles: Vec<Socket>,
+    /// Tells the threads that a failing `accept` is the stop, not an error.
+    stopped: Arc<AtomicBool>,
+    threads: Vec<thread::JoinHandle<io::Result<()>>>,
+}
+
+impl PodListeners {
+    /// Opens the listeners `serving` asks for inside the network namespace
+    /// `netns`; `pod` names the pod in events and errors.
+    fn open(netns: OwnedFd, pod: &str, serving: Serving) -> io::Result<Self> {
+        let netns = Arc::new(netns);
+        let mut opened = PodListeners {
+            handles: Vec::new(),
+            stopped: Arc::default(),
+            threads: Vec::new(),
+        };
+        for listen_port in serving.ports() {
+            let (ready_tx, ready_rx) = mpsc::channel();
+            let netns = netns.clone();
+            let stopped = opened.stopped.clone();
+            let pod_label = pod.to_string();
+            opened
+                .threads
+                .push(thread::spawn(move || -> io::Result<()> {
+                    let l = match bind_in(&netns, listen_port) {
+                        Ok((l, handle)) => {
+                            ready_tx.send(Ok(handle)).ok();
+                            l
+                        }
+                        Err(e) => {
+                            // The opener returns the error; this thread has
+                            // nothing to serve.
+                            ready_tx.send(Err(e)).ok();
+                            return Ok(());
+                        }
+                    };
+                    for conn in l.incoming() {
+                        let conn = match conn {
+                            Ok(conn) => Socket::from(conn),
+                            Err(_) if stopped.load(Ordering::Acquire) => return Ok(()),
+                            Err(e) => return Err(e),
+                        };
+                        let pod = pod_label.clone();
+                        // The connection's thread inherits this thread's netns,
+                        // so its upstream socket is opened in the pod, as
+                        // ztunnel's are.
+                        thread::spawn(move || {
+                            let result = match listen_port {
+                                HBONE_PORT => inbound_hbone(&pod, conn, serving.relay),
+                                INBOUND_PLAINTEXT_PORT => {
+                                    inbound_plaintext(&pod, conn, serving.relay)
+                                }
+                                _ => outbound(&pod, conn, serving.relay, serving.hbone),
+                            };
+                            if let Err(e) = result {
+                                report(json!({"event": "relay-error", "error": e.to_string()}));
+                            }
+                        });
+                    }
+                    Ok(())
+                }));
+            // On error, dropping `opened` stops the listeners already open.
+            let handle = ready_rx
+                .recv()
+                .map_err(|_| io::Error::other(format!("listener thread for {pod} died")))?
+                .map_err(|e| {
+                    io::Error::new(e.kind(), format!("listener on {listen_port} in {pod}: {e}"))
+                })?;
+            opened.handles.push(handle);
+        }
+        Ok(opened)
     }
-    Ok(())
+
+    /// Serves until a listener fails, which ends the wait with its error.
+    fn serve(mut self) -> io::Result<()> {
+        for t in mem::take(&mut self.threads) {
+            t.join().expect("listener thread")?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PodListeners {
+    fn drop(&mut self) {
+        self.stopped.store(true, Ordering::Release);
+        for handle in &self.handles {
+            // A listener's only failure mode here is being stopped already.
+            let _ = handle.shutdown(Shutdown::Both);
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Moves the calling thread into `netns` for good and opens a dual-stack
+/// listener on `port` there, as in-pod ztunnel does: a socket keeps the
+/// netns it was created in. Returns the listener and a second handle on it.
+fn bind_in(netns: &OwnedFd, port: u16) -> io::Result<(TcpListener, Socket)> {
+    nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+    let l = listener(SocketAddr::from(([0u16; 8], port)))?;
+    let handle = Socket::from(l.try_clone()?);
+    Ok((l, handle))
+}
+
+/// Opens the listeners in each of `pods` and, with `zds`, in each pod the
+/// node agent hands over; serves until killed.
+fn ztunnel(pods: &[PathBuf], serving: Serving, zds: Option<zds::Options>) -> io::Result<()> {
+    let mut named = Vec::new();
+    for path in pods {
+        let netns = fs::File::open(path)
+            .map_err(|e| io::Error::new(e.kind(), format!("opening {}: {e}", path.display())))?;
+        named.push(PodListeners::open(
+            netns.into(),
+            &path.display().to_string(),
+            serving,
+        )?);
+    }
+    let session = zds.as_ref().map(zds::Session::connect).transpose()?;
+    report(json!({
+        "event": "listening", "pods": pods.len(), "port": serving.port,
+        "hbone": serving.hbone.is_some(),
+        "zds": zds.as_ref().map(|z| z.socket.display().to_string()),
+    }));
+    // Held, so still serving, after the node agent is gone: real ztunnel
+    // keeps serving its pods while it reconnects.
+    let _handed_over = session.map(|s| s.serve(serving)).transpose()?;
+    for pod in named {
+        pod.serve()?;
+    }
+    // Reached only with no `--pod-netns`, so with `--zds`.
+    loop {
+        thread::park();
+    }
 }
 
 /// The outbound leg: where was the client going, and relay there (or to the
 /// destination's HBONE port, telling it the target and the client).
 fn outbound(
-    pod: &Path,
+    pod: &str,
     client: Socket,
     relay: Relay,
     hbone: Option<Option<SocketAddr>>,
@@ -433,7 +576,7 @@ fn outbound(
     let orig = original_dst(&client);
     report(json!({
         "event": "accepted",
-        "pod": pod.display().to_string(),
+        "pod": pod,
         "peer": peer.map(|a| a.to_string()),
         "local": local.map(|a| a.to_string()),
         "orig_dst": orig.as_ref().ok().map(|a| a.to_string()),
@@ -467,7 +610,7 @@ fn outbound(
 }
 
 /// The HBONE inbound leg: the header names the target and the client.
-fn inbound_hbone(pod: &Path, conn: Socket, relay: Relay) -> io::Result<()> {
+fn inbound_hbone(pod: &str, conn: Socket, relay: Relay) -> io::Result<()> {
     let conn: TcpStream = conn.into();
     let header = read_line(&conn)?;
     let mut words = header.split_whitespace();
@@ -490,7 +633,7 @@ fn inbound_hbone(pod: &Path, conn: Socket, relay: Relay) -> io::Result<()> {
 /// The plaintext inbound leg (15006): the target is the original
 /// destination (the local address if there is none, as ztunnel falls back
 /// to), the client is the peer.
-fn inbound_plaintext(pod: &Path, conn: Socket, relay: Relay) -> io::Result<()> {
+fn inbound_plaintext(pod: &str, conn: Socket, relay: Relay) -> io::Result<()> {
     let target = match original_dst(&conn) {
         Ok(dst) => dst,
         Err(_) => conn
@@ -519,7 +662,7 @@ fn inbound_plaintext(pod: &Path, conn: Socket, relay: Relay) -> io::Result<()> {
 /// connect to the target, relay. A failed bind is reported and the
 /// connection goes on with a kernel-chosen source, as ztunnel does.
 fn inbound(
-    pod: &Path,
+    pod: &str,
     conn: TcpStream,
     target: SocketAddr,
     client: std::net::IpAddr,
@@ -541,7 +684,7 @@ fn inbound(
     let upstream: TcpStream = upstream.into();
     report(json!({
         "event": "inbound",
-        "pod": pod.display().to_string(),
+        "pod": pod,
         "target": target.to_string(),
         "client": client.to_string(),
         "bind_error": bind.err().map(|e| e.to_string()),

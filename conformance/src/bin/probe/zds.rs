@@ -1,0 +1,217 @@
+//! The ztunnel stand-in's side of ZDS. Like in-pod ztunnel, it connects to
+//! the node agent's `SOCK_SEQPACKET` socket and says hello, then serves the
+//! node agent's requests in order, one datagram each, acking every one: an
+//! Add opens the stand-in's listeners in the netns it carries, a Del closes
+//! them.
+
+use std::{
+    collections::HashMap,
+    error::Error,
+    io,
+    os::fd::{AsFd, OwnedFd},
+    path::{Path, PathBuf},
+    thread,
+    time::{Duration, Instant},
+};
+
+use ambridge::zds::wire::{self, Ack, Datagram, MAX_DATAGRAM, Request, WireError};
+use serde_json::json;
+use socket2::{Domain, SockAddr, Socket, Type};
+
+use crate::{PodListeners, Serving, report};
+
+/// How long the node agent's socket may take to exist and accept.
+const CONNECT_FOR: Duration = Duration::from_secs(15);
+/// The pause between two connection attempts.
+const CONNECT_RETRY: Duration = Duration::from_millis(100);
+
+/// What `--zds`, `--zds-nack` and `--zds-nack-count` ask for.
+pub struct Options {
+    /// The node agent's socket.
+    pub socket: PathBuf,
+    /// UIDs whose first Adds are refused.
+    pub nacks: Vec<String>,
+    /// How many Adds of each of `nacks` are refused.
+    pub nack_count: usize,
+}
+
+/// A ZDS connection to the node agent, hello sent.
+pub struct Session {
+    conn: OwnedFd,
+    /// How many more Adds of each `--zds-nack` UID to refuse.
+    nacks_left: HashMap<String, usize>,
+    /// The listeners of every pod handed over and not deleted, by UID.
+    pods: HashMap<String, PodListeners>,
+}
+
+impl Session {
+    /// Connects to the node agent's socket, retrying while it does not
+    /// exist or refuses for up to [`CONNECT_FOR`], and says hello (V1).
+    pub fn connect(options: &Options) -> io::Result<Session> {
+        let path = &options.socket;
+        let deadline = Instant::now() + CONNECT_FOR;
+        let conn = loop {
+            match try_connect(path) {
+                Ok(conn) => break conn,
+                Err(_) if Instant::now() < deadline => thread::sleep(CONNECT_RETRY),
+                Err(e) => {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!(
+                            "connecting to the ZDS socket {} (still failing after {CONNECT_FOR:?}): {e}",
+                            path.display()
+                        ),
+                    ));
+                }
+            }
+        };
+        wire::send(conn.as_fd(), &wire::encode_hello(), None).map_err(|e| {
+            io::Error::other(format!(
+                "sending the ZDS hello on {}: {}",
+                path.display(),
+                chain(&e)
+            ))
+        })?;
+        Ok(Session {
+            conn,
+            nacks_left: options
+                .nacks
+                .iter()
+                .map(|uid| (uid.clone(), options.nack_count))
+                .collect(),
+            pods: HashMap::new(),
+        })
+    }
+
+    /// Serves the node agent's requests until it closes the connection,
+    /// then returns the listeners of the pods it handed over, still open.
+    pub fn serve(mut self, serving: Serving) -> io::Result<HashMap<String, PodListeners>> {
+        let mut buf = [0; MAX_DATAGRAM];
+        loop {
+            let ack = match wire::recv(self.conn.as_fd(), &mut buf) {
+                Ok(Datagram::Closed) => break,
+                Ok(Datagram::Message { len, fds }) => self.answer(&buf[..len], fds, serving),
+                // Consumed whole, so the next datagram reads intact.
+                Err(e @ WireError::TooLarge { .. }) => refuse(chain(&e)),
+                Err(e) => {
+                    return Err(io::Error::other(format!(
+                        "receiving from the ZDS socket: {}",
+                        chain(&e)
+                    )));
+                }
+            };
+            match wire::send(self.conn.as_fd(), &ack.encode(), None) {
+                Ok(()) => {}
+                // The node agent went before reading its ack.
+                Err(WireError::Syscall { source, .. })
+                    if matches!(
+                        source.kind(),
+                        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+                    ) =>
+                {
+                    break;
+                }
+                Err(e) => {
+                    return Err(io::Error::other(format!(
+                        "sending a ZDS ack: {}",
+                        chain(&e)
+                    )));
+                }
+            }
+        }
+        report(json!({"event": "zds-closed"}));
+        Ok(self.pods)
+    }
+
+    /// Applies one request and says how to answer it.
+    fn answer(&mut self, bytes: &[u8], fds: Vec<OwnedFd>, serving: Serving) -> Ack {
+        let request = match Request::decode(bytes) {
+            Ok(request) => request,
+            Err(e) => return refuse(chain(&e)),
+        };
+        match request {
+            Request::Add {
+                uid,
+                name,
+                namespace,
+                ..
+            } => self.add(uid, name, namespace, fds, serving),
+            Request::Keep { uid } => {
+                report(json!({"event": "zds-keep", "uid": uid}));
+                Ack::Ok
+            }
+            Request::Del { uid } => {
+                // Dropped here, so the listeners are closed before the ack.
+                let listeners = self.pods.remove(&uid);
+                let known = listeners.is_some();
+                drop(listeners);
+                report(json!({"event": "zds-del", "uid": uid, "known": known}));
+                Ack::Ok
+            }
+            Request::SnapshotSent => {
+                report(json!({"event": "zds-snapshot-sent"}));
+                Ack::Ok
+            }
+        }
+    }
+
+    fn add(
+        &mut self,
+        uid: String,
+        name: String,
+        namespace: String,
+        fds: Vec<OwnedFd>,
+        serving: Serving,
+    ) -> Ack {
+        let netns = match wire::single_fd(fds) {
+            Ok(netns) => netns,
+            Err(e) => return refuse(format!("AddWorkload {uid}: {}", chain(&e))),
+        };
+        if let Some(left) = self.nacks_left.get_mut(&uid).filter(|left| **left > 0) {
+            *left -= 1;
+            let error = format!("stand-in refuses {uid}");
+            report(json!({"event": "zds-nack", "uid": uid, "error": error}));
+            return Ack::Nack(error);
+        }
+        // A sandbox recreated under the same UID comes as a second Add. The
+        // old listeners close first, so that the new ones can take the same
+        // port when the netns is the same.
+        let replaced = self.pods.remove(&uid).is_some();
+        match PodListeners::open(netns, &uid, serving) {
+            Ok(listeners) => {
+                report(json!({
+                    "event": "zds-add", "uid": uid, "name": name, "namespace": namespace,
+                    "replaced": replaced,
+                }));
+                self.pods.insert(uid, listeners);
+                Ack::Ok
+            }
+            Err(e) => refuse(format!("AddWorkload {uid}: {e}")),
+        }
+    }
+}
+
+/// One attempt to connect to the node agent's socket.
+fn try_connect(path: &Path) -> io::Result<OwnedFd> {
+    let socket = Socket::new(Domain::UNIX, Type::SEQPACKET, None)?;
+    socket.connect(&SockAddr::unix(path)?)?;
+    Ok(socket.into())
+}
+
+/// Refuses a request the stand-in could not apply, reporting why.
+fn refuse(error: String) -> Ack {
+    report(json!({"event": "zds-error", "error": error}));
+    Ack::Nack(error)
+}
+
+/// An error and its causes, outermost first: the wire's errors keep the
+/// decoder's and the kernel's words in their sources.
+fn chain(e: &dyn Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text += &format!(": {cause}");
+        source = cause.source();
+    }
+    text
+}

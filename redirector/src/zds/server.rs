@@ -1,0 +1,442 @@
+//! The ZDS server (`--zds serve`): ztunnel connects, says hello, and is
+//! handed every enrolled pod's network namespace, one acknowledged request
+//! at a time, then the pods that come and go.
+//!
+//! Each connection runs as its own task. Adds go to the newest connection
+//! only (a new ztunnel takes over during an upgrade while the old one keeps
+//! serving what it has), Dels to every connection. A pod is *ready* once
+//! some connection acknowledged its Add; the daemon holds (refuses the
+//! connects of) enrolled pods that are not. A NACKed Add is retried with
+//! backoff. A connection that sends something that is not ZDS, or goes
+//! silent, is closed with an error naming why; the others carry on.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    os::fd::{AsFd, OwnedFd},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use nix::sys::socket::{
+    AddressFamily, Backlog, SockFlag, SockType, UnixAddr, accept4, bind, socket,
+};
+use tokio::{io::unix::AsyncFd, sync::watch, time::Instant};
+use tracing::{info, warn};
+
+use super::wire::{self, Ack, Request, WireError, ZdsConn};
+use crate::{netns, types::PodUid};
+
+/// How long ztunnel may take to answer a request (or to say hello).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// First wait before re-sending a NACKed Add; doubles up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(10);
+/// How often pods are re-checked: a pod whose netns could not be opened
+/// yet, or whose sandbox was recreated with a new netns, is (re-)added.
+const RESYNC: Duration = Duration::from_secs(2);
+
+/// A pod ztunnel should capture.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ZdsPod {
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    /// The pod-level cgroup; its processes lead to the pod's netns.
+    pub cgroup: PathBuf,
+}
+
+/// The pods ztunnel should capture, by Kubernetes pod UID.
+pub type Pods = BTreeMap<PodUid, ZdsPod>;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("creating the ZDS socket directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{call} for the ZDS socket {path}: {source}")]
+    Socket {
+        call: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Why one ztunnel connection ended.
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("ztunnel closed the connection")]
+    Closed,
+    #[error("ztunnel did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("ztunnel refused SnapshotSent: {0}")]
+    SnapshotRefused(String),
+}
+
+/// What the connections share: which pods each has acknowledged, and the
+/// newest connection's number.
+struct Shared {
+    acked: Mutex<BTreeMap<u64, BTreeSet<PodUid>>>,
+    ready: watch::Sender<BTreeSet<PodUid>>,
+    newest: watch::Sender<u64>,
+}
+
+impl Shared {
+    /// Publishes the pods some connection has acknowledged.
+    fn publish(&self, conn: u64, acked: Option<&BTreeSet<PodUid>>) {
+        let mut all = self.acked.lock().expect("acked lock");
+        match acked {
+            Some(set) => all.insert(conn, set.clone()),
+            None => all.remove(&conn),
+        };
+        let ready: BTreeSet<PodUid> = all.values().flatten().cloned().collect();
+        self.ready.send_if_modified(|current| {
+            let changed = *current != ready;
+            *current = ready;
+            changed
+        });
+    }
+}
+
+/// The listening ZDS socket.
+pub struct Listener {
+    fd: AsyncFd<OwnedFd>,
+    path: PathBuf,
+}
+
+/// Listens on `path` (mode 0600, replacing a stale socket file).
+pub fn listen(path: &Path) -> Result<Listener, ServeError> {
+    Ok(Listener {
+        fd: listen_on(path)?,
+        path: path.to_path_buf(),
+    })
+}
+
+/// Serves every ztunnel that connects with the pods of `pods`, until the
+/// daemon exits; `ready` follows the pods ztunnel has acknowledged.
+pub async fn serve(
+    listener: Listener,
+    pods: watch::Receiver<Pods>,
+    ready: watch::Sender<BTreeSet<PodUid>>,
+) -> Result<(), ServeError> {
+    let Listener { fd: listener, path } = listener;
+    info!(socket = %path.display(), "serving ZDS");
+    let shared = Arc::new(Shared {
+        acked: Mutex::default(),
+        ready,
+        newest: watch::Sender::new(0),
+    });
+    let mut next = 0u64;
+    loop {
+        let accepted = {
+            let mut guard = listener
+                .readable()
+                .await
+                .map_err(|source| ServeError::Socket {
+                    call: "epoll_wait",
+                    path: path.clone(),
+                    source,
+                })?;
+            match guard.try_io(|fd| {
+                accept4(
+                    std::os::fd::AsRawFd::as_raw_fd(fd.get_ref()),
+                    SockFlag::SOCK_CLOEXEC,
+                )
+                .map_err(std::io::Error::from)
+            }) {
+                Ok(result) => result,
+                Err(_would_block) => continue,
+            }
+        };
+        let fd = match accepted {
+            // SAFETY: accept4 returned a new fd that nothing else owns.
+            Ok(raw) => unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) },
+            Err(e) => {
+                warn!(socket = %path.display(), "accept on the ZDS socket failed: {e}");
+                continue;
+            }
+        };
+        next += 1;
+        let conn_no = next;
+        let conn = match ZdsConn::from_std(fd) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(conn = conn_no, "ZDS connection unusable: {e}");
+                continue;
+            }
+        };
+        shared.newest.send_replace(conn_no);
+        info!(conn = conn_no, "ztunnel connected over ZDS");
+        let shared = shared.clone();
+        let pods = pods.clone();
+        tokio::spawn(async move {
+            let result = Connection::new(conn, conn_no, shared.clone(), pods)
+                .run()
+                .await;
+            shared.publish(conn_no, None);
+            match result {
+                Err(ConnError::Closed) => info!(conn = conn_no, "ztunnel disconnected from ZDS"),
+                Err(e) => warn!(conn = conn_no, "closing the ZDS connection: {e}"),
+                Ok(()) => {}
+            }
+        });
+    }
+}
+
+fn listen_on(path: &Path) -> Result<AsyncFd<OwnedFd>, ServeError> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(|source| ServeError::Dir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    let err = |call| {
+        move |source: nix::Error| ServeError::Socket {
+            call,
+            path: path.to_path_buf(),
+            source: source.into(),
+        }
+    };
+    // A socket file left by an earlier run would make bind fail.
+    let _ = fs::remove_file(path);
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )
+    .map_err(err("socket(AF_UNIX, SOCK_SEQPACKET)"))?;
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &UnixAddr::new(path).map_err(err("sockaddr_un"))?,
+    )
+    .map_err(err("bind"))?;
+    // Only root (ztunnel runs as root in its pod) may connect.
+    fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).map_err(
+        |source| ServeError::Socket {
+            call: "chmod",
+            path: path.to_path_buf(),
+            source,
+        },
+    )?;
+    nix::sys::socket::listen(&fd, Backlog::new(16).expect("a valid backlog"))
+        .map_err(err("listen"))?;
+    // SAFETY: the fd moves into the `AsyncFd`, which owns it from now on.
+    unsafe { AsyncFd::register(fd) }.map_err(|e| ServeError::Socket {
+        call: "epoll_ctl",
+        path: path.to_path_buf(),
+        source: e.into_parts().1,
+    })
+}
+
+/// A pod whose Add ztunnel refused, and when to try again.
+struct Retry {
+    at: Instant,
+    wait: Duration,
+}
+
+/// One ztunnel connection.
+struct Connection {
+    conn: ZdsConn,
+    no: u64,
+    shared: Arc<Shared>,
+    pods: watch::Receiver<Pods>,
+    /// Pods this ztunnel acknowledged, with the netns it was given (`None`
+    /// after a Keep). Holding it open keeps its inode number from being
+    /// reused, so a recreated sandbox is always told apart.
+    acked: BTreeMap<PodUid, Option<fs::File>>,
+    retries: BTreeMap<PodUid, Retry>,
+}
+
+impl Connection {
+    fn new(conn: ZdsConn, no: u64, shared: Arc<Shared>, pods: watch::Receiver<Pods>) -> Self {
+        Self {
+            conn,
+            no,
+            shared,
+            pods,
+            acked: BTreeMap::new(),
+            retries: BTreeMap::new(),
+        }
+    }
+
+    async fn run(mut self) -> Result<(), ConnError> {
+        let hello = self.answer().await?;
+        wire::decode_hello(&hello)?;
+        self.snapshot().await?;
+        let mut newest = self.shared.newest.subscribe();
+        loop {
+            let pods = self.pods.borrow_and_update().clone();
+            self.delete_gone(&pods).await?;
+            if *newest.borrow_and_update() == self.no {
+                self.add_new(&pods).await?;
+            }
+            let next_retry = self.retries.values().map(|r| r.at).min();
+            let wake = next_retry.unwrap_or_else(|| Instant::now() + RESYNC);
+            tokio::select! {
+                changed = self.pods.changed() => if changed.is_err() { return Ok(()) },
+                _ = newest.changed() => {}
+                _ = tokio::time::sleep_until(wake.min(Instant::now() + RESYNC)) => {}
+            }
+        }
+    }
+
+    /// The next datagram, within [`ANSWER_TIMEOUT`].
+    async fn answer(&self) -> Result<Vec<u8>, ConnError> {
+        match tokio::time::timeout(ANSWER_TIMEOUT, self.conn.recv()).await {
+            Err(_) => Err(ConnError::Timeout(ANSWER_TIMEOUT)),
+            Ok(Ok(Some(bytes))) => Ok(bytes),
+            Ok(Ok(None)) => Err(ConnError::Closed),
+            Ok(Err(e)) => Err(e.into()),
+        }
+    }
+
+    /// Sends one request and waits for ztunnel's answer.
+    async fn request(
+        &self,
+        request: &Request,
+        netns: Option<std::os::fd::BorrowedFd<'_>>,
+    ) -> Result<Ack, ConnError> {
+        self.conn.send(request, netns).await?;
+        Ok(wire::decode_ack(&self.answer().await?)?)
+    }
+
+    /// Every pod, as Add (or Keep when its netns cannot be opened), then
+    /// SnapshotSent.
+    async fn snapshot(&mut self) -> Result<(), ConnError> {
+        let pods = self.pods.borrow_and_update().clone();
+        for (uid, pod) in &pods {
+            match open_netns(&pod.cgroup) {
+                Some(ns) => self.add(uid, pod, ns).await?,
+                None => {
+                    let keep = Request::Keep { uid: uid.0.clone() };
+                    match self.request(&keep, None).await? {
+                        Ack::Ok => {
+                            self.acked.insert(uid.clone(), None);
+                        }
+                        Ack::Nack(e) => {
+                            warn!(conn = self.no, pod = %uid, "ztunnel refused KeepWorkload: {e}")
+                        }
+                    }
+                }
+            }
+        }
+        match self.request(&Request::SnapshotSent, None).await? {
+            Ack::Ok => {}
+            Ack::Nack(e) => return Err(ConnError::SnapshotRefused(e)),
+        }
+        info!(conn = self.no, pods = self.acked.len(), "ZDS snapshot sent");
+        self.shared.publish(self.no, Some(&self.keys()));
+        Ok(())
+    }
+
+    fn keys(&self) -> BTreeSet<PodUid> {
+        self.acked.keys().cloned().collect()
+    }
+
+    /// Sends one Add with the pod's netns; a NACK schedules a retry.
+    async fn add(&mut self, uid: &PodUid, pod: &ZdsPod, ns: fs::File) -> Result<(), ConnError> {
+        let add = Request::Add {
+            uid: uid.0.clone(),
+            name: pod.name.clone(),
+            namespace: pod.namespace.clone(),
+            service_account: pod.service_account.clone(),
+        };
+        match self.request(&add, Some(ns.as_fd())).await? {
+            Ack::Ok => {
+                self.retries.remove(uid);
+                self.acked.insert(uid.clone(), Some(ns));
+                info!(conn = self.no, pod = %uid, name = %pod.name, namespace = %pod.namespace, "ztunnel acknowledged AddWorkload");
+            }
+            Ack::Nack(e) => {
+                let wait = self
+                    .retries
+                    .get(uid)
+                    .map_or(RETRY_FIRST, |r| (r.wait * 2).min(RETRY_MAX));
+                warn!(conn = self.no, pod = %uid, name = %pod.name, namespace = %pod.namespace, retry_in_ms = wait.as_millis() as u64, "ztunnel refused AddWorkload: {e}");
+                self.retries.insert(
+                    uid.clone(),
+                    Retry {
+                        at: Instant::now() + wait,
+                        wait,
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds pods not acknowledged yet (their retry due), and re-adds pods
+    /// whose sandbox got a new netns.
+    async fn add_new(&mut self, pods: &Pods) -> Result<(), ConnError> {
+        let now = Instant::now();
+        let mut changed = false;
+        for (uid, pod) in pods {
+            if self.retries.get(uid).is_some_and(|r| r.at > now) {
+                continue;
+            }
+            let Some(ns) = open_netns(&pod.cgroup) else {
+                continue;
+            };
+            if let Some(Some(given)) = self.acked.get(uid)
+                && netns_identity(given) == netns_identity(&ns)
+            {
+                continue;
+            }
+            self.add(uid, pod, ns).await?;
+            changed = true;
+        }
+        if changed {
+            self.shared.publish(self.no, Some(&self.keys()));
+        }
+        Ok(())
+    }
+
+    /// Sends a Del for every acknowledged pod no longer wanted. The daemon
+    /// removes a pod from `pods` only after its redirect entries are gone.
+    async fn delete_gone(&mut self, pods: &Pods) -> Result<(), ConnError> {
+        let gone: Vec<PodUid> = self
+            .acked
+            .keys()
+            .filter(|uid| !pods.contains_key(uid))
+            .cloned()
+            .collect();
+        self.retries.retain(|uid, _| pods.contains_key(uid));
+        for uid in gone {
+            match self
+                .request(&Request::Del { uid: uid.0.clone() }, None)
+                .await?
+            {
+                Ack::Ok => info!(conn = self.no, pod = %uid, "ztunnel acknowledged DelWorkload"),
+                Ack::Nack(e) => {
+                    warn!(conn = self.no, pod = %uid, "ztunnel refused DelWorkload: {e}")
+                }
+            }
+            self.acked.remove(&uid);
+            self.shared.publish(self.no, Some(&self.keys()));
+        }
+        Ok(())
+    }
+}
+
+/// The pod's netns, opened through a process of its cgroup; `None` while it
+/// has none (or it just exited).
+fn open_netns(cgroup: &Path) -> Option<fs::File> {
+    let path = netns::netns_of_cgroup(cgroup).ok()??;
+    fs::File::open(path).ok()
+}
+
+/// A namespace's identity: the device and inode of its nsfs file.
+fn netns_identity(ns: &fs::File) -> Option<(u64, u64)> {
+    let meta = ns.metadata().ok()?;
+    Some((
+        std::os::unix::fs::MetadataExt::dev(&meta),
+        std::os::unix::fs::MetadataExt::ino(&meta),
+    ))
+}
