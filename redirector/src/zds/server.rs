@@ -84,10 +84,35 @@ enum ConnError {
 struct Shared {
     acked: Mutex<BTreeMap<u64, BTreeSet<PodUid>>>,
     ready: watch::Sender<BTreeSet<PodUid>>,
+    /// Connections past their hello.
+    live: Mutex<BTreeSet<u64>>,
     newest: watch::Sender<u64>,
 }
 
 impl Shared {
+    /// A connection said hello: it is the newest ztunnel, the one new pods
+    /// go to.
+    fn joined(&self, conn: u64) {
+        self.live.lock().expect("live lock").insert(conn);
+        self.newest.send_replace(conn);
+    }
+
+    /// A connection ended: its pods are no longer acknowledged by it, and
+    /// if it was the newest, the newest one left takes over.
+    fn left(&self, conn: u64) {
+        self.publish(conn, None);
+        let mut live = self.live.lock().expect("live lock");
+        live.remove(&conn);
+        let fallback = live.last().copied().unwrap_or(0);
+        self.newest.send_if_modified(|newest| {
+            let was = *newest == conn;
+            if was {
+                *newest = fallback;
+            }
+            was
+        });
+    }
+
     /// Publishes the pods some connection has acknowledged.
     fn publish(&self, conn: u64, acked: Option<&BTreeSet<PodUid>>) {
         let mut all = self.acked.lock().expect("acked lock");
@@ -130,6 +155,7 @@ pub async fn serve(
     let shared = Arc::new(Shared {
         acked: Mutex::default(),
         ready,
+        live: Mutex::default(),
         newest: watch::Sender::new(0),
     });
     let mut next = 0u64;
@@ -171,7 +197,6 @@ pub async fn serve(
                 continue;
             }
         };
-        shared.newest.send_replace(conn_no);
         info!(conn = conn_no, "ztunnel connected over ZDS");
         let shared = shared.clone();
         let pods = pods.clone();
@@ -179,7 +204,7 @@ pub async fn serve(
             let result = Connection::new(conn, conn_no, shared.clone(), pods)
                 .run()
                 .await;
-            shared.publish(conn_no, None);
+            shared.left(conn_no);
             match result {
                 Err(ConnError::Closed) => info!(conn = conn_no, "ztunnel disconnected from ZDS"),
                 Err(e) => warn!(conn = conn_no, "closing the ZDS connection: {e}"),
@@ -269,6 +294,7 @@ impl Connection {
     async fn run(mut self) -> Result<(), ConnError> {
         let hello = self.answer().await?;
         wire::decode_hello(&hello)?;
+        self.shared.joined(self.no);
         self.snapshot().await?;
         let mut newest = self.shared.newest.subscribe();
         loop {

@@ -527,7 +527,15 @@ impl Drop for PodListeners {
 /// netns it was created in. Returns the listener and a second handle on it.
 fn bind_in(netns: &OwnedFd, port: u16) -> io::Result<(TcpListener, Socket)> {
     nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET)?;
-    let l = listener(SocketAddr::from(([0u16; 8], port)))?;
+    let socket = Socket::new(Domain::IPV6, Type::STREAM, None)?;
+    socket.set_only_v6(false)?;
+    socket.set_reuse_address(true)?;
+    // During an upgrade a new ztunnel binds the same ports in the pod's
+    // netns while the old one still serves, as ztunnel does.
+    socket.set_reuse_port(true)?;
+    socket.bind(&SocketAddr::from(([0u16; 8], port)).into())?;
+    socket.listen(128)?;
+    let l: TcpListener = socket.into();
     let handle = Socket::from(l.try_clone()?);
     Ok((l, handle))
 }

@@ -1,0 +1,314 @@
+//! Issue 6, replacement mode (`--zds serve`): ambridge is the ZDS server
+//! and the only capture, with no iptables rule anywhere. The ztunnel
+//! stand-in connects over ZDS, receives the enrolled pods' netns and opens
+//! its listeners there; a pod's connects are redirected only once ztunnel
+//! acknowledged it, and refused (never let past ztunnel) before that.
+
+use std::{
+    os::unix::net::UnixDatagram,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use ambridge_conformance::{
+    Background, Daemon, Event, Node, Pod, ThreePods, eventually, three_pods, ztunnel_stand_in_zds,
+};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+struct Setup {
+    _app: Background,
+    client: Pod,
+    server: Pod,
+    plain: Pod,
+    ztunnel_cgroup: PathBuf,
+    node: Node,
+}
+
+impl Setup {
+    fn socket(&self) -> PathBuf {
+        zds_socket(&self.node)
+    }
+
+    fn stand_in(&self, args: &[&str]) -> Background {
+        let mut all = vec!["--port", "15001"];
+        all.extend_from_slice(args);
+        ztunnel_stand_in_zds(&self.node, &self.ztunnel_cgroup, &self.socket(), &all)
+    }
+
+    fn to(&self) -> String {
+        format!("{}:8080", self.server.ip4)
+    }
+
+    /// Writes the workloads file: the client and `plain` as given, the
+    /// server out of the mesh.
+    fn enroll(&self, plain: &str) {
+        self.node.write_workloads(
+            &[
+                (&self.client, "ambient"),
+                (&self.server, "none"),
+                (&self.plain, plain),
+            ],
+            Some(&self.ztunnel_cgroup),
+        );
+    }
+}
+
+fn zds_socket(node: &Node) -> PathBuf {
+    node.dir.join("ztunnel.sock")
+}
+
+fn setup() -> (Setup, Daemon) {
+    let ThreePods {
+        client,
+        server,
+        plain,
+        ztunnel_cgroup,
+        node,
+    } = three_pods();
+    let socket = zds_socket(&node);
+    let daemon = Daemon::start_with(
+        &node,
+        &[
+            "--zds",
+            "serve",
+            "--zds-socket",
+            &socket.display().to_string(),
+        ],
+    );
+    let app = server.echo_server("[::]:8080");
+    (
+        Setup {
+            _app: app,
+            client,
+            server,
+            plain,
+            ztunnel_cgroup,
+            node,
+        },
+        daemon,
+    )
+}
+
+fn accepted(ztunnel: &Background, pod: &Pod) -> usize {
+    ztunnel
+        .events()
+        .iter()
+        .filter(|e| e["event"] == "accepted" && e["pod"] == pod.uid)
+        .count()
+}
+
+fn zds_events(ztunnel: &Background, kind: &str, pod: &Pod) -> usize {
+    ztunnel
+        .events()
+        .iter()
+        .filter(|e| e["event"] == kind && e["uid"] == pod.uid)
+        .count()
+}
+
+/// Waits until `pod`'s connect to `to` lands on `ztunnel` (the pod was
+/// acknowledged and its hold lifted).
+fn wait_redirected(ztunnel: &Background, pod: &Pod, to: &str) -> Event {
+    let landed = eventually(WAIT, || {
+        let before = accepted(ztunnel, pod);
+        let r = pod.connect(to, 16);
+        (r["ok"] == true && accepted(ztunnel, pod) > before).then_some(r)
+    });
+    landed.unwrap_or_else(|| panic!("{} was never redirected: {:?}", pod.name, ztunnel.events()))
+}
+
+/// Asserts `pod`'s connect is refused by the hold (EPERM), not let through.
+fn assert_held(pod: &Pod, to: &str) {
+    let r = pod.connect(to, 16);
+    assert_eq!(r["ok"], false, "{r}");
+    let error = r["error"].as_str().unwrap_or_default();
+    assert!(error.contains("Operation not permitted"), "{r}");
+}
+
+fn index_of(events: &[Event], pred: impl Fn(&Event) -> bool) -> usize {
+    events
+        .iter()
+        .position(pred)
+        .unwrap_or_else(|| panic!("no such event in {events:?}"))
+}
+
+#[test]
+fn ztunnel_gets_each_enrolled_pods_netns_over_zds_and_their_traffic_flows_through_it() {
+    let (s, daemon) = setup();
+    s.enroll("ambient");
+    // No ztunnel yet: enrolled pods are held, never let past ztunnel.
+    eventually(WAIT, || {
+        (daemon.api_json("pods").as_array()?.len() == 3).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_held(&s.client, &s.to());
+    assert!(daemon.stats()["connect_held"] >= 1, "{:?}", daemon.stats());
+
+    let ztunnel = s.stand_in(&[]);
+    ztunnel.wait_for(|e| e["event"] == "zds-snapshot-sent", WAIT);
+    assert_eq!(zds_events(&ztunnel, "zds-add", &s.client), 1);
+    assert_eq!(zds_events(&ztunnel, "zds-add", &s.plain), 1);
+    assert_eq!(zds_events(&ztunnel, "zds-add", &s.server), 0);
+    let landed = wait_redirected(&ztunnel, &s.client, &s.to());
+    assert_eq!(landed["ok"], true);
+    let to6 = format!("[{}]:8080", s.server.ip6);
+    wait_redirected(&ztunnel, &s.plain, &to6);
+    let accepted_event = ztunnel
+        .events()
+        .into_iter()
+        .rev()
+        .find(|e| e["event"] == "accepted" && e["pod"] == s.plain.uid)
+        .unwrap();
+    ambridge_conformance::assert_landed(
+        &accepted_event,
+        s.plain.ip6.into(),
+        s.plain.ip6.into(),
+        to6.parse().unwrap(),
+    );
+    // Not a single iptables rule was needed.
+    for pod in [&s.client, &s.server, &s.plain] {
+        let rules = std::process::Command::new("ip")
+            .args(["netns", "exec", &pod.netns_name, "iptables-save"])
+            .output()
+            .expect("iptables-save");
+        let text = String::from_utf8_lossy(&rules.stdout);
+        assert!(
+            !text.lines().any(|l| l.starts_with("-A")),
+            "iptables rules in {}: {text}",
+            pod.name
+        );
+    }
+}
+
+#[test]
+fn a_pod_added_and_removed_while_running_gets_add_then_del_in_order() {
+    let (s, daemon) = setup();
+    let ztunnel = s.stand_in(&[]);
+    wait_redirected(&ztunnel, &s.client, &s.to());
+    assert_eq!(zds_events(&ztunnel, "zds-add", &s.plain), 0);
+
+    s.enroll("ambient");
+    ztunnel.wait_for(|e| e["event"] == "zds-add" && e["uid"] == s.plain.uid, WAIT);
+    wait_redirected(&ztunnel, &s.plain, &s.to());
+
+    s.enroll("none");
+    ztunnel.wait_for(|e| e["event"] == "zds-del" && e["uid"] == s.plain.uid, WAIT);
+    let events = ztunnel.events();
+    let added = index_of(&events, |e| {
+        e["event"] == "zds-add" && e["uid"] == s.plain.uid
+    });
+    let deleted = index_of(&events, |e| {
+        e["event"] == "zds-del" && e["uid"] == s.plain.uid
+    });
+    assert!(added < deleted);
+    // Out of the mesh: its connects go straight to the server again.
+    let before = accepted(&ztunnel, &s.plain);
+    assert_eq!(s.plain.connect(&s.to(), 16)["ok"], true);
+    assert_eq!(accepted(&ztunnel, &s.plain), before);
+    assert!(
+        daemon
+            .wait_log("ztunnel acknowledged DelWorkload", WAIT)
+            .is_some()
+    );
+}
+
+#[test]
+fn a_second_ztunnel_gets_the_new_adds_while_the_first_keeps_serving_its_pods() {
+    let (s, _daemon) = setup();
+    let first = s.stand_in(&[]);
+    wait_redirected(&first, &s.client, &s.to());
+
+    // The upgrade: a second ztunnel connects and is handed the snapshot.
+    let second = s.stand_in(&[]);
+    second.wait_for(|e| e["event"] == "zds-snapshot-sent", WAIT);
+    assert_eq!(zds_events(&second, "zds-add", &s.client), 1);
+
+    // A pod enrolled now goes to the newest ztunnel only.
+    s.enroll("ambient");
+    second.wait_for(|e| e["event"] == "zds-add" && e["uid"] == s.plain.uid, WAIT);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(zds_events(&first, "zds-add", &s.plain), 0);
+    wait_redirected(&second, &s.plain, &s.to());
+
+    // The new ztunnel goes away: the first still serves the pods it has.
+    drop(second);
+    wait_redirected(&first, &s.client, &s.to());
+}
+
+#[test]
+fn a_pod_whose_add_was_nacked_is_refused_not_bypassed_until_a_retry_succeeds() {
+    let (s, daemon) = setup();
+    let ztunnel = s.stand_in(&["--zds-nack", &s.client.uid, "--zds-nack-count", "3"]);
+    ztunnel.wait_for(
+        |e| e["event"] == "zds-nack" && e["uid"] == s.client.uid,
+        WAIT,
+    );
+    assert!(
+        daemon
+            .wait_log("ztunnel refused AddWorkload", WAIT)
+            .is_some_and(|l| l.contains(&s.client.uid))
+    );
+    // Refused while ztunnel does not have it, never sent past ztunnel.
+    if zds_events(&ztunnel, "zds-add", &s.client) == 0 {
+        assert_held(&s.client, &s.to());
+    }
+    wait_redirected(&ztunnel, &s.client, &s.to());
+    assert_eq!(zds_events(&ztunnel, "zds-nack", &s.client), 3);
+    assert_eq!(zds_events(&ztunnel, "zds-add", &s.client), 1);
+}
+
+/// Connects to the ZDS socket as a misbehaving peer.
+fn rogue(socket: &Path) -> UnixDatagram {
+    let fd = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::SeqPacket,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("socket");
+    nix::sys::socket::connect(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &nix::sys::socket::UnixAddr::new(socket).unwrap(),
+    )
+    .expect("connecting to the ZDS socket");
+    // A connected SOCK_SEQPACKET socket sends and receives whole
+    // datagrams through the datagram API.
+    UnixDatagram::from(fd)
+}
+
+#[test]
+fn malformed_and_oversized_datagrams_close_that_connection_and_the_daemon_keeps_serving() {
+    let (s, daemon) = setup();
+    let garbage = rogue(&s.socket());
+    garbage.send(&[0xff, 0xff, 0xff]).unwrap();
+    assert!(
+        daemon
+            .wait_log("closing the ZDS connection: malformed ZDS ZdsHello", WAIT)
+            .is_some()
+    );
+    let huge = rogue(&s.socket());
+    huge.send(&[0x08; 4096]).unwrap();
+    assert!(
+        daemon
+            .wait_log("larger than the 1024-byte limit", WAIT)
+            .is_some()
+    );
+    // A valid hello and then nonsense where an ack belongs.
+    let liar = rogue(&s.socket());
+    liar.send(&ambridge::zds::wire::encode_hello()).unwrap();
+    let mut buf = [0u8; 1024];
+    liar.recv(&mut buf).expect("the daemon's first request");
+    liar.send(&[0x0a, 0x05, 0x0a]).unwrap();
+    assert!(
+        daemon
+            .wait_log(
+                "closing the ZDS connection: malformed ZDS WorkloadResponse",
+                WAIT
+            )
+            .is_some()
+    );
+    // The daemon still serves a well-behaved ztunnel.
+    let ztunnel = s.stand_in(&[]);
+    wait_redirected(&ztunnel, &s.client, &s.to());
+    assert_eq!(daemon.api_json("status")["state_loaded"], true);
+}
