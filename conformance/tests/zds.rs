@@ -312,3 +312,56 @@ fn malformed_and_oversized_datagrams_close_that_connection_and_the_daemon_keeps_
     wait_redirected(&ztunnel, &s.client, &s.to());
     assert_eq!(daemon.api_json("status")["state_loaded"], true);
 }
+
+#[test]
+fn a_daemon_restart_in_replacement_mode_refuses_or_bypasses_no_connect() {
+    // ztunnel keeps serving while ambridge restarts, then reconnects and
+    // takes a new snapshot; pods it had stay unheld meanwhile.
+    let (s, daemon) = setup();
+    let ztunnel = s.stand_in(&[]);
+    wait_redirected(&ztunnel, &s.client, &s.to());
+    let before = accepted(&ztunnel, &s.client);
+    let count = 4000;
+    let looped = s.client.spawn(&[
+        "connect",
+        "--to",
+        &s.to(),
+        "--bytes",
+        "16",
+        "--count",
+        &count.to_string(),
+    ]);
+    std::thread::sleep(Duration::from_millis(200));
+    daemon.crash();
+    std::thread::sleep(Duration::from_millis(200));
+    let socket = s.socket().display().to_string();
+    let daemon = Daemon::start_with(&s.node, &["--zds", "serve", "--zds-socket", &socket]);
+    ztunnel.wait_for(|e| e["event"] == "zds-reconnected", WAIT);
+    let summary = looped.wait_for(
+        |e| e["event"] == "connect-summary",
+        Duration::from_secs(120),
+    );
+    assert_eq!(summary["failed"], 0, "{summary}");
+    let through = eventually(Duration::from_secs(5), || {
+        (accepted(&ztunnel, &s.client) - before == count).then_some(())
+    });
+    assert!(
+        through.is_some(),
+        "connects that bypassed ztunnel: {}",
+        count - (accepted(&ztunnel, &s.client) - before)
+    );
+    assert!(
+        daemon
+            .wait_log("stay unheld until its next snapshot", WAIT)
+            .is_some()
+    );
+    // The new snapshot kept the client: still redirected, nothing held.
+    ztunnel.wait_for(
+        |e| {
+            e["event"] == "zds-snapshot-sent"
+                && e["dropped"].as_array().is_some_and(|d| d.is_empty())
+        },
+        WAIT,
+    );
+    wait_redirected(&ztunnel, &s.client, &s.to());
+}

@@ -122,7 +122,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     // ZDS: the pods to hand ztunnel go out, the pods it acknowledged come
     // back.
     let (zds_pods, zds_pods_rx) = tokio::sync::watch::channel(zds::server::Pods::new());
-    let (zds_ready_tx, mut zds_ready) = tokio::sync::watch::channel(BTreeSet::new());
+    let (zds_ready_tx, mut zds_ready) = tokio::sync::watch::channel(None);
     let _idle_zds_sender = match &opts.zds_socket {
         Some(path) => {
             let listener = zds::server::listen(path)?;
@@ -155,10 +155,15 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         xds: None,
         disagreements: BTreeSet::new(),
         addresses: AddressCache::default(),
-        zds: opts
-            .zds_socket
-            .as_ref()
-            .map(|_| (BTreeSet::new(), zds_pods)),
+        zds: match &opts.zds_socket {
+            Some(_) => Some(ZdsState {
+                acked: None,
+                pinned: Some(datapath.cgroup_entries()?),
+                inherited: BTreeSet::new(),
+                pods: zds_pods,
+            }),
+            None => None,
+        },
         spec: None,
         pushed_pods: BTreeMap::new(),
         pushed_ztunnels: BTreeMap::new(),
@@ -201,8 +206,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             }
             Ok(()) = zds_ready.changed() => {
                 let ready = zds_ready.borrow_and_update().clone();
-                if let Some((acked, _)) = &mut node.zds {
-                    *acked = ready;
+                if let Some(zds) = &mut node.zds {
+                    zds.acked = ready;
                 }
                 node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent)?;
             }
@@ -247,12 +252,8 @@ struct Node {
     /// Where Kubernetes and istiod disagree, as last logged.
     disagreements: BTreeSet<String>,
     addresses: AddressCache,
-    /// With `--zds serve`: the pods ztunnel acknowledged, and where the
-    /// pods to hand it are published.
-    zds: Option<(
-        BTreeSet<PodUid>,
-        tokio::sync::watch::Sender<zds::server::Pods>,
-    )>,
+    /// With `--zds serve`: which pods ztunnel has.
+    zds: Option<ZdsState>,
     /// Entries pushed through the API.
     pushed_pods: BTreeMap<PodUid, PodSpec>,
     /// Pushed ztunnel cgroups, with their zero-copy flag.
@@ -261,6 +262,28 @@ struct Node {
     cookies: CookieCache,
     view: api::SharedView,
     changes: tokio::sync::broadcast::Sender<api::pb::Change>,
+}
+
+/// The daemon's side of ZDS.
+struct ZdsState {
+    /// The pods ztunnel acknowledged; `None` until a ztunnel has taken a
+    /// snapshot since this daemon started.
+    acked: Option<BTreeSet<PodUid>>,
+    /// The cgroup entries pinned when the daemon started, until the first
+    /// reconcile turned them into `inherited`.
+    pinned: Option<BTreeMap<CgroupId, ambridge_common::CgroupInfo>>,
+    /// Pods an earlier daemon had seen acknowledged (pinned enrolled and
+    /// not held). ztunnel keeps serving them across a restart of ours, so
+    /// they stay unheld until its next snapshot says otherwise.
+    inherited: BTreeSet<PodUid>,
+    /// Where the pods to hand ztunnel are published.
+    pods: tokio::sync::watch::Sender<zds::server::Pods>,
+}
+
+impl ZdsState {
+    fn ready(&self) -> BTreeSet<PodUid> {
+        self.acked.clone().unwrap_or_else(|| self.inherited.clone())
+    }
 }
 
 /// Resolves against the live system: cgroupfs and the pods' processes.
@@ -387,7 +410,7 @@ impl Node {
         spec.pods.extend(self.pushed_pods.values().cloned());
         // ZDS gates the in-pod model only; a shared ztunnel takes no pods.
         if spec.redirect.is_none() {
-            spec.ready = self.zds.as_ref().map(|(acked, _)| acked.clone());
+            spec.ready = self.zds.as_ref().map(ZdsState::ready);
         }
         for (path, zero_copy) in &self.pushed_ztunnels {
             let cgroup = CgroupRef::Path(path.clone());
@@ -447,10 +470,9 @@ impl Node {
         kubepods_parent: &Path,
     ) -> anyhow::Result<()> {
         // Until some source has delivered a state, whatever is pinned stays.
-        let Some(spec) = self.merged() else {
+        let Some(mut spec) = self.merged() else {
             return Ok(());
         };
-        let spec = &spec;
         self.cross_check();
         let started = std::time::Instant::now();
         let mut resolver = SystemResolver {
@@ -459,7 +481,22 @@ impl Node {
             addresses: &mut self.addresses,
             by_address: None,
         };
-        let desired = reconcile::desired(spec, settings, &mut resolver);
+        let mut desired = reconcile::desired(&spec, settings, &mut resolver);
+        // The first reconcile learns which pods an earlier daemon had seen
+        // acknowledged, before anything is held.
+        if let Some(zds) = self.zds.as_mut()
+            && let Some(pinned) = zds.pinned.take()
+        {
+            zds.inherited = reconcile::acknowledged_before(&desired, &pinned);
+            if spec.ready.is_some() && zds.acked.is_none() && !zds.inherited.is_empty() {
+                info!(
+                    pods = zds.inherited.len(),
+                    "pods ztunnel acknowledged before this daemon started stay unheld until its next snapshot"
+                );
+                spec.ready = Some(zds.ready());
+                desired = reconcile::desired(&spec, settings, &mut resolver);
+            }
+        }
         // Every pod was looked at: namespaces not asked for are gone.
         self.cookies.retain_seen();
         self.addresses.retain_seen();
@@ -478,7 +515,7 @@ impl Node {
             }
             self.unresolved = desired.unresolved.clone();
         }
-        let view = api::view(spec, &desired);
+        let view = api::view(&spec, &desired);
         let changes = api::changes(&self.view.read().expect("view lock"), &view);
         *self.view.write().expect("view lock") = view;
         for change in changes {
@@ -498,9 +535,9 @@ impl Node {
         datapath.apply_cgroups(&cgroup_ops)?;
         // After the maps: a pod leaving the mesh is handed its Del only once
         // its redirect entries are gone.
-        if let Some((_, pods)) = &self.zds {
-            let want = zds_pods(spec, &desired);
-            pods.send_if_modified(|current| {
+        if let Some(zds) = &self.zds {
+            let want = zds_pods(&spec, &desired);
+            zds.pods.send_if_modified(|current| {
                 let changed = *current != want;
                 *current = want;
                 changed

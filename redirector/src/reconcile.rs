@@ -149,6 +149,25 @@ pub fn desired(spec: &NodeSpec, settings: &Settings, resolve: &mut impl Resolve)
     out
 }
 
+/// The pods an earlier daemon had seen acknowledged by ztunnel: placed on
+/// a cgroup whose `pinned` entry is enrolled and not held.
+pub fn acknowledged_before(
+    desired: &Desired,
+    pinned: &BTreeMap<CgroupId, CgroupInfo>,
+) -> std::collections::BTreeSet<PodUid> {
+    desired
+        .placed
+        .iter()
+        .filter(|(_, (_, id))| {
+            pinned.get(id).is_some_and(|e| {
+                e.flags & ambridge_common::flags::ENROLLED != 0
+                    && e.flags & ambridge_common::flags::HELD == 0
+            })
+        })
+        .map(|(uid, _)| uid.clone())
+        .collect()
+}
+
 /// One change to a map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op<K, V> {
@@ -359,6 +378,22 @@ mod tests {
         assert_ne!(d.cgroups[&CgroupId(21)].flags & flags::ZTUNNEL, 0);
         assert_eq!(d.unresolved.len(), 1);
         assert_eq!(d.unresolved[0].owner, "ztunnel pod gone");
+    }
+
+    #[test]
+    fn only_pinned_enrolled_unheld_pods_count_as_acknowledged_before() {
+        let d = desired(&spec(), &Settings::default(), &mut Fake);
+        let info = |flags| CgroupInfo {
+            flags,
+            ..CgroupInfo::default()
+        };
+        let mut pinned = BTreeMap::new();
+        pinned.insert(CgroupId(10), info(flags::ENROLLED));
+        pinned.insert(CgroupId(11), info(flags::ENROLLED | flags::HELD));
+        let acked = acknowledged_before(&d, &pinned);
+        assert_eq!(acked, [PodUid("a".into())].into());
+        pinned.insert(CgroupId(10), info(0));
+        assert!(acknowledged_before(&d, &pinned).is_empty());
     }
 
     #[test]

@@ -83,7 +83,7 @@ enum ConnError {
 /// newest connection's number.
 struct Shared {
     acked: Mutex<BTreeMap<u64, BTreeSet<PodUid>>>,
-    ready: watch::Sender<BTreeSet<PodUid>>,
+    ready: watch::Sender<Option<BTreeSet<PodUid>>>,
     /// Connections past their hello.
     live: Mutex<BTreeSet<u64>>,
     newest: watch::Sender<u64>,
@@ -120,7 +120,7 @@ impl Shared {
             Some(set) => all.insert(conn, set.clone()),
             None => all.remove(&conn),
         };
-        let ready: BTreeSet<PodUid> = all.values().flatten().cloned().collect();
+        let ready = Some(all.values().flatten().cloned().collect());
         self.ready.send_if_modified(|current| {
             let changed = *current != ready;
             *current = ready;
@@ -144,11 +144,12 @@ pub fn listen(path: &Path) -> Result<Listener, ServeError> {
 }
 
 /// Serves every ztunnel that connects with the pods of `pods`, until the
-/// daemon exits; `ready` follows the pods ztunnel has acknowledged.
+/// daemon exits; `ready` follows the pods ztunnel has acknowledged, from
+/// the first snapshot a ztunnel took (`None` before).
 pub async fn serve(
     listener: Listener,
     pods: watch::Receiver<Pods>,
-    ready: watch::Sender<BTreeSet<PodUid>>,
+    ready: watch::Sender<Option<BTreeSet<PodUid>>>,
 ) -> Result<(), ServeError> {
     let Listener { fd: listener, path } = listener;
     info!(socket = %path.display(), "serving ZDS");

@@ -559,9 +559,14 @@ fn ztunnel(pods: &[PathBuf], serving: Serving, zds: Option<zds::Options>) -> io:
         "hbone": serving.hbone.is_some(),
         "zds": zds.as_ref().map(|z| z.socket.display().to_string()),
     }));
-    // Held, so still serving, after the node agent is gone: real ztunnel
-    // keeps serving its pods while it reconnects.
-    let _handed_over = session.map(|s| s.serve(serving)).transpose()?;
+    if let Some(session) = session {
+        thread::spawn(move || {
+            if let Err(e) = session.run(serving) {
+                report(json!({"event": "error", "error": format!("ZDS: {e}")}));
+                std::process::exit(1);
+            }
+        });
+    }
     for pod in named {
         pod.serve()?;
     }

@@ -2,10 +2,11 @@
 //! the node agent's `SOCK_SEQPACKET` socket and says hello, then serves the
 //! node agent's requests in order, one datagram each, acking every one: an
 //! Add opens the stand-in's listeners in the netns it carries, a Del closes
-//! them.
+//! them. When the node agent goes away it keeps serving its pods and
+//! reconnects; the new snapshot then says which pods to keep.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     error::Error,
     io,
     os::fd::{AsFd, OwnedFd},
@@ -38,6 +39,9 @@ pub struct Options {
 /// A ZDS connection to the node agent, hello sent.
 pub struct Session {
     conn: OwnedFd,
+    socket: PathBuf,
+    /// Pods added or kept since the connection opened, until SnapshotSent.
+    snapshot: Option<HashSet<String>>,
     /// How many more Adds of each `--zds-nack` UID to refuse.
     nacks_left: HashMap<String, usize>,
     /// The listeners of every pod handed over and not deleted, by UID.
@@ -65,15 +69,11 @@ impl Session {
                 }
             }
         };
-        wire::send(conn.as_fd(), &wire::encode_hello(), None).map_err(|e| {
-            io::Error::other(format!(
-                "sending the ZDS hello on {}: {}",
-                path.display(),
-                chain(&e)
-            ))
-        })?;
+        hello(&conn, path)?;
         Ok(Session {
             conn,
+            socket: path.clone(),
+            snapshot: Some(HashSet::new()),
             nacks_left: options
                 .nacks
                 .iter()
@@ -83,9 +83,26 @@ impl Session {
         })
     }
 
-    /// Serves the node agent's requests until it closes the connection,
-    /// then returns the listeners of the pods it handed over, still open.
-    pub fn serve(mut self, serving: Serving) -> io::Result<HashMap<String, PodListeners>> {
+    /// Serves the node agent until the stand-in is killed: when the node
+    /// agent goes away (a restart), its pods stay served and the stand-in
+    /// connects again.
+    pub fn run(mut self, serving: Serving) -> io::Result<()> {
+        loop {
+            self.serve(serving)?;
+            self.conn = loop {
+                match try_connect(&self.socket) {
+                    Ok(conn) => break conn,
+                    Err(_) => thread::sleep(CONNECT_RETRY),
+                }
+            };
+            hello(&self.conn, &self.socket)?;
+            self.snapshot = Some(HashSet::new());
+            report(json!({"event": "zds-reconnected"}));
+        }
+    }
+
+    /// Serves the node agent's requests until it closes the connection.
+    fn serve(&mut self, serving: Serving) -> io::Result<()> {
         let mut buf = [0; MAX_DATAGRAM];
         loop {
             let ack = match wire::recv(self.conn.as_fd(), &mut buf) {
@@ -120,7 +137,7 @@ impl Session {
             }
         }
         report(json!({"event": "zds-closed"}));
-        Ok(self.pods)
+        Ok(())
     }
 
     /// Applies one request and says how to answer it.
@@ -138,6 +155,9 @@ impl Session {
             } => self.add(uid, name, namespace, fds, serving),
             Request::Keep { uid } => {
                 report(json!({"event": "zds-keep", "uid": uid}));
+                if let Some(snapshot) = &mut self.snapshot {
+                    snapshot.insert(uid);
+                }
                 Ack::Ok
             }
             Request::Del { uid } => {
@@ -149,7 +169,18 @@ impl Session {
                 Ack::Ok
             }
             Request::SnapshotSent => {
-                report(json!({"event": "zds-snapshot-sent"}));
+                // As ztunnel does: what the snapshot did not name is gone.
+                let named = self.snapshot.take().unwrap_or_default();
+                let dropped: Vec<String> = self
+                    .pods
+                    .keys()
+                    .filter(|uid| !named.contains(*uid))
+                    .cloned()
+                    .collect();
+                for uid in &dropped {
+                    self.pods.remove(uid);
+                }
+                report(json!({"event": "zds-snapshot-sent", "dropped": dropped}));
                 Ack::Ok
             }
         }
@@ -183,12 +214,26 @@ impl Session {
                     "event": "zds-add", "uid": uid, "name": name, "namespace": namespace,
                     "replaced": replaced,
                 }));
+                if let Some(snapshot) = &mut self.snapshot {
+                    snapshot.insert(uid.clone());
+                }
                 self.pods.insert(uid, listeners);
                 Ack::Ok
             }
             Err(e) => refuse(format!("AddWorkload {uid}: {e}")),
         }
     }
+}
+
+/// Says hello (V1) on a new connection.
+fn hello(conn: &OwnedFd, path: &Path) -> io::Result<()> {
+    wire::send(conn.as_fd(), &wire::encode_hello(), None).map_err(|e| {
+        io::Error::other(format!(
+            "sending the ZDS hello on {}: {}",
+            path.display(),
+            chain(&e)
+        ))
+    })
 }
 
 /// One attempt to connect to the node agent's socket.
