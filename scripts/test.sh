@@ -16,8 +16,10 @@ cargo +nightly clippy --quiet -p ambridge-ebpf --release --target bpfel-unknown-
     -Z build-std=core -- -D warnings
 echo "[test] building binaries used by the conformance suite"
 cargo build --bins --quiet
-echo "[test] unit and conformance tests"
+echo "[test] unit and conformance tests (companion mode: istio-cni serves ZDS)"
 cargo test --no-fail-fast
+echo "[test] conformance tests again in replacement mode (ambridge serves ZDS, no iptables)"
+AMBRIDGE_TEST_ZDS=serve cargo test --no-fail-fast -p ambridge-conformance --tests
 # Not a test: no threshold is checked. It runs so the benchmark cannot rot.
 echo "[test] benchmark, quick mode (figures not comparable)"
 if ! target/debug/ambridge-bench --quick --out target/bench-quick > target/bench-quick.log 2>&1; then

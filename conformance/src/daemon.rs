@@ -46,6 +46,16 @@ impl Daemon {
                 &["--resync-seconds", "1"][..]
             })
             .args(extra)
+            .args(if crate::replacement_mode() && !extra.contains(&"--zds") {
+                vec![
+                    "--zds".to_string(),
+                    "serve".into(),
+                    "--zds-socket".into(),
+                    crate::zds_socket(node).display().to_string(),
+                ]
+            } else {
+                Vec::new()
+            })
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -146,9 +146,61 @@ pub fn ztunnel_stand_in(
     ztunnel_stand_in_with(node, cgroup, pods, &["--port", &port.to_string()])
 }
 
+/// Whether the suite runs in replacement mode (`AMBRIDGE_TEST_ZDS=serve`):
+/// every daemon serves ZDS (unless a test chooses), and every ztunnel
+/// stand-in takes its pods over ZDS rather than from the test, so it
+/// listens only in the pods the daemon enrolls, with no iptables anywhere.
+pub fn replacement_mode() -> bool {
+    std::env::var("AMBRIDGE_TEST_ZDS").is_ok_and(|v| v == "serve")
+}
+
+/// Where a node's daemon serves ZDS.
+pub fn zds_socket(node: &Node) -> PathBuf {
+    node.dir.join("ztunnel.sock")
+}
+
 /// As [`ztunnel_stand_in`], with the stand-in's own arguments (`--port`,
-/// `--relay splice`, `--hbone`).
+/// `--relay splice`, `--hbone`). In [`replacement_mode`] the stand-in takes
+/// its pods over ZDS instead of from `pods`, and this returns once the
+/// daemon has lifted the hold on every pod it handed over.
 pub fn ztunnel_stand_in_with(
+    node: &Node,
+    cgroup: &std::path::Path,
+    pods: &[&Pod],
+    args: &[&str],
+) -> Background {
+    if replacement_mode() {
+        let z = ztunnel_stand_in_zds(node, cgroup, &zds_socket(node), args);
+        wait_unheld(node, &z);
+        return z;
+    }
+    stand_in_listening_in(node, cgroup, pods, args)
+}
+
+/// A ztunnel stand-in given its pods' netns by the test, in either mode:
+/// for the shared model (ztunnel listens in its own pod; ZDS hands over no
+/// pods there) and for tests whose daemon runs with istio-cni
+/// (`--zds off`).
+pub fn listening_ztunnel_stand_in(
+    node: &Node,
+    cgroup: &std::path::Path,
+    pods: &[&Pod],
+    args: &[&str],
+) -> Background {
+    stand_in_listening_in(node, cgroup, pods, args)
+}
+
+/// How the stand-in names `pod` in its events: the netns path it was given,
+/// or in [`replacement_mode`] the pod UID ZDS handed it under.
+pub fn stand_in_id(pod: &Pod) -> String {
+    if replacement_mode() {
+        pod.uid.clone()
+    } else {
+        pod.netns.display().to_string()
+    }
+}
+
+fn stand_in_listening_in(
     node: &Node,
     cgroup: &std::path::Path,
     pods: &[&Pod],
@@ -167,6 +219,34 @@ pub fn ztunnel_stand_in_with(
     let z = Background::spawn(cmd);
     z.wait_for(|e| e["event"] == "listening", Duration::from_secs(10));
     z
+}
+
+/// Waits until a ZDS stand-in took its snapshot from the node's daemon and
+/// the daemon shows no pod held any more (when a daemon runs).
+fn wait_unheld(node: &Node, ztunnel: &Background) {
+    let api = node.dir.join("api.sock");
+    if !api.exists() {
+        return;
+    }
+    ztunnel.wait_for(
+        |e| e["event"] == "zds-snapshot-sent",
+        Duration::from_secs(10),
+    );
+    let settled = eventually(Duration::from_secs(10), || {
+        let out = std::process::Command::new(workspace_bin("ambridge"))
+            .args(["pods", "--json", "--api"])
+            .arg(&api)
+            .output()
+            .ok()?;
+        let pods: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let held = pods.as_array()?.iter().any(|p| p["held"] == true);
+        (!held).then_some(())
+    });
+    assert!(
+        settled.is_some(),
+        "pods still held after ztunnel's snapshot: {:?}",
+        ztunnel.events()
+    );
 }
 
 /// Starts the ztunnel stand-in in `cgroup` taking its pods over ZDS, as

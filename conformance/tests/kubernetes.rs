@@ -43,7 +43,12 @@ fn wait_for_mode(daemon: &Daemon, uid: &str, mode: Option<&str>) {
         let found = pods.as_array()?.iter().find(|p| p["uid"] == uid).cloned();
         match (mode, found) {
             (None, None) => Some(()),
-            (Some(m), Some(p)) if p["mode"] == m && p["in_datapath"] == true => Some(()),
+            // Not held: in replacement mode ztunnel acknowledged it.
+            (Some(m), Some(p))
+                if p["mode"] == m && p["in_datapath"] == true && p["held"] != true =>
+            {
+                Some(())
+            }
             _ => None,
         }
     });

@@ -11,7 +11,8 @@ use std::{
 };
 
 use ambridge_conformance::{
-    Background, Daemon, Event, Node, Pod, ThreePods, eventually, three_pods, ztunnel_stand_in_zds,
+    Background, Daemon, Event, Node, Pod, ThreePods, eventually, three_pods, zds_socket,
+    ztunnel_stand_in_zds,
 };
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -52,10 +53,6 @@ impl Setup {
             Some(&self.ztunnel_cgroup),
         );
     }
-}
-
-fn zds_socket(node: &Node) -> PathBuf {
-    node.dir.join("ztunnel.sock")
 }
 
 fn setup() -> (Setup, Daemon) {

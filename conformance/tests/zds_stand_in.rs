@@ -160,10 +160,11 @@ fn the_stand_in_opens_listeners_on_zds_add_and_closes_them_on_del() {
         WAIT,
     );
 
-    // The sandbox recreated: the same UID again replaces the listeners.
+    // The same pod in the same netns again (a new node agent's snapshot):
+    // its listeners stay, never closed in between.
     assert_eq!(agent.request(&add(&pod), Some(&netns)), Ack::Ok);
-    let replaced = reported(&ztunnel, "zds-add", &pod.uid, 2);
-    assert_eq!(replaced["replaced"], true, "{replaced}");
+    let kept = reported(&ztunnel, "zds-add", &pod.uid, 2);
+    assert_eq!(kept["kept"], true, "{kept}");
     assert!(capture_port_open(&pod), "15001 not open after the re-Add");
 
     assert_eq!(

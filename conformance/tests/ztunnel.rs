@@ -35,7 +35,18 @@ fn mesh(daemon_args: &[&str], stand_in_args: &[&str], ztunnel_yaml: &str) -> Mes
     );
     let daemon = Daemon::start_with(&node, daemon_args);
     let app = server.echo_server("[::]:8080");
-    let ztunnel = ztunnel_stand_in_with(&node, &ztunnel_cgroup, &[&client, &server], stand_in_args);
+    // A test that runs beside istio-cni gets its pods from the test, as
+    // istio-cni's ZDS would hand them over.
+    let ztunnel = if daemon_args.windows(2).any(|w| w == ["--zds", "off"]) {
+        ambridge_conformance::listening_ztunnel_stand_in(
+            &node,
+            &ztunnel_cgroup,
+            &[&client, &server],
+            stand_in_args,
+        )
+    } else {
+        ztunnel_stand_in_with(&node, &ztunnel_cgroup, &[&client, &server], stand_in_args)
+    };
     let mesh = Mesh {
         ztunnel,
         app,
@@ -136,7 +147,13 @@ fn undo_rewrites_ztunnels_original_source_bind_and_the_app_still_sees_the_client
 
 #[test]
 fn preserve_with_istio_cni_routing_leaves_the_bind_alone_and_the_connection_works() {
-    let m = mesh(&["--original-src", "preserve"], &["--hbone"], "");
+    // Its subject is istio-cni's routing, so istio-cni is there: companion
+    // mode in either run of the suite, the one test with iptables rules.
+    let m = mesh(
+        &["--original-src", "preserve", "--zds", "off"],
+        &["--hbone"],
+        "",
+    );
     // istio-cni's return path inside the server pod (see the reference):
     // ztunnel's packets (mark 0x539) mark their connection 0x111, replies
     // restore it and are routed to the local transparent socket.
@@ -360,7 +377,7 @@ fn the_shared_ztunnel_model_works_end_to_end_for_ipv4_and_ipv6() {
     let daemon = Daemon::start(&node);
     let app = server.echo_server("[::]:8080");
     // ztunnel relays the inbound leg itself (HBONE to its own 15008).
-    let ztunnel = ztunnel_stand_in_with(
+    let ztunnel = ambridge_conformance::listening_ztunnel_stand_in(
         &node,
         &zpod.container,
         &[&zpod],

@@ -79,6 +79,7 @@ pub fn view(spec: &NodeSpec, desired: &Desired) -> View {
                 cgroup_id: placed.map(|(_, id)| id.0).unwrap_or(0),
                 in_datapath: placed.is_some(),
                 accelerated: entry.is_some_and(|e| e.flags & flags::ACCEL != 0),
+                held: entry.is_some_and(|e| e.flags & flags::HELD != 0),
                 problem,
             }
         })

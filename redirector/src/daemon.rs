@@ -30,6 +30,10 @@ use crate::{
     workloads, xds, zds,
 };
 
+/// How long a daemon replacing a running datapath with new maps waits for
+/// ztunnel's snapshot before attaching anyway.
+const ZDS_SNAPSHOT_WAIT: Duration = Duration::from_secs(30);
+
 /// Settings of `ambridge run`.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -83,6 +87,14 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     // Maps of a new layout start empty: the programs attach once the first
     // node state is in them.
     let mut attached = false;
+    // Replacing a running datapath with new maps in replacement mode: the
+    // new maps learn which pods ztunnel has only from its snapshot, so the
+    // old programs keep serving until then (or for at most
+    // `ZDS_SNAPSHOT_WAIT`).
+    let await_zds = datapath.needs_state_before_attach()
+        && datapath.replaces_running()
+        && opts.zds_socket.is_some();
+    let loaded_at = std::time::Instant::now();
     if !datapath.needs_state_before_attach() {
         datapath.attach(&opts.cgroup_root, &opts.pins)?;
         attached = true;
@@ -176,12 +188,21 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         node.load(&opts.workloads);
     }
     node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent)?;
+    let ready_to_attach = |node: &Node| {
+        node.has_state()
+            && (!await_zds
+                || node.zds.as_ref().is_some_and(|z| z.acked.is_some())
+                || loaded_at.elapsed() > ZDS_SNAPSHOT_WAIT)
+    };
     if !attached {
-        if node.has_state() {
+        if ready_to_attach(&node) {
             datapath.attach(&opts.cgroup_root, &opts.pins)?;
             attached = true;
         } else {
-            info!("new map layout: the programs attach once a source has delivered the node state");
+            info!(
+                await_zds,
+                "new map layout: the programs attach once the node state is in the new maps"
+            );
         }
     }
     info!(workloads = %opts.workloads.display(), "ready");
@@ -227,7 +248,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
-        if !attached && node.has_state() {
+        if !attached && ready_to_attach(&node) {
             datapath.attach(&opts.cgroup_root, &opts.pins)?;
             attached = true;
         }

@@ -360,7 +360,8 @@ fn run(command: Command) -> anyhow::Result<()> {
                             "uid": p.uid, "namespace": p.namespace, "name": p.name,
                             "mode": p.mode, "ips": p.ips, "cgroup": p.cgroup,
                             "cgroup_id": p.cgroup_id, "in_datapath": p.in_datapath,
-                            "accelerated": p.accelerated, "problem": p.problem,
+                            "accelerated": p.accelerated, "held": p.held,
+                            "problem": p.problem,
                         })
                     })
                     .collect();
@@ -376,7 +377,11 @@ fn run(command: Command) -> anyhow::Result<()> {
                         p.namespace,
                         p.name,
                         p.mode,
-                        if p.in_datapath { "in" } else { "not yet" },
+                        match (p.in_datapath, p.held) {
+                            (false, _) => "not yet",
+                            (true, true) => "held",
+                            (true, false) => "in",
+                        },
                         if p.accelerated { "yes" } else { "no" },
                         p.ips.join(","),
                         p.problem

@@ -78,6 +78,8 @@ pub struct Datapath {
     /// Some configuration map was created empty (first install, or a build
     /// whose layout differs from the pinned one).
     fresh_config: bool,
+    /// Links of an earlier run are pinned: a datapath is serving already.
+    running: bool,
     // Keeps program fds (and the object's other maps) open while the daemon
     // runs; the pinned links keep them alive after it exits.
     ebpf: Ebpf,
@@ -90,6 +92,7 @@ impl Datapath {
     pub fn load(pins: &Pins) -> Result<Self, Error> {
         pins.create()?;
         let fresh_config = CONFIG_MAPS.iter().any(|name| !pins.map(name).exists());
+        let running = fs::read_dir(pins.links()).is_ok_and(|mut d| d.next().is_some());
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pins.maps())
             .load(OBJECT)
@@ -106,6 +109,7 @@ impl Datapath {
             netns,
             node,
             fresh_config,
+            running,
             ebpf,
         })
     }
@@ -116,6 +120,12 @@ impl Datapath {
     /// datapath's own maps, and attaching at once changes nothing.
     pub fn needs_state_before_attach(&self) -> bool {
         self.fresh_config
+    }
+
+    /// Whether an earlier run's programs are attached and serving (so
+    /// waiting before [`Self::attach`] costs nothing).
+    pub fn replaces_running(&self) -> bool {
+        self.running
     }
 
     /// Attaches the programs to `cgroup_root` in multi-attach mode (other

@@ -44,8 +44,9 @@ pub struct Session {
     snapshot: Option<HashSet<String>>,
     /// How many more Adds of each `--zds-nack` UID to refuse.
     nacks_left: HashMap<String, usize>,
-    /// The listeners of every pod handed over and not deleted, by UID.
-    pods: HashMap<String, PodListeners>,
+    /// The listeners of every pod handed over and not deleted, by UID, with
+    /// the identity (device, inode) of the netns they live in.
+    pods: HashMap<String, (PodListeners, (u64, u64))>,
 }
 
 impl Session {
@@ -204,9 +205,23 @@ impl Session {
             report(json!({"event": "zds-nack", "uid": uid, "error": error}));
             return Ack::Nack(error);
         }
-        // A sandbox recreated under the same UID comes as a second Add. The
-        // old listeners close first, so that the new ones can take the same
-        // port when the netns is the same.
+        let id = match nix::sys::stat::fstat(&netns) {
+            Ok(st) => (st.st_dev, st.st_ino),
+            Err(e) => return refuse(format!("AddWorkload {uid}: fstat of its netns: {e}")),
+        };
+        if let Some(snapshot) = &mut self.snapshot {
+            snapshot.insert(uid.clone());
+        }
+        // An Add of a pod it has, in the same netns (a new node agent's
+        // snapshot), changes nothing, as in ztunnel: its listeners stay.
+        if self.pods.get(&uid).is_some_and(|(_, had)| *had == id) {
+            report(
+                json!({"event": "zds-add", "uid": uid, "name": name, "namespace": namespace, "kept": true}),
+            );
+            return Ack::Ok;
+        }
+        // A sandbox recreated under the same UID comes as an Add with a new
+        // netns: the old listeners close.
         let replaced = self.pods.remove(&uid).is_some();
         match PodListeners::open(netns, &uid, serving) {
             Ok(listeners) => {
@@ -214,10 +229,7 @@ impl Session {
                     "event": "zds-add", "uid": uid, "name": name, "namespace": namespace,
                     "replaced": replaced,
                 }));
-                if let Some(snapshot) = &mut self.snapshot {
-                    snapshot.insert(uid.clone());
-                }
-                self.pods.insert(uid, listeners);
+                self.pods.insert(uid, (listeners, id));
                 Ack::Ok
             }
             Err(e) => refuse(format!("AddWorkload {uid}: {e}")),
