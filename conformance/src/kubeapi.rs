@@ -1,7 +1,9 @@
 //! A local Kubernetes API server for the Kubernetes feed's tests: list and
 //! watch of pods and namespaces over HTTP/1.1 on loopback, with real JSON
 //! objects, resource versions, bookmarks, and watches that can be ended or
-//! answered with `410 Gone` (an expired resource version) to force a relist.
+//! answered with `410 Gone` (an expired resource version) to force a relist;
+//! and merge patches of a pod's `status` subresource (how a node agent
+//! writes `ambient.istio.io/redirection`).
 
 use std::{
     collections::BTreeMap,
@@ -35,6 +37,7 @@ struct State {
 
 /// The server; stops serving when dropped (its threads end with their
 /// connections).
+#[derive(Clone)]
 pub struct KubeApi {
     port: u16,
     state: Arc<Mutex<State>>,
@@ -48,14 +51,15 @@ impl KubeApi {
             resource_version: 1,
             ..State::default()
         }));
-        let shared = state.clone();
+        let api = KubeApi { port, state };
+        let shared = api.clone();
         thread::spawn(move || {
             for conn in listener.incoming().map_while(Result::ok) {
-                let state = shared.clone();
-                thread::spawn(move || serve(conn, &state));
+                let api = shared.clone();
+                thread::spawn(move || serve(conn, &api));
             }
         });
-        KubeApi { port, state }
+        api
     }
 
     pub fn url(&self) -> String {
@@ -94,6 +98,45 @@ impl KubeApi {
             .expect("a namespace name")
             .to_string();
         self.upsert(Kind::Namespaces, name, ns);
+    }
+
+    /// A pod's annotation, as the server holds it now.
+    pub fn pod_annotation(&self, uid: &str, key: &str) -> Option<String> {
+        let st = self.state.lock().unwrap();
+        st.pods.get(uid)?["metadata"]["annotations"][key]
+            .as_str()
+            .map(String::from)
+    }
+
+    /// Applies a JSON merge patch of `metadata.annotations` to the pod
+    /// `namespace/name`, as `PATCH .../pods/<name>/status` does, returning
+    /// the pod; `None` if there is no such pod.
+    fn patch_pod(&self, namespace: &str, name: &str, patch: &Value) -> Option<Value> {
+        let key = {
+            let st = self.state.lock().unwrap();
+            st.pods
+                .iter()
+                .find(|(_, p)| {
+                    p["metadata"]["namespace"] == namespace && p["metadata"]["name"] == name
+                })
+                .map(|(k, _)| k.clone())?
+        };
+        let mut pod = self.state.lock().unwrap().pods[&key].clone();
+        if let Some(annotations) = patch["metadata"]["annotations"].as_object() {
+            for (k, v) in annotations {
+                let current = &mut pod["metadata"]["annotations"];
+                if !current.is_object() {
+                    *current = json!({});
+                }
+                if v.is_null() {
+                    current.as_object_mut().unwrap().remove(k);
+                } else {
+                    current[k] = v.clone();
+                }
+            }
+        }
+        self.upsert(Kind::Pods, key, pod.clone());
+        Some(pod)
     }
 
     pub fn delete_pod(&self, uid: &str) {
@@ -146,7 +189,8 @@ fn write_chunk(conn: &mut TcpStream, line: &str) -> std::io::Result<()> {
 
 /// One connection: requests until the client closes, or a watch stream
 /// until it ends.
-fn serve(conn: TcpStream, state: &Mutex<State>) {
+fn serve(conn: TcpStream, api: &KubeApi) {
+    let state = &*api.state;
     let mut reader = BufReader::new(conn.try_clone().expect("clone the connection"));
     let mut conn = conn;
     loop {
@@ -155,6 +199,7 @@ fn serve(conn: TcpStream, state: &Mutex<State>) {
             return;
         }
         // Headers, up to the blank line.
+        let mut content_length = 0;
         loop {
             let mut header = String::new();
             if reader.read_line(&mut header).unwrap_or(0) == 0 {
@@ -163,7 +208,17 @@ fn serve(conn: TcpStream, state: &Mutex<State>) {
             if header == "\r\n" || header == "\n" {
                 break;
             }
+            if let Some((name, value)) = header.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                content_length = value.trim().parse().unwrap_or(0);
+            }
         }
+        let mut body = vec![0; content_length];
+        if std::io::Read::read_exact(&mut reader, &mut body).is_err() {
+            return;
+        }
+        let method = request_line.split_whitespace().next().unwrap_or("GET");
         let target = request_line
             .split_whitespace()
             .nth(1)
@@ -174,6 +229,29 @@ fn serve(conn: TcpStream, state: &Mutex<State>) {
             .split('&')
             .filter_map(|kv| kv.split_once('='))
             .collect();
+        if method == "PATCH" {
+            let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+            let patched = match parts.as_slice() {
+                ["api", "v1", "namespaces", ns, "pods", name, "status"] => {
+                    serde_json::from_slice(&body)
+                        .ok()
+                        .and_then(|patch: Value| api.patch_pod(ns, name, &patch))
+                }
+                _ => None,
+            };
+            let written = match patched {
+                Some(pod) => write_json(&mut conn, "200 OK", &pod),
+                None => write_json(
+                    &mut conn,
+                    "404 Not Found",
+                    &json!({"kind": "Status", "code": 404}),
+                ),
+            };
+            if written.is_err() {
+                return;
+            }
+            continue;
+        }
         let kind = match path {
             "/api/v1/pods" => Kind::Pods,
             "/api/v1/namespaces" => Kind::Namespaces,

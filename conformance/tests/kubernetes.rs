@@ -156,3 +156,90 @@ fn the_kubernetes_feed_drives_the_datapath_through_pod_and_namespace_changes_and
     wait_for_mode(&daemon, &client_uid, None);
     assert_eq!(daemon.api_json("status")["ztunnels"], 1);
 }
+
+#[test]
+fn serving_zds_the_daemon_marks_pods_pending_then_enabled_and_unmarks_them_on_opt_out() {
+    // As istio-cni does through pods/status: istiod reads `enabled` to
+    // mark the workload HBONE.
+    let mut node = Node::new();
+    let uid = pod_uid();
+    for dir in ["kubepods", "kubepods/besteffort"] {
+        node.add_cgroup(dir);
+    }
+    let client = node.add_pod_in("client", &format!("kubepods/besteffort/pod{uid}"));
+    let ztunnel_cgroup = node.add_cgroup("ztunnel");
+    node.write_workloads(&[], Some(&ztunnel_cgroup));
+    let api = KubeApi::start();
+    api.put_namespace(namespace_json("default", json!({})));
+    api.put_pod(pod_json(
+        &client,
+        &uid,
+        "default",
+        json!({"istio.io/dataplane-mode": "ambient"}),
+    ));
+    let kubepods_parent = node.cgroup.display().to_string();
+    let socket = ambridge_conformance::zds_socket(&node);
+    let daemon = Daemon::start_with(
+        &node,
+        &[
+            "--source",
+            "file",
+            "--source",
+            "kubernetes",
+            "--node-name",
+            NODE,
+            "--kube-api",
+            &api.url(),
+            "--kubepods-parent",
+            &kubepods_parent,
+            "--zds",
+            "serve",
+            "--zds-socket",
+            &socket.display().to_string(),
+        ],
+    );
+    let annotation = |want: Option<&str>| {
+        let reached = eventually(Duration::from_secs(15), || {
+            (api.pod_annotation(&uid, "ambient.istio.io/redirection")
+                .as_deref()
+                == want)
+                .then_some(())
+        });
+        assert!(
+            reached.is_some(),
+            "annotation never became {want:?}: {:?}",
+            api.pod_annotation(&uid, "ambient.istio.io/redirection")
+        );
+    };
+    // Enrolled, no ztunnel yet.
+    annotation(Some("pending"));
+    // ztunnel acknowledges it over ZDS.
+    let _ztunnel = ambridge_conformance::ztunnel_stand_in_zds(
+        &node,
+        &ztunnel_cgroup,
+        &socket,
+        &["--port", "15001"],
+    );
+    annotation(Some("enabled"));
+    // The pod opts out (its annotations as they were): the mark goes, the
+    // rest stays.
+    let mut opted_out = pod_json(
+        &client,
+        &uid,
+        "default",
+        json!({"istio.io/dataplane-mode": "none"}),
+    );
+    opted_out["metadata"]["annotations"] =
+        json!({"ambient.istio.io/redirection": "enabled", "unrelated": "kept"});
+    api.put_pod(opted_out);
+    annotation(None);
+    assert_eq!(
+        api.pod_annotation(&uid, "unrelated").as_deref(),
+        Some("kept")
+    );
+    assert!(
+        daemon
+            .wait_log("redirection annotation written", Duration::from_secs(5))
+            .is_some()
+    );
+}

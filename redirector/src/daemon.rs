@@ -108,9 +108,17 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     // The Kubernetes feed publishes snapshots; without it the sender just
     // stays here, silent.
     let (kube_tx, mut kube_rx) = tokio::sync::watch::channel(None);
+    let mut annotator = None;
     let _idle_kube_sender = match &opts.kubernetes {
         Some(source) => {
             let client = kube_client(source).await?;
+            // Serving ZDS, ambridge is the node agent istiod listens to.
+            if opts.zds_socket.is_some() {
+                annotator = Some(Annotator {
+                    client: client.clone(),
+                    requested: BTreeMap::new(),
+                });
+            }
             info!(node = %source.node_name, "watching Kubernetes");
             tokio::spawn(crate::kubernetes::run(
                 client,
@@ -167,6 +175,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         xds: None,
         disagreements: BTreeSet::new(),
         addresses: AddressCache::default(),
+        annotator,
         zds: match &opts.zds_socket {
             Some(_) => Some(ZdsState {
                 acked: None,
@@ -275,6 +284,9 @@ struct Node {
     addresses: AddressCache,
     /// With `--zds serve`: which pods ztunnel has.
     zds: Option<ZdsState>,
+    /// With `--zds serve` and Kubernetes: writes each pod's redirection
+    /// annotation.
+    annotator: Option<Annotator>,
     /// Entries pushed through the API.
     pushed_pods: BTreeMap<PodUid, PodSpec>,
     /// Pushed ztunnel cgroups, with their zero-copy flag.
@@ -304,6 +316,46 @@ struct ZdsState {
 impl ZdsState {
     fn ready(&self) -> BTreeSet<PodUid> {
         self.acked.clone().unwrap_or_else(|| self.inherited.clone())
+    }
+}
+
+/// Writes `ambient.istio.io/redirection` on pods, as istio-cni does.
+struct Annotator {
+    client: kube::Client,
+    /// The last value asked for, by pod, and when: asked again only when it
+    /// changes, or when the pod still does not show it 10 s later (a
+    /// failed patch).
+    requested: BTreeMap<PodUid, (Option<&'static str>, std::time::Instant)>,
+}
+
+impl Annotator {
+    const RETRY: Duration = Duration::from_secs(10);
+
+    fn update(&mut self, kube: &crate::kubernetes::Snapshot, ready: &BTreeSet<PodUid>) {
+        for patch in crate::kubernetes::redirection_patches(kube, ready) {
+            if self
+                .requested
+                .get(&patch.uid)
+                .is_some_and(|(value, at)| *value == patch.value && at.elapsed() < Self::RETRY)
+            {
+                continue;
+            }
+            self.requested
+                .insert(patch.uid.clone(), (patch.value, std::time::Instant::now()));
+            let client = self.client.clone();
+            tokio::spawn(async move {
+                match crate::kubernetes::patch_redirection(client, &patch).await {
+                    Ok(()) => {
+                        info!(pod = %patch.uid, namespace = %patch.namespace, name = %patch.name, value = ?patch.value, "redirection annotation written")
+                    }
+                    Err(e) => {
+                        warn!(pod = %patch.uid, namespace = %patch.namespace, name = %patch.name, "writing the redirection annotation failed, retrying: {e}")
+                    }
+                }
+            });
+        }
+        self.requested
+            .retain(|uid, _| kube.pods.iter().any(|p| &p.uid == uid));
     }
 }
 
@@ -563,6 +615,9 @@ impl Node {
                 *current = want;
                 changed
             });
+            if let (Some(annotator), Some(kube)) = (&mut self.annotator, &self.kube) {
+                annotator.update(kube, &zds.ready());
+            }
         }
         if !cgroup_ops.is_empty() || !netns_ops.is_empty() {
             info!(

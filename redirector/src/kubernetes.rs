@@ -26,6 +26,64 @@ pub struct Snapshot {
     pub pods: Vec<PodSpec>,
     /// ztunnel pods, by UID (their cgroups are found like any pod's).
     pub ztunnels: Vec<PodUid>,
+    /// Pods carrying [`REDIRECTION`], with its value.
+    pub redirection: BTreeMap<PodUid, String>,
+}
+
+/// The annotation a node agent writes on a pod through `pods/status`:
+/// `pending` once it is enrolled, `enabled` once ztunnel acknowledged it.
+/// istiod marks the workload HBONE only when it reads `enabled`.
+pub const REDIRECTION: &str = "ambient.istio.io/redirection";
+
+/// A change of [`REDIRECTION`] on one pod: `Some(value)` to set, `None` to
+/// remove.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RedirectionPatch {
+    pub uid: PodUid,
+    pub namespace: String,
+    pub name: String,
+    pub value: Option<&'static str>,
+}
+
+/// The annotation changes that make every pod say where its redirection
+/// stands: enrolled pods `enabled` when `ready` (ztunnel acknowledged
+/// them) and `pending` before, other pods without it.
+pub fn redirection_patches(
+    snapshot: &Snapshot,
+    ready: &std::collections::BTreeSet<PodUid>,
+) -> Vec<RedirectionPatch> {
+    snapshot
+        .pods
+        .iter()
+        .filter_map(|pod| {
+            let want = match pod.mode {
+                Mode::Ambient if ready.contains(&pod.uid) => Some("enabled"),
+                Mode::Ambient => Some("pending"),
+                Mode::None => None,
+            };
+            let has = snapshot.redirection.get(&pod.uid).map(String::as_str);
+            (has != want).then(|| RedirectionPatch {
+                uid: pod.uid.clone(),
+                namespace: pod.namespace.clone(),
+                name: pod.name.clone(),
+                value: want,
+            })
+        })
+        .collect()
+}
+
+/// Writes one [`RedirectionPatch`] through the `pods/status` subresource
+/// (a JSON merge patch, as istio-cni does).
+pub async fn patch_redirection(client: Client, patch: &RedirectionPatch) -> kube::Result<()> {
+    let body = serde_json::json!({"metadata": {"annotations": {REDIRECTION: patch.value}}});
+    Api::<Pod>::namespaced(client, &patch.namespace)
+        .patch_status(
+            &patch.name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&body),
+        )
+        .await
+        .map(|_| ())
 }
 
 fn facts(pod: &Pod) -> PodFacts {
@@ -104,6 +162,14 @@ pub fn snapshot(
                 continue;
             }
         };
+        if let Some(value) = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(REDIRECTION))
+        {
+            out.redirection.insert(uid.clone(), value.clone());
+        }
         out.pods.push(PodSpec {
             uid,
             name: pod.metadata.name.clone().unwrap_or_default(),
@@ -230,6 +296,45 @@ mod tests {
         assert_eq!(s.pods[0].ips.len(), 2);
         assert_eq!(s.pods[0].namespace, "mesh");
         assert_eq!(s.pods[0].cgroup, PodCgroup::Uid);
+    }
+
+    #[test]
+    fn the_redirection_annotation_follows_enrollment_and_ztunnels_acknowledgement() {
+        let pods = [
+            app(
+                "a",
+                "mesh",
+                json!({"istio.io/dataplane-mode": "ambient"}),
+                json!({}),
+            ),
+            app(
+                "b",
+                "mesh",
+                json!({"istio.io/dataplane-mode": "ambient"}),
+                json!({REDIRECTION: "pending"}),
+            ),
+            app("c", "mesh", json!({}), json!({REDIRECTION: "enabled"})),
+            app("d", "mesh", json!({}), json!({})),
+        ];
+        let snap = snapshot(
+            &pods,
+            &[namespace("mesh", json!({}))],
+            &MeshSettings::default(),
+            &Snapshot::default(),
+        );
+        let ready = [PodUid("b".into())].into();
+        let patches: Vec<_> = redirection_patches(&snap, &ready)
+            .into_iter()
+            .map(|p| (p.uid.0, p.value))
+            .collect();
+        assert_eq!(
+            patches,
+            [
+                ("a".to_string(), Some("pending")),
+                ("b".to_string(), Some("enabled")),
+                ("c".to_string(), None),
+            ]
+        );
     }
 
     #[test]
