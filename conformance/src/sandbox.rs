@@ -180,6 +180,50 @@ impl Node {
             ip6: format!("fd00:18::{host:x}").parse().unwrap(),
         };
         self.add_netns(&pod.netns_name);
+        self.wire(&pod, n);
+        self.mkdir_cgroup(&pod.cgroup.clone());
+        self.mkdir_cgroup(&pod.container.clone());
+        self.mkdir_cgroup(&pod.cgroup.join("pause"));
+        self.start_pause(&pod);
+        self.pods.push(pod.clone());
+        pod
+    }
+
+    /// Recreates `pod`'s sandbox as a kubelet does after the sandbox dies:
+    /// its processes are killed and a new network namespace (same name,
+    /// same addresses) with a new pause process takes the old one's place,
+    /// in the same pod cgroup.
+    pub fn recreate_sandbox(&mut self, pod: &Pod) {
+        let n = self
+            .pods
+            .iter()
+            .position(|p| p.name == pod.name)
+            .expect("a pod of this node") as u8
+            + 1;
+        fs::write(pod.cgroup.join("cgroup.kill"), "1").expect("killing the pod's processes");
+        let emptied = eventually(Duration::from_secs(5), || {
+            let procs = fs::read_to_string(pod.cgroup.join("pause").join("cgroup.procs"))
+                .unwrap_or_default();
+            procs.trim().is_empty().then_some(())
+        });
+        assert!(
+            emptied.is_some(),
+            "the old sandbox of {} would not die",
+            pod.name
+        );
+        // Deleting the node's end removes the pair now, even while the old
+        // netns lives on through fds held elsewhere (ztunnel's, say).
+        ip(&["-n", &self.netns_name, "link", "del", &format!("veth{n}")]);
+        ip(&["netns", "del", &pod.netns_name]);
+        ip(&["netns", "add", &pod.netns_name]);
+        ip(&["-n", &pod.netns_name, "link", "set", "lo", "up"]);
+        self.wire(pod, n);
+        self.start_pause(pod);
+    }
+
+    /// Connects `pod`'s netns to the bridge with veth number `n` and gives
+    /// it its addresses.
+    fn wire(&self, pod: &Pod, n: u8) {
         let veth = format!("veth{n}");
         ip(&[
             "-n",
@@ -226,10 +270,12 @@ impl Node {
             "nodad",
         ]);
         ip(&["-n", ns, "link", "set", "eth0", "up"]);
-        self.mkdir_cgroup(&pod.cgroup.clone());
-        self.mkdir_cgroup(&pod.container.clone());
+    }
+
+    /// Starts the pause process holding `pod`'s netns, in its `pause`
+    /// container cgroup.
+    fn start_pause(&mut self, pod: &Pod) {
         let pause = pod.cgroup.join("pause");
-        self.mkdir_cgroup(&pause);
         let child = std::process::Command::new(crate::workspace_bin("ambridge-probe"))
             .arg("--cgroup")
             .arg(&pause)
@@ -239,8 +285,6 @@ impl Node {
             .spawn()
             .expect("starting the pod's pause process");
         self.sandboxes.push(child);
-        self.pods.push(pod.clone());
-        pod
     }
 
     /// Creates a cgroup directory below the node cgroup (e.g. for ztunnel).

@@ -362,3 +362,18 @@ fn a_daemon_restart_in_replacement_mode_refuses_or_bypasses_no_connect() {
     );
     wait_redirected(&ztunnel, &s.client, &s.to());
 }
+
+#[test]
+fn a_recreated_sandbox_is_handed_to_ztunnel_again_with_its_new_netns() {
+    let (mut s, _daemon) = setup();
+    let ztunnel = s.stand_in(&[]);
+    wait_redirected(&ztunnel, &s.client, &s.to());
+    let client = s.client.clone();
+    s.node.recreate_sandbox(&client);
+    // Noticed from the pod cgroup's processes: a new Add, new listeners.
+    ztunnel.wait_for(
+        |e| e["event"] == "zds-add" && e["uid"] == client.uid && e["replaced"] == true,
+        WAIT,
+    );
+    wait_redirected(&ztunnel, &client, &s.to());
+}
