@@ -117,6 +117,7 @@ fn push_pod(pod: &ambridge_conformance::Pod, mode: &str, remove: bool) -> pb::Pu
             cgroup: pod.cgroup.display().to_string(),
             ips: vec![pod.ip4.to_string(), pod.ip6.to_string()],
             mode: mode.into(),
+            service_account: String::new(),
         })),
         remove,
     }

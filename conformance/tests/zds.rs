@@ -145,6 +145,19 @@ fn ztunnel_gets_each_enrolled_pods_netns_over_zds_and_their_traffic_flows_throug
     ztunnel.wait_for(|e| e["event"] == "zds-snapshot-sent", WAIT);
     assert_eq!(zds_events(&ztunnel, "zds-add", &s.client), 1);
     assert_eq!(zds_events(&ztunnel, "zds-add", &s.plain), 1);
+    let added = index_of(&ztunnel.events(), |e| {
+        e["event"] == "zds-add" && e["uid"] == s.client.uid
+    });
+    let added = &ztunnel.events()[added];
+    assert_eq!(
+        (
+            &added["name"],
+            &added["namespace"],
+            &added["service_account"]
+        ),
+        (&"client".into(), &"default".into(), &"default".into()),
+        "{added}"
+    );
     assert_eq!(zds_events(&ztunnel, "zds-add", &s.server), 0);
     let landed = wait_redirected(&ztunnel, &s.client, &s.to());
     assert_eq!(landed["ok"], true);

@@ -183,6 +183,11 @@ pub fn pushed(req: pb::PushCgroupRequest) -> Result<Pushed, Status> {
                 uid: PodUid(p.uid),
                 name: p.name,
                 namespace: p.namespace,
+                service_account: if p.service_account.is_empty() {
+                    "default".into()
+                } else {
+                    p.service_account
+                },
                 cgroup: cgroup.map_or(PodCgroup::Uid, PodCgroup::Path),
                 ips,
                 mode,
@@ -443,6 +448,7 @@ mod tests {
             cgroup: "/sys/fs/cgroup/x".into(),
             ips: vec!["198.18.0.2".into()],
             mode: "ambient".into(),
+            service_account: String::new(),
         };
         assert!(
             matches!(push_pod(good.clone(), false), Ok(Pushed::Pod(p)) if p.mode == Mode::Ambient)

@@ -469,6 +469,7 @@ impl Node {
                 uid: PodUid(w.uid.clone()),
                 name: w.name.clone(),
                 namespace: w.namespace.clone(),
+                service_account: w.service_account.clone(),
                 cgroup: PodCgroup::Address,
                 ips: w.ips.clone(),
                 mode: if w.captured {
@@ -649,7 +650,7 @@ fn zds_pods(spec: &NodeSpec, desired: &reconcile::Desired) -> zds::server::Pods 
                 zds::server::ZdsPod {
                     name: p.name.clone(),
                     namespace: p.namespace.clone(),
-                    service_account: String::new(),
+                    service_account: p.service_account.clone(),
                     cgroup: cgroup.clone(),
                 },
             ))

@@ -143,6 +143,7 @@ mod tests {
             uid: PodUid("u1".into()),
             name: "p".into(),
             namespace: "default".into(),
+            service_account: "default".into(),
             cgroup: crate::state::PodCgroup::Path("/sys/fs/cgroup/p".into()),
             ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
             mode,

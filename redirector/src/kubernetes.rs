@@ -173,6 +173,10 @@ pub fn snapshot(
         out.pods.push(PodSpec {
             uid,
             name: pod.metadata.name.clone().unwrap_or_default(),
+            service_account: facts
+                .service_account
+                .clone()
+                .unwrap_or_else(|| "default".into()),
             namespace: facts.namespace,
             cgroup: PodCgroup::Uid,
             ips: pod_ips(pod),

@@ -207,6 +207,7 @@ mod tests {
             uid: PodUid(uid.into()),
             name: uid.into(),
             namespace: "default".into(),
+            service_account: "default".into(),
             cgroup: PodCgroup::Path(cgroup.into()),
             ips: vec!["198.18.0.2".parse().unwrap()],
             mode,

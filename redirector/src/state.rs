@@ -25,6 +25,9 @@ pub struct PodSpec {
     pub uid: PodUid,
     pub name: String,
     pub namespace: String,
+    /// Its Kubernetes service account (`default` when not set), handed to
+    /// ztunnel with the pod over ZDS.
+    pub service_account: String,
     /// Where its pod-level cgroup v2 directory is.
     pub cgroup: PodCgroup,
     pub ips: Vec<IpAddr>,

@@ -51,11 +51,17 @@ struct Workload {
     uid: PodUid,
     name: String,
     namespace: String,
+    #[serde(default = "default_service_account")]
+    service_account: String,
     cgroup: Option<PathBuf>,
     #[serde(default)]
     ips: Vec<IpAddr>,
     mode: Mode,
     accelerate: Option<bool>,
+}
+
+fn default_service_account() -> String {
+    "default".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -123,6 +129,7 @@ pub fn parse(text: &str) -> Result<NodeSpec, FileError> {
                 uid: w.uid,
                 name: w.name,
                 namespace: w.namespace,
+                service_account: w.service_account,
                 cgroup: w.cgroup.map_or(PodCgroup::Uid, PodCgroup::Path),
                 ips: w.ips,
                 mode: w.mode,

@@ -340,6 +340,7 @@ mod tests {
             uid: crate::types::PodUid(format!("uid-{name}")),
             name: name.into(),
             namespace: "default".into(),
+            service_account: "default".into(),
             cgroup: crate::state::PodCgroup::Uid,
             ips: Vec::new(),
             mode,
@@ -352,6 +353,7 @@ mod tests {
             uid: format!("Kubernetes//Pod/default/{name}"),
             name: name.into(),
             namespace: "default".into(),
+            service_account: "default".into(),
             ips: Vec::new(),
             captured,
         }

@@ -35,6 +35,8 @@ pub struct Workload {
     pub uid: String,
     pub name: String,
     pub namespace: String,
+    /// `default` when istiod elides it.
+    pub service_account: String,
     pub ips: Vec<IpAddr>,
     /// Captured by ztunnel: `tunnel_protocol = HBONE` (istiod's view of
     /// the pod's `ambient.istio.io/redirection: enabled`).
@@ -178,6 +180,11 @@ fn local_workload(
         uid: w.uid,
         name: w.name,
         namespace: w.namespace,
+        service_account: if w.service_account.is_empty() {
+            "default".into()
+        } else {
+            w.service_account
+        },
         ips,
     }))
 }

@@ -152,8 +152,8 @@ impl Session {
                 uid,
                 name,
                 namespace,
-                ..
-            } => self.add(uid, name, namespace, fds, serving),
+                service_account,
+            } => self.add(uid, [name, namespace, service_account], fds, serving),
             Request::Keep { uid } => {
                 report(json!({"event": "zds-keep", "uid": uid}));
                 if let Some(snapshot) = &mut self.snapshot {
@@ -187,14 +187,10 @@ impl Session {
         }
     }
 
-    fn add(
-        &mut self,
-        uid: String,
-        name: String,
-        namespace: String,
-        fds: Vec<OwnedFd>,
-        serving: Serving,
-    ) -> Ack {
+    /// Opens the pod's listeners; `info` is its name, namespace and service
+    /// account as ZDS gave them.
+    fn add(&mut self, uid: String, info: [String; 3], fds: Vec<OwnedFd>, serving: Serving) -> Ack {
+        let [name, namespace, service_account] = info;
         let netns = match wire::single_fd(fds) {
             Ok(netns) => netns,
             Err(e) => return refuse(format!("AddWorkload {uid}: {}", chain(&e))),
@@ -216,7 +212,7 @@ impl Session {
         // snapshot), changes nothing, as in ztunnel: its listeners stay.
         if self.pods.get(&uid).is_some_and(|(_, had)| *had == id) {
             report(
-                json!({"event": "zds-add", "uid": uid, "name": name, "namespace": namespace, "kept": true}),
+                json!({"event": "zds-add", "uid": uid, "name": name, "namespace": namespace, "service_account": service_account, "kept": true}),
             );
             return Ack::Ok;
         }
@@ -227,7 +223,7 @@ impl Session {
             Ok(listeners) => {
                 report(json!({
                     "event": "zds-add", "uid": uid, "name": name, "namespace": namespace,
-                    "replaced": replaced,
+                    "service_account": service_account, "replaced": replaced,
                 }));
                 self.pods.insert(uid, (listeners, id));
                 Ack::Ok
