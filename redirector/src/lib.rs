@@ -1,8 +1,11 @@
 //! ambridge: eBPF traffic capture for Istio Ambient.
 //!
-//! Shape: sources ([`workloads`] file today) produce a [`state::NodeSpec`];
-//! pure decisions ([`enroll`], [`reconcile`]) turn it into the map contents
-//! the kernel programs need; [`datapath`] owns the programs, links and maps.
+//! Shape: sources (the [`workloads`] file, [`kubernetes`], istiod's
+//! workload discovery [`xds`], pushes through the local [`api`]) produce one
+//! [`state::NodeSpec`]; pure decisions ([`membership`], [`enroll`],
+//! [`reconcile`]) turn it into the map contents the kernel programs need;
+//! [`datapath`] owns the programs, links and maps. In replacement mode
+//! [`zds`] hands ztunnel the enrolled pods and reports which it has.
 
 pub mod api;
 pub mod cgroup;
