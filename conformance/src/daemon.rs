@@ -99,6 +99,30 @@ impl Daemon {
         }
     }
 
+    /// Waits until `ambridge pods` shows `uid` with `mode` in the datapath
+    /// and not held (in replacement mode, ztunnel acknowledged it), or
+    /// absent with `None`.
+    pub fn wait_for_mode(&self, uid: &str, mode: Option<&str>) {
+        let reached = eventually(Duration::from_secs(15), || {
+            let pods = self.api_json("pods");
+            let found = pods.as_array()?.iter().find(|p| p["uid"] == uid).cloned();
+            match (mode, found) {
+                (None, None) => Some(()),
+                (Some(m), Some(p))
+                    if p["mode"] == m && p["in_datapath"] == true && p["held"] != true =>
+                {
+                    Some(())
+                }
+                _ => None,
+            }
+        });
+        assert!(
+            reached.is_some(),
+            "pod {uid} never reached mode {mode:?}: {}",
+            self.api_json("pods")
+        );
+    }
+
     /// The local API's socket.
     pub fn api_socket(&self) -> &std::path::Path {
         &self.api

@@ -21,43 +21,16 @@ use tonic::{
 
 use crate::eventually;
 
-#[allow(clippy::all, missing_docs)]
-pub mod pb {
-    pub mod envoy {
-        pub mod config {
-            pub mod core {
-                pub mod v3 {
-                    tonic::include_proto!("envoy.config.core.v3");
-                }
-            }
-        }
-        pub mod service {
-            pub mod discovery {
-                pub mod v3 {
-                    tonic::include_proto!("envoy.service.discovery.v3");
-                }
-            }
-        }
-    }
-    pub mod google {
-        pub mod rpc {
-            tonic::include_proto!("google.rpc");
-        }
-    }
-    pub mod istio {
-        pub mod workload {
-            tonic::include_proto!("istio.workload");
-        }
-    }
+/// The service side of delta ADS (its messages are `ambridge::pb`'s).
+mod ads {
+    tonic::include_proto!("envoy.service.discovery.v3");
 }
 
-use pb::{
-    envoy::service::discovery::v3::{
-        DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
-        aggregated_discovery_service_server::{
-            AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
-        },
-    },
+use ads::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use ambridge::pb::{
+    envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource},
     istio::workload::{Address, TunnelProtocol, Workload, address},
 };
 

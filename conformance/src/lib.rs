@@ -134,6 +134,26 @@ pub fn assert_landed(
     );
 }
 
+/// Asserts whether one connect from `client` to `to` succeeds through
+/// `ztunnel` (`expect`) or goes past it: it must succeed either way, and
+/// the stand-in must (or must not) accept a connection within 3 s.
+pub fn assert_redirected(ztunnel: &Background, client: &Pod, to: &str, expect: bool) {
+    let accepted = || {
+        ztunnel
+            .events()
+            .iter()
+            .filter(|e| e["event"] == "accepted")
+            .count()
+    };
+    let before = accepted();
+    let r = client.connect(to, 16);
+    assert_eq!(r["ok"], true, "{r}");
+    let got = eventually(Duration::from_secs(3), || {
+        (accepted() > before).then_some(())
+    });
+    assert_eq!(got.is_some(), expect, "redirected: {}", got.is_some());
+}
+
 /// Starts the ztunnel stand-in in `cgroup`, listening on `port` inside each
 /// of `pods`' network namespaces; its own thread of control lives in the
 /// node netns, never the machine's.
@@ -144,6 +164,13 @@ pub fn ztunnel_stand_in(
     port: u16,
 ) -> Background {
     ztunnel_stand_in_with(node, cgroup, pods, &["--port", &port.to_string()])
+}
+
+/// A fresh UUID-shaped pod UID, as the kubelet names pod cgroups by.
+pub fn kubelet_pod_uid() -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), n)
 }
 
 /// Whether the suite runs in replacement mode (`AMBRIDGE_TEST_ZDS=serve`):
@@ -206,6 +233,21 @@ fn stand_in_listening_in(
     pods: &[&Pod],
     args: &[&str],
 ) -> Background {
+    let mut all: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
+    for pod in pods {
+        all.push("--pod-netns".into());
+        all.push(pod.netns.clone().into());
+    }
+    start_stand_in(node, cgroup, &all)
+}
+
+/// Runs `ambridge-probe ztunnel <args>` in `cgroup`, its own thread of
+/// control in the node netns, and waits until it is listening.
+fn start_stand_in(
+    node: &Node,
+    cgroup: &std::path::Path,
+    args: &[std::ffi::OsString],
+) -> Background {
     let mut cmd = std::process::Command::new(workspace_bin("ambridge-probe"));
     cmd.arg("--cgroup")
         .arg(cgroup)
@@ -213,9 +255,6 @@ fn stand_in_listening_in(
         .arg(format!("/run/netns/{}", node.netns_name))
         .arg("ztunnel")
         .args(args);
-    for pod in pods {
-        cmd.arg("--pod-netns").arg(&pod.netns);
-    }
     let z = Background::spawn(cmd);
     z.wait_for(|e| e["event"] == "listening", Duration::from_secs(10));
     z
@@ -262,16 +301,7 @@ pub fn ztunnel_stand_in_zds(
     zds_socket: &std::path::Path,
     args: &[&str],
 ) -> Background {
-    let mut cmd = std::process::Command::new(workspace_bin("ambridge-probe"));
-    cmd.arg("--cgroup")
-        .arg(cgroup)
-        .arg("--netns")
-        .arg(format!("/run/netns/{}", node.netns_name))
-        .arg("ztunnel")
-        .arg("--zds")
-        .arg(zds_socket)
-        .args(args);
-    let z = Background::spawn(cmd);
-    z.wait_for(|e| e["event"] == "listening", Duration::from_secs(10));
-    z
+    let mut all: Vec<std::ffi::OsString> = vec!["--zds".into(), zds_socket.into()];
+    all.extend(args.iter().map(Into::into));
+    start_stand_in(node, cgroup, &all)
 }

@@ -3,22 +3,12 @@
 //! namespace relabelled, deleted, and watches restarted (410 Gone), each
 //! reaching the real datapath.
 
-use std::{
-    sync::atomic::{AtomicU32, Ordering},
-    time::Duration,
-};
+use std::time::Duration;
 
 use ambridge_conformance::{Daemon, Node, Pod, eventually, kubeapi::KubeApi, ztunnel_stand_in};
 use serde_json::{Value, json};
 
 const NODE: &str = "node-1";
-
-/// A fresh UUID-shaped pod UID.
-fn pod_uid() -> String {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), n)
-}
 
 fn pod_json(pod: &Pod, uid: &str, ns: &str, labels: Value) -> Value {
     json!({
@@ -35,34 +25,13 @@ fn namespace_json(name: &str, labels: Value) -> Value {
     json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
 }
 
-/// Waits until `ambridge pods` shows `uid` with `mode` (or absent, with
-/// `None`).
-fn wait_for_mode(daemon: &Daemon, uid: &str, mode: Option<&str>) {
-    let reached = eventually(Duration::from_secs(15), || {
-        let pods = daemon.api_json("pods");
-        let found = pods.as_array()?.iter().find(|p| p["uid"] == uid).cloned();
-        match (mode, found) {
-            (None, None) => Some(()),
-            // Not held: in replacement mode ztunnel acknowledged it.
-            (Some(m), Some(p))
-                if p["mode"] == m && p["in_datapath"] == true && p["held"] != true =>
-            {
-                Some(())
-            }
-            _ => None,
-        }
-    });
-    assert!(
-        reached.is_some(),
-        "pod {uid} never reached mode {mode:?}: {}",
-        daemon.api_json("pods")
-    );
-}
-
 #[test]
 fn the_kubernetes_feed_drives_the_datapath_through_pod_and_namespace_changes_and_watch_restarts() {
     let mut node = Node::new();
-    let (client_uid, ztunnel_uid) = (pod_uid(), pod_uid());
+    let (client_uid, ztunnel_uid) = (
+        ambridge_conformance::kubelet_pod_uid(),
+        ambridge_conformance::kubelet_pod_uid(),
+    );
     for dir in ["kubepods", "kubepods/besteffort", "kubepods/burstable"] {
         node.add_cgroup(dir);
     }
@@ -102,25 +71,11 @@ fn the_kubernetes_feed_drives_the_datapath_through_pod_and_namespace_changes_and
     // ztunnel runs in its pod's container cgroup, proven by Kubernetes.
     let ztunnel = ztunnel_stand_in(&node, &zpod.container, &[&client], 15001);
     let to = format!("{}:8080", server.ip4);
-    let accepted = || {
-        ztunnel
-            .events()
-            .iter()
-            .filter(|e| e["event"] == "accepted")
-            .count()
-    };
-    let redirected = |expect: bool| {
-        let before = accepted();
-        let r = client.connect(&to, 16);
-        assert_eq!(r["ok"], true, "{r}");
-        let got = eventually(Duration::from_secs(3), || {
-            (accepted() > before).then_some(())
-        });
-        assert_eq!(got.is_some(), expect, "redirected: {}", got.is_some());
-    };
+    let redirected =
+        |expect: bool| ambridge_conformance::assert_redirected(&ztunnel, &client, &to, expect);
 
     // Listed, not labelled: in the datapath as `none`, not redirected.
-    wait_for_mode(&daemon, &client_uid, Some("none"));
+    daemon.wait_for_mode(&client_uid, Some("none"));
     redirected(false);
 
     // The pod is labelled ambient.
@@ -130,7 +85,7 @@ fn the_kubernetes_feed_drives_the_datapath_through_pod_and_namespace_changes_and
         "default",
         json!({"istio.io/dataplane-mode": "ambient"}),
     ));
-    wait_for_mode(&daemon, &client_uid, Some("ambient"));
+    daemon.wait_for_mode(&client_uid, Some("ambient"));
     redirected(true);
 
     // The pod label goes; the namespace takes it over.
@@ -139,21 +94,21 @@ fn the_kubernetes_feed_drives_the_datapath_through_pod_and_namespace_changes_and
         json!({"istio.io/dataplane-mode": "ambient"}),
     ));
     api.put_pod(pod_json(&client, &client_uid, "default", json!({})));
-    wait_for_mode(&daemon, &client_uid, Some("ambient"));
+    daemon.wait_for_mode(&client_uid, Some("ambient"));
     redirected(true);
 
     // Watches end and their resource versions expire (410 Gone): the feed
     // lists again and keeps the state, then follows new changes.
     api.end_watches(true);
     std::thread::sleep(Duration::from_millis(500));
-    wait_for_mode(&daemon, &client_uid, Some("ambient"));
+    daemon.wait_for_mode(&client_uid, Some("ambient"));
     api.put_namespace(namespace_json("default", json!({})));
-    wait_for_mode(&daemon, &client_uid, Some("none"));
+    daemon.wait_for_mode(&client_uid, Some("none"));
     redirected(false);
 
     // The pod is deleted.
     api.delete_pod(&client_uid);
-    wait_for_mode(&daemon, &client_uid, None);
+    daemon.wait_for_mode(&client_uid, None);
     assert_eq!(daemon.api_json("status")["ztunnels"], 1);
 }
 
@@ -162,7 +117,7 @@ fn serving_zds_the_daemon_marks_pods_pending_then_enabled_and_unmarks_them_on_op
     // As istio-cni does through pods/status: istiod reads `enabled` to
     // mark the workload HBONE.
     let mut node = Node::new();
-    let uid = pod_uid();
+    let uid = ambridge_conformance::kubelet_pod_uid();
     for dir in ["kubepods", "kubepods/besteffort"] {
         node.add_cgroup(dir);
     }

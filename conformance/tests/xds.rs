@@ -6,54 +6,17 @@
 //! leaves the datapath. Pods are found by the addresses of their
 //! network namespaces (istiod does not know Kubernetes pod UIDs).
 
-use std::{
-    net::IpAddr,
-    sync::atomic::{AtomicU32, Ordering},
-    time::Duration,
-};
+use std::{net::IpAddr, time::Duration};
 
+use ambridge::pb::istio::workload::{Address, Service, TunnelProtocol, Workload, address};
 use ambridge_conformance::{
     Daemon, Node, eventually,
-    istiod::{
-        self, FakeIstiod, TOKEN,
-        pb::istio::workload::{Address, Service, TunnelProtocol, Workload, address},
-    },
+    istiod::{self, FakeIstiod, TOKEN},
     ztunnel_stand_in,
 };
 use prost::Message as _;
 
 const NODE: &str = "node-1";
-
-/// A fresh UUID-shaped pod UID (the kubelet names pod cgroups by it).
-fn pod_uid() -> String {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    format!("{:08x}-0000-4000-9000-{:012x}", std::process::id(), n)
-}
-
-/// Waits until `ambridge pods` shows `uid` with `mode` in the datapath (or
-/// absent, with `None`).
-fn wait_for_mode(daemon: &Daemon, uid: &str, mode: Option<&str>) {
-    let reached = eventually(Duration::from_secs(15), || {
-        let pods = daemon.api_json("pods");
-        let found = pods.as_array()?.iter().find(|p| p["uid"] == uid).cloned();
-        match (mode, found) {
-            (None, None) => Some(()),
-            // Not held: in replacement mode ztunnel acknowledged it.
-            (Some(m), Some(p))
-                if p["mode"] == m && p["in_datapath"] == true && p["held"] != true =>
-            {
-                Some(())
-            }
-            _ => None,
-        }
-    });
-    assert!(
-        reached.is_some(),
-        "pod {uid} never reached mode {mode:?}: {}",
-        daemon.api_json("pods")
-    );
-}
 
 #[test]
 fn the_xds_feed_drives_the_datapath_nacks_malformed_resources_and_resumes_after_reconnect() {
@@ -61,10 +24,22 @@ fn the_xds_feed_drives_the_datapath_nacks_malformed_resources_and_resumes_after_
     for dir in ["kubepods", "kubepods/besteffort", "kubepods/burstable"] {
         node.add_cgroup(dir);
     }
-    let client = node.add_pod_in("client", &format!("kubepods/besteffort/pod{}", pod_uid()));
+    let client = node.add_pod_in(
+        "client",
+        &format!(
+            "kubepods/besteffort/pod{}",
+            ambridge_conformance::kubelet_pod_uid()
+        ),
+    );
     // Another pod in the kubelet's layout: the address lookup must not
     // mistake it for the client.
-    let _bystander = node.add_pod_in("bystander", &format!("kubepods/burstable/pod{}", pod_uid()));
+    let _bystander = node.add_pod_in(
+        "bystander",
+        &format!(
+            "kubepods/burstable/pod{}",
+            ambridge_conformance::kubelet_pod_uid()
+        ),
+    );
     let server = node.add_pod("server");
     let zcgroup = node.add_cgroup("ztunnel");
     // istiod does not describe ztunnel; the file names its cgroup.
@@ -79,22 +54,8 @@ fn the_xds_feed_drives_the_datapath_nacks_malformed_resources_and_resumes_after_
     let _app = server.echo_server("[::]:8080");
     let ztunnel = ztunnel_stand_in(&node, &zcgroup, &[&client], 15001);
     let to = format!("{}:8080", server.ip4);
-    let accepted = || {
-        ztunnel
-            .events()
-            .iter()
-            .filter(|e| e["event"] == "accepted")
-            .count()
-    };
-    let redirected = |expect: bool| {
-        let before = accepted();
-        let r = client.connect(&to, 16);
-        assert_eq!(r["ok"], true, "{r}");
-        let got = eventually(Duration::from_secs(3), || {
-            (accepted() > before).then_some(())
-        });
-        assert_eq!(got.is_some(), expect, "redirected: {}", got.is_some());
-    };
+    let redirected =
+        |expect: bool| ambridge_conformance::assert_redirected(&ztunnel, &client, &to, expect);
     let client_ips: [IpAddr; 2] = [client.ip4.into(), client.ip6.into()];
     let uid = istiod::workload_uid("default", "client");
     let service = istiod::resource(
@@ -135,7 +96,7 @@ fn the_xds_feed_drives_the_datapath_nacks_malformed_resources_and_resumes_after_
         &[],
     );
     assert_eq!(istiod.reply(&first), Ok(()));
-    wait_for_mode(&daemon, &uid, Some("none"));
+    daemon.wait_for_mode(&uid, Some("none"));
     redirected(false);
     let opened = &istiod.seen()[0];
     assert_eq!(
@@ -161,7 +122,7 @@ fn the_xds_feed_drives_the_datapath_nacks_malformed_resources_and_resumes_after_
         &[],
     );
     assert_eq!(istiod.reply(&hbone), Ok(()));
-    wait_for_mode(&daemon, &uid, Some("ambient"));
+    daemon.wait_for_mode(&uid, Some("ambient"));
     redirected(true);
 
     // A response with one malformed resource is NACKed naming it, and none
@@ -205,7 +166,7 @@ fn the_xds_feed_drives_the_datapath_nacks_malformed_resources_and_resumes_after_
             .is_some()
     );
     std::thread::sleep(Duration::from_millis(1500));
-    wait_for_mode(&daemon, &uid, Some("ambient"));
+    daemon.wait_for_mode(&uid, Some("ambient"));
     redirected(true);
 
     // istiod restarts: the daemon reconnects, offers what it holds, and
@@ -230,6 +191,6 @@ fn the_xds_feed_drives_the_datapath_nacks_malformed_resources_and_resumes_after_
     // The workload is removed.
     let removed = istiod.send(Vec::new(), &[&uid]);
     assert_eq!(istiod.reply(&removed), Ok(()));
-    wait_for_mode(&daemon, &uid, None);
+    daemon.wait_for_mode(&uid, None);
     redirected(false);
 }

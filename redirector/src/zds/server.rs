@@ -304,12 +304,17 @@ impl Connection {
             if *newest.borrow_and_update() == self.no {
                 self.add_new(&pods).await?;
             }
-            let next_retry = self.retries.values().map(|r| r.at).min();
-            let wake = next_retry.unwrap_or_else(|| Instant::now() + RESYNC);
+            // Wake for a change, a due retry, or the periodic re-check.
+            let resync = Instant::now() + RESYNC;
+            let wake = self
+                .retries
+                .values()
+                .map(|r| r.at)
+                .fold(resync, Instant::min);
             tokio::select! {
                 changed = self.pods.changed() => if changed.is_err() { return Ok(()) },
                 _ = newest.changed() => {}
-                _ = tokio::time::sleep_until(wake.min(Instant::now() + RESYNC)) => {}
+                _ = tokio::time::sleep_until(wake) => {}
             }
         }
     }
