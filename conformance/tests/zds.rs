@@ -390,3 +390,45 @@ fn a_recreated_sandbox_is_handed_to_ztunnel_again_with_its_new_netns() {
     );
     wait_redirected(&ztunnel, &client, &s.to());
 }
+
+#[test]
+fn a_ztunnel_reconnecting_over_zds_keeps_its_pods_redirected_meanwhile() {
+    // ztunnel keeps serving its pods while its ZDS connection is down; the
+    // daemon must not hold them in the gap.
+    let (s, _daemon) = setup();
+    // Its third answer (after the snapshot's Add and SnapshotSent) drops
+    // the connection; it connects again 300 ms later.
+    let ztunnel = s.stand_in(&["--zds-drop-after", "3"]);
+    wait_redirected(&ztunnel, &s.client, &s.to());
+    let before = accepted(&ztunnel, &s.client);
+    let count = 15000;
+    let looped = s.client.spawn(&[
+        "connect",
+        "--to",
+        &s.to(),
+        "--bytes",
+        "16",
+        "--count",
+        &count.to_string(),
+    ]);
+    std::thread::sleep(Duration::from_millis(100));
+    // A new pod: its Add is the third answer.
+    s.enroll("ambient");
+    ztunnel.wait_for(|e| e["event"] == "zds-reconnected", WAIT);
+    let summary = looped.wait_for(
+        |e| e["event"] == "connect-summary",
+        Duration::from_secs(120),
+    );
+    assert!(
+        ztunnel
+            .events()
+            .iter()
+            .any(|e| e["event"] == "zds-reconnected"),
+        "the loop ended before the reconnect"
+    );
+    assert_eq!(summary["failed"], 0, "{summary}");
+    let through = eventually(Duration::from_secs(5), || {
+        (accepted(&ztunnel, &s.client) - before == count).then_some(())
+    });
+    assert!(through.is_some(), "connects that bypassed ztunnel");
+}

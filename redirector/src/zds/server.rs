@@ -77,12 +77,42 @@ enum ConnError {
     Timeout(Duration),
     #[error("ztunnel refused SnapshotSent: {0}")]
     SnapshotRefused(String),
+    #[error("ztunnel sent a {0}-byte datagram that answers no request")]
+    Unasked(usize),
+}
+
+/// Which pods ztunnel has, as far as the server knows.
+#[derive(Default)]
+struct Acked {
+    /// By live connection.
+    by_conn: BTreeMap<u64, BTreeSet<PodUid>>,
+    /// Those of connections that ended since the last snapshot. ztunnel
+    /// keeps serving its pods while it reconnects (and a ztunnel that is
+    /// gone has no listener anyway), so they stay ready until a new
+    /// snapshot says which pods ztunnel has.
+    departed: BTreeSet<PodUid>,
+    /// Whether any connection completed a snapshot since the daemon
+    /// started; until then the server has nothing to say.
+    snapshot_seen: bool,
+}
+
+impl Acked {
+    fn ready(&self) -> Option<BTreeSet<PodUid>> {
+        self.snapshot_seen.then(|| {
+            self.by_conn
+                .values()
+                .flatten()
+                .chain(&self.departed)
+                .cloned()
+                .collect()
+        })
+    }
 }
 
 /// What the connections share: which pods each has acknowledged, and the
 /// newest connection's number.
 struct Shared {
-    acked: Mutex<BTreeMap<u64, BTreeSet<PodUid>>>,
+    acked: Mutex<Acked>,
     ready: watch::Sender<Option<BTreeSet<PodUid>>>,
     /// Connections past their hello.
     live: Mutex<BTreeSet<u64>>,
@@ -97,10 +127,14 @@ impl Shared {
         self.newest.send_replace(conn);
     }
 
-    /// A connection ended: its pods are no longer acknowledged by it, and
+    /// A connection ended: its pods count as departed (see [`Acked`]), and
     /// if it was the newest, the newest one left takes over.
     fn left(&self, conn: u64) {
-        self.publish(conn, None);
+        self.update(|acked| {
+            if let Some(pods) = acked.by_conn.remove(&conn) {
+                acked.departed.extend(pods);
+            }
+        });
         let mut live = self.live.lock().expect("live lock");
         live.remove(&conn);
         let fallback = live.last().copied().unwrap_or(0);
@@ -113,14 +147,28 @@ impl Shared {
         });
     }
 
-    /// Publishes the pods some connection has acknowledged.
-    fn publish(&self, conn: u64, acked: Option<&BTreeSet<PodUid>>) {
-        let mut all = self.acked.lock().expect("acked lock");
-        match acked {
-            Some(set) => all.insert(conn, set.clone()),
-            None => all.remove(&conn),
-        };
-        let ready = Some(all.values().flatten().cloned().collect());
+    /// A connection's snapshot is complete: what it acknowledged is now the
+    /// word on the pods of departed connections too.
+    fn snapshot_taken(&self, conn: u64, pods: &BTreeSet<PodUid>) {
+        self.update(|acked| {
+            acked.by_conn.insert(conn, pods.clone());
+            acked.departed.clear();
+            acked.snapshot_seen = true;
+        });
+    }
+
+    /// A connection's acknowledged pods changed.
+    fn publish(&self, conn: u64, pods: &BTreeSet<PodUid>) {
+        self.update(|acked| {
+            acked.by_conn.insert(conn, pods.clone());
+        });
+    }
+
+    /// Changes what is acknowledged and publishes the ready pods.
+    fn update(&self, change: impl FnOnce(&mut Acked)) {
+        let mut acked = self.acked.lock().expect("acked lock");
+        change(&mut acked);
+        let ready = acked.ready();
         self.ready.send_if_modified(|current| {
             let changed = *current != ready;
             *current = ready;
@@ -315,6 +363,12 @@ impl Connection {
                 changed = self.pods.changed() => if changed.is_err() { return Ok(()) },
                 _ = newest.changed() => {}
                 _ = tokio::time::sleep_until(wake) => {}
+                // ztunnel only ever answers requests: anything it sends
+                // between them is its end of the connection, or not ZDS.
+                unasked = self.conn.recv() => return match unasked? {
+                    None => Err(ConnError::Closed),
+                    Some(bytes) => Err(ConnError::Unasked(bytes.len())),
+                },
             }
         }
     }
@@ -364,7 +418,7 @@ impl Connection {
             Ack::Nack(e) => return Err(ConnError::SnapshotRefused(e)),
         }
         info!(conn = self.no, pods = self.acked.len(), "ZDS snapshot sent");
-        self.shared.publish(self.no, Some(&self.keys()));
+        self.shared.snapshot_taken(self.no, &self.keys());
         Ok(())
     }
 
@@ -425,7 +479,7 @@ impl Connection {
             changed = true;
         }
         if changed {
-            self.shared.publish(self.no, Some(&self.keys()));
+            self.shared.publish(self.no, &self.keys());
         }
         Ok(())
     }
@@ -451,7 +505,7 @@ impl Connection {
                 }
             }
             self.acked.remove(&uid);
-            self.shared.publish(self.no, Some(&self.keys()));
+            self.shared.publish(self.no, &self.keys());
         }
         Ok(())
     }
@@ -471,4 +525,60 @@ fn netns_identity(ns: &fs::File) -> Option<(u64, u64)> {
         std::os::unix::fs::MetadataExt::dev(&meta),
         std::os::unix::fs::MetadataExt::ino(&meta),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pods(uids: &[&str]) -> BTreeSet<PodUid> {
+        uids.iter().map(|u| PodUid(u.to_string())).collect()
+    }
+
+    fn shared() -> (Shared, watch::Receiver<Option<BTreeSet<PodUid>>>) {
+        let (ready, rx) = watch::channel(None);
+        let shared = Shared {
+            acked: Mutex::default(),
+            ready,
+            live: Mutex::default(),
+            newest: watch::Sender::new(0),
+        };
+        (shared, rx)
+    }
+
+    #[test]
+    fn nothing_is_said_until_a_snapshot_completes() {
+        let (s, rx) = shared();
+        s.joined(1);
+        s.left(1);
+        assert_eq!(*rx.borrow(), None);
+        s.joined(2);
+        s.snapshot_taken(2, &pods(&["a"]));
+        assert_eq!(*rx.borrow(), Some(pods(&["a"])));
+    }
+
+    #[test]
+    fn a_departed_ztunnels_pods_stay_ready_until_the_next_snapshot() {
+        let (s, rx) = shared();
+        s.joined(1);
+        s.snapshot_taken(1, &pods(&["a", "b"]));
+        s.left(1);
+        assert_eq!(*rx.borrow(), Some(pods(&["a", "b"])));
+        // The reconnected ztunnel's snapshot is the new word.
+        s.joined(2);
+        s.snapshot_taken(2, &pods(&["a"]));
+        assert_eq!(*rx.borrow(), Some(pods(&["a"])));
+    }
+
+    #[test]
+    fn new_pods_go_to_the_newest_ztunnel_and_back_to_the_older_when_it_leaves() {
+        let (s, _rx) = shared();
+        s.joined(1);
+        s.joined(2);
+        assert_eq!(*s.newest.borrow(), 2);
+        s.left(2);
+        assert_eq!(*s.newest.borrow(), 1);
+        s.left(1);
+        assert_eq!(*s.newest.borrow(), 0);
+    }
 }

@@ -121,6 +121,11 @@ enum Role {
         /// How many Adds of each `--zds-nack` UID to refuse.
         #[arg(long, default_value_t = 1, requires = "zds")]
         zds_nack_count: usize,
+        /// Close the first ZDS connection after answering this many
+        /// requests (keeping its listeners) and connect again, as ztunnel
+        /// does when its ZDS connection fails.
+        #[arg(long, requires = "zds")]
+        zds_drop_after: Option<usize>,
     },
     /// Sleep until killed: the pod sandbox's own process.
     Pause,
@@ -192,6 +197,7 @@ fn main() {
             zds,
             zds_nacks,
             zds_nack_count,
+            zds_drop_after,
         } => ztunnel(
             &pods,
             Serving {
@@ -203,6 +209,7 @@ fn main() {
                 socket,
                 nacks: zds_nacks,
                 nack_count: zds_nack_count,
+                drop_after: zds_drop_after,
             }),
         ),
         Role::Pause => loop {

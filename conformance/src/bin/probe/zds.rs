@@ -23,6 +23,8 @@ use crate::{PodListeners, Serving, report};
 
 /// How long the node agent's socket may take to exist and accept.
 const CONNECT_FOR: Duration = Duration::from_secs(15);
+/// The pause before connecting again once the node agent went away.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(300);
 /// The pause between two connection attempts.
 const CONNECT_RETRY: Duration = Duration::from_millis(100);
 
@@ -34,6 +36,8 @@ pub struct Options {
     pub nacks: Vec<String>,
     /// How many Adds of each of `nacks` are refused.
     pub nack_count: usize,
+    /// Close the first connection after this many answers.
+    pub drop_after: Option<usize>,
 }
 
 /// A ZDS connection to the node agent, hello sent.
@@ -42,6 +46,8 @@ pub struct Session {
     socket: PathBuf,
     /// Pods added or kept since the connection opened, until SnapshotSent.
     snapshot: Option<HashSet<String>>,
+    /// Answers left before the connection is dropped on purpose.
+    drop_after: Option<usize>,
     /// How many more Adds of each `--zds-nack` UID to refuse.
     nacks_left: HashMap<String, usize>,
     /// The listeners of every pod handed over and not deleted, by UID, with
@@ -75,6 +81,7 @@ impl Session {
             conn,
             socket: path.clone(),
             snapshot: Some(HashSet::new()),
+            drop_after: options.drop_after,
             nacks_left: options
                 .nacks
                 .iter()
@@ -90,6 +97,8 @@ impl Session {
     pub fn run(mut self, serving: Serving) -> io::Result<()> {
         loop {
             self.serve(serving)?;
+            // A gap before reconnecting, as ztunnel's backoff leaves one.
+            thread::sleep(RECONNECT_PAUSE);
             self.conn = loop {
                 match try_connect(&self.socket) {
                     Ok(conn) => break conn,
@@ -119,7 +128,20 @@ impl Session {
                 }
             };
             match wire::send(self.conn.as_fd(), &ack.encode(), None) {
-                Ok(()) => {}
+                Ok(()) => {
+                    if let Some(left) = &mut self.drop_after {
+                        *left = left.saturating_sub(1);
+                        if *left == 0 {
+                            self.drop_after = None;
+                            report(json!({"event": "zds-dropping"}));
+                            // The node agent sees the end now, not at the
+                            // reconnect.
+                            let _ = socket2::SockRef::from(&self.conn)
+                                .shutdown(std::net::Shutdown::Both);
+                            break;
+                        }
+                    }
+                }
                 // The node agent went before reading its ack.
                 Err(WireError::Syscall { source, .. })
                     if matches!(
