@@ -354,8 +354,8 @@ impl Annotator {
                 }
             });
         }
-        self.requested
-            .retain(|uid, _| kube.pods.iter().any(|p| &p.uid == uid));
+        let listed: BTreeSet<&PodUid> = kube.pods.iter().map(|p| &p.uid).collect();
+        self.requested.retain(|uid, _| listed.contains(uid));
     }
 }
 
@@ -453,9 +453,7 @@ impl Node {
         }
         let mut spec = self.spec.clone().unwrap_or_default();
         if let Some(kube) = &self.kube {
-            spec.pods
-                .retain(|p| !kube.pods.iter().any(|k| k.uid == p.uid));
-            spec.pods.extend(kube.pods.iter().cloned());
+            overlay(&mut spec.pods, kube.pods.iter().cloned());
             spec.ztunnels
                 .extend(kube.ztunnels.iter().map(|uid| ZtunnelSpec {
                     cgroup: CgroupRef::Pod(uid.clone()),
@@ -463,25 +461,25 @@ impl Node {
                 }));
         }
         if let Some(xds) = self.xds.as_ref().filter(|_| !self.kube_is_source) {
-            spec.pods
-                .retain(|p| !xds.workloads.iter().any(|w| w.uid == p.uid.0));
-            spec.pods.extend(xds.workloads.iter().map(|w| PodSpec {
-                uid: PodUid(w.uid.clone()),
-                name: w.name.clone(),
-                namespace: w.namespace.clone(),
-                service_account: w.service_account.clone(),
-                cgroup: PodCgroup::Address,
-                ips: w.ips.clone(),
-                mode: if w.captured {
-                    Mode::Ambient
-                } else {
-                    Mode::None
-                },
-                accelerate: None,
-            }));
+            overlay(
+                &mut spec.pods,
+                xds.workloads.iter().map(|w| PodSpec {
+                    uid: PodUid(w.uid.clone()),
+                    name: w.name.clone(),
+                    namespace: w.namespace.clone(),
+                    service_account: w.service_account.clone(),
+                    cgroup: PodCgroup::Address,
+                    ips: w.ips.clone(),
+                    mode: if w.captured {
+                        Mode::Ambient
+                    } else {
+                        Mode::None
+                    },
+                    accelerate: None,
+                }),
+            );
         }
-        spec.pods.retain(|p| !self.pushed_pods.contains_key(&p.uid));
-        spec.pods.extend(self.pushed_pods.values().cloned());
+        overlay(&mut spec.pods, self.pushed_pods.values().cloned());
         // ZDS gates the in-pod model only; a shared ztunnel takes no pods.
         if spec.redirect.is_none() {
             spec.ready = self.zds.as_ref().map(ZdsState::ready);
@@ -632,6 +630,14 @@ impl Node {
         }
         Ok(())
     }
+}
+
+/// Adds `later` to `pods`, each replacing the pod of the same UID.
+fn overlay(pods: &mut Vec<PodSpec>, later: impl Iterator<Item = PodSpec>) {
+    let later: Vec<PodSpec> = later.collect();
+    let uids: BTreeSet<&PodUid> = later.iter().map(|p| &p.uid).collect();
+    pods.retain(|p| !uids.contains(&p.uid));
+    pods.extend(later);
 }
 
 /// The pods to hand ztunnel over ZDS: enrolled pods of the in-pod model

@@ -99,12 +99,19 @@ pub struct Snapshot {
 /// ambridge) has not yet marked a new pod `redirection: enabled`; lasting
 /// otherwise.
 pub fn disagreements(pods: &[PodSpec], workloads: &[Workload]) -> BTreeSet<String> {
+    // Indexed, as both sides hold every pod of the node.
+    let by_name: std::collections::HashMap<(&str, &str), &Workload> = workloads
+        .iter()
+        .map(|w| ((w.namespace.as_str(), w.name.as_str()), w))
+        .collect();
+    let pod_names: std::collections::HashSet<(&str, &str)> = pods
+        .iter()
+        .map(|p| (p.namespace.as_str(), p.name.as_str()))
+        .collect();
     let mut out = BTreeSet::new();
     for pod in pods {
         let enrolled = pod.mode == Mode::Ambient;
-        let workload = workloads
-            .iter()
-            .find(|w| w.namespace == pod.namespace && w.name == pod.name);
+        let workload = by_name.get(&(pod.namespace.as_str(), pod.name.as_str()));
         let line = match workload {
             None if enrolled => "enrolled, but istiod does not list it on this node",
             Some(w) if enrolled && !w.captured => "enrolled, but istiod does not report HBONE",
@@ -114,10 +121,7 @@ pub fn disagreements(pods: &[PodSpec], workloads: &[Workload]) -> BTreeSet<Strin
         out.insert(format!("pod {}/{}: {line}", pod.namespace, pod.name));
     }
     for w in workloads.iter().filter(|w| w.captured) {
-        if !pods
-            .iter()
-            .any(|p| p.namespace == w.namespace && p.name == w.name)
-        {
+        if !pod_names.contains(&(w.namespace.as_str(), w.name.as_str())) {
             out.insert(format!(
                 "workload {}: istiod reports HBONE, Kubernetes has no such pod on this node",
                 w.uid
