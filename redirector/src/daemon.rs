@@ -658,6 +658,7 @@ fn zds_pods(spec: &NodeSpec, desired: &reconcile::Desired) -> zds::server::Pods 
                     namespace: p.namespace.clone(),
                     service_account: p.service_account.clone(),
                     cgroup: cgroup.clone(),
+                    netns: desired.pod_netns.get(&p.uid).copied(),
                 },
             ))
         })

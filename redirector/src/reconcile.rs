@@ -45,6 +45,8 @@ pub struct Desired {
     pub node: NodeConfig,
     /// Where each pod with a resolved cgroup sits.
     pub placed: BTreeMap<PodUid, (std::path::PathBuf, CgroupId)>,
+    /// The netns of each pod whose processes were found.
+    pub pod_netns: BTreeMap<PodUid, NetnsCookie>,
     pub unresolved: Vec<Unresolved>,
 }
 
@@ -70,6 +72,9 @@ impl Desired {
         match resolve.netns_cookie(cgroup) {
             Ok(Some(cookie)) => {
                 self.netns.insert(cookie, info);
+                if let Some(uid) = uid {
+                    self.pod_netns.insert(uid.clone(), cookie);
+                }
             }
             Ok(None) => self.unresolved(
                 uid,
@@ -412,6 +417,7 @@ mod tests {
         assert_eq!(d.netns.len(), 2);
         let a = d.netns[&NetnsCookie(1010)];
         assert_eq!(a.ip4.to_ne_bytes(), [198, 18, 0, 2]);
+        assert_eq!(d.pod_netns[&PodUid("a".into())], NetnsCookie(1010));
         // In the in-pod model ztunnel's own netns needs no entry.
         assert!(!d.netns.contains_key(&NetnsCookie(1020)));
     }

@@ -26,16 +26,16 @@ use tokio::{io::unix::AsyncFd, sync::watch, time::Instant};
 use tracing::{info, warn};
 
 use super::wire::{self, Ack, Request, WireError, ZdsConn};
-use crate::{netns, types::PodUid};
+use crate::{
+    netns,
+    types::{NetnsCookie, PodUid},
+};
 
 /// How long ztunnel may take to answer a request (or to say hello).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// First wait before re-sending a NACKed Add; doubles up to [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(10);
-/// How often pods are re-checked: a pod whose netns could not be opened
-/// yet, or whose sandbox was recreated with a new netns, is (re-)added.
-const RESYNC: Duration = Duration::from_secs(2);
 
 /// A pod ztunnel should capture.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,6 +45,10 @@ pub struct ZdsPod {
     pub service_account: String,
     /// The pod-level cgroup; its processes lead to the pod's netns.
     pub cgroup: PathBuf,
+    /// The pod's netns as the daemon last found it (`None` while the pod
+    /// has no process): a new cookie is a recreated sandbox, to be added
+    /// again.
+    pub netns: Option<NetnsCookie>,
 }
 
 /// The pods ztunnel should capture, by Kubernetes pod UID.
@@ -322,9 +326,9 @@ struct Connection {
     shared: Arc<Shared>,
     pods: watch::Receiver<Pods>,
     /// Pods this ztunnel acknowledged, with the netns it was given (`None`
-    /// after a Keep). Holding it open keeps its inode number from being
-    /// reused, so a recreated sandbox is always told apart.
-    acked: BTreeMap<PodUid, Option<fs::File>>,
+    /// after a Keep). Cookies are never reused, so a recreated sandbox is
+    /// always told apart.
+    acked: BTreeMap<PodUid, Option<NetnsCookie>>,
     retries: BTreeMap<PodUid, Retry>,
 }
 
@@ -352,17 +356,13 @@ impl Connection {
             if *newest.borrow_and_update() == self.no {
                 self.add_new(&pods).await?;
             }
-            // Wake for a change, a due retry, or the periodic re-check.
-            let resync = Instant::now() + RESYNC;
-            let wake = self
-                .retries
-                .values()
-                .map(|r| r.at)
-                .fold(resync, Instant::min);
+            // Wake for a change of the pods (the daemon's reconcile finds new
+            // sandboxes), of the newest ztunnel, or for a due retry.
+            let retry = self.retries.values().map(|r| r.at).min();
             tokio::select! {
                 changed = self.pods.changed() => if changed.is_err() { return Ok(()) },
                 _ = newest.changed() => {}
-                _ = tokio::time::sleep_until(wake) => {}
+                _ = sleep_until(retry) => {}
                 // ztunnel only ever answers requests: anything it sends
                 // between them is its end of the connection, or not ZDS.
                 unasked = self.conn.recv() => return match unasked? {
@@ -393,13 +393,13 @@ impl Connection {
         Ok(wire::decode_ack(&self.answer().await?)?)
     }
 
-    /// Every pod, as Add (or Keep when its netns cannot be opened), then
-    /// SnapshotSent.
+    /// Every pod, as Add (or Keep when its netns is not known or cannot be
+    /// opened), then SnapshotSent.
     async fn snapshot(&mut self) -> Result<(), ConnError> {
         let pods = self.pods.borrow_and_update().clone();
         for (uid, pod) in &pods {
-            match open_netns(&pod.cgroup) {
-                Some(ns) => self.add(uid, pod, ns).await?,
+            match pod.netns.and_then(|_| open_netns(&pod.cgroup)) {
+                Some(ns) => self.add(uid, pod, &ns).await?,
                 None => {
                     let keep = Request::Keep { uid: uid.0.clone() };
                     match self.request(&keep, None).await? {
@@ -427,7 +427,7 @@ impl Connection {
     }
 
     /// Sends one Add with the pod's netns; a NACK schedules a retry.
-    async fn add(&mut self, uid: &PodUid, pod: &ZdsPod, ns: fs::File) -> Result<(), ConnError> {
+    async fn add(&mut self, uid: &PodUid, pod: &ZdsPod, ns: &fs::File) -> Result<(), ConnError> {
         let add = Request::Add {
             uid: uid.0.clone(),
             name: pod.name.clone(),
@@ -437,45 +437,56 @@ impl Connection {
         match self.request(&add, Some(ns.as_fd())).await? {
             Ack::Ok => {
                 self.retries.remove(uid);
-                self.acked.insert(uid.clone(), Some(ns));
+                self.acked.insert(uid.clone(), pod.netns);
                 info!(conn = self.no, pod = %uid, name = %pod.name, namespace = %pod.namespace, "ztunnel acknowledged AddWorkload");
             }
             Ack::Nack(e) => {
-                let wait = self
-                    .retries
-                    .get(uid)
-                    .map_or(RETRY_FIRST, |r| (r.wait * 2).min(RETRY_MAX));
+                let wait = self.retry_later(uid);
                 warn!(conn = self.no, pod = %uid, name = %pod.name, namespace = %pod.namespace, retry_in_ms = wait.as_millis() as u64, "ztunnel refused AddWorkload: {e}");
-                self.retries.insert(
-                    uid.clone(),
-                    Retry {
-                        at: Instant::now() + wait,
-                        wait,
-                    },
-                );
             }
         }
         Ok(())
     }
 
+    /// Schedules another Add of `uid`, backing off; returns the wait.
+    fn retry_later(&mut self, uid: &PodUid) -> Duration {
+        let wait = self
+            .retries
+            .get(uid)
+            .map_or(RETRY_FIRST, |r| (r.wait * 2).min(RETRY_MAX));
+        self.retries.insert(
+            uid.clone(),
+            Retry {
+                at: Instant::now() + wait,
+                wait,
+            },
+        );
+        wait
+    }
+
     /// Adds pods not acknowledged yet (their retry due), and re-adds pods
-    /// whose sandbox got a new netns.
+    /// whose sandbox got a new netns. Pods whose netns is not known yet
+    /// wait for the daemon to find it.
     async fn add_new(&mut self, pods: &Pods) -> Result<(), ConnError> {
         let now = Instant::now();
         let mut changed = false;
         for (uid, pod) in pods {
-            if self.retries.get(uid).is_some_and(|r| r.at > now) {
-                continue;
-            }
-            let Some(ns) = open_netns(&pod.cgroup) else {
+            let Some(netns) = pod.netns else {
                 continue;
             };
-            if let Some(Some(given)) = self.acked.get(uid)
-                && netns_identity(given) == netns_identity(&ns)
+            if self.acked.get(uid) == Some(&Some(netns))
+                || self.retries.get(uid).is_some_and(|r| r.at > now)
             {
                 continue;
             }
-            self.add(uid, pod, ns).await?;
+            match open_netns(&pod.cgroup) {
+                Some(ns) => self.add(uid, pod, &ns).await?,
+                // Its process just exited: try again shortly.
+                None => {
+                    self.retry_later(uid);
+                    continue;
+                }
+            }
             changed = true;
         }
         if changed {
@@ -518,13 +529,12 @@ fn open_netns(cgroup: &Path) -> Option<fs::File> {
     fs::File::open(path).ok()
 }
 
-/// A namespace's identity: the device and inode of its nsfs file.
-fn netns_identity(ns: &fs::File) -> Option<(u64, u64)> {
-    let meta = ns.metadata().ok()?;
-    Some((
-        std::os::unix::fs::MetadataExt::dev(&meta),
-        std::os::unix::fs::MetadataExt::ino(&meta),
-    ))
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 #[cfg(test)]
