@@ -134,6 +134,26 @@ pub fn assert_landed(
     );
 }
 
+/// Waits for a [`Pod::connect_loop`] of `count` connects to end and asserts
+/// that none failed and that every one went through ztunnel: `through()`
+/// (ztunnel's accepted connections since the loop started) reaches `count`.
+pub fn assert_loop_through(looped: &Background, count: usize, through: impl Fn() -> usize) {
+    let summary = looped.wait_for(
+        |e| e["event"] == "connect-summary",
+        Duration::from_secs(120),
+    );
+    assert_eq!(summary["failed"], 0, "failed connects: {summary}");
+    assert_eq!(summary["ok"], count, "{summary}");
+    let all = eventually(Duration::from_secs(5), || {
+        (through() == count).then_some(())
+    });
+    assert!(
+        all.is_some(),
+        "connects that bypassed ztunnel: {}",
+        count - through()
+    );
+}
+
 /// Asserts whether one connect from `client` to `to` succeeds through
 /// `ztunnel` (`expect`) or goes past it: it must succeed either way, and
 /// the stand-in must (or must not) accept a connection within 3 s.

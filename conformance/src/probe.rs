@@ -71,6 +71,13 @@ impl Pod {
             .expect("connect event")
     }
 
+    /// Starts `count` sequential 16-byte connects from this pod to `to`;
+    /// the probe ends with a `connect-summary` event.
+    pub fn connect_loop(&self, to: &str, count: usize) -> Background {
+        let count = count.to_string();
+        self.spawn(&["connect", "--to", to, "--bytes", "16", "--count", &count])
+    }
+
     /// Starts a long-running probe in this pod's app container.
     pub fn spawn(&self, args: &[&str]) -> Background {
         Background::spawn(command(Some(&self.container), &self.netns, args))

@@ -6,7 +6,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use ambridge_conformance::{
-    Background, Daemon, Event, Node, Pod, ThreePods, eventually, three_pods, ztunnel_stand_in,
+    Background, Daemon, Node, Pod, ThreePods, eventually, three_pods, ztunnel_stand_in,
 };
 
 /// Field order is drop order.
@@ -56,37 +56,16 @@ impl Setup {
 
     /// Starts `count` sequential connects from the enrolled client.
     fn connect_loop(&self, count: usize) -> Background {
-        let to = format!("{}:8080", self.server.ip4);
-        self.client.spawn(&[
-            "connect",
-            "--to",
-            &to,
-            "--bytes",
-            "16",
-            "--count",
-            &count.to_string(),
-        ])
+        self.client
+            .connect_loop(&format!("{}:8080", self.server.ip4), count)
     }
 
     /// Waits for the loop's summary and checks every connect succeeded and
     /// went through ztunnel.
     fn assert_all_redirected(&self, looped: &Background, accepted_before: usize, count: usize) {
-        let summary: Event = looped.wait_for(
-            |e| e["event"] == "connect-summary",
-            Duration::from_secs(120),
-        );
-        assert_eq!(summary["failed"], 0, "failed connects: {summary}");
-        assert_eq!(summary["ok"], count, "{summary}");
-        let through_ztunnel = eventually(Duration::from_secs(5), || {
-            let n = self.accepted() - accepted_before;
-            (n == count).then_some(n)
+        ambridge_conformance::assert_loop_through(looped, count, || {
+            self.accepted() - accepted_before
         });
-        assert_eq!(
-            through_ztunnel,
-            Some(count),
-            "connects that bypassed ztunnel: {}",
-            count - (self.accepted() - accepted_before)
-        );
     }
 }
 

@@ -183,11 +183,7 @@ pub fn pushed(req: pb::PushCgroupRequest) -> Result<Pushed, Status> {
                 uid: PodUid(p.uid),
                 name: p.name,
                 namespace: p.namespace,
-                service_account: if p.service_account.is_empty() {
-                    "default".into()
-                } else {
-                    p.service_account
-                },
+                service_account: crate::state::service_account_or_default(Some(p.service_account)),
                 cgroup: cgroup.map_or(PodCgroup::Uid, PodCgroup::Path),
                 ips,
                 mode,

@@ -173,10 +173,9 @@ pub fn snapshot(
         out.pods.push(PodSpec {
             uid,
             name: pod.metadata.name.clone().unwrap_or_default(),
-            service_account: facts
-                .service_account
-                .clone()
-                .unwrap_or_else(|| "default".into()),
+            service_account: crate::state::service_account_or_default(
+                facts.service_account.clone(),
+            ),
             namespace: facts.namespace,
             cgroup: PodCgroup::Uid,
             ips: pod_ips(pod),

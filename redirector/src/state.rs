@@ -54,6 +54,14 @@ impl PodSpec {
     }
 }
 
+/// A pod's service account as a feed gives it: Kubernetes's `default` when
+/// it gives none (or an empty one, as istiod elides it).
+pub fn service_account_or_default(given: Option<String>) -> String {
+    given
+        .filter(|sa| !sa.is_empty())
+        .unwrap_or_else(|| "default".into())
+}
+
 /// How a pod's cgroup is found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PodCgroup {

@@ -61,7 +61,7 @@ struct Workload {
 }
 
 fn default_service_account() -> String {
-    "default".into()
+    crate::state::service_account_or_default(None)
 }
 
 #[derive(Debug, Deserialize)]

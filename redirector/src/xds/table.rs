@@ -180,11 +180,7 @@ fn local_workload(
         uid: w.uid,
         name: w.name,
         namespace: w.namespace,
-        service_account: if w.service_account.is_empty() {
-            "default".into()
-        } else {
-            w.service_account
-        },
+        service_account: crate::state::service_account_or_default(Some(w.service_account)),
         ips,
     }))
 }
