@@ -45,6 +45,16 @@ impl Daemon {
             } else {
                 &["--resync-seconds", "1"][..]
             })
+            // The sandbox node's own netns plays the host's: its
+            // addresses are the node's, exempt from inbound capture.
+            .args(if extra.contains(&"--node-netns") {
+                Vec::new()
+            } else {
+                vec![
+                    "--node-netns".to_string(),
+                    format!("/run/netns/{}", node.netns_name),
+                ]
+            })
             .args(extra)
             .args(if crate::replacement_mode() && !extra.contains(&"--zds") {
                 vec![

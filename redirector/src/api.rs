@@ -188,6 +188,7 @@ pub fn pushed(req: pb::PushCgroupRequest) -> Result<Pushed, Status> {
                 ips,
                 mode,
                 accelerate: None,
+                capture: Default::default(),
             }))
         }
         Some(pb::push_cgroup_request::Entry::Ztunnel(z)) => {

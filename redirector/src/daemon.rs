@@ -57,6 +57,9 @@ pub struct Options {
     /// Where to serve ZDS to ztunnel (`--zds serve`); `None`: istio-cni
     /// does.
     pub zds_socket: Option<PathBuf>,
+    /// The node's own network namespace, whose addresses are exempt from
+    /// inbound capture (kubelet probes); `None`: no node address is.
+    pub node_netns: Option<PathBuf>,
 }
 
 /// Where and how to watch Kubernetes.
@@ -165,7 +168,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             push,
             changes: changes.clone(),
         },
-        opts.settings,
+        opts.settings.clone(),
         opts.cgroup_root.clone(),
         opts.pins.clone(),
     ));
@@ -190,9 +193,12 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         pushed_ztunnels: BTreeMap::new(),
         unresolved: Vec::new(),
         cookies: CookieCache::default(),
+        node_netns: opts.node_netns.clone(),
+        node_addresses: Vec::new(),
         view,
         changes,
     };
+    node.refresh_node_addresses();
     if opts.file_source {
         node.load(&opts.workloads);
     }
@@ -250,7 +256,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 node.apply_push(entry);
                 node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent)?;
             }
-            _ = resync.tick() => node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent)?,
+            _ = resync.tick() => {
+                node.refresh_node_addresses();
+                node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent)?;
+            }
             result = &mut api_task => {
                 return Err(anyhow::anyhow!("the local API stopped: {:?}", result.map(|r| r.map_err(|e| format!("{e:#}")))));
             }
@@ -293,6 +302,11 @@ struct Node {
     pushed_ztunnels: BTreeMap<PathBuf, bool>,
     unresolved: Vec<Unresolved>,
     cookies: CookieCache,
+    /// Where the node's own addresses are read (`--node-netns`).
+    node_netns: Option<PathBuf>,
+    /// The node's own addresses, as last read (every resync: they may
+    /// change, as with DHCP).
+    node_addresses: Vec<IpAddr>,
     view: api::SharedView,
     changes: tokio::sync::broadcast::Sender<api::pb::Change>,
 }
@@ -362,6 +376,7 @@ impl Annotator {
 /// Resolves against the live system: cgroupfs and the pods' processes.
 struct SystemResolver<'a> {
     kubepods_parent: &'a Path,
+    node_addresses: &'a [IpAddr],
     cookies: &'a mut CookieCache,
     addresses: &'a mut AddressCache,
     /// Pod cgroups by the addresses of their netns, listed at the first
@@ -414,9 +429,31 @@ impl Resolve for SystemResolver<'_> {
     fn netns_cookie(&mut self, cgroup: &Path) -> std::io::Result<Option<NetnsCookie>> {
         Ok(self.cookies.of_cgroup(cgroup)?.map(NetnsCookie))
     }
+
+    fn node_addresses(&mut self) -> Vec<IpAddr> {
+        self.node_addresses.to_vec()
+    }
 }
 
 impl Node {
+    /// Re-reads the node's own addresses; on failure the last ones stay.
+    fn refresh_node_addresses(&mut self) {
+        let Some(path) = &self.node_netns else {
+            return;
+        };
+        match crate::netns::addresses(path) {
+            Ok(ips) => {
+                if ips != self.node_addresses {
+                    info!(netns = %path.display(), addresses = ?ips, "node addresses (exempt from inbound capture)");
+                    self.node_addresses = ips;
+                }
+            }
+            Err(e) => {
+                warn!(netns = %path.display(), "reading the node's addresses, keeping the last ones: {e}")
+            }
+        }
+    }
+
     fn apply_push(&mut self, entry: api::Pushed) {
         match entry {
             api::Pushed::Pod(pod) => {
@@ -476,6 +513,7 @@ impl Node {
                         Mode::None
                     },
                     accelerate: None,
+                    capture: Default::default(),
                 }),
             );
         }
@@ -549,6 +587,7 @@ impl Node {
         let started = std::time::Instant::now();
         let mut resolver = SystemResolver {
             kubepods_parent,
+            node_addresses: &self.node_addresses,
             cookies: &mut self.cookies,
             addresses: &mut self.addresses,
             by_address: None,
@@ -569,9 +608,8 @@ impl Node {
                 desired = reconcile::desired(&spec, settings, &mut resolver);
             }
         }
-        // Every pod was looked at: namespaces not asked for are gone.
-        self.cookies.retain_seen();
-        self.addresses.retain_seen();
+        // Every pod was looked at: namespaces not asked for are gone (after
+        // the inbound links, which attach to the namespaces the pass held).
         if desired.unresolved != self.unresolved {
             // Name the first few; a node starting many pods at once would
             // otherwise log one line per pod.
@@ -605,6 +643,9 @@ impl Node {
             info!(config = ?desired.node, "node settings written");
         }
         datapath.apply_cgroups(&cgroup_ops)?;
+        let inbound_changes = self.apply_inbound(datapath, &desired)?;
+        self.cookies.retain_seen();
+        self.addresses.retain_seen();
         // After the maps: a pod leaving the mesh is handed its Del only once
         // its redirect entries are gone.
         if let Some(zds) = &self.zds {
@@ -618,10 +659,11 @@ impl Node {
                 annotator.update(kube, &zds.ready());
             }
         }
-        if !cgroup_ops.is_empty() || !netns_ops.is_empty() {
+        if !cgroup_ops.is_empty() || !netns_ops.is_empty() || inbound_changes > 0 {
             info!(
                 cgroup_changes = cgroup_ops.len(),
                 netns_changes = netns_ops.len(),
+                inbound_changes,
                 cgroups = desired.cgroups.len(),
                 netns = desired.netns.len(),
                 elapsed_ms = started.elapsed().as_millis() as u64,
@@ -629,6 +671,45 @@ impl Node {
             );
         }
         Ok(())
+    }
+}
+
+impl Node {
+    /// Brings inbound capture to `desired`: exempt sources first (so a
+    /// probe is never refused on the way), then each new address's entry
+    /// before its netns's link, and a leaving netns's link before its
+    /// entries go. Returns how many changes were made.
+    fn apply_inbound(
+        &mut self,
+        datapath: &mut Datapath,
+        desired: &reconcile::Desired,
+    ) -> anyhow::Result<usize> {
+        let exempt_ops = reconcile::diff(&datapath.exempt_entries()?, &desired.exempt);
+        datapath.apply_exempt(&exempt_ops)?;
+        let (deletes, puts): (Vec<_>, Vec<_>) =
+            reconcile::diff(&datapath.inbound_entries()?, &desired.inbound)
+                .into_iter()
+                .partition(|op| matches!(op, reconcile::Op::Delete(_)));
+        datapath.apply_inbound(&puts)?;
+        let attached = datapath.netns_links().clone();
+        let mut changes = exempt_ops.len() + puts.len() + deletes.len();
+        for cookie in desired.inbound_netns.difference(&attached) {
+            let Some(ns) = self.cookies.namespace(cookie.0) else {
+                continue;
+            };
+            match datapath.attach_inbound(*cookie, std::os::fd::AsFd::as_fd(ns)) {
+                Ok(()) => changes += 1,
+                // One pod's namespace failing must not stall the node: it
+                // is retried at the next reconcile.
+                Err(e) => warn!(netns = %cookie, "attaching inbound capture, retrying: {e}"),
+            }
+        }
+        for cookie in attached.difference(&desired.inbound_netns) {
+            datapath.detach_inbound(*cookie)?;
+            changes += 1;
+        }
+        datapath.apply_inbound(&deletes)?;
+        Ok(changes)
     }
 }
 

@@ -1,11 +1,16 @@
 //! What the datapath holds for a pod, a ztunnel or a network namespace: pure
 //! functions from node state and settings to map values.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ambridge_common::{CgroupInfo, NetnsInfo, NodeConfig, REDIRECT_PORTS, flags, v4_mapped};
+use ambridge_common::{
+    CgroupInfo, IpKey, NetnsInfo, NodeConfig, REDIRECT_PORTS, flags, v4_mapped,
+};
 
-use crate::state::{Mode, NodeSpec, OriginalSrc, PodSpec, Settings, ZtunnelSpec};
+use crate::{
+    state::{Mode, NodeSpec, OriginalSrc, PodSpec, Settings, ZtunnelSpec},
+    types::Port,
+};
 
 /// A network-order IPv4 address as the kernel programs compare it.
 pub fn ip4_word(ip: Ipv4Addr) -> u32 {
@@ -18,6 +23,23 @@ pub fn ip6_words(ip: Ipv6Addr) -> [u32; 4] {
     std::array::from_fn(|i| {
         u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
     })
+}
+
+/// An address as the shared maps key it: IPv6, or IPv4-mapped.
+pub fn ip_key(ip: IpAddr) -> IpKey {
+    match ip {
+        IpAddr::V4(v4) => v4_mapped(ip4_word(v4)),
+        IpAddr::V6(v6) => ip6_words(v6),
+    }
+}
+
+/// The address a map key stands for (IPv4-mapped keys are IPv4).
+pub fn ip_from_key(key: &IpKey) -> IpAddr {
+    let mut octets = [0u8; 16];
+    for (i, w) in key.iter().enumerate() {
+        octets[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    Ipv6Addr::from(octets).to_canonical()
 }
 
 /// Acceleration flags for connections served by a proxy: allowed when
@@ -44,6 +66,9 @@ pub fn pod_entry(pod: &PodSpec, node: &NodeSpec, settings: &Settings) -> CgroupI
     if pod.mode == Mode::Ambient {
         let accelerate = pod.accelerate.unwrap_or(settings.sockmap);
         info.flags |= flags::ENROLLED | accel(accelerate, node.zero_copy());
+        if pod.capture.dns.unwrap_or(settings.dns_capture) {
+            info.flags |= flags::DNS_CAPTURE;
+        }
         if node
             .ready
             .as_ref()
@@ -90,7 +115,15 @@ pub fn ztunnel_entry(ztunnel: &ZtunnelSpec, settings: &Settings) -> CgroupInfo {
 /// redirected to, and the shared ztunnel's addresses (if any). `spec` is
 /// `None` before any feed has delivered a node state.
 pub fn node_config(spec: Option<&NodeSpec>, settings: &Settings) -> NodeConfig {
-    let mut cfg = NodeConfig::default();
+    let mut cfg = NodeConfig {
+        inbound_port: Port::ZTUNNEL_INBOUND_PLAINTEXT.0,
+        hbone_port: Port::ZTUNNEL_HBONE.0,
+        dns_port: Port::ZTUNNEL_DNS.0,
+        ..NodeConfig::default()
+    };
+    if settings.inbound_fail_closed {
+        cfg.flags |= flags::INBOUND_FAIL_CLOSED;
+    }
     let shared = spec.and_then(|s| s.redirect);
     let ports = [
         Some(settings.port.0),
@@ -148,6 +181,7 @@ mod tests {
             ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
             mode,
             accelerate: None,
+            capture: Default::default(),
         }
     }
 
@@ -183,7 +217,7 @@ mod tests {
         );
         assert_eq!(
             info.flags,
-            flags::ENROLLED | flags::HAS_IP4 | flags::HAS_IP6
+            flags::ENROLLED | flags::DNS_CAPTURE | flags::HAS_IP4 | flags::HAS_IP6
         );
         assert_eq!(info.redirect_port, 15001);
         assert_eq!(info.pod_ip4.to_ne_bytes(), [198, 18, 0, 2]);
@@ -221,6 +255,28 @@ mod tests {
             &Settings::default(),
         );
         assert_eq!(out.flags & flags::HELD, 0);
+    }
+
+    #[test]
+    fn dns_is_captured_as_the_node_says_unless_the_pod_says_otherwise() {
+        let mut p = pod(Mode::Ambient, &["198.18.0.2"]);
+        let off = Settings {
+            dns_capture: false,
+            ..Settings::default()
+        };
+        let dns = |p: &PodSpec, s: &Settings| {
+            pod_entry(p, &NodeSpec::default(), s).flags & flags::DNS_CAPTURE != 0
+        };
+        assert!(dns(&p, &Settings::default()));
+        assert!(!dns(&p, &off));
+        p.capture.dns = Some(true);
+        assert!(dns(&p, &off));
+        p.capture.dns = Some(false);
+        assert!(!dns(&p, &Settings::default()));
+        // Only enrolled pods' DNS is captured.
+        let mut out = pod(Mode::None, &["198.18.0.2"]);
+        out.capture.dns = Some(true);
+        assert!(!dns(&out, &Settings::default()));
     }
 
     #[test]
@@ -346,6 +402,10 @@ mod tests {
         let cfg = node_config(None, &Settings::default());
         assert_eq!(cfg.redirect_ports, [15001, 0, 0, 0]);
         assert_eq!(cfg.flags, 0);
+        assert_eq!(
+            (cfg.inbound_port, cfg.hbone_port, cfg.dns_port),
+            (15006, 15008, 15053)
+        );
         let shared = SharedRedirect {
             ip4: Some("198.18.0.50".parse().unwrap()),
             ip6: None,
@@ -371,6 +431,18 @@ mod tests {
         let info = netns_entry(Some("198.18.0.2".parse().unwrap()), None);
         assert_eq!(info.flags, flags::HAS_IP4);
         assert_eq!(info.ip4.to_ne_bytes(), [198, 18, 0, 2]);
+    }
+
+    #[test]
+    fn map_keys_round_trip_both_families() {
+        for ip in ["198.18.0.2", "fd00:18::2", "::1"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_from_key(&ip_key(ip)), ip);
+        }
+        assert_eq!(
+            ip_key("198.18.0.2".parse().unwrap()),
+            v4_mapped(ip4_word("198.18.0.2".parse().unwrap()))
+        );
     }
 
     #[test]

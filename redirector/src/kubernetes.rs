@@ -16,7 +16,7 @@ use tracing::{error, warn};
 
 use crate::{
     membership::{self, Decision, MeshSettings, PodFacts},
-    state::{Mode, PodCgroup, PodSpec},
+    state::{CaptureOverrides, Mode, PodCgroup, PodSpec},
     types::PodUid,
 };
 
@@ -148,13 +148,22 @@ pub fn snapshot(
         };
         let facts = facts(pod);
         let labels = ns_labels.get(&facts.namespace).unwrap_or(&empty);
-        let mode = match membership::decide(&facts, labels, mesh) {
+        let (mode, capture) = match membership::decide(&facts, labels, mesh) {
             Ok(Decision::Ztunnel) => {
                 out.ztunnels.push(uid);
                 continue;
             }
-            Ok(Decision::Enrolled { .. }) => Mode::Ambient,
-            Ok(Decision::NotEnrolled(_)) => Mode::None,
+            Ok(Decision::Enrolled {
+                inbound_capture,
+                dns_capture,
+            }) => (
+                Mode::Ambient,
+                CaptureOverrides {
+                    inbound: inbound_capture,
+                    dns: dns_capture,
+                },
+            ),
+            Ok(Decision::NotEnrolled(_)) => (Mode::None, CaptureOverrides::default()),
             Err(e) => {
                 error!(pod = %uid, namespace = %facts.namespace, "keeping the pod's last good state: {e}");
                 out.pods
@@ -181,6 +190,7 @@ pub fn snapshot(
             ips: pod_ips(pod),
             mode,
             accelerate: None,
+            capture,
         });
     }
     out

@@ -87,6 +87,21 @@ enum Command {
         /// The ZDS socket ztunnel connects to (`INPOD_UDS` in ztunnel).
         #[arg(long, default_value = "/var/run/ztunnel/ztunnel.sock")]
         zds_socket: PathBuf,
+        /// Send enrolled pods' DNS (UDP and TCP to port 53) to ztunnel's
+        /// DNS proxy; a pod's `ambient.istio.io/dns-capture` overrides it.
+        #[arg(long, value_enum, default_value = "on")]
+        dns_capture: Switch,
+        /// The node's own network namespace: connections to enrolled pods
+        /// from its addresses (kubelet probes, host-network pods) are not
+        /// captured inbound. `none`: no node address is exempt. The daemon
+        /// runs with the host's network, so the default is its own.
+        #[arg(long, default_value = "/proc/self/ns/net")]
+        node_netns: String,
+        /// Another source prefix whose connections to enrolled pods are
+        /// not captured inbound (repeat for more), e.g. a prober outside
+        /// the node.
+        #[arg(long = "probe-source", value_name = "CIDR")]
+        probe_sources: Vec<ipnet::IpNet>,
     },
     /// Show the daemon, its settings and the datapath counters (local API).
     Status {
@@ -246,6 +261,9 @@ fn run(command: Command) -> anyhow::Result<()> {
             xds,
             zds,
             zds_socket,
+            dns_capture,
+            node_netns,
+            probe_sources,
         } => {
             let xds = if sources.contains(&Source::Xds) {
                 Some(xds.source(node_name.clone())?)
@@ -280,6 +298,9 @@ fn run(command: Command) -> anyhow::Result<()> {
                     port: Port(redirect_port),
                     original_src,
                     sockmap: sockmap == Switch::On,
+                    dns_capture: dns_capture == Switch::On,
+                    probe_sources,
+                    inbound_fail_closed: zds == Zds::Serve,
                 },
                 resync: Duration::from_secs(resync_seconds.max(1)),
                 api_socket,
@@ -287,6 +308,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 kubernetes,
                 xds,
                 zds_socket: (zds == Zds::Serve).then_some(zds_socket),
+                node_netns: (node_netns != "none").then(|| PathBuf::from(node_netns)),
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

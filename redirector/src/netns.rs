@@ -152,8 +152,8 @@ pub struct NsCache<T> {
 }
 
 struct Held<T> {
-    /// Held only to keep the namespace, and so its inode number, alive.
-    _ns: fs::File,
+    /// Keeps the namespace, and so its inode number, alive.
+    ns: fs::File,
     value: T,
     /// Looked up since the last [`NsCache::retain_seen`].
     seen: bool,
@@ -180,6 +180,21 @@ impl<T: Clone> NsCache<T> {
     where
         T: Send,
     {
+        Ok(self
+            .of_cgroup_with_id(cgroup, load, keep)?
+            .map(|(_, value)| value))
+    }
+
+    /// As [`Self::of_cgroup`], with the namespace's identity.
+    fn of_cgroup_with_id(
+        &mut self,
+        cgroup: &Path,
+        load: impl FnOnce(&Path) -> io::Result<T> + Send,
+        keep: impl FnOnce(&T) -> bool,
+    ) -> io::Result<Option<((u64, u64), T)>>
+    where
+        T: Send,
+    {
         let Some(netns) = netns_of_cgroup(cgroup)? else {
             return Ok(None);
         };
@@ -197,20 +212,20 @@ impl<T: Clone> NsCache<T> {
         let id = (meta.dev(), meta.ino());
         if let Some(held) = self.by_ns.get_mut(&id) {
             held.seen = true;
-            return Ok(Some(held.value.clone()));
+            return Ok(Some((id, held.value.clone())));
         }
         let value = in_netns(&ns, &netns, || load(&netns))?;
         if keep(&value) {
             self.by_ns.insert(
                 id,
                 Held {
-                    _ns: ns,
+                    ns,
                     value: value.clone(),
                     seen: true,
                 },
             );
         }
-        Ok(Some(value))
+        Ok(Some((id, value)))
     }
 
     /// Drops the entries not looked up since the previous call, closing
@@ -222,19 +237,37 @@ impl<T: Clone> NsCache<T> {
     }
 }
 
-/// Netns cookies of cgroups.
+/// Netns cookies of cgroups, and the namespaces behind them.
 #[derive(Default)]
-pub struct CookieCache(NsCache<u64>);
+pub struct CookieCache {
+    cache: NsCache<u64>,
+    /// Which held namespace each cookie is.
+    by_cookie: HashMap<u64, (u64, u64)>,
+}
 
 impl CookieCache {
     /// The netns cookie of `cgroup`'s processes, `None` while it has none.
     pub fn of_cgroup(&mut self, cgroup: &Path) -> io::Result<Option<u64>> {
-        self.0.of_cgroup(cgroup, own_cookie, |_| true)
+        let found = self.cache.of_cgroup_with_id(cgroup, own_cookie, |_| true)?;
+        Ok(found.map(|(id, cookie)| {
+            self.by_cookie.insert(cookie, id);
+            cookie
+        }))
+    }
+
+    /// The namespace of a cookie looked up since the last
+    /// [`Self::retain_seen`], kept open by the cache (so attaching to it
+    /// attaches to that very namespace, even if its pod has just exited).
+    pub fn namespace(&self, cookie: u64) -> Option<&fs::File> {
+        let id = self.by_cookie.get(&cookie)?;
+        self.cache.by_ns.get(id).map(|held| &held.ns)
     }
 
     /// See [`NsCache::retain_seen`].
     pub fn retain_seen(&mut self) {
-        self.0.retain_seen();
+        self.cache.retain_seen();
+        let held = &self.cache.by_ns;
+        self.by_cookie.retain(|_, id| held.contains_key(id));
     }
 }
 

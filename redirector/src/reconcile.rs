@@ -3,13 +3,19 @@
 //! steps are pure (resolving paths to ids is injected), so reconciling twice
 //! changes nothing the second time.
 
-use std::{collections::BTreeMap, io, net::IpAddr, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
 
-use ambridge_common::{CgroupInfo, NetnsInfo, NodeConfig};
+use ambridge_common::{CgroupInfo, InboundTarget, NetnsInfo, NodeConfig, exempt};
+use ipnet::IpNet;
 
 use crate::{
     enroll,
-    state::{CgroupRef, NodeSpec, PodCgroup, Settings},
+    state::{CgroupRef, Mode, NodeSpec, PodCgroup, Settings},
     types::{CgroupId, NetnsCookie, PodUid},
 };
 
@@ -23,7 +29,17 @@ pub trait Resolve {
     fn cgroup_id(&mut self, cgroup: &Path) -> io::Result<CgroupId>;
     /// The netns cookie of a cgroup's processes; `None` while it has none.
     fn netns_cookie(&mut self, cgroup: &Path) -> io::Result<Option<NetnsCookie>>;
+    /// The addresses of the node's own network namespace: connections from
+    /// them (kubelet probes, host-network pods) reach pods uncaptured.
+    fn node_addresses(&mut self) -> Vec<IpAddr>;
 }
+
+/// istio-cni's host-side SNAT address for kubelet probes.
+pub const PROBE_SNAT4: Ipv4Addr = Ipv4Addr::new(169, 254, 7, 127);
+/// istio-cni's IPv6 host-side SNAT address for kubelet probes.
+pub const PROBE_SNAT6: Ipv6Addr = Ipv6Addr::new(
+    0xfd16, 0x9254, 0x7127, 0x1337, 0xffff, 0xffff, 0xffff, 0xffff,
+);
 
 /// A cgroup directory named by the node state that could not be resolved
 /// (typically a pod whose sandbox is not created yet). It is retried at the
@@ -47,6 +63,14 @@ pub struct Desired {
     pub placed: BTreeMap<PodUid, (std::path::PathBuf, CgroupId)>,
     /// The netns of each pod whose processes were found.
     pub pod_netns: BTreeMap<PodUid, NetnsCookie>,
+    /// Where inbound connections to each enrolled pod address are
+    /// captured: the pod's netns, where ztunnel's listener is found.
+    pub inbound: BTreeMap<IpAddr, InboundTarget>,
+    /// The network namespaces whose inbound TCP goes through the
+    /// `sk_lookup` program.
+    pub inbound_netns: BTreeSet<NetnsCookie>,
+    /// Sources never captured inbound, with an [`exempt`] reason.
+    pub exempt: BTreeMap<IpNet, u32>,
     pub unresolved: Vec<Unresolved>,
 }
 
@@ -97,6 +121,7 @@ impl Desired {
 pub fn desired(spec: &NodeSpec, settings: &Settings, resolve: &mut impl Resolve) -> Desired {
     let mut out = Desired {
         node: enroll::node_config(Some(spec), settings),
+        exempt: exempt_sources(settings, resolve.node_addresses()),
         ..Desired::default()
     };
     for pod in &spec.pods {
@@ -128,6 +153,23 @@ pub fn desired(spec: &NodeSpec, settings: &Settings, resolve: &mut impl Resolve)
             let info = enroll::netns_entry(pod.ip4(), pod.ip6());
             out.netns_of(Some(&pod.uid), &owner, &cgroup, info, resolve);
         }
+        // Inbound capture needs ztunnel's listeners in the pod's own netns:
+        // the in-pod model only.
+        if pod.mode == Mode::Ambient
+            && pod.capture.inbound
+            && spec.redirect.is_none()
+            && let Some(&cookie) = out.pod_netns.get(&pod.uid)
+        {
+            for ip in &pod.ips {
+                out.inbound.insert(
+                    *ip,
+                    InboundTarget {
+                        netns_cookie: cookie.0,
+                    },
+                );
+            }
+            out.inbound_netns.insert(cookie);
+        }
     }
     for z in &spec.ztunnels {
         let (located, owner) = match &z.cgroup {
@@ -150,6 +192,23 @@ pub fn desired(spec: &NodeSpec, settings: &Settings, resolve: &mut impl Resolve)
             let info = enroll::netns_entry(shared.ip4, shared.ip6);
             out.netns_of(None, &owner, &cgroup, info, resolve);
         }
+    }
+    out
+}
+
+/// Every source exempt from inbound capture: istio-cni's probe SNAT
+/// addresses (a node where istio-cni still rewrites probes), the node's own
+/// addresses, and the operator's prefixes.
+fn exempt_sources(settings: &Settings, node: Vec<IpAddr>) -> BTreeMap<IpNet, u32> {
+    let mut out = BTreeMap::new();
+    for ip in [IpAddr::V4(PROBE_SNAT4), IpAddr::V6(PROBE_SNAT6)] {
+        out.insert(IpNet::from(ip), exempt::PROBE_SNAT);
+    }
+    for ip in node {
+        out.insert(IpNet::from(ip), exempt::NODE);
+    }
+    for net in &settings.probe_sources {
+        out.insert(net.trunc(), exempt::CONFIGURED);
     }
     out
 }
@@ -217,6 +276,7 @@ mod tests {
             ips: vec!["198.18.0.2".parse().unwrap()],
             mode,
             accelerate: None,
+            capture: Default::default(),
         }
     }
 
@@ -270,6 +330,10 @@ mod tests {
         fn netns_cookie(&mut self, cgroup: &Path) -> io::Result<Option<NetnsCookie>> {
             let id = self.cgroup_id(cgroup)?.0;
             Ok((id != 13).then_some(NetnsCookie(1000 + id)))
+        }
+
+        fn node_addresses(&mut self) -> Vec<IpAddr> {
+            vec!["198.18.0.1".parse().unwrap()]
         }
     }
 
@@ -433,6 +497,64 @@ mod tests {
             d.unresolved[0].error.contains("no process"),
             "{:?}",
             d.unresolved
+        );
+    }
+
+    #[test]
+    fn an_enrolled_pods_addresses_are_captured_inbound_in_its_netns() {
+        let d = desired(&spec(), &Settings::default(), &mut Fake);
+        let ip: IpAddr = "198.18.0.2".parse().unwrap();
+        assert_eq!(d.inbound[&ip].netns_cookie, 1010);
+        assert_eq!(d.inbound.len(), 1, "pod b is not enrolled: {:?}", d.inbound);
+        assert_eq!(d.inbound_netns, [NetnsCookie(1010)].into());
+    }
+
+    #[test]
+    fn bypass_inbound_capture_and_the_shared_model_capture_nothing_inbound() {
+        let mut s = spec();
+        s.pods[0].capture.inbound = false;
+        let d = desired(&s, &Settings::default(), &mut Fake);
+        assert!(d.inbound.is_empty() && d.inbound_netns.is_empty());
+        // Outbound still is.
+        assert_ne!(d.cgroups[&CgroupId(10)].flags & flags::ENROLLED, 0);
+        let mut s = spec();
+        s.redirect = Some(SharedRedirect {
+            ip4: Some("198.18.0.50".parse().unwrap()),
+            ip6: None,
+            port: None,
+        });
+        let d = desired(&s, &Settings::default(), &mut Fake);
+        assert!(d.inbound.is_empty() && d.inbound_netns.is_empty());
+    }
+
+    #[test]
+    fn a_pod_whose_netns_is_unknown_has_no_inbound_entry_yet() {
+        let mut s = spec();
+        s.pods.push(pod("c", "/cg/13", Mode::Ambient));
+        let d = desired(&s, &Settings::default(), &mut Fake);
+        assert_eq!(d.inbound_netns, [NetnsCookie(1010)].into());
+    }
+
+    #[test]
+    fn the_node_probe_snat_and_configured_sources_are_exempt() {
+        let settings = Settings {
+            probe_sources: vec!["10.0.0.7/24".parse().unwrap()],
+            ..Settings::default()
+        };
+        let d = desired(&spec(), &settings, &mut Fake);
+        let reasons: Vec<(String, u32)> =
+            d.exempt.iter().map(|(n, r)| (n.to_string(), *r)).collect();
+        assert_eq!(
+            reasons,
+            [
+                ("10.0.0.0/24".to_string(), exempt::CONFIGURED),
+                ("169.254.7.127/32".to_string(), exempt::PROBE_SNAT),
+                ("198.18.0.1/32".to_string(), exempt::NODE),
+                (
+                    "fd16:9254:7127:1337:ffff:ffff:ffff:ffff/128".to_string(),
+                    exempt::PROBE_SNAT
+                ),
+            ]
         );
     }
 

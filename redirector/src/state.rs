@@ -36,6 +36,28 @@ pub struct PodSpec {
     /// `--sockmap`: opt in pods whose applications use non-blocking
     /// sockets, or opt out those that block.
     pub accelerate: Option<bool>,
+    /// Its capture overrides (Istio's per-pod annotations).
+    pub capture: CaptureOverrides,
+}
+
+/// A pod's own say on what is captured besides its outbound TCP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CaptureOverrides {
+    /// Inbound TCP goes through ztunnel; false under
+    /// `ambient.istio.io/bypass-inbound-capture: "true"`.
+    pub inbound: bool,
+    /// `ambient.istio.io/dns-capture`, when the pod sets it; the node's
+    /// `--dns-capture` otherwise.
+    pub dns: Option<bool>,
+}
+
+impl Default for CaptureOverrides {
+    fn default() -> Self {
+        Self {
+            inbound: true,
+            dns: None,
+        }
+    }
 }
 
 impl PodSpec {
@@ -135,7 +157,7 @@ pub enum OriginalSrc {
 }
 
 /// Node-wide datapath settings (command-line flags).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
     /// ztunnel's outbound listener port.
     pub port: Port,
@@ -143,6 +165,16 @@ pub struct Settings {
     /// Same-node acceleration with sockmap + `msg_redirect` (off by
     /// default, see `--sockmap`).
     pub sockmap: bool,
+    /// Enrolled pods' DNS goes to ztunnel's DNS proxy unless a pod says
+    /// otherwise (`--dns-capture`, on by default as in Istio).
+    pub dns_capture: bool,
+    /// Sources whose connections to enrolled pods are never captured
+    /// inbound, besides the node's own addresses (`--probe-source`).
+    pub probe_sources: Vec<ipnet::IpNet>,
+    /// ambridge is the only capture (`--zds serve`): inbound connections
+    /// ztunnel cannot take are refused rather than left to istio-cni's
+    /// rules.
+    pub inbound_fail_closed: bool,
 }
 
 impl Default for Settings {
@@ -151,6 +183,9 @@ impl Default for Settings {
             port: Port::ZTUNNEL_OUTBOUND,
             original_src: OriginalSrc::Undo,
             sockmap: false,
+            dns_capture: true,
+            probe_sources: Vec::new(),
+            inbound_fail_closed: false,
         }
     }
 }

@@ -35,6 +35,12 @@ pub struct Port(pub u16);
 impl Port {
     /// ztunnel's outbound capture listener.
     pub const ZTUNNEL_OUTBOUND: Port = Port(15001);
+    /// ztunnel's inbound plaintext listener.
+    pub const ZTUNNEL_INBOUND_PLAINTEXT: Port = Port(15006);
+    /// ztunnel's inbound HBONE listener.
+    pub const ZTUNNEL_HBONE: Port = Port(15008);
+    /// ztunnel's DNS proxy (UDP and TCP, on the pod's loopback).
+    pub const ZTUNNEL_DNS: Port = Port(15053);
 }
 
 impl fmt::Display for Port {

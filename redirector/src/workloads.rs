@@ -11,6 +11,8 @@
 //!     ips: [198.18.0.2, "fd00:18::2"]
 //!     mode: ambient               # ambient | none
 //!     accelerate: true            # optional: overrides --sockmap for this pod
+//!     bypass_inbound_capture: false   # optional: true captures outbound only
+//!     dns_capture: true           # optional: overrides --dns-capture
 //! ztunnel:
 //!   cgroup: /sys/fs/cgroup/unified/node/ztunnel
 //!   zero_copy: false              # true: it relays with splice(2)
@@ -32,7 +34,10 @@ use std::{
 use serde::Deserialize;
 
 use crate::{
-    state::{CgroupRef, Mode, NodeSpec, PodCgroup, PodSpec, SharedRedirect, ZtunnelSpec},
+    state::{
+        CaptureOverrides, CgroupRef, Mode, NodeSpec, PodCgroup, PodSpec, SharedRedirect,
+        ZtunnelSpec,
+    },
     types::{PodUid, Port},
 };
 
@@ -58,6 +63,9 @@ struct Workload {
     ips: Vec<IpAddr>,
     mode: Mode,
     accelerate: Option<bool>,
+    #[serde(default)]
+    bypass_inbound_capture: bool,
+    dns_capture: Option<bool>,
 }
 
 fn default_service_account() -> String {
@@ -134,6 +142,10 @@ pub fn parse(text: &str) -> Result<NodeSpec, FileError> {
                 ips: w.ips,
                 mode: w.mode,
                 accelerate: w.accelerate,
+                capture: CaptureOverrides {
+                    inbound: !w.bypass_inbound_capture,
+                    dns: w.dns_capture,
+                },
             })
             .collect(),
         ztunnels: file

@@ -36,11 +36,26 @@ pub mod map_names {
     /// (`src` = local end).
     pub const SOCKS: &str = "AMB_SOCKS_V1";
     /// Per-CPU `u64` counters indexed by [`super::Counter`].
-    pub const COUNTERS: &str = "AMB_COUNTERS_V2";
+    pub const COUNTERS: &str = "AMB_COUNTERS_V3";
     /// One [`super::NodeConfig`], at index 0.
-    pub const NODE: &str = "AMB_NODE_V1";
+    pub const NODE: &str = "AMB_NODE_V2";
+    /// [`super::InboundTarget`] by enrolled pod IP ([`super::IpKey`]): where
+    /// inbound connections to that address are captured.
+    pub const INBOUND: &str = "AMB_INBOUND_V1";
+    /// Sockhash of ztunnel's inbound plaintext (15006) listeners, by the
+    /// netns cookie of the pod they listen in.
+    pub const LISTENERS: &str = "AMB_LISTENERS_V1";
+    /// [`super::ConnRecord`] by socket cookie: the DNS server a captured
+    /// query was sent to, until the socket is released.
+    pub const DNS: &str = "AMB_DNS_V1";
+    /// LPM trie of [`super::SourcePrefix`] -> [`super::exempt`] reason:
+    /// sources whose connections to enrolled pods are never captured
+    /// (the node's own addresses, kubelet probes).
+    pub const EXEMPT: &str = "AMB_EXEMPT_V1";
     /// Every map of the object.
-    pub const ALL: [&str; 7] = [CGROUPS, NETNS, PENDING, CONNS, SOCKS, COUNTERS, NODE];
+    pub const ALL: [&str; 11] = [
+        CGROUPS, NETNS, PENDING, CONNS, SOCKS, COUNTERS, NODE, INBOUND, LISTENERS, DNS, EXEMPT,
+    ];
 }
 
 /// Capacity of [`map_names::CGROUPS`]: pods (and ztunnels) on one node.
@@ -57,6 +72,16 @@ pub const PENDING_CAPACITY: u32 = 65_536;
 pub const CONNS_CAPACITY: u32 = 65_536;
 /// Capacity of [`map_names::SOCKS`]: two sockets per accelerated connection.
 pub const SOCKS_CAPACITY: u32 = 65_536;
+/// Capacity of [`map_names::INBOUND`]: two addresses (one per family) per
+/// pod.
+pub const INBOUND_CAPACITY: u32 = 32_768;
+/// Capacity of [`map_names::LISTENERS`]: one per pod netns.
+pub const LISTENERS_CAPACITY: u32 = 16_384;
+/// Capacity of [`map_names::DNS`] (an LRU; entries are deleted when their
+/// socket is released, eviction is only a safety net).
+pub const DNS_CAPACITY: u32 = 65_536;
+/// Capacity of [`map_names::EXEMPT`].
+pub const EXEMPT_CAPACITY: u32 = 1_024;
 
 /// Deepest cgroup level the kernel programs look at when matching a socket's
 /// cgroup against [`map_names::CGROUPS`].
@@ -87,6 +112,13 @@ pub mod flags {
     /// (`EPERM`) rather than sent where nothing listens or let past
     /// ztunnel.
     pub const HELD: u32 = 1 << 7;
+    /// On an enrolled pod: its DNS queries (UDP and TCP to port 53) go to
+    /// ztunnel's DNS proxy in its netns.
+    pub const DNS_CAPTURE: u32 = 1 << 8;
+    /// On the node config: ambridge is the only capture (replacement
+    /// mode), so an inbound connection ztunnel cannot take is refused. In
+    /// companion mode it is left to istio-cni's rules instead.
+    pub const INBOUND_FAIL_CLOSED: u32 = 1 << 9;
 }
 
 /// What the datapath knows about one pod-level (or ztunnel) cgroup.
@@ -135,11 +167,19 @@ pub struct NodeConfig {
     /// Host order; unused slots are 0.
     pub redirect_ports: [u16; REDIRECT_PORTS],
     /// [`flags::HAS_IP4`] / [`flags::HAS_IP6`]: the shared ztunnel's
-    /// addresses are set.
+    /// addresses are set; [`flags::INBOUND_FAIL_CLOSED`].
     pub flags: u32,
     /// The shared ztunnel's IPv4 (network order), IPv4-mapped.
     pub shared_ip4: [u32; 4],
     pub shared_ip6: [u32; 4],
+    /// ztunnel's inbound plaintext port (15006), host order: the port of
+    /// the listeners inbound connections are captured to.
+    pub inbound_port: u16,
+    /// ztunnel's HBONE port (15008), host order: never captured inbound.
+    pub hbone_port: u16,
+    /// ztunnel's DNS proxy port (15053), host order.
+    pub dns_port: u16,
+    pub _pad: u16,
 }
 
 impl NodeConfig {
@@ -156,6 +196,40 @@ impl NodeConfig {
     }
 }
 
+/// A pod's address as [`map_names::INBOUND`] and [`map_names::EXEMPT`]
+/// hold it: IPv6, or IPv4-mapped (network order words).
+pub type IpKey = [u32; 4];
+
+/// Where inbound connections to one enrolled pod address are captured.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct InboundTarget {
+    /// The pod's netns cookie: the key of ztunnel's listener there in
+    /// [`map_names::LISTENERS`].
+    pub netns_cookie: u64,
+}
+
+/// An LPM trie key of [`map_names::EXEMPT`]: `prefix_len` leading bits of
+/// `addr` (an [`IpKey`]: an IPv4 /n is stored as /(96+n)).
+#[repr(C, packed)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SourcePrefix {
+    pub prefix_len: u32,
+    pub addr: IpKey,
+}
+
+/// Why a source is in [`map_names::EXEMPT`] (the value).
+pub mod exempt {
+    /// An address of the node's own network namespace (kubelet probes,
+    /// host-network pods).
+    pub const NODE: u32 = 1;
+    /// istio-cni's host-side probe SNAT address (169.254.7.127 and its
+    /// IPv6 form), for nodes where istio-cni still rewrites probes.
+    pub const PROBE_SNAT: u32 = 2;
+    /// A prefix the operator gave (`--probe-source`).
+    pub const CONFIGURED: u32 = 3;
+}
+
 /// [`ConnRecord::kind`] values.
 pub mod conn_kind {
     /// `addr:port` is where a redirected connect was going.
@@ -163,6 +237,9 @@ pub mod conn_kind {
     /// `addr` is the client whose address a proxy's original-source bind
     /// asked for, before it was undone.
     pub const ORIG_SRC: u8 = 2;
+    /// Between a ztunnel's `bind()` of its inbound plaintext port and its
+    /// `listen()`: the socket to register in [`super::map_names::LISTENERS`].
+    pub const LISTENER: u8 = 3;
 }
 
 /// What the datapath remembers about one connection it changed.
@@ -232,11 +309,29 @@ pub enum Counter {
     ZerocopyFallback = 10,
     /// Connects refused because their pod is [`flags::HELD`].
     ConnectHeld = 11,
+    /// Inbound connections to an enrolled pod handed to ztunnel's inbound
+    /// plaintext listener in its netns.
+    InboundCaptured = 12,
+    /// Inbound connections to an enrolled pod refused (reset) because
+    /// ztunnel has no inbound listener there, or the address is not the
+    /// pod's (replacement mode only).
+    InboundRefused = 13,
+    /// Inbound connections to an enrolled pod let through to the
+    /// application because their source is exempt (the node, probes).
+    InboundExempt = 14,
+    /// ztunnel inbound listeners registered for capture.
+    ListenerRegistered = 15,
+    /// DNS queries (UDP sends and connects, TCP connects) sent to
+    /// ztunnel's DNS proxy.
+    DnsRedirected = 16,
+    /// Replies from ztunnel's DNS proxy whose source was given back as the
+    /// server the application asked (`recvmsg`, `getpeername`).
+    DnsRestored = 17,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 12] = [
+    pub const ALL: [Counter; 18] = [
         Counter::ConnectRedirected4,
         Counter::ConnectRedirected6,
         Counter::ConnectRecordFailed,
@@ -249,6 +344,12 @@ impl Counter {
         Counter::MsgPassed,
         Counter::ZerocopyFallback,
         Counter::ConnectHeld,
+        Counter::InboundCaptured,
+        Counter::InboundRefused,
+        Counter::InboundExempt,
+        Counter::ListenerRegistered,
+        Counter::DnsRedirected,
+        Counter::DnsRestored,
     ];
 
     /// Stable name, as printed by `ambridge stats`.
@@ -266,6 +367,12 @@ impl Counter {
             Counter::MsgPassed => "msg_passed",
             Counter::ZerocopyFallback => "zerocopy_fallback",
             Counter::ConnectHeld => "connect_held",
+            Counter::InboundCaptured => "inbound_captured",
+            Counter::InboundRefused => "inbound_refused",
+            Counter::InboundExempt => "inbound_exempt",
+            Counter::ListenerRegistered => "listener_registered",
+            Counter::DnsRedirected => "dns_redirected",
+            Counter::DnsRestored => "dns_restored",
         }
     }
 }
@@ -311,11 +418,18 @@ const _: () = {
     assert!(offset_of!(NetnsInfo, ip4) == 4);
     assert!(offset_of!(NetnsInfo, ip6) == 8);
 
-    assert!(size_of::<NodeConfig>() == 44);
+    assert!(size_of::<NodeConfig>() == 52);
     assert!(offset_of!(NodeConfig, redirect_ports) == 0);
     assert!(offset_of!(NodeConfig, flags) == 8);
     assert!(offset_of!(NodeConfig, shared_ip4) == 12);
     assert!(offset_of!(NodeConfig, shared_ip6) == 28);
+    assert!(offset_of!(NodeConfig, inbound_port) == 44);
+    assert!(offset_of!(NodeConfig, hbone_port) == 46);
+    assert!(offset_of!(NodeConfig, dns_port) == 48);
+
+    assert!(size_of::<InboundTarget>() == 8);
+    assert!(size_of::<SourcePrefix>() == 20);
+    assert!(offset_of!(SourcePrefix, addr) == 4);
 
     assert!(size_of::<ConnRecord>() == 20);
     assert!(offset_of!(ConnRecord, addr) == 0);
@@ -339,6 +453,8 @@ mod pod {
     unsafe impl aya::Pod for super::ConnRecord {}
     unsafe impl aya::Pod for super::NodeConfig {}
     unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::InboundTarget {}
+    unsafe impl aya::Pod for super::SourcePrefix {}
 }
 
 #[cfg(test)]
@@ -411,6 +527,15 @@ mod tests {
             (map_names::SOCKS, size_of::<ConnKey>(), 4, SOCKS_CAPACITY),
             (map_names::COUNTERS, 4, 8, COUNTER_SLOTS),
             (map_names::NODE, 4, size_of::<NodeConfig>(), 1),
+            (
+                map_names::INBOUND,
+                size_of::<IpKey>(),
+                size_of::<InboundTarget>(),
+                INBOUND_CAPACITY,
+            ),
+            (map_names::LISTENERS, 8, 4, LISTENERS_CAPACITY),
+            (map_names::DNS, 8, size_of::<ConnRecord>(), DNS_CAPACITY),
+            (map_names::EXEMPT, size_of::<SourcePrefix>(), 4, EXEMPT_CAPACITY),
         ];
         assert_eq!(
             layouts,
@@ -420,8 +545,12 @@ mod tests {
                 ("AMB_PENDING_V1", 8, 20, 65_536),
                 ("AMB_CONNS_V1", 36, 20, 65_536),
                 ("AMB_SOCKS_V1", 36, 4, 65_536),
-                ("AMB_COUNTERS_V2", 4, 8, 12),
-                ("AMB_NODE_V1", 4, 44, 1),
+                ("AMB_COUNTERS_V3", 4, 8, 18),
+                ("AMB_NODE_V2", 4, 52, 1),
+                ("AMB_INBOUND_V1", 16, 8, 32_768),
+                ("AMB_LISTENERS_V1", 8, 4, 16_384),
+                ("AMB_DNS_V1", 8, 20, 65_536),
+                ("AMB_EXEMPT_V1", 20, 4, 1_024),
             ]
         );
     }

@@ -14,6 +14,10 @@
 //! leg can be accelerated.
 //!
 //! Binds in a netns the daemon does not know are left alone and counted.
+//!
+//! A ztunnel's TCP bind of the inbound plaintext port (15006) is recorded
+//! as a listener placeholder: `sock_ops` registers the socket for inbound
+//! capture when it listens ([`crate::inbound`]).
 
 use ambridge_common::{
     CgroupInfo, ConnRecord, Counter, NetnsInfo, as_v4, conn_kind, flags, v4_mapped,
@@ -26,7 +30,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    maps::{NETNS, PENDING, bump},
+    maps::{NETNS, PENDING, bump, node},
     net::{SOCK_STREAM, ctx_read, ctx_write, ctx_write_ip6, is_loopback4, is_loopback6},
     pod,
 };
@@ -34,16 +38,27 @@ use crate::{
 const ALLOW: i32 = 1;
 
 /// The ztunnel entry for a bind from `ctx`, if it comes from a ztunnel, is
-/// TCP and asks for an ephemeral port.
+/// TCP and asks for an ephemeral port. A ztunnel's bind of the inbound
+/// port is recorded as a listener on the way.
 #[inline(always)]
 fn ztunnel_ephemeral_bind(ctx: &SockAddrContext) -> Option<CgroupInfo> {
     let sa = ctx.sock_addr;
     // SAFETY: `sa` is the live context.
-    let (sock_type, port) = unsafe { (ctx_read!((*sa).type_), ctx_read!((*sa).user_port)) };
-    if sock_type != SOCK_STREAM || port != 0 {
+    let (sock_type, port) = unsafe {
+        (
+            ctx_read!((*sa).type_),
+            u16::from_be(ctx_read!((*sa).user_port) as u16),
+        )
+    };
+    if sock_type != SOCK_STREAM || (port != 0 && port != node().inbound_port) {
         return None;
     }
-    pod::current().filter(|info| info.flags & flags::ZTUNNEL != 0)
+    let ztunnel = pod::current().filter(|info| info.flags & flags::ZTUNNEL != 0)?;
+    if port != 0 {
+        record(ctx, &ztunnel, conn_kind::LISTENER, [0; 4]);
+        return None;
+    }
+    Some(ztunnel)
 }
 
 /// The local identity of the bind's network namespace.
@@ -55,13 +70,14 @@ fn netns(ctx: &SockAddrContext) -> Option<NetnsInfo> {
     unsafe { NETNS.get(cookie) }.copied()
 }
 
-/// Records the client address under the socket cookie.
+/// Records `addr` (the client of an original-source bind) and `kind`
+/// under the socket cookie.
 #[inline(always)]
-fn record(ctx: &SockAddrContext, ztunnel: &CgroupInfo, client: [u32; 4]) {
+fn record(ctx: &SockAddrContext, ztunnel: &CgroupInfo, kind: u8, addr: [u32; 4]) {
     let record = ConnRecord {
-        addr: client,
+        addr,
         port: 0,
-        kind: conn_kind::ORIG_SRC,
+        kind,
         flags: pod::accel_flags(ztunnel),
     };
     // SAFETY: plain helper call on the program's own context.
@@ -90,7 +106,7 @@ pub fn bind4(ctx: SockAddrContext) -> i32 {
     if addr == local {
         return ALLOW;
     }
-    record(&ctx, &ztunnel, v4_mapped(addr));
+    record(&ctx, &ztunnel, conn_kind::ORIG_SRC, v4_mapped(addr));
     if ztunnel.flags & flags::UNDO_ORIG_SRC != 0 {
         // SAFETY: user_ip4 is writable for this hook.
         unsafe { ctx_write!((*sa).user_ip4, local) };
@@ -139,7 +155,7 @@ pub fn bind6(ctx: SockAddrContext) -> i32 {
     if addr == local {
         return ALLOW;
     }
-    record(&ctx, &ztunnel, addr);
+    record(&ctx, &ztunnel, conn_kind::ORIG_SRC, addr);
     if ztunnel.flags & flags::UNDO_ORIG_SRC != 0 {
         // SAFETY: user_ip6 is writable for this hook.
         unsafe { ctx_write_ip6!((*sa).user_ip6, local) };

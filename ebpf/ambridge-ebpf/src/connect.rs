@@ -6,8 +6,11 @@
 //! ([`flags::HELD`]): its connects that would be redirected are refused
 //! (return 0, `EPERM`), never let past ztunnel. What is left alone: UDP and other non-stream sockets,
 //! loopback destinations, the pod's own IPs (istio-cni lets a pod call itself
-//! directly), the kubelet probe address, the redirect target itself, and
+//! directly), the kubelet probe addresses, the redirect target itself, and
 //! every socket of a ztunnel or of a cgroup that is not enrolled.
+//!
+//! A pod's DNS queries over connected UDP or TCP are captured here too,
+//! before the outbound rules: see [`crate::dns`].
 
 use ambridge_common::{CgroupInfo, ConnRecord, Counter, as_v4, conn_kind, flags, v4_mapped};
 use aya_ebpf::{
@@ -16,10 +19,11 @@ use aya_ebpf::{
 };
 
 use crate::{
-    maps::{PENDING, bump},
+    dns,
+    maps::{PENDING, bump, node},
     net::{
-        KUBELET_PROBE_IP4, SOCK_STREAM, ctx_read, ctx_write, ctx_write_ip6, is_loopback4,
-        is_loopback6,
+        KUBELET_PROBE_IP4, KUBELET_PROBE_IP6, LOCALHOST4, SOCK_STREAM, ctx_read, ctx_write,
+        ctx_write_ip6, is_loopback4, is_loopback6,
     },
     pod,
 };
@@ -31,12 +35,38 @@ const REFUSE: i32 = 0;
 pub fn connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel passes a valid context for the program's lifetime.
     let sa = unsafe { &mut *ctx.sock_addr };
-    if sa.type_ != SOCK_STREAM {
+    // SAFETY: `sa` is the live context of this program.
+    let (sock_type, port) = unsafe {
+        (
+            ctx_read!(sa.type_),
+            u16::from_be(ctx_read!(sa.user_port) as u16),
+        )
+    };
+    let query = dns::candidate(sock_type, port);
+    if sock_type != SOCK_STREAM && !query {
         return ALLOW;
     }
     let Some(pod) = pod::current() else {
         return ALLOW;
     };
+    if query {
+        let verdict = dns::capture(&ctx, &pod, sock_type, v4_mapped(sa.user_ip4));
+        match verdict {
+            dns::Verdict::Leave => {}
+            dns::Verdict::Redirect => {
+                // SAFETY: writable fields of the live context.
+                unsafe {
+                    ctx_write!(sa.user_ip4, LOCALHOST4);
+                    ctx_write!(sa.user_port, u32::from(node().dns_port.to_be()));
+                }
+                return ALLOW;
+            }
+            dns::Verdict::Refuse => return verdict.ret(),
+        }
+    }
+    if sock_type != SOCK_STREAM {
+        return ALLOW;
+    }
     if let Some(target) = target4(&pod, sa.user_ip4) {
         if held(&pod) {
             return REFUSE;
@@ -57,7 +87,15 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
 pub fn connect6(ctx: SockAddrContext) -> i32 {
     // SAFETY: as in connect4.
     let sa = unsafe { &mut *ctx.sock_addr };
-    if sa.type_ != SOCK_STREAM {
+    // SAFETY: `sa` is the live context of this program.
+    let (sock_type, port) = unsafe {
+        (
+            ctx_read!(sa.type_),
+            u16::from_be(ctx_read!(sa.user_port) as u16),
+        )
+    };
+    let query = dns::candidate(sock_type, port);
+    if sock_type != SOCK_STREAM && !query {
         return ALLOW;
     }
     let Some(pod) = pod::current() else {
@@ -72,6 +110,24 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
             ctx_read!(sa.user_ip6[3]),
         ]
     };
+    if query {
+        let verdict = dns::capture(&ctx, &pod, sock_type, dst);
+        match verdict {
+            dns::Verdict::Leave => {}
+            dns::Verdict::Redirect => {
+                // SAFETY: writable fields of the live context.
+                unsafe {
+                    ctx_write_ip6!(sa.user_ip6, dns::proxy6(&dst));
+                    ctx_write!(sa.user_port, u32::from(node().dns_port.to_be()));
+                }
+                return ALLOW;
+            }
+            dns::Verdict::Refuse => return verdict.ret(),
+        }
+    }
+    if sock_type != SOCK_STREAM {
+        return ALLOW;
+    }
     // A dual-stack socket connecting to ::ffff:a.b.c.d speaks IPv4 on the
     // wire (only this hook runs, not connect4): apply the IPv4 rules and
     // keep the mapped form so the socket stays IPv4 on the wire.
@@ -141,6 +197,7 @@ fn target6(pod: &CgroupInfo, dst: &[u32; 4]) -> Option<[u32; 4]> {
         || is_loopback6(dst)
         || *dst == pod.pod_ip6
         || *dst == pod.redirect_ip6
+        || *dst == KUBELET_PROBE_IP6
     {
         return None;
     }

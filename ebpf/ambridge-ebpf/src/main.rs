@@ -8,6 +8,8 @@
 //! | `cgroup/getsockopt` | [`sockopt`] | 5.3 |
 //! | `cgroup/getpeername4`, `cgroup/getpeername6` | [`peername`] | 5.8 |
 //! | `sk_msg` on the sockhash | [`sk_msg`] | 4.18 |
+//! | `sk_lookup`, per pod netns | [`inbound`] | 5.9 (`ingress_ifindex` 5.17) |
+//! | `cgroup/sendmsg4/6`, `cgroup/recvmsg4/6`, `cgroup/sock_release` | [`dns`] | 4.18, 5.2, 5.9 |
 //!
 //! Shared helpers live apart: [`maps`] (every map), [`pod`] (which pod a
 //! socket belongs to), [`net`] (context access, address and port
@@ -17,6 +19,8 @@
 
 mod bind;
 mod connect;
+mod dns;
+mod inbound;
 mod maps;
 mod net;
 mod peername;

@@ -3,11 +3,12 @@
 
 use ambridge_common::{
     CGROUPS_CAPACITY, CONNS_CAPACITY, COUNTER_SLOTS, CgroupInfo, ConnKey, ConnRecord, Counter,
+    DNS_CAPACITY, EXEMPT_CAPACITY, INBOUND_CAPACITY, InboundTarget, IpKey, LISTENERS_CAPACITY,
     NETNS_CAPACITY, NetnsInfo, NodeConfig, PENDING_CAPACITY, SOCKS_CAPACITY,
 };
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
 };
 
 /// Pod and ztunnel cgroups, by cgroup v2 id. Written by the daemon only.
@@ -35,8 +36,29 @@ pub static CONNS: LruHashMap<ConnKey, ConnRecord> = LruHashMap::pinned(CONNS_CAP
 #[map(name = "AMB_SOCKS_V1")]
 pub static SOCKS: SockHash<ConnKey> = SockHash::pinned(SOCKS_CAPACITY, 0);
 
+/// Where inbound connections to each enrolled pod address are captured.
+/// Written by the daemon only.
+#[map(name = "AMB_INBOUND_V1")]
+pub static INBOUND: HashMap<IpKey, InboundTarget> = HashMap::pinned(INBOUND_CAPACITY, 0);
+
+/// ztunnel's inbound plaintext listeners, by the netns cookie of the pod
+/// they listen in. No program is attached to this sockhash: it only holds
+/// listeners for `sk_lookup` to select. The kernel removes a listener when
+/// it closes.
+#[map(name = "AMB_LISTENERS_V1")]
+pub static LISTENERS: SockHash<u64> = SockHash::pinned(LISTENERS_CAPACITY, 0);
+
+/// The server each captured DNS query was sent to, by socket cookie.
+#[map(name = "AMB_DNS_V1")]
+pub static DNS: LruHashMap<u64, ConnRecord> = LruHashMap::pinned(DNS_CAPACITY, 0);
+
+/// Sources never captured inbound, longest prefix first. Written by the
+/// daemon only.
+#[map(name = "AMB_EXEMPT_V1")]
+pub static EXEMPT: LpmTrie<IpKey, u32> = LpmTrie::pinned(EXEMPT_CAPACITY, 0);
+
 /// Node-wide settings (one entry). Written by the daemon only.
-#[map(name = "AMB_NODE_V1")]
+#[map(name = "AMB_NODE_V2")]
 static NODE: Array<NodeConfig> = Array::pinned(1, 0);
 
 /// The node's settings; all-zero (nothing matches) until the daemon wrote
@@ -46,7 +68,7 @@ pub fn node() -> NodeConfig {
     NODE.get(0).copied().unwrap_or_default()
 }
 
-#[map(name = "AMB_COUNTERS_V2")]
+#[map(name = "AMB_COUNTERS_V3")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
 
 /// Adds one to a per-CPU counter (no atomics needed: per-CPU, and BPF

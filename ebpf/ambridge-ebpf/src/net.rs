@@ -4,13 +4,34 @@
 pub const AF_INET: u32 = 2;
 pub const AF_INET6: u32 = 10;
 pub const SOCK_STREAM: u32 = 1;
+pub const SOCK_DGRAM: u32 = 2;
 pub const IPPROTO_TCP: u32 = 6;
+pub const IPPROTO_UDP: u32 = 17;
+/// The loopback interface's index, the same in every network namespace.
+pub const LOOPBACK_IFINDEX: u32 = 1;
+/// The DNS port, host order.
+pub const DNS_PORT: u16 = 53;
 pub const SOL_IP: i32 = 0;
 pub const SOL_IPV6: i32 = 41;
 
 /// 169.254.7.127, where kubelet probes are SNATed from; istio-cni never
 /// redirects traffic to it, and neither do we.
 pub const KUBELET_PROBE_IP4: u32 = u32::from_be(0xa9fe_077f);
+
+/// `fd16:9254:7127:1337:ffff:ffff:ffff:ffff`, istio-cni's IPv6 probe SNAT
+/// address, network order words.
+pub const KUBELET_PROBE_IP6: [u32; 4] = [
+    u32::from_be(0xfd16_9254),
+    u32::from_be(0x7127_1337),
+    u32::from_be(0xffff_ffff),
+    u32::from_be(0xffff_ffff),
+];
+
+/// 127.0.0.1, network order.
+pub const LOCALHOST4: u32 = u32::from_be(0x7f00_0001);
+
+/// `::1`, network order words.
+pub const LOCALHOST6: [u32; 4] = [0, 0, 0, u32::from_be(1)];
 
 /// 127.0.0.0/8, network order.
 #[inline(always)]
@@ -21,7 +42,17 @@ pub fn is_loopback4(ip4: u32) -> bool {
 /// `::1`, network order words.
 #[inline(always)]
 pub fn is_loopback6(ip6: &[u32; 4]) -> bool {
-    ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0 && ip6[3] == u32::from_be(1)
+    *ip6 == LOCALHOST6
+}
+
+/// Loopback in either family, for an address as the shared maps store it
+/// (IPv6, or IPv4-mapped).
+#[inline(always)]
+pub fn is_loopback(ip: &[u32; 4]) -> bool {
+    match ambridge_common::as_v4(ip) {
+        Some(v4) => is_loopback4(v4),
+        None => is_loopback6(ip),
+    }
 }
 
 /// Reads one field of a kernel context with a fixed-offset load. Use inside

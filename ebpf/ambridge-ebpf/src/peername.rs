@@ -11,12 +11,16 @@
 //!   as with a transparent bind). Found by the reversed 4-tuple, recorded
 //!   with kind `ORIG_SRC`.
 //!
+//! - A socket whose DNS queries were captured ([`crate::dns`]) and whose peer
+//!   is ztunnel's DNS proxy sees the server it asked.
+//!
 //! Every other socket gets the kernel's answer untouched.
 
 use ambridge_common::{ConnKey, Counter, as_v4, conn_kind, v4_mapped};
-use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+use aya_ebpf::{EbpfContext, macros::cgroup_sock_addr, programs::SockAddrContext};
 
 use crate::{
+    dns,
     maps::{CONNS, bump, node},
     net::{ctx_addr, ctx_read, ctx_write, ctx_write_ip6},
 };
@@ -32,11 +36,15 @@ const PROCEED: i32 = 1;
 /// is the netns's own address (in-pod) or the shared ztunnel's.
 #[inline(always)]
 fn replacement(
+    ctx: &SockAddrContext,
     local: [u32; 4],
     local_port: u16,
     peer: [u32; 4],
     peer_port: u16,
 ) -> Option<([u32; 4], Option<u16>)> {
+    if let Some(server) = dns::asked(ctx.as_ptr(), &peer, peer_port) {
+        return Some((server.addr, Some(server.port)));
+    }
     let node = node();
     if node.is_redirect_port(peer_port) {
         let as_client = ConnKey {
@@ -82,7 +90,7 @@ pub fn getpeername4(ctx: SockAddrContext) -> i32 {
             u16::from_be(ctx_read!((*sa).user_port) as u16),
         )
     };
-    if let Some((addr, port)) = replacement(local, local_port, peer, peer_port)
+    if let Some((addr, port)) = replacement(&ctx, local, local_port, peer, peer_port)
         && let Some(ip4) = as_v4(&addr)
     {
         // SAFETY: user_ip4 and user_port are writable for this hook.
@@ -117,7 +125,7 @@ pub fn getpeername6(ctx: SockAddrContext) -> i32 {
             u16::from_be(ctx_read!((*sa).user_port) as u16),
         )
     };
-    if let Some((addr, port)) = replacement(local, local_port, peer, peer_port) {
+    if let Some((addr, port)) = replacement(&ctx, local, local_port, peer, peer_port) {
         // SAFETY: user_ip6 and user_port are writable for this hook.
         unsafe {
             ctx_write_ip6!((*sa).user_ip6, addr);

@@ -11,24 +11,28 @@
 //!   the final ACK is sent, so before the other end can accept.
 //! - `PASSIVE_ESTABLISHED_CB`: the accepting end of a recorded connection
 //!   joins the sockhash if the connection is accelerated.
+//! - `TCP_LISTEN_CB` (listening sockets in a sockhash: 5.10; netns cookie
+//!   in sock_ops: 5.15): a ztunnel socket bound to the inbound port
+//!   ([`crate::bind`]) starts listening; it is registered under its netns
+//!   cookie for [`crate::inbound`] to select.
 //! - `STATE_CB` to `TCP_CLOSE`: the records go; the kernel drops closed
 //!   sockets from the sockhash by itself.
 
-use ambridge_common::{ConnKey, ConnRecord, Counter, conn_flags};
+use ambridge_common::{ConnKey, ConnRecord, Counter, conn_flags, conn_kind};
 use aya_ebpf::{
     EbpfContext,
     bindings::{
         BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE,
     },
-    helpers::bpf_get_socket_cookie,
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::sock_ops,
     programs::SockOpsContext,
 };
 
 use crate::{
-    maps::{CONNS, PENDING, SOCKS, bump, node},
+    maps::{CONNS, LISTENERS, PENDING, SOCKS, bump, node},
     net::{ctx_addr, ctx_read},
 };
 
@@ -38,6 +42,7 @@ pub fn sock_ops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_active_established(&ctx),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_passive_established(&ctx),
+        BPF_SOCK_OPS_TCP_LISTEN_CB => on_listen(&ctx),
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => on_close(&ctx),
         _ => {}
     }
@@ -134,6 +139,32 @@ fn accelerate(ctx: &SockOpsContext, key: ConnKey, record: &ConnRecord) {
         }
     } else if record.flags & conn_flags::ZEROCOPY != 0 {
         bump(Counter::ZerocopyFallback);
+    }
+}
+
+/// A ztunnel inbound listener (placeholder recorded at its bind) joins the
+/// listeners sockhash under its netns cookie, replacing an earlier one
+/// there (a restarted or upgraded ztunnel).
+#[inline(always)]
+fn on_listen(ctx: &SockOpsContext) {
+    let cookie = cookie(ctx);
+    // SAFETY: copied out at once.
+    let Some(record) = (unsafe { PENDING.get(cookie) }).copied() else {
+        return;
+    };
+    if record.kind != conn_kind::LISTENER {
+        return;
+    }
+    let _ = PENDING.remove(cookie);
+    // SAFETY: plain helper call on the program's own context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: `ops` is the live context; a listening socket is a full
+    // socket.
+    if LISTENERS
+        .update(netns, unsafe { &mut *ctx.ops }, BPF_ANY as u64)
+        .is_ok()
+    {
+        bump(Counter::ListenerRegistered);
     }
 }
 

@@ -4,7 +4,9 @@
 //! Pin layout under the bpffs directory (default `/sys/fs/bpf/ambridge`):
 //! `maps/<MAP>_V<n>` for every map (pinned by name and layout version, so a
 //! restarted or upgraded daemon reuses the maps whose layout it shares,
-//! with their contents) and `links/<program>` for every attachment.
+//! with their contents), `links/<program>` for every cgroup attachment and
+//! `netns-links/<netns cookie>` for the inbound `sk_lookup` program in each
+//! pod network namespace whose inbound TCP is captured.
 //! Links are held only by their pins: the daemon can exit or crash and the
 //! datapath keeps working; `ambridge uninstall` removes the pins and with
 //! them the attachments.
@@ -13,20 +15,34 @@ mod error;
 mod link;
 mod pins;
 
-use std::{collections::BTreeMap, fs, os::fd::AsFd, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    net::IpAddr,
+    os::fd::{AsFd, BorrowedFd},
+    path::Path,
+};
 
-use ambridge_common::{CgroupInfo, ConnKey, ConnRecord, Counter, NetnsInfo, NodeConfig, map_names};
+use ambridge_common::{
+    CgroupInfo, ConnKey, ConnRecord, Counter, InboundTarget, IpKey, NetnsInfo, NodeConfig,
+    map_names,
+};
 use aya::{
     Ebpf, EbpfLoader, Pod,
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, SockHash},
-    programs::{CgroupSockAddr, CgroupSockopt, SkMsg, SockOps},
+    maps::{
+        Array, HashMap, Map, MapData, MapError, PerCpuArray, SockHash,
+        lpm_trie::{Key, LpmTrie},
+    },
+    programs::{CgroupSock, CgroupSockAddr, CgroupSockopt, SkLookup, SkMsg, SockOps},
 };
+use ipnet::IpNet;
 pub use error::Error;
 use link::AttachType;
 pub use pins::Pins;
 use tracing::{debug, info};
 
 use crate::{
+    enroll::{ip_from_key, ip_key},
     reconcile::Op,
     types::{CgroupId, NetnsCookie},
 };
@@ -38,13 +54,16 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/am
 #[derive(Clone, Copy)]
 enum Kind {
     SockAddr,
+    Sock,
     SockOps,
     Sockopt,
 }
 
-/// Every program of the object: its name (the function name), how it is
-/// loaded, and the cgroup hook it attaches to.
-const PROGRAMS: [(&str, Kind, AttachType); 8] = [
+/// Every cgroup program of the object: its name (the function name), how
+/// it is loaded, and the cgroup hook it attaches to. Consumers of the
+/// records come before their producers, so no record is written before
+/// something reads it.
+const PROGRAMS: [(&str, Kind, AttachType); 13] = [
     ("connect4", Kind::SockAddr, AttachType::CgroupInet4Connect),
     ("connect6", Kind::SockAddr, AttachType::CgroupInet6Connect),
     ("bind4", Kind::SockAddr, AttachType::CgroupInet4Bind),
@@ -61,20 +80,43 @@ const PROGRAMS: [(&str, Kind, AttachType); 8] = [
     ),
     ("sock_ops", Kind::SockOps, AttachType::CgroupSockOps),
     ("getsockopt", Kind::Sockopt, AttachType::CgroupGetsockopt),
+    ("recvmsg4", Kind::SockAddr, AttachType::CgroupUdp4Recvmsg),
+    ("recvmsg6", Kind::SockAddr, AttachType::CgroupUdp6Recvmsg),
+    (
+        "sock_release",
+        Kind::Sock,
+        AttachType::CgroupInetSockRelease,
+    ),
+    ("sendmsg4", Kind::SockAddr, AttachType::CgroupUdp4Sendmsg),
+    ("sendmsg6", Kind::SockAddr, AttachType::CgroupUdp6Sendmsg),
 ];
+
+/// The `sk_lookup` program, attached to each captured pod's netns.
+const SK_LOOKUP: &str = "inbound";
 
 /// The `sk_msg` program, attached to the sockhash rather than to a cgroup.
 const SK_MSG: &str = "redirect";
 
 /// The maps the daemon fills from the node state (the others are the
 /// programs' own).
-const CONFIG_MAPS: [&str; 3] = [map_names::CGROUPS, map_names::NETNS, map_names::NODE];
+const CONFIG_MAPS: [&str; 5] = [
+    map_names::CGROUPS,
+    map_names::NETNS,
+    map_names::NODE,
+    map_names::INBOUND,
+    map_names::EXEMPT,
+];
 
 /// The loaded datapath, with handles on the maps the daemon writes.
 pub struct Datapath {
     cgroups: HashMap<MapData, u64, CgroupInfo>,
     netns: HashMap<MapData, u64, NetnsInfo>,
     node: Array<MapData, NodeConfig>,
+    inbound: HashMap<MapData, IpKey, InboundTarget>,
+    exempt: LpmTrie<MapData, IpKey, u32>,
+    /// The pod network namespaces the `sk_lookup` program is attached to.
+    netns_links: BTreeSet<NetnsCookie>,
+    pins: Pins,
     /// Some configuration map was created empty (first install, or a build
     /// whose layout differs from the pinned one).
     fresh_config: bool,
@@ -98,16 +140,35 @@ impl Datapath {
             .load(OBJECT)
             .map_err(Error::Load)?;
         attach_sk_msg(&mut ebpf)?;
+        let sk_lookup: &mut SkLookup = ebpf
+            .program_mut(SK_LOOKUP)
+            .ok_or(Error::MissingProgram(SK_LOOKUP))?
+            .try_into()
+            .map_err(prog_err(SK_LOOKUP))?;
+        sk_lookup.load().map_err(prog_err(SK_LOOKUP))?;
+        let netns_links = pinned_netns_links(pins)?;
         let cgroups = take_hash(&mut ebpf, map_names::CGROUPS)?;
         let netns = take_hash(&mut ebpf, map_names::NETNS)?;
         let node = ebpf
             .take_map(map_names::NODE)
             .ok_or(Error::MissingMap(map_names::NODE))?;
         let node = Array::try_from(node).map_err(map_err(map_names::NODE))?;
+        let inbound = ebpf
+            .take_map(map_names::INBOUND)
+            .ok_or(Error::MissingMap(map_names::INBOUND))?;
+        let inbound = HashMap::try_from(inbound).map_err(map_err(map_names::INBOUND))?;
+        let exempt = ebpf
+            .take_map(map_names::EXEMPT)
+            .ok_or(Error::MissingMap(map_names::EXEMPT))?;
+        let exempt = LpmTrie::try_from(exempt).map_err(map_err(map_names::EXEMPT))?;
         Ok(Self {
             cgroups,
             netns,
             node,
+            inbound,
+            exempt,
+            netns_links,
+            pins: pins.clone(),
             fresh_config,
             running,
             ebpf,
@@ -147,6 +208,10 @@ impl Datapath {
                     let p: &mut CgroupSockAddr = program.try_into().map_err(prog_err(name))?;
                     p.load().map_err(prog_err(name))?;
                 }
+                Kind::Sock => {
+                    let p: &mut CgroupSock = program.try_into().map_err(prog_err(name))?;
+                    p.load().map_err(prog_err(name))?;
+                }
                 Kind::SockOps => {
                     let p: &mut SockOps = program.try_into().map_err(prog_err(name))?;
                     p.load().map_err(prog_err(name))?;
@@ -157,7 +222,7 @@ impl Datapath {
                 }
             }
             let prog_fd = program.fd().map_err(prog_err(name))?.as_fd();
-            let link = link::create_cgroup_link(prog_fd, cgroup.as_fd(), attach_type).map_err(
+            let link = link::create_link(prog_fd, cgroup.as_fd(), attach_type).map_err(
                 |source| Error::Syscall {
                     call: "bpf(BPF_LINK_CREATE)",
                     what: format!("attach {name} to {}", cgroup_root.display()),
@@ -167,6 +232,7 @@ impl Datapath {
             pins.pin_link(name, link)?;
             debug!(program = name, cgroup = %cgroup_root.display(), "attached");
         }
+        self.update_netns_links()?;
         let stale = pins.remove_maps_except(&map_names::ALL)?;
         if !stale.is_empty() {
             info!(?stale, "unpinned the maps of an older layout");
@@ -205,6 +271,164 @@ impl Datapath {
     pub fn apply_netns(&mut self, ops: &[Op<NetnsCookie, NetnsInfo>]) -> Result<(), Error> {
         apply(&mut self.netns, map_names::NETNS, ops, |c| c.0)
     }
+
+    /// What the kernel's inbound capture map holds now.
+    pub fn inbound_entries(&self) -> Result<BTreeMap<IpAddr, InboundTarget>, Error> {
+        self.inbound
+            .iter()
+            .map(|r| r.map(|(k, v)| (ip_from_key(&k), v)))
+            .collect::<Result<_, _>>()
+            .map_err(map_err(map_names::INBOUND))
+    }
+
+    /// Applies inbound capture map operations.
+    pub fn apply_inbound(&mut self, ops: &[Op<IpAddr, InboundTarget>]) -> Result<(), Error> {
+        apply(&mut self.inbound, map_names::INBOUND, ops, ip_key)
+    }
+
+    /// What the kernel's exempt-source trie holds now.
+    pub fn exempt_entries(&self) -> Result<BTreeMap<IpNet, u32>, Error> {
+        self.exempt
+            .iter()
+            .map(|r| r.map(|(k, v)| (prefix_from_key(&k), v)))
+            .collect::<Result<_, _>>()
+            .map_err(map_err(map_names::EXEMPT))
+    }
+
+    /// Applies exempt-source operations.
+    pub fn apply_exempt(&mut self, ops: &[Op<IpNet, u32>]) -> Result<(), Error> {
+        for op in ops {
+            let result = match *op {
+                Op::Put(net, reason) => self.exempt.insert(&prefix_key(net), reason, 0),
+                Op::Delete(net) => match self.exempt.remove(&prefix_key(net)) {
+                    Err(MapError::KeyNotFound) => Ok(()),
+                    other => other,
+                },
+            };
+            result.map_err(map_err(map_names::EXEMPT))?;
+        }
+        Ok(())
+    }
+
+    /// The pod network namespaces inbound capture is attached to.
+    pub fn netns_links(&self) -> &BTreeSet<NetnsCookie> {
+        &self.netns_links
+    }
+
+    /// Attaches inbound capture to the network namespace `netns` (whose
+    /// cookie is `cookie`) and pins the link.
+    pub fn attach_inbound(
+        &mut self,
+        cookie: NetnsCookie,
+        netns: BorrowedFd<'_>,
+    ) -> Result<(), Error> {
+        let prog_fd = self.sk_lookup_fd()?;
+        let link = link::create_link(prog_fd, netns, AttachType::SkLookup).map_err(|source| {
+            Error::Syscall {
+                call: "bpf(BPF_LINK_CREATE)",
+                what: format!("attach {SK_LOOKUP} to the netns of cookie {cookie}"),
+                source,
+            }
+        })?;
+        let path = self.pins.netns_link(cookie.0);
+        link::pin(link.as_fd(), &path).map_err(|source| Error::Syscall {
+            call: "bpf(BPF_OBJ_PIN)",
+            what: format!("pin the inbound link at {}", path.display()),
+            source,
+        })?;
+        self.netns_links.insert(cookie);
+        Ok(())
+    }
+
+    /// Detaches inbound capture from the network namespace of `cookie` (a
+    /// namespace that is gone already detached it: its pin goes).
+    pub fn detach_inbound(&mut self, cookie: NetnsCookie) -> Result<(), Error> {
+        let path = self.pins.netns_link(cookie.0);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(Error::Io {
+                    what: format!("unpin {}", path.display()),
+                    source,
+                });
+            }
+        }
+        self.netns_links.remove(&cookie);
+        Ok(())
+    }
+
+    fn sk_lookup_fd(&self) -> Result<BorrowedFd<'_>, Error> {
+        let program = self
+            .ebpf
+            .program(SK_LOOKUP)
+            .ok_or(Error::MissingProgram(SK_LOOKUP))?;
+        Ok(program.fd().map_err(prog_err(SK_LOOKUP))?.as_fd())
+    }
+
+    /// Moves every pinned inbound link of an earlier run to this run's
+    /// program, in place; the links of namespaces that are gone are
+    /// unpinned.
+    fn update_netns_links(&mut self) -> Result<(), Error> {
+        for cookie in self.netns_links.clone() {
+            let path = self.pins.netns_link(cookie.0);
+            let updated = link::open_pinned(&path)
+                .and_then(|fd| link::update_link(fd.as_fd(), self.sk_lookup_fd().expect("loaded")));
+            match updated {
+                Ok(()) => {}
+                // ENOLINK: the namespace is gone, and the link with it.
+                Err(e) if e.raw_os_error() == Some(libc::ENOLINK) => {
+                    self.detach_inbound(cookie)?
+                }
+                Err(source) => {
+                    return Err(Error::Syscall {
+                        call: "bpf(BPF_LINK_UPDATE)",
+                        what: format!("move the inbound link {} to this run's program", path.display()),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The netns cookies whose inbound links are pinned under `pins`.
+fn pinned_netns_links(pins: &Pins) -> Result<BTreeSet<NetnsCookie>, Error> {
+    let dir = pins.netns_links();
+    let entries = fs::read_dir(&dir).map_err(|source| Error::Io {
+        what: format!("read {}", dir.display()),
+        source,
+    })?;
+    let mut cookies = BTreeSet::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| Error::Io {
+            what: format!("read {}", dir.display()),
+            source,
+        })?;
+        // Only this module names the pins; anything else is left alone.
+        if let Some(cookie) = entry.file_name().to_str().and_then(|n| n.parse().ok()) {
+            cookies.insert(NetnsCookie(cookie));
+        }
+    }
+    Ok(cookies)
+}
+
+/// The trie key of `net`: an IPv4 /n is the IPv4-mapped /(96+n).
+fn prefix_key(net: IpNet) -> Key<IpKey> {
+    let net = net.trunc();
+    let len = match net {
+        IpNet::V4(v4) => 96 + u32::from(v4.prefix_len()),
+        IpNet::V6(v6) => u32::from(v6.prefix_len()),
+    };
+    Key::new(len, ip_key(net.addr()))
+}
+
+fn prefix_from_key(key: &Key<IpKey>) -> IpNet {
+    let ip = ip_from_key(&key.data());
+    let len = key.prefix_len();
+    let len = if ip.is_ipv4() { len - 96 } else { len };
+    IpNet::new(ip, len as u8).expect("a prefix this module wrote")
 }
 
 /// Loads the `sk_msg` program and attaches it to the sockhash. The
@@ -251,11 +475,11 @@ fn entries<K: Ord, V: Pod>(
         .map_err(map_err(name))
 }
 
-fn apply<K: Copy, V: Pod>(
-    map: &mut HashMap<MapData, u64, V>,
+fn apply<K: Copy, R: Pod, V: Pod>(
+    map: &mut HashMap<MapData, R, V>,
     name: &'static str,
     ops: &[Op<K, V>],
-    raw: impl Fn(K) -> u64,
+    raw: impl Fn(K) -> R,
 ) -> Result<(), Error> {
     for op in ops {
         match *op {
@@ -345,6 +569,11 @@ pub fn uninstall(pins: &Pins) -> Result<Removed, Error> {
         return Ok(removed);
     }
     removed.links = pins.remove_all_in(&pins.links())?;
+    removed.links.extend(
+        pins.remove_all_in(&pins.netns_links())?
+            .into_iter()
+            .map(|cookie| format!("inbound (netns {cookie})")),
+    );
     removed.maps = pins.remove_all_in(&pins.maps())?;
     pins.remove_dirs()?;
     Ok(removed)

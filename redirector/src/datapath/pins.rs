@@ -42,9 +42,19 @@ impl Pins {
         self.links().join(program)
     }
 
+    /// Where the `sk_lookup` links of pod network namespaces are pinned,
+    /// one per netns cookie.
+    pub fn netns_links(&self) -> PathBuf {
+        self.root.join("netns-links")
+    }
+
+    pub fn netns_link(&self, cookie: u64) -> PathBuf {
+        self.netns_links().join(cookie.to_string())
+    }
+
     /// Creates the pin directories, checking they are on bpffs.
     pub fn create(&self) -> Result<(), Error> {
-        for dir in [self.maps(), self.links()] {
+        for dir in [self.maps(), self.links(), self.netns_links()] {
             fs::create_dir_all(&dir).map_err(|source| Error::Io {
                 what: format!("create pin directory {}", dir.display()),
                 source,
@@ -138,7 +148,12 @@ impl Pins {
     }
 
     pub(super) fn remove_dirs(&self) -> Result<(), Error> {
-        for dir in [self.links(), self.maps(), self.root.clone()] {
+        for dir in [
+            self.netns_links(),
+            self.links(),
+            self.maps(),
+            self.root.clone(),
+        ] {
             match fs::remove_dir(&dir) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}

@@ -349,6 +349,7 @@ mod tests {
             ips: Vec::new(),
             mode,
             accelerate: None,
+            capture: Default::default(),
         }
     }
 

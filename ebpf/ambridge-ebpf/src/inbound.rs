@@ -1,0 +1,96 @@
+//! `sk_lookup` (Linux 5.9; `ingress_ifindex` 5.17), attached to each
+//! enrolled pod's network namespace: inbound TCP to the pod goes to
+//! ztunnel's inbound plaintext listener (15006) in that namespace, with the
+//! original `ip:port` as the accepted socket's local address. ztunnel falls
+//! back to the local address when `SO_ORIGINAL_DST` has no answer, and
+//! nothing answers it for these sockets (no record, no conntrack entry).
+//!
+//! Left to the regular lookup, as istio-cni's rules leave them: what
+//! arrives through `lo` (loopback, a pod calling its own IP, ztunnel's own
+//! legs to the application), ztunnel's HBONE port (15008), and sources in
+//! the exempt map (the node's addresses: kubelet probes; istio-cni's probe
+//! SNAT address). A socket another `sk_lookup` program already selected is
+//! kept.
+//!
+//! Fail closed (replacement mode, [`flags::INBOUND_FAIL_CLOSED`]): a
+//! connection to an address of the pod that has no capture entry, or while
+//! ztunnel has no listener registered there (restarting, not yet given the
+//! pod), is refused: the kernel answers the SYN with a reset. It never
+//! reaches the application past ztunnel. In companion mode istio-cni's
+//! rules have redirected the connection before the lookup, so it is left
+//! to the regular lookup instead.
+//!
+//! The listeners are registered by `sock_ops` ([`crate::sock_ops`]) when a
+//! ztunnel socket bound to the inbound port ([`crate::bind`]) listens, by
+//! the netns cookie of the pod (`sk_lookup` cannot read its own netns
+//! cookie, so the pod's address leads to it through [`INBOUND`]).
+
+use ambridge_common::{Counter, IpKey, NodeConfig, flags};
+use aya_ebpf::{
+    bindings::sk_action::{SK_DROP, SK_PASS},
+    macros::sk_lookup,
+    maps::lpm_trie::Key,
+    programs::SkLookupContext,
+};
+
+use crate::{
+    maps::{EXEMPT, INBOUND, LISTENERS, bump, node},
+    net::{IPPROTO_TCP, LOOPBACK_IFINDEX, ctx_addr, ctx_read},
+};
+
+#[sk_lookup]
+pub fn inbound(ctx: SkLookupContext) -> u32 {
+    let l = ctx.lookup;
+    // SAFETY: `l` is the live context; every field is read at its fixed
+    // offset.
+    let (protocol, selected, ifindex, local_port) = unsafe {
+        (
+            ctx_read!((*l).protocol),
+            ctx_read!((*l).__bindgen_anon_1.cookie),
+            ctx_read!((*l).ingress_ifindex),
+            ctx_read!((*l).local_port) as u16,
+        )
+    };
+    if protocol != IPPROTO_TCP || selected != 0 || ifindex == LOOPBACK_IFINDEX {
+        return SK_PASS;
+    }
+    let node = node();
+    if node.inbound_port == 0 || local_port == node.hbone_port {
+        return SK_PASS;
+    }
+    // SAFETY: as above.
+    let (local, remote): (IpKey, IpKey) = unsafe {
+        let family = ctx_read!((*l).family);
+        (
+            ctx_addr!(family, (*l).local_ip4, (*l).local_ip6),
+            ctx_addr!(family, (*l).remote_ip4, (*l).remote_ip6),
+        )
+    };
+    if EXEMPT.get(Key::new(128, remote)).is_some() {
+        bump(Counter::InboundExempt);
+        return SK_PASS;
+    }
+    // SAFETY: copied out at once.
+    let Some(target) = (unsafe { INBOUND.get(local) }).copied() else {
+        return uncaptured(&node);
+    };
+    match LISTENERS.redirect_sk_lookup(&ctx, target.netns_cookie, 0) {
+        Ok(()) => {
+            bump(Counter::InboundCaptured);
+            SK_PASS
+        }
+        Err(_) => uncaptured(&node),
+    }
+}
+
+/// A connection ztunnel cannot take: refused when ambridge is the only
+/// capture, left to the regular lookup otherwise.
+#[inline(always)]
+fn uncaptured(node: &NodeConfig) -> u32 {
+    if node.flags & flags::INBOUND_FAIL_CLOSED != 0 {
+        bump(Counter::InboundRefused);
+        SK_DROP
+    } else {
+        SK_PASS
+    }
+}
