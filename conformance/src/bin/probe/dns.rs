@@ -58,11 +58,11 @@ impl Transport {
 /// How the `dns` client sends its query.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ClientTransport {
-    /// `sendto` + `recvfrom` on an unconnected socket (glibc's resolver
-    /// before it connects, many async resolvers).
+    /// `sendto` + `recvfrom` on an unconnected socket, as musl's resolver
+    /// does: an answer from any source is received.
     Udp,
-    /// `connect` + `send` + `recvfrom` (glibc, musl): the kernel drops
-    /// answers from any other source than the connected one.
+    /// `connect` + `send` + `recvfrom`, as glibc's resolver does: the
+    /// kernel drops answers from any other source than the connected one.
     UdpConnected,
     /// DNS over TCP: one framed query, one framed answer.
     Tcp,

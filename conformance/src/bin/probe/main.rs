@@ -474,6 +474,16 @@ enum Listen {
     Dns(SocketAddr, dns::Transport),
 }
 
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Capture(port) => write!(f, "listener on {port}"),
+            Listen::Dns(addr, dns::Transport::Udp) => write!(f, "DNS proxy on udp {addr}"),
+            Listen::Dns(addr, dns::Transport::Tcp) => write!(f, "DNS proxy on tcp {addr}"),
+        }
+    }
+}
+
 impl Serving {
     /// What to open in each pod; a port asked for twice is opened once.
     fn listens(&self) -> Vec<Listen> {
@@ -576,16 +586,6 @@ impl Drop for PodListeners {
         }
         for t in self.threads.drain(..) {
             let _ = t.join();
-        }
-    }
-}
-
-impl std::fmt::Display for Listen {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Listen::Capture(port) => write!(f, "listener on {port}"),
-            Listen::Dns(addr, dns::Transport::Udp) => write!(f, "DNS proxy on udp {addr}"),
-            Listen::Dns(addr, dns::Transport::Tcp) => write!(f, "DNS proxy on tcp {addr}"),
         }
     }
 }
