@@ -126,6 +126,17 @@ enum Role {
         /// does when its ZDS connection fails.
         #[arg(long, requires = "zds")]
         zds_drop_after: Option<usize>,
+        /// Do not listen on 15006 (plaintext inbound) in each pod.
+        #[arg(long)]
+        no_inbound: bool,
+        /// Do not open the DNS proxy (127.0.0.1:15053 and [::1]:15053, UDP
+        /// and TCP) in each pod.
+        #[arg(long)]
+        no_dns: bool,
+        /// Forward each DNS query here (from a new marked socket in the pod,
+        /// over the query's transport) instead of answering it itself.
+        #[arg(long, conflicts_with = "no_dns")]
+        dns_upstream: Option<SocketAddr>,
     },
     /// Sleep until killed: the pod sandbox's own process.
     Pause,
@@ -161,6 +172,22 @@ enum Role {
     Udp {
         #[arg(long)]
         to: SocketAddr,
+    },
+    /// DNS server: answer every query with `server:` + the query, over UDP
+    /// and TCP (2-byte length framing) on the same address.
+    DnsServer {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Send one DNS query, wait for one answer, report it (or why there was
+    /// none, still exiting 0).
+    Dns {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, value_enum)]
+        transport: dns::ClientTransport,
+        #[arg(long)]
+        query: String,
     },
     /// Read socket options on both ends of a loopback connection and print
     /// them, to compare with and without the getsockopt program.
@@ -198,12 +225,18 @@ fn main() {
             zds_nacks,
             zds_nack_count,
             zds_drop_after,
+            no_inbound,
+            no_dns,
+            dns_upstream,
         } => ztunnel(
             &pods,
             Serving {
                 port,
                 relay,
                 hbone: hbone.then_some(hbone_via),
+                inbound: !no_inbound,
+                dns: !no_dns,
+                dns_upstream,
             },
             zds.map(|socket| zds::Options {
                 socket,
@@ -224,6 +257,12 @@ fn main() {
         Role::BenchLoad { to, what } => bench::load(to, what),
         Role::UdpEcho { listen } => udp_echo(listen),
         Role::Udp { to } => udp(to),
+        Role::DnsServer { listen } => dns::server(listen),
+        Role::Dns {
+            to,
+            transport,
+            query,
+        } => dns::client(to, transport, &query),
         Role::Sockopts => sockopts(),
     };
     if let Err(e) = result {
@@ -389,6 +428,7 @@ fn udp(to: SocketAddr) -> io::Result<()> {
 }
 
 mod bench;
+mod dns;
 mod polled;
 
 mod spliced;
@@ -416,26 +456,70 @@ struct Serving {
     /// also serves the inbound leg on 15008 and sends outbound connections
     /// to `via` (or `<original ip>:15008`).
     hbone: Option<Option<SocketAddr>>,
+    /// Also serve plaintext inbound on 15006, as ztunnel always does.
+    inbound: bool,
+    /// Also serve ztunnel's DNS proxy on 15053 (UDP and TCP, both
+    /// loopbacks).
+    dns: bool,
+    /// Where the DNS proxy forwards queries; `None` answers them itself.
+    dns_upstream: Option<SocketAddr>,
 }
 
-impl Serving {
-    fn ports(&self) -> Vec<u16> {
-        if self.hbone.is_some() {
-            vec![self.port, HBONE_PORT]
-        } else {
-            vec![self.port]
+/// One socket the stand-in listens on in a pod, served by its own thread.
+#[derive(Clone, Copy)]
+enum Listen {
+    /// A TCP capture port on `[::]`, dual-stack: outbound, 15006 or 15008.
+    Capture(u16),
+    /// The DNS proxy on one loopback address.
+    Dns(SocketAddr, dns::Transport),
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Capture(port) => write!(f, "listener on {port}"),
+            Listen::Dns(addr, dns::Transport::Udp) => write!(f, "DNS proxy on udp {addr}"),
+            Listen::Dns(addr, dns::Transport::Tcp) => write!(f, "DNS proxy on tcp {addr}"),
         }
     }
 }
 
-/// One pod's listeners, each accepting on its own thread inside the pod's
-/// netns. Dropping it stops them: connects to their ports are refused once
-/// the drop returns.
+impl Serving {
+    /// What to open in each pod; a port asked for twice is opened once.
+    fn listens(&self) -> Vec<Listen> {
+        let mut ports = vec![self.port];
+        for (wanted, port) in [
+            (self.hbone.is_some(), HBONE_PORT),
+            (self.inbound, INBOUND_PLAINTEXT_PORT),
+        ] {
+            if wanted && !ports.contains(&port) {
+                ports.push(port);
+            }
+        }
+        let mut listens: Vec<Listen> = ports.into_iter().map(Listen::Capture).collect();
+        if self.dns {
+            for addr in dns::PROXY_ADDRS {
+                for transport in [dns::Transport::Udp, dns::Transport::Tcp] {
+                    listens.push(Listen::Dns(addr, transport));
+                }
+            }
+        }
+        listens
+    }
+}
+
+/// One pod's listeners, each serving on its own thread inside the pod's
+/// netns. Dropping it stops them: nothing listens on their ports in the
+/// pod once the drop returns.
 struct PodListeners {
-    /// A second handle on each listening socket. Shutting it down stops the
-    /// listener and wakes its thread's blocked `accept` (with `EINVAL`).
+    /// A second handle on each listening socket. Shutting it down stops a
+    /// TCP listener and wakes its thread's blocked `accept` (with `EINVAL`);
+    /// on a UDP socket it wakes the blocked `recv_from` (which returns 0).
+    /// The thread then drops its socket, which closes it (the port is free
+    /// once the thread is joined and the handle dropped).
     handles: Vec<Socket>,
-    /// Tells the threads that a failing `accept` is the stop, not an error.
+    /// Tells the threads that a failing `accept` (or a UDP wake-up) is the
+    /// stop, not an error or a datagram.
     stopped: Arc<AtomicBool>,
     threads: Vec<thread::JoinHandle<io::Result<()>>>,
 }
@@ -450,7 +534,7 @@ impl PodListeners {
             stopped: Arc::default(),
             threads: Vec::new(),
         };
-        for listen_port in serving.ports() {
+        for listen in serving.listens() {
             let (ready_tx, ready_rx) = mpsc::channel();
             let netns = netns.clone();
             let stopped = opened.stopped.clone();
@@ -458,51 +542,27 @@ impl PodListeners {
             opened
                 .threads
                 .push(thread::spawn(move || -> io::Result<()> {
-                    let l = match bind_in(&netns, listen_port) {
-                        Ok((l, handle)) => {
-                            ready_tx.send(Ok(handle)).ok();
-                            l
+                    let socket = match bind_in(&netns, listen) {
+                        Ok(Some((socket, handle))) => {
+                            ready_tx.send(Ok(Some(handle))).ok();
+                            socket
                         }
-                        Err(e) => {
-                            // The opener returns the error; this thread has
-                            // nothing to serve.
-                            ready_tx.send(Err(e)).ok();
+                        // Skipped (no IPv6 loopback) or failed: the opener
+                        // goes on or returns the error; this thread has
+                        // nothing to serve.
+                        other => {
+                            ready_tx.send(other.map(|_| None)).ok();
                             return Ok(());
                         }
                     };
-                    for conn in l.incoming() {
-                        let conn = match conn {
-                            Ok(conn) => Socket::from(conn),
-                            Err(_) if stopped.load(Ordering::Acquire) => return Ok(()),
-                            Err(e) => return Err(e),
-                        };
-                        let pod = pod_label.clone();
-                        // The connection's thread inherits this thread's netns,
-                        // so its upstream socket is opened in the pod, as
-                        // ztunnel's are.
-                        thread::spawn(move || {
-                            let result = match listen_port {
-                                HBONE_PORT => inbound_hbone(&pod, conn, serving.relay),
-                                INBOUND_PLAINTEXT_PORT => {
-                                    inbound_plaintext(&pod, conn, serving.relay)
-                                }
-                                _ => outbound(&pod, conn, serving.relay, serving.hbone),
-                            };
-                            if let Err(e) = result {
-                                report(json!({"event": "relay-error", "error": e.to_string()}));
-                            }
-                        });
-                    }
-                    Ok(())
+                    serve_listen(&pod_label, socket, listen, serving, &stopped)
                 }));
             // On error, dropping `opened` stops the listeners already open.
             let handle = ready_rx
                 .recv()
                 .map_err(|_| io::Error::other(format!("listener thread for {pod} died")))?
-                .map_err(|e| {
-                    io::Error::new(e.kind(), format!("listener on {listen_port} in {pod}: {e}"))
-                })?;
-            opened.handles.push(handle);
+                .map_err(|e| io::Error::new(e.kind(), format!("{listen} in {pod}: {e}")))?;
+            opened.handles.extend(handle);
         }
         Ok(opened)
     }
@@ -520,7 +580,8 @@ impl Drop for PodListeners {
     fn drop(&mut self) {
         self.stopped.store(true, Ordering::Release);
         for handle in &self.handles {
-            // A listener's only failure mode here is being stopped already.
+            // A listener's only failure mode here is being stopped already;
+            // an unconnected UDP socket answers `ENOTCONN` but is woken.
             let _ = handle.shutdown(Shutdown::Both);
         }
         for t in self.threads.drain(..) {
@@ -529,22 +590,87 @@ impl Drop for PodListeners {
     }
 }
 
-/// Moves the calling thread into `netns` for good and opens a dual-stack
-/// listener on `port` there, as in-pod ztunnel does: a socket keeps the
-/// netns it was created in. Returns the listener and a second handle on it.
-fn bind_in(netns: &OwnedFd, port: u16) -> io::Result<(TcpListener, Socket)> {
+/// Moves the calling thread into `netns` for good and opens `listen` there,
+/// as in-pod ztunnel does: a socket keeps the netns it was created in, and
+/// the threads this one spawns (connections, DNS upstreams) start in it.
+/// Returns the socket and a second handle on it, or `None` for the `[::1]`
+/// DNS proxy in a netns without IPv6 loopback (ztunnel then serves IPv4
+/// only).
+fn bind_in(netns: &OwnedFd, listen: Listen) -> io::Result<Option<(Socket, Socket)>> {
     nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET)?;
-    let socket = Socket::new(Domain::IPV6, Type::STREAM, None)?;
-    socket.set_only_v6(false)?;
+    let (addr, ty) = match listen {
+        Listen::Capture(port) => (SocketAddr::from(([0u16; 8], port)), Type::STREAM),
+        Listen::Dns(addr, transport) => (addr, transport.socket_type()),
+    };
+    let ipv6_optional = matches!(listen, Listen::Dns(..)) && addr.is_ipv6();
+    let socket = match Socket::new(Domain::for_address(addr), ty, None) {
+        Err(e) if ipv6_optional && e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+            return Ok(None);
+        }
+        socket => socket?,
+    };
+    if addr.is_ipv6() {
+        // The capture ports take both families; `[::1]` is IPv6 only.
+        socket.set_only_v6(matches!(listen, Listen::Dns(..)))?;
+    }
     socket.set_reuse_address(true)?;
     // During an upgrade a new ztunnel binds the same ports in the pod's
     // netns while the old one still serves, as ztunnel does.
     socket.set_reuse_port(true)?;
-    socket.bind(&SocketAddr::from(([0u16; 8], port)).into())?;
-    socket.listen(128)?;
+    match socket.bind(&addr.into()) {
+        Err(e) if ipv6_optional && e.kind() == io::ErrorKind::AddrNotAvailable => {
+            return Ok(None);
+        }
+        bound => bound?,
+    }
+    if ty == Type::STREAM {
+        socket.listen(128)?;
+    }
+    let handle = socket.try_clone()?;
+    Ok(Some((socket, handle)))
+}
+
+/// Serves one listener until it is stopped (`stopped` set and the socket
+/// shut down) or fails; each TCP connection is served on its own thread,
+/// which inherits this thread's netns, so that its upstream sockets are
+/// opened in the pod, as ztunnel's are.
+fn serve_listen(
+    pod: &str,
+    socket: Socket,
+    listen: Listen,
+    serving: Serving,
+    stopped: &AtomicBool,
+) -> io::Result<()> {
+    if let Listen::Dns(addr, dns::Transport::Udp) = listen {
+        return dns::proxy_udp(pod, socket.into(), addr, serving.dns_upstream, stopped);
+    }
     let l: TcpListener = socket.into();
-    let handle = Socket::from(l.try_clone()?);
-    Ok((l, handle))
+    for conn in l.incoming() {
+        let conn = match conn {
+            Ok(conn) => Socket::from(conn),
+            Err(_) if stopped.load(Ordering::Acquire) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let pod = pod.to_string();
+        thread::spawn(move || {
+            let result = match listen {
+                Listen::Capture(HBONE_PORT) => inbound_hbone(&pod, conn, serving.relay),
+                Listen::Capture(INBOUND_PLAINTEXT_PORT) => {
+                    inbound_plaintext(&pod, conn, serving.relay)
+                }
+                Listen::Capture(_) => outbound(&pod, conn, serving.relay, serving.hbone),
+                Listen::Dns(addr, _) => dns::proxy_tcp(&pod, conn, addr, serving.dns_upstream),
+            };
+            if let Err(e) = result {
+                let event = match listen {
+                    Listen::Capture(_) => "relay-error",
+                    Listen::Dns(..) => "dns-error",
+                };
+                report(json!({"event": event, "pod": pod, "error": e.to_string()}));
+            }
+        });
+    }
+    Ok(())
 }
 
 /// Opens the listeners in each of `pods` and, with `zds`, in each pod the
@@ -563,7 +689,8 @@ fn ztunnel(pods: &[PathBuf], serving: Serving, zds: Option<zds::Options>) -> io:
     let session = zds.as_ref().map(zds::Session::connect).transpose()?;
     report(json!({
         "event": "listening", "pods": pods.len(), "port": serving.port,
-        "hbone": serving.hbone.is_some(),
+        "hbone": serving.hbone.is_some(), "inbound": serving.inbound, "dns": serving.dns,
+        "dns_upstream": serving.dns_upstream.map(|u| u.to_string()),
         "zds": zds.as_ref().map(|z| z.socket.display().to_string()),
     }));
     if let Some(session) = session {
@@ -654,12 +781,20 @@ fn inbound_hbone(pod: &str, conn: Socket, relay: Relay) -> io::Result<()> {
 /// destination (the local address if there is none, as ztunnel falls back
 /// to), the client is the peer.
 fn inbound_plaintext(pod: &str, conn: Socket, relay: Relay) -> io::Result<()> {
-    let target = match original_dst(&conn) {
+    let peer = conn.peer_addr()?.as_socket();
+    let local = conn.local_addr()?.as_socket();
+    let orig = original_dst(&conn);
+    report(json!({
+        "event": "inbound-accepted",
+        "pod": pod,
+        "peer": peer.map(|a| a.to_string()),
+        "local": local.map(|a| a.to_string()),
+        "orig_dst": orig.as_ref().ok().map(|a| a.to_string()),
+        "orig_dst_error": orig.as_ref().err().map(|e| e.to_string()),
+    }));
+    let target = match orig {
         Ok(dst) => dst,
-        Err(_) => conn
-            .local_addr()?
-            .as_socket()
-            .ok_or_else(|| io::Error::other("no local address"))?,
+        Err(_) => local.ok_or_else(|| io::Error::other("no local address"))?,
     };
     // ztunnel refuses a self-call: nothing to relay to.
     if [15001, HBONE_PORT, INBOUND_PLAINTEXT_PORT].contains(&target.port()) {
@@ -668,9 +803,7 @@ fn inbound_plaintext(pod: &str, conn: Socket, relay: Relay) -> io::Result<()> {
             format!("{target} is one of ztunnel's own capture ports"),
         ));
     }
-    let client = conn
-        .peer_addr()?
-        .as_socket()
+    let client = peer
         .ok_or_else(|| io::Error::other("no peer"))?
         .ip()
         .to_canonical();
