@@ -1,16 +1,23 @@
-//! `sk_lookup` (Linux 5.9; `ingress_ifindex` 5.17), attached to each
+//! `sk_lookup` (Linux 5.9), attached to each
 //! enrolled pod's network namespace: inbound TCP to the pod goes to
 //! ztunnel's inbound plaintext listener (15006) in that namespace, with the
 //! original `ip:port` as the accepted socket's local address. ztunnel falls
 //! back to the local address when `SO_ORIGINAL_DST` has no answer, and
 //! nothing answers it for these sockets (no record, no conntrack entry).
 //!
-//! Left to the regular lookup, as istio-cni's rules leave them: what
-//! arrives through `lo` (loopback, a pod calling its own IP, ztunnel's own
-//! legs to the application), ztunnel's HBONE port (15008), and sources in
-//! the exempt map (the node's addresses: kubelet probes; istio-cni's probe
-//! SNAT address). A socket another `sk_lookup` program already selected is
-//! kept.
+//! Left to the regular lookup, as istio-cni's rules leave them: loopback
+//! destinations; connections from the netns's own address to itself (a pod
+//! calling its own IP, the outbound connect redirected to `pod_ip:15001`,
+//! ztunnel's legs to the application once their original-source bind is
+//! undone); ztunnel's legs that keep the client's address (preserved
+//! original-source binds, recorded by `bind` and `sock_ops` before their
+//! SYN); ztunnel's HBONE port (15008); and sources in the exempt map (the
+//! node's addresses: kubelet probes; istio-cni's probe SNAT address). A
+//! socket another `sk_lookup` program already selected is kept.
+//!
+//! Local traffic cannot be told by its interface: a packet to the pod's
+//! own eth0 address travels through `lo` but reports eth0's index (the
+//! kernel keeps the route's device for `SO_BINDTODEVICE` listeners).
 //!
 //! Fail closed (replacement mode, [`flags::INBOUND_FAIL_CLOSED`]): a
 //! connection to an address of the pod that has no capture entry, or while
@@ -25,7 +32,7 @@
 //! the netns cookie of the pod (`sk_lookup` cannot read its own netns
 //! cookie, so the pod's address leads to it through [`INBOUND`]).
 
-use ambridge_common::{Counter, IpKey, NodeConfig, flags};
+use ambridge_common::{ConnKey, Counter, IpKey, NodeConfig, conn_kind, flags};
 use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
     macros::sk_lookup,
@@ -34,8 +41,8 @@ use aya_ebpf::{
 };
 
 use crate::{
-    maps::{EXEMPT, INBOUND, LISTENERS, bump, node},
-    net::{IPPROTO_TCP, LOOPBACK_IFINDEX, ctx_addr, ctx_read},
+    maps::{CONNS, EXEMPT, INBOUND, LISTENERS, bump, node},
+    net::{IPPROTO_TCP, ctx_addr, ctx_read, is_loopback},
 };
 
 #[sk_lookup]
@@ -43,15 +50,15 @@ pub fn inbound(ctx: SkLookupContext) -> u32 {
     let l = ctx.lookup;
     // SAFETY: `l` is the live context; every field is read at its fixed
     // offset.
-    let (protocol, selected, ifindex, local_port) = unsafe {
+    let (protocol, selected, local_port, remote_port) = unsafe {
         (
             ctx_read!((*l).protocol),
             ctx_read!((*l).__bindgen_anon_1.cookie),
-            ctx_read!((*l).ingress_ifindex),
             ctx_read!((*l).local_port) as u16,
+            u16::from_be(ctx_read!((*l).remote_port)),
         )
     };
-    if protocol != IPPROTO_TCP || selected != 0 || ifindex == LOOPBACK_IFINDEX {
+    if protocol != IPPROTO_TCP || selected != 0 {
         return SK_PASS;
     }
     let node = node();
@@ -66,8 +73,21 @@ pub fn inbound(ctx: SkLookupContext) -> u32 {
             ctx_addr!(family, (*l).remote_ip4, (*l).remote_ip6),
         )
     };
+    if remote == local || is_loopback(&local) {
+        return SK_PASS;
+    }
     if EXEMPT.get(Key::new(128, remote)).is_some() {
         bump(Counter::InboundExempt);
+        return SK_PASS;
+    }
+    let leg = ConnKey {
+        src_ip: remote,
+        dst_ip: local,
+        src_port: remote_port,
+        dst_port: local_port,
+    };
+    // SAFETY: only tested for its kind.
+    if unsafe { CONNS.get(leg) }.is_some_and(|r| r.kind == conn_kind::ORIG_SRC) {
         return SK_PASS;
     }
     // SAFETY: copied out at once.

@@ -4,7 +4,9 @@
 //!
 //! - `TCP_CONNECT_CB`: a recorded socket (redirected connect, or proxy leg
 //!   with an original-source bind) asks for state callbacks, so it is
-//!   cleaned up even if the connect fails.
+//!   cleaned up even if the connect fails. A proxy leg's record is also
+//!   keyed by its 4-tuple at once: the SYN's lookup in the pod
+//!   ([`crate::inbound`]) must see it is ztunnel's own.
 //! - `ACTIVE_ESTABLISHED_CB`: the 4-tuple is now known; the record moves from
 //!   the cookie map to the tuple map, where the proxy's `SO_ORIGINAL_DST`
 //!   and the server's `getpeername()` find it. On one host this runs before
@@ -85,9 +87,13 @@ fn reversed(key: &ConnKey) -> ConnKey {
 
 #[inline(always)]
 fn on_connect(ctx: &SockOpsContext) {
-    // SAFETY: the value is only tested for presence.
-    if unsafe { PENDING.get(cookie(ctx)) }.is_some() {
-        let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    // SAFETY: copied out at once.
+    let Some(record) = (unsafe { PENDING.get(cookie(ctx)) }).copied() else {
+        return;
+    };
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    if record.kind == conn_kind::ORIG_SRC {
+        let _ = CONNS.insert(own_key(ctx), record, 0);
     }
 }
 

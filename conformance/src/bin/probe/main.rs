@@ -796,6 +796,9 @@ fn inbound_plaintext(pod: &str, conn: Socket, relay: Relay) -> io::Result<()> {
         Ok(dst) => dst,
         Err(_) => local.ok_or_else(|| io::Error::other("no local address"))?,
     };
+    // A dual-stack listener reports IPv4 as IPv4-mapped; ztunnel connects
+    // to the canonical address, in the family of the client's.
+    let target = SocketAddr::new(target.ip().to_canonical(), target.port());
     // ztunnel refuses a self-call: nothing to relay to.
     if [15001, HBONE_PORT, INBOUND_PLAINTEXT_PORT].contains(&target.port()) {
         return Err(io::Error::new(
