@@ -6,7 +6,8 @@
 use std::time::Duration;
 
 use ambridge_conformance::{
-    Daemon, Event, Node, Pod, canon, eventually, ip_of, replacement_mode, ztunnel_stand_in_with,
+    Daemon, Event, Node, Pod, canon, eventually, ip_of, ztunnel_stand_in_with,
+    ztunnel_stand_in_zds, zds_socket,
 };
 
 /// A node with a non-enrolled `client` and an enrolled `server` running an
@@ -27,8 +28,8 @@ fn inbound_node(server_extra: &str) -> Inbound {
     node.write_workloads_yaml(&[(&client, "none"), (&server, "ambient")], &tail);
     if !server_extra.is_empty() {
         let text = std::fs::read_to_string(node.workloads_path()).unwrap();
-        let marker = format!("    mode: ambient\n");
-        node.write_workloads_text(&text.replacen(&marker, &format!("{marker}{server_extra}"), 1));
+        let marker = "    mode: ambient\n";
+        node.write_workloads_text(&text.replacen(marker, &format!("{marker}{server_extra}"), 1));
     }
     Inbound {
         client,
@@ -78,4 +79,139 @@ fn a_non_enrolled_pods_connect_lands_on_ztunnels_15006_with_the_original_destina
         assert_eq!(ip_of(seen["peer"].as_str().unwrap()).to_string(), client_ip, "{seen}");
     }
     assert!(stat(&daemon, "inbound_captured") >= 2);
+}
+
+/// Starts the daemon, the server's echo server on 8080 and 15008-less
+/// ztunnel stand-in (`args`), and waits until the server is enrolled.
+fn serving(t: &Inbound, args: &[&str]) -> (Daemon, ambridge_conformance::Background, ambridge_conformance::Background) {
+    let daemon = Daemon::start(&t.node);
+    let app = t.server.echo_server("[::]:8080");
+    let ztunnel = ztunnel_stand_in_with(&t.node, &t.ztunnel, &[&t.server], args);
+    daemon.wait_for_mode(&t.server.uid, Some("ambient"));
+    (daemon, app, ztunnel)
+}
+
+/// Whether the application accepted a connection from `peer_ip` within
+/// 3 s (the same wait as a positive check).
+fn app_saw(app: &ambridge_conformance::Background, peer_ip: &str) -> bool {
+    eventually(Duration::from_secs(3), || {
+        events_named(app, "accepted")
+            .iter()
+            .any(|e| ip_of(e["peer"].as_str().unwrap()).to_string() == peer_ip)
+            .then_some(())
+    })
+    .is_some()
+}
+
+#[test]
+fn hbone_and_a_pod_calling_its_own_ip_are_not_captured() {
+    let t = inbound_node("");
+    let (daemon, _app, ztunnel) = serving(&t, &[]);
+    let hbone = t.server.echo_server("[::]:15008");
+    // 15008 from another pod reaches the listener there, not 15006.
+    let r = t.client.connect(&format!("{}:15008", t.server.ip4), 16);
+    assert_eq!(r["ok"], true, "{r}");
+    hbone.wait_for(|e| e["event"] == "accepted", Duration::from_secs(5));
+    // The server calling itself reaches its application directly.
+    let own = ztunnel_conformance_self_call(&t);
+    assert_eq!(own["ok"], true, "{own}");
+    let captured_before = daemon.stats()["inbound_captured"];
+    assert_eq!(
+        events_named(&ztunnel, "inbound-accepted").len(),
+        0,
+        "{:?}",
+        ztunnel.events()
+    );
+    assert_eq!(captured_before, 0);
+}
+
+/// The server pod connecting to its own IP on the application's port (a
+/// probe in its app container, outside ztunnel).
+fn ztunnel_conformance_self_call(t: &Inbound) -> Event {
+    // The server's outbound connect to its own IP is not redirected
+    // either (istio-cni lets a pod call itself directly).
+    t.server.connect(&format!("{}:8080", t.server.ip4), 16)
+}
+
+#[test]
+fn a_pod_with_bypass_inbound_capture_is_reached_directly_and_still_captured_outbound() {
+    let t = inbound_node("    bypass_inbound_capture: true\n");
+    let (daemon, app, ztunnel) = serving(&t, &[]);
+    let r = t.client.connect(&format!("{}:8080", t.server.ip4), 16);
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(app_saw(&app, &t.client.ip4.to_string()));
+    assert!(events_named(&ztunnel, "inbound-accepted").is_empty());
+    assert_eq!(daemon.stats()["inbound_captured"], 0);
+    // Outbound from the bypassing pod still goes through ztunnel.
+    let far = t.client.echo_server("[::]:9090");
+    let out = t.server.connect(&format!("{}:9090", t.client.ip4), 16);
+    assert_eq!(out["ok"], true, "{out}");
+    ztunnel.wait_for(
+        |e| e["event"] == "accepted" && e["orig_dst"].as_str().map(canon) == Some(canon(&format!("{}:9090", t.client.ip4))),
+        Duration::from_secs(5),
+    );
+    far.wait_for(|e| e["event"] == "accepted", Duration::from_secs(5));
+}
+
+#[test]
+fn a_connection_from_the_node_reaches_the_application_directly_without_nat_or_conntrack() {
+    let t = inbound_node("");
+    let (daemon, app, ztunnel) = serving(&t, &[]);
+    for to in [
+        format!("{}:8080", t.server.ip4),
+        format!("[{}]:8080", t.server.ip6),
+    ] {
+        // A kubelet-like prober: the node's own netns, outside every pod.
+        let events = t.node.run_on_node(&["connect", "--to", &to, "--bytes", "16"]);
+        let r = events.iter().find(|e| e["event"] == "connect").expect("connect event");
+        assert_eq!(r["ok"], true, "{r}");
+        let local = canon(r["local"].as_str().unwrap());
+        // The application sees the node's own address: no SNAT.
+        let seen = app.wait_for(
+            |e| e["event"] == "accepted" && canon(e["peer"].as_str().unwrap()) == local,
+            Duration::from_secs(5),
+        );
+        assert_eq!(canon(seen["local"].as_str().unwrap()), canon(&to), "{seen}");
+    }
+    assert!(events_named(&ztunnel, "inbound-accepted").is_empty());
+    assert_eq!(daemon.stats()["inbound_exempt"], 2);
+    for ns in [&t.node.netns_name, &t.server.netns_name] {
+        assert_eq!(conntrack_entries(ns), 0, "conntrack entries in {ns}");
+    }
+}
+
+/// How many conntrack entries network namespace `ns` holds.
+fn conntrack_entries(ns: &str) -> usize {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "conntrack", "-L"])
+        .output()
+        .expect("running conntrack (scripts/setup.sh installs it)");
+    assert!(out.status.success(), "conntrack -L in {ns}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+#[test]
+fn without_a_15006_listener_an_inbound_connect_fails_and_never_reaches_the_application() {
+    // Replacement mode in both passes: ambridge is the only capture there,
+    // so it must refuse what ztunnel cannot take (in companion mode
+    // istio-cni's rules are the fallback).
+    let t = inbound_node("");
+    let socket = zds_socket(&t.node);
+    let socket_arg = socket.display().to_string();
+    let daemon = Daemon::start_with(&t.node, &["--zds", "serve", "--zds-socket", &socket_arg]);
+    let app = t.server.echo_server("[::]:8080");
+    let _ztunnel = ztunnel_stand_in_zds(&t.node, &t.ztunnel, &socket, &["--no-inbound"]);
+    daemon.wait_for_mode(&t.server.uid, Some("ambient"));
+    for to in [
+        format!("{}:8080", t.server.ip4),
+        format!("[{}]:8080", t.server.ip6),
+    ] {
+        let r = t.client.connect(&to, 16);
+        assert_eq!(r["ok"], false, "{r}");
+        // The kernel refused it at once (a reset), not after a timeout.
+        assert!(r["error"].as_str().unwrap_or("").contains("refused"), "{r}");
+    }
+    assert!(!app_saw(&app, &t.client.ip4.to_string()));
+    assert!(!app_saw(&app, &t.client.ip6.to_string()));
+    assert_eq!(daemon.stats()["inbound_refused"], 2);
 }

@@ -337,7 +337,10 @@ fn after_uninstall_nothing_is_pinned_or_attached_and_connections_go_directly() {
     let mut f = fixture();
     f.daemon.stop();
     let out = f.daemon.uninstall();
-    assert!(out.contains("detached 8"), "{out}");
+    // 13 cgroup programs and the inbound link of the enrolled client's
+    // netns.
+    assert!(out.contains("detached 14"), "{out}");
+    assert!(out.contains("inbound (netns "), "{out}");
     assert!(
         !f.node.bpffs().exists(),
         "pins remain under {}",
