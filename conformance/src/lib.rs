@@ -1,10 +1,23 @@
 //! Real-kernel sandbox for ambridge's conformance suite, demo and benchmarks.
 //!
-//! A [`Node`] is a cgroup under the cgroup2 mount plus a network namespace
-//! holding a bridge; each [`Pod`] is a network namespace wired to that bridge
-//! by a veth (IPv4 198.18.0.0/24 and IPv6 fd00:18::/64, no other route) and a
-//! pod-level cgroup whose processes run in an `app` container cgroup below
-//! it. Every node is private to its test (unique names, its own netns), so
+//! A [`Node`] is a cgroup under the cgroup2 mount plus a node network
+//! namespace; each [`Pod`] is a network namespace with an `eth0` on the
+//! node's pod network (IPv4 198.18.0.0/24 and IPv6 fd00:18::/64, no other
+//! route; the node itself is 198.18.0.1 and fd00:18::1) and a pod-level
+//! cgroup whose processes run in an `app` container cgroup below it. The
+//! pod network has two [`Topology`]s, picked for a run with
+//! `AMBRIDGE_TEST_TOPOLOGY` (`veth`, the default, or `macvlan`):
+//!
+//! - `veth`: a bridge in the node netns holding the node's addresses, and a
+//!   veth pair per pod from the bridge to the pod's `eth0`;
+//! - `macvlan`: as macvlan CNI clusters are wired, each pod's `eth0` is a
+//!   macvlan child (bridge mode) of one parent interface in the node netns,
+//!   with no per-pod veth and no host-side peer, and the node reaches its
+//!   pods through a macvlan host shim on the same parent holding the node's
+//!   addresses.
+//!
+//! [`Node::run_on_node`] runs a probe in the node netns from outside the
+//! node's cgroup, as a kubelet on the host would. Every node is private to its test (unique names, its own netns), so
 //! tests run in parallel, and everything is torn down on drop, panics
 //! included. Nothing here touches the machine's own interfaces or its root
 //! cgroup's programs.
@@ -17,7 +30,7 @@ pub mod sandbox;
 
 pub use daemon::Daemon;
 pub use probe::{Background, Event};
-pub use sandbox::{Node, Pod};
+pub use sandbox::{Node, Pod, Topology};
 
 use std::{
     path::PathBuf,

@@ -1,4 +1,29 @@
-//! Nodes and pods made of network namespaces, veths and cgroups.
+//! Nodes and pods made of network namespaces, virtual links and cgroups.
+//!
+//! A [`Node`] is a cgroup plus a node network namespace; each [`Pod`] is a
+//! network namespace with one interface, `eth0`, on the node's pod network
+//! (198.18.0.0/24 and fd00:18::/64), a pod cgroup and a pause process. How
+//! `eth0` is attached is the node's [`Topology`], chosen per node
+//! ([`Node::with_topology`]) or for the whole run by
+//! `AMBRIDGE_TEST_TOPOLOGY` ([`Topology::from_env`], what [`Node::new`]
+//! uses):
+//!
+//! - [`Topology::Veth`] (the default, as bridge and ptp CNIs do): the node
+//!   netns holds a bridge `br0` with the node's addresses (198.18.0.1,
+//!   fd00:18::1), and each pod is a veth pair, `veth<n>` on the bridge and
+//!   `eth0` in the pod.
+//! - [`Topology::Macvlan`] (as macvlan CNI clusters do): the node netns
+//!   holds a parent interface `mvparent` (one end of a veth pair whose other
+//!   end, `mvpeer`, is up and goes nowhere; this kernel has no `dummy`
+//!   driver), and each pod's `eth0` is a macvlan child of it in bridge mode:
+//!   no veth per pod, no host-side peer, no bridge. The node reaches its
+//!   pods, as a kubelet's probes must, through a macvlan "host shim" child
+//!   `mvshim` of the same parent in the node netns, which holds the node's
+//!   addresses.
+//!
+//! Either way pods reach each other and the node at layer 2 on one subnet,
+//! and a probe the test runner starts in the node netns outside the node's
+//! cgroup ([`Node::run_on_node`]) is what a kubelet on the host looks like.
 
 use std::{
     fs,
@@ -12,6 +37,47 @@ use std::{
 use crate::eventually;
 
 static NEXT_NODE: AtomicU32 = AtomicU32::new(0);
+
+/// How a node's pods are attached to its pod network (see the module docs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Topology {
+    /// A bridge `br0` in the node netns, a veth pair per pod.
+    #[default]
+    Veth,
+    /// Macvlan (bridge mode) children of one parent interface, one per pod,
+    /// and a macvlan host shim holding the node's addresses.
+    Macvlan,
+}
+
+impl Topology {
+    /// The environment variable [`Topology::from_env`] reads.
+    pub const ENV: &'static str = "AMBRIDGE_TEST_TOPOLOGY";
+
+    /// The topology `AMBRIDGE_TEST_TOPOLOGY` names: `veth` (or unset) is
+    /// [`Topology::Veth`], `macvlan` is [`Topology::Macvlan`]; anything else
+    /// panics, so a typo never silently runs the default.
+    pub fn from_env() -> Self {
+        match std::env::var(Self::ENV) {
+            Ok(v) => Self::parse(Some(&v)),
+            Err(std::env::VarError::NotPresent) => Self::parse(None),
+            Err(std::env::VarError::NotUnicode(v)) => panic!(
+                "{}={v:?} is not a topology: accepted values are `veth` (the default) and `macvlan`",
+                Self::ENV
+            ),
+        }
+    }
+
+    fn parse(value: Option<&str>) -> Self {
+        match value {
+            None | Some("veth") => Topology::Veth,
+            Some("macvlan") => Topology::Macvlan,
+            Some(other) => panic!(
+                "{}={other:?} is not a topology: accepted values are `veth` (the default) and `macvlan`",
+                Self::ENV
+            ),
+        }
+    }
+}
 
 /// Runs `ip` with `args`, panicking with its stderr on failure.
 pub fn ip(args: &[&str]) {
@@ -93,7 +159,9 @@ pub struct Node {
     pub id: String,
     /// The node cgroup: where the daemon attaches.
     pub cgroup: PathBuf,
-    /// The node netns, holding the bridge (198.18.0.1, fd00:18::1).
+    /// The node netns (name under /run/netns), holding the node's addresses
+    /// (198.18.0.1, fd00:18::1): on the bridge `br0` in [`Topology::Veth`],
+    /// on the macvlan host shim `mvshim` in [`Topology::Macvlan`].
     pub netns_name: String,
     pub pods: Vec<Pod>,
     /// Scratch directory for the workloads file and logs.
@@ -102,11 +170,27 @@ pub struct Node {
     netns: Vec<String>,
     /// Pause processes (reaped on drop; killed with the node's cgroups).
     sandboxes: Vec<std::process::Child>,
+    topology: Topology,
 }
 
+/// The macvlan parent in the node netns (one end of a veth pair).
+const MACVLAN_PARENT: &str = "mvparent";
+/// The other, otherwise unused, end of the parent's veth pair.
+const MACVLAN_PARENT_PEER: &str = "mvpeer";
+/// The node's own macvlan child, holding the node's addresses.
+const MACVLAN_SHIM: &str = "mvshim";
+
 impl Node {
-    /// Builds an empty node: cgroup, node netns and bridge.
+    /// Builds an empty node in the topology `AMBRIDGE_TEST_TOPOLOGY` names
+    /// ([`Topology::from_env`]).
     pub fn new() -> Self {
+        Self::with_topology(Topology::from_env())
+    }
+
+    /// Builds an empty node in `topology`: cgroup, node netns and the node's
+    /// side of the pod network (the bridge, or the macvlan parent and host
+    /// shim).
+    pub fn with_topology(topology: Topology) -> Self {
         let cgroup2 = preflight();
         let id = format!(
             "{}x{}",
@@ -124,13 +208,52 @@ impl Node {
             cgroups: Vec::new(),
             netns: Vec::new(),
             sandboxes: Vec::new(),
+            topology,
         };
         fs::create_dir_all(&dir).expect("creating the node's scratch directory");
         node.mkdir_cgroup(&cgroup);
         let ns = node.netns_name.clone();
         node.add_netns(&ns);
-        ip(&["-n", &ns, "link", "add", "br0", "type", "bridge"]);
-        ip(&["-n", &ns, "addr", "add", "198.18.0.1/24", "dev", "br0"]);
+        let node_if = match topology {
+            Topology::Veth => {
+                ip(&["-n", &ns, "link", "add", "br0", "type", "bridge"]);
+                "br0"
+            }
+            Topology::Macvlan => {
+                // No `dummy` driver here: a veth pair, both ends up (so the
+                // parent has carrier), is the parent.
+                ip(&[
+                    "-n",
+                    &ns,
+                    "link",
+                    "add",
+                    MACVLAN_PARENT,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    MACVLAN_PARENT_PEER,
+                ]);
+                ip(&["-n", &ns, "link", "set", MACVLAN_PARENT_PEER, "up"]);
+                ip(&["-n", &ns, "link", "set", MACVLAN_PARENT, "up"]);
+                ip(&[
+                    "-n",
+                    &ns,
+                    "link",
+                    "add",
+                    "link",
+                    MACVLAN_PARENT,
+                    "name",
+                    MACVLAN_SHIM,
+                    "type",
+                    "macvlan",
+                    "mode",
+                    "bridge",
+                ]);
+                MACVLAN_SHIM
+            }
+        };
+        ip(&["-n", &ns, "addr", "add", "198.18.0.1/24", "dev", node_if]);
         ip(&[
             "-n",
             &ns,
@@ -138,11 +261,31 @@ impl Node {
             "add",
             "fd00:18::1/64",
             "dev",
-            "br0",
+            node_if,
             "nodad",
         ]);
-        ip(&["-n", &ns, "link", "set", "br0", "up"]);
+        ip(&["-n", &ns, "link", "set", node_if, "up"]);
         node
+    }
+
+    /// How this node's pods are attached.
+    pub fn topology(&self) -> Topology {
+        self.topology
+    }
+
+    /// Path of the node netns (`/run/netns/<netns_name>`).
+    pub fn node_netns_path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.netns_name))
+    }
+
+    /// Runs `ambridge-probe --netns <node netns> <args>` to completion and
+    /// returns its events. The probe runs in the test runner's own cgroup,
+    /// not under the node cgroup: that is how a kubelet (its health probes,
+    /// say) or any other host process looks to the daemon, which must leave
+    /// it alone. It reaches the pods through the node's addresses (the
+    /// bridge, or the macvlan host shim).
+    pub fn run_on_node(&self, args: &[&str]) -> Vec<crate::Event> {
+        crate::probe::run_in(None, &self.node_netns_path(), args)
     }
 
     fn mkdir_cgroup(&mut self, path: &Path) {
@@ -156,8 +299,9 @@ impl Node {
         ip(&["-n", name, "link", "set", "lo", "up"]);
     }
 
-    /// Adds pod number `n` (1..=200): netns with eth0 on the bridge at
-    /// 198.18.0.(10+n) and fd00:18::(10+n), pod cgroup `pod-<name>` with an
+    /// Adds pod number `n` (1..=200): netns with eth0 on the pod network
+    /// (per the node's [`Topology`]) at 198.18.0.(10+n) and
+    /// fd00:18::(10+n), pod cgroup `pod-<name>` with an
     /// `app` container cgroup, and a pause process in a `pause` container
     /// cgroup holding the netns, as a pod sandbox does.
     pub fn add_pod(&mut self, name: &str) -> Pod {
@@ -211,9 +355,18 @@ impl Node {
             "the old sandbox of {} would not die",
             pod.name
         );
-        // Deleting the node's end removes the pair now, even while the old
-        // netns lives on through fds held elsewhere (ztunnel's, say).
-        ip(&["-n", &self.netns_name, "link", "del", &format!("veth{n}")]);
+        // Deleting the old interface now takes it off the pod network even
+        // while the old netns lives on through fds held elsewhere
+        // (ztunnel's, say): left there, it would still answer for the pod's
+        // addresses.
+        match self.topology {
+            // The node's end of the veth pair takes the pod's end with it.
+            Topology::Veth => {
+                ip(&["-n", &self.netns_name, "link", "del", &format!("veth{n}")]);
+            }
+            // A macvlan child has no node-side end: it goes by itself.
+            Topology::Macvlan => ip(&["-n", &pod.netns_name, "link", "del", "eth0"]),
+        }
         ip(&["netns", "del", &pod.netns_name]);
         ip(&["netns", "add", &pod.netns_name]);
         ip(&["-n", &pod.netns_name, "link", "set", "lo", "up"]);
@@ -221,9 +374,39 @@ impl Node {
         self.start_pause(pod);
     }
 
-    /// Connects `pod`'s netns to the bridge with veth number `n` and gives
-    /// it its addresses.
+    /// Gives `pod`'s netns its `eth0` on the pod network (pod number `n`)
+    /// and its addresses.
     fn wire(&self, pod: &Pod, n: u8) {
+        match self.topology {
+            Topology::Veth => self.wire_veth(pod, n),
+            Topology::Macvlan => self.wire_macvlan(pod, n),
+        }
+        let ns = &pod.netns_name;
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{}/24", pod.ip4),
+            "dev",
+            "eth0",
+        ]);
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{}/64", pod.ip6),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        ip(&["-n", ns, "link", "set", "eth0", "up"]);
+    }
+
+    /// Connects `pod`'s netns to the bridge with veth number `n`, the pod's
+    /// end named `eth0`.
+    fn wire_veth(&self, pod: &Pod, n: u8) {
         let veth = format!("veth{n}");
         ip(&[
             "-n",
@@ -249,27 +432,39 @@ impl Node {
             "br0",
             "up",
         ]);
-        let ns = &pod.netns_name;
+    }
+
+    /// Gives `pod`'s netns a fresh macvlan child (bridge mode) of the
+    /// node's parent as `eth0`, as macvlan CNI does: made in the node netns
+    /// under a name unique to pod `n` there, moved into the pod's netns and
+    /// renamed there.
+    fn wire_macvlan(&self, pod: &Pod, n: u8) {
+        // At most "mvpod200": well within IFNAMSIZ.
+        let tmp = format!("mvpod{n}");
         ip(&[
             "-n",
-            ns,
-            "addr",
+            &self.netns_name,
+            "link",
             "add",
-            &format!("{}/24", pod.ip4),
-            "dev",
-            "eth0",
+            "link",
+            MACVLAN_PARENT,
+            "name",
+            &tmp,
+            "type",
+            "macvlan",
+            "mode",
+            "bridge",
         ]);
         ip(&[
             "-n",
-            ns,
-            "addr",
-            "add",
-            &format!("{}/64", pod.ip6),
-            "dev",
-            "eth0",
-            "nodad",
+            &self.netns_name,
+            "link",
+            "set",
+            &tmp,
+            "netns",
+            &pod.netns_name,
         ]);
-        ip(&["-n", ns, "link", "set", "eth0", "up"]);
+        ip(&["-n", &pod.netns_name, "link", "set", &tmp, "name", "eth0"]);
     }
 
     /// Starts the pause process holding `pod`'s netns, in its `pause`
@@ -375,5 +570,23 @@ impl Drop for Node {
             }
         }
         let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Topology;
+
+    #[test]
+    fn topology_names() {
+        assert_eq!(Topology::parse(None), Topology::Veth);
+        assert_eq!(Topology::parse(Some("veth")), Topology::Veth);
+        assert_eq!(Topology::parse(Some("macvlan")), Topology::Macvlan);
+    }
+
+    #[test]
+    #[should_panic(expected = "AMBRIDGE_TEST_TOPOLOGY=\"ipvlan\" is not a topology")]
+    fn unknown_topology_panics() {
+        Topology::parse(Some("ipvlan"));
     }
 }
