@@ -28,7 +28,8 @@ use crate::{
 const PROCEED: i32 = 1;
 
 /// The address to answer instead, if any: `(addr, Some(port))` for a
-/// redirected client, `(addr, None)` (keep the port) for an undone source.
+/// redirected client or a captured DNS query, `(addr, None)` (keep the
+/// port) for an undone source; with the counter it counts as.
 ///
 /// Every `accept()` and `getpeername()` under the cgroup runs this, so the
 /// node settings rule sockets out before any hash lookup: a redirected
@@ -41,9 +42,9 @@ fn replacement(
     local_port: u16,
     peer: [u32; 4],
     peer_port: u16,
-) -> Option<([u32; 4], Option<u16>)> {
+) -> Option<([u32; 4], Option<u16>, Counter)> {
     if let Some(server) = dns::asked(ctx.as_ptr(), &peer, peer_port) {
-        return Some((server.addr, Some(server.port)));
+        return Some((server.addr, Some(server.port), Counter::DnsRestored));
     }
     let node = node();
     if node.is_redirect_port(peer_port) {
@@ -57,7 +58,7 @@ fn replacement(
         if let Some(r) = unsafe { CONNS.get(as_client) }.copied()
             && r.kind == conn_kind::ORIG_DST
         {
-            return Some((r.addr, Some(r.port)));
+            return Some((r.addr, Some(r.port), Counter::PeernameRewritten));
         }
     }
     if peer != local && !node.is_shared_ztunnel(&peer) {
@@ -71,7 +72,9 @@ fn replacement(
     };
     // SAFETY: copied out at once.
     match unsafe { CONNS.get(as_server) }.copied() {
-        Some(r) if r.kind == conn_kind::ORIG_SRC && r.addr != peer => Some((r.addr, None)),
+        Some(r) if r.kind == conn_kind::ORIG_SRC && r.addr != peer => {
+            Some((r.addr, None, Counter::PeernameRewritten))
+        }
         _ => None,
     }
 }
@@ -90,7 +93,7 @@ pub fn getpeername4(ctx: SockAddrContext) -> i32 {
             u16::from_be(ctx_read!((*sa).user_port) as u16),
         )
     };
-    if let Some((addr, port)) = replacement(&ctx, local, local_port, peer, peer_port)
+    if let Some((addr, port, counter)) = replacement(&ctx, local, local_port, peer, peer_port)
         && let Some(ip4) = as_v4(&addr)
     {
         // SAFETY: user_ip4 and user_port are writable for this hook.
@@ -100,7 +103,7 @@ pub fn getpeername4(ctx: SockAddrContext) -> i32 {
                 ctx_write!((*sa).user_port, u32::from(port.to_be()));
             }
         }
-        bump(Counter::PeernameRewritten);
+        bump(counter);
     }
     PROCEED
 }
@@ -125,7 +128,7 @@ pub fn getpeername6(ctx: SockAddrContext) -> i32 {
             u16::from_be(ctx_read!((*sa).user_port) as u16),
         )
     };
-    if let Some((addr, port)) = replacement(&ctx, local, local_port, peer, peer_port) {
+    if let Some((addr, port, counter)) = replacement(&ctx, local, local_port, peer, peer_port) {
         // SAFETY: user_ip6 and user_port are writable for this hook.
         unsafe {
             ctx_write_ip6!((*sa).user_ip6, addr);
@@ -133,7 +136,7 @@ pub fn getpeername6(ctx: SockAddrContext) -> i32 {
                 ctx_write!((*sa).user_port, u32::from(port.to_be()));
             }
         }
-        bump(Counter::PeernameRewritten);
+        bump(counter);
     }
     PROCEED
 }

@@ -545,12 +545,23 @@ pub fn map_occupancy(pins: &Pins) -> Result<Vec<(&'static str, usize)>, Error> {
     let socks: SockHash<MapData, ConnKey> =
         SockHash::try_from(open_pinned(pins, map_names::SOCKS)?)
             .map_err(map_err(map_names::SOCKS))?;
+    let inbound: HashMap<MapData, IpKey, InboundTarget> =
+        HashMap::try_from(open_pinned(pins, map_names::INBOUND)?)
+            .map_err(map_err(map_names::INBOUND))?;
+    let listeners: SockHash<MapData, u64> =
+        SockHash::try_from(open_pinned(pins, map_names::LISTENERS)?)
+            .map_err(map_err(map_names::LISTENERS))?;
+    let dns: HashMap<MapData, u64, ConnRecord> =
+        HashMap::try_from(open_pinned(pins, map_names::DNS)?).map_err(map_err(map_names::DNS))?;
     Ok(vec![
         ("cgroups", cgroups.keys().count()),
         ("netns", netns.keys().count()),
         ("pending_connects", pending.keys().count()),
         ("tracked_connections", conns.keys().count()),
         ("accelerated_sockets", socks.keys().count()),
+        ("inbound_addresses", inbound.keys().count()),
+        ("inbound_listeners", listeners.keys().count()),
+        ("dns_sockets", dns.keys().count()),
     ])
 }
 
