@@ -7,7 +7,8 @@
 use std::time::Duration;
 
 use ambridge_conformance::{
-    Background, Daemon, Event, Node, Pod, canon, eventually, ztunnel_stand_in_with,
+    Background, Daemon, Event, Node, Pod, canon, eventually, listening_ztunnel_stand_in,
+    sandbox::iptables, ztunnel_stand_in_with,
 };
 
 /// `client` (enrolled, its own workloads-file lines in `client_extra`),
@@ -170,4 +171,37 @@ fn a_pod_can_turn_dns_capture_on_when_the_node_leaves_it_off() {
     let answer = query(&t.client, &to, "udp", "on");
     assert_eq!(answer["reply"], "ztunnel:server:on", "{answer}");
     assert_seen_from(&answer, &to);
+}
+
+#[test]
+fn with_istio_cni_rules_in_place_dns_capture_cooperates() {
+    // Companion mode in every pass: the query already goes to 15053 through
+    // `lo`, so istio-cni's REDIRECT finds nothing left to do.
+    let t = dns_node("");
+    let daemon = Daemon::start_with(&t.node, &["--zds", "off"]);
+    daemon.wait_for_mode(&t.client.uid, Some("ambient"));
+    iptables(
+        &t.client.netns_name,
+        "-t nat -A OUTPUT ! -o lo -p udp -m mark ! --mark 0x539/0xfff -m udp --dport 53 -j REDIRECT --to-port 15053",
+    );
+    iptables(
+        &t.client.netns_name,
+        "-t nat -A OUTPUT ! -d 127.0.0.1/32 -p tcp --dport 53 -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15053",
+    );
+    let server = t.resolver.spawn(&["dns-server", "--listen", "[::]:53"]);
+    server.wait_for(|e| e["event"] == "listening", Duration::from_secs(10));
+    let upstream = format!("{}:53", t.resolver.ip4);
+    let _ztunnel = listening_ztunnel_stand_in(
+        &t.node,
+        &t.ztunnel,
+        &[&t.client],
+        &["--dns-upstream", &upstream],
+    );
+    let to = format!("{}:53", t.resolver.ip4);
+    for transport in TRANSPORTS {
+        let answer = query(&t.client, &to, transport, "cni");
+        assert_eq!(answer["reply"], "ztunnel:server:cni", "{answer}");
+        assert_seen_from(&answer, &to);
+    }
+    assert_eq!(daemon.stats()["dns_redirected"], 3);
 }

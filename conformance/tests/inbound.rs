@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use ambridge_conformance::{
-    Daemon, Event, Node, Pod, canon, eventually, ip_of, ztunnel_stand_in_with,
-    ztunnel_stand_in_zds, zds_socket,
+    Daemon, Event, Node, Pod, canon, eventually, ip_of, listening_ztunnel_stand_in,
+    sandbox::iptables, zds_socket, ztunnel_stand_in_with, ztunnel_stand_in_zds,
 };
 
 /// A node with a non-enrolled `client` and an enrolled `server` running an
@@ -79,6 +79,19 @@ fn a_non_enrolled_pods_connect_lands_on_ztunnels_15006_with_the_original_destina
         assert_eq!(ip_of(seen["peer"].as_str().unwrap()).to_string(), client_ip, "{seen}");
     }
     assert!(stat(&daemon, "inbound_captured") >= 2);
+    assert_eq!(pod_field(&daemon, &t.server, "inbound"), "captured");
+    assert_eq!(pod_field(&daemon, &t.server, "dns_captured"), true);
+    assert_eq!(pod_field(&daemon, &t.client, "inbound"), "none");
+}
+
+/// A field of `pod` as `ambridge pods --json` shows it.
+fn pod_field(daemon: &Daemon, pod: &Pod, field: &str) -> serde_json::Value {
+    let pods = daemon.api_json("pods");
+    let found = pods
+        .as_array()
+        .and_then(|all| all.iter().find(|p| p["uid"] == pod.uid.as_str()))
+        .unwrap_or_else(|| panic!("{} not listed: {pods}", pod.uid));
+    found[field].clone()
 }
 
 /// Starts the daemon, the server's echo server on 8080 and 15008-less
@@ -142,6 +155,7 @@ fn a_pod_with_bypass_inbound_capture_is_reached_directly_and_still_captured_outb
     assert!(app_saw(&app, &t.client.ip4.to_string()));
     assert!(events_named(&ztunnel, "inbound-accepted").is_empty());
     assert_eq!(daemon.stats()["inbound_captured"], 0);
+    assert_eq!(pod_field(&daemon, &t.server, "inbound"), "bypassed");
     // Outbound from the bypassing pod still goes through ztunnel.
     let far = t.client.echo_server("[::]:9090");
     let out = t.server.connect(&format!("{}:9090", t.client.ip4), 16);
@@ -214,4 +228,32 @@ fn without_a_15006_listener_an_inbound_connect_fails_and_never_reaches_the_appli
     assert!(!app_saw(&app, &t.client.ip4.to_string()));
     assert!(!app_saw(&app, &t.client.ip6.to_string()));
     assert_eq!(daemon.stats()["inbound_refused"], 2);
+}
+
+#[test]
+fn with_istio_cni_rules_in_place_inbound_capture_cooperates() {
+    // Companion mode in every pass: istio-cni's in-pod rules redirect the
+    // connection to 15006 before the socket lookup; the program selects the
+    // same listener, and SO_ORIGINAL_DST still comes from conntrack.
+    let t = inbound_node("");
+    let daemon = Daemon::start_with(&t.node, &["--zds", "off"]);
+    daemon.wait_for_mode(&t.server.uid, Some("ambient"));
+    iptables(
+        &t.server.netns_name,
+        "-t nat -A PREROUTING ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15006",
+    );
+    let app = t.server.echo_server("[::]:8080");
+    let ztunnel = listening_ztunnel_stand_in(&t.node, &t.ztunnel, &[&t.server], &[]);
+    let to = format!("{}:8080", t.server.ip4);
+    let r = t.client.connect(&to, 64);
+    assert_eq!(r["ok"], true, "{r}");
+    let accepted = ztunnel.wait_for(|e| e["event"] == "inbound-accepted", Duration::from_secs(5));
+    assert_eq!(
+        canon(accepted["local"].as_str().unwrap()),
+        canon(&format!("{}:15006", t.server.ip4)),
+        "{accepted}"
+    );
+    assert_eq!(accepted["orig_dst"].as_str().map(canon), Some(canon(&to)), "{accepted}");
+    assert!(app_saw(&app, &t.client.ip4.to_string()));
+    assert!(daemon.stats()["inbound_captured"] >= 1);
 }

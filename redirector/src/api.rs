@@ -80,6 +80,8 @@ pub fn view(spec: &NodeSpec, desired: &Desired) -> View {
                 in_datapath: placed.is_some(),
                 accelerated: entry.is_some_and(|e| e.flags & flags::ACCEL != 0),
                 held: entry.is_some_and(|e| e.flags & flags::HELD != 0),
+                inbound: inbound_state(pod, spec, desired).into(),
+                dns_captured: entry.is_some_and(|e| e.flags & flags::DNS_CAPTURE != 0),
                 problem,
             }
         })
@@ -89,6 +91,23 @@ pub fn view(spec: &NodeSpec, desired: &Desired) -> View {
         pods,
         ztunnels: spec.ztunnels.len() as u32,
         unresolved: desired.unresolved.len() as u32,
+    }
+}
+
+/// Where a pod's inbound capture stands (see `Pod.inbound` in the proto).
+fn inbound_state(pod: &PodSpec, spec: &NodeSpec, desired: &Desired) -> &'static str {
+    if pod.mode != Mode::Ambient || spec.redirect.is_some() {
+        "none"
+    } else if !pod.capture.inbound {
+        "bypassed"
+    } else if desired
+        .pod_netns
+        .get(&pod.uid)
+        .is_some_and(|n| desired.inbound_netns.contains(n))
+    {
+        "captured"
+    } else {
+        "waiting"
     }
 }
 

@@ -383,6 +383,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                             "mode": p.mode, "ips": p.ips, "cgroup": p.cgroup,
                             "cgroup_id": p.cgroup_id, "in_datapath": p.in_datapath,
                             "accelerated": p.accelerated, "held": p.held,
+                            "inbound": p.inbound, "dns_captured": p.dns_captured,
                             "problem": p.problem,
                         })
                     })
@@ -390,12 +391,12 @@ fn run(command: Command) -> anyhow::Result<()> {
                 println!("{}", serde_json::Value::Array(rows));
             } else {
                 println!(
-                    "{:<16} {:<24} {:<8} {:<11} {:<5} {:<32} PROBLEM",
-                    "NAMESPACE", "NAME", "MODE", "DATAPATH", "ACCEL", "IPS"
+                    "{:<16} {:<24} {:<8} {:<11} {:<9} {:<4} {:<5} {:<32} PROBLEM",
+                    "NAMESPACE", "NAME", "MODE", "DATAPATH", "INBOUND", "DNS", "ACCEL", "IPS"
                 );
                 for p in pods {
                     println!(
-                        "{:<16} {:<24} {:<8} {:<11} {:<5} {:<32} {}",
+                        "{:<16} {:<24} {:<8} {:<11} {:<9} {:<4} {:<5} {:<32} {}",
                         p.namespace,
                         p.name,
                         p.mode,
@@ -404,6 +405,8 @@ fn run(command: Command) -> anyhow::Result<()> {
                             (true, true) => "held",
                             (true, false) => "in",
                         },
+                        p.inbound,
+                        if p.dns_captured { "yes" } else { "no" },
                         if p.accelerated { "yes" } else { "no" },
                         p.ips.join(","),
                         p.problem
