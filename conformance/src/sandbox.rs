@@ -575,7 +575,108 @@ impl Drop for Node {
 
 #[cfg(test)]
 mod tests {
-    use super::Topology;
+    use std::{process::Command, time::Duration};
+
+    use super::{Node, Pod, Topology};
+    use crate::eventually;
+
+    fn link_kind(ns: &str, dev: &str) -> String {
+        let out = Command::new("ip")
+            .args(["-n", ns, "-d", "link", "show", dev])
+            .output()
+            .expect("running ip");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn links(ns: &str) -> String {
+        let out = Command::new("ip")
+            .args(["-n", ns, "-o", "link", "show"])
+            .output()
+            .expect("running ip");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `from` (a pod, or the node with `None`) reaches `to`'s echo server
+    /// on both of its addresses.
+    fn reaches(node: &Node, from: Option<&Pod>, to: &Pod) {
+        for addr in [format!("{}:8080", to.ip4), format!("[{}]:8080", to.ip6)] {
+            let connect = || {
+                let args = ["connect", "--to", addr.as_str(), "--bytes", "16"];
+                let events = match from {
+                    Some(pod) => pod.run(&args),
+                    None => node.run_on_node(&args),
+                };
+                let ok = events
+                    .iter()
+                    .any(|e| e["event"] == "connect" && e["ok"] == true);
+                ok.then_some(())
+            };
+            assert!(
+                eventually(Duration::from_secs(10), connect).is_some(),
+                "{:?} from {} to {addr}",
+                node.topology(),
+                from.map_or("the node", |p| p.name.as_str())
+            );
+        }
+    }
+
+    /// Both topologies: pods reach each other, the node (from outside its
+    /// cgroup) reaches them, and a recreated sandbox reaches and is reached
+    /// by its peers and the node while its old netns is still held open.
+    #[test]
+    fn both_topologies_wire_pods_the_node_reaches() {
+        for topology in [Topology::Veth, Topology::Macvlan] {
+            let mut node = Node::with_topology(topology);
+            assert_eq!(node.topology(), topology);
+            let a = node.add_pod("a");
+            let b = node.add_pod("b");
+            let node_links = links(&node.netns_name);
+            let eth0 = link_kind(&b.netns_name, "eth0");
+            match topology {
+                Topology::Veth => {
+                    assert!(node_links.contains("br0"), "{node_links}");
+                    assert!(eth0.contains("veth"), "{eth0}");
+                }
+                Topology::Macvlan => {
+                    assert!(!node_links.contains("br0"), "{node_links}");
+                    assert!(!node_links.contains("mvpod"), "{node_links}");
+                    assert!(eth0.contains("macvlan mode bridge"), "{eth0}");
+                }
+            }
+            let server = b.echo_server("[::]:8080");
+            reaches(&node, Some(&a), &b);
+            reaches(&node, None, &b);
+            drop(server);
+
+            let held = std::fs::File::open(&b.netns).expect("holding b's netns");
+            node.recreate_sandbox(&b);
+            let new_eth0 = link_kind(&b.netns_name, "eth0");
+            assert!(new_eth0.contains(",UP"), "{new_eth0}");
+            // The new sandbox has the old addresses on a new MAC, which
+            // `a` and the node learn when it first speaks to them (nothing
+            // announces it; their caches would send to the old MAC for up
+            // to a minute): it speaks first, as its connects would.
+            let _a_server = a.echo_server("[::]:8080");
+            let mut cmd = Command::new(crate::workspace_bin("ambridge-probe"));
+            cmd.arg("--netns")
+                .arg(node.node_netns_path())
+                .args(["echo", "--listen", "[::]:8080"]);
+            let node_server = crate::Background::spawn(cmd);
+            node_server.wait_for(|e| e["event"] == "listening", Duration::from_secs(10));
+            let node_pod = Pod {
+                name: "the node".into(),
+                ip4: "198.18.0.1".parse().unwrap(),
+                ip6: "fd00:18::1".parse().unwrap(),
+                ..b.clone()
+            };
+            reaches(&node, Some(&b), &a);
+            reaches(&node, Some(&b), &node_pod);
+            let _server = b.echo_server("[::]:8080");
+            reaches(&node, Some(&a), &b);
+            reaches(&node, None, &b);
+            drop(held);
+        }
+    }
 
     #[test]
     fn topology_names() {
