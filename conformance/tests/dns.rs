@@ -79,10 +79,18 @@ fn servers(t: &Dns) -> [String; 2] {
 fn assert_seen_from(answer: &Event, to: &str) {
     let transport = answer["transport"].as_str().unwrap();
     if transport != "tcp" {
-        assert_eq!(answer["from"].as_str().map(canon), Some(canon(to)), "{answer}");
+        assert_eq!(
+            answer["from"].as_str().map(canon),
+            Some(canon(to)),
+            "{answer}"
+        );
     }
     if transport != "udp" {
-        assert_eq!(answer["peer"].as_str().map(canon), Some(canon(to)), "{answer}");
+        assert_eq!(
+            answer["peer"].as_str().map(canon),
+            Some(canon(to)),
+            "{answer}"
+        );
     }
 }
 
@@ -97,12 +105,19 @@ fn a_captured_pods_queries_are_answered_by_ztunnel_and_seem_to_come_from_the_ser
             let answer = query(&t.client, &to, transport, &text);
             assert_eq!(answer["ok"], true, "{answer}");
             // ztunnel answered, with what the real server told it.
-            assert_eq!(answer["reply"], format!("ztunnel:server:{text}"), "{answer}");
+            assert_eq!(
+                answer["reply"],
+                format!("ztunnel:server:{text}"),
+                "{answer}"
+            );
             assert_seen_from(&answer, &to);
             asked += 1;
             // ztunnel's own upstream query reached the real server, from
             // the client pod's address (its socket lives in the pod).
-            let seen = server.wait_for(|e| e["event"] == "dns-query" && e["query"] == text.as_str(), Duration::from_secs(5));
+            let seen = server.wait_for(
+                |e| e["event"] == "dns-query" && e["query"] == text.as_str(),
+                Duration::from_secs(5),
+            );
             assert_eq!(
                 canon(seen["peer"].as_str().unwrap()).ip(),
                 std::net::IpAddr::from(t.client.ip4),
@@ -118,7 +133,9 @@ fn a_captured_pods_queries_are_answered_by_ztunnel_and_seem_to_come_from_the_ser
             .count()
     };
     // The stand-in may report a query just after answering it.
-    eventually(Duration::from_secs(5), || (proxied() == asked).then_some(()));
+    eventually(Duration::from_secs(5), || {
+        (proxied() == asked).then_some(())
+    });
     assert_eq!(proxied(), asked);
     let stats = daemon.stats();
     assert_eq!(stats["dns_redirected"], asked as u64, "{stats:?}");

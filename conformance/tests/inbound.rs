@@ -62,21 +62,38 @@ fn a_non_enrolled_pods_connect_lands_on_ztunnels_15006_with_the_original_destina
         (format!("[{}]:8080", t.server.ip6), t.client.ip6.to_string()),
     ] {
         let r = t.client.connect(&to, 64);
-        assert_eq!(r["ok"], true, "{r} {:?} {:?}", daemon.stats(), ztunnel.events().iter().take(8).collect::<Vec<_>>());
+        assert_eq!(
+            r["ok"],
+            true,
+            "{r} {:?} {:?}",
+            daemon.stats(),
+            ztunnel.events().iter().take(8).collect::<Vec<_>>()
+        );
         // ztunnel saw the real client as peer and the original ip:port as
         // its local address, with no SO_ORIGINAL_DST answer.
         let accepted = ztunnel.wait_for(
-            |e| e["event"] == "inbound-accepted" && e["local"].as_str().map(canon) == Some(canon(&to)),
+            |e| {
+                e["event"] == "inbound-accepted"
+                    && e["local"].as_str().map(canon) == Some(canon(&to))
+            },
             Duration::from_secs(5),
         );
-        assert_eq!(ip_of(accepted["peer"].as_str().unwrap()).to_string(), client_ip, "{accepted}");
+        assert_eq!(
+            ip_of(accepted["peer"].as_str().unwrap()).to_string(),
+            client_ip,
+            "{accepted}"
+        );
         assert!(accepted["orig_dst"].is_null(), "{accepted}");
         // The application sees the client's IP.
         let seen = app.wait_for(
             |e| e["event"] == "accepted" && e["local"].as_str().map(canon) == Some(canon(&to)),
             Duration::from_secs(5),
         );
-        assert_eq!(ip_of(seen["peer"].as_str().unwrap()).to_string(), client_ip, "{seen}");
+        assert_eq!(
+            ip_of(seen["peer"].as_str().unwrap()).to_string(),
+            client_ip,
+            "{seen}"
+        );
     }
     assert!(stat(&daemon, "inbound_captured") >= 2);
     assert_eq!(pod_field(&daemon, &t.server, "inbound"), "captured");
@@ -96,7 +113,14 @@ fn pod_field(daemon: &Daemon, pod: &Pod, field: &str) -> serde_json::Value {
 
 /// Starts the daemon, the server's echo server on 8080 and 15008-less
 /// ztunnel stand-in (`args`), and waits until the server is enrolled.
-fn serving(t: &Inbound, args: &[&str]) -> (Daemon, ambridge_conformance::Background, ambridge_conformance::Background) {
+fn serving(
+    t: &Inbound,
+    args: &[&str],
+) -> (
+    Daemon,
+    ambridge_conformance::Background,
+    ambridge_conformance::Background,
+) {
     let daemon = Daemon::start(&t.node);
     let app = t.server.echo_server("[::]:8080");
     let ztunnel = ztunnel_stand_in_with(&t.node, &t.ztunnel, &[&t.server], args);
@@ -161,7 +185,11 @@ fn a_pod_with_bypass_inbound_capture_is_reached_directly_and_still_captured_outb
     let out = t.server.connect(&format!("{}:9090", t.client.ip4), 16);
     assert_eq!(out["ok"], true, "{out}");
     ztunnel.wait_for(
-        |e| e["event"] == "accepted" && e["orig_dst"].as_str().map(canon) == Some(canon(&format!("{}:9090", t.client.ip4))),
+        |e| {
+            e["event"] == "accepted"
+                && e["orig_dst"].as_str().map(canon)
+                    == Some(canon(&format!("{}:9090", t.client.ip4)))
+        },
         Duration::from_secs(5),
     );
     far.wait_for(|e| e["event"] == "accepted", Duration::from_secs(5));
@@ -176,8 +204,13 @@ fn a_connection_from_the_node_reaches_the_application_directly_without_nat_or_co
         format!("[{}]:8080", t.server.ip6),
     ] {
         // A kubelet-like prober: the node's own netns, outside every pod.
-        let events = t.node.run_on_node(&["connect", "--to", &to, "--bytes", "16"]);
-        let r = events.iter().find(|e| e["event"] == "connect").expect("connect event");
+        let events = t
+            .node
+            .run_on_node(&["connect", "--to", &to, "--bytes", "16"]);
+        let r = events
+            .iter()
+            .find(|e| e["event"] == "connect")
+            .expect("connect event");
         assert_eq!(r["ok"], true, "{r}");
         let local = canon(r["local"].as_str().unwrap());
         // The application sees the node's own address: no SNAT.
@@ -200,7 +233,11 @@ fn conntrack_entries(ns: &str) -> usize {
         .args(["netns", "exec", ns, "conntrack", "-L"])
         .output()
         .expect("running conntrack (scripts/setup.sh installs it)");
-    assert!(out.status.success(), "conntrack -L in {ns}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "conntrack -L in {ns}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).lines().count()
 }
 
@@ -253,7 +290,11 @@ fn with_istio_cni_rules_in_place_inbound_capture_cooperates() {
         canon(&format!("{}:15006", t.server.ip4)),
         "{accepted}"
     );
-    assert_eq!(accepted["orig_dst"].as_str().map(canon), Some(canon(&to)), "{accepted}");
+    assert_eq!(
+        accepted["orig_dst"].as_str().map(canon),
+        Some(canon(&to)),
+        "{accepted}"
+    );
     assert!(app_saw(&app, &t.client.ip4.to_string()));
     assert!(daemon.stats()["inbound_captured"] >= 1);
 }

@@ -3,9 +3,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ambridge_common::{
-    CgroupInfo, IpKey, NetnsInfo, NodeConfig, REDIRECT_PORTS, flags, v4_mapped,
-};
+use ambridge_common::{CgroupInfo, IpKey, NetnsInfo, NodeConfig, REDIRECT_PORTS, flags, v4_mapped};
 
 use crate::{
     state::{Mode, NodeSpec, OriginalSrc, PodSpec, Settings, ZtunnelSpec},

@@ -87,21 +87,8 @@ enum Command {
         /// The ZDS socket ztunnel connects to (`INPOD_UDS` in ztunnel).
         #[arg(long, default_value = "/var/run/ztunnel/ztunnel.sock")]
         zds_socket: PathBuf,
-        /// Send enrolled pods' DNS (UDP and TCP to port 53) to ztunnel's
-        /// DNS proxy; a pod's `ambient.istio.io/dns-capture` overrides it.
-        #[arg(long, value_enum, default_value = "on")]
-        dns_capture: Switch,
-        /// The node's own network namespace: connections to enrolled pods
-        /// from its addresses (kubelet probes, host-network pods) are not
-        /// captured inbound. `none`: no node address is exempt. The daemon
-        /// runs with the host's network, so the default is its own.
-        #[arg(long, default_value = "/proc/self/ns/net")]
-        node_netns: String,
-        /// Another source prefix whose connections to enrolled pods are
-        /// not captured inbound (repeat for more), e.g. a prober outside
-        /// the node.
-        #[arg(long = "probe-source", value_name = "CIDR")]
-        probe_sources: Vec<ipnet::IpNet>,
+        #[command(flatten)]
+        capture: Box<CaptureArgs>,
     },
     /// Show the daemon, its settings and the datapath counters (local API).
     Status {
@@ -215,6 +202,26 @@ enum Switch {
     Off,
 }
 
+/// What `ambridge run` captures besides outbound TCP, and what it exempts.
+#[derive(clap::Args)]
+struct CaptureArgs {
+    /// Send enrolled pods' DNS (UDP and TCP to port 53) to ztunnel's
+    /// DNS proxy; a pod's `ambient.istio.io/dns-capture` overrides it.
+    #[arg(long, value_enum, default_value = "on")]
+    dns_capture: Switch,
+    /// The node's own network namespace: connections to enrolled pods
+    /// from its addresses (kubelet probes, host-network pods) are not
+    /// captured inbound. `none`: no node address is exempt. The daemon
+    /// runs with the host's network, so the default is its own.
+    #[arg(long, default_value = "/proc/self/ns/net")]
+    node_netns: String,
+    /// Another source prefix whose connections to enrolled pods are
+    /// not captured inbound (repeat for more), e.g. a prober outside
+    /// the node.
+    #[arg(long = "probe-source", value_name = "CIDR")]
+    probe_sources: Vec<ipnet::IpNet>,
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -261,10 +268,13 @@ fn run(command: Command) -> anyhow::Result<()> {
             xds,
             zds,
             zds_socket,
-            dns_capture,
-            node_netns,
-            probe_sources,
+            capture,
         } => {
+            let CaptureArgs {
+                dns_capture,
+                node_netns,
+                probe_sources,
+            } = *capture;
             let xds = if sources.contains(&Source::Xds) {
                 Some(xds.source(node_name.clone())?)
             } else {

@@ -535,7 +535,12 @@ mod tests {
             ),
             (map_names::LISTENERS, 8, 4, LISTENERS_CAPACITY),
             (map_names::DNS, 8, size_of::<ConnRecord>(), DNS_CAPACITY),
-            (map_names::EXEMPT, size_of::<SourcePrefix>(), 4, EXEMPT_CAPACITY),
+            (
+                map_names::EXEMPT,
+                size_of::<SourcePrefix>(),
+                4,
+                EXEMPT_CAPACITY,
+            ),
         ];
         assert_eq!(
             layouts,

@@ -7,8 +7,6 @@ pub const SOCK_STREAM: u32 = 1;
 pub const SOCK_DGRAM: u32 = 2;
 pub const IPPROTO_TCP: u32 = 6;
 pub const IPPROTO_UDP: u32 = 17;
-/// The loopback interface's index, the same in every network namespace.
-pub const LOOPBACK_IFINDEX: u32 = 1;
 /// The DNS port, host order.
 pub const DNS_PORT: u16 = 53;
 pub const SOL_IP: i32 = 0;

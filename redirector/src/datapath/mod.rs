@@ -35,8 +35,8 @@ use aya::{
     },
     programs::{CgroupSock, CgroupSockAddr, CgroupSockopt, SkLookup, SkMsg, SockOps},
 };
-use ipnet::IpNet;
 pub use error::Error;
+use ipnet::IpNet;
 use link::AttachType;
 pub use pins::Pins;
 use tracing::{debug, info};
@@ -222,13 +222,14 @@ impl Datapath {
                 }
             }
             let prog_fd = program.fd().map_err(prog_err(name))?.as_fd();
-            let link = link::create_link(prog_fd, cgroup.as_fd(), attach_type).map_err(
-                |source| Error::Syscall {
-                    call: "bpf(BPF_LINK_CREATE)",
-                    what: format!("attach {name} to {}", cgroup_root.display()),
-                    source,
-                },
-            )?;
+            let link =
+                link::create_link(prog_fd, cgroup.as_fd(), attach_type).map_err(|source| {
+                    Error::Syscall {
+                        call: "bpf(BPF_LINK_CREATE)",
+                        what: format!("attach {name} to {}", cgroup_root.display()),
+                        source,
+                    }
+                })?;
             pins.pin_link(name, link)?;
             debug!(program = name, cgroup = %cgroup_root.display(), "attached");
         }
@@ -377,13 +378,14 @@ impl Datapath {
             match updated {
                 Ok(()) => {}
                 // ENOLINK: the namespace is gone, and the link with it.
-                Err(e) if e.raw_os_error() == Some(libc::ENOLINK) => {
-                    self.detach_inbound(cookie)?
-                }
+                Err(e) if e.raw_os_error() == Some(libc::ENOLINK) => self.detach_inbound(cookie)?,
                 Err(source) => {
                     return Err(Error::Syscall {
                         call: "bpf(BPF_LINK_UPDATE)",
-                        what: format!("move the inbound link {} to this run's program", path.display()),
+                        what: format!(
+                            "move the inbound link {} to this run's program",
+                            path.display()
+                        ),
                         source,
                     });
                 }
