@@ -243,10 +243,13 @@ fn a_ztunnel_cgroup_nested_under_an_enrolled_pod_is_never_redirected() {
     let nested = node.add_cgroup("pod-client/ztunnel");
     node.write_workloads(&[(&client, "ambient"), (&server, "ambient")], Some(&nested));
     let daemon = Daemon::start(&node);
-    let _app = server.echo_server("[::]:8080");
+    // ztunnel reaches an enrolled pod on its HBONE port: any other port of
+    // an enrolled pod is captured inbound (and refused in replacement mode,
+    // as no stand-in listens here).
+    let _app = server.echo_server("[::]:15008");
     for to in [
-        format!("{}:8080", server.ip4),
-        format!("[{}]:8080", server.ip6),
+        format!("{}:15008", server.ip4),
+        format!("[{}]:15008", server.ip6),
     ] {
         let events = run_in(
             Some(&nested),
