@@ -1,18 +1,25 @@
 //! `ambridge-bench`: the datapath benchmark. Builds one sandbox node with a
-//! client pod per path, the same tokio echo server and the same tokio relay
-//! for all of them, runs every measurement on every path in interleaved
-//! rounds (so machine drift hits all paths alike), and reports each figure
-//! with its ratio to iptables capture and to the two floors.
+//! pod per path, the same tokio echo server, DNS server and relay for all
+//! of them, runs every measurement on every path in interleaved rounds (so
+//! machine drift hits all paths alike), and reports each figure with its
+//! ratio to iptables capture and to the floors.
 //!
-//! Paths (each its own client pod, so the node never changes between
-//! measurements):
-//! - `no-mesh`: the client connects straight to the server (the floor);
-//! - `explicit`: the client connects to the relay's 15001 in its own pod,
-//!   which relays to the server (the floor for any capture mechanism);
-//! - `iptables`: Istio's in-pod nat rules redirect to 15001, the relay reads
-//!   `SO_ORIGINAL_DST` from conntrack;
-//! - `ambridge`: connect-time rewrite and `SO_ORIGINAL_DST` emulation;
-//! - `ambridge+sockmap`: the same, with msg_redirect acceleration.
+//! Three groups of paths, each its own table:
+//! - outbound, an enrolled client to a server: `no-mesh` (straight to the
+//!   server, the floor), `explicit` (the client dials the relay's 15001, the
+//!   floor for any capture mechanism), `iptables` (Istio's in-pod nat
+//!   REDIRECT, `SO_ORIGINAL_DST` from conntrack), `ambridge` (connect-time
+//!   rewrite and `SO_ORIGINAL_DST` emulation) and `ambridge+sockmap`
+//!   (msg_redirect acceleration);
+//! - inbound, a client outside the mesh to an enrolled server, through the
+//!   relay's 15006 in the server's netns: `no-mesh`, `explicit` (the client
+//!   dials 15006), `iptables` (Istio's in-pod PREROUTING REDIRECT) and
+//!   `ambridge` (`sk_lookup`);
+//! - DNS over UDP from a pod to a server's port 53: `direct` (the server
+//!   answers), `explicit` (the pod asks the in-pod proxy on 127.0.0.1:15053
+//!   itself), `iptables` (Istio's in-pod OUTPUT REDIRECT to 15053) and
+//!   `ambridge` (`connect`/`sendmsg`/`recvmsg` rewrite). The proxy answers
+//!   from the pod's loopback, as ztunnel answers the names it knows.
 //!
 //! Output: `results.json`, `results.md` and `chart.svg` under `--out`.
 
@@ -25,7 +32,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ambridge_conformance::{Background, Daemon, Node, Pod, eventually};
+use ambridge_conformance::{Background, Daemon, Node, Pod, eventually, sandbox::iptables};
 use clap::Parser;
 use serde_json::{Value, json};
 
@@ -43,20 +50,80 @@ struct Args {
     rounds: Option<usize>,
 }
 
-/// The capture paths, in report order.
-const PATHS: [&str; 5] = [
-    "no-mesh",
-    "explicit",
-    "iptables",
-    "ambridge",
-    "ambridge+sockmap",
+/// A group of paths measured alike and reported in one table.
+struct Group {
+    name: &'static str,
+    title: &'static str,
+    /// In report order; every group has an `iptables` path, the baseline.
+    paths: &'static [&'static str],
+    /// The paths without capture that every figure is also compared to.
+    floors: [&'static str; 2],
+    traffic: Traffic,
+}
+
+/// What a group's load generator sends.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Traffic {
+    Tcp,
+    Dns,
+}
+
+const BASELINE: &str = "iptables";
+
+const GROUPS: [Group; 3] = [
+    Group {
+        name: "outbound",
+        title: "Outbound: an enrolled client pod to a server pod",
+        paths: &[
+            "no-mesh",
+            "explicit",
+            "iptables",
+            "ambridge",
+            "ambridge+sockmap",
+        ],
+        floors: ["no-mesh", "explicit"],
+        traffic: Traffic::Tcp,
+    },
+    Group {
+        name: "inbound",
+        title: "Inbound: a client outside the mesh to an enrolled server pod, through 15006",
+        paths: &["no-mesh", "explicit", "iptables", "ambridge"],
+        floors: ["no-mesh", "explicit"],
+        traffic: Traffic::Tcp,
+    },
+    Group {
+        name: "dns",
+        title: "DNS over UDP from a captured pod to a server's port 53, answered by the in-pod proxy",
+        paths: &["direct", "explicit", "iptables", "ambridge"],
+        floors: ["direct", "explicit"],
+        traffic: Traffic::Dns,
+    },
 ];
+
+/// One measured path: its group and its name there.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+struct Route {
+    group: &'static str,
+    path: &'static str,
+}
+
+impl Route {
+    fn all() -> impl Iterator<Item = Route> {
+        GROUPS.iter().flat_map(|g| {
+            g.paths.iter().map(|path| Route {
+                group: g.name,
+                path,
+            })
+        })
+    }
+}
 
 /// Durations and sizes of one run.
 struct Plan {
     rounds: usize,
     cps_ms: u64,
     rr_ms: u64,
+    dns_ms: u64,
     bulk_bytes: usize,
     pod_counts: Vec<usize>,
 }
@@ -68,6 +135,7 @@ impl Plan {
                 rounds: 1,
                 cps_ms: 300,
                 rr_ms: 300,
+                dns_ms: 300,
                 bulk_bytes: 16 << 20,
                 pod_counts: vec![1_000],
             }
@@ -76,6 +144,7 @@ impl Plan {
                 rounds: 5,
                 cps_ms: 1_500,
                 rr_ms: 2_000,
+                dns_ms: 1_500,
                 bulk_bytes: 512 << 20,
                 pod_counts: vec![1_000, 10_000],
             }
@@ -94,35 +163,54 @@ struct Phase {
     load: Vec<String>,
 }
 
-fn phases(plan: &Plan) -> Vec<Phase> {
+fn phases(plan: &Plan, traffic: Traffic) -> Vec<Phase> {
+    let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let mut out = Vec::new();
+    if traffic == Traffic::Dns {
+        let ms = plan.dns_ms.to_string();
+        for (key, c, per_query) in [
+            ("dns_c1", "1", false),
+            ("dns_c16", "16", false),
+            ("dns_new_socket_c1", "1", true),
+        ] {
+            let mut load = args(&["dns", "--concurrency", c, "--duration-ms", &ms]);
+            if per_query {
+                load.push("--socket-per-query".into());
+            }
+            out.push(Phase {
+                key: key.into(),
+                load,
+            });
+        }
+        return out;
+    }
     for c in [1, 16, 128] {
         out.push(Phase {
             key: format!("cps_c{c}"),
-            load: vec![
-                "cps".into(),
-                "--concurrency".into(),
-                c.to_string(),
-                "--duration-ms".into(),
-                plan.cps_ms.to_string(),
-            ],
+            load: args(&[
+                "cps",
+                "--concurrency",
+                &c.to_string(),
+                "--duration-ms",
+                &plan.cps_ms.to_string(),
+            ]),
         });
     }
     for (name, size) in [("1B", 1), ("4KiB", 4096)] {
         out.push(Phase {
             key: format!("rr_{name}"),
-            load: vec![
-                "rr".into(),
-                "--size".into(),
-                size.to_string(),
-                "--duration-ms".into(),
-                plan.rr_ms.to_string(),
-            ],
+            load: args(&[
+                "rr",
+                "--size",
+                &size.to_string(),
+                "--duration-ms",
+                &plan.rr_ms.to_string(),
+            ]),
         });
     }
     out.push(Phase {
         key: "bulk".into(),
-        load: vec!["bulk".into(), "--bytes".into(), plan.bulk_bytes.to_string()],
+        load: args(&["bulk", "--bytes", &plan.bulk_bytes.to_string()]),
     });
     out
 }
@@ -130,10 +218,13 @@ fn phases(plan: &Plan) -> Vec<Phase> {
 /// The sandbox the benchmark runs in. Field order is drop order.
 struct Bench {
     _relay: Background,
-    _server: Background,
+    _servers: Vec<Background>,
     daemon: Daemon,
     server: Pod,
+    /// The outbound paths' client pods (also the DNS paths' clients).
     clients: BTreeMap<&'static str, Pod>,
+    /// The inbound paths' server pods, but `no-mesh`'s, which is `server`.
+    inbound_servers: BTreeMap<&'static str, Pod>,
     node: Node,
 }
 
@@ -153,26 +244,42 @@ fn workload_yaml(pod: &Pod, mode: &str, accelerate: Option<bool>) -> String {
     y
 }
 
+/// Where the in-pod DNS proxy listens.
+const DNS_PROXY: &str = "127.0.0.1:15053";
+
 impl Bench {
     fn new() -> Self {
         let mut node = Node::new();
         let server = node.add_pod("server");
         let mut clients = BTreeMap::new();
-        for (path, name) in PATHS
+        for (path, name) in GROUPS[0]
+            .paths
             .iter()
             .zip(["nomesh", "explicit", "iptables", "ambridge", "accel"])
         {
             clients.insert(*path, node.add_pod(name));
         }
+        let mut inbound_servers = BTreeMap::new();
+        for (path, name) in [
+            ("explicit", "inexpl"),
+            ("iptables", "inipt"),
+            ("ambridge", "inamb"),
+        ] {
+            inbound_servers.insert(path, node.add_pod(name));
+        }
         let ztunnel = node.add_cgroup("ztunnel");
         fs::write(
             node.workloads_path(),
-            Self::base_yaml(&server, &clients, &ztunnel),
+            Self::base_yaml(&server, &clients, &inbound_servers, &ztunnel),
         )
         .expect("writing the workloads file");
         // Sockmap stays off node-wide; the accelerated path's pod opts in.
         let daemon = Daemon::start_with(&node, &["--resync-seconds", "300"]);
-        install_istio_redirect(&clients["iptables"].netns_name);
+        for pod in [&clients["ambridge"], &inbound_servers["ambridge"]] {
+            daemon.wait_for_mode(&pod.uid, Some("ambient"));
+        }
+        install_istio_outbound(&clients["iptables"].netns_name);
+        install_istio_inbound(&inbound_servers["iptables"].netns_name);
         // Connection storms leave thousands of TIME_WAIT sockets towards one
         // destination; without reuse every later connect searches past them
         // and the rate collapses (about 14k/s to 1k/s here, with or without
@@ -180,6 +287,7 @@ impl Bench {
         // production nodes are set up to.
         let namespaces = clients
             .values()
+            .chain(inbound_servers.values())
             .map(|p| p.netns_name.clone())
             .chain([node.netns_name.clone()]);
         for ns in namespaces {
@@ -202,16 +310,24 @@ impl Bench {
         }
 
         let probe = ambridge_conformance::workspace_bin("ambridge-probe");
-        let server_proc = Background::spawn({
+        let in_pod = |pod: &Pod, role: &[&str]| {
             let mut c = Command::new(&probe);
             c.arg("--cgroup")
-                .arg(&server.container)
+                .arg(&pod.container)
                 .arg("--netns")
-                .arg(&server.netns)
-                .args(["bench-echo", "--listen", "[::]:8080"]);
-            c
-        });
-        server_proc.wait_for(|e| e["event"] == "listening", Duration::from_secs(10));
+                .arg(&pod.netns)
+                .args(role);
+            let p = Background::spawn(c);
+            p.wait_for(|e| e["event"] == "listening", Duration::from_secs(10));
+            p
+        };
+        let mut servers = vec![
+            in_pod(&server, &["bench-echo", "--listen", "[::]:8080"]),
+            in_pod(&server, &["bench-dns", "--listen", "0.0.0.0:53"]),
+        ];
+        for pod in inbound_servers.values() {
+            servers.push(in_pod(pod, &["bench-echo", "--listen", "[::]:8080"]));
+        }
         let relay = Background::spawn({
             let mut c = Command::new(&probe);
             c.arg("--cgroup")
@@ -226,20 +342,32 @@ impl Bench {
             for path in ["explicit", "iptables", "ambridge", "ambridge+sockmap"] {
                 c.arg("--pod-netns").arg(&clients[path].netns);
             }
+            for pod in inbound_servers.values() {
+                c.arg("--inbound-pod-netns").arg(&pod.netns);
+            }
+            for path in ["explicit", "iptables", "ambridge"] {
+                c.arg("--dns-pod-netns").arg(&clients[path].netns);
+            }
             c
         });
         relay.wait_for(|e| e["event"] == "listening", Duration::from_secs(10));
         Bench {
             _relay: relay,
-            _server: server_proc,
+            _servers: servers,
             daemon,
             server,
             clients,
+            inbound_servers,
             node,
         }
     }
 
-    fn base_yaml(server: &Pod, clients: &BTreeMap<&str, Pod>, ztunnel: &Path) -> String {
+    fn base_yaml(
+        server: &Pod,
+        clients: &BTreeMap<&str, Pod>,
+        inbound_servers: &BTreeMap<&str, Pod>,
+        ztunnel: &Path,
+    ) -> String {
         let mut y = String::from("workloads:\n");
         y += &workload_yaml(server, "none", None);
         y += &workload_yaml(&clients["no-mesh"], "none", None);
@@ -247,84 +375,150 @@ impl Bench {
         y += &workload_yaml(&clients["iptables"], "none", None);
         y += &workload_yaml(&clients["ambridge"], "ambient", Some(false));
         y += &workload_yaml(&clients["ambridge+sockmap"], "ambient", Some(true));
+        y += &workload_yaml(&inbound_servers["explicit"], "none", None);
+        y += &workload_yaml(&inbound_servers["iptables"], "none", None);
+        y += &workload_yaml(&inbound_servers["ambridge"], "ambient", Some(false));
         y += &format!("ztunnel:\n  cgroup: {}\n", ztunnel.display());
         y
     }
 
-    /// Where a path's client connects.
-    fn target(&self, path: &str) -> String {
-        match path {
-            "explicit" => format!("{}:15001", self.clients[path].ip4),
-            _ => format!("{}:8080", self.server.ip4),
+    /// The pod a route's load runs in, and where it sends.
+    fn endpoints(&self, r: Route) -> (&Pod, String) {
+        match (r.group, r.path) {
+            ("outbound", "explicit") => (
+                &self.clients[r.path],
+                format!("{}:15001", self.clients[r.path].ip4),
+            ),
+            ("outbound", _) => (&self.clients[r.path], format!("{}:8080", self.server.ip4)),
+            ("inbound", "no-mesh") => (
+                &self.clients["no-mesh"],
+                format!("{}:8080", self.server.ip4),
+            ),
+            ("inbound", "explicit") => (
+                &self.clients["no-mesh"],
+                format!("{}:15006", self.inbound_servers[r.path].ip4),
+            ),
+            ("inbound", _) => (
+                &self.clients["no-mesh"],
+                format!("{}:8080", self.inbound_servers[r.path].ip4),
+            ),
+            ("dns", "direct") => (&self.clients["no-mesh"], format!("{}:53", self.server.ip4)),
+            ("dns", "explicit") => (&self.clients["explicit"], DNS_PROXY.into()),
+            ("dns", _) => (&self.clients[r.path], format!("{}:53", self.server.ip4)),
+            _ => unreachable!("unknown route {r:?}"),
         }
     }
 
-    fn load(&self, path: &str, args: &[String]) -> Value {
-        let target = self.target(path);
+    /// The netns whose conntrack table a route fills, if any: the client's
+    /// for outbound and DNS, the server's for inbound.
+    fn conntrack_netns(&self, r: Route) -> &str {
+        match (r.group, r.path) {
+            ("inbound", "no-mesh") => &self.server.netns_name,
+            ("inbound", _) => &self.inbound_servers[r.path].netns_name,
+            _ => &self.endpoints(r).0.netns_name,
+        }
+    }
+
+    fn load(&self, r: Route, args: &[String]) -> Value {
+        let (pod, target) = self.endpoints(r);
         let mut full = vec!["bench-load", "--to", &target];
         full.extend(args.iter().map(String::as_str));
-        let events = self.clients[path].run(&full);
-        events
+        pod.run(&full)
             .into_iter()
-            .find(|e| matches!(e["event"].as_str(), Some("cps" | "rr" | "bulk")))
-            .unwrap_or_else(|| panic!("no result from the load generator on {path}"))
+            .find(|e| matches!(e["event"].as_str(), Some("cps" | "rr" | "bulk" | "dns")))
+            .unwrap_or_else(|| panic!("no result from the load generator on {r:?}"))
     }
 
-    /// Checks that every path takes the route it claims before measuring.
+    /// Checks that every path takes the route it claims before measuring:
+    /// the counter of its capture moves on its own path only, and the
+    /// iptables paths leave conntrack entries.
     fn check_paths(&self) {
-        let warm: Vec<String> = ["cps", "--concurrency", "1", "--duration-ms", "100"]
-            .map(String::from)
-            .to_vec();
-        for path in PATHS {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        for r in Route::all() {
+            let (warm, counter) = match r.group {
+                "outbound" => (
+                    args(&["cps", "--concurrency", "1", "--duration-ms", "100"]),
+                    "connect_redirected_ipv4",
+                ),
+                "inbound" => (
+                    args(&["cps", "--concurrency", "1", "--duration-ms", "100"]),
+                    "inbound_captured",
+                ),
+                _ => (
+                    args(&["dns", "--concurrency", "1", "--duration-ms", "100"]),
+                    "dns_redirected",
+                ),
+            };
+            let proto = conntrack_proto(r.group);
+            let conntrack_before = conntrack_count(self.conntrack_netns(r), proto);
             let before = self.daemon.stats();
-            let r = self.load(path, &warm);
+            let result = self.load(r, &warm);
             assert!(
-                r["ok"].as_u64() > Some(0) && r["failed"] == 0,
-                "{path} does not work: {r}"
+                result["ok"].as_u64() > Some(0) && result["failed"] == 0,
+                "{r:?} does not work: {result}"
             );
             let after = self.daemon.stats();
-            let redirected = |s: &BTreeMap<String, u64>| s["connect_redirected_ipv4"];
-            let redirects = redirected(&after) - redirected(&before);
+            let moved = after[counter] - before[counter];
             let inserted = after["sockhash_inserted"] - before["sockhash_inserted"];
-            match path {
-                "ambridge" => assert!(redirects > 0 && inserted == 0, "ambridge path: {after:?}"),
-                "ambridge+sockmap" => {
-                    assert!(redirects > 0 && inserted > 0, "accelerated path: {after:?}")
-                }
-                _ => assert_eq!(redirects, 0, "{path} was redirected by ambridge"),
+            match r.path {
+                "ambridge" => assert!(moved > 0 && inserted == 0, "{r:?}: {after:?}"),
+                "ambridge+sockmap" => assert!(moved > 0 && inserted > 0, "{r:?}: {after:?}"),
+                _ => assert_eq!(moved, 0, "{r:?} was captured by ambridge"),
+            }
+            let conntrack_after = conntrack_count(self.conntrack_netns(r), proto);
+            if r.path == BASELINE {
+                assert!(
+                    conntrack_after > conntrack_before,
+                    "{r:?} created no conntrack entry"
+                );
             }
         }
-        assert!(
-            conntrack_count(&self.clients["iptables"].netns_name) > 0,
-            "the iptables path created no conntrack entry"
-        );
     }
 }
 
-/// Istio's in-pod nat OUTPUT rules (see the reference), TCP part.
-fn install_istio_redirect(ns: &str) {
+/// Istio's in-pod nat OUTPUT rules (see the reference): DNS to 15053, TCP
+/// to 15001. The nat rules alone, which is what the captured path costs;
+/// istio-cni's mangle rules for ztunnel's own legs are left out.
+fn install_istio_outbound(ns: &str) {
     for rule in [
         "-t nat -N ISTIO_OUTPUT",
-        "-t nat -A OUTPUT -p tcp -j ISTIO_OUTPUT",
+        "-t nat -A OUTPUT -j ISTIO_OUTPUT",
         "-t nat -A ISTIO_OUTPUT -d 169.254.7.127/32 -j ACCEPT",
+        "-t nat -A ISTIO_OUTPUT ! -o lo -p udp -m mark ! --mark 0x539/0xfff -m udp --dport 53 -j REDIRECT --to-ports 15053",
+        "-t nat -A ISTIO_OUTPUT ! -d 127.0.0.1/32 -p tcp --dport 53 -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15053",
         "-t nat -A ISTIO_OUTPUT -p tcp -m mark --mark 0x111/0xfff -j ACCEPT",
         "-t nat -A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -j ACCEPT",
         "-t nat -A ISTIO_OUTPUT ! -d 127.0.0.1/32 -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001",
     ] {
-        ambridge_conformance::sandbox::iptables(ns, rule);
+        iptables(ns, rule);
     }
 }
 
-/// Conntrack entries in a netns (0 where conntrack is not active).
-fn conntrack_count(ns: &str) -> u64 {
+/// Istio's in-pod nat PREROUTING rules (see the reference): TCP to 15006.
+fn install_istio_inbound(ns: &str) {
+    for rule in [
+        "-t nat -N ISTIO_PRERT",
+        "-t nat -A PREROUTING -j ISTIO_PRERT",
+        "-t nat -A ISTIO_PRERT -s 169.254.7.127/32 -p tcp -j ACCEPT",
+        "-t nat -A ISTIO_PRERT ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15006",
+    ] {
+        iptables(ns, rule);
+    }
+}
+
+/// Conntrack entries of `proto` in a netns (0 where conntrack is not
+/// active).
+fn conntrack_count(ns: &str, proto: &str) -> u64 {
     let out = Command::new("ip")
-        .args(["netns", "exec", ns, "conntrack", "-C"])
+        .args(["netns", "exec", ns, "conntrack", "-L", "-p", proto])
         .output()
         .expect("running conntrack (scripts/setup.sh installs it)");
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(0)
+    String::from_utf8_lossy(&out.stdout).lines().count() as u64
+}
+
+/// The protocol a group's conntrack entries are counted for.
+fn conntrack_proto(group: &str) -> &'static str {
+    if group == "dns" { "udp" } else { "tcp" }
 }
 
 /// Busy CPU time of the whole machine so far, in seconds (every process
@@ -363,75 +557,102 @@ type Figures = BTreeMap<String, f64>;
 type Spread = BTreeMap<String, (f64, f64)>;
 
 /// What one run measured: medians, spreads, and the 1-byte latency
-/// distribution of each path.
+/// distribution of each outbound path.
 struct Measured {
-    figures: BTreeMap<&'static str, Figures>,
-    spread: BTreeMap<&'static str, Spread>,
+    figures: BTreeMap<Route, Figures>,
+    spread: BTreeMap<Route, Spread>,
     cdfs: BTreeMap<&'static str, Vec<f64>>,
 }
 
 fn measure(bench: &Bench, plan: &Plan) -> Measured {
-    let mut samples: BTreeMap<(&str, String), Vec<f64>> = BTreeMap::new();
+    let mut samples: BTreeMap<(Route, String), Vec<f64>> = BTreeMap::new();
     let mut cdfs: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
     for round in 0..plan.rounds {
         eprintln!("[bench] round {}/{}", round + 1, plan.rounds);
-        for phase in phases(plan) {
-            for path in PATHS {
-                let cpu_before = busy_cpu_seconds();
-                let r = bench.load(path, &phase.load);
-                let cpu = busy_cpu_seconds() - cpu_before;
-                let mut put =
-                    |k: &str, v: f64| samples.entry((path, k.to_string())).or_default().push(v);
-                match r["event"].as_str() {
-                    Some("cps") => put(
-                        &format!("{}_per_s", phase.key),
-                        r["per_second"].as_f64().unwrap_or(0.0),
-                    ),
-                    Some("rr") => {
-                        for p in ["p50", "p99", "p999"] {
+        for group in &GROUPS {
+            for phase in phases(plan, group.traffic) {
+                for &path in group.paths {
+                    let route = Route {
+                        group: group.name,
+                        path,
+                    };
+                    let cpu_before = busy_cpu_seconds();
+                    let r = bench.load(route, &phase.load);
+                    let cpu = busy_cpu_seconds() - cpu_before;
+                    let mut put = |k: &str, v: f64| {
+                        samples.entry((route, k.to_string())).or_default().push(v)
+                    };
+                    let per_10k = |r: &Value, field: &str| {
+                        cpu / r[field].as_f64().unwrap_or(1.0).max(1.0) * 10_000.0
+                    };
+                    match r["event"].as_str() {
+                        Some("cps") => put(
+                            &format!("{}_per_s", phase.key),
+                            r["per_second"].as_f64().unwrap_or(0.0),
+                        ),
+                        Some("rr") => {
+                            for p in ["p50", "p99", "p999"] {
+                                put(
+                                    &format!("{}_{p}_us", phase.key),
+                                    r[format!("{p}_us")].as_f64().unwrap_or(0.0),
+                                );
+                            }
                             put(
-                                &format!("{}_{p}_us", phase.key),
-                                r[format!("{p}_us")].as_f64().unwrap_or(0.0),
+                                &format!("{}_cpu_s_per_10k", phase.key),
+                                per_10k(&r, "count"),
+                            );
+                            if phase.key == "rr_1B" && group.name == "outbound" {
+                                let cdf = r["cdf_us"]
+                                    .as_array()
+                                    .map(|a| a.iter().filter_map(Value::as_f64).collect());
+                                cdfs.insert(path, cdf.unwrap_or_default());
+                            }
+                        }
+                        Some("bulk") => {
+                            put("bulk_gbit_per_s", r["gbit_per_s"].as_f64().unwrap_or(0.0))
+                        }
+                        Some("dns") => {
+                            put(
+                                &format!("{}_per_s", phase.key),
+                                r["per_second"].as_f64().unwrap_or(0.0),
+                            );
+                            for p in ["p50", "p99"] {
+                                put(
+                                    &format!("{}_{p}_us", phase.key),
+                                    r[format!("{p}_us")].as_f64().unwrap_or(0.0),
+                                );
+                            }
+                            put(&format!("{}_cpu_s_per_10k", phase.key), per_10k(&r, "ok"));
+                            put(
+                                &format!("{}_failed", phase.key),
+                                r["failed"].as_f64().unwrap_or(0.0),
                             );
                         }
-                        let count = r["count"].as_f64().unwrap_or(1.0);
-                        put(
-                            &format!("{}_cpu_s_per_10k", phase.key),
-                            cpu / count * 10_000.0,
-                        );
-                        if phase.key == "rr_1B" {
-                            let cdf = r["cdf_us"]
-                                .as_array()
-                                .map(|a| a.iter().filter_map(Value::as_f64).collect());
-                            cdfs.insert(path, cdf.unwrap_or_default());
-                        }
+                        _ => {}
                     }
-                    Some("bulk") => put("bulk_gbit_per_s", r["gbit_per_s"].as_f64().unwrap_or(0.0)),
-                    _ => {}
                 }
             }
         }
     }
-    let mut figures: BTreeMap<&'static str, Figures> = BTreeMap::new();
-    let mut spread: BTreeMap<&'static str, Spread> = BTreeMap::new();
-    for ((path, key), v) in samples {
-        let path = PATHS.iter().find(|p| **p == path).expect("known path");
+    let mut figures: BTreeMap<Route, Figures> = BTreeMap::new();
+    let mut spread: BTreeMap<Route, Spread> = BTreeMap::new();
+    for ((route, key), v) in samples {
         let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         spread
-            .entry(path)
+            .entry(route)
             .or_default()
             .insert(key.clone(), (lo, hi));
-        figures.entry(path).or_default().insert(key, median(v));
+        figures.entry(route).or_default().insert(key, median(v));
     }
-    for path in PATHS {
-        let n = conntrack_count(&bench.clients[path].netns_name) as f64;
+    for route in Route::all() {
+        let n = conntrack_count(bench.conntrack_netns(route), conntrack_proto(route.group)) as f64;
         figures
-            .entry(path)
+            .entry(route)
             .or_default()
             .insert("conntrack_entries".into(), n);
         spread
-            .entry(path)
+            .entry(route)
             .or_default()
             .insert("conntrack_entries".into(), (n, n));
     }
@@ -463,6 +684,12 @@ fn program_costs() -> Value {
             "getsockopt",
             "sock_ops",
             "redirect",
+            "inbound",
+            "sendmsg4",
+            "sendmsg6",
+            "recvmsg4",
+            "recvmsg6",
+            "sock_release",
         ]
         .contains(&name)
         {
@@ -602,40 +829,18 @@ fn report(
     plan: &Plan,
     quick: bool,
 ) -> (Value, String) {
-    let figures = &measured.figures;
-    let metrics: Vec<String> = figures["iptables"].keys().cloned().collect();
-    let mut table = serde_json::Map::new();
-    for m in &metrics {
-        let mut row = serde_json::Map::new();
-        for path in PATHS {
-            let v = figures[path].get(m).copied().unwrap_or(f64::NAN);
-            row.insert(
-                path.to_string(),
-                json!({
-                    "value": v,
-                    "min": measured.spread[path].get(m).map(|s| s.0),
-                    "max": measured.spread[path].get(m).map(|s| s.1),
-                    "vs_iptables": ratio(v, figures["iptables"][m]),
-                    "vs_no_mesh": ratio(v, figures["no-mesh"][m]),
-                    "vs_explicit": ratio(v, figures["explicit"][m]),
-                }),
-            );
+    let fmt = |x: f64| {
+        if x.abs() >= 100.0 {
+            format!("{x:.0}")
+        } else {
+            format!("{x:.2}")
         }
-        table.insert(m.clone(), Value::Object(row));
-    }
-    let json = json!({
-        "machine": machine,
-        "quick": quick,
-        "rounds": plan.rounds,
-        "paths": PATHS,
-        "datapath": table,
-        "control_plane": cp,
-    });
-
+    };
+    let mut groups = serde_json::Map::new();
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "Machine: {} CPUs ({}), Linux {}. {} round(s){}; each figure is the median over the rounds, then its ratio to iptables capture, then the range over the rounds.\n",
+        "Machine: {} CPUs ({}), Linux {}. {} round(s){}; each figure is the median over the rounds, then its ratio to iptables capture, then the range over the rounds.",
         machine["cpus"],
         machine["cpu_model"].as_str().unwrap_or("?"),
         machine["kernel"].as_str().unwrap_or("?"),
@@ -646,49 +851,89 @@ fn report(
             ""
         }
     );
-    let _ = writeln!(md, "| figure | {} |", PATHS.join(" | "));
-    let _ = writeln!(md, "|---|{}", "---|".repeat(PATHS.len()));
-    for m in &metrics {
-        let arrow = if higher_is_better(m) {
-            "higher is better"
-        } else {
-            "lower is better"
+    for group in &GROUPS {
+        let route = |path: &'static str| Route {
+            group: group.name,
+            path,
         };
-        let _ = write!(md, "| {m} ({arrow}) |");
-        for path in PATHS {
-            let v = figures[path].get(m).copied().unwrap_or(f64::NAN);
-            let r = figures["iptables"].get(m).copied().unwrap_or(f64::NAN);
-            let fmt = |x: f64| {
-                if x.abs() >= 100.0 {
-                    format!("{x:.0}")
-                } else {
-                    format!("{x:.2}")
+        let figures = |path| &measured.figures[&route(path)];
+        let value = |path, m: &str| figures(path).get(m).copied().unwrap_or(f64::NAN);
+        let metrics: Vec<String> = figures(BASELINE).keys().cloned().collect();
+        let mut table = serde_json::Map::new();
+        for m in &metrics {
+            let mut row = serde_json::Map::new();
+            for &path in group.paths {
+                let v = value(path, m);
+                let spread = measured.spread[&route(path)].get(m);
+                let mut cell = json!({
+                    "value": v,
+                    "min": spread.map(|s| s.0),
+                    "max": spread.map(|s| s.1),
+                    "vs_iptables": ratio(v, value(BASELINE, m)),
+                });
+                for floor in group.floors {
+                    cell[format!("vs_{}", floor.replace('-', "_"))] = ratio(v, value(floor, m));
                 }
-            };
-            let (lo, hi) = measured.spread[path].get(m).copied().unwrap_or((v, v));
-            let range = if lo == hi {
-                String::new()
-            } else {
-                format!(" [{}–{}]", fmt(lo), fmt(hi))
-            };
-            if r > 0.0 {
-                let _ = write!(md, " {} ({:.2}x){range} |", fmt(v), v / r);
-            } else {
-                let _ = write!(md, " {}{range} |", fmt(v));
+                row.insert(path.to_string(), cell);
             }
+            table.insert(m.clone(), Value::Object(row));
         }
-        md.push('\n');
+        groups.insert(group.name.to_string(), Value::Object(table));
+
+        let _ = writeln!(md, "\n### {}\n", group.title);
+        let _ = writeln!(md, "| figure | {} |", group.paths.join(" | "));
+        let _ = writeln!(md, "|---|{}", "---|".repeat(group.paths.len()));
+        for m in &metrics {
+            let arrow = if higher_is_better(m) {
+                "higher is better"
+            } else {
+                "lower is better"
+            };
+            let _ = write!(md, "| {m} ({arrow}) |");
+            for &path in group.paths {
+                let v = value(path, m);
+                let r = value(BASELINE, m);
+                let (lo, hi) = measured.spread[&route(path)]
+                    .get(m)
+                    .copied()
+                    .unwrap_or((v, v));
+                let range = if lo == hi {
+                    String::new()
+                } else {
+                    format!(" [{}–{}]", fmt(lo), fmt(hi))
+                };
+                if r > 0.0 {
+                    let _ = write!(md, " {} ({:.2}x){range} |", fmt(v), v / r);
+                } else {
+                    let _ = write!(md, " {}{range} |", fmt(v));
+                }
+            }
+            md.push('\n');
+        }
     }
     let _ = writeln!(md, "\nControl plane: {}", cp);
+    let json = json!({
+        "machine": machine,
+        "quick": quick,
+        "rounds": plan.rounds,
+        "paths": GROUPS.iter().map(|g| (g.name, g.paths)).collect::<BTreeMap<_, _>>(),
+        "datapath": groups,
+        "control_plane": cp,
+    });
     (json, md)
 }
 
 /// Two panels: connection rates by concurrency, and the latency
 /// distribution of 1-byte request/response.
-fn chart(
-    figures: &BTreeMap<&'static str, Figures>,
-    cdfs: &BTreeMap<&'static str, Vec<f64>>,
-) -> String {
+fn chart(measured: &Measured) -> String {
+    let cdfs = &measured.cdfs;
+    let figures: &BTreeMap<&str, &Figures> = &measured
+        .figures
+        .iter()
+        .filter(|(r, _)| r.group == GROUPS[0].name)
+        .map(|(r, f)| (r.path, f))
+        .collect();
+    let paths = GROUPS[0].paths;
     const COLORS: [&str; 5] = ["#7f7f7f", "#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
     let (w, h, pad) = (1100.0, 440.0, 50.0);
     let mut s = format!(
@@ -700,7 +945,7 @@ fn chart(
     let max = keys
         .iter()
         .flat_map(|k| {
-            PATHS
+            paths
                 .iter()
                 .map(move |p| figures[p].get(*k).copied().unwrap_or(0.0))
         })
@@ -711,9 +956,9 @@ fn chart(
         y0 - 15.0
     );
     let group = pw / keys.len() as f64;
-    let bar = group / (PATHS.len() as f64 + 1.5);
+    let bar = group / (paths.len() as f64 + 1.5);
     for (gi, k) in keys.iter().enumerate() {
-        for (pi, p) in PATHS.iter().enumerate() {
+        for (pi, p) in paths.iter().enumerate() {
             let v = figures[p].get(*k).copied().unwrap_or(0.0);
             let bh = v / max * ph;
             let x = x0 + gi as f64 * group + (pi as f64 + 0.5) * bar;
@@ -761,7 +1006,7 @@ fn chart(
         "<line x1='{x1}' y1='{y0}' x2='{x1}' y2='{:.1}' stroke='black'/>",
         y0 + ph
     );
-    for (pi, p) in PATHS.iter().enumerate() {
+    for (pi, p) in paths.iter().enumerate() {
         let Some(cdf) = cdfs.get(p) else { continue };
         let points: Vec<String> = cdf
             .iter()
@@ -789,7 +1034,7 @@ fn chart(
         y0 + ph + 15.0
     );
     // Legend.
-    for (pi, p) in PATHS.iter().enumerate() {
+    for (pi, p) in paths.iter().enumerate() {
         let x = x0 + pi as f64 * 190.0;
         let y = h - 15.0;
         let _ = writeln!(
@@ -829,11 +1074,7 @@ fn main() {
     )
     .expect("writing results.json");
     fs::write(args.out.join("results.md"), &md).expect("writing results.md");
-    fs::write(
-        args.out.join("chart.svg"),
-        chart(&measured.figures, &measured.cdfs),
-    )
-    .expect("writing chart.svg");
+    fs::write(args.out.join("chart.svg"), chart(&measured)).expect("writing chart.svg");
     println!("{md}");
     println!(
         "wrote {}/results.json, results.md and chart.svg in {:.0} s",

@@ -146,15 +146,11 @@ enum Role {
         listen: SocketAddr,
     },
     /// Benchmark relay (tokio) listening in each pod netns.
-    BenchRelay {
-        #[arg(long = "pod-netns", required = true)]
-        pods: Vec<PathBuf>,
-        #[arg(long, default_value_t = 15001)]
-        port: u16,
-        /// Where connections without an original destination go (the
-        /// explicit-proxy path).
+    BenchRelay(bench::RelayArgs),
+    /// Benchmark DNS server (tokio, UDP): answers each query with itself.
+    BenchDns {
         #[arg(long)]
-        default_upstream: Option<SocketAddr>,
+        listen: SocketAddr,
     },
     /// Benchmark load generator (tokio).
     BenchLoad {
@@ -249,11 +245,8 @@ fn main() {
             thread::park();
         },
         Role::BenchEcho { listen } => bench::echo(listen),
-        Role::BenchRelay {
-            pods,
-            port,
-            default_upstream,
-        } => bench::relay(&pods, port, default_upstream),
+        Role::BenchRelay(args) => bench::relay(args),
+        Role::BenchDns { listen } => bench::dns_server(listen),
         Role::BenchLoad { to, what } => bench::load(to, what),
         Role::UdpEcho { listen } => udp_echo(listen),
         Role::Udp { to } => udp(to),
