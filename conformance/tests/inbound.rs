@@ -298,3 +298,37 @@ fn with_istio_cni_rules_in_place_inbound_capture_cooperates() {
     assert!(app_saw(&app, &t.client.ip4.to_string()));
     assert!(daemon.stats()["inbound_captured"] >= 1);
 }
+
+#[test]
+fn inbound_capture_holds_while_the_daemon_is_down_and_its_successor_keeps_it_with_no_connect_failed_or_bypassed()
+ {
+    // The netns links, ztunnel's listener registration and the node flags
+    // are pinned: a daemon killed mid-traffic leaves inbound capture in
+    // force, and the next one takes it over without ztunnel listening anew.
+    let t = inbound_node("");
+    let (daemon, _app, ztunnel) = serving(&t, &[]);
+    let registered = stat(&daemon, "listener_registered");
+    assert!(registered >= 1, "{:?}", daemon.stats());
+    let captured = || events_named(&ztunnel, "inbound-accepted").len();
+    let count = 1500;
+    let looped = t
+        .client
+        .connect_loop(&format!("{}:8080", t.server.ip4), count);
+    let wait_past = |n: usize, what: &str| {
+        eventually(Duration::from_secs(10), || (captured() > n).then_some(()))
+            .unwrap_or_else(|| panic!("no connect captured {what}"));
+    };
+    wait_past(0, "before the crash");
+    daemon.crash();
+    // The loop goes on, through ztunnel, while no daemon runs.
+    wait_past(captured(), "while no daemon ran");
+    let daemon = Daemon::start(&t.node);
+    daemon.wait_for_mode(&t.server.uid, Some("ambient"));
+    ambridge_conformance::assert_loop_through(&looped, count, captured);
+    let before = captured();
+    let r = t.client.connect(&format!("{}:8080", t.server.ip4), 16);
+    assert_eq!(r["ok"], true, "{r}");
+    wait_past(before, "after the restart");
+    assert_eq!(stat(&daemon, "listener_registered"), registered);
+    assert_eq!(pod_field(&daemon, &t.server, "inbound"), "captured");
+}
