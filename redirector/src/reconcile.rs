@@ -92,13 +92,14 @@ impl Desired {
         cgroup: &Path,
         info: NetnsInfo,
         resolve: &mut impl Resolve,
-    ) {
+    ) -> Option<NetnsCookie> {
         match resolve.netns_cookie(cgroup) {
             Ok(Some(cookie)) => {
                 self.netns.insert(cookie, info);
                 if let Some(uid) = uid {
                     self.pod_netns.insert(uid.clone(), cookie);
                 }
+                return Some(cookie);
             }
             Ok(None) => self.unresolved(
                 uid,
@@ -113,6 +114,7 @@ impl Desired {
                 format!("network namespace: {e}"),
             ),
         }
+        None
     }
 }
 
@@ -151,7 +153,7 @@ pub fn desired(spec: &NodeSpec, settings: &Settings, resolve: &mut impl Resolve)
         }
         if !pod.ips.is_empty() {
             let info = enroll::netns_entry(pod.ip4(), pod.ip6());
-            out.netns_of(Some(&pod.uid), &owner, &cgroup, info, resolve);
+            let _ = out.netns_of(Some(&pod.uid), &owner, &cgroup, info, resolve);
         }
         // Inbound capture needs ztunnel's listeners in the pod's own netns:
         // the in-pod model only.
@@ -188,9 +190,14 @@ pub fn desired(spec: &NodeSpec, settings: &Settings, resolve: &mut impl Resolve)
         };
         // In the shared model ztunnel binds in its own netns, whose local
         // addresses are the redirect target's.
+        // Connections to and from it are keyed by that namespace.
         if let Some(shared) = spec.redirect {
             let info = enroll::netns_entry(shared.ip4, shared.ip6);
-            out.netns_of(None, &owner, &cgroup, info, resolve);
+            if let Some(cookie) = out.netns_of(None, &owner, &cgroup, info, resolve)
+                && out.node.shared_netns == 0
+            {
+                out.node.shared_netns = cookie.0;
+            }
         }
     }
     out
@@ -571,5 +578,7 @@ mod tests {
             d.netns[&NetnsCookie(1020)].ip4.to_ne_bytes(),
             [198, 18, 0, 50]
         );
+        // Its connections are keyed by that namespace.
+        assert_eq!(d.node.shared_netns, 1020);
     }
 }

@@ -31,14 +31,14 @@ pub mod map_names {
     pub const PENDING: &str = "AMB_PENDING_V1";
     /// [`super::ConnRecord`] by [`super::ConnKey`], for established
     /// connections.
-    pub const CONNS: &str = "AMB_CONNS_V1";
+    pub const CONNS: &str = "AMB_CONNS_V2";
     /// Sockhash of accelerated sockets, by their own [`super::ConnKey`]
     /// (`src` = local end).
-    pub const SOCKS: &str = "AMB_SOCKS_V1";
+    pub const SOCKS: &str = "AMB_SOCKS_V2";
     /// Per-CPU `u64` counters indexed by [`super::Counter`].
-    pub const COUNTERS: &str = "AMB_COUNTERS_V3";
+    pub const COUNTERS: &str = "AMB_COUNTERS_V4";
     /// One [`super::NodeConfig`], at index 0.
-    pub const NODE: &str = "AMB_NODE_V2";
+    pub const NODE: &str = "AMB_NODE_V3";
     /// [`super::InboundTarget`] by enrolled pod IP ([`super::IpKey`]): where
     /// inbound connections to that address are captured.
     pub const INBOUND: &str = "AMB_INBOUND_V1";
@@ -180,6 +180,11 @@ pub struct NodeConfig {
     /// ztunnel's DNS proxy port (15053), host order.
     pub dns_port: u16,
     pub _pad: u16,
+    pub _pad2: u32,
+    /// The shared ztunnel's netns cookie (shared model, else 0): the
+    /// namespace of every connection to or from the shared ztunnel's
+    /// addresses (see [`ConnKey::netns`]).
+    pub shared_netns: u64,
 }
 
 impl NodeConfig {
@@ -193,6 +198,21 @@ impl NodeConfig {
     pub fn is_shared_ztunnel(&self, ip: &[u32; 4]) -> bool {
         (self.flags & flags::HAS_IP4 != 0 && *ip == self.shared_ip4)
             || (self.flags & flags::HAS_IP6 != 0 && *ip == self.shared_ip6)
+    }
+
+    /// The [`ConnKey::netns`] of a connection seen from a socket in netns
+    /// `own`: the shared ztunnel's namespace when the socket's *peer* is the
+    /// shared ztunnel (a client, or an application accepting ztunnel's
+    /// leg), else its own. The ztunnel end of such a connection names its
+    /// own namespace, which is the shared ztunnel's only for the real one: a
+    /// socket elsewhere holding ztunnel's address never finds its records.
+    #[inline(always)]
+    pub fn conn_netns(&self, own: u64, peer: &[u32; 4]) -> u64 {
+        if self.shared_netns != 0 && self.is_shared_ztunnel(peer) {
+            self.shared_netns
+        } else {
+            own
+        }
     }
 }
 
@@ -265,16 +285,25 @@ pub mod conn_flags {
 }
 
 /// One direction of a TCP connection, as seen by its client: `src` is the
-/// client's address, `dst` the (redirected) server's.
+/// client's address, `dst` the (redirected) server's, in the network
+/// namespace the connection lives in. A 4-tuple is unique only within one
+/// namespace: without the cookie, a process that can hold a pod's address
+/// in a namespace of its own could read or take over that pod's records.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ConnKey {
+    /// The netns cookie of the connection: the namespace of both its ends,
+    /// or, for a connection to or from the shared ztunnel's addresses
+    /// (shared model), the shared ztunnel's namespace
+    /// ([`NodeConfig::shared_netns`]), which both ends then name.
+    pub netns: u64,
     pub src_ip: [u32; 4],
     pub dst_ip: [u32; 4],
     /// Host order.
     pub src_port: u16,
     /// Host order.
     pub dst_port: u16,
+    pub _pad: u32,
 }
 
 /// Indexes into [`map_names::COUNTERS`].
@@ -285,8 +314,9 @@ pub enum Counter {
     ConnectRedirected4 = 0,
     /// IPv6 connects rewritten to a redirect target.
     ConnectRedirected6 = 1,
-    /// Connects from an enrolled pod not redirected because the original
-    /// destination could not be recorded (map update failed).
+    /// Connects from an enrolled pod refused (`EPERM`) because the original
+    /// destination could not be recorded (map update failed): without it
+    /// ztunnel could not route the connection, and it must not go around.
     ConnectRecordFailed = 2,
     /// `SO_ORIGINAL_DST` answered from [`map_names::CONNS`].
     OrigDstAnswered = 3,
@@ -327,11 +357,19 @@ pub enum Counter {
     /// Replies from ztunnel's DNS proxy whose source was given back as the
     /// server the application asked (`recvmsg`, `getpeername`).
     DnsRestored = 17,
+    /// Sockets kept out of the sockhash because their key was already
+    /// taken: an entry is never replaced.
+    SockhashRefused = 18,
+    /// `SO_ORIGINAL_DST` not answered from a record because the asking
+    /// task is not a ztunnel's.
+    OrigDstRefused = 19,
+    /// ztunnel binds refused because their record could not be written.
+    BindRecordFailed = 20,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 18] = [
+    pub const ALL: [Counter; 21] = [
         Counter::ConnectRedirected4,
         Counter::ConnectRedirected6,
         Counter::ConnectRecordFailed,
@@ -350,6 +388,9 @@ impl Counter {
         Counter::ListenerRegistered,
         Counter::DnsRedirected,
         Counter::DnsRestored,
+        Counter::SockhashRefused,
+        Counter::OrigDstRefused,
+        Counter::BindRecordFailed,
     ];
 
     /// Stable name, as printed by `ambridge stats`.
@@ -373,6 +414,9 @@ impl Counter {
             Counter::ListenerRegistered => "listener_registered",
             Counter::DnsRedirected => "dns_redirected",
             Counter::DnsRestored => "dns_restored",
+            Counter::SockhashRefused => "sockhash_refused",
+            Counter::OrigDstRefused => "orig_dst_refused",
+            Counter::BindRecordFailed => "bind_record_failed",
         }
     }
 }
@@ -418,7 +462,7 @@ const _: () = {
     assert!(offset_of!(NetnsInfo, ip4) == 4);
     assert!(offset_of!(NetnsInfo, ip6) == 8);
 
-    assert!(size_of::<NodeConfig>() == 52);
+    assert!(size_of::<NodeConfig>() == 64);
     assert!(offset_of!(NodeConfig, redirect_ports) == 0);
     assert!(offset_of!(NodeConfig, flags) == 8);
     assert!(offset_of!(NodeConfig, shared_ip4) == 12);
@@ -426,6 +470,7 @@ const _: () = {
     assert!(offset_of!(NodeConfig, inbound_port) == 44);
     assert!(offset_of!(NodeConfig, hbone_port) == 46);
     assert!(offset_of!(NodeConfig, dns_port) == 48);
+    assert!(offset_of!(NodeConfig, shared_netns) == 56);
 
     assert!(size_of::<InboundTarget>() == 8);
     assert!(size_of::<SourcePrefix>() == 20);
@@ -437,11 +482,12 @@ const _: () = {
     assert!(offset_of!(ConnRecord, kind) == 18);
     assert!(offset_of!(ConnRecord, flags) == 19);
 
-    assert!(size_of::<ConnKey>() == 36);
-    assert!(offset_of!(ConnKey, src_ip) == 0);
-    assert!(offset_of!(ConnKey, dst_ip) == 16);
-    assert!(offset_of!(ConnKey, src_port) == 32);
-    assert!(offset_of!(ConnKey, dst_port) == 34);
+    assert!(size_of::<ConnKey>() == 48);
+    assert!(offset_of!(ConnKey, netns) == 0);
+    assert!(offset_of!(ConnKey, src_ip) == 8);
+    assert!(offset_of!(ConnKey, dst_ip) == 24);
+    assert!(offset_of!(ConnKey, src_port) == 40);
+    assert!(offset_of!(ConnKey, dst_port) == 42);
 };
 
 #[cfg(feature = "user")]
@@ -501,6 +547,24 @@ mod tests {
     }
 
     #[test]
+    fn a_connection_to_the_shared_ztunnel_is_keyed_by_its_netns_from_both_ends() {
+        let zt = v4_mapped(u32::from_ne_bytes([198, 18, 0, 50]));
+        let pod = v4_mapped(u32::from_ne_bytes([198, 18, 0, 11]));
+        let mut cfg = NodeConfig::default();
+        // In-pod model: every socket names its own namespace.
+        assert_eq!(cfg.conn_netns(7, &zt), 7);
+        cfg.flags = flags::HAS_IP4;
+        cfg.shared_ip4 = zt;
+        cfg.shared_netns = 99;
+        // The client (peer: ztunnel) and ztunnel itself (peer: the client,
+        // own netns 99) agree; ztunnel's address held in another namespace
+        // (own netns 5) names that namespace.
+        assert_eq!(cfg.conn_netns(7, &zt), 99);
+        assert_eq!(cfg.conn_netns(99, &pod), 99);
+        assert_eq!(cfg.conn_netns(5, &pod), 5);
+    }
+
+    #[test]
     fn each_map_layout_is_the_one_its_versioned_name_stands_for() {
         // (name, key size, value size, capacity). A change here must come
         // with a new `_V<n>` in the name (and in ambridge-ebpf's maps.rs).
@@ -548,10 +612,10 @@ mod tests {
                 ("AMB_CGROUPS_V1", 8, 48, 16_384),
                 ("AMB_NETNS_V1", 8, 24, 16_384),
                 ("AMB_PENDING_V1", 8, 20, 65_536),
-                ("AMB_CONNS_V1", 36, 20, 65_536),
-                ("AMB_SOCKS_V1", 36, 4, 65_536),
-                ("AMB_COUNTERS_V3", 4, 8, 18),
-                ("AMB_NODE_V2", 4, 52, 1),
+                ("AMB_CONNS_V2", 48, 20, 65_536),
+                ("AMB_SOCKS_V2", 48, 4, 65_536),
+                ("AMB_COUNTERS_V4", 4, 8, 21),
+                ("AMB_NODE_V3", 4, 64, 1),
                 ("AMB_INBOUND_V1", 16, 8, 32_768),
                 ("AMB_LISTENERS_V1", 8, 4, 16_384),
                 ("AMB_DNS_V1", 8, 20, 65_536),

@@ -13,7 +13,10 @@
 //! `getpeername()`/`accept()` can still show it (see `peername`) and the
 //! leg can be accelerated.
 //!
-//! Binds in a netns the daemon does not know are left alone and counted.
+//! Binds in a netns the daemon does not know are left alone and counted. A
+//! bind whose record cannot be written is refused (`EPERM`) and counted:
+//! without it the leg's application would see the wrong peer, or the
+//! inbound listener would never be registered.
 //!
 //! A ztunnel's TCP bind of the inbound plaintext port (15006) is recorded
 //! as a listener placeholder: `sock_ops` registers the socket for inbound
@@ -36,12 +39,25 @@ use crate::{
 };
 
 const ALLOW: i32 = 1;
+const REFUSE: i32 = 0;
 
-/// The ztunnel entry for a bind from `ctx`, if it comes from a ztunnel, is
-/// TCP and asks for an ephemeral port. A ztunnel's bind of the inbound
-/// port is recorded as a listener on the way.
+/// What a bind is to this program.
+enum Bind {
+    /// Not a ztunnel's TCP bind of an ephemeral port: left alone.
+    Other,
+    /// A ztunnel's TCP bind of an ephemeral port (a candidate
+    /// original-source bind).
+    Ephemeral(CgroupInfo),
+    /// A ztunnel's bind of the inbound port whose listener placeholder
+    /// could not be recorded: refused, or its listener would never be
+    /// registered.
+    Unrecorded,
+}
+
+/// Sorts a bind from `ctx`. A ztunnel's bind of the inbound port is
+/// recorded as a listener on the way.
 #[inline(always)]
-fn ztunnel_ephemeral_bind(ctx: &SockAddrContext) -> Option<CgroupInfo> {
+fn classify(ctx: &SockAddrContext) -> Bind {
     let sa = ctx.sock_addr;
     // SAFETY: `sa` is the live context.
     let (sock_type, port) = unsafe {
@@ -51,14 +67,29 @@ fn ztunnel_ephemeral_bind(ctx: &SockAddrContext) -> Option<CgroupInfo> {
         )
     };
     if sock_type != SOCK_STREAM || (port != 0 && port != node().inbound_port) {
-        return None;
+        return Bind::Other;
     }
-    let ztunnel = pod::current().filter(|info| info.flags & flags::ZTUNNEL != 0)?;
-    if port != 0 {
-        record(ctx, &ztunnel, conn_kind::LISTENER, [0; 4]);
-        return None;
+    let Some(ztunnel) = pod::current().filter(|info| info.flags & flags::ZTUNNEL != 0) else {
+        return Bind::Other;
+    };
+    if port == 0 {
+        Bind::Ephemeral(ztunnel)
+    } else if record(ctx, &ztunnel, conn_kind::LISTENER, [0; 4]) {
+        Bind::Other
+    } else {
+        Bind::Unrecorded
     }
-    Some(ztunnel)
+}
+
+/// The ztunnel entry for an original-source bind candidate, or the verdict
+/// for any other bind.
+#[inline(always)]
+fn ztunnel_ephemeral_bind(ctx: &SockAddrContext) -> Result<CgroupInfo, i32> {
+    match classify(ctx) {
+        Bind::Other => Err(ALLOW),
+        Bind::Ephemeral(ztunnel) => Ok(ztunnel),
+        Bind::Unrecorded => Err(REFUSE),
+    }
 }
 
 /// The local identity of the bind's network namespace.
@@ -71,9 +102,9 @@ fn netns(ctx: &SockAddrContext) -> Option<NetnsInfo> {
 }
 
 /// Records `addr` (the client of an original-source bind) and `kind`
-/// under the socket cookie.
+/// under the socket cookie; whether it could (counted when not).
 #[inline(always)]
-fn record(ctx: &SockAddrContext, ztunnel: &CgroupInfo, kind: u8, addr: [u32; 4]) {
+fn record(ctx: &SockAddrContext, ztunnel: &CgroupInfo, kind: u8, addr: [u32; 4]) -> bool {
     let record = ConnRecord {
         addr,
         port: 0,
@@ -82,13 +113,18 @@ fn record(ctx: &SockAddrContext, ztunnel: &CgroupInfo, kind: u8, addr: [u32; 4])
     };
     // SAFETY: plain helper call on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let _ = PENDING.insert(cookie, record, 0);
+    let recorded = PENDING.insert(cookie, record, 0).is_ok();
+    if !recorded {
+        bump(Counter::BindRecordFailed);
+    }
+    recorded
 }
 
 #[cgroup_sock_addr(bind4)]
 pub fn bind4(ctx: SockAddrContext) -> i32 {
-    let Some(ztunnel) = ztunnel_ephemeral_bind(&ctx) else {
-        return ALLOW;
+    let ztunnel = match ztunnel_ephemeral_bind(&ctx) {
+        Ok(ztunnel) => ztunnel,
+        Err(verdict) => return verdict,
     };
     let sa = ctx.sock_addr;
     // SAFETY: `sa` is the live context.
@@ -106,7 +142,9 @@ pub fn bind4(ctx: SockAddrContext) -> i32 {
     if addr == local {
         return ALLOW;
     }
-    record(&ctx, &ztunnel, conn_kind::ORIG_SRC, v4_mapped(addr));
+    if !record(&ctx, &ztunnel, conn_kind::ORIG_SRC, v4_mapped(addr)) {
+        return REFUSE;
+    }
     if ztunnel.flags & flags::UNDO_ORIG_SRC != 0 {
         // SAFETY: user_ip4 is writable for this hook.
         unsafe { ctx_write!((*sa).user_ip4, local) };
@@ -117,8 +155,9 @@ pub fn bind4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(bind6)]
 pub fn bind6(ctx: SockAddrContext) -> i32 {
-    let Some(ztunnel) = ztunnel_ephemeral_bind(&ctx) else {
-        return ALLOW;
+    let ztunnel = match ztunnel_ephemeral_bind(&ctx) {
+        Ok(ztunnel) => ztunnel,
+        Err(verdict) => return verdict,
     };
     let sa = ctx.sock_addr;
     // SAFETY: `sa` is the live context.
@@ -155,7 +194,9 @@ pub fn bind6(ctx: SockAddrContext) -> i32 {
     if addr == local {
         return ALLOW;
     }
-    record(&ctx, &ztunnel, conn_kind::ORIG_SRC, addr);
+    if !record(&ctx, &ztunnel, conn_kind::ORIG_SRC, addr) {
+        return REFUSE;
+    }
     if ztunnel.flags & flags::UNDO_ORIG_SRC != 0 {
         // SAFETY: user_ip6 is writable for this hook.
         unsafe { ctx_write_ip6!((*sa).user_ip6, local) };

@@ -3,8 +3,9 @@
 //!
 //! The programs allow the connect (return 1) and only ever rewrite the
 //! destination, except for a pod ztunnel is not ready for yet
-//! ([`flags::HELD`]): its connects that would be redirected are refused
-//! (return 0, `EPERM`), never let past ztunnel. What is left alone: UDP and other non-stream sockets,
+//! ([`flags::HELD`]) and a connect whose original destination cannot be
+//! recorded: those that would be redirected are refused (return 0,
+//! `EPERM`), never let past ztunnel. What is left alone: UDP and other non-stream sockets,
 //! loopback destinations, the pod's own IPs (istio-cni lets a pod call itself
 //! directly), the kubelet probe addresses, the redirect target itself, and
 //! every socket of a ztunnel or of a cgroup that is not enrolled.
@@ -71,14 +72,15 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
         if held(&pod) {
             return REFUSE;
         }
-        if record(&ctx, &pod, sa.user_ip4, sa, v4_mapped) {
-            // SAFETY: writable fields of the live context.
-            unsafe {
-                ctx_write!(sa.user_ip4, target);
-                ctx_write!(sa.user_port, u32::from(pod.redirect_port.to_be()));
-            }
-            bump(Counter::ConnectRedirected4);
+        if !record(&ctx, &pod, sa.user_ip4, sa, v4_mapped) {
+            return REFUSE;
         }
+        // SAFETY: writable fields of the live context.
+        unsafe {
+            ctx_write!(sa.user_ip4, target);
+            ctx_write!(sa.user_port, u32::from(pod.redirect_port.to_be()));
+        }
+        bump(Counter::ConnectRedirected4);
     }
     ALLOW
 }
@@ -136,14 +138,15 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
             if held(&pod) {
                 return REFUSE;
             }
-            if record(&ctx, &pod, dst4, sa, v4_mapped) {
-                // SAFETY: writable fields of the live context.
-                unsafe {
-                    ctx_write_ip6!(sa.user_ip6, v4_mapped(target));
-                    ctx_write!(sa.user_port, u32::from(pod.redirect_port.to_be()));
-                }
-                bump(Counter::ConnectRedirected4);
+            if !record(&ctx, &pod, dst4, sa, v4_mapped) {
+                return REFUSE;
             }
+            // SAFETY: writable fields of the live context.
+            unsafe {
+                ctx_write_ip6!(sa.user_ip6, v4_mapped(target));
+                ctx_write!(sa.user_port, u32::from(pod.redirect_port.to_be()));
+            }
+            bump(Counter::ConnectRedirected4);
         }
         return ALLOW;
     }
@@ -151,14 +154,15 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
         if held(&pod) {
             return REFUSE;
         }
-        if record(&ctx, &pod, dst, sa, |ip6| ip6) {
-            // SAFETY: writable fields of the live context.
-            unsafe {
-                ctx_write_ip6!(sa.user_ip6, target);
-                ctx_write!(sa.user_port, u32::from(pod.redirect_port.to_be()));
-            }
-            bump(Counter::ConnectRedirected6);
+        if !record(&ctx, &pod, dst, sa, |ip6| ip6) {
+            return REFUSE;
         }
+        // SAFETY: writable fields of the live context.
+        unsafe {
+            ctx_write_ip6!(sa.user_ip6, target);
+            ctx_write!(sa.user_port, u32::from(pod.redirect_port.to_be()));
+        }
+        bump(Counter::ConnectRedirected6);
     }
     ALLOW
 }
@@ -205,8 +209,8 @@ fn target6(pod: &CgroupInfo, dst: &[u32; 4]) -> Option<[u32; 4]> {
 }
 
 /// Records the original destination under the socket's cookie. A connect
-/// whose destination cannot be recorded is not redirected: ztunnel could not
-/// route it.
+/// whose destination cannot be recorded is refused: ztunnel could not route
+/// it, and it must not go around ztunnel either.
 #[inline(always)]
 fn record<A>(
     ctx: &SockAddrContext,

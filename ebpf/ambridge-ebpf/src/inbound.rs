@@ -32,7 +32,7 @@
 //! the netns cookie of the pod (`sk_lookup` cannot read its own netns
 //! cookie, so the pod's address leads to it through [`INBOUND`]).
 
-use ambridge_common::{ConnKey, Counter, IpKey, NodeConfig, conn_kind, flags};
+use ambridge_common::{Counter, IpKey, NodeConfig, conn_kind, flags};
 use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
     macros::sk_lookup,
@@ -41,6 +41,7 @@ use aya_ebpf::{
 };
 
 use crate::{
+    conn,
     maps::{CONNS, EXEMPT, INBOUND, LISTENERS, bump, node},
     net::{IPPROTO_TCP, ctx_addr, ctx_read, is_loopback},
 };
@@ -80,20 +81,16 @@ pub fn inbound(ctx: SkLookupContext) -> u32 {
         bump(Counter::InboundExempt);
         return SK_PASS;
     }
-    let leg = ConnKey {
-        src_ip: remote,
-        dst_ip: local,
-        src_port: remote_port,
-        dst_port: local_port,
-    };
-    // SAFETY: only tested for its kind.
-    if unsafe { CONNS.get(leg) }.is_some_and(|r| r.kind == conn_kind::ORIG_SRC) {
-        return SK_PASS;
-    }
     // SAFETY: copied out at once.
     let Some(target) = (unsafe { INBOUND.get(local) }).copied() else {
         return uncaptured(&node);
     };
+    // ztunnel's preserved-source leg, recorded in the pod's namespace.
+    let leg = conn::key(target.netns_cookie, remote, remote_port, local, local_port);
+    // SAFETY: only tested for its kind.
+    if unsafe { CONNS.get(leg) }.is_some_and(|r| r.kind == conn_kind::ORIG_SRC) {
+        return SK_PASS;
+    }
     match LISTENERS.redirect_sk_lookup(&ctx, target.netns_cookie, 0) {
         Ok(()) => {
             bump(Counter::InboundCaptured);

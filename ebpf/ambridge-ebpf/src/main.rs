@@ -12,12 +12,13 @@
 //! | `cgroup/sendmsg4/6`, `cgroup/recvmsg4/6`, `cgroup/sock_release` | [`dns`] | 4.18, 5.2, 5.9 |
 //!
 //! Shared helpers live apart: [`maps`] (every map), [`pod`] (which pod a
-//! socket belongs to), [`net`] (context access, address and port
-//! conversions).
+//! socket belongs to), [`conn`] (connection keys and their namespace),
+//! [`net`] (context access, address and port conversions).
 #![no_std]
 #![no_main]
 
 mod bind;
+mod conn;
 mod connect;
 mod dns;
 mod inbound;

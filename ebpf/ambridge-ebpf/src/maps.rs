@@ -28,12 +28,12 @@ pub static PENDING: LruHashMap<u64, ConnRecord> = LruHashMap::pinned(PENDING_CAP
 
 /// Records of established connections the datapath changed, by the client's
 /// view of the 4-tuple, until the client socket closes.
-#[map(name = "AMB_CONNS_V1")]
+#[map(name = "AMB_CONNS_V2")]
 pub static CONNS: LruHashMap<ConnKey, ConnRecord> = LruHashMap::pinned(CONNS_CAPACITY, 0);
 
 /// Accelerated sockets, by their own view of the 4-tuple. The kernel removes
 /// a socket from it when the socket closes.
-#[map(name = "AMB_SOCKS_V1")]
+#[map(name = "AMB_SOCKS_V2")]
 pub static SOCKS: SockHash<ConnKey> = SockHash::pinned(SOCKS_CAPACITY, 0);
 
 /// Where inbound connections to each enrolled pod address are captured.
@@ -58,7 +58,7 @@ pub static DNS: LruHashMap<u64, ConnRecord> = LruHashMap::pinned(DNS_CAPACITY, 0
 pub static EXEMPT: LpmTrie<IpKey, u32> = LpmTrie::pinned(EXEMPT_CAPACITY, 0);
 
 /// Node-wide settings (one entry). Written by the daemon only.
-#[map(name = "AMB_NODE_V2")]
+#[map(name = "AMB_NODE_V3")]
 static NODE: Array<NodeConfig> = Array::pinned(1, 0);
 
 /// The node's settings; all-zero (nothing matches) until the daemon wrote
@@ -68,7 +68,7 @@ pub fn node() -> NodeConfig {
     NODE.get(0).copied().unwrap_or_default()
 }
 
-#[map(name = "AMB_COUNTERS_V3")]
+#[map(name = "AMB_COUNTERS_V4")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
 
 /// Adds one to a per-CPU counter (no atomics needed: per-CPU, and BPF

@@ -16,11 +16,13 @@
 //!
 //! Every other socket gets the kernel's answer untouched.
 
-use ambridge_common::{ConnKey, Counter, as_v4, conn_kind, v4_mapped};
-use aya_ebpf::{EbpfContext, macros::cgroup_sock_addr, programs::SockAddrContext};
+use ambridge_common::{Counter, as_v4, conn_kind, v4_mapped};
+use aya_ebpf::{
+    EbpfContext, helpers::bpf_get_netns_cookie, macros::cgroup_sock_addr, programs::SockAddrContext,
+};
 
 use crate::{
-    dns,
+    conn, dns,
     maps::{CONNS, bump, node},
     net::{ctx_addr, ctx_read, ctx_write, ctx_write_ip6},
 };
@@ -47,13 +49,15 @@ fn replacement(
         return Some((server.addr, Some(server.port), Counter::DnsRestored));
     }
     let node = node();
-    if node.is_redirect_port(peer_port) {
-        let as_client = ConnKey {
-            src_ip: local,
-            dst_ip: peer,
-            src_port: local_port,
-            dst_port: peer_port,
-        };
+    let redirected_client = node.is_redirect_port(peer_port);
+    if !redirected_client && peer != local && !node.is_shared_ztunnel(&peer) {
+        return None;
+    }
+    // SAFETY: plain helper call on the program's own context.
+    let own = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let netns = conn::netns(&node, own, &local, &peer);
+    if redirected_client {
+        let as_client = conn::key(netns, local, local_port, peer, peer_port);
         // SAFETY: copied out at once.
         if let Some(r) = unsafe { CONNS.get(as_client) }.copied()
             && r.kind == conn_kind::ORIG_DST
@@ -64,12 +68,7 @@ fn replacement(
     if peer != local && !node.is_shared_ztunnel(&peer) {
         return None;
     }
-    let as_server = ConnKey {
-        src_ip: peer,
-        dst_ip: local,
-        src_port: peer_port,
-        dst_port: local_port,
-    };
+    let as_server = conn::key(netns, peer, peer_port, local, local_port);
     // SAFETY: copied out at once.
     match unsafe { CONNS.get(as_server) }.copied() {
         Some(r) if r.kind == conn_kind::ORIG_SRC && r.addr != peer => {

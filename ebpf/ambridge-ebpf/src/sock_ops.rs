@@ -13,6 +13,11 @@
 //!   the final ACK is sent, so before the other end can accept.
 //! - `PASSIVE_ESTABLISHED_CB`: the accepting end of a recorded connection
 //!   joins the sockhash if the connection is accelerated.
+//!
+//! Every record and sockhash key names the connection's network namespace
+//! (netns cookie in `sock_ops`: 5.15), so a socket in another namespace
+//! with the same 4-tuple finds none of them; a sockhash entry is never
+//! replaced.
 //! - `TCP_LISTEN_CB` (listening sockets in a sockhash: 5.10; netns cookie
 //!   in sock_ops: 5.15): a ztunnel socket bound to the inbound port
 //!   ([`crate::bind`]) starts listening; it is registered under its netns
@@ -20,13 +25,13 @@
 //! - `STATE_CB` to `TCP_CLOSE`: the records go; the kernel drops closed
 //!   sockets from the sockhash by itself.
 
-use ambridge_common::{ConnKey, ConnRecord, Counter, conn_flags, conn_kind};
+use ambridge_common::{ConnKey, ConnRecord, Counter, NodeConfig, conn_flags, conn_kind};
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE,
+        BPF_ANY, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE,
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::sock_ops,
@@ -34,6 +39,7 @@ use aya_ebpf::{
 };
 
 use crate::{
+    conn,
     maps::{CONNS, LISTENERS, PENDING, SOCKS, bump, node},
     net::{ctx_addr, ctx_read},
 };
@@ -57,32 +63,38 @@ fn cookie(ctx: &SockOpsContext) -> u64 {
     unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }
 
-/// This socket's own view of its connection: `src` is the local end.
+/// This socket's own view of its connection: `src` is the local end; the
+/// namespace is the connection's ([`conn::netns`]).
 #[inline(always)]
-fn own_key(ctx: &SockOpsContext) -> ConnKey {
+fn own_key(ctx: &SockOpsContext, node: &NodeConfig) -> ConnKey {
     let ops = ctx.ops;
     // SAFETY: `ops` is the live context of this program.
-    unsafe {
+    let (src_ip, dst_ip, src_port, dst_port) = unsafe {
         let family = ctx_read!((*ops).family);
-        ConnKey {
-            src_ip: ctx_addr!(family, (*ops).local_ip4, (*ops).local_ip6),
-            dst_ip: ctx_addr!(family, (*ops).remote_ip4, (*ops).remote_ip6),
+        (
+            ctx_addr!(family, (*ops).local_ip4, (*ops).local_ip6),
+            ctx_addr!(family, (*ops).remote_ip4, (*ops).remote_ip6),
             // local_port is host order; remote_port is the network-order
             // port in the upper half of the word.
-            src_port: ctx_read!((*ops).local_port) as u16,
-            dst_port: u32::from_be(ctx_read!((*ops).remote_port)) as u16,
-        }
-    }
+            ctx_read!((*ops).local_port) as u16,
+            u32::from_be(ctx_read!((*ops).remote_port)) as u16,
+        )
+    };
+    // SAFETY: plain helper call on the program's own context.
+    let own = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let netns = conn::netns(node, own, &src_ip, &dst_ip);
+    conn::key(netns, src_ip, src_port, dst_ip, dst_port)
 }
 
 #[inline(always)]
 fn reversed(key: &ConnKey) -> ConnKey {
-    ConnKey {
-        src_ip: key.dst_ip,
-        dst_ip: key.src_ip,
-        src_port: key.dst_port,
-        dst_port: key.src_port,
-    }
+    conn::key(
+        key.netns,
+        key.dst_ip,
+        key.dst_port,
+        key.src_ip,
+        key.src_port,
+    )
 }
 
 #[inline(always)]
@@ -93,7 +105,7 @@ fn on_connect(ctx: &SockOpsContext) {
     };
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     if record.kind == conn_kind::ORIG_SRC {
-        let _ = CONNS.insert(own_key(ctx), record, 0);
+        let _ = CONNS.insert(own_key(ctx, &node()), record, 0);
     }
 }
 
@@ -104,7 +116,7 @@ fn on_active_established(ctx: &SockOpsContext) {
     let Some(record) = (unsafe { PENDING.get(cookie) }).copied() else {
         return;
     };
-    let key = own_key(ctx);
+    let key = own_key(ctx, &node());
     let _ = CONNS.insert(key, record, 0);
     let _ = PENDING.remove(cookie);
     accelerate(ctx, key, &record);
@@ -116,8 +128,8 @@ fn on_active_established(ctx: &SockOpsContext) {
 /// else is ruled out without a hash lookup.
 #[inline(always)]
 fn on_passive_established(ctx: &SockOpsContext) {
-    let key = own_key(ctx);
     let node = node();
+    let key = own_key(ctx, &node);
     if !node.is_redirect_port(key.src_port)
         && key.dst_ip != key.src_ip
         && !node.is_shared_ztunnel(&key.dst_ip)
@@ -131,17 +143,20 @@ fn on_passive_established(ctx: &SockOpsContext) {
 }
 
 /// Puts this end of a recorded connection into the sockhash if the
-/// connection may be accelerated.
+/// connection may be accelerated. An entry is never replaced: a key that
+/// is taken keeps its socket, and this one stays on the normal path.
 #[inline(always)]
 fn accelerate(ctx: &SockOpsContext, key: ConnKey, record: &ConnRecord) {
     if record.flags & conn_flags::ACCEL != 0 {
         // SAFETY: `ops` is the live context; the helper takes a full
         // socket, which the established callbacks always have.
         if SOCKS
-            .update(key, unsafe { &mut *ctx.ops }, BPF_ANY as u64)
+            .update(key, unsafe { &mut *ctx.ops }, BPF_NOEXIST as u64)
             .is_ok()
         {
             bump(Counter::SockhashInserted);
+        } else {
+            bump(Counter::SockhashRefused);
         }
     } else if record.flags & conn_flags::ZEROCOPY != 0 {
         bump(Counter::ZerocopyFallback);
@@ -177,5 +192,5 @@ fn on_listen(ctx: &SockOpsContext) {
 #[inline(always)]
 fn on_close(ctx: &SockOpsContext) {
     let _ = PENDING.remove(cookie(ctx));
-    let _ = CONNS.remove(own_key(ctx));
+    let _ = CONNS.remove(own_key(ctx, &node()));
 }

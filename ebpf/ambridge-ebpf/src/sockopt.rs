@@ -1,5 +1,7 @@
-//! `cgroup/getsockopt` (Linux 5.3): answer `SO_ORIGINAL_DST` for connections
-//! that were redirected at connect time, where no conntrack entry exists.
+//! `cgroup/getsockopt` (Linux 5.3; netns cookie 5.15): answer
+//! `SO_ORIGINAL_DST` for connections that were redirected at connect time,
+//! where no conntrack entry exists, to ztunnel only, in the connection's
+//! own network namespace.
 //!
 //! The program runs after the kernel's own getsockopt and sees its result.
 //! Anything but `SO_ORIGINAL_DST` at `SOL_IP`/`SOL_IPV6` on a TCP socket
@@ -8,12 +10,17 @@
 //! As the kernel does, `SOL_IP` answers IPv4 connections with a
 //! `sockaddr_in` and `SOL_IPV6` answers IPv6 ones with a `sockaddr_in6`.
 
-use ambridge_common::{ConnKey, ConnRecord, Counter, SO_ORIGINAL_DST, as_v4, conn_kind};
-use aya_ebpf::{bindings::bpf_sockopt, macros::cgroup_sockopt, programs::SockoptContext};
+use ambridge_common::{ConnRecord, Counter, SO_ORIGINAL_DST, as_v4, conn_kind, flags};
+use aya_ebpf::{
+    EbpfContext, bindings::bpf_sockopt, helpers::bpf_get_netns_cookie, macros::cgroup_sockopt,
+    programs::SockoptContext,
+};
 
 use crate::{
-    maps::{CONNS, bump},
+    conn,
+    maps::{CONNS, bump, node},
     net::{AF_INET, AF_INET6, IPPROTO_TCP, SOL_IP, SOL_IPV6, ctx_addr, ctx_read},
+    pod,
 };
 
 const PROCEED: i32 = 1;
@@ -42,38 +49,55 @@ pub fn getsockopt(ctx: SockoptContext) -> i32 {
     if opt.optname != SO_ORIGINAL_DST || (opt.level != SOL_IP && opt.level != SOL_IPV6) {
         return PROCEED;
     }
-    if let Some(orig) = lookup(opt) {
+    if let Some(orig) = lookup(&ctx, opt) {
         answer(opt, &orig);
     }
     PROCEED
 }
 
 /// The original destination of the accepted socket's connection: its peer is
-/// the client's source, its local address the redirect target.
+/// the client's source, its local address the redirect target, and the
+/// connection lives in the socket's namespace (or the shared ztunnel's).
+/// Only a ztunnel's task is answered: nobody else may read where another
+/// pod's connection was going.
 #[inline(always)]
-fn lookup(opt: &bpf_sockopt) -> Option<ConnRecord> {
+fn lookup(ctx: &SockoptContext, opt: &bpf_sockopt) -> Option<ConnRecord> {
     // SAFETY: `sk` is the union's only pointer member for this hook.
     let sk = unsafe { opt.__bindgen_anon_1.sk };
     if sk.is_null() {
         return None;
     }
     // SAFETY: non-null `sk` is live for the program's lifetime.
-    let key = unsafe {
+    let (peer, peer_port, local, local_port) = unsafe {
         let family = ctx_read!((*sk).family);
         if ctx_read!((*sk).protocol) != IPPROTO_TCP || (family != AF_INET && family != AF_INET6) {
             return None;
         }
-        ConnKey {
-            src_ip: ctx_addr!(family, (*sk).dst_ip4, (*sk).dst_ip6),
-            dst_ip: ctx_addr!(family, (*sk).src_ip4, (*sk).src_ip6),
-            src_port: u16::from_be(ctx_read!((*sk).dst_port)),
-            dst_port: ctx_read!((*sk).src_port) as u16,
-        }
+        (
+            ctx_addr!(family, (*sk).dst_ip4, (*sk).dst_ip6),
+            u16::from_be(ctx_read!((*sk).dst_port)),
+            ctx_addr!(family, (*sk).src_ip4, (*sk).src_ip6),
+            ctx_read!((*sk).src_port) as u16,
+        )
     };
+    // SAFETY: plain helper call on the program's own context.
+    let own = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let key = conn::key(
+        conn::netns(&node(), own, &local, &peer),
+        peer,
+        peer_port,
+        local,
+        local_port,
+    );
     // SAFETY: copied out at once.
-    unsafe { CONNS.get(key) }
+    let record = unsafe { CONNS.get(key) }
         .copied()
-        .filter(|r| r.kind == conn_kind::ORIG_DST)
+        .filter(|r| r.kind == conn_kind::ORIG_DST)?;
+    if !pod::current().is_some_and(|p| p.flags & flags::ZTUNNEL != 0) {
+        bump(Counter::OrigDstRefused);
+        return None;
+    }
+    Some(record)
 }
 
 #[inline(always)]

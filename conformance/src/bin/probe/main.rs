@@ -188,6 +188,28 @@ enum Role {
     /// Read socket options on both ends of a loopback connection and print
     /// them, to compare with and without the getsockopt program.
     Sockopts,
+    /// A victim's long-lived connection: a numbered message every
+    /// `--interval-ms`, each echo checked.
+    Session {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 20)]
+        messages: usize,
+        #[arg(long, default_value_t = 100)]
+        interval_ms: u64,
+    },
+    /// An attacker's loop connection with a victim's 4-tuple, in a netns
+    /// holding the victim's address: reports what it received.
+    Hijack {
+        #[arg(long)]
+        addr: std::net::IpAddr,
+        #[arg(long)]
+        source_port: u16,
+        #[arg(long, default_value_t = 15001)]
+        port: u16,
+        #[arg(long, default_value_t = 1000)]
+        duration_ms: u64,
+    },
 }
 
 fn main() {
@@ -257,6 +279,17 @@ fn main() {
             query,
         } => dns::client(to, transport, &query),
         Role::Sockopts => sockopts(),
+        Role::Session {
+            to,
+            messages,
+            interval_ms,
+        } => attack::session(to, messages, Duration::from_millis(interval_ms)),
+        Role::Hijack {
+            addr,
+            source_port,
+            port,
+            duration_ms,
+        } => attack::hijack(addr, source_port, port, Duration::from_millis(duration_ms)),
     };
     if let Err(e) = result {
         report(json!({"event": "error", "error": e.to_string()}));
@@ -420,6 +453,7 @@ fn udp(to: SocketAddr) -> io::Result<()> {
     Ok(())
 }
 
+mod attack;
 mod bench;
 mod dns;
 mod polled;
