@@ -5,7 +5,7 @@
 //! after a source named them).
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     path::{Path, PathBuf},
     time::Duration,
@@ -381,19 +381,19 @@ struct SystemResolver<'a> {
     addresses: &'a mut AddressCache,
     /// Pod cgroups by the addresses of their netns, listed at the first
     /// lookup of a reconcile.
-    by_address: Option<HashMap<IpAddr, PathBuf>>,
+    by_address: Option<crate::netns::AddressIndex>,
 }
 
 impl SystemResolver<'_> {
-    fn address_index(&mut self) -> std::io::Result<&HashMap<IpAddr, PathBuf>> {
+    fn address_index(&mut self) -> std::io::Result<&crate::netns::AddressIndex> {
         if self.by_address.is_none() {
-            let mut index = HashMap::new();
+            let mut index = crate::netns::AddressIndex::new();
             for (_, pod_cgroup) in cgroup::list_pod_cgroups(self.kubepods_parent)? {
                 // A pod without processes (or just gone) has no netns to
                 // look at; it is found at a later reconcile.
                 if let Ok(Some(ips)) = self.addresses.of_cgroup(&pod_cgroup) {
                     for ip in ips {
-                        index.insert(ip, pod_cgroup.clone());
+                        index.entry(ip).or_default().insert(pod_cgroup.clone());
                     }
                 }
             }
@@ -409,17 +409,7 @@ impl Resolve for SystemResolver<'_> {
     }
 
     fn pod_cgroup_by_address(&mut self, ips: &[IpAddr]) -> std::io::Result<PathBuf> {
-        let index = self.address_index()?;
-        ips.iter()
-            .find_map(|ip| index.get(ip).cloned())
-            .ok_or_else(|| {
-                std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    format!(
-                        "no pod cgroup's network namespace holds {ips:?} (pod not started yet?)"
-                    ),
-                )
-            })
+        crate::netns::claimant(self.address_index()?, ips)
     }
 
     fn cgroup_id(&mut self, cgroup: &Path) -> std::io::Result<CgroupId> {

@@ -1,35 +1,96 @@
 //! Which network namespace a pod (or the shared ztunnel) lives in, as the
 //! kernel programs identify it: the netns cookie.
 //!
-//! A cgroup's netns is the netns of a process in it (any container of a pod
-//! shares the sandbox's netns). Its cookie is read with `SO_NETNS_COOKIE`
+//! A cgroup's netns is the netns of its sandbox process, the oldest in it
+//! (every container of a pod shares the sandbox's netns unless it moved to
+//! one of its own). Its cookie is read with `SO_NETNS_COOKIE`
 //! (Linux 5.14) on a socket opened inside it, from a short-lived thread that
 //! enters the namespace, so the daemon's own threads never change netns.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     fs, io,
     net::IpAddr,
     os::{fd::AsRawFd, unix::fs::MetadataExt},
     path::{Path, PathBuf},
 };
 
-/// `/proc/<pid>/ns/net` of the first process found in `cgroup` or below it,
-/// or `None` if no process runs there yet.
+/// `/proc/<pid>/ns/net` of the pod's sandbox: the oldest process in
+/// `cgroup` or below it, or `None` if no process runs there yet. The
+/// sandbox (pause) process starts before any container, so a container
+/// process that has moved into a network namespace of its own (one that may
+/// hold another pod's address) is never taken for the pod's.
 pub fn netns_of_cgroup(cgroup: &Path) -> io::Result<Option<PathBuf>> {
+    let mut oldest: Option<(u64, u32)> = None;
+    for_each_process(cgroup, &mut |pid| {
+        // A process that exited while listed has no start time: skipped.
+        if let Some(started) = start_time(pid)
+            && oldest.is_none_or(|o| (started, pid) < o)
+        {
+            oldest = Some((started, pid));
+        }
+    })?;
+    Ok(oldest.map(|(_, pid)| PathBuf::from(format!("/proc/{pid}/ns/net"))))
+}
+
+/// Calls `f` with every pid listed in `cgroup` and the cgroups below it.
+fn for_each_process(cgroup: &Path, f: &mut impl FnMut(u32)) -> io::Result<()> {
     let procs = fs::read_to_string(cgroup.join("cgroup.procs"))?;
-    if let Some(pid) = procs.lines().find(|l| !l.trim().is_empty()) {
-        return Ok(Some(PathBuf::from(format!("/proc/{}/ns/net", pid.trim()))));
+    for pid in procs.lines().filter_map(|l| l.trim().parse().ok()) {
+        f(pid);
     }
     for entry in fs::read_dir(cgroup)? {
         let entry = entry?;
-        if entry.file_type()?.is_dir()
-            && let Some(ns) = netns_of_cgroup(&entry.path())?
-        {
-            return Ok(Some(ns));
+        if entry.file_type()?.is_dir() {
+            for_each_process(&entry.path(), f)?;
         }
     }
-    Ok(None)
+    Ok(())
+}
+
+/// A process's start time in clock ticks since boot (`/proc/<pid>/stat`,
+/// field 22), `None` if it is gone.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces or
+    // parentheses itself: the fields resume after the last `)`.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Pod cgroups by the addresses their sandbox's network namespace holds.
+pub type AddressIndex = HashMap<IpAddr, BTreeSet<PathBuf>>;
+
+/// The one pod cgroup whose network namespace holds `ips`. An address held
+/// by the namespaces of several pod cgroups is refused, naming them: one of
+/// them claims another pod's address, and an identity given by address
+/// must not go to it.
+pub fn claimant(index: &AddressIndex, ips: &[IpAddr]) -> io::Result<PathBuf> {
+    let claimants: BTreeSet<&PathBuf> = ips
+        .iter()
+        .filter_map(|ip| index.get(ip))
+        .flatten()
+        .collect();
+    let mut found = claimants.iter();
+    match (found.next(), found.next()) {
+        (Some(one), None) => Ok((*one).clone()),
+        (None, _) => Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no pod cgroup's network namespace holds {ips:?} (pod not started yet?)"),
+        )),
+        (Some(_), Some(_)) => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{ips:?} are held by the network namespaces of several pod cgroups ({}): \
+                 refused, as one of them claims another pod's address",
+                claimants
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )),
+    }
 }
 
 /// The cookie of the network namespace at `netns` (a `/proc/*/ns/net` or
@@ -311,10 +372,95 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("cgroup.procs"), "").unwrap();
         fs::create_dir(dir.path().join("app")).unwrap();
-        fs::write(dir.path().join("app").join("cgroup.procs"), "4242\n").unwrap();
+        let me = std::process::id();
+        fs::write(
+            dir.path().join("app").join("cgroup.procs"),
+            format!("{me}\n"),
+        )
+        .unwrap();
         assert_eq!(
             netns_of_cgroup(dir.path()).unwrap(),
-            Some(PathBuf::from("/proc/4242/ns/net"))
+            Some(PathBuf::from(format!("/proc/{me}/ns/net")))
+        );
+    }
+
+    #[test]
+    fn the_oldest_process_gives_the_pods_netns_whatever_the_listing_order() {
+        // A younger process (a container that may have entered a netns of
+        // its own) is listed first, and in the pod cgroup itself.
+        let younger = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        struct Kill(std::process::Child);
+        impl Drop for Kill {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let younger = Kill(younger);
+        let dir = tempfile::tempdir().unwrap();
+        let me = std::process::id();
+        fs::write(
+            dir.path().join("cgroup.procs"),
+            format!("{}\n", younger.0.id()),
+        )
+        .unwrap();
+        fs::create_dir(dir.path().join("pause")).unwrap();
+        fs::write(
+            dir.path().join("pause").join("cgroup.procs"),
+            format!("999999999\n{me}\n"),
+        )
+        .unwrap();
+        assert_eq!(
+            netns_of_cgroup(dir.path()).unwrap(),
+            Some(PathBuf::from(format!("/proc/{me}/ns/net")))
+        );
+    }
+
+    #[test]
+    fn an_address_held_by_two_pods_netns_is_refused_naming_both() {
+        let ip: IpAddr = "198.18.0.2".parse().unwrap();
+        let ip6: IpAddr = "fd00:18::2".parse().unwrap();
+        let mut index = AddressIndex::new();
+        index
+            .entry(ip)
+            .or_default()
+            .insert(PathBuf::from("/cg/victim"));
+        index
+            .entry(ip6)
+            .or_default()
+            .insert(PathBuf::from("/cg/victim"));
+        assert_eq!(
+            claimant(&index, &[ip, ip6]).unwrap(),
+            PathBuf::from("/cg/victim")
+        );
+        index
+            .entry(ip)
+            .or_default()
+            .insert(PathBuf::from("/cg/attacker"));
+        let err = claimant(&index, &[ip, ip6]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        let text = err.to_string();
+        assert!(
+            text.contains("/cg/victim") && text.contains("/cg/attacker"),
+            "{text}"
+        );
+        // Split across families counts too.
+        let mut split = AddressIndex::new();
+        split
+            .entry(ip)
+            .or_default()
+            .insert(PathBuf::from("/cg/victim"));
+        split
+            .entry(ip6)
+            .or_default()
+            .insert(PathBuf::from("/cg/attacker"));
+        assert!(claimant(&split, &[ip, ip6]).is_err());
+        assert_eq!(
+            claimant(&AddressIndex::new(), &[ip]).unwrap_err().kind(),
+            io::ErrorKind::NotFound
         );
     }
 
