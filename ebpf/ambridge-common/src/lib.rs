@@ -282,6 +282,11 @@ pub mod conn_flags {
     pub const ACCEL: u8 = 1 << 0;
     /// Not accelerated because the proxy relays with `splice(2)`.
     pub const ZEROCOPY: u8 = 1 << 1;
+    /// The accepting end is followed too: the record goes when both ends
+    /// have closed, not with the connecting end.
+    pub const ACCEPT_TRACKED: u8 = 1 << 2;
+    /// One of two followed ends has closed.
+    pub const ONE_END_CLOSED: u8 = 1 << 3;
 }
 
 /// One direction of a TCP connection, as seen by its client: `src` is the

@@ -9,7 +9,7 @@
 //! | `cgroup/sendmsg4/6` | unconnected UDP queries | 4.18 |
 //! | `cgroup/recvmsg4/6` | a reply's source given back | 5.2 |
 //! | `cgroup/getpeername4/6` ([`crate::peername`]) | a connected socket's peer | 5.8 |
-//! | `cgroup/sock_release` | the record goes with its socket | 5.9 |
+//! | `cgroup/sock_release` ([`crate::release`]) | the record goes with its socket | 5.9 |
 //!
 //! The server asked is recorded under the socket cookie ([`DNS`]); one
 //! socket asking several servers is given back the last one it asked. As
@@ -19,17 +19,15 @@
 
 use ambridge_common::{CgroupInfo, ConnRecord, Counter, as_v4, conn_kind, flags, v4_mapped};
 use aya_ebpf::{
-    EbpfContext,
-    helpers::bpf_get_socket_cookie,
-    macros::{cgroup_sock, cgroup_sock_addr},
-    programs::{SockAddrContext, SockContext},
+    EbpfContext, helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr,
+    programs::SockAddrContext,
 };
 
 use crate::{
     maps::{DNS, bump, node},
     net::{
-        DNS_PORT, IPPROTO_TCP, IPPROTO_UDP, LOCALHOST4, LOCALHOST6, SOCK_DGRAM, SOCK_STREAM,
-        ctx_read, ctx_write, ctx_write_ip6, is_loopback,
+        DNS_PORT, LOCALHOST4, LOCALHOST6, SOCK_DGRAM, SOCK_STREAM, ctx_read, ctx_write,
+        ctx_write_ip6, is_loopback,
     },
     pod,
 };
@@ -243,26 +241,6 @@ pub fn recvmsg6(ctx: SockAddrContext) -> i32 {
             ctx_write!((*sa).user_port, u32::from(server.port.to_be()));
         }
         bump(Counter::DnsRestored);
-    }
-    ALLOW
-}
-
-/// Deletes the record of a socket that may have one: every UDP socket, and
-/// TCP sockets connected to the proxy. Other TCP sockets cost a compare.
-#[cgroup_sock(sock_release)]
-pub fn sock_release(ctx: SockContext) -> i32 {
-    let sk = ctx.sock;
-    // SAFETY: `sk` is the live context.
-    let (protocol, dst_port) = unsafe {
-        (
-            ctx_read!((*sk).protocol),
-            u16::from_be(ctx_read!((*sk).dst_port)),
-        )
-    };
-    if protocol == IPPROTO_UDP || (protocol == IPPROTO_TCP && dst_port == node().dns_port) {
-        // SAFETY: plain helper call on the program's own context.
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        let _ = DNS.remove(cookie);
     }
     ALLOW
 }

@@ -9,7 +9,8 @@
 //! | `cgroup/getpeername4`, `cgroup/getpeername6` | [`peername`] | 5.8 |
 //! | `sk_msg` on the sockhash | [`sk_msg`] | 4.18 |
 //! | `sk_lookup`, per pod netns | [`inbound`] | 5.9 (`ingress_ifindex` 5.17) |
-//! | `cgroup/sendmsg4/6`, `cgroup/recvmsg4/6`, `cgroup/sock_release` | [`dns`] | 4.18, 5.2, 5.9 |
+//! | `cgroup/sendmsg4/6`, `cgroup/recvmsg4/6` | [`dns`] | 4.18, 5.2 |
+//! | `cgroup/sock_release` | [`release`] | 5.9 |
 //!
 //! Shared helpers live apart: [`maps`] (every map), [`pod`] (which pod a
 //! socket belongs to), [`conn`] (connection keys and their namespace),
@@ -26,6 +27,7 @@ mod maps;
 mod net;
 mod peername;
 mod pod;
+mod release;
 mod sk_msg;
 mod sock_ops;
 mod sockopt;

@@ -12,7 +12,8 @@
 //!   and the server's `getpeername()` find it. On one host this runs before
 //!   the final ACK is sent, so before the other end can accept.
 //! - `PASSIVE_ESTABLISHED_CB`: the accepting end of a recorded connection
-//!   joins the sockhash if the connection is accelerated.
+//!   asks for state callbacks, and joins the sockhash if the connection is
+//!   accelerated.
 //!
 //! Every record and sockhash key names the connection's network namespace
 //! (netns cookie in `sock_ops`: 5.15), so a socket in another namespace
@@ -22,8 +23,10 @@
 //!   in sock_ops: 5.15): a ztunnel socket bound to the inbound port
 //!   ([`crate::bind`]) starts listening; it is registered under its netns
 //!   cookie for [`crate::inbound`] to select.
-//! - `STATE_CB` to `TCP_CLOSE`: the records go; the kernel drops closed
-//!   sockets from the sockhash by itself.
+//! - `STATE_CB` to `TCP_CLOSE`: the connecting end's cookie record goes;
+//!   the 4-tuple record goes once both ends have closed, so a client that
+//!   writes and closes before ztunnel accepts loses nothing. The kernel
+//!   drops closed sockets from the sockhash by itself.
 
 use ambridge_common::{ConnKey, ConnRecord, Counter, NodeConfig, conn_flags, conn_kind};
 use aya_ebpf::{
@@ -136,10 +139,18 @@ fn on_passive_established(ctx: &SockOpsContext) {
     {
         return;
     }
-    // SAFETY: copied out at once.
-    if let Some(record) = unsafe { CONNS.get(reversed(&key)) }.copied() {
-        accelerate(ctx, key, &record);
-    }
+    let Some(record) = CONNS.get_ptr_mut(reversed(&key)) else {
+        return;
+    };
+    // The record now lives until this end has closed too (`on_close`).
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    // SAFETY: a live entry of this map; only this connection's two ends
+    // touch it.
+    let record = unsafe {
+        (*record).flags |= conn_flags::ACCEPT_TRACKED;
+        *record
+    };
+    accelerate(ctx, key, &record);
 }
 
 /// Puts this end of a recorded connection into the sockhash if the
@@ -189,8 +200,35 @@ fn on_listen(ctx: &SockOpsContext) {
     }
 }
 
+/// A record keyed by its 4-tuple goes when both followed ends have closed:
+/// ztunnel (or the application behind an undone source) may accept long
+/// after the connecting end wrote, closed and reached `TCP_CLOSE`, and must
+/// still find the original destination (or source) then. A record whose
+/// accepting end is not followed (it is outside the attach cgroup, or not
+/// a capture leg) goes with the connecting end.
 #[inline(always)]
 fn on_close(ctx: &SockOpsContext) {
     let _ = PENDING.remove(cookie(ctx));
-    let _ = CONNS.remove(own_key(ctx, &node()));
+    let key = own_key(ctx, &node());
+    // The connecting end's record is under its own view, the accepting
+    // end's under the reverse.
+    // SAFETY: only tested for presence.
+    let key = if unsafe { CONNS.get(key) }.is_some() {
+        key
+    } else {
+        reversed(&key)
+    };
+    let Some(record) = CONNS.get_ptr_mut(key) else {
+        return;
+    };
+    // SAFETY: a live entry of this map; only this connection's two ends
+    // touch it (two closes racing at worst leave it to LRU eviction).
+    let flags = unsafe { (*record).flags };
+    let tracked = conn_flags::ACCEPT_TRACKED | conn_flags::ONE_END_CLOSED;
+    if flags & tracked == conn_flags::ACCEPT_TRACKED {
+        // SAFETY: as above.
+        unsafe { (*record).flags |= conn_flags::ONE_END_CLOSED };
+    } else {
+        let _ = CONNS.remove(key);
+    }
 }

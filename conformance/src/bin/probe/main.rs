@@ -81,6 +81,10 @@ enum Role {
         /// Go or Node).
         #[arg(long, value_enum, default_value = "blocking")]
         io: Io,
+        /// Write the bytes and close at once, reading nothing back (a
+        /// syslog or statsd client, `nc -q0`).
+        #[arg(long)]
+        write_only: bool,
     },
     /// Echo server: report every accepted connection, echo until EOF.
     Echo {
@@ -137,6 +141,10 @@ enum Role {
         /// over the query's transport) instead of answering it itself.
         #[arg(long, conflicts_with = "no_dns")]
         dns_upstream: Option<SocketAddr>,
+        /// Wait this long before each `accept()` on the capture ports, as
+        /// a busy ztunnel does.
+        #[arg(long, default_value_t = 0)]
+        accept_delay_ms: u64,
     },
     /// Sleep until killed: the pod sandbox's own process.
     Pause,
@@ -223,14 +231,23 @@ fn main() {
         Role::Connect {
             to,
             bytes,
+            count,
+            write_only: true,
+            ..
+        } => write_and_close(to, bytes, count),
+        Role::Connect {
+            to,
+            bytes,
             count: 1,
             io,
+            ..
         } => connect(to, bytes, io).map(report),
         Role::Connect {
             to,
             bytes,
             count,
             io,
+            ..
         } => connect_many(to, bytes, count, io),
         Role::Echo { listen } => echo(listen),
         Role::Ztunnel {
@@ -246,6 +263,7 @@ fn main() {
             no_inbound,
             no_dns,
             dns_upstream,
+            accept_delay_ms,
         } => ztunnel(
             &pods,
             Serving {
@@ -255,6 +273,7 @@ fn main() {
                 inbound: !no_inbound,
                 dns: !no_dns,
                 dns_upstream,
+                accept_delay: Duration::from_millis(accept_delay_ms),
             },
             zds.map(|socket| zds::Options {
                 socket,
@@ -323,6 +342,33 @@ fn enter_netns(path: &Path) -> io::Result<()> {
 
 fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 7 % 251) as u8).collect()
+}
+
+/// `count` connections at once, each writing `bytes` and closing without
+/// reading; one summary.
+fn write_and_close(to: SocketAddr, bytes: usize, count: usize) -> io::Result<()> {
+    let workers: Vec<_> = (0..count)
+        .map(|_| {
+            thread::spawn(move || -> io::Result<()> {
+                let mut s = TcpStream::connect_timeout(&to, io_timeout())?;
+                s.write_all(&pattern(bytes))?;
+                Ok(())
+            })
+        })
+        .collect();
+    let failures: Vec<String> = workers
+        .into_iter()
+        .filter_map(|w| match w.join() {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some("writer panicked".into()),
+        })
+        .collect();
+    report(json!({
+        "event": "connect-summary", "to": to.to_string(),
+        "ok": count - failures.len(), "failed": failures.len(), "failures": failures,
+    }));
+    Ok(())
 }
 
 fn connect_many(to: SocketAddr, bytes: usize, count: usize, io: Io) -> io::Result<()> {
@@ -490,6 +536,8 @@ struct Serving {
     dns: bool,
     /// Where the DNS proxy forwards queries; `None` answers them itself.
     dns_upstream: Option<SocketAddr>,
+    /// How long each TCP `accept()` waits first.
+    accept_delay: Duration,
 }
 
 /// One socket the stand-in listens on in a pod, served by its own thread.
@@ -672,8 +720,9 @@ fn serve_listen(
         return dns::proxy_udp(pod, socket.into(), addr, serving.dns_upstream, stopped);
     }
     let l: TcpListener = socket.into();
-    for conn in l.incoming() {
-        let conn = match conn {
+    loop {
+        thread::sleep(serving.accept_delay);
+        let conn = match l.accept().map(|(conn, _)| conn) {
             Ok(conn) => Socket::from(conn),
             Err(_) if stopped.load(Ordering::Acquire) => return Ok(()),
             Err(e) => return Err(e),
@@ -697,7 +746,6 @@ fn serve_listen(
             }
         });
     }
-    Ok(())
 }
 
 /// Opens the listeners in each of `pods` and, with `zds`, in each pod the
@@ -893,11 +941,26 @@ fn read_line(conn: &TcpStream) -> io::Result<String> {
 }
 
 /// Relays both directions until both reach EOF; returns the byte counts.
+/// Relays both ways; returns the bytes moved from `a` to `b` and back. A
+/// client that wrote and closed (`a` gone) ends the way back early, as it
+/// does for ztunnel: what it sent is still relayed, and counted.
 fn relay_both(a: TcpStream, b: TcpStream, relay: Relay) -> io::Result<(u64, u64)> {
     let up = pump(a.try_clone()?, b.try_clone()?, relay);
     let down = pump(b, a, relay);
     let up = up.join().expect("relay thread")?;
-    let down = down.join().expect("relay thread")?;
+    let down = match down.join().expect("relay thread") {
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::NotConnected
+            ) =>
+        {
+            0
+        }
+        down => down?,
+    };
     Ok((up, down))
 }
 

@@ -1,0 +1,124 @@
+//! The edges of connection tracking: no byte lost and no record leaked
+//! where a connection's two ends do not line up in time.
+
+use std::time::Duration;
+
+use ambridge_conformance::{Daemon, canon, eventually, three_pods, ztunnel_stand_in_with};
+
+#[test]
+fn clients_that_write_and_close_before_ztunnel_accepts_keep_their_original_destination_and_every_byte()
+ {
+    // syslog, statsd or `nc -q0`: the client's FIN is acknowledged and its
+    // socket closed long before a busy ztunnel calls accept().
+    let t = three_pods();
+    let daemon = Daemon::start(&t.node);
+    let _app = t.server.echo_server("[::]:8080");
+    let ztunnel = ztunnel_stand_in_with(
+        &t.node,
+        &t.ztunnel_cgroup,
+        &[&t.client],
+        &["--accept-delay-ms", "100"],
+    );
+    daemon.wait_for_mode(&t.client.uid, Some("ambient"));
+    let to = format!("{}:8080", t.server.ip4);
+    let clients = 20;
+    let bytes = 4096;
+    let summary = t
+        .client
+        .run(&[
+            "connect",
+            "--to",
+            &to,
+            "--bytes",
+            &bytes.to_string(),
+            "--count",
+            &clients.to_string(),
+            "--write-only",
+        ])
+        .into_iter()
+        .find(|e| e["event"] == "connect-summary")
+        .expect("summary");
+    assert_eq!(summary["ok"], clients, "{summary}");
+    let named = |kind: &str| {
+        ztunnel
+            .events()
+            .into_iter()
+            .filter(|e| e["event"] == kind)
+            .collect::<Vec<_>>()
+    };
+    // One accept every 100 ms: all 20 within about 2 s.
+    let relayed = eventually(Duration::from_secs(15), || {
+        let relayed = named("relayed");
+        (relayed.len() == clients).then_some(relayed)
+    })
+    .unwrap_or_else(|| panic!("not all relayed: {:?}", ztunnel.events()));
+    for accepted in named("accepted") {
+        assert_eq!(
+            accepted["orig_dst"].as_str().map(canon),
+            Some(canon(&to)),
+            "{accepted}"
+        );
+    }
+    for r in relayed {
+        assert_eq!(r["bytes_up"], bytes, "{r}");
+    }
+    // And the records still go once both ends have closed.
+    let drained = eventually(Duration::from_secs(10), || {
+        let maps = daemon.map_entries();
+        (maps["tracked_connections"] == 0).then_some(())
+    });
+    assert!(drained.is_some(), "{:?}", daemon.map_entries());
+}
+
+#[test]
+fn connects_that_fail_before_their_syn_leave_no_pending_record() {
+    // With no local port left, a redirected connect fails in the kernel
+    // after the connect program recorded it and before any SYN.
+    let t = three_pods();
+    let daemon = Daemon::start(&t.node);
+    let _app = t.server.echo_server("[::]:8080");
+    let _ztunnel = ztunnel_stand_in_with(&t.node, &t.ztunnel_cgroup, &[&t.client], &[]);
+    daemon.wait_for_mode(&t.client.uid, Some("ambient"));
+    ambridge_conformance::sandbox::ip(&[
+        "netns",
+        "exec",
+        &t.client.netns_name,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_local_port_range=40000 40001",
+    ]);
+    let to = format!("{}:8080", t.server.ip4);
+    // Two sessions hold both ports towards the redirect target.
+    let holders: Vec<_> = (0..2)
+        .map(|_| {
+            let s = t.client.spawn(&[
+                "session",
+                "--to",
+                &to,
+                "--messages",
+                "1",
+                "--interval-ms",
+                "30000",
+            ]);
+            s.wait_for(|e| e["event"] == "exchange", Duration::from_secs(10));
+            s
+        })
+        .collect();
+    let summary = t
+        .client
+        .run(&["connect", "--to", &to, "--count", "50"])
+        .into_iter()
+        .find(|e| e["event"] == "connect-summary")
+        .expect("summary");
+    assert_eq!(summary["ok"], 0, "{summary}");
+    assert!(
+        summary["failures"][0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("os error 99")),
+        "{summary}"
+    );
+    assert!(daemon.stats()["connect_redirected_ipv4"] >= 52);
+    let maps = daemon.map_entries();
+    assert_eq!(maps["pending_connects"], 0, "{maps:?}");
+    drop(holders);
+}
