@@ -122,3 +122,66 @@ fn connects_that_fail_before_their_syn_leave_no_pending_record() {
     assert_eq!(maps["pending_connects"], 0, "{maps:?}");
     drop(holders);
 }
+
+/// `three_pods` with the client's addresses in the workloads file replaced
+/// by `ips` (YAML flow list).
+fn client_listed_with(t: &ambridge_conformance::ThreePods, ips: &str) {
+    let text = std::fs::read_to_string(t.node.workloads_path()).unwrap();
+    let listed = format!("ips: [{}, \"{}\"]", t.client.ip4, t.client.ip6);
+    assert!(text.contains(&listed), "{text}");
+    t.node
+        .write_workloads_text(&text.replacen(&listed, &format!("ips: [{ips}]"), 1));
+}
+
+#[test]
+fn an_enrolled_pod_the_feed_gives_no_address_is_redirected_by_its_netns_addresses() {
+    let t = three_pods();
+    client_listed_with(&t, "");
+    let daemon = Daemon::start(&t.node);
+    let _app = t.server.echo_server("[::]:8080");
+    let ztunnel = ztunnel_stand_in_with(&t.node, &t.ztunnel_cgroup, &[&t.client], &[]);
+    daemon.wait_for_mode(&t.client.uid, Some("ambient"));
+    for to in [
+        format!("{}:8080", t.server.ip4),
+        format!("[{}]:8080", t.server.ip6),
+    ] {
+        ambridge_conformance::assert_redirected(&ztunnel, &t.client, &to, true);
+    }
+}
+
+#[test]
+fn an_enrolled_pods_connect_in_a_family_it_has_no_target_in_is_refused_not_let_through() {
+    // The feed knows the client's IPv4 address only; its netns has IPv6
+    // too, but there is no redirect target for it.
+    let t = three_pods();
+    client_listed_with(&t, &t.client.ip4.to_string());
+    let daemon = Daemon::start(&t.node);
+    let app = t.server.echo_server("[::]:8080");
+    let ztunnel = ztunnel_stand_in_with(&t.node, &t.ztunnel_cgroup, &[&t.client], &[]);
+    daemon.wait_for_mode(&t.client.uid, Some("ambient"));
+    ambridge_conformance::assert_redirected(
+        &ztunnel,
+        &t.client,
+        &format!("{}:8080", t.server.ip4),
+        true,
+    );
+    let r = t.client.connect(&format!("[{}]:8080", t.server.ip6), 16);
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not permitted")),
+        "{r}"
+    );
+    assert!(daemon.stats()["connect_no_target"] >= 1);
+    // The server saw the IPv4 connection through ztunnel only.
+    let direct = eventually(Duration::from_secs(3), || {
+        app.events().into_iter().find(|e| {
+            e["event"] == "accepted"
+                && e["peer"]
+                    .as_str()
+                    .is_some_and(|p| p.contains(&t.client.ip6.to_string()))
+        })
+    });
+    assert!(direct.is_none(), "{direct:?}");
+}

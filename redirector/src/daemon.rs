@@ -420,6 +420,10 @@ impl Resolve for SystemResolver<'_> {
         Ok(self.cookies.of_cgroup(cgroup)?.map(NetnsCookie))
     }
 
+    fn netns_addresses(&mut self, cgroup: &Path) -> std::io::Result<Option<Vec<IpAddr>>> {
+        self.addresses.of_cgroup(cgroup)
+    }
+
     fn node_addresses(&mut self) -> Vec<IpAddr> {
         self.node_addresses.to_vec()
     }

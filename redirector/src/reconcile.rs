@@ -15,7 +15,7 @@ use ipnet::IpNet;
 
 use crate::{
     enroll,
-    state::{CgroupRef, Mode, NodeSpec, PodCgroup, Settings},
+    state::{CgroupRef, Mode, NodeSpec, PodCgroup, PodSpec, Settings},
     types::{CgroupId, NetnsCookie, PodUid},
 };
 
@@ -29,6 +29,9 @@ pub trait Resolve {
     fn cgroup_id(&mut self, cgroup: &Path) -> io::Result<CgroupId>;
     /// The netns cookie of a cgroup's processes; `None` while it has none.
     fn netns_cookie(&mut self, cgroup: &Path) -> io::Result<Option<NetnsCookie>>;
+    /// The addresses of a cgroup's network namespace; `None` while it has
+    /// no process.
+    fn netns_addresses(&mut self, cgroup: &Path) -> io::Result<Option<Vec<IpAddr>>>;
     /// The addresses of the node's own network namespace: connections from
     /// them (kubelet probes, host-network pods) reach pods uncaptured.
     fn node_addresses(&mut self) -> Vec<IpAddr>;
@@ -140,6 +143,19 @@ pub fn desired(spec: &NodeSpec, settings: &Settings, resolve: &mut impl Resolve)
                 continue;
             }
         };
+        // A pod the feed gives no address yet (the API has not published
+        // it, `ips: []`) is addressed by its netns's own: enrolled means
+        // redirected or refused, never let through for want of a target.
+        let learned;
+        let pod = if pod.ips.is_empty() {
+            learned = PodSpec {
+                ips: learned_addresses(resolve, &cgroup),
+                ..pod.clone()
+            };
+            &learned
+        } else {
+            pod
+        };
         match resolve.cgroup_id(&cgroup) {
             Ok(id) => {
                 out.cgroups
@@ -201,6 +217,19 @@ pub fn desired(spec: &NodeSpec, settings: &Settings, resolve: &mut impl Resolve)
         }
     }
     out
+}
+
+/// One address per family of the cgroup's netns (the first of each, as a
+/// pod has one per family), none while it is unknown.
+fn learned_addresses(resolve: &mut impl Resolve, cgroup: &Path) -> Vec<IpAddr> {
+    let found = resolve
+        .netns_addresses(cgroup)
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    let v4 = found.iter().find(|ip| ip.is_ipv4());
+    let v6 = found.iter().find(|ip| ip.is_ipv6());
+    v4.into_iter().chain(v6).copied().collect()
 }
 
 /// Every source exempt from inbound capture: istio-cni's probe SNAT
@@ -341,6 +370,15 @@ mod tests {
 
         fn node_addresses(&mut self) -> Vec<IpAddr> {
             vec!["198.18.0.1".parse().unwrap()]
+        }
+
+        /// `/cg/<n>`'s netns holds `198.18.9.<n>` and `fd00:18:9::<n>`.
+        fn netns_addresses(&mut self, cgroup: &Path) -> io::Result<Option<Vec<IpAddr>>> {
+            let n = self.cgroup_id(cgroup)?.0;
+            Ok(Some(vec![
+                format!("198.18.9.{n}").parse().unwrap(),
+                format!("fd00:18:9::{n:x}").parse().unwrap(),
+            ]))
         }
     }
 
@@ -562,6 +600,21 @@ mod tests {
                     exempt::PROBE_SNAT
                 ),
             ]
+        );
+    }
+
+    #[test]
+    fn an_enrolled_pod_without_addresses_in_the_feed_is_redirected_to_its_netns_addresses() {
+        let mut s = spec();
+        s.pods[0].ips.clear();
+        let d = desired(&s, &Settings::default(), &mut Fake);
+        let entry = d.cgroups[&CgroupId(10)];
+        assert_ne!(entry.flags & flags::HAS_IP4, 0);
+        assert_ne!(entry.flags & flags::HAS_IP6, 0);
+        assert_eq!(entry.redirect_ip4.to_ne_bytes(), [198, 18, 9, 10]);
+        assert_eq!(
+            d.netns[&NetnsCookie(1010)].ip4.to_ne_bytes(),
+            [198, 18, 9, 10]
         );
     }
 

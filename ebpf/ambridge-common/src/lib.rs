@@ -370,11 +370,15 @@ pub enum Counter {
     OrigDstRefused = 19,
     /// ztunnel binds refused because their record could not be written.
     BindRecordFailed = 20,
+    /// Connects from an enrolled pod refused (`EPERM`) because the pod has
+    /// no redirect target in the destination's family (no address of that
+    /// family known yet, or a shared ztunnel without one).
+    ConnectNoTarget = 21,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 21] = [
+    pub const ALL: [Counter; 22] = [
         Counter::ConnectRedirected4,
         Counter::ConnectRedirected6,
         Counter::ConnectRecordFailed,
@@ -396,6 +400,7 @@ impl Counter {
         Counter::SockhashRefused,
         Counter::OrigDstRefused,
         Counter::BindRecordFailed,
+        Counter::ConnectNoTarget,
     ];
 
     /// Stable name, as printed by `ambridge stats`.
@@ -422,6 +427,7 @@ impl Counter {
             Counter::SockhashRefused => "sockhash_refused",
             Counter::OrigDstRefused => "orig_dst_refused",
             Counter::BindRecordFailed => "bind_record_failed",
+            Counter::ConnectNoTarget => "connect_no_target",
         }
     }
 }
@@ -619,7 +625,7 @@ mod tests {
                 ("AMB_PENDING_V1", 8, 20, 65_536),
                 ("AMB_CONNS_V2", 48, 20, 65_536),
                 ("AMB_SOCKS_V2", 48, 4, 65_536),
-                ("AMB_COUNTERS_V4", 4, 8, 21),
+                ("AMB_COUNTERS_V4", 4, 8, 22),
                 ("AMB_NODE_V3", 4, 64, 1),
                 ("AMB_INBOUND_V1", 16, 8, 32_768),
                 ("AMB_LISTENERS_V1", 8, 4, 16_384),

@@ -3,9 +3,10 @@
 //!
 //! The programs allow the connect (return 1) and only ever rewrite the
 //! destination, except for a pod ztunnel is not ready for yet
-//! ([`flags::HELD`]) and a connect whose original destination cannot be
-//! recorded: those that would be redirected are refused (return 0,
-//! `EPERM`), never let past ztunnel. What is left alone: UDP and other non-stream sockets,
+//! ([`flags::HELD`]), a pod with no redirect target in the destination's
+//! family (its address not known yet), and a connect whose original
+//! destination cannot be recorded: those are refused (return 0, `EPERM`),
+//! never let past ztunnel. What is left alone: UDP and other non-stream sockets,
 //! loopback destinations, the pod's own IPs (istio-cni lets a pod call itself
 //! directly), the kubelet probe addresses, the redirect target itself, and
 //! every socket of a ztunnel or of a cgroup that is not enrolled.
@@ -68,20 +69,20 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
     if sock_type != SOCK_STREAM {
         return ALLOW;
     }
-    if let Some(target) = target4(&pod, sa.user_ip4) {
-        if held(&pod) {
-            return REFUSE;
-        }
-        if !record(&ctx, &pod, sa.user_ip4, sa, v4_mapped) {
-            return REFUSE;
-        }
-        // SAFETY: writable fields of the live context.
-        unsafe {
-            ctx_write!(sa.user_ip4, target);
-            ctx_write!(sa.user_port, u32::from(pod.redirect_port.to_be()));
-        }
-        bump(Counter::ConnectRedirected4);
+    let target = match target4(&pod, sa.user_ip4) {
+        Outbound::Leave => return ALLOW,
+        Outbound::Refuse => return REFUSE,
+        Outbound::Redirect(target) => target,
+    };
+    if !record(&ctx, &pod, sa.user_ip4, sa, v4_mapped) {
+        return REFUSE;
     }
+    // SAFETY: writable fields of the live context.
+    unsafe {
+        ctx_write!(sa.user_ip4, target);
+        ctx_write!(sa.user_port, u32::from(pod.redirect_port.to_be()));
+    }
+    bump(Counter::ConnectRedirected4);
     ALLOW
 }
 
@@ -134,78 +135,92 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
     // wire (only this hook runs, not connect4): apply the IPv4 rules and
     // keep the mapped form so the socket stays IPv4 on the wire.
     if let Some(dst4) = as_v4(&dst) {
-        if let Some(target) = target4(&pod, dst4) {
-            if held(&pod) {
-                return REFUSE;
-            }
-            if !record(&ctx, &pod, dst4, sa, v4_mapped) {
-                return REFUSE;
-            }
-            // SAFETY: writable fields of the live context.
-            unsafe {
-                ctx_write_ip6!(sa.user_ip6, v4_mapped(target));
-                ctx_write!(sa.user_port, u32::from(pod.redirect_port.to_be()));
-            }
-            bump(Counter::ConnectRedirected4);
-        }
-        return ALLOW;
-    }
-    if let Some(target) = target6(&pod, &dst) {
-        if held(&pod) {
-            return REFUSE;
-        }
-        if !record(&ctx, &pod, dst, sa, |ip6| ip6) {
+        let target = match target4(&pod, dst4) {
+            Outbound::Leave => return ALLOW,
+            Outbound::Refuse => return REFUSE,
+            Outbound::Redirect(target) => target,
+        };
+        if !record(&ctx, &pod, dst4, sa, v4_mapped) {
             return REFUSE;
         }
         // SAFETY: writable fields of the live context.
         unsafe {
-            ctx_write_ip6!(sa.user_ip6, target);
+            ctx_write_ip6!(sa.user_ip6, v4_mapped(target));
             ctx_write!(sa.user_port, u32::from(pod.redirect_port.to_be()));
         }
-        bump(Counter::ConnectRedirected6);
+        bump(Counter::ConnectRedirected4);
+        return ALLOW;
     }
+    let target = match target6(&pod, &dst) {
+        Outbound::Leave => return ALLOW,
+        Outbound::Refuse => return REFUSE,
+        Outbound::Redirect(target) => target,
+    };
+    if !record(&ctx, &pod, dst, sa, |ip6| ip6) {
+        return REFUSE;
+    }
+    // SAFETY: writable fields of the live context.
+    unsafe {
+        ctx_write_ip6!(sa.user_ip6, target);
+        ctx_write!(sa.user_port, u32::from(pod.redirect_port.to_be()));
+    }
+    bump(Counter::ConnectRedirected6);
     ALLOW
 }
 
-/// Whether `pod`'s redirected connects are refused for now; counts them.
+/// What becomes of an enrolled pod's TCP connect.
+enum Outbound<A> {
+    /// Not captured: loopback, the pod itself, the probe address, the
+    /// redirect target, or a pod that is not redirected at all.
+    Leave,
+    /// To the redirect target.
+    Redirect(A),
+    /// Refused (`EPERM`): the pod is enrolled but has no redirect target in
+    /// this family, or ztunnel is not ready for it; counted.
+    Refuse,
+}
+
+/// The held check for a connect about to be redirected.
 #[inline(always)]
-fn held(pod: &CgroupInfo) -> bool {
-    let held = pod.flags & flags::HELD != 0;
-    if held {
+fn unless_held<A>(pod: &CgroupInfo, target: A) -> Outbound<A> {
+    if pod.flags & flags::HELD != 0 {
         bump(Counter::ConnectHeld);
+        Outbound::Refuse
+    } else {
+        Outbound::Redirect(target)
     }
-    held
 }
 
-/// The IPv4 redirect target for a connect from `pod` to `dst`, if it is to be
-/// redirected.
+/// The IPv4 verdict for a connect from `pod` to `dst`.
 #[inline(always)]
-fn target4(pod: &CgroupInfo, dst: u32) -> Option<u32> {
-    if !pod::redirects(pod)
-        || pod.flags & flags::HAS_IP4 == 0
-        || is_loopback4(dst)
-        || dst == pod.pod_ip4
-        || dst == pod.redirect_ip4
-        || dst == KUBELET_PROBE_IP4
-    {
-        return None;
+fn target4(pod: &CgroupInfo, dst: u32) -> Outbound<u32> {
+    if !pod::redirects(pod) || is_loopback4(dst) || dst == KUBELET_PROBE_IP4 {
+        return Outbound::Leave;
     }
-    Some(pod.redirect_ip4)
+    if pod.flags & flags::HAS_IP4 == 0 {
+        bump(Counter::ConnectNoTarget);
+        return Outbound::Refuse;
+    }
+    if dst == pod.pod_ip4 || dst == pod.redirect_ip4 {
+        return Outbound::Leave;
+    }
+    unless_held(pod, pod.redirect_ip4)
 }
 
-/// The IPv6 redirect target for a connect from `pod` to `dst`, if any.
+/// The IPv6 verdict for a connect from `pod` to `dst`.
 #[inline(always)]
-fn target6(pod: &CgroupInfo, dst: &[u32; 4]) -> Option<[u32; 4]> {
-    if !pod::redirects(pod)
-        || pod.flags & flags::HAS_IP6 == 0
-        || is_loopback6(dst)
-        || *dst == pod.pod_ip6
-        || *dst == pod.redirect_ip6
-        || *dst == KUBELET_PROBE_IP6
-    {
-        return None;
+fn target6(pod: &CgroupInfo, dst: &[u32; 4]) -> Outbound<[u32; 4]> {
+    if !pod::redirects(pod) || is_loopback6(dst) || *dst == KUBELET_PROBE_IP6 {
+        return Outbound::Leave;
     }
-    Some(pod.redirect_ip6)
+    if pod.flags & flags::HAS_IP6 == 0 {
+        bump(Counter::ConnectNoTarget);
+        return Outbound::Refuse;
+    }
+    if *dst == pod.pod_ip6 || *dst == pod.redirect_ip6 {
+        return Outbound::Leave;
+    }
+    unless_held(pod, pod.redirect_ip6)
 }
 
 /// Records the original destination under the socket's cookie. A connect
