@@ -318,6 +318,34 @@ fn a_malformed_workloads_file_is_rejected_and_the_last_good_state_stays() {
 }
 
 #[test]
+fn a_bad_workloads_file_is_logged_once_per_change_not_at_every_look() {
+    let f = fixture();
+    let rejected = |since: usize| {
+        f.daemon.log()[since..]
+            .iter()
+            .filter(|l| l.contains("workloads file rejected"))
+            .count()
+    };
+    let before = f.daemon.log().len();
+    f.node
+        .write_workloads_text("workloads:\n  - uid: x\n    mode: sideways\n");
+    f.daemon
+        .wait_log_after(before, "workloads file rejected", Duration::from_secs(10))
+        .expect("the daemon did not report the bad file");
+    // The daemon's own reads of the file are no changes: two seconds on,
+    // still one report (it was about 20 a second).
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(rejected(before), 1, "{:?}", &f.daemon.log()[before..]);
+    // Another bad content is another report.
+    f.node
+        .write_workloads_text("workloads:\n  - uid: y\n    mode: sideways\n");
+    let again = eventually(Duration::from_secs(10), || {
+        (rejected(before) == 2).then_some(())
+    });
+    assert!(again.is_some(), "{:?}", &f.daemon.log()[before..]);
+}
+
+#[test]
 fn redirection_survives_the_daemon_stopping() {
     let mut f = fixture();
     assert_eq!(f.daemon.stats_json()["source"], "the daemon's API");

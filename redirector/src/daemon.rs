@@ -189,6 +189,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             None => None,
         },
         spec: None,
+        rejected: None,
         pushed_pods: BTreeMap::new(),
         pushed_ztunnels: BTreeMap::new(),
         unresolved: Vec::new(),
@@ -281,6 +282,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 struct Node {
     /// The workloads file's last good state.
     spec: Option<NodeSpec>,
+    /// Why the workloads file was last rejected and which version of it
+    /// (modification time), while it still is: a bad file is logged once
+    /// per change, not at every look.
+    rejected: Option<String>,
     /// The Kubernetes feed's last snapshot.
     kube: Option<crate::kubernetes::Snapshot>,
     /// Whether Kubernetes is a source: istiod's view is then only a
@@ -533,6 +538,7 @@ impl Node {
     fn load(&mut self, path: &Path) -> bool {
         match workloads::load(path) {
             Ok(spec) => {
+                self.rejected = None;
                 if self.spec.as_ref() == Some(&spec) {
                     return false;
                 }
@@ -545,7 +551,13 @@ impl Node {
                 true
             }
             Err(e) => {
-                error!(file = %path.display(), "workloads file rejected, keeping the last good state: {e}");
+                // The same error of the same file version is reported once.
+                let version = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+                let why = format!("{e} {version:?}");
+                if self.rejected.as_ref() != Some(&why) {
+                    error!(file = %path.display(), "workloads file rejected, keeping the last good state: {e}");
+                    self.rejected = Some(why);
+                }
                 false
             }
         }
@@ -741,14 +753,21 @@ fn zds_pods(spec: &NodeSpec, desired: &reconcile::Desired) -> zds::server::Pods 
 }
 
 /// Watches the directory holding `file` (editors and ConfigMap mounts replace
-/// files by rename) and signals `tx` on any change in it.
+/// files by rename) and signals `tx` when the file may have changed: a
+/// write, create, rename or removal of the file itself or of a ConfigMap
+/// mount's `..`-named entries. Reads (the daemon's own included) and other
+/// files of the directory are not changes.
 fn watch(file: &Path, tx: mpsc::Sender<()>) -> anyhow::Result<notify::RecommendedWatcher> {
     let dir = file
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
+    let name = file.file_name().map(ToOwned::to_owned);
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        let Ok(event) = event else {
+            return;
+        };
+        if changes_the_file(&event, name.as_deref()) {
             // A full channel already holds a pending reload.
             let _ = tx.try_send(());
         }
@@ -758,4 +777,64 @@ fn watch(file: &Path, tx: mpsc::Sender<()>) -> anyhow::Result<notify::Recommende
         .watch(dir, RecursiveMode::NonRecursive)
         .with_context(|| format!("watching {}", dir.display()))?;
     Ok(watcher)
+}
+
+/// Whether a watch event in the file's directory may have changed the file
+/// named `name`.
+fn changes_the_file(event: &notify::Event, name: Option<&std::ffi::OsStr>) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    let kind = matches!(
+        event.kind,
+        EventKind::Create(_)
+            | EventKind::Modify(_)
+            | EventKind::Remove(_)
+            | EventKind::Access(AccessKind::Close(AccessMode::Write))
+    );
+    kind && event.paths.iter().any(|p| {
+        let entry = p.file_name();
+        entry == name || entry.is_some_and(|e| e.as_encoded_bytes().starts_with(b".."))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsStr;
+
+    use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind};
+
+    use super::changes_the_file;
+
+    fn event(kind: EventKind, path: &str) -> notify::Event {
+        notify::Event::new(kind).add_path(path.into())
+    }
+
+    #[test]
+    fn reading_the_file_is_not_a_change_but_writing_renaming_or_a_configmap_swap_is() {
+        let name = Some(OsStr::new("workloads.yaml"));
+        let open = EventKind::Access(AccessKind::Open(AccessMode::Any));
+        let read_done = EventKind::Access(AccessKind::Close(AccessMode::Read));
+        let written = EventKind::Access(AccessKind::Close(AccessMode::Write));
+        let renamed = EventKind::Modify(ModifyKind::Name(notify::event::RenameMode::To));
+        for (kind, path, change) in [
+            (open, "/d/workloads.yaml", false),
+            (read_done, "/d/workloads.yaml", false),
+            (written, "/d/workloads.yaml", true),
+            (renamed, "/d/workloads.yaml", true),
+            (
+                EventKind::Create(CreateKind::File),
+                "/d/workloads.yaml",
+                true,
+            ),
+            // Another file of the directory (the API socket, say).
+            (EventKind::Create(CreateKind::File), "/d/api.sock", false),
+            // A ConfigMap mount swaps its `..data` link.
+            (renamed, "/d/..data", true),
+        ] {
+            assert_eq!(
+                changes_the_file(&event(kind, path), name),
+                change,
+                "{kind:?} {path}"
+            );
+        }
+    }
 }

@@ -25,7 +25,7 @@
 //! naming the line and field, and the caller keeps its last good state.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     fmt,
     net::IpAddr,
     path::{Path, PathBuf},
@@ -192,6 +192,7 @@ fn syntax_error(e: &serde_yaml::Error) -> FileError {
 fn validate(file: &File, text: &str) -> Result<(), FileError> {
     let mut uids = HashSet::new();
     let mut cgroups = HashSet::new();
+    let mut addresses = HashMap::new();
     for (i, w) in file.workloads.iter().enumerate() {
         let err = |field: &str, needle: &str, message: String| FileError {
             line: line_of(text, needle, 1),
@@ -262,6 +263,20 @@ fn validate(file: &File, text: &str) -> Result<(), FileError> {
                 &mapped.to_string(),
                 format!("{mapped} is IPv4-mapped; list the IPv4 address instead"),
             ));
+        }
+        // Two pods cannot share an address: the second's connects would be
+        // sent to the first's ztunnel listener.
+        for ip in &w.ips {
+            if let Some((first, first_uid)) = addresses.insert(*ip, (i, &w.uid)) {
+                return Err(FileError {
+                    line: line_of(text, &ip.to_string(), 2),
+                    field: format!("workloads[{i}].ips"),
+                    message: format!(
+                        "{ip} is also workloads[{first}]'s (pod {first_uid}, line {}); two pods cannot share an address",
+                        line_of(text, &ip.to_string(), 1).unwrap_or(0)
+                    ),
+                });
+            }
         }
     }
     if let Some(z) = &file.ztunnel {
@@ -507,6 +522,18 @@ ztunnel:
         let err = parse(&text).unwrap_err();
         assert_eq!(err.field, "workloads[1].uid");
         assert_eq!(err.line, Some(9));
+    }
+
+    #[test]
+    fn an_address_listed_for_two_pods_is_rejected_naming_both() {
+        let text = GOOD.replace("[198.18.0.3]", "[198.18.0.2]");
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.field, "workloads[1].ips");
+        assert_eq!(err.line, Some(13));
+        assert!(
+            err.message.contains("workloads[0]") && err.message.contains("9f2c-1"),
+            "{err}"
+        );
     }
 
     #[test]
