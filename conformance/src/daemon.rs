@@ -29,6 +29,19 @@ impl Daemon {
 
     /// As [`Daemon::start`], with extra `ambridge run` arguments.
     pub fn start_with(node: &Node, extra: &[&str]) -> Self {
+        let mut daemon = Self::spawn_with(node, extra);
+        daemon.wait_ready();
+        daemon
+    }
+
+    /// Starts `ambridge run` for `node` without waiting for it to be ready
+    /// (a daemon that waits for another to hand over).
+    pub fn spawn(node: &Node) -> Self {
+        Self::spawn_with(node, &[])
+    }
+
+    /// As [`Daemon::spawn`], with extra `ambridge run` arguments.
+    pub fn spawn_with(node: &Node, extra: &[&str]) -> Self {
         let mut child = Command::new(workspace_bin("ambridge"))
             .arg("run")
             .arg("--cgroup-root")
@@ -80,33 +93,41 @@ impl Daemon {
                 sink.lock().unwrap().push(line);
             }
         });
-        let mut daemon = Daemon {
+        Daemon {
             child: Some(child),
             bpffs: node.bpffs(),
             api: node.dir.join("api.sock"),
             log,
-        };
+        }
+    }
+
+    /// Waits until the daemon logs that it is ready; panics with its log if
+    /// it exits or takes over 30 s.
+    pub fn wait_ready(&mut self) {
         let ready = eventually(Duration::from_secs(30), || {
-            if daemon.log().iter().any(|l| l.contains("ready")) {
+            if self.log().iter().any(|l| l.contains("ready")) {
                 return Some(Ok(()));
             }
             // A daemon that exited will never be ready: fail at once.
-            match daemon.child.as_mut().unwrap().try_wait() {
+            match self.child.as_mut().unwrap().try_wait() {
                 Ok(Some(status)) => Some(Err(status)),
                 _ => None,
             }
         });
-        match ready {
-            Some(Ok(())) => daemon,
-            outcome => {
-                // Let the reader thread drain the last lines.
-                std::thread::sleep(Duration::from_millis(100));
-                panic!(
-                    "ambridge did not become ready ({outcome:?}); log:\n{}",
-                    daemon.log().join("\n")
-                )
-            }
+        if let Some(Ok(())) = ready {
+            return;
         }
+        // Let the reader thread drain the last lines.
+        std::thread::sleep(Duration::from_millis(100));
+        panic!(
+            "ambridge did not become ready ({ready:?}); log:\n{}",
+            self.log().join("\n")
+        )
+    }
+
+    /// Whether the daemon has logged that it is ready.
+    pub fn is_ready(&self) -> bool {
+        self.log().iter().any(|l| l.contains("ready"))
     }
 
     /// Waits until `ambridge pods` shows `uid` with `mode` in the datapath

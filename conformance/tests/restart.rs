@@ -3,7 +3,7 @@
 //! unredirected or failed, and a restarted daemon cleans up what changed
 //! while it was down.
 
-use std::{path::PathBuf, time::Duration};
+use std::{os::unix::fs::MetadataExt, path::PathBuf, time::Duration};
 
 use ambridge_conformance::{
     Background, Daemon, Node, Pod, ThreePods, eventually, three_pods, ztunnel_stand_in,
@@ -85,17 +85,44 @@ fn a_daemon_killed_with_sigkill_and_restarted_leaves_no_connect_unredirected_or_
 
 #[test]
 fn a_new_daemon_replacing_a_running_one_leaves_no_connect_unredirected_or_failed() {
-    // An upgrade: the new daemon loads its programs and swaps every pinned
-    // link while the old one still runs, then the old one stops.
+    // An upgrade: the new daemon waits while the old one runs (one daemon
+    // owns the pins at a time), the old one stops, and the new one loads
+    // its programs and swaps every pinned link; the pinned programs serve
+    // throughout.
     let (s, old) = setup();
     let before = s.accepted();
     let looped = s.connect_loop(1500);
     std::thread::sleep(Duration::from_millis(300));
-    let new = Daemon::start(&s.node);
-    std::thread::sleep(Duration::from_millis(200));
+    let mut new = Daemon::spawn(&s.node);
+    assert!(new.wait_log(WAITING, Duration::from_secs(10)).is_some());
     old.retire();
+    new.wait_ready();
     s.assert_all_redirected(&looped, before, 1500);
     drop(new);
+}
+
+/// What a daemon logs while another holds its pins.
+const WAITING: &str = "another daemon holds these pins";
+
+#[test]
+fn a_second_daemon_waits_for_the_first_and_touches_none_of_its_maps_or_sockets() {
+    let (s, mut first) = setup();
+    let before = s.accepted();
+    let mut second = Daemon::spawn(&s.node);
+    assert!(second.wait_log(WAITING, Duration::from_secs(10)).is_some());
+    // For as long as a start takes, the first keeps its API socket (the
+    // second has not unlinked and rebound it) and the node keeps working.
+    let api = std::fs::metadata(first.api_socket()).unwrap().ino();
+    let started = eventually(Duration::from_secs(3), || second.is_ready().then_some(()));
+    assert!(started.is_none(), "{:?}", second.log());
+    assert_eq!(std::fs::metadata(first.api_socket()).unwrap().ino(), api);
+    assert_eq!(first.stats_json()["source"], "the daemon's API");
+    let looped = s.connect_loop(20);
+    s.assert_all_redirected(&looped, before, 20);
+    // Once the first is gone, the second takes over.
+    first.stop();
+    second.wait_ready();
+    assert_eq!(second.stats_json()["source"], "the daemon's API");
 }
 
 #[test]
@@ -221,9 +248,10 @@ fn a_new_daemon_with_another_map_layout_fills_its_maps_before_taking_over_and_no
     let before = s.accepted();
     let looped = s.connect_loop(1500);
     std::thread::sleep(Duration::from_millis(300));
-    let new = Daemon::start(&s.node);
-    std::thread::sleep(Duration::from_millis(200));
+    let mut new = Daemon::spawn(&s.node);
+    assert!(new.wait_log(WAITING, Duration::from_secs(10)).is_some());
     old.retire();
+    new.wait_ready();
     assert!(
         new.wait_log(
             "unpinned the maps of an older layout",

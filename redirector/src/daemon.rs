@@ -84,6 +84,14 @@ async fn kube_client(source: &KubernetesSource) -> anyhow::Result<kube::Client> 
 
 /// Runs until SIGTERM or SIGINT. The datapath stays installed afterwards.
 pub async fn run(opts: Options) -> anyhow::Result<()> {
+    let pins = opts.pins.clone();
+    let _owner = tokio::task::spawn_blocking(move || {
+        pins.own(|| {
+            warn!(pins = %pins.root().display(), "another daemon holds these pins; waiting for it to exit");
+        })
+    })
+    .await
+    .context("waiting for the pins")??;
     let mut datapath = Datapath::load(&opts.pins)?;
     // The flags alone set the redirect port; a node state adds the rest.
     datapath.set_node_config(enroll::node_config(None, &opts.settings))?;

@@ -17,6 +17,12 @@ pub struct Pins {
     root: PathBuf,
 }
 
+/// This daemon's exclusive hold on the pins ([`Pins::own`]).
+pub struct Owner {
+    /// Unlocked when dropped.
+    _lock: nix::fcntl::Flock<fs::File>,
+}
+
 impl Pins {
     pub fn new(root: impl Into<PathBuf>) -> Self {
         Self { root: root.into() }
@@ -50,6 +56,39 @@ impl Pins {
 
     pub fn netns_link(&self, cookie: u64) -> PathBuf {
         self.netns_links().join(cookie.to_string())
+    }
+
+    /// Takes the pins for this daemon alone: an exclusive `flock` on the pin
+    /// directory, held until the returned guard drops (or the process
+    /// ends). While another daemon holds it (an upgrade overlap, or two by
+    /// mistake), `waiting` is called once and this waits for it to exit:
+    /// two daemons never reconcile the same maps or rebind the same sockets.
+    pub fn own(&self, waiting: impl FnOnce()) -> Result<Owner, Error> {
+        use nix::fcntl::{Flock, FlockArg};
+        fs::create_dir_all(&self.root).map_err(|source| Error::Io {
+            what: format!("create pin directory {}", self.root.display()),
+            source,
+        })?;
+        let open = || {
+            fs::File::open(&self.root).map_err(|source| Error::Io {
+                what: format!("open {} to lock it", self.root.display()),
+                source,
+            })
+        };
+        let locked = |(_, errno): (fs::File, nix::errno::Errno)| Error::Io {
+            what: format!("flock {}", self.root.display()),
+            source: errno.into(),
+        };
+        match Flock::lock(open()?, FlockArg::LockExclusiveNonblock) {
+            Ok(held) => Ok(Owner { _lock: held }),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                waiting();
+                Flock::lock(open()?, FlockArg::LockExclusive)
+                    .map(|held| Owner { _lock: held })
+                    .map_err(locked)
+            }
+            Err(e) => Err(locked(e)),
+        }
     }
 
     /// Creates the pin directories, checking they are on bpffs.
