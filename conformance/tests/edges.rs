@@ -185,3 +185,53 @@ fn an_enrolled_pods_connect_in_a_family_it_has_no_target_in_is_refused_not_let_t
     });
     assert!(direct.is_none(), "{direct:?}");
 }
+
+#[test]
+fn a_handed_over_socket_is_captured_by_the_cgroup_of_the_task_that_connects_it() {
+    let t = three_pods();
+    let daemon = Daemon::start(&t.node);
+    let _app = t.server.echo_server("[::]:8080");
+    let ztunnel = ztunnel_stand_in_with(&t.node, &t.ztunnel_cgroup, &[&t.client], &[]);
+    daemon.wait_for_mode(&t.client.uid, Some("ambient"));
+    let to = format!("{}:8080", t.server.ip4);
+    // A connection redirected to 15001: the handed-over socket may live in
+    // another pod's netns, and then arrives at ztunnel from outside.
+    let accepted = || {
+        ztunnel
+            .events()
+            .iter()
+            .filter(|e| {
+                matches!(e["event"].as_str(), Some("accepted" | "inbound-accepted"))
+                    && e["local"]
+                        .as_str()
+                        .is_some_and(|l| canon(l).port() == 15001)
+            })
+            .count()
+    };
+    let hand_over = |from: &ambridge_conformance::Pod, to_pod: &ambridge_conformance::Pod| {
+        let via = t.node.dir.join(format!("handover-{}.sock", from.name));
+        let via = via.display().to_string();
+        let receiver = to_pod.spawn(&["fd-connect", "--at", &via, "--to", &to]);
+        receiver.wait_for(|e| e["event"] == "listening", Duration::from_secs(10));
+        from.run(&["fd-send", "--via", &via, "--to", &to]);
+        receiver
+    };
+    // Created in the enrolled client, connected by a task of the plain pod:
+    // the plain pod's connect, not captured.
+    let before = accepted();
+    let receiver = hand_over(&t.client, &t.plain);
+    let r = receiver.wait_for(|e| e["event"] == "connect", Duration::from_secs(10));
+    assert_eq!(r["ok"], true, "{r}");
+    let captured = eventually(Duration::from_secs(3), || {
+        (accepted() > before).then_some(())
+    });
+    assert!(captured.is_none(), "{:?}", ztunnel.events());
+    // Created in the plain pod, connected by a task of the enrolled client:
+    // the client's connect, redirected to ztunnel.
+    let before = accepted();
+    let _receiver = hand_over(&t.plain, &t.client);
+    let captured = eventually(Duration::from_secs(3), || {
+        (accepted() > before).then_some(())
+    });
+    assert!(captured.is_some(), "{:?}", ztunnel.events());
+}

@@ -1,5 +1,6 @@
-//! Roles for the security tests: a victim's long-lived session, and a
-//! tenant trying to take it over from a network namespace of its own.
+//! Roles for the security and edge tests: a victim's long-lived session, a
+//! tenant trying to take it over from a network namespace of its own, and
+//! a socket handed from one pod's process to another's.
 
 use std::{
     io,
@@ -103,6 +104,80 @@ pub fn hijack(
         "injected": injected,
         "received_by_accepted": String::from_utf8_lossy(&received_by_accepted),
         "foreign_to_client": foreign_to_client,
+    }));
+    Ok(())
+}
+
+/// Creates an unconnected TCP socket of `to`'s family and hands it to the
+/// process listening on the unix socket `via` (`SCM_RIGHTS`).
+pub fn fd_send(via: &std::path::Path, to: SocketAddr) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    let socket = Socket::new(Domain::for_address(to), Type::STREAM, None)?;
+    let unix = std::os::unix::net::UnixStream::connect(via)?;
+    let fds = [socket.as_raw_fd()];
+    sendmsg::<()>(
+        unix.as_raw_fd(),
+        &[io::IoSlice::new(b"fd")],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .map_err(io::Error::from)?;
+    report(json!({"event": "fd-sent"}));
+    Ok(())
+}
+
+/// Listens on the unix socket `at`, takes one TCP socket handed over, and
+/// connects it to `to` from this process (sending `bytes` and reading the
+/// echo), as [`crate::Role::Connect`] reports.
+pub fn fd_connect(at: &std::path::Path, to: SocketAddr, bytes: usize) -> io::Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    let _ = std::fs::remove_file(at);
+    let listener = std::os::unix::net::UnixListener::bind(at)?;
+    report(json!({"event": "listening", "addr": at.display().to_string()}));
+    let (unix, _) = listener.accept()?;
+    let mut buf = [0u8; 8];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let mut iov = [io::IoSliceMut::new(&mut buf)];
+    let msg = recvmsg::<()>(
+        unix.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::empty(),
+    )
+    .map_err(io::Error::from)?;
+    let fd = msg
+        .cmsgs()
+        .map_err(io::Error::from)?
+        .find_map(|c| match c {
+            ControlMessageOwned::ScmRights(fds) => fds.first().copied(),
+            _ => None,
+        })
+        .ok_or_else(|| io::Error::other("no socket was handed over"))?;
+    // SAFETY: the kernel just installed `fd` in this process for us alone.
+    let socket = unsafe { Socket::from_raw_fd(fd) };
+    let step =
+        |what: &'static str| move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"));
+    socket
+        .connect_timeout(&to.into(), crate::io_timeout())
+        .map_err(step("connect"))?;
+    let stream: TcpStream = socket.into();
+    let (local, peer) = (stream.local_addr()?, stream.peer_addr()?);
+    stream.set_read_timeout(Some(crate::io_timeout()))?;
+    let sent = vec![7u8; bytes];
+    io::Write::write_all(&mut &stream, &sent).map_err(step("write"))?;
+    stream
+        .shutdown(std::net::Shutdown::Write)
+        .map_err(step("shutdown"))?;
+    let mut got = Vec::new();
+    io::Read::read_to_end(&mut &stream, &mut got).map_err(step("read"))?;
+    report(json!({
+        "event": "connect", "ok": got == sent, "to": to.to_string(),
+        "local": local.to_string(), "peer": peer.to_string(),
     }));
     Ok(())
 }

@@ -206,6 +206,25 @@ enum Role {
         #[arg(long, default_value_t = 100)]
         interval_ms: u64,
     },
+    /// Create a TCP socket and hand it to the process on the unix socket
+    /// `--via`, unconnected.
+    FdSend {
+        #[arg(long)]
+        via: PathBuf,
+        /// Its family is this address's.
+        #[arg(long)]
+        to: SocketAddr,
+    },
+    /// Take a TCP socket handed over on the unix socket `--at` and connect
+    /// it to `--to` from this process.
+    FdConnect {
+        #[arg(long)]
+        at: PathBuf,
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 16)]
+        bytes: usize,
+    },
     /// An attacker's loop connection with a victim's 4-tuple, in a netns
     /// holding the victim's address: reports what it received.
     Hijack {
@@ -303,6 +322,8 @@ fn main() {
             messages,
             interval_ms,
         } => attack::session(to, messages, Duration::from_millis(interval_ms)),
+        Role::FdSend { via, to } => attack::fd_send(&via, to),
+        Role::FdConnect { at, to, bytes } => attack::fd_connect(&at, to, bytes),
         Role::Hijack {
             addr,
             source_port,
