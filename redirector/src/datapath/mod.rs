@@ -60,14 +60,11 @@ enum Kind {
 }
 
 /// Every cgroup program of the object: its name (the function name), how
-/// it is loaded, and the cgroup hook it attaches to. Consumers of the
-/// records come before their producers, so no record is written before
-/// something reads it.
+/// it is loaded, and the cgroup hook it attaches to, in attach order:
+/// consumers of a record before its producers (checked by a test), so no
+/// record is written before what reads or removes it is in place.
 const PROGRAMS: [(&str, Kind, AttachType); 13] = [
-    ("connect4", Kind::SockAddr, AttachType::CgroupInet4Connect),
-    ("connect6", Kind::SockAddr, AttachType::CgroupInet6Connect),
-    ("bind4", Kind::SockAddr, AttachType::CgroupInet4Bind),
-    ("bind6", Kind::SockAddr, AttachType::CgroupInet6Bind),
+    ("getsockopt", Kind::Sockopt, AttachType::CgroupGetsockopt),
     (
         "getpeername4",
         Kind::SockAddr,
@@ -78,8 +75,6 @@ const PROGRAMS: [(&str, Kind, AttachType); 13] = [
         Kind::SockAddr,
         AttachType::CgroupInet6Getpeername,
     ),
-    ("sock_ops", Kind::SockOps, AttachType::CgroupSockOps),
-    ("getsockopt", Kind::Sockopt, AttachType::CgroupGetsockopt),
     ("recvmsg4", Kind::SockAddr, AttachType::CgroupUdp4Recvmsg),
     ("recvmsg6", Kind::SockAddr, AttachType::CgroupUdp6Recvmsg),
     (
@@ -87,8 +82,13 @@ const PROGRAMS: [(&str, Kind, AttachType); 13] = [
         Kind::Sock,
         AttachType::CgroupInetSockRelease,
     ),
+    ("sock_ops", Kind::SockOps, AttachType::CgroupSockOps),
+    ("bind4", Kind::SockAddr, AttachType::CgroupInet4Bind),
+    ("bind6", Kind::SockAddr, AttachType::CgroupInet6Bind),
     ("sendmsg4", Kind::SockAddr, AttachType::CgroupUdp4Sendmsg),
     ("sendmsg6", Kind::SockAddr, AttachType::CgroupUdp6Sendmsg),
+    ("connect4", Kind::SockAddr, AttachType::CgroupInet4Connect),
+    ("connect6", Kind::SockAddr, AttachType::CgroupInet6Connect),
 ];
 
 /// The `sk_lookup` program, attached to each captured pod's netns.
@@ -201,7 +201,11 @@ impl Datapath {
             what: format!("open cgroup {}", cgroup_root.display()),
             source,
         })?;
-        for (name, kind, attach_type) in PROGRAMS {
+        // Every program through the verifier first: one it refuses (another
+        // kernel, another LLVM) fails the install before anything is
+        // attached, naming the program and, in the error, the verifier's
+        // log.
+        for (name, kind, _) in PROGRAMS {
             let program = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
             match kind {
                 Kind::SockAddr => {
@@ -221,6 +225,9 @@ impl Datapath {
                     p.load().map_err(prog_err(name))?;
                 }
             }
+        }
+        for (name, _, attach_type) in PROGRAMS {
+            let program = ebpf.program(name).ok_or(Error::MissingProgram(name))?;
             let prog_fd = program.fd().map_err(prog_err(name))?.as_fd();
             let link =
                 link::create_link(prog_fd, cgroup.as_fd(), attach_type).map_err(|source| {
@@ -590,4 +597,55 @@ pub fn uninstall(pins: &Pins) -> Result<Removed, Error> {
     removed.maps = pins.remove_all_in(&pins.maps())?;
     pins.remove_dirs()?;
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Which cgroup programs write and which read (or remove) each record map:
+    /// `(map, producers, consumers)`.
+    const RECORDS: [(&str, &[&str], &[&str]); 3] = [
+        (
+            map_names::PENDING,
+            &["connect4", "connect6", "bind4", "bind6"],
+            &["sock_ops", "sock_release"],
+        ),
+        (
+            map_names::CONNS,
+            &["sock_ops"],
+            &["getsockopt", "getpeername4", "getpeername6"],
+        ),
+        (
+            map_names::DNS,
+            &["connect4", "connect6", "sendmsg4", "sendmsg6"],
+            &[
+                "recvmsg4",
+                "recvmsg6",
+                "getpeername4",
+                "getpeername6",
+                "sock_release",
+            ],
+        ),
+    ];
+
+    #[test]
+    fn every_record_is_read_and_removed_before_anything_writes_it() {
+        let position = |name: &str| {
+            PROGRAMS
+                .iter()
+                .position(|(p, ..)| *p == name)
+                .unwrap_or_else(|| panic!("{name} is not a cgroup program"))
+        };
+        for (map, producers, consumers) in RECORDS {
+            for producer in producers {
+                for consumer in consumers {
+                    assert!(
+                        position(consumer) < position(producer),
+                        "{map}: {consumer} must be attached before {producer}"
+                    );
+                }
+            }
+        }
+    }
 }
