@@ -194,3 +194,64 @@ fn the_xds_feed_drives_the_datapath_nacks_malformed_resources_and_resumes_after_
     daemon.wait_for_mode(&uid, None);
     redirected(false);
 }
+
+#[test]
+fn a_daemon_restarted_while_istiod_is_silent_keeps_its_pods_until_istiod_delivers() {
+    let mut node = Node::new();
+    for dir in ["kubepods", "kubepods/besteffort"] {
+        node.add_cgroup(dir);
+    }
+    let client = node.add_pod_in(
+        "client",
+        &format!(
+            "kubepods/besteffort/pod{}",
+            ambridge_conformance::kubelet_pod_uid()
+        ),
+    );
+    let server = node.add_pod("server");
+    let zcgroup = node.add_cgroup("ztunnel");
+    node.write_workloads(&[], Some(&zcgroup));
+    let istiod = FakeIstiod::start(&node.dir);
+    let kubepods_parent = node.cgroup.display().to_string();
+    let mut args = istiod.daemon_args(NODE);
+    args.extend(["--source", "file", "--kubepods-parent", &kubepods_parent].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let daemon = Daemon::start_with(&node, &args);
+    let _app = server.echo_server("[::]:8080");
+    let ztunnel = ztunnel_stand_in(&node, &zcgroup, &[&client], 15001);
+    let to = format!("{}:8080", server.ip4);
+    let client_ips: [IpAddr; 2] = [client.ip4.into(), client.ip6.into()];
+    let uid = istiod::workload_uid("default", "client");
+    let state = || {
+        vec![istiod::workload(
+            "default",
+            "client",
+            NODE,
+            &client_ips,
+            TunnelProtocol::Hbone,
+            "1",
+        )]
+    };
+    assert_eq!(istiod.reply(&istiod.send(state(), &[])), Ok(()));
+    daemon.wait_for_mode(&uid, Some("ambient"));
+    ambridge_conformance::assert_redirected(&ztunnel, &client, &to, true);
+
+    // A node reboot, say: the new daemon has the file at once, and istiod
+    // opens its stream but says nothing yet.
+    let streams = istiod.seen().len();
+    daemon.crash();
+    let daemon = Daemon::start_with(&node, &args);
+    eventually(Duration::from_secs(15), || {
+        (istiod.seen().len() > streams).then_some(())
+    })
+    .expect("the new daemon never asked istiod");
+    // The file alone does not remove istiod's pod: it is still captured.
+    ambridge_conformance::assert_redirected(&ztunnel, &client, &to, true);
+    assert_eq!(istiod.reply(&istiod.send(state(), &[])), Ok(()));
+    daemon.wait_for_mode(&uid, Some("ambient"));
+    ambridge_conformance::assert_redirected(&ztunnel, &client, &to, true);
+    // Once every source has delivered, removals resume.
+    assert_eq!(istiod.reply(&istiod.send(vec![], &[uid.as_str()])), Ok(()));
+    daemon.wait_for_mode(&uid, None);
+    ambridge_conformance::assert_redirected(&ztunnel, &client, &to, false);
+}

@@ -82,6 +82,11 @@ async fn kube_client(source: &KubernetesSource) -> anyhow::Result<kube::Client> 
     kube::Client::try_from(config).context("building the Kubernetes client")
 }
 
+/// How the sources are named in logs.
+const FILE_SOURCE: &str = "workloads file";
+const KUBERNETES_SOURCE: &str = "Kubernetes";
+const XDS_SOURCE: &str = "istiod";
+
 /// Runs until SIGTERM or SIGINT. The datapath stays installed afterwards.
 pub async fn run(opts: Options) -> anyhow::Result<()> {
     let pins = opts.pins.clone();
@@ -197,6 +202,14 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             None => None,
         },
         spec: None,
+        unsynced: [
+            (opts.file_source, FILE_SOURCE),
+            (opts.kubernetes.is_some(), KUBERNETES_SOURCE),
+            (opts.xds.is_some(), XDS_SOURCE),
+        ]
+        .into_iter()
+        .filter_map(|(configured, name)| configured.then_some(name))
+        .collect(),
         rejected: None,
         pushed_pods: BTreeMap::new(),
         pushed_ztunnels: BTreeMap::new(),
@@ -247,6 +260,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             }
             Ok(()) = kube_rx.changed() => {
                 node.kube = kube_rx.borrow_and_update().clone();
+                if node.kube.is_some() {
+                    node.synced(KUBERNETES_SOURCE);
+                }
                 node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent)?;
             }
             Ok(()) = zds_ready.changed() => {
@@ -258,6 +274,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             }
             Ok(()) = xds_rx.changed() => {
                 node.xds = xds_rx.borrow_and_update().clone();
+                if node.xds.is_some() {
+                    node.synced(XDS_SOURCE);
+                }
                 node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent)?;
             }
             Some(entry) = pushes.recv() => {
@@ -290,6 +309,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 struct Node {
     /// The workloads file's last good state.
     spec: Option<NodeSpec>,
+    /// The configured sources that have not delivered a state since the
+    /// daemon started: nothing is deleted on their behalf meanwhile (their
+    /// pods are simply not known yet), and the pinned state carries them.
+    unsynced: BTreeSet<&'static str>,
     /// Why the workloads file was last rejected and which version of it
     /// (modification time), while it still is: a bad file is logged once
     /// per change, not at every look.
@@ -547,6 +570,7 @@ impl Node {
         match workloads::load(path) {
             Ok(spec) => {
                 self.rejected = None;
+                self.synced(FILE_SOURCE);
                 if self.spec.as_ref() == Some(&spec) {
                     return false;
                 }
@@ -568,6 +592,13 @@ impl Node {
                 }
                 false
             }
+        }
+    }
+
+    /// Notes that `source` has delivered a state.
+    fn synced(&mut self, source: &'static str) {
+        if self.unsynced.remove(source) && self.unsynced.is_empty() {
+            info!(source, "every source has delivered: removals resume");
         }
     }
 
@@ -639,6 +670,17 @@ impl Node {
             }
             self.unresolved = desired.unresolved.clone();
         }
+        if !self.unsynced.is_empty() {
+            reconcile::retain_current(
+                &mut desired,
+                reconcile::Current {
+                    cgroups: datapath.cgroup_entries()?,
+                    netns: datapath.netns_entries()?,
+                    inbound: datapath.inbound_entries()?,
+                    inbound_netns: datapath.netns_links().clone(),
+                },
+            );
+        }
         let view = api::view(&spec, &desired);
         let changes = api::changes(&self.view.read().expect("view lock"), &view);
         *self.view.write().expect("view lock") = view;
@@ -663,7 +705,13 @@ impl Node {
         // After the maps: a pod leaving the mesh is handed its Del only once
         // its redirect entries are gone.
         if let Some(zds) = &self.zds {
-            let want = zds_pods(&spec, &desired);
+            let mut want = zds_pods(&spec, &desired);
+            if !self.unsynced.is_empty() {
+                // ztunnel keeps the pods an unsynced source may still hold.
+                for (uid, pod) in zds.pods.borrow().iter() {
+                    want.entry(uid.clone()).or_insert_with(|| pod.clone());
+                }
+            }
             zds.pods.send_if_modified(|current| {
                 let changed = *current != want;
                 *current = want;

@@ -275,6 +275,31 @@ pub enum Op<K, V> {
     Delete(K),
 }
 
+/// What the kernel holds now, as [`retain_current`] keeps it.
+pub struct Current {
+    pub cgroups: BTreeMap<CgroupId, CgroupInfo>,
+    pub netns: BTreeMap<NetnsCookie, NetnsInfo>,
+    pub inbound: BTreeMap<IpAddr, InboundTarget>,
+    pub inbound_netns: BTreeSet<NetnsCookie>,
+}
+
+/// Keeps every entry the kernel holds that `desired` would delete: while a
+/// source has not delivered since the daemon started, its pods are not
+/// in the node state yet, and the pinned state carries them. Entries both
+/// hold are `desired`'s (updates and additions go ahead).
+pub fn retain_current(desired: &mut Desired, current: Current) {
+    for (k, v) in current.cgroups {
+        desired.cgroups.entry(k).or_insert(v);
+    }
+    for (k, v) in current.netns {
+        desired.netns.entry(k).or_insert(v);
+    }
+    for (k, v) in current.inbound {
+        desired.inbound.entry(k).or_insert(v);
+    }
+    desired.inbound_netns.extend(current.inbound_netns);
+}
+
 /// The operations that turn `current` into `desired`: deletes of keys no
 /// longer wanted, then puts of new or changed entries.
 pub fn diff<K: Ord + Copy, V: PartialEq + Copy>(
@@ -615,6 +640,36 @@ mod tests {
         assert_eq!(
             d.netns[&NetnsCookie(1010)].ip4.to_ne_bytes(),
             [198, 18, 9, 10]
+        );
+    }
+
+    #[test]
+    fn while_a_source_is_unsynced_nothing_the_kernel_holds_is_deleted_but_changes_go_ahead() {
+        let d0 = desired(&spec(), &Settings::default(), &mut Fake);
+        // The next state lacks pod `a` (its source has not delivered yet)
+        // and changes pod `b`.
+        let mut s = spec();
+        s.pods.remove(0);
+        s.pods[0].mode = Mode::Ambient;
+        let mut d = desired(&s, &Settings::default(), &mut Fake);
+        let changed_b = d.cgroups[&CgroupId(11)];
+        retain_current(
+            &mut d,
+            Current {
+                cgroups: d0.cgroups.clone(),
+                netns: d0.netns.clone(),
+                inbound: d0.inbound.clone(),
+                inbound_netns: d0.inbound_netns.clone(),
+            },
+        );
+        assert_eq!(d.cgroups[&CgroupId(10)], d0.cgroups[&CgroupId(10)]);
+        assert_eq!(d.cgroups[&CgroupId(11)], changed_b);
+        assert!(d0.inbound.keys().all(|ip| d.inbound.contains_key(ip)));
+        assert!(d.inbound_netns.is_superset(&d0.inbound_netns));
+        assert!(
+            diff(&d0.cgroups, &d.cgroups)
+                .iter()
+                .all(|op| matches!(op, Op::Put(..)))
         );
     }
 
