@@ -411,7 +411,7 @@ pub async fn serve(listener: Listener, links: Links, cgroup2: PathBuf) -> Result
                     return;
                 }
             };
-            info!(conn = conn_no, pid = peer.pid, cgroup = %peer.cgroup.display(), "ztunnel connected over ZDS");
+            info!(conn = conn_no, pid = peer.pid, cgroup = %Path::new("/").join(&peer.cgroup).display(), "ztunnel connected over ZDS");
             let result = Connection::new(conn, conn_no, shared.clone(), pods)
                 .run()
                 .await;
@@ -700,6 +700,40 @@ mod tests {
             stats: Arc::default(),
         };
         (shared, rx)
+    }
+
+    fn peer(lineage: &[u64]) -> Peer {
+        Peer {
+            pid: 4242,
+            cgroup: PathBuf::from("kubepods/burstable/podz/ztunnel"),
+            lineage: lineage.iter().copied().map(CgroupId).collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn only_a_peer_at_or_below_a_ztunnel_cgroup_is_admitted() {
+        let (_tx, mut known) = watch::channel(Some([CgroupId(7)].into()));
+        // Its container cgroup (9) is below ztunnel's pod cgroup (7).
+        assert!(admit(peer(&[9, 7, 3, 1]), &mut known).await.is_ok());
+        let err = admit(peer(&[8, 3, 1]), &mut known).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("pid 4242) is in cgroup /kubepods/burstable/podz/ztunnel"),
+            "{err}"
+        );
+        assert_eq!(err.pid(), Some(4242));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_waits_for_the_first_node_state_and_no_longer() {
+        let (tx, mut known) = watch::channel(None);
+        let admitted = tokio::spawn(async move { admit(peer(&[7, 1]), &mut known).await });
+        tokio::time::sleep(ANSWER_TIMEOUT / 2).await;
+        tx.send_replace(Some([CgroupId(7)].into()));
+        assert!(admitted.await.unwrap().is_ok());
+        let (_tx, mut never) = watch::channel(None);
+        let err = admit(peer(&[7, 1]), &mut never).await.unwrap_err();
+        assert!(matches!(err, PeerError::NoState(..)), "{err}");
     }
 
     #[test]
