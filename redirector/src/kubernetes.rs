@@ -290,7 +290,10 @@ pub async fn run(
             Ok(_) => {}
         }
         // Every store must have listed before a snapshot means anything.
-        if listed.len() < 3 {
+        if ![Feed::Pods, Feed::Namespaces, Feed::DaemonSets]
+            .iter()
+            .all(|feed| listed.contains(feed))
+        {
             continue;
         }
         let daemonset = ztunnel_daemonset(&ds_store.state(), &mesh);
