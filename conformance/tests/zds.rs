@@ -306,10 +306,11 @@ fn a_zds_peer_outside_every_ztunnel_cgroup_is_refused_unread_and_new_pods_still_
     let (mut s, daemon) = setup();
     let ztunnel = s.stand_in(&[]);
     wait_redirected(&ztunnel, &s.client, &s.to());
-    // Root, speaking ZDS well, but from a cgroup that is not ztunnel's.
+    // Root, saying hello as ztunnel does and waiting for its pods, but from
+    // a cgroup that is not ztunnel's.
     let rogue_cgroup = s.node.add_cgroup("rogue");
-    let rogue = ztunnel_stand_in_zds(&s.node, &rogue_cgroup, &s.socket(), &["--port", "15001"]);
-    rogue.wait_for(|e| e["event"] == "zds-closed", WAIT);
+    let rogue = zds_peer(&rogue_cgroup, &s.socket(), &["hello"]);
+    rogue.wait_for(|e| e["event"] == "zds-peer-closed", WAIT);
     let refused = daemon
         .wait_log("refused a ZDS peer", WAIT)
         .expect("the refusal is logged");
@@ -332,11 +333,7 @@ fn a_zds_peer_outside_every_ztunnel_cgroup_is_refused_unread_and_new_pods_still_
     let handed: Vec<Event> = rogue
         .events()
         .into_iter()
-        .filter(|e| {
-            e["event"].as_str().is_some_and(|k| {
-                k.starts_with("zds-") && k != "zds-closed" && k != "zds-reconnected"
-            })
-        })
+        .filter(|e| e["event"] == "zds-peer-received")
         .collect();
     assert!(handed.is_empty(), "the rogue was handed {handed:?}");
 }
