@@ -1,5 +1,6 @@
 //! A local Kubernetes API server for the Kubernetes feed's tests: list and
-//! watch of pods and namespaces over HTTP/1.1 on loopback, with real JSON
+//! watch of pods, namespaces and a namespace's DaemonSets over HTTP/1.1 on
+//! loopback, with real JSON
 //! objects, resource versions, bookmarks, and watches that can be ended or
 //! answered with `410 Gone` (an expired resource version) to force a relist;
 //! and merge patches of a pod's `status` subresource (how a node agent
@@ -23,6 +24,33 @@ use serde_json::{Value, json};
 enum Kind {
     Pods,
     Namespaces,
+    DaemonSets,
+}
+
+impl Kind {
+    fn api_version(self) -> &'static str {
+        match self {
+            Kind::Pods | Kind::Namespaces => "v1",
+            Kind::DaemonSets => "apps/v1",
+        }
+    }
+}
+
+/// What a list or watch covers: a kind, in one namespace or all.
+#[derive(Clone, PartialEq, Eq)]
+struct Scope {
+    kind: Kind,
+    namespace: Option<String>,
+}
+
+impl Scope {
+    fn covers(&self, kind: Kind, object: &Value) -> bool {
+        self.kind == kind
+            && self
+                .namespace
+                .as_ref()
+                .is_none_or(|ns| object["metadata"]["namespace"] == ns.as_str())
+    }
 }
 
 #[derive(Default)]
@@ -30,7 +58,9 @@ struct State {
     resource_version: u64,
     pods: BTreeMap<String, Value>,
     namespaces: BTreeMap<String, Value>,
-    watchers: Vec<(Kind, Sender<Option<String>>)>,
+    /// By `namespace/name`.
+    daemonsets: BTreeMap<String, Value>,
+    watchers: Vec<(Scope, Sender<Option<String>>)>,
     /// Watches started from a resource version at or below this get 410.
     expired_below: u64,
 }
@@ -73,6 +103,7 @@ impl KubeApi {
         let map = match kind {
             Kind::Pods => &mut st.pods,
             Kind::Namespaces => &mut st.namespaces,
+            Kind::DaemonSets => &mut st.daemonsets,
         };
         let event = if map.insert(key, object.clone()).is_some() {
             "MODIFIED"
@@ -98,6 +129,16 @@ impl KubeApi {
             .expect("a namespace name")
             .to_string();
         self.upsert(Kind::Namespaces, name, ns);
+    }
+
+    /// Adds or replaces a DaemonSet (keyed by its namespace and name).
+    pub fn put_daemonset(&self, ds: Value) {
+        let key = format!(
+            "{}/{}",
+            ds["metadata"]["namespace"].as_str().expect("a namespace"),
+            ds["metadata"]["name"].as_str().expect("a name")
+        );
+        self.upsert(Kind::DaemonSets, key, ds);
     }
 
     /// A pod's annotation, as the server holds it now.
@@ -168,8 +209,9 @@ impl KubeApi {
 
 fn notify(st: &mut State, kind: Kind, event: Value) {
     let line = event.to_string();
-    st.watchers
-        .retain(|(k, tx)| *k != kind || tx.send(Some(line.clone())).is_ok());
+    st.watchers.retain(|(scope, tx)| {
+        !scope.covers(kind, &event["object"]) || tx.send(Some(line.clone())).is_ok()
+    });
 }
 
 fn write_json(conn: &mut TcpStream, status: &str, body: &Value) -> std::io::Result<()> {
@@ -252,9 +294,20 @@ fn serve(conn: TcpStream, api: &KubeApi) {
             }
             continue;
         }
-        let kind = match path {
-            "/api/v1/pods" => Kind::Pods,
-            "/api/v1/namespaces" => Kind::Namespaces,
+        let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let scope = match parts.as_slice() {
+            ["api", "v1", "pods"] => Scope {
+                kind: Kind::Pods,
+                namespace: None,
+            },
+            ["api", "v1", "namespaces"] => Scope {
+                kind: Kind::Namespaces,
+                namespace: None,
+            },
+            ["apis", "apps", "v1", "namespaces", ns, "daemonsets"] => Scope {
+                kind: Kind::DaemonSets,
+                namespace: Some(ns.to_string()),
+            },
             _ => {
                 let _ = write_json(
                     &mut conn,
@@ -272,16 +325,22 @@ fn serve(conn: TcpStream, api: &KubeApi) {
                 .get("resourceVersion")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0);
-            watch(conn, state, kind, from);
+            watch(conn, state, scope, from);
             return;
         }
         let st = state.lock().unwrap();
-        let (items, list_kind): (Vec<Value>, &str) = match kind {
-            Kind::Pods => (st.pods.values().cloned().collect(), "PodList"),
-            Kind::Namespaces => (st.namespaces.values().cloned().collect(), "NamespaceList"),
+        let (all, list_kind) = match scope.kind {
+            Kind::Pods => (&st.pods, "PodList"),
+            Kind::Namespaces => (&st.namespaces, "NamespaceList"),
+            Kind::DaemonSets => (&st.daemonsets, "DaemonSetList"),
         };
+        let items: Vec<Value> = all
+            .values()
+            .filter(|o| scope.covers(scope.kind, o))
+            .cloned()
+            .collect();
         let body = json!({
-            "kind": list_kind, "apiVersion": "v1",
+            "kind": list_kind, "apiVersion": scope.kind.api_version(),
             "metadata": {"resourceVersion": st.resource_version.to_string()},
             "items": items,
         });
@@ -292,13 +351,13 @@ fn serve(conn: TcpStream, api: &KubeApi) {
     }
 }
 
-fn watch(mut conn: TcpStream, state: &Mutex<State>, kind: Kind, from: u64) {
+fn watch(mut conn: TcpStream, state: &Mutex<State>, scope: Scope, from: u64) {
     let (tx, rx): (Sender<Option<String>>, Receiver<Option<String>>) = mpsc::channel();
     let (gone, rv) = {
         let mut st = state.lock().unwrap();
         let gone = from <= st.expired_below && st.expired_below > 0;
         if !gone {
-            st.watchers.push((kind, tx));
+            st.watchers.push((scope.clone(), tx));
         }
         (gone, st.resource_version)
     };
@@ -319,12 +378,14 @@ fn watch(mut conn: TcpStream, state: &Mutex<State>, kind: Kind, from: u64) {
         return;
     }
     // A bookmark first, as a real server sends them from time to time.
-    let list_kind = match kind {
+    let list_kind = match scope.kind {
         Kind::Pods => "Pod",
         Kind::Namespaces => "Namespace",
+        Kind::DaemonSets => "DaemonSet",
     };
     let bookmark = json!({"type": "BOOKMARK", "object": {
-        "kind": list_kind, "apiVersion": "v1", "metadata": {"resourceVersion": rv.to_string()}}});
+        "kind": list_kind, "apiVersion": scope.kind.api_version(),
+        "metadata": {"resourceVersion": rv.to_string()}}});
     if write_chunk(&mut conn, &bookmark.to_string()).is_err() {
         return;
     }

@@ -338,3 +338,27 @@ pub fn ztunnel_stand_in_zds(
     all.extend(args.iter().map(Into::into));
     start_stand_in(node, cgroup, &all)
 }
+
+/// Starts a scripted ZDS peer (`ambridge-probe zds-peer`) in `cgroup`: it
+/// connects to `zds_socket`, plays `steps` (`hello`, `send:<hex>`,
+/// `send:<hex byte>x<count>`, `recv`) and reports `zds-peer-closed` once
+/// the node agent closes the connection. Returns once it is connected.
+pub fn zds_peer(
+    cgroup: &std::path::Path,
+    zds_socket: &std::path::Path,
+    steps: &[&str],
+) -> Background {
+    let mut cmd = std::process::Command::new(workspace_bin("ambridge-probe"));
+    cmd.arg("--cgroup")
+        .arg(cgroup)
+        .arg("zds-peer")
+        .arg("--zds")
+        .arg(zds_socket)
+        .args(steps);
+    let peer = Background::spawn(cmd);
+    peer.wait_for(
+        |e| e["event"] == "zds-peer-connected",
+        Duration::from_secs(10),
+    );
+    peer
+}

@@ -118,6 +118,11 @@ impl Background {
         Background { child, events }
     }
 
+    /// The probe's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Every event reported so far.
     pub fn events(&self) -> Vec<Event> {
         self.events.lock().unwrap().clone()

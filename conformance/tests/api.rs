@@ -1,10 +1,15 @@
 //! Issue 5, the local API: `ambridge status` and `ambridge pods` against a
-//! running daemon, and a socket that refuses non-root callers.
+//! running daemon, and a socket that refuses non-root callers. Issue 11:
+//! the API and ZDS sockets are mode 0600 from the moment they exist, one
+//! connection holds a bounded number of streams, and a push of a cgroup
+//! that holds a pod is refused.
 
 use std::{os::unix::process::CommandExt, process::Command, time::Duration};
 
 use ambridge::api::{self, pb};
-use ambridge_conformance::{Daemon, ThreePods, three_pods, workspace_bin, ztunnel_stand_in};
+use ambridge_conformance::{
+    Daemon, ThreePods, assert_redirected, three_pods, workspace_bin, zds_socket, ztunnel_stand_in,
+};
 use tokio_stream::StreamExt;
 
 #[test]
@@ -184,4 +189,142 @@ fn a_pushed_pod_joins_the_node_state_and_watchers_see_every_change() {
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
         assert!(err.message().starts_with("pod.mode"), "{}", err.message());
     });
+}
+
+#[test]
+fn the_api_and_zds_sockets_appear_at_their_paths_already_0600_never_created_or_chmod_there() {
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    let pods = three_pods();
+    let dir = &pods.node.dir;
+    let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).unwrap();
+    inotify
+        .add_watch(
+            dir,
+            AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_ATTRIB,
+        )
+        .unwrap();
+    let zds = zds_socket(&pods.node).display().to_string();
+    let daemon = Daemon::start_with(&pods.node, &["--zds", "serve", "--zds-socket", &zds]);
+    let sockets = [daemon.api_socket().to_path_buf(), zds_socket(&pods.node)];
+    let bound = ambridge_conformance::eventually(Duration::from_secs(10), || {
+        sockets.iter().all(|s| s.exists()).then_some(())
+    });
+    assert!(bound.is_some(), "{sockets:?} never appeared");
+    let mut events = Vec::new();
+    while let Ok(batch) = inotify.read_events() {
+        events.extend(batch);
+    }
+    for socket in sockets {
+        let name = socket.file_name().unwrap();
+        let about: Vec<AddWatchFlags> = events
+            .iter()
+            .filter(|e| e.name.as_deref() == Some(name))
+            .map(|e| e.mask)
+            .collect();
+        // Renamed into place whole: no moment where it exists there with
+        // the umask's mode, waiting for a chmod.
+        assert_eq!(
+            about,
+            vec![AddWatchFlags::IN_MOVED_TO],
+            "{}: {about:?}",
+            socket.display()
+        );
+        let mode = std::fs::metadata(&socket).unwrap().permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600,
+            "{}",
+            socket.display()
+        );
+    }
+    // The private directories they were bound in are gone.
+    let left: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn one_api_connection_is_allowed_a_bounded_number_of_concurrent_streams() {
+    let pods = three_pods();
+    let daemon = Daemon::start(&pods.node);
+    runtime().block_on(async {
+        let io = tokio::net::UnixStream::connect(daemon.api_socket())
+            .await
+            .unwrap();
+        let (send, mut conn) = h2::client::handshake(io).await.unwrap();
+        let mut ping = conn.ping_pong().expect("a ping handle");
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        // The server's SETTINGS frame comes first on the connection, so
+        // once our ping is answered the client has applied it.
+        ping.ping(h2::Ping::opaque()).await.unwrap();
+        assert_eq!(
+            send.current_max_send_streams(),
+            api::MAX_STREAMS_PER_CONNECTION as usize
+        );
+    });
+}
+
+#[test]
+fn a_pushed_cgroup_holding_an_enrolled_pod_is_refused_naming_both_and_nothing_changes() {
+    let ThreePods {
+        client,
+        server,
+        plain,
+        ztunnel_cgroup,
+        node,
+    } = three_pods();
+    let daemon = Daemon::start(&node);
+    let _app = server.echo_server("[::]:8080");
+    let ztunnel = ztunnel_stand_in(&node, &ztunnel_cgroup, &[&client], 15001);
+    let to = format!("{}:8080", server.ip4);
+    assert_redirected(&ztunnel, &client, &to, true);
+    let cgroups = daemon.map_entries()["cgroups"];
+    let parent = node.cgroup.display().to_string();
+    runtime().block_on(async {
+        let mut api = api::connect(daemon.api_socket()).await.unwrap();
+        // As ztunnel: every pod below would be exempt from capture.
+        let as_ztunnel = pb::PushCgroupRequest {
+            entry: Some(pb::push_cgroup_request::Entry::Ztunnel(pb::PushedZtunnel {
+                cgroup: parent.clone(),
+                zero_copy: false,
+            })),
+            remove: false,
+        };
+        // As a pod: its entry would be every unlisted pod's below.
+        let mut as_pod = push_pod(&plain, "none", false);
+        if let Some(pb::push_cgroup_request::Entry::Pod(p)) = &mut as_pod.entry {
+            p.uid = ambridge_conformance::kubelet_pod_uid();
+            p.cgroup = parent.clone();
+        }
+        for (push, field) in [(as_ztunnel, "ztunnel.cgroup"), (as_pod, "pod.cgroup")] {
+            let err = api.push_cgroup(push).await.unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument);
+            let message = err.message();
+            assert!(
+                message.starts_with(&format!(
+                    "{field}: {parent} contains the cgroup of pod default/client ({}",
+                    client.uid
+                )),
+                "{message}"
+            );
+        }
+    });
+    // Nothing changed: no new entry, the same ztunnel, still redirected.
+    assert_eq!(daemon.map_entries()["cgroups"], cgroups);
+    let status = daemon.api_json("status");
+    assert_eq!(
+        (status["ztunnels"].as_u64(), status["pods"].as_u64()),
+        (Some(1), Some(3))
+    );
+    assert_redirected(&ztunnel, &client, &to, true);
+    assert!(
+        daemon
+            .wait_log("push through the API refused", Duration::from_secs(5))
+            .is_some()
+    );
 }

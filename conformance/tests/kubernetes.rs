@@ -25,6 +25,29 @@ fn namespace_json(name: &str, labels: Value) -> Value {
     json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
 }
 
+fn daemonset_json(namespace: &str, name: &str, uid: &str) -> Value {
+    json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
+           "metadata": {"name": name, "namespace": namespace, "uid": uid}})
+}
+
+/// A pod in ztunnel's namespace with ztunnel's service account, owned by
+/// `owner` (an owner reference).
+fn ztunnel_pod_json(name: &str, uid: &str, owner: Value) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "istio-system", "uid": uid,
+                     "ownerReferences": [owner]},
+        "spec": {"nodeName": NODE, "containers": [{"name": "ztunnel", "image": "ztunnel"}],
+                 "serviceAccountName": "ztunnel"},
+        "status": {"phase": "Running"}
+    })
+}
+
+fn daemonset_owner(uid: &str, controller: bool) -> Value {
+    json!({"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "ztunnel", "uid": uid,
+           "controller": controller})
+}
+
 #[test]
 fn the_kubernetes_feed_drives_the_datapath_through_pod_and_namespace_changes_and_watch_restarts() {
     let mut node = Node::new();
@@ -42,15 +65,12 @@ fn the_kubernetes_feed_drives_the_datapath_through_pod_and_namespace_changes_and
     let api = KubeApi::start();
     api.put_namespace(namespace_json("default", json!({})));
     api.put_namespace(namespace_json("istio-system", json!({})));
-    api.put_pod(json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "ztunnel-x", "namespace": "istio-system", "uid": ztunnel_uid,
-                     "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet",
-                                          "name": "ztunnel", "uid": "ds-1", "controller": true}]},
-        "spec": {"nodeName": NODE, "containers": [{"name": "ztunnel", "image": "ztunnel"}],
-                 "serviceAccountName": "ztunnel"},
-        "status": {"phase": "Running"}
-    }));
+    api.put_daemonset(daemonset_json("istio-system", "ztunnel", "ds-1"));
+    api.put_pod(ztunnel_pod_json(
+        "ztunnel-x",
+        &ztunnel_uid,
+        daemonset_owner("ds-1", true),
+    ));
     api.put_pod(pod_json(&client, &client_uid, "default", json!({})));
 
     let kubepods_parent = node.cgroup.display().to_string();
@@ -110,6 +130,75 @@ fn the_kubernetes_feed_drives_the_datapath_through_pod_and_namespace_changes_and
     api.delete_pod(&client_uid);
     daemon.wait_for_mode(&client_uid, None);
     assert_eq!(daemon.api_json("status")["ztunnels"], 1);
+}
+
+#[test]
+fn only_a_pod_controlled_by_the_ztunnel_daemonset_object_itself_is_trusted_as_ztunnel() {
+    let mut node = Node::new();
+    for dir in ["kubepods", "kubepods/burstable"] {
+        node.add_cgroup(dir);
+    }
+    let [real, not_controller, other_uid] =
+        std::array::from_fn(|_| ambridge_conformance::kubelet_pod_uid());
+    for uid in [&real, &not_controller, &other_uid] {
+        node.add_cgroup(&format!("kubepods/burstable/pod{uid}"));
+    }
+    let api = KubeApi::start();
+    api.put_namespace(namespace_json("istio-system", json!({})));
+    api.put_namespace(namespace_json("default", json!({})));
+    api.put_daemonset(daemonset_json("istio-system", "ztunnel", "ds-real"));
+    // A DaemonSet of the same name elsewhere is not ztunnel's.
+    api.put_daemonset(daemonset_json("default", "ztunnel", "ds-other"));
+    api.put_pod(ztunnel_pod_json(
+        "ztunnel-real",
+        &real,
+        daemonset_owner("ds-real", true),
+    ));
+    // Names ztunnel's DaemonSet, but not as its controller.
+    api.put_pod(ztunnel_pod_json(
+        "ztunnel-not-controller",
+        &not_controller,
+        daemonset_owner("ds-real", false),
+    ));
+    // Controlled by a DaemonSet named ztunnel, but another object.
+    api.put_pod(ztunnel_pod_json(
+        "ztunnel-other-uid",
+        &other_uid,
+        daemonset_owner("ds-other", true),
+    ));
+    let kubepods_parent = node.cgroup.display().to_string();
+    let daemon = Daemon::start_with(
+        &node,
+        &[
+            "--source",
+            "kubernetes",
+            "--node-name",
+            NODE,
+            "--kube-api",
+            &api.url(),
+            "--kubepods-parent",
+            &kubepods_parent,
+        ],
+    );
+    // The impostors are plain pods, out of the mesh, in the datapath as
+    // such; only the real one is a ztunnel.
+    daemon.wait_for_mode(&not_controller, Some("none"));
+    daemon.wait_for_mode(&other_uid, Some("none"));
+    let pods = daemon.api_json("pods");
+    assert!(
+        !pods
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["uid"] == real.as_str()),
+        "{pods}"
+    );
+    assert_eq!(daemon.api_json("status")["ztunnels"], 1);
+    assert!(
+        daemon
+            .wait_log("uid=ds-real", Duration::from_secs(5))
+            .is_some_and(|l| l.contains("ztunnel's DaemonSet"))
+    );
 }
 
 #[test]

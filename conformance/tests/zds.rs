@@ -4,15 +4,11 @@
 //! its listeners there; a pod's connects are redirected only once ztunnel
 //! acknowledged it, and refused (never let past ztunnel) before that.
 
-use std::{
-    os::unix::net::UnixDatagram,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{path::PathBuf, time::Duration};
 
 use ambridge_conformance::{
     Background, Daemon, Event, Node, Pod, ThreePods, assert_loop_through, eventually, three_pods,
-    zds_socket, ztunnel_stand_in_zds,
+    zds_peer, zds_socket, ztunnel_stand_in_zds,
 };
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -267,48 +263,29 @@ fn a_pod_whose_add_was_nacked_is_refused_not_bypassed_until_a_retry_succeeds() {
     assert_eq!(zds_events(&ztunnel, "zds-add", &s.client), 1);
 }
 
-/// Connects to the ZDS socket as a misbehaving peer.
-fn rogue(socket: &Path) -> UnixDatagram {
-    let fd = nix::sys::socket::socket(
-        nix::sys::socket::AddressFamily::Unix,
-        nix::sys::socket::SockType::SeqPacket,
-        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .expect("socket");
-    nix::sys::socket::connect(
-        std::os::fd::AsRawFd::as_raw_fd(&fd),
-        &nix::sys::socket::UnixAddr::new(socket).unwrap(),
-    )
-    .expect("connecting to the ZDS socket");
-    // A connected SOCK_SEQPACKET socket sends and receives whole
-    // datagrams through the datagram API.
-    UnixDatagram::from(fd)
-}
-
 #[test]
 fn malformed_and_oversized_datagrams_close_that_connection_and_the_daemon_keeps_serving() {
+    // Misbehaving peers in ztunnel's cgroup: past the peer check, judged on
+    // what they send.
     let (s, daemon) = setup();
-    let garbage = rogue(&s.socket());
-    garbage.send(&[0xff, 0xff, 0xff]).unwrap();
+    let peer = |steps: &[&str]| zds_peer(&s.ztunnel_cgroup, &s.socket(), steps);
+    let garbage = peer(&["send:ffffff"]);
     assert!(
         daemon
             .wait_log("closing the ZDS connection: malformed ZDS ZdsHello", WAIT)
             .is_some()
     );
-    let huge = rogue(&s.socket());
-    huge.send(&[0x08; 4096]).unwrap();
+    garbage.wait_for(|e| e["event"] == "zds-peer-closed", WAIT);
+    let huge = peer(&["send:08x4096"]);
     assert!(
         daemon
             .wait_log("larger than the 1024-byte limit", WAIT)
             .is_some()
     );
-    // A valid hello and then nonsense where an ack belongs.
-    let liar = rogue(&s.socket());
-    liar.send(&ambridge::zds::wire::encode_hello()).unwrap();
-    let mut buf = [0u8; 1024];
-    liar.recv(&mut buf).expect("the daemon's first request");
-    liar.send(&[0x0a, 0x05, 0x0a]).unwrap();
+    huge.wait_for(|e| e["event"] == "zds-peer-closed", WAIT);
+    // A valid hello, the daemon's first request, then nonsense where an
+    // ack belongs.
+    let liar = peer(&["hello", "recv", "send:0a050a"]);
     assert!(
         daemon
             .wait_log(
@@ -317,10 +294,48 @@ fn malformed_and_oversized_datagrams_close_that_connection_and_the_daemon_keeps_
             )
             .is_some()
     );
+    liar.wait_for(|e| e["event"] == "zds-peer-closed", WAIT);
     // The daemon still serves a well-behaved ztunnel.
     let ztunnel = s.stand_in(&[]);
     wait_redirected(&ztunnel, &s.client, &s.to());
     assert_eq!(daemon.api_json("status")["state_loaded"], true);
+}
+
+#[test]
+fn a_zds_peer_outside_every_ztunnel_cgroup_is_refused_unread_and_new_pods_still_go_to_ztunnel() {
+    let (mut s, daemon) = setup();
+    let ztunnel = s.stand_in(&[]);
+    wait_redirected(&ztunnel, &s.client, &s.to());
+    // Root, saying hello as ztunnel does and waiting for its pods, but from
+    // a cgroup that is not ztunnel's.
+    let rogue_cgroup = s.node.add_cgroup("rogue");
+    let rogue = zds_peer(&rogue_cgroup, &s.socket(), &["hello"]);
+    rogue.wait_for(|e| e["event"] == "zds-peer-closed", WAIT);
+    let refused = daemon
+        .wait_log("refused a ZDS peer", WAIT)
+        .expect("the refusal is logged");
+    let cgroup = rogue_cgroup
+        .strip_prefix(s.node.cgroup.parent().unwrap())
+        .unwrap();
+    assert!(
+        refused.contains(&format!("pid {}", rogue.pid()))
+            && refused.contains(&format!("cgroup /{}", cgroup.display())),
+        "{refused}"
+    );
+    let zds = &daemon.api_json("status")["zds"];
+    assert!(zds["peers_refused"].as_u64() >= Some(1), "{zds}");
+    assert_eq!(zds["connections"], 1, "{zds}");
+    // A pod enrolled now goes to the real ztunnel: the rogue never became
+    // the newest connection, and was handed nothing at all.
+    s.enroll("ambient");
+    ztunnel.wait_for(|e| e["event"] == "zds-add" && e["uid"] == s.plain.uid, WAIT);
+    wait_redirected(&ztunnel, &s.plain, &s.to());
+    let handed: Vec<Event> = rogue
+        .events()
+        .into_iter()
+        .filter(|e| e["event"] == "zds-peer-received")
+        .collect();
+    assert!(handed.is_empty(), "the rogue was handed {handed:?}");
 }
 
 #[test]

@@ -1,11 +1,11 @@
 //! The local API, `ambridge.v1`, on a unix socket only root can use: the
-//! socket file is mode 0600 and every call checks the caller's credentials
-//! (`SO_PEERCRED`) as well.
+//! socket file is mode 0600 from the moment it exists, and every call checks
+//! the caller's credentials (`SO_PEERCRED`) as well. One connection may
+//! hold at most [`MAX_STREAMS_PER_CONNECTION`] requests at once.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::IpAddr,
-    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     pin::Pin,
     sync::{Arc, RwLock},
@@ -14,7 +14,7 @@ use std::{
 use anyhow::Context as _;
 use tokio::{
     net::UnixListener,
-    sync::{broadcast, mpsc},
+    sync::{broadcast, mpsc, oneshot},
 };
 use tokio_stream::{
     Stream, StreamExt,
@@ -28,7 +28,7 @@ use crate::{
     datapath::{self, Pins},
     reconcile::Desired,
     state::{Mode, NodeSpec, OriginalSrc, PodCgroup, PodSpec, Settings},
-    types::PodUid,
+    types::{CgroupId, PodUid},
 };
 
 /// Generated from `proto/ambridge/v1/node.proto`.
@@ -162,6 +162,14 @@ pub fn pushed(req: pb::PushCgroupRequest) -> Result<Pushed, Status> {
         if !path.is_absolute() {
             return Err(invalid(field, format!("{raw:?} is not an absolute path")));
         }
+        // `..` would let a path name a cgroup other than the one it spells,
+        // out of reach of the checks of [`refuse_containing`].
+        if path
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            return Err(invalid(field, format!("{raw:?} must not contain `..`")));
+        }
         Ok(Some(path))
     };
     match req.entry {
@@ -225,6 +233,105 @@ pub fn pushed(req: pb::PushCgroupRequest) -> Result<Pushed, Status> {
     }
 }
 
+/// A pod of the node state on the cgroup the last reconcile found for it:
+/// what a pushed cgroup must not contain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlacedPod {
+    pub uid: PodUid,
+    pub namespace: String,
+    pub name: String,
+    pub cgroup: PathBuf,
+}
+
+/// A directory that holds pods and is never one pod, with what it is: the
+/// cgroup the programs attach to, the kubepods parent, the kubelet's
+/// `kubepods` and QoS directories.
+pub type PodParent = (PathBuf, &'static str);
+
+/// The directories of [`PodParent`] for a daemon attached at `cgroup_root`
+/// whose kubelet cgroups live under `kubepods_parent`.
+pub fn pod_parents(cgroup_root: &Path, kubepods_parent: &Path) -> Vec<PodParent> {
+    let mut dirs = vec![
+        (
+            cgroup_root.to_path_buf(),
+            "the cgroup the programs attach to",
+        ),
+        (kubepods_parent.to_path_buf(), "the kubepods parent"),
+    ];
+    dirs.extend(
+        crate::cgroup::kubelet_pod_dirs(kubepods_parent)
+            .into_iter()
+            .map(|d| (d, "the kubelet's pod directory")),
+    );
+    dirs
+}
+
+/// Refuses a push whose cgroup is not a pod-level cgroup of its own: one
+/// that is, or is an ancestor of, another pod's cgroup in `placed`, or of a
+/// directory of `parents`. A ztunnel cgroup there would exempt every pod
+/// below it from capture, and a pod's entry would be taken by every pod
+/// below it that has none. Cgroups are compared by id (`id_of`, `None` for
+/// a path that is not a cgroup), so another mount of cgroup2 does not
+/// hide one, and by path, for a cgroup not created yet. A pushed pod may
+/// share its cgroup with the pod of the same UID it replaces.
+pub fn refuse_containing(
+    entry: &Pushed,
+    placed: &[PlacedPod],
+    parents: &[PodParent],
+    id_of: &mut dyn FnMut(&Path) -> Option<CgroupId>,
+) -> Result<(), Status> {
+    let (field, pushed, uid) = match entry {
+        Pushed::Ztunnel { cgroup, .. } => ("ztunnel.cgroup", cgroup, None),
+        Pushed::Pod(PodSpec {
+            cgroup: PodCgroup::Path(cgroup),
+            uid,
+            ..
+        }) => ("pod.cgroup", cgroup, Some(uid)),
+        _ => return Ok(()),
+    };
+    let mut ids: HashMap<PathBuf, Option<CgroupId>> = HashMap::new();
+    let mut id = |path: &Path| *ids.entry(path.to_path_buf()).or_insert_with(|| id_of(path));
+    let pushed_id = id(pushed);
+    let mut is_pushed =
+        |path: &Path| path == pushed || (pushed_id.is_some() && id(path) == pushed_id);
+    for pod in placed.iter().filter(|p| Some(&p.uid) != uid) {
+        if let Some(depth) = pod.cgroup.ancestors().position(&mut is_pushed) {
+            let relation = if depth == 0 { "is" } else { "contains" };
+            return Err(invalid(
+                field,
+                format!(
+                    "{} {relation} the cgroup of pod {}/{} ({}, cgroup {}): push a pod-level cgroup that holds no other pod",
+                    pushed.display(),
+                    pod.namespace,
+                    pod.name,
+                    pod.uid,
+                    pod.cgroup.display()
+                ),
+            ));
+        }
+    }
+    for (dir, what) in parents {
+        if dir.ancestors().any(&mut is_pushed) {
+            return Err(invalid(
+                field,
+                format!(
+                    "{} is or contains {what} {}: not a pod-level cgroup",
+                    pushed.display(),
+                    dir.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A push checked field by field, and where the daemon answers it once it
+/// has checked it against the node and applied it (or refused it).
+pub struct PushRequest {
+    pub entry: Pushed,
+    pub reply: oneshot::Sender<Result<(), Status>>,
+}
+
 /// The view shared between the reconcile loop (writer) and the API.
 pub type SharedView = Arc<RwLock<View>>;
 
@@ -233,14 +340,17 @@ struct Node {
     settings: Settings,
     cgroup_root: PathBuf,
     pins: Pins,
-    push: mpsc::Sender<Pushed>,
+    push: mpsc::Sender<PushRequest>,
     changes: broadcast::Sender<pb::Change>,
+    /// With `--zds serve`: the ZDS server's connections and refusals.
+    zds: Option<Arc<crate::zds::server::Stats>>,
 }
 
 /// The channels between the API and the reconcile loop.
 pub struct Channels {
-    /// Validated pushes, for the reconcile loop.
-    pub push: mpsc::Sender<Pushed>,
+    /// Pushes checked field by field, for the reconcile loop to check
+    /// against the node and apply.
+    pub push: mpsc::Sender<PushRequest>,
     /// Changes after each reconcile, for watchers.
     pub changes: broadcast::Sender<pb::Change>,
 }
@@ -300,10 +410,13 @@ impl pb::node_server::Node for Node {
     ) -> Result<Response<pb::PushCgroupResponse>, Status> {
         require_root(&req)?;
         let entry = pushed(req.into_inner())?;
+        let stopping = || Status::unavailable("the daemon is stopping");
+        let (reply, answer) = oneshot::channel();
         self.push
-            .send(entry)
+            .send(PushRequest { entry, reply })
             .await
-            .map_err(|_| Status::unavailable("the daemon is stopping"))?;
+            .map_err(|_| stopping())?;
+        answer.await.map_err(|_| stopping())??;
         Ok(Response::new(pb::PushCgroupResponse {}))
     }
 
@@ -345,6 +458,10 @@ impl pb::node_server::Node for Node {
             sockmap: self.settings.sockmap,
             counters,
             map_entries,
+            zds: self.zds.as_ref().map(|z| pb::ZdsStatus {
+                connections: z.connections(),
+                peers_refused: z.refused(),
+            }),
         }))
     }
 
@@ -358,8 +475,15 @@ impl pb::node_server::Node for Node {
     }
 }
 
-/// Serves the API on `socket` until the task is dropped. A stale socket file
-/// from an earlier run is replaced.
+/// How many requests one client connection may have open at once (HTTP/2
+/// `SETTINGS_MAX_CONCURRENT_STREAMS`). The CLI makes one call per
+/// connection and a watcher holds one stream, so this only bounds what a
+/// runaway client can pile onto the daemon through one connection.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 16;
+
+/// Serves the API on `socket` until the task is dropped. The socket is mode
+/// 0600 from the moment it exists ([`crate::local_socket`]); a stale
+/// socket file from an earlier run is replaced.
 pub async fn serve(
     socket: PathBuf,
     view: SharedView,
@@ -367,15 +491,13 @@ pub async fn serve(
     settings: Settings,
     cgroup_root: PathBuf,
     pins: Pins,
+    zds: Option<Arc<crate::zds::server::Stats>>,
 ) -> anyhow::Result<()> {
-    if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let _ = std::fs::remove_file(&socket);
-    let listener =
-        UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
-    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("chmod 0600 {}", socket.display()))?;
+    let listener = crate::local_socket::bind_private(&socket, |path| {
+        let listener = std::os::unix::net::UnixListener::bind(path)?;
+        listener.set_nonblocking(true)?;
+        UnixListener::from_std(listener)
+    })?;
     let node = Node {
         view,
         settings,
@@ -383,8 +505,10 @@ pub async fn serve(
         pins,
         push: channels.push,
         changes: channels.changes,
+        zds,
     };
     tonic::transport::Server::builder()
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .add_service(pb::node_server::NodeServer::new(node))
         .serve_with_incoming(UnixListenerStream::new(listener))
         .await
@@ -518,6 +642,132 @@ mod tests {
             push_pod(good, true).unwrap(),
             Pushed::RemovePod(PodUid("u1".into()))
         );
+    }
+
+    #[test]
+    fn a_pushed_cgroup_with_dotdot_is_refused() {
+        let err = pushed(pb::PushCgroupRequest {
+            entry: Some(pb::push_cgroup_request::Entry::Ztunnel(pb::PushedZtunnel {
+                cgroup: "/sys/fs/cgroup/kubepods/pod1/../..".into(),
+                zero_copy: false,
+            })),
+            remove: false,
+        })
+        .unwrap_err();
+        assert!(
+            err.message().starts_with("ztunnel.cgroup"),
+            "{}",
+            err.message()
+        );
+        assert!(err.message().contains("`..`"), "{}", err.message());
+    }
+
+    fn placed(uid: &str, cgroup: &str) -> PlacedPod {
+        PlacedPod {
+            uid: PodUid(uid.into()),
+            namespace: "default".into(),
+            name: format!("pod-{uid}"),
+            cgroup: cgroup.into(),
+        }
+    }
+
+    /// Cgroup ids by path: `/cg` is the cgroup2 mount, `/alias` another
+    /// mount of it; anything else is not a cgroup.
+    fn fake_id(path: &Path) -> Option<CgroupId> {
+        let inside = path
+            .strip_prefix("/cg")
+            .or_else(|_| path.strip_prefix("/alias"))
+            .ok()?;
+        let hash = inside
+            .to_str()?
+            .bytes()
+            .fold(1u64, |h, b| h.wrapping_mul(31).wrapping_add(b.into()));
+        Some(CgroupId(hash))
+    }
+
+    fn ztunnel(path: &str) -> Pushed {
+        Pushed::Ztunnel {
+            cgroup: path.into(),
+            zero_copy: false,
+        }
+    }
+
+    fn pod_at(uid: &str, path: &str) -> Pushed {
+        Pushed::Pod(PodSpec {
+            uid: PodUid(uid.into()),
+            name: uid.into(),
+            namespace: "default".into(),
+            service_account: "default".into(),
+            cgroup: PodCgroup::Path(path.into()),
+            ips: vec![],
+            mode: Mode::None,
+            accelerate: None,
+            capture: Default::default(),
+        })
+    }
+
+    #[test]
+    fn a_pushed_cgroup_that_is_or_holds_another_pods_is_refused_naming_both() {
+        let pods = [placed("a", "/cg/kubepods/burstable/poda")];
+        let parents = pod_parents(Path::new("/cg"), Path::new("/cg"));
+        let check = |entry: &Pushed| refuse_containing(entry, &pods, &parents, &mut fake_id);
+        for (entry, field, relation) in [
+            (
+                ztunnel("/cg/kubepods/burstable"),
+                "ztunnel.cgroup",
+                "contains",
+            ),
+            (
+                ztunnel("/cg/kubepods/burstable/poda"),
+                "ztunnel.cgroup",
+                "is",
+            ),
+            // Another mount of cgroup2 names the same cgroups.
+            (
+                ztunnel("/alias/kubepods/burstable"),
+                "ztunnel.cgroup",
+                "contains",
+            ),
+            (pod_at("b", "/cg/kubepods"), "pod.cgroup", "contains"),
+            (
+                pod_at("b", "/cg/kubepods/burstable/poda"),
+                "pod.cgroup",
+                "is",
+            ),
+        ] {
+            let err = check(&entry).unwrap_err();
+            let message = err.message();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument);
+            assert!(message.starts_with(field), "{message}");
+            assert!(
+                message.contains(&format!("{relation} the cgroup of pod default/pod-a (a")),
+                "{message}"
+            );
+        }
+        // ztunnel's own pod-level cgroup, a ztunnel nested under a pod, and
+        // the pod itself pushed again under its UID are fine.
+        for entry in [
+            ztunnel("/cg/kubepods/burstable/podz"),
+            ztunnel("/cg/kubepods/burstable/poda/ztunnel"),
+            pod_at("a", "/cg/kubepods/burstable/poda"),
+            Pushed::RemoveZtunnel("/cg".into()),
+        ] {
+            assert!(check(&entry).is_ok(), "{entry:?}");
+        }
+    }
+
+    #[test]
+    fn the_kubelets_pod_directories_are_refused_even_with_no_pod_in_them() {
+        let parents = pod_parents(Path::new("/cg/node"), Path::new("/cg"));
+        for (path, what) in [
+            ("/cg/kubepods.slice", "kubelet's pod directory"),
+            ("/cg/kubepods/besteffort", "kubelet's pod directory"),
+            ("/cg", "the cgroup the programs attach to"),
+            ("/cg/node", "the cgroup the programs attach to"),
+        ] {
+            let err = refuse_containing(&ztunnel(path), &[], &parents, &mut fake_id).unwrap_err();
+            assert!(err.message().contains(what), "{path}: {}", err.message());
+        }
     }
 
     #[test]

@@ -68,9 +68,76 @@ pub fn cgroup_id(path: &Path) -> io::Result<CgroupId> {
     Ok(CgroupId(std::fs::metadata(path)?.ino()))
 }
 
+/// The cgroup v2 path in the text of a `/proc/<pid>/cgroup` file: the
+/// `0::` line, relative to the reader's cgroup namespace root (which is
+/// where its cgroup2 mount is rooted). `None` when there is no such line,
+/// or the path leaves that root (`/../..`: a cgroup outside the reader's
+/// namespace).
+pub fn v2_path_in(proc_cgroup: &str) -> Option<PathBuf> {
+    let path = proc_cgroup
+        .lines()
+        .find_map(|line| line.strip_prefix("0::"))?
+        .trim_end();
+    let path = Path::new(path).strip_prefix("/").ok()?;
+    path.components()
+        .all(|c| matches!(c, std::path::Component::Normal(_)))
+        .then(|| path.to_path_buf())
+}
+
+/// The cgroup v2 path of process `pid`, relative to the cgroup2 mount.
+pub fn cgroup_of_pid(pid: u32) -> io::Result<PathBuf> {
+    let file = format!("/proc/{pid}/cgroup");
+    let text =
+        std::fs::read_to_string(&file).map_err(|e| with_path(e, "reading", Path::new(&file)))?;
+    v2_path_in(&text).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{file} names no cgroup v2 path inside this cgroup namespace: {:?}",
+                text.trim()
+            ),
+        )
+    })
+}
+
+/// The ids of the cgroup at `relative` under the cgroup2 `mount` and of
+/// every cgroup above it up to the mount's root, nearest first.
+pub fn lineage(mount: &Path, relative: &Path) -> io::Result<Vec<CgroupId>> {
+    let mut ids = Vec::new();
+    let mut at = Some(mount.join(relative));
+    while let Some(dir) = at {
+        ids.push(cgroup_id(&dir).map_err(|e| with_path(e, "statfs", &dir))?);
+        at = dir.parent().filter(|_| dir != mount).map(Path::to_path_buf);
+    }
+    Ok(ids)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_v2_path_of_a_process_is_its_0_line_relative_to_the_mount() {
+        let text = "12:cpu,cpuacct:/kubepods/x\n0::/kubepods/burstable/pod1/ctr\n";
+        assert_eq!(
+            v2_path_in(text),
+            Some(PathBuf::from("kubepods/burstable/pod1/ctr"))
+        );
+        assert_eq!(v2_path_in("0::/\n"), Some(PathBuf::new()));
+        // Outside the reader's cgroup namespace, or no v2 line at all.
+        assert_eq!(v2_path_in("0::/../../other\n"), None);
+        assert_eq!(v2_path_in("3:memory:/x\n"), None);
+    }
+
+    #[test]
+    fn this_process_lineage_ends_at_the_root_cgroup() {
+        let mount = cgroup2_mount().unwrap();
+        let own = cgroup_of_pid(std::process::id()).unwrap();
+        let ids = lineage(&mount, &own).unwrap();
+        assert_eq!(ids.len(), own.components().count() + 1);
+        assert_eq!(ids[0], cgroup_id(&mount.join(&own)).unwrap());
+        assert_eq!(ids.last(), Some(&cgroup_id(&mount).unwrap()));
+    }
 
     #[test]
     fn finds_cgroup2_on_a_hybrid_layout() {
@@ -195,6 +262,13 @@ pub fn kubepods_candidates(pod_uid: &str) -> Vec<PathBuf> {
         .iter()
         .map(|d| Path::new(d.dir).join(d.name_of(pod_uid)))
         .collect()
+}
+
+/// The directories under `parent` where the kubelet creates pod cgroups
+/// (`kubepods` and its QoS levels, for both drivers), whether they exist or
+/// not.
+pub fn kubelet_pod_dirs(parent: &Path) -> Vec<PathBuf> {
+    POD_CGROUP_DIRS.iter().map(|d| parent.join(d.dir)).collect()
 }
 
 /// Every pod-level cgroup under `parent` (the same parent as

@@ -158,18 +158,31 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     // ZDS: the pods to hand ztunnel go out, the pods it acknowledged come
     // back.
     let (zds_pods, zds_pods_rx) = tokio::sync::watch::channel(zds::server::Pods::new());
+    let (zds_ztunnels, zds_ztunnels_rx) = tokio::sync::watch::channel(None);
     let (zds_ready_tx, mut zds_ready) = tokio::sync::watch::channel(None);
-    let _idle_zds_sender = match &opts.zds_socket {
-        Some(path) => {
+    let zds_stats = opts
+        .zds_socket
+        .as_ref()
+        .map(|_| std::sync::Arc::new(zds::server::Stats::default()));
+    let _idle_zds_sender = match (&opts.zds_socket, &zds_stats) {
+        (Some(path), Some(stats)) => {
             let listener = zds::server::listen(path)?;
+            let links = zds::server::Links {
+                pods: zds_pods_rx,
+                ztunnels: zds_ztunnels_rx,
+                ready: zds_ready_tx,
+                stats: stats.clone(),
+            };
+            let cgroup2 = cgroup::cgroup2_mount()
+                .context("finding the cgroup2 mount, where ZDS peers' cgroups are looked up")?;
             tokio::spawn(async move {
-                if let Err(e) = zds::server::serve(listener, zds_pods_rx, zds_ready_tx).await {
+                if let Err(e) = zds::server::serve(listener, links, cgroup2).await {
                     error!("the ZDS server stopped: {e}");
                 }
             });
             None
         }
-        None => Some(zds_ready_tx),
+        _ => Some(zds_ready_tx),
     };
     let view = api::SharedView::default();
     let (push, mut pushes) = mpsc::channel(64);
@@ -184,6 +197,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         opts.settings.clone(),
         opts.cgroup_root.clone(),
         opts.pins.clone(),
+        zds_stats,
     ));
     let mut node = Node {
         kube: None,
@@ -198,6 +212,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 pinned: Some(datapath.cgroup_entries()?),
                 inherited: BTreeSet::new(),
                 pods: zds_pods,
+                ztunnels: zds_ztunnels,
             }),
             None => None,
         },
@@ -213,6 +228,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         rejected: None,
         pushed_pods: BTreeMap::new(),
         pushed_ztunnels: BTreeMap::new(),
+        placed: Vec::new(),
         unresolved: Vec::new(),
         cookies: CookieCache::default(),
         node_netns: opts.node_netns.clone(),
@@ -244,6 +260,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }
     info!(workloads = %opts.workloads.display(), "ready");
 
+    let pod_parents = api::pod_parents(&opts.cgroup_root, &opts.kubepods_parent);
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut resync = tokio::time::interval(opts.resync);
@@ -279,10 +296,22 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 }
                 node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent)?;
             }
-            Some(entry) = pushes.recv() => {
-                info!(?entry, "pushed through the API");
-                node.apply_push(entry);
-                node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent)?;
+            Some(api::PushRequest { entry, reply }) = pushes.recv() => {
+                let checked = api::refuse_containing(&entry, &node.placed, &pod_parents, &mut |path| {
+                    cgroup::cgroup_id(path).ok()
+                });
+                match checked {
+                    Ok(()) => {
+                        info!(?entry, "pushed through the API");
+                        node.apply_push(entry);
+                        node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent)?;
+                    }
+                    Err(ref e) => {
+                        warn!(?entry, "push through the API refused, nothing changed: {}", e.message());
+                    }
+                }
+                // The caller may have gone; the push stands (or not) anyway.
+                let _ = reply.send(checked);
             }
             _ = resync.tick() => {
                 node.refresh_node_addresses();
@@ -336,6 +365,9 @@ struct Node {
     pushed_pods: BTreeMap<PodUid, PodSpec>,
     /// Pushed ztunnel cgroups, with their zero-copy flag.
     pushed_ztunnels: BTreeMap<PathBuf, bool>,
+    /// The pods of the last reconcile on their cgroups, which a pushed
+    /// cgroup must not contain.
+    placed: Vec<api::PlacedPod>,
     unresolved: Vec<Unresolved>,
     cookies: CookieCache,
     /// Where the node's own addresses are read (`--node-netns`).
@@ -361,6 +393,9 @@ struct ZdsState {
     inherited: BTreeSet<PodUid>,
     /// Where the pods to hand ztunnel are published.
     pods: tokio::sync::watch::Sender<zds::server::Pods>,
+    /// Where the ztunnel cgroups, the only ones allowed to speak ZDS, are
+    /// published.
+    ztunnels: tokio::sync::watch::Sender<zds::server::ZtunnelCgroups>,
 }
 
 impl ZdsState {
@@ -670,6 +705,19 @@ impl Node {
             }
             self.unresolved = desired.unresolved.clone();
         }
+        self.placed = spec
+            .pods
+            .iter()
+            .filter_map(|pod| {
+                let (cgroup, _) = desired.placed.get(&pod.uid)?;
+                Some(api::PlacedPod {
+                    uid: pod.uid.clone(),
+                    namespace: pod.namespace.clone(),
+                    name: pod.name.clone(),
+                    cgroup: cgroup.clone(),
+                })
+            })
+            .collect();
         if !self.unsynced.is_empty() {
             reconcile::retain_current(
                 &mut desired,
@@ -705,6 +753,12 @@ impl Node {
         // After the maps: a pod leaving the mesh is handed its Del only once
         // its redirect entries are gone.
         if let Some(zds) = &self.zds {
+            let ztunnels = Some(desired.ztunnel_cgroups.clone());
+            zds.ztunnels.send_if_modified(|current| {
+                let changed = *current != ztunnels;
+                *current = ztunnels;
+                changed
+            });
             let mut want = zds_pods(&spec, &desired);
             if !self.unsynced.is_empty() {
                 // ztunnel keeps the pods an unsynced source may still hold.

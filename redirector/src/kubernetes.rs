@@ -1,21 +1,26 @@
-//! The Kubernetes feed: this node's pods and every namespace, watched with
-//! kube-rs reflectors, turned into node state with Istio's rules
-//! ([`crate::membership`]). Pods are named by UID; the daemon finds their
-//! cgroups in the kubelet's layout.
+//! The Kubernetes feed: this node's pods, every namespace and ztunnel's
+//! DaemonSet, watched with kube-rs reflectors, turned into node state with
+//! Istio's rules ([`crate::membership`]). Pods are named by UID; the daemon
+//! finds their cgroups in the kubelet's layout. A pod is ztunnel only if
+//! the DaemonSet object it names as its controller is the one the API
+//! server holds under ztunnel's name (same UID).
 
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::{
+    apps::v1::DaemonSet,
+    core::v1::{Namespace, Pod},
+};
 use kube::{
     Api, Client,
     runtime::{WatchStreamExt, reflector, watcher},
 };
 use tokio::sync::watch;
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
 use crate::{
-    membership::{self, Decision, MeshSettings, PodFacts},
+    membership::{self, DaemonSetUid, Decision, MeshSettings, Owner, PodFacts},
     state::{CaptureOverrides, Mode, PodCgroup, PodSpec},
     types::PodUid,
 };
@@ -100,7 +105,12 @@ fn facts(pod: &Pod) -> PodFacts {
             .owner_references
             .iter()
             .flatten()
-            .map(|o| (o.kind.clone(), o.name.clone()))
+            .map(|o| Owner {
+                kind: o.kind.clone(),
+                name: o.name.clone(),
+                uid: o.uid.clone(),
+                controller: o.controller == Some(true),
+            })
             .collect(),
     }
 }
@@ -122,12 +132,30 @@ fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
     ips
 }
 
-/// Applies Istio's rules to every pod. `last` is the previous snapshot: a
+/// The UID of ztunnel's DaemonSet among `daemonsets` (those the watch of
+/// its name in its namespace lists).
+pub fn ztunnel_daemonset(
+    daemonsets: &[Arc<DaemonSet>],
+    mesh: &MeshSettings,
+) -> Option<DaemonSetUid> {
+    daemonsets
+        .iter()
+        .find(|ds| {
+            ds.metadata.namespace.as_deref() == Some(mesh.ztunnel_namespace.as_str())
+                && ds.metadata.name.as_deref() == Some(mesh.ztunnel_daemonset.as_str())
+        })
+        .and_then(|ds| ds.metadata.uid.clone())
+        .map(DaemonSetUid)
+}
+
+/// Applies Istio's rules to every pod, with `ztunnel_daemonset` the UID of
+/// ztunnel's DaemonSet (if it exists). `last` is the previous snapshot: a
 /// pod whose annotations cannot be read keeps its entry from it (and is
 /// left out if it had none), so a bad edit never changes the datapath.
 pub fn snapshot(
     pods: &[Arc<Pod>],
     namespaces: &[Arc<Namespace>],
+    ztunnel_daemonset: Option<&DaemonSetUid>,
     mesh: &MeshSettings,
     last: &Snapshot,
 ) -> Snapshot {
@@ -148,7 +176,7 @@ pub fn snapshot(
         };
         let facts = facts(pod);
         let labels = ns_labels.get(&facts.namespace).unwrap_or(&empty);
-        let (mode, capture) = match membership::decide(&facts, labels, mesh) {
+        let (mode, capture) = match membership::decide(&facts, labels, mesh, ztunnel_daemonset) {
             Ok(Decision::Ztunnel) => {
                 out.ztunnels.push(uid);
                 continue;
@@ -196,9 +224,22 @@ pub fn snapshot(
     out
 }
 
-/// Watches `node`'s pods and every namespace, publishing a new snapshot on
-/// every change. Runs until the receiver is gone; watch errors are retried
-/// with backoff by the watchers.
+/// The watched kinds, as their events come in.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Feed {
+    Pods,
+    Namespaces,
+    DaemonSets,
+}
+
+/// Tags a watch event with its feed, and whether it ends the initial list.
+fn tagged<K>(feed: Feed) -> impl Fn(watcher::Event<K>) -> (Feed, bool) {
+    move |event| (feed, matches!(event, watcher::Event::InitDone))
+}
+
+/// Watches `node`'s pods, every namespace and ztunnel's DaemonSet,
+/// publishing a new snapshot on every change. Runs until the receiver is
+/// gone; watch errors are retried with backoff by the watchers.
 pub async fn run(
     client: Client,
     node: String,
@@ -207,35 +248,73 @@ pub async fn run(
 ) {
     let (pod_store, pod_writer) = reflector::store::<Pod>();
     let (ns_store, ns_writer) = reflector::store::<Namespace>();
+    let (ds_store, ds_writer) = reflector::store::<DaemonSet>();
     let pods = watcher(
         Api::<Pod>::all(client.clone()),
         watcher::Config::default().fields(&format!("spec.nodeName={node}")),
     )
     .default_backoff()
     .reflect(pod_writer)
-    .map(|e| e.map(|ev| (true, matches!(ev, watcher::Event::InitDone))));
-    let namespaces = watcher(Api::<Namespace>::all(client), watcher::Config::default())
-        .default_backoff()
-        .reflect(ns_writer)
-        .map(|e| e.map(|ev| (false, matches!(ev, watcher::Event::InitDone))));
-    let mut events = std::pin::pin!(futures::stream::select(pods, namespaces));
+    .map(|e| e.map(tagged(Feed::Pods)));
+    let namespaces = watcher(
+        Api::<Namespace>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(ns_writer)
+    .map(|e| e.map(tagged(Feed::Namespaces)));
+    let daemonsets = watcher(
+        Api::<DaemonSet>::namespaced(client, &mesh.ztunnel_namespace),
+        watcher::Config::default().fields(&format!("metadata.name={}", mesh.ztunnel_daemonset)),
+    )
+    .default_backoff()
+    .reflect(ds_writer)
+    .map(|e| e.map(tagged(Feed::DaemonSets)));
+    let mut events = std::pin::pin!(futures::stream::select(
+        futures::stream::select(pods, namespaces),
+        daemonsets
+    ));
     let mut last = Snapshot::default();
-    let (mut pods_listed, mut namespaces_listed) = (false, false);
+    // `None` until the first snapshot, so the first one says what it found.
+    let mut last_daemonset: Option<Option<DaemonSetUid>> = None;
+    let mut listed = std::collections::BTreeSet::new();
     while let Some(event) = events.next().await {
         match event {
             Err(e) => {
                 warn!("Kubernetes watch: {e}");
                 continue;
             }
-            Ok((true, true)) => pods_listed = true,
-            Ok((false, true)) => namespaces_listed = true,
+            Ok((feed, true)) => {
+                listed.insert(feed);
+            }
             Ok(_) => {}
         }
-        // Both stores must have listed before a snapshot means anything.
-        if !pods_listed || !namespaces_listed {
+        // Every store must have listed before a snapshot means anything.
+        if ![Feed::Pods, Feed::Namespaces, Feed::DaemonSets]
+            .iter()
+            .all(|feed| listed.contains(feed))
+        {
             continue;
         }
-        let snap = snapshot(&pod_store.state(), &ns_store.state(), &mesh, &last);
+        let daemonset = ztunnel_daemonset(&ds_store.state(), &mesh);
+        if last_daemonset.as_ref() != Some(&daemonset) {
+            match &daemonset {
+                Some(uid) => {
+                    info!(namespace = %mesh.ztunnel_namespace, name = %mesh.ztunnel_daemonset, uid = %uid.0, "ztunnel's DaemonSet: only pods it controls are trusted as ztunnel")
+                }
+                None => {
+                    warn!(namespace = %mesh.ztunnel_namespace, name = %mesh.ztunnel_daemonset, "no ztunnel DaemonSet: no pod is trusted as ztunnel")
+                }
+            }
+            last_daemonset = Some(daemonset.clone());
+        }
+        let snap = snapshot(
+            &pod_store.state(),
+            &ns_store.state(),
+            daemonset.as_ref(),
+            &mesh,
+            &last,
+        );
         if snap != last {
             last = snap.clone();
             if out.send(Some(snap)).is_err() {
@@ -297,7 +376,13 @@ mod tests {
             namespace("mesh", json!({"istio.io/dataplane-mode": "ambient"})),
             namespace("plain", json!({})),
         ];
-        let s = snapshot(&pods, &nss, &MeshSettings::default(), &Snapshot::default());
+        let s = snapshot(
+            &pods,
+            &nss,
+            None,
+            &MeshSettings::default(),
+            &Snapshot::default(),
+        );
         assert_eq!(
             modes(&s),
             vec![
@@ -332,6 +417,7 @@ mod tests {
         let snap = snapshot(
             &pods,
             &[namespace("mesh", json!({}))],
+            None,
             &MeshSettings::default(),
             &Snapshot::default(),
         );
@@ -359,12 +445,14 @@ mod tests {
                 "mesh",
                 json!({"istio.io/dataplane-mode": "ambient"}),
             )],
+            None,
             &MeshSettings::default(),
             &Snapshot::default(),
         );
         let off = snapshot(
             &pods,
             &[namespace("mesh", json!({}))],
+            None,
             &MeshSettings::default(),
             &on,
         );
@@ -372,18 +460,52 @@ mod tests {
         assert_eq!(modes(&off), vec![("a".into(), Mode::None)]);
     }
 
-    #[test]
-    fn a_proven_ztunnel_pod_is_listed_as_ztunnel() {
-        let z = pod(json!({
-            "metadata": {"name": "ztunnel-x", "namespace": "istio-system", "uid": "z1",
-                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet",
-                                              "name": "ztunnel", "uid": "ds"}]},
+    fn ztunnel_like(uid: &str, owner: serde_json::Value) -> Arc<Pod> {
+        pod(json!({
+            "metadata": {"name": format!("ztunnel-{uid}"), "namespace": "istio-system", "uid": uid,
+                         "ownerReferences": [owner]},
             "spec": {"containers": [], "serviceAccountName": "ztunnel"},
             "status": {"phase": "Running"}
-        }));
-        let s = snapshot(&[z], &[], &MeshSettings::default(), &Snapshot::default());
+        }))
+    }
+
+    fn daemonset(ns: &str, name: &str, uid: &str) -> Arc<DaemonSet> {
+        Arc::new(
+            serde_json::from_value(
+                json!({"metadata": {"namespace": ns, "name": name, "uid": uid}}),
+            )
+            .expect("a DaemonSet"),
+        )
+    }
+
+    #[test]
+    fn a_pod_controlled_by_ztunnels_daemonset_object_is_listed_as_ztunnel_and_no_other() {
+        let owner = |uid: &str, controller: bool| {
+            json!({"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "ztunnel",
+                   "uid": uid, "controller": controller})
+        };
+        let pods = [
+            ztunnel_like("z1", owner("ds", true)),
+            ztunnel_like("z2", owner("ds", false)),
+            ztunnel_like("z3", owner("forged", true)),
+        ];
+        let mesh = MeshSettings::default();
+        // Only the DaemonSet of ztunnel's name in ztunnel's namespace counts.
+        let daemonsets = [
+            daemonset("default", "ztunnel", "forged"),
+            daemonset("istio-system", "ztunnel", "ds"),
+        ];
+        let ds = ztunnel_daemonset(&daemonsets, &mesh);
+        assert_eq!(ds, Some(DaemonSetUid("ds".into())));
+        let s = snapshot(&pods, &[], ds.as_ref(), &mesh, &Snapshot::default());
         assert_eq!(s.ztunnels, vec![PodUid("z1".into())]);
-        assert!(s.pods.is_empty());
+        assert_eq!(
+            modes(&s),
+            vec![("z2".into(), Mode::None), ("z3".into(), Mode::None)]
+        );
+        // Without the DaemonSet, none is.
+        let s = snapshot(&pods, &[], None, &mesh, &Snapshot::default());
+        assert!(s.ztunnels.is_empty());
     }
 
     #[test]
@@ -392,6 +514,7 @@ mod tests {
         let good = snapshot(
             &[app("a", "ns", ambient.clone(), json!({}))],
             &[],
+            None,
             &MeshSettings::default(),
             &Snapshot::default(),
         );
@@ -401,10 +524,16 @@ mod tests {
             ambient,
             json!({"ambient.istio.io/dns-capture": "maybe"}),
         )];
-        let after = snapshot(&bad, &[], &MeshSettings::default(), &good);
+        let after = snapshot(&bad, &[], None, &MeshSettings::default(), &good);
         assert_eq!(after, good);
         // With no earlier state, the pod stays out.
-        let first = snapshot(&bad, &[], &MeshSettings::default(), &Snapshot::default());
+        let first = snapshot(
+            &bad,
+            &[],
+            None,
+            &MeshSettings::default(),
+            &Snapshot::default(),
+        );
         assert!(first.pods.is_empty());
     }
 }

@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod enroll;
 pub mod kubernetes;
+pub mod local_socket;
 pub mod membership;
 pub mod netns;
 pub mod pb;

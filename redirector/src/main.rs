@@ -347,6 +347,9 @@ fn run(command: Command) -> anyhow::Result<()> {
                         "ztunnels": status.ztunnels, "unresolved": status.unresolved,
                         "original_src": status.original_src, "sockmap": status.sockmap,
                         "counters": counters,
+                        "zds": status.zds.as_ref().map(|z| serde_json::json!({
+                            "connections": z.connections, "peers_refused": z.peers_refused,
+                        })),
                     })
                 );
             } else {
@@ -371,6 +374,13 @@ fn run(command: Command) -> anyhow::Result<()> {
                     "  sockmap       {}",
                     if status.sockmap { "on" } else { "off" }
                 );
+                match &status.zds {
+                    Some(z) => println!(
+                        "  zds           serving: {} ztunnel connections, {} peers refused",
+                        z.connections, z.peers_refused
+                    ),
+                    None => println!("  zds           off (istio-cni serves it)"),
+                }
                 for c in status.counters {
                     println!("  {:<28} {}", c.name, c.value);
                 }

@@ -11,7 +11,8 @@
 //! - overrides: `ambient.istio.io/bypass-inbound-capture: "true"` (outbound
 //!   capture only) and `ambient.istio.io/dns-capture: "true"|"false"`;
 //! - ztunnel is recognised by proven identity (namespace, service account
-//!   and owning DaemonSet), never by a label.
+//!   and controlling DaemonSet: the DaemonSet object itself, by UID), never
+//!   by a label.
 
 use std::collections::BTreeMap;
 
@@ -30,9 +31,26 @@ pub struct PodFacts {
     /// `status.phase`: `Succeeded` and `Failed` are terminal.
     pub phase: Option<String>,
     pub service_account: Option<String>,
-    /// `(kind, name)` of each owner reference.
-    pub owners: Vec<(String, String)>,
+    /// Its owner references.
+    pub owners: Vec<Owner>,
 }
+
+/// One owner reference of a pod.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Owner {
+    pub kind: String,
+    pub name: String,
+    /// The owning object's UID.
+    pub uid: String,
+    /// `controller: true`: the owner that manages the pod (a pod has at
+    /// most one). Any other owner reference can be added by whoever may
+    /// edit the pod.
+    pub controller: bool,
+}
+
+/// The UID of ztunnel's DaemonSet object, as the API server reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DaemonSetUid(pub String);
 
 /// Node-wide mesh settings the rules depend on.
 #[derive(Clone, Debug)]
@@ -108,24 +126,39 @@ fn bool_annotation(
     }
 }
 
-/// Whether `pod` is proven to be ztunnel.
-pub fn is_ztunnel(pod: &PodFacts, settings: &MeshSettings) -> bool {
+/// Whether `pod` is proven to be ztunnel: in ztunnel's namespace, with its
+/// service account, and controlled by the DaemonSet of ztunnel's name whose
+/// UID is `daemonset` (`None`: no such DaemonSet is known, so no pod is
+/// ztunnel). A name alone proves nothing: anyone who may create pods in the
+/// namespace can write an owner reference naming it.
+pub fn is_ztunnel(
+    pod: &PodFacts,
+    settings: &MeshSettings,
+    daemonset: Option<&DaemonSetUid>,
+) -> bool {
+    let Some(daemonset) = daemonset else {
+        return false;
+    };
     pod.namespace == settings.ztunnel_namespace
         && pod.service_account.as_deref() == Some(settings.ztunnel_service_account.as_str())
-        && pod
-            .owners
-            .iter()
-            .any(|(kind, name)| kind == "DaemonSet" && *name == settings.ztunnel_daemonset)
+        && pod.owners.iter().any(|o| {
+            o.controller
+                && o.kind == "DaemonSet"
+                && o.name == settings.ztunnel_daemonset
+                && o.uid == daemonset.0
+        })
 }
 
 /// Applies Istio's enrollment rules to a pod in a namespace labelled
-/// `namespace_labels`.
+/// `namespace_labels`, with `ztunnel_daemonset` the UID of ztunnel's
+/// DaemonSet (if it exists).
 pub fn decide(
     pod: &PodFacts,
     namespace_labels: &BTreeMap<String, String>,
     settings: &MeshSettings,
+    ztunnel_daemonset: Option<&DaemonSetUid>,
 ) -> Result<Decision, AnnotationError> {
-    if is_ztunnel(pod, settings) {
+    if is_ztunnel(pod, settings, ztunnel_daemonset) {
         return Ok(Decision::Ztunnel);
     }
     let excluded = if pod.host_network {
@@ -189,8 +222,14 @@ mod tests {
     const AMBIENT: &[(&str, &str)] = &[(DATAPLANE_MODE_LABEL, "ambient")];
     const NONE: &[(&str, &str)] = &[(DATAPLANE_MODE_LABEL, "none")];
 
+    const DAEMONSET_UID: &str = "5d3c1e2a-0000-4000-8000-000000000001";
+
+    fn daemonset() -> DaemonSetUid {
+        DaemonSetUid(DAEMONSET_UID.into())
+    }
+
     fn decide_default(p: &PodFacts, ns: &[(&str, &str)]) -> Decision {
-        decide(p, &labels(ns), &MeshSettings::default()).unwrap()
+        decide(p, &labels(ns), &MeshSettings::default(), Some(&daemonset())).unwrap()
     }
 
     #[test]
@@ -256,7 +295,7 @@ mod tests {
         };
         let p = pod("legacy", AMBIENT, &[]);
         assert_eq!(
-            decide(&p, &BTreeMap::new(), &settings).unwrap(),
+            decide(&p, &BTreeMap::new(), &settings, None).unwrap(),
             Decision::NotEnrolled(Excluded::ExcludedNamespace)
         );
     }
@@ -276,11 +315,20 @@ mod tests {
         assert_eq!(decide_default(&pending, &[]), ENROLLED);
     }
 
+    fn owner(kind: &str, name: &str, uid: &str, controller: bool) -> Owner {
+        Owner {
+            kind: kind.into(),
+            name: name.into(),
+            uid: uid.into(),
+            controller,
+        }
+    }
+
     fn ztunnel_pod() -> PodFacts {
         PodFacts {
             namespace: "istio-system".into(),
             service_account: Some("ztunnel".into()),
-            owners: vec![("DaemonSet".into(), "ztunnel".into())],
+            owners: vec![owner("DaemonSet", "ztunnel", DAEMONSET_UID, true)],
             phase: Some("Running".into()),
             ..PodFacts::default()
         }
@@ -289,6 +337,40 @@ mod tests {
     #[test]
     fn ztunnel_is_recognised_by_namespace_service_account_and_daemonset() {
         assert_eq!(decide_default(&ztunnel_pod(), AMBIENT), Decision::Ztunnel);
+    }
+
+    #[test]
+    fn only_the_controlling_reference_to_the_real_daemonset_proves_ztunnel() {
+        // Named like ztunnel's DaemonSet, but not its controller.
+        let mut not_controller = ztunnel_pod();
+        not_controller.owners = vec![owner("DaemonSet", "ztunnel", DAEMONSET_UID, false)];
+        // The controller, but another object of the same name (a DaemonSet
+        // deleted and recreated, or a forged reference).
+        let mut other_uid = ztunnel_pod();
+        other_uid.owners = vec![owner("DaemonSet", "ztunnel", "another-uid", true)];
+        // The right UID under another kind.
+        let mut other_kind = ztunnel_pod();
+        other_kind.owners = vec![owner("ReplicaSet", "ztunnel", DAEMONSET_UID, true)];
+        for p in [not_controller, other_uid, other_kind] {
+            assert_ne!(decide_default(&p, &[]), Decision::Ztunnel, "{p:?}");
+        }
+        // A stray reference beside the controlling one changes nothing.
+        let mut extra = ztunnel_pod();
+        extra
+            .owners
+            .insert(0, owner("DaemonSet", "ztunnel", "another-uid", false));
+        assert_eq!(decide_default(&extra, &[]), Decision::Ztunnel);
+    }
+
+    #[test]
+    fn without_a_known_daemonset_no_pod_is_ztunnel() {
+        let d = decide(
+            &ztunnel_pod(),
+            &BTreeMap::new(),
+            &MeshSettings::default(),
+            None,
+        );
+        assert_eq!(d.unwrap(), Decision::NotEnrolled(Excluded::NotLabelled));
     }
 
     #[test]
@@ -303,7 +385,7 @@ mod tests {
         let mut wrong_sa = ztunnel_pod();
         wrong_sa.service_account = Some("default".into());
         let mut deployment = ztunnel_pod();
-        deployment.owners = vec![("ReplicaSet".into(), "ztunnel-abc".into())];
+        deployment.owners = vec![owner("ReplicaSet", "ztunnel-abc", "rs-uid", true)];
         for p in [wrong_ns, wrong_sa, deployment] {
             assert_ne!(decide_default(&p, &[]), Decision::Ztunnel, "{p:?}");
         }
@@ -338,7 +420,7 @@ mod tests {
     #[test]
     fn a_malformed_override_is_an_error_naming_the_annotation() {
         let p = pod("default", AMBIENT, &[(DNS_CAPTURE_ANNOTATION, "yes")]);
-        let err = decide(&p, &BTreeMap::new(), &MeshSettings::default()).unwrap_err();
+        let err = decide(&p, &BTreeMap::new(), &MeshSettings::default(), None).unwrap_err();
         assert_eq!(err.annotation, DNS_CAPTURE_ANNOTATION);
         assert!(
             err.to_string()

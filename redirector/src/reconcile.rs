@@ -74,6 +74,9 @@ pub struct Desired {
     pub inbound_netns: BTreeSet<NetnsCookie>,
     /// Sources never captured inbound, with an [`exempt`] reason.
     pub exempt: BTreeMap<IpNet, u32>,
+    /// The cgroups of every ztunnel found: only processes in them (or
+    /// below) may speak ZDS.
+    pub ztunnel_cgroups: BTreeSet<CgroupId>,
     pub unresolved: Vec<Unresolved>,
 }
 
@@ -197,6 +200,7 @@ pub fn desired(spec: &NodeSpec, settings: &Settings, resolve: &mut impl Resolve)
         let cgroup = match located.and_then(|path| Ok((resolve.cgroup_id(&path)?, path))) {
             Ok((id, path)) => {
                 out.cgroups.insert(id, enroll::ztunnel_entry(z, settings));
+                out.ztunnel_cgroups.insert(id);
                 path
             }
             Err(e) => {
@@ -289,6 +293,10 @@ pub struct Current {
 /// hold are `desired`'s (updates and additions go ahead).
 pub fn retain_current(desired: &mut Desired, current: Current) {
     for (k, v) in current.cgroups {
+        // A kept ztunnel entry keeps its ZDS peers admitted too.
+        if v.flags & ambridge_common::flags::ZTUNNEL != 0 && !desired.cgroups.contains_key(&k) {
+            desired.ztunnel_cgroups.insert(k);
+        }
         desired.cgroups.entry(k).or_insert(v);
     }
     for (k, v) in current.netns {

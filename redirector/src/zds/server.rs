@@ -9,13 +9,22 @@
 //! connects of) enrolled pods that are not. A NACKed Add is retried with
 //! backoff. A connection that sends something that is not ZDS, or goes
 //! silent, is closed with an error naming why; the others carry on.
+//!
+//! Only ztunnel may connect: the socket is root-only, and a peer whose
+//! process (`SO_PEERCRED`) is not in a ztunnel cgroup the node state names
+//! (or one below it, a container's) is refused before anything is read or
+//! sent, so no other process is handed a pod's netns or can mark a pod
+//! ready.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
     os::fd::{AsFd, OwnedFd},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -27,8 +36,8 @@ use tracing::{info, warn};
 
 use super::wire::{self, Ack, Request, WireError, ZdsConn};
 use crate::{
-    netns,
-    types::{NetnsCookie, PodUid},
+    cgroup, netns,
+    types::{CgroupId, NetnsCookie, PodUid},
 };
 
 /// How long ztunnel may take to answer a request (or to say hello).
@@ -57,17 +66,123 @@ pub type Pods = BTreeMap<PodUid, ZdsPod>;
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("creating the ZDS socket directory {path}: {source}")]
-    Dir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("ZDS: {0}")]
+    Bind(#[from] crate::local_socket::BindError),
     #[error("{call} for the ZDS socket {path}: {source}")]
     Socket {
         call: &'static str,
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+/// The ztunnel cgroups of the node state, as the last reconcile found them;
+/// `None` until the first one.
+pub type ZtunnelCgroups = Option<BTreeSet<CgroupId>>;
+
+/// What the server reports to the local API.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// ztunnel connections past their hello.
+    connections: AtomicU64,
+    /// Peers refused for not being (provably) ztunnel.
+    refused: AtomicU64,
+}
+
+impl Stats {
+    /// ztunnel connections past their hello.
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Peers refused since the daemon started.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+}
+
+/// Who connected, as read when the connection was accepted.
+#[derive(Debug)]
+struct Peer {
+    pid: i32,
+    /// Its cgroup, relative to the cgroup2 mount.
+    cgroup: PathBuf,
+    /// The ids of that cgroup and of every cgroup above it.
+    lineage: Vec<CgroupId>,
+}
+
+/// Why a peer was refused.
+#[derive(Debug, thiserror::Error)]
+enum PeerError {
+    #[error("its credentials (SO_PEERCRED) cannot be read: {0}")]
+    Credentials(nix::Error),
+    #[error("its process is in another PID namespace (SO_PEERCRED pid 0)")]
+    NoPid,
+    #[error("the cgroup of its process (pid {pid}) cannot be read: {source}")]
+    Cgroup { pid: i32, source: std::io::Error },
+    #[error(
+        "its process (pid {pid}) is in cgroup /{cgroup}, which is not a ztunnel cgroup of the node state (nor below one)"
+    )]
+    NotZtunnel { pid: i32, cgroup: String },
+    #[error(
+        "no node state names a ztunnel cgroup yet (waited {0:?}); its process (pid {pid}) is in cgroup /{cgroup}",
+        pid = .1.pid, cgroup = .1.cgroup.display()
+    )]
+    NoState(Duration, Peer),
+}
+
+impl PeerError {
+    /// The peer's pid, when it is known.
+    fn pid(&self) -> Option<i32> {
+        match self {
+            PeerError::Credentials(_) | PeerError::NoPid => None,
+            PeerError::Cgroup { pid, .. } | PeerError::NotZtunnel { pid, .. } => Some(*pid),
+            PeerError::NoState(_, peer) => Some(peer.pid),
+        }
+    }
+}
+
+/// Reads who is at the other end of `fd`: its process, and that process's
+/// cgroup under the cgroup2 `mount`. Done at once on accept, while the
+/// process that connected is most likely still the one with that pid.
+fn identify(fd: &OwnedFd, mount: &Path) -> Result<Peer, PeerError> {
+    let cred = nix::sys::socket::getsockopt(fd, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(PeerError::Credentials)?;
+    let pid = cred.pid();
+    if pid <= 0 {
+        return Err(PeerError::NoPid);
+    }
+    let found = cgroup::cgroup_of_pid(pid as u32).and_then(|cgroup| {
+        let lineage = cgroup::lineage(mount, &cgroup)?;
+        Ok((cgroup, lineage))
+    });
+    let (cgroup, lineage) = found.map_err(|source| PeerError::Cgroup { pid, source })?;
+    Ok(Peer {
+        pid,
+        cgroup,
+        lineage,
+    })
+}
+
+/// Admits `peer` if its cgroup is, or is below, a ztunnel cgroup of the
+/// node state, waiting up to [`ANSWER_TIMEOUT`] for the first node state.
+async fn admit(
+    peer: Peer,
+    ztunnels: &mut watch::Receiver<ZtunnelCgroups>,
+) -> Result<Peer, PeerError> {
+    let known = tokio::time::timeout(ANSWER_TIMEOUT, ztunnels.wait_for(Option::is_some)).await;
+    let known = match known {
+        Ok(Ok(known)) => known.clone().unwrap_or_default(),
+        _ => return Err(PeerError::NoState(ANSWER_TIMEOUT, peer)),
+    };
+    if peer.lineage.iter().any(|id| known.contains(id)) {
+        Ok(peer)
+    } else {
+        Err(PeerError::NotZtunnel {
+            pid: peer.pid,
+            cgroup: peer.cgroup.display().to_string(),
+        })
+    }
 }
 
 /// Why one ztunnel connection ended.
@@ -121,13 +236,18 @@ struct Shared {
     /// Connections past their hello.
     live: Mutex<BTreeSet<u64>>,
     newest: watch::Sender<u64>,
+    stats: Arc<Stats>,
 }
 
 impl Shared {
     /// A connection said hello: it is the newest ztunnel, the one new pods
     /// go to.
     fn joined(&self, conn: u64) {
-        self.live.lock().expect("live lock").insert(conn);
+        let mut live = self.live.lock().expect("live lock");
+        live.insert(conn);
+        self.stats
+            .connections
+            .store(live.len() as u64, Ordering::Relaxed);
         self.newest.send_replace(conn);
     }
 
@@ -141,6 +261,9 @@ impl Shared {
         });
         let mut live = self.live.lock().expect("live lock");
         live.remove(&conn);
+        self.stats
+            .connections
+            .store(live.len() as u64, Ordering::Relaxed);
         let fallback = live.last().copied().unwrap_or(0);
         self.newest.send_if_modified(|newest| {
             let was = *newest == conn;
@@ -187,7 +310,8 @@ pub struct Listener {
     path: PathBuf,
 }
 
-/// Listens on `path` (mode 0600, replacing a stale socket file).
+/// Listens on `path` (mode 0600 from the start, replacing a stale socket
+/// file).
 pub fn listen(path: &Path) -> Result<Listener, ServeError> {
     Ok(Listener {
         fd: listen_on(path)?,
@@ -195,21 +319,37 @@ pub fn listen(path: &Path) -> Result<Listener, ServeError> {
     })
 }
 
-/// Serves every ztunnel that connects with the pods of `pods`, until the
-/// daemon exits; `ready` follows the pods ztunnel has acknowledged, from
-/// the first snapshot a ztunnel took (`None` before).
-pub async fn serve(
-    listener: Listener,
-    pods: watch::Receiver<Pods>,
-    ready: watch::Sender<Option<BTreeSet<PodUid>>>,
-) -> Result<(), ServeError> {
+/// What the server is given by the daemon and gives back.
+pub struct Links {
+    /// The pods ztunnel should capture.
+    pub pods: watch::Receiver<Pods>,
+    /// The ztunnel cgroups: only their processes may connect.
+    pub ztunnels: watch::Receiver<ZtunnelCgroups>,
+    /// The pods ztunnel has acknowledged, from the first snapshot a
+    /// ztunnel took (`None` before).
+    pub ready: watch::Sender<Option<BTreeSet<PodUid>>>,
+    /// Connections and refused peers, for the local API.
+    pub stats: Arc<Stats>,
+}
+
+/// Serves every ztunnel that connects with the pods of `links.pods`, until
+/// the daemon exits. `cgroup2` is the cgroup2 mount, where a peer's cgroup
+/// is looked up.
+pub async fn serve(listener: Listener, links: Links, cgroup2: PathBuf) -> Result<(), ServeError> {
     let Listener { fd: listener, path } = listener;
+    let Links {
+        pods,
+        ztunnels,
+        ready,
+        stats,
+    } = links;
     info!(socket = %path.display(), "serving ZDS");
     let shared = Arc::new(Shared {
         acked: Mutex::default(),
         ready,
         live: Mutex::default(),
         newest: watch::Sender::new(0),
+        stats,
     });
     let mut next = 0u64;
     loop {
@@ -243,17 +383,35 @@ pub async fn serve(
         };
         next += 1;
         let conn_no = next;
-        let conn = match ZdsConn::from_std(fd) {
-            Ok(c) => c,
-            Err(e) => {
-                warn!(conn = conn_no, "ZDS connection unusable: {e}");
-                continue;
-            }
-        };
-        info!(conn = conn_no, "ztunnel connected over ZDS");
+        let peer = identify(&fd, &cgroup2);
         let shared = shared.clone();
         let pods = pods.clone();
+        let mut ztunnels = ztunnels.clone();
         tokio::spawn(async move {
+            let admitted = match peer {
+                Ok(peer) => admit(peer, &mut ztunnels).await,
+                Err(e) => Err(e),
+            };
+            let peer = match admitted {
+                Ok(peer) => peer,
+                Err(e) => {
+                    shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+                    warn!(
+                        conn = conn_no,
+                        pid = e.pid(),
+                        "refused a ZDS peer, closing its connection unread: {e}"
+                    );
+                    return;
+                }
+            };
+            let conn = match ZdsConn::from_std(fd) {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(conn = conn_no, "ZDS connection unusable: {e}");
+                    return;
+                }
+            };
+            info!(conn = conn_no, pid = peer.pid, cgroup = %Path::new("/").join(&peer.cgroup).display(), "ztunnel connected over ZDS");
             let result = Connection::new(conn, conn_no, shared.clone(), pods)
                 .run()
                 .await;
@@ -268,12 +426,6 @@ pub async fn serve(
 }
 
 fn listen_on(path: &Path) -> Result<AsyncFd<OwnedFd>, ServeError> {
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).map_err(|source| ServeError::Dir {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-    }
     let err = |call| {
         move |source: nix::Error| ServeError::Socket {
             call,
@@ -281,28 +433,21 @@ fn listen_on(path: &Path) -> Result<AsyncFd<OwnedFd>, ServeError> {
             source: source.into(),
         }
     };
-    // A socket file left by an earlier run would make bind fail.
-    let _ = fs::remove_file(path);
-    let fd = socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        None,
-    )
-    .map_err(err("socket(AF_UNIX, SOCK_SEQPACKET)"))?;
-    bind(
-        std::os::fd::AsRawFd::as_raw_fd(&fd),
-        &UnixAddr::new(path).map_err(err("sockaddr_un"))?,
-    )
-    .map_err(err("bind"))?;
-    // Only root (ztunnel runs as root in its pod) may connect.
-    fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).map_err(
-        |source| ServeError::Socket {
-            call: "chmod",
-            path: path.to_path_buf(),
-            source,
-        },
-    )?;
+    // Only root (ztunnel runs as root in its pod) may connect: the socket is
+    // mode 0600 from the moment it exists.
+    let fd = crate::local_socket::bind_private(path, |staged| {
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )?;
+        bind(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &UnixAddr::new(staged)?,
+        )?;
+        Ok(fd)
+    })?;
     nix::sys::socket::listen(&fd, Backlog::new(16).expect("a valid backlog"))
         .map_err(err("listen"))?;
     // SAFETY: the fd moves into the `AsyncFd`, which owns it from now on.
@@ -552,8 +697,43 @@ mod tests {
             ready,
             live: Mutex::default(),
             newest: watch::Sender::new(0),
+            stats: Arc::default(),
         };
         (shared, rx)
+    }
+
+    fn peer(lineage: &[u64]) -> Peer {
+        Peer {
+            pid: 4242,
+            cgroup: PathBuf::from("kubepods/burstable/podz/ztunnel"),
+            lineage: lineage.iter().copied().map(CgroupId).collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn only_a_peer_at_or_below_a_ztunnel_cgroup_is_admitted() {
+        let (_tx, mut known) = watch::channel(Some([CgroupId(7)].into()));
+        // Its container cgroup (9) is below ztunnel's pod cgroup (7).
+        assert!(admit(peer(&[9, 7, 3, 1]), &mut known).await.is_ok());
+        let err = admit(peer(&[8, 3, 1]), &mut known).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("pid 4242) is in cgroup /kubepods/burstable/podz/ztunnel"),
+            "{err}"
+        );
+        assert_eq!(err.pid(), Some(4242));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_waits_for_the_first_node_state_and_no_longer() {
+        let (tx, mut known) = watch::channel(None);
+        let admitted = tokio::spawn(async move { admit(peer(&[7, 1]), &mut known).await });
+        tokio::time::sleep(ANSWER_TIMEOUT / 2).await;
+        tx.send_replace(Some([CgroupId(7)].into()));
+        assert!(admitted.await.unwrap().is_ok());
+        let (_tx, mut never) = watch::channel(None);
+        let err = admit(peer(&[7, 1]), &mut never).await.unwrap_err();
+        assert!(matches!(err, PeerError::NoState(..)), "{err}");
     }
 
     #[test]

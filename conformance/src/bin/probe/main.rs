@@ -237,6 +237,17 @@ enum Role {
         #[arg(long, default_value_t = 1000)]
         duration_ms: u64,
     },
+    /// A scripted ZDS peer, for misbehaving ones: connect to the node
+    /// agent's socket, play the steps in order, then wait until the node
+    /// agent closes the connection.
+    ZdsPeer {
+        #[arg(long)]
+        zds: PathBuf,
+        /// `hello` (ztunnel's V1 hello), `send:<hex>` (one datagram),
+        /// `send:<hex byte>x<count>` (one datagram of `count` such bytes),
+        /// or `recv` (one datagram, reported with the fds it carried).
+        steps: Vec<String>,
+    },
 }
 
 fn main() {
@@ -330,6 +341,7 @@ fn main() {
             port,
             duration_ms,
         } => attack::hijack(addr, source_port, port, Duration::from_millis(duration_ms)),
+        Role::ZdsPeer { zds, steps } => zds::scripted_peer(&zds, &steps),
     };
     if let Err(e) = result {
         report(json!({"event": "error", "error": e.to_string()}));

@@ -255,6 +255,77 @@ impl Session {
     }
 }
 
+/// Plays `steps` (see the `zds-peer` role) on a new connection to the node
+/// agent's `socket`, reporting every datagram it receives, then reports
+/// `zds-peer-closed` once the node agent closes the connection, which may
+/// come before a step could be sent (a refused peer).
+pub fn scripted_peer(socket: &Path, steps: &[String]) -> io::Result<()> {
+    let conn = try_connect(socket)?;
+    report(json!({"event": "zds-peer-connected"}));
+    let sock = socket2::SockRef::from(&conn);
+    let mut buf = [0; MAX_DATAGRAM];
+    // Reports what arrives; false once the node agent closed.
+    let mut receive = || match wire::recv(conn.as_fd(), &mut buf) {
+        Ok(Datagram::Message { len, fds }) => {
+            report(json!({"event": "zds-peer-received", "len": len, "fds": fds.len()}));
+            Ok(true)
+        }
+        Ok(Datagram::Closed) => Ok(false),
+        Err(e) => Err(io::Error::other(chain(&e))),
+    };
+    let mut open = true;
+    for step in steps {
+        let bytes = match step.as_str() {
+            "recv" => {
+                open = receive()?;
+                if !open {
+                    break;
+                }
+                continue;
+            }
+            "hello" => wire::encode_hello(),
+            other => other
+                .strip_prefix("send:")
+                .and_then(datagram)
+                .ok_or_else(|| io::Error::other(format!("not a zds-peer step: {other:?}")))?,
+        };
+        match sock.send(&bytes) {
+            Ok(_) => {}
+            // The node agent closed first.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                open = false;
+                break;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    // Whatever the node agent still sends, until it closes.
+    while open {
+        open = receive()?;
+    }
+    report(json!({"event": "zds-peer-closed"}));
+    Ok(())
+}
+
+/// The bytes of a `send:` step: hex, or `<hex byte>x<count>`.
+fn datagram(spec: &str) -> Option<Vec<u8>> {
+    if let Some((byte, count)) = spec.split_once('x') {
+        return Some(vec![
+            u8::from_str_radix(byte, 16).ok()?;
+            count.parse().ok()?
+        ]);
+    }
+    (0..spec.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(spec.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
 /// Says hello (V1) on a new connection.
 fn hello(conn: &OwnedFd, path: &Path) -> io::Result<()> {
     wire::send(conn.as_fd(), &wire::encode_hello(), None).map_err(|e| {
