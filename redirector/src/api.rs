@@ -484,8 +484,19 @@ pub const MAX_STREAMS_PER_CONNECTION: u32 = 16;
 /// Serves the API on `socket` until the task is dropped. The socket is mode
 /// 0600 from the moment it exists ([`crate::local_socket`]); a stale
 /// socket file from an earlier run is replaced.
+/// Binds the API socket at `socket` (mode 0600 from the start), so that it
+/// exists before the daemon says it is ready. Call within the runtime.
+pub fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
+    crate::local_socket::bind_private(socket, |path| {
+        let listener = std::os::unix::net::UnixListener::bind(path)?;
+        listener.set_nonblocking(true)?;
+        UnixListener::from_std(listener)
+    })
+    .map_err(Into::into)
+}
+
 pub async fn serve(
-    socket: PathBuf,
+    listener: UnixListener,
     view: SharedView,
     channels: Channels,
     settings: Settings,
@@ -493,11 +504,6 @@ pub async fn serve(
     pins: Pins,
     zds: Option<Arc<crate::zds::server::Stats>>,
 ) -> anyhow::Result<()> {
-    let listener = crate::local_socket::bind_private(&socket, |path| {
-        let listener = std::os::unix::net::UnixListener::bind(path)?;
-        listener.set_nonblocking(true)?;
-        UnixListener::from_std(listener)
-    })?;
     let node = Node {
         view,
         settings,

@@ -188,7 +188,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let (push, mut pushes) = mpsc::channel(64);
     let (changes, _) = tokio::sync::broadcast::channel(1024);
     let mut api_task = tokio::spawn(api::serve(
-        opts.api_socket.clone(),
+        api::bind(&opts.api_socket)?,
         view.clone(),
         api::Channels {
             push,
