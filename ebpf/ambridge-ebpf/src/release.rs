@@ -35,10 +35,15 @@ pub fn sock_release(ctx: SockContext) -> i32 {
     }
     // SAFETY: plain helper call on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if protocol == IPPROTO_TCP {
+    let node = node();
+    // A connect that failed before its SYN has its destination port reset
+    // to 0; a redirected one that got further has a redirect port. Every
+    // other TCP socket (most, on a busy node) has no cookie record, and the
+    // delete is skipped.
+    if protocol == IPPROTO_TCP && (dst_port == 0 || node.is_redirect_port(dst_port)) {
         let _ = PENDING.remove(cookie);
     }
-    if protocol == IPPROTO_UDP || dst_port == node().dns_port {
+    if protocol == IPPROTO_UDP || dst_port == node.dns_port {
         let _ = DNS.remove(cookie);
     }
     ALLOW
