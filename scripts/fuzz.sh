@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds every fuzz target in fuzz/ (cargo-fuzz, nightly, AddressSanitizer)
-# and runs each for SECONDS (default 20), starting from the committed seeds
+# Builds every fuzz target in fuzz/ (cargo-fuzz, nightly, AddressSanitizer,
+# the dev profile of fuzz/Cargo.toml) and runs each for SECONDS (default 20), starting from the committed seeds
 # in fuzz/corpus/<target>/. Fails on any crash, hang (an input taking over
 # 10 s) or leak, saying where the input that caused it was written and how
 # to replay it. `scripts/fuzz.sh 600` is the longer run.
@@ -24,11 +24,11 @@ build_dir=target/fuzz
 logs=$build_dir/logs
 mkdir -p "$logs"
 fuzz=(cargo +nightly fuzz)
-target_dir=(--target-dir "$build_dir")
+build=(--dev --target-dir "$build_dir")
 
 say "building the fuzz targets"
 started=$SECONDS
-if ! "${fuzz[@]}" build "${target_dir[@]}" > "$logs/build.log" 2>&1; then
+if ! "${fuzz[@]}" build "${build[@]}" > "$logs/build.log" 2>&1; then
     grep -v '^warning: ambridge@' "$logs/build.log" | tail -n 40
     echo "building the fuzz targets failed; full log: $logs/build.log" >&2
     exit 1
@@ -44,7 +44,7 @@ for target in "${targets[@]}"; do
     log=$logs/$target.log
     mkdir -p "$corpus" "$artifacts"
     touch "$stamp"
-    if "${fuzz[@]}" run "${target_dir[@]}" "$target" "$corpus" "fuzz/corpus/$target" -- \
+    if "${fuzz[@]}" run "${build[@]}" "$target" "$corpus" "fuzz/corpus/$target" -- \
         -max_total_time="$seconds" -timeout=10 -print_final_stats=1 > "$log" 2>&1; then
         runs=$(grep -oE '^Done [0-9]+ runs' "$log" | grep -oE '[0-9]+' || echo '?')
         coverage=$(grep -oE 'cov: [0-9]+ ft: [0-9]+ corp: [0-9]+' "$log" | tail -n 1 || true)
@@ -57,7 +57,7 @@ for target in "${targets[@]}"; do
     if [[ -n $found ]]; then
         for input in $found; do
             echo "[fuzz] $target FAILED: the input is in $input" >&2
-            echo "[fuzz]   replay: cargo +nightly fuzz run --target-dir $build_dir $target $input" >&2
+            echo "[fuzz]   replay: cargo +nightly fuzz run ${build[*]} $target $input" >&2
         done
     else
         echo "[fuzz] $target FAILED without writing an input; log: $log" >&2
