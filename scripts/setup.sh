@@ -7,6 +7,7 @@ set -euo pipefail
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
 BPF_LINKER_VERSION=0.13.0
+CARGO_FUZZ_VERSION=0.13.2
 
 if [[ $(id -u) -ne 0 ]]; then
     echo "setup.sh must run as root (it installs packages and mounts bpffs)" >&2
@@ -20,12 +21,14 @@ command -v iptables >/dev/null || need_pkgs+=(iptables)
 command -v conntrack >/dev/null || need_pkgs+=(conntrack)
 command -v bpftool >/dev/null || need_pkgs+=(bpftool)
 command -v protoc >/dev/null || need_pkgs+=(protobuf-compiler)
+# libfuzzer-sys compiles libFuzzer (C++) for the fuzz targets.
+command -v c++ >/dev/null || need_pkgs+=(g++)
 if ((${#need_pkgs[@]})); then
     say "installing Debian packages: ${need_pkgs[*]}"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
 else
-    say "Debian packages present (iproute2, iptables, conntrack, bpftool, protoc)"
+    say "Debian packages present (iproute2, iptables, conntrack, bpftool, protoc, c++)"
 fi
 
 # --- Rust: nightly rust-src for -Z build-std --------------------------------
@@ -56,6 +59,14 @@ else
     LLVM_PREFIX=$prefix RUSTFLAGS="-C link-arg=-Wl,-rpath,$sysroot/lib" \
         cargo +stable install bpf-linker --locked --version "$BPF_LINKER_VERSION" \
         --no-default-features --features "llvm-$major" --quiet
+fi
+
+# --- cargo-fuzz, for the fuzz targets in fuzz/ (scripts/fuzz.sh) -----------
+if cargo fuzz --version 2>/dev/null | grep -qx "cargo-fuzz $CARGO_FUZZ_VERSION"; then
+    say "cargo-fuzz $CARGO_FUZZ_VERSION present"
+else
+    say "installing cargo-fuzz $CARGO_FUZZ_VERSION (about a minute)"
+    cargo +stable install cargo-fuzz --locked --version "$CARGO_FUZZ_VERSION" --quiet
 fi
 
 # --- bpffs -------------------------------------------------------------------

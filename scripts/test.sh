@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Every test: formatting and lints, unit tests, and the real-kernel
-# conformance suite (BPF programs loaded and attached to sandbox cgroups,
-# pods as network namespaces). Run as root. Installs what is missing first.
+# Every test: formatting and lints, the fuzz targets (short run), unit
+# tests, and the real-kernel conformance suite (BPF programs loaded and
+# attached to sandbox cgroups, pods as network namespaces). Run as root.
+# Installs what is missing first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [[ -f $HOME/.cargo/env ]] && source "$HOME/.cargo/env"
@@ -9,11 +10,16 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 echo "[test] rustfmt"
 cargo fmt --all --check
+cargo fmt --manifest-path fuzz/Cargo.toml --check
 echo "[test] clippy (host crates)"
 cargo clippy --all-targets --quiet -- -D warnings
 echo "[test] clippy (kernel programs, BPF target)"
 cargo +nightly clippy --quiet -p ambridge-ebpf --release --target bpfel-unknown-none \
     -Z build-std=core -- -D warnings
+echo "[test] clippy (fuzz targets, their own workspace)"
+cargo clippy --all-targets --quiet --manifest-path fuzz/Cargo.toml --target-dir target -- -D warnings
+echo "[test] fuzz targets, 20 s each from the committed seeds"
+scripts/fuzz.sh 20
 echo "[test] building binaries used by the conformance suite"
 cargo build --bins --quiet
 echo "[test] unit and conformance tests (companion mode: istio-cni serves ZDS)"

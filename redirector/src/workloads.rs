@@ -119,7 +119,7 @@ pub fn parse(text: &str) -> Result<NodeSpec, FileError> {
             redirect: None,
         }
     } else {
-        serde_yaml::from_str(text).map_err(|e| syntax_error(&e))?
+        serde_yaml::from_str(text).map_err(|e| syntax_error(&e, text))?
     };
     validate(&file, text)?;
     let redirect = file
@@ -171,8 +171,12 @@ pub fn load(path: &Path) -> Result<NodeSpec, FileError> {
 
 /// serde_yaml reports "path: message at line L column C"; split it so the
 /// line and field are fields of their own.
-fn syntax_error(e: &serde_yaml::Error) -> FileError {
-    let line = e.location().map(|l| l.line());
+fn syntax_error(e: &serde_yaml::Error, text: &str) -> FileError {
+    // An error at the end of the input (an unclosed quote, say) is placed
+    // at the end of the stream, which is on the line after a final newline:
+    // a line the file does not have. Its last line is where it ends.
+    let last = text.lines().count().max(1);
+    let line = e.location().map(|l| l.line().min(last));
     let full = e.to_string();
     let without_location = match full.rfind(" at line ") {
         Some(i) => full[..i].to_string(),
@@ -514,6 +518,16 @@ ztunnel:
     fn broken_yaml_is_a_document_error_with_a_line() {
         let err = parse("workloads:\n  - uid: [unclosed\n").unwrap_err();
         assert!(err.line.is_some(), "{err}");
+    }
+
+    #[test]
+    fn an_error_at_the_end_of_the_file_names_its_last_line() {
+        // Found by the workloads_file fuzz target: the end of the stream is
+        // on line 3, after the final newline of this 2-line file.
+        let text = "workloads:\n  - uid: \"unclosed\n";
+        let err = parse(text).unwrap_err();
+        assert_eq!(err.line, Some(2), "{err}");
+        assert!(err.message.contains("end of stream"), "{err}");
     }
 
     #[test]

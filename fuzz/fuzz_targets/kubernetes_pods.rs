@@ -1,0 +1,204 @@
+//! Kubernetes objects to membership decisions: any JSON list of pods and
+//! namespaces, as the API server could send them, yields a snapshot that
+//! follows Istio's rules, never a panic. A pod whose override annotation
+//! is malformed keeps exactly its last good entry, and the redirection
+//! annotation patches the snapshot asks for leave nothing more to patch.
+
+#![no_main]
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
+
+use ambridge::{
+    kubernetes::{self, REDIRECTION, Snapshot},
+    membership::{
+        BYPASS_INBOUND_ANNOTATION, DATAPLANE_MODE_LABEL, DNS_CAPTURE_ANNOTATION, MeshSettings,
+        SIDECAR_STATUS_ANNOTATION,
+    },
+    state::{Mode, PodSpec},
+    types::PodUid,
+};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use libfuzzer_sys::fuzz_target;
+use serde::Deserialize;
+
+/// What the two reflectors hold.
+#[derive(Deserialize)]
+struct Objects {
+    #[serde(default)]
+    pods: Vec<Pod>,
+    #[serde(default)]
+    namespaces: Vec<Namespace>,
+}
+
+fn label<'a>(labels: Option<&'a BTreeMap<String, String>>, key: &str) -> Option<&'a str> {
+    labels.and_then(|l| l.get(key)).map(String::as_str)
+}
+
+/// Whether Istio's rules allow `pod` in the mesh at all (ztunnel aside).
+fn may_enroll(pod: &Pod, namespaces: &[Arc<Namespace>], mesh: &MeshSettings) -> bool {
+    let meta = &pod.metadata;
+    let ns = meta.namespace.clone().unwrap_or_default();
+    let ns_labels = namespaces
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(ns.as_str()))
+        .and_then(|n| n.metadata.labels.as_ref());
+    let own = label(meta.labels.as_ref(), DATAPLANE_MODE_LABEL);
+    let asked = own == Some("ambient")
+        || (own != Some("none") && label(ns_labels, DATAPLANE_MODE_LABEL) == Some("ambient"));
+    let host_network = pod.spec.as_ref().and_then(|s| s.host_network) == Some(true);
+    let sidecar = meta
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(SIDECAR_STATUS_ANNOTATION));
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    asked
+        && !host_network
+        && !sidecar
+        && !mesh.excluded_namespaces.contains(&ns)
+        && !matches!(phase, Some("Succeeded" | "Failed"))
+}
+
+/// Whether `pod` carries ztunnel's proven identity.
+fn is_ztunnel(pod: &Pod, mesh: &MeshSettings) -> bool {
+    pod.metadata.namespace.as_deref() == Some(mesh.ztunnel_namespace.as_str())
+        && pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.as_deref())
+            == Some(mesh.ztunnel_service_account.as_str())
+        && pod
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|o| o.kind == "DaemonSet" && o.name == mesh.ztunnel_daemonset)
+}
+
+/// The snapshot's entry of each UID that names exactly one input pod.
+fn by_uid<'a>(snapshot: &'a Snapshot, unique: &BTreeSet<PodUid>) -> BTreeMap<PodUid, &'a PodSpec> {
+    snapshot
+        .pods
+        .iter()
+        .filter(|p| unique.contains(&p.uid))
+        .map(|p| (p.uid.clone(), p))
+        .collect()
+}
+
+fuzz_target!(|bytes: &[u8]| {
+    let Ok(objects) = serde_json::from_slice::<Objects>(bytes) else {
+        return;
+    };
+    let mesh = MeshSettings::default();
+    let pods: Vec<Arc<Pod>> = objects.pods.into_iter().map(Arc::new).collect();
+    let namespaces: Vec<Arc<Namespace>> = objects.namespaces.into_iter().map(Arc::new).collect();
+    let fresh = kubernetes::snapshot(&pods, &namespaces, &mesh, &Snapshot::default());
+
+    let mut count: BTreeMap<PodUid, usize> = BTreeMap::new();
+    for uid in pods.iter().filter_map(|p| p.metadata.uid.clone()) {
+        *count.entry(PodUid(uid)).or_default() += 1;
+    }
+    let of_uid = |uid: &PodUid| -> Vec<&Arc<Pod>> {
+        pods.iter()
+            .filter(|p| p.metadata.uid.as_deref() == Some(uid.0.as_str()))
+            .collect()
+    };
+    for pod in &fresh.pods {
+        assert!(
+            count.contains_key(&pod.uid),
+            "pod {} is in no input",
+            pod.uid
+        );
+        if pod.mode == Mode::Ambient {
+            assert!(
+                of_uid(&pod.uid)
+                    .into_iter()
+                    .any(|p| may_enroll(p, &namespaces, &mesh) && !is_ztunnel(p, &mesh)),
+                "pod {} enrolled against Istio's rules",
+                pod.uid
+            );
+        }
+    }
+    for uid in &fresh.ztunnels {
+        assert!(
+            of_uid(uid).into_iter().any(|p| is_ztunnel(p, &mesh)),
+            "{uid} taken for ztunnel without its identity"
+        );
+    }
+
+    // The same pods without the two override annotations: the last good
+    // state of a pod whose override is malformed.
+    let stripped: Vec<Arc<Pod>> = pods
+        .iter()
+        .map(|p| {
+            let mut p = Pod::clone(p);
+            if let Some(a) = p.metadata.annotations.as_mut() {
+                a.remove(BYPASS_INBOUND_ANNOTATION);
+                a.remove(DNS_CAPTURE_ANNOTATION);
+            }
+            Arc::new(p)
+        })
+        .collect();
+    let last = kubernetes::snapshot(&stripped, &namespaces, &mesh, &Snapshot::default());
+    let unique: BTreeSet<PodUid> = count
+        .iter()
+        .filter(|(_, n)| **n == 1)
+        .map(|(uid, _)| uid.clone())
+        .collect();
+    let last_by = by_uid(&last, &unique);
+    for uid in &unique {
+        let decided = !last.ztunnels.contains(uid);
+        assert_eq!(
+            last_by.contains_key(uid),
+            decided,
+            "pod {uid} undecidable without override annotations"
+        );
+    }
+    let current = kubernetes::snapshot(&pods, &namespaces, &mesh, &last);
+    let (fresh_by, current_by) = (by_uid(&fresh, &unique), by_uid(&current, &unique));
+    for uid in &unique {
+        assert_eq!(
+            current_by.get(uid),
+            fresh_by.get(uid).or(last_by.get(uid)),
+            "pod {uid}: neither its decision nor its last good entry"
+        );
+    }
+
+    // Kubernetes never gives two pods one UID; with duplicates, which of
+    // them a snapshot keeps is not defined.
+    if unique.len() != count.len() {
+        return;
+    }
+    assert_eq!(
+        kubernetes::snapshot(&pods, &namespaces, &mesh, &fresh),
+        fresh,
+        "a snapshot given itself as the last one is not the same"
+    );
+    // Every other enrolled pod acknowledged by ztunnel.
+    let ready: BTreeSet<PodUid> = fresh
+        .pods
+        .iter()
+        .filter(|p| p.mode == Mode::Ambient)
+        .step_by(2)
+        .map(|p| p.uid.clone())
+        .collect();
+    let patches = kubernetes::redirection_patches(&fresh, &ready);
+    let mut patched = fresh.clone();
+    for patch in &patches {
+        assert!(
+            fresh.pods.iter().any(|p| p.uid == patch.uid),
+            "a patch for {} outside the snapshot",
+            patch.uid
+        );
+        match patch.value {
+            Some(value) => patched.redirection.insert(patch.uid.clone(), value.into()),
+            None => patched.redirection.remove(&patch.uid),
+        };
+    }
+    assert!(
+        kubernetes::redirection_patches(&patched, &ready).is_empty(),
+        "{REDIRECTION} still to patch after its patches"
+    );
+});
