@@ -41,9 +41,10 @@ fn label<'a>(labels: Option<&'a BTreeMap<String, String>>, key: &str) -> Option<
 fn may_enroll(pod: &Pod, namespaces: &[Arc<Namespace>], mesh: &MeshSettings) -> bool {
     let meta = &pod.metadata;
     let ns = meta.namespace.clone().unwrap_or_default();
+    // The namespace store keeps the last object of a name.
     let ns_labels = namespaces
         .iter()
-        .find(|n| n.metadata.name.as_deref() == Some(ns.as_str()))
+        .rfind(|n| n.metadata.name.as_deref() == Some(ns.as_str()))
         .and_then(|n| n.metadata.labels.as_ref());
     let own = label(meta.labels.as_ref(), DATAPLANE_MODE_LABEL);
     let asked = own == Some("ambient")
