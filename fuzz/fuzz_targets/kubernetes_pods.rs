@@ -14,8 +14,8 @@ use std::{
 use ambridge::{
     kubernetes::{self, REDIRECTION, Snapshot},
     membership::{
-        BYPASS_INBOUND_ANNOTATION, DATAPLANE_MODE_LABEL, DNS_CAPTURE_ANNOTATION, MeshSettings,
-        SIDECAR_STATUS_ANNOTATION,
+        BYPASS_INBOUND_ANNOTATION, DATAPLANE_MODE_LABEL, DNS_CAPTURE_ANNOTATION, DaemonSetUid,
+        MeshSettings, SIDECAR_STATUS_ANNOTATION,
     },
     state::{Mode, PodSpec},
     types::PodUid,
@@ -24,13 +24,16 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use libfuzzer_sys::fuzz_target;
 use serde::Deserialize;
 
-/// What the two reflectors hold.
+/// What the reflectors hold: pods, namespaces, and the UID of ztunnel's
+/// DaemonSet object (none: no DaemonSet found).
 #[derive(Deserialize)]
 struct Objects {
     #[serde(default)]
     pods: Vec<Pod>,
     #[serde(default)]
     namespaces: Vec<Namespace>,
+    #[serde(default)]
+    ztunnel_daemonset_uid: Option<String>,
 }
 
 fn label<'a>(labels: Option<&'a BTreeMap<String, String>>, key: &str) -> Option<&'a str> {
@@ -41,9 +44,10 @@ fn label<'a>(labels: Option<&'a BTreeMap<String, String>>, key: &str) -> Option<
 fn may_enroll(pod: &Pod, namespaces: &[Arc<Namespace>], mesh: &MeshSettings) -> bool {
     let meta = &pod.metadata;
     let ns = meta.namespace.clone().unwrap_or_default();
+    // The namespace store keeps the last object of a name.
     let ns_labels = namespaces
         .iter()
-        .find(|n| n.metadata.name.as_deref() == Some(ns.as_str()))
+        .rfind(|n| n.metadata.name.as_deref() == Some(ns.as_str()))
         .and_then(|n| n.metadata.labels.as_ref());
     let own = label(meta.labels.as_ref(), DATAPLANE_MODE_LABEL);
     let asked = own == Some("ambient")
@@ -61,20 +65,21 @@ fn may_enroll(pod: &Pod, namespaces: &[Arc<Namespace>], mesh: &MeshSettings) -> 
         && !matches!(phase, Some("Succeeded" | "Failed"))
 }
 
-/// Whether `pod` carries ztunnel's proven identity.
-fn is_ztunnel(pod: &Pod, mesh: &MeshSettings) -> bool {
+/// Whether `pod` carries ztunnel's proven identity: controlled by the
+/// DaemonSet object `daemonset` itself.
+fn is_ztunnel(pod: &Pod, mesh: &MeshSettings, daemonset: Option<&DaemonSetUid>) -> bool {
     pod.metadata.namespace.as_deref() == Some(mesh.ztunnel_namespace.as_str())
         && pod
             .spec
             .as_ref()
             .and_then(|s| s.service_account_name.as_deref())
             == Some(mesh.ztunnel_service_account.as_str())
-        && pod
-            .metadata
-            .owner_references
-            .iter()
-            .flatten()
-            .any(|o| o.kind == "DaemonSet" && o.name == mesh.ztunnel_daemonset)
+        && pod.metadata.owner_references.iter().flatten().any(|o| {
+            o.kind == "DaemonSet"
+                && o.name == mesh.ztunnel_daemonset
+                && o.controller == Some(true)
+                && daemonset.is_some_and(|d| d.0 == o.uid)
+        })
 }
 
 /// The snapshot's entry of each UID that names exactly one input pod.
@@ -94,7 +99,9 @@ fuzz_target!(|bytes: &[u8]| {
     let mesh = MeshSettings::default();
     let pods: Vec<Arc<Pod>> = objects.pods.into_iter().map(Arc::new).collect();
     let namespaces: Vec<Arc<Namespace>> = objects.namespaces.into_iter().map(Arc::new).collect();
-    let fresh = kubernetes::snapshot(&pods, &namespaces, &mesh, &Snapshot::default());
+    let daemonset = objects.ztunnel_daemonset_uid.map(DaemonSetUid);
+    let ds = daemonset.as_ref();
+    let fresh = kubernetes::snapshot(&pods, &namespaces, ds, &mesh, &Snapshot::default());
 
     let mut count: BTreeMap<PodUid, usize> = BTreeMap::new();
     for uid in pods.iter().filter_map(|p| p.metadata.uid.clone()) {
@@ -115,7 +122,7 @@ fuzz_target!(|bytes: &[u8]| {
             assert!(
                 of_uid(&pod.uid)
                     .into_iter()
-                    .any(|p| may_enroll(p, &namespaces, &mesh) && !is_ztunnel(p, &mesh)),
+                    .any(|p| may_enroll(p, &namespaces, &mesh) && !is_ztunnel(p, &mesh, ds)),
                 "pod {} enrolled against Istio's rules",
                 pod.uid
             );
@@ -123,7 +130,7 @@ fuzz_target!(|bytes: &[u8]| {
     }
     for uid in &fresh.ztunnels {
         assert!(
-            of_uid(uid).into_iter().any(|p| is_ztunnel(p, &mesh)),
+            of_uid(uid).into_iter().any(|p| is_ztunnel(p, &mesh, ds)),
             "{uid} taken for ztunnel without its identity"
         );
     }
@@ -141,7 +148,7 @@ fuzz_target!(|bytes: &[u8]| {
             Arc::new(p)
         })
         .collect();
-    let last = kubernetes::snapshot(&stripped, &namespaces, &mesh, &Snapshot::default());
+    let last = kubernetes::snapshot(&stripped, &namespaces, ds, &mesh, &Snapshot::default());
     let unique: BTreeSet<PodUid> = count
         .iter()
         .filter(|(_, n)| **n == 1)
@@ -156,7 +163,7 @@ fuzz_target!(|bytes: &[u8]| {
             "pod {uid} undecidable without override annotations"
         );
     }
-    let current = kubernetes::snapshot(&pods, &namespaces, &mesh, &last);
+    let current = kubernetes::snapshot(&pods, &namespaces, ds, &mesh, &last);
     let (fresh_by, current_by) = (by_uid(&fresh, &unique), by_uid(&current, &unique));
     for uid in &unique {
         assert_eq!(
@@ -172,7 +179,7 @@ fuzz_target!(|bytes: &[u8]| {
         return;
     }
     assert_eq!(
-        kubernetes::snapshot(&pods, &namespaces, &mesh, &fresh),
+        kubernetes::snapshot(&pods, &namespaces, ds, &mesh, &fresh),
         fresh,
         "a snapshot given itself as the last one is not the same"
     );
