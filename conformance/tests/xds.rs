@@ -10,7 +10,7 @@ use std::{net::IpAddr, time::Duration};
 
 use ambridge::pb::istio::workload::{Address, Service, TunnelProtocol, Workload, address};
 use ambridge_conformance::{
-    Daemon, Node, eventually,
+    Daemon, Node, Pod, eventually,
     istiod::{self, FakeIstiod, TOKEN},
     ztunnel_stand_in,
 };
@@ -18,8 +18,20 @@ use prost::Message as _;
 
 const NODE: &str = "node-1";
 
-#[test]
-fn the_xds_feed_drives_the_datapath_nacks_malformed_resources_and_resumes_after_reconnect() {
+/// A node whose `client` sits in the kubelet's cgroup layout (found by its
+/// address, as istiod knows no pod UIDs) beside a `_bystander`, a `server`,
+/// a ztunnel cgroup named by the workloads file, and a fake istiod; `args`
+/// start a daemon on istiod and the file. Field order is drop order.
+struct XdsNode {
+    client: Pod,
+    server: Pod,
+    zcgroup: std::path::PathBuf,
+    istiod: FakeIstiod,
+    args: Vec<String>,
+    node: Node,
+}
+
+fn xds_node() -> XdsNode {
     let mut node = Node::new();
     for dir in ["kubepods", "kubepods/besteffort", "kubepods/burstable"] {
         node.add_cgroup(dir);
@@ -33,7 +45,7 @@ fn the_xds_feed_drives_the_datapath_nacks_malformed_resources_and_resumes_after_
     );
     // Another pod in the kubelet's layout: the address lookup must not
     // mistake it for the client.
-    let _bystander = node.add_pod_in(
+    node.add_pod_in(
         "bystander",
         &format!(
             "kubepods/burstable/pod{}",
@@ -44,18 +56,41 @@ fn the_xds_feed_drives_the_datapath_nacks_malformed_resources_and_resumes_after_
     let zcgroup = node.add_cgroup("ztunnel");
     // istiod does not describe ztunnel; the file names its cgroup.
     node.write_workloads(&[], Some(&zcgroup));
-
     let istiod = FakeIstiod::start(&node.dir);
     let kubepods_parent = node.cgroup.display().to_string();
     let mut args = istiod.daemon_args(NODE);
     args.extend(["--source", "file", "--kubepods-parent", &kubepods_parent].map(String::from));
-    let daemon = Daemon::start_with(&node, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    XdsNode {
+        client,
+        server,
+        zcgroup,
+        istiod,
+        args,
+        node,
+    }
+}
+
+impl XdsNode {
+    fn daemon(&self) -> Daemon {
+        Daemon::start_with(
+            &self.node,
+            &self.args.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
+    }
+}
+
+#[test]
+fn the_xds_feed_drives_the_datapath_nacks_malformed_resources_and_resumes_after_reconnect() {
+    let x = xds_node();
+    let (node, client, server, zcgroup, istiod) =
+        (&x.node, &x.client, &x.server, &x.zcgroup, &x.istiod);
+    let daemon = x.daemon();
 
     let _app = server.echo_server("[::]:8080");
-    let ztunnel = ztunnel_stand_in(&node, &zcgroup, &[&client], 15001);
+    let ztunnel = ztunnel_stand_in(node, zcgroup, &[client], 15001);
     let to = format!("{}:8080", server.ip4);
     let redirected =
-        |expect: bool| ambridge_conformance::assert_redirected(&ztunnel, &client, &to, expect);
+        |expect: bool| ambridge_conformance::assert_redirected(&ztunnel, client, &to, expect);
     let client_ips: [IpAddr; 2] = [client.ip4.into(), client.ip6.into()];
     let uid = istiod::workload_uid("default", "client");
     let service = istiod::resource(
@@ -197,28 +232,12 @@ fn the_xds_feed_drives_the_datapath_nacks_malformed_resources_and_resumes_after_
 
 #[test]
 fn a_daemon_restarted_while_istiod_is_silent_keeps_its_pods_until_istiod_delivers() {
-    let mut node = Node::new();
-    for dir in ["kubepods", "kubepods/besteffort"] {
-        node.add_cgroup(dir);
-    }
-    let client = node.add_pod_in(
-        "client",
-        &format!(
-            "kubepods/besteffort/pod{}",
-            ambridge_conformance::kubelet_pod_uid()
-        ),
-    );
-    let server = node.add_pod("server");
-    let zcgroup = node.add_cgroup("ztunnel");
-    node.write_workloads(&[], Some(&zcgroup));
-    let istiod = FakeIstiod::start(&node.dir);
-    let kubepods_parent = node.cgroup.display().to_string();
-    let mut args = istiod.daemon_args(NODE);
-    args.extend(["--source", "file", "--kubepods-parent", &kubepods_parent].map(String::from));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let daemon = Daemon::start_with(&node, &args);
+    let x = xds_node();
+    let (node, client, server, zcgroup, istiod) =
+        (&x.node, &x.client, &x.server, &x.zcgroup, &x.istiod);
+    let daemon = x.daemon();
     let _app = server.echo_server("[::]:8080");
-    let ztunnel = ztunnel_stand_in(&node, &zcgroup, &[&client], 15001);
+    let ztunnel = ztunnel_stand_in(node, zcgroup, &[client], 15001);
     let to = format!("{}:8080", server.ip4);
     let client_ips: [IpAddr; 2] = [client.ip4.into(), client.ip6.into()];
     let uid = istiod::workload_uid("default", "client");
@@ -234,24 +253,24 @@ fn a_daemon_restarted_while_istiod_is_silent_keeps_its_pods_until_istiod_deliver
     };
     assert_eq!(istiod.reply(&istiod.send(state(), &[])), Ok(()));
     daemon.wait_for_mode(&uid, Some("ambient"));
-    ambridge_conformance::assert_redirected(&ztunnel, &client, &to, true);
+    ambridge_conformance::assert_redirected(&ztunnel, client, &to, true);
 
     // A node reboot, say: the new daemon has the file at once, and istiod
     // opens its stream but says nothing yet.
     let streams = istiod.seen().len();
     daemon.crash();
-    let daemon = Daemon::start_with(&node, &args);
+    let daemon = x.daemon();
     eventually(Duration::from_secs(15), || {
         (istiod.seen().len() > streams).then_some(())
     })
     .expect("the new daemon never asked istiod");
     // The file alone does not remove istiod's pod: it is still captured.
-    ambridge_conformance::assert_redirected(&ztunnel, &client, &to, true);
+    ambridge_conformance::assert_redirected(&ztunnel, client, &to, true);
     assert_eq!(istiod.reply(&istiod.send(state(), &[])), Ok(()));
     daemon.wait_for_mode(&uid, Some("ambient"));
-    ambridge_conformance::assert_redirected(&ztunnel, &client, &to, true);
+    ambridge_conformance::assert_redirected(&ztunnel, client, &to, true);
     // Once every source has delivered, removals resume.
     assert_eq!(istiod.reply(&istiod.send(vec![], &[uid.as_str()])), Ok(()));
     daemon.wait_for_mode(&uid, None);
-    ambridge_conformance::assert_redirected(&ztunnel, &client, &to, false);
+    ambridge_conformance::assert_redirected(&ztunnel, client, &to, false);
 }
