@@ -3,7 +3,19 @@
 
 use std::time::Duration;
 
-use ambridge_conformance::{Daemon, canon, eventually, three_pods, ztunnel_stand_in_with};
+use ambridge_conformance::{
+    Background, Daemon, ThreePods, canon, eventually, three_pods, ztunnel_stand_in_with,
+};
+
+/// The daemon, the server's echo server on 8080 and a ztunnel stand-in
+/// (`stand_in_args`) for the client, once the client is enrolled.
+fn serving(t: &ThreePods, stand_in_args: &[&str]) -> (Daemon, Background, Background) {
+    let daemon = Daemon::start(&t.node);
+    let app = t.server.echo_server("[::]:8080");
+    let ztunnel = ztunnel_stand_in_with(&t.node, &t.ztunnel_cgroup, &[&t.client], stand_in_args);
+    daemon.wait_for_mode(&t.client.uid, Some("ambient"));
+    (daemon, app, ztunnel)
+}
 
 #[test]
 fn clients_that_write_and_close_before_ztunnel_accepts_keep_their_original_destination_and_every_byte()
@@ -11,15 +23,7 @@ fn clients_that_write_and_close_before_ztunnel_accepts_keep_their_original_desti
     // syslog, statsd or `nc -q0`: the client's FIN is acknowledged and its
     // socket closed long before a busy ztunnel calls accept().
     let t = three_pods();
-    let daemon = Daemon::start(&t.node);
-    let _app = t.server.echo_server("[::]:8080");
-    let ztunnel = ztunnel_stand_in_with(
-        &t.node,
-        &t.ztunnel_cgroup,
-        &[&t.client],
-        &["--accept-delay-ms", "100"],
-    );
-    daemon.wait_for_mode(&t.client.uid, Some("ambient"));
+    let (daemon, _app, ztunnel) = serving(&t, &["--accept-delay-ms", "100"]);
     let to = format!("{}:8080", t.server.ip4);
     let clients = 20;
     let bytes = 4096;
@@ -75,10 +79,7 @@ fn connects_that_fail_before_their_syn_leave_no_pending_record() {
     // With no local port left, a redirected connect fails in the kernel
     // after the connect program recorded it and before any SYN.
     let t = three_pods();
-    let daemon = Daemon::start(&t.node);
-    let _app = t.server.echo_server("[::]:8080");
-    let _ztunnel = ztunnel_stand_in_with(&t.node, &t.ztunnel_cgroup, &[&t.client], &[]);
-    daemon.wait_for_mode(&t.client.uid, Some("ambient"));
+    let (daemon, _app, _ztunnel) = serving(&t, &[]);
     ambridge_conformance::sandbox::ip(&[
         "netns",
         "exec",
@@ -125,7 +126,7 @@ fn connects_that_fail_before_their_syn_leave_no_pending_record() {
 
 /// `three_pods` with the client's addresses in the workloads file replaced
 /// by `ips` (YAML flow list).
-fn client_listed_with(t: &ambridge_conformance::ThreePods, ips: &str) {
+fn client_listed_with(t: &ThreePods, ips: &str) {
     let text = std::fs::read_to_string(t.node.workloads_path()).unwrap();
     let listed = format!("ips: [{}, \"{}\"]", t.client.ip4, t.client.ip6);
     assert!(text.contains(&listed), "{text}");
@@ -137,10 +138,7 @@ fn client_listed_with(t: &ambridge_conformance::ThreePods, ips: &str) {
 fn an_enrolled_pod_the_feed_gives_no_address_is_redirected_by_its_netns_addresses() {
     let t = three_pods();
     client_listed_with(&t, "");
-    let daemon = Daemon::start(&t.node);
-    let _app = t.server.echo_server("[::]:8080");
-    let ztunnel = ztunnel_stand_in_with(&t.node, &t.ztunnel_cgroup, &[&t.client], &[]);
-    daemon.wait_for_mode(&t.client.uid, Some("ambient"));
+    let (_daemon, _app, ztunnel) = serving(&t, &[]);
     for to in [
         format!("{}:8080", t.server.ip4),
         format!("[{}]:8080", t.server.ip6),
@@ -155,10 +153,7 @@ fn an_enrolled_pods_connect_in_a_family_it_has_no_target_in_is_refused_not_let_t
     // too, but there is no redirect target for it.
     let t = three_pods();
     client_listed_with(&t, &t.client.ip4.to_string());
-    let daemon = Daemon::start(&t.node);
-    let app = t.server.echo_server("[::]:8080");
-    let ztunnel = ztunnel_stand_in_with(&t.node, &t.ztunnel_cgroup, &[&t.client], &[]);
-    daemon.wait_for_mode(&t.client.uid, Some("ambient"));
+    let (daemon, app, ztunnel) = serving(&t, &[]);
     ambridge_conformance::assert_redirected(
         &ztunnel,
         &t.client,
@@ -189,10 +184,7 @@ fn an_enrolled_pods_connect_in_a_family_it_has_no_target_in_is_refused_not_let_t
 #[test]
 fn a_handed_over_socket_is_captured_by_the_cgroup_of_the_task_that_connects_it() {
     let t = three_pods();
-    let daemon = Daemon::start(&t.node);
-    let _app = t.server.echo_server("[::]:8080");
-    let ztunnel = ztunnel_stand_in_with(&t.node, &t.ztunnel_cgroup, &[&t.client], &[]);
-    daemon.wait_for_mode(&t.client.uid, Some("ambient"));
+    let (_daemon, _app, ztunnel) = serving(&t, &[]);
     let to = format!("{}:8080", t.server.ip4);
     // A connection redirected to 15001: the handed-over socket may live in
     // another pod's netns, and then arrives at ztunnel from outside.
