@@ -345,7 +345,7 @@ struct Node {
     /// Why the workloads file was last rejected and which version of it
     /// (modification time), while it still is: a bad file is logged once
     /// per change, not at every look.
-    rejected: Option<String>,
+    rejected: Option<(String, Option<std::time::SystemTime>)>,
     /// The Kubernetes feed's last snapshot.
     kube: Option<crate::kubernetes::Snapshot>,
     /// Whether Kubernetes is a source: istiod's view is then only a
@@ -620,7 +620,7 @@ impl Node {
             Err(e) => {
                 // The same error of the same file version is reported once.
                 let version = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-                let why = format!("{e} {version:?}");
+                let why = (e.to_string(), version);
                 if self.rejected.as_ref() != Some(&why) {
                     error!(file = %path.display(), "workloads file rejected, keeping the last good state: {e}");
                     self.rejected = Some(why);
