@@ -118,6 +118,11 @@ impl Background {
         Background { child, events }
     }
 
+    /// The probe's stdin, for a probe spawned with it piped.
+    pub fn take_stdin(&mut self) -> std::process::ChildStdin {
+        self.child.stdin.take().expect("spawned with a piped stdin")
+    }
+
     /// The probe's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

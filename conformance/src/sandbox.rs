@@ -299,7 +299,7 @@ impl Node {
         ip(&["-n", name, "link", "set", "lo", "up"]);
     }
 
-    /// Adds pod number `n` (1..=200): netns with eth0 on the pod network
+    /// Adds pod number `n` (1..=240): netns with eth0 on the pod network
     /// (per the node's [`Topology`]) at 198.18.0.(10+n) and
     /// fd00:18::(10+n), pod cgroup `pod-<name>` with an
     /// `app` container cgroup, and a pause process in a `pause` container
@@ -311,6 +311,16 @@ impl Node {
     /// As [`Node::add_pod`], with the pod cgroup at `cgroup` (relative to
     /// the node cgroup; its parents must exist), e.g. a kubelet layout.
     pub fn add_pod_in(&mut self, name: &str, cgroup: &str) -> Pod {
+        let pod = self.add_pod_network(name, cgroup);
+        self.add_pod_cgroups(&pod);
+        self.start_pause(&pod);
+        pod
+    }
+
+    /// A pod as a container runtime has it when it runs the CNI plugins:
+    /// its network namespace wired and addressed as [`Node::add_pod_in`]
+    /// does, but no cgroup ([`Node::add_pod_cgroups`]) and no process yet.
+    pub fn add_pod_network(&mut self, name: &str, cgroup: &str) -> Pod {
         let n = self.pods.len() as u8 + 1;
         let host = 10 + n;
         let pod = Pod {
@@ -325,12 +335,16 @@ impl Node {
         };
         self.add_netns(&pod.netns_name);
         self.wire(&pod, n);
+        self.pods.push(pod.clone());
+        pod
+    }
+
+    /// Creates `pod`'s cgroups: the pod cgroup with its `app` and `pause`
+    /// container cgroups.
+    pub fn add_pod_cgroups(&mut self, pod: &Pod) {
         self.mkdir_cgroup(&pod.cgroup.clone());
         self.mkdir_cgroup(&pod.container.clone());
         self.mkdir_cgroup(&pod.cgroup.join("pause"));
-        self.start_pause(&pod);
-        self.pods.push(pod.clone());
-        pod
     }
 
     /// Recreates `pod`'s sandbox as a kubelet does after the sandbox dies:

@@ -25,6 +25,7 @@ use tonic::{Request, Response, Status, transport::server::UdsConnectInfo};
 use ambridge_common::flags;
 
 use crate::{
+    cni::source as cni,
     datapath::{self, Pins},
     reconcile::Desired,
     state::{Mode, NodeSpec, OriginalSrc, PodCgroup, PodSpec, Settings},
@@ -148,6 +149,70 @@ pub enum Pushed {
     RemoveZtunnel(PathBuf),
 }
 
+fn stopping() -> Status {
+    Status::unavailable("the daemon is stopping")
+}
+
+/// The longest an ADD may ask to wait.
+const CNI_MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Checks an ADD; errors name the offending field.
+fn cni_sandbox(
+    req: pb::CniAddRequest,
+) -> Result<(PodUid, cni::Sandbox, std::time::Duration), Status> {
+    let sandbox = req
+        .sandbox
+        .ok_or_else(|| invalid("sandbox", "missing".into()))?;
+    for (field, value) in [
+        ("sandbox.uid", &sandbox.uid),
+        ("sandbox.namespace", &sandbox.namespace),
+        ("sandbox.name", &sandbox.name),
+        ("sandbox.container_id", &sandbox.container_id),
+    ] {
+        if value.is_empty() {
+            return Err(invalid(field, "must not be empty".into()));
+        }
+    }
+    let netns = PathBuf::from(&req.netns);
+    if !netns.is_absolute() {
+        return Err(invalid(
+            "netns",
+            format!("{:?} is not an absolute path", req.netns),
+        ));
+    }
+    let ips = req
+        .ips
+        .iter()
+        .enumerate()
+        .map(|(i, ip)| {
+            ip.parse::<IpAddr>()
+                .map_err(|e| invalid(&format!("ips[{i}]"), format!("{ip:?}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let timeout = std::time::Duration::from_millis(req.timeout_ms.into());
+    if timeout.is_zero() || timeout > CNI_MAX_WAIT {
+        return Err(invalid(
+            "timeout_ms",
+            format!(
+                "{} is not between 1 and {}",
+                req.timeout_ms,
+                CNI_MAX_WAIT.as_millis()
+            ),
+        ));
+    }
+    Ok((
+        PodUid(sandbox.uid),
+        cni::Sandbox {
+            namespace: sandbox.namespace,
+            name: sandbox.name,
+            container_id: sandbox.container_id,
+            netns,
+            ips,
+        },
+        timeout,
+    ))
+}
+
 fn invalid(field: &str, message: String) -> Status {
     Status::invalid_argument(format!("{field}: {message}"))
 }
@@ -212,6 +277,7 @@ pub fn pushed(req: pb::PushCgroupRequest) -> Result<Pushed, Status> {
                 namespace: p.namespace,
                 service_account: crate::state::service_account_or_default(Some(p.service_account)),
                 cgroup: cgroup.map_or(PodCgroup::Uid, PodCgroup::Path),
+                netns: None,
                 ips,
                 mode,
                 accelerate: None,
@@ -341,6 +407,7 @@ struct Node {
     cgroup_root: PathBuf,
     pins: Pins,
     push: mpsc::Sender<PushRequest>,
+    cni: mpsc::Sender<cni::Request>,
     changes: broadcast::Sender<pb::Change>,
     /// With `--zds serve`: the ZDS server's connections and refusals.
     zds: Option<Arc<crate::zds::server::Stats>>,
@@ -351,6 +418,8 @@ pub struct Channels {
     /// Pushes checked field by field, for the reconcile loop to check
     /// against the node and apply.
     pub push: mpsc::Sender<PushRequest>,
+    /// The CNI plugin's calls, checked field by field.
+    pub cni: mpsc::Sender<cni::Request>,
     /// Changes after each reconcile, for watchers.
     pub changes: broadcast::Sender<pb::Change>,
 }
@@ -410,7 +479,6 @@ impl pb::node_server::Node for Node {
     ) -> Result<Response<pb::PushCgroupResponse>, Status> {
         require_root(&req)?;
         let entry = pushed(req.into_inner())?;
-        let stopping = || Status::unavailable("the daemon is stopping");
         let (reply, answer) = oneshot::channel();
         self.push
             .send(PushRequest { entry, reply })
@@ -418,6 +486,64 @@ impl pb::node_server::Node for Node {
             .map_err(|_| stopping())?;
         answer.await.map_err(|_| stopping())??;
         Ok(Response::new(pb::PushCgroupResponse {}))
+    }
+
+    async fn cni_add(
+        &self,
+        req: Request<pb::CniAddRequest>,
+    ) -> Result<Response<pb::CniAddResponse>, Status> {
+        require_root(&req)?;
+        let (uid, sandbox, timeout) = cni_sandbox(req.into_inner())?;
+        let (reply, answer) = oneshot::channel();
+        let request = cni::Request::Add {
+            uid,
+            sandbox,
+            deadline: tokio::time::Instant::now() + timeout,
+            reply,
+        };
+        self.cni.send(request).await.map_err(|_| stopping())?;
+        Ok(Response::new(answer.await.map_err(|_| stopping())??))
+    }
+
+    async fn cni_del(
+        &self,
+        req: Request<pb::CniDelRequest>,
+    ) -> Result<Response<pb::CniDelResponse>, Status> {
+        require_root(&req)?;
+        let sandbox = req
+            .into_inner()
+            .sandbox
+            .ok_or_else(|| invalid("sandbox", "missing".into()))?;
+        if sandbox.uid.is_empty() {
+            return Err(invalid("sandbox.uid", "must not be empty".into()));
+        }
+        let (reply, answer) = oneshot::channel();
+        let request = cni::Request::Del {
+            uid: PodUid(sandbox.uid),
+            container_id: sandbox.container_id,
+            reply,
+        };
+        self.cni.send(request).await.map_err(|_| stopping())?;
+        answer.await.map_err(|_| stopping())?;
+        Ok(Response::new(pb::CniDelResponse {}))
+    }
+
+    async fn cni_check(
+        &self,
+        req: Request<pb::CniCheckRequest>,
+    ) -> Result<Response<pb::CniAddResponse>, Status> {
+        require_root(&req)?;
+        let uid = req.into_inner().uid;
+        if uid.is_empty() {
+            return Err(invalid("uid", "must not be empty".into()));
+        }
+        let (reply, answer) = oneshot::channel();
+        let request = cni::Request::Check {
+            uid: PodUid(uid),
+            reply,
+        };
+        self.cni.send(request).await.map_err(|_| stopping())?;
+        Ok(Response::new(answer.await.map_err(|_| stopping())?))
     }
 
     async fn status(
@@ -510,6 +636,7 @@ pub async fn serve(
         cgroup_root,
         pins,
         push: channels.push,
+        cni: channels.cni,
         changes: channels.changes,
         zds,
     };
@@ -520,6 +647,9 @@ pub async fn serve(
         .await
         .context("serving the API")
 }
+
+/// Where `ambridge run` serves the API unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/ambridge/api.sock";
 
 /// A client of the API at `socket`.
 pub async fn connect(
@@ -705,6 +835,7 @@ mod tests {
             namespace: "default".into(),
             service_account: "default".into(),
             cgroup: PodCgroup::Path(path.into()),
+            netns: None,
             ips: vec![],
             mode: Mode::None,
             accelerate: None,

@@ -58,14 +58,21 @@ fn unescape_mount_path(s: &str) -> String {
 /// The id of the cgroup v2 directory at `path`. Fails if `path` is not a
 /// directory on a cgroup2 filesystem.
 pub fn cgroup_id(path: &Path) -> io::Result<CgroupId> {
-    let fs = nix::sys::statfs::statfs(path).map_err(io::Error::from)?;
+    // The kind is kept: callers tell a cgroup not made yet (`NotFound`)
+    // apart.
+    let named = |call: &str, e: io::Error| {
+        io::Error::new(e.kind(), format!("{call} {}: {e}", path.display()))
+    };
+    let fs = nix::sys::statfs::statfs(path).map_err(|e| named("statfs", e.into()))?;
     if fs.filesystem_type().0 as i64 != CGROUP2_SUPER_MAGIC {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            "not on a cgroup2 filesystem",
+            format!("{} is not on a cgroup2 filesystem", path.display()),
         ));
     }
-    Ok(CgroupId(std::fs::metadata(path)?.ino()))
+    Ok(CgroupId(
+        std::fs::metadata(path).map_err(|e| named("stat", e))?.ino(),
+    ))
 }
 
 /// The cgroup v2 path in the text of a `/proc/<pid>/cgroup` file: the

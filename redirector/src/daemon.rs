@@ -21,9 +21,10 @@ use tracing::{error, info, warn};
 
 use crate::{
     api, cgroup,
+    cni::source as cni,
     datapath::{Datapath, Pins},
     enroll,
-    netns::{AddressCache, CookieCache},
+    netns::{AddressCache, CookieCache, NetnsAt},
     reconcile::{self, Resolve, Unresolved},
     state::{CgroupRef, Mode, NodeSpec, PodCgroup, PodSpec, Settings, ZtunnelSpec},
     types::{CgroupId, NetnsCookie, PodUid},
@@ -186,12 +187,14 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     };
     let view = api::SharedView::default();
     let (push, mut pushes) = mpsc::channel(64);
+    let (cni_calls, mut cni_rx) = mpsc::channel(64);
     let (changes, _) = tokio::sync::broadcast::channel(1024);
     let mut api_task = tokio::spawn(api::serve(
         api::bind(&opts.api_socket)?,
         view.clone(),
         api::Channels {
             push,
+            cni: cni_calls,
             changes: changes.clone(),
         },
         opts.settings.clone(),
@@ -228,6 +231,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         rejected: None,
         pushed_pods: BTreeMap::new(),
         pushed_ztunnels: BTreeMap::new(),
+        sandboxes: cni::Sandboxes::default(),
+        cni_waiters: Vec::new(),
         placed: Vec::new(),
         unresolved: Vec::new(),
         cookies: CookieCache::default(),
@@ -313,6 +318,27 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 // The caller may have gone; the push stands (or not) anyway.
                 let _ = reply.send(checked);
             }
+            Some(call) = cni_rx.recv() => {
+                match call {
+                    cni::Request::Add { uid, sandbox, deadline, reply } => {
+                        info!(pod = %uid, namespace = %sandbox.namespace, name = %sandbox.name, netns = %sandbox.netns.display(), "CNI ADD");
+                        node.sandboxes.add(uid.clone(), sandbox);
+                        node.cni_waiters.push(cni::Waiter { uid, deadline, reply });
+                        node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent)?;
+                    }
+                    cni::Request::Del { uid, container_id, reply } => {
+                        if node.sandboxes.delete(&uid, &container_id) {
+                            info!(pod = %uid, container = %container_id, "CNI DEL");
+                            node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent)?;
+                        }
+                        let _ = reply.send(());
+                    }
+                    cni::Request::Check { uid, reply } => {
+                        let _ = reply.send(node.cni_verdict(&uid, attached).response());
+                    }
+                }
+            }
+            _ = sleep_until(node.cni_waiters.iter().map(|w| w.deadline).min()) => {}
             _ = resync.tick() => {
                 node.refresh_node_addresses();
                 node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent)?;
@@ -327,6 +353,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             datapath.attach(&opts.cgroup_root, &opts.pins)?;
             attached = true;
         }
+        node.answer_cni(attached);
     }
     info!("stopping; the datapath stays installed (`ambridge uninstall` removes it)");
     Ok(())
@@ -365,6 +392,10 @@ struct Node {
     pushed_pods: BTreeMap<PodUid, PodSpec>,
     /// Pushed ztunnel cgroups, with their zero-copy flag.
     pushed_ztunnels: BTreeMap<PathBuf, bool>,
+    /// The pod sandboxes the CNI plugin reported.
+    sandboxes: cni::Sandboxes,
+    /// CNI ADDs waiting for their pod to be in the datapath.
+    cni_waiters: Vec<cni::Waiter>,
     /// The pods of the last reconcile on their cgroups, which a pushed
     /// cgroup must not contain.
     placed: Vec<api::PlacedPod>,
@@ -462,7 +493,7 @@ impl SystemResolver<'_> {
             for (_, pod_cgroup) in cgroup::list_pod_cgroups(self.kubepods_parent)? {
                 // A pod without processes (or just gone) has no netns to
                 // look at; it is found at a later reconcile.
-                if let Ok(Some(ips)) = self.addresses.of_cgroup(&pod_cgroup) {
+                if let Ok(Some(ips)) = self.addresses.of(NetnsAt::SandboxOf(&pod_cgroup)) {
                     for ip in ips {
                         index.entry(ip).or_default().insert(pod_cgroup.clone());
                     }
@@ -487,12 +518,12 @@ impl Resolve for SystemResolver<'_> {
         cgroup::cgroup_id(cgroup)
     }
 
-    fn netns_cookie(&mut self, cgroup: &Path) -> std::io::Result<Option<NetnsCookie>> {
-        Ok(self.cookies.of_cgroup(cgroup)?.map(NetnsCookie))
+    fn netns_cookie(&mut self, at: NetnsAt) -> std::io::Result<Option<NetnsCookie>> {
+        Ok(self.cookies.of(at)?.map(NetnsCookie))
     }
 
-    fn netns_addresses(&mut self, cgroup: &Path) -> std::io::Result<Option<Vec<IpAddr>>> {
-        self.addresses.of_cgroup(cgroup)
+    fn netns_addresses(&mut self, at: NetnsAt) -> std::io::Result<Option<Vec<IpAddr>>> {
+        self.addresses.of(at)
     }
 
     fn node_addresses(&mut self) -> Vec<IpAddr> {
@@ -571,6 +602,7 @@ impl Node {
                     namespace: w.namespace.clone(),
                     service_account: w.service_account.clone(),
                     cgroup: PodCgroup::Address,
+                    netns: None,
                     ips: w.ips.clone(),
                     mode: if w.captured {
                         Mode::Ambient
@@ -583,6 +615,16 @@ impl Node {
             );
         }
         overlay(&mut spec.pods, self.pushed_pods.values().cloned());
+        // The plugin knows a new sandbox's namespace before any process runs
+        // in it, and its addresses before the API publishes them.
+        for pod in &mut spec.pods {
+            if let Some(sandbox) = self.sandboxes.get(&pod.uid) {
+                pod.netns = Some(sandbox.netns.clone());
+                if pod.ips.is_empty() {
+                    pod.ips = sandbox.ips.clone();
+                }
+            }
+        }
         // ZDS gates the in-pod model only; a shared ztunnel takes no pods.
         if spec.redirect.is_none() {
             spec.ready = self.zds.as_ref().map(ZdsState::ready);
@@ -628,6 +670,45 @@ impl Node {
                 false
             }
         }
+    }
+
+    /// Where `uid` stands for a CNI ADD, as of the last reconcile.
+    fn cni_verdict(&self, uid: &PodUid, attached: bool) -> cni::Verdict {
+        if !attached {
+            return cni::Verdict::Waiting("the programs are not attached yet".into());
+        }
+        let view = self.view.read().expect("view lock");
+        let ztunnels = self
+            .kube
+            .as_ref()
+            .map(|k| k.ztunnels.iter().cloned().collect())
+            .unwrap_or_default();
+        cni::verdict(
+            uid,
+            &cni::Standing {
+                pod: view.pods.iter().find(|p| p.uid == uid.0),
+                ztunnels: &ztunnels,
+                listed_by_kubernetes: self.kube_is_source.then(|| {
+                    self.kube.as_ref().is_some_and(|k| {
+                        k.pods.iter().any(|p| &p.uid == uid) || k.ztunnels.contains(uid)
+                    })
+                }),
+            },
+        )
+    }
+
+    /// Answers each waiting ADD whose pod is now in the datapath (or whose
+    /// time is up).
+    fn answer_cni(&mut self, attached: bool) {
+        let now = tokio::time::Instant::now();
+        let waiters = std::mem::take(&mut self.cni_waiters);
+        self.cni_waiters = waiters
+            .into_iter()
+            .filter_map(|w| {
+                let verdict = self.cni_verdict(&w.uid, attached);
+                w.answer(verdict, now)
+            })
+            .collect();
     }
 
     /// Notes that `source` has delivered a state.
@@ -855,11 +936,20 @@ fn zds_pods(spec: &NodeSpec, desired: &reconcile::Desired) -> zds::server::Pods 
                     namespace: p.namespace.clone(),
                     service_account: p.service_account.clone(),
                     cgroup: cgroup.clone(),
+                    netns_file: p.netns.clone(),
                     netns: desired.pod_netns.get(&p.uid).copied(),
                 },
             ))
         })
         .collect()
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Watches the directory holding `file` (editors and ConfigMap mounts replace

@@ -176,6 +176,7 @@ mod tests {
             namespace: "default".into(),
             service_account: "default".into(),
             cgroup: crate::state::PodCgroup::Path("/sys/fs/cgroup/p".into()),
+            netns: None,
             ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
             mode,
             accelerate: None,

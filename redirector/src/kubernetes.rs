@@ -215,6 +215,7 @@ pub fn snapshot(
             ),
             namespace: facts.namespace,
             cgroup: PodCgroup::Uid,
+            netns: None,
             ips: pod_ips(pod),
             mode,
             accelerate: None,

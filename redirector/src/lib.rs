@@ -1,7 +1,8 @@
 //! ambridge: eBPF traffic capture for Istio Ambient.
 //!
 //! Shape: sources (the [`workloads`] file, [`kubernetes`], istiod's
-//! workload discovery [`xds`], pushes through the local [`api`]) produce one
+//! workload discovery [`xds`], pushes through the local [`api`], sandboxes from the
+//! [`cni`] plugin) produce one
 //! [`state::NodeSpec`]; pure decisions ([`membership`], [`enroll`],
 //! [`reconcile`]) turn it into the map contents the kernel programs need;
 //! [`datapath`] owns the programs, links and maps. In replacement mode
@@ -9,6 +10,7 @@
 
 pub mod api;
 pub mod cgroup;
+pub mod cni;
 pub mod daemon;
 pub mod datapath;
 pub mod enroll;

@@ -15,7 +15,7 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 const DEFAULT_BPFFS: &str = "/sys/fs/bpf/ambridge";
-const DEFAULT_API: &str = "/run/ambridge/api.sock";
+const DEFAULT_API: &str = ambridge::api::DEFAULT_SOCKET;
 
 /// Counters or map sizes, by name, as `ambridge stats` prints them.
 type NamedValues = Vec<(String, u64)>;

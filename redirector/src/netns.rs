@@ -33,6 +33,27 @@ pub fn netns_of_cgroup(cgroup: &Path) -> io::Result<Option<PathBuf>> {
     Ok(oldest.map(|(_, pid)| PathBuf::from(format!("/proc/{pid}/ns/net"))))
 }
 
+/// Where a pod's network namespace is found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetnsAt<'a> {
+    /// The namespace of the sandbox process in this cgroup (see
+    /// [`netns_of_cgroup`]).
+    SandboxOf(&'a Path),
+    /// This nsfs file: what the container runtime hands the CNI plugin
+    /// (`CNI_NETNS`), before any process runs in the pod.
+    File(&'a Path),
+}
+
+impl NetnsAt<'_> {
+    /// The namespace's path, `None` while a cgroup has no process.
+    fn path(self) -> io::Result<Option<PathBuf>> {
+        match self {
+            NetnsAt::SandboxOf(cgroup) => netns_of_cgroup(cgroup),
+            NetnsAt::File(path) => Ok(Some(path.to_path_buf())),
+        }
+    }
+}
+
 /// Calls `f` with every pid listed in `cgroup` and the cgroups below it.
 fn for_each_process(cgroup: &Path, f: &mut impl FnMut(u32)) -> io::Result<()> {
     let procs = fs::read_to_string(cgroup.join("cgroup.procs"))?;
@@ -229,40 +250,42 @@ impl<T> Default for NsCache<T> {
 }
 
 impl<T: Clone> NsCache<T> {
-    /// The value for `cgroup`'s network namespace, `None` while the cgroup
+    /// The value for the network namespace `at`, `None` while a cgroup
     /// has no process. `load` computes it inside the namespace; values
     /// `keep` refuses are returned but looked up again next time.
-    fn of_cgroup(
+    fn of(
         &mut self,
-        cgroup: &Path,
+        at: NetnsAt,
         load: impl FnOnce(&Path) -> io::Result<T> + Send,
         keep: impl FnOnce(&T) -> bool,
     ) -> io::Result<Option<T>>
     where
         T: Send,
     {
-        Ok(self
-            .of_cgroup_with_id(cgroup, load, keep)?
-            .map(|(_, value)| value))
+        Ok(self.of_with_id(at, load, keep)?.map(|(_, value)| value))
     }
 
-    /// As [`Self::of_cgroup`], with the namespace's identity.
-    fn of_cgroup_with_id(
+    /// As [`Self::of`], with the namespace's identity.
+    fn of_with_id(
         &mut self,
-        cgroup: &Path,
+        at: NetnsAt,
         load: impl FnOnce(&Path) -> io::Result<T> + Send,
         keep: impl FnOnce(&T) -> bool,
     ) -> io::Result<Option<((u64, u64), T)>>
     where
         T: Send,
     {
-        let Some(netns) = netns_of_cgroup(cgroup)? else {
+        let Some(netns) = at.path()? else {
             return Ok(None);
         };
         let ns = match open_netns(&netns) {
             Ok(f) => f,
             // The process exited between listing and looking: try later.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound && matches!(at, NetnsAt::SandboxOf(_)) =>
+            {
+                return Ok(None);
+            }
             Err(e) => return Err(e),
         };
         // Identity from the open file, not the path, so it is the namespace
@@ -307,9 +330,10 @@ pub struct CookieCache {
 }
 
 impl CookieCache {
-    /// The netns cookie of `cgroup`'s processes, `None` while it has none.
-    pub fn of_cgroup(&mut self, cgroup: &Path) -> io::Result<Option<u64>> {
-        let found = self.cache.of_cgroup_with_id(cgroup, own_cookie, |_| true)?;
+    /// The cookie of the network namespace `at`, `None` while a cgroup has
+    /// no process.
+    pub fn of(&mut self, at: NetnsAt) -> io::Result<Option<u64>> {
+        let found = self.cache.of_with_id(at, own_cookie, |_| true)?;
         Ok(found.map(|(id, cookie)| {
             self.by_cookie.insert(cookie, id);
             cookie
@@ -337,14 +361,13 @@ impl CookieCache {
 pub struct AddressCache(NsCache<Vec<IpAddr>>);
 
 impl AddressCache {
-    /// The addresses of `cgroup`'s network namespace, `None` while the
-    /// cgroup has no process.
+    /// The addresses of the network namespace `at`, `None` while a cgroup
+    /// has no process.
     ///
     /// An empty list is not cached: the CNI adds the pod IP only after the
     /// sandbox's namespace exists, so a later call must look again.
-    pub fn of_cgroup(&mut self, cgroup: &Path) -> io::Result<Option<Vec<IpAddr>>> {
-        self.0
-            .of_cgroup(cgroup, own_addresses, |ips| !ips.is_empty())
+    pub fn of(&mut self, at: NetnsAt) -> io::Result<Option<Vec<IpAddr>>> {
+        self.0.of(at, own_addresses, |ips| !ips.is_empty())
     }
 
     /// See [`NsCache::retain_seen`].
@@ -491,7 +514,12 @@ mod tests {
     fn a_cgroup_without_processes_has_no_addresses_yet() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("cgroup.procs"), "").unwrap();
-        assert_eq!(AddressCache::default().of_cgroup(dir.path()).unwrap(), None);
+        assert_eq!(
+            AddressCache::default()
+                .of(NetnsAt::SandboxOf(dir.path()))
+                .unwrap(),
+            None
+        );
     }
 
     #[test]
@@ -505,12 +533,18 @@ mod tests {
         .unwrap();
         let expected = addresses(Path::new("/proc/self/ns/net")).unwrap();
         let mut cache = AddressCache::default();
-        assert_eq!(cache.of_cgroup(dir.path()).unwrap(), Some(expected.clone()));
+        assert_eq!(
+            cache.of(NetnsAt::SandboxOf(dir.path())).unwrap(),
+            Some(expected.clone())
+        );
         let cached = usize::from(!expected.is_empty());
         assert_eq!(cache.0.by_ns.len(), cached);
         cache.retain_seen();
         assert_eq!(cache.0.by_ns.len(), cached);
-        assert_eq!(cache.of_cgroup(dir.path()).unwrap(), Some(expected));
+        assert_eq!(
+            cache.of(NetnsAt::SandboxOf(dir.path())).unwrap(),
+            Some(expected)
+        );
         cache.retain_seen();
         cache.retain_seen();
         assert!(cache.0.by_ns.is_empty());

@@ -15,6 +15,7 @@ use ipnet::IpNet;
 
 use crate::{
     enroll,
+    netns::NetnsAt,
     state::{CgroupRef, Mode, NodeSpec, PodCgroup, PodSpec, Settings},
     types::{CgroupId, NetnsCookie, PodUid},
 };
@@ -27,11 +28,12 @@ pub trait Resolve {
     fn pod_cgroup_by_address(&mut self, ips: &[IpAddr]) -> io::Result<std::path::PathBuf>;
     /// The id of a cgroup directory.
     fn cgroup_id(&mut self, cgroup: &Path) -> io::Result<CgroupId>;
-    /// The netns cookie of a cgroup's processes; `None` while it has none.
-    fn netns_cookie(&mut self, cgroup: &Path) -> io::Result<Option<NetnsCookie>>;
-    /// The addresses of a cgroup's network namespace; `None` while it has
-    /// no process.
-    fn netns_addresses(&mut self, cgroup: &Path) -> io::Result<Option<Vec<IpAddr>>>;
+    /// The cookie of a network namespace; `None` while the cgroup it is
+    /// found through has no process.
+    fn netns_cookie(&mut self, at: NetnsAt) -> io::Result<Option<NetnsCookie>>;
+    /// The addresses of a network namespace; `None` while the cgroup it is
+    /// found through has no process.
+    fn netns_addresses(&mut self, at: NetnsAt) -> io::Result<Option<Vec<IpAddr>>>;
     /// The addresses of the node's own network namespace: connections from
     /// them (kubelet probes, host-network pods) reach pods uncaptured.
     fn node_addresses(&mut self) -> Vec<IpAddr>;
@@ -90,16 +92,16 @@ impl Desired {
         });
     }
 
-    /// Adds the netns entry of `cgroup`'s processes.
+    /// Adds the netns entry of the namespace `at` (of `cgroup`'s pod).
     fn netns_of(
         &mut self,
         uid: Option<&PodUid>,
         owner: &str,
-        cgroup: &Path,
+        (cgroup, at): (&Path, NetnsAt),
         info: NetnsInfo,
         resolve: &mut impl Resolve,
     ) -> Option<NetnsCookie> {
-        match resolve.netns_cookie(cgroup) {
+        match resolve.netns_cookie(at) {
             Ok(Some(cookie)) => {
                 self.netns.insert(cookie, info);
                 if let Some(uid) = uid {
@@ -149,10 +151,14 @@ pub fn desired(spec: &NodeSpec, settings: &Settings, resolve: &mut impl Resolve)
         // A pod the feed gives no address yet (the API has not published
         // it, `ips: []`) is addressed by its netns's own: enrolled means
         // redirected or refused, never let through for want of a target.
+        let netns = match &pod.netns {
+            Some(file) => NetnsAt::File(file),
+            None => NetnsAt::SandboxOf(&cgroup),
+        };
         let learned;
         let pod = if pod.ips.is_empty() {
             learned = PodSpec {
-                ips: learned_addresses(resolve, &cgroup),
+                ips: learned_addresses(resolve, netns),
                 ..pod.clone()
             };
             &learned
@@ -172,7 +178,7 @@ pub fn desired(spec: &NodeSpec, settings: &Settings, resolve: &mut impl Resolve)
         }
         if !pod.ips.is_empty() {
             let info = enroll::netns_entry(pod.ip4(), pod.ip6());
-            let _ = out.netns_of(Some(&pod.uid), &owner, &cgroup, info, resolve);
+            let _ = out.netns_of(Some(&pod.uid), &owner, (&cgroup, netns), info, resolve);
         }
         // Inbound capture needs ztunnel's listeners in the pod's own netns:
         // the in-pod model only.
@@ -213,7 +219,8 @@ pub fn desired(spec: &NodeSpec, settings: &Settings, resolve: &mut impl Resolve)
         // Connections to and from it are keyed by that namespace.
         if let Some(shared) = spec.redirect {
             let info = enroll::netns_entry(shared.ip4, shared.ip6);
-            if let Some(cookie) = out.netns_of(None, &owner, &cgroup, info, resolve)
+            let at = (cgroup.as_path(), NetnsAt::SandboxOf(&cgroup));
+            if let Some(cookie) = out.netns_of(None, &owner, at, info, resolve)
                 && out.node.shared_netns == 0
             {
                 out.node.shared_netns = cookie.0;
@@ -223,11 +230,11 @@ pub fn desired(spec: &NodeSpec, settings: &Settings, resolve: &mut impl Resolve)
     out
 }
 
-/// One address per family of the cgroup's netns (the first of each, as a
-/// pod has one per family), none while it is unknown.
-fn learned_addresses(resolve: &mut impl Resolve, cgroup: &Path) -> Vec<IpAddr> {
+/// One address per family of the pod's netns (the first of each, as a pod
+/// has one per family), none while it is unknown.
+fn learned_addresses(resolve: &mut impl Resolve, netns: NetnsAt) -> Vec<IpAddr> {
     let found = resolve
-        .netns_addresses(cgroup)
+        .netns_addresses(netns)
         .ok()
         .flatten()
         .unwrap_or_default();
@@ -342,6 +349,7 @@ mod tests {
             namespace: "default".into(),
             service_account: "default".into(),
             cgroup: PodCgroup::Path(cgroup.into()),
+            netns: None,
             ips: vec!["198.18.0.2".parse().unwrap()],
             mode,
             accelerate: None,
@@ -367,6 +375,14 @@ mod tests {
     /// Resolves `/cg/<n>` to cgroup id n and netns cookie 1000+n, unless n
     /// is 13 (a pod without processes yet); anything else does not exist.
     struct Fake;
+
+    /// `<n>` of `/ns/<n>`.
+    fn ns_file_number(file: &Path) -> io::Result<u64> {
+        file.strip_prefix("/ns")
+            .ok()
+            .and_then(|p| p.to_str()?.parse().ok())
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
+    }
 
     impl Resolve for Fake {
         /// UID `by-uid-<n>` lives in `/cg/<n>`.
@@ -396,18 +412,35 @@ mod tests {
                 .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
         }
 
-        fn netns_cookie(&mut self, cgroup: &Path) -> io::Result<Option<NetnsCookie>> {
-            let id = self.cgroup_id(cgroup)?.0;
-            Ok((id != 13).then_some(NetnsCookie(1000 + id)))
+        /// `/cg/13` has no process; the file `/ns/<n>` is netns `2000 + n`.
+        fn netns_cookie(&mut self, at: NetnsAt) -> io::Result<Option<NetnsCookie>> {
+            match at {
+                NetnsAt::SandboxOf(cgroup) => {
+                    let id = self.cgroup_id(cgroup)?.0;
+                    Ok((id != 13).then_some(NetnsCookie(1000 + id)))
+                }
+                NetnsAt::File(file) => Ok(Some(NetnsCookie(2000 + ns_file_number(file)?))),
+            }
         }
 
         fn node_addresses(&mut self) -> Vec<IpAddr> {
             vec!["198.18.0.1".parse().unwrap()]
         }
 
-        /// `/cg/<n>`'s netns holds `198.18.9.<n>` and `fd00:18:9::<n>`.
-        fn netns_addresses(&mut self, cgroup: &Path) -> io::Result<Option<Vec<IpAddr>>> {
+        /// `/cg/<n>`'s netns holds `198.18.9.<n>` and `fd00:18:9::<n>`,
+        /// the file `/ns/<n>` `198.18.8.<n>`.
+        fn netns_addresses(&mut self, at: NetnsAt) -> io::Result<Option<Vec<IpAddr>>> {
+            let cgroup = match at {
+                NetnsAt::SandboxOf(cgroup) => cgroup,
+                NetnsAt::File(file) => {
+                    let n = ns_file_number(file)?;
+                    return Ok(Some(vec![format!("198.18.8.{n}").parse().unwrap()]));
+                }
+            };
             let n = self.cgroup_id(cgroup)?.0;
+            if n == 13 {
+                return Ok(None);
+            }
             Ok(Some(vec![
                 format!("198.18.9.{n}").parse().unwrap(),
                 format!("fd00:18:9::{n:x}").parse().unwrap(),
@@ -468,6 +501,41 @@ mod tests {
         assert_eq!(d.cgroups.len(), 3);
         assert_eq!(d.unresolved.len(), 1);
         assert!(d.unresolved[0].owner.contains("default/c"));
+    }
+
+    #[test]
+    fn a_pod_whose_netns_file_is_known_is_placed_and_captured_before_any_process_runs_in_it() {
+        // `/cg/13` has no process yet, as at the CNI ADD of its sandbox.
+        let mut s = spec();
+        let mut starting = pod("c", "/cg/13", Mode::Ambient);
+        starting.ips.clear();
+        let without_file = desired(
+            &NodeSpec {
+                pods: vec![starting.clone()],
+                ..s.clone()
+            },
+            &Settings::default(),
+            &mut Fake,
+        );
+        assert!(without_file.pod_netns.is_empty());
+        assert_eq!(
+            without_file.cgroups[&CgroupId(13)].flags & flags::HAS_IP4,
+            0
+        );
+        starting.netns = Some("/ns/13".into());
+        s.pods.push(starting);
+        let d = desired(&s, &Settings::default(), &mut Fake);
+        let uid = PodUid("c".into());
+        assert_eq!(d.pod_netns[&uid], NetnsCookie(2013));
+        let entry = d.cgroups[&CgroupId(13)];
+        assert_eq!(entry.redirect_ip4.to_ne_bytes(), [198, 18, 8, 13]);
+        let ip: IpAddr = "198.18.8.13".parse().unwrap();
+        assert_eq!(d.inbound[&ip].netns_cookie, 2013);
+        assert!(
+            d.unresolved.iter().all(|u| u.uid.as_ref() != Some(&uid)),
+            "{:?}",
+            d.unresolved
+        );
     }
 
     #[test]

@@ -30,6 +30,10 @@ pub struct PodSpec {
     pub service_account: String,
     /// Where its pod-level cgroup v2 directory is.
     pub cgroup: PodCgroup,
+    /// Its network namespace's file, where a source knows it (the CNI
+    /// plugin's `CNI_NETNS`, before any process runs in the pod); otherwise
+    /// the namespace of the sandbox process in its cgroup.
+    pub netns: Option<PathBuf>,
     pub ips: Vec<IpAddr>,
     pub mode: Mode,
     /// Same-node acceleration for this pod, overriding the node's

@@ -139,6 +139,7 @@ pub fn parse(text: &str) -> Result<NodeSpec, FileError> {
                 namespace: w.namespace,
                 service_account: w.service_account,
                 cgroup: w.cgroup.map_or(PodCgroup::Uid, PodCgroup::Path),
+                netns: None,
                 ips: w.ips,
                 mode: w.mode,
                 accelerate: w.accelerate,

@@ -346,6 +346,7 @@ mod tests {
             namespace: "default".into(),
             service_account: "default".into(),
             cgroup: crate::state::PodCgroup::Uid,
+            netns: None,
             ips: Vec::new(),
             mode,
             accelerate: None,

@@ -54,9 +54,11 @@ pub struct ZdsPod {
     pub service_account: String,
     /// The pod-level cgroup; its processes lead to the pod's netns.
     pub cgroup: PathBuf,
-    /// The pod's netns as the daemon last found it (`None` while the pod
-    /// has no process): a new cookie is a recreated sandbox, to be added
-    /// again.
+    /// The pod's netns file, where a source named it (the CNI plugin):
+    /// opened instead of going through the cgroup's processes.
+    pub netns_file: Option<PathBuf>,
+    /// The pod's netns as the daemon last found it (`None` while it is not
+    /// known): a new cookie is a recreated sandbox, to be added again.
     pub netns: Option<NetnsCookie>,
 }
 
@@ -543,7 +545,7 @@ impl Connection {
     async fn snapshot(&mut self) -> Result<(), ConnError> {
         let pods = self.pods.borrow_and_update().clone();
         for (uid, pod) in &pods {
-            match pod.netns.and_then(|_| open_netns(&pod.cgroup)) {
+            match pod.netns.and_then(|_| open_netns(pod)) {
                 Some(ns) => self.add(uid, pod, &ns).await?,
                 None => {
                     let keep = Request::Keep { uid: uid.0.clone() };
@@ -624,7 +626,7 @@ impl Connection {
             {
                 continue;
             }
-            match open_netns(&pod.cgroup) {
+            match open_netns(pod) {
                 Some(ns) => self.add(uid, pod, &ns).await?,
                 // Its process just exited: try again shortly.
                 None => {
@@ -667,10 +669,13 @@ impl Connection {
     }
 }
 
-/// The pod's netns, opened through a process of its cgroup; `None` while it
-/// has none (or it just exited).
-fn open_netns(cgroup: &Path) -> Option<fs::File> {
-    let path = netns::netns_of_cgroup(cgroup).ok()??;
+/// The pod's netns, opened from its file or through a process of its
+/// cgroup; `None` while neither is there (or the process just exited).
+fn open_netns(pod: &ZdsPod) -> Option<fs::File> {
+    let path = match &pod.netns_file {
+        Some(file) => file.clone(),
+        None => netns::netns_of_cgroup(&pod.cgroup).ok()??,
+    };
     fs::File::open(path).ok()
 }
 

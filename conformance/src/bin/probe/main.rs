@@ -43,6 +43,11 @@ struct Cli {
     /// Connect and I/O timeout.
     #[arg(long, default_value_t = 10_000)]
     timeout_ms: u64,
+    /// Wait for a line on stdin before joining the cgroup and netns (and
+    /// report `released` with the CLOCK_MONOTONIC time then): a container
+    /// whose first instruction runs the instant its runtime starts it.
+    #[arg(long)]
+    start_on_stdin: bool,
     #[command(subcommand)]
     role: Role,
 }
@@ -358,6 +363,13 @@ fn report(value: serde_json::Value) {
 /// Joins the cgroup (the whole process: sockets are charged to the creating
 /// task's cgroup) and then the network namespace.
 fn enter(cli: &Cli) -> io::Result<()> {
+    if cli.start_on_stdin {
+        let mut line = String::new();
+        io::stdin().read_line(&mut line)?;
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
+        let at_ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
+        report(json!({"event": "released", "monotonic_ns": at_ns}));
+    }
     if let Some(cgroup) = &cli.cgroup {
         fs::write(cgroup.join("cgroup.procs"), "0")?;
     }
