@@ -22,7 +22,7 @@ pub struct Daemon {
 
 impl Daemon {
     /// Starts the daemon on `node`'s cgroup and workloads file, and waits
-    /// until it reports `ready`.
+    /// until its Status API says it is ready.
     pub fn start(node: &Node) -> Self {
         Self::start_with(node, &[])
     }
@@ -101,33 +101,64 @@ impl Daemon {
         }
     }
 
-    /// Waits until the daemon logs that it is ready; panics with its log if
-    /// it exits or takes over 30 s.
+    /// Waits until the daemon's Status API says it is ready (programs
+    /// attached, every source delivered, ZDS listening when serving);
+    /// panics with its log if it exits or takes over 30 s.
     pub fn wait_ready(&mut self) {
-        let ready = eventually(Duration::from_secs(30), || {
-            if self.log().iter().any(|l| l.contains("ready")) {
+        self.wait_status("ready", |status| status["ready"] == true);
+    }
+
+    /// Waits until the daemon's API answers, ready or not: for a test that
+    /// holds a source back on purpose. Panics as [`Daemon::wait_ready`].
+    pub fn wait_serving(&mut self) {
+        self.wait_status("serving its API", |_| true);
+    }
+
+    fn wait_status(&mut self, what: &str, reached: impl Fn(&serde_json::Value) -> bool) {
+        let outcome = eventually(Duration::from_secs(30), || {
+            if self.status().is_some_and(|s| reached(&s)) {
                 return Some(Ok(()));
             }
-            // A daemon that exited will never be ready: fail at once.
+            // A daemon that exited will never get there: fail at once.
             match self.child.as_mut().unwrap().try_wait() {
                 Ok(Some(status)) => Some(Err(status)),
                 _ => None,
             }
         });
-        if let Some(Ok(())) = ready {
+        if let Some(Ok(())) = outcome {
             return;
         }
         // Let the reader thread drain the last lines.
         std::thread::sleep(Duration::from_millis(100));
         panic!(
-            "ambridge did not become ready ({ready:?}); log:\n{}",
+            "ambridge never got to {what} ({outcome:?}); status: {:?}; log:\n{}",
+            self.status(),
             self.log().join("\n")
         )
     }
 
-    /// Whether the daemon has logged that it is ready.
-    pub fn is_ready(&self) -> bool {
-        self.log().iter().any(|l| l.contains("ready"))
+    /// `ambridge status --json`, or `None` while the API does not answer.
+    pub fn status(&self) -> Option<serde_json::Value> {
+        let out = Command::new(workspace_bin("ambridge"))
+            .args(["status", "--json", "--api"])
+            .arg(&self.api)
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// The health of the daemon's component `name` (`datapath`,
+    /// `zds-server`, ...) as `ambridge status --json` shows it.
+    pub fn component(&self, name: &str) -> Option<serde_json::Value> {
+        self.status()?["components"]
+            .as_array()?
+            .iter()
+            .find(|c| c["name"] == name)
+            .cloned()
     }
 
     /// Waits until `ambridge pods` shows `uid` with `mode` in the datapath

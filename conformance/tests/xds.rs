@@ -71,11 +71,15 @@ fn xds_node() -> XdsNode {
 }
 
 impl XdsNode {
+    /// A daemon whose API answers; not ready yet, since istiod has not
+    /// said anything to it.
     fn daemon(&self) -> Daemon {
-        Daemon::start_with(
+        let mut daemon = Daemon::spawn_with(
             &self.node,
             &self.args.iter().map(String::as_str).collect::<Vec<_>>(),
-        )
+        );
+        daemon.wait_serving();
+        daemon
     }
 }
 

@@ -16,10 +16,7 @@ use tokio::{
     net::UnixListener,
     sync::{broadcast, mpsc, oneshot},
 };
-use tokio_stream::{
-    Stream, StreamExt,
-    wrappers::{BroadcastStream, UnixListenerStream},
-};
+use tokio_stream::{Stream, StreamExt, wrappers::BroadcastStream};
 use tonic::{Request, Response, Status, transport::server::UdsConnectInfo};
 
 use ambridge_common::flags;
@@ -29,6 +26,7 @@ use crate::{
     datapath::{self, Pins},
     reconcile::Desired,
     state::{Mode, NodeSpec, OriginalSrc, PodCgroup, PodSpec, Settings},
+    supervise::{Backoff, Component, Health, Policy},
     types::{CgroupId, PodUid},
 };
 
@@ -409,8 +407,16 @@ struct Node {
     push: mpsc::Sender<PushRequest>,
     cni: mpsc::Sender<cni::Request>,
     changes: broadcast::Sender<pb::Change>,
+    reports: Reports,
+}
+
+/// What the daemon's parts report, for `Status`.
+#[derive(Clone, Debug, Default)]
+pub struct Reports {
     /// With `--zds serve`: the ZDS server's connections and refusals.
-    zds: Option<Arc<crate::zds::server::Stats>>,
+    pub zds: Option<Arc<crate::zds::server::Stats>>,
+    /// The supervised components and readiness.
+    pub health: Health,
 }
 
 /// The channels between the API and the reconcile loop.
@@ -584,10 +590,27 @@ impl pb::node_server::Node for Node {
             sockmap: self.settings.sockmap,
             counters,
             map_entries,
-            zds: self.zds.as_ref().map(|z| pb::ZdsStatus {
+            zds: self.reports.zds.as_ref().map(|z| pb::ZdsStatus {
                 connections: z.connections(),
                 peers_refused: z.refused(),
             }),
+            ready: self.reports.health.ready(),
+            components: self
+                .reports
+                .health
+                .components()
+                .into_iter()
+                .map(|(component, health)| pb::ComponentStatus {
+                    name: component.name().into(),
+                    state: health.state.name().into(),
+                    last_error: health.last_error.unwrap_or_default(),
+                    restarts: health.restarts,
+                    since_unix_seconds: health
+                        .since
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs()),
+                })
+                .collect(),
         }))
     }
 
@@ -628,8 +651,9 @@ pub async fn serve(
     settings: Settings,
     cgroup_root: PathBuf,
     pins: Pins,
-    zds: Option<Arc<crate::zds::server::Stats>>,
+    reports: Reports,
 ) -> anyhow::Result<()> {
+    let health = reports.health.clone();
     let node = Node {
         view,
         settings,
@@ -638,18 +662,50 @@ pub async fn serve(
         push: channels.push,
         cni: channels.cni,
         changes: channels.changes,
-        zds,
+        reports,
     };
+    health.running(Component::Api);
     tonic::transport::Server::builder()
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .add_service(pb::node_server::NodeServer::new(node))
-        .serve_with_incoming(UnixListenerStream::new(listener))
+        .serve_with_incoming(accepted(listener, health))
         .await
         .context("serving the API")
 }
 
 /// Where `ambridge run` serves the API unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/ambridge/api.sock";
+
+/// The connections accepted on `listener`. A failed `accept` (out of file
+/// descriptors, say) marks the API failed and is retried with
+/// [`Policy::ACCEPT`] backoff: the server would otherwise try again at
+/// once, forever.
+fn accepted(
+    listener: UnixListener,
+    health: Health,
+) -> impl Stream<Item = std::io::Result<tokio::net::UnixStream>> {
+    let state = (listener, health, Backoff::new(Policy::ACCEPT));
+    futures::stream::unfold(state, |(listener, health, mut backoff)| async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    backoff.reset();
+                    health.running(Component::Api);
+                    return Some((Ok(stream), (listener, health, backoff)));
+                }
+                Err(e) => {
+                    let wait = backoff.failed(std::time::Duration::ZERO);
+                    tracing::warn!(
+                        retry_in_ms = wait.as_millis() as u64,
+                        "accept on the API socket failed: {e}"
+                    );
+                    health.failed(Component::Api, format!("accept on the API socket: {e}"));
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    })
+}
 
 /// A client of the API at `socket`.
 pub async fn connect(

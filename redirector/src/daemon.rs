@@ -27,6 +27,7 @@ use crate::{
     netns::{AddressCache, CookieCache, NetnsAt},
     reconcile::{self, Resolve, Unresolved},
     state::{CgroupRef, Mode, NodeSpec, PodCgroup, PodSpec, Settings, ZtunnelSpec},
+    supervise::{Backoff, Component, Health, Policy, supervise},
     types::{CgroupId, NetnsCookie, PodUid},
     workloads, xds, zds,
 };
@@ -88,7 +89,19 @@ const FILE_SOURCE: &str = "workloads file";
 const KUBERNETES_SOURCE: &str = "Kubernetes";
 const XDS_SOURCE: &str = "istiod";
 
+/// The supervised component of a source named in logs as `source`.
+fn source_component(source: &str) -> Component {
+    match source {
+        FILE_SOURCE => Component::WorkloadsFile,
+        KUBERNETES_SOURCE => Component::Kubernetes,
+        _ => Component::Istiod,
+    }
+}
+
 /// Runs until SIGTERM or SIGINT. The datapath stays installed afterwards.
+/// Only a datapath that cannot be loaded or attached, or pins that cannot
+/// be taken, end it: every other part is supervised, and retried with
+/// backoff when it fails (see [`crate::supervise`]).
 pub async fn run(opts: Options) -> anyhow::Result<()> {
     let pins = opts.pins.clone();
     let _owner = tokio::task::spawn_blocking(move || {
@@ -112,9 +125,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         && datapath.replaces_running()
         && opts.zds_socket.is_some();
     let loaded_at = std::time::Instant::now();
+    let health = Health::default();
     if !datapath.needs_state_before_attach() {
         datapath.attach(&opts.cgroup_root, &opts.pins)?;
         attached = true;
+        health.set_attached();
     }
     let (tx, mut changed) = mpsc::channel(1);
     let _watcher = if opts.file_source {
@@ -137,11 +152,27 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 });
             }
             info!(node = %source.node_name, "watching Kubernetes");
-            tokio::spawn(crate::kubernetes::run(
-                client,
+            let (node_name, mesh, health) = (
                 source.node_name.clone(),
                 source.mesh.clone(),
-                kube_tx,
+                health.clone(),
+            );
+            tokio::spawn(supervise(
+                Component::Kubernetes,
+                health.clone(),
+                move || {
+                    let run = crate::kubernetes::run(
+                        client.clone(),
+                        node_name.clone(),
+                        mesh.clone(),
+                        kube_tx.clone(),
+                        health.clone(),
+                    );
+                    async move {
+                        run.await;
+                        Ok(())
+                    }
+                },
             ));
             None
         }
@@ -151,7 +182,14 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let _idle_xds_sender = match &opts.xds {
         Some(source) => {
             info!(address = %source.address, node = %source.node_name, "following istiod's workload discovery");
-            tokio::spawn(xds::run(source.clone(), xds_tx));
+            let (source, health) = (source.clone(), health.clone());
+            tokio::spawn(supervise(Component::Istiod, health.clone(), move || {
+                let run = xds::run(source.clone(), xds_tx.clone(), health.clone());
+                async move {
+                    run.await;
+                    Ok(())
+                }
+            }));
             None
         }
         None => Some(xds_tx),
@@ -167,7 +205,6 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         .map(|_| std::sync::Arc::new(zds::server::Stats::default()));
     let _idle_zds_sender = match (&opts.zds_socket, &zds_stats) {
         (Some(path), Some(stats)) => {
-            let listener = zds::server::listen(path)?;
             let links = zds::server::Links {
                 pods: zds_pods_rx,
                 ztunnels: zds_ztunnels_rx,
@@ -176,11 +213,24 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             };
             let cgroup2 = cgroup::cgroup2_mount()
                 .context("finding the cgroup2 mount, where ZDS peers' cgroups are looked up")?;
-            tokio::spawn(async move {
-                if let Err(e) = zds::server::serve(listener, links, cgroup2).await {
-                    error!("the ZDS server stopped: {e}");
+            let server = zds::server::Server::new(links, cgroup2, health.clone());
+            // Listening before the daemon says it is ready when it can; if
+            // it cannot (its directory missing, say), the supervisor
+            // retries.
+            let mut first = zds::server::listen(path)
+                .inspect_err(|e| warn!("listening for ZDS, retrying: {e}"))
+                .ok();
+            let path = path.clone();
+            tokio::spawn(supervise(Component::ZdsServer, health.clone(), move || {
+                let (server, path, listener) = (server.clone(), path.clone(), first.take());
+                async move {
+                    let listener = match listener {
+                        Some(listener) => listener,
+                        None => zds::server::listen(&path)?,
+                    };
+                    Ok(server.serve(listener).await?)
                 }
-            });
+            }));
             None
         }
         _ => Some(zds_ready_tx),
@@ -189,19 +239,55 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let (push, mut pushes) = mpsc::channel(64);
     let (cni_calls, mut cni_rx) = mpsc::channel(64);
     let (changes, _) = tokio::sync::broadcast::channel(1024);
-    let mut api_task = tokio::spawn(api::serve(
-        api::bind(&opts.api_socket)?,
-        view.clone(),
-        api::Channels {
-            push,
-            cni: cni_calls,
-            changes: changes.clone(),
-        },
-        opts.settings.clone(),
-        opts.cgroup_root.clone(),
-        opts.pins.clone(),
-        zds_stats,
-    ));
+    {
+        let reports = api::Reports {
+            zds: zds_stats,
+            health: health.clone(),
+        };
+        let (socket, view, changes) = (opts.api_socket.clone(), view.clone(), changes.clone());
+        let (settings, cgroup_root, pins) = (
+            opts.settings.clone(),
+            opts.cgroup_root.clone(),
+            opts.pins.clone(),
+        );
+        // Bound before the daemon says it is ready when it can be.
+        let mut first = api::bind(&socket)
+            .inspect_err(|e| warn!("binding the API socket, retrying: {e:#}"))
+            .ok();
+        tokio::spawn(supervise(Component::Api, health.clone(), move || {
+            let listener = first.take();
+            let serve = (
+                socket.clone(),
+                view.clone(),
+                api::Channels {
+                    push: push.clone(),
+                    cni: cni_calls.clone(),
+                    changes: changes.clone(),
+                },
+                settings.clone(),
+                cgroup_root.clone(),
+                pins.clone(),
+                reports.clone(),
+            );
+            async move {
+                let (socket, view, channels, settings, cgroup_root, pins, reports) = serve;
+                let listener = match listener {
+                    Some(listener) => listener,
+                    None => api::bind(&socket)?,
+                };
+                api::serve(
+                    listener,
+                    view,
+                    channels,
+                    settings,
+                    cgroup_root,
+                    pins,
+                    reports,
+                )
+                .await
+            }
+        }));
+    }
     let mut node = Node {
         kube: None,
         kube_is_source: opts.kubernetes.is_some(),
@@ -240,12 +326,19 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         node_addresses: Vec::new(),
         view,
         changes,
+        apply: ApplyRetry::new(health.clone()),
     };
+    if node.unsynced.is_empty() {
+        health.set_sources_synced();
+    }
+    for source in &node.unsynced {
+        health.register(source_component(source));
+    }
     node.refresh_node_addresses();
     if opts.file_source {
         node.load(&opts.workloads);
     }
-    node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent)?;
+    node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent);
     let ready_to_attach = |node: &Node| {
         node.has_state()
             && (!await_zds
@@ -256,6 +349,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         if ready_to_attach(&node) {
             datapath.attach(&opts.cgroup_root, &opts.pins)?;
             attached = true;
+            health.set_attached();
         } else {
             info!(
                 await_zds,
@@ -277,7 +371,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 while changed.try_recv().is_ok() {}
                 if node.load(&opts.workloads) {
-                    node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent)?;
+                    node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent);
                 }
             }
             Ok(()) = kube_rx.changed() => {
@@ -285,21 +379,21 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 if node.kube.is_some() {
                     node.synced(KUBERNETES_SOURCE);
                 }
-                node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent)?;
+                node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent);
             }
             Ok(()) = zds_ready.changed() => {
                 let ready = zds_ready.borrow_and_update().clone();
                 if let Some(zds) = &mut node.zds {
                     zds.acked = ready;
                 }
-                node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent)?;
+                node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent);
             }
             Ok(()) = xds_rx.changed() => {
                 node.xds = xds_rx.borrow_and_update().clone();
                 if node.xds.is_some() {
                     node.synced(XDS_SOURCE);
                 }
-                node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent)?;
+                node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent);
             }
             Some(api::PushRequest { entry, reply }) = pushes.recv() => {
                 let checked = api::refuse_containing(&entry, &node.placed, &pod_parents, &mut |path| {
@@ -309,7 +403,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                     Ok(()) => {
                         info!(?entry, "pushed through the API");
                         node.apply_push(entry);
-                        node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent)?;
+                        node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent);
                     }
                     Err(ref e) => {
                         warn!(?entry, "push through the API refused, nothing changed: {}", e.message());
@@ -324,12 +418,12 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                         info!(pod = %uid, namespace = %sandbox.namespace, name = %sandbox.name, netns = %sandbox.netns.display(), "CNI ADD");
                         node.sandboxes.add(uid.clone(), sandbox);
                         node.cni_waiters.push(cni::Waiter { uid, deadline, reply });
-                        node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent)?;
+                        node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent);
                     }
                     cni::Request::Del { uid, container_id, reply } => {
                         if node.sandboxes.delete(&uid, &container_id) {
                             info!(pod = %uid, container = %container_id, "CNI DEL");
-                            node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent)?;
+                            node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent);
                         }
                         let _ = reply.send(());
                     }
@@ -341,10 +435,14 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             _ = sleep_until(node.cni_waiters.iter().map(|w| w.deadline).min()) => {}
             _ = resync.tick() => {
                 node.refresh_node_addresses();
-                node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent)?;
+                // A failed apply is tried again on its backoff, not at
+                // every resync.
+                if node.apply.at.is_none() {
+                    node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent);
+                }
             }
-            result = &mut api_task => {
-                return Err(anyhow::anyhow!("the local API stopped: {:?}", result.map(|r| r.map_err(|e| format!("{e:#}")))));
+            _ = sleep_until(node.apply.at) => {
+                node.reconcile(&mut datapath, &opts.settings, &opts.kubepods_parent);
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -352,6 +450,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         if !attached && ready_to_attach(&node) {
             datapath.attach(&opts.cgroup_root, &opts.pins)?;
             attached = true;
+            health.set_attached();
         }
         node.answer_cni(attached);
     }
@@ -408,6 +507,61 @@ struct Node {
     node_addresses: Vec<IpAddr>,
     view: api::SharedView,
     changes: tokio::sync::broadcast::Sender<api::pb::Change>,
+    /// When a failed datapath apply is tried again.
+    apply: ApplyRetry,
+}
+
+/// The datapath apply's supervision: a failed apply (a full or failing
+/// map) leaves what the maps hold in force and is tried again with
+/// backoff, until one succeeds.
+struct ApplyRetry {
+    health: Health,
+    backoff: Backoff,
+    /// When to try again; `None` while the last apply succeeded.
+    at: Option<tokio::time::Instant>,
+    /// Since when applies have succeeded.
+    healthy_since: Option<std::time::Instant>,
+}
+
+impl ApplyRetry {
+    fn new(health: Health) -> Self {
+        health.register(Component::Datapath);
+        Self {
+            health,
+            backoff: Backoff::new(Policy::TASKS),
+            at: None,
+            healthy_since: None,
+        }
+    }
+
+    fn succeeded(&mut self) {
+        self.at = None;
+        self.healthy_since
+            .get_or_insert_with(std::time::Instant::now);
+        self.health.running(Component::Datapath);
+    }
+
+    fn failed(&mut self, e: &anyhow::Error) {
+        let healthy_for = self
+            .healthy_since
+            .take()
+            .map_or(Duration::ZERO, |since| since.elapsed());
+        let wait = self.backoff.failed(healthy_for);
+        error!(
+            retry_in_ms = wait.as_millis() as u64,
+            "applying the node state to the datapath failed, keeping what the maps hold and retrying: {e:#}"
+        );
+        self.at = Some(tokio::time::Instant::now() + wait);
+        self.health.failed(Component::Datapath, format!("{e:#}"));
+    }
+}
+
+/// Sleeps until `at`; never wakes for `None`.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The daemon's side of ZDS.
@@ -648,6 +802,7 @@ impl Node {
             Ok(spec) => {
                 self.rejected = None;
                 self.synced(FILE_SOURCE);
+                self.apply.health.running(Component::WorkloadsFile);
                 if self.spec.as_ref() == Some(&spec) {
                     return false;
                 }
@@ -665,6 +820,9 @@ impl Node {
                 let why = (e.to_string(), version);
                 if self.rejected.as_ref() != Some(&why) {
                     error!(file = %path.display(), "workloads file rejected, keeping the last good state: {e}");
+                    self.apply
+                        .health
+                        .failed(Component::WorkloadsFile, format!("{}: {e}", path.display()));
                     self.rejected = Some(why);
                 }
                 false
@@ -676,6 +834,13 @@ impl Node {
     fn cni_verdict(&self, uid: &PodUid, attached: bool) -> cni::Verdict {
         if !attached {
             return cni::Verdict::Waiting("the programs are not attached yet".into());
+        }
+        // The view shows what the last reconcile wanted, which a failed
+        // apply did not write.
+        if self.apply.at.is_some() {
+            return cni::Verdict::Waiting(
+                "the last datapath apply failed and is being retried".into(),
+            );
         }
         let view = self.view.read().expect("view lock");
         let ztunnels = self
@@ -715,6 +880,7 @@ impl Node {
     fn synced(&mut self, source: &'static str) {
         if self.unsynced.remove(source) && self.unsynced.is_empty() {
             info!(source, "every source has delivered: removals resume");
+            self.apply.health.set_sources_synced();
         }
     }
 
@@ -734,7 +900,16 @@ impl Node {
         self.disagreements = now;
     }
 
-    fn reconcile(
+    /// Brings the datapath to the merged node state; a failure is retried
+    /// (see [`ApplyRetry`]).
+    fn reconcile(&mut self, datapath: &mut Datapath, settings: &Settings, kubepods_parent: &Path) {
+        match self.try_reconcile(datapath, settings, kubepods_parent) {
+            Ok(()) => self.apply.succeeded(),
+            Err(e) => self.apply.failed(&e),
+        }
+    }
+
+    fn try_reconcile(
         &mut self,
         datapath: &mut Datapath,
         settings: &Settings,
@@ -942,14 +1117,6 @@ fn zds_pods(spec: &NodeSpec, desired: &reconcile::Desired) -> zds::server::Pods 
             ))
         })
         .collect()
-}
-
-/// Sleeps until `at`, or forever without one.
-async fn sleep_until(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Watches the directory holding `file` (editors and ConfigMap mounts replace

@@ -246,6 +246,7 @@ pub async fn run(
     node: String,
     mesh: MeshSettings,
     out: watch::Sender<Option<Snapshot>>,
+    health: crate::supervise::Health,
 ) {
     let (pod_store, pod_writer) = reflector::store::<Pod>();
     let (ns_store, ns_writer) = reflector::store::<Namespace>();
@@ -282,7 +283,12 @@ pub async fn run(
     while let Some(event) = events.next().await {
         match event {
             Err(e) => {
+                // The watcher relists on its own, with backoff.
                 warn!("Kubernetes watch: {e}");
+                health.failed(
+                    crate::supervise::Component::Kubernetes,
+                    format!("watch: {e}"),
+                );
                 continue;
             }
             Ok((feed, true)) => {
@@ -297,6 +303,7 @@ pub async fn run(
         {
             continue;
         }
+        health.running(crate::supervise::Component::Kubernetes);
         let daemonset = ztunnel_daemonset(&ds_store.state(), &mesh);
         if last_daemonset.as_ref() != Some(&daemonset) {
             match &daemonset {

@@ -21,6 +21,7 @@ pub mod netns;
 pub mod pb;
 pub mod reconcile;
 pub mod state;
+pub mod supervise;
 pub mod types;
 pub mod workloads;
 pub mod xds;

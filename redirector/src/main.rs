@@ -350,10 +350,19 @@ fn run(command: Command) -> anyhow::Result<()> {
                         "zds": status.zds.as_ref().map(|z| serde_json::json!({
                             "connections": z.connections, "peers_refused": z.peers_refused,
                         })),
+                        "ready": status.ready,
+                        "components": status.components.iter().map(|c| serde_json::json!({
+                            "name": c.name, "state": c.state, "last_error": c.last_error,
+                            "restarts": c.restarts, "since_unix_seconds": c.since_unix_seconds,
+                        })).collect::<Vec<_>>(),
                     })
                 );
             } else {
                 println!("ambridge {}", status.version);
+                println!(
+                    "  ready         {}",
+                    if status.ready { "yes" } else { "no" }
+                );
                 println!("  cgroup root   {}", status.cgroup_root);
                 println!("  bpffs         {}", status.bpffs);
                 println!(
@@ -381,6 +390,23 @@ fn run(command: Command) -> anyhow::Result<()> {
                     ),
                     None => println!("  zds           off (istio-cni serves it)"),
                 }
+                println!("components");
+                for c in &status.components {
+                    let since = std::time::UNIX_EPOCH
+                        .checked_add(Duration::from_secs(c.since_unix_seconds))
+                        .and_then(|t| t.elapsed().ok())
+                        .map_or_else(String::new, |ago| format!(", for {}s", ago.as_secs()));
+                    let error = if c.last_error.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", last error: {}", c.last_error)
+                    };
+                    println!(
+                        "  {:<16} {:<9} {} restarts{since}{error}",
+                        c.name, c.state, c.restarts
+                    );
+                }
+                println!("counters");
                 for c in status.counters {
                     println!("  {:<28} {}", c.name, c.value);
                 }

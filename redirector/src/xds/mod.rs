@@ -31,7 +31,10 @@ use crate::pb::{
     },
     google::rpc::Status,
 };
-use crate::state::{Mode, PodSpec};
+use crate::{
+    state::{Mode, PodSpec},
+    supervise::{Backoff, Component, Health, Policy},
+};
 
 /// Where istiod is and who we are to it.
 #[derive(Clone, Debug)]
@@ -131,31 +134,6 @@ pub fn disagreements(pods: &[PodSpec], workloads: &[Workload]) -> BTreeSet<Strin
     out
 }
 
-/// Backoff between connection attempts: doubling from 100 ms to 15 s,
-/// back to the start once a stream has delivered a response.
-struct Backoff {
-    next: Duration,
-}
-
-impl Backoff {
-    const FIRST: Duration = Duration::from_millis(100);
-    const MAX: Duration = Duration::from_secs(15);
-
-    fn new() -> Self {
-        Self { next: Self::FIRST }
-    }
-
-    fn reset(&mut self) {
-        self.next = Self::FIRST;
-    }
-
-    fn step(&mut self) -> Duration {
-        let wait = self.next;
-        self.next = (self.next * 2).min(Self::MAX);
-        wait
-    }
-}
-
 /// Why a stream ended.
 #[derive(Debug, thiserror::Error)]
 enum StreamError {
@@ -183,25 +161,29 @@ enum StreamError {
 
 /// Follows istiod until the daemon exits, publishing a snapshot after the
 /// first response and whenever this node's workloads change.
-pub async fn run(source: XdsSource, tx: watch::Sender<Option<Snapshot>>) {
+pub async fn run(source: XdsSource, tx: watch::Sender<Option<Snapshot>>, health: Health) {
     let mut table = Table::default();
-    let mut backoff = Backoff::new();
+    // Back to the first wait once a stream has delivered a response.
+    let mut backoff = Backoff::new(Policy::TASKS);
     loop {
         let started = Instant::now();
         let mut delivered = false;
-        let result = stream(&source, &mut table, &tx, &mut delivered).await;
+        let result = stream(&source, &mut table, &tx, &mut delivered, &health).await;
         if delivered {
             backoff.reset();
         }
-        let wait = backoff.step();
+        let wait = backoff.failed(Duration::ZERO);
         match result {
             Ok(()) => return,
-            Err(e) => warn!(
-                address = %source.address,
-                after_ms = started.elapsed().as_millis() as u64,
-                retry_in_ms = wait.as_millis() as u64,
-                "workload discovery stream ended, keeping the last state: {e}"
-            ),
+            Err(e) => {
+                warn!(
+                    address = %source.address,
+                    after_ms = started.elapsed().as_millis() as u64,
+                    retry_in_ms = wait.as_millis() as u64,
+                    "workload discovery stream ended, keeping the last state: {e}"
+                );
+                health.failed(Component::Istiod, format!("{}: {e}", source.address));
+            }
         }
         tokio::time::sleep(wait).await;
     }
@@ -236,6 +218,7 @@ async fn stream(
     table: &mut Table,
     tx: &watch::Sender<Option<Snapshot>>,
     delivered: &mut bool,
+    health: &Health,
 ) -> Result<(), StreamError> {
     let channel = channel(source).await?;
     let (requests, outbound) = mpsc::channel(4);
@@ -272,6 +255,7 @@ async fn stream(
     info!(address = %source.address, node_id = %source.node_id(), known = table.versions().len(), "workload discovery stream open");
     while let Some(response) = responses.message().await? {
         *delivered = true;
+        health.running(Component::Istiod);
         let reply = handle(source, table, tx, &response);
         if requests.send(reply).await.is_err() {
             return Err(StreamError::Closed);
@@ -399,18 +383,6 @@ mod tests {
             source().node_id(),
             "ztunnel~10.0.0.7~ambridge-x1.istio-system~istio-system.svc.cluster.local"
         );
-    }
-
-    #[test]
-    fn backoff_doubles_up_to_its_cap_and_restarts_after_success() {
-        let mut b = Backoff::new();
-        let steps: Vec<_> = (0..10).map(|_| b.step().as_millis()).collect();
-        assert_eq!(
-            steps,
-            [100, 200, 400, 800, 1600, 3200, 6400, 12800, 15000, 15000]
-        );
-        b.reset();
-        assert_eq!(b.step(), Backoff::FIRST);
     }
 
     #[test]

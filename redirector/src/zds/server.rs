@@ -37,6 +37,7 @@ use tracing::{info, warn};
 use super::wire::{self, Ack, Request, WireError, ZdsConn};
 use crate::{
     cgroup, netns,
+    supervise::{Backoff, Component, Health, Policy},
     types::{CgroupId, NetnsCookie, PodUid},
 };
 
@@ -334,61 +335,105 @@ pub struct Links {
     pub stats: Arc<Stats>,
 }
 
-/// Serves every ztunnel that connects with the pods of `links.pods`, until
-/// the daemon exits. `cgroup2` is the cgroup2 mount, where a peer's cgroup
-/// is looked up.
-pub async fn serve(listener: Listener, links: Links, cgroup2: PathBuf) -> Result<(), ServeError> {
-    let Listener { fd: listener, path } = listener;
-    let Links {
-        pods,
-        ztunnels,
-        ready,
-        stats,
-    } = links;
-    info!(socket = %path.display(), "serving ZDS");
-    let shared = Arc::new(Shared {
-        acked: Mutex::default(),
-        ready,
-        live: Mutex::default(),
-        newest: watch::Sender::new(0),
-        stats,
-    });
-    let mut next = 0u64;
-    loop {
-        let accepted = {
-            let mut guard = listener
-                .readable()
-                .await
-                .map_err(|source| ServeError::Socket {
-                    call: "epoll_wait",
-                    path: path.clone(),
-                    source,
-                })?;
-            match guard.try_io(|fd| {
-                accept4(
-                    std::os::fd::AsRawFd::as_raw_fd(fd.get_ref()),
-                    SockFlag::SOCK_CLOEXEC,
-                )
-                .map_err(std::io::Error::from)
-            }) {
-                Ok(result) => result,
-                Err(_would_block) => continue,
-            }
-        };
-        let fd = match accepted {
-            // SAFETY: accept4 returned a new fd that nothing else owns.
-            Ok(raw) => unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) },
-            Err(e) => {
-                warn!(socket = %path.display(), "accept on the ZDS socket failed: {e}");
-                continue;
-            }
-        };
-        next += 1;
-        let conn_no = next;
-        let peer = identify(&fd, &cgroup2);
-        let shared = shared.clone();
-        let pods = pods.clone();
-        let mut ztunnels = ztunnels.clone();
+/// The ZDS server: what its connections share survives a restart of its
+/// accept loop on a new listener.
+#[derive(Clone)]
+pub struct Server {
+    shared: Arc<Shared>,
+    pods: watch::Receiver<Pods>,
+    ztunnels: watch::Receiver<ZtunnelCgroups>,
+    /// The cgroup2 mount, where a peer's cgroup is looked up.
+    cgroup2: PathBuf,
+    health: Health,
+    /// Connections accepted since the daemon started, numbering them.
+    accepted: Arc<AtomicU64>,
+}
+
+impl Server {
+    /// A server for the pods of `links.pods`; `cgroup2` is the cgroup2
+    /// mount. It reports to `health` as [`Component::ZdsServer`].
+    pub fn new(links: Links, cgroup2: PathBuf, health: Health) -> Self {
+        let Links {
+            pods,
+            ztunnels,
+            ready,
+            stats,
+        } = links;
+        Self {
+            shared: Arc::new(Shared {
+                acked: Mutex::default(),
+                ready,
+                live: Mutex::default(),
+                newest: watch::Sender::new(0),
+                stats,
+            }),
+            pods,
+            ztunnels,
+            cgroup2,
+            health,
+            accepted: Arc::default(),
+        }
+    }
+
+    /// Serves every ztunnel that connects on `listener`, until the daemon
+    /// exits. A failed `accept` (out of file descriptors, say) marks the
+    /// server failed and is retried with [`Policy::ACCEPT`] backoff, never
+    /// at once.
+    pub async fn serve(self, listener: Listener) -> Result<(), ServeError> {
+        let Listener { fd: listener, path } = listener;
+        info!(socket = %path.display(), "serving ZDS");
+        self.health.running(Component::ZdsServer);
+        let mut backoff = Backoff::new(Policy::ACCEPT);
+        loop {
+            let accepted = {
+                let mut guard = listener
+                    .readable()
+                    .await
+                    .map_err(|source| ServeError::Socket {
+                        call: "epoll_wait",
+                        path: path.clone(),
+                        source,
+                    })?;
+                match guard.try_io(|fd| {
+                    accept4(
+                        std::os::fd::AsRawFd::as_raw_fd(fd.get_ref()),
+                        SockFlag::SOCK_CLOEXEC,
+                    )
+                    .map_err(std::io::Error::from)
+                }) {
+                    Ok(result) => result,
+                    Err(_would_block) => continue,
+                }
+            };
+            let fd = match accepted {
+                // SAFETY: accept4 returned a new fd that nothing else owns.
+                Ok(raw) => unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) },
+                Err(e) => {
+                    // The peer stays queued (the socket stays readable):
+                    // trying again at once would spin.
+                    let wait = backoff.failed(Duration::ZERO);
+                    warn!(socket = %path.display(), retry_in_ms = wait.as_millis() as u64, "accept on the ZDS socket failed: {e}");
+                    self.health.failed(
+                        Component::ZdsServer,
+                        format!("accept on the ZDS socket {}: {e}", path.display()),
+                    );
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+            };
+            backoff.reset();
+            self.health.running(Component::ZdsServer);
+            self.connection(fd);
+        }
+    }
+
+    /// Identifies, admits and serves one accepted peer, as its own task.
+    fn connection(&self, fd: OwnedFd) {
+        let conn_no = self.accepted.fetch_add(1, Ordering::Relaxed) + 1;
+        let peer = identify(&fd, &self.cgroup2);
+        let shared = self.shared.clone();
+        let pods = self.pods.clone();
+        let mut ztunnels = self.ztunnels.clone();
         tokio::spawn(async move {
             let admitted = match peer {
                 Ok(peer) => admit(peer, &mut ztunnels).await,
