@@ -30,7 +30,7 @@ pub mod probe;
 pub mod sandbox;
 
 pub use daemon::Daemon;
-pub use probe::{Background, Event};
+pub use probe::{Background, ConnectLoop, Event};
 pub use sandbox::{Node, Pod, Topology};
 
 use std::{

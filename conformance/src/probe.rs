@@ -71,6 +71,18 @@ impl Pod {
             .expect("connect event")
     }
 
+    /// Starts sequential 16-byte connects from this pod to `to` that go on
+    /// until [`ConnectLoop::stop`]; `scratch` is a directory for the stop
+    /// file.
+    pub fn connect_until_stopped(&self, to: &str, scratch: &Path) -> ConnectLoop {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let stop = scratch.join(format!("stop-connect-loop-{}-{n}", self.name));
+        let stop_arg = stop.display().to_string();
+        let probe = self.spawn(&["connect", "--to", to, "--bytes", "16", "--until", &stop_arg]);
+        ConnectLoop { probe, stop }
+    }
+
     /// Starts `count` sequential 16-byte connects from this pod to `to`;
     /// the probe ends with a `connect-summary` event.
     pub fn connect_loop(&self, to: &str, count: usize) -> Background {
@@ -89,6 +101,48 @@ impl Pod {
         let server = self.spawn(&["echo", "--listen", addr]);
         server.wait_for(|e| e["event"] == "listening", Duration::from_secs(10));
         server
+    }
+}
+
+/// A connect loop running until told to stop.
+pub struct ConnectLoop {
+    probe: Background,
+    stop: std::path::PathBuf,
+}
+
+impl ConnectLoop {
+    /// Asserts that the loop runs across `event`: `through()` (ztunnel's
+    /// connections since the loop started) grows before it and again after
+    /// it ends, so the event happened while connects were being made; then
+    /// stops the loop and asserts no connect failed and every one went
+    /// through ztunnel.
+    pub fn assert_through_across(self, through: impl Fn() -> usize, event: impl FnOnce()) {
+        const SEEN: usize = 20;
+        let grown = |past: usize, when: &str| {
+            eventually(Duration::from_secs(30), || (through() >= past + SEEN).then_some(()))
+                .unwrap_or_else(|| {
+                    panic!(
+                        "the connect loop made no {SEEN} connects through ztunnel {when} ({} so far): {:?}",
+                        through(),
+                        self.probe.events()
+                    )
+                });
+        };
+        grown(0, "before the event");
+        event();
+        grown(through(), "after the event");
+        std::fs::write(&self.stop, b"").expect("writing the loop's stop file");
+        let summary = self
+            .probe
+            .wait_for(|e| e["event"] == "connect-summary", Duration::from_secs(30));
+        assert_eq!(summary["failed"], 0, "failed connects: {summary}");
+        let ok = summary["ok"].as_u64().expect("ok count") as usize;
+        let all = eventually(Duration::from_secs(5), || (through() == ok).then_some(()));
+        assert!(
+            all.is_some(),
+            "{} of {ok} connects bypassed ztunnel",
+            ok.saturating_sub(through())
+        );
     }
 }
 

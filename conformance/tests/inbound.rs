@@ -310,25 +310,30 @@ fn inbound_capture_holds_while_the_daemon_is_down_and_its_successor_keeps_it_wit
     let registered = stat(&daemon, "listener_registered");
     assert!(registered >= 1, "{:?}", daemon.stats());
     let captured = || events_named(&ztunnel, "inbound-accepted").len();
-    let count = 1500;
     let looped = t
         .client
-        .connect_loop(&format!("{}:8080", t.server.ip4), count);
-    let wait_past = |n: usize, what: &str| {
-        eventually(Duration::from_secs(10), || (captured() > n).then_some(()))
-            .unwrap_or_else(|| panic!("no connect captured {what}"));
-    };
-    wait_past(0, "before the crash");
-    daemon.crash();
-    // The loop goes on, through ztunnel, while no daemon runs.
-    wait_past(captured(), "while no daemon ran");
-    let daemon = Daemon::start(&t.node);
-    daemon.wait_for_mode(&t.server.uid, Some("ambient"));
-    ambridge_conformance::assert_loop_through(&looped, count, captured);
+        .connect_until_stopped(&format!("{}:8080", t.server.ip4), &t.node.dir);
+    let mut restarted = None;
+    looped.assert_through_across(captured, || {
+        daemon.crash();
+        // The loop goes on, through ztunnel, while no daemon runs.
+        let down = captured();
+        eventually(Duration::from_secs(10), || {
+            (captured() > down).then_some(())
+        })
+        .expect("no connect captured while no daemon ran");
+        let daemon = Daemon::start(&t.node);
+        daemon.wait_for_mode(&t.server.uid, Some("ambient"));
+        restarted = Some(daemon);
+    });
+    let daemon = restarted.expect("restarted");
     let before = captured();
     let r = t.client.connect(&format!("{}:8080", t.server.ip4), 16);
     assert_eq!(r["ok"], true, "{r}");
-    wait_past(before, "after the restart");
+    eventually(Duration::from_secs(10), || {
+        (captured() > before).then_some(())
+    })
+    .expect("no connect captured after the restart");
     assert_eq!(stat(&daemon, "listener_registered"), registered);
     assert_eq!(pod_field(&daemon, &t.server, "inbound"), "captured");
 }

@@ -54,6 +54,17 @@ impl Setup {
             .count()
     }
 
+    /// Runs `event` while the enrolled client connects in a loop, and
+    /// asserts the loop ran across it with every connect through ztunnel
+    /// and none failed.
+    fn across_a_connect_loop(&self, event: impl FnOnce()) {
+        let before = self.accepted();
+        let looped = self
+            .client
+            .connect_until_stopped(&format!("{}:8080", self.server.ip4), &self.node.dir);
+        looped.assert_through_across(|| self.accepted() - before, event);
+    }
+
     /// Starts `count` sequential connects from the enrolled client.
     fn connect_loop(&self, count: usize) -> Background {
         self.client
@@ -72,15 +83,20 @@ impl Setup {
 #[test]
 fn a_daemon_killed_with_sigkill_and_restarted_leaves_no_connect_unredirected_or_failed() {
     let (s, daemon) = setup();
-    let before = s.accepted();
-    let looped = s.connect_loop(1500);
-    std::thread::sleep(Duration::from_millis(300));
-    daemon.crash();
-    // While no daemon runs, connects still go through ztunnel.
-    std::thread::sleep(Duration::from_millis(300));
-    let daemon = Daemon::start(&s.node);
-    s.assert_all_redirected(&looped, before, 1500);
-    drop(daemon);
+    let mut restarted = None;
+    s.across_a_connect_loop(|| {
+        daemon.crash();
+        // While no daemon runs, connects still go through ztunnel.
+        let down = s.accepted();
+        assert!(
+            eventually(Duration::from_secs(10), || (s.accepted() > down + 20)
+                .then_some(()))
+            .is_some(),
+            "no connect went through ztunnel while no daemon ran"
+        );
+        restarted = Some(Daemon::start(&s.node));
+    });
+    drop(restarted);
 }
 
 #[test]
@@ -90,14 +106,12 @@ fn a_new_daemon_replacing_a_running_one_leaves_no_connect_unredirected_or_failed
     // its programs and swaps every pinned link; the pinned programs serve
     // throughout.
     let (s, old) = setup();
-    let before = s.accepted();
-    let looped = s.connect_loop(1500);
-    std::thread::sleep(Duration::from_millis(300));
     let mut new = Daemon::spawn(&s.node);
-    assert!(new.wait_log(WAITING, Duration::from_secs(10)).is_some());
-    old.retire();
-    new.wait_ready();
-    s.assert_all_redirected(&looped, before, 1500);
+    s.across_a_connect_loop(|| {
+        assert!(new.wait_log(WAITING, Duration::from_secs(10)).is_some());
+        old.retire();
+        new.wait_ready();
+    });
     drop(new);
 }
 
@@ -246,21 +260,19 @@ fn a_new_daemon_with_another_map_layout_fills_its_maps_before_taking_over_and_no
     let current = pins.join("AMB_CGROUPS_V1");
     let older = pins.join("AMB_CGROUPS_V0");
     std::fs::rename(&current, &older).expect("re-pinning the cgroup map as an older layout");
-    let before = s.accepted();
-    let looped = s.connect_loop(1500);
-    std::thread::sleep(Duration::from_millis(300));
     let mut new = Daemon::spawn(&s.node);
-    assert!(new.wait_log(WAITING, Duration::from_secs(10)).is_some());
-    old.retire();
-    new.wait_ready();
-    assert!(
-        new.wait_log(
-            "unpinned the maps of an older layout",
-            Duration::from_secs(10)
-        )
-        .is_some()
-    );
-    s.assert_all_redirected(&looped, before, 1500);
+    s.across_a_connect_loop(|| {
+        assert!(new.wait_log(WAITING, Duration::from_secs(10)).is_some());
+        old.retire();
+        new.wait_ready();
+        assert!(
+            new.wait_log(
+                "unpinned the maps of an older layout",
+                Duration::from_secs(10)
+            )
+            .is_some()
+        );
+    });
     assert!(current.exists());
     assert!(!older.exists());
     assert_eq!(new.map_entries()["cgroups"], 4, "{:?}", new.map_entries());

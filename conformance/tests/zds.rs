@@ -7,8 +7,8 @@
 use std::{path::PathBuf, time::Duration};
 
 use ambridge_conformance::{
-    Background, Daemon, Event, Node, Pod, ThreePods, assert_loop_through, eventually, three_pods,
-    zds_peer, zds_socket, ztunnel_stand_in_zds,
+    Background, Daemon, Event, Node, Pod, ThreePods, eventually, three_pods, zds_peer, zds_socket,
+    ztunnel_stand_in_zds,
 };
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -346,15 +346,19 @@ fn a_daemon_restart_in_replacement_mode_refuses_or_bypasses_no_connect() {
     let ztunnel = s.stand_in(&[]);
     wait_redirected(&ztunnel, &s.client, &s.to());
     let before = accepted(&ztunnel, &s.client);
-    let count = 4000;
-    let looped = s.client.connect_loop(&s.to(), count);
-    std::thread::sleep(Duration::from_millis(200));
-    daemon.crash();
-    std::thread::sleep(Duration::from_millis(200));
+    let looped = s.client.connect_until_stopped(&s.to(), &s.node.dir);
     let socket = s.socket().display().to_string();
-    let daemon = Daemon::start_with(&s.node, &["--zds", "serve", "--zds-socket", &socket]);
-    ztunnel.wait_for(|e| e["event"] == "zds-reconnected", WAIT);
-    assert_loop_through(&looped, count, || accepted(&ztunnel, &s.client) - before);
+    let mut restarted = None;
+    looped.assert_through_across(
+        || accepted(&ztunnel, &s.client) - before,
+        || {
+            daemon.crash();
+            let daemon = Daemon::start_with(&s.node, &["--zds", "serve", "--zds-socket", &socket]);
+            ztunnel.wait_for(|e| e["event"] == "zds-reconnected", WAIT);
+            restarted = Some(daemon);
+        },
+    );
+    let daemon = restarted.expect("restarted");
     assert!(
         daemon
             .wait_log("stay unheld until its next snapshot", WAIT)
@@ -396,18 +400,13 @@ fn a_ztunnel_reconnecting_over_zds_keeps_its_pods_redirected_meanwhile() {
     let ztunnel = s.stand_in(&["--zds-drop-after", "3"]);
     wait_redirected(&ztunnel, &s.client, &s.to());
     let before = accepted(&ztunnel, &s.client);
-    let count = 15000;
-    let looped = s.client.connect_loop(&s.to(), count);
-    std::thread::sleep(Duration::from_millis(100));
-    // A new pod: its Add is the third answer.
-    s.enroll("ambient");
-    ztunnel.wait_for(|e| e["event"] == "zds-reconnected", WAIT);
-    assert!(
-        !looped
-            .events()
-            .iter()
-            .any(|e| e["event"] == "connect-summary"),
-        "the loop ended before the reconnect: lengthen it"
+    let looped = s.client.connect_until_stopped(&s.to(), &s.node.dir);
+    looped.assert_through_across(
+        || accepted(&ztunnel, &s.client) - before,
+        || {
+            // A new pod: its Add is the third answer.
+            s.enroll("ambient");
+            ztunnel.wait_for(|e| e["event"] == "zds-reconnected", WAIT);
+        },
     );
-    assert_loop_through(&looped, count, || accepted(&ztunnel, &s.client) - before);
 }

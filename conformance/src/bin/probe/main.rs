@@ -90,6 +90,10 @@ enum Role {
         /// syslog or statsd client, `nc -q0`).
         #[arg(long)]
         write_only: bool,
+        /// Connect one after another until this file exists (`--count`
+        /// is then ignored), then report the summary.
+        #[arg(long)]
+        until: Option<PathBuf>,
     },
     /// Echo server: report every accepted connection, echo until EOF.
     Echo {
@@ -273,6 +277,13 @@ fn main() {
         Role::Connect {
             to,
             bytes,
+            io,
+            until: Some(stop),
+            ..
+        } => connect_many(to, bytes, Until::Exists(stop), io),
+        Role::Connect {
+            to,
+            bytes,
             count: 1,
             io,
             ..
@@ -283,7 +294,7 @@ fn main() {
             count,
             io,
             ..
-        } => connect_many(to, bytes, count, io),
+        } => connect_many(to, bytes, Until::Count(count), io),
         Role::Echo { listen } => echo(listen),
         Role::Ztunnel {
             pods,
@@ -416,10 +427,21 @@ fn write_and_close(to: SocketAddr, bytes: usize, count: usize) -> io::Result<()>
     Ok(())
 }
 
-fn connect_many(to: SocketAddr, bytes: usize, count: usize, io: Io) -> io::Result<()> {
+/// When a connect loop ends.
+enum Until {
+    Count(usize),
+    Exists(PathBuf),
+}
+
+fn connect_many(to: SocketAddr, bytes: usize, until: Until, io: Io) -> io::Result<()> {
     let mut ok = 0;
+    let mut count = 0;
     let mut failures = Vec::new();
-    for _ in 0..count {
+    while match &until {
+        Until::Count(n) => count < *n,
+        Until::Exists(stop) => !stop.exists(),
+    } {
+        count += 1;
         let result = connect(to, bytes, io)?;
         if result["ok"] == true {
             ok += 1;
