@@ -88,7 +88,7 @@ fuzz_target!(|bytes: &[u8]| {
             let shown = err.to_string();
             assert!(!err.field.is_empty(), "an error naming no field: {shown}");
             assert!(!err.message.is_empty(), "an error saying nothing: {shown}");
-            if let Some(line) = err.line {
+            if let Some(line) = err.line() {
                 let lines = text.lines().count();
                 assert!(
                     (1..=lines).contains(&line),

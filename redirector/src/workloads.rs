@@ -22,16 +22,24 @@
 //! ```
 //!
 //! Parsing is all or nothing: a file with any error yields a [`FileError`]
-//! naming the line and field, and the caller keeps its last good state.
+//! naming the line, column and field of the value it is about, and the
+//! caller keeps its last good state. Values that validation looks at are
+//! read with their position ([`Spanned`]), so an error is placed on the
+//! entry it is about even when the same text appears elsewhere in the file.
 
 use std::{
-    collections::{HashMap, HashSet},
-    fmt,
+    borrow::Cow,
+    collections::HashMap,
+    fmt::{self, Write as _},
     net::IpAddr,
     path::{Path, PathBuf},
 };
 
 use serde::Deserialize;
+use serde_path_to_error::Segment;
+use serde_saphyr::{
+    Location, MessageFormatter, SnippetMode, Spanned, UserMessageFormatter, localizer::Localizer,
+};
 
 use crate::{
     state::{
@@ -47,20 +55,20 @@ struct File {
     #[serde(default)]
     workloads: Vec<Workload>,
     ztunnel: Option<Ztunnel>,
-    redirect: Option<Redirect>,
+    redirect: Option<Spanned<Redirect>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Workload {
-    uid: PodUid,
+    uid: Spanned<PodUid>,
     name: String,
     namespace: String,
     #[serde(default = "default_service_account")]
     service_account: String,
-    cgroup: Option<PathBuf>,
+    cgroup: Option<Spanned<PathBuf>>,
     #[serde(default)]
-    ips: Vec<IpAddr>,
+    ips: Vec<Spanned<IpAddr>>,
     mode: Mode,
     accelerate: Option<bool>,
     #[serde(default)]
@@ -75,7 +83,7 @@ fn default_service_account() -> String {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Ztunnel {
-    cgroup: PathBuf,
+    cgroup: Spanned<PathBuf>,
     #[serde(default)]
     zero_copy: bool,
 }
@@ -83,26 +91,74 @@ struct Ztunnel {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Redirect {
-    ip: Option<IpAddr>,
+    ip: Option<Spanned<IpAddr>>,
     #[serde(default)]
-    ips: Vec<IpAddr>,
-    port: Option<Port>,
+    ips: Vec<Spanned<IpAddr>>,
+    port: Option<Spanned<Port>>,
+}
+
+/// A place in the workloads file: 1-based line and column (in characters).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Position {
+    pub line: usize,
+    pub column: usize,
+}
+
+impl Position {
+    /// The position of a parser location; `None` for the parser's
+    /// "unknown" location.
+    fn of(location: Location) -> Option<Self> {
+        if location == Location::UNKNOWN {
+            return None;
+        }
+        Some(Self {
+            line: usize::try_from(location.line()).ok()?,
+            column: usize::try_from(location.column()).ok()?,
+        })
+    }
+
+    /// Where a value read with its span is used (for an alias, the alias).
+    fn of_value<T>(value: &Spanned<T>) -> Option<Self> {
+        Self::of(value.referenced)
+    }
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "line {}, column {}", self.line, self.column)
+    }
 }
 
 /// Why a workloads file was rejected.
 #[derive(Debug, PartialEq, Eq)]
 pub struct FileError {
-    /// 1-based line of the offending value, when known.
-    pub line: Option<usize>,
-    /// Dotted path of the offending field, e.g. `workloads[1].ips`.
+    /// Where the offending value is, when known.
+    pub at: Option<Position>,
+    /// Path of the offending field, e.g. `workloads[1].ips[0]`.
     pub field: String,
     pub message: String,
 }
 
+impl FileError {
+    /// An error about a value read with its position.
+    fn about<T>(field: String, value: &Spanned<T>, message: String) -> Self {
+        Self {
+            at: Position::of_value(value),
+            field,
+            message,
+        }
+    }
+
+    /// 1-based line of the offending value, when known.
+    pub fn line(&self) -> Option<usize> {
+        self.at.map(|at| at.line)
+    }
+}
+
 impl fmt::Display for FileError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.line {
-            Some(line) => write!(f, "line {line}: {}: {}", self.field, self.message),
+        match self.at {
+            Some(at) => write!(f, "{at}: {}: {}", self.field, self.message),
             None => write!(f, "{}: {}", self.field, self.message),
         }
     }
@@ -112,21 +168,16 @@ impl std::error::Error for FileError {}
 
 /// Parses and validates the text of a workloads file.
 pub fn parse(text: &str) -> Result<NodeSpec, FileError> {
-    let file: File = if text.trim().is_empty() {
-        File {
-            workloads: Vec::new(),
-            ztunnel: None,
-            redirect: None,
-        }
-    } else {
-        serde_yaml::from_str(text).map_err(|e| syntax_error(&e, text))?
-    };
-    validate(&file, text)?;
-    let redirect = file
-        .redirect
-        .as_ref()
-        .map(|r| shared_redirect(r, text))
-        .transpose()?;
+    let mut failed_at = None;
+    let file: File = serde_saphyr::with_deserializer_from_str(text, |de| {
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            failed_at = Some(field_path(e.path()));
+            e.into_inner()
+        })
+    })
+    .map_err(|e| syntax_error(&e, failed_at, text))?;
+    validate(&file)?;
+    let redirect = file.redirect.as_ref().map(shared_redirect).transpose()?;
     Ok(NodeSpec {
         redirect,
         ready: None,
@@ -134,13 +185,15 @@ pub fn parse(text: &str) -> Result<NodeSpec, FileError> {
             .workloads
             .into_iter()
             .map(|w| PodSpec {
-                uid: w.uid,
+                uid: w.uid.value,
                 name: w.name,
                 namespace: w.namespace,
                 service_account: w.service_account,
-                cgroup: w.cgroup.map_or(PodCgroup::Uid, PodCgroup::Path),
+                cgroup: w
+                    .cgroup
+                    .map_or(PodCgroup::Uid, |c| PodCgroup::Path(c.value)),
                 netns: None,
-                ips: w.ips,
+                ips: w.ips.into_iter().map(|ip| ip.value).collect(),
                 mode: w.mode,
                 accelerate: w.accelerate,
                 capture: CaptureOverrides {
@@ -153,7 +206,7 @@ pub fn parse(text: &str) -> Result<NodeSpec, FileError> {
             .ztunnel
             .into_iter()
             .map(|z| ZtunnelSpec {
-                cgroup: CgroupRef::Path(z.cgroup),
+                cgroup: CgroupRef::Path(z.cgroup.value),
                 zero_copy: z.zero_copy,
             })
             .collect(),
@@ -163,144 +216,234 @@ pub fn parse(text: &str) -> Result<NodeSpec, FileError> {
 /// Reads and parses the workloads file at `path`.
 pub fn load(path: &Path) -> Result<NodeSpec, FileError> {
     let text = std::fs::read_to_string(path).map_err(|e| FileError {
-        line: None,
+        at: None,
         field: "(file)".into(),
         message: format!("cannot read {}: {e}", path.display()),
     })?;
     parse(&text)
 }
 
-/// serde_yaml reports "path: message at line L column C"; split it so the
-/// line and field are fields of their own.
-fn syntax_error(e: &serde_yaml::Error, text: &str) -> FileError {
-    // An error at the end of the input (an unclosed quote, say) is placed
-    // at the end of the stream, which is on the line after a final newline:
-    // a line the file does not have. Its last line is where it ends.
-    let last = text.lines().count().max(1);
-    let line = e.location().map(|l| l.line().min(last));
-    let full = e.to_string();
-    let without_location = match full.rfind(" at line ") {
-        Some(i) => full[..i].to_string(),
-        None => full,
-    };
-    let (field, message) = match without_location.split_once(": ") {
-        Some((path, msg)) if !path.contains(' ') => (path.to_string(), msg.to_string()),
-        _ => ("(document)".to_string(), without_location),
-    };
-    FileError {
-        line,
-        field,
-        message,
+/// The key under which [`Spanned`] hands its value to serde: a path
+/// segment of the deserializer's, not of the file.
+const SPANNED_VALUE_KEY: &str = "value";
+
+/// The path at which deserialization failed, as the file spells it:
+/// `workloads[1].ips[0]`; `(document)` for the top level.
+fn field_path(path: &serde_path_to_error::Path) -> String {
+    let mut out = String::new();
+    for segment in path.iter() {
+        match segment {
+            Segment::Seq { index } => {
+                let _ = write!(out, "[{index}]");
+            }
+            Segment::Map { key } if key == SPANNED_VALUE_KEY => {}
+            Segment::Map { key: name } | Segment::Enum { variant: name } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.extend(name.chars().flat_map(char::escape_default));
+            }
+            // A key that is not a string, or the key of a duplicate entry:
+            // the message names it.
+            Segment::Unknown => {}
+        }
+    }
+    if out.is_empty() {
+        "(document)".into()
+    } else {
+        out
     }
 }
 
-fn validate(file: &File, text: &str) -> Result<(), FileError> {
-    let mut uids = HashSet::new();
-    let mut cgroups = HashSet::new();
-    let mut addresses = HashMap::new();
+/// Renders the parser's message alone: the position is a field of
+/// [`FileError`] of its own, so the suffix naming it is left out.
+struct WithoutPosition;
+
+impl Localizer for WithoutPosition {
+    fn attach_location<'a>(&self, base: Cow<'a, str>, _: Location) -> Cow<'a, str> {
+        base
+    }
+
+    fn alias_used_at(&self, _: Location) -> String {
+        String::new()
+    }
+}
+
+impl MessageFormatter for WithoutPosition {
+    fn localizer(&self) -> &dyn Localizer {
+        self
+    }
+
+    fn format_message<'a>(&self, err: &'a serde_saphyr::Error) -> Cow<'a, str> {
+        UserMessageFormatter.format_message(err)
+    }
+}
+
+/// A syntax or type error, at the path where deserialization stopped.
+fn syntax_error(e: &serde_saphyr::Error, field: Option<String>, text: &str) -> FileError {
+    // An error at the end of the input could be placed at the end of the
+    // stream, which is on the line after a final newline: a line the file
+    // does not have. Its last line is where it ends.
+    let last = text.lines().count().max(1);
+    let at = e.location().and_then(Position::of).map(|at| Position {
+        line: at.line.min(last),
+        ..at
+    });
+    FileError {
+        at,
+        field: field.unwrap_or_else(|| "(document)".into()),
+        message: e.render_with_options(serde_saphyr::render_options! {
+            formatter: &WithoutPosition,
+            snippets: SnippetMode::Off,
+        }),
+    }
+}
+
+/// Another entry's value that a value of this one collides with, to be
+/// named in the error: `workloads[0].uid (line 2, column 10)`.
+struct FirstUse {
+    field: String,
+    at: Option<Position>,
+}
+
+impl FirstUse {
+    fn new<T>(field: String, value: &Spanned<T>) -> Self {
+        Self {
+            field,
+            at: Position::of_value(value),
+        }
+    }
+}
+
+impl fmt::Display for FirstUse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.at {
+            Some(at) => write!(f, "{} ({at})", self.field),
+            None => f.write_str(&self.field),
+        }
+    }
+}
+
+fn validate(file: &File) -> Result<(), FileError> {
+    let mut uids: HashMap<&PodUid, FirstUse> = HashMap::new();
+    let mut cgroups: HashMap<&Path, (FirstUse, &PodUid)> = HashMap::new();
+    let mut addresses: HashMap<IpAddr, (FirstUse, &PodUid)> = HashMap::new();
     for (i, w) in file.workloads.iter().enumerate() {
-        let err = |field: &str, needle: &str, message: String| FileError {
-            line: line_of(text, needle, 1),
-            field: format!("workloads[{i}].{field}"),
-            message,
-        };
-        if w.uid.0.is_empty() {
-            return Err(err("uid", "uid:", "must not be empty".into()));
+        let uid = &w.uid.value;
+        let uid_field = format!("workloads[{i}].uid");
+        if uid.0.is_empty() {
+            return Err(FileError::about(
+                uid_field,
+                &w.uid,
+                "must not be empty".into(),
+            ));
         }
-        if !uids.insert(&w.uid) {
-            return Err(FileError {
-                line: line_of(text, &w.uid.0, 2),
-                field: format!("workloads[{i}].uid"),
-                message: format!("uid {} is listed twice", w.uid),
-            });
+        if let Some(first) = uids.get(uid) {
+            return Err(FileError::about(
+                uid_field,
+                &w.uid,
+                format!("uid {uid} is listed twice: also at {first}"),
+            ));
         }
+        uids.insert(uid, FirstUse::new(uid_field.clone(), &w.uid));
         match &w.cgroup {
             // Found from the UID: it must be one, to be a safe path part.
-            None if !crate::cgroup::is_pod_uid(&w.uid.0) => {
-                return Err(err(
-                    "uid",
-                    &w.uid.0,
-                    format!(
-                        "{} is not a Kubernetes pod UID; give `cgroup` or the pod's UID",
-                        w.uid
-                    ),
+            None if !crate::cgroup::is_pod_uid(&uid.0) => {
+                return Err(FileError::about(
+                    uid_field,
+                    &w.uid,
+                    format!("{uid} is not a Kubernetes pod UID; give `cgroup` or the pod's UID"),
                 ));
             }
             None => {}
-            Some(cgroup) if !cgroup.is_absolute() => {
-                return Err(err(
-                    "cgroup",
-                    &cgroup.to_string_lossy(),
-                    format!("{} is not an absolute path", cgroup.display()),
-                ));
+            Some(cgroup) => {
+                let field = format!("workloads[{i}].cgroup");
+                let path = cgroup.value.as_path();
+                if !path.is_absolute() {
+                    return Err(FileError::about(
+                        field,
+                        cgroup,
+                        format!("{} is not an absolute path", path.display()),
+                    ));
+                }
+                if let Some((first, first_uid)) = cgroups.get(path) {
+                    return Err(FileError::about(
+                        field,
+                        cgroup,
+                        format!(
+                            "cgroup {} is already used by pod {first_uid}, at {first}",
+                            path.display()
+                        ),
+                    ));
+                }
+                cgroups.insert(path, (FirstUse::new(field, cgroup), uid));
             }
-            Some(cgroup) if !cgroups.insert(cgroup) => {
-                return Err(FileError {
-                    line: line_of(text, &cgroup.to_string_lossy(), 2),
-                    field: format!("workloads[{i}].cgroup"),
-                    message: format!(
-                        "cgroup {} is already used by another workload",
-                        cgroup.display()
-                    ),
-                });
-            }
-            Some(_) => {}
         }
-        let v4: Vec<_> = w.ips.iter().filter(|ip| ip.is_ipv4()).collect();
-        let v6: Vec<_> = w.ips.iter().filter(|ip| ip.is_ipv6()).collect();
-        for (family, ips) in [("IPv4", &v4), ("IPv6", &v6)] {
-            if ips.len() > 1 {
-                return Err(err(
-                    "ips",
-                    &ips[1].to_string(),
+        let ips: Vec<(String, &Spanned<IpAddr>)> = w
+            .ips
+            .iter()
+            .enumerate()
+            .map(|(k, ip)| (format!("workloads[{i}].ips[{k}]"), ip))
+            .collect();
+        let v4: Vec<_> = ips.iter().filter(|(_, ip)| ip.value.is_ipv4()).collect();
+        let v6: Vec<_> = ips.iter().filter(|(_, ip)| ip.value.is_ipv6()).collect();
+        for (family, of_family) in [("IPv4", &v4), ("IPv6", &v6)] {
+            if let [(_, first), (field, second), ..] = of_family.as_slice() {
+                return Err(FileError::about(
+                    field.clone(),
+                    second,
                     format!(
-                        "pod {} has more than one {family} address ({}, {}); a pod has one per family",
-                        w.uid, ips[0], ips[1]
+                        "pod {uid} has more than one {family} address ({}, {}); a pod has one per family",
+                        first.value, second.value
                     ),
                 ));
             }
         }
-        if let Some(IpAddr::V6(mapped)) = v6.first()
+        if let Some((field, ip)) = v6.first()
+            && let IpAddr::V6(mapped) = ip.value
             && mapped.to_ipv4_mapped().is_some()
         {
-            return Err(err(
-                "ips",
-                &mapped.to_string(),
+            return Err(FileError::about(
+                field.clone(),
+                ip,
                 format!("{mapped} is IPv4-mapped; list the IPv4 address instead"),
             ));
         }
         // Two pods cannot share an address: the second's connects would be
         // sent to the first's ztunnel listener.
-        for ip in &w.ips {
-            if let Some((first, first_uid)) = addresses.insert(*ip, (i, &w.uid)) {
-                return Err(FileError {
-                    line: line_of(text, &ip.to_string(), 2),
-                    field: format!("workloads[{i}].ips"),
-                    message: format!(
-                        "{ip} is also workloads[{first}]'s (pod {first_uid}, line {}); two pods cannot share an address",
-                        line_of(text, &ip.to_string(), 1).unwrap_or(0)
+        for (field, ip) in ips {
+            if let Some((first, first_uid)) = addresses.get(&ip.value) {
+                return Err(FileError::about(
+                    field,
+                    ip,
+                    format!(
+                        "{} is also pod {first_uid}'s, at {first}; two pods cannot share an address",
+                        ip.value
                     ),
-                });
+                ));
             }
+            addresses.insert(ip.value, (FirstUse::new(field, ip), uid));
         }
     }
     if let Some(z) = &file.ztunnel {
-        if !z.cgroup.is_absolute() {
-            return Err(FileError {
-                line: line_of(text, &z.cgroup.to_string_lossy(), 1),
-                field: "ztunnel.cgroup".into(),
-                message: format!("{} is not an absolute path", z.cgroup.display()),
-            });
+        let field = || "ztunnel.cgroup".to_string();
+        let path = z.cgroup.value.as_path();
+        if !path.is_absolute() {
+            return Err(FileError::about(
+                field(),
+                &z.cgroup,
+                format!("{} is not an absolute path", path.display()),
+            ));
         }
-        if cgroups.contains(&z.cgroup) {
-            return Err(FileError {
-                line: line_of(text, &z.cgroup.to_string_lossy(), 2),
-                field: "ztunnel.cgroup".into(),
-                message: format!(
-                    "{} is also a workload's cgroup; ztunnel must have its own",
-                    z.cgroup.display()
+        if let Some((first, first_uid)) = cgroups.get(path) {
+            return Err(FileError::about(
+                field(),
+                &z.cgroup,
+                format!(
+                    "{} is also pod {first_uid}'s cgroup, at {first}; ztunnel must have its own",
+                    path.display()
                 ),
-            });
+            ));
         }
     }
     Ok(())
@@ -308,67 +451,69 @@ fn validate(file: &File, text: &str) -> Result<(), FileError> {
 
 /// The shared-ztunnel target: at most one address per family, given as
 /// `ip` or `ips`, and a port that is not 0.
-fn shared_redirect(r: &Redirect, text: &str) -> Result<SharedRedirect, FileError> {
-    let err = |field: &str, needle: &str, message: String| FileError {
-        line: line_of(text, needle, 1),
-        field: format!("redirect.{field}"),
-        message,
-    };
-    if r.ip.is_some() && !r.ips.is_empty() {
-        return Err(err(
-            "ip",
-            "ip:",
+fn shared_redirect(redirect: &Spanned<Redirect>) -> Result<SharedRedirect, FileError> {
+    let r = &redirect.value;
+    if let Some(ip) = &r.ip
+        && !r.ips.is_empty()
+    {
+        return Err(FileError::about(
+            "redirect.ip".into(),
+            ip,
             "give either `ip` or `ips`, not both".into(),
         ));
     }
-    let ips: Vec<IpAddr> = r.ip.into_iter().chain(r.ips.iter().copied()).collect();
+    let ips: Vec<(String, &Spanned<IpAddr>)> =
+        r.ip.iter()
+            .map(|ip| ("redirect.ip".to_string(), ip))
+            .chain(
+                r.ips
+                    .iter()
+                    .enumerate()
+                    .map(|(k, ip)| (format!("redirect.ips[{k}]"), ip)),
+            )
+            .collect();
     if ips.is_empty() {
-        return Err(err(
-            "ips",
-            "redirect:",
+        return Err(FileError::about(
+            "redirect.ips".into(),
+            redirect,
             "the shared-ztunnel model needs ztunnel's IP (`ip` or `ips`)".into(),
         ));
     }
     let mut out = SharedRedirect::default();
-    for ip in ips {
-        let taken = match ip {
+    for (field, ip) in ips {
+        let taken = match ip.value {
             IpAddr::V4(v4) => out.ip4.replace(v4).is_some(),
             IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => {
-                return Err(err(
-                    "ips",
-                    &v6.to_string(),
+                return Err(FileError::about(
+                    field,
+                    ip,
                     format!("{v6} is IPv4-mapped; give the IPv4 address instead"),
                 ));
             }
             IpAddr::V6(v6) => out.ip6.replace(v6).is_some(),
         };
         if taken {
-            return Err(err(
-                "ips",
-                &ip.to_string(),
-                format!("more than one address of {ip}'s family; ztunnel has one per family"),
+            return Err(FileError::about(
+                field,
+                ip,
+                format!(
+                    "more than one address of {}'s family; ztunnel has one per family",
+                    ip.value
+                ),
             ));
         }
     }
-    if let Some(port) = r.port {
-        if port.0 == 0 {
-            return Err(err("port", "port:", "port 0 is not a listener port".into()));
+    if let Some(port) = &r.port {
+        if port.value.0 == 0 {
+            return Err(FileError::about(
+                "redirect.port".into(),
+                port,
+                "port 0 is not a listener port".into(),
+            ));
         }
-        out.port = Some(port);
+        out.port = Some(port.value);
     }
     Ok(out)
-}
-
-/// 1-based line of the `occurrence`-th appearance of `needle` in `text`.
-fn line_of(text: &str, needle: &str, occurrence: usize) -> Option<usize> {
-    if needle.is_empty() {
-        return None;
-    }
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| l.contains(needle))
-        .nth(occurrence - 1)
-        .map(|(i, _)| i + 1)
 }
 
 #[cfg(test)]
@@ -458,13 +603,21 @@ ztunnel:
     fn a_shared_redirect_without_an_address_is_rejected() {
         let err = parse("redirect:\n  port: 15001\n").unwrap_err();
         assert_eq!(err.field, "redirect.ips");
-        assert_eq!(err.line, Some(1));
+        // The redirect's mapping, which has neither `ip` nor `ips`.
+        assert_eq!(err.at, Some(Position { line: 2, column: 3 }));
     }
 
     #[test]
     fn a_shared_redirect_with_two_ipv4_addresses_is_rejected() {
         let err = parse("redirect:\n  ips: [198.18.0.50, 198.18.0.51]\n").unwrap_err();
-        assert_eq!(err.field, "redirect.ips");
+        assert_eq!(err.field, "redirect.ips[1]");
+        assert_eq!(
+            err.at,
+            Some(Position {
+                line: 2,
+                column: 22
+            })
+        );
         assert!(err.message.contains("one per family"), "{err}");
     }
 
@@ -472,7 +625,7 @@ ztunnel:
     fn a_shared_redirect_to_port_zero_is_rejected() {
         let err = parse("redirect:\n  ip: 198.18.0.50\n  port: 0\n").unwrap_err();
         assert_eq!(err.field, "redirect.port");
-        assert_eq!(err.line, Some(3));
+        assert_eq!(err.line(), Some(3));
     }
 
     #[test]
@@ -485,16 +638,26 @@ ztunnel:
     fn a_bad_mode_names_its_line_and_field() {
         let text = GOOD.replace("mode: none", "mode: sidecar");
         let err = parse(&text).unwrap_err();
-        assert_eq!(err.line, Some(14));
+        assert_eq!(
+            err.at,
+            Some(Position {
+                line: 14,
+                column: 11
+            })
+        );
         assert_eq!(err.field, "workloads[1].mode");
         assert!(err.message.contains("sidecar"), "{err}");
+        assert!(
+            !err.message.contains("line"),
+            "the position is given once: {err}"
+        );
     }
 
     #[test]
     fn a_bad_ip_names_its_line_and_field() {
         let text = GOOD.replace("198.18.0.3", "198.18.0.300");
         let err = parse(&text).unwrap_err();
-        assert_eq!(err.line, Some(13));
+        assert_eq!(err.line(), Some(13));
         assert_eq!(err.field, "workloads[1].ips[0]");
     }
 
@@ -504,7 +667,7 @@ ztunnel:
         let err = parse(&text).unwrap_err();
         assert_eq!(err.field, "workloads[1]");
         assert!(err.message.contains("missing field `name`"), "{err}");
-        assert!(err.line.is_some());
+        assert!(err.line().is_some());
     }
 
     #[test]
@@ -512,13 +675,13 @@ ztunnel:
         let text = GOOD.replace("mode: none", "mode: none\n    colour: blue");
         let err = parse(&text).unwrap_err();
         assert!(err.message.contains("unknown field `colour`"), "{err}");
-        assert_eq!(err.line, Some(15));
+        assert_eq!(err.line(), Some(15));
     }
 
     #[test]
     fn broken_yaml_is_a_document_error_with_a_line() {
         let err = parse("workloads:\n  - uid: [unclosed\n").unwrap_err();
-        assert!(err.line.is_some(), "{err}");
+        assert!(err.line().is_some(), "{err}");
     }
 
     #[test]
@@ -527,8 +690,8 @@ ztunnel:
         // on line 3, after the final newline of this 2-line file.
         let text = "workloads:\n  - uid: \"unclosed\n";
         let err = parse(text).unwrap_err();
-        assert_eq!(err.line, Some(2), "{err}");
-        assert!(err.message.contains("end of stream"), "{err}");
+        assert_eq!(err.line(), Some(2), "{err}");
+        assert!(err.message.contains("unclosed quote"), "{err}");
     }
 
     #[test]
@@ -536,15 +699,15 @@ ztunnel:
         let text = GOOD.replace("uid: 9f2c-2", "uid: 9f2c-1");
         let err = parse(&text).unwrap_err();
         assert_eq!(err.field, "workloads[1].uid");
-        assert_eq!(err.line, Some(9));
+        assert_eq!(err.line(), Some(9));
     }
 
     #[test]
     fn an_address_listed_for_two_pods_is_rejected_naming_both() {
         let text = GOOD.replace("[198.18.0.3]", "[198.18.0.2]");
         let err = parse(&text).unwrap_err();
-        assert_eq!(err.field, "workloads[1].ips");
-        assert_eq!(err.line, Some(13));
+        assert_eq!(err.field, "workloads[1].ips[0]");
+        assert_eq!(err.line(), Some(13));
         assert!(
             err.message.contains("workloads[0]") && err.message.contains("9f2c-1"),
             "{err}"
@@ -555,8 +718,15 @@ ztunnel:
     fn two_addresses_of_one_family_are_rejected() {
         let text = GOOD.replace("[198.18.0.3]", "[198.18.0.3, 198.18.0.4]");
         let err = parse(&text).unwrap_err();
-        assert_eq!(err.field, "workloads[1].ips");
-        assert_eq!(err.line, Some(13));
+        assert_eq!(err.field, "workloads[1].ips[1]");
+        assert_eq!(
+            err.at,
+            Some(Position {
+                line: 13,
+                column: 23
+            })
+        );
+        assert_eq!(err.line(), Some(13));
         assert!(err.message.contains("more than one IPv4"), "{err}");
     }
 
@@ -580,7 +750,7 @@ ztunnel:
             "workloads:\n  - uid: ../../etc\n    name: a\n    namespace: d\n    mode: ambient\n";
         let err = parse(text).unwrap_err();
         assert_eq!(err.field, "workloads[0].uid");
-        assert_eq!(err.line, Some(2));
+        assert_eq!(err.line(), Some(2));
         assert!(err.message.contains("not a Kubernetes pod UID"), "{err}");
     }
 
@@ -599,19 +769,185 @@ ztunnel:
         );
         let err = parse(&text).unwrap_err();
         assert_eq!(err.field, "ztunnel.cgroup");
-        assert_eq!(err.line, Some(16));
+        assert_eq!(err.line(), Some(16));
+        assert!(
+            err.message
+                .contains("pod 9f2c-1's cgroup, at workloads[0].cgroup (line 6, column 13)"),
+            "{err}"
+        );
+    }
+
+    /// Three entries whose values are prefixes of one another's, so that
+    /// a value's text is found on another entry's line before its own.
+    const THREE: &str = "\
+workloads:
+  - uid: 9f2c-1
+    name: sleep
+    namespace: default
+    cgroup: /sys/fs/cgroup/unified/node/pod-sleep
+    ips: [198.18.0.2]
+    mode: ambient
+  - uid: 9f2c-10
+    name: httpbin
+    namespace: default
+    cgroup: /sys/fs/cgroup/unified/node/pod-sleep-v2
+    ips: [198.18.0.20]
+    mode: ambient
+  - uid: 9f2c-3
+    name: curl
+    namespace: default
+    cgroup: /sys/fs/cgroup/unified/node/pod-curl
+    ips: [198.18.0.30]
+    mode: ambient
+";
+
+    #[test]
+    fn the_three_entry_file_is_valid() {
+        assert_eq!(parse(THREE).unwrap().pods.len(), 3);
+    }
+
+    #[test]
+    fn a_duplicated_address_is_placed_on_its_entry_and_names_the_first() {
+        let text = THREE.replace("[198.18.0.30]", "[198.18.0.2]");
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.field, "workloads[2].ips[0]");
+        assert_eq!(
+            err.at,
+            Some(Position {
+                line: 18,
+                column: 11
+            })
+        );
+        assert!(
+            err.message
+                .contains("pod 9f2c-1's, at workloads[0].ips[0] (line 6, column 11)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_duplicated_uid_is_placed_on_its_entry_and_names_the_first() {
+        let text = THREE.replace("uid: 9f2c-3", "uid: 9f2c-1");
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.field, "workloads[2].uid");
+        assert_eq!(
+            err.at,
+            Some(Position {
+                line: 14,
+                column: 10
+            })
+        );
+        assert!(
+            err.message.contains("workloads[0].uid (line 2, column 10)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_duplicated_cgroup_is_placed_on_its_entry_and_names_the_first() {
+        let text = THREE.replace("node/pod-curl", "node/pod-sleep");
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.field, "workloads[2].cgroup");
+        assert_eq!(
+            err.at,
+            Some(Position {
+                line: 17,
+                column: 13
+            })
+        );
+        assert!(
+            err.message
+                .contains("pod 9f2c-1, at workloads[0].cgroup (line 5, column 13)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_empty_uid_is_placed_on_its_entry() {
+        for empty in ["uid:", "uid: \"\""] {
+            let text = THREE.replace("uid: 9f2c-3", empty);
+            let err = parse(&text).unwrap_err();
+            assert_eq!(err.field, "workloads[2].uid", "{empty}: {err}");
+            assert_eq!(err.line(), Some(14), "{empty}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_relative_cgroup_is_placed_on_its_line_not_on_a_name_like_it() {
+        let text = THREE
+            .replace("name: curl", "name: pod-curl")
+            .replace("/sys/fs/cgroup/unified/node/pod-curl", "pod-curl");
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.field, "workloads[2].cgroup");
+        assert_eq!(
+            err.at,
+            Some(Position {
+                line: 17,
+                column: 13
+            })
+        );
+    }
+
+    #[test]
+    fn a_refused_address_is_placed_on_its_entry_not_on_a_comment_naming_it() {
+        let text = format!(
+            "# ::ffff:198.18.0.30 is refused: list 198.18.0.31 alone\n{}",
+            THREE.replace("[198.18.0.30]", "[198.18.0.30, \"::ffff:198.18.0.30\"]")
+        );
+        let err = parse(&text).unwrap_err();
+        assert!(err.message.contains("IPv4-mapped"), "{err}");
+        assert_eq!(err.field, "workloads[2].ips[1]");
+        assert_eq!(
+            err.at,
+            Some(Position {
+                line: 19,
+                column: 24
+            })
+        );
+
+        let text = format!(
+            "# 198.18.0.31 is curl's second address\n{}",
+            THREE.replace("[198.18.0.30]", "[198.18.0.30, 198.18.0.31]")
+        );
+        let err = parse(&text).unwrap_err();
+        assert!(err.message.contains("more than one IPv4"), "{err}");
+        assert_eq!(err.field, "workloads[2].ips[1]");
+        assert_eq!(
+            err.at,
+            Some(Position {
+                line: 19,
+                column: 24
+            })
+        );
+    }
+
+    #[test]
+    fn an_unknown_field_is_named_by_its_path() {
+        let text = THREE.replace("    name: curl\n", "    name: curl\n    colour: blue\n");
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.field, "workloads[2].colour");
+        assert_eq!(
+            err.at,
+            Some(Position {
+                line: 16,
+                column: 5
+            })
+        );
     }
 
     #[test]
     fn display_names_line_and_field() {
         let err = FileError {
-            line: Some(3),
+            at: Some(Position {
+                line: 3,
+                column: 11,
+            }),
             field: "workloads[0].mode".into(),
             message: "unknown variant".into(),
         };
         assert_eq!(
             err.to_string(),
-            "line 3: workloads[0].mode: unknown variant"
+            "line 3, column 11: workloads[0].mode: unknown variant"
         );
     }
 }
