@@ -120,10 +120,25 @@ pub fn ip_of(addr: &str) -> std::net::IpAddr {
     canon(addr).ip()
 }
 
+/// Where the in-pod model lands a connect to `original`: the loopback
+/// address of its own that `ambridge_common::landing4` picks for an IPv4
+/// destination, `::1` for an IPv6 one.
+pub fn in_pod_landing(original: std::net::SocketAddr) -> std::net::IpAddr {
+    match original.ip() {
+        std::net::IpAddr::V4(ip) => std::net::Ipv4Addr::from(u32::from_be(
+            ambridge_common::landing4(u32::from(ip).to_be(), original.port()),
+        ))
+        .into(),
+        std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+    }
+}
+
 /// Asserts that a ztunnel stand-in `accepted` event shows a redirected
-/// connection: it landed on `ztunnel_ip:15001`, came from the client pod's
-/// IP (ztunnel's view of the client), and `SO_ORIGINAL_DST` said where it
-/// was going.
+/// connection: it landed on port 15001 of `ztunnel_ip` (in the shared
+/// model) or, where `ztunnel_ip` is the client's own (in-pod), of the
+/// [`in_pod_landing`] address of the original destination; it came from
+/// the client pod's IP (ztunnel's view of the client), and
+/// `SO_ORIGINAL_DST` said where it was going.
 pub fn assert_landed(
     accepted: &Event,
     ztunnel_ip: std::net::IpAddr,
@@ -131,11 +146,12 @@ pub fn assert_landed(
     original: std::net::SocketAddr,
 ) {
     let local = canon(accepted["local"].as_str().expect("local address"));
-    assert_eq!(
-        (local.ip(), local.port()),
-        (ztunnel_ip, 15001),
-        "{accepted}"
-    );
+    let landing = if ztunnel_ip == client_ip {
+        in_pod_landing(original)
+    } else {
+        ztunnel_ip
+    };
+    assert_eq!((local.ip(), local.port()), (landing, 15001), "{accepted}");
     assert_eq!(
         ip_of(accepted["peer"].as_str().expect("peer")),
         client_ip,

@@ -227,3 +227,68 @@ fn a_handed_over_socket_is_captured_by_the_cgroup_of_the_task_that_connects_it()
     });
     assert!(captured.is_some(), "{:?}", ztunnel.events());
 }
+
+#[test]
+fn one_fixed_source_port_reaches_two_destinations_through_ztunnel_each_on_its_own_tuple() {
+    // A client with a fixed source port (and its pod's address) holds a
+    // connection to B:8080 open and connects to B:8081 from the same port.
+    // Without capture, and under iptables, the two have different
+    // 4-tuples; landed both on `pod_ip:15001` they would have the same one,
+    // and the second connect would fail with EADDRNOTAVAIL.
+    let t = three_pods();
+    let (daemon, _app, ztunnel) = serving(&t, &[]);
+    let _second_app = t.server.echo_server("[::]:8081");
+    let bind = format!("{}:40001", t.client.ip4);
+    let [first, second] = [8080, 8081].map(|port| format!("{}:{port}", t.server.ip4));
+    let landed = |to: &str| {
+        eventually(Duration::from_secs(5), || {
+            ztunnel.events().into_iter().find(|e| {
+                e["event"] == "accepted" && e["orig_dst"].as_str().map(canon) == Some(canon(to))
+            })
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "the connect to {to} did not go through ztunnel: {:?}",
+                ztunnel.events()
+            )
+        })
+    };
+    let held = t.client.spawn(&[
+        "connect",
+        "--to",
+        &first,
+        "--bytes",
+        "16",
+        "--bind",
+        &bind,
+        "--hold-ms",
+        "3000",
+    ]);
+    let first_landed = landed(&first);
+    let r = t.client.connect_with(&second, 16, &["--bind", &bind]);
+    assert_eq!(
+        r["ok"], true,
+        "to {second} from {bind} while {first} is open: {r}"
+    );
+    let r = held.wait_for(|e| e["event"] == "connect", Duration::from_secs(15));
+    assert_eq!(r["ok"], true, "to {first} from {bind}: {r}");
+    for (to, accepted) in [(&first, first_landed), (&second, landed(&second))] {
+        ambridge_conformance::assert_landed(
+            &accepted,
+            t.client.ip4.into(),
+            t.client.ip4.into(),
+            canon(to),
+        );
+        assert_eq!(
+            canon(accepted["peer"].as_str().unwrap()),
+            canon(&bind),
+            "{accepted}"
+        );
+    }
+    assert_eq!(
+        daemon.stats()["connect_unspread"],
+        0,
+        "{:?}",
+        daemon.stats()
+    );
+}

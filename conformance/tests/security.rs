@@ -45,8 +45,9 @@ fn a_loop_connection_with_a_victims_tuple_in_another_netns_neither_receives_nor_
     let local = canon(opened["local"].as_str().unwrap());
 
     // The attacker's own pod netns gets the victim's address, and opens a
-    // loop connection with the victim's 4-tuple to 15001 while the
-    // victim's messages flow.
+    // loop connection with the victim's 4-tuple (to the loopback address
+    // the victim's connect landed on, port 15001) while the victim's
+    // messages flow.
     ip(&[
         "-n",
         &attacker.netns_name,
@@ -63,6 +64,8 @@ fn a_loop_connection_with_a_victims_tuple_in_another_netns_neither_receives_nor_
             &victim.ip4.to_string(),
             "--source-port",
             &local.port().to_string(),
+            "--landed",
+            &ambridge_conformance::in_pod_landing(canon(&to)).to_string(),
             "--duration-ms",
             "1000",
         ])

@@ -36,7 +36,7 @@ pub mod map_names {
     /// (`src` = local end).
     pub const SOCKS: &str = "AMB_SOCKS_V2";
     /// Per-CPU `u64` counters indexed by [`super::Counter`].
-    pub const COUNTERS: &str = "AMB_COUNTERS_V4";
+    pub const COUNTERS: &str = "AMB_COUNTERS_V5";
     /// One [`super::NodeConfig`], at index 0.
     pub const NODE: &str = "AMB_NODE_V3";
     /// [`super::InboundTarget`] by enrolled pod IP ([`super::IpKey`]): where
@@ -374,11 +374,16 @@ pub enum Counter {
     /// no redirect target in the destination's family (no address of that
     /// family known yet, or a shared ztunnel without one).
     ConnectNoTarget = 21,
+    /// In-pod redirects sent to the pod's own IP rather than a loopback
+    /// address of their own ([`landing4`]), because the socket was bound to
+    /// another address or to a port of the wildcard address: these share
+    /// one 4-tuple space per pod.
+    ConnectUnspread = 22,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 22] = [
+    pub const ALL: [Counter; 23] = [
         Counter::ConnectRedirected4,
         Counter::ConnectRedirected6,
         Counter::ConnectRecordFailed,
@@ -401,6 +406,7 @@ impl Counter {
         Counter::OrigDstRefused,
         Counter::BindRecordFailed,
         Counter::ConnectNoTarget,
+        Counter::ConnectUnspread,
     ];
 
     /// Stable name, as printed by `ambridge stats`.
@@ -428,8 +434,31 @@ impl Counter {
             Counter::OrigDstRefused => "orig_dst_refused",
             Counter::BindRecordFailed => "bind_record_failed",
             Counter::ConnectNoTarget => "connect_no_target",
+            Counter::ConnectUnspread => "connect_unspread",
         }
     }
+}
+
+/// 127.127.0.0/16 (host order): where the in-pod model lands an IPv4
+/// connect, one address per original destination. ztunnel's 15001 listener
+/// in the pod's netns is bound to the wildcard address, so it accepts them
+/// all, and with the socket bound to the pod's IP ztunnel still sees the
+/// pod as the peer. Redirecting every connect to `pod_ip:15001` would put
+/// all of a pod's connections, to every destination, in one 4-tuple space
+/// (one ephemeral port range, one TIME_WAIT per port); iptables' REDIRECT
+/// keeps the real destination in the client's tuple, and so does this.
+pub const LANDING4_PREFIX: u32 = 0x7f7f_0000;
+
+/// The address (network order) in [`LANDING4_PREFIX`] that a connect to
+/// `orig_ip4` (network order) port `orig_port` (host order) lands on: a
+/// multiplicative hash of the destination, so distinct destinations get
+/// distinct addresses but for chance collisions (64 destinations: about 3%
+/// that two share one).
+#[inline(always)]
+pub fn landing4(orig_ip4: u32, orig_port: u16) -> u32 {
+    let port = u32::from(orig_port);
+    let mixed = (u32::from_be(orig_ip4) ^ (port << 16 | port)).wrapping_mul(0x9e37_79b1);
+    (LANDING4_PREFIX | mixed >> 16).to_be()
 }
 
 /// Number of entries of [`map_names::COUNTERS`].
@@ -517,6 +546,25 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_destination_lands_on_its_own_loopback_address_of_127_127_0_0_16() {
+        let mut landed = [0u32; 64];
+        for n in 0..64u32 {
+            // 64 destinations as a client sees them: 8 hosts, 8 ports each.
+            let ip = (0xc612_0000 | (n / 8 + 20)).to_be();
+            let at = landing4(ip, 8080 + (n % 8) as u16);
+            assert_eq!(u32::from_be(at) >> 16, 0x7f7f, "{:x}", u32::from_be(at));
+            landed[n as usize] = at;
+        }
+        landed.sort_unstable();
+        let distinct = 1 + landed.windows(2).filter(|w| w[0] != w[1]).count();
+        assert!(distinct >= 62, "{distinct} distinct of 64");
+        assert_eq!(
+            landing4(0x0a00_0001u32.to_be(), 80),
+            landing4(0x0a00_0001u32.to_be(), 80)
+        );
+    }
 
     #[test]
     fn v4_mapped_round_trips() {
@@ -625,7 +673,7 @@ mod tests {
                 ("AMB_PENDING_V1", 8, 20, 65_536),
                 ("AMB_CONNS_V2", 48, 20, 65_536),
                 ("AMB_SOCKS_V2", 48, 4, 65_536),
-                ("AMB_COUNTERS_V4", 4, 8, 22),
+                ("AMB_COUNTERS_V5", 4, 8, 23),
                 ("AMB_NODE_V3", 4, 64, 1),
                 ("AMB_INBOUND_V1", 16, 8, 32_768),
                 ("AMB_LISTENERS_V1", 8, 4, 16_384),

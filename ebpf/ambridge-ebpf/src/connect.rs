@@ -14,9 +14,14 @@
 //! A pod's DNS queries over connected UDP or TCP are captured here too,
 //! before the outbound rules: see [`crate::dns`].
 
-use ambridge_common::{CgroupInfo, ConnRecord, Counter, as_v4, conn_kind, flags, v4_mapped};
+use ambridge_common::{
+    CgroupInfo, ConnRecord, Counter, as_v4, conn_kind, flags, landing4, v4_mapped,
+};
 use aya_ebpf::{
-    EbpfContext, bindings::bpf_sock_addr, helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr,
+    EbpfContext,
+    bindings::{bpf_sock_addr, sockaddr},
+    helpers::{bpf_bind, bpf_get_socket_cookie},
+    macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 
@@ -24,8 +29,8 @@ use crate::{
     dns,
     maps::{PENDING, bump, node},
     net::{
-        KUBELET_PROBE_IP4, KUBELET_PROBE_IP6, LOCALHOST4, SOCK_STREAM, ctx_read, ctx_write,
-        ctx_write_ip6, is_loopback4, is_loopback6,
+        AF_INET, AF_INET6, KUBELET_PROBE_IP4, KUBELET_PROBE_IP6, LOCALHOST4, LOCALHOST6,
+        SOCK_STREAM, ctx_read, ctx_write, ctx_write_ip6, is_loopback4, is_loopback6,
     },
     pod,
 };
@@ -77,6 +82,11 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
     if !record(&ctx, &pod, sa.user_ip4, sa, v4_mapped) {
         return REFUSE;
     }
+    let target = if target == pod.pod_ip4 {
+        land4(&ctx, &pod, sa.user_ip4, sa.user_port)
+    } else {
+        target
+    };
     // SAFETY: writable fields of the live context.
     unsafe {
         ctx_write!(sa.user_ip4, target);
@@ -143,9 +153,14 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
         if !record(&ctx, &pod, dst4, sa, v4_mapped) {
             return REFUSE;
         }
+        let target = if target == pod.pod_ip4 {
+            land4_mapped(&ctx, &pod, dst4, sa.user_port)
+        } else {
+            v4_mapped(target)
+        };
         // SAFETY: writable fields of the live context.
         unsafe {
-            ctx_write_ip6!(sa.user_ip6, v4_mapped(target));
+            ctx_write_ip6!(sa.user_ip6, target);
             ctx_write!(sa.user_port, u32::from(pod.redirect_port.to_be()));
         }
         bump(Counter::ConnectRedirected4);
@@ -159,6 +174,11 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
     if !record(&ctx, &pod, dst, sa, |ip6| ip6) {
         return REFUSE;
     }
+    let target = if target == pod.pod_ip6 {
+        land6(&ctx, &pod)
+    } else {
+        target
+    };
     // SAFETY: writable fields of the live context.
     unsafe {
         ctx_write_ip6!(sa.user_ip6, target);
@@ -247,4 +267,142 @@ fn record<A>(
         return false;
     }
     true
+}
+
+/// `struct sockaddr_in`.
+#[repr(C)]
+struct SockaddrIn {
+    family: u16,
+    port: u16,
+    addr: u32,
+    zero: [u8; 8],
+}
+
+/// `struct sockaddr_in6`.
+#[repr(C)]
+struct SockaddrIn6 {
+    family: u16,
+    port: u16,
+    flowinfo: u32,
+    addr: [u32; 4],
+    scope_id: u32,
+}
+
+/// The socket's source address as bound so far (all zero when unbound)
+/// and its port (0 while none is chosen).
+#[inline(always)]
+fn bound_source(ctx: &SockAddrContext, ip6: bool) -> ([u32; 4], u32) {
+    // SAFETY: `sk` of a sock_addr context is its socket, never null; the
+    // fields read are readable for this hook.
+    unsafe {
+        let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
+        let port = ctx_read!((*sk).src_port);
+        if ip6 {
+            (
+                [
+                    ctx_read!((*sk).src_ip6[0]),
+                    ctx_read!((*sk).src_ip6[1]),
+                    ctx_read!((*sk).src_ip6[2]),
+                    ctx_read!((*sk).src_ip6[3]),
+                ],
+                port,
+            )
+        } else {
+            (v4_mapped(ctx_read!((*sk).src_ip4)), port)
+        }
+    }
+}
+
+/// Binds the socket's source address to `pod_ip` (port chosen at connect,
+/// as `IP_BIND_ADDRESS_NO_PORT` does) unless it is bound already: whether
+/// the socket's source is now `pod_ip`. `bpf_bind` in connect hooks: Linux
+/// 4.17.
+#[inline(always)]
+fn source_is_pod(ctx: &SockAddrContext, pod_ip: [u32; 4], ip6_socket: bool) -> bool {
+    let (source, port) = bound_source(ctx, ip6_socket);
+    if source == pod_ip {
+        return true;
+    }
+    let unspecified = source == [0; 4] || source == v4_mapped(0);
+    if !unspecified || port != 0 {
+        return false;
+    }
+    let ret = if ip6_socket {
+        let mut addr = SockaddrIn6 {
+            family: AF_INET6 as u16,
+            port: 0,
+            flowinfo: 0,
+            addr: pod_ip,
+            scope_id: 0,
+        };
+        // SAFETY: a live context and a sockaddr_in6 of the size given.
+        unsafe {
+            bpf_bind(
+                ctx.sock_addr,
+                (&mut addr as *mut SockaddrIn6).cast::<sockaddr>(),
+                size_of::<SockaddrIn6>() as i32,
+            )
+        }
+    } else {
+        let mut addr = SockaddrIn {
+            family: AF_INET as u16,
+            port: 0,
+            addr: pod_ip[3],
+            zero: [0; 8],
+        };
+        // SAFETY: a live context and a sockaddr_in of the size given.
+        unsafe {
+            bpf_bind(
+                ctx.sock_addr,
+                (&mut addr as *mut SockaddrIn).cast::<sockaddr>(),
+                size_of::<SockaddrIn>() as i32,
+            )
+        }
+    };
+    ret == 0
+}
+
+/// Where an in-pod redirect of an IPv4 socket's connect to `orig_ip4`
+/// (port `orig_port`, as the context holds it) lands: its own loopback
+/// address ([`landing4`]) with the socket's source the pod's IP, or the
+/// pod's IP itself (one 4-tuple space for the pod, counted) where the
+/// source cannot be the pod's IP (bound to another address, or to a port
+/// of the wildcard address).
+#[inline(always)]
+fn land4(ctx: &SockAddrContext, pod: &CgroupInfo, orig_ip4: u32, orig_port: u32) -> u32 {
+    if source_is_pod(ctx, v4_mapped(pod.pod_ip4), false) {
+        return landing4(orig_ip4, u16::from_be(orig_port as u16));
+    }
+    bump(Counter::ConnectUnspread);
+    pod.pod_ip4
+}
+
+/// As [`land4`], for a dual-stack IPv6 socket speaking IPv4 (addresses
+/// IPv4-mapped).
+#[inline(always)]
+fn land4_mapped(
+    ctx: &SockAddrContext,
+    pod: &CgroupInfo,
+    orig_ip4: u32,
+    orig_port: u32,
+) -> [u32; 4] {
+    if source_is_pod(ctx, v4_mapped(pod.pod_ip4), true) {
+        return v4_mapped(landing4(orig_ip4, u16::from_be(orig_port as u16)));
+    }
+    bump(Counter::ConnectUnspread);
+    v4_mapped(pod.pod_ip4)
+}
+
+/// Where an in-pod redirect of an IPv6 connect lands: `::1`, with the
+/// socket's source the pod's IP (IPv6 has one loopback address, so the
+/// pod's connections share a 4-tuple space still, but TIME_WAIT reuse for
+/// loopback, `tcp_tw_reuse=2`, applies to it), or the pod's IP as [`land4`]
+/// says.
+#[inline(always)]
+fn land6(ctx: &SockAddrContext, pod: &CgroupInfo) -> [u32; 4] {
+    if source_is_pod(ctx, pod.pod_ip6, true) {
+        return LOCALHOST6;
+    }
+    bump(Counter::ConnectUnspread);
+    pod.pod_ip6
 }

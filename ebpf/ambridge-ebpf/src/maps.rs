@@ -68,7 +68,7 @@ pub fn node() -> NodeConfig {
     NODE.get(0).copied().unwrap_or_default()
 }
 
-#[map(name = "AMB_COUNTERS_V4")]
+#[map(name = "AMB_COUNTERS_V5")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
 
 /// Adds one to a per-CPU counter (no atomics needed: per-CPU, and BPF

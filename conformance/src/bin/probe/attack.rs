@@ -46,18 +46,17 @@ pub fn session(to: SocketAddr, messages: usize, interval: Duration) -> io::Resul
     Ok(())
 }
 
-/// In the current netns, which holds `addr` (the victim's address) on
-/// `lo`: listen on `addr:port`, connect to it from `addr:source_port` (the
-/// victim's own 4-tuple) and, for `duration`, write into the accepted
-/// socket and read whatever either end receives; also ask the accepted
-/// socket for `SO_ORIGINAL_DST`. Reports what the attacker got.
+/// In the current netns, which holds `source`'s address (the victim's) on
+/// `lo`: listen on `listen_at` (where the victim's connection landed),
+/// connect to it from `source` (the victim's own 4-tuple) and, for
+/// `duration`, write into the accepted socket and read whatever either end
+/// receives; also ask the accepted socket for `SO_ORIGINAL_DST`. Reports
+/// what the attacker got.
 pub fn hijack(
-    addr: std::net::IpAddr,
-    source_port: u16,
-    port: u16,
+    (addr, source_port): (std::net::IpAddr, u16),
+    listen_at: SocketAddr,
     duration: Duration,
 ) -> io::Result<()> {
-    let listen_at = SocketAddr::new(addr, port);
     let listener = TcpListener::bind(listen_at)?;
     let client = Socket::new(Domain::for_address(listen_at), Type::STREAM, None)?;
     client.set_reuse_address(true)?;

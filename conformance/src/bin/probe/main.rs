@@ -94,6 +94,14 @@ enum Role {
         /// is then ignored), then report the summary.
         #[arg(long)]
         until: Option<PathBuf>,
+        /// Bind to this address (a fixed source port) before connecting,
+        /// with `SO_REUSEADDR` as such clients set it.
+        #[arg(long)]
+        bind: Option<SocketAddr>,
+        /// Keep the connection open this long after connecting, before the
+        /// exchange (a connection that stays up while others start).
+        #[arg(long, default_value_t = 0)]
+        hold_ms: u64,
     },
     /// Echo server: report every accepted connection, echo until EOF.
     Echo {
@@ -237,10 +245,15 @@ enum Role {
     /// An attacker's loop connection with a victim's 4-tuple, in a netns
     /// holding the victim's address: reports what it received.
     Hijack {
+        /// The victim's address, its connection's source.
         #[arg(long)]
         addr: std::net::IpAddr,
         #[arg(long)]
         source_port: u16,
+        /// Where the victim's connection landed (its destination); the
+        /// victim's address by default.
+        #[arg(long)]
+        landed: Option<std::net::IpAddr>,
         #[arg(long, default_value_t = 15001)]
         port: u16,
         #[arg(long, default_value_t = 1000)]
@@ -286,8 +299,10 @@ fn main() {
             bytes,
             count: 1,
             io,
+            bind,
+            hold_ms,
             ..
-        } => connect(to, bytes, io).map(report),
+        } => connect(to, bytes, io, bind, Duration::from_millis(hold_ms)).map(report),
         Role::Connect {
             to,
             bytes,
@@ -354,9 +369,14 @@ fn main() {
         Role::Hijack {
             addr,
             source_port,
+            landed,
             port,
             duration_ms,
-        } => attack::hijack(addr, source_port, port, Duration::from_millis(duration_ms)),
+        } => attack::hijack(
+            (addr, source_port),
+            SocketAddr::new(landed.unwrap_or(addr), port),
+            Duration::from_millis(duration_ms),
+        ),
         Role::ZdsPeer { zds, steps } => zds::scripted_peer(&zds, &steps),
     };
     if let Err(e) = result {
@@ -442,7 +462,7 @@ fn connect_many(to: SocketAddr, bytes: usize, until: Until, io: Io) -> io::Resul
         Until::Exists(stop) => !stop.exists(),
     } {
         count += 1;
-        let result = connect(to, bytes, io)?;
+        let result = connect(to, bytes, io, None, Duration::ZERO)?;
         if result["ok"] == true {
             ok += 1;
         } else if failures.len() < 5 {
@@ -456,8 +476,26 @@ fn connect_many(to: SocketAddr, bytes: usize, until: Until, io: Io) -> io::Resul
     Ok(())
 }
 
-fn connect(to: SocketAddr, bytes: usize, io: Io) -> io::Result<serde_json::Value> {
-    let stream = match TcpStream::connect_timeout(&to, io_timeout()) {
+/// A TCP connection to `to`, from `bind` if given.
+fn open(to: SocketAddr, bind: Option<SocketAddr>) -> io::Result<TcpStream> {
+    let Some(bind) = bind else {
+        return TcpStream::connect_timeout(&to, io_timeout());
+    };
+    let socket = Socket::new(Domain::for_address(to), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&bind.into())?;
+    socket.connect_timeout(&to.into(), io_timeout())?;
+    Ok(socket.into())
+}
+
+fn connect(
+    to: SocketAddr,
+    bytes: usize,
+    io: Io,
+    bind: Option<SocketAddr>,
+    hold: Duration,
+) -> io::Result<serde_json::Value> {
+    let stream = match open(to, bind) {
         Ok(s) => s,
         Err(e) => {
             return Ok(json!({
@@ -469,6 +507,7 @@ fn connect(to: SocketAddr, bytes: usize, io: Io) -> io::Result<serde_json::Value
     stream.set_write_timeout(Some(io_timeout()))?;
     let local = stream.local_addr()?;
     let peer = stream.peer_addr()?;
+    thread::sleep(hold);
     let sent = pattern(bytes);
     let writer = {
         let mut s = stream.try_clone()?;
