@@ -57,7 +57,7 @@ struct Group {
     /// In report order; every group has an `iptables` path, the baseline.
     paths: &'static [&'static str],
     /// The paths without capture that every figure is also compared to.
-    floors: [&'static str; 2],
+    floors: &'static [&'static str],
     traffic: Traffic,
 }
 
@@ -66,11 +66,14 @@ struct Group {
 enum Traffic {
     Tcp,
     Dns,
+    /// New connections for a long while, to many destinations, the client
+    /// closing first: what TIME_WAIT and 4-tuple reuse allow.
+    Sustained,
 }
 
 const BASELINE: &str = "iptables";
 
-const GROUPS: [Group; 3] = [
+const GROUPS: [Group; 4] = [
     Group {
         name: "outbound",
         title: "Outbound: an enrolled client pod to a server pod",
@@ -81,24 +84,35 @@ const GROUPS: [Group; 3] = [
             "ambridge",
             "ambridge+sockmap",
         ],
-        floors: ["no-mesh", "explicit"],
+        floors: &["no-mesh", "explicit"],
         traffic: Traffic::Tcp,
     },
     Group {
         name: "inbound",
         title: "Inbound: a client outside the mesh to an enrolled server pod, through 15006",
         paths: &["no-mesh", "explicit", "iptables", "ambridge"],
-        floors: ["no-mesh", "explicit"],
+        floors: &["no-mesh", "explicit"],
         traffic: Traffic::Tcp,
     },
     Group {
         name: "dns",
         title: "DNS over UDP from a captured pod to a server's port 53, answered by the in-pod proxy",
         paths: &["direct", "explicit", "iptables", "ambridge"],
-        floors: ["direct", "explicit"],
+        floors: &["direct", "explicit"],
         traffic: Traffic::Dns,
     },
+    Group {
+        name: "sustained",
+        title: "Sustained new connections: one client pod to 64 destinations, the client closing first, default sysctls",
+        paths: &["no-mesh", "iptables", "ambridge"],
+        floors: &["no-mesh"],
+        traffic: Traffic::Sustained,
+    },
 ];
+
+/// Destinations of the sustained group: ports from [`SUSTAINED_PORT`] on.
+const SUSTAINED_DESTINATIONS: u16 = 64;
+const SUSTAINED_PORT: u16 = 9000;
 
 /// One measured path: its group and its name there.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
@@ -124,6 +138,8 @@ struct Plan {
     cps_ms: u64,
     rr_ms: u64,
     dns_ms: u64,
+    /// Each sustained path runs once (in the first round), this long.
+    sustained_ms: u64,
     bulk_bytes: usize,
     pod_counts: Vec<usize>,
 }
@@ -136,6 +152,7 @@ impl Plan {
                 cps_ms: 300,
                 rr_ms: 300,
                 dns_ms: 300,
+                sustained_ms: 1_000,
                 bulk_bytes: 16 << 20,
                 pod_counts: vec![1_000],
             }
@@ -145,6 +162,7 @@ impl Plan {
                 cps_ms: 1_500,
                 rr_ms: 2_000,
                 dns_ms: 1_500,
+                sustained_ms: 60_000,
                 bulk_bytes: 512 << 20,
                 pod_counts: vec![1_000, 10_000],
             }
@@ -166,6 +184,22 @@ struct Phase {
 fn phases(plan: &Plan, traffic: Traffic) -> Vec<Phase> {
     let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let mut out = Vec::new();
+    if traffic == Traffic::Sustained {
+        let destinations = SUSTAINED_DESTINATIONS.to_string();
+        out.push(Phase {
+            key: "sustained_c16".into(),
+            load: args(&[
+                "cps",
+                "--concurrency",
+                "16",
+                "--duration-ms",
+                &plan.sustained_ms.to_string(),
+                "--destinations",
+                &destinations,
+            ]),
+        });
+        return out;
+    }
     if traffic == Traffic::Dns {
         let ms = plan.dns_ms.to_string();
         for (key, c, per_query) in [
@@ -225,6 +259,10 @@ struct Bench {
     clients: BTreeMap<&'static str, Pod>,
     /// The inbound paths' server pods, but `no-mesh`'s, which is `server`.
     inbound_servers: BTreeMap<&'static str, Pod>,
+    /// The sustained paths' client pods, with the kernel's default sysctls,
+    /// and their server, listening on every destination port.
+    sustained_clients: BTreeMap<&'static str, Pod>,
+    sustained_server: Pod,
     node: Node,
 }
 
@@ -267,18 +305,34 @@ impl Bench {
         ] {
             inbound_servers.insert(path, node.add_pod(name));
         }
+        let sustained_server = node.add_pod("susserver");
+        let mut sustained_clients = BTreeMap::new();
+        for (path, name) in [
+            ("no-mesh", "susnomesh"),
+            ("iptables", "susipt"),
+            ("ambridge", "susamb"),
+        ] {
+            sustained_clients.insert(path, node.add_pod(name));
+        }
         let ztunnel = node.add_cgroup("ztunnel");
-        fs::write(
-            node.workloads_path(),
-            Self::base_yaml(&server, &clients, &inbound_servers, &ztunnel),
-        )
-        .expect("writing the workloads file");
+        let mut workloads = Self::base_yaml(&server, &clients, &inbound_servers);
+        workloads += &workload_yaml(&sustained_server, "none", None);
+        workloads += &workload_yaml(&sustained_clients["no-mesh"], "none", None);
+        workloads += &workload_yaml(&sustained_clients["iptables"], "none", None);
+        workloads += &workload_yaml(&sustained_clients["ambridge"], "ambient", Some(false));
+        workloads += &format!("ztunnel:\n  cgroup: {}\n", ztunnel.display());
+        fs::write(node.workloads_path(), workloads).expect("writing the workloads file");
         // Sockmap stays off node-wide; the accelerated path's pod opts in.
         let daemon = Daemon::start_with(&node, &["--resync-seconds", "300"]);
-        for pod in [&clients["ambridge"], &inbound_servers["ambridge"]] {
+        for pod in [
+            &clients["ambridge"],
+            &inbound_servers["ambridge"],
+            &sustained_clients["ambridge"],
+        ] {
             daemon.wait_for_mode(&pod.uid, Some("ambient"));
         }
         install_istio_outbound(&clients["iptables"].netns_name);
+        install_istio_outbound(&sustained_clients["iptables"].netns_name);
         install_istio_inbound(&inbound_servers["iptables"].netns_name);
         // Connection storms leave thousands of TIME_WAIT sockets towards one
         // destination; without reuse every later connect searches past them
@@ -328,6 +382,16 @@ impl Bench {
         for pod in inbound_servers.values() {
             servers.push(in_pod(pod, &["bench-echo", "--listen", "[::]:8080"]));
         }
+        servers.push(in_pod(
+            &sustained_server,
+            &[
+                "bench-echo",
+                "--listen",
+                &format!("[::]:{SUSTAINED_PORT}"),
+                "--ports",
+                &SUSTAINED_DESTINATIONS.to_string(),
+            ],
+        ));
         let relay = Background::spawn({
             let mut c = Command::new(&probe);
             c.arg("--cgroup")
@@ -341,6 +405,9 @@ impl Bench {
                 ]);
             for path in ["explicit", "iptables", "ambridge", "ambridge+sockmap"] {
                 c.arg("--pod-netns").arg(&clients[path].netns);
+            }
+            for path in ["iptables", "ambridge"] {
+                c.arg("--pod-netns").arg(&sustained_clients[path].netns);
             }
             for pod in inbound_servers.values() {
                 c.arg("--inbound-pod-netns").arg(&pod.netns);
@@ -358,6 +425,8 @@ impl Bench {
             server,
             clients,
             inbound_servers,
+            sustained_clients,
+            sustained_server,
             node,
         }
     }
@@ -366,7 +435,6 @@ impl Bench {
         server: &Pod,
         clients: &BTreeMap<&str, Pod>,
         inbound_servers: &BTreeMap<&str, Pod>,
-        ztunnel: &Path,
     ) -> String {
         let mut y = String::from("workloads:\n");
         y += &workload_yaml(server, "none", None);
@@ -378,7 +446,6 @@ impl Bench {
         y += &workload_yaml(&inbound_servers["explicit"], "none", None);
         y += &workload_yaml(&inbound_servers["iptables"], "none", None);
         y += &workload_yaml(&inbound_servers["ambridge"], "ambient", Some(false));
-        y += &format!("ztunnel:\n  cgroup: {}\n", ztunnel.display());
         y
     }
 
@@ -405,6 +472,10 @@ impl Bench {
             ("dns", "direct") => (&self.clients["no-mesh"], format!("{}:53", self.server.ip4)),
             ("dns", "explicit") => (&self.clients["explicit"], DNS_PROXY.into()),
             ("dns", _) => (&self.clients[r.path], format!("{}:53", self.server.ip4)),
+            ("sustained", _) => (
+                &self.sustained_clients[r.path],
+                format!("{}:{SUSTAINED_PORT}", self.sustained_server.ip4),
+            ),
             _ => unreachable!("unknown route {r:?}"),
         }
     }
@@ -438,6 +509,18 @@ impl Bench {
             let (warm, counter) = match r.group {
                 "outbound" => (
                     args(&["cps", "--concurrency", "1", "--duration-ms", "100"]),
+                    "connect_redirected_ipv4",
+                ),
+                "sustained" => (
+                    args(&[
+                        "cps",
+                        "--concurrency",
+                        "1",
+                        "--duration-ms",
+                        "100",
+                        "--destinations",
+                        &SUSTAINED_DESTINATIONS.to_string(),
+                    ]),
                     "connect_redirected_ipv4",
                 ),
                 "inbound" => (
@@ -570,6 +653,9 @@ fn measure(bench: &Bench, plan: &Plan) -> Measured {
     for round in 0..plan.rounds {
         eprintln!("[bench] round {}/{}", round + 1, plan.rounds);
         for group in &GROUPS {
+            if group.traffic == Traffic::Sustained && round > 0 {
+                continue;
+            }
             for phase in phases(plan, group.traffic) {
                 for &path in group.paths {
                     let route = Route {
@@ -586,10 +672,18 @@ fn measure(bench: &Bench, plan: &Plan) -> Measured {
                         cpu / r[field].as_f64().unwrap_or(1.0).max(1.0) * 10_000.0
                     };
                     match r["event"].as_str() {
-                        Some("cps") => put(
-                            &format!("{}_per_s", phase.key),
-                            r["per_second"].as_f64().unwrap_or(0.0),
-                        ),
+                        Some("cps") => {
+                            put(
+                                &format!("{}_per_s", phase.key),
+                                r["per_second"].as_f64().unwrap_or(0.0),
+                            );
+                            if group.traffic == Traffic::Sustained {
+                                put(
+                                    &format!("{}_failed", phase.key),
+                                    r["failed"].as_f64().unwrap_or(0.0),
+                                );
+                            }
+                        }
                         Some("rr") => {
                             for p in ["p50", "p99", "p999"] {
                                 put(

@@ -26,21 +26,37 @@ fn runtime() -> io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-/// Echo server: every byte back, until EOF.
-pub fn echo(addr: SocketAddr) -> io::Result<()> {
-    let l = listener(addr)?;
-    l.set_nonblocking(true)?;
+/// Echo server on `ports` consecutive ports from `addr`'s: every byte
+/// back, until EOF.
+pub fn echo(addr: SocketAddr, ports: u16) -> io::Result<()> {
+    let listeners = (0..ports)
+        .map(|i| {
+            let l = listener(SocketAddr::new(addr.ip(), addr.port() + i))?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })
+        .collect::<io::Result<Vec<_>>>()?;
     runtime()?.block_on(async move {
-        let l = TcpListener::from_std(l)?;
-        report(json!({"event": "listening", "addr": addr.to_string()}));
-        loop {
-            let (mut conn, _) = l.accept().await?;
-            conn.set_nodelay(true)?;
-            tokio::spawn(async move {
-                let (mut r, mut w) = conn.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
+        let mut accepting = tokio::task::JoinSet::new();
+        for l in listeners {
+            let l = TcpListener::from_std(l)?;
+            accepting.spawn(async move {
+                loop {
+                    let (mut conn, _) = l.accept().await?;
+                    conn.set_nodelay(true)?;
+                    tokio::spawn(async move {
+                        let (mut r, mut w) = conn.split();
+                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                        let _ = w.shutdown().await;
+                    });
+                }
             });
+        }
+        report(json!({"event": "listening", "addr": addr.to_string(), "ports": ports}));
+        match accepting.join_next().await {
+            Some(Ok(result)) => result,
+            Some(Err(e)) => Err(io::Error::other(e)),
+            None => Ok(()),
         }
     })
 }
@@ -254,6 +270,10 @@ pub enum Load {
         duration_ms: u64,
         #[arg(long, default_value_t = 64)]
         size: usize,
+        /// Spread the connects over this many destinations: `--to`'s port
+        /// and the ones after it, in turn.
+        #[arg(long, default_value_t = 1)]
+        destinations: u16,
     },
     /// Request/response latency on one persistent connection.
     Rr {
@@ -289,7 +309,13 @@ pub fn load(to: SocketAddr, what: Load) -> io::Result<()> {
                 concurrency,
                 duration_ms,
                 size,
-            } => cps(to, concurrency, Duration::from_millis(duration_ms), size).await,
+                destinations,
+            } => {
+                let to: Vec<SocketAddr> = (0..destinations.max(1))
+                    .map(|i| SocketAddr::new(to.ip(), to.port() + i))
+                    .collect();
+                cps(to, concurrency, Duration::from_millis(duration_ms), size).await
+            }
             Load::Rr { size, duration_ms } => {
                 rr(to, size, Duration::from_millis(duration_ms)).await
             }
@@ -311,29 +337,46 @@ pub fn load(to: SocketAddr, what: Load) -> io::Result<()> {
     })
 }
 
+/// How long one connect-and-exchange may take before it counts as failed
+/// (a SYN dropped for a clashing conntrack entry is retried for minutes).
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(3);
+
 async fn one_exchange(to: SocketAddr, buf: &mut [u8]) -> io::Result<()> {
-    let mut s = TcpStream::connect(to).await?;
-    s.set_nodelay(true)?;
-    s.write_all(&buf[..]).await?;
-    s.read_exact(buf).await?;
-    Ok(())
+    let exchange = async {
+        let mut s = TcpStream::connect(to).await?;
+        s.set_nodelay(true)?;
+        s.write_all(&buf[..]).await?;
+        s.read_exact(buf).await?;
+        Ok(())
+    };
+    tokio::time::timeout(EXCHANGE_TIMEOUT, exchange)
+        .await
+        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
 }
 
+/// Connects, exchanges `size` bytes and closes (the client first), in a
+/// loop on each of `concurrency` workers, each going through `to` in turn
+/// from its own starting point.
 async fn cps(
-    to: SocketAddr,
+    to: Vec<SocketAddr>,
     concurrency: usize,
     duration: Duration,
     size: usize,
 ) -> io::Result<()> {
     let deadline = Instant::now() + duration;
     let start = Instant::now();
+    let to = std::sync::Arc::new(to);
     let workers: Vec<_> = (0..concurrency)
-        .map(|_| {
+        .map(|worker| {
+            let to = to.clone();
             tokio::spawn(async move {
                 let mut buf = vec![7u8; size];
                 let (mut ok, mut failed) = (0u64, 0u64);
+                let mut next = worker;
                 while Instant::now() < deadline {
-                    match one_exchange(to, &mut buf).await {
+                    let dst = to[next % to.len()];
+                    next += 1;
+                    match one_exchange(dst, &mut buf).await {
                         Ok(()) => ok += 1,
                         Err(_) => failed += 1,
                     }

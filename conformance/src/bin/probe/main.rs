@@ -169,6 +169,9 @@ enum Role {
     BenchEcho {
         #[arg(long)]
         listen: SocketAddr,
+        /// Listen on this many consecutive ports from `--listen`'s.
+        #[arg(long, default_value_t = 1)]
+        ports: u16,
     },
     /// Benchmark relay (tokio) listening in each pod netns.
     BenchRelay(bench::RelayArgs),
@@ -346,7 +349,7 @@ fn main() {
         Role::Pause => loop {
             thread::park();
         },
-        Role::BenchEcho { listen } => bench::echo(listen),
+        Role::BenchEcho { listen, ports } => bench::echo(listen, ports),
         Role::BenchRelay(args) => bench::relay(args),
         Role::BenchDns { listen } => bench::dns_server(listen),
         Role::BenchLoad { to, what } => bench::load(to, what),
