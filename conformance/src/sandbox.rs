@@ -508,6 +508,26 @@ impl Node {
         PathBuf::from(format!("/sys/fs/bpf/ambridge-test-{}", self.id))
     }
 
+    /// Removes every record of an established connection from the node's
+    /// pinned connection map, as a full map's evictions would; returns how
+    /// many there were.
+    pub fn evict_connection_records(&self) -> usize {
+        use ambridge_common::{ConnKey, ConnRecord, map_names};
+        let pin = self.bpffs().join("maps").join(map_names::CONNS);
+        let data = aya::maps::MapData::from_pin(&pin)
+            .unwrap_or_else(|e| panic!("opening {}: {e}", pin.display()));
+        let mut conns: aya::maps::HashMap<_, ConnKey, ConnRecord> =
+            aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data))
+                .unwrap_or_else(|e| panic!("{}: {e}", pin.display()));
+        let keys: Vec<ConnKey> = conns.keys().filter_map(Result::ok).collect();
+        for key in &keys {
+            conns
+                .remove(key)
+                .unwrap_or_else(|e| panic!("deleting from {}: {e}", pin.display()));
+        }
+        keys.len()
+    }
+
     /// Path of this node's workloads file.
     pub fn workloads_path(&self) -> PathBuf {
         self.dir.join("workloads.yaml")

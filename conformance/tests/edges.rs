@@ -292,3 +292,39 @@ fn one_fixed_source_port_reaches_two_destinations_through_ztunnel_each_on_its_ow
         daemon.stats()
     );
 }
+
+#[test]
+fn a_connection_whose_record_was_evicted_is_refused_by_ztunnel_never_sent_around_it_and_counted() {
+    // A connect storm filling the least-recently-used connection map
+    // evicts the records of live connections: ztunnel, asking for the
+    // original destination of one accepted late, finds none.
+    let t = three_pods();
+    let (daemon, app, ztunnel) = serving(&t, &["--accept-delay-ms", "1500"]);
+    let to = format!("{}:8080", t.server.ip4);
+    let client = t.client.spawn(&["connect", "--to", &to, "--bytes", "16"]);
+    let evicted = eventually(Duration::from_secs(5), || {
+        let n = t.node.evict_connection_records();
+        (n > 0).then_some(n)
+    })
+    .expect("the connection was never recorded");
+    assert_eq!(evicted, 1);
+    let accepted = ztunnel.wait_for(|e| e["event"] == "accepted", Duration::from_secs(10));
+    assert!(accepted["orig_dst"].is_null(), "{accepted}");
+    let r = client.wait_for(|e| e["event"] == "connect", Duration::from_secs(15));
+    assert_eq!(
+        r["ok"], false,
+        "the connection went through without its record: {r}"
+    );
+    assert_eq!(
+        daemon.stats()["orig_dst_missing"],
+        1,
+        "{:?}",
+        daemon.stats()
+    );
+    // And it never reached the server some other way.
+    assert!(
+        !app.events().iter().any(|e| e["event"] == "accepted"),
+        "{:?}",
+        app.events()
+    );
+}

@@ -379,11 +379,16 @@ pub enum Counter {
     /// another address or to a port of the wildcard address: these share
     /// one 4-tuple space per pod.
     ConnectUnspread = 22,
+    /// `SO_ORIGINAL_DST` asked by a ztunnel for a connection to a redirect
+    /// port whose record is gone: evicted from a full map (a connect storm
+    /// filling the least-recently-used maps), so ztunnel cannot route it and
+    /// refuses it.
+    OrigDstMissing = 23,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 23] = [
+    pub const ALL: [Counter; 24] = [
         Counter::ConnectRedirected4,
         Counter::ConnectRedirected6,
         Counter::ConnectRecordFailed,
@@ -407,6 +412,7 @@ impl Counter {
         Counter::BindRecordFailed,
         Counter::ConnectNoTarget,
         Counter::ConnectUnspread,
+        Counter::OrigDstMissing,
     ];
 
     /// Stable name, as printed by `ambridge stats`.
@@ -435,6 +441,7 @@ impl Counter {
             Counter::BindRecordFailed => "bind_record_failed",
             Counter::ConnectNoTarget => "connect_no_target",
             Counter::ConnectUnspread => "connect_unspread",
+            Counter::OrigDstMissing => "orig_dst_missing",
         }
     }
 }
@@ -673,7 +680,7 @@ mod tests {
                 ("AMB_PENDING_V1", 8, 20, 65_536),
                 ("AMB_CONNS_V2", 48, 20, 65_536),
                 ("AMB_SOCKS_V2", 48, 4, 65_536),
-                ("AMB_COUNTERS_V5", 4, 8, 23),
+                ("AMB_COUNTERS_V5", 4, 8, 24),
                 ("AMB_NODE_V3", 4, 64, 1),
                 ("AMB_INBOUND_V1", 16, 8, 32_768),
                 ("AMB_LISTENERS_V1", 8, 4, 16_384),

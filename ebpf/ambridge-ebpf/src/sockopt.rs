@@ -92,12 +92,20 @@ fn lookup(ctx: &SockoptContext, opt: &bpf_sockopt) -> Option<ConnRecord> {
     // SAFETY: copied out at once.
     let record = unsafe { CONNS.get(key) }
         .copied()
-        .filter(|r| r.kind == conn_kind::ORIG_DST)?;
-    if !pod::current().is_some_and(|p| p.flags & flags::ZTUNNEL != 0) {
-        bump(Counter::OrigDstRefused);
-        return None;
+        .filter(|r| r.kind == conn_kind::ORIG_DST);
+    let ztunnel = pod::current().is_some_and(|p| p.flags & flags::ZTUNNEL != 0);
+    match record {
+        Some(_) if !ztunnel => {
+            bump(Counter::OrigDstRefused);
+            None
+        }
+        // Once per connection: ztunnel asks at SOL_IP first, then SOL_IPV6.
+        None if ztunnel && opt.level == SOL_IP && node().is_redirect_port(local_port) => {
+            bump(Counter::OrigDstMissing);
+            None
+        }
+        found => found,
     }
-    Some(record)
 }
 
 #[inline(always)]
