@@ -120,16 +120,19 @@ pub fn ip_of(addr: &str) -> std::net::IpAddr {
     canon(addr).ip()
 }
 
-/// Where the in-pod model lands a connect to `original`: the loopback
-/// address of its own that `ambridge_common::landing4` picks for an IPv4
-/// destination, `::1` for an IPv6 one.
-pub fn in_pod_landing(original: std::net::SocketAddr) -> std::net::IpAddr {
+/// Where the in-pod model lands a connect from `client` to `original`: the
+/// loopback address of its own that `ambridge_common::landing4` picks for
+/// an IPv4 destination, the client pod's own address for an IPv6 one.
+pub fn in_pod_landing(
+    client: std::net::IpAddr,
+    original: std::net::SocketAddr,
+) -> std::net::IpAddr {
     match original.ip() {
         std::net::IpAddr::V4(ip) => std::net::Ipv4Addr::from(u32::from_be(
             ambridge_common::landing4(u32::from(ip).to_be(), original.port()),
         ))
         .into(),
-        std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(_) => client,
     }
 }
 
@@ -147,7 +150,7 @@ pub fn assert_landed(
 ) {
     let local = canon(accepted["local"].as_str().expect("local address"));
     let landing = if ztunnel_ip == client_ip {
-        in_pod_landing(original)
+        in_pod_landing(client_ip, original)
     } else {
         ztunnel_ip
     };

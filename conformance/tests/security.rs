@@ -65,7 +65,7 @@ fn a_loop_connection_with_a_victims_tuple_in_another_netns_neither_receives_nor_
             "--source-port",
             &local.port().to_string(),
             "--landed",
-            &ambridge_conformance::in_pod_landing(canon(&to)).to_string(),
+            &ambridge_conformance::in_pod_landing(victim.ip4.into(), canon(&to)).to_string(),
             "--duration-ms",
             "1000",
         ])

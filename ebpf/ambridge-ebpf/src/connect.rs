@@ -29,8 +29,8 @@ use crate::{
     dns,
     maps::{PENDING, bump, node},
     net::{
-        AF_INET, AF_INET6, KUBELET_PROBE_IP4, KUBELET_PROBE_IP6, LOCALHOST4, LOCALHOST6,
-        SOCK_STREAM, ctx_read, ctx_write, ctx_write_ip6, is_loopback4, is_loopback6,
+        AF_INET, AF_INET6, KUBELET_PROBE_IP4, KUBELET_PROBE_IP6, LOCALHOST4, SOCK_STREAM, ctx_read,
+        ctx_write, ctx_write_ip6, is_loopback4, is_loopback6,
     },
     pod,
 };
@@ -174,11 +174,6 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
     if !record(&ctx, &pod, dst, sa, |ip6| ip6) {
         return REFUSE;
     }
-    let target = if target == pod.pod_ip6 {
-        land6(&ctx, &pod)
-    } else {
-        target
-    };
     // SAFETY: writable fields of the live context.
     unsafe {
         ctx_write_ip6!(sa.user_ip6, target);
@@ -391,18 +386,4 @@ fn land4_mapped(
     }
     bump(Counter::ConnectUnspread);
     v4_mapped(pod.pod_ip4)
-}
-
-/// Where an in-pod redirect of an IPv6 connect lands: `::1`, with the
-/// socket's source the pod's IP (IPv6 has one loopback address, so the
-/// pod's connections share a 4-tuple space still, but TIME_WAIT reuse for
-/// loopback, `tcp_tw_reuse=2`, applies to it), or the pod's IP as [`land4`]
-/// says.
-#[inline(always)]
-fn land6(ctx: &SockAddrContext, pod: &CgroupInfo) -> [u32; 4] {
-    if source_is_pod(ctx, pod.pod_ip6, true) {
-        return LOCALHOST6;
-    }
-    bump(Counter::ConnectUnspread);
-    pod.pod_ip6
 }

@@ -550,7 +550,7 @@ fn listener(addr: SocketAddr) -> io::Result<TcpListener> {
     }
     socket.set_reuse_address(true)?;
     socket.bind(&addr.into())?;
-    socket.listen(128)?;
+    socket.listen(1024)?;
     Ok(socket.into())
 }
 
@@ -808,7 +808,8 @@ fn bind_in(netns: &OwnedFd, listen: Listen) -> io::Result<Option<(Socket, Socket
         bound => bound?,
     }
     if ty == Type::STREAM {
-        socket.listen(128)?;
+        // tokio's default backlog, which ztunnel's listeners have.
+        socket.listen(1024)?;
     }
     let handle = socket.try_clone()?;
     Ok(Some((socket, handle)))
