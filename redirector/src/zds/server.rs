@@ -10,6 +10,12 @@
 //! backoff. A connection that sends something that is not ZDS, or goes
 //! silent, is closed with an error naming why; the others carry on.
 //!
+//! A snapshot ends (SnapshotSent, after which ztunnel drops every pod it
+//! was not given) only once the daemon's pods are complete: every source
+//! has delivered since the daemon started. Until then ztunnel is given
+//! the pods known so far and those that come, and keeps serving the ones
+//! an earlier daemon gave it, as the pinned state keeps them captured.
+//!
 //! Only ztunnel may connect: the socket is root-only, and a peer whose
 //! process (`SO_PEERCRED`) is not in a ztunnel cgroup the node state names
 //! (or one below it, a container's) is refused before anything is read or
@@ -326,6 +332,8 @@ pub fn listen(path: &Path) -> Result<Listener, ServeError> {
 pub struct Links {
     /// The pods ztunnel should capture.
     pub pods: watch::Receiver<Pods>,
+    /// Whether `pods` holds every source's pods: a snapshot ends only then.
+    pub pods_complete: watch::Receiver<bool>,
     /// The ztunnel cgroups: only their processes may connect.
     pub ztunnels: watch::Receiver<ZtunnelCgroups>,
     /// The pods ztunnel has acknowledged, from the first snapshot a
@@ -341,6 +349,7 @@ pub struct Links {
 pub struct Server {
     shared: Arc<Shared>,
     pods: watch::Receiver<Pods>,
+    pods_complete: watch::Receiver<bool>,
     ztunnels: watch::Receiver<ZtunnelCgroups>,
     /// The cgroup2 mount, where a peer's cgroup is looked up.
     cgroup2: PathBuf,
@@ -355,6 +364,7 @@ impl Server {
     pub fn new(links: Links, cgroup2: PathBuf, health: Health) -> Self {
         let Links {
             pods,
+            pods_complete,
             ztunnels,
             ready,
             stats,
@@ -368,6 +378,7 @@ impl Server {
                 stats,
             }),
             pods,
+            pods_complete,
             ztunnels,
             cgroup2,
             health,
@@ -432,7 +443,7 @@ impl Server {
         let conn_no = self.accepted.fetch_add(1, Ordering::Relaxed) + 1;
         let peer = identify(&fd, &self.cgroup2);
         let shared = self.shared.clone();
-        let pods = self.pods.clone();
+        let (pods, pods_complete) = (self.pods.clone(), self.pods_complete.clone());
         let mut ztunnels = self.ztunnels.clone();
         tokio::spawn(async move {
             let admitted = match peer {
@@ -459,7 +470,7 @@ impl Server {
                 }
             };
             info!(conn = conn_no, pid = peer.pid, cgroup = %Path::new("/").join(&peer.cgroup).display(), "ztunnel connected over ZDS");
-            let result = Connection::new(conn, conn_no, shared.clone(), pods)
+            let result = Connection::new(conn, conn_no, shared.clone(), pods, pods_complete)
                 .run()
                 .await;
             shared.left(conn_no);
@@ -517,6 +528,9 @@ struct Connection {
     no: u64,
     shared: Arc<Shared>,
     pods: watch::Receiver<Pods>,
+    pods_complete: watch::Receiver<bool>,
+    /// Whether this connection's snapshot has ended (SnapshotSent).
+    snapshot_sent: bool,
     /// Pods this ztunnel acknowledged, with the netns it was given (`None`
     /// after a Keep). Cookies are never reused, so a recreated sandbox is
     /// always told apart.
@@ -525,12 +539,20 @@ struct Connection {
 }
 
 impl Connection {
-    fn new(conn: ZdsConn, no: u64, shared: Arc<Shared>, pods: watch::Receiver<Pods>) -> Self {
+    fn new(
+        conn: ZdsConn,
+        no: u64,
+        shared: Arc<Shared>,
+        pods: watch::Receiver<Pods>,
+        pods_complete: watch::Receiver<bool>,
+    ) -> Self {
         Self {
             conn,
             no,
             shared,
             pods,
+            pods_complete,
+            snapshot_sent: false,
             acked: BTreeMap::new(),
             retries: BTreeMap::new(),
         }
@@ -548,11 +570,17 @@ impl Connection {
             if *newest.borrow_and_update() == self.no {
                 self.add_new(&pods).await?;
             }
+            if !self.snapshot_sent && *self.pods_complete.borrow_and_update() {
+                self.end_snapshot().await?;
+            }
             // Wake for a change of the pods (the daemon's reconcile finds new
-            // sandboxes), of the newest ztunnel, or for a due retry.
+            // sandboxes), of the newest ztunnel, for the pods to be complete
+            // while the snapshot waits for them, or for a due retry.
             let retry = self.retries.values().map(|r| r.at).min();
+            let waiting = !self.snapshot_sent;
             tokio::select! {
                 changed = self.pods.changed() => if changed.is_err() { return Ok(()) },
+                changed = self.pods_complete.changed(), if waiting => if changed.is_err() { return Ok(()) },
                 _ = newest.changed() => {}
                 _ = sleep_until(retry) => {}
                 // ztunnel only ever answers requests: anything it sends
@@ -586,8 +614,10 @@ impl Connection {
     }
 
     /// Every pod, as Add (or Keep when its netns is not known or cannot be
-    /// opened), then SnapshotSent.
+    /// opened), then SnapshotSent if the pods are complete; otherwise the
+    /// snapshot ends once they are ([`Connection::run`]).
     async fn snapshot(&mut self) -> Result<(), ConnError> {
+        let complete = *self.pods_complete.borrow_and_update();
         let pods = self.pods.borrow_and_update().clone();
         for (uid, pod) in &pods {
             match pod.netns.and_then(|_| open_netns(pod)) {
@@ -605,10 +635,25 @@ impl Connection {
                 }
             }
         }
+        if complete {
+            self.end_snapshot().await
+        } else {
+            info!(
+                conn = self.no,
+                pods = self.acked.len(),
+                "ZDS snapshot waits for every source to deliver; ztunnel keeps the pods it has"
+            );
+            Ok(())
+        }
+    }
+
+    /// SnapshotSent: ztunnel drops the pods it was not given.
+    async fn end_snapshot(&mut self) -> Result<(), ConnError> {
         match self.request(&Request::SnapshotSent, None).await? {
             Ack::Ok => {}
             Ack::Nack(e) => return Err(ConnError::SnapshotRefused(e)),
         }
+        self.snapshot_sent = true;
         info!(conn = self.no, pods = self.acked.len(), "ZDS snapshot sent");
         self.shared.snapshot_taken(self.no, &self.keys());
         Ok(())
