@@ -199,7 +199,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let (zds_pods, zds_pods_rx) = tokio::sync::watch::channel(zds::server::Pods::new());
     let (zds_pods_complete, zds_pods_complete_rx) = tokio::sync::watch::channel(false);
     let (zds_ztunnels, zds_ztunnels_rx) = tokio::sync::watch::channel(None);
-    let (zds_ready_tx, mut zds_ready) = tokio::sync::watch::channel(None);
+    let (zds_ready_tx, mut zds_ready) =
+        tokio::sync::watch::channel(zds::server::Acknowledged::default());
     let zds_stats = opts
         .zds_socket
         .as_ref()
@@ -299,7 +300,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         annotator,
         zds: match &opts.zds_socket {
             Some(_) => Some(ZdsState {
-                acked: None,
+                acked: zds::server::Acknowledged::default(),
                 pinned: Some(datapath.cgroup_entries()?),
                 inherited: BTreeSet::new(),
                 pods: zds_pods,
@@ -345,7 +346,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let ready_to_attach = |node: &Node| {
         node.has_state()
             && (!await_zds
-                || node.zds.as_ref().is_some_and(|z| z.acked.is_some())
+                || node.zds.as_ref().is_some_and(|z| z.acked.snapshot_taken)
                 || loaded_at.elapsed() > ZDS_SNAPSHOT_WAIT)
     };
     if !attached {
@@ -569,9 +570,9 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 
 /// The daemon's side of ZDS.
 struct ZdsState {
-    /// The pods ztunnel acknowledged; `None` until a ztunnel has taken a
-    /// snapshot since this daemon started.
-    acked: Option<BTreeSet<PodUid>>,
+    /// The pods ztunnel acknowledged, and whether a snapshot has ended
+    /// since this daemon started (before, ztunnel may serve more).
+    acked: zds::server::Acknowledged,
     /// The cgroup entries pinned when the daemon started, until ztunnel's
     /// first snapshot: each reconcile meanwhile adds the pods they show
     /// acknowledged to `inherited`.
@@ -592,8 +593,14 @@ struct ZdsState {
 }
 
 impl ZdsState {
+    /// The pods ztunnel serves: until its snapshot has ended, those this
+    /// daemon handed over and those an earlier daemon had.
     fn ready(&self) -> BTreeSet<PodUid> {
-        self.acked.clone().unwrap_or_else(|| self.inherited.clone())
+        if self.acked.snapshot_taken {
+            self.acked.pods.clone()
+        } else {
+            self.acked.pods.union(&self.inherited).cloned().collect()
+        }
     }
 }
 
@@ -941,7 +948,7 @@ impl Node {
         // an earlier daemon had seen acknowledged, before any is held: those
         // of a source that delivers late too.
         if let Some(zds) = self.zds.as_mut() {
-            if zds.acked.is_some() {
+            if zds.acked.snapshot_taken {
                 zds.pinned = None;
             }
             let learned = zds.pinned.as_ref().map_or_else(BTreeSet::new, |pinned| {

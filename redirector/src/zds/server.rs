@@ -209,6 +209,18 @@ enum ConnError {
     Unasked(usize),
 }
 
+/// What ztunnel has acknowledged, as the server publishes it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Acknowledged {
+    /// The pods acknowledged by live connections, and by those that ended
+    /// since the last snapshot.
+    pub pods: BTreeSet<PodUid>,
+    /// Whether a snapshot has ended since the daemon started. Until then
+    /// `pods` is only what this daemon handed over: ztunnel may still serve
+    /// pods an earlier daemon gave it.
+    pub snapshot_taken: bool,
+}
+
 /// Which pods ztunnel has, as far as the server knows.
 #[derive(Default)]
 struct Acked {
@@ -220,20 +232,22 @@ struct Acked {
     /// snapshot says which pods ztunnel has.
     departed: BTreeSet<PodUid>,
     /// Whether any connection completed a snapshot since the daemon
-    /// started; until then the server has nothing to say.
+    /// started.
     snapshot_seen: bool,
 }
 
 impl Acked {
-    fn ready(&self) -> Option<BTreeSet<PodUid>> {
-        self.snapshot_seen.then(|| {
-            self.by_conn
+    fn ready(&self) -> Acknowledged {
+        Acknowledged {
+            pods: self
+                .by_conn
                 .values()
                 .flatten()
                 .chain(&self.departed)
                 .cloned()
-                .collect()
-        })
+                .collect(),
+            snapshot_taken: self.snapshot_seen,
+        }
     }
 }
 
@@ -241,7 +255,7 @@ impl Acked {
 /// newest connection's number.
 struct Shared {
     acked: Mutex<Acked>,
-    ready: watch::Sender<Option<BTreeSet<PodUid>>>,
+    ready: watch::Sender<Acknowledged>,
     /// Connections past their hello.
     live: Mutex<BTreeSet<u64>>,
     newest: watch::Sender<u64>,
@@ -336,9 +350,8 @@ pub struct Links {
     pub pods_complete: watch::Receiver<bool>,
     /// The ztunnel cgroups: only their processes may connect.
     pub ztunnels: watch::Receiver<ZtunnelCgroups>,
-    /// The pods ztunnel has acknowledged, from the first snapshot a
-    /// ztunnel took (`None` before).
-    pub ready: watch::Sender<Option<BTreeSet<PodUid>>>,
+    /// The pods ztunnel has acknowledged.
+    pub ready: watch::Sender<Acknowledged>,
     /// Connections and refused peers, for the local API.
     pub stats: Arc<Stats>,
 }
@@ -785,8 +798,8 @@ mod tests {
         uids.iter().map(|u| PodUid(u.to_string())).collect()
     }
 
-    fn shared() -> (Shared, watch::Receiver<Option<BTreeSet<PodUid>>>) {
-        let (ready, rx) = watch::channel(None);
+    fn shared() -> (Shared, watch::Receiver<Acknowledged>) {
+        let (ready, rx) = watch::channel(Acknowledged::default());
         let shared = Shared {
             acked: Mutex::default(),
             ready,
@@ -831,15 +844,23 @@ mod tests {
         assert!(matches!(err, PeerError::NoState(..)), "{err}");
     }
 
+    fn acknowledged(uids: &[&str], snapshot_taken: bool) -> Acknowledged {
+        Acknowledged {
+            pods: pods(uids),
+            snapshot_taken,
+        }
+    }
+
     #[test]
-    fn nothing_is_said_until_a_snapshot_completes() {
+    fn acks_before_a_snapshot_completes_are_published_as_not_the_whole_word() {
         let (s, rx) = shared();
         s.joined(1);
+        s.publish(1, &pods(&["a"]));
+        assert_eq!(*rx.borrow(), acknowledged(&["a"], false));
         s.left(1);
-        assert_eq!(*rx.borrow(), None);
         s.joined(2);
-        s.snapshot_taken(2, &pods(&["a"]));
-        assert_eq!(*rx.borrow(), Some(pods(&["a"])));
+        s.snapshot_taken(2, &pods(&["b"]));
+        assert_eq!(*rx.borrow(), acknowledged(&["b"], true));
     }
 
     #[test]
@@ -848,11 +869,11 @@ mod tests {
         s.joined(1);
         s.snapshot_taken(1, &pods(&["a", "b"]));
         s.left(1);
-        assert_eq!(*rx.borrow(), Some(pods(&["a", "b"])));
+        assert_eq!(*rx.borrow(), acknowledged(&["a", "b"], true));
         // The reconnected ztunnel's snapshot is the new word.
         s.joined(2);
         s.snapshot_taken(2, &pods(&["a"]));
-        assert_eq!(*rx.borrow(), Some(pods(&["a"])));
+        assert_eq!(*rx.borrow(), acknowledged(&["a"], true));
     }
 
     #[test]
