@@ -4,17 +4,19 @@
 //! objects, resource versions, bookmarks, and watches that can be ended or
 //! answered with `410 Gone` (an expired resource version) to force a relist;
 //! and merge patches of a pod's `status` subresource (how a node agent
-//! writes `ambient.istio.io/redirection`).
+//! writes `ambient.istio.io/redirection`). It can go down and come back on
+//! the same port with its state kept, as an API server does across a
+//! reboot.
 
 use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader, Write},
-    net::{TcpListener, TcpStream},
+    net::{Shutdown, TcpListener, TcpStream},
     sync::{
         Arc, Mutex,
         mpsc::{self, Receiver, Sender},
     },
-    thread,
+    thread::{self, JoinHandle},
     time::Duration,
 };
 
@@ -63,6 +65,13 @@ struct State {
     watchers: Vec<(Scope, Sender<Option<String>>)>,
     /// Watches started from a resource version at or below this get 410.
     expired_below: u64,
+    /// The open connections, by a number of their own, so that going down
+    /// can cut them.
+    connections: BTreeMap<u64, TcpStream>,
+    next_connection: u64,
+    /// Set by [`KubeApi::go_down`]: the accepting thread closes the
+    /// listener at the next connection it takes.
+    down: bool,
 }
 
 /// The server; stops serving when dropped (its threads end with their
@@ -71,6 +80,8 @@ struct State {
 pub struct KubeApi {
     port: u16,
     state: Arc<Mutex<State>>,
+    /// The thread accepting connections, while the server is up.
+    accepting: Arc<Mutex<Option<JoinHandle<()>>>>,
 }
 
 impl KubeApi {
@@ -81,15 +92,80 @@ impl KubeApi {
             resource_version: 1,
             ..State::default()
         }));
-        let api = KubeApi { port, state };
-        let shared = api.clone();
-        thread::spawn(move || {
+        let api = KubeApi {
+            port,
+            state,
+            accepting: Arc::default(),
+        };
+        api.accept_on(listener);
+        api
+    }
+
+    fn accept_on(&self, listener: TcpListener) {
+        let api = self.clone();
+        let accepting = thread::spawn(move || {
             for conn in listener.incoming().map_while(Result::ok) {
-                let api = shared.clone();
-                thread::spawn(move || serve(conn, &api));
+                let id = {
+                    let mut st = api.state.lock().unwrap();
+                    if st.down {
+                        // Dropping the listener: connects are refused now.
+                        return;
+                    }
+                    let Ok(registered) = conn.try_clone() else {
+                        continue;
+                    };
+                    let id = st.next_connection;
+                    st.next_connection += 1;
+                    st.connections.insert(id, registered);
+                    id
+                };
+                let api = api.clone();
+                thread::spawn(move || {
+                    serve(conn, &api);
+                    api.state.lock().unwrap().connections.remove(&id);
+                });
             }
         });
-        api
+        *self.accepting.lock().unwrap() = Some(accepting);
+    }
+
+    /// Takes the server down as a rebooting API server goes: every open
+    /// connection (watch streams included) is cut, and connects to its
+    /// port are refused until [`KubeApi::come_back`]. Its objects stay,
+    /// and changes made meanwhile are there when it comes back.
+    pub fn go_down(&self) {
+        {
+            let mut st = self.state.lock().unwrap();
+            assert!(!st.down, "the API server is already down");
+            st.down = true;
+            for (_, tx) in st.watchers.drain(..) {
+                let _ = tx.send(None);
+            }
+            for (_, conn) in std::mem::take(&mut st.connections) {
+                let _ = conn.shutdown(Shutdown::Both);
+            }
+        }
+        // The accepting thread sees `down` at its next connection: this
+        // one, which it closes with the listener.
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(accepting) = self.accepting.lock().unwrap().take() {
+            accepting
+                .join()
+                .expect("the accepting thread ended cleanly");
+        }
+    }
+
+    /// Serves again on the same port, with the state it had and whatever
+    /// changed while it was down.
+    pub fn come_back(&self) {
+        let listener = TcpListener::bind(("127.0.0.1", self.port)).unwrap_or_else(|e| {
+            panic!(
+                "the API server's port {} was taken while it was down: {e}",
+                self.port
+            )
+        });
+        self.state.lock().unwrap().down = false;
+        self.accept_on(listener);
     }
 
     pub fn url(&self) -> String {

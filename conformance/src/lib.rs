@@ -314,24 +314,33 @@ fn start_stand_in(
 }
 
 /// Waits until a ZDS stand-in took its snapshot from the node's daemon and
-/// the daemon shows no pod held any more (when a daemon runs).
+/// the daemon shows no pod held any more (when a daemon runs). A daemon
+/// that is not ready (a source has not delivered) keeps the snapshot open,
+/// handing over the pods it knows all the same: then only those count.
 fn wait_unheld(node: &Node, ztunnel: &Background) {
     let api = node.dir.join("api.sock");
     if !api.exists() {
         return;
     }
-    ztunnel.wait_for(
-        |e| e["event"] == "zds-snapshot-sent",
-        Duration::from_secs(10),
-    );
-    let settled = eventually(Duration::from_secs(10), || {
+    let ask = |command: &str| -> Option<serde_json::Value> {
         let out = std::process::Command::new(workspace_bin("ambridge"))
-            .args(["pods", "--json", "--api"])
+            .args([command, "--json", "--api"])
             .arg(&api)
             .output()
             .ok()?;
-        let pods: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        let held = pods.as_array()?.iter().any(|p| p["held"] == true);
+        serde_json::from_slice(&out.stdout).ok()
+    };
+    let snapshot_sent = || {
+        ztunnel
+            .events()
+            .iter()
+            .any(|e| e["event"] == "zds-snapshot-sent")
+    };
+    let settled = eventually(Duration::from_secs(10), || {
+        if ask("status")?["ready"] == true && !snapshot_sent() {
+            return None;
+        }
+        let held = ask("pods")?.as_array()?.iter().any(|p| p["held"] == true);
         (!held).then_some(())
     });
     assert!(

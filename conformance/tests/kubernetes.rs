@@ -1,11 +1,15 @@
 //! Issue 5, the Kubernetes feed against a local API server speaking
 //! list/watch with real JSON objects: pods added, relabelled, their
 //! namespace relabelled, deleted, and watches restarted (410 Gone), each
-//! reaching the real datapath.
+//! reaching the real datapath; and a daemon restarted while the API server
+//! is down.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use ambridge_conformance::{Daemon, Node, Pod, eventually, kubeapi::KubeApi, ztunnel_stand_in};
+use ambridge_conformance::{
+    Background, Daemon, Node, Pod, eventually, ip_of, kubeapi::KubeApi, ztunnel_stand_in,
+    ztunnel_stand_in_with,
+};
 use serde_json::{Value, json};
 
 const NODE: &str = "node-1";
@@ -286,4 +290,139 @@ fn serving_zds_the_daemon_marks_pods_pending_then_enabled_and_unmarks_them_on_op
             .wait_log("redirection annotation written", Duration::from_secs(5))
             .is_some()
     );
+}
+
+/// How long the API server stays down after the restart (issue 12 item 3).
+const OUTAGE: Duration = Duration::from_secs(10);
+
+/// ztunnel's connections from `pod` so far.
+fn accepted_from(ztunnel: &Background, pod: &Pod) -> usize {
+    ztunnel
+        .events()
+        .iter()
+        .filter(|e| e["event"] == "accepted")
+        .filter(|e| e["peer"].as_str().map(ip_of) == Some(pod.ip4.into()))
+        .count()
+}
+
+/// Asserts that one connect from `pod` to `to` succeeds through ztunnel.
+fn assert_captured(ztunnel: &Background, pod: &Pod, to: &str) {
+    let before = accepted_from(ztunnel, pod);
+    let r = pod.connect(to, 16);
+    assert_eq!(r["ok"], true, "{} could not connect: {r}", pod.name);
+    let through = eventually(Duration::from_secs(3), || {
+        (accepted_from(ztunnel, pod) > before).then_some(())
+    });
+    assert!(through.is_some(), "{}'s connect bypassed ztunnel", pod.name);
+}
+
+#[test]
+fn a_daemon_restarted_while_the_api_server_is_down_keeps_kubernetes_pods_captured_until_it_answers()
+{
+    let mut node = Node::new();
+    for dir in ["kubepods", "kubepods/besteffort"] {
+        node.add_cgroup(dir);
+    }
+    let (kube_uid, deleted_uid) = (
+        ambridge_conformance::kubelet_pod_uid(),
+        ambridge_conformance::kubelet_pod_uid(),
+    );
+    // Enrolled by their namespace's label, in Kubernetes.
+    let kube_client = node.add_pod_in("kube-client", &format!("kubepods/besteffort/pod{kube_uid}"));
+    let deleted = node.add_pod_in("deleted", &format!("kubepods/besteffort/pod{deleted_uid}"));
+    // Enrolled by the workloads file, which names ztunnel too.
+    let file_client = node.add_pod("file-client");
+    let server = node.add_pod("server");
+    let ztunnel_cgroup = node.add_cgroup("ztunnel");
+    node.write_workloads(&[(&file_client, "ambient")], Some(&ztunnel_cgroup));
+
+    let api = KubeApi::start();
+    api.put_namespace(namespace_json(
+        "default",
+        json!({"istio.io/dataplane-mode": "ambient"}),
+    ));
+    api.put_pod(pod_json(&kube_client, &kube_uid, "default", json!({})));
+    api.put_pod(pod_json(&deleted, &deleted_uid, "default", json!({})));
+    let (url, kubepods_parent) = (api.url(), node.cgroup.display().to_string());
+    let args = [
+        "--source",
+        "file",
+        "--source",
+        "kubernetes",
+        "--node-name",
+        NODE,
+        "--kube-api",
+        &url,
+        "--kubepods-parent",
+        &kubepods_parent,
+    ];
+    let daemon = Daemon::start_with(&node, &args);
+    let _app = server.echo_server("[::]:8080");
+    let ztunnel = ztunnel_stand_in_with(
+        &node,
+        &ztunnel_cgroup,
+        &[&kube_client, &deleted, &file_client],
+        &["--port", "15001"],
+    );
+    for uid in [&kube_uid, &deleted_uid, &file_client.uid] {
+        daemon.wait_for_mode(uid, Some("ambient"));
+    }
+    let to = format!("{}:8080", server.ip4);
+    for pod in [&kube_client, &deleted, &file_client] {
+        assert_captured(&ztunnel, pod, &to);
+    }
+    let cgroup_entries = daemon.map_entries()["cgroups"];
+
+    let before = accepted_from(&ztunnel, &kube_client);
+    let looped = kube_client.connect_until_stopped(&to, &node.dir);
+    let mut restarted = None;
+    let mut during_outage = 0;
+    looped.assert_through_across(
+        || accepted_from(&ztunnel, &kube_client) - before,
+        || {
+            // A node reboot, say: the daemon dies, and the API server is
+            // not back when the new one starts.
+            daemon.crash();
+            api.go_down();
+            let went_down = Instant::now();
+            let at_outage_start = accepted_from(&ztunnel, &kube_client);
+            let mut daemon = Daemon::spawn_with(&node, &args);
+            daemon.wait_serving();
+            // The file has delivered and been reconciled; Kubernetes has
+            // not, so the daemon is not ready.
+            daemon.wait_for_mode(&file_client.uid, Some("ambient"));
+            let status = daemon.api_json("status");
+            assert_eq!(status["ready"], false, "{status}");
+            let kubernetes = daemon
+                .component("kubernetes")
+                .expect("a kubernetes component");
+            assert_ne!(kubernetes["state"], "running", "{kubernetes}");
+            // Nothing of Kubernetes' was deleted on the strength of the
+            // file alone: its pods are still captured, the one about to be
+            // deleted included.
+            assert_eq!(daemon.map_entries()["cgroups"], cgroup_entries);
+            assert_captured(&ztunnel, &deleted, &to);
+            // The pod goes while the API server is down.
+            api.delete_pod(&deleted_uid);
+            std::thread::sleep(OUTAGE.saturating_sub(went_down.elapsed()));
+            assert_eq!(daemon.map_entries()["cgroups"], cgroup_entries);
+            assert_captured(&ztunnel, &deleted, &to);
+            assert_eq!(daemon.api_json("status")["ready"], false);
+            during_outage = accepted_from(&ztunnel, &kube_client) - at_outage_start;
+            api.come_back();
+            daemon.wait_ready();
+            restarted = Some(daemon);
+        },
+    );
+    eprintln!(
+        "connects from the Kubernetes-enrolled pod through ztunnel: {} in the loop, {during_outage} during the {OUTAGE:?} outage",
+        accepted_from(&ztunnel, &kube_client) - before
+    );
+    assert!(during_outage > 0, "no connect was made during the outage");
+    // Once Kubernetes has delivered, removals resume: the pod deleted
+    // meanwhile goes, the other stays.
+    let daemon = restarted.expect("the daemon was restarted");
+    daemon.wait_for_mode(&deleted_uid, None);
+    daemon.wait_for_mode(&kube_uid, Some("ambient"));
+    assert_captured(&ztunnel, &kube_client, &to);
 }

@@ -197,8 +197,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     // ZDS: the pods to hand ztunnel go out, the pods it acknowledged come
     // back.
     let (zds_pods, zds_pods_rx) = tokio::sync::watch::channel(zds::server::Pods::new());
+    let (zds_pods_complete, zds_pods_complete_rx) = tokio::sync::watch::channel(false);
     let (zds_ztunnels, zds_ztunnels_rx) = tokio::sync::watch::channel(None);
-    let (zds_ready_tx, mut zds_ready) = tokio::sync::watch::channel(None);
+    let (zds_ready_tx, mut zds_ready) =
+        tokio::sync::watch::channel(zds::server::Acknowledged::default());
     let zds_stats = opts
         .zds_socket
         .as_ref()
@@ -207,6 +209,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         (Some(path), Some(stats)) => {
             let links = zds::server::Links {
                 pods: zds_pods_rx,
+                pods_complete: zds_pods_complete_rx,
                 ztunnels: zds_ztunnels_rx,
                 ready: zds_ready_tx,
                 stats: stats.clone(),
@@ -297,10 +300,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         annotator,
         zds: match &opts.zds_socket {
             Some(_) => Some(ZdsState {
-                acked: None,
+                acked: zds::server::Acknowledged::default(),
                 pinned: Some(datapath.cgroup_entries()?),
                 inherited: BTreeSet::new(),
                 pods: zds_pods,
+                pods_complete: zds_pods_complete,
                 ztunnels: zds_ztunnels,
             }),
             None => None,
@@ -342,7 +346,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let ready_to_attach = |node: &Node| {
         node.has_state()
             && (!await_zds
-                || node.zds.as_ref().is_some_and(|z| z.acked.is_some())
+                || node.zds.as_ref().is_some_and(|z| z.acked.snapshot_taken)
                 || loaded_at.elapsed() > ZDS_SNAPSHOT_WAIT)
     };
     if !attached {
@@ -566,11 +570,12 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 
 /// The daemon's side of ZDS.
 struct ZdsState {
-    /// The pods ztunnel acknowledged; `None` until a ztunnel has taken a
-    /// snapshot since this daemon started.
-    acked: Option<BTreeSet<PodUid>>,
-    /// The cgroup entries pinned when the daemon started, until the first
-    /// reconcile turned them into `inherited`.
+    /// The pods ztunnel acknowledged, and whether a snapshot has ended
+    /// since this daemon started (before, ztunnel may serve more).
+    acked: zds::server::Acknowledged,
+    /// The cgroup entries pinned when the daemon started, until ztunnel's
+    /// first snapshot: each reconcile meanwhile adds the pods they show
+    /// acknowledged to `inherited`.
     pinned: Option<BTreeMap<CgroupId, ambridge_common::CgroupInfo>>,
     /// Pods an earlier daemon had seen acknowledged (pinned enrolled and
     /// not held). ztunnel keeps serving them across a restart of ours, so
@@ -578,14 +583,24 @@ struct ZdsState {
     inherited: BTreeSet<PodUid>,
     /// Where the pods to hand ztunnel are published.
     pods: tokio::sync::watch::Sender<zds::server::Pods>,
+    /// Whether the published pods are every source's (each has delivered
+    /// since the daemon started): until then a ztunnel's snapshot stays
+    /// open, so it drops none of the pods an unsynced source may hold.
+    pods_complete: tokio::sync::watch::Sender<bool>,
     /// Where the ztunnel cgroups, the only ones allowed to speak ZDS, are
     /// published.
     ztunnels: tokio::sync::watch::Sender<zds::server::ZtunnelCgroups>,
 }
 
 impl ZdsState {
+    /// The pods ztunnel serves: until its snapshot has ended, those this
+    /// daemon handed over and those an earlier daemon had.
     fn ready(&self) -> BTreeSet<PodUid> {
-        self.acked.clone().unwrap_or_else(|| self.inherited.clone())
+        if self.acked.snapshot_taken {
+            self.acked.pods.clone()
+        } else {
+            self.acked.pods.union(&self.inherited).cloned().collect()
+        }
     }
 }
 
@@ -929,19 +944,27 @@ impl Node {
             by_address: None,
         };
         let mut desired = reconcile::desired(&spec, settings, &mut resolver);
-        // The first reconcile learns which pods an earlier daemon had seen
-        // acknowledged, before anything is held.
-        if let Some(zds) = self.zds.as_mut()
-            && let Some(pinned) = zds.pinned.take()
-        {
-            zds.inherited = reconcile::acknowledged_before(&desired, &pinned);
-            if spec.ready.is_some() && zds.acked.is_none() && !zds.inherited.is_empty() {
-                info!(
-                    pods = zds.inherited.len(),
-                    "pods ztunnel acknowledged before this daemon started stay unheld until its next snapshot"
-                );
-                spec.ready = Some(zds.ready());
-                desired = reconcile::desired(&spec, settings, &mut resolver);
+        // Each reconcile until ztunnel's snapshot learns which of its pods
+        // an earlier daemon had seen acknowledged, before any is held: those
+        // of a source that delivers late too.
+        if let Some(zds) = self.zds.as_mut() {
+            if zds.acked.snapshot_taken {
+                zds.pinned = None;
+            }
+            let learned = zds.pinned.as_ref().map_or_else(BTreeSet::new, |pinned| {
+                reconcile::acknowledged_before(&desired, pinned)
+            });
+            let new: Vec<PodUid> = learned.difference(&zds.inherited).cloned().collect();
+            if !new.is_empty() {
+                zds.inherited.extend(new.iter().cloned());
+                if spec.ready.is_some() {
+                    info!(
+                        pods = new.len(),
+                        "pods ztunnel acknowledged before this daemon started stay unheld until its next snapshot"
+                    );
+                    spec.ready = Some(zds.ready());
+                    desired = reconcile::desired(&spec, settings, &mut resolver);
+                }
             }
         }
         // Every pod was looked at: namespaces not asked for are gone (after
@@ -1025,6 +1048,13 @@ impl Node {
             zds.pods.send_if_modified(|current| {
                 let changed = *current != want;
                 *current = want;
+                changed
+            });
+            // After the pods: a snapshot ends with them all.
+            zds.pods_complete.send_if_modified(|complete| {
+                let now = self.unsynced.is_empty();
+                let changed = *complete != now;
+                *complete = now;
                 changed
             });
             if let (Some(annotator), Some(kube)) = (&mut self.annotator, &self.kube) {

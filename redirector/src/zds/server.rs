@@ -10,6 +10,12 @@
 //! backoff. A connection that sends something that is not ZDS, or goes
 //! silent, is closed with an error naming why; the others carry on.
 //!
+//! A snapshot ends (SnapshotSent, after which ztunnel drops every pod it
+//! was not given) only once the daemon's pods are complete: every source
+//! has delivered since the daemon started. Until then ztunnel is given
+//! the pods known so far and those that come, and keeps serving the ones
+//! an earlier daemon gave it, as the pinned state keeps them captured.
+//!
 //! Only ztunnel may connect: the socket is root-only, and a peer whose
 //! process (`SO_PEERCRED`) is not in a ztunnel cgroup the node state names
 //! (or one below it, a container's) is refused before anything is read or
@@ -203,6 +209,18 @@ enum ConnError {
     Unasked(usize),
 }
 
+/// What ztunnel has acknowledged, as the server publishes it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Acknowledged {
+    /// The pods acknowledged by live connections, and by those that ended
+    /// since the last snapshot.
+    pub pods: BTreeSet<PodUid>,
+    /// Whether a snapshot has ended since the daemon started. Until then
+    /// `pods` is only what this daemon handed over: ztunnel may still serve
+    /// pods an earlier daemon gave it.
+    pub snapshot_taken: bool,
+}
+
 /// Which pods ztunnel has, as far as the server knows.
 #[derive(Default)]
 struct Acked {
@@ -214,20 +232,22 @@ struct Acked {
     /// snapshot says which pods ztunnel has.
     departed: BTreeSet<PodUid>,
     /// Whether any connection completed a snapshot since the daemon
-    /// started; until then the server has nothing to say.
+    /// started.
     snapshot_seen: bool,
 }
 
 impl Acked {
-    fn ready(&self) -> Option<BTreeSet<PodUid>> {
-        self.snapshot_seen.then(|| {
-            self.by_conn
+    fn ready(&self) -> Acknowledged {
+        Acknowledged {
+            pods: self
+                .by_conn
                 .values()
                 .flatten()
                 .chain(&self.departed)
                 .cloned()
-                .collect()
-        })
+                .collect(),
+            snapshot_taken: self.snapshot_seen,
+        }
     }
 }
 
@@ -235,7 +255,7 @@ impl Acked {
 /// newest connection's number.
 struct Shared {
     acked: Mutex<Acked>,
-    ready: watch::Sender<Option<BTreeSet<PodUid>>>,
+    ready: watch::Sender<Acknowledged>,
     /// Connections past their hello.
     live: Mutex<BTreeSet<u64>>,
     newest: watch::Sender<u64>,
@@ -326,11 +346,12 @@ pub fn listen(path: &Path) -> Result<Listener, ServeError> {
 pub struct Links {
     /// The pods ztunnel should capture.
     pub pods: watch::Receiver<Pods>,
+    /// Whether `pods` holds every source's pods: a snapshot ends only then.
+    pub pods_complete: watch::Receiver<bool>,
     /// The ztunnel cgroups: only their processes may connect.
     pub ztunnels: watch::Receiver<ZtunnelCgroups>,
-    /// The pods ztunnel has acknowledged, from the first snapshot a
-    /// ztunnel took (`None` before).
-    pub ready: watch::Sender<Option<BTreeSet<PodUid>>>,
+    /// The pods ztunnel has acknowledged.
+    pub ready: watch::Sender<Acknowledged>,
     /// Connections and refused peers, for the local API.
     pub stats: Arc<Stats>,
 }
@@ -341,6 +362,7 @@ pub struct Links {
 pub struct Server {
     shared: Arc<Shared>,
     pods: watch::Receiver<Pods>,
+    pods_complete: watch::Receiver<bool>,
     ztunnels: watch::Receiver<ZtunnelCgroups>,
     /// The cgroup2 mount, where a peer's cgroup is looked up.
     cgroup2: PathBuf,
@@ -355,6 +377,7 @@ impl Server {
     pub fn new(links: Links, cgroup2: PathBuf, health: Health) -> Self {
         let Links {
             pods,
+            pods_complete,
             ztunnels,
             ready,
             stats,
@@ -368,6 +391,7 @@ impl Server {
                 stats,
             }),
             pods,
+            pods_complete,
             ztunnels,
             cgroup2,
             health,
@@ -432,7 +456,7 @@ impl Server {
         let conn_no = self.accepted.fetch_add(1, Ordering::Relaxed) + 1;
         let peer = identify(&fd, &self.cgroup2);
         let shared = self.shared.clone();
-        let pods = self.pods.clone();
+        let (pods, pods_complete) = (self.pods.clone(), self.pods_complete.clone());
         let mut ztunnels = self.ztunnels.clone();
         tokio::spawn(async move {
             let admitted = match peer {
@@ -459,7 +483,7 @@ impl Server {
                 }
             };
             info!(conn = conn_no, pid = peer.pid, cgroup = %Path::new("/").join(&peer.cgroup).display(), "ztunnel connected over ZDS");
-            let result = Connection::new(conn, conn_no, shared.clone(), pods)
+            let result = Connection::new(conn, conn_no, shared.clone(), pods, pods_complete)
                 .run()
                 .await;
             shared.left(conn_no);
@@ -517,6 +541,9 @@ struct Connection {
     no: u64,
     shared: Arc<Shared>,
     pods: watch::Receiver<Pods>,
+    pods_complete: watch::Receiver<bool>,
+    /// Whether this connection's snapshot has ended (SnapshotSent).
+    snapshot_sent: bool,
     /// Pods this ztunnel acknowledged, with the netns it was given (`None`
     /// after a Keep). Cookies are never reused, so a recreated sandbox is
     /// always told apart.
@@ -525,12 +552,20 @@ struct Connection {
 }
 
 impl Connection {
-    fn new(conn: ZdsConn, no: u64, shared: Arc<Shared>, pods: watch::Receiver<Pods>) -> Self {
+    fn new(
+        conn: ZdsConn,
+        no: u64,
+        shared: Arc<Shared>,
+        pods: watch::Receiver<Pods>,
+        pods_complete: watch::Receiver<bool>,
+    ) -> Self {
         Self {
             conn,
             no,
             shared,
             pods,
+            pods_complete,
+            snapshot_sent: false,
             acked: BTreeMap::new(),
             retries: BTreeMap::new(),
         }
@@ -548,11 +583,17 @@ impl Connection {
             if *newest.borrow_and_update() == self.no {
                 self.add_new(&pods).await?;
             }
+            if !self.snapshot_sent && *self.pods_complete.borrow_and_update() {
+                self.end_snapshot().await?;
+            }
             // Wake for a change of the pods (the daemon's reconcile finds new
-            // sandboxes), of the newest ztunnel, or for a due retry.
+            // sandboxes), of the newest ztunnel, for the pods to be complete
+            // while the snapshot waits for them, or for a due retry.
             let retry = self.retries.values().map(|r| r.at).min();
+            let waiting = !self.snapshot_sent;
             tokio::select! {
                 changed = self.pods.changed() => if changed.is_err() { return Ok(()) },
+                changed = self.pods_complete.changed(), if waiting => if changed.is_err() { return Ok(()) },
                 _ = newest.changed() => {}
                 _ = sleep_until(retry) => {}
                 // ztunnel only ever answers requests: anything it sends
@@ -586,8 +627,10 @@ impl Connection {
     }
 
     /// Every pod, as Add (or Keep when its netns is not known or cannot be
-    /// opened), then SnapshotSent.
+    /// opened), then SnapshotSent if the pods are complete; otherwise the
+    /// snapshot ends once they are ([`Connection::run`]).
     async fn snapshot(&mut self) -> Result<(), ConnError> {
+        let complete = *self.pods_complete.borrow_and_update();
         let pods = self.pods.borrow_and_update().clone();
         for (uid, pod) in &pods {
             match pod.netns.and_then(|_| open_netns(pod)) {
@@ -605,10 +648,25 @@ impl Connection {
                 }
             }
         }
+        if complete {
+            self.end_snapshot().await
+        } else {
+            info!(
+                conn = self.no,
+                pods = self.acked.len(),
+                "ZDS snapshot waits for every source to deliver; ztunnel keeps the pods it has"
+            );
+            Ok(())
+        }
+    }
+
+    /// SnapshotSent: ztunnel drops the pods it was not given.
+    async fn end_snapshot(&mut self) -> Result<(), ConnError> {
         match self.request(&Request::SnapshotSent, None).await? {
             Ack::Ok => {}
             Ack::Nack(e) => return Err(ConnError::SnapshotRefused(e)),
         }
+        self.snapshot_sent = true;
         info!(conn = self.no, pods = self.acked.len(), "ZDS snapshot sent");
         self.shared.snapshot_taken(self.no, &self.keys());
         Ok(())
@@ -740,8 +798,8 @@ mod tests {
         uids.iter().map(|u| PodUid(u.to_string())).collect()
     }
 
-    fn shared() -> (Shared, watch::Receiver<Option<BTreeSet<PodUid>>>) {
-        let (ready, rx) = watch::channel(None);
+    fn shared() -> (Shared, watch::Receiver<Acknowledged>) {
+        let (ready, rx) = watch::channel(Acknowledged::default());
         let shared = Shared {
             acked: Mutex::default(),
             ready,
@@ -786,15 +844,23 @@ mod tests {
         assert!(matches!(err, PeerError::NoState(..)), "{err}");
     }
 
+    fn acknowledged(uids: &[&str], snapshot_taken: bool) -> Acknowledged {
+        Acknowledged {
+            pods: pods(uids),
+            snapshot_taken,
+        }
+    }
+
     #[test]
-    fn nothing_is_said_until_a_snapshot_completes() {
+    fn acks_before_a_snapshot_completes_are_published_as_not_the_whole_word() {
         let (s, rx) = shared();
         s.joined(1);
+        s.publish(1, &pods(&["a"]));
+        assert_eq!(*rx.borrow(), acknowledged(&["a"], false));
         s.left(1);
-        assert_eq!(*rx.borrow(), None);
         s.joined(2);
-        s.snapshot_taken(2, &pods(&["a"]));
-        assert_eq!(*rx.borrow(), Some(pods(&["a"])));
+        s.snapshot_taken(2, &pods(&["b"]));
+        assert_eq!(*rx.borrow(), acknowledged(&["b"], true));
     }
 
     #[test]
@@ -803,11 +869,11 @@ mod tests {
         s.joined(1);
         s.snapshot_taken(1, &pods(&["a", "b"]));
         s.left(1);
-        assert_eq!(*rx.borrow(), Some(pods(&["a", "b"])));
+        assert_eq!(*rx.borrow(), acknowledged(&["a", "b"], true));
         // The reconnected ztunnel's snapshot is the new word.
         s.joined(2);
         s.snapshot_taken(2, &pods(&["a"]));
-        assert_eq!(*rx.borrow(), Some(pods(&["a"])));
+        assert_eq!(*rx.borrow(), acknowledged(&["a"], true));
     }
 
     #[test]
