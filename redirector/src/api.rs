@@ -152,10 +152,11 @@ fn stopping() -> Status {
 }
 
 /// The longest an ADD may ask to wait.
-const CNI_MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+pub const CNI_MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
 
-/// Checks an ADD; errors name the offending field.
-fn cni_sandbox(
+/// Checks an ADD; errors name the offending field. Public for the fuzz
+/// target, which feeds it what the plugin builds from a runtime's input.
+pub fn cni_sandbox(
     req: pb::CniAddRequest,
 ) -> Result<(PodUid, cni::Sandbox, std::time::Duration), Status> {
     let sandbox = req

@@ -6,7 +6,8 @@
 //!
 //! Network configuration keys besides the standard ones (all optional):
 //! - `socket`: the daemon's API socket (default [`crate::api::DEFAULT_SOCKET`]);
-//! - `timeoutSeconds`: how long an ADD waits for the pod (default 30);
+//! - `timeoutSeconds`: how long an ADD waits for the pod (default 30, at
+//!   most 600, the longest the daemon waits);
 //! - `excludeNamespaces`: pods here start without asking the daemon
 //!   (default `["kube-system"]`, as the daemon never enrolls them);
 //! - `onDaemonUnreachable`: `fail` (default) fails the ADD of every other
@@ -124,11 +125,24 @@ impl Config {
                 ),
             ));
         }
-        if config.timeout_seconds == 0 {
+        let longest = crate::api::CNI_MAX_WAIT.as_secs();
+        if config.timeout_seconds == 0 || u64::from(config.timeout_seconds) > longest {
             return Err(CniError::new(
                 ErrorCode::InvalidConfig,
                 "invalid timeoutSeconds",
-                "timeoutSeconds must be at least 1",
+                format!(
+                    "timeoutSeconds is {}; it must be between 1 and {longest} (the longest the daemon waits)",
+                    config.timeout_seconds
+                ),
+            ));
+        }
+        // The result of an ADD is `prevResult`: a runtime given anything
+        // but an object back could not read it as a result.
+        if let Some(prev) = config.prev_result.as_ref().filter(|p| !p.is_object()) {
+            return Err(CniError::new(
+                ErrorCode::Decoding,
+                "invalid prevResult",
+                format!("prevResult must be an object, not {prev}"),
             ));
         }
         Ok(config)
@@ -249,8 +263,18 @@ impl Invocation {
         let netns = var("CNI_NETNS")
             .filter(|n| !n.is_empty())
             .map(PathBuf::from);
-        if command != Command::Del && netns.is_none() {
-            return Err(missing("CNI_NETNS"));
+        match &netns {
+            None if command != Command::Del => return Err(missing("CNI_NETNS")),
+            // The daemon opens it from its own working directory; a DEL
+            // does not use it and must succeed regardless.
+            Some(path) if command != Command::Del && !path.is_absolute() => {
+                return Err(CniError::new(
+                    ErrorCode::InvalidEnvironment,
+                    "CNI_NETNS is not an absolute path",
+                    format!("CNI_NETNS={:?}", path.display().to_string()),
+                ));
+            }
+            _ => {}
         }
         let pod = pod_identity(&var("CNI_ARGS").unwrap_or_default())?;
         Ok(Self {
@@ -320,12 +344,7 @@ pub async fn run(invocation: &Invocation, stdin: &[u8]) -> Result<Option<Value>,
     else {
         return Ok(pass);
     };
-    let sandbox = pb::CniSandbox {
-        uid: pod.uid.clone(),
-        namespace: pod.namespace.clone(),
-        name: pod.name.clone(),
-        container_id: invocation.container_id.clone(),
-    };
+    let sandbox = cni_sandbox(invocation, pod);
     let timeout = Duration::from_secs(config.timeout_seconds.into());
     let unreachable = |e: String| {
         CniError::new(
@@ -341,20 +360,7 @@ pub async fn run(invocation: &Invocation, stdin: &[u8]) -> Result<Option<Value>,
     };
     match invocation.command {
         Command::Add => {
-            let request = pb::CniAddRequest {
-                sandbox: Some(sandbox),
-                netns: invocation
-                    .netns
-                    .as_ref()
-                    .map(|n| n.display().to_string())
-                    .unwrap_or_default(),
-                ips: config
-                    .previous_ips()?
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect(),
-                timeout_ms: (timeout.as_millis() as u32),
-            };
+            let request = add_request(invocation, &config, pod)?;
             let mut client = match connect(&config).await {
                 Ok(client) => client,
                 Err(e) if config.on_daemon_unreachable == OnDaemonUnreachable::Allow => {
@@ -416,6 +422,41 @@ pub async fn run(invocation: &Invocation, stdin: &[u8]) -> Result<Option<Value>,
         }
         Command::Version => unreachable!("answered above"),
     }
+}
+
+fn cni_sandbox(invocation: &Invocation, pod: &PodIdentity) -> pb::CniSandbox {
+    pb::CniSandbox {
+        uid: pod.uid.clone(),
+        namespace: pod.namespace.clone(),
+        name: pod.name.clone(),
+        container_id: invocation.container_id.clone(),
+    }
+}
+
+/// What an ADD of `pod` asks the daemon, the request [`run`] sends. Public
+/// so the fuzz target can check that the daemon accepts every request the
+/// plugin builds from a configuration and environment it accepted.
+pub fn add_request(
+    invocation: &Invocation,
+    config: &Config,
+    pod: &PodIdentity,
+) -> Result<pb::CniAddRequest, CniError> {
+    Ok(pb::CniAddRequest {
+        sandbox: Some(cni_sandbox(invocation, pod)),
+        netns: invocation
+            .netns
+            .as_ref()
+            .map(|n| n.display().to_string())
+            .unwrap_or_default(),
+        ips: config
+            .previous_ips()?
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        // `Config::parse` keeps it within `CNI_MAX_WAIT`; a config built
+        // otherwise saturates, which the daemon refuses, naming the field.
+        timeout_ms: config.timeout_seconds.saturating_mul(1000),
+    })
 }
 
 async fn connect(
@@ -491,13 +532,27 @@ mod tests {
     }
 
     #[test]
-    fn add_needs_a_netns_but_del_does_not() {
+    fn add_needs_an_absolute_netns_but_del_does_not() {
         let err = Invocation::from_env(env(&[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "c1")]))
             .unwrap_err();
         assert!(err.details.contains("CNI_NETNS"), "{err}");
         let del = Invocation::from_env(env(&[("CNI_COMMAND", "DEL"), ("CNI_CONTAINERID", "c1")]))
             .unwrap();
         assert_eq!(del.netns, None);
+        let err = Invocation::from_env(env(&[
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_NETNS", "cni-1"),
+        ]))
+        .unwrap_err();
+        assert!(err.msg.contains("absolute"), "{err}");
+        let del = Invocation::from_env(env(&[
+            ("CNI_COMMAND", "DEL"),
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_NETNS", "cni-1"),
+        ]))
+        .unwrap();
+        assert_eq!(del.netns, Some(PathBuf::from("cni-1")));
         let err = Invocation::from_env(env(&[("CNI_COMMAND", "GC")])).unwrap_err();
         assert!(err.details.contains("GC"), "{err}");
     }
@@ -546,6 +601,18 @@ mod tests {
                 br#"{"cniVersion":"1.0.0","timeoutSeconds":0}"#,
                 ErrorCode::InvalidConfig,
                 "timeoutSeconds",
+            ),
+            // Past the daemon's longest wait; in milliseconds it would
+            // not fit the request's u32 either.
+            (
+                br#"{"cniVersion":"1.0.0","timeoutSeconds":4294968}"#,
+                ErrorCode::InvalidConfig,
+                "between 1 and 600",
+            ),
+            (
+                br#"{"cniVersion":"1.0.0","prevResult":[]}"#,
+                ErrorCode::Decoding,
+                "prevResult must be an object",
             ),
         ] {
             let err = Config::parse(input).unwrap_err();
