@@ -496,6 +496,15 @@ impl Node {
         self.sandboxes.push(child);
     }
 
+    /// Adds a network namespace of no pod, `/run/netns/ambr<node id>-<name>`
+    /// with only `lo` (up), removed with the node: one a pod's container
+    /// can move into.
+    pub fn add_loose_netns(&mut self, name: &str) -> PathBuf {
+        let ns = format!("ambr{}-{name}", self.id);
+        self.add_netns(&ns);
+        PathBuf::from(format!("/run/netns/{ns}"))
+    }
+
     /// Creates a cgroup directory below the node cgroup (e.g. for ztunnel).
     pub fn add_cgroup(&mut self, relative: &str) -> PathBuf {
         let path = self.cgroup.join(relative);

@@ -6,13 +6,13 @@
 //! leaves the datapath. Pods are found by the addresses of their
 //! network namespaces (istiod does not know Kubernetes pod UIDs).
 
-use std::{net::IpAddr, time::Duration};
+use std::{net::IpAddr, os::unix::fs::MetadataExt as _, path::Path, time::Duration};
 
 use ambridge::pb::istio::workload::{Address, Service, TunnelProtocol, Workload, address};
 use ambridge_conformance::{
-    Daemon, Node, Pod, eventually,
+    Background, Daemon, Node, Pod, eventually,
     istiod::{self, FakeIstiod, TOKEN},
-    ztunnel_stand_in,
+    replacement_mode, workspace_bin, ztunnel_stand_in,
 };
 use prost::Message as _;
 
@@ -277,4 +277,223 @@ fn a_daemon_restarted_while_istiod_is_silent_keeps_its_pods_until_istiod_deliver
     assert_eq!(istiod.reply(&istiod.send(vec![], &[uid.as_str()])), Ok(()));
     daemon.wait_for_mode(&uid, None);
     ambridge_conformance::assert_redirected(&ztunnel, client, &to, false);
+}
+
+/// The nsfs inode of the network namespace at `path` (a `/run/netns` or
+/// `/proc/<pid>/ns/net` file): what the ztunnel stand-in reports as a ZDS
+/// Add's `netns_ino`.
+fn netns_ino(path: &Path) -> u64 {
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("stat {}: {e}", path.display()))
+        .ino()
+}
+
+/// A long-running process (`ambridge-probe pause`) in `cgroup` and the
+/// network namespace `netns`; returns once it has entered both. Killed on
+/// drop (and with the node's cgroups).
+fn process_in(cgroup: &Path, netns: &Path) -> Background {
+    let mut cmd = std::process::Command::new(workspace_bin("ambridge-probe"));
+    cmd.arg("--cgroup")
+        .arg(cgroup)
+        .arg("--netns")
+        .arg(netns)
+        .arg("pause");
+    let process = Background::spawn(cmd);
+    let pid = process.pid().to_string();
+    let want = netns_ino(netns);
+    let entered = eventually(Duration::from_secs(5), || {
+        let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).ok()?;
+        let ns = std::fs::metadata(format!("/proc/{pid}/ns/net")).ok()?;
+        (procs.lines().any(|l| l == pid) && ns.ino() == want).then_some(())
+    });
+    assert!(
+        entered.is_some(),
+        "process {pid} never entered {} and {}",
+        cgroup.display(),
+        netns.display()
+    );
+    process
+}
+
+/// The ZDS Adds the stand-in was handed for `uid`, as the inodes of the
+/// network namespaces they carried.
+fn zds_adds(ztunnel: &Background, uid: &str) -> Vec<u64> {
+    ztunnel
+        .events()
+        .iter()
+        .filter(|e| e["event"] == "zds-add" && e["uid"] == uid)
+        .filter_map(|e| e["netns_ino"].as_u64())
+        .collect()
+}
+
+/// `ambridge pods` entry of `uid`, if it lists one.
+fn pod_entry(daemon: &Daemon, uid: &str) -> Option<serde_json::Value> {
+    daemon
+        .api_json("pods")
+        .as_array()?
+        .iter()
+        .find(|p| p["uid"] == uid)
+        .cloned()
+}
+
+/// How long a negative check watches: as long as the daemon takes, at
+/// `--resync-seconds 1`, to notice a change and act on it in the positive
+/// cases here (a few resyncs).
+const NOTICE: Duration = Duration::from_secs(5);
+
+/// Issue 11 item 5, `--source xds` alone (the file names ztunnel only):
+/// pods are found by the addresses their netns holds. A pod that holds
+/// another pod's address in its own netns must not be given that pod's
+/// workload, and a container that moved into a netns of its own must not
+/// make its pod's netns that one.
+#[test]
+fn an_address_claimed_by_a_second_pod_cgroup_is_refused_and_a_moved_container_is_not_the_sandbox() {
+    let mut x = xds_node();
+    let daemon = x.daemon();
+    let victim = x.client.clone();
+    let _app = x.server.echo_server("[::]:8080");
+    let ztunnel = ztunnel_stand_in(&x.node, &x.zcgroup, &[&victim], 15001);
+    let to = format!("{}:8080", x.server.ip4);
+    let victim_ips: [IpAddr; 2] = [victim.ip4.into(), victim.ip6.into()];
+    let uid = istiod::workload_uid("default", "client");
+    let victim_ino = netns_ino(&victim.netns);
+
+    // 1. The victim is an HBONE workload in istiod's view: captured, and in
+    // replacement mode handed to ztunnel with its own netns.
+    let hbone = istiod::workload(
+        "default",
+        "client",
+        NODE,
+        &victim_ips,
+        TunnelProtocol::Hbone,
+        "1",
+    );
+    assert_eq!(x.istiod.reply(&x.istiod.send(vec![hbone], &[])), Ok(()));
+    daemon.wait_for_mode(&uid, Some("ambient"));
+    ambridge_conformance::assert_redirected(&ztunnel, &victim, &to, true);
+    if replacement_mode() {
+        assert_eq!(zds_adds(&ztunnel, &uid), [victim_ino]);
+    }
+
+    // 2. An attacker pod in the kubelet's layout starts with the victim's
+    // IPv4 address on its loopback, beside its own.
+    let attacker = x.node.add_pod_network(
+        "attacker",
+        &format!(
+            "kubepods/besteffort/pod{}",
+            ambridge_conformance::kubelet_pod_uid()
+        ),
+    );
+    ambridge_conformance::sandbox::ip(&[
+        "-n",
+        &attacker.netns_name,
+        "addr",
+        "add",
+        &format!("{}/32", victim.ip4),
+        "dev",
+        "lo",
+    ]);
+    x.node.add_pod_cgroups(&attacker);
+    let attacker_sandbox = process_in(&attacker.cgroup.join("pause"), &attacker.netns);
+    let attacker_ino = netns_ino(&attacker.netns);
+
+    // 3. The daemon refuses the identity, naming both cgroups, in
+    // `ambridge pods` and in its log.
+    let names_both = |text: &str| {
+        text.contains("several pod cgroups")
+            && text.contains(&victim.cgroup.display().to_string())
+            && text.contains(&attacker.cgroup.display().to_string())
+    };
+    let refused = eventually(NOTICE, || {
+        let pod = pod_entry(&daemon, &uid)?;
+        names_both(pod["problem"].as_str()?).then_some(pod)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the claimed address was not refused: {}",
+            daemon.api_json("pods")
+        )
+    });
+    let logged = daemon
+        .wait_log("several pod cgroups", NOTICE)
+        .expect("the refusal is logged");
+    assert!(names_both(&logged), "{logged}");
+    // Neither cgroup gets the workload: the victim leaves the datapath (the
+    // daemon cannot tell which claimant is the pod), and no pod is placed
+    // on the attacker's cgroup.
+    assert_eq!(refused["in_datapath"], false, "{refused}");
+    let placed_on_attacker = |pods: &serde_json::Value| {
+        pods.as_array().is_some_and(|all| {
+            all.iter()
+                .any(|p| p["cgroup"] == attacker.cgroup.display().to_string())
+        })
+    };
+    assert!(!placed_on_attacker(&daemon.api_json("pods")));
+    // ztunnel is told the victim is gone, and never handed the attacker's
+    // netns under the victim's UID.
+    if replacement_mode() {
+        ztunnel.wait_for(|e| e["event"] == "zds-del" && e["uid"] == uid, NOTICE);
+    }
+    let handed = eventually(NOTICE, || {
+        let pods = daemon.api_json("pods");
+        (zds_adds(&ztunnel, &uid).contains(&attacker_ino) || placed_on_attacker(&pods))
+            .then_some(pods)
+    });
+    assert!(
+        handed.is_none(),
+        "the attacker got the workload: {handed:?}"
+    );
+
+    // The attacker pod goes: the victim, sole holder again, is captured
+    // again in its own netns.
+    // Its netns is left without the address too, so it answers no more
+    // ARP for it.
+    drop(attacker_sandbox);
+    ambridge_conformance::sandbox::ip(&[
+        "-n",
+        &attacker.netns_name,
+        "addr",
+        "del",
+        &format!("{}/32", victim.ip4),
+        "dev",
+        "lo",
+    ]);
+    daemon.wait_for_mode(&uid, Some("ambient"));
+    let pod = pod_entry(&daemon, &uid).expect("listed");
+    assert_eq!(pod["problem"], "", "{pod}");
+    assert_eq!(pod["cgroup"], victim.cgroup.display().to_string(), "{pod}");
+    if replacement_mode() {
+        let adds = zds_adds(&ztunnel, &uid);
+        assert!(adds.iter().all(|&ino| ino == victim_ino), "{adds:?}");
+    }
+
+    // 4. A container of the victim moves into a netns of its own, holding
+    // an address no pod has: the pod's netns stays its sandbox's. Taken
+    // for the pod's, that netns would leave the victim's addresses held by
+    // no pod (a problem in `ambridge pods`), and ztunnel would be handed it.
+    let loose = x.node.add_loose_netns("moved");
+    let loose_name = loose.file_name().unwrap().to_string_lossy().into_owned();
+    ambridge_conformance::sandbox::ip(&[
+        "-n",
+        &loose_name,
+        "addr",
+        "add",
+        "198.18.0.250/32",
+        "dev",
+        "lo",
+    ]);
+    let loose_ino = netns_ino(&loose);
+    let _moved = process_in(&victim.container, &loose);
+    let taken = eventually(NOTICE, || {
+        let pod = pod_entry(&daemon, &uid)?;
+        (pod["in_datapath"] != true
+            || pod["problem"] != ""
+            || zds_adds(&ztunnel, &uid).contains(&loose_ino))
+        .then_some(pod)
+    });
+    assert!(
+        taken.is_none(),
+        "the moved container's netns was taken for the pod's: {taken:?}"
+    );
+    ambridge_conformance::assert_redirected(&ztunnel, &victim, &to, true);
 }

@@ -234,7 +234,7 @@ impl Session {
         // snapshot), changes nothing, as in ztunnel: its listeners stay.
         if self.pods.get(&uid).is_some_and(|(_, had)| *had == id) {
             report(
-                json!({"event": "zds-add", "uid": uid, "name": name, "namespace": namespace, "service_account": service_account, "kept": true}),
+                json!({"event": "zds-add", "uid": uid, "name": name, "namespace": namespace, "service_account": service_account, "netns_ino": id.1, "kept": true}),
             );
             return Ack::Ok;
         }
@@ -245,7 +245,7 @@ impl Session {
             Ok(listeners) => {
                 report(json!({
                     "event": "zds-add", "uid": uid, "name": name, "namespace": namespace,
-                    "service_account": service_account, "replaced": replaced,
+                    "service_account": service_account, "netns_ino": id.1, "replaced": replaced,
                 }));
                 self.pods.insert(uid, (listeners, id));
                 Ack::Ok
