@@ -107,12 +107,23 @@ fn default_excluded() -> Vec<String> {
 impl Config {
     /// Parses and checks the configuration; errors name the key.
     pub fn parse(stdin: &[u8]) -> Result<Self, CniError> {
-        let config: Config = serde_json::from_slice(stdin).map_err(|e| {
+        let invalid = |details: String| {
             CniError::new(
                 ErrorCode::Decoding,
                 "the network configuration on stdin is not valid",
-                e.to_string(),
+                details,
             )
+        };
+        // Read as a whole first: the keys the plugin skips are checked
+        // too (UTF-8, escapes), so what it accepts is JSON.
+        let json: Value = serde_json::from_slice(stdin).map_err(|e| invalid(e.to_string()))?;
+        let config: Config = serde_path_to_error::deserialize(json).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            match key.as_str() {
+                "." => invalid(inner.to_string()),
+                _ => invalid(format!("{key}: {inner}")),
+            }
         })?;
         if !SUPPORTED_VERSIONS.contains(&config.cni_version.as_str()) {
             return Err(CniError::new(
@@ -181,14 +192,20 @@ impl Config {
                     .get("address")
                     .and_then(Value::as_str)
                     .ok_or_else(|| bad(format!("prevResult.ips[{i}].address is missing")))?;
-                address
-                    .parse::<ipnet::IpNet>()
-                    .map(|net| net.addr())
-                    .map_err(|e| {
-                        bad(format!(
-                            "prevResult.ips[{i}].address {address:?} is not an address with a prefix length: {e}"
-                        ))
-                    })
+                let net = address.parse::<ipnet::IpNet>().map_err(|e| {
+                    bad(format!(
+                        "prevResult.ips[{i}].address {address:?} is not an address with a prefix length: {e}"
+                    ))
+                })?;
+                // ipnet reads `010.1.2.3` as 10.1.2.3, where inet_aton reads
+                // 8.1.2.3: only the standard notation is unambiguous.
+                let written = address.split_once('/').map(|(ip, _)| ip.parse::<IpAddr>());
+                if !matches!(written, Some(Ok(ip)) if ip == net.addr()) {
+                    return Err(bad(format!(
+                        "prevResult.ips[{i}].address {address:?} is not in standard notation (leading zeros?)"
+                    )));
+                }
+                Ok(net.addr())
             })
             .collect()
     }
@@ -595,7 +612,13 @@ mod tests {
             (
                 br#"{"cniVersion":"1.0.0","onDaemonUnreachable":"maybe"}"#,
                 ErrorCode::Decoding,
-                "maybe",
+                "onDaemonUnreachable: unknown variant `maybe`",
+            ),
+            // A key the plugin does not read must still be JSON.
+            (
+                b"{\"cniVersion\":\"1.0.0\",\"type\":\"amb\xf2idge\"}",
+                ErrorCode::Decoding,
+                "invalid unicode code point",
             ),
             (
                 br#"{"cniVersion":"1.0.0","timeoutSeconds":0}"#,
@@ -625,5 +648,11 @@ mod tests {
         .unwrap();
         let err = config.previous_ips().unwrap_err();
         assert!(err.details.contains("prevResult.ips[0].address"), "{err}");
+        let config = Config::parse(
+            br#"{"cniVersion":"1.0.0","prevResult":{"ips":[{"address":"010.1.2.3/24"}]}}"#,
+        )
+        .unwrap();
+        let err = config.previous_ips().unwrap_err();
+        assert!(err.details.contains("standard notation"), "{err}");
     }
 }
