@@ -347,7 +347,8 @@ const NOTICE: Duration = Duration::from_secs(5);
 /// workload, and a container that moved into a netns of its own must not
 /// make its pod's netns that one.
 #[test]
-fn an_address_claimed_by_a_second_pod_cgroup_is_refused_and_a_moved_container_is_not_the_sandbox() {
+fn an_address_claimed_by_a_second_pod_cgroup_is_refused_to_it_the_pod_stays_captured_and_a_moved_container_is_not_the_sandbox()
+ {
     let mut x = xds_node();
     let daemon = x.daemon();
     let victim = x.client.clone();
@@ -397,55 +398,62 @@ fn an_address_claimed_by_a_second_pod_cgroup_is_refused_and_a_moved_container_is
     let attacker_sandbox = process_in(&attacker.cgroup.join("pause"), &attacker.netns);
     let attacker_ino = netns_ino(&attacker.netns);
 
-    // 3. The daemon refuses the identity, naming both cgroups, in
-    // `ambridge pods` and in its log.
+    // 3. The daemon refuses the attacker the identity, naming both cgroups,
+    // in `ambridge pods` and in its log.
     let names_both = |text: &str| {
         text.contains("several pod cgroups")
             && text.contains(&victim.cgroup.display().to_string())
             && text.contains(&attacker.cgroup.display().to_string())
     };
-    let refused = eventually(NOTICE, || {
+    let disputed = eventually(NOTICE, || {
         let pod = pod_entry(&daemon, &uid)?;
         names_both(pod["problem"].as_str()?).then_some(pod)
     })
     .unwrap_or_else(|| {
         panic!(
-            "the claimed address was not refused: {}",
+            "the claimed address was not reported: {}",
             daemon.api_json("pods")
         )
     });
     let logged = daemon
         .wait_log("several pod cgroups", NOTICE)
-        .expect("the refusal is logged");
+        .expect("the dispute is logged");
     assert!(names_both(&logged), "{logged}");
-    // Neither cgroup gets the workload: the victim leaves the datapath (the
-    // daemon cannot tell which claimant is the pod), and no pod is placed
-    // on the attacker's cgroup.
-    assert_eq!(refused["in_datapath"], false, "{refused}");
+    // The victim stays where it was, captured: a tenant claiming its
+    // address must not switch its capture off. No pod is placed on the
+    // attacker's cgroup.
+    assert_eq!(disputed["in_datapath"], true, "{disputed}");
+    assert_eq!(
+        disputed["cgroup"],
+        victim.cgroup.display().to_string(),
+        "{disputed}"
+    );
+    ambridge_conformance::assert_redirected(&ztunnel, &victim, &to, true);
     let placed_on_attacker = |pods: &serde_json::Value| {
         pods.as_array().is_some_and(|all| {
             all.iter()
                 .any(|p| p["cgroup"] == attacker.cgroup.display().to_string())
         })
     };
-    assert!(!placed_on_attacker(&daemon.api_json("pods")));
-    // ztunnel is told the victim is gone, and never handed the attacker's
-    // netns under the victim's UID.
-    if replacement_mode() {
-        ztunnel.wait_for(|e| e["event"] == "zds-del" && e["uid"] == uid, NOTICE);
-    }
+    // ztunnel keeps the victim, and is never handed the attacker's netns
+    // under the victim's UID.
     let handed = eventually(NOTICE, || {
         let pods = daemon.api_json("pods");
-        (zds_adds(&ztunnel, &uid).contains(&attacker_ino) || placed_on_attacker(&pods))
+        let dropped = ztunnel
+            .events()
+            .iter()
+            .any(|e| e["event"] == "zds-del" && e["uid"] == uid);
+        (dropped || zds_adds(&ztunnel, &uid).contains(&attacker_ino) || placed_on_attacker(&pods))
             .then_some(pods)
     });
     assert!(
         handed.is_none(),
-        "the attacker got the workload: {handed:?}"
+        "the victim was dropped or the attacker got the workload: {handed:?} {:?}",
+        ztunnel.events()
     );
 
-    // The attacker pod goes: the victim, sole holder again, is captured
-    // again in its own netns.
+    // The attacker pod goes: the victim, sole holder again, is no longer
+    // disputed, and still captured in its own netns.
     // Its netns is left without the address too, so it answers no more
     // ARP for it.
     drop(attacker_sandbox);
@@ -458,9 +466,12 @@ fn an_address_claimed_by_a_second_pod_cgroup_is_refused_and_a_moved_container_is
         "dev",
         "lo",
     ]);
-    daemon.wait_for_mode(&uid, Some("ambient"));
-    let pod = pod_entry(&daemon, &uid).expect("listed");
-    assert_eq!(pod["problem"], "", "{pod}");
+    let pod = eventually(NOTICE, || {
+        let pod = pod_entry(&daemon, &uid)?;
+        (pod["problem"] == "").then_some(pod)
+    })
+    .unwrap_or_else(|| panic!("the dispute never cleared: {:?}", pod_entry(&daemon, &uid)));
+    assert_eq!(pod["in_datapath"], true, "{pod}");
     assert_eq!(pod["cgroup"], victim.cgroup.display().to_string(), "{pod}");
     if replacement_mode() {
         let adds = zds_adds(&ztunnel, &uid);

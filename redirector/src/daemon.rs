@@ -653,6 +653,9 @@ struct SystemResolver<'a> {
     /// Pod cgroups by the addresses of their netns, listed at the first
     /// lookup of a reconcile.
     by_address: Option<crate::netns::AddressIndex>,
+    /// Where the last reconcile placed each pod: a pod found by address
+    /// stays there while another cgroup claims its address.
+    placed_before: &'a [api::PlacedPod],
 }
 
 impl SystemResolver<'_> {
@@ -679,8 +682,17 @@ impl Resolve for SystemResolver<'_> {
         cgroup::find_pod_cgroup(self.kubepods_parent, &uid.0)
     }
 
-    fn pod_cgroup_by_address(&mut self, ips: &[IpAddr]) -> std::io::Result<PathBuf> {
-        crate::netns::claimant(self.address_index()?, ips)
+    fn pod_cgroup_by_address(
+        &mut self,
+        uid: &PodUid,
+        ips: &[IpAddr],
+    ) -> std::io::Result<crate::netns::Claim> {
+        let before = self
+            .placed_before
+            .iter()
+            .find(|p| &p.uid == uid)
+            .map(|p| p.cgroup.clone());
+        crate::netns::claimant(self.address_index()?, ips, before.as_deref())
     }
 
     fn cgroup_id(&mut self, cgroup: &Path) -> std::io::Result<CgroupId> {
@@ -942,6 +954,7 @@ impl Node {
             cookies: &mut self.cookies,
             addresses: &mut self.addresses,
             by_address: None,
+            placed_before: &self.placed,
         };
         let mut desired = reconcile::desired(&spec, settings, &mut resolver);
         // Each reconcile until ztunnel's snapshot learns which of its pods
@@ -974,7 +987,7 @@ impl Node {
             // otherwise log one line per pod.
             const NAMED: usize = 10;
             for u in desired.unresolved.iter().take(NAMED) {
-                warn!(owner = %u.owner, cgroup = %u.cgroup.display(), "not in the datapath yet, retrying: {}", u.error);
+                warn!(owner = %u.owner, cgroup = %u.cgroup.display(), "not (fully) in the datapath, retrying: {}", u.error);
             }
             if desired.unresolved.len() > NAMED {
                 warn!(

@@ -82,11 +82,27 @@ fn start_time(pid: u32) -> Option<u64> {
 /// Pod cgroups by the addresses their sandbox's network namespace holds.
 pub type AddressIndex = HashMap<IpAddr, BTreeSet<PathBuf>>;
 
+/// Which pod cgroup an identity given by address goes to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// The one pod cgroup whose network namespace holds the addresses.
+    Sole(PathBuf),
+    /// Several hold them, one of them where the pod was placed before: it
+    /// stays there (a tenant claiming a pod's address must not switch the
+    /// pod's capture off), and `report` says who else claims it.
+    Disputed { kept: PathBuf, report: String },
+}
+
 /// The one pod cgroup whose network namespace holds `ips`. An address held
 /// by the namespaces of several pod cgroups is refused, naming them: one of
 /// them claims another pod's address, and an identity given by address
-/// must not go to it.
-pub fn claimant(index: &AddressIndex, ips: &[IpAddr]) -> io::Result<PathBuf> {
+/// must not go to it. Where the pod was `placed_before` on one of them,
+/// it stays there, disputed.
+pub fn claimant(
+    index: &AddressIndex,
+    ips: &[IpAddr],
+    placed_before: Option<&Path>,
+) -> io::Result<Claim> {
     let claimants: BTreeSet<&PathBuf> = ips
         .iter()
         .filter_map(|ip| index.get(ip))
@@ -94,23 +110,36 @@ pub fn claimant(index: &AddressIndex, ips: &[IpAddr]) -> io::Result<PathBuf> {
         .collect();
     let mut found = claimants.iter();
     match (found.next(), found.next()) {
-        (Some(one), None) => Ok((*one).clone()),
+        (Some(one), None) => Ok(Claim::Sole((*one).clone())),
         (None, _) => Err(io::Error::new(
             io::ErrorKind::NotFound,
             format!("no pod cgroup's network namespace holds {ips:?} (pod not started yet?)"),
         )),
-        (Some(_), Some(_)) => Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!(
-                "{ips:?} are held by the network namespaces of several pod cgroups ({}): \
-                 refused, as one of them claims another pod's address",
-                claimants
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        )),
+        (Some(_), Some(_)) => {
+            let names = claimants
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            match placed_before.filter(|p| claimants.contains(&p.to_path_buf())) {
+                Some(kept) => Ok(Claim::Disputed {
+                    kept: kept.to_path_buf(),
+                    report: format!(
+                        "{ips:?} are held by the network namespaces of several pod cgroups \
+                         ({names}): the pod stays on {}, where it was, as one of them claims \
+                         another pod's address",
+                        kept.display()
+                    ),
+                }),
+                None => Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{ips:?} are held by the network namespaces of several pod cgroups \
+                         ({names}): refused, as one of them claims another pod's address"
+                    ),
+                )),
+            }
+        }
     }
 }
 
@@ -456,14 +485,14 @@ mod tests {
             .or_default()
             .insert(PathBuf::from("/cg/victim"));
         assert_eq!(
-            claimant(&index, &[ip, ip6]).unwrap(),
-            PathBuf::from("/cg/victim")
+            claimant(&index, &[ip, ip6], None).unwrap(),
+            Claim::Sole(PathBuf::from("/cg/victim"))
         );
         index
             .entry(ip)
             .or_default()
             .insert(PathBuf::from("/cg/attacker"));
-        let err = claimant(&index, &[ip, ip6]).unwrap_err();
+        let err = claimant(&index, &[ip, ip6], None).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         let text = err.to_string();
         assert!(
@@ -480,11 +509,32 @@ mod tests {
             .entry(ip6)
             .or_default()
             .insert(PathBuf::from("/cg/attacker"));
-        assert!(claimant(&split, &[ip, ip6]).is_err());
+        assert!(claimant(&split, &[ip, ip6], None).is_err());
         assert_eq!(
-            claimant(&AddressIndex::new(), &[ip]).unwrap_err().kind(),
+            claimant(&AddressIndex::new(), &[ip], None)
+                .unwrap_err()
+                .kind(),
             io::ErrorKind::NotFound
         );
+    }
+
+    #[test]
+    fn a_pod_placed_before_on_a_claimant_stays_there_disputed_and_a_newcomer_gets_nothing() {
+        let ip: IpAddr = "198.18.0.2".parse().unwrap();
+        let mut index = AddressIndex::new();
+        for cg in ["/cg/victim", "/cg/attacker"] {
+            index.entry(ip).or_default().insert(PathBuf::from(cg));
+        }
+        let victim = Path::new("/cg/victim");
+        match claimant(&index, &[ip], Some(victim)).unwrap() {
+            Claim::Disputed { kept, report } => {
+                assert_eq!(kept, victim);
+                assert!(report.contains("/cg/attacker"), "{report}");
+            }
+            sole => panic!("not disputed: {sole:?}"),
+        }
+        // Placed before somewhere that no longer claims it: refused.
+        assert!(claimant(&index, &[ip], Some(Path::new("/cg/gone"))).is_err());
     }
 
     #[test]

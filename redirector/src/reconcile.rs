@@ -15,7 +15,7 @@ use ipnet::IpNet;
 
 use crate::{
     enroll,
-    netns::NetnsAt,
+    netns::{Claim, NetnsAt},
     state::{CgroupRef, Mode, NodeSpec, PodCgroup, PodSpec, Settings},
     types::{CgroupId, NetnsCookie, PodUid},
 };
@@ -24,8 +24,9 @@ use crate::{
 pub trait Resolve {
     /// The pod-level cgroup of a pod the node state names only by UID.
     fn pod_cgroup(&mut self, uid: &PodUid) -> io::Result<std::path::PathBuf>;
-    /// The pod-level cgroup whose network namespace holds one of `ips`.
-    fn pod_cgroup_by_address(&mut self, ips: &[IpAddr]) -> io::Result<std::path::PathBuf>;
+    /// The pod-level cgroup whose network namespace holds one of `ips`, for
+    /// the pod `uid` (which stays where it was if the address is disputed).
+    fn pod_cgroup_by_address(&mut self, uid: &PodUid, ips: &[IpAddr]) -> io::Result<Claim>;
     /// The id of a cgroup directory.
     fn cgroup_id(&mut self, cgroup: &Path) -> io::Result<CgroupId>;
     /// The cookie of a network namespace; `None` while the cgroup it is
@@ -139,7 +140,15 @@ pub fn desired(spec: &NodeSpec, settings: &Settings, resolve: &mut impl Resolve)
         let located = match &pod.cgroup {
             PodCgroup::Path(path) => Ok(path.clone()),
             PodCgroup::Uid => resolve.pod_cgroup(&pod.uid),
-            PodCgroup::Address => resolve.pod_cgroup_by_address(&pod.ips),
+            PodCgroup::Address => resolve
+                .pod_cgroup_by_address(&pod.uid, &pod.ips)
+                .map(|claim| match claim {
+                    Claim::Sole(path) => path,
+                    Claim::Disputed { kept, report } => {
+                        out.unresolved(Some(&pod.uid), owner.clone(), &kept, report);
+                        kept
+                    }
+                }),
         };
         let cgroup = match located {
             Ok(path) => path,
@@ -394,13 +403,13 @@ mod tests {
         }
 
         /// Address `198.18.9.<n>` is in the netns of `/cg/<n>`.
-        fn pod_cgroup_by_address(&mut self, ips: &[IpAddr]) -> io::Result<std::path::PathBuf> {
+        fn pod_cgroup_by_address(&mut self, _: &PodUid, ips: &[IpAddr]) -> io::Result<Claim> {
             ips.iter()
                 .find_map(|ip| match ip {
                     IpAddr::V4(v4) if v4.octets()[..3] == [198, 18, 9] => Some(v4.octets()[3]),
                     _ => None,
                 })
-                .map(|n| std::path::PathBuf::from(format!("/cg/{n}")))
+                .map(|n| Claim::Sole(std::path::PathBuf::from(format!("/cg/{n}"))))
                 .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
         }
 

@@ -48,6 +48,10 @@ struct Args {
     /// Interleaved rounds; each figure is the median over them.
     #[arg(long)]
     rounds: Option<usize>,
+    /// Only these groups (comma-separated: outbound, inbound, dns,
+    /// sustained); every group by default.
+    #[arg(long, value_delimiter = ',')]
+    groups: Vec<String>,
 }
 
 /// A group of paths measured alike and reported in one table.
@@ -122,13 +126,17 @@ struct Route {
 }
 
 impl Route {
-    fn all() -> impl Iterator<Item = Route> {
-        GROUPS.iter().flat_map(|g| {
-            g.paths.iter().map(|path| Route {
-                group: g.name,
-                path,
+    /// Every route of the groups a run measures.
+    fn all(plan: &Plan) -> impl Iterator<Item = Route> + '_ {
+        GROUPS
+            .iter()
+            .filter(|g| plan.measures(g.name))
+            .flat_map(|g| {
+                g.paths.iter().map(|path| Route {
+                    group: g.name,
+                    path,
+                })
             })
-        })
     }
 }
 
@@ -142,6 +150,8 @@ struct Plan {
     sustained_ms: u64,
     bulk_bytes: usize,
     pod_counts: Vec<usize>,
+    /// The groups measured.
+    groups: Vec<&'static str>,
 }
 
 impl Plan {
@@ -155,6 +165,7 @@ impl Plan {
                 sustained_ms: 1_000,
                 bulk_bytes: 16 << 20,
                 pod_counts: vec![1_000],
+                groups: Vec::new(),
             }
         } else {
             Plan {
@@ -165,12 +176,27 @@ impl Plan {
                 sustained_ms: 60_000,
                 bulk_bytes: 512 << 20,
                 pod_counts: vec![1_000, 10_000],
+                groups: Vec::new(),
             }
         };
         if let Some(r) = args.rounds {
             plan.rounds = r.max(1);
         }
+        for name in &args.groups {
+            let group = GROUPS
+                .iter()
+                .find(|g| g.name == name)
+                .unwrap_or_else(|| panic!("--groups: no group {name:?}"));
+            plan.groups.push(group.name);
+        }
+        if plan.groups.is_empty() {
+            plan.groups = GROUPS.iter().map(|g| g.name).collect();
+        }
         plan
+    }
+
+    fn measures(&self, group: &str) -> bool {
+        self.groups.contains(&group)
     }
 }
 
@@ -503,9 +529,9 @@ impl Bench {
     /// Checks that every path takes the route it claims before measuring:
     /// the counter of its capture moves on its own path only, and the
     /// iptables paths leave conntrack entries.
-    fn check_paths(&self) {
+    fn check_paths(&self, plan: &Plan) {
         let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        for r in Route::all() {
+        for r in Route::all(plan) {
             let (warm, counter) = match r.group {
                 "outbound" => (
                     args(&["cps", "--concurrency", "1", "--duration-ms", "100"]),
@@ -652,7 +678,7 @@ fn measure(bench: &Bench, plan: &Plan) -> Measured {
     let mut cdfs: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
     for round in 0..plan.rounds {
         eprintln!("[bench] round {}/{}", round + 1, plan.rounds);
-        for group in &GROUPS {
+        for group in GROUPS.iter().filter(|g| plan.measures(g.name)) {
             if group.traffic == Traffic::Sustained && round > 0 {
                 continue;
             }
@@ -739,7 +765,7 @@ fn measure(bench: &Bench, plan: &Plan) -> Measured {
             .insert(key.clone(), (lo, hi));
         figures.entry(route).or_default().insert(key, median(v));
     }
-    for route in Route::all() {
+    for route in Route::all(plan) {
         let n = conntrack_count(bench.conntrack_netns(route), conntrack_proto(route.group)) as f64;
         figures
             .entry(route)
@@ -945,7 +971,7 @@ fn report(
             ""
         }
     );
-    for group in &GROUPS {
+    for group in GROUPS.iter().filter(|g| plan.measures(g.name)) {
         let route = |path: &'static str| Route {
             group: group.name,
             path,
@@ -1153,7 +1179,7 @@ fn main() {
     let stats_before = fs::read_to_string(stats_flag).unwrap_or_else(|_| "0".into());
     fs::write(stats_flag, "1").expect("enabling kernel.bpf_stats_enabled");
     let mut bench = Bench::new();
-    bench.check_paths();
+    bench.check_paths(&plan);
     let measured = measure(&bench, &plan);
     let costs = program_costs();
     fs::write(stats_flag, stats_before.trim()).expect("restoring kernel.bpf_stats_enabled");
@@ -1168,7 +1194,10 @@ fn main() {
     )
     .expect("writing results.json");
     fs::write(args.out.join("results.md"), &md).expect("writing results.md");
-    fs::write(args.out.join("chart.svg"), chart(&measured)).expect("writing chart.svg");
+    // The chart is of the outbound group.
+    if plan.measures(GROUPS[0].name) {
+        fs::write(args.out.join("chart.svg"), chart(&measured)).expect("writing chart.svg");
+    }
     println!("{md}");
     println!(
         "wrote {}/results.json, results.md and chart.svg in {:.0} s",
