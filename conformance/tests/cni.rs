@@ -48,7 +48,7 @@ fn enroll_without_addresses(
 }
 
 fn config(daemon_api: &std::path::Path, pod: &Pod, extra: serde_json::Value) -> serde_json::Value {
-    let mut keys = json!({"socket": daemon_api.display().to_string(), "timeoutSeconds": 10});
+    let mut keys = json!({"socket": daemon_api.display().to_string(), "timeoutSeconds": 30});
     if let (Some(keys), serde_json::Value::Object(extra)) = (keys.as_object_mut(), extra) {
         keys.extend(extra);
     }
