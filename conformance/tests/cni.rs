@@ -236,18 +236,44 @@ fn an_add_fails_naming_what_it_waits_for_when_an_enrolled_pod_cannot_be_placed()
     );
 }
 
+/// One enrolled pod `web` whose cgroups exist but whose sandbox has no
+/// process yet, a daemon and ztunnel: where a runtime calls the plugin.
+struct WebPod {
+    pod: Pod,
+    daemon: Daemon,
+    /// The network configuration for `pod`'s ADD.
+    good: serde_json::Value,
+    _ztunnel: Background,
+    /// Last, so it is dropped after the processes.
+    _node: Node,
+}
+
+impl WebPod {
+    fn new() -> Self {
+        let mut node = Node::new();
+        let server = node.add_pod("server");
+        let ztunnel_cgroup = node.add_cgroup("ztunnel");
+        let pod = node.add_pod_network("web", "pod-web");
+        node.add_pod_cgroups(&pod);
+        enroll_without_addresses(&node, &[&pod], &server, &ztunnel_cgroup);
+        let daemon = Daemon::start(&node);
+        let ztunnel = ztunnel_stand_in_with(&node, &ztunnel_cgroup, &[&pod], &[]);
+        let good = config(daemon.api_socket(), &pod, json!({}));
+        WebPod {
+            pod,
+            daemon,
+            good,
+            _ztunnel: ztunnel,
+            _node: node,
+        }
+    }
+}
+
 #[test]
 fn version_check_and_bad_configurations_answer_as_the_cni_spec_says() {
-    let mut node = Node::new();
-    let server = node.add_pod("server");
-    let ztunnel_cgroup = node.add_cgroup("ztunnel");
-    let pod = node.add_pod_network("web", "pod-web");
-    node.add_pod_cgroups(&pod);
-    enroll_without_addresses(&node, &[&pod], &server, &ztunnel_cgroup);
-    let daemon = Daemon::start(&node);
-    let _ztunnel = ztunnel_stand_in_with(&node, &ztunnel_cgroup, &[&pod], &[]);
-    let good = config(daemon.api_socket(), &pod, json!({}));
-    let version = cni::call("VERSION", &pod, "default", "sandbox-1", &json!({}));
+    let web = WebPod::new();
+    let (pod, daemon, good) = (&web.pod, &web.daemon, &web.good);
+    let version = cni::call("VERSION", pod, "default", "sandbox-1", &json!({}));
     assert!(version.success);
     assert!(
         version.output["supportedVersions"]
@@ -257,7 +283,7 @@ fn version_check_and_bad_configurations_answer_as_the_cni_spec_says() {
         version.output
     );
     // Before its ADD, the pod's namespace is not known: CHECK says so.
-    let early = cni::call("CHECK", &pod, "default", "sandbox-1", &good);
+    let early = cni::call("CHECK", pod, "default", "sandbox-1", good);
     assert!(!early.success);
     assert!(
         early.output["details"]
@@ -266,8 +292,8 @@ fn version_check_and_bad_configurations_answer_as_the_cni_spec_says() {
         "{}",
         early.output
     );
-    assert!(cni::call("ADD", &pod, "default", "sandbox-1", &good).success);
-    let check = cni::call("CHECK", &pod, "default", "sandbox-1", &good);
+    assert!(cni::call("ADD", pod, "default", "sandbox-1", good).success);
+    let check = cni::call("CHECK", pod, "default", "sandbox-1", good);
     assert!(check.success, "{} {}", check.output, check.stderr);
     for (bad, code, needle) in [
         (
@@ -278,14 +304,14 @@ fn version_check_and_bad_configurations_answer_as_the_cni_spec_says() {
         (
             config(
                 daemon.api_socket(),
-                &pod,
+                pod,
                 json!({"prevResult": {"ips": [{"address": "10.0.0.1"}]}}),
             ),
             6,
             "prevResult.ips[0].address",
         ),
     ] {
-        let call = cni::call("ADD", &pod, "default", "sandbox-2", &bad);
+        let call = cni::call("ADD", pod, "default", "sandbox-2", &bad);
         assert!(!call.success);
         assert_eq!(call.output["code"], code, "{}", call.output);
         assert!(
@@ -295,20 +321,13 @@ fn version_check_and_bad_configurations_answer_as_the_cni_spec_says() {
         );
     }
     // The failed ADDs changed nothing: the first sandbox stands.
-    assert!(cni::call("CHECK", &pod, "default", "sandbox-1", &good).success);
+    assert!(cni::call("CHECK", pod, "default", "sandbox-1", good).success);
 }
 
 #[test]
 fn del_forgets_the_sandbox_but_a_late_del_of_an_older_sandbox_does_not() {
-    let mut node = Node::new();
-    let server = node.add_pod("server");
-    let ztunnel_cgroup = node.add_cgroup("ztunnel");
-    let pod = node.add_pod_network("web", "pod-web");
-    node.add_pod_cgroups(&pod);
-    enroll_without_addresses(&node, &[&pod], &server, &ztunnel_cgroup);
-    let daemon = Daemon::start(&node);
-    let _ztunnel = ztunnel_stand_in_with(&node, &ztunnel_cgroup, &[&pod], &[]);
-    let good = config(daemon.api_socket(), &pod, json!({}));
+    let web = WebPod::new();
+    let (pod, daemon, good) = (&web.pod, &web.daemon, &web.good);
     let inbound = || {
         daemon.api_json("pods").as_array().and_then(|pods| {
             pods.iter()
@@ -316,10 +335,10 @@ fn del_forgets_the_sandbox_but_a_late_del_of_an_older_sandbox_does_not() {
                 .map(|p| p["inbound"].as_str().unwrap_or_default().to_string())
         })
     };
-    assert!(cni::call("ADD", &pod, "default", "sandbox-2", &good).success);
+    assert!(cni::call("ADD", pod, "default", "sandbox-2", good).success);
     assert_eq!(inbound().as_deref(), Some("captured"));
     // The kubelet garbage-collects an older sandbox of the pod.
-    assert!(cni::call("DEL", &pod, "default", "sandbox-1", &good).success);
+    assert!(cni::call("DEL", pod, "default", "sandbox-1", good).success);
     assert_eq!(
         inbound().as_deref(),
         Some("captured"),
@@ -327,8 +346,8 @@ fn del_forgets_the_sandbox_but_a_late_del_of_an_older_sandbox_does_not() {
     );
     // The live one goes: its namespace is no longer known (no process
     // runs in the pod to find it through), so nothing holds it any more.
-    assert!(cni::call("DEL", &pod, "default", "sandbox-2", &good).success);
+    assert!(cni::call("DEL", pod, "default", "sandbox-2", good).success);
     assert_eq!(inbound().as_deref(), Some("waiting"));
-    let check = cni::call("CHECK", &pod, "default", "sandbox-2", &good);
+    let check = cni::call("CHECK", pod, "default", "sandbox-2", good);
     assert!(!check.success, "CHECK after DEL: {}", check.output);
 }
