@@ -107,13 +107,14 @@ fn undo_rewrites_ztunnels_original_source_bind_and_the_app_still_sees_the_client
         let result = m.client.connect(&to, 32 * 1024);
         assert_eq!(result["ok"], true, "{result}");
         assert_eq!(result["intact"], true, "{result}");
-        let inbound = m
-            .ztunnel
-            .events()
-            .into_iter()
-            .filter(|e| e["event"] == "inbound")
-            .nth(inbound_before)
-            .expect("an inbound leg");
+        let inbound = eventually(Duration::from_secs(5), || {
+            m.ztunnel
+                .events()
+                .into_iter()
+                .filter(|e| e["event"] == "inbound")
+                .nth(inbound_before)
+        })
+        .expect("an inbound leg");
         // ztunnel asked for the client's address and the bind succeeded ...
         assert_eq!(inbound["client"], client_ip.to_string(), "{inbound}");
         assert_eq!(inbound["bind_error"], serde_json::Value::Null, "{inbound}");
@@ -124,13 +125,15 @@ fn undo_rewrites_ztunnels_original_source_bind_and_the_app_still_sees_the_client
             "{inbound}"
         );
         // The application sees the client, from accept() and getpeername().
-        let accepted = m
-            .app
-            .events()
-            .into_iter()
-            .skip(app_before)
-            .find(|e| e["event"] == "accepted")
-            .expect("app accepted");
+        // The app's report may still be on its way through the pipe.
+        let accepted = eventually(Duration::from_secs(5), || {
+            m.app
+                .events()
+                .into_iter()
+                .skip(app_before)
+                .find(|e| e["event"] == "accepted")
+        })
+        .expect("app accepted");
         assert_eq!(
             ip_of(accepted["accept_addr"].as_str().unwrap()),
             client_ip,
@@ -406,7 +409,12 @@ fn the_shared_ztunnel_model_works_end_to_end_for_ipv4_and_ipv6() {
         let app_before = app.events().len();
         let result = client.connect(&to, 16 * 1024);
         assert_eq!(result["intact"], true, "{result}");
-        let new: Vec<Event> = ztunnel.events().into_iter().skip(before).collect();
+        // The stand-in's reports may still be on their way through the pipe.
+        let new: Vec<Event> = eventually(Duration::from_secs(5), || {
+            let new: Vec<Event> = ztunnel.events().into_iter().skip(before).collect();
+            new.iter().any(|e| e["event"] == "inbound").then_some(new)
+        })
+        .expect("ztunnel's reports of the connection");
         let accepted = new
             .iter()
             .find(|e| e["event"] == "accepted")
@@ -424,12 +432,13 @@ fn the_shared_ztunnel_model_works_end_to_end_for_ipv4_and_ipv6() {
             "{inbound}"
         );
         // ... and the application still sees the client.
-        let seen = app
-            .events()
-            .into_iter()
-            .skip(app_before)
-            .find(|e| e["event"] == "accepted")
-            .expect("app accepted");
+        let seen = eventually(Duration::from_secs(5), || {
+            app.events()
+                .into_iter()
+                .skip(app_before)
+                .find(|e| e["event"] == "accepted")
+        })
+        .expect("app accepted");
         assert_eq!(ip_of(seen["peer"].as_str().unwrap()), client_ip, "{seen}");
     }
     assert_eq!(daemon.stats()["bind_rewritten"], 2);
