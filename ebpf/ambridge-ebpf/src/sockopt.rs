@@ -82,29 +82,34 @@ fn lookup(ctx: &SockoptContext, opt: &bpf_sockopt) -> Option<ConnRecord> {
     };
     // SAFETY: plain helper call on the program's own context.
     let own = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let node = node();
     let key = conn::key(
-        conn::netns(&node(), own, &local, &peer),
+        conn::netns(&node, own, &local, &peer),
         peer,
         peer_port,
         local,
         local_port,
     );
+    let is_ztunnel = || pod::current().is_some_and(|p| p.flags & flags::ZTUNNEL != 0);
     // SAFETY: copied out at once.
-    let record = unsafe { CONNS.get(key) }
+    match unsafe { CONNS.get(key) }
         .copied()
-        .filter(|r| r.kind == conn_kind::ORIG_DST);
-    let ztunnel = pod::current().is_some_and(|p| p.flags & flags::ZTUNNEL != 0);
-    match record {
-        Some(_) if !ztunnel => {
+        .filter(|r| r.kind == conn_kind::ORIG_DST)
+    {
+        Some(record) if is_ztunnel() => Some(record),
+        Some(_) => {
             bump(Counter::OrigDstRefused);
             None
         }
         // Once per connection: ztunnel asks at SOL_IP first, then SOL_IPV6.
-        None if ztunnel && opt.level == SOL_IP && node().is_redirect_port(local_port) => {
-            bump(Counter::OrigDstMissing);
+        // The cheap checks first: most asks without a record are for
+        // inbound-captured sockets, whose local port is the application's.
+        None => {
+            if opt.level == SOL_IP && node.is_redirect_port(local_port) && is_ztunnel() {
+                bump(Counter::OrigDstMissing);
+            }
             None
         }
-        found => found,
     }
 }
 
