@@ -537,6 +537,26 @@ impl Node {
         keys.len()
     }
 
+    /// Makes every insert into the socket-cookie record map `name`
+    /// (`map_names::PENDING` or `map_names::DNS`) fail, as a kernel that
+    /// cannot find a free element would: before the daemon first loads, a
+    /// plain hash map with the record map's key and value, one entry and
+    /// that entry taken, is pinned where the daemon looks for the record
+    /// map, and the daemon's programs adopt it. Inserting into it returns
+    /// `E2BIG`; the least-recently-used original would evict instead.
+    pub fn fail_record_inserts(&self, name: &str) {
+        use ambridge_common::ConnRecord;
+        let maps = self.bpffs().join("maps");
+        fs::create_dir_all(&maps).unwrap_or_else(|e| panic!("creating {}: {e}", maps.display()));
+        let mut full: aya::maps::HashMap<_, u64, ConnRecord> =
+            aya::maps::HashMap::create(1, 0).expect("creating a one-entry hash map");
+        full.insert(0, ConnRecord::default(), 0)
+            .expect("filling the one-entry hash map");
+        let pin = maps.join(name);
+        full.pin(&pin)
+            .unwrap_or_else(|e| panic!("pinning {}: {e}", pin.display()));
+    }
+
     /// Path of this node's workloads file.
     pub fn workloads_path(&self) -> PathBuf {
         self.dir.join("workloads.yaml")
@@ -613,6 +633,9 @@ impl Drop for Node {
             }
         }
         let _ = fs::remove_dir_all(&self.dir);
+        // Pins made before a daemon started (the daemon's own drop
+        // uninstalls the rest).
+        let _ = fs::remove_dir_all(self.bpffs());
     }
 }
 

@@ -222,3 +222,33 @@ fn with_istio_cni_rules_in_place_dns_capture_cooperates() {
     }
     assert_eq!(daemon.stats()["dns_redirected"], 3);
 }
+
+#[test]
+fn a_query_that_cannot_be_recorded_is_refused_never_sent_to_the_server_unanswered_by_ztunnel() {
+    // Every insert into the DNS record map fails: without its record the
+    // answer could not seem to come from the server asked, and the query
+    // must not go around ztunnel's proxy either.
+    let t = dns_node("");
+    t.node.fail_record_inserts(ambridge_common::map_names::DNS);
+    let (daemon, server, ztunnel) = serving(&t, &[]);
+    for to in servers(&t) {
+        for transport in TRANSPORTS {
+            let answer = query(&t.client, &to, transport, "unrecorded");
+            assert_eq!(answer["ok"], false, "{answer}");
+            assert!(
+                answer["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("not permitted")),
+                "{answer}"
+            );
+        }
+    }
+    assert_eq!(daemon.stats()["connect_record_failed"], 6);
+    // Refused before a datagram or a SYN left: neither end saw anything.
+    for (end, events) in [("ztunnel", ztunnel.events()), ("server", server.events())] {
+        assert!(
+            !events.iter().any(|e| e["event"] == "dns-query"),
+            "the {end} saw a query: {events:?}"
+        );
+    }
+}

@@ -351,3 +351,81 @@ fn a_connection_whose_record_was_evicted_is_refused_by_ztunnel_never_sent_around
         app.events()
     );
 }
+
+/// Asserts `r` is a connect refused at once by the datapath (`EPERM`).
+fn assert_refused(r: &ambridge_conformance::Event) {
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not permitted")),
+        "{r}"
+    );
+}
+
+#[test]
+fn a_connect_whose_original_destination_cannot_be_recorded_is_refused_never_sent_around_ztunnel_and_counted()
+ {
+    // Every insert into the pending-record map fails: the client's connects
+    // must fail at once, not leave for the server unredirected.
+    let t = three_pods();
+    t.node
+        .fail_record_inserts(ambridge_common::map_names::PENDING);
+    // Its inbound listener could not be recorded either (see below).
+    let (daemon, app, ztunnel) = serving(&t, &["--no-inbound"]);
+    for to in [
+        format!("{}:8080", t.server.ip4),
+        format!("[{}]:8080", t.server.ip6),
+    ] {
+        assert_refused(&t.client.connect(&to, 16));
+    }
+    assert_eq!(daemon.stats()["connect_record_failed"], 2);
+    // A refused connect sends no SYN: nothing is on its way to either end.
+    for (end, events) in [("ztunnel", ztunnel.events()), ("server", app.events())] {
+        assert!(
+            !events.iter().any(|e| e["event"] == "accepted"),
+            "the {end} accepted a connection: {events:?}"
+        );
+    }
+}
+
+#[test]
+fn a_ztunnel_original_source_bind_that_cannot_be_recorded_is_refused_not_rewritten_unrecorded() {
+    // ztunnel's inbound leg in the client's netns binds the address of the
+    // peer it relays for (here the server's). Undone without its record,
+    // the application would see the pod's own address as its peer. And its
+    // inbound listener, unrecorded, would never be found by the capture.
+    let t = three_pods();
+    t.node
+        .fail_record_inserts(ambridge_common::map_names::PENDING);
+    let (daemon, _app, _ztunnel) = serving(&t, &["--no-inbound"]);
+    let known = eventually(Duration::from_secs(10), || {
+        (daemon.map_entries()["netns"] >= 1).then_some(())
+    });
+    assert!(known.is_some(), "{:?}", daemon.map_entries());
+    for (bind, to) in [
+        (
+            format!("{}:0", t.server.ip4),
+            format!("{}:8080", t.server.ip4),
+        ),
+        (
+            format!("[{}]:0", t.server.ip6),
+            format!("[{}]:8080", t.server.ip6),
+        ),
+        ("[::]:15006".to_string(), format!("{}:8080", t.server.ip4)),
+    ] {
+        let events = ambridge_conformance::probe::run_in(
+            Some(&t.ztunnel_cgroup),
+            &t.client.netns,
+            &["connect", "--bind", &bind, "--to", &to, "--bytes", "16"],
+        );
+        let r = events
+            .iter()
+            .find(|e| e["event"] == "connect")
+            .expect("connect event");
+        assert_refused(r);
+    }
+    let stats = daemon.stats();
+    assert_eq!(stats["bind_record_failed"], 3, "{stats:?}");
+    assert_eq!(stats["bind_rewritten"], 0, "{stats:?}");
+}

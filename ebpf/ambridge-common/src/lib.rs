@@ -319,9 +319,11 @@ pub enum Counter {
     ConnectRedirected4 = 0,
     /// IPv6 connects rewritten to a redirect target.
     ConnectRedirected6 = 1,
-    /// Connects from an enrolled pod refused (`EPERM`) because the original
-    /// destination could not be recorded (map update failed): without it
-    /// ztunnel could not route the connection, and it must not go around.
+    /// Connects (and captured DNS queries) from an enrolled pod refused
+    /// (`EPERM`) because the original destination could not be recorded
+    /// (map update failed): without it ztunnel could not route the
+    /// connection, nor the reply be given its server's source, and neither
+    /// may go around ztunnel.
     ConnectRecordFailed = 2,
     /// `SO_ORIGINAL_DST` answered from [`map_names::CONNS`].
     OrigDstAnswered = 3,

@@ -39,7 +39,8 @@ const REFUSE: i32 = 0;
 pub enum Verdict {
     /// Not a captured query: the call goes on untouched.
     Leave,
-    /// The pod is held (ztunnel has not acknowledged it): refused.
+    /// The pod is held (ztunnel has not acknowledged it), or the query
+    /// could not be recorded: refused.
     Refuse,
     /// Recorded; the caller rewrites the destination to ztunnel's proxy.
     Redirect,
@@ -93,9 +94,11 @@ pub fn capture(ctx: &SockAddrContext, pod: &CgroupInfo, sock_type: u32, dst: [u3
     };
     // SAFETY: plain helper call on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // Without its record the reply could not be given the asked server's
+    // source; and the query must not go around ztunnel's proxy either.
     if DNS.insert(cookie, record, 0).is_err() {
         bump(Counter::ConnectRecordFailed);
-        return Verdict::Leave;
+        return Verdict::Refuse;
     }
     bump(Counter::DnsRedirected);
     Verdict::Redirect
