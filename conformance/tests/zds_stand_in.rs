@@ -5,7 +5,7 @@
 
 use std::{fs::File, os::fd::AsFd, time::Duration};
 
-use ambridge::zds::wire::{self, Ack, Datagram, MAX_DATAGRAM, Request};
+use ambridge::publish::zds::wire::{self, Ack, Datagram, MAX_DATAGRAM, Request};
 use ambridge_conformance::{Background, Event, Node, Pod, eventually, ztunnel_stand_in_zds};
 use socket2::{Domain, SockAddr, Socket, Type};
 

@@ -24,8 +24,8 @@
 use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, time::Duration};
 
 use ambridge::{
-    api::{self, CNI_MAX_WAIT},
     cni::plugin::{self, CniError, Command, Config, ErrorCode, Invocation, SUPPORTED_VERSIONS},
+    sources::cni::{CNI_MAX_WAIT, cni_sandbox},
 };
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
@@ -201,7 +201,7 @@ fn check_add(invocation: &Invocation, config: &Config, ips: &[IpAddr]) {
         return;
     };
     let request = plugin::add_request(invocation, config, pod).expect("the addresses were read");
-    let (uid, sandbox, wait) = api::cni_sandbox(request)
+    let (uid, sandbox, wait) = cni_sandbox(request)
         .unwrap_or_else(|s| panic!("the daemon refused the plugin's ADD: {}", s.message()));
     assert_eq!(uid.0, pod.uid);
     assert_eq!(sandbox.namespace, pod.namespace);

@@ -12,12 +12,12 @@ use std::{
 };
 
 use ambridge::{
-    kubernetes::{self, REDIRECTION, Snapshot},
-    membership::{
+    node::membership::{
         BYPASS_INBOUND_ANNOTATION, DATAPLANE_MODE_LABEL, DNS_CAPTURE_ANNOTATION, DaemonSetUid,
         MeshSettings, SIDECAR_STATUS_ANNOTATION,
     },
-    state::{Mode, PodSpec},
+    node::spec::{Mode, PodSpec},
+    sources::kubernetes::{self, REDIRECTION, Snapshot},
     types::PodUid,
 };
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -191,7 +191,7 @@ fuzz_target!(|bytes: &[u8]| {
         .step_by(2)
         .map(|p| p.uid.clone())
         .collect();
-    let patches = kubernetes::redirection_patches(&fresh, &ready);
+    let patches = ambridge::publish::annotator::redirection_patches(&fresh, &ready);
     let mut patched = fresh.clone();
     for patch in &patches {
         assert!(
@@ -205,7 +205,7 @@ fuzz_target!(|bytes: &[u8]| {
         };
     }
     assert!(
-        kubernetes::redirection_patches(&patched, &ready).is_empty(),
+        ambridge::publish::annotator::redirection_patches(&patched, &ready).is_empty(),
         "{REDIRECTION} still to patch after its patches"
     );
 });

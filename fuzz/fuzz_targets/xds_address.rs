@@ -12,7 +12,7 @@ use ambridge::{
         envoy::service::discovery::v3::{DeltaDiscoveryResponse, Resource},
         istio::workload::{self as wl, Address, TunnelProtocol, address},
     },
-    xds::{ADDRESS_TYPE, ResponseError, Table},
+    sources::xds::{ADDRESS_TYPE, ResponseError, Table},
 };
 use libfuzzer_sys::fuzz_target;
 use prost::Message as _;

@@ -5,7 +5,7 @@
 
 #![no_main]
 
-use ambridge::zds::wire::{self, Ack, MAX_DATAGRAM, Request, WireError};
+use ambridge::publish::zds::wire::{self, Ack, MAX_DATAGRAM, Request, WireError};
 use libfuzzer_sys::fuzz_target;
 
 /// The decoders judge bytes only: an error from them is about the bytes,

@@ -3,12 +3,13 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use ambridge::{
-    api, cgroup,
+    api,
     daemon::{self, Options},
     datapath::{self, Pins},
-    state::{OriginalSrc, PodCgroup, Settings},
+    host::cgroup,
+    node::spec::{OriginalSrc, PodCgroup, Settings},
+    sources::file,
     types::Port,
-    workloads,
 };
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -170,8 +171,11 @@ struct XdsArgs {
 }
 
 impl XdsArgs {
-    fn source(self, node_name: Option<String>) -> anyhow::Result<ambridge::xds::XdsSource> {
-        Ok(ambridge::xds::XdsSource {
+    fn source(
+        self,
+        node_name: Option<String>,
+    ) -> anyhow::Result<ambridge::sources::xds::XdsSource> {
+        Ok(ambridge::sources::xds::XdsSource {
             address: self.xds_address,
             root_cert: self.xds_root_cert,
             token: (!self.xds_token.as_os_str().is_empty()).then_some(self.xds_token),
@@ -286,7 +290,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                         "--source kubernetes needs the node's name (--node-name or NODE_NAME)",
                     )?,
                     api_url: kube_api,
-                    mesh: ambridge::membership::MeshSettings::default(),
+                    mesh: ambridge::node::membership::MeshSettings::default(),
                 })
             } else {
                 None
@@ -538,8 +542,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Validate { file } => {
-            let spec =
-                workloads::load(&file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let spec = file::load(&file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             for pod in &spec.pods {
                 let cgroup = match &pod.cgroup {
                     PodCgroup::Path(path) => path.display().to_string(),

@@ -5,8 +5,8 @@
 //! the window before the daemon has seen the pod in a feed, uncaptured.
 //!
 //! [`plugin`] speaks the CNI protocol to the runtime (environment, stdin
-//! config, result or error on stdout); [`source`] is the daemon's side:
-//! what the plugin reports about each sandbox, and when an ADD is answered.
+//! config, result or error on stdout); the daemon's side (what the plugin
+//! reports about each sandbox, and when an ADD is answered) is the source
+//! [`crate::sources::cni`].
 
 pub mod plugin;
-pub mod source;

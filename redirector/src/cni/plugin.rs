@@ -136,7 +136,7 @@ impl Config {
                 ),
             ));
         }
-        let longest = crate::api::CNI_MAX_WAIT.as_secs();
+        let longest = crate::sources::cni::CNI_MAX_WAIT.as_secs();
         if config.timeout_seconds == 0 || u64::from(config.timeout_seconds) > longest {
             return Err(CniError::new(
                 ErrorCode::InvalidConfig,

@@ -42,8 +42,8 @@ pub use pins::Pins;
 use tracing::{debug, info};
 
 use crate::{
-    enroll::{ip_from_key, ip_key},
-    reconcile::Op,
+    node::desired::Op,
+    node::entries::{ip_from_key, ip_key},
     types::{CgroupId, NetnsCookie},
 };
 
@@ -270,12 +270,12 @@ impl Datapath {
         Ok(true)
     }
 
-    /// Applies cgroup map operations from [`crate::reconcile::diff`].
+    /// Applies cgroup map operations from [`crate::node::desired::diff`].
     pub fn apply_cgroups(&mut self, ops: &[Op<CgroupId, CgroupInfo>]) -> Result<(), Error> {
         apply(&mut self.cgroups, map_names::CGROUPS, ops, |id| id.0)
     }
 
-    /// Applies netns map operations from [`crate::reconcile::diff`].
+    /// Applies netns map operations from [`crate::node::desired::diff`].
     pub fn apply_netns(&mut self, ops: &[Op<NetnsCookie, NetnsInfo>]) -> Result<(), Error> {
         apply(&mut self.netns, map_names::NETNS, ops, |c| c.0)
     }

@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ambridge::zds::wire::{self, Ack, Datagram, MAX_DATAGRAM, Request, WireError};
+use ambridge::publish::zds::wire::{self, Ack, Datagram, MAX_DATAGRAM, Request, WireError};
 use serde_json::json;
 use socket2::{Domain, SockAddr, Socket, Type};
 

@@ -135,10 +135,29 @@ pub struct NodeSpec {
     pub ztunnels: Vec<ZtunnelSpec>,
     /// `None`: the in-pod model, each pod redirects to its own IP.
     pub redirect: Option<SharedRedirect>,
-    /// With ambridge serving ZDS: the pods ztunnel has acknowledged. Other
+}
+
+/// Which enrolled pods ztunnel serves. Observed (what ztunnel acknowledged
+/// over ZDS), so an input beside the [`NodeSpec`], never part of it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Readiness {
+    /// Nothing gates the pods: istio-cni talks to ztunnel, or the shared
+    /// model, where one ztunnel takes no pods.
+    #[default]
+    Ungated,
+    /// With ambridge serving ZDS: the pods ztunnel acknowledged. Other
     /// enrolled pods are held (their connects refused) until it does.
-    /// `None`: no gating (istio-cni talks to ztunnel).
-    pub ready: Option<BTreeSet<PodUid>>,
+    Acknowledged(BTreeSet<PodUid>),
+}
+
+impl Readiness {
+    /// Whether the enrolled pod `uid` is held until ztunnel acknowledges it.
+    pub fn holds(&self, uid: &PodUid) -> bool {
+        match self {
+            Readiness::Ungated => false,
+            Readiness::Acknowledged(ready) => !ready.contains(uid),
+        }
+    }
 }
 
 impl NodeSpec {

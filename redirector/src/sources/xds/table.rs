@@ -180,7 +180,7 @@ fn local_workload(
         uid: w.uid,
         name: w.name,
         namespace: w.namespace,
-        service_account: crate::state::service_account_or_default(Some(w.service_account)),
+        service_account: crate::node::spec::service_account_or_default(Some(w.service_account)),
         ips,
     }))
 }

@@ -42,7 +42,8 @@ use tracing::{info, warn};
 
 use super::wire::{self, Ack, Request, WireError, ZdsConn};
 use crate::{
-    cgroup, netns,
+    host::cgroup,
+    host::netns,
     supervise::{Backoff, Component, Health, Policy},
     types::{CgroupId, NetnsCookie, PodUid},
 };

@@ -27,6 +27,10 @@
 //! read with their position ([`Spanned`]), so an error is placed on the
 //! entry it is about even when the same text appears elsewhere in the file.
 
+mod watch;
+
+pub use watch::watch;
+
 use std::{
     borrow::Cow,
     collections::HashMap,
@@ -42,7 +46,7 @@ use serde_saphyr::{
 };
 
 use crate::{
-    state::{
+    node::spec::{
         CaptureOverrides, CgroupRef, Mode, NodeSpec, PodCgroup, PodSpec, SharedRedirect,
         ZtunnelSpec,
     },
@@ -77,7 +81,7 @@ struct Workload {
 }
 
 fn default_service_account() -> String {
-    crate::state::service_account_or_default(None)
+    crate::node::spec::service_account_or_default(None)
 }
 
 #[derive(Debug, Deserialize)]
@@ -180,7 +184,6 @@ pub fn parse(text: &str) -> Result<NodeSpec, FileError> {
     let redirect = file.redirect.as_ref().map(shared_redirect).transpose()?;
     Ok(NodeSpec {
         redirect,
-        ready: None,
         pods: file
             .workloads
             .into_iter()
@@ -348,7 +351,7 @@ fn validate(file: &File) -> Result<(), FileError> {
         uids.insert(uid, FirstUse::new(uid_field.clone(), &w.uid));
         match &w.cgroup {
             // Found from the UID: it must be one, to be a safe path part.
-            None if !crate::cgroup::is_pod_uid(&uid.0) => {
+            None if !crate::host::cgroup::is_pod_uid(&uid.0) => {
                 return Err(FileError::about(
                     uid_field,
                     &w.uid,

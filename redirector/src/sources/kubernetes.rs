@@ -1,6 +1,6 @@
 //! The Kubernetes feed: this node's pods, every namespace and ztunnel's
 //! DaemonSet, watched with kube-rs reflectors, turned into node state with
-//! Istio's rules ([`crate::membership`]). Pods are named by UID; the daemon
+//! Istio's rules ([`crate::node::membership`]). Pods are named by UID; the daemon
 //! finds their cgroups in the kubelet's layout. A pod is ztunnel only if
 //! the DaemonSet object it names as its controller is the one the API
 //! server holds under ztunnel's name (same UID).
@@ -20,8 +20,8 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::{
-    membership::{self, DaemonSetUid, Decision, MeshSettings, Owner, PodFacts},
-    state::{CaptureOverrides, Mode, PodCgroup, PodSpec},
+    node::membership::{self, DaemonSetUid, Decision, MeshSettings, Owner, PodFacts},
+    node::spec::{CaptureOverrides, Mode, PodCgroup, PodSpec},
     types::PodUid,
 };
 
@@ -39,57 +39,6 @@ pub struct Snapshot {
 /// `pending` once it is enrolled, `enabled` once ztunnel acknowledged it.
 /// istiod marks the workload HBONE only when it reads `enabled`.
 pub const REDIRECTION: &str = "ambient.istio.io/redirection";
-
-/// A change of [`REDIRECTION`] on one pod: `Some(value)` to set, `None` to
-/// remove.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RedirectionPatch {
-    pub uid: PodUid,
-    pub namespace: String,
-    pub name: String,
-    pub value: Option<&'static str>,
-}
-
-/// The annotation changes that make every pod say where its redirection
-/// stands: enrolled pods `enabled` when `ready` (ztunnel acknowledged
-/// them) and `pending` before, other pods without it.
-pub fn redirection_patches(
-    snapshot: &Snapshot,
-    ready: &std::collections::BTreeSet<PodUid>,
-) -> Vec<RedirectionPatch> {
-    snapshot
-        .pods
-        .iter()
-        .filter_map(|pod| {
-            let want = match pod.mode {
-                Mode::Ambient if ready.contains(&pod.uid) => Some("enabled"),
-                Mode::Ambient => Some("pending"),
-                Mode::None => None,
-            };
-            let has = snapshot.redirection.get(&pod.uid).map(String::as_str);
-            (has != want).then(|| RedirectionPatch {
-                uid: pod.uid.clone(),
-                namespace: pod.namespace.clone(),
-                name: pod.name.clone(),
-                value: want,
-            })
-        })
-        .collect()
-}
-
-/// Writes one [`RedirectionPatch`] through the `pods/status` subresource
-/// (a JSON merge patch, as istio-cni does).
-pub async fn patch_redirection(client: Client, patch: &RedirectionPatch) -> kube::Result<()> {
-    let body = serde_json::json!({"metadata": {"annotations": {REDIRECTION: patch.value}}});
-    Api::<Pod>::namespaced(client, &patch.namespace)
-        .patch_status(
-            &patch.name,
-            &kube::api::PatchParams::default(),
-            &kube::api::Patch::Merge(&body),
-        )
-        .await
-        .map(|_| ())
-}
 
 fn facts(pod: &Pod) -> PodFacts {
     let meta = &pod.metadata;
@@ -210,7 +159,7 @@ pub fn snapshot(
         out.pods.push(PodSpec {
             uid,
             name: pod.metadata.name.clone().unwrap_or_default(),
-            service_account: crate::state::service_account_or_default(
+            service_account: crate::node::spec::service_account_or_default(
                 facts.service_account.clone(),
             ),
             namespace: facts.namespace,
@@ -430,7 +379,7 @@ mod tests {
             &Snapshot::default(),
         );
         let ready = [PodUid("b".into())].into();
-        let patches: Vec<_> = redirection_patches(&snap, &ready)
+        let patches: Vec<_> = crate::publish::annotator::redirection_patches(&snap, &ready)
             .into_iter()
             .map(|p| (p.uid.0, p.value))
             .collect();

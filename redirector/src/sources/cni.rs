@@ -14,6 +14,9 @@ use std::{
 
 use tokio::{sync::oneshot, time::Instant};
 
+use tonic::Status;
+
+use super::invalid;
 use crate::{api::pb, types::PodUid};
 
 /// A call of the plugin, for the reconcile loop.
@@ -187,6 +190,67 @@ pub fn verdict(uid: &PodUid, standing: &Standing) -> Verdict {
         );
     }
     Verdict::Done(pb::CniOutcome::Enrolled, String::new())
+}
+
+/// The longest an ADD may ask to wait.
+pub const CNI_MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Checks an ADD; errors name the offending field. Public for the fuzz
+/// target, which feeds it what the plugin builds from a runtime's input.
+pub fn cni_sandbox(
+    req: pb::CniAddRequest,
+) -> Result<(PodUid, Sandbox, std::time::Duration), Status> {
+    let sandbox = req
+        .sandbox
+        .ok_or_else(|| invalid("sandbox", "missing".into()))?;
+    for (field, value) in [
+        ("sandbox.uid", &sandbox.uid),
+        ("sandbox.namespace", &sandbox.namespace),
+        ("sandbox.name", &sandbox.name),
+        ("sandbox.container_id", &sandbox.container_id),
+    ] {
+        if value.is_empty() {
+            return Err(invalid(field, "must not be empty".into()));
+        }
+    }
+    let netns = PathBuf::from(&req.netns);
+    if !netns.is_absolute() {
+        return Err(invalid(
+            "netns",
+            format!("{:?} is not an absolute path", req.netns),
+        ));
+    }
+    let ips = req
+        .ips
+        .iter()
+        .enumerate()
+        .map(|(i, ip)| {
+            ip.parse::<IpAddr>()
+                .map_err(|e| invalid(&format!("ips[{i}]"), format!("{ip:?}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let timeout = std::time::Duration::from_millis(req.timeout_ms.into());
+    if timeout.is_zero() || timeout > CNI_MAX_WAIT {
+        return Err(invalid(
+            "timeout_ms",
+            format!(
+                "{} is not between 1 and {}",
+                req.timeout_ms,
+                CNI_MAX_WAIT.as_millis()
+            ),
+        ));
+    }
+    Ok((
+        PodUid(sandbox.uid),
+        Sandbox {
+            namespace: sandbox.namespace,
+            name: sandbox.name,
+            container_id: sandbox.container_id,
+            netns,
+            ips,
+        },
+        timeout,
+    ))
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ambridge_common::{CgroupInfo, IpKey, NetnsInfo, NodeConfig, REDIRECT_PORTS, flags, v4_mapped};
 
 use crate::{
-    state::{Mode, NodeSpec, OriginalSrc, PodSpec, Settings, ZtunnelSpec},
+    node::spec::{Mode, NodeSpec, OriginalSrc, PodSpec, Readiness, Settings, ZtunnelSpec},
     types::Port,
 };
 
@@ -55,7 +55,12 @@ fn accel(accelerate: bool, zero_copy: bool) -> u32 {
 /// IP (which also keeps the pod IP as the connection's source); in the
 /// shared model it is ztunnel's IP. A family is redirected only when both
 /// the pod and the target have an address in it.
-pub fn pod_entry(pod: &PodSpec, node: &NodeSpec, settings: &Settings) -> CgroupInfo {
+pub fn pod_entry(
+    pod: &PodSpec,
+    node: &NodeSpec,
+    readiness: &Readiness,
+    settings: &Settings,
+) -> CgroupInfo {
     let shared = node.redirect;
     let mut info = CgroupInfo {
         redirect_port: shared.and_then(|s| s.port).unwrap_or(settings.port).0,
@@ -67,11 +72,7 @@ pub fn pod_entry(pod: &PodSpec, node: &NodeSpec, settings: &Settings) -> CgroupI
         if pod.capture.dns.unwrap_or(settings.dns_capture) {
             info.flags |= flags::DNS_CAPTURE;
         }
-        if node
-            .ready
-            .as_ref()
-            .is_some_and(|ready| !ready.contains(&pod.uid))
-        {
+        if readiness.holds(&pod.uid) {
             info.flags |= flags::HELD;
         }
     }
@@ -165,7 +166,7 @@ pub fn netns_entry(ip4: Option<Ipv4Addr>, ip6: Option<Ipv6Addr>) -> NetnsInfo {
 mod tests {
     use super::*;
     use crate::{
-        state::SharedRedirect,
+        node::spec::SharedRedirect,
         types::{PodUid, Port},
     };
 
@@ -175,7 +176,7 @@ mod tests {
             name: "p".into(),
             namespace: "default".into(),
             service_account: "default".into(),
-            cgroup: crate::state::PodCgroup::Path("/sys/fs/cgroup/p".into()),
+            cgroup: crate::node::spec::PodCgroup::Path("/sys/fs/cgroup/p".into()),
             netns: None,
             ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
             mode,
@@ -186,7 +187,7 @@ mod tests {
 
     fn ztunnel(zero_copy: bool) -> ZtunnelSpec {
         ZtunnelSpec {
-            cgroup: crate::state::CgroupRef::Path("/sys/fs/cgroup/z".into()),
+            cgroup: crate::node::spec::CgroupRef::Path("/sys/fs/cgroup/z".into()),
             zero_copy,
         }
     }
@@ -196,8 +197,12 @@ mod tests {
             pods: vec![],
             ztunnels,
             redirect,
-            ready: None,
         }
+    }
+
+    /// A pod's entry with nothing gating it.
+    fn entry(pod: &PodSpec, node: &NodeSpec, settings: &Settings) -> CgroupInfo {
+        pod_entry(pod, node, &Readiness::Ungated, settings)
     }
 
     fn sockmap_on() -> Settings {
@@ -209,7 +214,7 @@ mod tests {
 
     #[test]
     fn an_ambient_pod_is_enrolled_and_redirects_to_its_own_ips() {
-        let info = pod_entry(
+        let info = entry(
             &pod(Mode::Ambient, &["198.18.0.2", "fd00:18::2"]),
             &NodeSpec::default(),
             &Settings::default(),
@@ -228,30 +233,28 @@ mod tests {
     #[test]
     fn with_zds_an_enrolled_pod_is_held_until_ztunnel_acknowledged_it() {
         let p = pod(Mode::Ambient, &["198.18.0.2"]);
-        let mut node = NodeSpec {
-            ready: Some(Default::default()),
-            ..NodeSpec::default()
-        };
-        let held = pod_entry(&p, &node, &Settings::default());
+        let node = NodeSpec::default();
+        let settings = Settings::default();
+        let none_yet = Readiness::Acknowledged(Default::default());
+        let held = pod_entry(&p, &node, &none_yet, &settings);
         assert_ne!(held.flags & flags::HELD, 0);
         assert_ne!(held.flags & flags::ENROLLED, 0);
-        node.ready = Some([p.uid.clone()].into());
+        let acked = Readiness::Acknowledged([p.uid.clone()].into());
         assert_eq!(
-            pod_entry(&p, &node, &Settings::default()).flags & flags::HELD,
+            pod_entry(&p, &node, &acked, &settings).flags & flags::HELD,
             0
         );
         // Without ZDS (istio-cni talks to ztunnel), nothing is held.
-        node.ready = None;
         assert_eq!(
-            pod_entry(&p, &node, &Settings::default()).flags & flags::HELD,
+            pod_entry(&p, &node, &Readiness::Ungated, &settings).flags & flags::HELD,
             0
         );
         // A pod out of the mesh is never held.
-        node.ready = Some(Default::default());
         let out = pod_entry(
             &pod(Mode::None, &["198.18.0.2"]),
             &node,
-            &Settings::default(),
+            &none_yet,
+            &settings,
         );
         assert_eq!(out.flags & flags::HELD, 0);
     }
@@ -264,7 +267,7 @@ mod tests {
             ..Settings::default()
         };
         let dns = |p: &PodSpec, s: &Settings| {
-            pod_entry(p, &NodeSpec::default(), s).flags & flags::DNS_CAPTURE != 0
+            entry(p, &NodeSpec::default(), s).flags & flags::DNS_CAPTURE != 0
         };
         assert!(dns(&p, &Settings::default()));
         assert!(!dns(&p, &off));
@@ -280,7 +283,7 @@ mod tests {
 
     #[test]
     fn a_pod_with_mode_none_is_neither_enrolled_nor_accelerated() {
-        let info = pod_entry(
+        let info = entry(
             &pod(Mode::None, &["198.18.0.2"]),
             &NodeSpec::default(),
             &Settings::default(),
@@ -290,7 +293,7 @@ mod tests {
 
     #[test]
     fn a_single_stack_pod_has_only_that_family() {
-        let info = pod_entry(
+        let info = entry(
             &pod(Mode::Ambient, &["fd00:18::2"]),
             &NodeSpec::default(),
             &Settings::default(),
@@ -305,7 +308,7 @@ mod tests {
             port: Port(16001),
             ..Settings::default()
         };
-        let info = pod_entry(
+        let info = entry(
             &pod(Mode::Ambient, &["198.18.0.2"]),
             &NodeSpec::default(),
             &settings,
@@ -320,7 +323,7 @@ mod tests {
             ip6: None,
             port: Some(Port(15011)),
         };
-        let info = pod_entry(
+        let info = entry(
             &pod(Mode::Ambient, &["198.18.0.2", "fd00:18::2"]),
             &node_with(vec![], Some(shared)),
             &Settings::default(),
@@ -334,7 +337,7 @@ mod tests {
 
     #[test]
     fn with_sockmap_on_an_ambient_pod_is_accelerated() {
-        let info = pod_entry(
+        let info = entry(
             &pod(Mode::Ambient, &["198.18.0.2"]),
             &NodeSpec::default(),
             &sockmap_on(),
@@ -347,16 +350,16 @@ mod tests {
     fn a_pod_can_opt_in_or_out_of_the_nodes_acceleration_setting() {
         let mut p = pod(Mode::Ambient, &["198.18.0.2"]);
         p.accelerate = Some(true);
-        let info = pod_entry(&p, &NodeSpec::default(), &Settings::default());
+        let info = entry(&p, &NodeSpec::default(), &Settings::default());
         assert_ne!(info.flags & flags::ACCEL, 0);
         p.accelerate = Some(false);
-        let info = pod_entry(&p, &NodeSpec::default(), &sockmap_on());
+        let info = entry(&p, &NodeSpec::default(), &sockmap_on());
         assert_eq!(info.flags & flags::ACCEL, 0);
     }
 
     #[test]
     fn a_zero_copy_ztunnel_keeps_its_pods_out_of_acceleration() {
-        let info = pod_entry(
+        let info = entry(
             &pod(Mode::Ambient, &["198.18.0.2"]),
             &node_with(vec![ztunnel(false), ztunnel(true)], None),
             &sockmap_on(),
@@ -368,7 +371,7 @@ mod tests {
     #[test]
     fn sockmap_off_accelerates_nothing_and_flags_no_fallback() {
         let settings = Settings::default();
-        let info = pod_entry(
+        let info = entry(
             &pod(Mode::Ambient, &["198.18.0.2"]),
             &node_with(vec![ztunnel(true)], None),
             &settings,

@@ -32,7 +32,7 @@ use crate::pb::{
     google::rpc::Status,
 };
 use crate::{
-    state::{Mode, PodSpec},
+    node::spec::{Mode, PodSpec},
     supervise::{Backoff, Component, Health, Policy},
 };
 
@@ -329,7 +329,7 @@ mod tests {
             name: name.into(),
             namespace: "default".into(),
             service_account: "default".into(),
-            cgroup: crate::state::PodCgroup::Uid,
+            cgroup: crate::node::spec::PodCgroup::Uid,
             netns: None,
             ips: Vec::new(),
             mode,

@@ -14,9 +14,9 @@ use ambridge_common::{CgroupInfo, InboundTarget, NetnsInfo, NodeConfig, exempt};
 use ipnet::IpNet;
 
 use crate::{
-    enroll,
-    netns::{Claim, NetnsAt},
-    state::{CgroupRef, Mode, NodeSpec, PodCgroup, PodSpec, Settings},
+    host::netns::{Claim, NetnsAt},
+    node::entries,
+    node::spec::{CgroupRef, Mode, NodeSpec, PodCgroup, PodSpec, Readiness, Settings},
     types::{CgroupId, NetnsCookie, PodUid},
 };
 
@@ -129,9 +129,14 @@ impl Desired {
 
 /// Computes the desired maps. A ztunnel's cgroup entry wins over a pod's if
 /// both resolve to the same cgroup.
-pub fn desired(spec: &NodeSpec, settings: &Settings, resolve: &mut impl Resolve) -> Desired {
+pub fn desired(
+    spec: &NodeSpec,
+    readiness: &Readiness,
+    settings: &Settings,
+    resolve: &mut impl Resolve,
+) -> Desired {
     let mut out = Desired {
-        node: enroll::node_config(Some(spec), settings),
+        node: entries::node_config(Some(spec), settings),
         exempt: exempt_sources(settings, resolve.node_addresses()),
         ..Desired::default()
     };
@@ -177,7 +182,7 @@ pub fn desired(spec: &NodeSpec, settings: &Settings, resolve: &mut impl Resolve)
         match resolve.cgroup_id(&cgroup) {
             Ok(id) => {
                 out.cgroups
-                    .insert(id, enroll::pod_entry(pod, spec, settings));
+                    .insert(id, entries::pod_entry(pod, spec, readiness, settings));
                 out.placed.insert(pod.uid.clone(), (cgroup.clone(), id));
             }
             Err(e) => {
@@ -186,7 +191,7 @@ pub fn desired(spec: &NodeSpec, settings: &Settings, resolve: &mut impl Resolve)
             }
         }
         if !pod.ips.is_empty() {
-            let info = enroll::netns_entry(pod.ip4(), pod.ip6());
+            let info = entries::netns_entry(pod.ip4(), pod.ip6());
             let _ = out.netns_of(Some(&pod.uid), &owner, (&cgroup, netns), info, resolve);
         }
         // Inbound capture needs ztunnel's listeners in the pod's own netns:
@@ -214,7 +219,7 @@ pub fn desired(spec: &NodeSpec, settings: &Settings, resolve: &mut impl Resolve)
         };
         let cgroup = match located.and_then(|path| Ok((resolve.cgroup_id(&path)?, path))) {
             Ok((id, path)) => {
-                out.cgroups.insert(id, enroll::ztunnel_entry(z, settings));
+                out.cgroups.insert(id, entries::ztunnel_entry(z, settings));
                 out.ztunnel_cgroups.insert(id);
                 path
             }
@@ -227,7 +232,7 @@ pub fn desired(spec: &NodeSpec, settings: &Settings, resolve: &mut impl Resolve)
         // addresses are the redirect target's.
         // Connections to and from it are keyed by that namespace.
         if let Some(shared) = spec.redirect {
-            let info = enroll::netns_entry(shared.ip4, shared.ip6);
+            let info = entries::netns_entry(shared.ip4, shared.ip6);
             let at = (cgroup.as_path(), NetnsAt::SandboxOf(&cgroup));
             if let Some(cookie) = out.netns_of(None, &owner, at, info, resolve)
                 && out.node.shared_netns == 0
@@ -347,7 +352,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        state::{Mode, PodSpec, SharedRedirect, ZtunnelSpec},
+        node::spec::{Mode, PodSpec, SharedRedirect, ZtunnelSpec},
         types::PodUid,
     };
 
@@ -468,13 +473,17 @@ mod tests {
                 zero_copy: false,
             }],
             redirect: None,
-            ready: None,
         }
     }
 
     #[test]
     fn reconciling_twice_changes_nothing_the_second_time() {
-        let want = desired(&spec(), &Settings::default(), &mut Fake);
+        let want = desired(
+            &spec(),
+            &Readiness::Ungated,
+            &Settings::default(),
+            &mut Fake,
+        );
         let mut kernel = BTreeMap::new();
         let first = diff(&kernel, &want.cgroups);
         assert_eq!(first.len(), 3);
@@ -485,7 +494,13 @@ mod tests {
 
     #[test]
     fn entries_not_in_the_state_are_deleted() {
-        let want = desired(&spec(), &Settings::default(), &mut Fake).cgroups;
+        let want = desired(
+            &spec(),
+            &Readiness::Ungated,
+            &Settings::default(),
+            &mut Fake,
+        )
+        .cgroups;
         let mut kernel = want.clone();
         kernel.insert(CgroupId(99), CgroupInfo::default());
         assert_eq!(diff(&kernel, &want), vec![Op::Delete(CgroupId(99))]);
@@ -494,9 +509,9 @@ mod tests {
     #[test]
     fn a_changed_entry_is_rewritten_in_place() {
         let mut s = spec();
-        let before = desired(&s, &Settings::default(), &mut Fake).cgroups;
+        let before = desired(&s, &Readiness::Ungated, &Settings::default(), &mut Fake).cgroups;
         s.pods[1].mode = Mode::Ambient;
-        let after = desired(&s, &Settings::default(), &mut Fake).cgroups;
+        let after = desired(&s, &Readiness::Ungated, &Settings::default(), &mut Fake).cgroups;
         let ops = diff(&before, &after);
         assert_eq!(ops.len(), 1);
         assert!(matches!(ops[0], Op::Put(CgroupId(11), info) if info.flags & flags::ENROLLED != 0));
@@ -506,7 +521,7 @@ mod tests {
     fn an_unresolvable_cgroup_is_reported_not_fatal() {
         let mut s = spec();
         s.pods.push(pod("c", "/elsewhere/pod-c", Mode::Ambient));
-        let d = desired(&s, &Settings::default(), &mut Fake);
+        let d = desired(&s, &Readiness::Ungated, &Settings::default(), &mut Fake);
         assert_eq!(d.cgroups.len(), 3);
         assert_eq!(d.unresolved.len(), 1);
         assert!(d.unresolved[0].owner.contains("default/c"));
@@ -523,6 +538,7 @@ mod tests {
                 pods: vec![starting.clone()],
                 ..s.clone()
             },
+            &Readiness::Ungated,
             &Settings::default(),
             &mut Fake,
         );
@@ -533,7 +549,7 @@ mod tests {
         );
         starting.netns = Some("/ns/13".into());
         s.pods.push(starting);
-        let d = desired(&s, &Settings::default(), &mut Fake);
+        let d = desired(&s, &Readiness::Ungated, &Settings::default(), &mut Fake);
         let uid = PodUid("c".into());
         assert_eq!(d.pod_netns[&uid], NetnsCookie(2013));
         let entry = d.cgroups[&CgroupId(13)];
@@ -553,13 +569,13 @@ mod tests {
         let mut by_uid = pod("by-uid-12", "/unused", Mode::Ambient);
         by_uid.cgroup = PodCgroup::Uid;
         s.pods.push(by_uid);
-        let d = desired(&s, &Settings::default(), &mut Fake);
+        let d = desired(&s, &Readiness::Ungated, &Settings::default(), &mut Fake);
         assert!(d.cgroups.contains_key(&CgroupId(12)));
         assert!(d.netns.contains_key(&NetnsCookie(1012)));
         let mut lost = pod("unknown", "/unused", Mode::Ambient);
         lost.cgroup = PodCgroup::Uid;
         s.pods.push(lost);
-        let d = desired(&s, &Settings::default(), &mut Fake);
+        let d = desired(&s, &Readiness::Ungated, &Settings::default(), &mut Fake);
         assert_eq!(d.unresolved.len(), 1);
         assert!(d.unresolved[0].owner.contains("default/unknown"));
     }
@@ -571,13 +587,13 @@ mod tests {
         by_ip.cgroup = PodCgroup::Address;
         by_ip.ips = vec!["fd00::9".parse().unwrap(), "198.18.9.14".parse().unwrap()];
         s.pods.push(by_ip.clone());
-        let d = desired(&s, &Settings::default(), &mut Fake);
+        let d = desired(&s, &Readiness::Ungated, &Settings::default(), &mut Fake);
         assert_ne!(d.cgroups[&CgroupId(14)].flags & flags::ENROLLED, 0);
         assert_eq!(d.placed[&by_ip.uid].0, std::path::Path::new("/cg/14"));
         by_ip.ips = vec!["198.18.7.1".parse().unwrap()];
         s.pods.pop();
         s.pods.push(by_ip);
-        let d = desired(&s, &Settings::default(), &mut Fake);
+        let d = desired(&s, &Readiness::Ungated, &Settings::default(), &mut Fake);
         assert_eq!(d.unresolved.len(), 1);
         assert!(
             d.unresolved[0]
@@ -599,7 +615,7 @@ mod tests {
                 zero_copy: false,
             },
         ];
-        let d = desired(&s, &Settings::default(), &mut Fake);
+        let d = desired(&s, &Readiness::Ungated, &Settings::default(), &mut Fake);
         assert_ne!(d.cgroups[&CgroupId(21)].flags & flags::ZTUNNEL, 0);
         assert_eq!(d.unresolved.len(), 1);
         assert_eq!(d.unresolved[0].owner, "ztunnel pod gone");
@@ -607,7 +623,12 @@ mod tests {
 
     #[test]
     fn only_pinned_enrolled_unheld_pods_count_as_acknowledged_before() {
-        let d = desired(&spec(), &Settings::default(), &mut Fake);
+        let d = desired(
+            &spec(),
+            &Readiness::Ungated,
+            &Settings::default(),
+            &mut Fake,
+        );
         let info = |flags| CgroupInfo {
             flags,
             ..CgroupInfo::default()
@@ -625,14 +646,19 @@ mod tests {
     fn ztunnel_wins_over_a_pod_on_the_same_cgroup() {
         let mut s = spec();
         s.ztunnels[0].cgroup = CgroupRef::Path("/cg/10".into());
-        let d = desired(&s, &Settings::default(), &mut Fake);
+        let d = desired(&s, &Readiness::Ungated, &Settings::default(), &mut Fake);
         assert_ne!(d.cgroups[&CgroupId(10)].flags & flags::ZTUNNEL, 0);
         assert_eq!(d.cgroups[&CgroupId(10)].flags & flags::ENROLLED, 0);
     }
 
     #[test]
     fn every_pod_netns_knows_its_pods_addresses() {
-        let d = desired(&spec(), &Settings::default(), &mut Fake);
+        let d = desired(
+            &spec(),
+            &Readiness::Ungated,
+            &Settings::default(),
+            &mut Fake,
+        );
         assert_eq!(d.netns.len(), 2);
         let a = d.netns[&NetnsCookie(1010)];
         assert_eq!(a.ip4.to_ne_bytes(), [198, 18, 0, 2]);
@@ -645,7 +671,7 @@ mod tests {
     fn a_pod_without_processes_has_its_cgroup_entry_and_waits_for_its_netns() {
         let mut s = spec();
         s.pods.push(pod("c", "/cg/13", Mode::Ambient));
-        let d = desired(&s, &Settings::default(), &mut Fake);
+        let d = desired(&s, &Readiness::Ungated, &Settings::default(), &mut Fake);
         assert!(d.cgroups.contains_key(&CgroupId(13)));
         assert_eq!(d.unresolved.len(), 1);
         assert!(
@@ -657,7 +683,12 @@ mod tests {
 
     #[test]
     fn an_enrolled_pods_addresses_are_captured_inbound_in_its_netns() {
-        let d = desired(&spec(), &Settings::default(), &mut Fake);
+        let d = desired(
+            &spec(),
+            &Readiness::Ungated,
+            &Settings::default(),
+            &mut Fake,
+        );
         let ip: IpAddr = "198.18.0.2".parse().unwrap();
         assert_eq!(d.inbound[&ip].netns_cookie, 1010);
         assert_eq!(d.inbound.len(), 1, "pod b is not enrolled: {:?}", d.inbound);
@@ -668,7 +699,7 @@ mod tests {
     fn bypass_inbound_capture_and_the_shared_model_capture_nothing_inbound() {
         let mut s = spec();
         s.pods[0].capture.inbound = false;
-        let d = desired(&s, &Settings::default(), &mut Fake);
+        let d = desired(&s, &Readiness::Ungated, &Settings::default(), &mut Fake);
         assert!(d.inbound.is_empty() && d.inbound_netns.is_empty());
         // Outbound still is.
         assert_ne!(d.cgroups[&CgroupId(10)].flags & flags::ENROLLED, 0);
@@ -678,7 +709,7 @@ mod tests {
             ip6: None,
             port: None,
         });
-        let d = desired(&s, &Settings::default(), &mut Fake);
+        let d = desired(&s, &Readiness::Ungated, &Settings::default(), &mut Fake);
         assert!(d.inbound.is_empty() && d.inbound_netns.is_empty());
     }
 
@@ -686,7 +717,7 @@ mod tests {
     fn a_pod_whose_netns_is_unknown_has_no_inbound_entry_yet() {
         let mut s = spec();
         s.pods.push(pod("c", "/cg/13", Mode::Ambient));
-        let d = desired(&s, &Settings::default(), &mut Fake);
+        let d = desired(&s, &Readiness::Ungated, &Settings::default(), &mut Fake);
         assert_eq!(d.inbound_netns, [NetnsCookie(1010)].into());
     }
 
@@ -696,7 +727,7 @@ mod tests {
             probe_sources: vec!["10.0.0.7/24".parse().unwrap()],
             ..Settings::default()
         };
-        let d = desired(&spec(), &settings, &mut Fake);
+        let d = desired(&spec(), &Readiness::Ungated, &settings, &mut Fake);
         let reasons: Vec<(String, u32)> =
             d.exempt.iter().map(|(n, r)| (n.to_string(), *r)).collect();
         assert_eq!(
@@ -717,7 +748,7 @@ mod tests {
     fn an_enrolled_pod_without_addresses_in_the_feed_is_redirected_to_its_netns_addresses() {
         let mut s = spec();
         s.pods[0].ips.clear();
-        let d = desired(&s, &Settings::default(), &mut Fake);
+        let d = desired(&s, &Readiness::Ungated, &Settings::default(), &mut Fake);
         let entry = d.cgroups[&CgroupId(10)];
         assert_ne!(entry.flags & flags::HAS_IP4, 0);
         assert_ne!(entry.flags & flags::HAS_IP6, 0);
@@ -730,13 +761,18 @@ mod tests {
 
     #[test]
     fn while_a_source_is_unsynced_nothing_the_kernel_holds_is_deleted_but_changes_go_ahead() {
-        let d0 = desired(&spec(), &Settings::default(), &mut Fake);
+        let d0 = desired(
+            &spec(),
+            &Readiness::Ungated,
+            &Settings::default(),
+            &mut Fake,
+        );
         // The next state lacks pod `a` (its source has not delivered yet)
         // and changes pod `b`.
         let mut s = spec();
         s.pods.remove(0);
         s.pods[0].mode = Mode::Ambient;
-        let mut d = desired(&s, &Settings::default(), &mut Fake);
+        let mut d = desired(&s, &Readiness::Ungated, &Settings::default(), &mut Fake);
         let changed_b = d.cgroups[&CgroupId(11)];
         retain_current(
             &mut d,
@@ -766,7 +802,7 @@ mod tests {
             ip6: None,
             port: None,
         });
-        let d = desired(&s, &Settings::default(), &mut Fake);
+        let d = desired(&s, &Readiness::Ungated, &Settings::default(), &mut Fake);
         assert_eq!(
             d.netns[&NetnsCookie(1020)].ip4.to_ne_bytes(),
             [198, 18, 0, 50]

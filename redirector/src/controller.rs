@@ -1,0 +1,780 @@
+//! The one loop's state and step: the sources' last views and the observed
+//! ZDS readiness in; the desired datapath computed ([`crate::node`]),
+//! diffed against the kernel and applied ([`crate::datapath`]); then what
+//! was reconciled published (the API's view and watch stream, the pods
+//! handed to ztunnel over ZDS, the redirection annotation). Only the
+//! controller calls the datapath; [`crate::daemon`] feeds it.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use tokio::sync::{broadcast, watch};
+use tonic::Status;
+use tracing::{error, info, warn};
+
+use crate::{
+    api::{self, pb},
+    datapath::Datapath,
+    host::{
+        cgroup,
+        netns::{AddressCache, CookieCache},
+        resolver::SystemResolver,
+    },
+    node::{
+        desired::{self, Unresolved},
+        merge,
+        spec::{Mode, NodeSpec, PodSpec, Readiness, Settings},
+    },
+    publish::{annotator::Annotator, zds},
+    sources::{
+        cni, file, kubernetes,
+        push::{self, PlacedPod, PodParent, Pushed},
+        xds,
+    },
+    supervise::{Backoff, Component, Health, Policy},
+    types::{CgroupId, PodUid},
+};
+
+/// How the sources are named in logs.
+pub const FILE_SOURCE: &str = "workloads file";
+pub const KUBERNETES_SOURCE: &str = "Kubernetes";
+pub const XDS_SOURCE: &str = "istiod";
+
+/// The health component of a source named as in [`FILE_SOURCE`] and the
+/// others.
+fn source_component(source: &str) -> Component {
+    match source {
+        FILE_SOURCE => Component::WorkloadsFile,
+        KUBERNETES_SOURCE => Component::Kubernetes,
+        _ => Component::Istiod,
+    }
+}
+
+/// What the controller is built from.
+pub struct Config {
+    pub settings: Settings,
+    /// Where the kubelet's `kubepods` cgroups live.
+    pub kubepods_parent: PathBuf,
+    /// The directories a pushed cgroup must not be or contain.
+    pub pod_parents: Vec<PodParent>,
+    /// Which sources are configured: nothing is deleted on behalf of one
+    /// until it has delivered.
+    pub file_source: bool,
+    pub kubernetes_source: bool,
+    pub xds_source: bool,
+    /// Where the node's own addresses are read (`--node-netns`).
+    pub node_netns: Option<PathBuf>,
+    /// With `--zds serve`: where the pods for ztunnel are published.
+    pub zds: Option<ZdsLinks>,
+    /// With `--zds serve` and Kubernetes: the redirection annotation.
+    pub annotator: Option<Annotator>,
+    /// Where the API's view and its changes are published.
+    pub view: api::SharedView,
+    pub changes: broadcast::Sender<pb::Change>,
+    pub health: Health,
+}
+
+/// The controller's side of the ZDS server's channels.
+pub struct ZdsLinks {
+    /// The cgroup entries pinned when the daemon started.
+    pub pinned: BTreeMap<CgroupId, ambridge_common::CgroupInfo>,
+    pub pods: watch::Sender<zds::server::Pods>,
+    pub pods_complete: watch::Sender<bool>,
+    pub ztunnels: watch::Sender<zds::server::ZtunnelCgroups>,
+}
+
+/// The node as the controller knows it: each source's last view, the
+/// observed ZDS readiness, the caches of what it looked up, and where it
+/// publishes.
+pub struct Controller {
+    settings: Settings,
+    kubepods_parent: PathBuf,
+    pod_parents: Vec<PodParent>,
+    /// The workloads file's last good state.
+    spec: Option<NodeSpec>,
+    /// The configured sources that have not delivered a state since the
+    /// daemon started: nothing is deleted on their behalf meanwhile (their
+    /// pods are simply not known yet), and the pinned state carries them.
+    unsynced: BTreeSet<&'static str>,
+    /// Why the workloads file was last rejected and which version of it
+    /// (modification time), while it still is: a bad file is logged once
+    /// per change, not at every look.
+    rejected: Option<(String, Option<std::time::SystemTime>)>,
+    /// The Kubernetes feed's last snapshot.
+    kube: Option<kubernetes::Snapshot>,
+    /// Whether Kubernetes is a source: istiod's view is then only a
+    /// cross-check.
+    kube_is_source: bool,
+    /// istiod's last view of this node's workloads.
+    xds: Option<xds::Snapshot>,
+    /// Where Kubernetes and istiod disagree, as last logged.
+    disagreements: BTreeSet<String>,
+    addresses: AddressCache,
+    /// With `--zds serve`: which pods ztunnel has.
+    zds: Option<ZdsState>,
+    /// With `--zds serve` and Kubernetes: writes each pod's redirection
+    /// annotation.
+    annotator: Option<Annotator>,
+    /// Entries pushed through the API.
+    pushed_pods: BTreeMap<PodUid, PodSpec>,
+    /// Pushed ztunnel cgroups, with their zero-copy flag.
+    pushed_ztunnels: BTreeMap<PathBuf, bool>,
+    /// The pod sandboxes the CNI plugin reported.
+    sandboxes: cni::Sandboxes,
+    /// CNI ADDs waiting for their pod to be in the datapath.
+    cni_waiters: Vec<cni::Waiter>,
+    /// The pods of the last reconcile on their cgroups, which a pushed
+    /// cgroup must not contain.
+    placed: Vec<PlacedPod>,
+    unresolved: Vec<Unresolved>,
+    cookies: CookieCache,
+    /// Where the node's own addresses are read (`--node-netns`).
+    node_netns: Option<PathBuf>,
+    /// The node's own addresses, as last read (every resync: they may
+    /// change, as with DHCP).
+    node_addresses: Vec<IpAddr>,
+    view: api::SharedView,
+    changes: broadcast::Sender<pb::Change>,
+    /// When a failed datapath apply is tried again.
+    apply: ApplyRetry,
+}
+
+impl Controller {
+    pub fn new(config: Config) -> Self {
+        let unsynced: BTreeSet<&'static str> = [
+            (config.file_source, FILE_SOURCE),
+            (config.kubernetes_source, KUBERNETES_SOURCE),
+            (config.xds_source, XDS_SOURCE),
+        ]
+        .into_iter()
+        .filter_map(|(configured, name)| configured.then_some(name))
+        .collect();
+        if unsynced.is_empty() {
+            config.health.set_sources_synced();
+        }
+        for source in &unsynced {
+            config.health.register(source_component(source));
+        }
+        let mut controller = Self {
+            settings: config.settings,
+            kubepods_parent: config.kubepods_parent,
+            pod_parents: config.pod_parents,
+            spec: None,
+            unsynced,
+            rejected: None,
+            kube: None,
+            kube_is_source: config.kubernetes_source,
+            xds: None,
+            disagreements: BTreeSet::new(),
+            addresses: AddressCache::default(),
+            zds: config.zds.map(|links| ZdsState {
+                acked: zds::server::Acknowledged::default(),
+                pinned: Some(links.pinned),
+                inherited: BTreeSet::new(),
+                pods: links.pods,
+                pods_complete: links.pods_complete,
+                ztunnels: links.ztunnels,
+            }),
+            annotator: config.annotator,
+            pushed_pods: BTreeMap::new(),
+            pushed_ztunnels: BTreeMap::new(),
+            sandboxes: cni::Sandboxes::default(),
+            cni_waiters: Vec::new(),
+            placed: Vec::new(),
+            unresolved: Vec::new(),
+            cookies: CookieCache::default(),
+            node_netns: config.node_netns,
+            node_addresses: Vec::new(),
+            view: config.view,
+            changes: config.changes,
+            apply: ApplyRetry::new(config.health),
+        };
+        controller.refresh_node_addresses();
+        controller
+    }
+
+    /// The workloads file may have changed: re-reads it; returns whether
+    /// its state changed (a bad file is logged and the last good state
+    /// stays).
+    pub fn file_changed(&mut self, path: &Path) -> bool {
+        self.load(path)
+    }
+
+    /// The Kubernetes feed's new snapshot (`None`: not listed yet).
+    pub fn kubernetes(&mut self, snapshot: Option<kubernetes::Snapshot>) {
+        self.kube = snapshot;
+        if self.kube.is_some() {
+            self.synced(KUBERNETES_SOURCE);
+        }
+    }
+
+    /// istiod's new view of the node (`None`: none received yet).
+    pub fn istiod(&mut self, snapshot: Option<xds::Snapshot>) {
+        self.xds = snapshot;
+        if self.xds.is_some() {
+            self.synced(XDS_SOURCE);
+        }
+    }
+
+    /// What ztunnel acknowledged over ZDS.
+    pub fn acknowledged(&mut self, acked: zds::server::Acknowledged) {
+        if let Some(zds) = &mut self.zds {
+            zds.acked = acked;
+        }
+    }
+
+    /// Whether ztunnel's snapshot has ended since the daemon started.
+    pub fn zds_snapshot_taken(&self) -> bool {
+        self.zds.as_ref().is_some_and(|z| z.acked.snapshot_taken)
+    }
+
+    /// A push through the API: checked against the node (a pushed cgroup
+    /// must be a pod-level cgroup of its own), then applied; whether it was
+    /// is the answer.
+    pub fn push(&mut self, entry: Pushed) -> Result<(), Status> {
+        push::refuse_containing(&entry, &self.placed, &self.pod_parents, &mut |path| {
+            cgroup::cgroup_id(path).ok()
+        })
+        .inspect_err(|e| {
+            warn!(
+                ?entry,
+                "push through the API refused, nothing changed: {}",
+                e.message()
+            )
+        })?;
+        info!(?entry, "pushed through the API");
+        self.apply_push(entry);
+        Ok(())
+    }
+
+    /// A CNI call: ADDs wait (see [`Self::answer_cni`]), DELs and CHECKs are
+    /// answered at once. Returns whether the node state changed.
+    pub fn cni(&mut self, call: cni::Request, attached: bool) -> bool {
+        match call {
+            cni::Request::Add {
+                uid,
+                sandbox,
+                deadline,
+                reply,
+            } => {
+                info!(pod = %uid, namespace = %sandbox.namespace, name = %sandbox.name, netns = %sandbox.netns.display(), "CNI ADD");
+                self.sandboxes.add(uid.clone(), sandbox);
+                self.cni_waiters.push(cni::Waiter {
+                    uid,
+                    deadline,
+                    reply,
+                });
+                true
+            }
+            cni::Request::Del {
+                uid,
+                container_id,
+                reply,
+            } => {
+                let changed = self.sandboxes.delete(&uid, &container_id);
+                if changed {
+                    info!(pod = %uid, container = %container_id, "CNI DEL");
+                }
+                let _ = reply.send(());
+                changed
+            }
+            cni::Request::Check { uid, reply } => {
+                let _ = reply.send(self.cni_verdict(&uid, attached).response());
+                false
+            }
+        }
+    }
+
+    /// When the first waiting CNI ADD times out.
+    pub fn cni_deadline(&self) -> Option<tokio::time::Instant> {
+        self.cni_waiters.iter().map(|w| w.deadline).min()
+    }
+
+    /// When a failed apply is tried again; `None` while the last one
+    /// succeeded.
+    pub fn retry_at(&self) -> Option<tokio::time::Instant> {
+        self.apply.at
+    }
+
+    /// The periodic resync: re-reads the node's addresses; returns whether
+    /// to reconcile (not while a failed apply waits for its backoff).
+    pub fn resync(&mut self) -> bool {
+        self.refresh_node_addresses();
+        self.apply.at.is_none()
+    }
+}
+
+/// The datapath apply's supervision: a failed apply (a full or failing
+/// map) leaves what the maps hold in force and is tried again with
+/// backoff, until one succeeds.
+struct ApplyRetry {
+    health: Health,
+    backoff: Backoff,
+    /// When to try again; `None` while the last apply succeeded.
+    at: Option<tokio::time::Instant>,
+    /// Since when applies have succeeded.
+    healthy_since: Option<std::time::Instant>,
+}
+
+impl ApplyRetry {
+    fn new(health: Health) -> Self {
+        health.register(Component::Datapath);
+        Self {
+            health,
+            backoff: Backoff::new(Policy::TASKS),
+            at: None,
+            healthy_since: None,
+        }
+    }
+
+    fn succeeded(&mut self) {
+        self.at = None;
+        self.healthy_since
+            .get_or_insert_with(std::time::Instant::now);
+        self.health.running(Component::Datapath);
+    }
+
+    fn failed(&mut self, e: &anyhow::Error) {
+        let healthy_for = self
+            .healthy_since
+            .take()
+            .map_or(Duration::ZERO, |since| since.elapsed());
+        let wait = self.backoff.failed(healthy_for);
+        error!(
+            retry_in_ms = wait.as_millis() as u64,
+            "applying the node state to the datapath failed, keeping what the maps hold and retrying: {e:#}"
+        );
+        self.at = Some(tokio::time::Instant::now() + wait);
+        self.health.failed(Component::Datapath, format!("{e:#}"));
+    }
+}
+
+/// The daemon's side of ZDS.
+struct ZdsState {
+    /// The pods ztunnel acknowledged, and whether a snapshot has ended
+    /// since this daemon started (before, ztunnel may serve more).
+    acked: zds::server::Acknowledged,
+    /// The cgroup entries pinned when the daemon started, until ztunnel's
+    /// first snapshot: each reconcile meanwhile adds the pods they show
+    /// acknowledged to `inherited`.
+    pinned: Option<BTreeMap<CgroupId, ambridge_common::CgroupInfo>>,
+    /// Pods an earlier daemon had seen acknowledged (pinned enrolled and
+    /// not held). ztunnel keeps serving them across a restart of ours, so
+    /// they stay unheld until its next snapshot says otherwise.
+    inherited: BTreeSet<PodUid>,
+    /// Where the pods to hand ztunnel are published.
+    pods: tokio::sync::watch::Sender<zds::server::Pods>,
+    /// Whether the published pods are every source's (each has delivered
+    /// since the daemon started): until then a ztunnel's snapshot stays
+    /// open, so it drops none of the pods an unsynced source may hold.
+    pods_complete: tokio::sync::watch::Sender<bool>,
+    /// Where the ztunnel cgroups, the only ones allowed to speak ZDS, are
+    /// published.
+    ztunnels: tokio::sync::watch::Sender<zds::server::ZtunnelCgroups>,
+}
+
+impl ZdsState {
+    /// The pods ztunnel serves: until its snapshot has ended, those this
+    /// daemon handed over and those an earlier daemon had.
+    fn ready(&self) -> BTreeSet<PodUid> {
+        if self.acked.snapshot_taken {
+            self.acked.pods.clone()
+        } else {
+            self.acked.pods.union(&self.inherited).cloned().collect()
+        }
+    }
+}
+
+impl Controller {
+    /// Re-reads the node's own addresses; on failure the last ones stay.
+    fn refresh_node_addresses(&mut self) {
+        let Some(path) = &self.node_netns else {
+            return;
+        };
+        match crate::host::netns::addresses(path) {
+            Ok(ips) => {
+                if ips != self.node_addresses {
+                    info!(netns = %path.display(), addresses = ?ips, "node addresses (exempt from inbound capture)");
+                    self.node_addresses = ips;
+                }
+            }
+            Err(e) => {
+                warn!(netns = %path.display(), "reading the node's addresses, keeping the last ones: {e}")
+            }
+        }
+    }
+
+    fn apply_push(&mut self, entry: Pushed) {
+        match entry {
+            Pushed::Pod(pod) => {
+                self.pushed_pods.insert(pod.uid.clone(), pod);
+            }
+            Pushed::RemovePod(uid) => {
+                self.pushed_pods.remove(&uid);
+            }
+            Pushed::Ztunnel { cgroup, zero_copy } => {
+                self.pushed_ztunnels.insert(cgroup, zero_copy);
+            }
+            Pushed::RemoveZtunnel(cgroup) => {
+                self.pushed_ztunnels.remove(&cgroup);
+            }
+        }
+    }
+
+    /// What each source last delivered.
+    fn views(&self) -> merge::Views<'_> {
+        merge::Views {
+            file: self.spec.as_ref(),
+            kubernetes: self.kube.as_ref(),
+            istiod: self.xds.as_ref().filter(|_| !self.kube_is_source),
+            pushed_pods: &self.pushed_pods,
+            pushed_ztunnels: &self.pushed_ztunnels,
+            sandboxes: &self.sandboxes,
+        }
+    }
+
+    /// Whether some source has delivered a node state.
+    pub fn has_state(&self) -> bool {
+        self.views().any()
+    }
+
+    /// Which enrolled pods ztunnel serves, for `spec`: ZDS gates the
+    /// in-pod model only; a shared ztunnel takes no pods.
+    fn readiness(&self, spec: &NodeSpec) -> Readiness {
+        match &self.zds {
+            Some(zds) if spec.redirect.is_none() => Readiness::Acknowledged(zds.ready()),
+            _ => Readiness::Ungated,
+        }
+    }
+
+    /// Re-reads the workloads file; returns whether the spec changed. A bad
+    /// file is logged and the last good spec stays in force.
+    fn load(&mut self, path: &Path) -> bool {
+        match file::load(path) {
+            Ok(spec) => {
+                self.rejected = None;
+                self.synced(FILE_SOURCE);
+                self.apply.health.running(Component::WorkloadsFile);
+                if self.spec.as_ref() == Some(&spec) {
+                    return false;
+                }
+                info!(
+                    pods = spec.pods.len(),
+                    ztunnels = spec.ztunnels.len(),
+                    "workloads file loaded"
+                );
+                self.spec = Some(spec);
+                true
+            }
+            Err(e) => {
+                // The same error of the same file version is reported once.
+                let version = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+                let why = (e.to_string(), version);
+                if self.rejected.as_ref() != Some(&why) {
+                    error!(file = %path.display(), "workloads file rejected, keeping the last good state: {e}");
+                    self.apply
+                        .health
+                        .failed(Component::WorkloadsFile, format!("{}: {e}", path.display()));
+                    self.rejected = Some(why);
+                }
+                false
+            }
+        }
+    }
+
+    /// Where `uid` stands for a CNI ADD, as of the last reconcile.
+    fn cni_verdict(&self, uid: &PodUid, attached: bool) -> cni::Verdict {
+        if !attached {
+            return cni::Verdict::Waiting("the programs are not attached yet".into());
+        }
+        // The view shows what the last reconcile wanted, which a failed
+        // apply did not write.
+        if self.apply.at.is_some() {
+            return cni::Verdict::Waiting(
+                "the last datapath apply failed and is being retried".into(),
+            );
+        }
+        let view = self.view.read().expect("view lock");
+        let ztunnels = self
+            .kube
+            .as_ref()
+            .map(|k| k.ztunnels.iter().cloned().collect())
+            .unwrap_or_default();
+        cni::verdict(
+            uid,
+            &cni::Standing {
+                pod: view.pods.iter().find(|p| p.uid == uid.0),
+                ztunnels: &ztunnels,
+                listed_by_kubernetes: self.kube_is_source.then(|| {
+                    self.kube.as_ref().is_some_and(|k| {
+                        k.pods.iter().any(|p| &p.uid == uid) || k.ztunnels.contains(uid)
+                    })
+                }),
+            },
+        )
+    }
+
+    /// Answers each waiting ADD whose pod is now in the datapath (or whose
+    /// time is up).
+    pub fn answer_cni(&mut self, attached: bool) {
+        let now = tokio::time::Instant::now();
+        let waiters = std::mem::take(&mut self.cni_waiters);
+        self.cni_waiters = waiters
+            .into_iter()
+            .filter_map(|w| {
+                let verdict = self.cni_verdict(&w.uid, attached);
+                w.answer(verdict, now)
+            })
+            .collect();
+    }
+
+    /// Notes that `source` has delivered a state.
+    fn synced(&mut self, source: &'static str) {
+        if self.unsynced.remove(source) && self.unsynced.is_empty() {
+            info!(source, "every source has delivered: removals resume");
+            self.apply.health.set_sources_synced();
+        }
+    }
+
+    /// With both Kubernetes and istiod as sources, logs each pod on which
+    /// they start or stop disagreeing (Kubernetes decides).
+    fn cross_check(&mut self) {
+        let (Some(kube), Some(xds)) = (&self.kube, &self.xds) else {
+            return;
+        };
+        let now = xds::disagreements(&kube.pods, &xds.workloads);
+        for d in now.difference(&self.disagreements) {
+            info!("Kubernetes and istiod disagree (Kubernetes decides): {d}");
+        }
+        for d in self.disagreements.difference(&now) {
+            info!("Kubernetes and istiod agree again: {d}");
+        }
+        self.disagreements = now;
+    }
+
+    /// Brings the datapath to the merged node state; a failure is retried
+    /// (see [`ApplyRetry`]).
+    pub fn reconcile(&mut self, datapath: &mut Datapath) {
+        match self.try_reconcile(datapath) {
+            Ok(()) => self.apply.succeeded(),
+            Err(e) => self.apply.failed(&e),
+        }
+    }
+
+    fn try_reconcile(&mut self, datapath: &mut Datapath) -> anyhow::Result<()> {
+        // Until some source has delivered a state, whatever is pinned stays.
+        let Some(spec) = merge::merge(&self.views()) else {
+            return Ok(());
+        };
+        let mut readiness = self.readiness(&spec);
+        self.cross_check();
+        let started = std::time::Instant::now();
+        let settings = &self.settings;
+        let mut resolver = SystemResolver::new(
+            &self.kubepods_parent,
+            &self.node_addresses,
+            &mut self.cookies,
+            &mut self.addresses,
+            &self.placed,
+        );
+        let mut desired = desired::desired(&spec, &readiness, settings, &mut resolver);
+        // Each reconcile until ztunnel's snapshot learns which of its pods
+        // an earlier daemon had seen acknowledged, before any is held: those
+        // of a source that delivers late too.
+        if let Some(zds) = self.zds.as_mut() {
+            if zds.acked.snapshot_taken {
+                zds.pinned = None;
+            }
+            let learned = zds.pinned.as_ref().map_or_else(BTreeSet::new, |pinned| {
+                desired::acknowledged_before(&desired, pinned)
+            });
+            let new: Vec<PodUid> = learned.difference(&zds.inherited).cloned().collect();
+            if !new.is_empty() {
+                zds.inherited.extend(new.iter().cloned());
+                if readiness != Readiness::Ungated {
+                    info!(
+                        pods = new.len(),
+                        "pods ztunnel acknowledged before this daemon started stay unheld until its next snapshot"
+                    );
+                    readiness = Readiness::Acknowledged(zds.ready());
+                    desired = desired::desired(&spec, &readiness, settings, &mut resolver);
+                }
+            }
+        }
+        // Every pod was looked at: namespaces not asked for are gone (after
+        // the inbound links, which attach to the namespaces the pass held).
+        if desired.unresolved != self.unresolved {
+            // Name the first few; a node starting many pods at once would
+            // otherwise log one line per pod.
+            const NAMED: usize = 10;
+            for u in desired.unresolved.iter().take(NAMED) {
+                warn!(owner = %u.owner, cgroup = %u.cgroup.display(), "not (fully) in the datapath, retrying: {}", u.error);
+            }
+            if desired.unresolved.len() > NAMED {
+                warn!(
+                    more = desired.unresolved.len() - NAMED,
+                    "more workloads not in the datapath yet, retrying"
+                );
+            }
+            self.unresolved = desired.unresolved.clone();
+        }
+        self.placed = spec
+            .pods
+            .iter()
+            .filter_map(|pod| {
+                let (cgroup, _) = desired.placed.get(&pod.uid)?;
+                Some(PlacedPod {
+                    uid: pod.uid.clone(),
+                    namespace: pod.namespace.clone(),
+                    name: pod.name.clone(),
+                    cgroup: cgroup.clone(),
+                })
+            })
+            .collect();
+        if !self.unsynced.is_empty() {
+            desired::retain_current(
+                &mut desired,
+                desired::Current {
+                    cgroups: datapath.cgroup_entries()?,
+                    netns: datapath.netns_entries()?,
+                    inbound: datapath.inbound_entries()?,
+                    inbound_netns: datapath.netns_links().clone(),
+                },
+            );
+        }
+        let view = api::view::view(&spec, &desired);
+        let changes = api::view::changes(&self.view.read().expect("view lock"), &view);
+        *self.view.write().expect("view lock") = view;
+        for change in changes {
+            // No watcher is not an error.
+            let _ = self.changes.send(change);
+        }
+        let cgroup_ops = desired::diff(&datapath.cgroup_entries()?, &desired.cgroups);
+        let netns_ops = desired::diff(&datapath.netns_entries()?, &desired.netns);
+        // Namespaces first: a pod's binds are judged against its netns entry
+        // as soon as its cgroup entry makes it known.
+        datapath.apply_netns(&netns_ops)?;
+        // Before the cgroups: a newly enrolled pod's first connect may ask
+        // getpeername at once.
+        if datapath.set_node_config(desired.node)? {
+            info!(config = ?desired.node, "node settings written");
+        }
+        datapath.apply_cgroups(&cgroup_ops)?;
+        let inbound_changes = self.apply_inbound(datapath, &desired)?;
+        self.cookies.retain_seen();
+        self.addresses.retain_seen();
+        // After the maps: a pod leaving the mesh is handed its Del only once
+        // its redirect entries are gone.
+        if let Some(zds) = &self.zds {
+            let ztunnels = Some(desired.ztunnel_cgroups.clone());
+            zds.ztunnels.send_if_modified(|current| {
+                let changed = *current != ztunnels;
+                *current = ztunnels;
+                changed
+            });
+            let mut want = zds_pods(&spec, &desired);
+            if !self.unsynced.is_empty() {
+                // ztunnel keeps the pods an unsynced source may still hold.
+                for (uid, pod) in zds.pods.borrow().iter() {
+                    want.entry(uid.clone()).or_insert_with(|| pod.clone());
+                }
+            }
+            zds.pods.send_if_modified(|current| {
+                let changed = *current != want;
+                *current = want;
+                changed
+            });
+            // After the pods: a snapshot ends with them all.
+            zds.pods_complete.send_if_modified(|complete| {
+                let now = self.unsynced.is_empty();
+                let changed = *complete != now;
+                *complete = now;
+                changed
+            });
+            if let (Some(annotator), Some(kube)) = (&mut self.annotator, &self.kube) {
+                annotator.update(kube, &zds.ready());
+            }
+        }
+        if !cgroup_ops.is_empty() || !netns_ops.is_empty() || inbound_changes > 0 {
+            info!(
+                cgroup_changes = cgroup_ops.len(),
+                netns_changes = netns_ops.len(),
+                inbound_changes,
+                cgroups = desired.cgroups.len(),
+                netns = desired.netns.len(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "reconciled"
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Controller {
+    /// Brings inbound capture to `desired`: exempt sources first (so a
+    /// probe is never refused on the way), then each new address's entry
+    /// before its netns's link, and a leaving netns's link before its
+    /// entries go. Returns how many changes were made.
+    fn apply_inbound(
+        &mut self,
+        datapath: &mut Datapath,
+        desired: &desired::Desired,
+    ) -> anyhow::Result<usize> {
+        let exempt_ops = desired::diff(&datapath.exempt_entries()?, &desired.exempt);
+        datapath.apply_exempt(&exempt_ops)?;
+        let (deletes, puts): (Vec<_>, Vec<_>) =
+            desired::diff(&datapath.inbound_entries()?, &desired.inbound)
+                .into_iter()
+                .partition(|op| matches!(op, desired::Op::Delete(_)));
+        datapath.apply_inbound(&puts)?;
+        let attached = datapath.netns_links().clone();
+        let mut changes = exempt_ops.len() + puts.len() + deletes.len();
+        for cookie in desired.inbound_netns.difference(&attached) {
+            let Some(ns) = self.cookies.namespace(cookie.0) else {
+                continue;
+            };
+            match datapath.attach_inbound(*cookie, std::os::fd::AsFd::as_fd(ns)) {
+                Ok(()) => changes += 1,
+                // One pod's namespace failing must not stall the node: it
+                // is retried at the next reconcile.
+                Err(e) => warn!(netns = %cookie, "attaching inbound capture, retrying: {e}"),
+            }
+        }
+        for cookie in attached.difference(&desired.inbound_netns) {
+            datapath.detach_inbound(*cookie)?;
+            changes += 1;
+        }
+        datapath.apply_inbound(&deletes)?;
+        Ok(changes)
+    }
+}
+
+/// The pods to hand ztunnel over ZDS: enrolled pods of the in-pod model
+/// whose cgroups are known.
+fn zds_pods(spec: &NodeSpec, desired: &desired::Desired) -> zds::server::Pods {
+    if spec.redirect.is_some() {
+        return zds::server::Pods::new();
+    }
+    spec.pods
+        .iter()
+        .filter(|p| p.mode == Mode::Ambient)
+        .filter_map(|p| {
+            let (cgroup, _) = desired.placed.get(&p.uid)?;
+            Some((
+                p.uid.clone(),
+                zds::server::ZdsPod {
+                    name: p.name.clone(),
+                    namespace: p.namespace.clone(),
+                    service_account: p.service_account.clone(),
+                    cgroup: cgroup.clone(),
+                    netns_file: p.netns.clone(),
+                    netns: desired.pod_netns.get(&p.uid).copied(),
+                },
+            ))
+        })
+        .collect()
+}

@@ -1,0 +1,116 @@
+//! `ambient.istio.io/redirection` on each pod, written through the
+//! `pods/status` subresource as istio-cni writes it: `pending` once a pod is
+//! enrolled, `enabled` once ztunnel acknowledged it. istiod marks a
+//! workload HBONE only when it reads `enabled`.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::{Api, Client};
+use tracing::{info, warn};
+
+use crate::{
+    node::spec::Mode,
+    sources::kubernetes::{REDIRECTION, Snapshot},
+    types::PodUid,
+};
+
+/// Writes `ambient.istio.io/redirection` on pods, as istio-cni does.
+pub struct Annotator {
+    client: Client,
+    /// The last value asked for, by pod, and when: asked again only when it
+    /// changes, or when the pod still does not show it 10 s later (a
+    /// failed patch).
+    requested: BTreeMap<PodUid, (Option<&'static str>, std::time::Instant)>,
+}
+
+impl Annotator {
+    pub fn new(client: Client) -> Self {
+        Self {
+            client,
+            requested: BTreeMap::new(),
+        }
+    }
+
+    const RETRY: Duration = Duration::from_secs(10);
+
+    /// Asks for the patches that make every pod of `kube` show where its
+    /// redirection stands, given the pods ztunnel has (`ready`).
+    pub fn update(&mut self, kube: &Snapshot, ready: &BTreeSet<PodUid>) {
+        for patch in redirection_patches(kube, ready) {
+            if self
+                .requested
+                .get(&patch.uid)
+                .is_some_and(|(value, at)| *value == patch.value && at.elapsed() < Self::RETRY)
+            {
+                continue;
+            }
+            self.requested
+                .insert(patch.uid.clone(), (patch.value, std::time::Instant::now()));
+            let client = self.client.clone();
+            tokio::spawn(async move {
+                match patch_redirection(client, &patch).await {
+                    Ok(()) => {
+                        info!(pod = %patch.uid, namespace = %patch.namespace, name = %patch.name, value = ?patch.value, "redirection annotation written")
+                    }
+                    Err(e) => {
+                        warn!(pod = %patch.uid, namespace = %patch.namespace, name = %patch.name, "writing the redirection annotation failed, retrying: {e}")
+                    }
+                }
+            });
+        }
+        let listed: BTreeSet<&PodUid> = kube.pods.iter().map(|p| &p.uid).collect();
+        self.requested.retain(|uid, _| listed.contains(uid));
+    }
+}
+
+/// A change of [`REDIRECTION`] on one pod: `Some(value)` to set, `None` to
+/// remove.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RedirectionPatch {
+    pub uid: PodUid,
+    pub namespace: String,
+    pub name: String,
+    pub value: Option<&'static str>,
+}
+
+/// The annotation changes that make every pod say where its redirection
+/// stands: enrolled pods `enabled` when `ready` (ztunnel acknowledged
+/// them) and `pending` before, other pods without it.
+pub fn redirection_patches(snapshot: &Snapshot, ready: &BTreeSet<PodUid>) -> Vec<RedirectionPatch> {
+    snapshot
+        .pods
+        .iter()
+        .filter_map(|pod| {
+            let want = match pod.mode {
+                Mode::Ambient if ready.contains(&pod.uid) => Some("enabled"),
+                Mode::Ambient => Some("pending"),
+                Mode::None => None,
+            };
+            let has = snapshot.redirection.get(&pod.uid).map(String::as_str);
+            (has != want).then(|| RedirectionPatch {
+                uid: pod.uid.clone(),
+                namespace: pod.namespace.clone(),
+                name: pod.name.clone(),
+                value: want,
+            })
+        })
+        .collect()
+}
+
+/// Writes one [`RedirectionPatch`] through the `pods/status` subresource
+/// (a JSON merge patch, as istio-cni does).
+pub async fn patch_redirection(client: Client, patch: &RedirectionPatch) -> kube::Result<()> {
+    let body = serde_json::json!({"metadata": {"annotations": {REDIRECTION: patch.value}}});
+    Api::<Pod>::namespaced(client, &patch.namespace)
+        .patch_status(
+            &patch.name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&body),
+        )
+        .await
+        .map(|_| ())
+}
