@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::sync::{broadcast, watch};
+use tokio::sync::broadcast;
 use tonic::Status;
 use tracing::{error, info, warn};
 
@@ -27,9 +27,9 @@ use crate::{
     node::{
         desired::{self, Unresolved},
         merge,
-        spec::{Mode, NodeSpec, PodSpec, Readiness, Settings},
+        spec::{NodeSpec, PodSpec, Readiness, Settings},
     },
-    publish::{annotator::Annotator, zds},
+    publish::{Publish, Reconciled, annotator::Annotator, zds},
     sources::{
         cni, file, kubernetes,
         push::{self, PlacedPod, PodParent, Pushed},
@@ -78,13 +78,12 @@ pub struct Config {
     pub health: Health,
 }
 
-/// The controller's side of the ZDS server's channels.
+/// With `--zds serve`: what the controller starts from, and where it
+/// publishes the pods for ztunnel.
 pub struct ZdsLinks {
     /// The cgroup entries pinned when the daemon started.
     pub pinned: BTreeMap<CgroupId, ambridge_common::CgroupInfo>,
-    pub pods: watch::Sender<zds::server::Pods>,
-    pub pods_complete: watch::Sender<bool>,
-    pub ztunnels: watch::Sender<zds::server::ZtunnelCgroups>,
+    pub publisher: zds::Publisher,
 }
 
 /// The node as the controller knows it: each source's last view, the
@@ -116,9 +115,9 @@ pub struct Controller {
     addresses: AddressCache,
     /// With `--zds serve`: which pods ztunnel has.
     zds: Option<ZdsState>,
-    /// With `--zds serve` and Kubernetes: writes each pod's redirection
-    /// annotation.
-    annotator: Option<Annotator>,
+    /// Where every reconcile is published, in order: ZDS, the annotation,
+    /// the API's view.
+    publishers: Vec<Box<dyn Publish + Send>>,
     /// Entries pushed through the API.
     pushed_pods: BTreeMap<PodUid, PodSpec>,
     /// Pushed ztunnel cgroups, with their zero-copy flag.
@@ -137,8 +136,8 @@ pub struct Controller {
     /// The node's own addresses, as last read (every resync: they may
     /// change, as with DHCP).
     node_addresses: Vec<IpAddr>,
+    /// The API's view, as last published: where a CNI ADD's pod stands.
     view: api::SharedView,
-    changes: broadcast::Sender<pb::Change>,
     /// When a failed datapath apply is tried again.
     apply: ApplyRetry,
 }
@@ -159,6 +158,22 @@ impl Controller {
         for source in &unsynced {
             config.health.register(source_component(source));
         }
+        let mut publishers: Vec<Box<dyn Publish + Send>> = Vec::new();
+        let zds = config.zds.map(|links| {
+            publishers.push(Box::new(links.publisher));
+            ZdsState {
+                acked: zds::server::Acknowledged::default(),
+                pinned: Some(links.pinned),
+                inherited: BTreeSet::new(),
+            }
+        });
+        if let Some(annotator) = config.annotator {
+            publishers.push(Box::new(annotator));
+        }
+        publishers.push(Box::new(api::view::Publisher {
+            view: config.view.clone(),
+            changes: config.changes,
+        }));
         let mut controller = Self {
             settings: config.settings,
             kubepods_parent: config.kubepods_parent,
@@ -171,15 +186,8 @@ impl Controller {
             xds: None,
             disagreements: BTreeSet::new(),
             addresses: AddressCache::default(),
-            zds: config.zds.map(|links| ZdsState {
-                acked: zds::server::Acknowledged::default(),
-                pinned: Some(links.pinned),
-                inherited: BTreeSet::new(),
-                pods: links.pods,
-                pods_complete: links.pods_complete,
-                ztunnels: links.ztunnels,
-            }),
-            annotator: config.annotator,
+            zds,
+            publishers,
             pushed_pods: BTreeMap::new(),
             pushed_ztunnels: BTreeMap::new(),
             sandboxes: cni::Sandboxes::default(),
@@ -190,7 +198,6 @@ impl Controller {
             node_netns: config.node_netns,
             node_addresses: Vec::new(),
             view: config.view,
-            changes: config.changes,
             apply: ApplyRetry::new(config.health),
         };
         controller.refresh_node_addresses();
@@ -366,15 +373,6 @@ struct ZdsState {
     /// not held). ztunnel keeps serving them across a restart of ours, so
     /// they stay unheld until its next snapshot says otherwise.
     inherited: BTreeSet<PodUid>,
-    /// Where the pods to hand ztunnel are published.
-    pods: tokio::sync::watch::Sender<zds::server::Pods>,
-    /// Whether the published pods are every source's (each has delivered
-    /// since the daemon started): until then a ztunnel's snapshot stays
-    /// open, so it drops none of the pods an unsynced source may hold.
-    pods_complete: tokio::sync::watch::Sender<bool>,
-    /// Where the ztunnel cgroups, the only ones allowed to speak ZDS, are
-    /// published.
-    ztunnels: tokio::sync::watch::Sender<zds::server::ZtunnelCgroups>,
 }
 
 impl ZdsState {
@@ -646,13 +644,6 @@ impl Controller {
                 },
             );
         }
-        let view = api::view::view(&spec, &desired);
-        let changes = api::view::changes(&self.view.read().expect("view lock"), &view);
-        *self.view.write().expect("view lock") = view;
-        for change in changes {
-            // No watcher is not an error.
-            let _ = self.changes.send(change);
-        }
         let cgroup_ops = desired::diff(&datapath.cgroup_entries()?, &desired.cgroups);
         let netns_ops = desired::diff(&datapath.netns_entries()?, &desired.netns);
         // Namespaces first: a pod's binds are judged against its netns entry
@@ -669,35 +660,16 @@ impl Controller {
         self.addresses.retain_seen();
         // After the maps: a pod leaving the mesh is handed its Del only once
         // its redirect entries are gone.
-        if let Some(zds) = &self.zds {
-            let ztunnels = Some(desired.ztunnel_cgroups.clone());
-            zds.ztunnels.send_if_modified(|current| {
-                let changed = *current != ztunnels;
-                *current = ztunnels;
-                changed
-            });
-            let mut want = zds_pods(&spec, &desired);
-            if !self.unsynced.is_empty() {
-                // ztunnel keeps the pods an unsynced source may still hold.
-                for (uid, pod) in zds.pods.borrow().iter() {
-                    want.entry(uid.clone()).or_insert_with(|| pod.clone());
-                }
-            }
-            zds.pods.send_if_modified(|current| {
-                let changed = *current != want;
-                *current = want;
-                changed
-            });
-            // After the pods: a snapshot ends with them all.
-            zds.pods_complete.send_if_modified(|complete| {
-                let now = self.unsynced.is_empty();
-                let changed = *complete != now;
-                *complete = now;
-                changed
-            });
-            if let (Some(annotator), Some(kube)) = (&mut self.annotator, &self.kube) {
-                annotator.update(kube, &zds.ready());
-            }
+        let acknowledged = self.zds.as_ref().map(ZdsState::ready);
+        let reconciled = Reconciled {
+            spec: &spec,
+            desired: &desired,
+            complete: self.unsynced.is_empty(),
+            acknowledged: acknowledged.as_ref(),
+            kubernetes: self.kube.as_ref(),
+        };
+        for publisher in &mut self.publishers {
+            publisher.reconciled(&reconciled);
         }
         if !cgroup_ops.is_empty() || !netns_ops.is_empty() || inbound_changes > 0 {
             info!(
@@ -751,30 +723,4 @@ impl Controller {
         datapath.apply_inbound(&deletes)?;
         Ok(changes)
     }
-}
-
-/// The pods to hand ztunnel over ZDS: enrolled pods of the in-pod model
-/// whose cgroups are known.
-fn zds_pods(spec: &NodeSpec, desired: &desired::Desired) -> zds::server::Pods {
-    if spec.redirect.is_some() {
-        return zds::server::Pods::new();
-    }
-    spec.pods
-        .iter()
-        .filter(|p| p.mode == Mode::Ambient)
-        .filter_map(|p| {
-            let (cgroup, _) = desired.placed.get(&p.uid)?;
-            Some((
-                p.uid.clone(),
-                zds::server::ZdsPod {
-                    name: p.name.clone(),
-                    namespace: p.namespace.clone(),
-                    service_account: p.service_account.clone(),
-                    cgroup: cgroup.clone(),
-                    netns_file: p.netns.clone(),
-                    netns: desired.pod_netns.get(&p.uid).copied(),
-                },
-            ))
-        })
-        .collect()
 }

@@ -16,7 +16,7 @@ use tracing::{info, warn};
 use crate::{
     api,
     controller::{Config, Controller, ZdsLinks},
-    datapath::{Datapath, Pins},
+    datapath::{self, Datapath, Pins},
     host::cgroup,
     node::{entries, spec::Settings},
     publish::{annotator::Annotator, zds},
@@ -222,60 +222,50 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let (cni_calls, mut cni_rx) = mpsc::channel(64);
     let (changes, _) = tokio::sync::broadcast::channel(1024);
     {
-        let reports = api::Reports {
-            zds: zds_stats,
-            health: health.clone(),
+        let context = api::Context {
+            view: view.clone(),
+            settings: opts.settings.clone(),
+            cgroup_root: opts.cgroup_root.clone(),
+            pins: opts.pins.clone(),
+            maps: std::sync::Arc::new(
+                datapath::ReadOnly::open(&opts.pins).context("opening the maps for the API")?,
+            ),
+            reports: api::Reports {
+                zds: zds_stats,
+                health: health.clone(),
+            },
         };
-        let (socket, view, changes) = (opts.api_socket.clone(), view.clone(), changes.clone());
-        let (settings, cgroup_root, pins) = (
-            opts.settings.clone(),
-            opts.cgroup_root.clone(),
-            opts.pins.clone(),
-        );
+        let channels = (push, cni_calls, changes.clone());
+        let socket = opts.api_socket.clone();
         // Bound before the daemon says it is ready when it can be.
         let mut first = api::bind(&socket)
             .inspect_err(|e| warn!("binding the API socket, retrying: {e:#}"))
             .ok();
         tokio::spawn(supervise(Component::Api, health.clone(), move || {
             let listener = first.take();
-            let serve = (
-                socket.clone(),
-                view.clone(),
-                api::Channels {
-                    push: push.clone(),
-                    cni: cni_calls.clone(),
-                    changes: changes.clone(),
-                },
-                settings.clone(),
-                cgroup_root.clone(),
-                pins.clone(),
-                reports.clone(),
-            );
+            let (socket, context) = (socket.clone(), context.clone());
+            let channels = api::Channels {
+                push: channels.0.clone(),
+                cni: channels.1.clone(),
+                changes: channels.2.clone(),
+            };
             async move {
-                let (socket, view, channels, settings, cgroup_root, pins, reports) = serve;
                 let listener = match listener {
                     Some(listener) => listener,
                     None => api::bind(&socket)?,
                 };
-                api::serve(
-                    listener,
-                    view,
-                    channels,
-                    settings,
-                    cgroup_root,
-                    pins,
-                    reports,
-                )
-                .await
+                api::serve(listener, context, channels).await
             }
         }));
     }
     let zds = match &opts.zds_socket {
         Some(_) => Some(ZdsLinks {
             pinned: datapath.cgroup_entries()?,
-            pods: zds_pods,
-            pods_complete: zds_pods_complete,
-            ztunnels: zds_ztunnels,
+            publisher: zds::Publisher {
+                pods: zds_pods,
+                pods_complete: zds_pods_complete,
+                ztunnels: zds_ztunnels,
+            },
         }),
         None => None,
     };

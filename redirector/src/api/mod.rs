@@ -49,6 +49,7 @@ struct Service {
     settings: Settings,
     cgroup_root: PathBuf,
     pins: Pins,
+    maps: Arc<datapath::ReadOnly>,
     push: mpsc::Sender<PushRequest>,
     cni: mpsc::Sender<cni::Request>,
     changes: broadcast::Sender<pb::Change>,
@@ -202,7 +203,14 @@ impl pb::node_server::Node for Service {
         req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         require_root(&req)?;
-        let counters = datapath::read_counters(&self.pins)
+        // Walking maps of up to 65,536 entries: off the reactor, so the
+        // ZDS server and other calls are not stalled behind it.
+        let maps = self.maps.clone();
+        let (counters, occupancy) =
+            tokio::task::spawn_blocking(move || (maps.counters(), maps.occupancy()))
+                .await
+                .map_err(|e| Status::internal(format!("reading the maps: {e}")))?;
+        let counters = counters
             .map_err(|e| Status::internal(format!("reading counters: {e:#}")))?
             .into_iter()
             .map(|(c, value)| pb::Counter {
@@ -210,8 +218,7 @@ impl pb::node_server::Node for Service {
                 value,
             })
             .collect();
-        let map_entries = datapath::map_occupancy(&self.pins)
-            .map_err(|e| Status::internal(format!("reading maps: {e:#}")))?
+        let map_entries = occupancy
             .into_iter()
             .map(|(name, n)| pb::Counter {
                 name: name.to_string(),
@@ -289,21 +296,39 @@ pub fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
     .map_err(Into::into)
 }
 
+/// What the API reports from, besides the view and the channels.
+#[derive(Clone)]
+pub struct Context {
+    pub view: SharedView,
+    pub settings: Settings,
+    pub cgroup_root: PathBuf,
+    pub pins: Pins,
+    /// The datapath's maps, for reading.
+    pub maps: Arc<datapath::ReadOnly>,
+    pub reports: Reports,
+}
+
+/// Serves the API on `listener` until the task is dropped.
 pub async fn serve(
     listener: UnixListener,
-    view: SharedView,
+    context: Context,
     channels: Channels,
-    settings: Settings,
-    cgroup_root: PathBuf,
-    pins: Pins,
-    reports: Reports,
 ) -> anyhow::Result<()> {
+    let Context {
+        view,
+        settings,
+        cgroup_root,
+        pins,
+        maps,
+        reports,
+    } = context;
     let health = reports.health.clone();
     let node = Service {
         view,
         settings,
         cgroup_root,
         pins,
+        maps,
         push: channels.push,
         cni: channels.cni,
         changes: channels.changes,

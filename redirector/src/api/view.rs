@@ -8,10 +8,13 @@ use std::{
 
 use ambridge_common::flags;
 
+use tokio::sync::broadcast;
+
 use super::pb;
 use crate::{
     node::desired::Desired,
     node::spec::{Mode, NodeSpec, PodSpec},
+    publish::{Publish, Reconciled},
     types::PodUid,
 };
 
@@ -120,6 +123,25 @@ pub fn changes(old: &View, new: &View) -> Vec<pb::Change> {
 
 /// The view shared between the reconcile loop (writer) and the API.
 pub type SharedView = Arc<RwLock<View>>;
+
+/// Keeps the API's view equal to the last reconcile, and sends each
+/// pod's change to the watchers.
+pub struct Publisher {
+    pub view: SharedView,
+    pub changes: broadcast::Sender<pb::Change>,
+}
+
+impl Publish for Publisher {
+    fn reconciled(&mut self, r: &Reconciled) {
+        let view = view(r.spec, r.desired);
+        let changes = changes(&self.view.read().expect("view lock"), &view);
+        *self.view.write().expect("view lock") = view;
+        for change in changes {
+            // No watcher is not an error.
+            let _ = self.changes.send(change);
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

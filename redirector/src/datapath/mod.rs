@@ -519,59 +519,76 @@ fn open_pinned(pins: &Pins, name: &'static str) -> Result<Map, Error> {
     Map::from_map_data(data).map_err(map_err(name))
 }
 
-/// Sums the per-CPU counters pinned under `pins`.
-pub fn read_counters(pins: &Pins) -> Result<Vec<(Counter, u64)>, Error> {
-    let map = open_pinned(pins, map_names::COUNTERS)?;
-    let counters: PerCpuArray<MapData, u64> =
-        PerCpuArray::try_from(map).map_err(map_err(map_names::COUNTERS))?;
-    Counter::ALL
-        .iter()
-        .map(|c| {
-            let per_cpu = counters
-                .get(&(*c as u32), 0)
-                .map_err(map_err(map_names::COUNTERS))?;
-            Ok((*c, per_cpu.iter().sum()))
-        })
-        .collect()
+/// The datapath's maps opened for reading only: what the API's `Status`
+/// and `ambridge stats` (while the daemon is down) report. Opened once from
+/// the pins; walking the maps is blocking work, to be done off the reactor.
+pub struct ReadOnly {
+    counters: PerCpuArray<MapData, u64>,
+    cgroups: HashMap<MapData, u64, CgroupInfo>,
+    netns: HashMap<MapData, u64, NetnsInfo>,
+    pending: HashMap<MapData, u64, ConnRecord>,
+    conns: HashMap<MapData, ConnKey, ConnRecord>,
+    socks: SockHash<MapData, ConnKey>,
+    inbound: HashMap<MapData, IpKey, InboundTarget>,
+    listeners: SockHash<MapData, u64>,
+    dns: HashMap<MapData, u64, ConnRecord>,
 }
 
-/// How many entries each map pinned under `pins` holds: cgroups and network
-/// namespaces known to the datapath, connects not yet established,
-/// connections whose record is tracked, and sockets in the sockhash.
-pub fn map_occupancy(pins: &Pins) -> Result<Vec<(&'static str, usize)>, Error> {
-    let cgroups: HashMap<MapData, u64, CgroupInfo> =
-        HashMap::try_from(open_pinned(pins, map_names::CGROUPS)?)
-            .map_err(map_err(map_names::CGROUPS))?;
-    let netns: HashMap<MapData, u64, NetnsInfo> =
-        HashMap::try_from(open_pinned(pins, map_names::NETNS)?)
-            .map_err(map_err(map_names::NETNS))?;
-    let pending: HashMap<MapData, u64, ConnRecord> =
-        HashMap::try_from(open_pinned(pins, map_names::PENDING)?)
-            .map_err(map_err(map_names::PENDING))?;
-    let conns: HashMap<MapData, ConnKey, ConnRecord> =
-        HashMap::try_from(open_pinned(pins, map_names::CONNS)?)
-            .map_err(map_err(map_names::CONNS))?;
-    let socks: SockHash<MapData, ConnKey> =
-        SockHash::try_from(open_pinned(pins, map_names::SOCKS)?)
-            .map_err(map_err(map_names::SOCKS))?;
-    let inbound: HashMap<MapData, IpKey, InboundTarget> =
-        HashMap::try_from(open_pinned(pins, map_names::INBOUND)?)
-            .map_err(map_err(map_names::INBOUND))?;
-    let listeners: SockHash<MapData, u64> =
-        SockHash::try_from(open_pinned(pins, map_names::LISTENERS)?)
-            .map_err(map_err(map_names::LISTENERS))?;
-    let dns: HashMap<MapData, u64, ConnRecord> =
-        HashMap::try_from(open_pinned(pins, map_names::DNS)?).map_err(map_err(map_names::DNS))?;
-    Ok(vec![
-        ("cgroups", cgroups.keys().count()),
-        ("netns", netns.keys().count()),
-        ("pending_connects", pending.keys().count()),
-        ("tracked_connections", conns.keys().count()),
-        ("accelerated_sockets", socks.keys().count()),
-        ("inbound_addresses", inbound.keys().count()),
-        ("inbound_listeners", listeners.keys().count()),
-        ("dns_sockets", dns.keys().count()),
-    ])
+impl ReadOnly {
+    /// Opens the maps pinned under `pins`.
+    pub fn open(pins: &Pins) -> Result<Self, Error> {
+        Ok(Self {
+            counters: PerCpuArray::try_from(open_pinned(pins, map_names::COUNTERS)?)
+                .map_err(map_err(map_names::COUNTERS))?,
+            cgroups: HashMap::try_from(open_pinned(pins, map_names::CGROUPS)?)
+                .map_err(map_err(map_names::CGROUPS))?,
+            netns: HashMap::try_from(open_pinned(pins, map_names::NETNS)?)
+                .map_err(map_err(map_names::NETNS))?,
+            pending: HashMap::try_from(open_pinned(pins, map_names::PENDING)?)
+                .map_err(map_err(map_names::PENDING))?,
+            conns: HashMap::try_from(open_pinned(pins, map_names::CONNS)?)
+                .map_err(map_err(map_names::CONNS))?,
+            socks: SockHash::try_from(open_pinned(pins, map_names::SOCKS)?)
+                .map_err(map_err(map_names::SOCKS))?,
+            inbound: HashMap::try_from(open_pinned(pins, map_names::INBOUND)?)
+                .map_err(map_err(map_names::INBOUND))?,
+            listeners: SockHash::try_from(open_pinned(pins, map_names::LISTENERS)?)
+                .map_err(map_err(map_names::LISTENERS))?,
+            dns: HashMap::try_from(open_pinned(pins, map_names::DNS)?)
+                .map_err(map_err(map_names::DNS))?,
+        })
+    }
+
+    /// The per-CPU counters, summed.
+    pub fn counters(&self) -> Result<Vec<(Counter, u64)>, Error> {
+        Counter::ALL
+            .iter()
+            .map(|c| {
+                let per_cpu = self
+                    .counters
+                    .get(&(*c as u32), 0)
+                    .map_err(map_err(map_names::COUNTERS))?;
+                Ok((*c, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+
+    /// How many entries each map holds: cgroups and network namespaces
+    /// known to the datapath, connects not yet established, connections
+    /// whose record is tracked, sockets in the sockhash, and so on. Walks
+    /// every map.
+    pub fn occupancy(&self) -> Vec<(&'static str, usize)> {
+        vec![
+            ("cgroups", self.cgroups.keys().count()),
+            ("netns", self.netns.keys().count()),
+            ("pending_connects", self.pending.keys().count()),
+            ("tracked_connections", self.conns.keys().count()),
+            ("accelerated_sockets", self.socks.keys().count()),
+            ("inbound_addresses", self.inbound.keys().count()),
+            ("inbound_listeners", self.listeners.keys().count()),
+            ("dns_sockets", self.dns.keys().count()),
+        ]
+    }
 }
 
 /// What `uninstall` removed.

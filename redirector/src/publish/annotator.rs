@@ -12,6 +12,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, Client};
 use tracing::{info, warn};
 
+use super::{Publish, Reconciled};
 use crate::{
     node::spec::Mode,
     sources::kubernetes::{REDIRECTION, Snapshot},
@@ -113,4 +114,12 @@ pub async fn patch_redirection(client: Client, patch: &RedirectionPatch) -> kube
         )
         .await
         .map(|_| ())
+}
+
+impl Publish for Annotator {
+    fn reconciled(&mut self, r: &Reconciled) {
+        if let (Some(kube), Some(ready)) = (r.kubernetes, r.acknowledged) {
+            self.update(kube, ready);
+        }
+    }
 }
