@@ -1,28 +1,33 @@
-//! A local Kubernetes API server for the Kubernetes feed's tests: list and
-//! watch of pods, namespaces and a namespace's DaemonSets over HTTP/1.1 on
-//! loopback, with real JSON
-//! objects, resource versions, bookmarks, and watches that can be ended or
-//! answered with `410 Gone` (an expired resource version) to force a relist;
-//! and merge patches of a pod's `status` subresource (how a node agent
-//! writes `ambient.istio.io/redirection`). It can go down and come back on
-//! the same port with its state kept, as an API server does across a
-//! reboot.
+//! A local Kubernetes API server for the Kubernetes feed's tests, on axum
+//! (hyper) over loopback: list and watch of pods, namespaces and a
+//! namespace's DaemonSets, with real JSON objects, resource versions,
+//! bookmarks, `fieldSelector` and `labelSelector` as the API server applies
+//! them (an object that stops matching is a watch's `DELETED`, one that
+//! starts matching its `ADDED`), and watches that can be ended or answered
+//! with `410 Gone` (an expired resource version) to force a relist; and
+//! merge patches of a pod's `status` subresource (how a node agent writes
+//! `ambient.istio.io/redirection`). It can go down and come back on the same
+//! port with its state kept, as an API server does across a reboot.
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead, BufReader, Write},
-    net::{Shutdown, TcpListener, TcpStream},
-    sync::{
-        Arc, Mutex,
-        mpsc::{self, Receiver, Sender},
-    },
-    thread::{self, JoinHandle},
+    convert::Infallible,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
+use axum::{
+    Json, Router,
+    body::{Body, Bytes},
+    extract::{Path, Query, State as Shared},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::{get, patch},
+};
 use serde_json::{Value, json};
+use tokio::sync::mpsc;
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
     Pods,
     Namespaces,
@@ -36,24 +41,167 @@ impl Kind {
             Kind::DaemonSets => "apps/v1",
         }
     }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Pods => "Pod",
+            Kind::Namespaces => "Namespace",
+            Kind::DaemonSets => "DaemonSet",
+        }
+    }
 }
 
-/// What a list or watch covers: a kind, in one namespace or all.
-#[derive(Clone, PartialEq, Eq)]
+/// One requirement of a `labelSelector`, as the API server parses them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum LabelRequirement {
+    Equals(String, String),
+    NotEquals(String, String),
+    In(String, Vec<String>),
+    NotIn(String, Vec<String>),
+    Exists(String),
+    DoesNotExist(String),
+}
+
+impl LabelRequirement {
+    fn matches(&self, labels: &Value) -> bool {
+        let value = |key: &str| labels[key].as_str().map(str::to_string);
+        match self {
+            LabelRequirement::Equals(k, v) => value(k).as_deref() == Some(v),
+            LabelRequirement::NotEquals(k, v) => value(k).as_deref() != Some(v),
+            LabelRequirement::In(k, vs) => value(k).is_some_and(|x| vs.contains(&x)),
+            LabelRequirement::NotIn(k, vs) => !value(k).is_some_and(|x| vs.contains(&x)),
+            LabelRequirement::Exists(k) => value(k).is_some(),
+            LabelRequirement::DoesNotExist(k) => value(k).is_none(),
+        }
+    }
+}
+
+/// What a list or watch covers: a kind, in one namespace or all, and the
+/// selectors it was asked with.
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Scope {
     kind: Kind,
     namespace: Option<String>,
+    /// `fieldSelector`: `path=value` and `path!=value` terms.
+    fields: Vec<(String, bool, String)>,
+    labels: Vec<LabelRequirement>,
 }
 
 impl Scope {
+    fn new(kind: Kind, namespace: Option<String>, params: &Params) -> Result<Self, String> {
+        Ok(Self {
+            kind,
+            namespace,
+            fields: parse_field_selector(params.field_selector.as_deref().unwrap_or(""))?,
+            labels: parse_label_selector(params.label_selector.as_deref().unwrap_or(""))?,
+        })
+    }
+
     fn covers(&self, kind: Kind, object: &Value) -> bool {
         self.kind == kind
             && self
                 .namespace
                 .as_ref()
                 .is_none_or(|ns| object["metadata"]["namespace"] == ns.as_str())
+            && self.fields.iter().all(|(path, equal, want)| {
+                let got = path
+                    .split('.')
+                    .fold(object, |v, part| &v[part])
+                    .as_str()
+                    .unwrap_or("");
+                (got == want) == *equal
+            })
+            && self
+                .labels
+                .iter()
+                .all(|r| r.matches(&object["metadata"]["labels"]))
     }
 }
+
+/// The field selectors the API server supports for the kinds served here.
+const SELECTABLE_FIELDS: [&str; 4] = [
+    "metadata.name",
+    "metadata.namespace",
+    "spec.nodeName",
+    "status.phase",
+];
+
+fn parse_field_selector(text: &str) -> Result<Vec<(String, bool, String)>, String> {
+    text.split(',')
+        .filter(|t| !t.is_empty())
+        .map(|term| {
+            let (path, equal, value) = if let Some((p, v)) = term.split_once("!=") {
+                (p, false, v)
+            } else if let Some((p, v)) = term.split_once("==") {
+                (p, true, v)
+            } else if let Some((p, v)) = term.split_once('=') {
+                (p, true, v)
+            } else {
+                return Err(format!("invalid field selector term {term:?}"));
+            };
+            if !SELECTABLE_FIELDS.contains(&path) {
+                return Err(format!("field label not supported: {path}"));
+            }
+            Ok((path.to_string(), equal, value.to_string()))
+        })
+        .collect()
+}
+
+fn parse_label_selector(text: &str) -> Result<Vec<LabelRequirement>, String> {
+    // Commas separate requirements, except inside a set's parentheses.
+    let mut terms = Vec::new();
+    let (mut depth, mut start) = (0, 0);
+    for (i, c) in text.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                terms.push(&text[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    terms.push(&text[start..]);
+    terms
+        .into_iter()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|term| {
+            let set = |rest: &str| -> Result<Vec<String>, String> {
+                let inner = rest
+                    .trim()
+                    .strip_prefix('(')
+                    .and_then(|r| r.strip_suffix(')'))
+                    .ok_or_else(|| format!("invalid label selector term {term:?}"))?;
+                Ok(inner.split(',').map(|v| v.trim().to_string()).collect())
+            };
+            if let Some(key) = term.strip_prefix('!') {
+                Ok(LabelRequirement::DoesNotExist(key.trim().to_string()))
+            } else if let Some((k, rest)) = term.split_once(" notin ") {
+                Ok(LabelRequirement::NotIn(k.trim().to_string(), set(rest)?))
+            } else if let Some((k, rest)) = term.split_once(" in ") {
+                Ok(LabelRequirement::In(k.trim().to_string(), set(rest)?))
+            } else if let Some((k, v)) = term.split_once("!=") {
+                Ok(LabelRequirement::NotEquals(k.to_string(), v.to_string()))
+            } else if let Some((k, v)) = term.split_once("==") {
+                Ok(LabelRequirement::Equals(k.to_string(), v.to_string()))
+            } else if let Some((k, v)) = term.split_once('=') {
+                Ok(LabelRequirement::Equals(k.to_string(), v.to_string()))
+            } else if term
+                .chars()
+                .all(|c| c.is_alphanumeric() || "-_./".contains(c))
+            {
+                Ok(LabelRequirement::Exists(term.to_string()))
+            } else {
+                Err(format!("invalid label selector term {term:?}"))
+            }
+        })
+        .collect()
+}
+
+/// A watch's stream: event lines, `None` when the test ends it.
+type WatchSender = mpsc::UnboundedSender<Option<String>>;
 
 #[derive(Default)]
 struct State {
@@ -62,71 +210,91 @@ struct State {
     namespaces: BTreeMap<String, Value>,
     /// By `namespace/name`.
     daemonsets: BTreeMap<String, Value>,
-    watchers: Vec<(Scope, Sender<Option<String>>)>,
+    watchers: Vec<(Scope, WatchSender)>,
     /// Watches started from a resource version at or below this get 410.
     expired_below: u64,
-    /// The open connections, by a number of their own, so that going down
-    /// can cut them.
-    connections: BTreeMap<u64, TcpStream>,
-    next_connection: u64,
-    /// Set by [`KubeApi::go_down`]: the accepting thread closes the
-    /// listener at the next connection it takes.
-    down: bool,
 }
 
-/// The server; stops serving when dropped (its threads end with their
-/// connections).
+impl State {
+    fn objects(&mut self, kind: Kind) -> &mut BTreeMap<String, Value> {
+        match kind {
+            Kind::Pods => &mut self.pods,
+            Kind::Namespaces => &mut self.namespaces,
+            Kind::DaemonSets => &mut self.daemonsets,
+        }
+    }
+
+    /// Tells each watcher what the change from `old` to `new` of one object
+    /// is to it: an object that comes into its selection is `ADDED`, one
+    /// that leaves it `DELETED`.
+    fn notify(&mut self, kind: Kind, old: Option<&Value>, new: Option<&Value>) {
+        self.watchers.retain(|(scope, tx)| {
+            let was = old.is_some_and(|o| scope.covers(kind, o));
+            let is = new.is_some_and(|n| scope.covers(kind, n));
+            let event = match (was, is, new, old) {
+                (false, true, Some(n), _) => json!({"type": "ADDED", "object": n}),
+                (true, true, Some(n), _) => json!({"type": "MODIFIED", "object": n}),
+                (true, false, Some(n), _) => json!({"type": "DELETED", "object": n}),
+                (true, false, None, Some(o)) => json!({"type": "DELETED", "object": o}),
+                _ => return true,
+            };
+            tx.send(Some(event.to_string())).is_ok()
+        });
+    }
+}
+
+/// The server; stops serving when dropped.
 #[derive(Clone)]
 pub struct KubeApi {
     port: u16,
     state: Arc<Mutex<State>>,
-    /// The thread accepting connections, while the server is up.
-    accepting: Arc<Mutex<Option<JoinHandle<()>>>>,
+    /// The runtime serving requests, while the server is up: shutting it
+    /// down cuts every connection.
+    serving: Arc<Mutex<Option<tokio::runtime::Runtime>>>,
 }
 
 impl KubeApi {
     pub fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("binding the local API server");
+        let listener =
+            std::net::TcpListener::bind("127.0.0.1:0").expect("binding the local API server");
         let port = listener.local_addr().unwrap().port();
-        let state = Arc::new(Mutex::new(State {
-            resource_version: 1,
-            ..State::default()
-        }));
         let api = KubeApi {
             port,
-            state,
-            accepting: Arc::default(),
+            state: Arc::new(Mutex::new(State {
+                resource_version: 1,
+                ..State::default()
+            })),
+            serving: Arc::default(),
         };
-        api.accept_on(listener);
+        api.serve_on(listener);
         api
     }
 
-    fn accept_on(&self, listener: TcpListener) {
-        let api = self.clone();
-        let accepting = thread::spawn(move || {
-            for conn in listener.incoming().map_while(Result::ok) {
-                let id = {
-                    let mut st = api.state.lock().unwrap();
-                    if st.down {
-                        // Dropping the listener: connects are refused now.
-                        return;
-                    }
-                    let Ok(registered) = conn.try_clone() else {
-                        continue;
-                    };
-                    let id = st.next_connection;
-                    st.next_connection += 1;
-                    st.connections.insert(id, registered);
-                    id
-                };
-                let api = api.clone();
-                thread::spawn(move || {
-                    serve(conn, &api);
-                    api.state.lock().unwrap().connections.remove(&id);
-                });
-            }
+    fn serve_on(&self, listener: std::net::TcpListener) {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("the API server's runtime");
+        listener.set_nonblocking(true).unwrap();
+        let app = Router::new()
+            .route("/api/v1/pods", get(list_or_watch_pods))
+            .route("/api/v1/namespaces", get(list_or_watch_namespaces))
+            .route(
+                "/apis/apps/v1/namespaces/{ns}/daemonsets",
+                get(list_or_watch_daemonsets),
+            )
+            .route(
+                "/api/v1/namespaces/{ns}/pods/{name}/status",
+                patch(patch_pod_status),
+            )
+            .fallback(|| async { not_found() })
+            .with_state(self.clone());
+        runtime.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            axum::serve(listener, app).await.ok();
         });
-        *self.accepting.lock().unwrap() = Some(accepting);
+        *self.serving.lock().unwrap() = Some(runtime);
     }
 
     /// Takes the server down as a rebooting API server goes: every open
@@ -134,38 +302,28 @@ impl KubeApi {
     /// port are refused until [`KubeApi::come_back`]. Its objects stay,
     /// and changes made meanwhile are there when it comes back.
     pub fn go_down(&self) {
-        {
-            let mut st = self.state.lock().unwrap();
-            assert!(!st.down, "the API server is already down");
-            st.down = true;
-            for (_, tx) in st.watchers.drain(..) {
-                let _ = tx.send(None);
-            }
-            for (_, conn) in std::mem::take(&mut st.connections) {
-                let _ = conn.shutdown(Shutdown::Both);
-            }
-        }
-        // The accepting thread sees `down` at its next connection: this
-        // one, which it closes with the listener.
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
-        if let Some(accepting) = self.accepting.lock().unwrap().take() {
-            accepting
-                .join()
-                .expect("the accepting thread ended cleanly");
-        }
+        let runtime = self
+            .serving
+            .lock()
+            .unwrap()
+            .take()
+            .expect("the API server is already down");
+        self.state.lock().unwrap().watchers.clear();
+        // Cancels the accepting task (closing the listener) and every
+        // connection's task (closing its socket).
+        runtime.shutdown_timeout(Duration::from_secs(5));
     }
 
     /// Serves again on the same port, with the state it had and whatever
     /// changed while it was down.
     pub fn come_back(&self) {
-        let listener = TcpListener::bind(("127.0.0.1", self.port)).unwrap_or_else(|e| {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", self.port)).unwrap_or_else(|e| {
             panic!(
                 "the API server's port {} was taken while it was down: {e}",
                 self.port
             )
         });
-        self.state.lock().unwrap().down = false;
-        self.accept_on(listener);
+        self.serve_on(listener);
     }
 
     pub fn url(&self) -> String {
@@ -176,17 +334,8 @@ impl KubeApi {
         let mut st = self.state.lock().unwrap();
         st.resource_version += 1;
         object["metadata"]["resourceVersion"] = json!(st.resource_version.to_string());
-        let map = match kind {
-            Kind::Pods => &mut st.pods,
-            Kind::Namespaces => &mut st.namespaces,
-            Kind::DaemonSets => &mut st.daemonsets,
-        };
-        let event = if map.insert(key, object.clone()).is_some() {
-            "MODIFIED"
-        } else {
-            "ADDED"
-        };
-        notify(&mut st, kind, json!({"type": event, "object": object}));
+        let old = st.objects(kind).insert(key, object.clone());
+        st.notify(kind, old.as_ref(), Some(&object));
     }
 
     /// Adds or replaces a pod (keyed by its UID).
@@ -229,16 +378,15 @@ impl KubeApi {
     /// `namespace/name`, as `PATCH .../pods/<name>/status` does, returning
     /// the pod; `None` if there is no such pod.
     fn patch_pod(&self, namespace: &str, name: &str, patch: &Value) -> Option<Value> {
-        let key = {
+        let (key, mut pod) = {
             let st = self.state.lock().unwrap();
             st.pods
                 .iter()
                 .find(|(_, p)| {
                     p["metadata"]["namespace"] == namespace && p["metadata"]["name"] == name
                 })
-                .map(|(k, _)| k.clone())?
+                .map(|(k, p)| (k.clone(), p.clone()))?
         };
-        let mut pod = self.state.lock().unwrap().pods[&key].clone();
         if let Some(annotations) = patch["metadata"]["annotations"].as_object() {
             for (k, v) in annotations {
                 let current = &mut pod["metadata"]["annotations"];
@@ -252,8 +400,8 @@ impl KubeApi {
                 }
             }
         }
-        self.upsert(Kind::Pods, key, pod.clone());
-        Some(pod)
+        self.upsert(Kind::Pods, key.clone(), pod);
+        self.state.lock().unwrap().pods.get(&key).cloned()
     }
 
     pub fn delete_pod(&self, uid: &str) {
@@ -261,11 +409,7 @@ impl KubeApi {
         if let Some(mut pod) = st.pods.remove(uid) {
             st.resource_version += 1;
             pod["metadata"]["resourceVersion"] = json!(st.resource_version.to_string());
-            notify(
-                &mut st,
-                Kind::Pods,
-                json!({"type": "DELETED", "object": pod}),
-            );
+            st.notify(Kind::Pods, Some(&pod), None);
         }
     }
 
@@ -283,200 +427,210 @@ impl KubeApi {
     }
 }
 
-fn notify(st: &mut State, kind: Kind, event: Value) {
-    let line = event.to_string();
-    st.watchers.retain(|(scope, tx)| {
-        !scope.covers(kind, &event["object"]) || tx.send(Some(line.clone())).is_ok()
-    });
+/// The query parameters of a list or watch.
+#[derive(serde::Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct Params {
+    #[serde(default)]
+    watch: Option<String>,
+    #[serde(default)]
+    resource_version: Option<String>,
+    #[serde(default)]
+    field_selector: Option<String>,
+    #[serde(default)]
+    label_selector: Option<String>,
 }
 
-fn write_json(conn: &mut TcpStream, status: &str, body: &Value) -> std::io::Result<()> {
-    let body = body.to_string();
-    write!(
-        conn,
-        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
+fn not_found() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(json!({"kind": "Status", "code": 404})),
     )
+        .into_response()
 }
 
-fn write_chunk(conn: &mut TcpStream, line: &str) -> std::io::Result<()> {
-    let data = format!("{line}\n");
-    write!(conn, "{:x}\r\n{data}\r\n", data.len())?;
-    conn.flush()
+fn bad_request(message: String) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+            "message": message, "reason": "BadRequest", "code": 400}),
+        ),
+    )
+        .into_response()
 }
 
-/// One connection: requests until the client closes, or a watch stream
-/// until it ends.
-fn serve(conn: TcpStream, api: &KubeApi) {
-    let state = &*api.state;
-    let mut reader = BufReader::new(conn.try_clone().expect("clone the connection"));
-    let mut conn = conn;
-    loop {
-        let mut request_line = String::new();
-        if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
-            return;
-        }
-        // Headers, up to the blank line.
-        let mut content_length = 0;
-        loop {
-            let mut header = String::new();
-            if reader.read_line(&mut header).unwrap_or(0) == 0 {
-                return;
-            }
-            if header == "\r\n" || header == "\n" {
-                break;
-            }
-            if let Some((name, value)) = header.split_once(':')
-                && name.eq_ignore_ascii_case("content-length")
-            {
-                content_length = value.trim().parse().unwrap_or(0);
-            }
-        }
-        let mut body = vec![0; content_length];
-        if std::io::Read::read_exact(&mut reader, &mut body).is_err() {
-            return;
-        }
-        let method = request_line.split_whitespace().next().unwrap_or("GET");
-        let target = request_line
-            .split_whitespace()
-            .nth(1)
-            .unwrap_or("/")
-            .to_string();
-        let (path, query) = target.split_once('?').unwrap_or((&target, ""));
-        let params: BTreeMap<&str, &str> = query
-            .split('&')
-            .filter_map(|kv| kv.split_once('='))
-            .collect();
-        if method == "PATCH" {
-            let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
-            let patched = match parts.as_slice() {
-                ["api", "v1", "namespaces", ns, "pods", name, "status"] => {
-                    serde_json::from_slice(&body)
-                        .ok()
-                        .and_then(|patch: Value| api.patch_pod(ns, name, &patch))
-                }
-                _ => None,
-            };
-            let written = match patched {
-                Some(pod) => write_json(&mut conn, "200 OK", &pod),
-                None => write_json(
-                    &mut conn,
-                    "404 Not Found",
-                    &json!({"kind": "Status", "code": 404}),
-                ),
-            };
-            if written.is_err() {
-                return;
-            }
-            continue;
-        }
-        let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
-        let scope = match parts.as_slice() {
-            ["api", "v1", "pods"] => Scope {
-                kind: Kind::Pods,
-                namespace: None,
-            },
-            ["api", "v1", "namespaces"] => Scope {
-                kind: Kind::Namespaces,
-                namespace: None,
-            },
-            ["apis", "apps", "v1", "namespaces", ns, "daemonsets"] => Scope {
-                kind: Kind::DaemonSets,
-                namespace: Some(ns.to_string()),
-            },
-            _ => {
-                let _ = write_json(
-                    &mut conn,
-                    "404 Not Found",
-                    &json!({"kind": "Status", "code": 404}),
-                );
-                continue;
-            }
-        };
-        if params
-            .get("watch")
-            .is_some_and(|w| *w == "true" || *w == "1")
-        {
-            let from: u64 = params
-                .get("resourceVersion")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            watch(conn, state, scope, from);
-            return;
-        }
-        let st = state.lock().unwrap();
-        let (all, list_kind) = match scope.kind {
-            Kind::Pods => (&st.pods, "PodList"),
-            Kind::Namespaces => (&st.namespaces, "NamespaceList"),
-            Kind::DaemonSets => (&st.daemonsets, "DaemonSetList"),
-        };
-        let items: Vec<Value> = all
-            .values()
-            .filter(|o| scope.covers(scope.kind, o))
-            .cloned()
-            .collect();
-        let body = json!({
-            "kind": list_kind, "apiVersion": scope.kind.api_version(),
-            "metadata": {"resourceVersion": st.resource_version.to_string()},
-            "items": items,
-        });
-        drop(st);
-        if write_json(&mut conn, "200 OK", &body).is_err() {
-            return;
-        }
+async fn list_or_watch_pods(
+    Shared(api): Shared<KubeApi>,
+    Query(params): Query<Params>,
+) -> Response {
+    list_or_watch(&api, Kind::Pods, None, &params)
+}
+
+async fn list_or_watch_namespaces(
+    Shared(api): Shared<KubeApi>,
+    Query(params): Query<Params>,
+) -> Response {
+    list_or_watch(&api, Kind::Namespaces, None, &params)
+}
+
+async fn list_or_watch_daemonsets(
+    Shared(api): Shared<KubeApi>,
+    Path(ns): Path<String>,
+    Query(params): Query<Params>,
+) -> Response {
+    list_or_watch(&api, Kind::DaemonSets, Some(ns), &params)
+}
+
+async fn patch_pod_status(
+    Shared(api): Shared<KubeApi>,
+    Path((ns, name)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    let patched = serde_json::from_slice(&body)
+        .ok()
+        .and_then(|patch: Value| api.patch_pod(&ns, &name, &patch));
+    match patched {
+        Some(pod) => Json(pod).into_response(),
+        None => not_found(),
     }
 }
 
-fn watch(mut conn: TcpStream, state: &Mutex<State>, scope: Scope, from: u64) {
-    let (tx, rx): (Sender<Option<String>>, Receiver<Option<String>>) = mpsc::channel();
-    let (gone, rv) = {
-        let mut st = state.lock().unwrap();
-        let gone = from <= st.expired_below && st.expired_below > 0;
-        if !gone {
-            st.watchers.push((scope.clone(), tx));
-        }
-        (gone, st.resource_version)
+fn list_or_watch(
+    api: &KubeApi,
+    kind: Kind,
+    namespace: Option<String>,
+    params: &Params,
+) -> Response {
+    let scope = match Scope::new(kind, namespace, params) {
+        Ok(scope) => scope,
+        Err(message) => return bad_request(message),
     };
-    if write!(
-        conn,
-        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
-    )
-    .is_err()
+    if params
+        .watch
+        .as_deref()
+        .is_some_and(|w| w == "true" || w == "1")
     {
-        return;
+        let from: u64 = params
+            .resource_version
+            .as_deref()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        return watch(api, scope, from);
     }
-    if gone {
+    let mut st = api.state.lock().unwrap();
+    let resource_version = st.resource_version;
+    let items: Vec<Value> = st
+        .objects(kind)
+        .values()
+        .filter(|o| scope.covers(kind, o))
+        .cloned()
+        .collect();
+    Json(json!({
+        "kind": format!("{}List", kind.name()), "apiVersion": kind.api_version(),
+        "metadata": {"resourceVersion": resource_version.to_string()},
+        "items": items,
+    }))
+    .into_response()
+}
+
+fn watch(api: &KubeApi, scope: Scope, from: u64) -> Response {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut st = api.state.lock().unwrap();
+    let first = if from <= st.expired_below && st.expired_below > 0 {
         let status = json!({"type": "ERROR", "object": {
             "kind": "Status", "apiVersion": "v1", "status": "Failure",
             "message": "too old resource version", "reason": "Expired", "code": 410}});
-        let _ = write_chunk(&mut conn, &status.to_string());
-        let _ = write!(conn, "0\r\n\r\n");
-        return;
-    }
-    // A bookmark first, as a real server sends them from time to time.
-    let list_kind = match scope.kind {
-        Kind::Pods => "Pod",
-        Kind::Namespaces => "Namespace",
-        Kind::DaemonSets => "DaemonSet",
+        drop(tx);
+        status
+    } else {
+        st.watchers.push((scope.clone(), tx));
+        // A bookmark first, as a real server sends them from time to time.
+        json!({"type": "BOOKMARK", "object": {
+            "kind": scope.kind.name(), "apiVersion": scope.kind.api_version(),
+            "metadata": {"resourceVersion": st.resource_version.to_string()}}})
     };
-    let bookmark = json!({"type": "BOOKMARK", "object": {
-        "kind": list_kind, "apiVersion": scope.kind.api_version(),
-        "metadata": {"resourceVersion": rv.to_string()}}});
-    if write_chunk(&mut conn, &bookmark.to_string()).is_err() {
-        return;
+    drop(st);
+    // The first event, then each line the watch is sent until it ends
+    // (by the test, after 300 s, or with the server going down).
+    let lines = futures::stream::unfold(
+        (Some(first.to_string()), rx),
+        |(first, mut rx)| async move {
+            let line = match first {
+                Some(line) => line,
+                None => match tokio::time::timeout(Duration::from_secs(300), rx.recv()).await {
+                    Ok(Some(Some(line))) => line,
+                    _ => return None,
+                },
+            };
+            Some((Ok::<_, Infallible>(Bytes::from(line + "\n")), (None, rx)))
+        },
+    );
+    Response::builder()
+        .header("content-type", "application/json")
+        .body(Body::from_stream(lines))
+        .unwrap()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scope(fields: &str, labels: &str) -> Scope {
+        Scope::new(
+            Kind::Pods,
+            None,
+            &Params {
+                field_selector: Some(fields.into()),
+                label_selector: Some(labels.into()),
+                ..Params::default()
+            },
+        )
+        .unwrap()
     }
-    loop {
-        match rx.recv_timeout(Duration::from_secs(300)) {
-            Ok(Some(line)) => {
-                if write_chunk(&mut conn, &line).is_err() {
-                    return;
-                }
-            }
-            // Ended by the test (or timed out): close the stream.
-            Ok(None) | Err(_) => {
-                let _ = write!(conn, "0\r\n\r\n");
-                return;
-            }
+
+    #[test]
+    fn selectors_match_as_the_api_server_applies_them() {
+        let pod = json!({"metadata": {"name": "a", "namespace": "default",
+            "labels": {"app": "web", "tier": "front"}}, "spec": {"nodeName": "node-1"}});
+        for (fields, labels, matches) in [
+            ("", "", true),
+            ("spec.nodeName=node-1", "", true),
+            ("spec.nodeName=node-2", "", false),
+            ("spec.nodeName!=node-2,metadata.name==a", "", true),
+            ("", "app=web", true),
+            ("", "app!=web", false),
+            ("", "app in (db, web),tier", true),
+            ("", "app notin (web)", false),
+            ("", "!tier", false),
+            ("", "missing", false),
+            ("", "!missing", true),
+        ] {
+            assert_eq!(
+                scope(fields, labels).covers(Kind::Pods, &pod),
+                matches,
+                "{fields:?} {labels:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_unsupported_field_or_a_malformed_selector_is_refused() {
+        for (fields, labels) in [
+            ("spec.hostname=x", ""),
+            ("nodeName", ""),
+            ("", "app in web"),
+        ] {
+            let got = Scope::new(
+                Kind::Pods,
+                None,
+                &Params {
+                    field_selector: Some(fields.into()),
+                    label_selector: Some(labels.into()),
+                    ..Params::default()
+                },
+            );
+            assert!(got.is_err(), "{fields:?} {labels:?}");
         }
     }
 }

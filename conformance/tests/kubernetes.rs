@@ -426,3 +426,61 @@ fn a_daemon_restarted_while_the_api_server_is_down_keeps_kubernetes_pods_capture
     daemon.wait_for_mode(&kube_uid, Some("ambient"));
     assert_captured(&ztunnel, &kube_client, &to);
 }
+
+#[test]
+fn only_pods_scheduled_on_this_node_are_taken_from_the_api_server() {
+    // The API server filters by `spec.nodeName` as the daemon asks it to
+    // (a fieldSelector): a pod of another node never reaches this node's
+    // datapath, even one whose UID names a cgroup here.
+    let mut node = Node::new();
+    let (here_uid, elsewhere_uid) = (
+        ambridge_conformance::kubelet_pod_uid(),
+        ambridge_conformance::kubelet_pod_uid(),
+    );
+    for dir in ["kubepods", "kubepods/besteffort"] {
+        node.add_cgroup(dir);
+    }
+    let here = node.add_pod_in("here", &format!("kubepods/besteffort/pod{here_uid}"));
+    let elsewhere = node.add_pod_in(
+        "elsewhere",
+        &format!("kubepods/besteffort/pod{elsewhere_uid}"),
+    );
+    let api = KubeApi::start();
+    let ambient = json!({"istio.io/dataplane-mode": "ambient"});
+    api.put_namespace(namespace_json("default", json!({})));
+    api.put_pod(pod_json(&here, &here_uid, "default", ambient.clone()));
+    let mut other = pod_json(&elsewhere, &elsewhere_uid, "default", ambient.clone());
+    other["spec"]["nodeName"] = json!("node-2");
+    api.put_pod(other.clone());
+    let kubepods_parent = node.cgroup.display().to_string();
+    let daemon = Daemon::start_with(
+        &node,
+        &[
+            "--source",
+            "kubernetes",
+            "--node-name",
+            NODE,
+            "--kube-api",
+            &api.url(),
+            "--kubepods-parent",
+            &kubepods_parent,
+        ],
+    );
+    daemon.wait_for_mode(&here_uid, Some("ambient"));
+    let listed = |uid: &str| {
+        daemon
+            .api_json("pods")
+            .as_array()
+            .is_some_and(|pods| pods.iter().any(|p| p["uid"] == uid))
+    };
+    assert!(!listed(&elsewhere_uid), "{}", daemon.api_json("pods"));
+    // Rescheduled here, it arrives as the watch's ADDED; moved away again,
+    // as its DELETED.
+    other["spec"]["nodeName"] = json!(NODE);
+    api.put_pod(other.clone());
+    daemon.wait_for_mode(&elsewhere_uid, Some("ambient"));
+    other["spec"]["nodeName"] = json!("node-2");
+    api.put_pod(other);
+    daemon.wait_for_mode(&elsewhere_uid, None);
+    assert!(listed(&here_uid));
+}

@@ -32,7 +32,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ambridge_conformance::{Background, Daemon, Node, Pod, eventually, sandbox::iptables};
+mod control;
+
+use ambridge_conformance::{Background, Daemon, Node, Pod, sandbox::iptables};
 use clap::Parser;
 use serde_json::{Value, json};
 
@@ -149,7 +151,7 @@ struct Plan {
     /// Each sustained path runs once (in the first round), this long.
     sustained_ms: u64,
     bulk_bytes: usize,
-    pod_counts: Vec<usize>,
+    control: control::Plan,
     /// The groups measured.
     groups: Vec<&'static str>,
 }
@@ -164,7 +166,13 @@ impl Plan {
                 dns_ms: 300,
                 sustained_ms: 1_000,
                 bulk_bytes: 16 << 20,
-                pod_counts: vec![1_000],
+                control: control::Plan {
+                    pods: 1_000,
+                    repetitions: 1,
+                    events: 5,
+                    churn: Duration::from_secs(3),
+                    churn_rate: 100,
+                },
                 groups: Vec::new(),
             }
         } else {
@@ -175,7 +183,13 @@ impl Plan {
                 dns_ms: 1_500,
                 sustained_ms: 60_000,
                 bulk_bytes: 512 << 20,
-                pod_counts: vec![1_000, 10_000],
+                control: control::Plan {
+                    pods: 10_000,
+                    repetitions: 5,
+                    events: 100,
+                    churn: Duration::from_secs(60),
+                    churn_rate: 100,
+                },
                 groups: Vec::new(),
             }
         };
@@ -289,7 +303,8 @@ struct Bench {
     /// and their server, listening on every destination port.
     sustained_clients: BTreeMap<&'static str, Pod>,
     sustained_server: Pod,
-    node: Node,
+    /// Last: its pods' processes and the daemon go first.
+    _node: Node,
 }
 
 /// The YAML of one workload.
@@ -453,7 +468,7 @@ impl Bench {
             inbound_servers,
             sustained_clients,
             sustained_server,
-            node,
+            _node: node,
         }
     }
 
@@ -834,84 +849,6 @@ fn program_costs() -> Value {
     Value::Object(costs)
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-/// Time for the daemon to reach `want` cgroup entries.
-fn time_until_cgroups(daemon: &Daemon, want: u64, since: Instant) -> f64 {
-    eventually(Duration::from_secs(120), || {
-        (daemon.map_entries()["cgroups"] == want).then_some(())
-    })
-    .unwrap_or_else(|| {
-        panic!(
-            "the daemon never reached {want} cgroup entries: {:?}",
-            daemon.map_entries()
-        )
-    });
-    since.elapsed().as_secs_f64()
-}
-
-fn control_plane(bench: &mut Bench, plan: &Plan) -> Value {
-    let pid = bench.daemon.pid().expect("daemon running");
-    let idle_rss = rss_kib(pid);
-    let base = fs::read_to_string(bench.node.workloads_path()).expect("workloads file");
-    let base_entries = bench.daemon.map_entries()["cgroups"];
-    let max = *plan.pod_counts.iter().max().unwrap_or(&0);
-    bench.node.add_cgroup("cp");
-    let cgroups: Vec<PathBuf> = (0..max)
-        .map(|i| bench.node.add_cgroup(&format!("cp/p{i}")))
-        .collect();
-    let synthetic = |n: usize| {
-        let mut y = String::new();
-        for (i, cg) in cgroups.iter().take(n).enumerate() {
-            let _ = write!(
-                y,
-                "  - uid: cp-{i}\n    name: cp-{i}\n    namespace: bench\n    cgroup: {}\n    ips: [100.64.{}.{}]\n    mode: ambient\n",
-                cg.display(),
-                i / 250,
-                i % 250 + 1
-            );
-        }
-        y
-    };
-    let with = |extra: &str| base.replacen("ztunnel:", &format!("{extra}ztunnel:"), 1);
-    let mut apply = serde_json::Map::new();
-    let mut one_change = 0.0;
-    let mut loaded_rss = 0;
-    for &n in &plan.pod_counts {
-        // Back to the base state, then all n pods in one edit.
-        bench.node.write_workloads_text(&base);
-        time_until_cgroups(&bench.daemon, base_entries, Instant::now());
-        let text = with(&synthetic(n));
-        let t0 = Instant::now();
-        bench.node.write_workloads_text(&text);
-        let secs = time_until_cgroups(&bench.daemon, base_entries + n as u64, t0);
-        eprintln!("[bench] applied {n} pods in {secs:.3} s");
-        apply.insert(format!("apply_{n}_pods_s"), json!(secs));
-        if n == max {
-            loaded_rss = rss_kib(pid);
-            // One pod leaves: the file edit that reaches the kernel.
-            let t0 = Instant::now();
-            bench.node.write_workloads_text(&with(&synthetic(n - 1)));
-            one_change = time_until_cgroups(&bench.daemon, base_entries + n as u64 - 1, t0);
-        }
-    }
-    bench.node.write_workloads_text(&base);
-    json!({
-        "apply": apply,
-        "one_pod_change_s": one_change,
-        "rss_idle_kib": idle_rss,
-        "rss_loaded_kib": loaded_rss,
-        "loaded_pods": max,
-    })
-}
-
 fn machine() -> Value {
     let cpu = fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
@@ -1031,7 +968,7 @@ fn report(
             md.push('\n');
         }
     }
-    let _ = writeln!(md, "\nControl plane: {}", cp);
+    md += &control::markdown(cp);
     let json = json!({
         "machine": machine,
         "quick": quick,
@@ -1178,12 +1115,13 @@ fn main() {
     let stats_flag = Path::new("/proc/sys/kernel/bpf_stats_enabled");
     let stats_before = fs::read_to_string(stats_flag).unwrap_or_else(|_| "0".into());
     fs::write(stats_flag, "1").expect("enabling kernel.bpf_stats_enabled");
-    let mut bench = Bench::new();
+    let bench = Bench::new();
     bench.check_paths(&plan);
     let measured = measure(&bench, &plan);
     let costs = program_costs();
     fs::write(stats_flag, stats_before.trim()).expect("restoring kernel.bpf_stats_enabled");
-    let cp = control_plane(&mut bench, &plan);
+    drop(bench);
+    let cp = control::measure(&plan.control);
     let (mut json, mut md) = report(&measured, &cp, &machine(), &plan, args.quick);
     json["kernel_programs"] = costs.clone();
     let _ = writeln!(md, "\nKernel programs (runs, ns per run): {costs}");
