@@ -272,7 +272,9 @@ pub async fn run(
             &mesh,
             &last,
         );
-        if snap != last {
+        // The first snapshot goes out even when it is empty: a node with no
+        // pod yet has delivered all the same.
+        if snap != last || out.borrow().is_none() {
             last = snap.clone();
             if out.send(Some(snap)).is_err() {
                 return;

@@ -101,6 +101,9 @@ fn cpu_seconds(pid: u32) -> f64 {
 
 /// Median, min and max, in milliseconds.
 fn spread(mut secs: Vec<f64>) -> Value {
+    if secs.is_empty() {
+        return Value::Null;
+    }
     secs.sort_by(f64::total_cmp);
     let ms = |s: f64| (s * 1e5).round() / 100.0;
     json!({
@@ -113,6 +116,9 @@ fn spread(mut secs: Vec<f64>) -> Value {
 
 /// p50, p99 and max, in milliseconds.
 fn percentiles(mut secs: Vec<f64>) -> Value {
+    if secs.is_empty() {
+        return Value::Null;
+    }
     secs.sort_by(f64::total_cmp);
     let at = |q: f64| secs[((secs.len() as f64 - 1.0) * q).round() as usize];
     let ms = |s: f64| (s * 1e5).round() / 100.0;
@@ -157,7 +163,11 @@ impl FileNode {
     /// The file with pods `0..n` (less `missing`), pod `none` out of the
     /// mesh.
     fn write(&self, n: usize, missing: Option<usize>, none: Option<usize>) {
-        let mut y = String::from("workloads:\n");
+        let mut y = String::from(if n == 0 {
+            "workloads: []\n"
+        } else {
+            "workloads:\n"
+        });
         for (i, cg) in self.cgroups.iter().take(n).enumerate() {
             if Some(i) == missing {
                 continue;
@@ -371,6 +381,9 @@ pub fn measure(plan: &Plan) -> Value {
 
 /// The figures as Markdown.
 pub fn markdown(cp: &Value) -> String {
+    if cp.is_null() {
+        return String::new();
+    }
     let mut md = format!(
         "\nControl plane, {} pods (event to kernel map; median and range over fills, p50/p99/max over events):\n\n",
         cp["pods"]

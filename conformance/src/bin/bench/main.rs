@@ -51,7 +51,7 @@ struct Args {
     #[arg(long)]
     rounds: Option<usize>,
     /// Only these groups (comma-separated: outbound, inbound, dns,
-    /// sustained); every group by default.
+    /// sustained, control); every group by default.
     #[arg(long, value_delimiter = ',')]
     groups: Vec<String>,
 }
@@ -152,8 +152,10 @@ struct Plan {
     sustained_ms: u64,
     bulk_bytes: usize,
     control: control::Plan,
-    /// The groups measured.
+    /// The datapath groups measured.
     groups: Vec<&'static str>,
+    /// Whether the control plane is measured.
+    control_plane: bool,
 }
 
 impl Plan {
@@ -174,6 +176,7 @@ impl Plan {
                     churn_rate: 100,
                 },
                 groups: Vec::new(),
+                control_plane: false,
             }
         } else {
             Plan {
@@ -191,19 +194,25 @@ impl Plan {
                     churn_rate: 100,
                 },
                 groups: Vec::new(),
+                control_plane: false,
             }
         };
         if let Some(r) = args.rounds {
             plan.rounds = r.max(1);
         }
+        plan.control_plane = args.groups.is_empty();
         for name in &args.groups {
+            if name == "control" {
+                plan.control_plane = true;
+                continue;
+            }
             let group = GROUPS
                 .iter()
                 .find(|g| g.name == name)
                 .unwrap_or_else(|| panic!("--groups: no group {name:?}"));
             plan.groups.push(group.name);
         }
-        if plan.groups.is_empty() {
+        if args.groups.is_empty() {
             plan.groups = GROUPS.iter().map(|g| g.name).collect();
         }
         plan
@@ -682,6 +691,7 @@ type Spread = BTreeMap<String, (f64, f64)>;
 
 /// What one run measured: medians, spreads, and the 1-byte latency
 /// distribution of each outbound path.
+#[derive(Default)]
 struct Measured {
     figures: BTreeMap<Route, Figures>,
     spread: BTreeMap<Route, Spread>,
@@ -1115,13 +1125,19 @@ fn main() {
     let stats_flag = Path::new("/proc/sys/kernel/bpf_stats_enabled");
     let stats_before = fs::read_to_string(stats_flag).unwrap_or_else(|_| "0".into());
     fs::write(stats_flag, "1").expect("enabling kernel.bpf_stats_enabled");
-    let bench = Bench::new();
-    bench.check_paths(&plan);
-    let measured = measure(&bench, &plan);
-    let costs = program_costs();
+    let (measured, costs) = if plan.groups.is_empty() {
+        (Measured::default(), Value::Null)
+    } else {
+        let bench = Bench::new();
+        bench.check_paths(&plan);
+        (measure(&bench, &plan), program_costs())
+    };
     fs::write(stats_flag, stats_before.trim()).expect("restoring kernel.bpf_stats_enabled");
-    drop(bench);
-    let cp = control::measure(&plan.control);
+    let cp = if plan.control_plane {
+        control::measure(&plan.control)
+    } else {
+        Value::Null
+    };
     let (mut json, mut md) = report(&measured, &cp, &machine(), &plan, args.quick);
     json["kernel_programs"] = costs.clone();
     let _ = writeln!(md, "\nKernel programs (runs, ns per run): {costs}");
