@@ -58,6 +58,11 @@ impl Daemon {
             } else {
                 &["--resync-seconds", "1"][..]
             })
+            .args(if extra.contains(&"--full-resync-seconds") {
+                &[][..]
+            } else {
+                &["--full-resync-seconds", "1"][..]
+            })
             // The sandbox node's own netns plays the host's: its
             // addresses are the node's, exempt from inbound capture.
             .args(if extra.contains(&"--node-netns") {

@@ -6,7 +6,7 @@
 //! controller calls the datapath; [`crate::daemon`] feeds it.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
     path::{Path, PathBuf},
     time::Duration,
@@ -21,13 +21,13 @@ use crate::{
     datapath::Datapath,
     host::{
         cgroup,
-        netns::{AddressCache, CookieCache},
-        resolver::SystemResolver,
+        netns::Pass,
+        resolver::{HostCache, SystemResolver},
     },
     node::{
         desired::{self, Unresolved},
         merge,
-        spec::{NodeSpec, PodSpec, Readiness, Settings},
+        spec::{NodeSpec, PodCgroup, PodSpec, Readiness, Settings},
     },
     publish::{Publish, Reconciled, annotator::Annotator, zds},
     sources::{
@@ -68,6 +68,9 @@ pub struct Config {
     pub xds_source: bool,
     /// Where the node's own addresses are read (`--node-netns`).
     pub node_netns: Option<PathBuf>,
+    /// How often everything is looked up on the live system again (and the
+    /// kernel's maps read again), rather than taken as found before.
+    pub full_resync: Duration,
     /// With `--zds serve`: where the pods for ztunnel are published.
     pub zds: Option<ZdsLinks>,
     /// With `--zds serve` and Kubernetes: the redirection annotation.
@@ -112,7 +115,18 @@ pub struct Controller {
     xds: Option<xds::Snapshot>,
     /// Where Kubernetes and istiod disagree, as last logged.
     disagreements: BTreeSet<String>,
-    addresses: AddressCache,
+    /// What the passes found on the live system.
+    host: HostCache,
+    /// What the next reconcile looks up again on the live system (a full
+    /// pass also reads the kernel's maps again); a reconcile a source's
+    /// change starts takes what was found before but for its changed pods.
+    pass_due: Pass,
+    /// Each pod as the last reconcile saw it: a pod that differs now has
+    /// changed, and what was found about it is looked up again.
+    last_pods: HashMap<PodUid, PodSpec>,
+    /// How often a full pass is due, and when the last one was.
+    full_resync: Duration,
+    last_full_pass: std::time::Instant,
     /// With `--zds serve`: which pods ztunnel has.
     zds: Option<ZdsState>,
     /// Where every reconcile is published, in order: ZDS, the annotation,
@@ -130,7 +144,6 @@ pub struct Controller {
     /// cgroup must not contain.
     placed: Vec<PlacedPod>,
     unresolved: Vec<Unresolved>,
-    cookies: CookieCache,
     /// Where the node's own addresses are read (`--node-netns`).
     node_netns: Option<PathBuf>,
     /// The node's own addresses, as last read (every resync: they may
@@ -185,7 +198,11 @@ impl Controller {
             kube_is_source: config.kubernetes_source,
             xds: None,
             disagreements: BTreeSet::new(),
-            addresses: AddressCache::default(),
+            host: HostCache::default(),
+            pass_due: Pass::Full,
+            last_pods: HashMap::new(),
+            full_resync: config.full_resync,
+            last_full_pass: std::time::Instant::now(),
             zds,
             publishers,
             pushed_pods: BTreeMap::new(),
@@ -194,7 +211,6 @@ impl Controller {
             cni_waiters: Vec::new(),
             placed: Vec::new(),
             unresolved: Vec::new(),
-            cookies: CookieCache::default(),
             node_netns: config.node_netns,
             node_addresses: Vec::new(),
             view: config.view,
@@ -307,10 +323,17 @@ impl Controller {
         self.apply.at
     }
 
-    /// The periodic resync: re-reads the node's addresses; returns whether
-    /// to reconcile (not while a failed apply waits for its backoff).
+    /// The periodic resync: re-reads the node's addresses, and makes the
+    /// next reconcile a full pass when one is due; returns whether to
+    /// reconcile (not while a failed apply waits for its backoff).
     pub fn resync(&mut self) -> bool {
         self.refresh_node_addresses();
+        self.pass_due =
+            if self.pass_due == Pass::Full || self.last_full_pass.elapsed() >= self.full_resync {
+                Pass::Full
+            } else {
+                Pass::Retry
+            };
         self.apply.at.is_none()
     }
 }
@@ -571,12 +594,18 @@ impl Controller {
         let mut readiness = self.readiness(&spec);
         self.cross_check();
         let started = std::time::Instant::now();
+        let pass = std::mem::replace(&mut self.pass_due, Pass::Cached);
+        if pass == Pass::Full {
+            self.last_full_pass = std::time::Instant::now();
+            datapath.reread();
+        }
+        self.host.begin_pass(pass);
+        self.forget_changed_pods(&spec);
         let settings = &self.settings;
         let mut resolver = SystemResolver::new(
             &self.kubepods_parent,
             &self.node_addresses,
-            &mut self.cookies,
-            &mut self.addresses,
+            &mut self.host,
             &self.placed,
         );
         let mut desired = desired::desired(&spec, &readiness, settings, &mut resolver);
@@ -637,15 +666,15 @@ impl Controller {
             desired::retain_current(
                 &mut desired,
                 desired::Current {
-                    cgroups: datapath.cgroup_entries()?,
-                    netns: datapath.netns_entries()?,
-                    inbound: datapath.inbound_entries()?,
+                    cgroups: datapath.cgroup_entries()?.clone(),
+                    netns: datapath.netns_entries()?.clone(),
+                    inbound: datapath.inbound_entries()?.clone(),
                     inbound_netns: datapath.netns_links().clone(),
                 },
             );
         }
-        let cgroup_ops = desired::diff(&datapath.cgroup_entries()?, &desired.cgroups);
-        let netns_ops = desired::diff(&datapath.netns_entries()?, &desired.netns);
+        let cgroup_ops = desired::diff(datapath.cgroup_entries()?, &desired.cgroups);
+        let netns_ops = desired::diff(datapath.netns_entries()?, &desired.netns);
         // Namespaces first: a pod's binds are judged against its netns entry
         // as soon as its cgroup entry makes it known.
         datapath.apply_netns(&netns_ops)?;
@@ -656,8 +685,7 @@ impl Controller {
         }
         datapath.apply_cgroups(&cgroup_ops)?;
         let inbound_changes = self.apply_inbound(datapath, &desired)?;
-        self.cookies.retain_seen();
-        self.addresses.retain_seen();
+        self.host.end_pass();
         // After the maps: a pod leaving the mesh is handed its Del only once
         // its redirect entries are gone.
         let acknowledged = self.zds.as_ref().map(ZdsState::ready);
@@ -687,6 +715,43 @@ impl Controller {
 }
 
 impl Controller {
+    /// Forgets what was found on the live system about each pod that is
+    /// new, changed or gone since the last reconcile, and remembers the
+    /// pods as they are now.
+    fn forget_changed_pods(&mut self, spec: &NodeSpec) {
+        let now: HashMap<&PodUid, &PodSpec> = spec.pods.iter().map(|p| (&p.uid, p)).collect();
+        let changed: Vec<&PodSpec> = spec
+            .pods
+            .iter()
+            .filter(|p| self.last_pods.get(&p.uid) != Some(p))
+            .collect();
+        let gone: Vec<PodUid> = self
+            .last_pods
+            .keys()
+            .filter(|uid| !now.contains_key(uid))
+            .cloned()
+            .collect();
+        if changed.is_empty() && gone.is_empty() {
+            return;
+        }
+        let placed: HashMap<&PodUid, &Path> = self
+            .placed
+            .iter()
+            .map(|p| (&p.uid, p.cgroup.as_path()))
+            .collect();
+        for pod in &changed {
+            self.host.forget(&pod.uid, placed.get(&pod.uid).copied());
+            if let PodCgroup::Path(path) = &pod.cgroup {
+                self.host.forget(&pod.uid, Some(path));
+            }
+            self.last_pods.insert(pod.uid.clone(), (*pod).clone());
+        }
+        for uid in &gone {
+            self.host.forget(uid, placed.get(uid).copied());
+            self.last_pods.remove(uid);
+        }
+    }
+
     /// Brings inbound capture to `desired`: exempt sources first (so a
     /// probe is never refused on the way), then each new address's entry
     /// before its netns's link, and a leaving netns's link before its
@@ -696,17 +761,17 @@ impl Controller {
         datapath: &mut Datapath,
         desired: &desired::Desired,
     ) -> anyhow::Result<usize> {
-        let exempt_ops = desired::diff(&datapath.exempt_entries()?, &desired.exempt);
+        let exempt_ops = desired::diff(datapath.exempt_entries()?, &desired.exempt);
         datapath.apply_exempt(&exempt_ops)?;
         let (deletes, puts): (Vec<_>, Vec<_>) =
-            desired::diff(&datapath.inbound_entries()?, &desired.inbound)
+            desired::diff(datapath.inbound_entries()?, &desired.inbound)
                 .into_iter()
                 .partition(|op| matches!(op, desired::Op::Delete(_)));
         datapath.apply_inbound(&puts)?;
         let attached = datapath.netns_links().clone();
         let mut changes = exempt_ops.len() + puts.len() + deletes.len();
         for cookie in desired.inbound_netns.difference(&attached) {
-            let Some(ns) = self.cookies.namespace(cookie.0) else {
+            let Some(ns) = self.host.cookies.namespace(cookie.0) else {
                 continue;
             };
             match datapath.attach_inbound(*cookie, std::os::fd::AsFd::as_fd(ns)) {

@@ -42,7 +42,13 @@ pub struct Options {
     pub pins: Pins,
     pub workloads: PathBuf,
     pub settings: Settings,
+    /// How often the maps are checked against the node state, and pods not
+    /// (fully) found yet are looked for again.
     pub resync: Duration,
+    /// How often everything is looked up again on the live system and the
+    /// kernel's maps are read again (the safety net: a cgroup or sandbox
+    /// recreated, a map written by someone else).
+    pub full_resync: Duration,
     /// Where the local API listens.
     pub api_socket: PathBuf,
     /// Whether the workloads file is a source.
@@ -260,7 +266,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }
     let zds = match &opts.zds_socket {
         Some(_) => Some(ZdsLinks {
-            pinned: datapath.cgroup_entries()?,
+            pinned: datapath.cgroup_entries()?.clone(),
             publisher: zds::Publisher {
                 pods: zds_pods,
                 pods_complete: zds_pods_complete,
@@ -277,6 +283,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         kubernetes_source: opts.kubernetes.is_some(),
         xds_source: opts.xds.is_some(),
         node_netns: opts.node_netns.clone(),
+        full_resync: opts.full_resync,
         zds,
         annotator,
         view,

@@ -44,9 +44,16 @@ pub struct Run {
     /// turn it on where applications use non-blocking sockets.
     #[arg(long, value_enum, default_value = "off")]
     sockmap: Switch,
-    /// How often the maps are re-checked against the workloads.
+    /// How often the maps are re-checked against the workloads, and pods
+    /// not (fully) found yet are looked for again.
     #[arg(long, default_value = "5", value_name = "SECONDS")]
     resync_seconds: u64,
+    /// How often every pod's cgroup and sandbox are looked up again and the
+    /// kernel's maps read again, rather than taken as found before (a pod's
+    /// cgroup or sandbox recreated without any feed saying so is noticed
+    /// at the latest then).
+    #[arg(long, default_value = "60", value_name = "SECONDS")]
+    full_resync_seconds: u64,
     /// Unix socket of the local API (mode 0600, root only).
     #[arg(long, default_value = DEFAULT_API)]
     api_socket: PathBuf,
@@ -87,6 +94,7 @@ impl Run {
             original_src,
             sockmap,
             resync_seconds,
+            full_resync_seconds,
             api_socket,
             sources,
             node_name,
@@ -140,6 +148,7 @@ impl Run {
                 inbound_fail_closed: zds == Zds::Serve,
             },
             resync: Duration::from_secs(resync_seconds.max(1)),
+            full_resync: Duration::from_secs(full_resync_seconds.max(1)),
             api_socket,
             file_source: sources.contains(&Source::File),
             kubernetes,

@@ -107,6 +107,15 @@ const CONFIG_MAPS: [&str; 5] = [
     map_names::EXEMPT,
 ];
 
+/// Copies of the daemon-written maps; `None` until read (again).
+#[derive(Default)]
+struct Mirror {
+    cgroups: Option<BTreeMap<CgroupId, CgroupInfo>>,
+    netns: Option<BTreeMap<NetnsCookie, NetnsInfo>>,
+    inbound: Option<BTreeMap<IpAddr, InboundTarget>>,
+    exempt: Option<BTreeMap<IpNet, u32>>,
+}
+
 /// The loaded datapath, with handles on the maps the daemon writes.
 pub struct Datapath {
     cgroups: HashMap<MapData, u64, CgroupInfo>,
@@ -122,6 +131,11 @@ pub struct Datapath {
     fresh_config: bool,
     /// Links of an earlier run are pinned: a datapath is serving already.
     running: bool,
+    /// What the daemon-written maps hold, as last read or written: only
+    /// this daemon writes them (one at a time, by the pins' lock), so a
+    /// diff is against this copy, and [`Self::reread`] refreshes it from
+    /// the kernel.
+    mirror: Mirror,
     // Keeps program fds (and the object's other maps) open while the daemon
     // runs; the pinned links keep them alive after it exits.
     ebpf: Ebpf,
@@ -171,6 +185,7 @@ impl Datapath {
             pins: pins.clone(),
             fresh_config,
             running,
+            mirror: Mirror::default(),
             ebpf,
         })
     }
@@ -249,14 +264,26 @@ impl Datapath {
         Ok(())
     }
 
-    /// What the kernel's cgroup map holds now.
-    pub fn cgroup_entries(&self) -> Result<BTreeMap<CgroupId, CgroupInfo>, Error> {
-        entries(&self.cgroups, map_names::CGROUPS, CgroupId)
+    /// Forgets the copies of the maps: the next look reads the kernel's
+    /// (the periodic full resync, a safety net against any other writer).
+    pub fn reread(&mut self) {
+        self.mirror = Mirror::default();
     }
 
-    /// What the kernel's netns map holds now.
-    pub fn netns_entries(&self) -> Result<BTreeMap<NetnsCookie, NetnsInfo>, Error> {
-        entries(&self.netns, map_names::NETNS, NetnsCookie)
+    /// What the kernel's cgroup map holds.
+    pub fn cgroup_entries(&mut self) -> Result<&BTreeMap<CgroupId, CgroupInfo>, Error> {
+        if self.mirror.cgroups.is_none() {
+            self.mirror.cgroups = Some(entries(&self.cgroups, map_names::CGROUPS, CgroupId)?);
+        }
+        Ok(self.mirror.cgroups.as_ref().expect("read above"))
+    }
+
+    /// What the kernel's netns map holds.
+    pub fn netns_entries(&mut self) -> Result<&BTreeMap<NetnsCookie, NetnsInfo>, Error> {
+        if self.mirror.netns.is_none() {
+            self.mirror.netns = Some(entries(&self.netns, map_names::NETNS, NetnsCookie)?);
+        }
+        Ok(self.mirror.netns.as_ref().expect("read above"))
     }
 
     /// Writes the node settings if they differ from what the kernel holds;
@@ -272,39 +299,56 @@ impl Datapath {
 
     /// Applies cgroup map operations from [`crate::node::desired::diff`].
     pub fn apply_cgroups(&mut self, ops: &[Op<CgroupId, CgroupInfo>]) -> Result<(), Error> {
-        apply(&mut self.cgroups, map_names::CGROUPS, ops, |id| id.0)
+        let applied = apply(&mut self.cgroups, map_names::CGROUPS, ops, |id| id.0);
+        follow(&mut self.mirror.cgroups, ops, &applied);
+        applied
     }
 
     /// Applies netns map operations from [`crate::node::desired::diff`].
     pub fn apply_netns(&mut self, ops: &[Op<NetnsCookie, NetnsInfo>]) -> Result<(), Error> {
-        apply(&mut self.netns, map_names::NETNS, ops, |c| c.0)
+        let applied = apply(&mut self.netns, map_names::NETNS, ops, |c| c.0);
+        follow(&mut self.mirror.netns, ops, &applied);
+        applied
     }
 
-    /// What the kernel's inbound capture map holds now.
-    pub fn inbound_entries(&self) -> Result<BTreeMap<IpAddr, InboundTarget>, Error> {
-        self.inbound
-            .iter()
-            .map(|r| r.map(|(k, v)| (ip_from_key(&k), v)))
-            .collect::<Result<_, _>>()
-            .map_err(map_err(map_names::INBOUND))
+    /// What the kernel's inbound capture map holds.
+    pub fn inbound_entries(&mut self) -> Result<&BTreeMap<IpAddr, InboundTarget>, Error> {
+        if self.mirror.inbound.is_none() {
+            let read = self
+                .inbound
+                .iter()
+                .map(|r| r.map(|(k, v)| (ip_from_key(&k), v)))
+                .collect::<Result<_, _>>()
+                .map_err(map_err(map_names::INBOUND))?;
+            self.mirror.inbound = Some(read);
+        }
+        Ok(self.mirror.inbound.as_ref().expect("read above"))
     }
 
     /// Applies inbound capture map operations.
     pub fn apply_inbound(&mut self, ops: &[Op<IpAddr, InboundTarget>]) -> Result<(), Error> {
-        apply(&mut self.inbound, map_names::INBOUND, ops, ip_key)
+        let applied = apply(&mut self.inbound, map_names::INBOUND, ops, ip_key);
+        follow(&mut self.mirror.inbound, ops, &applied);
+        applied
     }
 
-    /// What the kernel's exempt-source trie holds now.
-    pub fn exempt_entries(&self) -> Result<BTreeMap<IpNet, u32>, Error> {
-        self.exempt
-            .iter()
-            .map(|r| r.map(|(k, v)| (prefix_from_key(&k), v)))
-            .collect::<Result<_, _>>()
-            .map_err(map_err(map_names::EXEMPT))
+    /// What the kernel's exempt-source trie holds.
+    pub fn exempt_entries(&mut self) -> Result<&BTreeMap<IpNet, u32>, Error> {
+        if self.mirror.exempt.is_none() {
+            let read = self
+                .exempt
+                .iter()
+                .map(|r| r.map(|(k, v)| (prefix_from_key(&k), v)))
+                .collect::<Result<_, _>>()
+                .map_err(map_err(map_names::EXEMPT))?;
+            self.mirror.exempt = Some(read);
+        }
+        Ok(self.mirror.exempt.as_ref().expect("read above"))
     }
 
     /// Applies exempt-source operations.
     pub fn apply_exempt(&mut self, ops: &[Op<IpNet, u32>]) -> Result<(), Error> {
+        let mut applied = Ok(());
         for op in ops {
             let result = match *op {
                 Op::Put(net, reason) => self.exempt.insert(&prefix_key(net), reason, 0),
@@ -313,9 +357,13 @@ impl Datapath {
                     other => other,
                 },
             };
-            result.map_err(map_err(map_names::EXEMPT))?;
+            if let Err(e) = result {
+                applied = Err(map_err(map_names::EXEMPT)(e));
+                break;
+            }
         }
-        Ok(())
+        follow(&mut self.mirror.exempt, ops, &applied);
+        applied
     }
 
     /// The pod network namespaces inbound capture is attached to.
@@ -482,6 +530,32 @@ fn entries<K: Ord, V: Pod>(
         .map(|r| r.map(|(k, v)| (key(k), v)))
         .collect::<Result<_, _>>()
         .map_err(map_err(name))
+}
+
+/// Brings a map's copy along with `ops`, once they were applied; after a
+/// failure part of them may be, so the copy is forgotten (read again next
+/// time).
+fn follow<K: Ord + Copy, V: Copy>(
+    copy: &mut Option<BTreeMap<K, V>>,
+    ops: &[Op<K, V>],
+    applied: &Result<(), Error>,
+) {
+    if applied.is_err() {
+        *copy = None;
+        return;
+    }
+    if let Some(copy) = copy {
+        for op in ops {
+            match *op {
+                Op::Put(k, v) => {
+                    copy.insert(k, v);
+                }
+                Op::Delete(k) => {
+                    copy.remove(&k);
+                }
+            }
+        }
+    }
 }
 
 fn apply<K: Copy, R: Pod, V: Pod>(

@@ -326,15 +326,18 @@ pub fn find_pod_cgroup(parent: &Path, pod_uid: &str) -> io::Result<PathBuf> {
         .into_iter()
         .map(|relative| parent.join(relative))
         .find(|path| path.is_dir())
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::NotFound,
-                format!(
-                    "no cgroup for pod {pod_uid} under {} (looked for the cgroupfs and systemd layouts of every QoS class)",
-                    parent.display()
-                ),
-            )
-        })
+        .ok_or_else(|| pod_cgroup_missing(parent, pod_uid))
+}
+
+/// The error of [`find_pod_cgroup`] finding no cgroup for `pod_uid`.
+pub fn pod_cgroup_missing(parent: &Path, pod_uid: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotFound,
+        format!(
+            "no cgroup for pod {pod_uid} under {} (looked for the cgroupfs and systemd layouts of every QoS class)",
+            parent.display()
+        ),
+    )
 }
 
 /// Whether `uid` has the shape of a Kubernetes UID (a UUID), so it can be

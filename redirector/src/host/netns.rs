@@ -8,7 +8,7 @@
 //! enters the namespace, so the daemon's own threads never change netns.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap, HashSet},
     fs, io,
     net::IpAddr,
     os::{fd::AsRawFd, unix::fs::MetadataExt},
@@ -260,6 +260,28 @@ fn in_netns<T: Send>(
 /// [`Self::retain_seen`] drops its entry.
 pub struct NsCache<T> {
     by_ns: HashMap<(u64, u64), Held<T>>,
+    /// The namespace each cgroup's sandbox was found in, by the last full
+    /// pass (or since): a light pass takes it from here instead of
+    /// looking for the sandbox process again.
+    sandboxes: HashMap<PathBuf, (u64, u64)>,
+    /// Cgroups found with no process yet, until the next pass that looks
+    /// again.
+    no_sandbox: HashSet<PathBuf>,
+    /// What this pass takes as found before.
+    pass: Pass,
+}
+
+/// How much of what was found before a pass takes as it was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    /// Everything is looked up again (a cgroup or a sandbox may have been
+    /// recreated).
+    Full,
+    /// What was found stands; what was not found yet is looked for again.
+    Retry,
+    /// Everything found or not found stands, but for the pods whose state
+    /// changed (see [`NsCache::forget`]): the pass a source's change starts.
+    Cached,
 }
 
 struct Held<T> {
@@ -274,6 +296,9 @@ impl<T> Default for NsCache<T> {
     fn default() -> Self {
         Self {
             by_ns: HashMap::new(),
+            sandboxes: HashMap::new(),
+            no_sandbox: HashSet::new(),
+            pass: Pass::Full,
         }
     }
 }
@@ -304,7 +329,23 @@ impl<T: Clone> NsCache<T> {
     where
         T: Send,
     {
+        if let NetnsAt::SandboxOf(cgroup) = at
+            && self.pass != Pass::Full
+        {
+            if let Some(id) = self.sandboxes.get(cgroup)
+                && let Some(held) = self.by_ns.get_mut(id)
+            {
+                held.seen = true;
+                return Ok(Some((*id, held.value.clone())));
+            }
+            if self.pass == Pass::Cached && self.no_sandbox.contains(cgroup) {
+                return Ok(None);
+            }
+        }
         let Some(netns) = at.path()? else {
+            if let NetnsAt::SandboxOf(cgroup) = at {
+                self.no_sandbox.insert(cgroup.to_path_buf());
+            }
             return Ok(None);
         };
         let ns = match open_netns(&netns) {
@@ -329,6 +370,9 @@ impl<T: Clone> NsCache<T> {
         }
         let value = in_netns(&ns, &netns, || load(&netns))?;
         if keep(&value) {
+            if let NetnsAt::SandboxOf(cgroup) = at {
+                self.sandboxes.insert(cgroup.to_path_buf(), id);
+            }
             self.by_ns.insert(
                 id,
                 Held {
@@ -347,6 +391,30 @@ impl<T: Clone> NsCache<T> {
     /// sandbox.
     pub fn retain_seen(&mut self) {
         self.by_ns.retain(|_, held| std::mem::take(&mut held.seen));
+        let held = &self.by_ns;
+        self.sandboxes.retain(|_, id| held.contains_key(id));
+    }
+
+    /// Starts a pass over the pods: a full one finds every sandbox again
+    /// (one may have been recreated, in a new namespace); a light one takes
+    /// the sandboxes found before as they were.
+    pub fn begin_pass(&mut self, pass: Pass) {
+        self.pass = pass;
+        match pass {
+            Pass::Full => {
+                self.sandboxes.clear();
+                self.no_sandbox.clear();
+            }
+            Pass::Retry => self.no_sandbox.clear(),
+            Pass::Cached => {}
+        }
+    }
+
+    /// Forgets what was found about `cgroup`'s sandbox: its pod's state
+    /// changed, so the next pass looks again.
+    pub fn forget(&mut self, cgroup: &Path) {
+        self.sandboxes.remove(cgroup);
+        self.no_sandbox.remove(cgroup);
     }
 }
 
@@ -383,6 +451,16 @@ impl CookieCache {
         let held = &self.cache.by_ns;
         self.by_cookie.retain(|_, id| held.contains_key(id));
     }
+
+    /// See [`NsCache::begin_pass`].
+    pub fn begin_pass(&mut self, pass: Pass) {
+        self.cache.begin_pass(pass);
+    }
+
+    /// See [`NsCache::forget`].
+    pub fn forget(&mut self, cgroup: &Path) {
+        self.cache.forget(cgroup);
+    }
 }
 
 /// Interface addresses of cgroups' network namespaces (see [`addresses`]).
@@ -402,6 +480,16 @@ impl AddressCache {
     /// See [`NsCache::retain_seen`].
     pub fn retain_seen(&mut self) {
         self.0.retain_seen();
+    }
+
+    /// See [`NsCache::begin_pass`].
+    pub fn begin_pass(&mut self, pass: Pass) {
+        self.0.begin_pass(pass);
+    }
+
+    /// See [`NsCache::forget`].
+    pub fn forget(&mut self, cgroup: &Path) {
+        self.0.forget(cgroup);
     }
 }
 

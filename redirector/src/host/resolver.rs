@@ -1,14 +1,25 @@
 //! [`Resolve`] answered from the live system: cgroupfs, and the network
-//! namespaces of the pods' sandbox processes.
+//! namespaces of the pods' sandbox processes, with what was found kept in
+//! a [`HostCache`] between reconciles.
+//!
+//! A change to one pod should cost work for that pod, not for the node. A
+//! pass of the kind [`Pass::Cached`] (every reconcile a source's change
+//! starts) takes what was found, or found missing, as it was, except for
+//! the pods whose state changed ([`HostCache::forget`]); a [`Pass::Retry`]
+//! (each resync) looks again for what was not found yet (a pod cgroup not
+//! created yet, a sandbox with no process yet); a [`Pass::Full`] (the
+//! periodic full resync) looks everything up again: a cgroup or a sandbox
+//! may have been recreated since.
 
 use std::{
+    collections::{HashMap, HashSet},
     net::IpAddr,
     path::{Path, PathBuf},
 };
 
 use super::{
     cgroup,
-    netns::{self, AddressCache, AddressIndex, Claim, CookieCache, NetnsAt},
+    netns::{self, AddressCache, AddressIndex, Claim, CookieCache, NetnsAt, Pass},
 };
 use crate::{
     node::desired::Resolve,
@@ -16,12 +27,81 @@ use crate::{
     types::{CgroupId, NetnsCookie, PodUid},
 };
 
+/// What the passes found, kept between reconciles.
+pub struct HostCache {
+    pub cookies: CookieCache,
+    pub addresses: AddressCache,
+    /// Pod cgroups found by UID.
+    pod_cgroups: HashMap<PodUid, PathBuf>,
+    /// Pods whose cgroup was not found, until a pass looks again.
+    missing: HashSet<PodUid>,
+    /// Cgroup ids by directory.
+    ids: HashMap<PathBuf, CgroupId>,
+    pass: Pass,
+}
+
+impl HostCache {
+    /// Starts a pass over the pods (see the module docs).
+    pub fn begin_pass(&mut self, pass: Pass) {
+        self.pass = pass;
+        match pass {
+            Pass::Full => {
+                self.pod_cgroups.clear();
+                self.missing.clear();
+                self.ids.clear();
+            }
+            Pass::Retry => self.missing.clear(),
+            Pass::Cached => {}
+        }
+        self.cookies.begin_pass(pass);
+        self.addresses.begin_pass(pass);
+    }
+
+    /// Forgets what was found about the pod `uid` (on `cgroup`, where it
+    /// was placed or named): its state changed, so the next pass looks
+    /// again.
+    pub fn forget(&mut self, uid: &PodUid, cgroup: Option<&Path>) {
+        self.missing.remove(uid);
+        if let Some(found) = self.pod_cgroups.remove(uid) {
+            self.forget_cgroup(&found);
+        }
+        if let Some(cgroup) = cgroup {
+            self.forget_cgroup(cgroup);
+        }
+    }
+
+    fn forget_cgroup(&mut self, cgroup: &Path) {
+        self.ids.remove(cgroup);
+        self.cookies.forget(cgroup);
+        self.addresses.forget(cgroup);
+    }
+
+    /// Ends a pass: the namespaces it did not ask for belong to pods that
+    /// are gone or have a new sandbox, and are let go.
+    pub fn end_pass(&mut self) {
+        self.cookies.retain_seen();
+        self.addresses.retain_seen();
+    }
+}
+
+impl Default for HostCache {
+    fn default() -> Self {
+        Self {
+            cookies: CookieCache::default(),
+            addresses: AddressCache::default(),
+            pod_cgroups: HashMap::new(),
+            missing: HashSet::new(),
+            ids: HashMap::new(),
+            pass: Pass::Full,
+        }
+    }
+}
+
 /// Resolves against the live system: cgroupfs and the pods' processes.
 pub struct SystemResolver<'a> {
     kubepods_parent: &'a Path,
     node_addresses: &'a [IpAddr],
-    cookies: &'a mut CookieCache,
-    addresses: &'a mut AddressCache,
+    cache: &'a mut HostCache,
     /// Pod cgroups by the addresses of their netns, listed at the first
     /// lookup of a reconcile.
     by_address: Option<AddressIndex>,
@@ -37,15 +117,13 @@ impl<'a> SystemResolver<'a> {
     pub fn new(
         kubepods_parent: &'a Path,
         node_addresses: &'a [IpAddr],
-        cookies: &'a mut CookieCache,
-        addresses: &'a mut AddressCache,
+        cache: &'a mut HostCache,
         placed_before: &'a [PlacedPod],
     ) -> Self {
         Self {
             kubepods_parent,
             node_addresses,
-            cookies,
-            addresses,
+            cache,
             by_address: None,
             placed_before,
         }
@@ -57,7 +135,7 @@ impl<'a> SystemResolver<'a> {
             for (_, pod_cgroup) in cgroup::list_pod_cgroups(self.kubepods_parent)? {
                 // A pod without processes (or just gone) has no netns to
                 // look at; it is found at a later reconcile.
-                if let Ok(Some(ips)) = self.addresses.of(NetnsAt::SandboxOf(&pod_cgroup)) {
+                if let Ok(Some(ips)) = self.cache.addresses.of(NetnsAt::SandboxOf(&pod_cgroup)) {
                     for ip in ips {
                         index.entry(ip).or_default().insert(pod_cgroup.clone());
                     }
@@ -71,7 +149,24 @@ impl<'a> SystemResolver<'a> {
 
 impl Resolve for SystemResolver<'_> {
     fn pod_cgroup(&mut self, uid: &PodUid) -> std::io::Result<PathBuf> {
-        cgroup::find_pod_cgroup(self.kubepods_parent, &uid.0)
+        if let Some(path) = self.cache.pod_cgroups.get(uid) {
+            return Ok(path.clone());
+        }
+        let cached_missing = self.cache.pass == Pass::Cached && self.cache.missing.contains(uid);
+        let found = if cached_missing {
+            Err(cgroup::pod_cgroup_missing(self.kubepods_parent, &uid.0))
+        } else {
+            cgroup::find_pod_cgroup(self.kubepods_parent, &uid.0)
+        };
+        match &found {
+            Ok(path) => {
+                self.cache.pod_cgroups.insert(uid.clone(), path.clone());
+            }
+            Err(_) => {
+                self.cache.missing.insert(uid.clone());
+            }
+        }
+        found
     }
 
     fn pod_cgroup_by_address(&mut self, uid: &PodUid, ips: &[IpAddr]) -> std::io::Result<Claim> {
@@ -84,15 +179,20 @@ impl Resolve for SystemResolver<'_> {
     }
 
     fn cgroup_id(&mut self, cgroup: &Path) -> std::io::Result<CgroupId> {
-        cgroup::cgroup_id(cgroup)
+        if let Some(id) = self.cache.ids.get(cgroup) {
+            return Ok(*id);
+        }
+        let id = cgroup::cgroup_id(cgroup)?;
+        self.cache.ids.insert(cgroup.to_path_buf(), id);
+        Ok(id)
     }
 
     fn netns_cookie(&mut self, at: NetnsAt) -> std::io::Result<Option<NetnsCookie>> {
-        Ok(self.cookies.of(at)?.map(NetnsCookie))
+        Ok(self.cache.cookies.of(at)?.map(NetnsCookie))
     }
 
     fn netns_addresses(&mut self, at: NetnsAt) -> std::io::Result<Option<Vec<IpAddr>>> {
-        self.addresses.of(at)
+        self.cache.addresses.of(at)
     }
 
     fn node_addresses(&mut self) -> Vec<IpAddr> {
