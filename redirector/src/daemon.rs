@@ -319,8 +319,6 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             Some(()) = changed.recv() => {
-                // Editors write in several steps; let them finish.
-                tokio::time::sleep(Duration::from_millis(50)).await;
                 while changed.try_recv().is_ok() {}
                 if node.file_changed(&opts.workloads) {
                     node.reconcile(&mut datapath);

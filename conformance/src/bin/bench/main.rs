@@ -54,6 +54,9 @@ struct Args {
     /// sustained, control); every group by default.
     #[arg(long, value_delimiter = ',')]
     groups: Vec<String>,
+    /// Pods of the control-plane node [default: 10,000; 1,000 quick].
+    #[arg(long)]
+    control_pods: Option<usize>,
 }
 
 /// A group of paths measured alike and reported in one table.
@@ -199,6 +202,9 @@ impl Plan {
         };
         if let Some(r) = args.rounds {
             plan.rounds = r.max(1);
+        }
+        if let Some(n) = args.control_pods {
+            plan.control.pods = n.max(1);
         }
         plan.control_plane = args.groups.is_empty();
         for name in &args.groups {

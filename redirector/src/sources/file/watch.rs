@@ -8,10 +8,12 @@ use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 
 /// Watches the directory holding `file` (editors and ConfigMap mounts replace
-/// files by rename) and signals `tx` when the file may have changed: a
-/// write, create, rename or removal of the file itself or of a ConfigMap
-/// mount's `..`-named entries. Reads (the daemon's own included) and other
-/// files of the directory are not changes.
+/// files by rename) and signals `tx` when the file has changed, complete:
+/// written and closed, renamed into place (or a ConfigMap mount's
+/// `..`-named entries swapped), created as a symlink, or removed. A write
+/// in progress, reads (the daemon's own included) and other files of the
+/// directory are not changes, so a change is read at once, never half
+/// written.
 pub fn watch(file: &Path, tx: mpsc::Sender<()>) -> anyhow::Result<notify::RecommendedWatcher> {
     let dir = file
         .parent()
@@ -22,7 +24,11 @@ pub fn watch(file: &Path, tx: mpsc::Sender<()>) -> anyhow::Result<notify::Recomm
         let Ok(event) = event else {
             return;
         };
-        if changes_the_file(&event, name.as_deref()) {
+        let is_symlink = |p: &Path| {
+            p.symlink_metadata()
+                .is_ok_and(|m| m.file_type().is_symlink())
+        };
+        if changes_the_file(&event, name.as_deref(), is_symlink) {
             // A full channel already holds a pending reload.
             let _ = tx.try_send(());
         }
@@ -34,20 +40,27 @@ pub fn watch(file: &Path, tx: mpsc::Sender<()>) -> anyhow::Result<notify::Recomm
     Ok(watcher)
 }
 
-/// Whether a watch event in the file's directory may have changed the file
-/// named `name`.
-fn changes_the_file(event: &notify::Event, name: Option<&std::ffi::OsStr>) -> bool {
-    use notify::event::{AccessKind, AccessMode, EventKind};
-    let kind = matches!(
-        event.kind,
-        EventKind::Create(_)
-            | EventKind::Modify(_)
-            | EventKind::Remove(_)
-            | EventKind::Access(AccessKind::Close(AccessMode::Write))
-    );
-    kind && event.paths.iter().any(|p| {
+/// Whether a watch event in the file's directory completed a change of the
+/// file named `name` (`is_symlink` tells a created symlink, complete at
+/// once, from a created file, complete when its writer closes it).
+fn changes_the_file(
+    event: &notify::Event,
+    name: Option<&std::ffi::OsStr>,
+    is_symlink: impl Fn(&Path) -> bool,
+) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+    let names_it = |p: &Path, swap_too: bool| {
         let entry = p.file_name();
-        entry == name || entry.is_some_and(|e| e.as_encoded_bytes().starts_with(b".."))
+        entry == name
+            || (swap_too && entry.is_some_and(|e| e.as_encoded_bytes().starts_with(b"..")))
+    };
+    event.paths.iter().any(|p| match event.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) | EventKind::Remove(_) => {
+            names_it(p, false)
+        }
+        EventKind::Modify(ModifyKind::Name(_)) => names_it(p, true),
+        EventKind::Create(_) => names_it(p, false) && is_symlink(p),
+        _ => false,
     })
 }
 
@@ -64,29 +77,34 @@ mod tests {
     }
 
     #[test]
-    fn reading_the_file_is_not_a_change_but_writing_renaming_or_a_configmap_swap_is() {
+    fn a_change_counts_once_complete_never_while_it_is_being_written() {
         let name = Some(OsStr::new("workloads.yaml"));
         let open = EventKind::Access(AccessKind::Open(AccessMode::Any));
         let read_done = EventKind::Access(AccessKind::Close(AccessMode::Read));
         let written = EventKind::Access(AccessKind::Close(AccessMode::Write));
         let renamed = EventKind::Modify(ModifyKind::Name(notify::event::RenameMode::To));
-        for (kind, path, change) in [
-            (open, "/d/workloads.yaml", false),
-            (read_done, "/d/workloads.yaml", false),
-            (written, "/d/workloads.yaml", true),
-            (renamed, "/d/workloads.yaml", true),
-            (
-                EventKind::Create(CreateKind::File),
-                "/d/workloads.yaml",
-                true,
-            ),
+        let writing = EventKind::Modify(ModifyKind::Data(notify::event::DataChange::Any));
+        let created = EventKind::Create(CreateKind::Any);
+        let removed = EventKind::Remove(notify::event::RemoveKind::Any);
+        for (kind, path, symlink, change) in [
+            (open, "/d/workloads.yaml", false, false),
+            (read_done, "/d/workloads.yaml", false, false),
+            // Created and being written: complete only when closed.
+            (created, "/d/workloads.yaml", false, false),
+            (writing, "/d/workloads.yaml", false, false),
+            (written, "/d/workloads.yaml", false, true),
+            (renamed, "/d/workloads.yaml", false, true),
+            (removed, "/d/workloads.yaml", false, true),
+            // `ln -sf`: a symlink is complete when created.
+            (created, "/d/workloads.yaml", true, true),
             // Another file of the directory (the API socket, say).
-            (EventKind::Create(CreateKind::File), "/d/api.sock", false),
+            (created, "/d/api.sock", true, false),
+            (written, "/d/other.yaml", false, false),
             // A ConfigMap mount swaps its `..data` link.
-            (renamed, "/d/..data", true),
+            (renamed, "/d/..data", false, true),
         ] {
             assert_eq!(
-                changes_the_file(&event(kind, path), name),
+                changes_the_file(&event(kind, path), name, |_| symlink),
                 change,
                 "{kind:?} {path}"
             );
