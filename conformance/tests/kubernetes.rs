@@ -52,6 +52,25 @@ fn daemonset_owner(uid: &str, controller: bool) -> Value {
            "controller": controller})
 }
 
+/// The daemon with Kubernetes as its only source, `api` its API server and
+/// `node`'s cgroup the kubelet's pod parent.
+fn kubernetes_daemon(node: &Node, api: &KubeApi) -> Daemon {
+    let kubepods_parent = node.cgroup.display().to_string();
+    Daemon::start_with(
+        node,
+        &[
+            "--source",
+            "kubernetes",
+            "--node-name",
+            NODE,
+            "--kube-api",
+            &api.url(),
+            "--kubepods-parent",
+            &kubepods_parent,
+        ],
+    )
+}
+
 #[test]
 fn the_kubernetes_feed_drives_the_datapath_through_pod_and_namespace_changes_and_watch_restarts() {
     let mut node = Node::new();
@@ -77,20 +96,7 @@ fn the_kubernetes_feed_drives_the_datapath_through_pod_and_namespace_changes_and
     ));
     api.put_pod(pod_json(&client, &client_uid, "default", json!({})));
 
-    let kubepods_parent = node.cgroup.display().to_string();
-    let daemon = Daemon::start_with(
-        &node,
-        &[
-            "--source",
-            "kubernetes",
-            "--node-name",
-            NODE,
-            "--kube-api",
-            &api.url(),
-            "--kubepods-parent",
-            &kubepods_parent,
-        ],
-    );
+    let daemon = kubernetes_daemon(&node, &api);
     let _app = server.echo_server("[::]:8080");
     // ztunnel runs in its pod's container cgroup, proven by Kubernetes.
     let ztunnel = ztunnel_stand_in(&node, &zpod.container, &[&client], 15001);
@@ -170,20 +176,7 @@ fn only_a_pod_controlled_by_the_ztunnel_daemonset_object_itself_is_trusted_as_zt
         &other_uid,
         daemonset_owner("ds-other", true),
     ));
-    let kubepods_parent = node.cgroup.display().to_string();
-    let daemon = Daemon::start_with(
-        &node,
-        &[
-            "--source",
-            "kubernetes",
-            "--node-name",
-            NODE,
-            "--kube-api",
-            &api.url(),
-            "--kubepods-parent",
-            &kubepods_parent,
-        ],
-    );
+    let daemon = kubernetes_daemon(&node, &api);
     // The impostors are plain pods, out of the mesh, in the datapath as
     // such; only the real one is a ztunnel.
     daemon.wait_for_mode(&not_controller, Some("none"));
@@ -452,35 +445,34 @@ fn only_pods_scheduled_on_this_node_are_taken_from_the_api_server() {
     let mut other = pod_json(&elsewhere, &elsewhere_uid, "default", ambient.clone());
     other["spec"]["nodeName"] = json!("node-2");
     api.put_pod(other.clone());
-    let kubepods_parent = node.cgroup.display().to_string();
-    let daemon = Daemon::start_with(
-        &node,
-        &[
-            "--source",
-            "kubernetes",
-            "--node-name",
-            NODE,
-            "--kube-api",
-            &api.url(),
-            "--kubepods-parent",
-            &kubepods_parent,
-        ],
-    );
-    daemon.wait_for_mode(&here_uid, Some("ambient"));
+    let daemon = kubernetes_daemon(&node, &api);
+    // Enrolled and in the datapath (held in replacement mode, as no
+    // ztunnel takes it here: the node filter is what is tested).
     let listed = |uid: &str| {
-        daemon
-            .api_json("pods")
-            .as_array()
-            .is_some_and(|pods| pods.iter().any(|p| p["uid"] == uid))
+        daemon.api_json("pods").as_array().is_some_and(|pods| {
+            pods.iter()
+                .any(|p| p["uid"] == uid && p["mode"] == "ambient" && p["in_datapath"] == true)
+        })
     };
+    let wait_listed = |uid: &str, want: bool| {
+        let reached = eventually(Duration::from_secs(15), || {
+            (listed(uid) == want).then_some(())
+        });
+        assert!(
+            reached.is_some(),
+            "{uid} listed: {want}? {}",
+            daemon.api_json("pods")
+        );
+    };
+    wait_listed(&here_uid, true);
     assert!(!listed(&elsewhere_uid), "{}", daemon.api_json("pods"));
     // Rescheduled here, it arrives as the watch's ADDED; moved away again,
     // as its DELETED.
     other["spec"]["nodeName"] = json!(NODE);
     api.put_pod(other.clone());
-    daemon.wait_for_mode(&elsewhere_uid, Some("ambient"));
+    wait_listed(&elsewhere_uid, true);
     other["spec"]["nodeName"] = json!("node-2");
     api.put_pod(other);
-    daemon.wait_for_mode(&elsewhere_uid, None);
+    wait_listed(&elsewhere_uid, false);
     assert!(listed(&here_uid));
 }
