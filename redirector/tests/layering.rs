@@ -41,7 +41,9 @@ fn sources_decisions_and_host_lookups_never_touch_the_datapath() {
 #[test]
 fn publishers_never_write_the_datapath_and_only_the_api_reads_it() {
     for (path, text) in src("publish") {
-        assert!(!text.contains("datapath"), "{path} uses the datapath");
+        for needle in ["crate::datapath", "datapath::", "Datapath"] {
+            assert!(!text.contains(needle), "{path} uses {needle}");
+        }
     }
     for (path, text) in src("api") {
         for line in text.lines().filter(|l| l.contains("datapath::")) {

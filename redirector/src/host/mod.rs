@@ -3,5 +3,6 @@
 //! from them, with caches kept between reconciles.
 
 pub mod cgroup;
+pub mod misses;
 pub mod netns;
 pub mod resolver;

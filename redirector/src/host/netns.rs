@@ -7,8 +7,9 @@
 //! (Linux 5.14) on a socket opened inside it, from a short-lived thread that
 //! enters the namespace, so the daemon's own threads never change netns.
 
+use super::misses::Misses;
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::{BTreeSet, HashMap},
     fs, io,
     net::IpAddr,
     os::{fd::AsRawFd, unix::fs::MetadataExt},
@@ -264,9 +265,8 @@ pub struct NsCache<T> {
     /// pass (or since): a light pass takes it from here instead of
     /// looking for the sandbox process again.
     sandboxes: HashMap<PathBuf, (u64, u64)>,
-    /// Cgroups found with no process yet, until the next pass that looks
-    /// again.
-    no_sandbox: HashSet<PathBuf>,
+    /// Cgroups found with no process yet, and when to look again.
+    no_sandbox: Misses<PathBuf>,
     /// What this pass takes as found before.
     pass: Pass,
 }
@@ -297,7 +297,7 @@ impl<T> Default for NsCache<T> {
         Self {
             by_ns: HashMap::new(),
             sandboxes: HashMap::new(),
-            no_sandbox: HashSet::new(),
+            no_sandbox: Misses::default(),
             pass: Pass::Full,
         }
     }
@@ -338,13 +338,13 @@ impl<T: Clone> NsCache<T> {
                 held.seen = true;
                 return Ok(Some((*id, held.value.clone())));
             }
-            if self.pass == Pass::Cached && self.no_sandbox.contains(cgroup) {
+            if self.no_sandbox.skip(&cgroup.to_path_buf()) {
                 return Ok(None);
             }
         }
         let Some(netns) = at.path()? else {
             if let NetnsAt::SandboxOf(cgroup) = at {
-                self.no_sandbox.insert(cgroup.to_path_buf());
+                self.no_sandbox.missed(cgroup.to_path_buf());
             }
             return Ok(None);
         };
@@ -371,6 +371,7 @@ impl<T: Clone> NsCache<T> {
         let value = in_netns(&ns, &netns, || load(&netns))?;
         if keep(&value) {
             if let NetnsAt::SandboxOf(cgroup) = at {
+                self.no_sandbox.forget(&cgroup.to_path_buf());
                 self.sandboxes.insert(cgroup.to_path_buf(), id);
             }
             self.by_ns.insert(
@@ -400,13 +401,9 @@ impl<T: Clone> NsCache<T> {
     /// the sandboxes found before as they were.
     pub fn begin_pass(&mut self, pass: Pass) {
         self.pass = pass;
-        match pass {
-            Pass::Full => {
-                self.sandboxes.clear();
-                self.no_sandbox.clear();
-            }
-            Pass::Retry => self.no_sandbox.clear(),
-            Pass::Cached => {}
+        self.no_sandbox.begin_pass(pass);
+        if pass == Pass::Full {
+            self.sandboxes.clear();
         }
     }
 
@@ -414,7 +411,7 @@ impl<T: Clone> NsCache<T> {
     /// changed, so the next pass looks again.
     pub fn forget(&mut self, cgroup: &Path) {
         self.sandboxes.remove(cgroup);
-        self.no_sandbox.remove(cgroup);
+        self.no_sandbox.forget(&cgroup.to_path_buf());
     }
 }
 

@@ -7,18 +7,20 @@
 //! starts) takes what was found, or found missing, as it was, except for
 //! the pods whose state changed ([`HostCache::forget`]); a [`Pass::Retry`]
 //! (each resync) looks again for what was not found yet (a pod cgroup not
-//! created yet, a sandbox with no process yet); a [`Pass::Full`] (the
+//! created yet, a sandbox with no process yet), each the less often the
+//! longer it stays missing ([`super::misses::Misses`]); a [`Pass::Full`] (the
 //! periodic full resync) looks everything up again: a cgroup or a sandbox
 //! may have been recreated since.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     net::IpAddr,
     path::{Path, PathBuf},
 };
 
 use super::{
     cgroup,
+    misses::Misses,
     netns::{self, AddressCache, AddressIndex, Claim, CookieCache, NetnsAt, Pass},
 };
 use crate::{
@@ -28,31 +30,29 @@ use crate::{
 };
 
 /// What the passes found, kept between reconciles.
+#[derive(Default)]
 pub struct HostCache {
     pub cookies: CookieCache,
     pub addresses: AddressCache,
     /// Pod cgroups found by UID.
     pod_cgroups: HashMap<PodUid, PathBuf>,
-    /// Pods whose cgroup was not found, until a pass looks again.
-    missing: HashSet<PodUid>,
+    /// Pods whose cgroup was not found, and when to look again.
+    missing: Misses<PodUid>,
     /// Cgroup ids by directory.
     ids: HashMap<PathBuf, CgroupId>,
-    pass: Pass,
 }
 
 impl HostCache {
     /// Starts a pass over the pods (see the module docs).
     pub fn begin_pass(&mut self, pass: Pass) {
-        self.pass = pass;
         match pass {
             Pass::Full => {
                 self.pod_cgroups.clear();
-                self.missing.clear();
                 self.ids.clear();
             }
-            Pass::Retry => self.missing.clear(),
-            Pass::Cached => {}
+            Pass::Retry | Pass::Cached => {}
         }
+        self.missing.begin_pass(pass);
         self.cookies.begin_pass(pass);
         self.addresses.begin_pass(pass);
     }
@@ -61,7 +61,7 @@ impl HostCache {
     /// was placed or named): its state changed, so the next pass looks
     /// again.
     pub fn forget(&mut self, uid: &PodUid, cgroup: Option<&Path>) {
-        self.missing.remove(uid);
+        self.missing.forget(uid);
         if let Some(found) = self.pod_cgroups.remove(uid) {
             self.forget_cgroup(&found);
         }
@@ -81,19 +81,6 @@ impl HostCache {
     pub fn end_pass(&mut self) {
         self.cookies.retain_seen();
         self.addresses.retain_seen();
-    }
-}
-
-impl Default for HostCache {
-    fn default() -> Self {
-        Self {
-            cookies: CookieCache::default(),
-            addresses: AddressCache::default(),
-            pod_cgroups: HashMap::new(),
-            missing: HashSet::new(),
-            ids: HashMap::new(),
-            pass: Pass::Full,
-        }
     }
 }
 
@@ -152,19 +139,17 @@ impl Resolve for SystemResolver<'_> {
         if let Some(path) = self.cache.pod_cgroups.get(uid) {
             return Ok(path.clone());
         }
-        let cached_missing = self.cache.pass == Pass::Cached && self.cache.missing.contains(uid);
-        let found = if cached_missing {
+        let found = if self.cache.missing.skip(uid) {
             Err(cgroup::pod_cgroup_missing(self.kubepods_parent, &uid.0))
         } else {
             cgroup::find_pod_cgroup(self.kubepods_parent, &uid.0)
         };
         match &found {
             Ok(path) => {
+                self.cache.missing.forget(uid);
                 self.cache.pod_cgroups.insert(uid.clone(), path.clone());
             }
-            Err(_) => {
-                self.cache.missing.insert(uid.clone());
-            }
+            Err(_) => self.cache.missing.missed(uid.clone()),
         }
         found
     }

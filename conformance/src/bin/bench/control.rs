@@ -210,7 +210,11 @@ impl Figures {
 fn file_feed(plan: &Plan) -> Value {
     let f = FileNode::new(plan.pods);
     f.write(0, None, None);
-    let daemon = Daemon::start_with(&f.node, &["--resync-seconds", "5"]);
+    // The daemon's own defaults, not the test harness's one-second ones.
+    let daemon = Daemon::start_with(
+        &f.node,
+        &["--resync-seconds", "5", "--full-resync-seconds", "60"],
+    );
     let pid = daemon.pid().expect("daemon running");
     let map = CgroupMap::open(&f.node);
     let rss_idle = rss_kib(pid);
@@ -307,6 +311,8 @@ fn kubernetes_feed(plan: &Plan) -> Value {
             &kubepods_parent,
             "--resync-seconds",
             "5",
+            "--full-resync-seconds",
+            "60",
         ],
     );
     let pin = node.bpffs().join("maps").join(map_names::CGROUPS);
