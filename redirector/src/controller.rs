@@ -107,7 +107,7 @@ pub struct Controller {
     /// per change, not at every look.
     rejected: Option<(String, Option<std::time::SystemTime>)>,
     /// The Kubernetes feed's last snapshot.
-    kube: Option<kubernetes::Snapshot>,
+    kube: Option<std::sync::Arc<kubernetes::Snapshot>>,
     /// Whether Kubernetes is a source: istiod's view is then only a
     /// cross-check.
     kube_is_source: bool,
@@ -228,7 +228,7 @@ impl Controller {
     }
 
     /// The Kubernetes feed's new snapshot (`None`: not listed yet).
-    pub fn kubernetes(&mut self, snapshot: Option<kubernetes::Snapshot>) {
+    pub fn kubernetes(&mut self, snapshot: Option<std::sync::Arc<kubernetes::Snapshot>>) {
         self.kube = snapshot;
         if self.kube.is_some() {
             self.synced(KUBERNETES_SOURCE);
@@ -450,7 +450,7 @@ impl Controller {
     fn views(&self) -> merge::Views<'_> {
         merge::Views {
             file: self.spec.as_ref(),
-            kubernetes: self.kube.as_ref(),
+            kubernetes: self.kube.as_deref(),
             istiod: self.xds.as_ref().filter(|_| !self.kube_is_source),
             pushed_pods: &self.pushed_pods,
             pushed_ztunnels: &self.pushed_ztunnels,
@@ -694,7 +694,7 @@ impl Controller {
             desired: &desired,
             complete: self.unsynced.is_empty(),
             acknowledged: acknowledged.as_ref(),
-            kubernetes: self.kube.as_ref(),
+            kubernetes: self.kube.as_deref(),
         };
         for publisher in &mut self.publishers {
             publisher.reconciled(&reconciled);

@@ -156,7 +156,13 @@ impl Run {
             zds_socket: (zds == Zds::Serve).then_some(zds_socket),
             node_netns: (node_netns != "none").then(|| PathBuf::from(node_netns)),
         };
-        tokio::runtime::Builder::new_current_thread()
+        // The controller's loop runs on this thread (`block_on`), and the
+        // sources, the local API and the ZDS server on two workers: a long
+        // reconcile (cgroupfs and procfs reads, setns threads, map writes)
+        // never stalls ztunnel's socket or the API.
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("ambridge-worker")
             .enable_all()
             .build()
             .context("starting the tokio runtime")?

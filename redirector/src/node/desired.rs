@@ -83,11 +83,27 @@ pub struct Desired {
     pub unresolved: Vec<Unresolved>,
 }
 
+/// A pod as unresolved entries name it, spelled only when one is.
+struct PodOwner<'a>(&'a PodSpec);
+
+impl std::fmt::Display for PodOwner<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let pod = self.0;
+        write!(f, "pod {}/{} ({})", pod.namespace, pod.name, pod.uid)
+    }
+}
+
 impl Desired {
-    fn unresolved(&mut self, uid: Option<&PodUid>, owner: String, cgroup: &Path, error: String) {
+    fn unresolved(
+        &mut self,
+        uid: Option<&PodUid>,
+        owner: &dyn std::fmt::Display,
+        cgroup: &Path,
+        error: String,
+    ) {
         self.unresolved.push(Unresolved {
             uid: uid.cloned(),
-            owner,
+            owner: owner.to_string(),
             cgroup: cgroup.to_path_buf(),
             error,
         });
@@ -97,7 +113,7 @@ impl Desired {
     fn netns_of(
         &mut self,
         uid: Option<&PodUid>,
-        owner: &str,
+        owner: &dyn std::fmt::Display,
         (cgroup, at): (&Path, NetnsAt),
         info: NetnsInfo,
         resolve: &mut impl Resolve,
@@ -112,16 +128,11 @@ impl Desired {
             }
             Ok(None) => self.unresolved(
                 uid,
-                owner.to_string(),
+                owner,
                 cgroup,
                 "no process in the cgroup yet, so its network namespace is unknown".into(),
             ),
-            Err(e) => self.unresolved(
-                uid,
-                owner.to_string(),
-                cgroup,
-                format!("network namespace: {e}"),
-            ),
+            Err(e) => self.unresolved(uid, owner, cgroup, format!("network namespace: {e}")),
         }
         None
     }
@@ -141,7 +152,7 @@ pub fn desired(
         ..Desired::default()
     };
     for pod in &spec.pods {
-        let owner = format!("pod {}/{} ({})", pod.namespace, pod.name, pod.uid);
+        let owner = PodOwner(pod);
         let located = match &pod.cgroup {
             PodCgroup::Path(path) => Ok(path.clone()),
             PodCgroup::Uid => resolve.pod_cgroup(&pod.uid),
@@ -150,7 +161,7 @@ pub fn desired(
                 .map(|claim| match claim {
                     Claim::Sole(path) => path,
                     Claim::Disputed { kept, report } => {
-                        out.unresolved(Some(&pod.uid), owner.clone(), &kept, report);
+                        out.unresolved(Some(&pod.uid), &owner, &kept, report);
                         kept
                     }
                 }),
@@ -158,7 +169,7 @@ pub fn desired(
         let cgroup = match located {
             Ok(path) => path,
             Err(e) => {
-                out.unresolved(Some(&pod.uid), owner, Path::new(""), e.to_string());
+                out.unresolved(Some(&pod.uid), &owner, Path::new(""), e.to_string());
                 continue;
             }
         };
@@ -186,7 +197,7 @@ pub fn desired(
                 out.placed.insert(pod.uid.clone(), (cgroup.clone(), id));
             }
             Err(e) => {
-                out.unresolved(Some(&pod.uid), owner, &cgroup, e.to_string());
+                out.unresolved(Some(&pod.uid), &owner, &cgroup, e.to_string());
                 continue;
             }
         }
@@ -224,7 +235,7 @@ pub fn desired(
                 path
             }
             Err(e) => {
-                out.unresolved(None, owner, Path::new(""), e.to_string());
+                out.unresolved(None, &owner, Path::new(""), e.to_string());
                 continue;
             }
         };

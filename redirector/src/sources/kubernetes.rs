@@ -40,6 +40,31 @@ pub struct Snapshot {
 /// istiod marks the workload HBONE only when it reads `enabled`.
 pub const REDIRECTION: &str = "ambient.istio.io/redirection";
 
+/// Drops what the feed never reads from a pod before the reflector stores
+/// it (managed fields, containers, volumes, conditions: most of a pod's
+/// size), so a node's pods cost their metadata and a few fields.
+fn keep_what_is_read(pod: &mut Pod) {
+    pod.metadata.managed_fields = None;
+    pod.spec = pod
+        .spec
+        .take()
+        .map(|spec| k8s_openapi::api::core::v1::PodSpec {
+            host_network: spec.host_network,
+            node_name: spec.node_name,
+            service_account_name: spec.service_account_name,
+            ..Default::default()
+        });
+    pod.status = pod
+        .status
+        .take()
+        .map(|status| k8s_openapi::api::core::v1::PodStatus {
+            phase: status.phase,
+            pod_ip: status.pod_ip,
+            pod_ips: status.pod_ips,
+            ..Default::default()
+        });
+}
+
 fn facts(pod: &Pod) -> PodFacts {
     let meta = &pod.metadata;
     let spec = pod.spec.as_ref();
@@ -194,7 +219,7 @@ pub async fn run(
     client: Client,
     node: String,
     mesh: MeshSettings,
-    out: watch::Sender<Option<Snapshot>>,
+    out: watch::Sender<Option<Arc<Snapshot>>>,
     health: crate::supervise::Health,
 ) {
     let (pod_store, pod_writer) = reflector::store::<Pod>();
@@ -205,6 +230,7 @@ pub async fn run(
         watcher::Config::default().fields(&format!("spec.nodeName={node}")),
     )
     .default_backoff()
+    .modify(keep_what_is_read)
     .reflect(pod_writer)
     .map(|e| e.map(tagged(Feed::Pods)));
     let namespaces = watcher(
@@ -276,7 +302,7 @@ pub async fn run(
         // pod yet has delivered all the same.
         if snap != last || out.borrow().is_none() {
             last = snap.clone();
-            if out.send(Some(snap)).is_err() {
+            if out.send(Some(Arc::new(snap))).is_err() {
                 return;
             }
         }
