@@ -576,7 +576,7 @@ fn watch(api: &KubeApi, scope: Scope, from: u64) -> Response {
 mod tests {
     use super::*;
 
-    fn scope(fields: &str, labels: &str) -> Scope {
+    fn scope(fields: &str, labels: &str) -> Result<Scope, String> {
         Scope::new(
             Kind::Pods,
             None,
@@ -586,7 +586,6 @@ mod tests {
                 ..Params::default()
             },
         )
-        .unwrap()
     }
 
     #[test]
@@ -607,7 +606,7 @@ mod tests {
             ("", "!missing", true),
         ] {
             assert_eq!(
-                scope(fields, labels).covers(Kind::Pods, &pod),
+                scope(fields, labels).unwrap().covers(Kind::Pods, &pod),
                 matches,
                 "{fields:?} {labels:?}"
             );
@@ -621,15 +620,7 @@ mod tests {
             ("nodeName", ""),
             ("", "app in web"),
         ] {
-            let got = Scope::new(
-                Kind::Pods,
-                None,
-                &Params {
-                    field_selector: Some(fields.into()),
-                    label_selector: Some(labels.into()),
-                    ..Params::default()
-                },
-            );
+            let got = scope(fields, labels);
             assert!(got.is_err(), "{fields:?} {labels:?}");
         }
     }
