@@ -25,7 +25,7 @@ use crate::{
         resolver::{HostCache, SystemResolver},
     },
     node::{
-        desired::{self, Unresolved},
+        desired::{self, DesiredMaps, Touched, Unresolved},
         merge,
         spec::{NodeSpec, PodCgroup, PodSpec, Readiness, Settings},
     },
@@ -36,7 +36,7 @@ use crate::{
         xds,
     },
     supervise::{Backoff, Component, Health, Policy},
-    types::{CgroupId, PodUid},
+    types::{CgroupId, NetnsCookie, PodUid},
 };
 
 /// How the sources are named in logs.
@@ -123,7 +123,12 @@ pub struct Controller {
     pass_due: Pass,
     /// Each pod as the last reconcile saw it: a pod that differs now has
     /// changed, and what was found about it is looked up again.
-    last_pods: HashMap<PodUid, PodSpec>,
+    last_pods: BTreeMap<PodUid, PodSpec>,
+    /// The desired maps, brought up to date pod by pod.
+    maps: DesiredMaps,
+    /// The next diff against the kernel compares whole maps (at start, after
+    /// a failed apply, while a source has not delivered).
+    diff_all: bool,
     /// How often a full pass is due, and when the last one was.
     full_resync: Duration,
     last_full_pass: std::time::Instant,
@@ -140,9 +145,6 @@ pub struct Controller {
     sandboxes: cni::Sandboxes,
     /// CNI ADDs waiting for their pod to be in the datapath.
     cni_waiters: Vec<cni::Waiter>,
-    /// The pods of the last reconcile on their cgroups, which a pushed
-    /// cgroup must not contain.
-    placed: Vec<PlacedPod>,
     unresolved: Vec<Unresolved>,
     /// Where the node's own addresses are read (`--node-netns`).
     node_netns: Option<PathBuf>,
@@ -200,7 +202,9 @@ impl Controller {
             disagreements: BTreeSet::new(),
             host: HostCache::default(),
             pass_due: Pass::Full,
-            last_pods: HashMap::new(),
+            last_pods: BTreeMap::new(),
+            maps: DesiredMaps::default(),
+            diff_all: true,
             full_resync: config.full_resync,
             last_full_pass: std::time::Instant::now(),
             zds,
@@ -209,7 +213,6 @@ impl Controller {
             pushed_ztunnels: BTreeMap::new(),
             sandboxes: cni::Sandboxes::default(),
             cni_waiters: Vec::new(),
-            placed: Vec::new(),
             unresolved: Vec::new(),
             node_netns: config.node_netns,
             node_addresses: Vec::new(),
@@ -259,7 +262,7 @@ impl Controller {
     /// must be a pod-level cgroup of its own), then applied; whether it was
     /// is the answer.
     pub fn push(&mut self, entry: Pushed) -> Result<(), Status> {
-        push::refuse_containing(&entry, &self.placed, &self.pod_parents, &mut |path| {
+        push::refuse_containing(&entry, self.placed(), &self.pod_parents, &mut |path| {
             cgroup::cgroup_id(path).ok()
         })
         .inspect_err(|e| {
@@ -600,15 +603,41 @@ impl Controller {
             datapath.reread();
         }
         self.host.begin_pass(pass);
-        self.forget_changed_pods(&spec);
+        let mut touched = self.forget_changed_pods(spec.pods);
+        if pass == Pass::Full {
+            touched = Touched::All;
+        }
+        let node = NodeSpec {
+            pods: Vec::new(),
+            ..spec
+        };
         let settings = &self.settings;
+        // Pods found by address stay where they were while another cgroup
+        // claims their address.
+        let placed_before: HashMap<PodUid, PathBuf> = self
+            .last_pods
+            .values()
+            .filter(|p| p.cgroup == PodCgroup::Address)
+            .filter_map(|p| {
+                let (path, _) = self.maps.desired.placed.get(&p.uid)?;
+                Some((p.uid.clone(), path.clone()))
+            })
+            .collect();
         let mut resolver = SystemResolver::new(
             &self.kubepods_parent,
             &self.node_addresses,
             &mut self.host,
-            &self.placed,
+            &placed_before,
         );
-        let mut desired = desired::desired(&spec, &readiness, settings, &mut resolver);
+        let mut changed = self.maps.update_retrying(
+            &node,
+            &self.last_pods,
+            &mut touched,
+            pass == Pass::Retry,
+            &readiness,
+            settings,
+            &mut resolver,
+        );
         // Each reconcile until ztunnel's snapshot learns which of its pods
         // an earlier daemon had seen acknowledged, before any is held: those
         // of a source that delivers late too.
@@ -617,7 +646,7 @@ impl Controller {
                 zds.pinned = None;
             }
             let learned = zds.pinned.as_ref().map_or_else(BTreeSet::new, |pinned| {
-                desired::acknowledged_before(&desired, pinned)
+                desired::acknowledged_before(&self.maps.desired, pinned)
             });
             let new: Vec<PodUid> = learned.difference(&zds.inherited).cloned().collect();
             if !new.is_empty() {
@@ -628,12 +657,19 @@ impl Controller {
                         "pods ztunnel acknowledged before this daemon started stay unheld until its next snapshot"
                     );
                     readiness = Readiness::Acknowledged(zds.ready());
-                    desired = desired::desired(&spec, &readiness, settings, &mut resolver);
+                    let more = self.maps.update(
+                        &node,
+                        &self.last_pods,
+                        Touched::none(),
+                        &readiness,
+                        settings,
+                        &mut resolver,
+                    );
+                    changed.merge(more);
                 }
             }
         }
-        // Every pod was looked at: namespaces not asked for are gone (after
-        // the inbound links, which attach to the namespaces the pass held).
+        let desired = &self.maps.desired;
         if desired.unresolved != self.unresolved {
             // Name the first few; a node starting many pods at once would
             // otherwise log one line per pod.
@@ -649,22 +685,17 @@ impl Controller {
             }
             self.unresolved = desired.unresolved.clone();
         }
-        self.placed = spec
-            .pods
-            .iter()
-            .filter_map(|pod| {
-                let (cgroup, _) = desired.placed.get(&pod.uid)?;
-                Some(PlacedPod {
-                    uid: pod.uid.clone(),
-                    namespace: pod.namespace.clone(),
-                    name: pod.name.clone(),
-                    cgroup: cgroup.clone(),
-                })
-            })
-            .collect();
-        if !self.unsynced.is_empty() {
+        // While a source has not delivered, nothing the kernel holds is
+        // deleted on its behalf (its pods are not known yet): the whole
+        // maps are compared, with what the kernel holds kept. Once every
+        // source has, and after a failed apply, the next diff is whole too.
+        let retained;
+        let desired = if self.unsynced.is_empty() {
+            desired
+        } else {
+            let mut kept = desired.clone();
             desired::retain_current(
-                &mut desired,
+                &mut kept,
                 desired::Current {
                     cgroups: datapath.cgroup_entries()?.clone(),
                     netns: datapath.netns_entries()?.clone(),
@@ -672,9 +703,26 @@ impl Controller {
                     inbound_netns: datapath.netns_links().clone(),
                 },
             );
-        }
-        let cgroup_ops = desired::diff(datapath.cgroup_entries()?, &desired.cgroups);
-        let netns_ops = desired::diff(datapath.netns_entries()?, &desired.netns);
+            self.diff_all = true;
+            retained = kept;
+            &retained
+        };
+        changed.all |= std::mem::take(&mut self.diff_all) || !self.unsynced.is_empty();
+        let cgroup_ops = desired::diff_changed(
+            datapath.cgroup_entries()?,
+            &desired.cgroups,
+            &changed.cgroups,
+            changed.all,
+        );
+        let netns_ops = desired::diff_changed(
+            datapath.netns_entries()?,
+            &desired.netns,
+            &changed.netns,
+            changed.all,
+        );
+        // A failure below leaves the maps partly written: the next diff is
+        // whole.
+        self.diff_all = true;
         // Namespaces first: a pod's binds are judged against its netns entry
         // as soon as its cgroup entry makes it known.
         datapath.apply_netns(&netns_ops)?;
@@ -684,14 +732,21 @@ impl Controller {
             info!(config = ?desired.node, "node settings written");
         }
         datapath.apply_cgroups(&cgroup_ops)?;
-        let inbound_changes = self.apply_inbound(datapath, &desired)?;
-        self.host.end_pass();
+        let inbound_changes = apply_inbound(&mut self.host, datapath, desired, &changed)?;
+        self.diff_all = false;
+        // Every pod was looked at: namespaces not asked for are gone (after
+        // the inbound links, which attach to the namespaces the pass held).
+        self.host.end_pass(touched == Touched::All);
         // After the maps: a pod leaving the mesh is handed its Del only once
         // its redirect entries are gone.
         let acknowledged = self.zds.as_ref().map(ZdsState::ready);
+        let spec = NodeSpec {
+            pods: self.last_pods.values().cloned().collect(),
+            ..node
+        };
         let reconciled = Reconciled {
             spec: &spec,
-            desired: &desired,
+            desired,
             complete: self.unsynced.is_empty(),
             acknowledged: acknowledged.as_ref(),
             kubernetes: self.kube.as_deref(),
@@ -712,80 +767,113 @@ impl Controller {
         }
         Ok(())
     }
+
+    /// The pods of the last reconcile on their cgroups, which a pushed
+    /// cgroup must not contain.
+    fn placed(&self) -> impl Iterator<Item = PlacedPod<'_>> {
+        self.last_pods.values().filter_map(|pod| {
+            let (cgroup, _) = self.maps.desired.placed.get(&pod.uid)?;
+            Some(PlacedPod {
+                uid: &pod.uid,
+                namespace: &pod.namespace,
+                name: &pod.name,
+                cgroup,
+            })
+        })
+    }
 }
 
 impl Controller {
     /// Forgets what was found on the live system about each pod that is
     /// new, changed or gone since the last reconcile, and remembers the
-    /// pods as they are now.
-    fn forget_changed_pods(&mut self, spec: &NodeSpec) {
-        let now: HashMap<&PodUid, &PodSpec> = spec.pods.iter().map(|p| (&p.uid, p)).collect();
-        let changed: Vec<&PodSpec> = spec
-            .pods
-            .iter()
-            .filter(|p| self.last_pods.get(&p.uid) != Some(p))
-            .collect();
-        let gone: Vec<PodUid> = self
-            .last_pods
-            .keys()
-            .filter(|uid| !now.contains_key(uid))
-            .cloned()
-            .collect();
-        if changed.is_empty() && gone.is_empty() {
-            return;
-        }
-        let placed: HashMap<&PodUid, &Path> = self
-            .placed
-            .iter()
-            .map(|p| (&p.uid, p.cgroup.as_path()))
-            .collect();
-        for pod in &changed {
-            self.host.forget(&pod.uid, placed.get(&pod.uid).copied());
-            if let PodCgroup::Path(path) = &pod.cgroup {
-                self.host.forget(&pod.uid, Some(path));
+    /// pods as they are now; returns them.
+    fn forget_changed_pods(&mut self, pods: Vec<PodSpec>) -> Touched {
+        let mut now: BTreeMap<PodUid, PodSpec> =
+            pods.into_iter().map(|p| (p.uid.clone(), p)).collect();
+        let mut touched = BTreeSet::new();
+        for (uid, pod) in &now {
+            if self.last_pods.get(uid) != Some(pod) {
+                touched.insert(uid.clone());
             }
-            self.last_pods.insert(pod.uid.clone(), (*pod).clone());
         }
-        for uid in &gone {
-            self.host.forget(uid, placed.get(uid).copied());
-            self.last_pods.remove(uid);
+        for uid in self.last_pods.keys() {
+            if !now.contains_key(uid) {
+                touched.insert(uid.clone());
+            }
         }
-    }
-
-    /// Brings inbound capture to `desired`: exempt sources first (so a
-    /// probe is never refused on the way), then each new address's entry
-    /// before its netns's link, and a leaving netns's link before its
-    /// entries go. Returns how many changes were made.
-    fn apply_inbound(
-        &mut self,
-        datapath: &mut Datapath,
-        desired: &desired::Desired,
-    ) -> anyhow::Result<usize> {
-        let exempt_ops = desired::diff(datapath.exempt_entries()?, &desired.exempt);
-        datapath.apply_exempt(&exempt_ops)?;
-        let (deletes, puts): (Vec<_>, Vec<_>) =
-            desired::diff(datapath.inbound_entries()?, &desired.inbound)
+        for uid in &touched {
+            let placed = self.maps.desired.placed.get(uid).map(|(p, _)| p.as_path());
+            self.host.forget(uid, placed);
+            for pod in [self.last_pods.get(uid), now.get(uid)]
                 .into_iter()
-                .partition(|op| matches!(op, desired::Op::Delete(_)));
-        datapath.apply_inbound(&puts)?;
-        let attached = datapath.netns_links().clone();
-        let mut changes = exempt_ops.len() + puts.len() + deletes.len();
-        for cookie in desired.inbound_netns.difference(&attached) {
-            let Some(ns) = self.host.cookies.namespace(cookie.0) else {
-                continue;
-            };
-            match datapath.attach_inbound(*cookie, std::os::fd::AsFd::as_fd(ns)) {
-                Ok(()) => changes += 1,
-                // One pod's namespace failing must not stall the node: it
-                // is retried at the next reconcile.
-                Err(e) => warn!(netns = %cookie, "attaching inbound capture, retrying: {e}"),
+                .flatten()
+            {
+                if let PodCgroup::Path(path) = &pod.cgroup {
+                    self.host.forget(uid, Some(path));
+                }
             }
         }
-        for cookie in attached.difference(&desired.inbound_netns) {
-            datapath.detach_inbound(*cookie)?;
-            changes += 1;
-        }
-        datapath.apply_inbound(&deletes)?;
-        Ok(changes)
+        std::mem::swap(&mut self.last_pods, &mut now);
+        Touched::Pods(touched)
     }
+}
+
+/// Brings inbound capture to `desired`: exempt sources first (so a probe is
+/// never refused on the way), then each new address's entry before its
+/// netns's link, and a leaving netns's link before its entries go. Returns
+/// how many changes were made.
+fn apply_inbound(
+    host: &mut HostCache,
+    datapath: &mut Datapath,
+    desired: &desired::Desired,
+    changed: &desired::Changed,
+) -> anyhow::Result<usize> {
+    let exempt_ops = desired::diff(datapath.exempt_entries()?, &desired.exempt);
+    datapath.apply_exempt(&exempt_ops)?;
+    let (deletes, puts): (Vec<_>, Vec<_>) = desired::diff_changed(
+        datapath.inbound_entries()?,
+        &desired.inbound,
+        &changed.inbound,
+        changed.all,
+    )
+    .into_iter()
+    .partition(|op| matches!(op, desired::Op::Delete(_)));
+    datapath.apply_inbound(&puts)?;
+    let attached = datapath.netns_links().clone();
+    let mut changes = exempt_ops.len() + puts.len() + deletes.len();
+    let (attach, detach): (Vec<NetnsCookie>, Vec<NetnsCookie>) = if changed.all {
+        (
+            desired
+                .inbound_netns
+                .difference(&attached)
+                .copied()
+                .collect(),
+            attached
+                .difference(&desired.inbound_netns)
+                .copied()
+                .collect(),
+        )
+    } else {
+        changed
+            .inbound_netns
+            .iter()
+            .partition(|cookie| desired.inbound_netns.contains(cookie))
+    };
+    for cookie in attach.iter().filter(|c| !attached.contains(c)) {
+        let Some(ns) = host.cookies.namespace(cookie.0) else {
+            continue;
+        };
+        match datapath.attach_inbound(*cookie, std::os::fd::AsFd::as_fd(ns)) {
+            Ok(()) => changes += 1,
+            // One pod's namespace failing must not stall the node: it
+            // is retried at the next reconcile.
+            Err(e) => warn!(netns = %cookie, "attaching inbound capture, retrying: {e}"),
+        }
+    }
+    for cookie in detach.iter().filter(|c| attached.contains(c)) {
+        datapath.detach_inbound(*cookie)?;
+        changes += 1;
+    }
+    datapath.apply_inbound(&deletes)?;
+    Ok(changes)
 }

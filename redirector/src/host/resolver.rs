@@ -25,7 +25,6 @@ use super::{
 };
 use crate::{
     node::desired::Resolve,
-    sources::push::PlacedPod,
     types::{CgroupId, NetnsCookie, PodUid},
 };
 
@@ -76,11 +75,15 @@ impl HostCache {
         self.addresses.forget(cgroup);
     }
 
-    /// Ends a pass: the namespaces it did not ask for belong to pods that
-    /// are gone or have a new sandbox, and are let go.
-    pub fn end_pass(&mut self) {
-        self.cookies.retain_seen();
-        self.addresses.retain_seen();
+    /// Ends a pass. One that looked at every pod lets go of the namespaces
+    /// it did not ask for: they belong to pods that are gone or have a new
+    /// sandbox. One that looked at a few pods keeps the others' as they
+    /// were.
+    pub fn end_pass(&mut self, every_pod: bool) {
+        if every_pod {
+            self.cookies.retain_seen();
+            self.addresses.retain_seen();
+        }
     }
 }
 
@@ -92,20 +95,20 @@ pub struct SystemResolver<'a> {
     /// Pod cgroups by the addresses of their netns, listed at the first
     /// lookup of a reconcile.
     by_address: Option<AddressIndex>,
-    /// Where the last reconcile placed each pod: a pod found by address
-    /// stays there while another cgroup claims its address.
-    placed_before: &'a [PlacedPod],
+    /// Where the last reconcile placed each pod found by address: it stays
+    /// there while another cgroup claims its address.
+    placed_before: &'a HashMap<PodUid, PathBuf>,
 }
 
 impl<'a> SystemResolver<'a> {
     /// A resolver for one reconcile: pods named by UID are looked for
     /// under `kubepods_parent`; `placed_before` is where the last
-    /// reconcile placed each pod.
+    /// reconcile placed each pod found by address.
     pub fn new(
         kubepods_parent: &'a Path,
         node_addresses: &'a [IpAddr],
         cache: &'a mut HostCache,
-        placed_before: &'a [PlacedPod],
+        placed_before: &'a HashMap<PodUid, PathBuf>,
     ) -> Self {
         Self {
             kubepods_parent,
@@ -155,11 +158,7 @@ impl Resolve for SystemResolver<'_> {
     }
 
     fn pod_cgroup_by_address(&mut self, uid: &PodUid, ips: &[IpAddr]) -> std::io::Result<Claim> {
-        let before = self
-            .placed_before
-            .iter()
-            .find(|p| &p.uid == uid)
-            .map(|p| p.cgroup.clone());
+        let before = self.placed_before.get(uid).cloned();
         netns::claimant(self.address_index()?, ips, before.as_deref())
     }
 

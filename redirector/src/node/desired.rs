@@ -15,8 +15,11 @@ use ipnet::IpNet;
 
 use crate::{
     host::netns::{Claim, NetnsAt},
+    node::claims::{Claims, Counted, Owner},
     node::entries,
-    node::spec::{CgroupRef, Mode, NodeSpec, PodCgroup, PodSpec, Readiness, Settings},
+    node::spec::{
+        CgroupRef, Mode, NodeSpec, PodCgroup, PodSpec, Readiness, Settings, SharedRedirect,
+    },
     types::{CgroupId, NetnsCookie, PodUid},
 };
 
@@ -93,51 +96,6 @@ impl std::fmt::Display for PodOwner<'_> {
     }
 }
 
-impl Desired {
-    fn unresolved(
-        &mut self,
-        uid: Option<&PodUid>,
-        owner: &dyn std::fmt::Display,
-        cgroup: &Path,
-        error: String,
-    ) {
-        self.unresolved.push(Unresolved {
-            uid: uid.cloned(),
-            owner: owner.to_string(),
-            cgroup: cgroup.to_path_buf(),
-            error,
-        });
-    }
-
-    /// Adds the netns entry of the namespace `at` (of `cgroup`'s pod).
-    fn netns_of(
-        &mut self,
-        uid: Option<&PodUid>,
-        owner: &dyn std::fmt::Display,
-        (cgroup, at): (&Path, NetnsAt),
-        info: NetnsInfo,
-        resolve: &mut impl Resolve,
-    ) -> Option<NetnsCookie> {
-        match resolve.netns_cookie(at) {
-            Ok(Some(cookie)) => {
-                self.netns.insert(cookie, info);
-                if let Some(uid) = uid {
-                    self.pod_netns.insert(uid.clone(), cookie);
-                }
-                return Some(cookie);
-            }
-            Ok(None) => self.unresolved(
-                uid,
-                owner,
-                cgroup,
-                "no process in the cgroup yet, so its network namespace is unknown".into(),
-            ),
-            Err(e) => self.unresolved(uid, owner, cgroup, format!("network namespace: {e}")),
-        }
-        None
-    }
-}
-
 /// Computes the desired maps. A ztunnel's cgroup entry wins over a pod's if
 /// both resolve to the same cgroup.
 pub fn desired(
@@ -146,110 +104,502 @@ pub fn desired(
     settings: &Settings,
     resolve: &mut impl Resolve,
 ) -> Desired {
-    let mut out = Desired {
-        node: entries::node_config(Some(spec), settings),
-        exempt: exempt_sources(settings, resolve.node_addresses()),
-        ..Desired::default()
-    };
-    for pod in &spec.pods {
-        let owner = PodOwner(pod);
-        let located = match &pod.cgroup {
-            PodCgroup::Path(path) => Ok(path.clone()),
-            PodCgroup::Uid => resolve.pod_cgroup(&pod.uid),
-            PodCgroup::Address => resolve
-                .pod_cgroup_by_address(&pod.uid, &pod.ips)
-                .map(|claim| match claim {
-                    Claim::Sole(path) => path,
-                    Claim::Disputed { kept, report } => {
-                        out.unresolved(Some(&pod.uid), &owner, &kept, report);
-                        kept
-                    }
-                }),
-        };
-        let cgroup = match located {
-            Ok(path) => path,
-            Err(e) => {
-                out.unresolved(Some(&pod.uid), &owner, Path::new(""), e.to_string());
-                continue;
-            }
-        };
-        // A pod the feed gives no address yet (the API has not published
-        // it, `ips: []`) is addressed by its netns's own: enrolled means
-        // redirected or refused, never let through for want of a target.
-        let netns = match &pod.netns {
-            Some(file) => NetnsAt::File(file),
-            None => NetnsAt::SandboxOf(&cgroup),
-        };
-        let learned;
-        let pod = if pod.ips.is_empty() {
-            learned = PodSpec {
-                ips: learned_addresses(resolve, netns),
-                ..pod.clone()
-            };
-            &learned
-        } else {
-            pod
-        };
-        match resolve.cgroup_id(&cgroup) {
-            Ok(id) => {
-                out.cgroups
-                    .insert(id, entries::pod_entry(pod, spec, readiness, settings));
-                out.placed.insert(pod.uid.clone(), (cgroup.clone(), id));
-            }
-            Err(e) => {
-                out.unresolved(Some(&pod.uid), &owner, &cgroup, e.to_string());
-                continue;
-            }
-        }
-        if !pod.ips.is_empty() {
-            let info = entries::netns_entry(pod.ip4(), pod.ip6());
-            let _ = out.netns_of(Some(&pod.uid), &owner, (&cgroup, netns), info, resolve);
-        }
-        // Inbound capture needs ztunnel's listeners in the pod's own netns:
-        // the in-pod model only.
-        if pod.mode == Mode::Ambient
-            && pod.capture.inbound
-            && spec.redirect.is_none()
-            && let Some(&cookie) = out.pod_netns.get(&pod.uid)
-        {
-            for ip in &pod.ips {
-                out.inbound.insert(
-                    *ip,
-                    InboundTarget {
-                        netns_cookie: cookie.0,
-                    },
-                );
-            }
-            out.inbound_netns.insert(cookie);
+    let pods: BTreeMap<PodUid, PodSpec> = spec
+        .pods
+        .iter()
+        .map(|p| (p.uid.clone(), p.clone()))
+        .collect();
+    let mut maps = DesiredMaps::default();
+    maps.update(spec, &pods, Touched::All, readiness, settings, resolve);
+    maps.desired
+}
+
+/// Which pods a reconcile looks at again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Touched {
+    /// Every pod: something every pod depends on changed, or a full pass.
+    All,
+    /// These pods (new, changed or gone), and those a retry pass looks at.
+    Pods(BTreeSet<PodUid>),
+}
+
+impl Touched {
+    pub fn none() -> Self {
+        Touched::Pods(BTreeSet::new())
+    }
+
+    /// Adds `uid` to the pods looked at again.
+    pub fn add(&mut self, uid: &PodUid) {
+        if let Touched::Pods(pods) = self {
+            pods.insert(uid.clone());
         }
     }
-    for z in &spec.ztunnels {
-        let (located, owner) = match &z.cgroup {
-            CgroupRef::Path(path) => (Ok(path.clone()), "ztunnel".to_string()),
-            CgroupRef::Pod(uid) => (resolve.pod_cgroup(uid), format!("ztunnel pod {uid}")),
-        };
-        let cgroup = match located.and_then(|path| Ok((resolve.cgroup_id(&path)?, path))) {
-            Ok((id, path)) => {
-                out.cgroups.insert(id, entries::ztunnel_entry(z, settings));
-                out.ztunnel_cgroups.insert(id);
-                path
+
+    pub fn is_empty(&self) -> bool {
+        matches!(self, Touched::Pods(pods) if pods.is_empty())
+    }
+}
+
+/// What one pod asks of the maps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct PodPart {
+    /// Its claim on the cgroup map, with where the cgroup is.
+    cgroup: Option<(std::path::PathBuf, CgroupId, CgroupInfo)>,
+    netns: Option<(NetnsCookie, NetnsInfo)>,
+    /// Its addresses captured inbound, into `netns`.
+    inbound: Vec<IpAddr>,
+    inbound_netns: Option<NetnsCookie>,
+    unresolved: Vec<Unresolved>,
+    /// Something was not found yet (a retry pass looks again).
+    incomplete: bool,
+}
+
+/// Which keys of the desired maps an update changed: what the datapath
+/// must look at, and the pods whose published state may differ.
+#[derive(Debug, Default)]
+pub struct Changed {
+    /// Everything may have: compare whole maps.
+    pub all: bool,
+    pub cgroups: BTreeSet<CgroupId>,
+    pub netns: BTreeSet<NetnsCookie>,
+    pub inbound: BTreeSet<IpAddr>,
+    pub inbound_netns: BTreeSet<NetnsCookie>,
+    pub pods: BTreeSet<PodUid>,
+}
+
+impl Changed {
+    /// Adds what a second update changed.
+    pub fn merge(&mut self, more: Changed) {
+        self.all |= more.all;
+        self.cgroups.extend(more.cgroups);
+        self.netns.extend(more.netns);
+        self.inbound.extend(more.inbound);
+        self.inbound_netns.extend(more.inbound_netns);
+        self.pods.extend(more.pods);
+    }
+}
+
+/// The desired maps, kept between reconciles and brought up to date pod by
+/// pod: a change to one pod costs work for that pod, not for the node.
+/// Where two claim one key (see [`claims`]) the outcome does not depend on
+/// the order they were looked at in.
+#[derive(Default)]
+pub struct DesiredMaps {
+    pub desired: Desired,
+    parts: std::collections::HashMap<PodUid, (u32, PodPart)>,
+    next_slot: u32,
+    ztunnel_parts: Vec<ZtunnelPart>,
+    cgroup_claims: Claims<CgroupId, CgroupInfo>,
+    netns_claims: Claims<NetnsCookie, NetnsInfo>,
+    inbound_claims: Claims<IpAddr, InboundTarget>,
+    inbound_netns: Counted<NetnsCookie>,
+    /// The node-wide inputs of the last update: when they change, every
+    /// pod is looked at again.
+    last_node: Option<(Vec<crate::node::spec::ZtunnelSpec>, Option<SharedRedirect>)>,
+    last_readiness: Readiness,
+    /// Whether the unresolved list must be rebuilt.
+    unresolved_stale: bool,
+}
+
+/// What one ztunnel asks of the maps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct ZtunnelPart {
+    cgroup: Option<(CgroupId, CgroupInfo)>,
+    netns: Option<(NetnsCookie, NetnsInfo)>,
+    unresolved: Vec<Unresolved>,
+}
+
+impl DesiredMaps {
+    /// Brings the maps to `pods` on `node` (whose ztunnels and shared
+    /// redirect count; its pod list is `pods`), looking again at the
+    /// `touched` pods, at the pods whose hold changed, and, on a
+    /// [`Pass::Retry`](crate::host::netns::Pass), at those not fully
+    /// found yet (`retry`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn update(
+        &mut self,
+        node: &NodeSpec,
+        pods: &BTreeMap<PodUid, PodSpec>,
+        mut touched: Touched,
+        readiness: &Readiness,
+        settings: &Settings,
+        resolve: &mut impl Resolve,
+    ) -> Changed {
+        self.update_retrying(
+            node,
+            pods,
+            &mut touched,
+            false,
+            readiness,
+            settings,
+            resolve,
+        )
+    }
+
+    /// As [`Self::update`]; with `retry`, the pods not fully found yet are
+    /// looked at again too.
+    #[allow(clippy::too_many_arguments)]
+    pub fn update_retrying(
+        &mut self,
+        node: &NodeSpec,
+        pods: &BTreeMap<PodUid, PodSpec>,
+        touched: &mut Touched,
+        retry: bool,
+        readiness: &Readiness,
+        settings: &Settings,
+        resolve: &mut impl Resolve,
+    ) -> Changed {
+        let node_wide = (node.ztunnels.clone(), node.redirect);
+        if self.last_node.as_ref() != Some(&node_wide) {
+            *touched = Touched::All;
+            self.last_node = Some(node_wide);
+        }
+        let mut changed = Changed::default();
+        if let Touched::Pods(uids) = touched {
+            if retry {
+                uids.extend(
+                    self.parts
+                        .iter()
+                        .filter(|(_, (_, part))| part.incomplete)
+                        .map(|(uid, _)| uid.clone()),
+                );
+                // Pods found by address depend on every other pod's netns.
+                uids.extend(
+                    pods.values()
+                        .filter(|p| p.cgroup == PodCgroup::Address)
+                        .map(|p| p.uid.clone()),
+                );
             }
-            Err(e) => {
-                out.unresolved(None, &owner, Path::new(""), e.to_string());
-                continue;
+            if self.last_readiness != *readiness {
+                for uid in self.parts.keys() {
+                    if self.last_readiness.holds(uid) != readiness.holds(uid) {
+                        uids.insert(uid.clone());
+                    }
+                }
+            }
+        }
+        self.last_readiness = readiness.clone();
+        let d = &mut self.desired;
+        d.node = entries::node_config(Some(node), settings);
+        d.exempt = exempt_sources(settings, resolve.node_addresses());
+        let looked_at: Vec<PodUid> = match &*touched {
+            Touched::All => {
+                changed.all = true;
+                let gone: Vec<PodUid> = self
+                    .parts
+                    .keys()
+                    .filter(|uid| !pods.contains_key(*uid))
+                    .cloned()
+                    .collect();
+                gone.into_iter().chain(pods.keys().cloned()).collect()
+            }
+            Touched::Pods(uids) => uids.iter().cloned().collect(),
+        };
+        for uid in looked_at {
+            let part = pods
+                .get(&uid)
+                .map(|pod| pod_part(pod, node, readiness, settings, resolve));
+            self.replace_part(&uid, part, &mut changed);
+        }
+        self.update_ztunnels(node, settings, resolve, &mut changed);
+        // The shared ztunnel's namespace keys its connections.
+        self.desired.node.shared_netns = self
+            .ztunnel_parts
+            .iter()
+            .find_map(|z| z.netns)
+            .map_or(0, |(cookie, _)| cookie.0);
+        if self.unresolved_stale {
+            self.unresolved_stale = false;
+            let mut parts: Vec<(&u32, &PodPart)> = self
+                .parts
+                .values()
+                .map(|(slot, part)| (slot, part))
+                .collect();
+            parts.sort_by_key(|(slot, _)| **slot);
+            self.desired.unresolved = parts
+                .into_iter()
+                .flat_map(|(_, part)| part.unresolved.iter().cloned())
+                .chain(
+                    self.ztunnel_parts
+                        .iter()
+                        .flat_map(|z| z.unresolved.iter().cloned()),
+                )
+                .collect();
+        }
+        changed
+    }
+
+    /// Replaces what the pod `uid` asks of the maps with `part` (`None`:
+    /// the pod is gone).
+    fn replace_part(&mut self, uid: &PodUid, part: Option<PodPart>, changed: &mut Changed) {
+        let old = match (self.parts.get(uid), &part) {
+            (Some((_, old)), Some(new)) if old == new => return,
+            (None, None) => return,
+            _ => self.parts.remove(uid),
+        };
+        changed.pods.insert(uid.clone());
+        let slot = match &old {
+            Some((slot, _)) => *slot,
+            None => {
+                self.next_slot += 1;
+                self.next_slot
             }
         };
-        // In the shared model ztunnel binds in its own netns, whose local
-        // addresses are the redirect target's.
-        // Connections to and from it are keyed by that namespace.
-        if let Some(shared) = spec.redirect {
-            let info = entries::netns_entry(shared.ip4, shared.ip6);
-            let at = (cgroup.as_path(), NetnsAt::SandboxOf(&cgroup));
-            if let Some(cookie) = out.netns_of(None, &owner, at, info, resolve)
-                && out.node.shared_netns == 0
+        let owner = Owner::Pod(slot);
+        let d = &mut self.desired;
+        if let Some((_, old)) = old {
+            if !old.unresolved.is_empty() {
+                self.unresolved_stale = true;
+            }
+            if let Some((_, id, _)) = old.cgroup {
+                d.placed.remove(uid);
+                if self.cgroup_claims.release(&mut d.cgroups, id, owner) {
+                    changed.cgroups.insert(id);
+                }
+            }
+            if let Some((cookie, _)) = old.netns {
+                d.pod_netns.remove(uid);
+                if self.netns_claims.release(&mut d.netns, cookie, owner) {
+                    changed.netns.insert(cookie);
+                }
+            }
+            for ip in old.inbound {
+                if self.inbound_claims.release(&mut d.inbound, ip, owner) {
+                    changed.inbound.insert(ip);
+                }
+            }
+            if let Some(cookie) = old.inbound_netns
+                && self.inbound_netns.release(&mut d.inbound_netns, cookie)
             {
-                out.node.shared_netns = cookie.0;
+                changed.inbound_netns.insert(cookie);
             }
+        }
+        let Some(part) = part else {
+            return;
+        };
+        if !part.unresolved.is_empty() {
+            self.unresolved_stale = true;
+        }
+        if let Some((path, id, info)) = &part.cgroup {
+            d.placed.insert(uid.clone(), (path.clone(), *id));
+            if self.cgroup_claims.claim(&mut d.cgroups, *id, owner, *info) {
+                changed.cgroups.insert(*id);
+            }
+        }
+        if let Some((cookie, info)) = part.netns {
+            d.pod_netns.insert(uid.clone(), cookie);
+            if self.netns_claims.claim(&mut d.netns, cookie, owner, info) {
+                changed.netns.insert(cookie);
+            }
+        }
+        if let Some(cookie) = part.inbound_netns {
+            let target = InboundTarget {
+                netns_cookie: cookie.0,
+            };
+            for ip in &part.inbound {
+                if self
+                    .inbound_claims
+                    .claim(&mut d.inbound, *ip, owner, target)
+                {
+                    changed.inbound.insert(*ip);
+                }
+            }
+            if self.inbound_netns.hold(&mut d.inbound_netns, cookie) {
+                changed.inbound_netns.insert(cookie);
+            }
+        }
+        self.parts.insert(uid.clone(), (slot, part));
+    }
+
+    /// Looks at every ztunnel again (a node has one, two in an upgrade).
+    fn update_ztunnels(
+        &mut self,
+        node: &NodeSpec,
+        settings: &Settings,
+        resolve: &mut impl Resolve,
+        changed: &mut Changed,
+    ) {
+        let parts: Vec<ZtunnelPart> = node
+            .ztunnels
+            .iter()
+            .map(|z| ztunnel_part(z, node, settings, resolve))
+            .collect();
+        if parts == self.ztunnel_parts {
+            return;
+        }
+        let d = &mut self.desired;
+        for (i, old) in std::mem::take(&mut self.ztunnel_parts)
+            .into_iter()
+            .enumerate()
+        {
+            let owner = Owner::Ztunnel(i as u32);
+            if let Some((id, _)) = old.cgroup
+                && self.cgroup_claims.release(&mut d.cgroups, id, owner)
+            {
+                changed.cgroups.insert(id);
+            }
+            if let Some((cookie, _)) = old.netns
+                && self.netns_claims.release(&mut d.netns, cookie, owner)
+            {
+                changed.netns.insert(cookie);
+            }
+        }
+        d.ztunnel_cgroups.clear();
+        for (i, part) in parts.iter().enumerate() {
+            let owner = Owner::Ztunnel(i as u32);
+            if let Some((id, info)) = part.cgroup {
+                d.ztunnel_cgroups.insert(id);
+                if self.cgroup_claims.claim(&mut d.cgroups, id, owner, info) {
+                    changed.cgroups.insert(id);
+                }
+            }
+            if let Some((cookie, info)) = part.netns {
+                if self.netns_claims.claim(&mut d.netns, cookie, owner, info) {
+                    changed.netns.insert(cookie);
+                }
+            }
+        }
+        self.ztunnel_parts = parts;
+        self.unresolved_stale = true;
+    }
+}
+
+/// What `pod` asks of the maps.
+fn pod_part(
+    pod: &PodSpec,
+    node: &NodeSpec,
+    readiness: &Readiness,
+    settings: &Settings,
+    resolve: &mut impl Resolve,
+) -> PodPart {
+    let mut out = PodPart::default();
+    let owner = PodOwner(pod);
+    let unresolved = |out: &mut PodPart, cgroup: &Path, error: String| {
+        out.incomplete = true;
+        out.unresolved.push(Unresolved {
+            uid: Some(pod.uid.clone()),
+            owner: owner.to_string(),
+            cgroup: cgroup.to_path_buf(),
+            error,
+        });
+    };
+    let located = match &pod.cgroup {
+        PodCgroup::Path(path) => Ok(path.clone()),
+        PodCgroup::Uid => resolve.pod_cgroup(&pod.uid),
+        PodCgroup::Address => resolve
+            .pod_cgroup_by_address(&pod.uid, &pod.ips)
+            .map(|claim| match claim {
+                Claim::Sole(path) => path,
+                Claim::Disputed { kept, report } => {
+                    unresolved(&mut out, &kept, report);
+                    kept
+                }
+            }),
+    };
+    let cgroup = match located {
+        Ok(path) => path,
+        Err(e) => {
+            unresolved(&mut out, Path::new(""), e.to_string());
+            return out;
+        }
+    };
+    // A pod the feed gives no address yet (the API has not published
+    // it, `ips: []`) is addressed by its netns's own: enrolled means
+    // redirected or refused, never let through for want of a target.
+    let netns = match &pod.netns {
+        Some(file) => NetnsAt::File(file),
+        None => NetnsAt::SandboxOf(&cgroup),
+    };
+    let learned;
+    let pod = if pod.ips.is_empty() {
+        learned = PodSpec {
+            ips: learned_addresses(resolve, netns),
+            ..pod.clone()
+        };
+        // Until its addresses are found, it is looked at again.
+        out.incomplete |= learned.ips.is_empty();
+        &learned
+    } else {
+        pod
+    };
+    match resolve.cgroup_id(&cgroup) {
+        Ok(id) => {
+            let entry = entries::pod_entry(pod, node, readiness, settings);
+            out.cgroup = Some((cgroup.clone(), id, entry));
+        }
+        Err(e) => {
+            unresolved(&mut out, &cgroup, e.to_string());
+            return out;
+        }
+    }
+    if !pod.ips.is_empty() {
+        let info = entries::netns_entry(pod.ip4(), pod.ip6());
+        match resolve.netns_cookie(netns) {
+            Ok(Some(cookie)) => out.netns = Some((cookie, info)),
+            Ok(None) => unresolved(
+                &mut out,
+                &cgroup,
+                "no process in the cgroup yet, so its network namespace is unknown".into(),
+            ),
+            Err(e) => unresolved(&mut out, &cgroup, format!("network namespace: {e}")),
+        }
+    }
+    // Inbound capture needs ztunnel's listeners in the pod's own netns:
+    // the in-pod model only.
+    if pod.mode == Mode::Ambient
+        && pod.capture.inbound
+        && node.redirect.is_none()
+        && let Some((cookie, _)) = out.netns
+    {
+        out.inbound = pod.ips.clone();
+        out.inbound_netns = Some(cookie);
+    }
+    out
+}
+
+/// What the ztunnel `z` asks of the maps.
+fn ztunnel_part(
+    z: &crate::node::spec::ZtunnelSpec,
+    node: &NodeSpec,
+    settings: &Settings,
+    resolve: &mut impl Resolve,
+) -> ZtunnelPart {
+    let mut out = ZtunnelPart::default();
+    let (located, owner) = match &z.cgroup {
+        CgroupRef::Path(path) => (Ok(path.clone()), "ztunnel".to_string()),
+        CgroupRef::Pod(uid) => (resolve.pod_cgroup(uid), format!("ztunnel pod {uid}")),
+    };
+    let unresolved = |out: &mut ZtunnelPart, cgroup: &Path, error: String| {
+        out.unresolved.push(Unresolved {
+            uid: None,
+            owner: owner.clone(),
+            cgroup: cgroup.to_path_buf(),
+            error,
+        })
+    };
+    let cgroup = match located.and_then(|path| Ok((resolve.cgroup_id(&path)?, path))) {
+        Ok((id, path)) => {
+            out.cgroup = Some((id, entries::ztunnel_entry(z, settings)));
+            path
+        }
+        Err(e) => {
+            unresolved(&mut out, Path::new(""), e.to_string());
+            return out;
+        }
+    };
+    // In the shared model ztunnel binds in its own netns, whose local
+    // addresses are the redirect target's.
+    // Connections to and from it are keyed by that namespace.
+    if let Some(shared) = node.redirect {
+        let info = entries::netns_entry(shared.ip4, shared.ip6);
+        match resolve.netns_cookie(NetnsAt::SandboxOf(&cgroup)) {
+            Ok(Some(cookie)) => out.netns = Some((cookie, info)),
+            Ok(None) => unresolved(
+                &mut out,
+                &cgroup,
+                "no process in the cgroup yet, so its network namespace is unknown".into(),
+            ),
+            Err(e) => unresolved(&mut out, &cgroup, format!("network namespace: {e}")),
         }
     }
     out
@@ -354,6 +704,28 @@ pub fn diff<K: Ord + Copy, V: PartialEq + Copy>(
         .iter()
         .filter(|(k, v)| current.get(k) != Some(v))
         .map(|(k, v)| Op::Put(*k, *v));
+    deletes.chain(puts).collect()
+}
+
+/// As [`diff`], looking only at `keys` (those an update changed), or at
+/// every key with `all`.
+pub fn diff_changed<K: Ord + Copy, V: PartialEq + Copy>(
+    current: &BTreeMap<K, V>,
+    desired: &BTreeMap<K, V>,
+    keys: &BTreeSet<K>,
+    all: bool,
+) -> Vec<Op<K, V>> {
+    if all {
+        return diff(current, desired);
+    }
+    let deletes = keys
+        .iter()
+        .filter(|k| current.contains_key(k) && !desired.contains_key(k))
+        .map(|k| Op::Delete(*k));
+    let puts = keys.iter().filter_map(|k| {
+        let want = desired.get(k)?;
+        (current.get(k) != Some(want)).then_some(Op::Put(*k, *want))
+    });
     deletes.chain(puts).collect()
 }
 
@@ -820,5 +1192,97 @@ mod tests {
         );
         // Its connections are keyed by that namespace.
         assert_eq!(d.node.shared_netns, 1020);
+    }
+
+    #[test]
+    fn updating_pod_by_pod_ends_where_computing_the_whole_node_does() {
+        // A fixed pseudo-random walk of adds, changes and removals, some on
+        // a shared cgroup or address (claims in contention).
+        let mut seed = 0x9e37_79b9_u64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let mut pods: BTreeMap<PodUid, PodSpec> = BTreeMap::new();
+        let node = spec();
+        let mut maps = DesiredMaps::default();
+        let settings = Settings::default();
+        let (mut kernel, mut inbound) = (BTreeMap::new(), BTreeMap::new());
+        for step in 0..400 {
+            let uid = PodUid(format!("p{}", next(12)));
+            let mut touched = Touched::none();
+            touched.add(&uid);
+            if next(4) == 0 {
+                pods.remove(&uid);
+            } else {
+                let mut p = pod(&uid.0, &format!("/cg/{}", 10 + next(6)), Mode::Ambient);
+                if next(2) == 0 {
+                    p.mode = Mode::None;
+                }
+                p.ips = vec![format!("198.18.0.{}", next(5)).parse().unwrap()];
+                pods.insert(uid.clone(), p);
+            }
+            let readiness = if step % 50 < 25 {
+                Readiness::Ungated
+            } else {
+                Readiness::Acknowledged(pods.keys().filter(|_| next(2) == 0).cloned().collect())
+            };
+            let changed = maps.update(&node, &pods, touched, &readiness, &settings, &mut Fake);
+            // The kernel, written only where the update said keys changed,
+            // holds what is desired.
+            let ops = diff_changed(
+                &kernel,
+                &maps.desired.cgroups,
+                &changed.cgroups,
+                changed.all,
+            );
+            apply(&mut kernel, &ops);
+            assert_eq!(kernel, maps.desired.cgroups, "step {step}");
+            let ops = diff_changed(
+                &inbound,
+                &maps.desired.inbound,
+                &changed.inbound,
+                changed.all,
+            );
+            apply(&mut inbound, &ops);
+            assert_eq!(inbound, maps.desired.inbound, "step {step}");
+            let whole = NodeSpec {
+                pods: pods.values().cloned().collect(),
+                ..node.clone()
+            };
+            let want = desired(&whole, &readiness, &settings, &mut Fake);
+            let got = &maps.desired;
+            assert_eq!(got.placed, want.placed, "step {step}");
+            assert_eq!(got.pod_netns, want.pod_netns, "step {step}");
+            assert_eq!(got.inbound_netns, want.inbound_netns, "step {step}");
+            assert_eq!(got.ztunnel_cgroups, want.ztunnel_cgroups, "step {step}");
+            // Where claims contend the winner may differ by history, but
+            // every key is claimed by one of the pods that want it.
+            assert_eq!(
+                got.cgroups.keys().collect::<Vec<_>>(),
+                want.cgroups.keys().collect::<Vec<_>>(),
+                "step {step}"
+            );
+            assert_eq!(
+                got.inbound.keys().collect::<Vec<_>>(),
+                want.inbound.keys().collect::<Vec<_>>(),
+                "step {step}"
+            );
+            for (id, info) in &got.cgroups {
+                let wanted: Vec<CgroupInfo> = whole
+                    .pods
+                    .iter()
+                    .filter(|p| got.placed.get(&p.uid).map(|(_, i)| i) == Some(id))
+                    .map(|p| entries::pod_entry(p, &node, &readiness, &settings))
+                    .chain(
+                        (*id == CgroupId(20))
+                            .then(|| entries::ztunnel_entry(&node.ztunnels[0], &settings)),
+                    )
+                    .collect();
+                assert!(wanted.contains(info), "step {step}: {id:?} {info:?}");
+            }
+        }
     }
 }

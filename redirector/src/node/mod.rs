@@ -3,11 +3,14 @@
 //! - [`spec`]: the node state every source contributes to;
 //! - [`merge`]: the sources' views merged into one [`spec::NodeSpec`];
 //! - [`membership`]: Istio's enrollment rules for a Kubernetes pod;
+//! - [`claims`]: map entries owned by pods and ztunnels, for updates pod
+//!   by pod;
 //! - [`entries`]: the map value for one pod, ztunnel or namespace;
 //! - [`desired`]: the whole node's map contents, with the ids and cookies
 //!   it needs found through the [`desired::Resolve`] trait, and the diff
 //!   against what the kernel holds.
 
+pub mod claims;
 pub mod desired;
 pub mod entries;
 pub mod membership;

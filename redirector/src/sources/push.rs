@@ -113,12 +113,12 @@ pub fn pushed(req: pb::PushCgroupRequest) -> Result<Pushed, Status> {
 
 /// A pod of the node state on the cgroup the last reconcile found for it:
 /// what a pushed cgroup must not contain.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PlacedPod {
-    pub uid: PodUid,
-    pub namespace: String,
-    pub name: String,
-    pub cgroup: PathBuf,
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlacedPod<'a> {
+    pub uid: &'a PodUid,
+    pub namespace: &'a str,
+    pub name: &'a str,
+    pub cgroup: &'a Path,
 }
 
 /// A directory that holds pods and is never one pod, with what it is: the
@@ -152,9 +152,9 @@ pub fn pod_parents(cgroup_root: &Path, kubepods_parent: &Path) -> Vec<PodParent>
 /// a path that is not a cgroup), so another mount of cgroup2 does not
 /// hide one, and by path, for a cgroup not created yet. A pushed pod may
 /// share its cgroup with the pod of the same UID it replaces.
-pub fn refuse_containing(
+pub fn refuse_containing<'a>(
     entry: &Pushed,
-    placed: &[PlacedPod],
+    placed: impl IntoIterator<Item = PlacedPod<'a>>,
     parents: &[PodParent],
     id_of: &mut dyn FnMut(&Path) -> Option<CgroupId>,
 ) -> Result<(), Status> {
@@ -172,7 +172,7 @@ pub fn refuse_containing(
     let pushed_id = id(pushed);
     let mut is_pushed =
         |path: &Path| path == pushed || (pushed_id.is_some() && id(path) == pushed_id);
-    for pod in placed.iter().filter(|p| Some(&p.uid) != uid) {
+    for pod in placed.into_iter().filter(|p| Some(p.uid) != uid) {
         if let Some(depth) = pod.cgroup.ancestors().position(&mut is_pushed) {
             let relation = if depth == 0 { "is" } else { "contains" };
             return Err(invalid(
@@ -304,12 +304,12 @@ mod tests {
         assert!(err.message().contains("`..`"), "{}", err.message());
     }
 
-    fn placed(uid: &str, cgroup: &str) -> PlacedPod {
+    fn placed(uid: &str, cgroup: &str) -> PlacedPod<'static> {
         PlacedPod {
-            uid: PodUid(uid.into()),
-            namespace: "default".into(),
-            name: format!("pod-{uid}"),
-            cgroup: cgroup.into(),
+            uid: Box::leak(Box::new(PodUid(uid.into()))),
+            namespace: "default",
+            name: Box::leak(format!("pod-{uid}").into_boxed_str()),
+            cgroup: Box::leak(PathBuf::from(cgroup).into_boxed_path()),
         }
     }
 
@@ -353,7 +353,8 @@ mod tests {
     fn a_pushed_cgroup_that_is_or_holds_another_pods_is_refused_naming_both() {
         let pods = [placed("a", "/cg/kubepods/burstable/poda")];
         let parents = pod_parents(Path::new("/cg"), Path::new("/cg"));
-        let check = |entry: &Pushed| refuse_containing(entry, &pods, &parents, &mut fake_id);
+        let check =
+            |entry: &Pushed| refuse_containing(entry, pods.iter().copied(), &parents, &mut fake_id);
         for (entry, field, relation) in [
             (
                 ztunnel("/cg/kubepods/burstable"),
@@ -408,7 +409,8 @@ mod tests {
             ("/cg", "the cgroup the programs attach to"),
             ("/cg/node", "the cgroup the programs attach to"),
         ] {
-            let err = refuse_containing(&ztunnel(path), &[], &parents, &mut fake_id).unwrap_err();
+            let err = refuse_containing(&ztunnel(path), std::iter::empty(), &parents, &mut fake_id)
+                .unwrap_err();
             assert!(err.message().contains(what), "{path}: {}", err.message());
         }
     }
