@@ -87,8 +87,8 @@ fn by_uid<'a>(snapshot: &'a Snapshot, unique: &BTreeSet<PodUid>) -> BTreeMap<Pod
     snapshot
         .pods
         .iter()
-        .filter(|p| unique.contains(&p.uid))
-        .map(|p| (p.uid.clone(), p))
+        .filter(|(uid, _)| unique.contains(uid))
+        .map(|(uid, p)| (uid.clone(), p))
         .collect()
 }
 
@@ -112,7 +112,7 @@ fuzz_target!(|bytes: &[u8]| {
             .filter(|p| p.metadata.uid.as_deref() == Some(uid.0.as_str()))
             .collect()
     };
-    for pod in &fresh.pods {
+    for pod in fresh.pods.values() {
         assert!(
             count.contains_key(&pod.uid),
             "pod {} is in no input",
@@ -186,7 +186,7 @@ fuzz_target!(|bytes: &[u8]| {
     // Every other enrolled pod acknowledged by ztunnel.
     let ready: BTreeSet<PodUid> = fresh
         .pods
-        .iter()
+        .values()
         .filter(|p| p.mode == Mode::Ambient)
         .step_by(2)
         .map(|p| p.uid.clone())
@@ -195,7 +195,7 @@ fuzz_target!(|bytes: &[u8]| {
     let mut patched = fresh.clone();
     for patch in &patches {
         assert!(
-            fresh.pods.iter().any(|p| p.uid == patch.uid),
+            fresh.pods.contains_key(&patch.uid),
             "a patch for {} outside the snapshot",
             patch.uid
         );

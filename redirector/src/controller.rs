@@ -531,12 +531,12 @@ impl Controller {
         cni::verdict(
             uid,
             &cni::Standing {
-                pod: view.pods.iter().find(|p| p.uid == uid.0),
+                pod: view.pods.get(&uid.0),
                 ztunnels: &ztunnels,
                 listed_by_kubernetes: self.kube_is_source.then(|| {
-                    self.kube.as_ref().is_some_and(|k| {
-                        k.pods.iter().any(|p| &p.uid == uid) || k.ztunnels.contains(uid)
-                    })
+                    self.kube
+                        .as_ref()
+                        .is_some_and(|k| k.pods.contains_key(uid) || k.ztunnels.contains(uid))
                 }),
             },
         )
@@ -570,7 +570,7 @@ impl Controller {
         let (Some(kube), Some(xds)) = (&self.kube, &self.xds) else {
             return;
         };
-        let now = xds::disagreements(&kube.pods, &xds.workloads);
+        let now = xds::disagreements(kube.pods.values(), &xds.workloads);
         for d in now.difference(&self.disagreements) {
             info!("Kubernetes and istiod disagree (Kubernetes decides): {d}");
         }
@@ -740,12 +740,19 @@ impl Controller {
         // After the maps: a pod leaving the mesh is handed its Del only once
         // its redirect entries are gone.
         let acknowledged = self.zds.as_ref().map(ZdsState::ready);
-        let spec = NodeSpec {
-            pods: self.last_pods.values().cloned().collect(),
-            ..node
+        // A pod whose spec changed but not its entries (a new name) is
+        // republished too.
+        let republish = match touched {
+            Touched::Pods(mut uids) if !changed.all => {
+                uids.extend(changed.pods);
+                Touched::Pods(uids)
+            }
+            _ => Touched::All,
         };
         let reconciled = Reconciled {
-            spec: &spec,
+            node: &node,
+            pods: &self.last_pods,
+            republish: &republish,
             desired,
             complete: self.unsynced.is_empty(),
             acknowledged: acknowledged.as_ref(),

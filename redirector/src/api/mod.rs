@@ -112,7 +112,7 @@ impl pb::node_server::Node for Service {
             .read()
             .expect("view lock")
             .pods
-            .iter()
+            .values()
             .map(|pod| {
                 Ok(pb::Change {
                     kind: pb::change::Kind::Added as i32,
@@ -232,7 +232,7 @@ impl pb::node_server::Node for Service {
             bpffs: self.pins.root().display().to_string(),
             state_loaded: view.state_loaded,
             pods: view.pods.len() as u32,
-            enrolled: view.pods.iter().filter(|p| p.mode == "ambient").count() as u32,
+            enrolled: view.pods.values().filter(|p| p.mode == "ambient").count() as u32,
             ztunnels: view.ztunnels,
             unresolved: view.unresolved,
             original_src: match self.settings.original_src {
@@ -271,7 +271,14 @@ impl pb::node_server::Node for Service {
         req: Request<pb::ListPodsRequest>,
     ) -> Result<Response<pb::ListPodsResponse>, Status> {
         require_root(&req)?;
-        let pods = self.view.read().expect("view lock").pods.clone();
+        let pods = self
+            .view
+            .read()
+            .expect("view lock")
+            .pods
+            .values()
+            .cloned()
+            .collect();
         Ok(Response::new(pb::ListPodsResponse { pods }))
     }
 }

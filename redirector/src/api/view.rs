@@ -1,5 +1,5 @@
-//! The API's picture of the node, refreshed after every reconcile, and the
-//! pod-by-pod changes between two pictures that watchers are sent.
+//! The API's picture of the node, brought up to date after every reconcile
+//! pod by pod, and each pod's change, which watchers are sent.
 
 use std::{
     collections::BTreeMap,
@@ -12,7 +12,7 @@ use tokio::sync::broadcast;
 
 use super::pb;
 use crate::{
-    node::desired::Desired,
+    node::desired::{Desired, Touched},
     node::spec::{Mode, NodeSpec, PodSpec},
     publish::{Publish, Reconciled},
     types::PodUid,
@@ -22,63 +22,94 @@ use crate::{
 #[derive(Clone, Debug, Default)]
 pub struct View {
     pub state_loaded: bool,
-    pub pods: Vec<pb::Pod>,
+    /// By UID.
+    pub pods: BTreeMap<String, pb::Pod>,
     pub ztunnels: u32,
     pub unresolved: u32,
 }
 
-/// The API's picture of the node after a reconcile: every pod of the node
-/// state with where it landed in the datapath.
-pub fn view(spec: &NodeSpec, desired: &Desired) -> View {
+/// Brings `view` to the reconcile `r`, pod by pod; returns each pod's
+/// change.
+pub fn update(view: &mut View, r: &Reconciled) -> Vec<pb::Change> {
+    use pb::change::Kind;
+    view.state_loaded = true;
+    view.ztunnels = r.node.ztunnels.len() as u32;
+    view.unresolved = r.desired.unresolved.len() as u32;
     let mut problems: BTreeMap<&PodUid, Vec<&str>> = BTreeMap::new();
-    for u in &desired.unresolved {
+    for u in &r.desired.unresolved {
         if let Some(uid) = &u.uid {
             problems.entry(uid).or_default().push(&u.error);
         }
     }
-    let pods = spec
-        .pods
-        .iter()
-        .map(|pod| {
-            let placed = desired.placed.get(&pod.uid);
-            let entry = placed.and_then(|(_, id)| desired.cgroups.get(id));
-            let problem = problems
-                .get(&pod.uid)
-                .map(|p| p.join("; "))
-                .unwrap_or_default();
-            pb::Pod {
-                uid: pod.uid.0.clone(),
-                namespace: pod.namespace.clone(),
-                name: pod.name.clone(),
-                mode: match pod.mode {
-                    Mode::Ambient => "ambient".into(),
-                    Mode::None => "none".into(),
-                },
-                ips: pod.ips.iter().map(ToString::to_string).collect(),
-                cgroup: placed
-                    .map(|(p, _)| p.display().to_string())
-                    .unwrap_or_default(),
-                cgroup_id: placed.map(|(_, id)| id.0).unwrap_or(0),
-                in_datapath: placed.is_some(),
-                accelerated: entry.is_some_and(|e| e.flags & flags::ACCEL != 0),
-                held: entry.is_some_and(|e| e.flags & flags::HELD != 0),
-                inbound: inbound_state(pod, spec, desired).into(),
-                dns_captured: entry.is_some_and(|e| e.flags & flags::DNS_CAPTURE != 0),
-                problem,
+    let before: Vec<PodUid> = match r.republish {
+        Touched::All => view.pods.keys().map(|uid| PodUid(uid.clone())).collect(),
+        Touched::Pods(_) => Vec::new(),
+    };
+    let mut out = Vec::new();
+    for uid in r.uids(before.iter()) {
+        let now = r
+            .pods
+            .get(uid)
+            .map(|pod| pod_view(pod, r.node, r.desired, problems.get(uid)));
+        let change = match (view.pods.get(&uid.0), now) {
+            (None, None) => continue,
+            (Some(was), Some(now)) if *was == now => continue,
+            (was, Some(now)) => {
+                let kind = if was.is_some() {
+                    Kind::Updated
+                } else {
+                    Kind::Added
+                };
+                view.pods.insert(uid.0.clone(), now.clone());
+                (kind, now)
             }
-        })
-        .collect();
-    View {
-        state_loaded: true,
-        pods,
-        ztunnels: spec.ztunnels.len() as u32,
-        unresolved: desired.unresolved.len() as u32,
+            (Some(_), None) => {
+                let was = view.pods.remove(&uid.0).expect("present");
+                (Kind::Removed, was)
+            }
+        };
+        out.push(pb::Change {
+            kind: change.0 as i32,
+            pod: Some(change.1),
+        });
+    }
+    out
+}
+
+/// One pod as the API shows it: where it landed in the datapath.
+fn pod_view(
+    pod: &PodSpec,
+    node: &NodeSpec,
+    desired: &Desired,
+    problems: Option<&Vec<&str>>,
+) -> pb::Pod {
+    let placed = desired.placed.get(&pod.uid);
+    let entry = placed.and_then(|(_, id)| desired.cgroups.get(id));
+    pb::Pod {
+        uid: pod.uid.0.clone(),
+        namespace: pod.namespace.clone(),
+        name: pod.name.clone(),
+        mode: match pod.mode {
+            Mode::Ambient => "ambient".into(),
+            Mode::None => "none".into(),
+        },
+        ips: pod.ips.iter().map(ToString::to_string).collect(),
+        cgroup: placed
+            .map(|(p, _)| p.display().to_string())
+            .unwrap_or_default(),
+        cgroup_id: placed.map(|(_, id)| id.0).unwrap_or(0),
+        in_datapath: placed.is_some(),
+        accelerated: entry.is_some_and(|e| e.flags & flags::ACCEL != 0),
+        held: entry.is_some_and(|e| e.flags & flags::HELD != 0),
+        inbound: inbound_state(pod, node, desired).into(),
+        dns_captured: entry.is_some_and(|e| e.flags & flags::DNS_CAPTURE != 0),
+        problem: problems.map(|p| p.join("; ")).unwrap_or_default(),
     }
 }
 
 /// Where a pod's inbound capture stands (see `Pod.inbound` in the proto).
-fn inbound_state(pod: &PodSpec, spec: &NodeSpec, desired: &Desired) -> &'static str {
-    if pod.mode != Mode::Ambient || spec.redirect.is_some() {
+fn inbound_state(pod: &PodSpec, node: &NodeSpec, desired: &Desired) -> &'static str {
+    if pod.mode != Mode::Ambient || node.redirect.is_some() {
         "none"
     } else if !pod.capture.inbound {
         "bypassed"
@@ -93,34 +124,6 @@ fn inbound_state(pod: &PodSpec, spec: &NodeSpec, desired: &Desired) -> &'static 
     }
 }
 
-/// What changed between two views, pod by pod (by UID).
-pub fn changes(old: &View, new: &View) -> Vec<pb::Change> {
-    use pb::change::Kind;
-    let before: BTreeMap<&str, &pb::Pod> = old.pods.iter().map(|p| (p.uid.as_str(), p)).collect();
-    let after: BTreeMap<&str, &pb::Pod> = new.pods.iter().map(|p| (p.uid.as_str(), p)).collect();
-    let mut out = Vec::new();
-    for (uid, pod) in &after {
-        let kind = match before.get(uid) {
-            None => Kind::Added,
-            Some(was) if was != pod => Kind::Updated,
-            Some(_) => continue,
-        };
-        out.push(pb::Change {
-            kind: kind as i32,
-            pod: Some((*pod).clone()),
-        });
-    }
-    for (uid, pod) in &before {
-        if !after.contains_key(uid) {
-            out.push(pb::Change {
-                kind: Kind::Removed as i32,
-                pod: Some((*pod).clone()),
-            });
-        }
-    }
-    out
-}
-
 /// The view shared between the reconcile loop (writer) and the API.
 pub type SharedView = Arc<RwLock<View>>;
 
@@ -133,9 +136,7 @@ pub struct Publisher {
 
 impl Publish for Publisher {
     fn reconciled(&mut self, r: &Reconciled) {
-        let view = view(r.spec, r.desired);
-        let changes = changes(&self.view.read().expect("view lock"), &view);
-        *self.view.write().expect("view lock") = view;
+        let changes = update(&mut self.view.write().expect("view lock"), r);
         for change in changes {
             // No watcher is not an error.
             let _ = self.changes.send(change);
@@ -146,39 +147,63 @@ impl Publish for Publisher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::node::spec::PodCgroup;
 
-    fn pod(uid: &str, in_datapath: bool) -> pb::Pod {
-        pb::Pod {
-            uid: uid.into(),
-            in_datapath,
-            ..pb::Pod::default()
-        }
+    fn pod(uid: &str, name: &str) -> (PodUid, PodSpec) {
+        let uid = PodUid(uid.into());
+        let spec = PodSpec {
+            uid: uid.clone(),
+            name: name.into(),
+            namespace: "default".into(),
+            service_account: "default".into(),
+            cgroup: PodCgroup::Uid,
+            netns: None,
+            ips: vec![],
+            mode: Mode::Ambient,
+            accelerate: None,
+            capture: Default::default(),
+        };
+        (uid, spec)
     }
 
-    fn view(pods: Vec<pb::Pod>) -> View {
-        View {
+    fn reconcile(
+        view: &mut View,
+        pods: &BTreeMap<PodUid, PodSpec>,
+        republish: Touched,
+    ) -> Vec<(i32, String)> {
+        let r = Reconciled {
+            node: &NodeSpec::default(),
             pods,
-            ..View::default()
-        }
+            republish: &republish,
+            desired: &Desired::default(),
+            complete: true,
+            acknowledged: None,
+            kubernetes: None,
+        };
+        update(view, &r)
+            .into_iter()
+            .map(|c| (c.kind, c.pod.unwrap().uid))
+            .collect()
     }
 
     #[test]
     fn changes_name_every_added_updated_and_removed_pod_once() {
         use pb::change::Kind;
-        let old = view(vec![pod("a", true), pod("b", false), pod("c", true)]);
-        let new = view(vec![pod("a", true), pod("b", true), pod("d", false)]);
-        let got: Vec<(i32, String)> = changes(&old, &new)
-            .into_iter()
-            .map(|c| (c.kind, c.pod.unwrap().uid))
-            .collect();
+        let mut view = View::default();
+        let pods: BTreeMap<_, _> = [pod("a", "a"), pod("b", "b"), pod("c", "c")].into();
+        assert_eq!(reconcile(&mut view, &pods, Touched::All).len(), 3);
+        let now: BTreeMap<_, _> = [pod("a", "a"), pod("b", "b2"), pod("d", "d")].into();
+        let uids = ["b", "c", "d"].map(|u| PodUid(u.into())).into();
         assert_eq!(
-            got,
+            reconcile(&mut view, &now, Touched::Pods(uids)),
             vec![
                 (Kind::Updated as i32, "b".into()),
-                (Kind::Added as i32, "d".into()),
                 (Kind::Removed as i32, "c".into()),
+                (Kind::Added as i32, "d".into()),
             ]
         );
-        assert!(changes(&new, &new).is_empty());
+        // Looking at every pod again finds nothing more to say.
+        assert!(reconcile(&mut view, &now, Touched::All).is_empty());
+        assert_eq!(view.pods.keys().collect::<Vec<_>>(), ["a", "b", "d"]);
     }
 }

@@ -453,10 +453,10 @@ impl DesiredMaps {
                     changed.cgroups.insert(id);
                 }
             }
-            if let Some((cookie, info)) = part.netns {
-                if self.netns_claims.claim(&mut d.netns, cookie, owner, info) {
-                    changed.netns.insert(cookie);
-                }
+            if let Some((cookie, info)) = part.netns
+                && self.netns_claims.claim(&mut d.netns, cookie, owner, info)
+            {
+                changed.netns.insert(cookie);
             }
         }
         self.ztunnel_parts = parts;

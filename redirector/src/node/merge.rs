@@ -48,7 +48,7 @@ pub fn merge(views: &Views) -> Option<NodeSpec> {
     }
     let mut spec = views.file.cloned().unwrap_or_default();
     if let Some(kube) = views.kubernetes {
-        overlay(&mut spec.pods, kube.pods.iter().cloned());
+        overlay(&mut spec.pods, kube.pods.values().cloned());
         spec.ztunnels
             .extend(kube.ztunnels.iter().map(|uid| ZtunnelSpec {
                 cgroup: CgroupRef::Pod(uid.clone()),
@@ -151,7 +151,7 @@ mod tests {
             ..NodeSpec::default()
         };
         let kube = kubernetes::Snapshot {
-            pods: vec![pod("a", "from-kubernetes")],
+            pods: [(PodUid("a".into()), pod("a", "from-kubernetes"))].into(),
             ..Default::default()
         };
         let pushed: BTreeMap<_, _> = [(PodUid("b".into()), pod("b", "pushed"))].into();

@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use super::{Publish, Reconciled};
 use crate::{
-    node::spec::Mode,
+    node::{desired::Touched, spec::Mode, spec::PodSpec},
     sources::kubernetes::{REDIRECTION, Snapshot},
     types::PodUid,
 };
@@ -22,9 +22,9 @@ use crate::{
 /// Writes `ambient.istio.io/redirection` on pods, as istio-cni does.
 pub struct Annotator {
     client: Client,
-    /// The last value asked for, by pod, and when: asked again only when it
-    /// changes, or when the pod still does not show it 10 s later (a
-    /// failed patch).
+    /// The last value asked for, by pod, and when, until the pod shows it:
+    /// asked again only when it changes, or when the pod still does not
+    /// show it 10 s later (a failed patch).
     requested: BTreeMap<PodUid, (Option<&'static str>, std::time::Instant)>,
 }
 
@@ -38,10 +38,27 @@ impl Annotator {
 
     const RETRY: Duration = Duration::from_secs(10);
 
-    /// Asks for the patches that make every pod of `kube` show where its
-    /// redirection stands, given the pods ztunnel has (`ready`).
-    pub fn update(&mut self, kube: &Snapshot, ready: &BTreeSet<PodUid>) {
-        for patch in redirection_patches(kube, ready) {
+    /// Asks for the patches that make the pods `uids` of `kube` (and those
+    /// whose patch is not shown yet) show where their redirection stands,
+    /// given the pods ztunnel has (`ready`).
+    pub fn update<'a>(
+        &mut self,
+        kube: &Snapshot,
+        uids: impl IntoIterator<Item = &'a PodUid>,
+        ready: &BTreeSet<PodUid>,
+    ) {
+        let mut looked_at: BTreeSet<PodUid> = self.requested.keys().cloned().collect();
+        looked_at.extend(uids.into_iter().cloned());
+        for uid in &looked_at {
+            let Some(pod) = kube.pods.get(uid) else {
+                self.requested.remove(uid);
+                continue;
+            };
+            let Some(patch) = redirection_patch(kube, pod, ready) else {
+                // It shows what is wanted.
+                self.requested.remove(uid);
+                continue;
+            };
             if self
                 .requested
                 .get(&patch.uid)
@@ -63,8 +80,6 @@ impl Annotator {
                 }
             });
         }
-        let listed: BTreeSet<&PodUid> = kube.pods.iter().map(|p| &p.uid).collect();
-        self.requested.retain(|uid, _| listed.contains(uid));
     }
 }
 
@@ -84,22 +99,29 @@ pub struct RedirectionPatch {
 pub fn redirection_patches(snapshot: &Snapshot, ready: &BTreeSet<PodUid>) -> Vec<RedirectionPatch> {
     snapshot
         .pods
-        .iter()
-        .filter_map(|pod| {
-            let want = match pod.mode {
-                Mode::Ambient if ready.contains(&pod.uid) => Some("enabled"),
-                Mode::Ambient => Some("pending"),
-                Mode::None => None,
-            };
-            let has = snapshot.redirection.get(&pod.uid).map(String::as_str);
-            (has != want).then(|| RedirectionPatch {
-                uid: pod.uid.clone(),
-                namespace: pod.namespace.clone(),
-                name: pod.name.clone(),
-                value: want,
-            })
-        })
+        .values()
+        .filter_map(|pod| redirection_patch(snapshot, pod, ready))
         .collect()
+}
+
+/// The annotation change `pod` needs, if any (see [`redirection_patches`]).
+fn redirection_patch(
+    snapshot: &Snapshot,
+    pod: &PodSpec,
+    ready: &BTreeSet<PodUid>,
+) -> Option<RedirectionPatch> {
+    let want = match pod.mode {
+        Mode::Ambient if ready.contains(&pod.uid) => Some("enabled"),
+        Mode::Ambient => Some("pending"),
+        Mode::None => None,
+    };
+    let has = snapshot.redirection.get(&pod.uid).map(String::as_str);
+    (has != want).then(|| RedirectionPatch {
+        uid: pod.uid.clone(),
+        namespace: pod.namespace.clone(),
+        name: pod.name.clone(),
+        value: want,
+    })
 }
 
 /// Writes one [`RedirectionPatch`] through the `pods/status` subresource
@@ -119,7 +141,11 @@ pub async fn patch_redirection(client: Client, patch: &RedirectionPatch) -> kube
 impl Publish for Annotator {
     fn reconciled(&mut self, r: &Reconciled) {
         if let (Some(kube), Some(ready)) = (r.kubernetes, r.acknowledged) {
-            self.update(kube, ready);
+            let before: Vec<PodUid> = match r.republish {
+                Touched::All => kube.pods.keys().cloned().collect(),
+                Touched::Pods(_) => Vec::new(),
+            };
+            self.update(kube, r.uids(before.iter()), ready);
         }
     }
 }

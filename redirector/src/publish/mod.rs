@@ -11,17 +11,25 @@
 pub mod annotator;
 pub mod zds;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::{
-    node::{desired::Desired, spec::NodeSpec},
+    node::{
+        desired::{Desired, Touched},
+        spec::{NodeSpec, PodSpec},
+    },
     sources::kubernetes,
     types::PodUid,
 };
 
 /// What one reconcile brought the datapath to.
 pub struct Reconciled<'a> {
-    pub spec: &'a NodeSpec,
+    /// The node's ztunnels and shared redirect (its pods are `pods`).
+    pub node: &'a NodeSpec,
+    pub pods: &'a BTreeMap<PodUid, PodSpec>,
+    /// The pods whose state may differ from the last reconcile's: a
+    /// publisher looks at these only.
+    pub republish: &'a Touched,
     pub desired: &'a Desired,
     /// Whether every configured source has delivered since the daemon
     /// started (before, what an unsynced source may hold is kept).
@@ -30,6 +38,17 @@ pub struct Reconciled<'a> {
     pub acknowledged: Option<&'a BTreeSet<PodUid>>,
     /// The Kubernetes feed's last snapshot, if it is a source.
     pub kubernetes: Option<&'a kubernetes::Snapshot>,
+}
+
+impl Reconciled<'_> {
+    /// The UIDs to look at again: the republished pods, or every pod of
+    /// this reconcile and of `before` (what the publisher last had).
+    pub fn uids<'b>(&'b self, before: impl Iterator<Item = &'b PodUid>) -> BTreeSet<&'b PodUid> {
+        match self.republish {
+            Touched::Pods(uids) => uids.iter().collect(),
+            Touched::All => self.pods.keys().chain(before).collect(),
+        }
+    }
 }
 
 /// A subscriber to the controller's reconciles.

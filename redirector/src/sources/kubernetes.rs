@@ -28,7 +28,8 @@ use crate::{
 /// What the feed says about the node.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
-    pub pods: Vec<PodSpec>,
+    /// By UID.
+    pub pods: BTreeMap<PodUid, PodSpec>,
     /// ztunnel pods, by UID (their cgroups are found like any pod's).
     pub ztunnels: Vec<PodUid>,
     /// Pods carrying [`REDIRECTION`], with its value.
@@ -168,8 +169,9 @@ pub fn snapshot(
             Ok(Decision::NotEnrolled(_)) => (Mode::None, CaptureOverrides::default()),
             Err(e) => {
                 error!(pod = %uid, namespace = %facts.namespace, "keeping the pod's last good state: {e}");
-                out.pods
-                    .extend(last.pods.iter().find(|p| p.uid == uid).cloned());
+                if let Some(kept) = last.pods.get(&uid) {
+                    out.pods.insert(uid, kept.clone());
+                }
                 continue;
             }
         };
@@ -181,20 +183,23 @@ pub fn snapshot(
         {
             out.redirection.insert(uid.clone(), value.clone());
         }
-        out.pods.push(PodSpec {
-            uid,
-            name: pod.metadata.name.clone().unwrap_or_default(),
-            service_account: crate::node::spec::service_account_or_default(
-                facts.service_account.clone(),
-            ),
-            namespace: facts.namespace,
-            cgroup: PodCgroup::Uid,
-            netns: None,
-            ips: pod_ips(pod),
-            mode,
-            accelerate: None,
-            capture,
-        });
+        out.pods.insert(
+            uid.clone(),
+            PodSpec {
+                uid,
+                name: pod.metadata.name.clone().unwrap_or_default(),
+                service_account: crate::node::spec::service_account_or_default(
+                    facts.service_account.clone(),
+                ),
+                namespace: facts.namespace,
+                cgroup: PodCgroup::Uid,
+                netns: None,
+                ips: pod_ips(pod),
+                mode,
+                accelerate: None,
+                capture,
+            },
+        );
     }
     out
 }
@@ -342,7 +347,7 @@ mod tests {
     }
 
     fn modes(s: &Snapshot) -> Vec<(String, Mode)> {
-        s.pods.iter().map(|p| (p.uid.0.clone(), p.mode)).collect()
+        s.pods.values().map(|p| (p.uid.0.clone(), p.mode)).collect()
     }
 
     #[test]
@@ -376,9 +381,10 @@ mod tests {
                 ("c".into(), Mode::None)
             ]
         );
-        assert_eq!(s.pods[0].ips.len(), 2);
-        assert_eq!(s.pods[0].namespace, "mesh");
-        assert_eq!(s.pods[0].cgroup, PodCgroup::Uid);
+        let a = &s.pods[&PodUid("a".into())];
+        assert_eq!(a.ips.len(), 2);
+        assert_eq!(a.namespace, "mesh");
+        assert_eq!(a.cgroup, PodCgroup::Uid);
     }
 
     #[test]

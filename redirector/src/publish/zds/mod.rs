@@ -10,7 +10,7 @@ pub mod wire;
 use tokio::sync::watch;
 
 use super::{Publish, Reconciled};
-use crate::node::spec::Mode;
+use crate::{node::desired::Touched, node::spec::Mode, types::PodUid};
 
 /// Where the ZDS server is told which pods to hand ztunnel and which
 /// cgroups are ztunnel.
@@ -32,16 +32,26 @@ impl Publish for Publisher {
             *current = ztunnels;
             changed
         });
-        let mut want = pods(r);
-        if !r.complete {
-            // ztunnel keeps the pods an unsynced source may still hold.
-            for (uid, pod) in self.pods.borrow().iter() {
-                want.entry(uid.clone()).or_insert_with(|| pod.clone());
-            }
-        }
+        let before: Vec<PodUid> = match r.republish {
+            Touched::All => self.pods.borrow().keys().cloned().collect(),
+            Touched::Pods(_) => Vec::new(),
+        };
+        let uids = r.uids(before.iter());
         self.pods.send_if_modified(|current| {
-            let changed = *current != want;
-            *current = want;
+            let mut changed = false;
+            for uid in uids {
+                match pod(r, uid) {
+                    Some(pod) if current.get(uid) != Some(&pod) => {
+                        current.insert(uid.clone(), pod);
+                        changed = true;
+                    }
+                    Some(_) => {}
+                    // ztunnel keeps the pods an unsynced source may still
+                    // hold.
+                    None if r.complete => changed |= current.remove(uid).is_some(),
+                    None => {}
+                }
+            }
             changed
         });
         // After the pods: a snapshot ends with them all.
@@ -53,29 +63,20 @@ impl Publish for Publisher {
     }
 }
 
-/// The pods to hand ztunnel: enrolled pods of the in-pod model whose
-/// cgroups are known.
-fn pods(r: &Reconciled) -> server::Pods {
-    if r.spec.redirect.is_some() {
-        return server::Pods::new();
+/// The pod `uid` as handed to ztunnel: an enrolled pod of the in-pod
+/// model whose cgroup is known.
+fn pod(r: &Reconciled, uid: &PodUid) -> Option<server::ZdsPod> {
+    if r.node.redirect.is_some() {
+        return None;
     }
-    r.spec
-        .pods
-        .iter()
-        .filter(|p| p.mode == Mode::Ambient)
-        .filter_map(|p| {
-            let (cgroup, _) = r.desired.placed.get(&p.uid)?;
-            Some((
-                p.uid.clone(),
-                server::ZdsPod {
-                    name: p.name.clone(),
-                    namespace: p.namespace.clone(),
-                    service_account: p.service_account.clone(),
-                    cgroup: cgroup.clone(),
-                    netns_file: p.netns.clone(),
-                    netns: r.desired.pod_netns.get(&p.uid).copied(),
-                },
-            ))
-        })
-        .collect()
+    let p = r.pods.get(uid).filter(|p| p.mode == Mode::Ambient)?;
+    let (cgroup, _) = r.desired.placed.get(uid)?;
+    Some(server::ZdsPod {
+        name: p.name.clone(),
+        namespace: p.namespace.clone(),
+        service_account: p.service_account.clone(),
+        cgroup: cgroup.clone(),
+        netns_file: p.netns.clone(),
+        netns: r.desired.pod_netns.get(uid).copied(),
+    })
 }

@@ -101,14 +101,18 @@ pub struct Snapshot {
 /// same node) differ, one line per pod. Transient while istio-cni (or
 /// ambridge) has not yet marked a new pod `redirection: enabled`; lasting
 /// otherwise.
-pub fn disagreements(pods: &[PodSpec], workloads: &[Workload]) -> BTreeSet<String> {
+pub fn disagreements<'a>(
+    pods: impl IntoIterator<Item = &'a PodSpec> + Clone,
+    workloads: &[Workload],
+) -> BTreeSet<String> {
     // Indexed, as both sides hold every pod of the node.
     let by_name: std::collections::HashMap<(&str, &str), &Workload> = workloads
         .iter()
         .map(|w| ((w.namespace.as_str(), w.name.as_str()), w))
         .collect();
     let pod_names: std::collections::HashSet<(&str, &str)> = pods
-        .iter()
+        .clone()
+        .into_iter()
         .map(|p| (p.namespace.as_str(), p.name.as_str()))
         .collect();
     let mut out = BTreeSet::new();
