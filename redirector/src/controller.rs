@@ -97,7 +97,7 @@ pub struct Controller {
     kubepods_parent: PathBuf,
     pod_parents: Vec<PodParent>,
     /// The workloads file's last good state.
-    spec: Option<NodeSpec>,
+    file: Option<merge::FileView>,
     /// The configured sources that have not delivered a state since the
     /// daemon started: nothing is deleted on their behalf meanwhile (their
     /// pods are simply not known yet), and the pinned state carries them.
@@ -106,13 +106,17 @@ pub struct Controller {
     /// (modification time), while it still is: a bad file is logged once
     /// per change, not at every look.
     rejected: Option<(String, Option<std::time::SystemTime>)>,
-    /// The Kubernetes feed's last snapshot.
-    kube: Option<std::sync::Arc<kubernetes::Snapshot>>,
+    /// The Kubernetes feed's view, as its updates built it.
+    kube: Option<kubernetes::Snapshot>,
     /// Whether Kubernetes is a source: istiod's view is then only a
     /// cross-check.
     kube_is_source: bool,
     /// istiod's last view of this node's workloads.
     xds: Option<xds::Snapshot>,
+    /// Those workloads as pods, when istiod decides membership.
+    istiod_pods: Option<BTreeMap<PodUid, PodSpec>>,
+    /// The pods some input changed since the last reconcile.
+    pending: Touched,
     /// Where Kubernetes and istiod disagree, as last logged.
     disagreements: BTreeSet<String>,
     /// What the passes found on the live system.
@@ -193,12 +197,14 @@ impl Controller {
             settings: config.settings,
             kubepods_parent: config.kubepods_parent,
             pod_parents: config.pod_parents,
-            spec: None,
+            file: None,
             unsynced,
             rejected: None,
             kube: None,
             kube_is_source: config.kubernetes_source,
             xds: None,
+            istiod_pods: None,
+            pending: Touched::All,
             disagreements: BTreeSet::new(),
             host: HostCache::default(),
             pass_due: Pass::Full,
@@ -230,17 +236,37 @@ impl Controller {
         self.load(path)
     }
 
-    /// The Kubernetes feed's new snapshot (`None`: not listed yet).
-    pub fn kubernetes(&mut self, snapshot: Option<std::sync::Arc<kubernetes::Snapshot>>) {
-        self.kube = snapshot;
-        if self.kube.is_some() {
-            self.synced(KUBERNETES_SOURCE);
+    /// A change of the Kubernetes feed's view.
+    pub fn kubernetes(&mut self, update: kubernetes::Update) {
+        match update {
+            kubernetes::Update::Snapshot(snapshot) => {
+                let old = self.kube.replace(snapshot).unwrap_or_default();
+                let new = self.kube.as_ref().expect("just set");
+                touch_differing(&mut self.pending, &old.pods, &new.pods);
+                self.synced(KUBERNETES_SOURCE);
+            }
+            kubernetes::Update::Pod(uid, state) => {
+                // Pod updates follow the feed's first snapshot.
+                if let Some(kube) = &mut self.kube {
+                    kube.set(&uid, state);
+                    self.pending.add(&uid);
+                }
+            }
         }
     }
 
     /// istiod's new view of the node (`None`: none received yet).
     pub fn istiod(&mut self, snapshot: Option<xds::Snapshot>) {
         self.xds = snapshot;
+        if !self.kube_is_source {
+            let old = std::mem::take(&mut self.istiod_pods).unwrap_or_default();
+            self.istiod_pods = self.xds.as_ref().map(merge::istiod_pods);
+            touch_differing(
+                &mut self.pending,
+                &old,
+                self.istiod_pods.as_ref().unwrap_or(&BTreeMap::new()),
+            );
+        }
         if self.xds.is_some() {
             self.synced(XDS_SOURCE);
         }
@@ -288,6 +314,7 @@ impl Controller {
                 reply,
             } => {
                 info!(pod = %uid, namespace = %sandbox.namespace, name = %sandbox.name, netns = %sandbox.netns.display(), "CNI ADD");
+                self.pending.add(&uid);
                 self.sandboxes.add(uid.clone(), sandbox);
                 self.cni_waiters.push(cni::Waiter {
                     uid,
@@ -303,6 +330,7 @@ impl Controller {
             } => {
                 let changed = self.sandboxes.delete(&uid, &container_id);
                 if changed {
+                    self.pending.add(&uid);
                     info!(pod = %uid, container = %container_id, "CNI DEL");
                 }
                 let _ = reply.send(());
@@ -435,9 +463,11 @@ impl Controller {
     fn apply_push(&mut self, entry: Pushed) {
         match entry {
             Pushed::Pod(pod) => {
+                self.pending.add(&pod.uid);
                 self.pushed_pods.insert(pod.uid.clone(), pod);
             }
             Pushed::RemovePod(uid) => {
+                self.pending.add(&uid);
                 self.pushed_pods.remove(&uid);
             }
             Pushed::Ztunnel { cgroup, zero_copy } => {
@@ -452,9 +482,9 @@ impl Controller {
     /// What each source last delivered.
     fn views(&self) -> merge::Views<'_> {
         merge::Views {
-            file: self.spec.as_ref(),
-            kubernetes: self.kube.as_deref(),
-            istiod: self.xds.as_ref().filter(|_| !self.kube_is_source),
+            file: self.file.as_ref(),
+            kubernetes: self.kube.as_ref(),
+            istiod: self.istiod_pods.as_ref(),
             pushed_pods: &self.pushed_pods,
             pushed_ztunnels: &self.pushed_ztunnels,
             sandboxes: &self.sandboxes,
@@ -483,15 +513,18 @@ impl Controller {
                 self.rejected = None;
                 self.synced(FILE_SOURCE);
                 self.apply.health.running(Component::WorkloadsFile);
-                if self.spec.as_ref() == Some(&spec) {
+                let file = merge::FileView::from(spec);
+                if self.file.as_ref() == Some(&file) {
                     return false;
                 }
                 info!(
-                    pods = spec.pods.len(),
-                    ztunnels = spec.ztunnels.len(),
+                    pods = file.pods.len(),
+                    ztunnels = file.node.ztunnels.len(),
                     "workloads file loaded"
                 );
-                self.spec = Some(spec);
+                let old = self.file.replace(file).unwrap_or_default();
+                let new = self.file.as_ref().expect("just set");
+                touch_differing(&mut self.pending, &old.pods, &new.pods);
                 true
             }
             Err(e) => {
@@ -591,10 +624,11 @@ impl Controller {
 
     fn try_reconcile(&mut self, datapath: &mut Datapath) -> anyhow::Result<()> {
         // Until some source has delivered a state, whatever is pinned stays.
-        let Some(spec) = merge::merge(&self.views()) else {
+        if !self.views().any() {
             return Ok(());
-        };
-        let mut readiness = self.readiness(&spec);
+        }
+        let node = merge::node(&self.views());
+        let mut readiness = self.readiness(&node);
         self.cross_check();
         let started = std::time::Instant::now();
         let pass = std::mem::replace(&mut self.pass_due, Pass::Cached);
@@ -603,14 +637,12 @@ impl Controller {
             datapath.reread();
         }
         self.host.begin_pass(pass);
-        let mut touched = self.forget_changed_pods(spec.pods);
-        if pass == Pass::Full {
-            touched = Touched::All;
-        }
-        let node = NodeSpec {
-            pods: Vec::new(),
-            ..spec
-        };
+        let pending = std::mem::replace(&mut self.pending, Touched::none());
+        let mut touched = self.merge_pods(if pass == Pass::Full {
+            Touched::All
+        } else {
+            pending
+        });
         let settings = &self.settings;
         // Pods found by address stay where they were while another cgroup
         // claims their address.
@@ -756,7 +788,7 @@ impl Controller {
             desired,
             complete: self.unsynced.is_empty(),
             acknowledged: acknowledged.as_ref(),
-            kubernetes: self.kube.as_deref(),
+            kubernetes: self.kube.as_ref(),
         };
         for publisher in &mut self.publishers {
             publisher.reconciled(&reconciled);
@@ -791,37 +823,67 @@ impl Controller {
 }
 
 impl Controller {
-    /// Forgets what was found on the live system about each pod that is
-    /// new, changed or gone since the last reconcile, and remembers the
-    /// pods as they are now; returns them.
-    fn forget_changed_pods(&mut self, pods: Vec<PodSpec>) -> Touched {
-        let mut now: BTreeMap<PodUid, PodSpec> =
-            pods.into_iter().map(|p| (p.uid.clone(), p)).collect();
-        let mut touched = BTreeSet::new();
-        for (uid, pod) in &now {
-            if self.last_pods.get(uid) != Some(pod) {
-                touched.insert(uid.clone());
+    /// Merges the pods `candidates` again (every pod for
+    /// [`Touched::All`]); forgets what was found on the live system about
+    /// each that is new, changed or gone; returns which those are
+    /// ([`Touched::All`] stays all).
+    fn merge_pods(&mut self, candidates: Touched) -> Touched {
+        let views = self.views();
+        let uids: Vec<PodUid> = match &candidates {
+            Touched::All => {
+                let mut all = views.uids();
+                all.extend(self.last_pods.keys());
+                all.into_iter().cloned().collect()
             }
-        }
-        for uid in self.last_pods.keys() {
-            if !now.contains_key(uid) {
-                touched.insert(uid.clone());
-            }
-        }
-        for uid in &touched {
-            let placed = self.maps.desired.placed.get(uid).map(|(p, _)| p.as_path());
-            self.host.forget(uid, placed);
-            for pod in [self.last_pods.get(uid), now.get(uid)]
+            Touched::Pods(uids) => uids.iter().cloned().collect(),
+        };
+        let merged: Vec<(PodUid, Option<PodSpec>)> = uids
+            .into_iter()
+            .filter_map(|uid| {
+                let pod = merge::pod(&views, &uid);
+                (self.last_pods.get(&uid) != pod.as_ref()).then_some((uid, pod))
+            })
+            .collect();
+        let mut changed = BTreeSet::new();
+        for (uid, pod) in merged {
+            let placed = self.maps.desired.placed.get(&uid).map(|(p, _)| p.as_path());
+            self.host.forget(&uid, placed);
+            for p in [self.last_pods.get(&uid), pod.as_ref()]
                 .into_iter()
                 .flatten()
             {
-                if let PodCgroup::Path(path) = &pod.cgroup {
-                    self.host.forget(uid, Some(path));
+                if let PodCgroup::Path(path) = &p.cgroup {
+                    self.host.forget(&uid, Some(path));
                 }
             }
+            match pod {
+                Some(pod) => self.last_pods.insert(uid.clone(), pod),
+                None => self.last_pods.remove(&uid),
+            };
+            changed.insert(uid);
         }
-        std::mem::swap(&mut self.last_pods, &mut now);
-        Touched::Pods(touched)
+        match candidates {
+            Touched::All => Touched::All,
+            Touched::Pods(_) => Touched::Pods(changed),
+        }
+    }
+}
+
+/// Adds to `pending` each pod that differs between `old` and `new`.
+fn touch_differing(
+    pending: &mut Touched,
+    old: &BTreeMap<PodUid, PodSpec>,
+    new: &BTreeMap<PodUid, PodSpec>,
+) {
+    for (uid, pod) in new {
+        if old.get(uid) != Some(pod) {
+            pending.add(uid);
+        }
+    }
+    for uid in old.keys() {
+        if !new.contains_key(uid) {
+            pending.add(uid);
+        }
     }
 }
 

@@ -125,9 +125,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     } else {
         None
     };
-    // The Kubernetes feed publishes snapshots; without it the sender just
-    // stays here, silent.
-    let (kube_tx, mut kube_rx) = tokio::sync::watch::channel(None);
+    // The Kubernetes feed sends its view, then each change; without it the
+    // sender just stays here, silent.
+    let (kube_tx, mut kube_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut annotator = None;
     let _idle_kube_sender = match &opts.kubernetes {
         Some(source) => {
@@ -324,8 +324,12 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                     node.reconcile(&mut datapath);
                 }
             }
-            Ok(()) = kube_rx.changed() => {
-                node.kubernetes(kube_rx.borrow_and_update().clone());
+            Some(update) = kube_rx.recv() => {
+                node.kubernetes(update);
+                // One reconcile for every change that came meanwhile.
+                while let Ok(more) = kube_rx.try_recv() {
+                    node.kubernetes(more);
+                }
                 node.reconcile(&mut datapath);
             }
             Ok(()) = zds_ready.changed() => {

@@ -13,15 +13,41 @@ use crate::{
     types::PodUid,
 };
 
+/// The workloads file's last good state, its pods by UID.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FileView {
+    /// Its ztunnels and shared redirect (its pods are `pods`).
+    pub node: NodeSpec,
+    pub pods: BTreeMap<PodUid, PodSpec>,
+}
+
+impl From<NodeSpec> for FileView {
+    fn from(mut spec: NodeSpec) -> Self {
+        let pods = std::mem::take(&mut spec.pods)
+            .into_iter()
+            .map(|p| (p.uid.clone(), p))
+            .collect();
+        Self { node: spec, pods }
+    }
+}
+
+/// istiod's workloads on this node as pods, by UID.
+pub fn istiod_pods(snapshot: &xds::Snapshot) -> BTreeMap<PodUid, PodSpec> {
+    snapshot
+        .workloads
+        .iter()
+        .map(|w| (PodUid(w.uid.clone()), istiod_pod(w)))
+        .collect()
+}
+
 /// What each source last delivered (`None`: nothing yet, or not a source).
 #[derive(Clone, Copy)]
 pub struct Views<'a> {
-    /// The workloads file's last good state.
-    pub file: Option<&'a NodeSpec>,
+    pub file: Option<&'a FileView>,
     pub kubernetes: Option<&'a kubernetes::Snapshot>,
-    /// istiod's workloads, when they decide membership (Kubernetes is not
-    /// a source; otherwise they are only a cross-check).
-    pub istiod: Option<&'a xds::Snapshot>,
+    /// istiod's workloads as pods, when they decide membership (Kubernetes
+    /// is not a source; otherwise they are only a cross-check).
+    pub istiod: Option<&'a BTreeMap<PodUid, PodSpec>>,
     pub pushed_pods: &'a BTreeMap<PodUid, PodSpec>,
     /// Pushed ztunnel cgroups, with their zero-copy flag.
     pub pushed_ztunnels: &'a BTreeMap<PathBuf, bool>,
@@ -37,48 +63,60 @@ impl Views<'_> {
             || !self.pushed_pods.is_empty()
             || !self.pushed_ztunnels.is_empty()
     }
+
+    /// Every UID some source names a pod by.
+    pub fn uids(&self) -> BTreeSet<&PodUid> {
+        let mut out: BTreeSet<&PodUid> = self.pushed_pods.keys().collect();
+        out.extend(self.file.iter().flat_map(|f| f.pods.keys()));
+        out.extend(self.kubernetes.iter().flat_map(|k| k.pods.keys()));
+        out.extend(self.istiod.iter().flat_map(|i| i.keys()));
+        out
+    }
 }
 
-/// The node state from every source, later ones replacing pods of the same
-/// UID: the file, then Kubernetes (or istiod's workloads), then pushes.
-/// `None` until some source has delivered.
-pub fn merge(views: &Views) -> Option<NodeSpec> {
-    if !views.any() {
-        return None;
+/// The pod `uid` as the sources say, a later one replacing an earlier: the
+/// file, then Kubernetes (or istiod's workloads), then pushes. `None`: no
+/// source names it.
+pub fn pod(views: &Views, uid: &PodUid) -> Option<PodSpec> {
+    let mut pod = views
+        .pushed_pods
+        .get(uid)
+        .or_else(|| views.istiod.and_then(|i| i.get(uid)))
+        .or_else(|| views.kubernetes.and_then(|k| k.pods.get(uid)))
+        .or_else(|| views.file.and_then(|f| f.pods.get(uid)))?
+        .clone();
+    // The plugin knows a new sandbox's namespace before any process runs
+    // in it, and its addresses before the API publishes them.
+    if let Some(sandbox) = views.sandboxes.get(uid) {
+        pod.netns = Some(sandbox.netns.clone());
+        if pod.ips.is_empty() {
+            pod.ips = sandbox.ips.clone();
+        }
     }
-    let mut spec = views.file.cloned().unwrap_or_default();
+    Some(pod)
+}
+
+/// The node-wide part of the merged state: the file's shared redirect, and
+/// every source's ztunnels (its pods are merged by [`pod`]).
+pub fn node(views: &Views) -> NodeSpec {
+    let mut node = views.file.map(|f| f.node.clone()).unwrap_or_default();
     if let Some(kube) = views.kubernetes {
-        overlay(&mut spec.pods, kube.pods.values().cloned());
-        spec.ztunnels
+        node.ztunnels
             .extend(kube.ztunnels.iter().map(|uid| ZtunnelSpec {
                 cgroup: CgroupRef::Pod(uid.clone()),
                 zero_copy: false,
             }));
     }
-    if let Some(xds) = views.istiod {
-        overlay(&mut spec.pods, xds.workloads.iter().map(istiod_pod));
-    }
-    overlay(&mut spec.pods, views.pushed_pods.values().cloned());
-    // The plugin knows a new sandbox's namespace before any process runs
-    // in it, and its addresses before the API publishes them.
-    for pod in &mut spec.pods {
-        if let Some(sandbox) = views.sandboxes.get(&pod.uid) {
-            pod.netns = Some(sandbox.netns.clone());
-            if pod.ips.is_empty() {
-                pod.ips = sandbox.ips.clone();
-            }
-        }
-    }
     for (path, zero_copy) in views.pushed_ztunnels {
         let cgroup = CgroupRef::Path(path.clone());
-        if !spec.ztunnels.iter().any(|f| f.cgroup == cgroup) {
-            spec.ztunnels.push(ZtunnelSpec {
+        if !node.ztunnels.iter().any(|f| f.cgroup == cgroup) {
+            node.ztunnels.push(ZtunnelSpec {
                 cgroup,
                 zero_copy: *zero_copy,
             });
         }
     }
-    Some(spec)
+    node
 }
 
 /// A pod as istiod describes it: found by its addresses.
@@ -101,17 +139,24 @@ fn istiod_pod(w: &xds::Workload) -> PodSpec {
     }
 }
 
-/// Adds `later` to `pods`, each replacing the pod of the same UID.
-fn overlay(pods: &mut Vec<PodSpec>, later: impl Iterator<Item = PodSpec>) {
-    let later: Vec<PodSpec> = later.collect();
-    let uids: BTreeSet<&PodUid> = later.iter().map(|p| &p.uid).collect();
-    pods.retain(|p| !uids.contains(&p.uid));
-    pods.extend(later);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The whole node state from every source (see [`pod`] and [`node`]);
+    /// `None` until some source has delivered.
+    fn merge(views: &Views) -> Option<NodeSpec> {
+        if !views.any() {
+            return None;
+        }
+        let mut spec = node(views);
+        spec.pods = views
+            .uids()
+            .into_iter()
+            .filter_map(|uid| super::pod(views, uid))
+            .collect();
+        Some(spec)
+    }
 
     fn pod(uid: &str, name: &str) -> PodSpec {
         PodSpec {
@@ -157,6 +202,7 @@ mod tests {
         let pushed: BTreeMap<_, _> = [(PodUid("b".into()), pod("b", "pushed"))].into();
         let ztunnels = BTreeMap::new();
         let sandboxes = Sandboxes::default();
+        let file = FileView::from(file);
         let views = Views {
             file: Some(&file),
             kubernetes: Some(&kube),

@@ -16,7 +16,7 @@ use kube::{
     Api, Client,
     runtime::{WatchStreamExt, reflector, watcher},
 };
-use tokio::sync::watch;
+use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::{
@@ -123,6 +123,129 @@ pub fn ztunnel_daemonset(
         .map(DaemonSetUid)
 }
 
+/// What the feed says about one pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PodState {
+    /// A pod, in the mesh or not, with the [`REDIRECTION`] value it shows.
+    Pod {
+        spec: PodSpec,
+        redirection: Option<String>,
+    },
+    /// ztunnel itself (identity proven).
+    Ztunnel,
+}
+
+/// A change of the feed's view, as the controller receives it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Update {
+    /// The whole view: the first after a (re)list, or after a namespace
+    /// or ztunnel's DaemonSet changed.
+    Snapshot(Snapshot),
+    /// One pod's new state (`None`: gone, or left out).
+    Pod(PodUid, Option<PodState>),
+}
+
+impl Snapshot {
+    /// What the feed says about `uid`.
+    pub fn state(&self, uid: &PodUid) -> Option<PodState> {
+        if self.ztunnels.contains(uid) {
+            return Some(PodState::Ztunnel);
+        }
+        self.pods.get(uid).map(|spec| PodState::Pod {
+            spec: spec.clone(),
+            redirection: self.redirection.get(uid).cloned(),
+        })
+    }
+
+    /// Sets what the feed says about `uid`.
+    pub fn set(&mut self, uid: &PodUid, state: Option<PodState>) {
+        self.pods.remove(uid);
+        self.redirection.remove(uid);
+        self.ztunnels.retain(|z| z != uid);
+        match state {
+            None => {}
+            Some(PodState::Ztunnel) => self.ztunnels.push(uid.clone()),
+            Some(PodState::Pod { spec, redirection }) => {
+                if let Some(value) = redirection {
+                    self.redirection.insert(uid.clone(), value);
+                }
+                self.pods.insert(uid.clone(), spec);
+            }
+        }
+    }
+}
+
+/// The namespaces' labels, by name.
+type NamespaceLabels = BTreeMap<String, BTreeMap<String, String>>;
+
+fn namespace_labels(namespaces: &[Arc<Namespace>]) -> NamespaceLabels {
+    namespaces
+        .iter()
+        .filter_map(|ns| {
+            Some((
+                ns.metadata.name.clone()?,
+                ns.metadata.labels.clone().unwrap_or_default(),
+            ))
+        })
+        .collect()
+}
+
+/// Applies Istio's rules to one pod, with `ztunnel_daemonset` the UID of
+/// ztunnel's DaemonSet (if it exists). `last` is the pod's previous state:
+/// a pod whose annotations cannot be read keeps it (and is left out if it
+/// had none), so a bad edit never changes the datapath. `None` for a pod
+/// without a UID.
+fn pod_state(
+    pod: &Pod,
+    ns_labels: &NamespaceLabels,
+    ztunnel_daemonset: Option<&DaemonSetUid>,
+    mesh: &MeshSettings,
+    last: impl FnOnce(&PodUid) -> Option<PodState>,
+) -> Option<(PodUid, Option<PodState>)> {
+    let uid = PodUid(pod.metadata.uid.clone()?);
+    let facts = facts(pod);
+    let empty = BTreeMap::new();
+    let labels = ns_labels.get(&facts.namespace).unwrap_or(&empty);
+    let (mode, capture) = match membership::decide(&facts, labels, mesh, ztunnel_daemonset) {
+        Ok(Decision::Ztunnel) => return Some((uid, Some(PodState::Ztunnel))),
+        Ok(Decision::Enrolled {
+            inbound_capture,
+            dns_capture,
+        }) => (
+            Mode::Ambient,
+            CaptureOverrides {
+                inbound: inbound_capture,
+                dns: dns_capture,
+            },
+        ),
+        Ok(Decision::NotEnrolled(_)) => (Mode::None, CaptureOverrides::default()),
+        Err(e) => {
+            error!(pod = %uid, namespace = %facts.namespace, "keeping the pod's last good state: {e}");
+            let kept = last(&uid);
+            return Some((uid, kept));
+        }
+    };
+    let redirection = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(REDIRECTION))
+        .cloned();
+    let spec = PodSpec {
+        uid: uid.clone(),
+        name: pod.metadata.name.clone().unwrap_or_default(),
+        service_account: crate::node::spec::service_account_or_default(facts.service_account),
+        namespace: facts.namespace,
+        cgroup: PodCgroup::Uid,
+        netns: None,
+        ips: pod_ips(pod),
+        mode,
+        accelerate: None,
+        capture,
+    };
+    Some((uid, Some(PodState::Pod { spec, redirection })))
+}
+
 /// Applies Istio's rules to every pod, with `ztunnel_daemonset` the UID of
 /// ztunnel's DaemonSet (if it exists). `last` is the previous snapshot: a
 /// pod whose annotations cannot be read keeps its entry from it (and is
@@ -134,72 +257,14 @@ pub fn snapshot(
     mesh: &MeshSettings,
     last: &Snapshot,
 ) -> Snapshot {
-    let ns_labels: BTreeMap<String, BTreeMap<String, String>> = namespaces
-        .iter()
-        .filter_map(|ns| {
-            Some((
-                ns.metadata.name.clone()?,
-                ns.metadata.labels.clone().unwrap_or_default(),
-            ))
-        })
-        .collect();
-    let empty = BTreeMap::new();
+    let ns_labels = namespace_labels(namespaces);
     let mut out = Snapshot::default();
     for pod in pods {
-        let Some(uid) = pod.metadata.uid.clone().map(PodUid) else {
-            continue;
-        };
-        let facts = facts(pod);
-        let labels = ns_labels.get(&facts.namespace).unwrap_or(&empty);
-        let (mode, capture) = match membership::decide(&facts, labels, mesh, ztunnel_daemonset) {
-            Ok(Decision::Ztunnel) => {
-                out.ztunnels.push(uid);
-                continue;
-            }
-            Ok(Decision::Enrolled {
-                inbound_capture,
-                dns_capture,
-            }) => (
-                Mode::Ambient,
-                CaptureOverrides {
-                    inbound: inbound_capture,
-                    dns: dns_capture,
-                },
-            ),
-            Ok(Decision::NotEnrolled(_)) => (Mode::None, CaptureOverrides::default()),
-            Err(e) => {
-                error!(pod = %uid, namespace = %facts.namespace, "keeping the pod's last good state: {e}");
-                if let Some(kept) = last.pods.get(&uid) {
-                    out.pods.insert(uid, kept.clone());
-                }
-                continue;
-            }
-        };
-        if let Some(value) = pod
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(REDIRECTION))
-        {
-            out.redirection.insert(uid.clone(), value.clone());
+        if let Some((uid, state)) = pod_state(pod, &ns_labels, ztunnel_daemonset, mesh, |uid| {
+            last.state(uid)
+        }) {
+            out.set(&uid, state);
         }
-        out.pods.insert(
-            uid.clone(),
-            PodSpec {
-                uid,
-                name: pod.metadata.name.clone().unwrap_or_default(),
-                service_account: crate::node::spec::service_account_or_default(
-                    facts.service_account.clone(),
-                ),
-                namespace: facts.namespace,
-                cgroup: PodCgroup::Uid,
-                netns: None,
-                ips: pod_ips(pod),
-                mode,
-                accelerate: None,
-                capture,
-            },
-        );
     }
     out
 }
@@ -212,19 +277,53 @@ enum Feed {
     DaemonSets,
 }
 
-/// Tags a watch event with its feed, and whether it ends the initial list.
-fn tagged<K>(feed: Feed) -> impl Fn(watcher::Event<K>) -> (Feed, bool) {
-    move |event| (feed, matches!(event, watcher::Event::InitDone))
+/// What a watch event asks of the feed.
+enum Step {
+    /// Look at this pod again (it was applied).
+    Pod(Arc<Pod>),
+    /// This pod is gone.
+    Gone(Arc<Pod>),
+    /// Look at every pod again: a (re)list ended, or a namespace or
+    /// ztunnel's DaemonSet changed.
+    All {
+        listed: bool,
+    },
+    Nothing,
+}
+
+/// What a pod watch event asks of the feed.
+fn pod_step(event: watcher::Event<Pod>) -> (Feed, Step) {
+    let step = match event {
+        watcher::Event::Apply(pod) | watcher::Event::InitApply(pod) => Step::Pod(Arc::new(pod)),
+        watcher::Event::Delete(pod) => Step::Gone(Arc::new(pod)),
+        watcher::Event::InitDone => Step::All { listed: true },
+        watcher::Event::Init => Step::Nothing,
+    };
+    (Feed::Pods, step)
+}
+
+/// What a namespace or DaemonSet watch event asks of the feed.
+fn other_step<K>(feed: Feed) -> impl Fn(watcher::Event<K>) -> (Feed, Step) {
+    move |event| {
+        let step = match event {
+            watcher::Event::Init | watcher::Event::InitApply(_) => Step::Nothing,
+            watcher::Event::InitDone => Step::All { listed: true },
+            watcher::Event::Apply(_) | watcher::Event::Delete(_) => Step::All { listed: false },
+        };
+        (feed, step)
+    }
 }
 
 /// Watches `node`'s pods, every namespace and ztunnel's DaemonSet,
-/// publishing a new snapshot on every change. Runs until the receiver is
-/// gone; watch errors are retried with backoff by the watchers.
+/// sending each change: the whole view once every kind has listed (and
+/// after a relist, a namespace or DaemonSet change), then pod by pod.
+/// Runs until the receiver is gone; watch errors are retried with backoff
+/// by the watchers.
 pub async fn run(
     client: Client,
     node: String,
     mesh: MeshSettings,
-    out: watch::Sender<Option<Arc<Snapshot>>>,
+    out: mpsc::UnboundedSender<Update>,
     health: crate::supervise::Health,
 ) {
     let (pod_store, pod_writer) = reflector::store::<Pod>();
@@ -237,21 +336,21 @@ pub async fn run(
     .default_backoff()
     .modify(keep_what_is_read)
     .reflect(pod_writer)
-    .map(|e| e.map(tagged(Feed::Pods)));
+    .map(|e| e.map(pod_step));
     let namespaces = watcher(
         Api::<Namespace>::all(client.clone()),
         watcher::Config::default(),
     )
     .default_backoff()
     .reflect(ns_writer)
-    .map(|e| e.map(tagged(Feed::Namespaces)));
+    .map(|e| e.map(other_step(Feed::Namespaces)));
     let daemonsets = watcher(
         Api::<DaemonSet>::namespaced(client, &mesh.ztunnel_namespace),
         watcher::Config::default().fields(&format!("metadata.name={}", mesh.ztunnel_daemonset)),
     )
     .default_backoff()
     .reflect(ds_writer)
-    .map(|e| e.map(tagged(Feed::DaemonSets)));
+    .map(|e| e.map(other_step(Feed::DaemonSets)));
     let mut events = std::pin::pin!(futures::stream::select(
         futures::stream::select(pods, namespaces),
         daemonsets
@@ -259,9 +358,12 @@ pub async fn run(
     let mut last = Snapshot::default();
     // `None` until the first snapshot, so the first one says what it found.
     let mut last_daemonset: Option<Option<DaemonSetUid>> = None;
+    let mut ns_labels = NamespaceLabels::new();
     let mut listed = std::collections::BTreeSet::new();
+    // Whether the whole view went out since every kind listed.
+    let mut sent = false;
     while let Some(event) = events.next().await {
-        match event {
+        let (feed, step) = match event {
             Err(e) => {
                 // The watcher relists on its own, with backoff.
                 warn!("Kubernetes watch: {e}");
@@ -271,10 +373,10 @@ pub async fn run(
                 );
                 continue;
             }
-            Ok((feed, true)) => {
-                listed.insert(feed);
-            }
-            Ok(_) => {}
+            Ok(tagged) => tagged,
+        };
+        if let Step::All { listed: true } = step {
+            listed.insert(feed);
         }
         // Every store must have listed before a snapshot means anything.
         if ![Feed::Pods, Feed::Namespaces, Feed::DaemonSets]
@@ -284,32 +386,67 @@ pub async fn run(
             continue;
         }
         health.running(crate::supervise::Component::Kubernetes);
-        let daemonset = ztunnel_daemonset(&ds_store.state(), &mesh);
-        if last_daemonset.as_ref() != Some(&daemonset) {
-            match &daemonset {
-                Some(uid) => {
-                    info!(namespace = %mesh.ztunnel_namespace, name = %mesh.ztunnel_daemonset, uid = %uid.0, "ztunnel's DaemonSet: only pods it controls are trusted as ztunnel")
+        let update = match step {
+            Step::Nothing => continue,
+            Step::Pod(_) | Step::Gone(_) if !sent => continue,
+            Step::Pod(pod) => {
+                let daemonset = last_daemonset.clone().flatten();
+                let Some((uid, state)) =
+                    pod_state(&pod, &ns_labels, daemonset.as_ref(), &mesh, |uid| {
+                        last.state(uid)
+                    })
+                else {
+                    continue;
+                };
+                if last.state(&uid) == state {
+                    continue;
                 }
-                None => {
-                    warn!(namespace = %mesh.ztunnel_namespace, name = %mesh.ztunnel_daemonset, "no ztunnel DaemonSet: no pod is trusted as ztunnel")
+                last.set(&uid, state.clone());
+                Update::Pod(uid, state)
+            }
+            Step::Gone(pod) => {
+                let Some(uid) = pod.metadata.uid.clone().map(PodUid) else {
+                    continue;
+                };
+                if last.state(&uid).is_none() {
+                    continue;
                 }
+                last.set(&uid, None);
+                Update::Pod(uid, None)
             }
-            last_daemonset = Some(daemonset.clone());
-        }
-        let snap = snapshot(
-            &pod_store.state(),
-            &ns_store.state(),
-            daemonset.as_ref(),
-            &mesh,
-            &last,
-        );
-        // The first snapshot goes out even when it is empty: a node with no
-        // pod yet has delivered all the same.
-        if snap != last || out.borrow().is_none() {
-            last = snap.clone();
-            if out.send(Some(Arc::new(snap))).is_err() {
-                return;
+            Step::All { .. } => {
+                let daemonset = ztunnel_daemonset(&ds_store.state(), &mesh);
+                if last_daemonset.as_ref() != Some(&daemonset) {
+                    match &daemonset {
+                        Some(uid) => {
+                            info!(namespace = %mesh.ztunnel_namespace, name = %mesh.ztunnel_daemonset, uid = %uid.0, "ztunnel's DaemonSet: only pods it controls are trusted as ztunnel")
+                        }
+                        None => {
+                            warn!(namespace = %mesh.ztunnel_namespace, name = %mesh.ztunnel_daemonset, "no ztunnel DaemonSet: no pod is trusted as ztunnel")
+                        }
+                    }
+                    last_daemonset = Some(daemonset.clone());
+                }
+                ns_labels = namespace_labels(&ns_store.state());
+                let snap = snapshot(
+                    &pod_store.state(),
+                    &ns_store.state(),
+                    daemonset.as_ref(),
+                    &mesh,
+                    &last,
+                );
+                // The first snapshot goes out even when it is empty: a node
+                // with no pod yet has delivered all the same.
+                if snap == last && sent {
+                    continue;
+                }
+                sent = true;
+                last = snap.clone();
+                Update::Snapshot(snap)
             }
+        };
+        if out.send(update).is_err() {
+            return;
         }
     }
 }
@@ -526,5 +663,51 @@ mod tests {
             &Snapshot::default(),
         );
         assert!(first.pods.is_empty());
+    }
+
+    #[test]
+    fn a_snapshot_updated_pod_by_pod_equals_one_computed_from_every_pod() {
+        let ambient = json!({"istio.io/dataplane-mode": "ambient"});
+        let mesh = MeshSettings::default();
+        let nss = [namespace("mesh", ambient.clone())];
+        let labels = namespace_labels(&nss);
+        let mut pods = vec![
+            app("a", "mesh", json!({}), json!({})),
+            app("b", "mesh", json!({}), json!({REDIRECTION: "pending"})),
+        ];
+        let mut kept = snapshot(&pods, &nss, None, &mesh, &Snapshot::default());
+        for (i, pod) in [
+            app("c", "plain", ambient.clone(), json!({})),
+            app(
+                "a",
+                "mesh",
+                json!({"istio.io/dataplane-mode": "none"}),
+                json!({}),
+            ),
+            app(
+                "b",
+                "mesh",
+                json!({}),
+                json!({"ambient.istio.io/dns-capture": "maybe"}),
+            ),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let (uid, state) =
+                pod_state(&pod, &labels, None, &mesh, |uid| kept.state(uid)).expect("a UID");
+            let before = kept.clone();
+            kept.set(&uid, state);
+            pods.retain(|p| p.metadata.uid.as_deref() != Some(uid.0.as_str()));
+            pods.push(pod);
+            assert_eq!(
+                kept,
+                snapshot(&pods, &nss, None, &mesh, &before),
+                "step {i}"
+            );
+        }
+        kept.set(&PodUid("c".into()), None);
+        pods.retain(|p| p.metadata.uid.as_deref() != Some("c"));
+        assert_eq!(kept, snapshot(&pods, &nss, None, &mesh, &kept));
     }
 }
