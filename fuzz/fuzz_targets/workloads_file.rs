@@ -1,7 +1,8 @@
 //! The workloads file parser: any text is either a node state that keeps
 //! the file's rules or an error naming a field, and a line within the
 //! file when it names one; never a panic. An accepted file's addresses
-//! survive the map-key encoding the kernel programs use.
+//! survive the map-key encoding the kernel programs use. Read entry by
+//! entry ([`file::Loader`]), a file gives what the whole parse gives.
 
 #![no_main]
 
@@ -78,7 +79,13 @@ fuzz_target!(|bytes: &[u8]| {
     let Ok(text) = std::str::from_utf8(bytes) else {
         return;
     };
-    match file::parse(text) {
+    let whole = file::parse(text);
+    // Read entry by entry, fresh and again with its entries known, the
+    // file is what the whole parse says.
+    let mut loader = file::Loader::default();
+    assert_eq!(loader.parse(text), whole, "entry by entry, fresh");
+    assert_eq!(loader.parse(text), whole, "entry by entry, again");
+    match whole {
         Ok(spec) => check_accepted(&spec),
         Err(err) => {
             let shown = err.to_string();

@@ -25,7 +25,7 @@ use crate::{
         resolver::{HostCache, SystemResolver},
     },
     node::{
-        desired::{self, DesiredMaps, Touched, Unresolved},
+        desired::{self, DesiredMaps, Touched},
         merge,
         spec::{NodeSpec, PodCgroup, PodSpec, Readiness, Settings},
     },
@@ -98,6 +98,8 @@ pub struct Controller {
     pod_parents: Vec<PodParent>,
     /// The workloads file's last good state.
     file: Option<merge::FileView>,
+    /// Reads the file again entry by entry.
+    file_loader: file::Loader,
     /// The configured sources that have not delivered a state since the
     /// daemon started: nothing is deleted on their behalf meanwhile (their
     /// pods are simply not known yet), and the pinned state carries them.
@@ -149,7 +151,6 @@ pub struct Controller {
     sandboxes: cni::Sandboxes,
     /// CNI ADDs waiting for their pod to be in the datapath.
     cni_waiters: Vec<cni::Waiter>,
-    unresolved: Vec<Unresolved>,
     /// Where the node's own addresses are read (`--node-netns`).
     node_netns: Option<PathBuf>,
     /// The node's own addresses, as last read (every resync: they may
@@ -198,6 +199,7 @@ impl Controller {
             kubepods_parent: config.kubepods_parent,
             pod_parents: config.pod_parents,
             file: None,
+            file_loader: file::Loader::default(),
             unsynced,
             rejected: None,
             kube: None,
@@ -219,7 +221,6 @@ impl Controller {
             pushed_ztunnels: BTreeMap::new(),
             sandboxes: cni::Sandboxes::default(),
             cni_waiters: Vec::new(),
-            unresolved: Vec::new(),
             node_netns: config.node_netns,
             node_addresses: Vec::new(),
             view: config.view,
@@ -508,7 +509,7 @@ impl Controller {
     /// Re-reads the workloads file; returns whether the spec changed. A bad
     /// file is logged and the last good spec stays in force.
     fn load(&mut self, path: &Path) -> bool {
-        match file::load(path) {
+        match self.file_loader.load(path) {
             Ok(spec) => {
                 self.rejected = None;
                 self.synced(FILE_SOURCE);
@@ -702,20 +703,20 @@ impl Controller {
             }
         }
         let desired = &self.maps.desired;
-        if desired.unresolved != self.unresolved {
+        if !changed.unresolved.is_empty() {
             // Name the first few; a node starting many pods at once would
             // otherwise log one line per pod.
             const NAMED: usize = 10;
-            for u in desired.unresolved.iter().take(NAMED) {
+            for u in changed.unresolved.iter().take(NAMED) {
                 warn!(owner = %u.owner, cgroup = %u.cgroup.display(), "not (fully) in the datapath, retrying: {}", u.error);
             }
-            if desired.unresolved.len() > NAMED {
+            if changed.unresolved.len() > NAMED {
                 warn!(
-                    more = desired.unresolved.len() - NAMED,
+                    more = changed.unresolved.len() - NAMED,
+                    unresolved = desired.unresolved.len(),
                     "more workloads not in the datapath yet, retrying"
                 );
             }
-            self.unresolved = desired.unresolved.clone();
         }
         // While a source has not delivered, nothing the kernel holds is
         // deleted on its behalf (its pods are not known yet): the whole

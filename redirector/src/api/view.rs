@@ -35,22 +35,13 @@ pub fn update(view: &mut View, r: &Reconciled) -> Vec<pb::Change> {
     view.state_loaded = true;
     view.ztunnels = r.node.ztunnels.len() as u32;
     view.unresolved = r.desired.unresolved.len() as u32;
-    let mut problems: BTreeMap<&PodUid, Vec<&str>> = BTreeMap::new();
-    for u in &r.desired.unresolved {
-        if let Some(uid) = &u.uid {
-            problems.entry(uid).or_default().push(&u.error);
-        }
-    }
     let before: Vec<PodUid> = match r.republish {
         Touched::All => view.pods.keys().map(|uid| PodUid(uid.clone())).collect(),
         Touched::Pods(_) => Vec::new(),
     };
     let mut out = Vec::new();
     for uid in r.uids(before.iter()) {
-        let now = r
-            .pods
-            .get(uid)
-            .map(|pod| pod_view(pod, r.node, r.desired, problems.get(uid)));
+        let now = r.pods.get(uid).map(|pod| pod_view(pod, r.node, r.desired));
         let change = match (view.pods.get(&uid.0), now) {
             (None, None) => continue,
             (Some(was), Some(now)) if *was == now => continue,
@@ -77,12 +68,13 @@ pub fn update(view: &mut View, r: &Reconciled) -> Vec<pb::Change> {
 }
 
 /// One pod as the API shows it: where it landed in the datapath.
-fn pod_view(
-    pod: &PodSpec,
-    node: &NodeSpec,
-    desired: &Desired,
-    problems: Option<&Vec<&str>>,
-) -> pb::Pod {
+fn pod_view(pod: &PodSpec, node: &NodeSpec, desired: &Desired) -> pb::Pod {
+    let problems: Vec<&str> = desired
+        .unresolved
+        .of_pod(&pod.uid)
+        .iter()
+        .map(|u| u.error.as_str())
+        .collect();
     let placed = desired.placed.get(&pod.uid);
     let entry = placed.and_then(|(_, id)| desired.cgroups.get(id));
     pb::Pod {
@@ -103,7 +95,7 @@ fn pod_view(
         held: entry.is_some_and(|e| e.flags & flags::HELD != 0),
         inbound: inbound_state(pod, node, desired).into(),
         dns_captured: entry.is_some_and(|e| e.flags & flags::DNS_CAPTURE != 0),
-        problem: problems.map(|p| p.join("; ")).unwrap_or_default(),
+        problem: problems.join("; "),
     }
 }
 

@@ -83,7 +83,51 @@ pub struct Desired {
     /// The cgroups of every ztunnel found: only processes in them (or
     /// below) may speak ZDS.
     pub ztunnel_cgroups: BTreeSet<CgroupId>,
-    pub unresolved: Vec<Unresolved>,
+    pub unresolved: UnresolvedEntries,
+}
+
+/// What is not (fully) in the datapath yet, by whose it is.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct UnresolvedEntries {
+    pods: BTreeMap<PodUid, Vec<Unresolved>>,
+    ztunnels: Vec<Unresolved>,
+    count: usize,
+}
+
+impl UnresolvedEntries {
+    /// How many entries there are.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Every entry: the pods' by UID, then the ztunnels'.
+    pub fn iter(&self) -> impl Iterator<Item = &Unresolved> {
+        self.pods.values().flatten().chain(&self.ztunnels)
+    }
+
+    /// The pod `uid`'s entries.
+    pub fn of_pod(&self, uid: &PodUid) -> &[Unresolved] {
+        self.pods.get(uid).map_or(&[], Vec::as_slice)
+    }
+
+    fn set_pod(&mut self, uid: &PodUid, entries: Vec<Unresolved>) {
+        let old = if entries.is_empty() {
+            self.pods.remove(uid)
+        } else {
+            self.count += entries.len();
+            self.pods.insert(uid.clone(), entries)
+        };
+        self.count -= old.map_or(0, |o| o.len());
+    }
+
+    fn set_ztunnels(&mut self, entries: Vec<Unresolved>) {
+        self.count += entries.len();
+        self.count -= std::mem::replace(&mut self.ztunnels, entries).len();
+    }
 }
 
 /// A pod as unresolved entries name it, spelled only when one is.
@@ -165,6 +209,8 @@ pub struct Changed {
     pub inbound: BTreeSet<IpAddr>,
     pub inbound_netns: BTreeSet<NetnsCookie>,
     pub pods: BTreeSet<PodUid>,
+    /// What is newly not (fully) in the datapath, or not for a new reason.
+    pub unresolved: Vec<Unresolved>,
 }
 
 impl Changed {
@@ -176,6 +222,7 @@ impl Changed {
         self.inbound.extend(more.inbound);
         self.inbound_netns.extend(more.inbound_netns);
         self.pods.extend(more.pods);
+        self.unresolved.extend(more.unresolved);
     }
 }
 
@@ -197,8 +244,6 @@ pub struct DesiredMaps {
     /// pod is looked at again.
     last_node: Option<(Vec<crate::node::spec::ZtunnelSpec>, Option<SharedRedirect>)>,
     last_readiness: Readiness,
-    /// Whether the unresolved list must be rebuilt.
-    unresolved_stale: bool,
 }
 
 /// What one ztunnel asks of the maps.
@@ -308,24 +353,6 @@ impl DesiredMaps {
             .iter()
             .find_map(|z| z.netns)
             .map_or(0, |(cookie, _)| cookie.0);
-        if self.unresolved_stale {
-            self.unresolved_stale = false;
-            let mut parts: Vec<(&u32, &PodPart)> = self
-                .parts
-                .values()
-                .map(|(slot, part)| (slot, part))
-                .collect();
-            parts.sort_by_key(|(slot, _)| **slot);
-            self.desired.unresolved = parts
-                .into_iter()
-                .flat_map(|(_, part)| part.unresolved.iter().cloned())
-                .chain(
-                    self.ztunnel_parts
-                        .iter()
-                        .flat_map(|z| z.unresolved.iter().cloned()),
-                )
-                .collect();
-        }
         changed
     }
 
@@ -349,7 +376,7 @@ impl DesiredMaps {
         let d = &mut self.desired;
         if let Some((_, old)) = old {
             if !old.unresolved.is_empty() {
-                self.unresolved_stale = true;
+                d.unresolved.set_pod(uid, Vec::new());
             }
             if let Some((_, id, _)) = old.cgroup {
                 d.placed.remove(uid);
@@ -378,7 +405,8 @@ impl DesiredMaps {
             return;
         };
         if !part.unresolved.is_empty() {
-            self.unresolved_stale = true;
+            d.unresolved.set_pod(uid, part.unresolved.clone());
+            changed.unresolved.extend(part.unresolved.iter().cloned());
         }
         if let Some((path, id, info)) = &part.cgroup {
             d.placed.insert(uid.clone(), (path.clone(), *id));
@@ -459,8 +487,13 @@ impl DesiredMaps {
                 changed.netns.insert(cookie);
             }
         }
+        let unresolved: Vec<Unresolved> = parts
+            .iter()
+            .flat_map(|z| z.unresolved.iter().cloned())
+            .collect();
+        changed.unresolved.extend(unresolved.iter().cloned());
+        d.unresolved.set_ztunnels(unresolved);
         self.ztunnel_parts = parts;
-        self.unresolved_stale = true;
     }
 }
 
@@ -907,7 +940,14 @@ mod tests {
         let d = desired(&s, &Readiness::Ungated, &Settings::default(), &mut Fake);
         assert_eq!(d.cgroups.len(), 3);
         assert_eq!(d.unresolved.len(), 1);
-        assert!(d.unresolved[0].owner.contains("default/c"));
+        assert!(
+            d.unresolved
+                .iter()
+                .next()
+                .unwrap()
+                .owner
+                .contains("default/c")
+        );
     }
 
     #[test]
@@ -960,7 +1000,14 @@ mod tests {
         s.pods.push(lost);
         let d = desired(&s, &Readiness::Ungated, &Settings::default(), &mut Fake);
         assert_eq!(d.unresolved.len(), 1);
-        assert!(d.unresolved[0].owner.contains("default/unknown"));
+        assert!(
+            d.unresolved
+                .iter()
+                .next()
+                .unwrap()
+                .owner
+                .contains("default/unknown")
+        );
     }
 
     #[test]
@@ -979,7 +1026,10 @@ mod tests {
         let d = desired(&s, &Readiness::Ungated, &Settings::default(), &mut Fake);
         assert_eq!(d.unresolved.len(), 1);
         assert!(
-            d.unresolved[0]
+            d.unresolved
+                .iter()
+                .next()
+                .unwrap()
                 .owner
                 .contains("default/Kubernetes//Pod/default/web")
         );
@@ -1001,7 +1051,10 @@ mod tests {
         let d = desired(&s, &Readiness::Ungated, &Settings::default(), &mut Fake);
         assert_ne!(d.cgroups[&CgroupId(21)].flags & flags::ZTUNNEL, 0);
         assert_eq!(d.unresolved.len(), 1);
-        assert_eq!(d.unresolved[0].owner, "ztunnel pod gone");
+        assert_eq!(
+            d.unresolved.iter().next().unwrap().owner,
+            "ztunnel pod gone"
+        );
     }
 
     #[test]
@@ -1058,7 +1111,12 @@ mod tests {
         assert!(d.cgroups.contains_key(&CgroupId(13)));
         assert_eq!(d.unresolved.len(), 1);
         assert!(
-            d.unresolved[0].error.contains("no process"),
+            d.unresolved
+                .iter()
+                .next()
+                .unwrap()
+                .error
+                .contains("no process"),
             "{:?}",
             d.unresolved
         );

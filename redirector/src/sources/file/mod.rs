@@ -27,8 +27,10 @@
 //! read with their position ([`Spanned`]), so an error is placed on the
 //! entry it is about even when the same text appears elsewhere in the file.
 
+mod entries;
 mod watch;
 
+pub use entries::Loader;
 pub use watch::watch;
 
 use std::{
@@ -184,27 +186,7 @@ pub fn parse(text: &str) -> Result<NodeSpec, FileError> {
     let redirect = file.redirect.as_ref().map(shared_redirect).transpose()?;
     Ok(NodeSpec {
         redirect,
-        pods: file
-            .workloads
-            .into_iter()
-            .map(|w| PodSpec {
-                uid: w.uid.value,
-                name: w.name,
-                namespace: w.namespace,
-                service_account: w.service_account,
-                cgroup: w
-                    .cgroup
-                    .map_or(PodCgroup::Uid, |c| PodCgroup::Path(c.value)),
-                netns: None,
-                ips: w.ips.into_iter().map(|ip| ip.value).collect(),
-                mode: w.mode,
-                accelerate: w.accelerate,
-                capture: CaptureOverrides {
-                    inbound: !w.bypass_inbound_capture,
-                    dns: w.dns_capture,
-                },
-            })
-            .collect(),
+        pods: file.workloads.into_iter().map(pod_spec).collect(),
         ztunnels: file
             .ztunnel
             .into_iter()
@@ -216,14 +198,39 @@ pub fn parse(text: &str) -> Result<NodeSpec, FileError> {
     })
 }
 
-/// Reads and parses the workloads file at `path`.
-pub fn load(path: &Path) -> Result<NodeSpec, FileError> {
-    let text = std::fs::read_to_string(path).map_err(|e| FileError {
+/// A validated entry as the pod it describes.
+fn pod_spec(w: Workload) -> PodSpec {
+    PodSpec {
+        uid: w.uid.value,
+        name: w.name,
+        namespace: w.namespace,
+        service_account: w.service_account,
+        cgroup: w
+            .cgroup
+            .map_or(PodCgroup::Uid, |c| PodCgroup::Path(c.value)),
+        netns: None,
+        ips: w.ips.into_iter().map(|ip| ip.value).collect(),
+        mode: w.mode,
+        accelerate: w.accelerate,
+        capture: CaptureOverrides {
+            inbound: !w.bypass_inbound_capture,
+            dns: w.dns_capture,
+        },
+    }
+}
+
+/// The text of the workloads file at `path`.
+fn read(path: &Path) -> Result<String, FileError> {
+    std::fs::read_to_string(path).map_err(|e| FileError {
         at: None,
         field: "(file)".into(),
         message: format!("cannot read {}: {e}", path.display()),
-    })?;
-    parse(&text)
+    })
+}
+
+/// Reads and parses the workloads file at `path`.
+pub fn load(path: &Path) -> Result<NodeSpec, FileError> {
+    parse(&read(path)?)
 }
 
 /// The key under which [`Spanned`] hands its value to serde: a path
