@@ -16,6 +16,23 @@ use ambridge::{
 };
 use libfuzzer_sys::fuzz_target;
 
+/// A good file in the shape the loader cuts into entries.
+const SEED: &str = "workloads:
+  - uid: a
+    name: a
+    namespace: default
+    cgroup: /cg/a
+    ips: [198.18.0.2]
+    mode: ambient
+  - uid: b
+    name: b
+    namespace: default
+    cgroup: /cg/b
+    mode: none
+ztunnel:
+  cgroup: /cg/z
+";
+
 /// The rules `parse` promises of a file it accepts.
 fn check_accepted(spec: &NodeSpec) {
     let mut uids = HashSet::new();
@@ -80,11 +97,28 @@ fuzz_target!(|bytes: &[u8]| {
         return;
     };
     let whole = file::parse(text);
-    // Read entry by entry, fresh and again with its entries known, the
-    // file is what the whole parse says.
+    // Read entry by entry, after a good file and then again with its
+    // entries known, the file is what the whole parse says.
     let mut loader = file::Loader::default();
-    assert_eq!(loader.parse(text), whole, "entry by entry, fresh");
-    assert_eq!(loader.parse(text), whole, "entry by entry, again");
+    loader.parse(SEED).expect("the seed file is good");
+    for round in ["after another file", "again"] {
+        match (loader.parse(text), &whole) {
+            (Ok(_), Ok(spec)) => {
+                let view = loader.view().expect("a good state");
+                let mut pods = spec.pods.clone();
+                pods.sort_by(|a, b| a.uid.cmp(&b.uid));
+                assert_eq!(
+                    view.pods.values().cloned().collect::<Vec<_>>(),
+                    pods,
+                    "entry by entry, {round}"
+                );
+                assert_eq!(view.node.ztunnels, spec.ztunnels, "entry by entry, {round}");
+                assert_eq!(view.node.redirect, spec.redirect, "entry by entry, {round}");
+            }
+            (Err(e), Err(want)) => assert_eq!(&e, want, "entry by entry, {round}"),
+            (got, want) => panic!("entry by entry, {round}: {got:?}, whole: {want:?}"),
+        }
+    }
     match whole {
         Ok(spec) => check_accepted(&spec),
         Err(err) => {

@@ -96,10 +96,8 @@ pub struct Controller {
     settings: Settings,
     kubepods_parent: PathBuf,
     pod_parents: Vec<PodParent>,
-    /// The workloads file's last good state.
-    file: Option<merge::FileView>,
-    /// Reads the file again entry by entry.
-    file_loader: file::Loader,
+    /// The workloads file's last good state, read again entry by entry.
+    file: file::Loader,
     /// The configured sources that have not delivered a state since the
     /// daemon started: nothing is deleted on their behalf meanwhile (their
     /// pods are simply not known yet), and the pinned state carries them.
@@ -198,8 +196,7 @@ impl Controller {
             settings: config.settings,
             kubepods_parent: config.kubepods_parent,
             pod_parents: config.pod_parents,
-            file: None,
-            file_loader: file::Loader::default(),
+            file: file::Loader::default(),
             unsynced,
             rejected: None,
             kube: None,
@@ -483,7 +480,7 @@ impl Controller {
     /// What each source last delivered.
     fn views(&self) -> merge::Views<'_> {
         merge::Views {
-            file: self.file.as_ref(),
+            file: self.file.view(),
             kubernetes: self.kube.as_ref(),
             istiod: self.istiod_pods.as_ref(),
             pushed_pods: &self.pushed_pods,
@@ -509,23 +506,24 @@ impl Controller {
     /// Re-reads the workloads file; returns whether the spec changed. A bad
     /// file is logged and the last good spec stays in force.
     fn load(&mut self, path: &Path) -> bool {
-        match self.file_loader.load(path) {
-            Ok(spec) => {
+        match self.file.load(path) {
+            Ok(loaded) => {
                 self.rejected = None;
                 self.synced(FILE_SOURCE);
                 self.apply.health.running(Component::WorkloadsFile);
-                let file = merge::FileView::from(spec);
-                if self.file.as_ref() == Some(&file) {
+                let file::Loaded::Changed(pods) = loaded else {
                     return false;
-                }
+                };
+                let view = self.file.view().expect("just loaded");
                 info!(
-                    pods = file.pods.len(),
-                    ztunnels = file.node.ztunnels.len(),
+                    pods = view.pods.len(),
+                    ztunnels = view.node.ztunnels.len(),
+                    changed = pods.len(),
                     "workloads file loaded"
                 );
-                let old = self.file.replace(file).unwrap_or_default();
-                let new = self.file.as_ref().expect("just set");
-                touch_differing(&mut self.pending, &old.pods, &new.pods);
+                for uid in &pods {
+                    self.pending.add(uid);
+                }
                 true
             }
             Err(e) => {

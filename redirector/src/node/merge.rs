@@ -9,27 +9,9 @@ use std::{
 
 use super::spec::{CgroupRef, Mode, NodeSpec, PodCgroup, PodSpec, ZtunnelSpec};
 use crate::{
-    sources::{cni::Sandboxes, kubernetes, xds},
+    sources::{cni::Sandboxes, file, kubernetes, xds},
     types::PodUid,
 };
-
-/// The workloads file's last good state, its pods by UID.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct FileView {
-    /// Its ztunnels and shared redirect (its pods are `pods`).
-    pub node: NodeSpec,
-    pub pods: BTreeMap<PodUid, PodSpec>,
-}
-
-impl From<NodeSpec> for FileView {
-    fn from(mut spec: NodeSpec) -> Self {
-        let pods = std::mem::take(&mut spec.pods)
-            .into_iter()
-            .map(|p| (p.uid.clone(), p))
-            .collect();
-        Self { node: spec, pods }
-    }
-}
 
 /// istiod's workloads on this node as pods, by UID.
 pub fn istiod_pods(snapshot: &xds::Snapshot) -> BTreeMap<PodUid, PodSpec> {
@@ -43,7 +25,7 @@ pub fn istiod_pods(snapshot: &xds::Snapshot) -> BTreeMap<PodUid, PodSpec> {
 /// What each source last delivered (`None`: nothing yet, or not a source).
 #[derive(Clone, Copy)]
 pub struct Views<'a> {
-    pub file: Option<&'a FileView>,
+    pub file: Option<&'a file::View>,
     pub kubernetes: Option<&'a kubernetes::Snapshot>,
     /// istiod's workloads as pods, when they decide membership (Kubernetes
     /// is not a source; otherwise they are only a cross-check).
@@ -202,7 +184,7 @@ mod tests {
         let pushed: BTreeMap<_, _> = [(PodUid("b".into()), pod("b", "pushed"))].into();
         let ztunnels = BTreeMap::new();
         let sandboxes = Sandboxes::default();
-        let file = FileView::from(file);
+        let file = file::View::from(file);
         let views = Views {
             file: Some(&file),
             kubernetes: Some(&kube),

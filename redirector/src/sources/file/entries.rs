@@ -1,7 +1,8 @@
 //! The workloads file read again entry by entry: a file whose `workloads`
 //! list is in plain block style is cut into its entries, and an entry whose
 //! text is the same as at the last good load is taken as it was parsed
-//! then. Only new or edited entries are parsed.
+//! then. Only new or edited entries are parsed, and only the pods they and
+//! the vanished entries name are reported changed.
 //!
 //! The result is the whole-file parse's, or that parse is what runs: any
 //! file this module cannot cut with certainty (flow style, anchors and
@@ -9,75 +10,254 @@
 //! not parse or validate alone, and any clash between entries falls back
 //! to [`super::parse`], which also names the line of an error.
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::IpAddr,
+    path::PathBuf,
+};
 
-use super::{File, FileError, Workload, parse, pod_spec, validate};
-use crate::node::spec::{CgroupRef, NodeSpec, PodSpec};
+use super::{File, FileError, View, Workload, parse, pod_spec, validate};
+use crate::{
+    node::spec::{CgroupRef, NodeSpec, PodCgroup, PodSpec},
+    types::PodUid,
+};
 
-/// What the last good load parsed, by entry text.
+/// The workloads file's last good state, and what it was parsed from.
 #[derive(Default)]
 pub struct Loader {
-    entries: HashMap<String, PodSpec>,
+    view: Option<View>,
+    /// Each entry's text, with its pod's UID and the load that last saw it.
+    entries: HashMap<Box<str>, (PodUid, u64)>,
+    /// Counts loads: an entry seen twice in one is a duplicate.
+    load: u64,
+    /// The pods' cgroups and addresses, for a new entry's clashes.
+    cgroups: HashMap<PathBuf, PodUid>,
+    addresses: HashMap<IpAddr, PodUid>,
+}
+
+/// What a good load changed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Loaded {
+    /// Nothing: the same state as before.
+    Unchanged,
+    /// These pods (new, edited or gone), and maybe the node-wide part.
+    Changed(BTreeSet<PodUid>),
 }
 
 /// The workloads file cut into the text around the `workloads` list and
-/// the list's entries, each as a mapping document of its own.
-struct Cut {
+/// the list's entries, each as it is written in the file.
+struct Cut<'a> {
     rest: String,
-    entries: Vec<String>,
+    entries: Vec<Entry<'a>>,
+}
+
+/// One list entry: its text, and the column of its `- `.
+#[derive(Clone, Copy)]
+struct Entry<'a> {
+    text: &'a str,
+    indent: usize,
 }
 
 impl Loader {
+    /// The last good state; `None` before the first.
+    pub fn view(&self) -> Option<&View> {
+        self.view.as_ref()
+    }
+
     /// Reads and parses the workloads file at `path`, as [`super::load`]
-    /// does.
-    pub fn load(&mut self, path: &std::path::Path) -> Result<NodeSpec, FileError> {
+    /// does. A bad file leaves the last good state as it was.
+    pub fn load(&mut self, path: &std::path::Path) -> Result<Loaded, FileError> {
         self.parse(&super::read(path)?)
     }
 
     /// Parses `text` as [`super::parse`] does, reusing what the last good
     /// load parsed of unchanged entries.
-    pub fn parse(&mut self, text: &str) -> Result<NodeSpec, FileError> {
-        match cut(text).and_then(|cut| self.parse_cut(cut)) {
-            Some(spec) => Ok(spec),
-            None => {
-                let spec = parse(text)?;
-                self.entries.clear();
-                Ok(spec)
-            }
+    pub fn parse(&mut self, text: &str) -> Result<Loaded, FileError> {
+        self.load += 1;
+        let cut = cut(text);
+        if self.view.is_some()
+            && let Some(cut) = &cut
+            && let Some(loaded) = self.apply(cut)
+        {
+            return Ok(loaded);
         }
+        let spec = parse(text)?;
+        Ok(self.replace(spec, cut))
     }
 
-    /// `None` where the whole file must be parsed instead.
-    fn parse_cut(&mut self, cut: Cut) -> Option<NodeSpec> {
-        let mut spec = parse(&cut.rest).ok()?;
+    /// Brings the state to `cut`, parsing only its new entries; `None`
+    /// where the whole file must be parsed instead (nothing is changed
+    /// then).
+    fn apply(&mut self, cut: &Cut) -> Option<Loaded> {
+        let node = parse(&cut.rest).ok()?;
         // A second `workloads` key outside the list that was cut.
-        if !spec.pods.is_empty() {
+        if !node.pods.is_empty() {
             return None;
         }
-        let mut entries = HashMap::with_capacity(cut.entries.len());
-        for text in cut.entries {
-            let pod = match self.entries.get(&text) {
-                Some(pod) => pod.clone(),
-                None => parse_entry(&text)?,
-            };
-            spec.pods.push(pod.clone());
-            // Two identical entries are a duplicate UID: the whole parse
-            // says where.
-            if entries.insert(text, pod).is_some() {
+        let mut new: Vec<(&str, PodSpec)> = Vec::new();
+        for entry in &cut.entries {
+            match self.entries.get_mut(entry.text) {
+                // The same text twice is a duplicate UID: the whole parse
+                // says where.
+                Some((_, seen)) if *seen == self.load => return None,
+                Some((_, seen)) => *seen = self.load,
+                None => new.push((entry.text, parse_entry(entry)?)),
+            }
+        }
+        let view = self.view.as_ref().expect("checked by the caller");
+        let gone: BTreeSet<&PodUid> = self
+            .entries
+            .values()
+            .filter(|(_, seen)| *seen != self.load)
+            .map(|(uid, _)| uid)
+            .collect();
+        if new.is_empty() && gone.is_empty() && view.node == node {
+            return Some(Loaded::Unchanged);
+        }
+        // A new entry may clash with any other; the kept ones did not
+        // clash with each other.
+        let kept = |owner: Option<&PodUid>| owner.is_some_and(|uid| !gone.contains(uid));
+        let mut new_uids = BTreeSet::new();
+        let mut new_cgroups = BTreeSet::new();
+        let mut new_addresses = BTreeSet::new();
+        for (_, pod) in &new {
+            let uid_taken = view.pods.contains_key(&pod.uid) && !gone.contains(&pod.uid);
+            if uid_taken || !new_uids.insert(&pod.uid) {
+                return None;
+            }
+            if let PodCgroup::Path(path) = &pod.cgroup
+                && (kept(self.cgroups.get(path)) || !new_cgroups.insert(path))
+            {
+                return None;
+            }
+            for ip in &pod.ips {
+                if kept(self.addresses.get(ip)) || !new_addresses.insert(*ip) {
+                    return None;
+                }
+            }
+        }
+        for z in &node.ztunnels {
+            if let CgroupRef::Path(path) = &z.cgroup
+                && (kept(self.cgroups.get(path)) || new_cgroups.contains(path))
+            {
                 return None;
             }
         }
-        if clash(&spec) {
-            return None;
+        let mut changed: BTreeSet<PodUid> = gone.into_iter().cloned().collect();
+        let view = self.view.as_mut().expect("checked by the caller");
+        for uid in &changed {
+            if let Some(pod) = view.pods.remove(uid) {
+                forget(&mut self.cgroups, &mut self.addresses, &pod);
+            }
         }
-        self.entries = entries;
-        Some(spec)
+        let load = self.load;
+        self.entries.retain(|_, (_, seen)| *seen == load);
+        for (text, pod) in new {
+            self.entries.insert(text.into(), (pod.uid.clone(), load));
+            index(&mut self.cgroups, &mut self.addresses, &pod);
+            changed.insert(pod.uid.clone());
+            view.pods.insert(pod.uid.clone(), pod);
+        }
+        view.node = node;
+        Some(Loaded::Changed(changed))
+    }
+
+    /// Replaces the state with the whole file's `spec` (its entries are
+    /// `cut`'s, when it could be cut).
+    fn replace(&mut self, spec: NodeSpec, cut: Option<Cut>) -> Loaded {
+        let new = View::from(spec);
+        let old = self.view.take();
+        if old.as_ref() == Some(&new) {
+            self.view = old;
+            return Loaded::Unchanged;
+        }
+        let old = old.unwrap_or_default();
+        let mut changed = BTreeSet::new();
+        for (uid, pod) in &new.pods {
+            if old.pods.get(uid) != Some(pod) {
+                changed.insert(uid.clone());
+            }
+        }
+        changed.extend(
+            old.pods
+                .keys()
+                .filter(|uid| !new.pods.contains_key(*uid))
+                .cloned(),
+        );
+        self.cgroups.clear();
+        self.addresses.clear();
+        for pod in new.pods.values() {
+            index(&mut self.cgroups, &mut self.addresses, pod);
+        }
+        self.entries.clear();
+        if let Some(cut) = cut {
+            let uids = cut.entries.iter().filter_map(|e| {
+                let workload: Workload = serde_saphyr::from_str(&dedent(e)).ok()?;
+                Some(workload.uid.value)
+            });
+            for (entry, uid) in cut.entries.iter().zip(uids) {
+                self.entries.insert(entry.text.into(), (uid, self.load));
+            }
+            // Entries the cut read otherwise than the parse are not reused.
+            if self.entries.len() != new.pods.len()
+                || self
+                    .entries
+                    .values()
+                    .any(|(uid, _)| !new.pods.contains_key(uid))
+            {
+                self.entries.clear();
+            }
+        }
+        self.view = Some(new);
+        Loaded::Changed(changed)
     }
 }
 
+fn index(
+    cgroups: &mut HashMap<PathBuf, PodUid>,
+    addresses: &mut HashMap<IpAddr, PodUid>,
+    pod: &PodSpec,
+) {
+    if let PodCgroup::Path(path) = &pod.cgroup {
+        cgroups.insert(path.clone(), pod.uid.clone());
+    }
+    for ip in &pod.ips {
+        addresses.insert(*ip, pod.uid.clone());
+    }
+}
+
+fn forget(
+    cgroups: &mut HashMap<PathBuf, PodUid>,
+    addresses: &mut HashMap<IpAddr, PodUid>,
+    pod: &PodSpec,
+) {
+    if let PodCgroup::Path(path) = &pod.cgroup {
+        cgroups.remove(path);
+    }
+    for ip in &pod.ips {
+        addresses.remove(ip);
+    }
+}
+
+/// One entry as a mapping document of its own.
+fn dedent(entry: &Entry) -> String {
+    let mut out = String::with_capacity(entry.text.len());
+    for (i, line) in entry.text.split_inclusive('\n').enumerate() {
+        let body = line.get(entry.indent..).unwrap_or("\n");
+        match i {
+            0 => {
+                out.push_str("  ");
+                out.push_str(body.strip_prefix("- ").unwrap_or(body));
+            }
+            _ => out.push_str(body),
+        }
+    }
+    out
+}
+
 /// One entry parsed and validated on its own.
-fn parse_entry(text: &str) -> Option<PodSpec> {
-    let workload: Workload = serde_saphyr::from_str(text).ok()?;
+fn parse_entry(entry: &Entry) -> Option<PodSpec> {
+    let workload: Workload = serde_saphyr::from_str(&dedent(entry)).ok()?;
     let alone = File {
         workloads: vec![workload],
         ztunnel: None,
@@ -87,38 +267,13 @@ fn parse_entry(text: &str) -> Option<PodSpec> {
     alone.workloads.into_iter().next().map(pod_spec)
 }
 
-/// Whether two entries (or an entry and ztunnel) claim one UID, cgroup or
-/// address: what [`validate`] checks across entries.
-fn clash(spec: &NodeSpec) -> bool {
-    let mut uids = HashSet::new();
-    let mut cgroups = HashSet::new();
-    let mut addresses = HashSet::new();
-    for pod in &spec.pods {
-        if !uids.insert(&pod.uid) {
-            return true;
-        }
-        if let crate::node::spec::PodCgroup::Path(path) = &pod.cgroup
-            && !cgroups.insert(path.as_path())
-        {
-            return true;
-        }
-        if pod.ips.iter().any(|ip| !addresses.insert(*ip)) {
-            return true;
-        }
-    }
-    spec.ztunnels.iter().any(|z| match &z.cgroup {
-        CgroupRef::Path(path) => cgroups.contains(path.as_path()),
-        CgroupRef::Pod(_) => false,
-    })
-}
-
 /// Cuts `text` into the rest and the entries of its `workloads` block
 /// list; `None` when it is not plainly that shape.
-fn cut(text: &str) -> Option<Cut> {
+fn cut(text: &str) -> Option<Cut<'_>> {
     // What could tie one entry to another or change how it reads alone.
     if text
-        .chars()
-        .any(|c| matches!(c, '&' | '*' | '!' | '%' | '\t' | '\r'))
+        .bytes()
+        .any(|c| matches!(c, b'&' | b'*' | b'!' | b'%' | b'\t' | b'\r'))
         || text.starts_with("---")
         || text.contains("\n---")
         || text.contains("\n...")
@@ -126,10 +281,12 @@ fn cut(text: &str) -> Option<Cut> {
         return None;
     }
     let mut rest = String::new();
-    let mut entries: Vec<String> = Vec::new();
-    let mut lines = text.split_inclusive('\n').peekable();
+    let mut entries: Vec<Entry> = Vec::new();
     let mut found = false;
+    let mut offset = 0;
+    let mut lines = text.split_inclusive('\n').peekable();
     while let Some(line) = lines.next() {
+        offset += line.len();
         if line.trim_end() != "workloads:" {
             rest.push_str(line);
             continue;
@@ -139,6 +296,8 @@ fn cut(text: &str) -> Option<Cut> {
         }
         found = true;
         let mut indent = None;
+        // Where the entry being read started.
+        let mut start: Option<usize> = None;
         while let Some(&next) = lines.peek() {
             let trimmed = next.trim_start_matches(' ');
             let depth = next.len() - trimmed.len();
@@ -147,28 +306,37 @@ fn cut(text: &str) -> Option<Cut> {
                 break;
             }
             lines.next();
+            let line_start = offset;
+            offset += next.len();
             if blank {
-                if let Some(entry) = entries.last_mut() {
-                    entry.push('\n');
-                }
                 continue;
             }
             let at = *indent.get_or_insert(depth);
             if depth < at {
                 return None;
             }
-            let body = &next[at..];
             if depth == at {
-                let item = body.strip_prefix("- ")?;
-                entries.push(format!("  {item}"));
-            } else {
-                let entry = entries.last_mut()?;
-                entry.push_str(body);
+                if !trimmed.starts_with("- ") {
+                    return None;
+                }
+                if let Some(s) = start {
+                    entries.push(Entry {
+                        text: &text[s..line_start],
+                        indent: at,
+                    });
+                }
+                start = Some(line_start);
+            } else if start.is_none() {
+                return None;
             }
         }
-        if entries.is_empty() {
+        let (Some(s), Some(at)) = (start, indent) else {
             return None;
-        }
+        };
+        entries.push(Entry {
+            text: &text[s..offset],
+            indent: at,
+        });
     }
     found.then_some(Cut { rest, entries })
 }
@@ -195,28 +363,77 @@ ztunnel:
   cgroup: /cg/z
 ";
 
+    /// The loader's state as the whole parse spells it.
+    fn spec(loader: &Loader) -> NodeSpec {
+        let view = loader.view().expect("a good state");
+        NodeSpec {
+            pods: view.pods.values().cloned().collect(),
+            ..view.node.clone()
+        }
+    }
+
+    fn whole(text: &str) -> Result<NodeSpec, FileError> {
+        parse(text).map(|mut spec| {
+            spec.pods.sort_by(|a, b| a.uid.cmp(&b.uid));
+            spec
+        })
+    }
+
+    fn uids(names: &[&str]) -> Loaded {
+        Loaded::Changed(names.iter().map(|n| PodUid(n.to_string())).collect())
+    }
+
     #[test]
     fn an_entry_by_entry_parse_gives_what_the_whole_parse_gives() {
         let mut loader = Loader::default();
-        assert_eq!(loader.parse(FILE), parse(FILE));
+        assert_eq!(loader.parse(FILE), Ok(uids(&["a", "b"])));
+        assert_eq!(Ok(spec(&loader)), whole(FILE));
         assert_eq!(loader.entries.len(), 2);
+        assert_eq!(loader.parse(FILE), Ok(Loaded::Unchanged));
         for edited in [
             FILE.replace("mode: none", "mode: ambient"),
             FILE.replace("    mode: none", "   mode: none"),
             FILE.replace("  - uid: b", "  -   uid: b"),
+            FILE.replace("uid: b", "uid: c"),
             FILE.replace("name: b", "name: &x b\n    service_account: *x"),
-            FILE.replace("ztunnel:", "workloads:\n  - uid: c\nztunnel:"),
+            FILE.replace("/cg/z", "/cg/y"),
+            FILE.replace("    mode: none\n", "    mode: none\n  - uid: c\n    name: c\n    namespace: default\n    cgroup: /cg/c\n    mode: none\n"),
         ] {
-            assert_eq!(loader.parse(&edited), parse(&edited), "{edited}");
+            let mut loader = Loader::default();
+            loader.parse(FILE).unwrap();
+            let got = loader.parse(&edited);
+            let want = whole(&edited);
+            let Ok(want) = want else {
+                assert_eq!(got.map(|_| ()), want.map(|_| ()), "{edited}");
+                continue;
+            };
+            // Every pod that differs is reported.
+            let before = whole(FILE).unwrap();
+            let differ: BTreeSet<&PodUid> = want
+                .pods
+                .iter()
+                .filter(|p| !before.pods.contains(p))
+                .chain(before.pods.iter().filter(|p| !want.pods.contains(p)))
+                .map(|p| &p.uid)
+                .collect();
+            match got {
+                Ok(Loaded::Changed(reported)) => {
+                    assert!(differ.iter().all(|uid| reported.contains(*uid)), "{edited}")
+                }
+                Ok(Loaded::Unchanged) => assert!(differ.is_empty() && want == before, "{edited}"),
+                Err(e) => panic!("{edited}: {e}"),
+            }
+            assert_eq!(spec(&loader), want, "{edited}");
         }
         // A file it cannot cut is parsed whole.
         let flow = "workloads: []\nztunnel:\n  cgroup: /cg/z\n";
-        assert_eq!(loader.parse(flow), parse(flow));
+        assert_eq!(loader.parse(flow), Ok(uids(&["a", "b"])));
+        assert_eq!(Ok(spec(&loader)), whole(flow));
         assert!(loader.entries.is_empty());
     }
 
     #[test]
-    fn a_bad_or_clashing_entry_is_reported_as_the_whole_parse_reports_it() {
+    fn a_bad_or_clashing_entry_is_reported_as_the_whole_parse_reports_it_and_changes_nothing() {
         let mut loader = Loader::default();
         loader.parse(FILE).unwrap();
         for bad in [
@@ -225,11 +442,15 @@ ztunnel:
             FILE.replace("cgroup: /cg/z", "cgroup: /cg/b"),
             FILE.replace("mode: none", "mode: maybe"),
             FILE.replace("ips: [198.18.0.2]", "ips: [198.18.0.2, 198.18.0.3]"),
+            FILE.replace("    mode: none", "    mode: none\n    ips: [198.18.0.2]"),
+            FILE.replace("ztunnel:", "workloads:\n  - uid: c\n    name: c\nztunnel:"),
         ] {
             let err = loader.parse(&bad).unwrap_err();
             assert_eq!(Err(err), parse(&bad), "{bad}");
+            assert_eq!(Ok(spec(&loader)), whole(FILE), "{bad}");
         }
-        // The last good entries stay for the next good file.
+        // The last good entries are still known.
+        assert_eq!(loader.parse(FILE), Ok(Loaded::Unchanged));
         assert_eq!(loader.entries.len(), 2);
     }
 }

@@ -30,7 +30,7 @@
 mod entries;
 mod watch;
 
-pub use entries::Loader;
+pub use entries::{Loaded, Loader};
 pub use watch::watch;
 
 use std::{
@@ -196,6 +196,24 @@ pub fn parse(text: &str) -> Result<NodeSpec, FileError> {
             })
             .collect(),
     })
+}
+
+/// The workloads file's last good state, its pods by UID.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct View {
+    /// Its ztunnels and shared redirect (its pods are `pods`).
+    pub node: NodeSpec,
+    pub pods: std::collections::BTreeMap<PodUid, PodSpec>,
+}
+
+impl From<NodeSpec> for View {
+    fn from(mut spec: NodeSpec) -> Self {
+        let pods = std::mem::take(&mut spec.pods)
+            .into_iter()
+            .map(|p| (p.uid.clone(), p))
+            .collect();
+        Self { node: spec, pods }
+    }
 }
 
 /// A validated entry as the pod it describes.
