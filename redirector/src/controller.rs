@@ -765,8 +765,9 @@ impl Controller {
         datapath.apply_cgroups(&cgroup_ops)?;
         let inbound_changes = apply_inbound(&mut self.host, datapath, desired, &changed)?;
         self.diff_all = false;
-        // Every pod was looked at: namespaces not asked for are gone (after
-        // the inbound links, which attach to the namespaces the pass held).
+        // A pass that looked at every pod lets go of the namespaces it did
+        // not ask for (after the inbound links, which attach to the
+        // namespaces the pass held).
         self.host.end_pass(touched == Touched::All);
         // After the maps: a pod leaving the mesh is handed its Del only once
         // its redirect entries are gone.
