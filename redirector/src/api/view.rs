@@ -139,23 +139,10 @@ impl Publish for Publisher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::node::spec::PodCgroup;
+    use crate::node::spec::fixtures;
 
     fn pod(uid: &str, name: &str) -> (PodUid, PodSpec) {
-        let uid = PodUid(uid.into());
-        let spec = PodSpec {
-            uid: uid.clone(),
-            name: name.into(),
-            namespace: "default".into(),
-            service_account: "default".into(),
-            cgroup: PodCgroup::Uid,
-            netns: None,
-            ips: vec![],
-            mode: Mode::Ambient,
-            accelerate: None,
-            capture: Default::default(),
-        };
-        (uid, spec)
+        (PodUid(uid.into()), fixtures::pod(uid, name))
     }
 
     fn reconcile(

@@ -1252,6 +1252,17 @@ mod tests {
         assert_eq!(d.node.shared_netns, 1020);
     }
 
+    /// Writes to `kernel` what [`diff_changed`] says of `keys`.
+    fn write_changed<K: Ord + Copy, V: PartialEq + Copy>(
+        kernel: &mut BTreeMap<K, V>,
+        desired: &BTreeMap<K, V>,
+        keys: &BTreeSet<K>,
+        all: bool,
+    ) {
+        let ops = diff_changed(kernel, desired, keys, all);
+        apply(kernel, &ops);
+    }
+
     #[test]
     fn updating_pod_by_pod_ends_where_computing_the_whole_node_does() {
         // A fixed pseudo-random walk of adds, changes and removals, some on
@@ -1290,21 +1301,19 @@ mod tests {
             let changed = maps.update(&node, &pods, touched, &readiness, &settings, &mut Fake);
             // The kernel, written only where the update said keys changed,
             // holds what is desired.
-            let ops = diff_changed(
-                &kernel,
+            write_changed(
+                &mut kernel,
                 &maps.desired.cgroups,
                 &changed.cgroups,
                 changed.all,
             );
-            apply(&mut kernel, &ops);
             assert_eq!(kernel, maps.desired.cgroups, "step {step}");
-            let ops = diff_changed(
-                &inbound,
+            write_changed(
+                &mut inbound,
                 &maps.desired.inbound,
                 &changed.inbound,
                 changed.all,
             );
-            apply(&mut inbound, &ops);
             assert_eq!(inbound, maps.desired.inbound, "step {step}");
             let whole = NodeSpec {
                 pods: pods.values().cloned().collect(),

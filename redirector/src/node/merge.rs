@@ -124,6 +124,7 @@ fn istiod_pod(w: &xds::Workload) -> PodSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::node::spec::fixtures::pod;
 
     /// The whole node state from every source (see [`pod`] and [`node`]);
     /// `None` until some source has delivered.
@@ -138,21 +139,6 @@ mod tests {
             .filter_map(|uid| super::pod(views, uid))
             .collect();
         Some(spec)
-    }
-
-    fn pod(uid: &str, name: &str) -> PodSpec {
-        PodSpec {
-            uid: PodUid(uid.into()),
-            name: name.into(),
-            namespace: "default".into(),
-            service_account: "default".into(),
-            cgroup: PodCgroup::Uid,
-            netns: None,
-            ips: vec![],
-            mode: Mode::Ambient,
-            accelerate: None,
-            capture: Default::default(),
-        }
     }
 
     #[test]

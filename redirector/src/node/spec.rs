@@ -212,3 +212,25 @@ impl Default for Settings {
         }
     }
 }
+
+/// Fixtures for the unit tests of the modules that take node state.
+#[cfg(test)]
+pub mod fixtures {
+    use super::*;
+
+    /// An ambient pod in `default`, found by its UID, with no address.
+    pub fn pod(uid: &str, name: &str) -> PodSpec {
+        PodSpec {
+            uid: PodUid(uid.into()),
+            name: name.into(),
+            namespace: "default".into(),
+            service_account: "default".into(),
+            cgroup: PodCgroup::Uid,
+            netns: None,
+            ips: vec![],
+            mode: Mode::Ambient,
+            accelerate: None,
+            capture: Default::default(),
+        }
+    }
+}

@@ -363,6 +363,14 @@ ztunnel:
   cgroup: /cg/z
 ";
 
+    /// An entry to add after the others.
+    const THIRD: &str = "  - uid: c
+    name: c
+    namespace: default
+    cgroup: /cg/c
+    mode: none
+";
+
     /// The loader's state as the whole parse spells it.
     fn spec(loader: &Loader) -> NodeSpec {
         let view = loader.view().expect("a good state");
@@ -397,7 +405,7 @@ ztunnel:
             FILE.replace("uid: b", "uid: c"),
             FILE.replace("name: b", "name: &x b\n    service_account: *x"),
             FILE.replace("/cg/z", "/cg/y"),
-            FILE.replace("    mode: none\n", "    mode: none\n  - uid: c\n    name: c\n    namespace: default\n    cgroup: /cg/c\n    mode: none\n"),
+            FILE.replace("    mode: none\n", &format!("    mode: none\n{THIRD}")),
         ] {
             let mut loader = Loader::default();
             loader.parse(FILE).unwrap();
