@@ -592,6 +592,8 @@ impl Controller {
     fn synced(&mut self, source: &'static str) {
         if self.unsynced.remove(source) && self.unsynced.is_empty() {
             info!(source, "every source has delivered: removals resume");
+            // What was kept for the unsynced sources is compared whole.
+            self.diff_all = true;
             self.apply.health.set_sources_synced();
         }
     }
@@ -720,6 +722,8 @@ impl Controller {
         // deleted on its behalf (its pods are not known yet): the whole
         // maps are compared, with what the kernel holds kept. Once every
         // source has, and after a failed apply, the next diff is whole too.
+        // Until the maps are written, a failure leaves the next diff whole.
+        let diff_all = std::mem::replace(&mut self.diff_all, true);
         let retained;
         let desired = if self.unsynced.is_empty() {
             desired
@@ -734,11 +738,10 @@ impl Controller {
                     inbound_netns: datapath.netns_links().clone(),
                 },
             );
-            self.diff_all = true;
             retained = kept;
             &retained
         };
-        changed.all |= std::mem::take(&mut self.diff_all) || !self.unsynced.is_empty();
+        changed.all |= diff_all || !self.unsynced.is_empty();
         let cgroup_ops = desired::diff_changed(
             datapath.cgroup_entries()?,
             &desired.cgroups,
@@ -751,9 +754,6 @@ impl Controller {
             &changed.netns,
             changed.all,
         );
-        // A failure below leaves the maps partly written: the next diff is
-        // whole.
-        self.diff_all = true;
         // Namespaces first: a pod's binds are judged against its netns entry
         // as soon as its cgroup entry makes it known.
         datapath.apply_netns(&netns_ops)?;
@@ -763,8 +763,10 @@ impl Controller {
             info!(config = ?desired.node, "node settings written");
         }
         datapath.apply_cgroups(&cgroup_ops)?;
-        let inbound_changes = apply_inbound(&mut self.host, datapath, desired, &changed)?;
-        self.diff_all = false;
+        let (inbound_changes, attached_all) =
+            apply_inbound(&mut self.host, datapath, desired, &changed)?;
+        // A namespace not attached yet is tried again by a whole diff.
+        self.diff_all = !self.unsynced.is_empty() || !attached_all;
         // A pass that looked at every pod lets go of the namespaces it did
         // not ask for (after the inbound links, which attach to the
         // namespaces the pass held).
@@ -890,13 +892,13 @@ fn touch_differing(
 /// Brings inbound capture to `desired`: exempt sources first (so a probe is
 /// never refused on the way), then each new address's entry before its
 /// netns's link, and a leaving netns's link before its entries go. Returns
-/// how many changes were made.
+/// how many changes were made, and whether every wanted link is attached.
 fn apply_inbound(
     host: &mut HostCache,
     datapath: &mut Datapath,
     desired: &desired::Desired,
     changed: &desired::Changed,
-) -> anyhow::Result<usize> {
+) -> anyhow::Result<(usize, bool)> {
     let exempt_ops = desired::diff(datapath.exempt_entries()?, &desired.exempt);
     datapath.apply_exempt(&exempt_ops)?;
     let (deletes, puts): (Vec<_>, Vec<_>) = desired::diff_changed(
@@ -928,15 +930,20 @@ fn apply_inbound(
             .iter()
             .partition(|cookie| desired.inbound_netns.contains(cookie))
     };
+    let mut attached_all = true;
     for cookie in attach.iter().filter(|c| !attached.contains(c)) {
         let Some(ns) = host.cookies.namespace(cookie.0) else {
+            attached_all = false;
             continue;
         };
         match datapath.attach_inbound(*cookie, std::os::fd::AsFd::as_fd(ns)) {
             Ok(()) => changes += 1,
             // One pod's namespace failing must not stall the node: it
             // is retried at the next reconcile.
-            Err(e) => warn!(netns = %cookie, "attaching inbound capture, retrying: {e}"),
+            Err(e) => {
+                attached_all = false;
+                warn!(netns = %cookie, "attaching inbound capture, retrying: {e}")
+            }
         }
     }
     for cookie in detach.iter().filter(|c| attached.contains(c)) {
@@ -944,5 +951,5 @@ fn apply_inbound(
         changes += 1;
     }
     datapath.apply_inbound(&deletes)?;
-    Ok(changes)
+    Ok((changes, attached_all))
 }

@@ -243,7 +243,11 @@ fn forget(
 fn dedent(entry: &Entry) -> String {
     let mut out = String::with_capacity(entry.text.len());
     for (i, line) in entry.text.split_inclusive('\n').enumerate() {
-        let body = line.get(entry.indent..).unwrap_or("\n");
+        // An empty line less indented than the entry stays an empty line.
+        let body = match line.get(entry.indent..) {
+            Some(body) if !body.is_empty() => body,
+            _ => "\n",
+        };
         match i {
             0 => {
                 out.push_str("  ");
@@ -308,12 +312,18 @@ fn cut(text: &str) -> Option<Cut<'_>> {
             lines.next();
             let line_start = offset;
             offset += next.len();
-            if blank {
+            let empty = trimmed.trim().is_empty();
+            if empty && indent.is_none() {
                 continue;
             }
             let at = *indent.get_or_insert(depth);
-            if depth < at {
+            // A comment or a value less indented than the entries would be
+            // cut through when an entry is read alone.
+            if depth < at && !(empty && trimmed == "\n") {
                 return None;
+            }
+            if blank {
+                continue;
             }
             if depth == at {
                 if !trimmed.starts_with("- ") {
@@ -405,6 +415,18 @@ ztunnel:
             FILE.replace("uid: b", "uid: c"),
             FILE.replace("name: b", "name: &x b\n    service_account: *x"),
             FILE.replace("/cg/z", "/cg/y"),
+            FILE.replace(
+                "    cgroup: /cg/b\n",
+                "#   cgroup: /cg/b\n    cgroup: /cg/c\n",
+            ),
+            FILE.replace(
+                "    cgroup: /cg/b\n",
+                "  # cgroup: /cg/b\n    cgroup: /cg/c\n",
+            ),
+            FILE.replace(
+                "    mode: none\n",
+                "    mode: none\n    service_account: |\n      a\n \n      b\n",
+            ),
             FILE.replace("    mode: none\n", &format!("    mode: none\n{THIRD}")),
         ] {
             let mut loader = Loader::default();
