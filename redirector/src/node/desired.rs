@@ -567,14 +567,9 @@ fn pod_part(
     }
     if !pod.ips.is_empty() {
         let info = entries::netns_entry(pod.ip4(), pod.ip6());
-        match resolve.netns_cookie(netns) {
-            Ok(Some(cookie)) => out.netns = Some((cookie, info)),
-            Ok(None) => unresolved(
-                &mut out,
-                &cgroup,
-                "no process in the cgroup yet, so its network namespace is unknown".into(),
-            ),
-            Err(e) => unresolved(&mut out, &cgroup, format!("network namespace: {e}")),
+        match netns_cookie(resolve, netns) {
+            Ok(cookie) => out.netns = Some((cookie, info)),
+            Err(e) => unresolved(&mut out, &cgroup, e),
         }
     }
     // Inbound capture needs ztunnel's listeners in the pod's own netns:
@@ -588,6 +583,15 @@ fn pod_part(
         out.inbound_netns = Some(cookie);
     }
     out
+}
+
+/// The cookie of the network namespace `at`, or why it is not known yet.
+fn netns_cookie(resolve: &mut impl Resolve, at: NetnsAt) -> Result<NetnsCookie, String> {
+    match resolve.netns_cookie(at) {
+        Ok(Some(cookie)) => Ok(cookie),
+        Ok(None) => Err("no process in the cgroup yet, so its network namespace is unknown".into()),
+        Err(e) => Err(format!("network namespace: {e}")),
+    }
 }
 
 /// What the ztunnel `z` asks of the maps.
@@ -625,14 +629,9 @@ fn ztunnel_part(
     // Connections to and from it are keyed by that namespace.
     if let Some(shared) = node.redirect {
         let info = entries::netns_entry(shared.ip4, shared.ip6);
-        match resolve.netns_cookie(NetnsAt::SandboxOf(&cgroup)) {
-            Ok(Some(cookie)) => out.netns = Some((cookie, info)),
-            Ok(None) => unresolved(
-                &mut out,
-                &cgroup,
-                "no process in the cgroup yet, so its network namespace is unknown".into(),
-            ),
-            Err(e) => unresolved(&mut out, &cgroup, format!("network namespace: {e}")),
+        match netns_cookie(resolve, NetnsAt::SandboxOf(&cgroup)) {
+            Ok(cookie) => out.netns = Some((cookie, info)),
+            Err(e) => unresolved(&mut out, &cgroup, e),
         }
     }
     out
