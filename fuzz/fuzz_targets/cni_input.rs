@@ -203,7 +203,7 @@ fn check_add(invocation: &Invocation, config: &Config, ips: &[IpAddr]) {
     let request = plugin::add_request(invocation, config, pod).expect("the addresses were read");
     let (uid, sandbox, wait) = cni_sandbox(request)
         .unwrap_or_else(|s| panic!("the daemon refused the plugin's ADD: {}", s.message()));
-    assert_eq!(uid.0, pod.uid);
+    assert_eq!(uid.as_str(), pod.uid);
     assert_eq!(sandbox.namespace, pod.namespace);
     assert_eq!(sandbox.name, pod.name);
     assert_eq!(sandbox.container_id, invocation.container_id);

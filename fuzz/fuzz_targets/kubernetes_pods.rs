@@ -18,7 +18,7 @@ use ambridge::{
     },
     node::spec::{Mode, PodSpec},
     sources::kubernetes::{self, REDIRECTION, Snapshot},
-    types::PodUid,
+    types::WorkloadId,
 };
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use libfuzzer_sys::fuzz_target;
@@ -83,7 +83,10 @@ fn is_ztunnel(pod: &Pod, mesh: &MeshSettings, daemonset: Option<&DaemonSetUid>) 
 }
 
 /// The snapshot's entry of each UID that names exactly one input pod.
-fn by_uid<'a>(snapshot: &'a Snapshot, unique: &BTreeSet<PodUid>) -> BTreeMap<PodUid, &'a PodSpec> {
+fn by_uid<'a>(
+    snapshot: &'a Snapshot,
+    unique: &BTreeSet<WorkloadId>,
+) -> BTreeMap<WorkloadId, &'a PodSpec> {
     snapshot
         .pods
         .iter()
@@ -103,13 +106,13 @@ fuzz_target!(|bytes: &[u8]| {
     let ds = daemonset.as_ref();
     let fresh = kubernetes::snapshot(&pods, &namespaces, ds, &mesh, &Snapshot::default());
 
-    let mut count: BTreeMap<PodUid, usize> = BTreeMap::new();
+    let mut count: BTreeMap<WorkloadId, usize> = BTreeMap::new();
     for uid in pods.iter().filter_map(|p| p.metadata.uid.clone()) {
-        *count.entry(PodUid(uid)).or_default() += 1;
+        *count.entry(WorkloadId::kubernetes(uid)).or_default() += 1;
     }
-    let of_uid = |uid: &PodUid| -> Vec<&Arc<Pod>> {
+    let of_uid = |uid: &str| -> Vec<&Arc<Pod>> {
         pods.iter()
-            .filter(|p| p.metadata.uid.as_deref() == Some(uid.0.as_str()))
+            .filter(|p| p.metadata.uid.as_deref() == Some(uid))
             .collect()
     };
     for pod in fresh.pods.values() {
@@ -120,7 +123,7 @@ fuzz_target!(|bytes: &[u8]| {
         );
         if pod.mode == Mode::Ambient {
             assert!(
-                of_uid(&pod.uid)
+                of_uid(pod.uid.as_str())
                     .into_iter()
                     .any(|p| may_enroll(p, &namespaces, &mesh) && !is_ztunnel(p, &mesh, ds)),
                 "pod {} enrolled against Istio's rules",
@@ -130,7 +133,9 @@ fuzz_target!(|bytes: &[u8]| {
     }
     for uid in &fresh.ztunnels {
         assert!(
-            of_uid(uid).into_iter().any(|p| is_ztunnel(p, &mesh, ds)),
+            of_uid(uid.as_str())
+                .into_iter()
+                .any(|p| is_ztunnel(p, &mesh, ds)),
             "{uid} taken for ztunnel without its identity"
         );
     }
@@ -149,14 +154,14 @@ fuzz_target!(|bytes: &[u8]| {
         })
         .collect();
     let last = kubernetes::snapshot(&stripped, &namespaces, ds, &mesh, &Snapshot::default());
-    let unique: BTreeSet<PodUid> = count
+    let unique: BTreeSet<WorkloadId> = count
         .iter()
         .filter(|(_, n)| **n == 1)
         .map(|(uid, _)| uid.clone())
         .collect();
     let last_by = by_uid(&last, &unique);
     for uid in &unique {
-        let decided = !last.ztunnels.contains(uid);
+        let decided = !uid.pod_uid().is_some_and(|u| last.ztunnels.contains(u));
         assert_eq!(
             last_by.contains_key(uid),
             decided,
@@ -184,7 +189,7 @@ fuzz_target!(|bytes: &[u8]| {
         "a snapshot given itself as the last one is not the same"
     );
     // Every other enrolled pod acknowledged by ztunnel.
-    let ready: BTreeSet<PodUid> = fresh
+    let ready: BTreeSet<WorkloadId> = fresh
         .pods
         .values()
         .filter(|p| p.mode == Mode::Ambient)

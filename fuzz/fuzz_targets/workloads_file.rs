@@ -38,7 +38,7 @@ fn check_accepted(spec: &NodeSpec) {
     let mut uids = HashSet::new();
     let mut cgroups = HashSet::new();
     for pod in &spec.pods {
-        assert!(!pod.uid.0.is_empty(), "an empty uid was accepted");
+        assert!(!pod.uid.as_str().is_empty(), "an empty uid was accepted");
         assert!(uids.insert(&pod.uid), "uid {} accepted twice", pod.uid);
         match &pod.cgroup {
             PodCgroup::Path(path) => {
@@ -46,7 +46,7 @@ fn check_accepted(spec: &NodeSpec) {
                 assert!(cgroups.insert(path), "cgroup {path:?} accepted twice");
             }
             PodCgroup::Uid => assert!(
-                is_pod_uid(&pod.uid.0),
+                is_pod_uid(pod.uid.as_str()),
                 "{} accepted as a path part, yet not a pod UID",
                 pod.uid
             ),

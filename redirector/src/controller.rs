@@ -36,7 +36,7 @@ use crate::{
         xds,
     },
     supervise::{Backoff, Component, Health, Policy},
-    types::{CgroupId, NetnsCookie, PodUid},
+    types::{CgroupId, NetnsCookie, PodUid, WorkloadId},
 };
 
 /// How the sources are named in logs.
@@ -114,7 +114,7 @@ pub struct Controller {
     /// istiod's last view of this node's workloads.
     xds: Option<xds::Snapshot>,
     /// Those workloads as pods, when istiod decides membership.
-    istiod_pods: Option<BTreeMap<PodUid, PodSpec>>,
+    istiod_pods: Option<BTreeMap<WorkloadId, PodSpec>>,
     /// The pods some input changed since the last reconcile.
     pending: Touched,
     /// Where Kubernetes and istiod disagree, as last logged.
@@ -127,7 +127,7 @@ pub struct Controller {
     pass_due: Pass,
     /// Each pod as the last reconcile saw it: a pod that differs now has
     /// changed, and what was found about it is looked up again.
-    last_pods: BTreeMap<PodUid, PodSpec>,
+    last_pods: BTreeMap<WorkloadId, PodSpec>,
     /// The desired maps, brought up to date pod by pod.
     maps: DesiredMaps,
     /// The next diff against the kernel compares whole maps (at start, after
@@ -142,7 +142,7 @@ pub struct Controller {
     /// the API's view.
     publishers: Vec<Box<dyn Publish + Send>>,
     /// Entries pushed through the API.
-    pushed_pods: BTreeMap<PodUid, PodSpec>,
+    pushed_pods: BTreeMap<WorkloadId, PodSpec>,
     /// Pushed ztunnel cgroups, with their zero-copy flag.
     pushed_ztunnels: BTreeMap<PathBuf, bool>,
     /// The pod sandboxes the CNI plugin reported.
@@ -247,7 +247,7 @@ impl Controller {
                 // Pod updates follow the feed's first snapshot.
                 if let Some(kube) = &mut self.kube {
                     kube.set(&uid, state);
-                    self.pending.add(&uid);
+                    self.pending.add(&uid.clone().into());
                 }
             }
         }
@@ -312,7 +312,7 @@ impl Controller {
                 reply,
             } => {
                 info!(pod = %uid, namespace = %sandbox.namespace, name = %sandbox.name, netns = %sandbox.netns.display(), "CNI ADD");
-                self.pending.add(&uid);
+                self.pending.add(&uid.clone().into());
                 self.sandboxes.add(uid.clone(), sandbox);
                 self.cni_waiters.push(cni::Waiter {
                     uid,
@@ -328,7 +328,7 @@ impl Controller {
             } => {
                 let changed = self.sandboxes.delete(&uid, &container_id);
                 if changed {
-                    self.pending.add(&uid);
+                    self.pending.add(&uid.clone().into());
                     info!(pod = %uid, container = %container_id, "CNI DEL");
                 }
                 let _ = reply.send(());
@@ -424,13 +424,13 @@ struct ZdsState {
     /// Pods an earlier daemon had seen acknowledged (pinned enrolled and
     /// not held). ztunnel keeps serving them across a restart of ours, so
     /// they stay unheld until its next snapshot says otherwise.
-    inherited: BTreeSet<PodUid>,
+    inherited: BTreeSet<WorkloadId>,
 }
 
 impl ZdsState {
     /// The pods ztunnel serves: until its snapshot has ended, those this
     /// daemon handed over and those an earlier daemon had.
-    fn ready(&self) -> BTreeSet<PodUid> {
+    fn ready(&self) -> BTreeSet<WorkloadId> {
         if self.acked.snapshot_taken {
             self.acked.pods.clone()
         } else {
@@ -554,6 +554,7 @@ impl Controller {
                 "the last datapath apply failed and is being retried".into(),
             );
         }
+        let id = WorkloadId::Kubernetes(uid.clone());
         let view = self.view.read().expect("view lock");
         let ztunnels = self
             .kube
@@ -563,12 +564,12 @@ impl Controller {
         cni::verdict(
             uid,
             &cni::Standing {
-                pod: view.pods.get(&uid.0),
+                pod: view.pods.get(&id),
                 ztunnels: &ztunnels,
                 listed_by_kubernetes: self.kube_is_source.then(|| {
                     self.kube
                         .as_ref()
-                        .is_some_and(|k| k.pods.contains_key(uid) || k.ztunnels.contains(uid))
+                        .is_some_and(|k| k.pods.contains_key(&id) || k.ztunnels.contains(uid))
                 }),
             },
         )
@@ -647,7 +648,7 @@ impl Controller {
         let settings = &self.settings;
         // Pods found by address stay where they were while another cgroup
         // claims their address.
-        let placed_before: HashMap<PodUid, PathBuf> = self
+        let placed_before: HashMap<WorkloadId, PathBuf> = self
             .last_pods
             .values()
             .filter(|p| p.cgroup == PodCgroup::Address)
@@ -681,7 +682,7 @@ impl Controller {
             let learned = zds.pinned.as_ref().map_or_else(BTreeSet::new, |pinned| {
                 desired::acknowledged_before(&self.maps.desired, pinned)
             });
-            let new: Vec<PodUid> = learned.difference(&zds.inherited).cloned().collect();
+            let new: Vec<WorkloadId> = learned.difference(&zds.inherited).cloned().collect();
             if !new.is_empty() {
                 zds.inherited.extend(new.iter().cloned());
                 if readiness != Readiness::Ungated {
@@ -831,7 +832,7 @@ impl Controller {
     /// ([`Touched::All`] stays all).
     fn merge_pods(&mut self, candidates: Touched) -> Touched {
         let views = self.views();
-        let uids: Vec<PodUid> = match &candidates {
+        let uids: Vec<WorkloadId> = match &candidates {
             Touched::All => {
                 let mut all = views.uids();
                 all.extend(self.last_pods.keys());
@@ -839,7 +840,7 @@ impl Controller {
             }
             Touched::Pods(uids) => uids.iter().cloned().collect(),
         };
-        let merged: Vec<(PodUid, Option<PodSpec>)> = uids
+        let merged: Vec<(WorkloadId, Option<PodSpec>)> = uids
             .into_iter()
             .filter_map(|uid| {
                 let pod = merge::pod(&views, &uid);
@@ -874,8 +875,8 @@ impl Controller {
 /// Adds to `pending` each pod that differs between `old` and `new`.
 fn touch_differing(
     pending: &mut Touched,
-    old: &BTreeMap<PodUid, PodSpec>,
-    new: &BTreeMap<PodUid, PodSpec>,
+    old: &BTreeMap<WorkloadId, PodSpec>,
+    new: &BTreeMap<WorkloadId, PodSpec>,
 ) {
     for (uid, pod) in new {
         if old.get(uid) != Some(pod) {

@@ -1,18 +1,79 @@
 //! Newtypes for the identifiers and numbers that travel between modules, so a
 //! cgroup id is never mistaken for a cookie or a port for a count.
 
-use std::fmt;
+use std::{fmt, sync::Arc};
 
 use serde::Deserialize;
 
-/// A Kubernetes pod UID.
+/// A Kubernetes pod UID (`metadata.uid`): what the API server, the
+/// kubelet's cgroup layout, the CNI runtime and the workloads file name a
+/// pod by.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
 #[serde(transparent)]
-pub struct PodUid(pub String);
+pub struct PodUid(pub Arc<str>);
+
+impl PodUid {
+    pub fn new(uid: impl Into<Arc<str>>) -> Self {
+        Self(uid.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
 
 impl fmt::Display for PodUid {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+/// Who a workload is, as the feed that names it knows it. A workload
+/// named by istiod is never the same key as one named by its Kubernetes
+/// UID: istiod's workload discovery does not carry the UID, so such a pod
+/// is found by its addresses, and a CNI sandbox (named by UID) never
+/// attaches to it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum WorkloadId {
+    /// A Kubernetes pod, by UID.
+    Kubernetes(PodUid),
+    /// A workload as istiod's workload discovery names it
+    /// (`<cluster>//Pod/<namespace>/<name>`).
+    Istio(Arc<str>),
+}
+
+impl WorkloadId {
+    /// A Kubernetes pod by UID.
+    pub fn kubernetes(uid: impl Into<Arc<str>>) -> Self {
+        Self::Kubernetes(PodUid::new(uid))
+    }
+
+    /// The Kubernetes pod UID, when this workload has one.
+    pub fn pod_uid(&self) -> Option<&PodUid> {
+        match self {
+            Self::Kubernetes(uid) => Some(uid),
+            Self::Istio(_) => None,
+        }
+    }
+
+    /// The id as it goes on the wire (ZDS's `uid`, the API's `uid`).
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Kubernetes(uid) => uid.as_str(),
+            Self::Istio(name) => name,
+        }
+    }
+}
+
+impl From<PodUid> for WorkloadId {
+    fn from(uid: PodUid) -> Self {
+        Self::Kubernetes(uid)
+    }
+}
+
+impl fmt::Display for WorkloadId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

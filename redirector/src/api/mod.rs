@@ -171,7 +171,7 @@ impl pb::node_server::Node for Service {
         }
         let (reply, answer) = oneshot::channel();
         let request = cni::Request::Del {
-            uid: PodUid(sandbox.uid),
+            uid: PodUid::new(sandbox.uid),
             container_id: sandbox.container_id,
             reply,
         };
@@ -191,7 +191,7 @@ impl pb::node_server::Node for Service {
         }
         let (reply, answer) = oneshot::channel();
         let request = cni::Request::Check {
-            uid: PodUid(uid),
+            uid: PodUid::new(uid),
             reply,
         };
         self.cni.send(request).await.map_err(|_| stopping())?;

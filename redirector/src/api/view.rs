@@ -15,7 +15,7 @@ use crate::{
     node::desired::{Desired, Touched},
     node::spec::{Mode, NodeSpec, PodSpec},
     publish::{Publish, Reconciled},
-    types::PodUid,
+    types::WorkloadId,
 };
 
 /// What the API reports about the node, refreshed after every reconcile.
@@ -23,7 +23,7 @@ use crate::{
 pub struct View {
     pub state_loaded: bool,
     /// By UID.
-    pub pods: BTreeMap<String, pb::Pod>,
+    pub pods: BTreeMap<WorkloadId, pb::Pod>,
     pub ztunnels: u32,
     pub unresolved: u32,
 }
@@ -35,14 +35,14 @@ pub fn update(view: &mut View, r: &Reconciled) -> Vec<pb::Change> {
     view.state_loaded = true;
     view.ztunnels = r.node.ztunnels.len() as u32;
     view.unresolved = r.desired.unresolved.len() as u32;
-    let before: Vec<PodUid> = match r.republish {
-        Touched::All => view.pods.keys().map(|uid| PodUid(uid.clone())).collect(),
+    let before: Vec<WorkloadId> = match r.republish {
+        Touched::All => view.pods.keys().cloned().collect(),
         Touched::Pods(_) => Vec::new(),
     };
     let mut out = Vec::new();
     for uid in r.uids(before.iter()) {
         let now = r.pods.get(uid).map(|pod| pod_view(pod, r.node, r.desired));
-        let change = match (view.pods.get(&uid.0), now) {
+        let change = match (view.pods.get(uid), now) {
             (None, None) => continue,
             (Some(was), Some(now)) if *was == now => continue,
             (was, Some(now)) => {
@@ -51,11 +51,11 @@ pub fn update(view: &mut View, r: &Reconciled) -> Vec<pb::Change> {
                 } else {
                     Kind::Added
                 };
-                view.pods.insert(uid.0.clone(), now.clone());
+                view.pods.insert(uid.clone(), now.clone());
                 (kind, now)
             }
             (Some(_), None) => {
-                let was = view.pods.remove(&uid.0).expect("present");
+                let was = view.pods.remove(uid).expect("present");
                 (Kind::Removed, was)
             }
         };
@@ -78,7 +78,7 @@ fn pod_view(pod: &PodSpec, node: &NodeSpec, desired: &Desired) -> pb::Pod {
     let placed = desired.placed.get(&pod.uid);
     let entry = placed.and_then(|(_, id)| desired.cgroups.get(id));
     pb::Pod {
-        uid: pod.uid.0.clone(),
+        uid: pod.uid.to_string(),
         namespace: pod.namespace.clone(),
         name: pod.name.clone(),
         mode: match pod.mode {
@@ -141,13 +141,13 @@ mod tests {
     use super::*;
     use crate::node::spec::fixtures;
 
-    fn pod(uid: &str, name: &str) -> (PodUid, PodSpec) {
-        (PodUid(uid.into()), fixtures::pod(uid, name))
+    fn pod(uid: &str, name: &str) -> (WorkloadId, PodSpec) {
+        (WorkloadId::kubernetes(uid), fixtures::pod(uid, name))
     }
 
     fn reconcile(
         view: &mut View,
-        pods: &BTreeMap<PodUid, PodSpec>,
+        pods: &BTreeMap<WorkloadId, PodSpec>,
         republish: Touched,
     ) -> Vec<(i32, String)> {
         let r = Reconciled {
@@ -172,7 +172,7 @@ mod tests {
         let pods: BTreeMap<_, _> = [pod("a", "a"), pod("b", "b"), pod("c", "c")].into();
         assert_eq!(reconcile(&mut view, &pods, Touched::All).len(), 3);
         let now: BTreeMap<_, _> = [pod("a", "a"), pod("b", "b2"), pod("d", "d")].into();
-        let uids = ["b", "c", "d"].map(|u| PodUid(u.into())).into();
+        let uids = ["b", "c", "d"].map(WorkloadId::kubernetes).into();
         assert_eq!(
             reconcile(&mut view, &now, Touched::Pods(uids)),
             vec![
@@ -183,6 +183,9 @@ mod tests {
         );
         // Looking at every pod again finds nothing more to say.
         assert!(reconcile(&mut view, &now, Touched::All).is_empty());
-        assert_eq!(view.pods.keys().collect::<Vec<_>>(), ["a", "b", "d"]);
+        assert_eq!(
+            view.pods.keys().map(WorkloadId::as_str).collect::<Vec<_>>(),
+            ["a", "b", "d"]
+        );
     }
 }

@@ -25,7 +25,7 @@ use super::{
 };
 use crate::{
     node::desired::Resolve,
-    types::{CgroupId, NetnsCookie, PodUid},
+    types::{CgroupId, NetnsCookie, PodUid, WorkloadId},
 };
 
 /// What the passes found, kept between reconciles.
@@ -59,10 +59,12 @@ impl HostCache {
     /// Forgets what was found about the pod `uid` (on `cgroup`, where it
     /// was placed or named): its state changed, so the next pass looks
     /// again.
-    pub fn forget(&mut self, uid: &PodUid, cgroup: Option<&Path>) {
-        self.missing.forget(uid);
-        if let Some(found) = self.pod_cgroups.remove(uid) {
-            self.forget_cgroup(&found);
+    pub fn forget(&mut self, uid: &WorkloadId, cgroup: Option<&Path>) {
+        if let Some(uid) = uid.pod_uid() {
+            self.missing.forget(uid);
+            if let Some(found) = self.pod_cgroups.remove(uid) {
+                self.forget_cgroup(&found);
+            }
         }
         if let Some(cgroup) = cgroup {
             self.forget_cgroup(cgroup);
@@ -97,7 +99,7 @@ pub struct SystemResolver<'a> {
     by_address: Option<AddressIndex>,
     /// Where the last reconcile placed each pod found by address: it stays
     /// there while another cgroup claims its address.
-    placed_before: &'a HashMap<PodUid, PathBuf>,
+    placed_before: &'a HashMap<WorkloadId, PathBuf>,
 }
 
 impl<'a> SystemResolver<'a> {
@@ -108,7 +110,7 @@ impl<'a> SystemResolver<'a> {
         kubepods_parent: &'a Path,
         node_addresses: &'a [IpAddr],
         cache: &'a mut HostCache,
-        placed_before: &'a HashMap<PodUid, PathBuf>,
+        placed_before: &'a HashMap<WorkloadId, PathBuf>,
     ) -> Self {
         Self {
             kubepods_parent,
@@ -143,9 +145,12 @@ impl Resolve for SystemResolver<'_> {
             return Ok(path.clone());
         }
         let found = if self.cache.missing.skip(uid) {
-            Err(cgroup::pod_cgroup_missing(self.kubepods_parent, &uid.0))
+            Err(cgroup::pod_cgroup_missing(
+                self.kubepods_parent,
+                uid.as_str(),
+            ))
         } else {
-            cgroup::find_pod_cgroup(self.kubepods_parent, &uid.0)
+            cgroup::find_pod_cgroup(self.kubepods_parent, uid.as_str())
         };
         match &found {
             Ok(path) => {
@@ -157,7 +162,11 @@ impl Resolve for SystemResolver<'_> {
         found
     }
 
-    fn pod_cgroup_by_address(&mut self, uid: &PodUid, ips: &[IpAddr]) -> std::io::Result<Claim> {
+    fn pod_cgroup_by_address(
+        &mut self,
+        uid: &WorkloadId,
+        ips: &[IpAddr],
+    ) -> std::io::Result<Claim> {
         let before = self.placed_before.get(uid).cloned();
         netns::claimant(self.address_index()?, ips, before.as_deref())
     }

@@ -20,7 +20,7 @@ use crate::{
     node::spec::{
         CgroupRef, Mode, NodeSpec, PodCgroup, PodSpec, Readiness, Settings, SharedRedirect,
     },
-    types::{CgroupId, NetnsCookie, PodUid},
+    types::{CgroupId, NetnsCookie, PodUid, WorkloadId},
 };
 
 /// Turns the paths named by the node state into kernel ids.
@@ -29,7 +29,7 @@ pub trait Resolve {
     fn pod_cgroup(&mut self, uid: &PodUid) -> io::Result<std::path::PathBuf>;
     /// The pod-level cgroup whose network namespace holds one of `ips`, for
     /// the pod `uid` (which stays where it was if the address is disputed).
-    fn pod_cgroup_by_address(&mut self, uid: &PodUid, ips: &[IpAddr]) -> io::Result<Claim>;
+    fn pod_cgroup_by_address(&mut self, uid: &WorkloadId, ips: &[IpAddr]) -> io::Result<Claim>;
     /// The id of a cgroup directory.
     fn cgroup_id(&mut self, cgroup: &Path) -> io::Result<CgroupId>;
     /// The cookie of a network namespace; `None` while the cgroup it is
@@ -56,7 +56,7 @@ pub const PROBE_SNAT6: Ipv6Addr = Ipv6Addr::new(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unresolved {
     /// The pod's UID (`None` for a ztunnel).
-    pub uid: Option<PodUid>,
+    pub uid: Option<WorkloadId>,
     pub owner: String,
     pub cgroup: std::path::PathBuf,
     pub error: String,
@@ -69,9 +69,9 @@ pub struct Desired {
     pub netns: BTreeMap<NetnsCookie, NetnsInfo>,
     pub node: NodeConfig,
     /// Where each pod with a resolved cgroup sits.
-    pub placed: BTreeMap<PodUid, (std::path::PathBuf, CgroupId)>,
+    pub placed: BTreeMap<WorkloadId, (std::path::PathBuf, CgroupId)>,
     /// The netns of each pod whose processes were found.
-    pub pod_netns: BTreeMap<PodUid, NetnsCookie>,
+    pub pod_netns: BTreeMap<WorkloadId, NetnsCookie>,
     /// Where inbound connections to each enrolled pod address are
     /// captured: the pod's netns, where ztunnel's listener is found.
     pub inbound: BTreeMap<IpAddr, InboundTarget>,
@@ -89,7 +89,7 @@ pub struct Desired {
 /// What is not (fully) in the datapath yet, by whose it is.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct UnresolvedEntries {
-    pods: BTreeMap<PodUid, Vec<Unresolved>>,
+    pods: BTreeMap<WorkloadId, Vec<Unresolved>>,
     ztunnels: Vec<Unresolved>,
     count: usize,
 }
@@ -110,11 +110,11 @@ impl UnresolvedEntries {
     }
 
     /// The pod `uid`'s entries.
-    pub fn of_pod(&self, uid: &PodUid) -> &[Unresolved] {
+    pub fn of_pod(&self, uid: &WorkloadId) -> &[Unresolved] {
         self.pods.get(uid).map_or(&[], Vec::as_slice)
     }
 
-    fn set_pod(&mut self, uid: &PodUid, entries: Vec<Unresolved>) {
+    fn set_pod(&mut self, uid: &WorkloadId, entries: Vec<Unresolved>) {
         let old = if entries.is_empty() {
             self.pods.remove(uid)
         } else {
@@ -148,7 +148,7 @@ pub fn desired(
     settings: &Settings,
     resolve: &mut impl Resolve,
 ) -> Desired {
-    let pods: BTreeMap<PodUid, PodSpec> = spec
+    let pods: BTreeMap<WorkloadId, PodSpec> = spec
         .pods
         .iter()
         .map(|p| (p.uid.clone(), p.clone()))
@@ -164,7 +164,7 @@ pub enum Touched {
     /// Every pod: something every pod depends on changed, or a full pass.
     All,
     /// These pods (new, changed or gone), and those a retry pass looks at.
-    Pods(BTreeSet<PodUid>),
+    Pods(BTreeSet<WorkloadId>),
 }
 
 impl Touched {
@@ -173,7 +173,7 @@ impl Touched {
     }
 
     /// Adds `uid` to the pods looked at again.
-    pub fn add(&mut self, uid: &PodUid) {
+    pub fn add(&mut self, uid: &WorkloadId) {
         if let Touched::Pods(pods) = self {
             pods.insert(uid.clone());
         }
@@ -208,7 +208,7 @@ pub struct Changed {
     pub netns: BTreeSet<NetnsCookie>,
     pub inbound: BTreeSet<IpAddr>,
     pub inbound_netns: BTreeSet<NetnsCookie>,
-    pub pods: BTreeSet<PodUid>,
+    pub pods: BTreeSet<WorkloadId>,
     /// What is newly not (fully) in the datapath, or not for a new reason.
     pub unresolved: Vec<Unresolved>,
 }
@@ -233,7 +233,7 @@ impl Changed {
 #[derive(Default)]
 pub struct DesiredMaps {
     pub desired: Desired,
-    parts: std::collections::HashMap<PodUid, (u32, PodPart)>,
+    parts: std::collections::HashMap<WorkloadId, (u32, PodPart)>,
     next_slot: u32,
     ztunnel_parts: Vec<ZtunnelPart>,
     cgroup_claims: Claims<CgroupId, CgroupInfo>,
@@ -264,7 +264,7 @@ impl DesiredMaps {
     pub fn update(
         &mut self,
         node: &NodeSpec,
-        pods: &BTreeMap<PodUid, PodSpec>,
+        pods: &BTreeMap<WorkloadId, PodSpec>,
         mut touched: Touched,
         readiness: &Readiness,
         settings: &Settings,
@@ -287,7 +287,7 @@ impl DesiredMaps {
     pub fn update_retrying(
         &mut self,
         node: &NodeSpec,
-        pods: &BTreeMap<PodUid, PodSpec>,
+        pods: &BTreeMap<WorkloadId, PodSpec>,
         touched: &mut Touched,
         retry: bool,
         readiness: &Readiness,
@@ -327,10 +327,10 @@ impl DesiredMaps {
         let d = &mut self.desired;
         d.node = entries::node_config(Some(node), settings);
         d.exempt = exempt_sources(settings, resolve.node_addresses());
-        let looked_at: Vec<PodUid> = match &*touched {
+        let looked_at: Vec<WorkloadId> = match &*touched {
             Touched::All => {
                 changed.all = true;
-                let gone: Vec<PodUid> = self
+                let gone: Vec<WorkloadId> = self
                     .parts
                     .keys()
                     .filter(|uid| !pods.contains_key(*uid))
@@ -358,7 +358,7 @@ impl DesiredMaps {
 
     /// Replaces what the pod `uid` asks of the maps with `part` (`None`:
     /// the pod is gone).
-    fn replace_part(&mut self, uid: &PodUid, part: Option<PodPart>, changed: &mut Changed) {
+    fn replace_part(&mut self, uid: &WorkloadId, part: Option<PodPart>, changed: &mut Changed) {
         let old = match (self.parts.get(uid), &part) {
             (Some((_, old)), Some(new)) if old == new => return,
             (None, None) => return,
@@ -518,7 +518,13 @@ fn pod_part(
     };
     let located = match &pod.cgroup {
         PodCgroup::Path(path) => Ok(path.clone()),
-        PodCgroup::Uid => resolve.pod_cgroup(&pod.uid),
+        PodCgroup::Uid => match pod.uid.pod_uid() {
+            Some(uid) => resolve.pod_cgroup(uid),
+            None => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "named by istiod, it has no Kubernetes UID to find its cgroup by",
+            )),
+        },
         PodCgroup::Address => resolve
             .pod_cgroup_by_address(&pod.uid, &pod.ips)
             .map(|claim| match claim {
@@ -672,7 +678,7 @@ fn exempt_sources(settings: &Settings, node: Vec<IpAddr>) -> BTreeMap<IpNet, u32
 pub fn acknowledged_before(
     desired: &Desired,
     pinned: &BTreeMap<CgroupId, CgroupInfo>,
-) -> std::collections::BTreeSet<PodUid> {
+) -> std::collections::BTreeSet<WorkloadId> {
     desired
         .placed
         .iter()
@@ -768,12 +774,12 @@ mod tests {
     use super::*;
     use crate::{
         node::spec::{Mode, PodSpec, SharedRedirect, ZtunnelSpec},
-        types::PodUid,
+        types::WorkloadId,
     };
 
     fn pod(uid: &str, cgroup: &str, mode: Mode) -> PodSpec {
         PodSpec {
-            uid: PodUid(uid.into()),
+            uid: WorkloadId::kubernetes(uid),
             name: uid.into(),
             namespace: "default".into(),
             service_account: "default".into(),
@@ -823,7 +829,7 @@ mod tests {
         }
 
         /// Address `198.18.9.<n>` is in the netns of `/cg/<n>`.
-        fn pod_cgroup_by_address(&mut self, _: &PodUid, ips: &[IpAddr]) -> io::Result<Claim> {
+        fn pod_cgroup_by_address(&mut self, _: &WorkloadId, ips: &[IpAddr]) -> io::Result<Claim> {
             ips.iter()
                 .find_map(|ip| match ip {
                     IpAddr::V4(v4) if v4.octets()[..3] == [198, 18, 9] => Some(v4.octets()[3]),
@@ -972,7 +978,7 @@ mod tests {
         starting.netns = Some("/ns/13".into());
         s.pods.push(starting);
         let d = desired(&s, &Readiness::Ungated, &Settings::default(), &mut Fake);
-        let uid = PodUid("c".into());
+        let uid = WorkloadId::kubernetes("c");
         assert_eq!(d.pod_netns[&uid], NetnsCookie(2013));
         let entry = d.cgroups[&CgroupId(13)];
         assert_eq!(entry.redirect_ip4.to_ne_bytes(), [198, 18, 8, 13]);
@@ -1039,11 +1045,11 @@ mod tests {
         let mut s = spec();
         s.ztunnels = vec![
             ZtunnelSpec {
-                cgroup: CgroupRef::Pod(PodUid("by-uid-21".into())),
+                cgroup: CgroupRef::Pod(PodUid::new("by-uid-21")),
                 zero_copy: false,
             },
             ZtunnelSpec {
-                cgroup: CgroupRef::Pod(PodUid("gone".into())),
+                cgroup: CgroupRef::Pod(PodUid::new("gone")),
                 zero_copy: false,
             },
         ];
@@ -1072,7 +1078,7 @@ mod tests {
         pinned.insert(CgroupId(10), info(flags::ENROLLED));
         pinned.insert(CgroupId(11), info(flags::ENROLLED | flags::HELD));
         let acked = acknowledged_before(&d, &pinned);
-        assert_eq!(acked, [PodUid("a".into())].into());
+        assert_eq!(acked, [WorkloadId::kubernetes("a")].into());
         pinned.insert(CgroupId(10), info(0));
         assert!(acknowledged_before(&d, &pinned).is_empty());
     }
@@ -1097,7 +1103,7 @@ mod tests {
         assert_eq!(d.netns.len(), 2);
         let a = d.netns[&NetnsCookie(1010)];
         assert_eq!(a.ip4.to_ne_bytes(), [198, 18, 0, 2]);
-        assert_eq!(d.pod_netns[&PodUid("a".into())], NetnsCookie(1010));
+        assert_eq!(d.pod_netns[&WorkloadId::kubernetes("a")], NetnsCookie(1010));
         // In the in-pod model ztunnel's own netns needs no entry.
         assert!(!d.netns.contains_key(&NetnsCookie(1020)));
     }
@@ -1273,19 +1279,23 @@ mod tests {
             seed ^= seed << 17;
             seed % n
         };
-        let mut pods: BTreeMap<PodUid, PodSpec> = BTreeMap::new();
+        let mut pods: BTreeMap<WorkloadId, PodSpec> = BTreeMap::new();
         let node = spec();
         let mut maps = DesiredMaps::default();
         let settings = Settings::default();
         let (mut kernel, mut inbound) = (BTreeMap::new(), BTreeMap::new());
         for step in 0..400 {
-            let uid = PodUid(format!("p{}", next(12)));
+            let uid = WorkloadId::kubernetes(format!("p{}", next(12)));
             let mut touched = Touched::none();
             touched.add(&uid);
             if next(4) == 0 {
                 pods.remove(&uid);
             } else {
-                let mut p = pod(&uid.0, &format!("/cg/{}", 10 + next(6)), Mode::Ambient);
+                let mut p = pod(
+                    uid.as_str(),
+                    &format!("/cg/{}", 10 + next(6)),
+                    Mode::Ambient,
+                );
                 if next(2) == 0 {
                     p.mode = Mode::None;
                 }

@@ -167,12 +167,12 @@ mod tests {
     use super::*;
     use crate::{
         node::spec::SharedRedirect,
-        types::{PodUid, Port},
+        types::{Port, WorkloadId},
     };
 
     fn pod(mode: Mode, ips: &[&str]) -> PodSpec {
         PodSpec {
-            uid: PodUid("u1".into()),
+            uid: WorkloadId::kubernetes("u1"),
             name: "p".into(),
             namespace: "default".into(),
             service_account: "default".into(),

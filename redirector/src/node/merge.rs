@@ -10,15 +10,15 @@ use std::{
 use super::spec::{CgroupRef, Mode, NodeSpec, PodCgroup, PodSpec, ZtunnelSpec};
 use crate::{
     sources::{cni::Sandboxes, file, kubernetes, xds},
-    types::PodUid,
+    types::WorkloadId,
 };
 
 /// istiod's workloads on this node as pods, by UID.
-pub fn istiod_pods(snapshot: &xds::Snapshot) -> BTreeMap<PodUid, PodSpec> {
+pub fn istiod_pods(snapshot: &xds::Snapshot) -> BTreeMap<WorkloadId, PodSpec> {
     snapshot
         .workloads
         .iter()
-        .map(|w| (PodUid(w.uid.clone()), istiod_pod(w)))
+        .map(|w| (WorkloadId::Istio(w.uid.as_str().into()), istiod_pod(w)))
         .collect()
 }
 
@@ -29,8 +29,8 @@ pub struct Views<'a> {
     pub kubernetes: Option<&'a kubernetes::Snapshot>,
     /// istiod's workloads as pods, when they decide membership (Kubernetes
     /// is not a source; otherwise they are only a cross-check).
-    pub istiod: Option<&'a BTreeMap<PodUid, PodSpec>>,
-    pub pushed_pods: &'a BTreeMap<PodUid, PodSpec>,
+    pub istiod: Option<&'a BTreeMap<WorkloadId, PodSpec>>,
+    pub pushed_pods: &'a BTreeMap<WorkloadId, PodSpec>,
     /// Pushed ztunnel cgroups, with their zero-copy flag.
     pub pushed_ztunnels: &'a BTreeMap<PathBuf, bool>,
     pub sandboxes: &'a Sandboxes,
@@ -47,8 +47,8 @@ impl Views<'_> {
     }
 
     /// Every UID some source names a pod by.
-    pub fn uids(&self) -> BTreeSet<&PodUid> {
-        let mut out: BTreeSet<&PodUid> = self.pushed_pods.keys().collect();
+    pub fn uids(&self) -> BTreeSet<&WorkloadId> {
+        let mut out: BTreeSet<&WorkloadId> = self.pushed_pods.keys().collect();
         out.extend(self.file.iter().flat_map(|f| f.pods.keys()));
         out.extend(self.kubernetes.iter().flat_map(|k| k.pods.keys()));
         out.extend(self.istiod.iter().flat_map(|i| i.keys()));
@@ -59,7 +59,7 @@ impl Views<'_> {
 /// The pod `uid` as the sources say, a later one replacing an earlier: the
 /// file, then Kubernetes (or istiod's workloads), then pushes. `None`: no
 /// source names it.
-pub fn pod(views: &Views, uid: &PodUid) -> Option<PodSpec> {
+pub fn pod(views: &Views, uid: &WorkloadId) -> Option<PodSpec> {
     let mut pod = views
         .pushed_pods
         .get(uid)
@@ -69,7 +69,7 @@ pub fn pod(views: &Views, uid: &PodUid) -> Option<PodSpec> {
         .clone();
     // The plugin knows a new sandbox's namespace before any process runs
     // in it, and its addresses before the API publishes them.
-    if let Some(sandbox) = views.sandboxes.get(uid) {
+    if let Some(sandbox) = uid.pod_uid().and_then(|uid| views.sandboxes.get(uid)) {
         pod.netns = Some(sandbox.netns.clone());
         if pod.ips.is_empty() {
             pod.ips = sandbox.ips.clone();
@@ -104,7 +104,7 @@ pub fn node(views: &Views) -> NodeSpec {
 /// A pod as istiod describes it: found by its addresses.
 fn istiod_pod(w: &xds::Workload) -> PodSpec {
     PodSpec {
-        uid: PodUid(w.uid.clone()),
+        uid: WorkloadId::Istio(w.uid.as_str().into()),
         name: w.name.clone(),
         namespace: w.namespace.clone(),
         service_account: w.service_account.clone(),
@@ -125,6 +125,7 @@ fn istiod_pod(w: &xds::Workload) -> PodSpec {
 mod tests {
     use super::*;
     use crate::node::spec::fixtures::pod;
+    use crate::types::PodUid;
 
     /// The whole node state from every source (see [`pod`] and [`node`]);
     /// `None` until some source has delivered.
@@ -164,10 +165,10 @@ mod tests {
             ..NodeSpec::default()
         };
         let kube = kubernetes::Snapshot {
-            pods: [(PodUid("a".into()), pod("a", "from-kubernetes"))].into(),
+            pods: [(WorkloadId::kubernetes("a"), pod("a", "from-kubernetes"))].into(),
             ..Default::default()
         };
-        let pushed: BTreeMap<_, _> = [(PodUid("b".into()), pod("b", "pushed"))].into();
+        let pushed: BTreeMap<_, _> = [(WorkloadId::kubernetes("b"), pod("b", "pushed"))].into();
         let ztunnels = BTreeMap::new();
         let sandboxes = Sandboxes::default();
         let file = file::View::from(file);
@@ -183,10 +184,40 @@ mod tests {
         let names: BTreeMap<&str, &str> = merged
             .pods
             .iter()
-            .map(|p| (p.uid.0.as_str(), p.name.as_str()))
+            .map(|p| (p.uid.as_str(), p.name.as_str()))
             .collect();
         assert_eq!(names, [("a", "from-kubernetes"), ("b", "pushed")].into());
         // Merging is a function of the views alone.
         assert_eq!(merge(&views), Some(merged));
+    }
+
+    #[test]
+    fn a_cni_sandbox_joins_the_pod_of_its_kubernetes_uid_never_an_istiod_workload_of_that_name() {
+        let name = "Kubernetes//Pod/default/a";
+        let sandbox = || crate::sources::cni::Sandbox {
+            namespace: "default".into(),
+            name: "a".into(),
+            container_id: "c1".into(),
+            netns: "/var/run/netns/a".into(),
+            ips: vec!["10.0.0.9".parse().unwrap()],
+        };
+        let mut sandboxes = Sandboxes::default();
+        sandboxes.add(PodUid::new(name), sandbox());
+        sandboxes.add(PodUid::new("uid-b"), sandbox());
+        let istiod: BTreeMap<_, _> = [(WorkloadId::Istio(name.into()), pod(name, "a"))].into();
+        let pushed: BTreeMap<_, _> = [(WorkloadId::kubernetes("uid-b"), pod("uid-b", "b"))].into();
+        let ztunnels = BTreeMap::new();
+        let views = Views {
+            file: None,
+            kubernetes: None,
+            istiod: Some(&istiod),
+            pushed_pods: &pushed,
+            pushed_ztunnels: &ztunnels,
+            sandboxes: &sandboxes,
+        };
+        let a = super::pod(&views, &WorkloadId::Istio(name.into())).unwrap();
+        assert_eq!((a.netns, a.ips), (None, vec![]));
+        let b = super::pod(&views, &WorkloadId::kubernetes("uid-b")).unwrap();
+        assert_eq!(b.netns, Some("/var/run/netns/a".into()));
     }
 }

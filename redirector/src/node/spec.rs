@@ -7,7 +7,7 @@ use std::{
     path::PathBuf,
 };
 
-use crate::types::{PodUid, Port};
+use crate::types::{PodUid, Port, WorkloadId};
 
 /// Whether a pod is in the mesh, as its feed decided.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
@@ -22,7 +22,7 @@ pub enum Mode {
 /// One pod on this node.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodSpec {
-    pub uid: PodUid,
+    pub uid: WorkloadId,
     pub name: String,
     pub namespace: String,
     /// Its Kubernetes service account (`default` when not set), handed to
@@ -147,12 +147,12 @@ pub enum Readiness {
     Ungated,
     /// With ambridge serving ZDS: the pods ztunnel acknowledged. Other
     /// enrolled pods are held (their connects refused) until it does.
-    Acknowledged(BTreeSet<PodUid>),
+    Acknowledged(BTreeSet<WorkloadId>),
 }
 
 impl Readiness {
     /// Whether the enrolled pod `uid` is held until ztunnel acknowledges it.
-    pub fn holds(&self, uid: &PodUid) -> bool {
+    pub fn holds(&self, uid: &WorkloadId) -> bool {
         match self {
             Readiness::Ungated => false,
             Readiness::Acknowledged(ready) => !ready.contains(uid),
@@ -221,7 +221,7 @@ pub mod fixtures {
     /// An ambient pod in `default`, found by its UID, with no address.
     pub fn pod(uid: &str, name: &str) -> PodSpec {
         PodSpec {
-            uid: PodUid(uid.into()),
+            uid: WorkloadId::kubernetes(uid),
             name: name.into(),
             namespace: "default".into(),
             service_account: "default".into(),

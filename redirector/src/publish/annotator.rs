@@ -16,7 +16,7 @@ use super::{Publish, Reconciled};
 use crate::{
     node::{desired::Touched, spec::Mode, spec::PodSpec},
     sources::kubernetes::{REDIRECTION, Snapshot},
-    types::PodUid,
+    types::WorkloadId,
 };
 
 /// Writes `ambient.istio.io/redirection` on pods, as istio-cni does.
@@ -25,7 +25,7 @@ pub struct Annotator {
     /// The last value asked for, by pod, and when, until the pod shows it:
     /// asked again only when it changes, or when the pod still does not
     /// show it 10 s later (a failed patch).
-    requested: BTreeMap<PodUid, (Option<&'static str>, std::time::Instant)>,
+    requested: BTreeMap<WorkloadId, (Option<&'static str>, std::time::Instant)>,
 }
 
 impl Annotator {
@@ -44,10 +44,10 @@ impl Annotator {
     pub fn update<'a>(
         &mut self,
         kube: &Snapshot,
-        uids: impl IntoIterator<Item = &'a PodUid>,
-        ready: &BTreeSet<PodUid>,
+        uids: impl IntoIterator<Item = &'a WorkloadId>,
+        ready: &BTreeSet<WorkloadId>,
     ) {
-        let mut looked_at: BTreeSet<PodUid> = self.requested.keys().cloned().collect();
+        let mut looked_at: BTreeSet<WorkloadId> = self.requested.keys().cloned().collect();
         looked_at.extend(uids.into_iter().cloned());
         for uid in &looked_at {
             let Some(pod) = kube.pods.get(uid) else {
@@ -87,7 +87,7 @@ impl Annotator {
 /// remove.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RedirectionPatch {
-    pub uid: PodUid,
+    pub uid: WorkloadId,
     pub namespace: String,
     pub name: String,
     pub value: Option<&'static str>,
@@ -96,7 +96,10 @@ pub struct RedirectionPatch {
 /// The annotation changes that make every pod say where its redirection
 /// stands: enrolled pods `enabled` when `ready` (ztunnel acknowledged
 /// them) and `pending` before, other pods without it.
-pub fn redirection_patches(snapshot: &Snapshot, ready: &BTreeSet<PodUid>) -> Vec<RedirectionPatch> {
+pub fn redirection_patches(
+    snapshot: &Snapshot,
+    ready: &BTreeSet<WorkloadId>,
+) -> Vec<RedirectionPatch> {
     snapshot
         .pods
         .values()
@@ -108,7 +111,7 @@ pub fn redirection_patches(snapshot: &Snapshot, ready: &BTreeSet<PodUid>) -> Vec
 fn redirection_patch(
     snapshot: &Snapshot,
     pod: &PodSpec,
-    ready: &BTreeSet<PodUid>,
+    ready: &BTreeSet<WorkloadId>,
 ) -> Option<RedirectionPatch> {
     let want = match pod.mode {
         Mode::Ambient if ready.contains(&pod.uid) => Some("enabled"),
@@ -141,7 +144,7 @@ pub async fn patch_redirection(client: Client, patch: &RedirectionPatch) -> kube
 impl Publish for Annotator {
     fn reconciled(&mut self, r: &Reconciled) {
         if let (Some(kube), Some(ready)) = (r.kubernetes, r.acknowledged) {
-            let before: Vec<PodUid> = match r.republish {
+            let before: Vec<WorkloadId> = match r.republish {
                 Touched::All => kube.pods.keys().cloned().collect(),
                 Touched::Pods(_) => Vec::new(),
             };

@@ -19,14 +19,14 @@ use crate::{
         spec::{NodeSpec, PodSpec},
     },
     sources::kubernetes,
-    types::PodUid,
+    types::WorkloadId,
 };
 
 /// What one reconcile brought the datapath to.
 pub struct Reconciled<'a> {
     /// The node's ztunnels and shared redirect (its pods are `pods`).
     pub node: &'a NodeSpec,
-    pub pods: &'a BTreeMap<PodUid, PodSpec>,
+    pub pods: &'a BTreeMap<WorkloadId, PodSpec>,
     /// The pods whose state may differ from the last reconcile's: a
     /// publisher looks at these only.
     pub republish: &'a Touched,
@@ -35,7 +35,7 @@ pub struct Reconciled<'a> {
     /// started (before, what an unsynced source may hold is kept).
     pub complete: bool,
     /// With `--zds serve`: the pods ztunnel serves.
-    pub acknowledged: Option<&'a BTreeSet<PodUid>>,
+    pub acknowledged: Option<&'a BTreeSet<WorkloadId>>,
     /// The Kubernetes feed's last snapshot, if it is a source.
     pub kubernetes: Option<&'a kubernetes::Snapshot>,
 }
@@ -43,7 +43,10 @@ pub struct Reconciled<'a> {
 impl Reconciled<'_> {
     /// The UIDs to look at again: the republished pods, or every pod of
     /// this reconcile and of `before` (what the publisher last had).
-    pub fn uids<'b>(&'b self, before: impl Iterator<Item = &'b PodUid>) -> BTreeSet<&'b PodUid> {
+    pub fn uids<'b>(
+        &'b self,
+        before: impl Iterator<Item = &'b WorkloadId>,
+    ) -> BTreeSet<&'b WorkloadId> {
         match self.republish {
             Touched::Pods(uids) => uids.iter().collect(),
             Touched::All => self.pods.keys().chain(before).collect(),

@@ -241,7 +241,7 @@ pub fn cni_sandbox(
         ));
     }
     Ok((
-        PodUid(sandbox.uid),
+        PodUid::new(sandbox.uid),
         Sandbox {
             namespace: sandbox.namespace,
             name: sandbox.name,
@@ -258,7 +258,7 @@ mod tests {
     use super::*;
 
     fn uid(u: &str) -> PodUid {
-        PodUid(u.into())
+        PodUid::new(u)
     }
 
     fn sandbox(container_id: &str) -> Sandbox {

@@ -22,18 +22,18 @@ use tracing::{error, info, warn};
 use crate::{
     node::membership::{self, DaemonSetUid, Decision, MeshSettings, Owner, PodFacts},
     node::spec::{CaptureOverrides, Mode, PodCgroup, PodSpec},
-    types::PodUid,
+    types::{PodUid, WorkloadId},
 };
 
 /// What the feed says about the node.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
     /// By UID.
-    pub pods: BTreeMap<PodUid, PodSpec>,
+    pub pods: BTreeMap<WorkloadId, PodSpec>,
     /// ztunnel pods, by UID (their cgroups are found like any pod's).
     pub ztunnels: Vec<PodUid>,
     /// Pods carrying [`REDIRECTION`], with its value.
-    pub redirection: BTreeMap<PodUid, String>,
+    pub redirection: BTreeMap<WorkloadId, String>,
 }
 
 /// The annotation a node agent writes on a pod through `pods/status`:
@@ -151,25 +151,27 @@ impl Snapshot {
         if self.ztunnels.contains(uid) {
             return Some(PodState::Ztunnel);
         }
-        self.pods.get(uid).map(|spec| PodState::Pod {
+        let id = WorkloadId::Kubernetes(uid.clone());
+        self.pods.get(&id).map(|spec| PodState::Pod {
             spec: spec.clone(),
-            redirection: self.redirection.get(uid).cloned(),
+            redirection: self.redirection.get(&id).cloned(),
         })
     }
 
     /// Sets what the feed says about `uid`.
     pub fn set(&mut self, uid: &PodUid, state: Option<PodState>) {
-        self.pods.remove(uid);
-        self.redirection.remove(uid);
+        let id = WorkloadId::Kubernetes(uid.clone());
+        self.pods.remove(&id);
+        self.redirection.remove(&id);
         self.ztunnels.retain(|z| z != uid);
         match state {
             None => {}
             Some(PodState::Ztunnel) => self.ztunnels.push(uid.clone()),
             Some(PodState::Pod { spec, redirection }) => {
                 if let Some(value) = redirection {
-                    self.redirection.insert(uid.clone(), value);
+                    self.redirection.insert(id.clone(), value);
                 }
-                self.pods.insert(uid.clone(), spec);
+                self.pods.insert(id, spec);
             }
         }
     }
@@ -202,7 +204,7 @@ fn pod_state(
     mesh: &MeshSettings,
     last: impl FnOnce(&PodUid) -> Option<PodState>,
 ) -> Option<(PodUid, Option<PodState>)> {
-    let uid = PodUid(pod.metadata.uid.clone()?);
+    let uid = PodUid::new(pod.metadata.uid.clone()?);
     let facts = facts(pod);
     let empty = BTreeMap::new();
     let labels = ns_labels.get(&facts.namespace).unwrap_or(&empty);
@@ -232,7 +234,7 @@ fn pod_state(
         .and_then(|a| a.get(REDIRECTION))
         .cloned();
     let spec = PodSpec {
-        uid: uid.clone(),
+        uid: uid.clone().into(),
         name: pod.metadata.name.clone().unwrap_or_default(),
         service_account: crate::node::spec::service_account_or_default(facts.service_account),
         namespace: facts.namespace,
@@ -405,7 +407,7 @@ pub async fn run(
                 Update::Pod(uid, state)
             }
             Step::Gone(pod) => {
-                let Some(uid) = pod.metadata.uid.clone().map(PodUid) else {
+                let Some(uid) = pod.metadata.uid.clone().map(PodUid::new) else {
                     continue;
                 };
                 if last.state(&uid).is_none() {
@@ -484,7 +486,10 @@ mod tests {
     }
 
     fn modes(s: &Snapshot) -> Vec<(String, Mode)> {
-        s.pods.values().map(|p| (p.uid.0.clone(), p.mode)).collect()
+        s.pods
+            .values()
+            .map(|p| (p.uid.to_string(), p.mode))
+            .collect()
     }
 
     #[test]
@@ -518,7 +523,7 @@ mod tests {
                 ("c".into(), Mode::None)
             ]
         );
-        let a = &s.pods[&PodUid("a".into())];
+        let a = &s.pods[&WorkloadId::kubernetes("a")];
         assert_eq!(a.ips.len(), 2);
         assert_eq!(a.namespace, "mesh");
         assert_eq!(a.cgroup, PodCgroup::Uid);
@@ -549,10 +554,10 @@ mod tests {
             &MeshSettings::default(),
             &Snapshot::default(),
         );
-        let ready = [PodUid("b".into())].into();
+        let ready = [WorkloadId::kubernetes("b")].into();
         let patches: Vec<_> = crate::publish::annotator::redirection_patches(&snap, &ready)
             .into_iter()
-            .map(|p| (p.uid.0, p.value))
+            .map(|p| (p.uid.to_string(), p.value))
             .collect();
         assert_eq!(
             patches,
@@ -626,7 +631,7 @@ mod tests {
         let ds = ztunnel_daemonset(&daemonsets, &mesh);
         assert_eq!(ds, Some(DaemonSetUid("ds".into())));
         let s = snapshot(&pods, &[], ds.as_ref(), &mesh, &Snapshot::default());
-        assert_eq!(s.ztunnels, vec![PodUid("z1".into())]);
+        assert_eq!(s.ztunnels, vec![PodUid::new("z1")]);
         assert_eq!(
             modes(&s),
             vec![("z2".into(), Mode::None), ("z3".into(), Mode::None)]
@@ -698,7 +703,7 @@ mod tests {
                 pod_state(&pod, &labels, None, &mesh, |uid| kept.state(uid)).expect("a UID");
             let before = kept.clone();
             kept.set(&uid, state);
-            pods.retain(|p| p.metadata.uid.as_deref() != Some(uid.0.as_str()));
+            pods.retain(|p| p.metadata.uid.as_deref() != Some(uid.as_str()));
             pods.push(pod);
             assert_eq!(
                 kept,
@@ -706,7 +711,7 @@ mod tests {
                 "step {i}"
             );
         }
-        kept.set(&PodUid("c".into()), None);
+        kept.set(&PodUid::new("c"), None);
         pods.retain(|p| p.metadata.uid.as_deref() != Some("c"));
         assert_eq!(kept, snapshot(&pods, &nss, None, &mesh, &kept));
     }

@@ -15,14 +15,14 @@ use super::invalid;
 use crate::{
     api::pb,
     node::spec::{Mode, PodCgroup, PodSpec},
-    types::{CgroupId, PodUid},
+    types::{CgroupId, WorkloadId},
 };
 
 /// An entry pushed by an external agent, validated.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Pushed {
     Pod(PodSpec),
-    RemovePod(PodUid),
+    RemovePod(WorkloadId),
     Ztunnel { cgroup: PathBuf, zero_copy: bool },
     RemoveZtunnel(PathBuf),
 }
@@ -54,7 +54,7 @@ pub fn pushed(req: pb::PushCgroupRequest) -> Result<Pushed, Status> {
                 return Err(invalid("pod.uid", "must not be empty".into()));
             }
             if req.remove {
-                return Ok(Pushed::RemovePod(PodUid(p.uid)));
+                return Ok(Pushed::RemovePod(WorkloadId::kubernetes(p.uid)));
             }
             let cgroup = cgroup_path("pod.cgroup", &p.cgroup)?;
             if cgroup.is_none() && !crate::host::cgroup::is_pod_uid(&p.uid) {
@@ -82,7 +82,7 @@ pub fn pushed(req: pb::PushCgroupRequest) -> Result<Pushed, Status> {
                 }
             };
             Ok(Pushed::Pod(PodSpec {
-                uid: PodUid(p.uid),
+                uid: WorkloadId::kubernetes(p.uid),
                 name: p.name,
                 namespace: p.namespace,
                 service_account: crate::node::spec::service_account_or_default(Some(
@@ -115,7 +115,7 @@ pub fn pushed(req: pb::PushCgroupRequest) -> Result<Pushed, Status> {
 /// what a pushed cgroup must not contain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PlacedPod<'a> {
-    pub uid: &'a PodUid,
+    pub uid: &'a WorkloadId,
     pub namespace: &'a str,
     pub name: &'a str,
     pub cgroup: &'a Path,
@@ -282,7 +282,7 @@ mod tests {
         }
         assert_eq!(
             push_pod(good, true).unwrap(),
-            Pushed::RemovePod(PodUid("u1".into()))
+            Pushed::RemovePod(WorkloadId::kubernetes("u1"))
         );
     }
 
@@ -306,7 +306,7 @@ mod tests {
 
     fn placed(uid: &str, cgroup: &str) -> PlacedPod<'static> {
         PlacedPod {
-            uid: Box::leak(Box::new(PodUid(uid.into()))),
+            uid: Box::leak(Box::new(WorkloadId::kubernetes(uid))),
             namespace: "default",
             name: Box::leak(format!("pod-{uid}").into_boxed_str()),
             cgroup: Box::leak(PathBuf::from(cgroup).into_boxed_path()),
@@ -336,7 +336,7 @@ mod tests {
 
     fn pod_at(uid: &str, path: &str) -> Pushed {
         Pushed::Pod(PodSpec {
-            uid: PodUid(uid.into()),
+            uid: WorkloadId::kubernetes(uid),
             name: uid.into(),
             namespace: "default".into(),
             service_account: "default".into(),

@@ -10,7 +10,7 @@ pub mod wire;
 use tokio::sync::watch;
 
 use super::{Publish, Reconciled};
-use crate::{node::desired::Touched, node::spec::Mode, types::PodUid};
+use crate::{node::desired::Touched, node::spec::Mode, types::WorkloadId};
 
 /// Where the ZDS server is told which pods to hand ztunnel and which
 /// cgroups are ztunnel.
@@ -32,7 +32,7 @@ impl Publish for Publisher {
             *current = ztunnels;
             changed
         });
-        let before: Vec<PodUid> = match r.republish {
+        let before: Vec<WorkloadId> = match r.republish {
             Touched::All => self.pods.borrow().keys().cloned().collect(),
             Touched::Pods(_) => Vec::new(),
         };
@@ -65,7 +65,7 @@ impl Publish for Publisher {
 
 /// The pod `uid` as handed to ztunnel: an enrolled pod of the in-pod
 /// model whose cgroup is known.
-fn pod(r: &Reconciled, uid: &PodUid) -> Option<server::ZdsPod> {
+fn pod(r: &Reconciled, uid: &WorkloadId) -> Option<server::ZdsPod> {
     if r.node.redirect.is_some() {
         return None;
     }

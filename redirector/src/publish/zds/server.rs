@@ -45,7 +45,7 @@ use crate::{
     host::cgroup,
     host::netns,
     supervise::{Backoff, Component, Health, Policy},
-    types::{CgroupId, NetnsCookie, PodUid},
+    types::{CgroupId, NetnsCookie, WorkloadId},
 };
 
 /// How long ztunnel may take to answer a request (or to say hello).
@@ -71,7 +71,7 @@ pub struct ZdsPod {
 }
 
 /// The pods ztunnel should capture, by Kubernetes pod UID.
-pub type Pods = BTreeMap<PodUid, ZdsPod>;
+pub type Pods = BTreeMap<WorkloadId, ZdsPod>;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -215,7 +215,7 @@ enum ConnError {
 pub struct Acknowledged {
     /// The pods acknowledged by live connections, and by those that ended
     /// since the last snapshot.
-    pub pods: BTreeSet<PodUid>,
+    pub pods: BTreeSet<WorkloadId>,
     /// Whether a snapshot has ended since the daemon started. Until then
     /// `pods` is only what this daemon handed over: ztunnel may still serve
     /// pods an earlier daemon gave it.
@@ -226,12 +226,12 @@ pub struct Acknowledged {
 #[derive(Default)]
 struct Acked {
     /// By live connection.
-    by_conn: BTreeMap<u64, BTreeSet<PodUid>>,
+    by_conn: BTreeMap<u64, BTreeSet<WorkloadId>>,
     /// Those of connections that ended since the last snapshot. ztunnel
     /// keeps serving its pods while it reconnects (and a ztunnel that is
     /// gone has no listener anyway), so they stay ready until a new
     /// snapshot says which pods ztunnel has.
-    departed: BTreeSet<PodUid>,
+    departed: BTreeSet<WorkloadId>,
     /// Whether any connection completed a snapshot since the daemon
     /// started.
     snapshot_seen: bool,
@@ -300,7 +300,7 @@ impl Shared {
 
     /// A connection's snapshot is complete: what it acknowledged is now the
     /// word on the pods of departed connections too.
-    fn snapshot_taken(&self, conn: u64, pods: &BTreeSet<PodUid>) {
+    fn snapshot_taken(&self, conn: u64, pods: &BTreeSet<WorkloadId>) {
         self.update(|acked| {
             acked.by_conn.insert(conn, pods.clone());
             acked.departed.clear();
@@ -309,7 +309,7 @@ impl Shared {
     }
 
     /// A connection's acknowledged pods changed.
-    fn publish(&self, conn: u64, pods: &BTreeSet<PodUid>) {
+    fn publish(&self, conn: u64, pods: &BTreeSet<WorkloadId>) {
         self.update(|acked| {
             acked.by_conn.insert(conn, pods.clone());
         });
@@ -548,8 +548,8 @@ struct Connection {
     /// Pods this ztunnel acknowledged, with the netns it was given (`None`
     /// after a Keep). Cookies are never reused, so a recreated sandbox is
     /// always told apart.
-    acked: BTreeMap<PodUid, Option<NetnsCookie>>,
-    retries: BTreeMap<PodUid, Retry>,
+    acked: BTreeMap<WorkloadId, Option<NetnsCookie>>,
+    retries: BTreeMap<WorkloadId, Retry>,
 }
 
 impl Connection {
@@ -637,7 +637,9 @@ impl Connection {
             match pod.netns.and_then(|_| open_netns(pod)) {
                 Some(ns) => self.add(uid, pod, &ns).await?,
                 None => {
-                    let keep = Request::Keep { uid: uid.0.clone() };
+                    let keep = Request::Keep {
+                        uid: uid.to_string(),
+                    };
                     match self.request(&keep, None).await? {
                         Ack::Ok => {
                             self.acked.insert(uid.clone(), None);
@@ -673,14 +675,19 @@ impl Connection {
         Ok(())
     }
 
-    fn keys(&self) -> BTreeSet<PodUid> {
+    fn keys(&self) -> BTreeSet<WorkloadId> {
         self.acked.keys().cloned().collect()
     }
 
     /// Sends one Add with the pod's netns; a NACK schedules a retry.
-    async fn add(&mut self, uid: &PodUid, pod: &ZdsPod, ns: &fs::File) -> Result<(), ConnError> {
+    async fn add(
+        &mut self,
+        uid: &WorkloadId,
+        pod: &ZdsPod,
+        ns: &fs::File,
+    ) -> Result<(), ConnError> {
         let add = Request::Add {
-            uid: uid.0.clone(),
+            uid: uid.to_string(),
             name: pod.name.clone(),
             namespace: pod.namespace.clone(),
             service_account: pod.service_account.clone(),
@@ -700,7 +707,7 @@ impl Connection {
     }
 
     /// Schedules another Add of `uid`, backing off; returns the wait.
-    fn retry_later(&mut self, uid: &PodUid) -> Duration {
+    fn retry_later(&mut self, uid: &WorkloadId) -> Duration {
         let wait = self
             .retries
             .get(uid)
@@ -749,7 +756,7 @@ impl Connection {
     /// Sends a Del for every acknowledged pod no longer wanted. The daemon
     /// removes a pod from `pods` only after its redirect entries are gone.
     async fn delete_gone(&mut self, pods: &Pods) -> Result<(), ConnError> {
-        let gone: Vec<PodUid> = self
+        let gone: Vec<WorkloadId> = self
             .acked
             .keys()
             .filter(|uid| !pods.contains_key(uid))
@@ -758,7 +765,12 @@ impl Connection {
         self.retries.retain(|uid, _| pods.contains_key(uid));
         for uid in gone {
             match self
-                .request(&Request::Del { uid: uid.0.clone() }, None)
+                .request(
+                    &Request::Del {
+                        uid: uid.to_string(),
+                    },
+                    None,
+                )
                 .await?
             {
                 Ack::Ok => info!(conn = self.no, pod = %uid, "ztunnel acknowledged DelWorkload"),
@@ -795,8 +807,10 @@ async fn sleep_until(at: Option<Instant>) {
 mod tests {
     use super::*;
 
-    fn pods(uids: &[&str]) -> BTreeSet<PodUid> {
-        uids.iter().map(|u| PodUid(u.to_string())).collect()
+    fn pods(uids: &[&str]) -> BTreeSet<WorkloadId> {
+        uids.iter()
+            .map(|u| WorkloadId::kubernetes(u.to_string()))
+            .collect()
     }
 
     fn shared() -> (Shared, watch::Receiver<Acknowledged>) {

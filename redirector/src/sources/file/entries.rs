@@ -19,7 +19,7 @@ use std::{
 use super::{File, FileError, View, Workload, parse, pod_spec, validate};
 use crate::{
     node::spec::{CgroupRef, NodeSpec, PodCgroup, PodSpec},
-    types::PodUid,
+    types::WorkloadId,
 };
 
 /// The workloads file's last good state, and what it was parsed from.
@@ -27,12 +27,12 @@ use crate::{
 pub struct Loader {
     view: Option<View>,
     /// Each entry's text, with its pod's UID and the load that last saw it.
-    entries: HashMap<Box<str>, (PodUid, u64)>,
+    entries: HashMap<Box<str>, (WorkloadId, u64)>,
     /// Counts loads: an entry seen twice in one is a duplicate.
     load: u64,
     /// The pods' cgroups and addresses, for a new entry's clashes.
-    cgroups: HashMap<PathBuf, PodUid>,
-    addresses: HashMap<IpAddr, PodUid>,
+    cgroups: HashMap<PathBuf, WorkloadId>,
+    addresses: HashMap<IpAddr, WorkloadId>,
 }
 
 /// What a good load changed.
@@ -41,7 +41,7 @@ pub enum Loaded {
     /// Nothing: the same state as before.
     Unchanged,
     /// These pods (new, edited or gone), and maybe the node-wide part.
-    Changed(BTreeSet<PodUid>),
+    Changed(BTreeSet<WorkloadId>),
 }
 
 /// The workloads file cut into the text around the `workloads` list and
@@ -105,7 +105,7 @@ impl Loader {
             }
         }
         let view = self.view.as_ref().expect("checked by the caller");
-        let gone: BTreeSet<&PodUid> = self
+        let gone: BTreeSet<&WorkloadId> = self
             .entries
             .values()
             .filter(|(_, seen)| *seen != self.load)
@@ -116,7 +116,7 @@ impl Loader {
         }
         // A new entry may clash with any other; the kept ones did not
         // clash with each other.
-        let kept = |owner: Option<&PodUid>| owner.is_some_and(|uid| !gone.contains(uid));
+        let kept = |owner: Option<&WorkloadId>| owner.is_some_and(|uid| !gone.contains(uid));
         let mut new_uids = BTreeSet::new();
         let mut new_cgroups = BTreeSet::new();
         let mut new_addresses = BTreeSet::new();
@@ -143,7 +143,7 @@ impl Loader {
                 return None;
             }
         }
-        let mut changed: BTreeSet<PodUid> = gone.into_iter().cloned().collect();
+        let mut changed: BTreeSet<WorkloadId> = gone.into_iter().cloned().collect();
         let view = self.view.as_mut().expect("checked by the caller");
         for uid in &changed {
             if let Some(pod) = view.pods.remove(uid) {
@@ -193,7 +193,7 @@ impl Loader {
         if let Some(cut) = cut {
             let uids = cut.entries.iter().filter_map(|e| {
                 let workload: Workload = serde_saphyr::from_str(&dedent(e)).ok()?;
-                Some(workload.uid.value)
+                Some(WorkloadId::from(workload.uid.value))
             });
             for (entry, uid) in cut.entries.iter().zip(uids) {
                 self.entries.insert(entry.text.into(), (uid, self.load));
@@ -214,8 +214,8 @@ impl Loader {
 }
 
 fn index(
-    cgroups: &mut HashMap<PathBuf, PodUid>,
-    addresses: &mut HashMap<IpAddr, PodUid>,
+    cgroups: &mut HashMap<PathBuf, WorkloadId>,
+    addresses: &mut HashMap<IpAddr, WorkloadId>,
     pod: &PodSpec,
 ) {
     if let PodCgroup::Path(path) = &pod.cgroup {
@@ -227,8 +227,8 @@ fn index(
 }
 
 fn forget(
-    cgroups: &mut HashMap<PathBuf, PodUid>,
-    addresses: &mut HashMap<IpAddr, PodUid>,
+    cgroups: &mut HashMap<PathBuf, WorkloadId>,
+    addresses: &mut HashMap<IpAddr, WorkloadId>,
     pod: &PodSpec,
 ) {
     if let PodCgroup::Path(path) = &pod.cgroup {
@@ -398,7 +398,12 @@ ztunnel:
     }
 
     fn uids(names: &[&str]) -> Loaded {
-        Loaded::Changed(names.iter().map(|n| PodUid(n.to_string())).collect())
+        Loaded::Changed(
+            names
+                .iter()
+                .map(|n| WorkloadId::kubernetes(n.to_string()))
+                .collect(),
+        )
     }
 
     #[test]
@@ -439,7 +444,7 @@ ztunnel:
             };
             // Every pod that differs is reported.
             let before = whole(FILE).unwrap();
-            let differ: BTreeSet<&PodUid> = want
+            let differ: BTreeSet<&WorkloadId> = want
                 .pods
                 .iter()
                 .filter(|p| !before.pods.contains(p))

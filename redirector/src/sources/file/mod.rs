@@ -52,7 +52,7 @@ use crate::{
         CaptureOverrides, CgroupRef, Mode, NodeSpec, PodCgroup, PodSpec, SharedRedirect,
         ZtunnelSpec,
     },
-    types::{PodUid, Port},
+    types::{PodUid, Port, WorkloadId},
 };
 
 #[derive(Debug, Deserialize)]
@@ -203,7 +203,7 @@ pub fn parse(text: &str) -> Result<NodeSpec, FileError> {
 pub struct View {
     /// Its ztunnels and shared redirect (its pods are `pods`).
     pub node: NodeSpec,
-    pub pods: std::collections::BTreeMap<PodUid, PodSpec>,
+    pub pods: std::collections::BTreeMap<WorkloadId, PodSpec>,
 }
 
 impl From<NodeSpec> for View {
@@ -219,7 +219,7 @@ impl From<NodeSpec> for View {
 /// A validated entry as the pod it describes.
 fn pod_spec(w: Workload) -> PodSpec {
     PodSpec {
-        uid: w.uid.value,
+        uid: w.uid.value.into(),
         name: w.name,
         namespace: w.namespace,
         service_account: w.service_account,
@@ -359,7 +359,7 @@ fn validate(file: &File) -> Result<(), FileError> {
     for (i, w) in file.workloads.iter().enumerate() {
         let uid = &w.uid.value;
         let uid_field = format!("workloads[{i}].uid");
-        if uid.0.is_empty() {
+        if uid.as_str().is_empty() {
             return Err(FileError::about(
                 uid_field,
                 &w.uid,
@@ -376,7 +376,7 @@ fn validate(file: &File) -> Result<(), FileError> {
         uids.insert(uid, FirstUse::new(uid_field.clone(), &w.uid));
         match &w.cgroup {
             // Found from the UID: it must be one, to be a safe path part.
-            None if !crate::host::cgroup::is_pod_uid(&uid.0) => {
+            None if !crate::host::cgroup::is_pod_uid(uid.as_str()) => {
                 return Err(FileError::about(
                     uid_field,
                     &w.uid,
@@ -573,7 +573,7 @@ ztunnel:
         let spec = parse(GOOD).unwrap();
         assert_eq!(spec.pods.len(), 2);
         let sleep = &spec.pods[0];
-        assert_eq!(sleep.uid, PodUid("9f2c-1".into()));
+        assert_eq!(sleep.uid, WorkloadId::kubernetes("9f2c-1"));
         assert_eq!(sleep.name, "sleep");
         assert_eq!(sleep.namespace, "default");
         assert_eq!(sleep.mode, Mode::Ambient);

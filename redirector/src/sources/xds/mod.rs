@@ -329,7 +329,7 @@ mod tests {
 
     fn pod(name: &str, mode: Mode) -> PodSpec {
         PodSpec {
-            uid: crate::types::PodUid(format!("uid-{name}")),
+            uid: crate::types::WorkloadId::kubernetes(format!("uid-{name}")),
             name: name.into(),
             namespace: "default".into(),
             service_account: "default".into(),
