@@ -113,7 +113,11 @@ async fn next_change(watch: &mut tonic::Streaming<pb::Change>) -> pb::Change {
         .expect("no stream error")
 }
 
-fn push_pod(pod: &ambridge_conformance::Pod, mode: &str, remove: bool) -> pb::PushCgroupRequest {
+fn push_pod(
+    pod: &ambridge_conformance::Pod,
+    mode: impl Into<i32>,
+    remove: bool,
+) -> pb::PushCgroupRequest {
     pb::PushCgroupRequest {
         entry: Some(pb::push_cgroup_request::Entry::Pod(pb::PushedPod {
             uid: pod.uid.clone(),
@@ -152,15 +156,15 @@ fn a_pushed_pod_joins_the_node_state_and_watchers_see_every_change() {
             );
         }
         // `plain` is `none` in the file; an agent pushes it as ambient.
-        api.push_cgroup(push_pod(&plain, "ambient", false))
+        api.push_cgroup(push_pod(&plain, pb::Mode::Ambient, false))
             .await
             .unwrap();
         let change = next_change(&mut watch).await;
         assert_eq!(change.kind, pb::change::Kind::Updated as i32, "{change:?}");
         let pod = change.pod.unwrap();
         assert_eq!(
-            (pod.uid.as_str(), pod.mode.as_str()),
-            (plain.uid.as_str(), "ambient")
+            (pod.uid.as_str(), pod.mode()),
+            (plain.uid.as_str(), pb::Mode::Ambient)
         );
         // It is redirected now (in replacement mode, once ztunnel
         // acknowledged it).
@@ -170,20 +174,24 @@ fn a_pushed_pod_joins_the_node_state_and_watchers_see_every_change() {
         assert!(redirected.is_some(), "{:?}", ztunnel.events());
         ztunnel.wait_for(|e| e["event"] == "accepted", Duration::from_secs(5));
         // Taking the push back restores the file's word for it.
-        api.push_cgroup(push_pod(&plain, "ambient", true))
+        api.push_cgroup(push_pod(&plain, pb::Mode::Ambient, true))
             .await
             .unwrap();
         // (In replacement mode an update for the lifted hold may come
         // first.)
         let mut change = next_change(&mut watch).await;
-        if change.pod.as_ref().is_some_and(|p| p.mode == "ambient") {
+        if change
+            .pod
+            .as_ref()
+            .is_some_and(|p| p.mode() == pb::Mode::Ambient)
+        {
             change = next_change(&mut watch).await;
         }
         assert_eq!(change.kind, pb::change::Kind::Updated as i32);
-        assert_eq!(change.pod.unwrap().mode, "none");
+        assert_eq!(change.pod.unwrap().mode(), pb::Mode::None);
         // A malformed push is refused, naming the field.
         let err = api
-            .push_cgroup(push_pod(&plain, "sideways", false))
+            .push_cgroup(push_pod(&plain, 7, false))
             .await
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
@@ -296,7 +304,7 @@ fn a_pushed_cgroup_holding_an_enrolled_pod_is_refused_naming_both_and_nothing_ch
             remove: false,
         };
         // As a pod: its entry would be every unlisted pod's below.
-        let mut as_pod = push_pod(&plain, "none", false);
+        let mut as_pod = push_pod(&plain, pb::Mode::None, false);
         if let Some(pb::push_cgroup_request::Entry::Pod(p)) = &mut as_pod.entry {
             p.uid = ambridge_conformance::kubelet_pod_uid();
             p.cgroup = parent.clone();

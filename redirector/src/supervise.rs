@@ -121,17 +121,6 @@ pub enum State {
     Failed(String),
 }
 
-impl State {
-    /// Its name in `ambridge status`.
-    pub fn name(&self) -> &'static str {
-        match self {
-            State::Starting => "starting",
-            State::Running => "running",
-            State::Failed(_) => "failed",
-        }
-    }
-}
-
 /// One component's health.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ComponentHealth {

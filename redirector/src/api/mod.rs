@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status, transport::server::UdsConnectInfo};
 
 use crate::{
     datapath::{self, Pins},
-    node::spec::{OriginalSrc, Settings},
+    node::spec::Settings,
     sources::{
         cni,
         push::{PushRequest, pushed},
@@ -34,6 +34,7 @@ pub mod pb {
 }
 
 pub mod client;
+mod enums;
 pub mod view;
 
 pub use client::{DEFAULT_SOCKET, connect};
@@ -232,13 +233,14 @@ impl pb::node_server::Node for Service {
             bpffs: self.pins.root().display().to_string(),
             state_loaded: view.state_loaded,
             pods: view.pods.len() as u32,
-            enrolled: view.pods.values().filter(|p| p.mode == "ambient").count() as u32,
+            enrolled: view
+                .pods
+                .values()
+                .filter(|p| p.mode() == pb::Mode::Ambient)
+                .count() as u32,
             ztunnels: view.ztunnels,
             unresolved: view.unresolved,
-            original_src: match self.settings.original_src {
-                OriginalSrc::Undo => "undo".into(),
-                OriginalSrc::Preserve => "preserve".into(),
-            },
+            original_src: pb::OriginalSrc::from(self.settings.original_src).into(),
             sockmap: self.settings.sockmap,
             counters,
             map_entries,
@@ -254,7 +256,7 @@ impl pb::node_server::Node for Service {
                 .into_iter()
                 .map(|(component, health)| pb::ComponentStatus {
                     name: component.name().into(),
-                    state: health.state.name().into(),
+                    state: pb::ComponentState::from(&health.state).into(),
                     last_error: health.last_error.unwrap_or_default(),
                     restarts: health.restarts,
                     since_unix_seconds: health

@@ -81,10 +81,7 @@ fn pod_view(pod: &PodSpec, node: &NodeSpec, desired: &Desired) -> pb::Pod {
         uid: pod.uid.to_string(),
         namespace: pod.namespace.clone(),
         name: pod.name.clone(),
-        mode: match pod.mode {
-            Mode::Ambient => "ambient".into(),
-            Mode::None => "none".into(),
-        },
+        mode: pb::Mode::from(pod.mode).into(),
         ips: pod.ips.iter().map(ToString::to_string).collect(),
         cgroup: placed
             .map(|(p, _)| p.display().to_string())
@@ -99,20 +96,20 @@ fn pod_view(pod: &PodSpec, node: &NodeSpec, desired: &Desired) -> pb::Pod {
     }
 }
 
-/// Where a pod's inbound capture stands (see `Pod.inbound` in the proto).
-fn inbound_state(pod: &PodSpec, node: &NodeSpec, desired: &Desired) -> &'static str {
+/// Where a pod's inbound capture stands.
+fn inbound_state(pod: &PodSpec, node: &NodeSpec, desired: &Desired) -> pb::InboundCapture {
     if pod.mode != Mode::Ambient || node.redirect.is_some() {
-        "none"
+        pb::InboundCapture::None
     } else if !pod.capture.inbound {
-        "bypassed"
+        pb::InboundCapture::Bypassed
     } else if desired
         .pod_netns
         .get(&pod.uid)
         .is_some_and(|n| desired.inbound_netns.contains(n))
     {
-        "captured"
+        pb::InboundCapture::Captured
     } else {
-        "waiting"
+        pb::InboundCapture::Waiting
     }
 }
 

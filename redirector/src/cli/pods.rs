@@ -46,17 +46,18 @@ impl Pods {
                     "PROBLEM",
                 ]);
                 for p in pods {
+                    let (mode, inbound) = (p.mode().word(), p.inbound().word());
                     table.row(vec![
                         p.namespace,
                         p.name,
-                        p.mode,
+                        mode.into(),
                         match (p.in_datapath, p.held) {
                             (false, _) => "not yet",
                             (true, true) => "held",
                             (true, false) => "in",
                         }
                         .into(),
-                        p.inbound,
+                        inbound.into(),
                         render::yes_no(p.dns_captured).into(),
                         render::yes_no(p.accelerated).into(),
                         p.ips.join(","),
@@ -73,10 +74,10 @@ impl Pods {
 fn as_json(p: &api::pb::Pod) -> serde_json::Value {
     serde_json::json!({
         "uid": p.uid, "namespace": p.namespace, "name": p.name,
-        "mode": p.mode, "ips": p.ips, "cgroup": p.cgroup,
+        "mode": p.mode().word(), "ips": p.ips, "cgroup": p.cgroup,
         "cgroup_id": p.cgroup_id, "in_datapath": p.in_datapath,
         "accelerated": p.accelerated, "held": p.held,
-        "inbound": p.inbound, "dns_captured": p.dns_captured,
+        "inbound": p.inbound().word(), "dns_captured": p.dns_captured,
         "problem": p.problem,
     })
 }

@@ -47,20 +47,21 @@ fn as_json(status: &api::pb::StatusResponse) -> serde_json::Value {
         "bpffs": status.bpffs, "state_loaded": status.state_loaded,
         "pods": status.pods, "enrolled": status.enrolled,
         "ztunnels": status.ztunnels, "unresolved": status.unresolved,
-        "original_src": status.original_src, "sockmap": status.sockmap,
+        "original_src": status.original_src().word(), "sockmap": status.sockmap,
         "counters": counters,
         "zds": status.zds.as_ref().map(|z| serde_json::json!({
             "connections": z.connections, "peers_refused": z.peers_refused,
         })),
         "ready": status.ready,
         "components": status.components.iter().map(|c| serde_json::json!({
-            "name": c.name, "state": c.state, "last_error": c.last_error,
+            "name": c.name, "state": c.state().word(), "last_error": c.last_error,
             "restarts": c.restarts, "since_unix_seconds": c.since_unix_seconds,
         })).collect::<Vec<_>>(),
     })
 }
 
 fn print_text(status: api::pb::StatusResponse) {
+    let original_src = status.original_src().word();
     let zds = match &status.zds {
         Some(z) => format!(
             "serving: {} ztunnel connections, {} peers refused",
@@ -91,7 +92,7 @@ fn print_text(status: api::pb::StatusResponse) {
                 ),
             ),
             ("ztunnels", status.ztunnels.to_string()),
-            ("original-src", status.original_src),
+            ("original-src", original_src.into()),
             ("sockmap", if status.sockmap { "on" } else { "off" }.into()),
             ("zds", zds),
         ],
@@ -105,7 +106,7 @@ fn print_text(status: api::pb::StatusResponse) {
             .map_or_else(String::new, |ago| format!("{}s", ago.as_secs()));
         components.row(vec![
             c.name.clone(),
-            c.state.clone(),
+            c.state().word().into(),
             c.restarts.to_string(),
             since,
             c.last_error.clone(),

@@ -169,7 +169,7 @@ pub fn verdict(uid: &PodUid, standing: &Standing) -> Verdict {
             _ => Verdict::Done(pb::CniOutcome::NotEnrolled, "no source lists it".into()),
         };
     };
-    if pod.mode != "ambient" {
+    if pod.mode() != pb::Mode::Ambient {
         return Verdict::Done(
             pb::CniOutcome::NotEnrolled,
             "its sources leave it out of the mesh".into(),
@@ -181,7 +181,7 @@ pub fn verdict(uid: &PodUid, standing: &Standing) -> Verdict {
     if !pod.in_datapath {
         return Verdict::Waiting("its cgroup is not in the datapath yet".into());
     }
-    if pod.inbound == "waiting" {
+    if pod.inbound() == pb::InboundCapture::Waiting {
         return Verdict::Waiting("its network namespace is not known yet".into());
     }
     if pod.held {
@@ -274,10 +274,10 @@ mod tests {
     fn enrolled() -> pb::Pod {
         pb::Pod {
             uid: "a".into(),
-            mode: "ambient".into(),
+            mode: pb::Mode::Ambient.into(),
             ips: vec!["10.0.0.5".into()],
             in_datapath: true,
-            inbound: "captured".into(),
+            inbound: pb::InboundCapture::Captured.into(),
             ..Default::default()
         }
     }
@@ -312,7 +312,7 @@ mod tests {
         let not_yet: [fn(&mut pb::Pod); 4] = [
             |p| p.in_datapath = false,
             |p| p.problem = "cgroup not found".into(),
-            |p| p.inbound = "waiting".into(),
+            |p| p.inbound = pb::InboundCapture::Waiting.into(),
             |p| p.held = true,
         ];
         for change in not_yet {
@@ -351,7 +351,7 @@ mod tests {
             Verdict::Done(pb::CniOutcome::Ztunnel, _)
         ));
         let mut out = enrolled();
-        out.mode = "none".into();
+        out.mode = pb::Mode::None.into();
         out.in_datapath = false;
         assert!(matches!(
             verdict(&uid("a"), &standing(Some(&out), &ztunnels)),

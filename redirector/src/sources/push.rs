@@ -71,13 +71,13 @@ pub fn pushed(req: pb::PushCgroupRequest) -> Result<Pushed, Status> {
                         .map_err(|e| invalid("pod.ips", format!("{ip:?}: {e}")))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let mode = match p.mode.as_str() {
-                "ambient" => Mode::Ambient,
-                "none" => Mode::None,
-                other => {
+            let mode = match pb::Mode::try_from(p.mode) {
+                Ok(pb::Mode::Ambient) => Mode::Ambient,
+                Ok(pb::Mode::None) => Mode::None,
+                Ok(pb::Mode::Unspecified) | Err(_) => {
                     return Err(invalid(
                         "pod.mode",
-                        format!("{other:?}: expected \"ambient\" or \"none\""),
+                        format!("{}: expected MODE_AMBIENT or MODE_NONE", p.mode),
                     ));
                 }
             };
@@ -229,7 +229,7 @@ mod tests {
             name: "sleep".into(),
             cgroup: "/sys/fs/cgroup/x".into(),
             ips: vec!["198.18.0.2".into()],
-            mode: "ambient".into(),
+            mode: pb::Mode::Ambient.into(),
             service_account: String::new(),
         };
         assert!(
@@ -238,7 +238,7 @@ mod tests {
         for (bad, field) in [
             (
                 pb::PushedPod {
-                    mode: "sidecar".into(),
+                    mode: pb::Mode::Unspecified.into(),
                     ..good.clone()
                 },
                 "pod.mode",
