@@ -8,7 +8,8 @@ use std::{os::unix::process::CommandExt, process::Command, time::Duration};
 
 use ambridge::api::{self, pb};
 use ambridge_conformance::{
-    Daemon, ThreePods, assert_redirected, three_pods, workspace_bin, zds_socket, ztunnel_stand_in,
+    Daemon, ThreePods, assert_redirected, event::OutboundAccepted, three_pods, workspace_bin,
+    zds_socket, ztunnel_stand_in,
 };
 use tokio_stream::StreamExt;
 
@@ -165,10 +166,10 @@ fn a_pushed_pod_joins_the_node_state_and_watchers_see_every_change() {
         // It is redirected now (in replacement mode, once ztunnel
         // acknowledged it).
         let redirected = ambridge_conformance::eventually(Duration::from_secs(10), || {
-            (plain.connect(&to, 16)["ok"] == true).then_some(())
+            plain.connect(&to, 16).ok.then_some(())
         });
         assert!(redirected.is_some(), "{:?}", ztunnel.events());
-        ztunnel.wait_for(|e| e["event"] == "accepted", Duration::from_secs(5));
+        ztunnel.wait_first::<OutboundAccepted>(Duration::from_secs(5));
         // Taking the push back restores the file's word for it.
         api.push_cgroup(push_pod(&plain, "ambient", true))
             .await

@@ -4,7 +4,12 @@
 use std::time::Duration;
 
 use ambridge_conformance::{
-    Background, Daemon, ThreePods, canon, eventually, three_pods, ztunnel_stand_in_with,
+    Background, Daemon, ThreePods, canon,
+    event::{
+        self, Accepted, AwaitingSocket, Connect, ConnectSummary, Exchange, InboundAccepted,
+        OutboundAccepted, OutboundRelayed, ProbeEvent,
+    },
+    eventually, parse_addr, three_pods, ztunnel_stand_in_with,
 };
 
 /// The daemon, the server's echo server on 8080 and a ztunnel stand-in
@@ -32,61 +37,54 @@ fn clients_that_write_and_close_before_ztunnel_accepts_keep_their_original_desti
         format!("{}:8080", t.server.ip4),
         format!("[{}]:8080", t.server.ip6),
     ] {
-        let summary = t
-            .client
-            .run(&[
-                "connect",
-                "--to",
-                &to,
-                "--bytes",
-                &bytes.to_string(),
-                "--count",
-                &clients.to_string(),
-                "--write-only",
-            ])
-            .into_iter()
-            .find(|e| e["event"] == "connect-summary")
-            .expect("summary");
-        assert_eq!(summary["ok"], clients, "{summary}");
-        let named = |kind: &str| {
+        let summary: ConnectSummary = event::first(&t.client.run(&[
+            "connect",
+            "--to",
+            &to,
+            "--bytes",
+            &bytes.to_string(),
+            "--count",
+            &clients.to_string(),
+            "--write-only",
+        ]))
+        .expect("summary");
+        assert_eq!(summary.ok, clients as u64, "{summary}");
+        let accepted_to = || {
             ztunnel
-                .events()
+                .all::<OutboundAccepted>()
                 .into_iter()
-                .filter(|e| {
-                    e["event"] == kind
-                        && (kind != "accepted"
-                            || e["orig_dst"].as_str().map(canon) == Some(canon(&to)))
-                })
+                .filter(|e| e.orig_dst.map(canon) == Some(parse_addr(&to)))
                 .collect::<Vec<_>>()
         };
         let accepted = eventually(Duration::from_secs(60), || {
-            let accepted = named("accepted");
+            let accepted = accepted_to();
             (accepted.len() == clients).then_some(accepted)
         })
         .unwrap_or_else(|| {
             panic!(
                 "{} of {clients} accepted with their original destination {to}; errors: {:?}",
-                named("accepted").len(),
+                accepted_to().len(),
                 ztunnel
-                    .events()
+                    .all::<OutboundAccepted>()
                     .iter()
-                    .filter(|e| !e["orig_dst_error"].is_null())
+                    .filter(|e| e.orig_dst_error.is_some())
                     .take(3)
                     .collect::<Vec<_>>()
             )
         });
-        assert!(accepted.iter().all(|a| a["orig_dst_error"].is_null()));
+        assert!(accepted.iter().all(|a| a.orig_dst_error.is_none()));
         // Every byte of every client reached the server.
         let relayed = eventually(Duration::from_secs(60), || {
-            let relayed: Vec<_> = named("relayed")
+            let relayed: Vec<_> = ztunnel
+                .all::<OutboundRelayed>()
                 .into_iter()
-                .filter(|r| r["orig_dst"].as_str().map(canon) == Some(canon(&to)))
+                .filter(|r| canon(r.orig_dst) == parse_addr(&to))
                 .collect();
             (relayed.len() == clients).then_some(relayed)
         })
         .unwrap_or_else(|| panic!("not all {clients} to {to} relayed"));
         for r in relayed {
-            assert_eq!(r["bytes_up"], bytes, "{r}");
+            assert_eq!(r.bytes_up, bytes as u64, "{r}");
         }
         // And the records go once both ends have closed.
         let drained = eventually(Duration::from_secs(30), || {
@@ -124,20 +122,17 @@ fn connects_that_fail_before_their_syn_leave_no_pending_record() {
                 "--interval-ms",
                 "30000",
             ]);
-            s.wait_for(|e| e["event"] == "exchange", Duration::from_secs(10));
+            s.wait_first::<Exchange>(Duration::from_secs(10));
             s
         })
         .collect();
-    let summary = t
-        .client
-        .run(&["connect", "--to", &to, "--count", "50"])
-        .into_iter()
-        .find(|e| e["event"] == "connect-summary")
-        .expect("summary");
-    assert_eq!(summary["ok"], 0, "{summary}");
+    let summary: ConnectSummary =
+        event::first(&t.client.run(&["connect", "--to", &to, "--count", "50"])).expect("summary");
+    assert_eq!(summary.ok, 0, "{summary}");
     assert!(
-        summary["failures"][0]["error"]
-            .as_str()
+        summary
+            .failures
+            .first()
             .is_some_and(|e| e.contains("os error 99")),
         "{summary}"
     );
@@ -187,12 +182,9 @@ fn an_enrolled_pods_connect_in_a_family_it_has_no_target_in_is_refused_not_let_t
     assert!(daemon.stats()["connect_no_target"] >= 1);
     // The server saw the IPv4 connection through ztunnel only.
     let direct = eventually(Duration::from_secs(3), || {
-        app.events().into_iter().find(|e| {
-            e["event"] == "accepted"
-                && e["peer"]
-                    .as_str()
-                    .is_some_and(|p| p.contains(&t.client.ip6.to_string()))
-        })
+        app.all::<Accepted>()
+            .into_iter()
+            .find(|e| e.peer.to_string().contains(&t.client.ip6.to_string()))
     });
     assert!(direct.is_none(), "{direct:?}");
 }
@@ -208,11 +200,12 @@ fn a_handed_over_socket_is_captured_by_the_cgroup_of_the_task_that_connects_it()
         ztunnel
             .events()
             .iter()
-            .filter(|e| {
-                matches!(e["event"].as_str(), Some("accepted" | "inbound-accepted"))
-                    && e["local"]
-                        .as_str()
-                        .is_some_and(|l| canon(l).port() == 15001)
+            .filter(|e| match e {
+                ProbeEvent::OutboundAccepted(OutboundAccepted { local, .. })
+                | ProbeEvent::InboundAccepted(InboundAccepted { local, .. }) => {
+                    local.port() == 15001
+                }
+                _ => false,
             })
             .count()
     };
@@ -220,7 +213,7 @@ fn a_handed_over_socket_is_captured_by_the_cgroup_of_the_task_that_connects_it()
         let via = t.node.dir.join(format!("handover-{}.sock", from.name));
         let via = via.display().to_string();
         let receiver = to_pod.spawn(&["fd-connect", "--at", &via, "--to", &to]);
-        receiver.wait_for(|e| e["event"] == "listening", Duration::from_secs(10));
+        receiver.wait_first::<AwaitingSocket>(Duration::from_secs(10));
         from.run(&["fd-send", "--via", &via, "--to", &to]);
         receiver
     };
@@ -228,8 +221,8 @@ fn a_handed_over_socket_is_captured_by_the_cgroup_of_the_task_that_connects_it()
     // the plain pod's connect, not captured.
     let before = accepted();
     let receiver = hand_over(&t.client, &t.plain);
-    let r = receiver.wait_for(|e| e["event"] == "connect", Duration::from_secs(10));
-    assert_eq!(r["ok"], true, "{r}");
+    let r = receiver.wait_first::<Connect>(Duration::from_secs(10));
+    assert!(r.ok, "{r}");
     let captured = eventually(Duration::from_secs(3), || {
         (accepted() > before).then_some(())
     });
@@ -258,9 +251,10 @@ fn one_fixed_source_port_reaches_two_destinations_through_ztunnel_each_on_its_ow
     let [first, second] = [8080, 8081].map(|port| format!("{}:{port}", t.server.ip4));
     let landed = |to: &str| {
         eventually(Duration::from_secs(5), || {
-            ztunnel.events().into_iter().find(|e| {
-                e["event"] == "accepted" && e["orig_dst"].as_str().map(canon) == Some(canon(to))
-            })
+            ztunnel
+                .all::<OutboundAccepted>()
+                .into_iter()
+                .find(|e| e.orig_dst.map(canon) == Some(parse_addr(to)))
         })
         .unwrap_or_else(|| {
             panic!(
@@ -282,24 +276,17 @@ fn one_fixed_source_port_reaches_two_destinations_through_ztunnel_each_on_its_ow
     ]);
     let first_landed = landed(&first);
     let r = t.client.connect_with(&second, 16, &["--bind", &bind]);
-    assert_eq!(
-        r["ok"], true,
-        "to {second} from {bind} while {first} is open: {r}"
-    );
-    let r = held.wait_for(|e| e["event"] == "connect", Duration::from_secs(15));
-    assert_eq!(r["ok"], true, "to {first} from {bind}: {r}");
+    assert!(r.ok, "to {second} from {bind} while {first} is open: {r}");
+    let r = held.wait_first::<Connect>(Duration::from_secs(15));
+    assert!(r.ok, "to {first} from {bind}: {r}");
     for (to, accepted) in [(&first, first_landed), (&second, landed(&second))] {
         ambridge_conformance::assert_landed(
             &accepted,
             t.client.ip4.into(),
             t.client.ip4.into(),
-            canon(to),
+            parse_addr(to),
         );
-        assert_eq!(
-            canon(accepted["peer"].as_str().unwrap()),
-            canon(&bind),
-            "{accepted}"
-        );
+        assert_eq!(canon(accepted.peer), parse_addr(&bind), "{accepted}");
     }
     assert_eq!(
         daemon.stats()["connect_unspread"],
@@ -324,13 +311,10 @@ fn a_connection_whose_record_was_evicted_is_refused_by_ztunnel_never_sent_around
     })
     .expect("the connection was never recorded");
     assert_eq!(evicted, 1);
-    let accepted = ztunnel.wait_for(|e| e["event"] == "accepted", Duration::from_secs(10));
-    assert!(accepted["orig_dst"].is_null(), "{accepted}");
-    let r = client.wait_for(|e| e["event"] == "connect", Duration::from_secs(15));
-    assert_eq!(
-        r["ok"], false,
-        "the connection went through without its record: {r}"
-    );
+    let accepted = ztunnel.wait_first::<OutboundAccepted>(Duration::from_secs(10));
+    assert!(accepted.orig_dst.is_none(), "{accepted}");
+    let r = client.wait_first::<Connect>(Duration::from_secs(15));
+    assert!(!r.ok, "the connection went through without its record: {r}");
     assert_eq!(
         daemon.stats()["orig_dst_missing"],
         1,
@@ -338,19 +322,15 @@ fn a_connection_whose_record_was_evicted_is_refused_by_ztunnel_never_sent_around
         daemon.stats()
     );
     // And it never reached the server some other way.
-    assert!(
-        !app.events().iter().any(|e| e["event"] == "accepted"),
-        "{:?}",
-        app.events()
-    );
+    assert!(app.all::<Accepted>().is_empty(), "{:?}", app.events());
 }
 
 /// Asserts `r` is a connect refused at once by the datapath (`EPERM`).
-fn assert_refused(r: &ambridge_conformance::Event) {
-    assert_eq!(r["ok"], false, "{r}");
+fn assert_refused(r: &Connect) {
+    assert!(!r.ok, "{r}");
     assert!(
-        r["error"]
-            .as_str()
+        r.error
+            .as_deref()
             .is_some_and(|e| e.contains("not permitted")),
         "{r}"
     );
@@ -374,12 +354,16 @@ fn a_connect_whose_original_destination_cannot_be_recorded_is_refused_never_sent
     }
     assert_eq!(daemon.stats()["connect_record_failed"], 2);
     // A refused connect sends no SYN: nothing is on its way to either end.
-    for (end, events) in [("ztunnel", ztunnel.events()), ("server", app.events())] {
-        assert!(
-            !events.iter().any(|e| e["event"] == "accepted"),
-            "the {end} accepted a connection: {events:?}"
-        );
-    }
+    let ztunnel_accepted = ztunnel.all::<OutboundAccepted>();
+    assert!(
+        ztunnel_accepted.is_empty(),
+        "the ztunnel accepted a connection: {ztunnel_accepted:?}"
+    );
+    let server_accepted = app.all::<Accepted>();
+    assert!(
+        server_accepted.is_empty(),
+        "the server accepted a connection: {server_accepted:?}"
+    );
 }
 
 #[test]
@@ -412,11 +396,8 @@ fn a_ztunnel_original_source_bind_that_cannot_be_recorded_is_refused_not_rewritt
             &t.client.netns,
             &["connect", "--bind", &bind, "--to", &to, "--bytes", "16"],
         );
-        let r = events
-            .iter()
-            .find(|e| e["event"] == "connect")
-            .expect("connect event");
-        assert_refused(r);
+        let r: Connect = event::first(&events).expect("connect event");
+        assert_refused(&r);
     }
     let stats = daemon.stats();
     assert_eq!(stats["bind_record_failed"], 3, "{stats:?}");

@@ -5,8 +5,14 @@
 use std::{net::SocketAddr, path::PathBuf, process::Command, time::Duration};
 
 use ambridge_conformance::{
-    Background, Daemon, Event, Node, Pod, ThreePods, assert_landed, canon, eventually, ip_of,
-    probe::run_in, three_pods, ztunnel_stand_in,
+    Background, Daemon, Node, Pod, ThreePods, assert_landed, canon,
+    event::{
+        self, Accepted, Connect, ConnectSummary, Datagram, Listening, OutboundAccepted,
+        OutboundRelayed, Sockopt, Udp,
+    },
+    eventually, ip_of, parse_addr,
+    probe::run_in,
+    three_pods, ztunnel_stand_in,
 };
 
 /// Field order is drop order: processes and the daemon go before the node.
@@ -51,12 +57,8 @@ fn fixture() -> Fixture {
 }
 
 impl Fixture {
-    fn ztunnel_accepts(&self) -> Vec<Event> {
-        self.ztunnel
-            .events()
-            .into_iter()
-            .filter(|e| e["event"] == "accepted")
-            .collect()
+    fn ztunnel_accepts(&self) -> Vec<OutboundAccepted> {
+        self.ztunnel.all()
     }
 
     fn redirected_total(&self) -> u64 {
@@ -68,17 +70,13 @@ impl Fixture {
     /// that neither ztunnel nor the redirect counter saw it.
     fn assert_direct(
         &self,
-        result: &Event,
+        result: &Connect,
         to: &str,
         before_accepts: usize,
         before_redirects: u64,
     ) {
-        assert_eq!(result["ok"], true, "connect failed: {result}");
-        assert_eq!(
-            canon(result["peer"].as_str().unwrap()),
-            canon(to),
-            "{result}"
-        );
+        assert!(result.ok, "connect failed: {result}");
+        assert_eq!(result.peer.map(canon), Some(parse_addr(to)), "{result}");
         assert_eq!(
             self.ztunnel_accepts().len(),
             before_accepts,
@@ -97,16 +95,10 @@ fn assert_redirected(
 ) {
     let before = f.ztunnel_accepts().len();
     let result = f.client.connect(to, 64 * 1024);
-    assert_eq!(
-        result["ok"], true,
-        "connect through ztunnel failed: {result}"
-    );
-    assert_eq!(
-        result["intact"], true,
-        "bytes were not relayed intact: {result}"
-    );
+    assert!(result.ok, "connect through ztunnel failed: {result}");
+    assert!(result.intact, "bytes were not relayed intact: {result}");
     let accepted = f.ztunnel.wait_for(
-        |e| e["event"] == "accepted" && e["pod"] == ambridge_conformance::stand_in_id(&f.client),
+        |e: &OutboundAccepted| e.pod == ambridge_conformance::stand_in_id(&f.client),
         Duration::from_secs(5),
     );
     assert_eq!(f.ztunnel_accepts().len(), before + 1);
@@ -115,16 +107,16 @@ fn assert_redirected(
     assert_landed(&accepted, client_ip, client_ip, expected_orig);
     let relayed = f
         .ztunnel
-        .wait_for(|e| e["event"] == "relayed", Duration::from_secs(5));
-    assert_eq!(relayed["bytes_up"], 64 * 1024, "{relayed}");
-    assert_eq!(relayed["bytes_down"], 64 * 1024, "{relayed}");
+        .wait_first::<OutboundRelayed>(Duration::from_secs(5));
+    assert_eq!(relayed.bytes_up, 64 * 1024, "{relayed}");
+    assert_eq!(relayed.bytes_down, 64 * 1024, "{relayed}");
 }
 
 #[test]
 fn enrolled_pod_ipv4_connect_lands_on_its_own_15001_with_the_original_destination() {
     let f = fixture();
     let to = format!("{}:8080", f.server.ip4);
-    assert_redirected(&f, &to, canon(&to), f.client.ip4.into());
+    assert_redirected(&f, &to, parse_addr(&to), f.client.ip4.into());
     assert_eq!(f.daemon.stats()["connect_redirected_ipv4"], 1);
     assert_eq!(f.daemon.stats()["orig_dst_answered"], 1);
 }
@@ -133,7 +125,7 @@ fn enrolled_pod_ipv4_connect_lands_on_its_own_15001_with_the_original_destinatio
 fn enrolled_pod_ipv6_connect_lands_on_its_own_15001_with_the_original_destination() {
     let f = fixture();
     let to = format!("[{}]:8080", f.server.ip6);
-    assert_redirected(&f, &to, canon(&to), f.client.ip6.into());
+    assert_redirected(&f, &to, parse_addr(&to), f.client.ip6.into());
     assert_eq!(f.daemon.stats()["connect_redirected_ipv6"], 1);
 }
 
@@ -144,7 +136,7 @@ fn dual_stack_socket_to_an_ipv4_mapped_address_is_redirected_as_ipv4() {
     assert_redirected(
         &f,
         &to,
-        canon(&format!("{}:8080", f.server.ip4)),
+        parse_addr(&format!("{}:8080", f.server.ip4)),
         f.client.ip4.into(),
     );
     assert_eq!(f.daemon.stats()["connect_redirected_ipv4"], 1);
@@ -154,14 +146,11 @@ fn dual_stack_socket_to_an_ipv4_mapped_address_is_redirected_as_ipv4() {
 fn the_server_sees_the_relayed_connection_from_the_client_pod_ip() {
     let f = fixture();
     let to = format!("{}:8080", f.server.ip4);
-    assert_eq!(f.client.connect(&to, 10)["ok"], true);
+    assert!(f.client.connect(&to, 10).ok);
     let seen = f
         ._server_echo
-        .wait_for(|e| e["event"] == "accepted", Duration::from_secs(5));
-    assert_eq!(
-        ip_of(seen["peer"].as_str().unwrap()),
-        std::net::IpAddr::from(f.client.ip4)
-    );
+        .wait_first::<Accepted>(Duration::from_secs(5));
+    assert_eq!(ip_of(seen.peer), std::net::IpAddr::from(f.client.ip4));
 }
 
 #[test]
@@ -188,7 +177,7 @@ fn a_host_process_outside_the_node_cgroup_is_not_redirected() {
         &f.client.netns,
         &["connect", "--to", &to, "--bytes", "100"],
     );
-    f.assert_direct(&events[0], &to, a, r);
+    f.assert_direct(&event::first(&events).expect("connect event"), &to, a, r);
 }
 
 #[test]
@@ -226,7 +215,7 @@ fn ztunnel_own_connects_are_not_redirected() {
         &f.client.netns,
         &["connect", "--to", &to],
     );
-    f.assert_direct(&events[0], &to, a, r);
+    f.assert_direct(&event::first(&events).expect("connect event"), &to, a, r);
 }
 
 #[test]
@@ -238,12 +227,12 @@ fn getsockopt_calls_other_than_so_original_dst_read_as_without_the_program() {
     assert_eq!(with_program, without);
     // TCP_INFO with an 8 KiB buffer (more than the page BPF sees) still
     // returns the kernel's full answer.
-    let tcp_info = with_program
-        .iter()
-        .find(|e| e["name"] == "TCP_INFO_8K")
+    let tcp_info = event::all::<Sockopt>(&with_program)
+        .into_iter()
+        .find(|e| e.name == "TCP_INFO_8K")
         .unwrap();
-    assert_eq!(tcp_info["ret"], 0, "{tcp_info}");
-    assert!(tcp_info["optlen"].as_u64().unwrap() > 100, "{tcp_info}");
+    assert_eq!(tcp_info.ret, 0, "{tcp_info}");
+    assert!(tcp_info.optlen > 100, "{tcp_info}");
 }
 
 #[test]
@@ -254,7 +243,7 @@ fn editing_the_workloads_file_enrolls_and_unenrolls_a_pod_without_restart() {
     let accepts_from_plain = |f: &Fixture| {
         f.ztunnel_accepts()
             .iter()
-            .filter(|e| e["pod"] == plain_netns)
+            .filter(|e| e.pod == plain_netns)
             .count()
     };
 
@@ -270,7 +259,7 @@ fn editing_the_workloads_file_enrolls_and_unenrolls_a_pod_without_restart() {
     // acknowledged it.
     let enrolled = eventually(Duration::from_secs(10), || {
         let before = accepts_from_plain(&f);
-        let ok = f.plain.connect(&to, 100)["ok"] == true;
+        let ok = f.plain.connect(&to, 100).ok;
         (ok && accepts_from_plain(&f) > before).then_some(())
     });
     assert!(
@@ -289,7 +278,7 @@ fn editing_the_workloads_file_enrolls_and_unenrolls_a_pod_without_restart() {
     let unenrolled = eventually(Duration::from_secs(10), || {
         let before = accepts_from_plain(&f);
         let result = f.plain.connect(&to, 100);
-        (result["ok"] == true && accepts_from_plain(&f) == before).then_some(())
+        (result.ok && accepts_from_plain(&f) == before).then_some(())
     });
     assert!(
         unenrolled.is_some(),
@@ -314,7 +303,7 @@ fn a_malformed_workloads_file_is_rejected_and_the_last_good_state_stays() {
     assert!(err.contains("workloads[0].mode"), "{err}");
     // The client is still enrolled: the last good state is in force.
     let to = format!("{}:8080", f.server.ip4);
-    assert_redirected(&f, &to, canon(&to), f.client.ip4.into());
+    assert_redirected(&f, &to, parse_addr(&to), f.client.ip4.into());
 }
 
 #[test]
@@ -357,7 +346,7 @@ fn redirection_survives_the_daemon_stopping() {
         "{stats}"
     );
     let to = format!("{}:8080", f.server.ip4);
-    assert_redirected(&f, &to, canon(&to), f.client.ip4.into());
+    assert_redirected(&f, &to, parse_addr(&to), f.client.ip4.into());
 }
 
 #[test]
@@ -389,8 +378,8 @@ fn after_uninstall_nothing_is_pinned_or_attached_and_connections_go_directly() {
     let before = f.ztunnel_accepts().len();
     let to = format!("{}:8080", f.server.ip4);
     let result = f.client.connect(&to, 100);
-    assert_eq!(result["ok"], true, "{result}");
-    assert_eq!(canon(result["peer"].as_str().unwrap()), canon(&to));
+    assert!(result.ok, "{result}");
+    assert_eq!(result.peer.map(canon), Some(parse_addr(&to)));
     assert_eq!(f.ztunnel_accepts().len(), before);
 }
 
@@ -403,11 +392,8 @@ fn tracking_entries_are_removed_when_connections_close_so_churn_never_fills_the_
         let events = f
             .client
             .run(&["connect", "--to", target, "--bytes", "16", "--count", "250"]);
-        let summary = events
-            .iter()
-            .find(|e| e["event"] == "connect-summary")
-            .unwrap();
-        assert_eq!(summary["ok"], 250, "{summary}");
+        let summary: ConnectSummary = event::first(&events).unwrap();
+        assert_eq!(summary.ok, 250, "{summary}");
     }
     let stats = f.daemon.stats();
     assert_eq!(
@@ -433,24 +419,24 @@ fn tracking_entries_are_removed_when_connections_close_so_churn_never_fills_the_
 fn udp_from_an_enrolled_pod_is_not_redirected() {
     let f = fixture();
     let udp = f.server.spawn(&["udp-echo", "--listen", "[::]:5353"]);
-    udp.wait_for(|e| e["event"] == "listening", Duration::from_secs(10));
+    udp.wait_first::<Listening>(Duration::from_secs(10));
     let r = f.redirected_total();
     for to in [
         format!("{}:5353", f.server.ip4),
         format!("[{}]:5353", f.server.ip6),
     ] {
         let events = f.client.run(&["udp", "--to", &to]);
-        assert_eq!(events[0]["ok"], true, "{events:?}");
-        assert_eq!(canon(events[0]["peer"].as_str().unwrap()), canon(&to));
+        let answer: Udp = event::first(&events).expect("udp event");
+        assert!(answer.ok, "{events:?}");
+        assert_eq!(canon(answer.peer), parse_addr(&to));
     }
     // The echo server reports each datagram as it answers it; wait for
     // both reports rather than racing the reader of its output.
     let from_client = eventually(Duration::from_secs(5), || {
         let sources: Vec<_> = udp
-            .events()
+            .all::<Datagram>()
             .iter()
-            .filter(|e| e["event"] == "datagram")
-            .map(|e| ip_of(e["from"].as_str().unwrap()))
+            .map(|e| ip_of(e.from))
             .collect();
         (sources.len() == 2).then_some(sources)
     })
@@ -489,8 +475,13 @@ fn a_workload_named_only_by_pod_uid_is_found_in_the_kubelets_cgroup_layout() {
     let ztunnel = ztunnel_stand_in(&node, &ztunnel_cgroup, &[&client], 15001);
     let to = format!("{}:8080", server.ip4);
     let result = client.connect(&to, 100);
-    assert_eq!(result["intact"], true, "{result}");
-    let accepted = ztunnel.wait_for(|e| e["event"] == "accepted", Duration::from_secs(5));
-    assert_landed(&accepted, client.ip4.into(), client.ip4.into(), canon(&to));
+    assert!(result.intact, "{result}");
+    let accepted = ztunnel.wait_first::<OutboundAccepted>(Duration::from_secs(5));
+    assert_landed(
+        &accepted,
+        client.ip4.into(),
+        client.ip4.into(),
+        parse_addr(&to),
+    );
     assert_eq!(daemon.stats()["connect_redirected_ipv4"], 1);
 }
