@@ -25,6 +25,7 @@
 pub mod cni;
 pub mod daemon;
 pub mod event;
+pub mod fixture;
 pub mod istiod;
 pub mod kubeapi;
 pub mod probe;
@@ -32,6 +33,7 @@ pub mod sandbox;
 
 pub use daemon::Daemon;
 pub use event::ProbeEvent;
+pub use fixture::{Fixture, PodRole, ThreePods, three_pods};
 pub use probe::{Background, ConnectLoop};
 pub use sandbox::{Node, Pod, Topology};
 
@@ -68,37 +70,6 @@ pub fn eventually<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) ->
             return None;
         }
         std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// The node most tests start from: `client` enrolled, `server` and `plain`
-/// not, a `ztunnel` cgroup, and the workloads file saying so.
-pub struct ThreePods {
-    pub client: Pod,
-    pub server: Pod,
-    pub plain: Pod,
-    pub ztunnel_cgroup: std::path::PathBuf,
-    /// Last, so it is dropped after the pods' processes.
-    pub node: Node,
-}
-
-/// Builds a [`ThreePods`] node (no daemon yet).
-pub fn three_pods() -> ThreePods {
-    let mut node = Node::new();
-    let client = node.add_pod("client");
-    let server = node.add_pod("server");
-    let plain = node.add_pod("plain");
-    let ztunnel_cgroup = node.add_cgroup("ztunnel");
-    node.write_workloads(
-        &[(&client, "ambient"), (&server, "none"), (&plain, "none")],
-        Some(&ztunnel_cgroup),
-    );
-    ThreePods {
-        client,
-        server,
-        plain,
-        ztunnel_cgroup,
-        node,
     }
 }
 

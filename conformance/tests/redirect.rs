@@ -2,89 +2,58 @@
 //! outbound TCP to its own 15001, `SO_ORIGINAL_DST` for the proxy, and
 //! everything that must be left alone.
 
-use std::{net::SocketAddr, path::PathBuf, process::Command, time::Duration};
+use std::{net::SocketAddr, process::Command, time::Duration};
 
 use ambridge_conformance::{
-    Background, Daemon, Node, Pod, ThreePods, assert_landed, canon,
+    Daemon, Fixture, Node, PodRole, assert_landed, canon,
     event::{
         self, Accepted, Connect, ConnectSummary, Datagram, Listening, OutboundAccepted,
         OutboundRelayed, Sockopt, Udp,
     },
     eventually, ip_of, parse_addr,
     probe::run_in,
-    three_pods, ztunnel_stand_in,
+    ztunnel_stand_in,
 };
 
-/// Field order is drop order: processes and the daemon go before the node.
-struct Fixture {
-    ztunnel: Background,
-    _server_echo: Background,
-    _client_echo: Background,
-    daemon: Daemon,
-    client: Pod,
-    server: Pod,
-    plain: Pod,
-    ztunnel_cgroup: PathBuf,
-    node: Node,
-}
-
-/// client: enrolled; server and plain: mode none. A ztunnel stand-in listens
-/// on 15001 in all three pods, so a wrong redirect shows up as an event
-/// rather than as a refused connection.
+/// client: enrolled; server and plain: mode none; echo servers on the
+/// server's 8080 and the client's 9090. A ztunnel stand-in listens on 15001
+/// in all three pods, so a wrong redirect shows up as an event rather than
+/// as a refused connection.
 fn fixture() -> Fixture {
-    let ThreePods {
-        client,
-        server,
-        plain,
-        ztunnel_cgroup,
-        node,
-    } = three_pods();
-    let daemon = Daemon::start(&node);
-    let server_echo = server.echo_server("[::]:8080");
-    let client_echo = client.echo_server("[::]:9090");
-    let ztunnel = ztunnel_stand_in(&node, &ztunnel_cgroup, &[&client, &server, &plain], 15001);
-    Fixture {
-        ztunnel,
-        _server_echo: server_echo,
-        _client_echo: client_echo,
-        daemon,
-        client,
-        server,
-        plain,
-        ztunnel_cgroup,
-        node,
-    }
+    Fixture::three_pods()
+        .app()
+        .echo(PodRole::Client, "[::]:9090")
+        .ztunnel(&[PodRole::Client, PodRole::Server, PodRole::Plain], &[])
+        .start()
 }
 
-impl Fixture {
-    fn ztunnel_accepts(&self) -> Vec<OutboundAccepted> {
-        self.ztunnel.all()
-    }
+fn ztunnel_accepts(f: &Fixture) -> Vec<OutboundAccepted> {
+    f.ztunnel().all()
+}
 
-    fn redirected_total(&self) -> u64 {
-        let s = self.daemon.stats();
-        s["connect_redirected_ipv4"] + s["connect_redirected_ipv6"]
-    }
+fn redirected_total(f: &Fixture) -> u64 {
+    let s = f.daemon.stats();
+    s["connect_redirected_ipv4"] + s["connect_redirected_ipv6"]
+}
 
-    /// Asserts that a connect through the probe went straight to `to` and
-    /// that neither ztunnel nor the redirect counter saw it.
-    fn assert_direct(
-        &self,
-        result: &Connect,
-        to: &str,
-        before_accepts: usize,
-        before_redirects: u64,
-    ) {
-        assert!(result.ok, "connect failed: {result}");
-        assert_eq!(result.peer.map(canon), Some(parse_addr(to)), "{result}");
-        assert_eq!(
-            self.ztunnel_accepts().len(),
-            before_accepts,
-            "ztunnel saw it: {:?}",
-            self.ztunnel_accepts()
-        );
-        assert_eq!(self.redirected_total(), before_redirects);
-    }
+/// Asserts that a connect through the probe went straight to `to` and
+/// that neither ztunnel nor the redirect counter saw it.
+fn assert_direct(
+    f: &Fixture,
+    result: &Connect,
+    to: &str,
+    before_accepts: usize,
+    before_redirects: u64,
+) {
+    assert!(result.ok, "connect failed: {result}");
+    assert_eq!(result.peer.map(canon), Some(parse_addr(to)), "{result}");
+    assert_eq!(
+        ztunnel_accepts(f).len(),
+        before_accepts,
+        "ztunnel saw it: {:?}",
+        ztunnel_accepts(f)
+    );
+    assert_eq!(redirected_total(f), before_redirects);
 }
 
 fn assert_redirected(
@@ -93,20 +62,20 @@ fn assert_redirected(
     expected_orig: SocketAddr,
     client_ip: std::net::IpAddr,
 ) {
-    let before = f.ztunnel_accepts().len();
+    let before = ztunnel_accepts(f).len();
     let result = f.client.connect(to, 64 * 1024);
     assert!(result.ok, "connect through ztunnel failed: {result}");
     assert!(result.intact, "bytes were not relayed intact: {result}");
-    let accepted = f.ztunnel.wait_for(
+    let accepted = f.ztunnel().wait_for(
         |e: &OutboundAccepted| e.pod == ambridge_conformance::stand_in_id(&f.client),
         Duration::from_secs(5),
     );
-    assert_eq!(f.ztunnel_accepts().len(), before + 1);
+    assert_eq!(ztunnel_accepts(f).len(), before + 1);
     // Landed on the client pod's own 15001, from its IP, with the
     // original destination.
     assert_landed(&accepted, client_ip, client_ip, expected_orig);
     let relayed = f
-        .ztunnel
+        .ztunnel()
         .wait_first::<OutboundRelayed>(Duration::from_secs(5));
     assert_eq!(relayed.bytes_up, 64 * 1024, "{relayed}");
     assert_eq!(relayed.bytes_down, 64 * 1024, "{relayed}");
@@ -147,29 +116,27 @@ fn the_server_sees_the_relayed_connection_from_the_client_pod_ip() {
     let f = fixture();
     let to = format!("{}:8080", f.server.ip4);
     assert!(f.client.connect(&to, 10).ok);
-    let seen = f
-        ._server_echo
-        .wait_first::<Accepted>(Duration::from_secs(5));
+    let seen = f.app().wait_first::<Accepted>(Duration::from_secs(5));
     assert_eq!(ip_of(seen.peer), std::net::IpAddr::from(f.client.ip4));
 }
 
 #[test]
 fn a_non_enrolled_pod_is_not_redirected() {
     let f = fixture();
-    let (a, r) = (f.ztunnel_accepts().len(), f.redirected_total());
+    let (a, r) = (ztunnel_accepts(&f).len(), redirected_total(&f));
     for to in [
         format!("{}:8080", f.server.ip4),
         format!("[{}]:8080", f.server.ip6),
     ] {
         let result = f.plain.connect(&to, 1000);
-        f.assert_direct(&result, &to, a, r);
+        assert_direct(&f, &result, &to, a, r);
     }
 }
 
 #[test]
 fn a_host_process_outside_the_node_cgroup_is_not_redirected() {
     let f = fixture();
-    let (a, r) = (f.ztunnel_accepts().len(), f.redirected_total());
+    let (a, r) = (ztunnel_accepts(&f).len(), redirected_total(&f));
     // Same netns as the enrolled client, but the test runner's own cgroup.
     let to = format!("{}:8080", f.server.ip4);
     let events = run_in(
@@ -177,29 +144,35 @@ fn a_host_process_outside_the_node_cgroup_is_not_redirected() {
         &f.client.netns,
         &["connect", "--to", &to, "--bytes", "100"],
     );
-    f.assert_direct(&event::first(&events).expect("connect event"), &to, a, r);
+    assert_direct(
+        &f,
+        &event::first(&events).expect("connect event"),
+        &to,
+        a,
+        r,
+    );
 }
 
 #[test]
 fn loopback_destinations_are_not_redirected() {
     let f = fixture();
-    let (a, r) = (f.ztunnel_accepts().len(), f.redirected_total());
+    let (a, r) = (ztunnel_accepts(&f).len(), redirected_total(&f));
     for to in ["127.0.0.1:9090", "[::1]:9090"] {
         let result = f.client.connect(to, 100);
-        f.assert_direct(&result, to, a, r);
+        assert_direct(&f, &result, to, a, r);
     }
 }
 
 #[test]
 fn connects_to_the_pods_own_ips_are_not_redirected() {
     let f = fixture();
-    let (a, r) = (f.ztunnel_accepts().len(), f.redirected_total());
+    let (a, r) = (ztunnel_accepts(&f).len(), redirected_total(&f));
     for to in [
         format!("{}:9090", f.client.ip4),
         format!("[{}]:9090", f.client.ip6),
     ] {
         let result = f.client.connect(&to, 100);
-        f.assert_direct(&result, &to, a, r);
+        assert_direct(&f, &result, &to, a, r);
     }
 }
 
@@ -208,14 +181,20 @@ fn ztunnel_own_connects_are_not_redirected() {
     let f = fixture();
     // The stand-in's upstream legs to the server already prove it; here a
     // plain connect from the ztunnel cgroup inside the enrolled pod's netns.
-    let (a, r) = (f.ztunnel_accepts().len(), f.redirected_total());
+    let (a, r) = (ztunnel_accepts(&f).len(), redirected_total(&f));
     let to = format!("{}:8080", f.server.ip4);
     let events = run_in(
         Some(&f.ztunnel_cgroup),
         &f.client.netns,
         &["connect", "--to", &to],
     );
-    f.assert_direct(&event::first(&events).expect("connect event"), &to, a, r);
+    assert_direct(
+        &f,
+        &event::first(&events).expect("connect event"),
+        &to,
+        a,
+        r,
+    );
 }
 
 #[test]
@@ -241,7 +220,7 @@ fn editing_the_workloads_file_enrolls_and_unenrolls_a_pod_without_restart() {
     let to = format!("{}:8080", f.server.ip4);
     let plain_netns = ambridge_conformance::stand_in_id(&f.plain);
     let accepts_from_plain = |f: &Fixture| {
-        f.ztunnel_accepts()
+        ztunnel_accepts(f)
             .iter()
             .filter(|e| e.pod == plain_netns)
             .count()
@@ -375,12 +354,12 @@ fn after_uninstall_nothing_is_pinned_or_attached_and_connections_go_directly() {
         "still attached: {attached}"
     );
 
-    let before = f.ztunnel_accepts().len();
+    let before = ztunnel_accepts(&f).len();
     let to = format!("{}:8080", f.server.ip4);
     let result = f.client.connect(&to, 100);
     assert!(result.ok, "{result}");
     assert_eq!(result.peer.map(canon), Some(parse_addr(&to)));
-    assert_eq!(f.ztunnel_accepts().len(), before);
+    assert_eq!(ztunnel_accepts(&f).len(), before);
 }
 
 #[test]
@@ -420,7 +399,7 @@ fn udp_from_an_enrolled_pod_is_not_redirected() {
     let f = fixture();
     let udp = f.server.spawn(&["udp-echo", "--listen", "[::]:5353"]);
     udp.wait_first::<Listening>(Duration::from_secs(10));
-    let r = f.redirected_total();
+    let r = redirected_total(&f);
     for to in [
         format!("{}:5353", f.server.ip4),
         format!("[{}]:5353", f.server.ip6),
@@ -445,7 +424,7 @@ fn udp_from_an_enrolled_pod_is_not_redirected() {
         from_client,
         vec![f.client.ip4.into(), std::net::IpAddr::from(f.client.ip6)]
     );
-    assert_eq!(f.redirected_total(), r);
+    assert_eq!(redirected_total(&f), r);
 }
 
 #[test]
