@@ -278,7 +278,7 @@ fn inbound_capture_holds_while_the_daemon_is_down_and_its_successor_keeps_it_wit
     // are pinned: a daemon killed mid-traffic leaves inbound capture in
     // force, and the next one takes it over without ztunnel listening anew.
     let t = inbound_node("");
-    let (daemon, _app, ztunnel) = serving(&t, &[]);
+    let (mut daemon, _app, ztunnel) = serving(&t, &[]);
     let registered = stat(&daemon, "listener_registered");
     assert!(registered >= 1, "{:?}", daemon.stats());
     let captured = || ztunnel.all::<InboundAccepted>().len();

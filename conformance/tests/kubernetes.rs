@@ -348,7 +348,7 @@ fn a_daemon_restarted_while_the_api_server_is_down_keeps_kubernetes_pods_capture
         "--kubepods-parent",
         &kubepods_parent,
     ];
-    let daemon = Daemon::start_with(&node, &args);
+    let mut daemon = Daemon::start_with(&node, &args);
     let _app = server.echo_server("[::]:8080");
     let ztunnel = ztunnel_stand_in_with(
         &node,

@@ -79,7 +79,7 @@ impl Setup {
 
 #[test]
 fn a_daemon_killed_with_sigkill_and_restarted_leaves_no_connect_unredirected_or_failed() {
-    let (s, daemon) = setup();
+    let (s, mut daemon) = setup();
     let mut restarted = None;
     s.across_a_connect_loop(|| {
         daemon.crash();
@@ -140,7 +140,7 @@ fn a_second_daemon_waits_for_the_first_and_touches_none_of_its_maps_or_sockets()
 #[test]
 fn a_restarted_daemon_removes_pods_deleted_while_it_was_down_and_gives_a_reused_ip_to_the_new_pod()
 {
-    let (mut s, daemon) = setup();
+    let (mut s, mut daemon) = setup();
     let yaml = |pod: &Pod, ip4: std::net::Ipv4Addr, mode: &str| {
         format!(
             "  - uid: {}\n    name: {}\n    namespace: default\n    cgroup: {}\n    ips: [{ip4}, \"{}\"]\n    mode: {mode}\n",

@@ -241,7 +241,7 @@ fn a_daemon_restarted_while_istiod_is_silent_keeps_its_pods_until_istiod_deliver
     let x = xds_node();
     let (node, client, server, zcgroup, istiod) =
         (&x.node, &x.client, &x.server, &x.zcgroup, &x.istiod);
-    let daemon = x.daemon();
+    let mut daemon = x.daemon();
     let _app = server.echo_server("[::]:8080");
     let ztunnel = ztunnel_stand_in(node, zcgroup, &[client], 15001);
     let to = format!("{}:8080", server.ip4);

@@ -7,26 +7,25 @@
 use std::{path::PathBuf, time::Duration};
 
 use ambridge_conformance::{
-    Background, Daemon, Node, Pod, ProbeEvent, ThreePods,
+    Background, Daemon, Fixture, Pod, ProbeEvent,
     event::{
         Connect, OutboundAccepted, ZdsAdd, ZdsDel, ZdsNack, ZdsPeerClosed, ZdsPeerReceived,
         ZdsReconnected, ZdsSnapshotSent,
     },
-    eventually, three_pods, zds_peer, zds_socket, ztunnel_stand_in_zds,
+    eventually, zds_peer, zds_socket, ztunnel_stand_in_zds,
 };
 
 const WAIT: Duration = Duration::from_secs(15);
 
-struct Setup {
-    _app: Background,
-    client: Pod,
-    server: Pod,
-    plain: Pod,
-    ztunnel_cgroup: PathBuf,
-    node: Node,
+/// What these tests do on a [`Fixture`] whose daemon serves ZDS.
+trait Replacement {
+    fn socket(&self) -> PathBuf;
+    fn stand_in(&self, args: &[&str]) -> Background;
+    fn to(&self) -> String;
+    fn enroll(&self, plain: &str);
 }
 
-impl Setup {
+impl Replacement for Fixture {
     fn socket(&self) -> PathBuf {
         zds_socket(&self.node)
     }
@@ -55,36 +54,10 @@ impl Setup {
     }
 }
 
-fn setup() -> (Setup, Daemon) {
-    let ThreePods {
-        client,
-        server,
-        plain,
-        ztunnel_cgroup,
-        node,
-    } = three_pods();
-    let socket = zds_socket(&node);
-    let daemon = Daemon::start_with(
-        &node,
-        &[
-            "--zds",
-            "serve",
-            "--zds-socket",
-            &socket.display().to_string(),
-        ],
-    );
-    let app = server.echo_server("[::]:8080");
-    (
-        Setup {
-            _app: app,
-            client,
-            server,
-            plain,
-            ztunnel_cgroup,
-            node,
-        },
-        daemon,
-    )
+/// The three pods, the daemon serving ZDS and the server's echo server on
+/// 8080; each test starts its own stand-ins.
+fn setup() -> Fixture {
+    Fixture::three_pods().zds_serve().app().start()
 }
 
 fn accepted(ztunnel: &Background, pod: &Pod) -> usize {
@@ -141,15 +114,19 @@ fn index_of(events: &[ProbeEvent], pred: impl Fn(&ProbeEvent) -> bool) -> usize 
 
 #[test]
 fn ztunnel_gets_each_enrolled_pods_netns_over_zds_and_their_traffic_flows_through_it() {
-    let (s, daemon) = setup();
+    let s = setup();
     s.enroll("ambient");
     // No ztunnel yet: enrolled pods are held, never let past ztunnel.
     eventually(WAIT, || {
-        (daemon.api_json("pods").as_array()?.len() == 3).then_some(())
+        (s.daemon.api_json("pods").as_array()?.len() == 3).then_some(())
     });
     std::thread::sleep(Duration::from_millis(500));
     assert_held(&s.client, &s.to());
-    assert!(daemon.stats()["connect_held"] >= 1, "{:?}", daemon.stats());
+    assert!(
+        s.daemon.stats()["connect_held"] >= 1,
+        "{:?}",
+        s.daemon.stats()
+    );
 
     let ztunnel = s.stand_in(&[]);
     ztunnel.wait_first::<ZdsSnapshotSent>(WAIT);
@@ -203,7 +180,7 @@ fn ztunnel_gets_each_enrolled_pods_netns_over_zds_and_their_traffic_flows_throug
 
 #[test]
 fn a_pod_added_and_removed_while_running_gets_add_then_del_in_order() {
-    let (s, daemon) = setup();
+    let s = setup();
     let ztunnel = s.stand_in(&[]);
     wait_redirected(&ztunnel, &s.client, &s.to());
     assert_eq!(adds(&ztunnel, &s.plain), 0);
@@ -229,7 +206,7 @@ fn a_pod_added_and_removed_while_running_gets_add_then_del_in_order() {
     assert!(s.plain.connect(&s.to(), 16).ok);
     assert_eq!(accepted(&ztunnel, &s.plain), before);
     assert!(
-        daemon
+        s.daemon
             .wait_log("ztunnel acknowledged DelWorkload", WAIT)
             .is_some()
     );
@@ -237,7 +214,7 @@ fn a_pod_added_and_removed_while_running_gets_add_then_del_in_order() {
 
 #[test]
 fn a_second_ztunnel_gets_the_new_adds_while_the_first_keeps_serving_its_pods() {
-    let (s, _daemon) = setup();
+    let s = setup();
     let first = s.stand_in(&[]);
     wait_redirected(&first, &s.client, &s.to());
 
@@ -260,11 +237,11 @@ fn a_second_ztunnel_gets_the_new_adds_while_the_first_keeps_serving_its_pods() {
 
 #[test]
 fn a_pod_whose_add_was_nacked_is_refused_not_bypassed_until_a_retry_succeeds() {
-    let (s, daemon) = setup();
+    let s = setup();
     let ztunnel = s.stand_in(&["--zds-nack", &s.client.uid, "--zds-nack-count", "3"]);
     ztunnel.wait_for(|e: &ZdsNack| e.uid == s.client.uid, WAIT);
     assert!(
-        daemon
+        s.daemon
             .wait_log("ztunnel refused AddWorkload", WAIT)
             .is_some_and(|l| l.contains(&s.client.uid))
     );
@@ -281,18 +258,18 @@ fn a_pod_whose_add_was_nacked_is_refused_not_bypassed_until_a_retry_succeeds() {
 fn malformed_and_oversized_datagrams_close_that_connection_and_the_daemon_keeps_serving() {
     // Misbehaving peers in ztunnel's cgroup: past the peer check, judged on
     // what they send.
-    let (s, daemon) = setup();
+    let s = setup();
     let peer = |steps: &[&str]| zds_peer(&s.ztunnel_cgroup, &s.socket(), steps);
     let garbage = peer(&["send:ffffff"]);
     assert!(
-        daemon
+        s.daemon
             .wait_log("closing the ZDS connection: malformed ZDS ZdsHello", WAIT)
             .is_some()
     );
     garbage.wait_first::<ZdsPeerClosed>(WAIT);
     let huge = peer(&["send:08x4096"]);
     assert!(
-        daemon
+        s.daemon
             .wait_log("larger than the 1024-byte limit", WAIT)
             .is_some()
     );
@@ -301,7 +278,7 @@ fn malformed_and_oversized_datagrams_close_that_connection_and_the_daemon_keeps_
     // ack belongs.
     let liar = peer(&["hello", "recv", "send:0a050a"]);
     assert!(
-        daemon
+        s.daemon
             .wait_log(
                 "closing the ZDS connection: malformed ZDS WorkloadResponse",
                 WAIT
@@ -312,12 +289,12 @@ fn malformed_and_oversized_datagrams_close_that_connection_and_the_daemon_keeps_
     // The daemon still serves a well-behaved ztunnel.
     let ztunnel = s.stand_in(&[]);
     wait_redirected(&ztunnel, &s.client, &s.to());
-    assert_eq!(daemon.api_json("status")["state_loaded"], true);
+    assert_eq!(s.daemon.api_json("status")["state_loaded"], true);
 }
 
 #[test]
 fn a_zds_peer_outside_every_ztunnel_cgroup_is_refused_unread_and_new_pods_still_go_to_ztunnel() {
-    let (mut s, daemon) = setup();
+    let mut s = setup();
     let ztunnel = s.stand_in(&[]);
     wait_redirected(&ztunnel, &s.client, &s.to());
     // Root, saying hello as ztunnel does and waiting for its pods, but from
@@ -325,7 +302,8 @@ fn a_zds_peer_outside_every_ztunnel_cgroup_is_refused_unread_and_new_pods_still_
     let rogue_cgroup = s.node.add_cgroup("rogue");
     let rogue = zds_peer(&rogue_cgroup, &s.socket(), &["hello"]);
     rogue.wait_first::<ZdsPeerClosed>(WAIT);
-    let refused = daemon
+    let refused = s
+        .daemon
         .wait_log("refused a ZDS peer", WAIT)
         .expect("the refusal is logged");
     let cgroup = rogue_cgroup
@@ -336,7 +314,7 @@ fn a_zds_peer_outside_every_ztunnel_cgroup_is_refused_unread_and_new_pods_still_
             && refused.contains(&format!("cgroup /{}", cgroup.display())),
         "{refused}"
     );
-    let zds = &daemon.api_json("status")["zds"];
+    let zds = &s.daemon.api_json("status")["zds"];
     assert!(zds["peers_refused"].as_u64() >= Some(1), "{zds}");
     assert_eq!(zds["connections"], 1, "{zds}");
     // A pod enrolled now goes to the real ztunnel: the rogue never became
@@ -352,25 +330,22 @@ fn a_zds_peer_outside_every_ztunnel_cgroup_is_refused_unread_and_new_pods_still_
 fn a_daemon_restart_in_replacement_mode_refuses_or_bypasses_no_connect() {
     // ztunnel keeps serving while ambridge restarts, then reconnects and
     // takes a new snapshot; pods it had stay unheld meanwhile.
-    let (s, daemon) = setup();
+    let mut s = setup();
     let ztunnel = s.stand_in(&[]);
     wait_redirected(&ztunnel, &s.client, &s.to());
     let before = accepted(&ztunnel, &s.client);
     let looped = s.client.connect_until_stopped(&s.to(), &s.node.dir);
     let socket = s.socket().display().to_string();
-    let mut restarted = None;
     looped.assert_through_across(
         || accepted(&ztunnel, &s.client) - before,
         || {
-            daemon.crash();
-            let daemon = Daemon::start_with(&s.node, &["--zds", "serve", "--zds-socket", &socket]);
+            s.daemon.crash();
+            s.daemon = Daemon::start_with(&s.node, &["--zds", "serve", "--zds-socket", &socket]);
             ztunnel.wait_first::<ZdsReconnected>(WAIT);
-            restarted = Some(daemon);
         },
     );
-    let daemon = restarted.expect("restarted");
     assert!(
-        daemon
+        s.daemon
             .wait_log("stay unheld until its next snapshot", WAIT)
             .is_some()
     );
@@ -381,7 +356,7 @@ fn a_daemon_restart_in_replacement_mode_refuses_or_bypasses_no_connect() {
 
 #[test]
 fn a_recreated_sandbox_is_handed_to_ztunnel_again_with_its_new_netns() {
-    let (mut s, _daemon) = setup();
+    let mut s = setup();
     let ztunnel = s.stand_in(&[]);
     wait_redirected(&ztunnel, &s.client, &s.to());
     let client = s.client.clone();
@@ -395,7 +370,7 @@ fn a_recreated_sandbox_is_handed_to_ztunnel_again_with_its_new_netns() {
 fn a_ztunnel_reconnecting_over_zds_keeps_its_pods_redirected_meanwhile() {
     // ztunnel keeps serving its pods while its ZDS connection is down; the
     // daemon must not hold them in the gap.
-    let (s, _daemon) = setup();
+    let s = setup();
     // Its third answer (after the snapshot's Add and SnapshotSent) drops
     // the connection; it connects again 300 ms later.
     let ztunnel = s.stand_in(&["--zds-drop-after", "3"]);
