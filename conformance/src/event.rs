@@ -162,11 +162,6 @@ impl ProbeEvent {
             format!("ambridge-probe printed a line that is not a probe event ({e}): {line}")
         })
     }
-
-    /// This event, if it is of kind `K`.
-    pub fn get<K: Kind>(&self) -> Option<&K> {
-        K::of(self)
-    }
 }
 
 /// The first event of kind `K` in `events`.
@@ -531,8 +526,8 @@ mod tests {
         let line = ProbeEvent::from(ZdsClosed {}).to_string();
         assert_eq!(line, r#"{"event":"zds-closed"}"#);
         assert_eq!(
-            ProbeEvent::parse(&line).unwrap().get::<ZdsClosed>(),
-            Some(&ZdsClosed {})
+            first::<ZdsClosed>(&[ProbeEvent::parse(&line).unwrap()]),
+            Some(ZdsClosed {})
         );
     }
 

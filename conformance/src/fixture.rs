@@ -61,7 +61,7 @@ impl ThreePods {
 /// file, a failing map) before the daemon sees it.
 pub struct FixtureBuilder {
     pods: ThreePods,
-    daemon_args: Vec<String>,
+    zds_serve: bool,
     app: bool,
     echoes: Vec<(PodRole, String)>,
     ztunnel: Option<(Vec<PodRole>, Vec<String>)>,
@@ -74,17 +74,11 @@ impl FixtureBuilder {
         &self.pods
     }
 
-    /// Extra `ambridge run` arguments.
-    pub fn daemon_args(mut self, args: &[&str]) -> Self {
-        self.daemon_args.extend(args.iter().map(|a| a.to_string()));
-        self
-    }
-
     /// The daemon serves ZDS at the node's [`zds_socket`], whatever
     /// `AMBRIDGE_TEST_ZDS` says.
-    pub fn zds_serve(self) -> Self {
-        let socket = zds_socket(&self.pods.node).display().to_string();
-        self.daemon_args(&["--zds", "serve", "--zds-socket", &socket])
+    pub fn zds_serve(mut self) -> Self {
+        self.zds_serve = true;
+        self
     }
 
     /// The application: an echo server on the server's `[::]:8080`
@@ -120,8 +114,12 @@ impl FixtureBuilder {
     /// handed its pods), in that order.
     pub fn start(self) -> Fixture {
         let t = &self.pods;
-        let args: Vec<&str> = self.daemon_args.iter().map(String::as_str).collect();
-        let daemon = Daemon::start_with(&t.node, &args);
+        let daemon = if self.zds_serve {
+            let socket = zds_socket(&t.node).display().to_string();
+            Daemon::start_with(&t.node, &["--zds", "serve", "--zds-socket", &socket])
+        } else {
+            Daemon::start(&t.node)
+        };
         let app = self.app.then(|| t.server.echo_server("[::]:8080"));
         let echoes = self
             .echoes
@@ -177,7 +175,7 @@ impl Fixture {
     pub fn three_pods() -> FixtureBuilder {
         FixtureBuilder {
             pods: three_pods(),
-            daemon_args: Vec::new(),
+            zds_serve: false,
             app: false,
             echoes: Vec::new(),
             ztunnel: None,
