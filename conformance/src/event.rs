@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 /// One kind of probe event: a struct wrapped in the [`ProbeEvent`] variant
 /// of its name.
-pub trait Kind: Clone + Into<ProbeEvent> {
+pub trait Kind: Clone {
     /// The `event` field of this kind on the wire.
     const NAME: &'static str;
 

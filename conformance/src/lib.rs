@@ -115,11 +115,11 @@ pub fn in_pod_landing(
     }
 }
 
-/// Asserts that a ztunnel stand-in `accepted` event shows a redirected
-/// connection: it landed on port 15001 of `ztunnel_ip` (in the shared
-/// model) or, where `ztunnel_ip` is the client's own (in-pod), of the
-/// [`in_pod_landing`] address of the original destination; it came from
-/// the client pod's IP (ztunnel's view of the client), and
+/// Asserts that a ztunnel stand-in `outbound-accepted` event shows a
+/// redirected connection: it landed on port 15001 of `ztunnel_ip` (in the
+/// shared model) or, where `ztunnel_ip` is the client's own (in-pod), of
+/// the [`in_pod_landing`] address of the original destination; it came
+/// from the client pod's IP (ztunnel's view of the client), and
 /// `SO_ORIGINAL_DST` said where it was going.
 pub fn assert_landed(
     accepted: &event::OutboundAccepted,
