@@ -280,8 +280,9 @@ impl Daemon {
 
     /// Kills the daemon with SIGKILL, as a crash or an OOM kill would, and
     /// leaves its pins alone: unlike dropping the guard, nothing is
-    /// uninstalled.
-    pub fn crash(mut self) {
+    /// uninstalled. The guard is left with nothing to stop or uninstall, to
+    /// be replaced by the daemon that runs next.
+    pub fn crash(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();

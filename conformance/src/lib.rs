@@ -24,13 +24,17 @@
 
 pub mod cni;
 pub mod daemon;
+pub mod event;
+pub mod fixture;
 pub mod istiod;
 pub mod kubeapi;
 pub mod probe;
 pub mod sandbox;
 
 pub use daemon::Daemon;
-pub use probe::{Background, ConnectLoop, Event};
+pub use event::ProbeEvent;
+pub use fixture::{Fixture, PodRole, ThreePods, three_pods};
+pub use probe::{Background, ConnectLoop};
 pub use sandbox::{Node, Pod, Topology};
 
 use std::{
@@ -69,54 +73,29 @@ pub fn eventually<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) ->
     }
 }
 
-/// The node most tests start from: `client` enrolled, `server` and `plain`
-/// not, a `ztunnel` cgroup, and the workloads file saying so.
-pub struct ThreePods {
-    pub client: Pod,
-    pub server: Pod,
-    pub plain: Pod,
-    pub ztunnel_cgroup: std::path::PathBuf,
-    /// Last, so it is dropped after the pods' processes.
-    pub node: Node,
-}
-
-/// Builds a [`ThreePods`] node (no daemon yet).
-pub fn three_pods() -> ThreePods {
-    let mut node = Node::new();
-    let client = node.add_pod("client");
-    let server = node.add_pod("server");
-    let plain = node.add_pod("plain");
-    let ztunnel_cgroup = node.add_cgroup("ztunnel");
-    node.write_workloads(
-        &[(&client, "ambient"), (&server, "none"), (&plain, "none")],
-        Some(&ztunnel_cgroup),
-    );
-    ThreePods {
-        client,
-        server,
-        plain,
-        ztunnel_cgroup,
-        node,
-    }
-}
-
-/// Parses a socket address as probes print it, turning IPv4-mapped IPv6
-/// (what a dual-stack listener reports) into plain IPv4.
-pub fn canon(addr: &str) -> std::net::SocketAddr {
-    let a: std::net::SocketAddr = addr
-        .parse()
-        .unwrap_or_else(|e| panic!("{addr:?} is not a socket address: {e}"));
-    match a {
+/// A socket address with IPv4-mapped IPv6 (what a dual-stack listener
+/// reports) made plain IPv4.
+pub fn canon(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    match addr {
         std::net::SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
             Some(v4) => std::net::SocketAddr::from((v4, v6.port())),
-            None => a,
+            None => addr,
         },
         v4 => v4,
     }
 }
 
-/// The IP of an address as probes print it (IPv4-mapped made plain).
-pub fn ip_of(addr: &str) -> std::net::IpAddr {
+/// Parses a socket address a test wrote (`to` of a connect), made
+/// [`canon`].
+pub fn parse_addr(text: &str) -> std::net::SocketAddr {
+    canon(
+        text.parse()
+            .unwrap_or_else(|e| panic!("{text:?} is not a socket address: {e}")),
+    )
+}
+
+/// The IP of an address (IPv4-mapped made plain).
+pub fn ip_of(addr: std::net::SocketAddr) -> std::net::IpAddr {
     canon(addr).ip()
 }
 
@@ -136,47 +115,36 @@ pub fn in_pod_landing(
     }
 }
 
-/// Asserts that a ztunnel stand-in `accepted` event shows a redirected
-/// connection: it landed on port 15001 of `ztunnel_ip` (in the shared
-/// model) or, where `ztunnel_ip` is the client's own (in-pod), of the
-/// [`in_pod_landing`] address of the original destination; it came from
-/// the client pod's IP (ztunnel's view of the client), and
+/// Asserts that a ztunnel stand-in `outbound-accepted` event shows a
+/// redirected connection: it landed on port 15001 of `ztunnel_ip` (in the
+/// shared model) or, where `ztunnel_ip` is the client's own (in-pod), of
+/// the [`in_pod_landing`] address of the original destination; it came
+/// from the client pod's IP (ztunnel's view of the client), and
 /// `SO_ORIGINAL_DST` said where it was going.
 pub fn assert_landed(
-    accepted: &Event,
+    accepted: &event::OutboundAccepted,
     ztunnel_ip: std::net::IpAddr,
     client_ip: std::net::IpAddr,
     original: std::net::SocketAddr,
 ) {
-    let local = canon(accepted["local"].as_str().expect("local address"));
+    let local = canon(accepted.local);
     let landing = if ztunnel_ip == client_ip {
         in_pod_landing(client_ip, original)
     } else {
         ztunnel_ip
     };
     assert_eq!((local.ip(), local.port()), (landing, 15001), "{accepted}");
-    assert_eq!(
-        ip_of(accepted["peer"].as_str().expect("peer")),
-        client_ip,
-        "{accepted}"
-    );
-    assert_eq!(
-        accepted["orig_dst"].as_str().map(canon),
-        Some(original),
-        "{accepted}"
-    );
+    assert_eq!(ip_of(accepted.peer), client_ip, "{accepted}");
+    assert_eq!(accepted.orig_dst.map(canon), Some(original), "{accepted}");
 }
 
 /// Waits for a [`Pod::connect_loop`] of `count` connects to end and asserts
 /// that none failed and that every one went through ztunnel: `through()`
 /// (ztunnel's accepted connections since the loop started) reaches `count`.
 pub fn assert_loop_through(looped: &Background, count: usize, through: impl Fn() -> usize) {
-    let summary = looped.wait_for(
-        |e| e["event"] == "connect-summary",
-        Duration::from_secs(120),
-    );
-    assert_eq!(summary["failed"], 0, "failed connects: {summary}");
-    assert_eq!(summary["ok"], count, "{summary}");
+    let summary = looped.wait_first::<event::ConnectSummary>(Duration::from_secs(120));
+    assert_eq!(summary.failed, 0, "failed connects: {summary}");
+    assert_eq!(summary.ok, count as u64, "{summary}");
     let all = eventually(Duration::from_secs(5), || {
         (through() == count).then_some(())
     });
@@ -191,16 +159,10 @@ pub fn assert_loop_through(looped: &Background, count: usize, through: impl Fn()
 /// `ztunnel` (`expect`) or goes past it: it must succeed either way, and
 /// the stand-in must (or must not) accept a connection within 3 s.
 pub fn assert_redirected(ztunnel: &Background, client: &Pod, to: &str, expect: bool) {
-    let accepted = || {
-        ztunnel
-            .events()
-            .iter()
-            .filter(|e| e["event"] == "accepted")
-            .count()
-    };
+    let accepted = || ztunnel.all::<event::OutboundAccepted>().len();
     let before = accepted();
     let r = client.connect(to, 16);
-    assert_eq!(r["ok"], true, "{r}");
+    assert!(r.ok, "{r}");
     let got = eventually(Duration::from_secs(3), || {
         (accepted() > before).then_some(())
     });
@@ -309,7 +271,7 @@ fn start_stand_in(
         .arg("ztunnel")
         .args(args);
     let z = Background::spawn(cmd);
-    z.wait_for(|e| e["event"] == "listening", Duration::from_secs(10));
+    z.wait_first::<event::ZtunnelListening>(Duration::from_secs(10));
     z
 }
 
@@ -330,12 +292,7 @@ fn wait_unheld(node: &Node, ztunnel: &Background) {
             .ok()?;
         serde_json::from_slice(&out.stdout).ok()
     };
-    let snapshot_sent = || {
-        ztunnel
-            .events()
-            .iter()
-            .any(|e| e["event"] == "zds-snapshot-sent")
-    };
+    let snapshot_sent = || !ztunnel.all::<event::ZdsSnapshotSent>().is_empty();
     let settled = eventually(Duration::from_secs(10), || {
         if ask("status")?["ready"] == true && !snapshot_sent() {
             return None;
@@ -385,9 +342,6 @@ pub fn zds_peer(
         .arg(zds_socket)
         .args(steps);
     let peer = Background::spawn(cmd);
-    peer.wait_for(
-        |e| e["event"] == "zds-peer-connected",
-        Duration::from_secs(10),
-    );
+    peer.wait_first::<event::ZdsPeerConnected>(Duration::from_secs(10));
     peer
 }

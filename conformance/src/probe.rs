@@ -8,12 +8,11 @@ use std::{
     time::Duration,
 };
 
-use serde_json::Value;
-
-use crate::{Pod, eventually, workspace_bin};
-
-/// One JSON line reported by a probe.
-pub type Event = Value;
+use crate::{
+    Pod,
+    event::{self, Connect, ConnectSummary, Kind, Listening, ProbeEvent},
+    eventually, workspace_bin,
+};
 
 fn command(cgroup: Option<&Path>, netns: &Path, args: &[&str]) -> Command {
     let mut cmd = Command::new(workspace_bin("ambridge-probe"));
@@ -24,16 +23,17 @@ fn command(cgroup: Option<&Path>, netns: &Path, args: &[&str]) -> Command {
     cmd
 }
 
-fn parse_lines(stdout: &[u8]) -> Vec<Event> {
+/// The events a probe printed; a line that is not one fails the test.
+fn parse_lines(stdout: &[u8]) -> Vec<ProbeEvent> {
     String::from_utf8_lossy(stdout)
         .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
+        .map(|l| ProbeEvent::parse(l).unwrap_or_else(|e| panic!("{e}")))
         .collect()
 }
 
 /// Runs a probe to completion in `netns`, in `cgroup` (or, with `None`, in
 /// the test runner's own cgroup, outside the node) and returns its events.
-pub fn run_in(cgroup: Option<&Path>, netns: &Path, args: &[&str]) -> Vec<Event> {
+pub fn run_in(cgroup: Option<&Path>, netns: &Path, args: &[&str]) -> Vec<ProbeEvent> {
     let out = command(cgroup, netns, args)
         .stderr(Stdio::inherit())
         .output()
@@ -49,26 +49,23 @@ pub fn run_in(cgroup: Option<&Path>, netns: &Path, args: &[&str]) -> Vec<Event> 
 
 impl Pod {
     /// Runs a probe in this pod's app container.
-    pub fn run(&self, args: &[&str]) -> Vec<Event> {
+    pub fn run(&self, args: &[&str]) -> Vec<ProbeEvent> {
         run_in(Some(&self.container), &self.netns, args)
     }
 
     /// Connects from this pod to `to`, sending `bytes` and expecting them
     /// echoed; returns the probe's `connect` event.
-    pub fn connect(&self, to: &str, bytes: usize) -> Event {
+    pub fn connect(&self, to: &str, bytes: usize) -> Connect {
         self.connect_with(to, bytes, &[])
     }
 
     /// As [`Pod::connect`], with extra `connect` arguments (`--io poll`).
-    pub fn connect_with(&self, to: &str, bytes: usize, extra: &[&str]) -> Event {
+    pub fn connect_with(&self, to: &str, bytes: usize, extra: &[&str]) -> Connect {
         let bytes = bytes.to_string();
         let mut args = vec!["connect", "--to", to, "--bytes", &bytes];
         args.extend_from_slice(extra);
         let events = self.run(&args);
-        events
-            .into_iter()
-            .find(|e| e["event"] == "connect")
-            .expect("connect event")
+        event::first(&events).unwrap_or_else(|| panic!("no connect event: {events:?}"))
     }
 
     /// Starts sequential 16-byte connects from this pod to `to` that go on
@@ -99,7 +96,7 @@ impl Pod {
     /// listens.
     pub fn echo_server(&self, addr: &str) -> Background {
         let server = self.spawn(&["echo", "--listen", addr]);
-        server.wait_for(|e| e["event"] == "listening", Duration::from_secs(10));
+        server.wait_first::<Listening>(Duration::from_secs(10));
         server
     }
 }
@@ -134,9 +131,9 @@ impl ConnectLoop {
         std::fs::write(&self.stop, b"").expect("writing the loop's stop file");
         let summary = self
             .probe
-            .wait_for(|e| e["event"] == "connect-summary", Duration::from_secs(30));
-        assert_eq!(summary["failed"], 0, "failed connects: {summary}");
-        let ok = summary["ok"].as_u64().expect("ok count") as usize;
+            .wait_first::<ConnectSummary>(Duration::from_secs(30));
+        assert_eq!(summary.failed, 0, "failed connects: {summary}");
+        let ok = summary.ok as usize;
         let all = eventually(Duration::from_secs(5), || (through() == ok).then_some(()));
         assert!(
             all.is_some(),
@@ -149,7 +146,15 @@ impl ConnectLoop {
 /// A probe running in the background; killed on drop.
 pub struct Background {
     child: Child,
-    events: Arc<Mutex<Vec<Event>>>,
+    events: Arc<Mutex<Reported>>,
+}
+
+/// What a background probe printed so far.
+#[derive(Default)]
+struct Reported {
+    events: Vec<ProbeEvent>,
+    /// The first line that was not an event, with why.
+    unparsed: Option<String>,
 }
 
 impl Background {
@@ -160,12 +165,16 @@ impl Background {
             .spawn()
             .expect("spawning ambridge-probe");
         let stdout = child.stdout.take().expect("piped stdout");
-        let events = Arc::new(Mutex::new(Vec::new()));
+        let events = Arc::new(Mutex::new(Reported::default()));
         let sink = events.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str(&line) {
-                    sink.lock().unwrap().push(v);
+                let mut reported = sink.lock().unwrap();
+                match ProbeEvent::parse(&line) {
+                    Ok(event) => reported.events.push(event),
+                    Err(e) => {
+                        reported.unparsed.get_or_insert(e);
+                    }
                 }
             }
         });
@@ -182,16 +191,36 @@ impl Background {
         self.child.id()
     }
 
-    /// Every event reported so far.
-    pub fn events(&self) -> Vec<Event> {
-        self.events.lock().unwrap().clone()
+    /// Every event reported so far; panics, naming the line, once the
+    /// probe printed a line that is not an event.
+    pub fn events(&self) -> Vec<ProbeEvent> {
+        let reported = self.events.lock().unwrap();
+        if let Some(unparsed) = reported.unparsed.clone() {
+            // Unlocked first, so that the panic leaves the lock usable.
+            drop(reported);
+            panic!("{unparsed}");
+        }
+        reported.events.clone()
     }
 
-    /// Waits for an event matching `pred`; panics with all events on timeout.
-    pub fn wait_for(&self, pred: impl Fn(&Event) -> bool, timeout: Duration) -> Event {
-        eventually(timeout, || self.events().into_iter().find(|e| pred(e))).unwrap_or_else(|| {
+    /// Every event of kind `K` reported so far, in order.
+    pub fn all<K: Kind>(&self) -> Vec<K> {
+        event::all(&self.events())
+    }
+
+    /// Waits for the first event of kind `K`; panics with all events on
+    /// timeout.
+    pub fn wait_first<K: Kind>(&self, timeout: Duration) -> K {
+        self.wait_for(|_: &K| true, timeout)
+    }
+
+    /// Waits for an event of kind `K` matching `pred`; panics with all
+    /// events on timeout.
+    pub fn wait_for<K: Kind>(&self, pred: impl Fn(&K) -> bool, timeout: Duration) -> K {
+        eventually(timeout, || self.all::<K>().into_iter().find(|e| pred(e))).unwrap_or_else(|| {
             panic!(
-                "no matching probe event within {timeout:?}; got {:?}",
+                "no matching {} event within {timeout:?}; got {:?}",
+                K::NAME,
                 self.events()
             )
         })

@@ -284,7 +284,7 @@ impl Node {
     /// say) or any other host process looks to the daemon, which must leave
     /// it alone. It reaches the pods through the node's addresses (the
     /// bridge, or the macvlan host shim).
-    pub fn run_on_node(&self, args: &[&str]) -> Vec<crate::Event> {
+    pub fn run_on_node(&self, args: &[&str]) -> Vec<crate::ProbeEvent> {
         crate::probe::run_in(None, &self.node_netns_path(), args)
     }
 
@@ -672,9 +672,9 @@ mod tests {
                     Some(pod) => pod.run(&args),
                     None => node.run_on_node(&args),
                 };
-                let ok = events
+                let ok = crate::event::all::<crate::event::Connect>(&events)
                     .iter()
-                    .any(|e| e["event"] == "connect" && e["ok"] == true);
+                    .any(|c| c.ok);
                 ok.then_some(())
             };
             assert!(
@@ -728,7 +728,7 @@ mod tests {
                 .arg(node.node_netns_path())
                 .args(["echo", "--listen", "[::]:8080"]);
             let node_server = crate::Background::spawn(cmd);
-            node_server.wait_for(|e| e["event"] == "listening", Duration::from_secs(10));
+            node_server.wait_first::<crate::event::Listening>(Duration::from_secs(10));
             let node_pod = Pod {
                 name: "the node".into(),
                 ip4: "198.18.0.1".parse().unwrap(),

@@ -8,21 +8,14 @@ use std::{os::unix::process::CommandExt, process::Command, time::Duration};
 
 use ambridge::api::{self, pb};
 use ambridge_conformance::{
-    Daemon, ThreePods, assert_redirected, three_pods, workspace_bin, zds_socket, ztunnel_stand_in,
+    Fixture, PodRole, assert_redirected, event::OutboundAccepted, workspace_bin, zds_socket,
 };
 use tokio_stream::StreamExt;
 
 #[test]
 fn status_and_pods_report_the_node_and_the_datapath() {
-    let ThreePods {
-        client,
-        server: _server,
-        plain: _plain,
-        ztunnel_cgroup: _z,
-        node,
-    } = three_pods();
-    let daemon = Daemon::start(&node);
-    let status = daemon.api_json("status");
+    let f = Fixture::three_pods().start();
+    let status = f.daemon.api_json("status");
     assert_eq!(status["state_loaded"], true, "{status}");
     assert_eq!(status["pods"], 3, "{status}");
     assert_eq!(status["enrolled"], 1, "{status}");
@@ -33,7 +26,7 @@ fn status_and_pods_report_the_node_and_the_datapath() {
         "{status}"
     );
 
-    let pods = daemon.api_json("pods");
+    let pods = f.daemon.api_json("pods");
     let pods = pods.as_array().expect("a list of pods");
     assert_eq!(pods.len(), 3);
     let c = pods
@@ -42,10 +35,10 @@ fn status_and_pods_report_the_node_and_the_datapath() {
         .expect("client listed");
     assert_eq!(c["mode"], "ambient");
     assert_eq!(c["in_datapath"], true, "{c}");
-    assert_eq!(c["cgroup"], client.cgroup.display().to_string());
+    assert_eq!(c["cgroup"], f.client.cgroup.display().to_string());
     assert!(c["cgroup_id"].as_u64() > Some(0), "{c}");
     assert_eq!(c["problem"], "", "{c}");
-    assert_eq!(c["ips"][0], client.ip4.to_string());
+    assert_eq!(c["ips"][0], f.client.ip4.to_string());
 }
 
 /// Runs `ambridge status --api <socket>` as `nobody`.
@@ -61,9 +54,8 @@ fn status_as_nobody(socket: &std::path::Path) -> std::process::Output {
 
 #[test]
 fn the_api_refuses_callers_that_are_not_root() {
-    let pods = three_pods();
-    let daemon = Daemon::start(&pods.node);
-    let socket = daemon.api_socket().to_path_buf();
+    let f = Fixture::three_pods().start();
+    let socket = f.daemon.api_socket().to_path_buf();
     // The test's scratch directory must be reachable for the check to be
     // about the socket itself.
     let mut dir = socket.parent().map(std::path::Path::to_path_buf);
@@ -134,19 +126,13 @@ fn push_pod(
 
 #[test]
 fn a_pushed_pod_joins_the_node_state_and_watchers_see_every_change() {
-    let ThreePods {
-        client: _client,
-        server,
-        plain,
-        ztunnel_cgroup,
-        node,
-    } = three_pods();
-    let daemon = Daemon::start(&node);
-    let _app = server.echo_server("[::]:8080");
-    let ztunnel = ztunnel_stand_in(&node, &ztunnel_cgroup, &[&plain], 15001);
-    let to = format!("{}:8080", server.ip4);
+    let f = Fixture::three_pods()
+        .app()
+        .ztunnel(&[PodRole::Plain], &[])
+        .start();
+    let to = format!("{}:8080", f.server.ip4);
     runtime().block_on(async {
-        let mut api = api::connect(daemon.api_socket()).await.unwrap();
+        let mut api = api::connect(f.daemon.api_socket()).await.unwrap();
         let mut watch = api.watch(pb::WatchRequest {}).await.unwrap().into_inner();
         // The snapshot: every pod of the file, as ADDED.
         for _ in 0..3 {
@@ -156,7 +142,7 @@ fn a_pushed_pod_joins_the_node_state_and_watchers_see_every_change() {
             );
         }
         // `plain` is `none` in the file; an agent pushes it as ambient.
-        api.push_cgroup(push_pod(&plain, pb::Mode::Ambient, false))
+        api.push_cgroup(push_pod(&f.plain, pb::Mode::Ambient, false))
             .await
             .unwrap();
         let change = next_change(&mut watch).await;
@@ -164,17 +150,18 @@ fn a_pushed_pod_joins_the_node_state_and_watchers_see_every_change() {
         let pod = change.pod.unwrap();
         assert_eq!(
             (pod.uid.as_str(), pod.mode()),
-            (plain.uid.as_str(), pb::Mode::Ambient)
+            (f.plain.uid.as_str(), pb::Mode::Ambient)
         );
         // It is redirected now (in replacement mode, once ztunnel
         // acknowledged it).
         let redirected = ambridge_conformance::eventually(Duration::from_secs(10), || {
-            (plain.connect(&to, 16)["ok"] == true).then_some(())
+            f.plain.connect(&to, 16).ok.then_some(())
         });
-        assert!(redirected.is_some(), "{:?}", ztunnel.events());
-        ztunnel.wait_for(|e| e["event"] == "accepted", Duration::from_secs(5));
+        assert!(redirected.is_some(), "{:?}", f.ztunnel().events());
+        f.ztunnel()
+            .wait_first::<OutboundAccepted>(Duration::from_secs(5));
         // Taking the push back restores the file's word for it.
-        api.push_cgroup(push_pod(&plain, pb::Mode::Ambient, true))
+        api.push_cgroup(push_pod(&f.plain, pb::Mode::Ambient, true))
             .await
             .unwrap();
         // (In replacement mode an update for the lifted hold may come
@@ -191,7 +178,7 @@ fn a_pushed_pod_joins_the_node_state_and_watchers_see_every_change() {
         assert_eq!(change.pod.unwrap().mode(), pb::Mode::None);
         // A malformed push is refused, naming the field.
         let err = api
-            .push_cgroup(push_pod(&plain, 7, false))
+            .push_cgroup(push_pod(&f.plain, 7, false))
             .await
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
@@ -202,18 +189,17 @@ fn a_pushed_pod_joins_the_node_state_and_watchers_see_every_change() {
 #[test]
 fn the_api_and_zds_sockets_appear_at_their_paths_already_0600_never_created_or_chmod_there() {
     use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
-    let pods = three_pods();
-    let dir = &pods.node.dir;
+    let node = Fixture::three_pods().zds_serve();
+    let dir = node.pods().node.dir.clone();
     let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).unwrap();
     inotify
         .add_watch(
-            dir,
+            &dir,
             AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_ATTRIB,
         )
         .unwrap();
-    let zds = zds_socket(&pods.node).display().to_string();
-    let daemon = Daemon::start_with(&pods.node, &["--zds", "serve", "--zds-socket", &zds]);
-    let sockets = [daemon.api_socket().to_path_buf(), zds_socket(&pods.node)];
+    let f = node.start();
+    let sockets = [f.daemon.api_socket().to_path_buf(), zds_socket(&f.node)];
     let bound = ambridge_conformance::eventually(Duration::from_secs(10), || {
         sockets.iter().all(|s| s.exists()).then_some(())
     });
@@ -256,10 +242,9 @@ fn the_api_and_zds_sockets_appear_at_their_paths_already_0600_never_created_or_c
 
 #[test]
 fn one_api_connection_is_allowed_a_bounded_number_of_concurrent_streams() {
-    let pods = three_pods();
-    let daemon = Daemon::start(&pods.node);
+    let f = Fixture::three_pods().start();
     runtime().block_on(async {
-        let io = tokio::net::UnixStream::connect(daemon.api_socket())
+        let io = tokio::net::UnixStream::connect(f.daemon.api_socket())
             .await
             .unwrap();
         let (send, mut conn) = h2::client::handshake(io).await.unwrap();
@@ -279,22 +264,16 @@ fn one_api_connection_is_allowed_a_bounded_number_of_concurrent_streams() {
 
 #[test]
 fn a_pushed_cgroup_holding_an_enrolled_pod_is_refused_naming_both_and_nothing_changes() {
-    let ThreePods {
-        client,
-        server,
-        plain,
-        ztunnel_cgroup,
-        node,
-    } = three_pods();
-    let daemon = Daemon::start(&node);
-    let _app = server.echo_server("[::]:8080");
-    let ztunnel = ztunnel_stand_in(&node, &ztunnel_cgroup, &[&client], 15001);
-    let to = format!("{}:8080", server.ip4);
-    assert_redirected(&ztunnel, &client, &to, true);
-    let cgroups = daemon.map_entries()["cgroups"];
-    let parent = node.cgroup.display().to_string();
+    let f = Fixture::three_pods()
+        .app()
+        .ztunnel(&[PodRole::Client], &[])
+        .start();
+    let to = format!("{}:8080", f.server.ip4);
+    assert_redirected(f.ztunnel(), &f.client, &to, true);
+    let cgroups = f.daemon.map_entries()["cgroups"];
+    let parent = f.node.cgroup.display().to_string();
     runtime().block_on(async {
-        let mut api = api::connect(daemon.api_socket()).await.unwrap();
+        let mut api = api::connect(f.daemon.api_socket()).await.unwrap();
         // As ztunnel: every pod below would be exempt from capture.
         let as_ztunnel = pb::PushCgroupRequest {
             entry: Some(pb::push_cgroup_request::Entry::Ztunnel(pb::PushedZtunnel {
@@ -304,7 +283,7 @@ fn a_pushed_cgroup_holding_an_enrolled_pod_is_refused_naming_both_and_nothing_ch
             remove: false,
         };
         // As a pod: its entry would be every unlisted pod's below.
-        let mut as_pod = push_pod(&plain, pb::Mode::None, false);
+        let mut as_pod = push_pod(&f.plain, pb::Mode::None, false);
         if let Some(pb::push_cgroup_request::Entry::Pod(p)) = &mut as_pod.entry {
             p.uid = ambridge_conformance::kubelet_pod_uid();
             p.cgroup = parent.clone();
@@ -316,22 +295,22 @@ fn a_pushed_cgroup_holding_an_enrolled_pod_is_refused_naming_both_and_nothing_ch
             assert!(
                 message.starts_with(&format!(
                     "{field}: {parent} contains the cgroup of pod default/client ({}",
-                    client.uid
+                    f.client.uid
                 )),
                 "{message}"
             );
         }
     });
     // Nothing changed: no new entry, the same ztunnel, still redirected.
-    assert_eq!(daemon.map_entries()["cgroups"], cgroups);
-    let status = daemon.api_json("status");
+    assert_eq!(f.daemon.map_entries()["cgroups"], cgroups);
+    let status = f.daemon.api_json("status");
     assert_eq!(
         (status["ztunnels"].as_u64(), status["pods"].as_u64()),
         (Some(1), Some(3))
     );
-    assert_redirected(&ztunnel, &client, &to, true);
+    assert_redirected(f.ztunnel(), &f.client, &to, true);
     assert!(
-        daemon
+        f.daemon
             .wait_log("push through the API refused", Duration::from_secs(5))
             .is_some()
     );

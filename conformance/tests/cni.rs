@@ -14,7 +14,8 @@ use std::{
 use ambridge_conformance::{
     Background, Daemon, Node, Pod, assert_landed,
     cni::{self, config_for},
-    eventually, ip_of, workspace_bin, ztunnel_stand_in_with,
+    event::{Connect, OutboundAccepted, Released},
+    eventually, ip_of, parse_addr, workspace_bin, ztunnel_stand_in_with,
 };
 use serde_json::json;
 
@@ -112,23 +113,19 @@ fn two_hundred_pods_connecting_the_instant_their_add_returns_are_all_captured() 
             format!("{}/24", pod.ip4),
             "prevResult passed through"
         );
-        let connected = container.wait_for(|e| e["event"] == "connect", Duration::from_secs(15));
-        assert_eq!(connected["ok"], true, "{} connect: {connected}", pod.name);
+        let connected = container.wait_first::<Connect>(Duration::from_secs(15));
+        assert!(connected.ok, "{} connect: {connected}", pod.name);
         let released = container
-            .events()
+            .all::<Released>()
             .into_iter()
-            .find(|e| e["event"] == "released")
+            .next()
             .expect("released event");
-        let at = released["monotonic_ns"].as_u64().expect("monotonic_ns");
+        let at = released.monotonic_ns;
         gaps_us.push(at.saturating_sub(add.returned_ns) as f64 / 1000.0);
     }
     // Every one of them went through ztunnel, from its own address.
     let accepted = eventually(Duration::from_secs(10), || {
-        let accepted: Vec<_> = ztunnel
-            .events()
-            .into_iter()
-            .filter(|e| e["event"] == "accepted")
-            .collect();
+        let accepted = ztunnel.all::<OutboundAccepted>();
         (accepted.len() >= PODS).then_some(accepted)
     })
     .unwrap_or_else(|| {
@@ -141,14 +138,9 @@ fn two_hundred_pods_connecting_the_instant_their_add_returns_are_all_captured() 
     for pod in &pods {
         let own = accepted
             .iter()
-            .find(|a| a["peer"].as_str().map(ip_of) == Some(pod.ip4.into()))
+            .find(|a| ip_of(a.peer) == pod.ip4)
             .unwrap_or_else(|| panic!("{}'s first connect did not reach ztunnel", pod.name));
-        assert_landed(
-            own,
-            pod.ip4.into(),
-            pod.ip4.into(),
-            ambridge_conformance::canon(&to),
-        );
+        assert_landed(own, pod.ip4.into(), pod.ip4.into(), parse_addr(&to));
     }
     gaps_us.sort_by(f64::total_cmp);
     eprintln!(

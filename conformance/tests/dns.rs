@@ -7,8 +7,11 @@
 use std::time::Duration;
 
 use ambridge_conformance::{
-    Background, Daemon, Event, Node, Pod, canon, eventually, listening_ztunnel_stand_in,
-    sandbox::iptables, ztunnel_stand_in_with,
+    Background, Daemon, Node, Pod, canon,
+    event::{self, Dns as DnsAnswer, DnsQuery, DnsTransport, Listening},
+    eventually, listening_ztunnel_stand_in, parse_addr,
+    sandbox::iptables,
+    ztunnel_stand_in_with,
 };
 
 /// `client` (enrolled, its own workloads-file lines in `client_extra`),
@@ -46,7 +49,7 @@ fn dns_node(client_extra: &str) -> Dns {
 fn serving(t: &Dns, daemon_args: &[&str]) -> (Daemon, Background, Background) {
     let daemon = Daemon::start_with(&t.node, daemon_args);
     let server = t.resolver.spawn(&["dns-server", "--listen", "[::]:53"]);
-    server.wait_for(|e| e["event"] == "listening", Duration::from_secs(10));
+    server.wait_first::<Listening>(Duration::from_secs(10));
     let upstream = format!("{}:53", t.resolver.ip4);
     let ztunnel = ztunnel_stand_in_with(
         &t.node,
@@ -58,10 +61,8 @@ fn serving(t: &Dns, daemon_args: &[&str]) -> (Daemon, Background, Background) {
     (daemon, server, ztunnel)
 }
 
-fn query(pod: &Pod, to: &str, transport: &str, text: &str) -> Event {
-    pod.run(&["dns", "--to", to, "--transport", transport, "--query", text])
-        .into_iter()
-        .find(|e| e["event"] == "dns")
+fn query(pod: &Pod, to: &str, transport: &str, text: &str) -> DnsAnswer {
+    event::first(&pod.run(&["dns", "--to", to, "--transport", transport, "--query", text]))
         .expect("dns event")
 }
 
@@ -76,21 +77,12 @@ fn servers(t: &Dns) -> [String; 2] {
 
 /// Asserts the client sees `to` as the source (`from`, for UDP) and peer
 /// (`getpeername`, for connected sockets) of the answer.
-fn assert_seen_from(answer: &Event, to: &str) {
-    let transport = answer["transport"].as_str().unwrap();
-    if transport != "tcp" {
-        assert_eq!(
-            answer["from"].as_str().map(canon),
-            Some(canon(to)),
-            "{answer}"
-        );
+fn assert_seen_from(answer: &DnsAnswer, to: &str) {
+    if answer.transport != DnsTransport::Tcp {
+        assert_eq!(answer.from.map(canon), Some(parse_addr(to)), "{answer}");
     }
-    if transport != "udp" {
-        assert_eq!(
-            answer["peer"].as_str().map(canon),
-            Some(canon(to)),
-            "{answer}"
-        );
+    if answer.transport != DnsTransport::Udp {
+        assert_eq!(answer.peer.map(canon), Some(parse_addr(to)), "{answer}");
     }
 }
 
@@ -103,35 +95,26 @@ fn a_captured_pods_queries_are_answered_by_ztunnel_and_seem_to_come_from_the_ser
         for transport in TRANSPORTS {
             let text = format!("q{asked}");
             let answer = query(&t.client, &to, transport, &text);
-            assert_eq!(answer["ok"], true, "{answer}");
+            assert!(answer.ok, "{answer}");
             // ztunnel answered, with what the real server told it.
             assert_eq!(
-                answer["reply"],
-                format!("ztunnel:server:{text}"),
+                answer.reply,
+                Some(format!("ztunnel:server:{text}")),
                 "{answer}"
             );
             assert_seen_from(&answer, &to);
             asked += 1;
             // ztunnel's own upstream query reached the real server, from
             // the client pod's address (its socket lives in the pod).
-            let seen = server.wait_for(
-                |e| e["event"] == "dns-query" && e["query"] == text.as_str(),
-                Duration::from_secs(5),
-            );
+            let seen = server.wait_for(|e: &DnsQuery| e.query == text, Duration::from_secs(5));
             assert_eq!(
-                canon(seen["peer"].as_str().unwrap()).ip(),
+                canon(seen.peer).ip(),
                 std::net::IpAddr::from(t.client.ip4),
                 "{seen}"
             );
         }
     }
-    let proxied = || {
-        ztunnel
-            .events()
-            .into_iter()
-            .filter(|e| e["event"] == "dns-query")
-            .count()
-    };
+    let proxied = || ztunnel.all::<DnsQuery>().len();
     // The stand-in may report a query just after answering it.
     eventually(Duration::from_secs(5), || {
         (proxied() == asked).then_some(())
@@ -153,13 +136,13 @@ fn assert_answered_by_the_server(t: &Dns, daemon: &Daemon, ztunnel: &Background)
     for to in servers(t) {
         for transport in TRANSPORTS {
             let answer = query(&t.client, &to, transport, "direct");
-            assert_eq!(answer["ok"], true, "{answer}");
-            assert_eq!(answer["reply"], "server:direct", "{answer}");
+            assert!(answer.ok, "{answer}");
+            assert_eq!(answer.reply.as_deref(), Some("server:direct"), "{answer}");
             assert_seen_from(&answer, &to);
         }
     }
     assert!(
-        !ztunnel.events().iter().any(|e| e["event"] == "dns-query"),
+        ztunnel.all::<DnsQuery>().is_empty(),
         "{:?}",
         ztunnel.events()
     );
@@ -186,7 +169,11 @@ fn a_pod_can_turn_dns_capture_on_when_the_node_leaves_it_off() {
     let (_daemon, _server, _ztunnel) = serving(&t, &["--dns-capture", "off"]);
     let to = format!("{}:53", t.resolver.ip4);
     let answer = query(&t.client, &to, "udp", "on");
-    assert_eq!(answer["reply"], "ztunnel:server:on", "{answer}");
+    assert_eq!(
+        answer.reply.as_deref(),
+        Some("ztunnel:server:on"),
+        "{answer}"
+    );
     assert_seen_from(&answer, &to);
 }
 
@@ -206,7 +193,7 @@ fn with_istio_cni_rules_in_place_dns_capture_cooperates() {
         "-t nat -A OUTPUT ! -d 127.0.0.1/32 -p tcp --dport 53 -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15053",
     );
     let server = t.resolver.spawn(&["dns-server", "--listen", "[::]:53"]);
-    server.wait_for(|e| e["event"] == "listening", Duration::from_secs(10));
+    server.wait_first::<Listening>(Duration::from_secs(10));
     let upstream = format!("{}:53", t.resolver.ip4);
     let _ztunnel = listening_ztunnel_stand_in(
         &t.node,
@@ -217,7 +204,11 @@ fn with_istio_cni_rules_in_place_dns_capture_cooperates() {
     let to = format!("{}:53", t.resolver.ip4);
     for transport in TRANSPORTS {
         let answer = query(&t.client, &to, transport, "cni");
-        assert_eq!(answer["reply"], "ztunnel:server:cni", "{answer}");
+        assert_eq!(
+            answer.reply.as_deref(),
+            Some("ztunnel:server:cni"),
+            "{answer}"
+        );
         assert_seen_from(&answer, &to);
     }
     assert_eq!(daemon.stats()["dns_redirected"], 3);
@@ -234,10 +225,11 @@ fn a_query_that_cannot_be_recorded_is_refused_never_sent_to_the_server_unanswere
     for to in servers(&t) {
         for transport in TRANSPORTS {
             let answer = query(&t.client, &to, transport, "unrecorded");
-            assert_eq!(answer["ok"], false, "{answer}");
+            assert!(!answer.ok, "{answer}");
             assert!(
-                answer["error"]
-                    .as_str()
+                answer
+                    .error
+                    .as_deref()
                     .is_some_and(|e| e.contains("not permitted")),
                 "{answer}"
             );
@@ -247,7 +239,7 @@ fn a_query_that_cannot_be_recorded_is_refused_never_sent_to_the_server_unanswere
     // Refused before a datagram or a SYN left: neither end saw anything.
     for (end, events) in [("ztunnel", ztunnel.events()), ("server", server.events())] {
         assert!(
-            !events.iter().any(|e| e["event"] == "dns-query"),
+            event::all::<DnsQuery>(&events).is_empty(),
             "the {end} saw a query: {events:?}"
         );
     }

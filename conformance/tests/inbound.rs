@@ -6,8 +6,11 @@
 use std::time::Duration;
 
 use ambridge_conformance::{
-    Daemon, Event, Node, Pod, canon, eventually, ip_of, listening_ztunnel_stand_in,
-    sandbox::iptables, zds_socket, ztunnel_stand_in_with, ztunnel_stand_in_zds,
+    Background, Daemon, Node, Pod, canon,
+    event::{self, Accepted, Connect, InboundAccepted, OutboundAccepted},
+    eventually, ip_of, listening_ztunnel_stand_in, parse_addr,
+    sandbox::iptables,
+    zds_socket, ztunnel_stand_in_with, ztunnel_stand_in_zds,
 };
 
 /// A node with a non-enrolled `client` and an enrolled `server` running an
@@ -43,13 +46,6 @@ fn stat(daemon: &Daemon, name: &str) -> u64 {
     daemon.stats()[name]
 }
 
-fn events_named(b: &ambridge_conformance::Background, name: &str) -> Vec<Event> {
-    b.events()
-        .into_iter()
-        .filter(|e| e["event"] == name)
-        .collect()
-}
-
 #[test]
 fn a_non_enrolled_pods_connect_lands_on_ztunnels_15006_with_the_original_destination() {
     let t = inbound_node("");
@@ -62,9 +58,8 @@ fn a_non_enrolled_pods_connect_lands_on_ztunnels_15006_with_the_original_destina
         (format!("[{}]:8080", t.server.ip6), t.client.ip6.to_string()),
     ] {
         let r = t.client.connect(&to, 64);
-        assert_eq!(
-            r["ok"],
-            true,
+        assert!(
+            r.ok,
             "{r} {:?} {:?}",
             daemon.stats(),
             ztunnel.events().iter().take(8).collect::<Vec<_>>()
@@ -72,28 +67,17 @@ fn a_non_enrolled_pods_connect_lands_on_ztunnels_15006_with_the_original_destina
         // ztunnel saw the real client as peer and the original ip:port as
         // its local address, with no SO_ORIGINAL_DST answer.
         let accepted = ztunnel.wait_for(
-            |e| {
-                e["event"] == "inbound-accepted"
-                    && e["local"].as_str().map(canon) == Some(canon(&to))
-            },
+            |e: &InboundAccepted| canon(e.local) == parse_addr(&to),
             Duration::from_secs(5),
         );
-        assert_eq!(
-            ip_of(accepted["peer"].as_str().unwrap()).to_string(),
-            client_ip,
-            "{accepted}"
-        );
-        assert!(accepted["orig_dst"].is_null(), "{accepted}");
+        assert_eq!(ip_of(accepted.peer).to_string(), client_ip, "{accepted}");
+        assert!(accepted.orig_dst.is_none(), "{accepted}");
         // The application sees the client's IP.
         let seen = app.wait_for(
-            |e| e["event"] == "accepted" && e["local"].as_str().map(canon) == Some(canon(&to)),
+            |e: &Accepted| canon(e.local) == parse_addr(&to),
             Duration::from_secs(5),
         );
-        assert_eq!(
-            ip_of(seen["peer"].as_str().unwrap()).to_string(),
-            client_ip,
-            "{seen}"
-        );
+        assert_eq!(ip_of(seen.peer).to_string(), client_ip, "{seen}");
     }
     assert!(stat(&daemon, "inbound_captured") >= 2);
     assert_eq!(pod_field(&daemon, &t.server, "inbound"), "captured");
@@ -113,14 +97,7 @@ fn pod_field(daemon: &Daemon, pod: &Pod, field: &str) -> serde_json::Value {
 
 /// Starts the daemon, the server's echo server on 8080 and 15008-less
 /// ztunnel stand-in (`args`), and waits until the server is enrolled.
-fn serving(
-    t: &Inbound,
-    args: &[&str],
-) -> (
-    Daemon,
-    ambridge_conformance::Background,
-    ambridge_conformance::Background,
-) {
+fn serving(t: &Inbound, args: &[&str]) -> (Daemon, Background, Background) {
     let daemon = Daemon::start(&t.node);
     let app = t.server.echo_server("[::]:8080");
     let ztunnel = ztunnel_stand_in_with(&t.node, &t.ztunnel, &[&t.server], args);
@@ -130,11 +107,11 @@ fn serving(
 
 /// Whether the application accepted a connection from `peer_ip` within
 /// 3 s (the same wait as a positive check).
-fn app_saw(app: &ambridge_conformance::Background, peer_ip: &str) -> bool {
+fn app_saw(app: &Background, peer_ip: &str) -> bool {
     eventually(Duration::from_secs(3), || {
-        events_named(app, "accepted")
+        app.all::<Accepted>()
             .iter()
-            .any(|e| ip_of(e["peer"].as_str().unwrap()).to_string() == peer_ip)
+            .any(|e| ip_of(e.peer).to_string() == peer_ip)
             .then_some(())
     })
     .is_some()
@@ -147,14 +124,14 @@ fn hbone_and_a_pod_calling_its_own_ip_are_not_captured() {
     let hbone = t.server.echo_server("[::]:15008");
     // 15008 from another pod reaches the listener there, not 15006.
     let r = t.client.connect(&format!("{}:15008", t.server.ip4), 16);
-    assert_eq!(r["ok"], true, "{r}");
-    hbone.wait_for(|e| e["event"] == "accepted", Duration::from_secs(5));
+    assert!(r.ok, "{r}");
+    hbone.wait_first::<Accepted>(Duration::from_secs(5));
     // The server calling itself reaches its application directly.
     let own = ztunnel_conformance_self_call(&t);
-    assert_eq!(own["ok"], true, "{own}");
+    assert!(own.ok, "{own}");
     let captured_before = daemon.stats()["inbound_captured"];
     assert_eq!(
-        events_named(&ztunnel, "inbound-accepted").len(),
+        ztunnel.all::<InboundAccepted>().len(),
         0,
         "{:?}",
         ztunnel.events()
@@ -164,7 +141,7 @@ fn hbone_and_a_pod_calling_its_own_ip_are_not_captured() {
 
 /// The server pod connecting to its own IP on the application's port (a
 /// probe in its app container, outside ztunnel).
-fn ztunnel_conformance_self_call(t: &Inbound) -> Event {
+fn ztunnel_conformance_self_call(t: &Inbound) -> Connect {
     // The server's outbound connect to its own IP is not redirected
     // either (istio-cni lets a pod call itself directly).
     t.server.connect(&format!("{}:8080", t.server.ip4), 16)
@@ -175,24 +152,22 @@ fn a_pod_with_bypass_inbound_capture_is_reached_directly_and_still_captured_outb
     let t = inbound_node("    bypass_inbound_capture: true\n");
     let (daemon, app, ztunnel) = serving(&t, &[]);
     let r = t.client.connect(&format!("{}:8080", t.server.ip4), 16);
-    assert_eq!(r["ok"], true, "{r}");
+    assert!(r.ok, "{r}");
     assert!(app_saw(&app, &t.client.ip4.to_string()));
-    assert!(events_named(&ztunnel, "inbound-accepted").is_empty());
+    assert!(ztunnel.all::<InboundAccepted>().is_empty());
     assert_eq!(daemon.stats()["inbound_captured"], 0);
     assert_eq!(pod_field(&daemon, &t.server, "inbound"), "bypassed");
     // Outbound from the bypassing pod still goes through ztunnel.
     let far = t.client.echo_server("[::]:9090");
     let out = t.server.connect(&format!("{}:9090", t.client.ip4), 16);
-    assert_eq!(out["ok"], true, "{out}");
+    assert!(out.ok, "{out}");
     ztunnel.wait_for(
-        |e| {
-            e["event"] == "accepted"
-                && e["orig_dst"].as_str().map(canon)
-                    == Some(canon(&format!("{}:9090", t.client.ip4)))
+        |e: &OutboundAccepted| {
+            e.orig_dst.map(canon) == Some(parse_addr(&format!("{}:9090", t.client.ip4)))
         },
         Duration::from_secs(5),
     );
-    far.wait_for(|e| e["event"] == "accepted", Duration::from_secs(5));
+    far.wait_first::<Accepted>(Duration::from_secs(5));
 }
 
 #[test]
@@ -207,20 +182,17 @@ fn a_connection_from_the_node_reaches_the_application_directly_without_nat_or_co
         let events = t
             .node
             .run_on_node(&["connect", "--to", &to, "--bytes", "16"]);
-        let r = events
-            .iter()
-            .find(|e| e["event"] == "connect")
-            .expect("connect event");
-        assert_eq!(r["ok"], true, "{r}");
-        let local = canon(r["local"].as_str().unwrap());
+        let r: Connect = event::first(&events).expect("connect event");
+        assert!(r.ok, "{r}");
+        let local = canon(r.local.expect("a connected socket's local address"));
         // The application sees the node's own address: no SNAT.
         let seen = app.wait_for(
-            |e| e["event"] == "accepted" && canon(e["peer"].as_str().unwrap()) == local,
+            |e: &Accepted| canon(e.peer) == local,
             Duration::from_secs(5),
         );
-        assert_eq!(canon(seen["local"].as_str().unwrap()), canon(&to), "{seen}");
+        assert_eq!(canon(seen.local), parse_addr(&to), "{seen}");
     }
-    assert!(events_named(&ztunnel, "inbound-accepted").is_empty());
+    assert!(ztunnel.all::<InboundAccepted>().is_empty());
     assert_eq!(daemon.stats()["inbound_exempt"], 2);
     for ns in [&t.node.netns_name, &t.server.netns_name] {
         assert_eq!(conntrack_entries(ns), 0, "conntrack entries in {ns}");
@@ -258,9 +230,9 @@ fn without_a_15006_listener_an_inbound_connect_fails_and_never_reaches_the_appli
         format!("[{}]:8080", t.server.ip6),
     ] {
         let r = t.client.connect(&to, 16);
-        assert_eq!(r["ok"], false, "{r}");
+        assert!(!r.ok, "{r}");
         // The kernel refused it at once (a reset), not after a timeout.
-        assert!(r["error"].as_str().unwrap_or("").contains("refused"), "{r}");
+        assert!(r.error.as_deref().unwrap_or("").contains("refused"), "{r}");
     }
     assert!(!app_saw(&app, &t.client.ip4.to_string()));
     assert!(!app_saw(&app, &t.client.ip6.to_string()));
@@ -283,16 +255,16 @@ fn with_istio_cni_rules_in_place_inbound_capture_cooperates() {
     let ztunnel = listening_ztunnel_stand_in(&t.node, &t.ztunnel, &[&t.server], &[]);
     let to = format!("{}:8080", t.server.ip4);
     let r = t.client.connect(&to, 64);
-    assert_eq!(r["ok"], true, "{r}");
-    let accepted = ztunnel.wait_for(|e| e["event"] == "inbound-accepted", Duration::from_secs(5));
+    assert!(r.ok, "{r}");
+    let accepted = ztunnel.wait_first::<InboundAccepted>(Duration::from_secs(5));
     assert_eq!(
-        canon(accepted["local"].as_str().unwrap()),
-        canon(&format!("{}:15006", t.server.ip4)),
+        canon(accepted.local),
+        parse_addr(&format!("{}:15006", t.server.ip4)),
         "{accepted}"
     );
     assert_eq!(
-        accepted["orig_dst"].as_str().map(canon),
-        Some(canon(&to)),
+        accepted.orig_dst.map(canon),
+        Some(parse_addr(&to)),
         "{accepted}"
     );
     assert!(app_saw(&app, &t.client.ip4.to_string()));
@@ -306,10 +278,10 @@ fn inbound_capture_holds_while_the_daemon_is_down_and_its_successor_keeps_it_wit
     // are pinned: a daemon killed mid-traffic leaves inbound capture in
     // force, and the next one takes it over without ztunnel listening anew.
     let t = inbound_node("");
-    let (daemon, _app, ztunnel) = serving(&t, &[]);
+    let (mut daemon, _app, ztunnel) = serving(&t, &[]);
     let registered = stat(&daemon, "listener_registered");
     assert!(registered >= 1, "{:?}", daemon.stats());
-    let captured = || events_named(&ztunnel, "inbound-accepted").len();
+    let captured = || ztunnel.all::<InboundAccepted>().len();
     let looped = t
         .client
         .connect_until_stopped(&format!("{}:8080", t.server.ip4), &t.node.dir);
@@ -329,7 +301,7 @@ fn inbound_capture_holds_while_the_daemon_is_down_and_its_successor_keeps_it_wit
     let daemon = restarted.expect("restarted");
     let before = captured();
     let r = t.client.connect(&format!("{}:8080", t.server.ip4), 16);
-    assert_eq!(r["ok"], true, "{r}");
+    assert!(r.ok, "{r}");
     eventually(Duration::from_secs(10), || {
         (captured() > before).then_some(())
     })

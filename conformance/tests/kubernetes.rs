@@ -7,8 +7,8 @@
 use std::time::{Duration, Instant};
 
 use ambridge_conformance::{
-    Background, Daemon, Node, Pod, eventually, ip_of, kubeapi::KubeApi, ztunnel_stand_in,
-    ztunnel_stand_in_with,
+    Background, Daemon, Node, Pod, event::OutboundAccepted, eventually, ip_of, kubeapi::KubeApi,
+    ztunnel_stand_in, ztunnel_stand_in_with,
 };
 use serde_json::{Value, json};
 
@@ -291,10 +291,9 @@ const OUTAGE: Duration = Duration::from_secs(10);
 /// ztunnel's connections from `pod` so far.
 fn accepted_from(ztunnel: &Background, pod: &Pod) -> usize {
     ztunnel
-        .events()
+        .all::<OutboundAccepted>()
         .iter()
-        .filter(|e| e["event"] == "accepted")
-        .filter(|e| e["peer"].as_str().map(ip_of) == Some(pod.ip4.into()))
+        .filter(|e| ip_of(e.peer) == pod.ip4)
         .count()
 }
 
@@ -302,7 +301,7 @@ fn accepted_from(ztunnel: &Background, pod: &Pod) -> usize {
 fn assert_captured(ztunnel: &Background, pod: &Pod, to: &str) {
     let before = accepted_from(ztunnel, pod);
     let r = pod.connect(to, 16);
-    assert_eq!(r["ok"], true, "{} could not connect: {r}", pod.name);
+    assert!(r.ok, "{} could not connect: {r}", pod.name);
     let through = eventually(Duration::from_secs(3), || {
         (accepted_from(ztunnel, pod) > before).then_some(())
     });
@@ -349,7 +348,7 @@ fn a_daemon_restarted_while_the_api_server_is_down_keeps_kubernetes_pods_capture
         "--kubepods-parent",
         &kubepods_parent,
     ];
-    let daemon = Daemon::start_with(&node, &args);
+    let mut daemon = Daemon::start_with(&node, &args);
     let _app = server.echo_server("[::]:8080");
     let ztunnel = ztunnel_stand_in_with(
         &node,

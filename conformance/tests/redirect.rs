@@ -2,91 +2,58 @@
 //! outbound TCP to its own 15001, `SO_ORIGINAL_DST` for the proxy, and
 //! everything that must be left alone.
 
-use std::{net::SocketAddr, path::PathBuf, process::Command, time::Duration};
+use std::{net::SocketAddr, process::Command, time::Duration};
 
 use ambridge_conformance::{
-    Background, Daemon, Event, Node, Pod, ThreePods, assert_landed, canon, eventually, ip_of,
-    probe::run_in, three_pods, ztunnel_stand_in,
+    Daemon, Fixture, Node, PodRole, assert_landed, canon,
+    event::{
+        self, Accepted, Connect, ConnectSummary, Datagram, Listening, OutboundAccepted,
+        OutboundRelayed, Sockopt, Udp,
+    },
+    eventually, ip_of, parse_addr,
+    probe::run_in,
+    ztunnel_stand_in,
 };
 
-/// Field order is drop order: processes and the daemon go before the node.
-struct Fixture {
-    ztunnel: Background,
-    _server_echo: Background,
-    _client_echo: Background,
-    daemon: Daemon,
-    client: Pod,
-    server: Pod,
-    plain: Pod,
-    ztunnel_cgroup: PathBuf,
-    node: Node,
-}
-
-/// client: enrolled; server and plain: mode none. A ztunnel stand-in listens
-/// on 15001 in all three pods, so a wrong redirect shows up as an event
-/// rather than as a refused connection.
+/// client: enrolled; server and plain: mode none; echo servers on the
+/// server's 8080 and the client's 9090. A ztunnel stand-in listens on 15001
+/// in all three pods, so a wrong redirect shows up as an event rather than
+/// as a refused connection.
 fn fixture() -> Fixture {
-    let ThreePods {
-        client,
-        server,
-        plain,
-        ztunnel_cgroup,
-        node,
-    } = three_pods();
-    let daemon = Daemon::start(&node);
-    let server_echo = server.echo_server("[::]:8080");
-    let client_echo = client.echo_server("[::]:9090");
-    let ztunnel = ztunnel_stand_in(&node, &ztunnel_cgroup, &[&client, &server, &plain], 15001);
-    Fixture {
-        ztunnel,
-        _server_echo: server_echo,
-        _client_echo: client_echo,
-        daemon,
-        client,
-        server,
-        plain,
-        ztunnel_cgroup,
-        node,
-    }
+    Fixture::three_pods()
+        .app()
+        .echo(PodRole::Client, "[::]:9090")
+        .ztunnel(&[PodRole::Client, PodRole::Server, PodRole::Plain], &[])
+        .start()
 }
 
-impl Fixture {
-    fn ztunnel_accepts(&self) -> Vec<Event> {
-        self.ztunnel
-            .events()
-            .into_iter()
-            .filter(|e| e["event"] == "accepted")
-            .collect()
-    }
+fn ztunnel_accepts(f: &Fixture) -> Vec<OutboundAccepted> {
+    f.ztunnel().all()
+}
 
-    fn redirected_total(&self) -> u64 {
-        let s = self.daemon.stats();
-        s["connect_redirected_ipv4"] + s["connect_redirected_ipv6"]
-    }
+fn redirected_total(f: &Fixture) -> u64 {
+    let s = f.daemon.stats();
+    s["connect_redirected_ipv4"] + s["connect_redirected_ipv6"]
+}
 
-    /// Asserts that a connect through the probe went straight to `to` and
-    /// that neither ztunnel nor the redirect counter saw it.
-    fn assert_direct(
-        &self,
-        result: &Event,
-        to: &str,
-        before_accepts: usize,
-        before_redirects: u64,
-    ) {
-        assert_eq!(result["ok"], true, "connect failed: {result}");
-        assert_eq!(
-            canon(result["peer"].as_str().unwrap()),
-            canon(to),
-            "{result}"
-        );
-        assert_eq!(
-            self.ztunnel_accepts().len(),
-            before_accepts,
-            "ztunnel saw it: {:?}",
-            self.ztunnel_accepts()
-        );
-        assert_eq!(self.redirected_total(), before_redirects);
-    }
+/// Asserts that a connect through the probe went straight to `to` and
+/// that neither ztunnel nor the redirect counter saw it.
+fn assert_direct(
+    f: &Fixture,
+    result: &Connect,
+    to: &str,
+    before_accepts: usize,
+    before_redirects: u64,
+) {
+    assert!(result.ok, "connect failed: {result}");
+    assert_eq!(result.peer.map(canon), Some(parse_addr(to)), "{result}");
+    assert_eq!(
+        ztunnel_accepts(f).len(),
+        before_accepts,
+        "ztunnel saw it: {:?}",
+        ztunnel_accepts(f)
+    );
+    assert_eq!(redirected_total(f), before_redirects);
 }
 
 fn assert_redirected(
@@ -95,36 +62,30 @@ fn assert_redirected(
     expected_orig: SocketAddr,
     client_ip: std::net::IpAddr,
 ) {
-    let before = f.ztunnel_accepts().len();
+    let before = ztunnel_accepts(f).len();
     let result = f.client.connect(to, 64 * 1024);
-    assert_eq!(
-        result["ok"], true,
-        "connect through ztunnel failed: {result}"
-    );
-    assert_eq!(
-        result["intact"], true,
-        "bytes were not relayed intact: {result}"
-    );
-    let accepted = f.ztunnel.wait_for(
-        |e| e["event"] == "accepted" && e["pod"] == ambridge_conformance::stand_in_id(&f.client),
+    assert!(result.ok, "connect through ztunnel failed: {result}");
+    assert!(result.intact, "bytes were not relayed intact: {result}");
+    let accepted = f.ztunnel().wait_for(
+        |e: &OutboundAccepted| e.pod == ambridge_conformance::stand_in_id(&f.client),
         Duration::from_secs(5),
     );
-    assert_eq!(f.ztunnel_accepts().len(), before + 1);
+    assert_eq!(ztunnel_accepts(f).len(), before + 1);
     // Landed on the client pod's own 15001, from its IP, with the
     // original destination.
     assert_landed(&accepted, client_ip, client_ip, expected_orig);
     let relayed = f
-        .ztunnel
-        .wait_for(|e| e["event"] == "relayed", Duration::from_secs(5));
-    assert_eq!(relayed["bytes_up"], 64 * 1024, "{relayed}");
-    assert_eq!(relayed["bytes_down"], 64 * 1024, "{relayed}");
+        .ztunnel()
+        .wait_first::<OutboundRelayed>(Duration::from_secs(5));
+    assert_eq!(relayed.bytes_up, 64 * 1024, "{relayed}");
+    assert_eq!(relayed.bytes_down, 64 * 1024, "{relayed}");
 }
 
 #[test]
 fn enrolled_pod_ipv4_connect_lands_on_its_own_15001_with_the_original_destination() {
     let f = fixture();
     let to = format!("{}:8080", f.server.ip4);
-    assert_redirected(&f, &to, canon(&to), f.client.ip4.into());
+    assert_redirected(&f, &to, parse_addr(&to), f.client.ip4.into());
     assert_eq!(f.daemon.stats()["connect_redirected_ipv4"], 1);
     assert_eq!(f.daemon.stats()["orig_dst_answered"], 1);
 }
@@ -133,7 +94,7 @@ fn enrolled_pod_ipv4_connect_lands_on_its_own_15001_with_the_original_destinatio
 fn enrolled_pod_ipv6_connect_lands_on_its_own_15001_with_the_original_destination() {
     let f = fixture();
     let to = format!("[{}]:8080", f.server.ip6);
-    assert_redirected(&f, &to, canon(&to), f.client.ip6.into());
+    assert_redirected(&f, &to, parse_addr(&to), f.client.ip6.into());
     assert_eq!(f.daemon.stats()["connect_redirected_ipv6"], 1);
 }
 
@@ -144,7 +105,7 @@ fn dual_stack_socket_to_an_ipv4_mapped_address_is_redirected_as_ipv4() {
     assert_redirected(
         &f,
         &to,
-        canon(&format!("{}:8080", f.server.ip4)),
+        parse_addr(&format!("{}:8080", f.server.ip4)),
         f.client.ip4.into(),
     );
     assert_eq!(f.daemon.stats()["connect_redirected_ipv4"], 1);
@@ -154,33 +115,28 @@ fn dual_stack_socket_to_an_ipv4_mapped_address_is_redirected_as_ipv4() {
 fn the_server_sees_the_relayed_connection_from_the_client_pod_ip() {
     let f = fixture();
     let to = format!("{}:8080", f.server.ip4);
-    assert_eq!(f.client.connect(&to, 10)["ok"], true);
-    let seen = f
-        ._server_echo
-        .wait_for(|e| e["event"] == "accepted", Duration::from_secs(5));
-    assert_eq!(
-        ip_of(seen["peer"].as_str().unwrap()),
-        std::net::IpAddr::from(f.client.ip4)
-    );
+    assert!(f.client.connect(&to, 10).ok);
+    let seen = f.app().wait_first::<Accepted>(Duration::from_secs(5));
+    assert_eq!(ip_of(seen.peer), std::net::IpAddr::from(f.client.ip4));
 }
 
 #[test]
 fn a_non_enrolled_pod_is_not_redirected() {
     let f = fixture();
-    let (a, r) = (f.ztunnel_accepts().len(), f.redirected_total());
+    let (a, r) = (ztunnel_accepts(&f).len(), redirected_total(&f));
     for to in [
         format!("{}:8080", f.server.ip4),
         format!("[{}]:8080", f.server.ip6),
     ] {
         let result = f.plain.connect(&to, 1000);
-        f.assert_direct(&result, &to, a, r);
+        assert_direct(&f, &result, &to, a, r);
     }
 }
 
 #[test]
 fn a_host_process_outside_the_node_cgroup_is_not_redirected() {
     let f = fixture();
-    let (a, r) = (f.ztunnel_accepts().len(), f.redirected_total());
+    let (a, r) = (ztunnel_accepts(&f).len(), redirected_total(&f));
     // Same netns as the enrolled client, but the test runner's own cgroup.
     let to = format!("{}:8080", f.server.ip4);
     let events = run_in(
@@ -188,29 +144,35 @@ fn a_host_process_outside_the_node_cgroup_is_not_redirected() {
         &f.client.netns,
         &["connect", "--to", &to, "--bytes", "100"],
     );
-    f.assert_direct(&events[0], &to, a, r);
+    assert_direct(
+        &f,
+        &event::first(&events).expect("connect event"),
+        &to,
+        a,
+        r,
+    );
 }
 
 #[test]
 fn loopback_destinations_are_not_redirected() {
     let f = fixture();
-    let (a, r) = (f.ztunnel_accepts().len(), f.redirected_total());
+    let (a, r) = (ztunnel_accepts(&f).len(), redirected_total(&f));
     for to in ["127.0.0.1:9090", "[::1]:9090"] {
         let result = f.client.connect(to, 100);
-        f.assert_direct(&result, to, a, r);
+        assert_direct(&f, &result, to, a, r);
     }
 }
 
 #[test]
 fn connects_to_the_pods_own_ips_are_not_redirected() {
     let f = fixture();
-    let (a, r) = (f.ztunnel_accepts().len(), f.redirected_total());
+    let (a, r) = (ztunnel_accepts(&f).len(), redirected_total(&f));
     for to in [
         format!("{}:9090", f.client.ip4),
         format!("[{}]:9090", f.client.ip6),
     ] {
         let result = f.client.connect(&to, 100);
-        f.assert_direct(&result, &to, a, r);
+        assert_direct(&f, &result, &to, a, r);
     }
 }
 
@@ -219,14 +181,20 @@ fn ztunnel_own_connects_are_not_redirected() {
     let f = fixture();
     // The stand-in's upstream legs to the server already prove it; here a
     // plain connect from the ztunnel cgroup inside the enrolled pod's netns.
-    let (a, r) = (f.ztunnel_accepts().len(), f.redirected_total());
+    let (a, r) = (ztunnel_accepts(&f).len(), redirected_total(&f));
     let to = format!("{}:8080", f.server.ip4);
     let events = run_in(
         Some(&f.ztunnel_cgroup),
         &f.client.netns,
         &["connect", "--to", &to],
     );
-    f.assert_direct(&events[0], &to, a, r);
+    assert_direct(
+        &f,
+        &event::first(&events).expect("connect event"),
+        &to,
+        a,
+        r,
+    );
 }
 
 #[test]
@@ -238,12 +206,12 @@ fn getsockopt_calls_other_than_so_original_dst_read_as_without_the_program() {
     assert_eq!(with_program, without);
     // TCP_INFO with an 8 KiB buffer (more than the page BPF sees) still
     // returns the kernel's full answer.
-    let tcp_info = with_program
-        .iter()
-        .find(|e| e["name"] == "TCP_INFO_8K")
+    let tcp_info = event::all::<Sockopt>(&with_program)
+        .into_iter()
+        .find(|e| e.name == "TCP_INFO_8K")
         .unwrap();
-    assert_eq!(tcp_info["ret"], 0, "{tcp_info}");
-    assert!(tcp_info["optlen"].as_u64().unwrap() > 100, "{tcp_info}");
+    assert_eq!(tcp_info.ret, 0, "{tcp_info}");
+    assert!(tcp_info.optlen > 100, "{tcp_info}");
 }
 
 #[test]
@@ -252,9 +220,9 @@ fn editing_the_workloads_file_enrolls_and_unenrolls_a_pod_without_restart() {
     let to = format!("{}:8080", f.server.ip4);
     let plain_netns = ambridge_conformance::stand_in_id(&f.plain);
     let accepts_from_plain = |f: &Fixture| {
-        f.ztunnel_accepts()
+        ztunnel_accepts(f)
             .iter()
-            .filter(|e| e["pod"] == plain_netns)
+            .filter(|e| e.pod == plain_netns)
             .count()
     };
 
@@ -270,7 +238,7 @@ fn editing_the_workloads_file_enrolls_and_unenrolls_a_pod_without_restart() {
     // acknowledged it.
     let enrolled = eventually(Duration::from_secs(10), || {
         let before = accepts_from_plain(&f);
-        let ok = f.plain.connect(&to, 100)["ok"] == true;
+        let ok = f.plain.connect(&to, 100).ok;
         (ok && accepts_from_plain(&f) > before).then_some(())
     });
     assert!(
@@ -289,7 +257,7 @@ fn editing_the_workloads_file_enrolls_and_unenrolls_a_pod_without_restart() {
     let unenrolled = eventually(Duration::from_secs(10), || {
         let before = accepts_from_plain(&f);
         let result = f.plain.connect(&to, 100);
-        (result["ok"] == true && accepts_from_plain(&f) == before).then_some(())
+        (result.ok && accepts_from_plain(&f) == before).then_some(())
     });
     assert!(
         unenrolled.is_some(),
@@ -314,7 +282,7 @@ fn a_malformed_workloads_file_is_rejected_and_the_last_good_state_stays() {
     assert!(err.contains("workloads[0].mode"), "{err}");
     // The client is still enrolled: the last good state is in force.
     let to = format!("{}:8080", f.server.ip4);
-    assert_redirected(&f, &to, canon(&to), f.client.ip4.into());
+    assert_redirected(&f, &to, parse_addr(&to), f.client.ip4.into());
 }
 
 #[test]
@@ -357,7 +325,7 @@ fn redirection_survives_the_daemon_stopping() {
         "{stats}"
     );
     let to = format!("{}:8080", f.server.ip4);
-    assert_redirected(&f, &to, canon(&to), f.client.ip4.into());
+    assert_redirected(&f, &to, parse_addr(&to), f.client.ip4.into());
 }
 
 #[test]
@@ -386,12 +354,12 @@ fn after_uninstall_nothing_is_pinned_or_attached_and_connections_go_directly() {
         "still attached: {attached}"
     );
 
-    let before = f.ztunnel_accepts().len();
+    let before = ztunnel_accepts(&f).len();
     let to = format!("{}:8080", f.server.ip4);
     let result = f.client.connect(&to, 100);
-    assert_eq!(result["ok"], true, "{result}");
-    assert_eq!(canon(result["peer"].as_str().unwrap()), canon(&to));
-    assert_eq!(f.ztunnel_accepts().len(), before);
+    assert!(result.ok, "{result}");
+    assert_eq!(result.peer.map(canon), Some(parse_addr(&to)));
+    assert_eq!(ztunnel_accepts(&f).len(), before);
 }
 
 #[test]
@@ -403,11 +371,8 @@ fn tracking_entries_are_removed_when_connections_close_so_churn_never_fills_the_
         let events = f
             .client
             .run(&["connect", "--to", target, "--bytes", "16", "--count", "250"]);
-        let summary = events
-            .iter()
-            .find(|e| e["event"] == "connect-summary")
-            .unwrap();
-        assert_eq!(summary["ok"], 250, "{summary}");
+        let summary: ConnectSummary = event::first(&events).unwrap();
+        assert_eq!(summary.ok, 250, "{summary}");
     }
     let stats = f.daemon.stats();
     assert_eq!(
@@ -433,24 +398,24 @@ fn tracking_entries_are_removed_when_connections_close_so_churn_never_fills_the_
 fn udp_from_an_enrolled_pod_is_not_redirected() {
     let f = fixture();
     let udp = f.server.spawn(&["udp-echo", "--listen", "[::]:5353"]);
-    udp.wait_for(|e| e["event"] == "listening", Duration::from_secs(10));
-    let r = f.redirected_total();
+    udp.wait_first::<Listening>(Duration::from_secs(10));
+    let r = redirected_total(&f);
     for to in [
         format!("{}:5353", f.server.ip4),
         format!("[{}]:5353", f.server.ip6),
     ] {
         let events = f.client.run(&["udp", "--to", &to]);
-        assert_eq!(events[0]["ok"], true, "{events:?}");
-        assert_eq!(canon(events[0]["peer"].as_str().unwrap()), canon(&to));
+        let answer: Udp = event::first(&events).expect("udp event");
+        assert!(answer.ok, "{events:?}");
+        assert_eq!(canon(answer.peer), parse_addr(&to));
     }
     // The echo server reports each datagram as it answers it; wait for
     // both reports rather than racing the reader of its output.
     let from_client = eventually(Duration::from_secs(5), || {
         let sources: Vec<_> = udp
-            .events()
+            .all::<Datagram>()
             .iter()
-            .filter(|e| e["event"] == "datagram")
-            .map(|e| ip_of(e["from"].as_str().unwrap()))
+            .map(|e| ip_of(e.from))
             .collect();
         (sources.len() == 2).then_some(sources)
     })
@@ -459,7 +424,7 @@ fn udp_from_an_enrolled_pod_is_not_redirected() {
         from_client,
         vec![f.client.ip4.into(), std::net::IpAddr::from(f.client.ip6)]
     );
-    assert_eq!(f.redirected_total(), r);
+    assert_eq!(redirected_total(&f), r);
 }
 
 #[test]
@@ -489,8 +454,13 @@ fn a_workload_named_only_by_pod_uid_is_found_in_the_kubelets_cgroup_layout() {
     let ztunnel = ztunnel_stand_in(&node, &ztunnel_cgroup, &[&client], 15001);
     let to = format!("{}:8080", server.ip4);
     let result = client.connect(&to, 100);
-    assert_eq!(result["intact"], true, "{result}");
-    let accepted = ztunnel.wait_for(|e| e["event"] == "accepted", Duration::from_secs(5));
-    assert_landed(&accepted, client.ip4.into(), client.ip4.into(), canon(&to));
+    assert!(result.intact, "{result}");
+    let accepted = ztunnel.wait_first::<OutboundAccepted>(Duration::from_secs(5));
+    assert_landed(
+        &accepted,
+        client.ip4.into(),
+        client.ip4.into(),
+        parse_addr(&to),
+    );
     assert_eq!(daemon.stats()["connect_redirected_ipv4"], 1);
 }

@@ -6,7 +6,8 @@
 use std::{os::unix::fs::MetadataExt, path::PathBuf, time::Duration};
 
 use ambridge_conformance::{
-    Background, Daemon, Node, Pod, ThreePods, eventually, three_pods, ztunnel_stand_in,
+    Background, Daemon, Node, Pod, ThreePods, event::OutboundAccepted, eventually, ip_of,
+    three_pods, ztunnel_stand_in,
 };
 
 /// Field order is drop order.
@@ -47,11 +48,7 @@ fn setup() -> (Setup, Daemon) {
 
 impl Setup {
     fn accepted(&self) -> usize {
-        self.ztunnel
-            .events()
-            .iter()
-            .filter(|e| e["event"] == "accepted")
-            .count()
+        self.ztunnel.all::<OutboundAccepted>().len()
     }
 
     /// Runs `event` while the enrolled client connects in a loop, and
@@ -82,7 +79,7 @@ impl Setup {
 
 #[test]
 fn a_daemon_killed_with_sigkill_and_restarted_leaves_no_connect_unredirected_or_failed() {
-    let (s, daemon) = setup();
+    let (s, mut daemon) = setup();
     let mut restarted = None;
     s.across_a_connect_loop(|| {
         daemon.crash();
@@ -143,7 +140,7 @@ fn a_second_daemon_waits_for_the_first_and_touches_none_of_its_maps_or_sockets()
 #[test]
 fn a_restarted_daemon_removes_pods_deleted_while_it_was_down_and_gives_a_reused_ip_to_the_new_pod()
 {
-    let (mut s, daemon) = setup();
+    let (mut s, mut daemon) = setup();
     let yaml = |pod: &Pod, ip4: std::net::Ipv4Addr, mode: &str| {
         format!(
             "  - uid: {}\n    name: {}\n    namespace: default\n    cgroup: {}\n    ips: [{ip4}, \"{}\"]\n    mode: {mode}\n",
@@ -166,7 +163,7 @@ fn a_restarted_daemon_removes_pods_deleted_while_it_was_down_and_gives_a_reused_
     // acknowledged it.
     let enrolled = eventually(Duration::from_secs(10), || {
         let before = s.accepted();
-        let ok = s.plain.connect(&to6, 16)["ok"] == true;
+        let ok = s.plain.connect(&to6, 16).ok;
         (ok && s.accepted() > before).then_some(())
     });
     assert!(enrolled.is_some(), "plain was never redirected");
@@ -221,27 +218,24 @@ fn a_restarted_daemon_removes_pods_deleted_while_it_was_down_and_gives_a_reused_
     // The deleted pod's entry is gone: its (IPv6) connects are no longer
     // redirected.
     let before = s.accepted();
-    assert_eq!(s.plain.connect(&to6, 16)["ok"], true);
+    assert!(s.plain.connect(&to6, 16).ok);
     assert_eq!(s.accepted(), before, "the deleted pod is still redirected");
     // The new pod with the reused IP is redirected to its own 15001.
     let reuser_ztunnel = ztunnel_stand_in(&s.node, &s.ztunnel_cgroup, &[&reuser], 15001);
     let r = reuser.connect(&format!("{}:8080", s.server.ip4), 16);
-    assert_eq!(r["ok"], true, "{r}");
+    assert!(r.ok, "{r}");
     // In replacement mode the first stand-in also took the new pod in its
     // snapshot after the restart, so either may have accepted.
     let accepted = eventually(Duration::from_secs(5), || {
         [&reuser_ztunnel, &s.ztunnel].into_iter().find_map(|z| {
-            z.events().into_iter().find(|e| {
-                e["event"] == "accepted"
-                    && e["peer"].as_str().is_some_and(|p| {
-                        ambridge_conformance::ip_of(p) == std::net::IpAddr::from(reused)
-                    })
-            })
+            z.all::<OutboundAccepted>()
+                .into_iter()
+                .find(|e| ip_of(e.peer) == std::net::IpAddr::from(reused))
         })
     })
     .expect("the new pod's connect reached a ztunnel");
     assert_eq!(
-        ambridge_conformance::ip_of(accepted["peer"].as_str().unwrap()),
+        ip_of(accepted.peer),
         std::net::IpAddr::from(reused),
         "{accepted}"
     );

@@ -5,7 +5,13 @@
 
 use std::time::Duration;
 
-use ambridge_conformance::{Daemon, Node, canon, eventually, sandbox::ip, ztunnel_stand_in_with};
+use ambridge_conformance::{
+    Daemon, Node, canon,
+    event::{self, Exchange, Hijack, Session},
+    eventually, parse_addr,
+    sandbox::ip,
+    ztunnel_stand_in_with,
+};
 
 #[test]
 fn a_loop_connection_with_a_victims_tuple_in_another_netns_neither_receives_nor_injects_nor_reads_its_destination()
@@ -36,13 +42,13 @@ fn a_loop_connection_with_a_victims_tuple_in_another_netns_neither_receives_nor_
         "--interval-ms",
         "100",
     ]);
-    let opened = session.wait_for(|e| e["event"] == "session", Duration::from_secs(10));
-    session.wait_for(|e| e["event"] == "exchange", Duration::from_secs(10));
+    let opened = session.wait_first::<Session>(Duration::from_secs(10));
+    session.wait_first::<Exchange>(Duration::from_secs(10));
     let inserted = eventually(Duration::from_secs(5), || {
         (daemon.stats()["sockhash_inserted"] >= 2).then_some(())
     });
     assert!(inserted.is_some(), "not accelerated: {:?}", daemon.stats());
-    let local = canon(opened["local"].as_str().unwrap());
+    let local = canon(opened.local);
 
     // The attacker's own pod netns gets the victim's address, and opens a
     // loop connection with the victim's 4-tuple (to the loopback address
@@ -57,38 +63,31 @@ fn a_loop_connection_with_a_victims_tuple_in_another_netns_neither_receives_nor_
         "dev",
         "lo",
     ]);
-    let hijack = attacker
-        .run(&[
-            "hijack",
-            "--addr",
-            &victim.ip4.to_string(),
-            "--source-port",
-            &local.port().to_string(),
-            "--landed",
-            &ambridge_conformance::in_pod_landing(victim.ip4.into(), canon(&to)).to_string(),
-            "--duration-ms",
-            "1000",
-        ])
-        .into_iter()
-        .find(|e| e["event"] == "hijack")
-        .expect("hijack event");
-    assert_eq!(hijack["received_by_accepted"], "", "{hijack}");
-    assert_eq!(hijack["foreign_to_client"], "", "{hijack}");
-    assert!(hijack["injected"].as_u64() > Some(0), "{hijack}");
-    assert!(hijack["orig_dst"].is_null(), "{hijack}");
+    let hijack: Hijack = event::first(&attacker.run(&[
+        "hijack",
+        "--addr",
+        &victim.ip4.to_string(),
+        "--source-port",
+        &local.port().to_string(),
+        "--landed",
+        &ambridge_conformance::in_pod_landing(victim.ip4.into(), parse_addr(&to)).to_string(),
+        "--duration-ms",
+        "1000",
+    ]))
+    .expect("hijack event");
+    assert_eq!(hijack.received_by_accepted, "", "{hijack}");
+    assert_eq!(hijack.foreign_to_client, "", "{hijack}");
+    assert!(hijack.injected > 0, "{hijack}");
+    assert!(hijack.orig_dst.is_none(), "{hijack}");
 
     // Every one of the victim's exchanges, before, during and after, came
     // back exactly as sent.
     let all = eventually(Duration::from_secs(10), || {
-        let exchanges: Vec<_> = session
-            .events()
-            .into_iter()
-            .filter(|e| e["event"] == "exchange")
-            .collect();
+        let exchanges = session.all::<Exchange>();
         (exchanges.len() == messages).then_some(exchanges)
     })
     .unwrap_or_else(|| panic!("the session did not finish: {:?}", session.events()));
     for e in &all {
-        assert_eq!(e["intact"], true, "{e}");
+        assert!(e.intact, "{e}");
     }
 }

@@ -4,9 +4,7 @@
 
 use std::time::Duration;
 
-use ambridge_conformance::{
-    Daemon, ThreePods, assert_redirected, eventually, sandbox::ip, three_pods, ztunnel_stand_in,
-};
+use ambridge_conformance::{Fixture, PodRole, assert_redirected, eventually, sandbox::ip};
 
 /// More addresses than the exempt map holds (1,024 entries), as a node
 /// whose kube-proxy runs in IPVS mode has: every ClusterIP of the cluster
@@ -35,24 +33,22 @@ fn batch(node: &ambridge_conformance::Node, lines: &str) {
 #[test]
 fn a_full_map_fails_the_datapath_apply_which_is_retried_reported_and_recovers_while_connects_stay_captured()
  {
-    let ThreePods {
-        client,
-        server,
-        plain,
-        ztunnel_cgroup,
-        node,
-    } = three_pods();
-    let daemon = Daemon::start(&node);
-    let _app = server.echo_server("[::]:8080");
-    let ztunnel = ztunnel_stand_in(&node, &ztunnel_cgroup, &[&client], 15001);
-    let to = format!("{}:8080", server.ip4);
-    assert_redirected(&ztunnel, &client, &to, true);
-    let datapath = || daemon.component("datapath").expect("a datapath component");
+    let f = Fixture::three_pods()
+        .app()
+        .ztunnel(&[PodRole::Client], &[])
+        .start();
+    let to = format!("{}:8080", f.server.ip4);
+    assert_redirected(f.ztunnel(), &f.client, &to, true);
+    let datapath = || {
+        f.daemon
+            .component("datapath")
+            .expect("a datapath component")
+    };
     assert_eq!(datapath()["state"], "running", "{}", datapath());
 
     // The node's addresses are exempt from inbound capture: at the next
     // resync they no longer fit in the exempt map.
-    batch(&node, &node_addresses("add"));
+    batch(&f.node, &node_addresses("add"));
     let failed = eventually(Duration::from_secs(15), || {
         let d = datapath();
         (d["state"] == "failed").then_some(d)
@@ -75,12 +71,12 @@ fn a_full_map_fails_the_datapath_apply_which_is_retried_reported_and_recovers_wh
     })
     .unwrap_or_else(|| panic!("the apply was not retried: {}", datapath()));
     assert_eq!(retried["state"], "failed", "{retried}");
-    let status = daemon.status().expect("the daemon still answers");
+    let status = f.daemon.status().expect("the daemon still answers");
     assert_eq!(status["ready"], true, "{status}");
     for _ in 0..5 {
-        assert_redirected(&ztunnel, &client, &to, true);
+        assert_redirected(f.ztunnel(), &f.client, &to, true);
     }
-    assert_redirected(&ztunnel, &plain, &to, false);
+    assert_redirected(f.ztunnel(), &f.plain, &to, false);
     // Retries are spaced out: the count grows by the backoff, not by a
     // busy loop (the wait is at most 15 s; a few seconds give 1 or 2).
     let before = datapath()["restarts"].as_u64().unwrap();
@@ -90,7 +86,7 @@ fn a_full_map_fails_the_datapath_apply_which_is_retried_reported_and_recovers_wh
 
     // Once the addresses fit again, the next attempt succeeds; the last
     // error and the count stay for the operator.
-    batch(&node, &node_addresses("del"));
+    batch(&f.node, &node_addresses("del"));
     let recovered = eventually(Duration::from_secs(20), || {
         let d = datapath();
         (d["state"] == "running").then_some(d)
@@ -103,11 +99,15 @@ fn a_full_map_fails_the_datapath_apply_which_is_retried_reported_and_recovers_wh
         "{recovered}"
     );
     assert!(recovered["restarts"].as_u64() >= Some(after), "{recovered}");
-    assert_redirected(&ztunnel, &client, &to, true);
+    assert_redirected(f.ztunnel(), &f.client, &to, true);
     // And the node state moves again: enrolling `plain` takes effect.
-    node.write_workloads(
-        &[(&client, "ambient"), (&server, "none"), (&plain, "ambient")],
-        Some(&ztunnel_cgroup),
+    f.node.write_workloads(
+        &[
+            (&f.client, "ambient"),
+            (&f.server, "none"),
+            (&f.plain, "ambient"),
+        ],
+        Some(&f.ztunnel_cgroup),
     );
-    daemon.wait_for_mode(&plain.uid, Some("ambient"));
+    f.daemon.wait_for_mode(&f.plain.uid, Some("ambient"));
 }

@@ -10,7 +10,9 @@ use std::{net::IpAddr, os::unix::fs::MetadataExt as _, path::Path, time::Duratio
 
 use ambridge::pb::istio::workload::{Address, Service, TunnelProtocol, Workload, address};
 use ambridge_conformance::{
-    Background, Daemon, Node, Pod, eventually,
+    Background, Daemon, Node, Pod,
+    event::{ZdsAdd, ZdsDel},
+    eventually,
     istiod::{self, FakeIstiod, TOKEN},
     replacement_mode, workspace_bin, ztunnel_stand_in,
 };
@@ -239,7 +241,7 @@ fn a_daemon_restarted_while_istiod_is_silent_keeps_its_pods_until_istiod_deliver
     let x = xds_node();
     let (node, client, server, zcgroup, istiod) =
         (&x.node, &x.client, &x.server, &x.zcgroup, &x.istiod);
-    let daemon = x.daemon();
+    let mut daemon = x.daemon();
     let _app = server.echo_server("[::]:8080");
     let ztunnel = ztunnel_stand_in(node, zcgroup, &[client], 15001);
     let to = format!("{}:8080", server.ip4);
@@ -319,10 +321,10 @@ fn process_in(cgroup: &Path, netns: &Path) -> Background {
 /// network namespaces they carried.
 fn zds_adds(ztunnel: &Background, uid: &str) -> Vec<u64> {
     ztunnel
-        .events()
-        .iter()
-        .filter(|e| e["event"] == "zds-add" && e["uid"] == uid)
-        .filter_map(|e| e["netns_ino"].as_u64())
+        .all::<ZdsAdd>()
+        .into_iter()
+        .filter(|e| e.uid == uid)
+        .map(|e| e.netns_ino)
         .collect()
 }
 
@@ -439,10 +441,7 @@ fn an_address_claimed_by_a_second_pod_cgroup_is_refused_to_it_the_pod_stays_capt
     // under the victim's UID.
     let handed = eventually(NOTICE, || {
         let pods = daemon.api_json("pods");
-        let dropped = ztunnel
-            .events()
-            .iter()
-            .any(|e| e["event"] == "zds-del" && e["uid"] == uid);
+        let dropped = ztunnel.all::<ZdsDel>().iter().any(|e| e.uid == uid);
         (dropped || zds_adds(&ztunnel, &uid).contains(&attacker_ino) || placed_on_attacker(&pods))
             .then_some(pods)
     });

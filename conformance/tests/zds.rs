@@ -7,22 +7,25 @@
 use std::{path::PathBuf, time::Duration};
 
 use ambridge_conformance::{
-    Background, Daemon, Event, Node, Pod, ThreePods, eventually, three_pods, zds_peer, zds_socket,
-    ztunnel_stand_in_zds,
+    Background, Daemon, Fixture, Pod, ProbeEvent,
+    event::{
+        Connect, OutboundAccepted, ZdsAdd, ZdsDel, ZdsNack, ZdsPeerClosed, ZdsPeerReceived,
+        ZdsReconnected, ZdsSnapshotSent,
+    },
+    eventually, zds_peer, zds_socket, ztunnel_stand_in_zds,
 };
 
 const WAIT: Duration = Duration::from_secs(15);
 
-struct Setup {
-    _app: Background,
-    client: Pod,
-    server: Pod,
-    plain: Pod,
-    ztunnel_cgroup: PathBuf,
-    node: Node,
+/// What these tests do on a [`Fixture`] whose daemon serves ZDS.
+trait Replacement {
+    fn socket(&self) -> PathBuf;
+    fn stand_in(&self, args: &[&str]) -> Background;
+    fn to(&self) -> String;
+    fn enroll(&self, plain: &str);
 }
 
-impl Setup {
+impl Replacement for Fixture {
     fn socket(&self) -> PathBuf {
         zds_socket(&self.node)
     }
@@ -51,61 +54,45 @@ impl Setup {
     }
 }
 
-fn setup() -> (Setup, Daemon) {
-    let ThreePods {
-        client,
-        server,
-        plain,
-        ztunnel_cgroup,
-        node,
-    } = three_pods();
-    let socket = zds_socket(&node);
-    let daemon = Daemon::start_with(
-        &node,
-        &[
-            "--zds",
-            "serve",
-            "--zds-socket",
-            &socket.display().to_string(),
-        ],
-    );
-    let app = server.echo_server("[::]:8080");
-    (
-        Setup {
-            _app: app,
-            client,
-            server,
-            plain,
-            ztunnel_cgroup,
-            node,
-        },
-        daemon,
-    )
+/// The three pods, the daemon serving ZDS and the server's echo server on
+/// 8080; each test starts its own stand-ins.
+fn setup() -> Fixture {
+    Fixture::three_pods().zds_serve().app().start()
 }
 
 fn accepted(ztunnel: &Background, pod: &Pod) -> usize {
     ztunnel
-        .events()
+        .all::<OutboundAccepted>()
         .iter()
-        .filter(|e| e["event"] == "accepted" && e["pod"] == pod.uid)
+        .filter(|e| e.pod == pod.uid)
         .count()
 }
 
-fn zds_events(ztunnel: &Background, kind: &str, pod: &Pod) -> usize {
+/// How many ZDS Adds of `pod` the stand-in applied.
+fn adds(ztunnel: &Background, pod: &Pod) -> usize {
     ztunnel
-        .events()
+        .all::<ZdsAdd>()
         .iter()
-        .filter(|e| e["event"] == kind && e["uid"] == pod.uid)
+        .filter(|e| e.uid == pod.uid)
+        .count()
+}
+
+/// How many ZDS Adds of `pod` the stand-in refused.
+fn nacks(ztunnel: &Background, pod: &Pod) -> usize {
+    ztunnel
+        .all::<ZdsNack>()
+        .iter()
+        .filter(|e| e.uid == pod.uid)
         .count()
 }
 
 /// Waits until `pod`'s connect to `to` lands on `ztunnel` (the pod was
 /// acknowledged and its hold lifted).
-fn wait_redirected(ztunnel: &Background, pod: &Pod, to: &str) -> Event {
+fn wait_redirected(ztunnel: &Background, pod: &Pod, to: &str) -> Connect {
     let landed = eventually(WAIT, || {
         let before = accepted(ztunnel, pod);
         let r = pod.connect(to, 16);
-        (r["ok"] == true && accepted(ztunnel, pod) > before).then_some(r)
+        (r.ok && accepted(ztunnel, pod) > before).then_some(r)
     });
     landed.unwrap_or_else(|| panic!("{} was never redirected: {:?}", pod.name, ztunnel.events()))
 }
@@ -113,12 +100,12 @@ fn wait_redirected(ztunnel: &Background, pod: &Pod, to: &str) -> Event {
 /// Asserts `pod`'s connect is refused by the hold (EPERM), not let through.
 fn assert_held(pod: &Pod, to: &str) {
     let r = pod.connect(to, 16);
-    assert_eq!(r["ok"], false, "{r}");
-    let error = r["error"].as_str().unwrap_or_default();
+    assert!(!r.ok, "{r}");
+    let error = r.error.as_deref().unwrap_or_default();
     assert!(error.contains("Operation not permitted"), "{r}");
 }
 
-fn index_of(events: &[Event], pred: impl Fn(&Event) -> bool) -> usize {
+fn index_of(events: &[ProbeEvent], pred: impl Fn(&ProbeEvent) -> bool) -> usize {
     events
         .iter()
         .position(pred)
@@ -127,43 +114,48 @@ fn index_of(events: &[Event], pred: impl Fn(&Event) -> bool) -> usize {
 
 #[test]
 fn ztunnel_gets_each_enrolled_pods_netns_over_zds_and_their_traffic_flows_through_it() {
-    let (s, daemon) = setup();
+    let s = setup();
     s.enroll("ambient");
     // No ztunnel yet: enrolled pods are held, never let past ztunnel.
     eventually(WAIT, || {
-        (daemon.api_json("pods").as_array()?.len() == 3).then_some(())
+        (s.daemon.api_json("pods").as_array()?.len() == 3).then_some(())
     });
     std::thread::sleep(Duration::from_millis(500));
     assert_held(&s.client, &s.to());
-    assert!(daemon.stats()["connect_held"] >= 1, "{:?}", daemon.stats());
+    assert!(
+        s.daemon.stats()["connect_held"] >= 1,
+        "{:?}",
+        s.daemon.stats()
+    );
 
     let ztunnel = s.stand_in(&[]);
-    ztunnel.wait_for(|e| e["event"] == "zds-snapshot-sent", WAIT);
-    assert_eq!(zds_events(&ztunnel, "zds-add", &s.client), 1);
-    assert_eq!(zds_events(&ztunnel, "zds-add", &s.plain), 1);
-    let added = index_of(&ztunnel.events(), |e| {
-        e["event"] == "zds-add" && e["uid"] == s.client.uid
-    });
-    let added = &ztunnel.events()[added];
+    ztunnel.wait_first::<ZdsSnapshotSent>(WAIT);
+    assert_eq!(adds(&ztunnel, &s.client), 1);
+    assert_eq!(adds(&ztunnel, &s.plain), 1);
+    let added = ztunnel
+        .all::<ZdsAdd>()
+        .into_iter()
+        .find(|e| e.uid == s.client.uid)
+        .unwrap_or_else(|| panic!("no such event in {:?}", ztunnel.events()));
     assert_eq!(
         (
-            &added["name"],
-            &added["namespace"],
-            &added["service_account"]
+            added.name.as_str(),
+            added.namespace.as_str(),
+            added.service_account.as_str()
         ),
-        (&"client".into(), &"default".into(), &"default".into()),
+        ("client", "default", "default"),
         "{added}"
     );
-    assert_eq!(zds_events(&ztunnel, "zds-add", &s.server), 0);
+    assert_eq!(adds(&ztunnel, &s.server), 0);
     let landed = wait_redirected(&ztunnel, &s.client, &s.to());
-    assert_eq!(landed["ok"], true);
+    assert!(landed.ok);
     let to6 = format!("[{}]:8080", s.server.ip6);
     wait_redirected(&ztunnel, &s.plain, &to6);
     let accepted_event = ztunnel
-        .events()
+        .all::<OutboundAccepted>()
         .into_iter()
         .rev()
-        .find(|e| e["event"] == "accepted" && e["pod"] == s.plain.uid)
+        .find(|e| e.pod == s.plain.uid)
         .unwrap();
     ambridge_conformance::assert_landed(
         &accepted_event,
@@ -188,31 +180,33 @@ fn ztunnel_gets_each_enrolled_pods_netns_over_zds_and_their_traffic_flows_throug
 
 #[test]
 fn a_pod_added_and_removed_while_running_gets_add_then_del_in_order() {
-    let (s, daemon) = setup();
+    let s = setup();
     let ztunnel = s.stand_in(&[]);
     wait_redirected(&ztunnel, &s.client, &s.to());
-    assert_eq!(zds_events(&ztunnel, "zds-add", &s.plain), 0);
+    assert_eq!(adds(&ztunnel, &s.plain), 0);
 
     s.enroll("ambient");
-    ztunnel.wait_for(|e| e["event"] == "zds-add" && e["uid"] == s.plain.uid, WAIT);
+    ztunnel.wait_for(|e: &ZdsAdd| e.uid == s.plain.uid, WAIT);
     wait_redirected(&ztunnel, &s.plain, &s.to());
 
     s.enroll("none");
-    ztunnel.wait_for(|e| e["event"] == "zds-del" && e["uid"] == s.plain.uid, WAIT);
+    ztunnel.wait_for(|e: &ZdsDel| e.uid == s.plain.uid, WAIT);
     let events = ztunnel.events();
-    let added = index_of(&events, |e| {
-        e["event"] == "zds-add" && e["uid"] == s.plain.uid
-    });
-    let deleted = index_of(&events, |e| {
-        e["event"] == "zds-del" && e["uid"] == s.plain.uid
-    });
+    let added = index_of(
+        &events,
+        |e| matches!(e, ProbeEvent::ZdsAdd(a) if a.uid == s.plain.uid),
+    );
+    let deleted = index_of(
+        &events,
+        |e| matches!(e, ProbeEvent::ZdsDel(d) if d.uid == s.plain.uid),
+    );
     assert!(added < deleted);
     // Out of the mesh: its connects go straight to the server again.
     let before = accepted(&ztunnel, &s.plain);
-    assert_eq!(s.plain.connect(&s.to(), 16)["ok"], true);
+    assert!(s.plain.connect(&s.to(), 16).ok);
     assert_eq!(accepted(&ztunnel, &s.plain), before);
     assert!(
-        daemon
+        s.daemon
             .wait_log("ztunnel acknowledged DelWorkload", WAIT)
             .is_some()
     );
@@ -220,20 +214,20 @@ fn a_pod_added_and_removed_while_running_gets_add_then_del_in_order() {
 
 #[test]
 fn a_second_ztunnel_gets_the_new_adds_while_the_first_keeps_serving_its_pods() {
-    let (s, _daemon) = setup();
+    let s = setup();
     let first = s.stand_in(&[]);
     wait_redirected(&first, &s.client, &s.to());
 
     // The upgrade: a second ztunnel connects and is handed the snapshot.
     let second = s.stand_in(&[]);
-    second.wait_for(|e| e["event"] == "zds-snapshot-sent", WAIT);
-    assert_eq!(zds_events(&second, "zds-add", &s.client), 1);
+    second.wait_first::<ZdsSnapshotSent>(WAIT);
+    assert_eq!(adds(&second, &s.client), 1);
 
     // A pod enrolled now goes to the newest ztunnel only.
     s.enroll("ambient");
-    second.wait_for(|e| e["event"] == "zds-add" && e["uid"] == s.plain.uid, WAIT);
+    second.wait_for(|e: &ZdsAdd| e.uid == s.plain.uid, WAIT);
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(zds_events(&first, "zds-add", &s.plain), 0);
+    assert_eq!(adds(&first, &s.plain), 0);
     wait_redirected(&second, &s.plain, &s.to());
 
     // The new ztunnel goes away: the first still serves the pods it has.
@@ -243,75 +237,73 @@ fn a_second_ztunnel_gets_the_new_adds_while_the_first_keeps_serving_its_pods() {
 
 #[test]
 fn a_pod_whose_add_was_nacked_is_refused_not_bypassed_until_a_retry_succeeds() {
-    let (s, daemon) = setup();
+    let s = setup();
     let ztunnel = s.stand_in(&["--zds-nack", &s.client.uid, "--zds-nack-count", "3"]);
-    ztunnel.wait_for(
-        |e| e["event"] == "zds-nack" && e["uid"] == s.client.uid,
-        WAIT,
-    );
+    ztunnel.wait_for(|e: &ZdsNack| e.uid == s.client.uid, WAIT);
     assert!(
-        daemon
+        s.daemon
             .wait_log("ztunnel refused AddWorkload", WAIT)
             .is_some_and(|l| l.contains(&s.client.uid))
     );
     // Refused while ztunnel does not have it, never sent past ztunnel.
-    if zds_events(&ztunnel, "zds-add", &s.client) == 0 {
+    if adds(&ztunnel, &s.client) == 0 {
         assert_held(&s.client, &s.to());
     }
     wait_redirected(&ztunnel, &s.client, &s.to());
-    assert_eq!(zds_events(&ztunnel, "zds-nack", &s.client), 3);
-    assert_eq!(zds_events(&ztunnel, "zds-add", &s.client), 1);
+    assert_eq!(nacks(&ztunnel, &s.client), 3);
+    assert_eq!(adds(&ztunnel, &s.client), 1);
 }
 
 #[test]
 fn malformed_and_oversized_datagrams_close_that_connection_and_the_daemon_keeps_serving() {
     // Misbehaving peers in ztunnel's cgroup: past the peer check, judged on
     // what they send.
-    let (s, daemon) = setup();
+    let s = setup();
     let peer = |steps: &[&str]| zds_peer(&s.ztunnel_cgroup, &s.socket(), steps);
     let garbage = peer(&["send:ffffff"]);
     assert!(
-        daemon
+        s.daemon
             .wait_log("closing the ZDS connection: malformed ZDS ZdsHello", WAIT)
             .is_some()
     );
-    garbage.wait_for(|e| e["event"] == "zds-peer-closed", WAIT);
+    garbage.wait_first::<ZdsPeerClosed>(WAIT);
     let huge = peer(&["send:08x4096"]);
     assert!(
-        daemon
+        s.daemon
             .wait_log("larger than the 1024-byte limit", WAIT)
             .is_some()
     );
-    huge.wait_for(|e| e["event"] == "zds-peer-closed", WAIT);
+    huge.wait_first::<ZdsPeerClosed>(WAIT);
     // A valid hello, the daemon's first request, then nonsense where an
     // ack belongs.
     let liar = peer(&["hello", "recv", "send:0a050a"]);
     assert!(
-        daemon
+        s.daemon
             .wait_log(
                 "closing the ZDS connection: malformed ZDS WorkloadResponse",
                 WAIT
             )
             .is_some()
     );
-    liar.wait_for(|e| e["event"] == "zds-peer-closed", WAIT);
+    liar.wait_first::<ZdsPeerClosed>(WAIT);
     // The daemon still serves a well-behaved ztunnel.
     let ztunnel = s.stand_in(&[]);
     wait_redirected(&ztunnel, &s.client, &s.to());
-    assert_eq!(daemon.api_json("status")["state_loaded"], true);
+    assert_eq!(s.daemon.api_json("status")["state_loaded"], true);
 }
 
 #[test]
 fn a_zds_peer_outside_every_ztunnel_cgroup_is_refused_unread_and_new_pods_still_go_to_ztunnel() {
-    let (mut s, daemon) = setup();
+    let mut s = setup();
     let ztunnel = s.stand_in(&[]);
     wait_redirected(&ztunnel, &s.client, &s.to());
     // Root, saying hello as ztunnel does and waiting for its pods, but from
     // a cgroup that is not ztunnel's.
     let rogue_cgroup = s.node.add_cgroup("rogue");
     let rogue = zds_peer(&rogue_cgroup, &s.socket(), &["hello"]);
-    rogue.wait_for(|e| e["event"] == "zds-peer-closed", WAIT);
-    let refused = daemon
+    rogue.wait_first::<ZdsPeerClosed>(WAIT);
+    let refused = s
+        .daemon
         .wait_log("refused a ZDS peer", WAIT)
         .expect("the refusal is logged");
     let cgroup = rogue_cgroup
@@ -322,19 +314,15 @@ fn a_zds_peer_outside_every_ztunnel_cgroup_is_refused_unread_and_new_pods_still_
             && refused.contains(&format!("cgroup /{}", cgroup.display())),
         "{refused}"
     );
-    let zds = &daemon.api_json("status")["zds"];
+    let zds = &s.daemon.api_json("status")["zds"];
     assert!(zds["peers_refused"].as_u64() >= Some(1), "{zds}");
     assert_eq!(zds["connections"], 1, "{zds}");
     // A pod enrolled now goes to the real ztunnel: the rogue never became
     // the newest connection, and was handed nothing at all.
     s.enroll("ambient");
-    ztunnel.wait_for(|e| e["event"] == "zds-add" && e["uid"] == s.plain.uid, WAIT);
+    ztunnel.wait_for(|e: &ZdsAdd| e.uid == s.plain.uid, WAIT);
     wait_redirected(&ztunnel, &s.plain, &s.to());
-    let handed: Vec<Event> = rogue
-        .events()
-        .into_iter()
-        .filter(|e| e["event"] == "zds-peer-received")
-        .collect();
+    let handed = rogue.all::<ZdsPeerReceived>();
     assert!(handed.is_empty(), "the rogue was handed {handed:?}");
 }
 
@@ -342,51 +330,39 @@ fn a_zds_peer_outside_every_ztunnel_cgroup_is_refused_unread_and_new_pods_still_
 fn a_daemon_restart_in_replacement_mode_refuses_or_bypasses_no_connect() {
     // ztunnel keeps serving while ambridge restarts, then reconnects and
     // takes a new snapshot; pods it had stay unheld meanwhile.
-    let (s, daemon) = setup();
+    let mut s = setup();
     let ztunnel = s.stand_in(&[]);
     wait_redirected(&ztunnel, &s.client, &s.to());
     let before = accepted(&ztunnel, &s.client);
     let looped = s.client.connect_until_stopped(&s.to(), &s.node.dir);
     let socket = s.socket().display().to_string();
-    let mut restarted = None;
     looped.assert_through_across(
         || accepted(&ztunnel, &s.client) - before,
         || {
-            daemon.crash();
-            let daemon = Daemon::start_with(&s.node, &["--zds", "serve", "--zds-socket", &socket]);
-            ztunnel.wait_for(|e| e["event"] == "zds-reconnected", WAIT);
-            restarted = Some(daemon);
+            s.daemon.crash();
+            s.daemon = Daemon::start_with(&s.node, &["--zds", "serve", "--zds-socket", &socket]);
+            ztunnel.wait_first::<ZdsReconnected>(WAIT);
         },
     );
-    let daemon = restarted.expect("restarted");
     assert!(
-        daemon
+        s.daemon
             .wait_log("stay unheld until its next snapshot", WAIT)
             .is_some()
     );
     // The new snapshot kept the client: still redirected, nothing held.
-    ztunnel.wait_for(
-        |e| {
-            e["event"] == "zds-snapshot-sent"
-                && e["dropped"].as_array().is_some_and(|d| d.is_empty())
-        },
-        WAIT,
-    );
+    ztunnel.wait_for(|e: &ZdsSnapshotSent| e.dropped.is_empty(), WAIT);
     wait_redirected(&ztunnel, &s.client, &s.to());
 }
 
 #[test]
 fn a_recreated_sandbox_is_handed_to_ztunnel_again_with_its_new_netns() {
-    let (mut s, _daemon) = setup();
+    let mut s = setup();
     let ztunnel = s.stand_in(&[]);
     wait_redirected(&ztunnel, &s.client, &s.to());
     let client = s.client.clone();
     s.node.recreate_sandbox(&client);
     // Noticed from the pod cgroup's processes: a new Add, new listeners.
-    ztunnel.wait_for(
-        |e| e["event"] == "zds-add" && e["uid"] == client.uid && e["replaced"] == true,
-        WAIT,
-    );
+    ztunnel.wait_for(|e: &ZdsAdd| e.uid == client.uid && e.replaced, WAIT);
     wait_redirected(&ztunnel, &client, &s.to());
 }
 
@@ -394,7 +370,7 @@ fn a_recreated_sandbox_is_handed_to_ztunnel_again_with_its_new_netns() {
 fn a_ztunnel_reconnecting_over_zds_keeps_its_pods_redirected_meanwhile() {
     // ztunnel keeps serving its pods while its ZDS connection is down; the
     // daemon must not hold them in the gap.
-    let (s, _daemon) = setup();
+    let s = setup();
     // Its third answer (after the snapshot's Add and SnapshotSent) drops
     // the connection; it connects again 300 ms later.
     let ztunnel = s.stand_in(&["--zds-drop-after", "3"]);
@@ -406,7 +382,7 @@ fn a_ztunnel_reconnecting_over_zds_keeps_its_pods_redirected_meanwhile() {
         || {
             // A new pod: its Add is the third answer.
             s.enroll("ambient");
-            ztunnel.wait_for(|e| e["event"] == "zds-reconnected", WAIT);
+            ztunnel.wait_first::<ZdsReconnected>(WAIT);
         },
     );
 }

@@ -6,7 +6,14 @@
 use std::{fs::File, os::fd::AsFd, time::Duration};
 
 use ambridge::publish::zds::wire::{self, Ack, Datagram, MAX_DATAGRAM, Request};
-use ambridge_conformance::{Background, Event, Node, Pod, eventually, ztunnel_stand_in_zds};
+use ambridge_conformance::{
+    Background, Node, Pod,
+    event::{
+        Error, Kind, OutboundAccepted, ZdsAdd, ZdsClosed, ZdsDel, ZdsError, ZdsKeep, ZdsNack,
+        ZdsSnapshotSent,
+    },
+    eventually, ztunnel_stand_in_zds,
+};
 use socket2::{Domain, SockAddr, Socket, Type};
 
 /// How long the stand-in has to answer or to report.
@@ -53,10 +60,10 @@ fn add(pod: &Pod) -> Request {
 /// accepted (`true`) or refused (`false`); anything else fails the test.
 fn capture_port_open(pod: &Pod) -> bool {
     let result = pod.connect(&format!("{}:15001", pod.ip4), 1);
-    if result.get("peer").is_some() {
+    if result.peer.is_some() {
         return true;
     }
-    let error = result["error"].as_str().unwrap_or_default();
+    let error = result.error.as_deref().unwrap_or_default();
     assert!(
         error.contains("refused"),
         "connect neither accepted nor refused: {result}"
@@ -64,17 +71,50 @@ fn capture_port_open(pod: &Pod) -> bool {
     false
 }
 
-/// Waits until the stand-in has reported `count` events named `name` about
+/// A ZDS event about one pod.
+trait AboutPod: Kind {
+    fn uid(&self) -> &str;
+}
+
+impl AboutPod for ZdsAdd {
+    fn uid(&self) -> &str {
+        &self.uid
+    }
+}
+
+impl AboutPod for ZdsNack {
+    fn uid(&self) -> &str {
+        &self.uid
+    }
+}
+
+impl AboutPod for ZdsKeep {
+    fn uid(&self) -> &str {
+        &self.uid
+    }
+}
+
+impl AboutPod for ZdsDel {
+    fn uid(&self) -> &str {
+        &self.uid
+    }
+}
+
+/// Waits until the stand-in has reported `count` events of kind `K` about
 /// `uid`, and returns the last.
-fn reported(ztunnel: &Background, name: &str, uid: &str, count: usize) -> Event {
-    let matching = |e: &Event| e["event"] == name && e["uid"] == uid;
+fn reported<K: AboutPod>(ztunnel: &Background, uid: &str, count: usize) -> K {
     eventually(WAIT, || {
-        let events: Vec<_> = ztunnel.events().into_iter().filter(matching).collect();
+        let events: Vec<K> = ztunnel
+            .all::<K>()
+            .into_iter()
+            .filter(|e| e.uid() == uid)
+            .collect();
         (events.len() >= count).then(|| events.last().cloned())?
     })
     .unwrap_or_else(|| {
         panic!(
-            "no {count} {name} event(s) for {uid}; got {:?}",
+            "no {count} {} event(s) for {uid}; got {:?}",
+            K::NAME,
             ztunnel.events()
         )
     })
@@ -117,7 +157,7 @@ fn the_stand_in_opens_listeners_on_zds_add_and_closes_them_on_del() {
         agent.request(&add(&pod), Some(&netns)),
         Ack::Nack(format!("stand-in refuses {}", pod.uid))
     );
-    reported(&ztunnel, "zds-nack", &pod.uid, 1);
+    reported::<ZdsNack>(&ztunnel, &pod.uid, 1);
     assert!(!capture_port_open(&pod), "15001 open after a refused Add");
 
     // An Add must carry the netns; a datagram must be a WorkloadRequest.
@@ -136,11 +176,7 @@ fn the_stand_in_opens_listeners_on_zds_add_and_closes_them_on_del() {
         "{error}"
     );
     eventually(WAIT, || {
-        let errors = ztunnel
-            .events()
-            .into_iter()
-            .filter(|e| e["event"] == "zds-error")
-            .count();
+        let errors = ztunnel.all::<ZdsError>().len();
         (errors == 2).then_some(())
     })
     .unwrap_or_else(|| panic!("not two zds-error events: {:?}", ztunnel.events()));
@@ -148,23 +184,24 @@ fn the_stand_in_opens_listeners_on_zds_add_and_closes_them_on_del() {
     // The Add retried: accepted, and the listener is the stand-in's, in the
     // pod's netns.
     assert_eq!(agent.request(&add(&pod), Some(&netns)), Ack::Ok);
-    let added = reported(&ztunnel, "zds-add", &pod.uid, 1);
+    let added: ZdsAdd = reported(&ztunnel, &pod.uid, 1);
     assert_eq!(
-        (&added["name"], &added["namespace"], &added["replaced"]),
-        (&"app".into(), &"default".into(), &false.into()),
+        (
+            added.name.as_str(),
+            added.namespace.as_str(),
+            added.replaced
+        ),
+        ("app", "default", false),
         "{added}"
     );
     assert!(capture_port_open(&pod), "15001 not open after the Add");
-    ztunnel.wait_for(
-        |e| e["event"] == "accepted" && e["pod"] == pod.uid.as_str(),
-        WAIT,
-    );
+    ztunnel.wait_for(|e: &OutboundAccepted| e.pod == pod.uid, WAIT);
 
     // The same pod in the same netns again (a new node agent's snapshot):
     // its listeners stay, never closed in between.
     assert_eq!(agent.request(&add(&pod), Some(&netns)), Ack::Ok);
-    let kept = reported(&ztunnel, "zds-add", &pod.uid, 2);
-    assert_eq!(kept["kept"], true, "{kept}");
+    let kept: ZdsAdd = reported(&ztunnel, &pod.uid, 2);
+    assert!(kept.kept, "{kept}");
     assert!(capture_port_open(&pod), "15001 not open after the re-Add");
 
     assert_eq!(
@@ -176,28 +213,28 @@ fn the_stand_in_opens_listeners_on_zds_add_and_closes_them_on_del() {
         ),
         Ack::Ok
     );
-    reported(&ztunnel, "zds-keep", &pod.uid, 1);
+    reported::<ZdsKeep>(&ztunnel, &pod.uid, 1);
     assert_eq!(agent.request(&Request::SnapshotSent, None), Ack::Ok);
-    ztunnel.wait_for(|e| e["event"] == "zds-snapshot-sent", WAIT);
+    ztunnel.wait_first::<ZdsSnapshotSent>(WAIT);
 
     // Del closes the listeners before its ack.
     let del = Request::Del {
         uid: pod.uid.clone(),
     };
     assert_eq!(agent.request(&del, None), Ack::Ok);
-    assert_eq!(reported(&ztunnel, "zds-del", &pod.uid, 1)["known"], true);
+    assert!(reported::<ZdsDel>(&ztunnel, &pod.uid, 1).known);
     assert!(!capture_port_open(&pod), "15001 still open after the Del");
 
     // The node agent goes: the stand-in keeps serving the pods it has.
     assert_eq!(agent.request(&add(&pod), Some(&netns)), Ack::Ok);
     drop(agent);
-    ztunnel.wait_for(|e| e["event"] == "zds-closed", WAIT);
+    ztunnel.wait_first::<ZdsClosed>(WAIT);
     assert!(
         capture_port_open(&pod),
         "15001 closed once the node agent went"
     );
     assert!(
-        !ztunnel.events().iter().any(|e| e["event"] == "error"),
+        ztunnel.all::<Error>().is_empty(),
         "the stand-in failed: {:?}",
         ztunnel.events()
     );

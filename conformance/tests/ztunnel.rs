@@ -5,7 +5,10 @@
 use std::{net::IpAddr, time::Duration};
 
 use ambridge_conformance::{
-    Background, Daemon, Event, Node, Pod, assert_landed, canon, eventually, ip_of, probe::run_in,
+    Background, Daemon, Node, Pod, assert_landed, canon,
+    event::{self, Accepted, Connect, InboundConnected, Kind, OutboundAccepted, OutboundRelayed},
+    eventually, ip_of, parse_addr,
+    probe::run_in,
     ztunnel_stand_in_with,
 };
 
@@ -77,8 +80,8 @@ impl Mesh {
         self.daemon.stats()[name]
     }
 
-    fn event(&self, of: &Background, kind: &str) -> Event {
-        of.wait_for(|e| e["event"] == kind, Duration::from_secs(10))
+    fn event<K: Kind>(&self, of: &Background) -> K {
+        of.wait_first::<K>(Duration::from_secs(10))
     }
 }
 
@@ -97,53 +100,31 @@ fn undo_rewrites_ztunnels_original_source_bind_and_the_app_still_sees_the_client
             IpAddr::from(m.server.ip6),
         ),
     ] {
-        let inbound_before = m
-            .ztunnel
-            .events()
-            .iter()
-            .filter(|e| e["event"] == "inbound")
-            .count();
+        let inbound_before = m.ztunnel.all::<InboundConnected>().len();
         let app_before = m.app.events().len();
         let result = m.client.connect(&to, 32 * 1024);
-        assert_eq!(result["ok"], true, "{result}");
-        assert_eq!(result["intact"], true, "{result}");
+        assert!(result.ok, "{result}");
+        assert!(result.intact, "{result}");
         let inbound = eventually(Duration::from_secs(5), || {
             m.ztunnel
-                .events()
+                .all::<InboundConnected>()
                 .into_iter()
-                .filter(|e| e["event"] == "inbound")
                 .nth(inbound_before)
         })
         .expect("an inbound leg");
         // ztunnel asked for the client's address and the bind succeeded ...
-        assert_eq!(inbound["client"], client_ip.to_string(), "{inbound}");
-        assert_eq!(inbound["bind_error"], serde_json::Value::Null, "{inbound}");
+        assert_eq!(inbound.client, client_ip, "{inbound}");
+        assert_eq!(inbound.bind_error, None, "{inbound}");
         // ... but the leg really left from the server pod's own address.
-        assert_eq!(
-            ip_of(inbound["source"].as_str().unwrap()),
-            server_ip,
-            "{inbound}"
-        );
+        assert_eq!(ip_of(inbound.source), server_ip, "{inbound}");
         // The application sees the client, from accept() and getpeername().
         // The app's report may still be on its way through the pipe.
         let accepted = eventually(Duration::from_secs(5), || {
-            m.app
-                .events()
-                .into_iter()
-                .skip(app_before)
-                .find(|e| e["event"] == "accepted")
+            event::first::<Accepted>(&m.app.events()[app_before..])
         })
         .expect("app accepted");
-        assert_eq!(
-            ip_of(accepted["accept_addr"].as_str().unwrap()),
-            client_ip,
-            "{accepted}"
-        );
-        assert_eq!(
-            ip_of(accepted["peer"].as_str().unwrap()),
-            client_ip,
-            "{accepted}"
-        );
+        assert_eq!(ip_of(accepted.accept_addr), client_ip, "{accepted}");
+        assert_eq!(ip_of(accepted.peer), client_ip, "{accepted}");
     }
     assert_eq!(m.stat("bind_rewritten"), 2);
 }
@@ -194,19 +175,16 @@ fn preserve_with_istio_cni_routing_leaves_the_bind_alone_and_the_connection_work
 
     let to = format!("{}:8080", m.server.ip4);
     let result = m.client.connect(&to, 32 * 1024);
-    assert_eq!(result["ok"], true, "{result}");
-    assert_eq!(result["intact"], true, "{result}");
-    let inbound = m.event(&m.ztunnel, "inbound");
+    assert!(result.ok, "{result}");
+    assert!(result.intact, "{result}");
+    let inbound: InboundConnected = m.event(&m.ztunnel);
     assert_eq!(
-        ip_of(inbound["source"].as_str().unwrap()),
+        ip_of(inbound.source),
         IpAddr::from(m.client.ip4),
         "{inbound}"
     );
-    let accepted = m.event(&m.app, "accepted");
-    assert_eq!(
-        ip_of(accepted["accept_addr"].as_str().unwrap()),
-        IpAddr::from(m.client.ip4)
-    );
+    let accepted: Accepted = m.event(&m.app);
+    assert_eq!(ip_of(accepted.accept_addr), IpAddr::from(m.client.ip4));
     assert_eq!(m.stat("bind_rewritten"), 0);
 }
 
@@ -228,12 +206,9 @@ fn without_undo_or_tproxy_routing_the_original_source_leg_fails() {
             "100",
         ],
     );
-    assert_eq!(result[0]["intact"], false, "{:?}", result);
-    assert!(
-        m.app.events().iter().all(|e| e["event"] != "accepted"),
-        "{:?}",
-        m.app.events()
-    );
+    let connected: Connect = event::first(&result).expect("connect event");
+    assert!(!connected.intact, "{:?}", result);
+    assert!(m.app.all::<Accepted>().is_empty(), "{:?}", m.app.events());
 }
 
 #[test]
@@ -259,8 +234,9 @@ fn a_ztunnel_cgroup_nested_under_an_enrolled_pod_is_never_redirected() {
             &client.netns,
             &["connect", "--to", &to, "--bytes", "100"],
         );
-        assert_eq!(events[0]["ok"], true, "{events:?}");
-        assert_eq!(canon(events[0]["peer"].as_str().unwrap()), canon(&to));
+        let connected: Connect = event::first(&events).expect("connect event");
+        assert!(connected.ok, "{events:?}");
+        assert_eq!(connected.peer.map(canon), Some(parse_addr(&to)));
     }
     let s = daemon.stats();
     assert_eq!(
@@ -277,12 +253,12 @@ fn with_sockmap_a_polling_relay_carries_1mib_each_way_through_msg_redirect() {
     let m = mesh(&["--sockmap", "on"], &[], "");
     let to = format!("{}:8080", m.server.ip4);
     let result = m.client.connect_with(&to, MIB, &["--io", "poll"]);
-    assert_eq!(result["intact"], true, "{result}");
-    assert_eq!(result["received"], MIB, "{result}");
-    let relayed = m.event(&m.ztunnel, "relayed");
+    assert!(result.intact, "{result}");
+    assert_eq!(result.received, MIB as u64, "{result}");
+    let relayed: OutboundRelayed = m.event(&m.ztunnel);
     assert_eq!(
-        (relayed["bytes_up"].as_u64(), relayed["bytes_down"].as_u64()),
-        (Some(MIB as u64), Some(MIB as u64))
+        (relayed.bytes_up, relayed.bytes_down),
+        (MIB as u64, MIB as u64)
     );
     assert!(m.stat("sockhash_inserted") >= 2);
     assert!(m.stat("msg_redirected") > 0);
@@ -296,11 +272,11 @@ fn with_sockmap_a_blocking_reader_can_see_eagain_which_is_why_sockmap_is_off_by_
     // half-close does that. Event-loop readers just poll again.
     let m = mesh(&["--sockmap", "on"], &[], "");
     let to = format!("{}:8080", m.server.ip4);
-    let results: Vec<Event> = (0..5).map(|_| m.client.connect(&to, 100)).collect();
+    let results: Vec<Connect> = (0..5).map(|_| m.client.connect(&to, 100)).collect();
     assert!(
-        results.iter().any(|r| r["ok"] == false
-            && r["error"]
-                .as_str()
+        results.iter().any(|r| !r.ok
+            && r.error
+                .as_deref()
                 .is_some_and(|e| e.contains("os error 11"))),
         "no blocking read failed with EAGAIN: {results:?}"
     );
@@ -308,7 +284,7 @@ fn with_sockmap_a_blocking_reader_can_see_eagain_which_is_why_sockmap_is_off_by_
     let m = mesh(&[], &[], "");
     for _ in 0..5 {
         let r = m.client.connect(&format!("{}:8080", m.server.ip4), 100);
-        assert_eq!(r["ok"], true, "{r}");
+        assert!(r.ok, "{r}");
     }
 }
 
@@ -321,11 +297,11 @@ fn a_splice_relay_flagged_zero_copy_falls_back_and_carries_1mib_each_way() {
     );
     let to = format!("{}:8080", m.server.ip4);
     let result = m.client.connect_with(&to, MIB, &["--io", "poll"]);
-    assert_eq!(result["intact"], true, "{result}");
-    let relayed = m.event(&m.ztunnel, "relayed");
+    assert!(result.intact, "{result}");
+    let relayed: OutboundRelayed = m.event(&m.ztunnel);
     assert_eq!(
-        (relayed["bytes_up"].as_u64(), relayed["bytes_down"].as_u64()),
-        (Some(MIB as u64), Some(MIB as u64))
+        (relayed.bytes_up, relayed.bytes_down),
+        (MIB as u64, MIB as u64)
     );
     assert!(m.stat("zerocopy_fallback") >= 1);
     assert_eq!(m.stat("msg_redirected"), 0);
@@ -354,13 +330,14 @@ fn without_the_fallback_a_splice_relay_never_sees_redirected_bytes() {
             "poll",
         ],
     );
-    assert_eq!(result[0]["intact"], false, "{result:?}");
-    assert_eq!(result[0]["received"], 0, "{result:?}");
+    let connected: Connect = event::first(&result).expect("connect event");
+    assert!(!connected.intact, "{result:?}");
+    assert_eq!(connected.received, 0, "{result:?}");
     assert!(m.stat("msg_redirected") > 0);
     // When the client gives up and closes, splice sees the FIN and ends:
     // it moved none of the 64 KiB, which sat in the BPF ingress queue.
-    let relayed = m.event(&m.ztunnel, "relayed");
-    assert_eq!(relayed["bytes_up"], 0, "{relayed}");
+    let relayed: OutboundRelayed = m.event(&m.ztunnel);
+    assert_eq!(relayed.bytes_up, 0, "{relayed}");
 }
 
 #[test]
@@ -408,38 +385,25 @@ fn the_shared_ztunnel_model_works_end_to_end_for_ipv4_and_ipv6() {
         let before = ztunnel.events().len();
         let app_before = app.events().len();
         let result = client.connect(&to, 16 * 1024);
-        assert_eq!(result["intact"], true, "{result}");
+        assert!(result.intact, "{result}");
         // The stand-in's reports may still be on their way through the pipe.
-        let new: Vec<Event> = eventually(Duration::from_secs(5), || {
-            let new: Vec<Event> = ztunnel.events().into_iter().skip(before).collect();
-            new.iter().any(|e| e["event"] == "inbound").then_some(new)
+        let new = eventually(Duration::from_secs(5), || {
+            let new = ztunnel.events().split_off(before);
+            event::first::<InboundConnected>(&new).map(|_| new)
         })
         .expect("ztunnel's reports of the connection");
-        let accepted = new
-            .iter()
-            .find(|e| e["event"] == "accepted")
-            .expect("ztunnel accepted");
+        let accepted: OutboundAccepted = event::first(&new).expect("ztunnel accepted");
         // Landed on ztunnel's own IP and port, from the client pod's IP.
-        assert_landed(accepted, zt_ip, client_ip, canon(&to));
+        assert_landed(&accepted, zt_ip, client_ip, parse_addr(&to));
         // The original-source bind was rewritten to ztunnel's IP ...
-        let inbound = new
-            .iter()
-            .find(|e| e["event"] == "inbound")
-            .expect("inbound leg");
-        assert_eq!(
-            ip_of(inbound["source"].as_str().unwrap()),
-            zt_ip,
-            "{inbound}"
-        );
+        let inbound: InboundConnected = event::first(&new).expect("inbound leg");
+        assert_eq!(ip_of(inbound.source), zt_ip, "{inbound}");
         // ... and the application still sees the client.
         let seen = eventually(Duration::from_secs(5), || {
-            app.events()
-                .into_iter()
-                .skip(app_before)
-                .find(|e| e["event"] == "accepted")
+            event::first::<Accepted>(&app.events()[app_before..])
         })
         .expect("app accepted");
-        assert_eq!(ip_of(seen["peer"].as_str().unwrap()), client_ip, "{seen}");
+        assert_eq!(ip_of(seen.peer), client_ip, "{seen}");
     }
     assert_eq!(daemon.stats()["bind_rewritten"], 2);
 }

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use ambridge_conformance::{Daemon, Node, canon, ztunnel_stand_in};
+use ambridge_conformance::{Daemon, Node, canon, event, ztunnel_stand_in};
 
 fn main() {
     let mut node = Node::new();
@@ -50,25 +50,27 @@ fn main() {
         for to in &targets {
             let accepted_before = ztunnel.events().len();
             let result = pod.connect(to, 4096);
-            let accepted = ztunnel.events()[accepted_before..]
-                .iter()
-                .find(|e| e["event"] == "accepted")
-                .cloned();
+            let accepted =
+                event::first::<event::OutboundAccepted>(&ztunnel.events()[accepted_before..]);
             let (redirected, landed, orig) = match &accepted {
                 Some(a) => (
                     "yes",
-                    format!("ztunnel {}", canon(a["local"].as_str().unwrap_or("?"))),
-                    a["orig_dst"].as_str().unwrap_or("(none)").to_string(),
+                    format!("ztunnel {}", canon(a.local)),
+                    a.orig_dst
+                        .map_or_else(|| "(none)".to_string(), |o| o.to_string()),
                 ),
                 None => (
                     "no",
-                    format!("httpbin {}", canon(result["peer"].as_str().unwrap_or("?"))),
+                    result.peer.map_or_else(
+                        || "httpbin ?".to_string(),
+                        |p| format!("httpbin {}", canon(p)),
+                    ),
                     "-".to_string(),
                 ),
             };
             println!(
                 "{:<7} {:<27} {:<10} {:<27} {:<20} {}/{}",
-                pod.name, to, redirected, landed, orig, result["received"], result["sent"]
+                pod.name, to, redirected, landed, orig, result.received, result.sent
             );
         }
     }

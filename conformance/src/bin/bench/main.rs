@@ -34,7 +34,7 @@ use std::{
 
 mod control;
 
-use ambridge_conformance::{Background, Daemon, Node, Pod, sandbox::iptables};
+use ambridge_conformance::{Background, Daemon, Node, Pod, ProbeEvent, event, sandbox::iptables};
 use clap::Parser;
 use serde_json::{Value, json};
 
@@ -428,7 +428,7 @@ impl Bench {
                 .arg(&pod.netns)
                 .args(role);
             let p = Background::spawn(c);
-            p.wait_for(|e| e["event"] == "listening", Duration::from_secs(10));
+            p.wait_first::<event::Listening>(Duration::from_secs(10));
             p
         };
         let mut servers = vec![
@@ -473,7 +473,7 @@ impl Bench {
             }
             c
         });
-        relay.wait_for(|e| e["event"] == "listening", Duration::from_secs(10));
+        relay.wait_first::<event::RelayListening>(Duration::from_secs(10));
         Bench {
             _relay: relay,
             _servers: servers,
@@ -546,13 +546,21 @@ impl Bench {
         }
     }
 
-    fn load(&self, r: Route, args: &[String]) -> Value {
+    fn load(&self, r: Route, args: &[String]) -> ProbeEvent {
         let (pod, target) = self.endpoints(r);
         let mut full = vec!["bench-load", "--to", &target];
         full.extend(args.iter().map(String::as_str));
         pod.run(&full)
             .into_iter()
-            .find(|e| matches!(e["event"].as_str(), Some("cps" | "rr" | "bulk" | "dns")))
+            .find(|e| {
+                matches!(
+                    e,
+                    ProbeEvent::Cps(_)
+                        | ProbeEvent::Rr(_)
+                        | ProbeEvent::Bulk(_)
+                        | ProbeEvent::DnsLoad(_)
+                )
+            })
             .unwrap_or_else(|| panic!("no result from the load generator on {r:?}"))
     }
 
@@ -592,10 +600,12 @@ impl Bench {
             let conntrack_before = conntrack_count(self.conntrack_netns(r), proto);
             let before = self.daemon.stats();
             let result = self.load(r, &warm);
-            assert!(
-                result["ok"].as_u64() > Some(0) && result["failed"] == 0,
-                "{r:?} does not work: {result}"
-            );
+            let works = match &result {
+                ProbeEvent::Cps(c) => c.ok > 0 && c.failed == 0,
+                ProbeEvent::DnsLoad(d) => d.ok > 0 && d.failed == 0,
+                _ => false,
+            };
+            assert!(works, "{r:?} does not work: {result}");
             let after = self.daemon.stats();
             let moved = after[counter] - before[counter];
             let inserted = after["sockhash_inserted"] - before["sockhash_inserted"];
@@ -725,59 +735,33 @@ fn measure(bench: &Bench, plan: &Plan) -> Measured {
                     let mut put = |k: &str, v: f64| {
                         samples.entry((route, k.to_string())).or_default().push(v)
                     };
-                    let per_10k = |r: &Value, field: &str| {
-                        cpu / r[field].as_f64().unwrap_or(1.0).max(1.0) * 10_000.0
-                    };
-                    match r["event"].as_str() {
-                        Some("cps") => {
-                            put(
-                                &format!("{}_per_s", phase.key),
-                                r["per_second"].as_f64().unwrap_or(0.0),
-                            );
+                    let per_10k = |count: u64| cpu / (count as f64).max(1.0) * 10_000.0;
+                    match r {
+                        ProbeEvent::Cps(r) => {
+                            put(&format!("{}_per_s", phase.key), r.per_second);
                             if group.traffic == Traffic::Sustained {
-                                put(
-                                    &format!("{}_failed", phase.key),
-                                    r["failed"].as_f64().unwrap_or(0.0),
-                                );
+                                put(&format!("{}_failed", phase.key), r.failed as f64);
                             }
                         }
-                        Some("rr") => {
-                            for p in ["p50", "p99", "p999"] {
-                                put(
-                                    &format!("{}_{p}_us", phase.key),
-                                    r[format!("{p}_us")].as_f64().unwrap_or(0.0),
-                                );
+                        ProbeEvent::Rr(r) => {
+                            for (p, us) in
+                                [("p50", r.p50_us), ("p99", r.p99_us), ("p999", r.p999_us)]
+                            {
+                                put(&format!("{}_{p}_us", phase.key), us);
                             }
-                            put(
-                                &format!("{}_cpu_s_per_10k", phase.key),
-                                per_10k(&r, "count"),
-                            );
+                            put(&format!("{}_cpu_s_per_10k", phase.key), per_10k(r.count));
                             if phase.key == "rr_1B" && group.name == "outbound" {
-                                let cdf = r["cdf_us"]
-                                    .as_array()
-                                    .map(|a| a.iter().filter_map(Value::as_f64).collect());
-                                cdfs.insert(path, cdf.unwrap_or_default());
+                                cdfs.insert(path, r.cdf_us);
                             }
                         }
-                        Some("bulk") => {
-                            put("bulk_gbit_per_s", r["gbit_per_s"].as_f64().unwrap_or(0.0))
-                        }
-                        Some("dns") => {
-                            put(
-                                &format!("{}_per_s", phase.key),
-                                r["per_second"].as_f64().unwrap_or(0.0),
-                            );
-                            for p in ["p50", "p99"] {
-                                put(
-                                    &format!("{}_{p}_us", phase.key),
-                                    r[format!("{p}_us")].as_f64().unwrap_or(0.0),
-                                );
+                        ProbeEvent::Bulk(r) => put("bulk_gbit_per_s", r.gbit_per_s),
+                        ProbeEvent::DnsLoad(r) => {
+                            put(&format!("{}_per_s", phase.key), r.per_second);
+                            for (p, us) in [("p50", r.p50_us), ("p99", r.p99_us)] {
+                                put(&format!("{}_{p}_us", phase.key), us);
                             }
-                            put(&format!("{}_cpu_s_per_10k", phase.key), per_10k(&r, "ok"));
-                            put(
-                                &format!("{}_failed", phase.key),
-                                r["failed"].as_f64().unwrap_or(0.0),
-                            );
+                            put(&format!("{}_cpu_s_per_10k", phase.key), per_10k(r.ok));
+                            put(&format!("{}_failed", phase.key), r.failed as f64);
                         }
                         _ => {}
                     }

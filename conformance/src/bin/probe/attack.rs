@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde_json::json;
+use ambridge_conformance::event as ev;
 use socket2::{Domain, Socket, Type};
 
 use crate::{original_dst, polled, report};
@@ -21,10 +21,10 @@ use crate::{original_dst, polled, report};
 pub fn session(to: SocketAddr, messages: usize, interval: Duration) -> io::Result<()> {
     let s = TcpStream::connect_timeout(&to, crate::io_timeout())?;
     s.set_nodelay(true)?;
-    report(json!({
-        "event": "session", "local": s.local_addr()?.to_string(),
-        "peer": s.peer_addr()?.to_string(),
-    }));
+    report(ev::Session {
+        local: s.local_addr()?,
+        peer: s.peer_addr()?,
+    });
     for i in 0..messages {
         let sent = format!("victim message {i:04} ........\n").into_bytes();
         polled::send_all(&s, &sent)?;
@@ -37,10 +37,11 @@ pub fn session(to: SocketAddr, messages: usize, interval: Duration) -> io::Resul
             }
             got.extend_from_slice(&buf[..n]);
         }
-        report(json!({
-            "event": "exchange", "i": i, "intact": got == sent,
-            "received": String::from_utf8_lossy(&got),
-        }));
+        report(ev::Exchange {
+            i: i as u64,
+            intact: got == sent,
+            received: String::from_utf8_lossy(&got).into_owned(),
+        });
         thread::sleep(interval);
     }
     Ok(())
@@ -64,9 +65,7 @@ pub fn hijack(
     client.connect(&listen_at.into())?;
     let client: TcpStream = client.into();
     let (accepted, from) = listener.accept()?;
-    let orig_dst = original_dst(&Socket::from(accepted.try_clone()?))
-        .ok()
-        .map(|a| a.to_string());
+    let orig_dst = original_dst(&Socket::from(accepted.try_clone()?)).ok();
     let injection = b"INJECTED BY THE ATTACKER\n";
     let mut injected = 0;
     let mut received_by_accepted = Vec::new();
@@ -98,12 +97,13 @@ pub fn hijack(
     // loop connection works normally; anything else came from the victim.
     let foreign_to_client = String::from_utf8_lossy(&received_by_client)
         .replace(std::str::from_utf8(injection).unwrap(), "");
-    report(json!({
-        "event": "hijack", "accepted_from": from.to_string(), "orig_dst": orig_dst,
-        "injected": injected,
-        "received_by_accepted": String::from_utf8_lossy(&received_by_accepted),
-        "foreign_to_client": foreign_to_client,
-    }));
+    report(ev::Hijack {
+        accepted_from: from,
+        orig_dst,
+        injected: injected as u64,
+        received_by_accepted: String::from_utf8_lossy(&received_by_accepted).into_owned(),
+        foreign_to_client,
+    });
     Ok(())
 }
 
@@ -124,7 +124,7 @@ pub fn fd_send(via: &std::path::Path, to: SocketAddr) -> io::Result<()> {
         None,
     )
     .map_err(io::Error::from)?;
-    report(json!({"event": "fd-sent"}));
+    report(ev::FdSent {});
     Ok(())
 }
 
@@ -137,7 +137,7 @@ pub fn fd_connect(at: &std::path::Path, to: SocketAddr, bytes: usize) -> io::Res
     use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
     let _ = std::fs::remove_file(at);
     let listener = std::os::unix::net::UnixListener::bind(at)?;
-    report(json!({"event": "listening", "addr": at.display().to_string()}));
+    report(ev::AwaitingSocket { at: at.into() });
     let (unix, _) = listener.accept()?;
     let mut buf = [0u8; 8];
     let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
@@ -174,9 +174,15 @@ pub fn fd_connect(at: &std::path::Path, to: SocketAddr, bytes: usize) -> io::Res
         .map_err(step("shutdown"))?;
     let mut got = Vec::new();
     io::Read::read_to_end(&mut &stream, &mut got).map_err(step("read"))?;
-    report(json!({
-        "event": "connect", "ok": got == sent, "to": to.to_string(),
-        "local": local.to_string(), "peer": peer.to_string(),
-    }));
+    report(ev::Connect {
+        ok: got == sent,
+        to,
+        local: Some(local),
+        peer: Some(peer),
+        sent: sent.len() as u64,
+        received: got.len() as u64,
+        intact: got == sent,
+        error: None,
+    });
     Ok(())
 }

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde_json::json;
+use ambridge_conformance::event as ev;
 use socket2::SockRef;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -52,7 +52,7 @@ pub fn echo(addr: SocketAddr, ports: u16) -> io::Result<()> {
                 }
             });
         }
-        report(json!({"event": "listening", "addr": addr.to_string(), "ports": ports}));
+        report(ev::Listening { addr });
         match accepting.join_next().await {
             Some(Ok(result)) => result,
             Some(Err(e)) => Err(io::Error::other(e)),
@@ -141,10 +141,12 @@ pub fn relay(args: RelayArgs) -> io::Result<()> {
                 }
             });
         }
-        report(json!({
-            "event": "listening", "pods": args.pods.len(), "port": args.port,
-            "inbound_pods": args.inbound_pods.len(), "dns_pods": args.dns_pods.len(),
-        }));
+        report(ev::RelayListening {
+            pods: args.pods.len() as u64,
+            port: args.port,
+            inbound_pods: args.inbound_pods.len() as u64,
+            dns_pods: args.dns_pods.len() as u64,
+        });
         std::future::pending::<io::Result<()>>().await
     })
 }
@@ -185,7 +187,10 @@ where
             };
             let _ = ready_tx.send(Ok(()));
             if let Err(e) = server.await {
-                report(json!({"event": "error", "error": e.to_string(), "netns": netns}));
+                report(ev::Error {
+                    error: e.to_string(),
+                    netns: Some(netns),
+                });
             }
             Ok(())
         })
@@ -237,7 +242,7 @@ async fn answer_dns(socket: tokio::net::UdpSocket) -> io::Result<()> {
 pub fn dns_server(addr: SocketAddr) -> io::Result<()> {
     runtime()?.block_on(async move {
         let socket = tokio::net::UdpSocket::bind(addr).await?;
-        report(json!({"event": "listening", "addr": addr.to_string()}));
+        report(ev::Listening { addr });
         answer_dns(socket).await
     })
 }
@@ -392,9 +397,12 @@ async fn cps(
         failed += f;
     }
     let elapsed = start.elapsed().as_secs_f64();
-    report(
-        json!({"event": "cps", "ok": ok, "failed": failed, "elapsed_s": elapsed, "per_second": ok as f64 / elapsed}),
-    );
+    report(ev::Cps {
+        ok,
+        failed,
+        elapsed_s: elapsed,
+        per_second: ok as f64 / elapsed,
+    });
     Ok(())
 }
 
@@ -493,11 +501,14 @@ async fn dns(
     }
     let elapsed = start.elapsed().as_secs_f64();
     samples_ns.sort_unstable();
-    report(json!({
-        "event": "dns", "ok": samples_ns.len(), "failed": failed, "elapsed_s": elapsed,
-        "per_second": samples_ns.len() as f64 / elapsed,
-        "p50_us": percentile_us(&samples_ns, 0.50), "p99_us": percentile_us(&samples_ns, 0.99),
-    }));
+    report(ev::DnsLoad {
+        ok: samples_ns.len() as u64,
+        failed,
+        elapsed_s: elapsed,
+        per_second: samples_ns.len() as f64 / elapsed,
+        p50_us: percentile_us(&samples_ns, 0.50),
+        p99_us: percentile_us(&samples_ns, 0.99),
+    });
     Ok(())
 }
 
@@ -518,10 +529,14 @@ async fn rr(to: SocketAddr, size: usize, duration: Duration) -> io::Result<()> {
     let pct = |p: f64| percentile_us(&samples_ns, p);
     // A coarse distribution for the chart: the latency at every percentile.
     let cdf: Vec<f64> = (0..=100).map(|i| pct(f64::from(i) / 100.0)).collect();
-    report(json!({
-        "event": "rr", "count": samples_ns.len(), "elapsed_s": elapsed,
-        "p50_us": pct(0.50), "p99_us": pct(0.99), "p999_us": pct(0.999), "cdf_us": cdf,
-    }));
+    report(ev::Rr {
+        count: samples_ns.len() as u64,
+        elapsed_s: elapsed,
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+        p999_us: pct(0.999),
+        cdf_us: cdf,
+    });
     Ok(())
 }
 
@@ -551,8 +566,10 @@ async fn bulk(to: SocketAddr, bytes: usize) -> io::Result<()> {
     }
     writer.await.map_err(io::Error::other)??;
     let elapsed = start.elapsed().as_secs_f64();
-    report(
-        json!({"event": "bulk", "bytes": got, "elapsed_s": elapsed, "gbit_per_s": got as f64 * 8.0 / elapsed / 1e9}),
-    );
+    report(ev::Bulk {
+        bytes: got as u64,
+        elapsed_s: elapsed,
+        gbit_per_s: got as f64 * 8.0 / elapsed / 1e9,
+    });
     Ok(())
 }

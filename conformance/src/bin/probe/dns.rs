@@ -17,7 +17,7 @@ use std::{
     time::Duration,
 };
 
-use serde_json::json;
+use ambridge_conformance::event::{self as ev, DnsTransport};
 use socket2::{Domain, Socket, Type};
 
 use crate::{ZTUNNEL_MARK, io_timeout, report};
@@ -47,10 +47,10 @@ impl Transport {
         }
     }
 
-    fn name(self) -> &'static str {
+    fn reported(self) -> DnsTransport {
         match self {
-            Transport::Udp => "udp",
-            Transport::Tcp => "tcp",
+            Transport::Udp => DnsTransport::Udp,
+            Transport::Tcp => DnsTransport::Tcp,
         }
     }
 }
@@ -69,11 +69,11 @@ pub enum ClientTransport {
 }
 
 impl ClientTransport {
-    fn name(self) -> &'static str {
+    fn reported(self) -> DnsTransport {
         match self {
-            ClientTransport::Udp => "udp",
-            ClientTransport::UdpConnected => "udp-connected",
-            ClientTransport::Tcp => "tcp",
+            ClientTransport::Udp => DnsTransport::Udp,
+            ClientTransport::UdpConnected => DnsTransport::UdpConnected,
+            ClientTransport::Tcp => DnsTransport::Tcp,
         }
     }
 }
@@ -152,9 +152,11 @@ pub fn proxy_udp(
         let answer = proxy_answer(pod, Transport::Udp, peer, local, &buf[..n], upstream);
         // One client gone is no reason to stop serving the others.
         if let Err(e) = socket.send_to(&answer, peer) {
-            report(
-                json!({"event": "dns-error", "pod": pod, "peer": peer.to_string(), "error": e.to_string()}),
-            );
+            report(ev::DnsError {
+                pod: Some(pod.to_string()),
+                peer: Some(peer),
+                error: e.to_string(),
+            });
         }
     }
 }
@@ -188,17 +190,22 @@ fn proxy_answer(
     upstream: Option<SocketAddr>,
 ) -> Vec<u8> {
     let forwarded = upstream.map(|to| forward(to, transport, query));
-    report(json!({
-        "event": "dns-query",
-        "pod": pod,
-        "transport": transport.name(),
-        "peer": peer.to_string(),
-        "local": local.to_string(),
-        "query": text(query),
-        "upstream": upstream.map(|u| u.to_string()),
-        "upstream_reply": forwarded.as_ref().and_then(|r| r.as_ref().ok()).map(|r| text(r)),
-        "upstream_error": forwarded.as_ref().and_then(|r| r.as_ref().err()).map(|e| e.to_string()),
-    }));
+    report(ev::DnsQuery {
+        pod: Some(pod.to_string()),
+        transport: transport.reported(),
+        peer,
+        local,
+        query: text(query),
+        upstream,
+        upstream_reply: forwarded
+            .as_ref()
+            .and_then(|r| r.as_ref().ok())
+            .map(|r| text(r)),
+        upstream_error: forwarded
+            .as_ref()
+            .and_then(|r| r.as_ref().err())
+            .map(|e| e.to_string()),
+    });
     let body: &[u8] = match &forwarded {
         None => query,
         Some(Ok(reply)) => reply,
@@ -259,17 +266,23 @@ pub fn server(listen: SocketAddr) -> io::Result<()> {
     // The same port for TCP, also when `listen` asked for any port.
     let addr = udp.local_addr()?;
     let tcp = crate::listener(addr)?;
-    report(json!({"event": "listening", "addr": addr.to_string()}));
+    report(ev::Listening { addr });
     let (done_tx, done_rx) = mpsc::channel();
     let udp_done = done_tx.clone();
     thread::spawn(move || {
         let mut buf = vec![0u8; MAX_DATAGRAM];
         let result = (|| loop {
             let (n, peer) = udp.recv_from(&mut buf)?;
-            report(json!({
-                "event": "dns-query", "transport": "udp", "peer": peer.to_string(),
-                "local": addr.to_string(), "query": text(&buf[..n]),
-            }));
+            report(ev::DnsQuery {
+                pod: None,
+                transport: DnsTransport::Udp,
+                peer,
+                local: addr,
+                query: text(&buf[..n]),
+                upstream: None,
+                upstream_reply: None,
+                upstream_error: None,
+            });
             udp.send_to(&prefixed(b"server:", &buf[..n]), peer)?;
         })();
         udp_done.send(result).ok();
@@ -279,9 +292,11 @@ pub fn server(listen: SocketAddr) -> io::Result<()> {
             let (conn, peer) = tcp.accept()?;
             thread::spawn(move || {
                 if let Err(e) = serve_tcp(conn, peer) {
-                    report(
-                        json!({"event": "dns-error", "peer": peer.to_string(), "error": e.to_string()}),
-                    );
+                    report(ev::DnsError {
+                        pod: None,
+                        peer: Some(peer),
+                        error: e.to_string(),
+                    });
                 }
             });
         })();
@@ -295,10 +310,16 @@ pub fn server(listen: SocketAddr) -> io::Result<()> {
 fn serve_tcp(mut conn: TcpStream, peer: SocketAddr) -> io::Result<()> {
     let local = conn.local_addr()?;
     while let Some(query) = read_framed(&mut conn)? {
-        report(json!({
-            "event": "dns-query", "transport": "tcp", "peer": peer.to_string(),
-            "local": local.to_string(), "query": text(&query),
-        }));
+        report(ev::DnsQuery {
+            pod: None,
+            transport: DnsTransport::Tcp,
+            peer,
+            local,
+            query: text(&query),
+            upstream: None,
+            upstream_reply: None,
+            upstream_error: None,
+        });
         write_framed(&mut conn, &prefixed(b"server:", &query))?;
     }
     Ok(())
@@ -318,17 +339,16 @@ struct Seen {
 pub fn client(to: SocketAddr, transport: ClientTransport, query: &str) -> io::Result<()> {
     let mut seen = Seen::default();
     let reply = ask(to, transport, query.as_bytes(), &mut seen);
-    report(json!({
-        "event": "dns",
-        "ok": reply.is_ok(),
-        "transport": transport.name(),
-        "to": to.to_string(),
-        "reply": reply.as_ref().ok().map(|r| text(r)),
-        "from": seen.from.map(|a| a.to_string()),
-        "peer": seen.peer.map(|a| a.to_string()),
-        "local": seen.local.map(|a| a.to_string()),
-        "error": reply.as_ref().err().map(|e| e.to_string()),
-    }));
+    report(ev::Dns {
+        ok: reply.is_ok(),
+        transport: transport.reported(),
+        to,
+        reply: reply.as_ref().ok().map(|r| text(r)),
+        from: seen.from,
+        peer: seen.peer,
+        local: seen.local,
+        error: reply.as_ref().err().map(|e| e.to_string()),
+    });
     Ok(())
 }
 

@@ -19,8 +19,8 @@ use std::{
     time::Duration,
 };
 
+use ambridge_conformance::event::{self as ev, ProbeEvent};
 use clap::{Parser, Subcommand};
-use serde_json::json;
 use socket2::{Domain, SockAddr, Socket, Type};
 
 /// The mark ztunnel puts on every socket it opens in a pod (0x539).
@@ -279,7 +279,10 @@ fn main() {
     let cli = Cli::parse();
     TIMEOUT_MS.store(cli.timeout_ms, std::sync::atomic::Ordering::Relaxed);
     if let Err(e) = enter(&cli) {
-        report(json!({"event": "error", "error": format!("entering the pod: {e}")}));
+        report(ev::Error {
+            error: format!("entering the pod: {e}"),
+            netns: None,
+        });
         std::process::exit(2);
     }
     let result = match cli.role {
@@ -383,14 +386,17 @@ fn main() {
         Role::ZdsPeer { zds, steps } => zds::scripted_peer(&zds, &steps),
     };
     if let Err(e) = result {
-        report(json!({"event": "error", "error": e.to_string()}));
+        report(ev::Error {
+            error: e.to_string(),
+            netns: None,
+        });
         std::process::exit(1);
     }
 }
 
-fn report(value: serde_json::Value) {
+fn report(event: impl Into<ProbeEvent>) {
     let mut out = io::stdout().lock();
-    let _ = writeln!(out, "{value}");
+    let _ = writeln!(out, "{}", event.into());
     let _ = out.flush();
 }
 
@@ -402,7 +408,9 @@ fn enter(cli: &Cli) -> io::Result<()> {
         io::stdin().read_line(&mut line)?;
         let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
         let at_ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
-        report(json!({"event": "released", "monotonic_ns": at_ns}));
+        report(ev::Released {
+            monotonic_ns: at_ns,
+        });
     }
     if let Some(cgroup) = &cli.cgroup {
         fs::write(cgroup.join("cgroup.procs"), "0")?;
@@ -443,10 +451,12 @@ fn write_and_close(to: SocketAddr, bytes: usize, count: usize) -> io::Result<()>
             Err(_) => Some("writer panicked".into()),
         })
         .collect();
-    report(json!({
-        "event": "connect-summary", "to": to.to_string(),
-        "ok": count - failures.len(), "failed": failures.len(), "failures": failures,
-    }));
+    report(ev::ConnectSummary {
+        to,
+        ok: (count - failures.len()) as u64,
+        failed: failures.len() as u64,
+        failures,
+    });
     Ok(())
 }
 
@@ -459,23 +469,30 @@ enum Until {
 fn connect_many(to: SocketAddr, bytes: usize, until: Until, io: Io) -> io::Result<()> {
     let mut ok = 0;
     let mut count = 0;
-    let mut failures = Vec::new();
+    let mut failures: Vec<String> = Vec::new();
     while match &until {
         Until::Count(n) => count < *n,
         Until::Exists(stop) => !stop.exists(),
     } {
         count += 1;
         let result = connect(to, bytes, io, None, Duration::ZERO)?;
-        if result["ok"] == true {
+        if result.ok {
             ok += 1;
         } else if failures.len() < 5 {
-            failures.push(result);
+            failures.push(result.error.unwrap_or_else(|| {
+                format!(
+                    "{} of {} bytes came back, intact: {}",
+                    result.received, result.sent, result.intact
+                )
+            }));
         }
     }
-    report(json!({
-        "event": "connect-summary", "to": to.to_string(),
-        "ok": ok, "failed": count - ok, "failures": failures,
-    }));
+    report(ev::ConnectSummary {
+        to,
+        ok: ok as u64,
+        failed: (count - ok) as u64,
+        failures,
+    });
     Ok(())
 }
 
@@ -497,13 +514,20 @@ fn connect(
     io: Io,
     bind: Option<SocketAddr>,
     hold: Duration,
-) -> io::Result<serde_json::Value> {
+) -> io::Result<ev::Connect> {
     let stream = match open(to, bind) {
         Ok(s) => s,
         Err(e) => {
-            return Ok(json!({
-                "event": "connect", "ok": false, "to": to.to_string(), "error": e.to_string(),
-            }));
+            return Ok(ev::Connect {
+                ok: false,
+                to,
+                local: None,
+                peer: None,
+                sent: 0,
+                received: 0,
+                intact: false,
+                error: Some(e.to_string()),
+            });
         }
     };
     stream.set_read_timeout(Some(io_timeout()))?;
@@ -529,17 +553,25 @@ fn connect(
         Io::Poll => polled::read_to_end(&stream, &mut got),
     };
     let wrote = writer.join().expect("writer thread");
-    Ok(json!({
-        "event": "connect",
-        "ok": read.is_ok() && wrote.is_ok() && got == sent,
-        "to": to.to_string(),
-        "local": local.to_string(),
-        "peer": peer.to_string(),
-        "sent": sent.len(),
-        "received": got.len(),
-        "intact": got == sent,
-        "error": read.err().or(wrote.err()).map(|e| e.to_string()),
-    }))
+    Ok(ev::Connect {
+        ok: read.is_ok() && wrote.is_ok() && got == sent,
+        to,
+        local: Some(local),
+        peer: Some(peer),
+        sent: sent.len() as u64,
+        received: got.len() as u64,
+        intact: got == sent,
+        error: read.err().or(wrote.err()).map(|e| e.to_string()),
+    })
+}
+
+/// A TCP connection's peer and local addresses.
+fn inet_ends(conn: &Socket) -> io::Result<(SocketAddr, SocketAddr)> {
+    let inet = |addr: SockAddr| {
+        addr.as_socket()
+            .ok_or_else(|| io::Error::other("not an IP socket"))
+    };
+    Ok((inet(conn.peer_addr()?)?, inet(conn.local_addr()?)?))
 }
 
 /// A dual-stack listener when `addr` is `[::]`.
@@ -556,15 +588,14 @@ fn listener(addr: SocketAddr) -> io::Result<TcpListener> {
 
 fn echo(addr: SocketAddr) -> io::Result<()> {
     let listener = listener(addr)?;
-    report(json!({"event": "listening", "addr": addr.to_string()}));
+    report(ev::Listening { addr });
     loop {
         let (mut conn, accepted_from) = listener.accept()?;
-        report(json!({
-            "event": "accepted",
-            "accept_addr": accepted_from.to_string(),
-            "peer": conn.peer_addr()?.to_string(),
-            "local": conn.local_addr()?.to_string(),
-        }));
+        report(ev::Accepted {
+            accept_addr: accepted_from,
+            peer: conn.peer_addr()?,
+            local: conn.local_addr()?,
+        });
         thread::spawn(move || {
             let mut back = conn.try_clone()?;
             io::copy(&mut conn, &mut back)?;
@@ -580,11 +611,14 @@ fn udp_echo(addr: SocketAddr) -> io::Result<()> {
     }
     socket.bind(&addr.into())?;
     let socket: std::net::UdpSocket = socket.into();
-    report(json!({"event": "listening", "addr": addr.to_string()}));
+    report(ev::Listening { addr });
     let mut buf = [0u8; 2048];
     loop {
         let (n, from) = socket.recv_from(&mut buf)?;
-        report(json!({"event": "datagram", "from": from.to_string(), "bytes": n}));
+        report(ev::Datagram {
+            from,
+            bytes: n as u64,
+        });
         socket.send_to(&buf[..n], from)?;
     }
 }
@@ -601,10 +635,11 @@ fn udp(to: SocketAddr) -> io::Result<()> {
     socket.send(b"ping")?;
     let mut buf = [0u8; 16];
     let n = socket.recv(&mut buf)?;
-    report(json!({
-        "event": "udp", "ok": &buf[..n] == b"ping",
-        "peer": socket.peer_addr()?.to_string(), "to": to.to_string(),
-    }));
+    report(ev::Udp {
+        ok: &buf[..n] == b"ping",
+        peer: socket.peer_addr()?,
+        to,
+    });
     Ok(())
 }
 
@@ -848,11 +883,15 @@ fn serve_listen(
                 Listen::Dns(addr, _) => dns::proxy_tcp(&pod, conn, addr, serving.dns_upstream),
             };
             if let Err(e) = result {
-                let event = match listen {
-                    Listen::Capture(_) => "relay-error",
-                    Listen::Dns(..) => "dns-error",
-                };
-                report(json!({"event": event, "pod": pod, "error": e.to_string()}));
+                let error = e.to_string();
+                match listen {
+                    Listen::Capture(_) => report(ev::RelayError { pod, error }),
+                    Listen::Dns(..) => report(ev::DnsError {
+                        pod: Some(pod),
+                        peer: None,
+                        error,
+                    }),
+                }
             }
         });
     }
@@ -872,16 +911,22 @@ fn ztunnel(pods: &[PathBuf], serving: Serving, zds: Option<zds::Options>) -> io:
         )?);
     }
     let session = zds.as_ref().map(zds::Session::connect).transpose()?;
-    report(json!({
-        "event": "listening", "pods": pods.len(), "port": serving.port,
-        "hbone": serving.hbone.is_some(), "inbound": serving.inbound, "dns": serving.dns,
-        "dns_upstream": serving.dns_upstream.map(|u| u.to_string()),
-        "zds": zds.as_ref().map(|z| z.socket.display().to_string()),
-    }));
+    report(ev::ZtunnelListening {
+        pods: pods.len() as u64,
+        port: serving.port,
+        hbone: serving.hbone.is_some(),
+        inbound: serving.inbound,
+        dns: serving.dns,
+        dns_upstream: serving.dns_upstream,
+        zds: zds.as_ref().map(|z| z.socket.clone()),
+    });
     if let Some(session) = session {
         thread::spawn(move || {
             if let Err(e) = session.run(serving) {
-                report(json!({"event": "error", "error": format!("ZDS: {e}")}));
+                report(ev::Error {
+                    error: format!("ZDS: {e}"),
+                    netns: None,
+                });
                 std::process::exit(1);
             }
         });
@@ -903,17 +948,15 @@ fn outbound(
     relay: Relay,
     hbone: Option<Option<SocketAddr>>,
 ) -> io::Result<()> {
-    let peer = client.peer_addr()?.as_socket();
-    let local = client.local_addr()?.as_socket();
+    let (peer, local) = inet_ends(&client)?;
     let orig = original_dst(&client);
-    report(json!({
-        "event": "accepted",
-        "pod": pod,
-        "peer": peer.map(|a| a.to_string()),
-        "local": local.map(|a| a.to_string()),
-        "orig_dst": orig.as_ref().ok().map(|a| a.to_string()),
-        "orig_dst_error": orig.as_ref().err().map(|e| e.to_string()),
-    }));
+    report(ev::OutboundAccepted {
+        pod: pod.to_string(),
+        peer,
+        local,
+        orig_dst: orig.as_ref().ok().copied(),
+        orig_dst_error: orig.as_ref().err().map(|e| e.to_string()),
+    });
     let orig = orig?;
     let next_hop = match hbone {
         None => orig,
@@ -926,18 +969,18 @@ fn outbound(
     upstream.connect_timeout(&next_hop.into(), io_timeout())?;
     let upstream: TcpStream = upstream.into();
     if hbone.is_some() {
-        let client_ip = peer
-            .map(|p| p.ip().to_canonical())
-            .ok_or_else(|| io::Error::other("no peer"))?;
+        let client_ip = peer.ip().to_canonical();
         polled::send_all(
             &upstream,
             format!("CONNECT {orig} {client_ip}\n").as_bytes(),
         )?;
     }
     let (up, down) = relay_both(client.into(), upstream, relay)?;
-    report(
-        json!({"event": "relayed", "orig_dst": orig.to_string(), "bytes_up": up, "bytes_down": down}),
-    );
+    report(ev::OutboundRelayed {
+        orig_dst: orig,
+        bytes_up: up,
+        bytes_down: down,
+    });
     Ok(())
 }
 
@@ -966,21 +1009,16 @@ fn inbound_hbone(pod: &str, conn: Socket, relay: Relay) -> io::Result<()> {
 /// destination (the local address if there is none, as ztunnel falls back
 /// to), the client is the peer.
 fn inbound_plaintext(pod: &str, conn: Socket, relay: Relay) -> io::Result<()> {
-    let peer = conn.peer_addr()?.as_socket();
-    let local = conn.local_addr()?.as_socket();
+    let (peer, local) = inet_ends(&conn)?;
     let orig = original_dst(&conn);
-    report(json!({
-        "event": "inbound-accepted",
-        "pod": pod,
-        "peer": peer.map(|a| a.to_string()),
-        "local": local.map(|a| a.to_string()),
-        "orig_dst": orig.as_ref().ok().map(|a| a.to_string()),
-        "orig_dst_error": orig.as_ref().err().map(|e| e.to_string()),
-    }));
-    let target = match orig {
-        Ok(dst) => dst,
-        Err(_) => local.ok_or_else(|| io::Error::other("no local address"))?,
-    };
+    report(ev::InboundAccepted {
+        pod: pod.to_string(),
+        peer,
+        local,
+        orig_dst: orig.as_ref().ok().copied(),
+        orig_dst_error: orig.as_ref().err().map(|e| e.to_string()),
+    });
+    let target = orig.unwrap_or(local);
     // A dual-stack listener reports IPv4 as IPv4-mapped; ztunnel connects
     // to the canonical address, in the family of the client's.
     let target = SocketAddr::new(target.ip().to_canonical(), target.port());
@@ -991,10 +1029,7 @@ fn inbound_plaintext(pod: &str, conn: Socket, relay: Relay) -> io::Result<()> {
             format!("{target} is one of ztunnel's own capture ports"),
         ));
     }
-    let client = peer
-        .ok_or_else(|| io::Error::other("no peer"))?
-        .ip()
-        .to_canonical();
+    let client = peer.ip().to_canonical();
     inbound(pod, conn.into(), target, client, relay)
 }
 
@@ -1023,18 +1058,19 @@ fn inbound(
     })();
     upstream.connect_timeout(&target.into(), io_timeout())?;
     let upstream: TcpStream = upstream.into();
-    report(json!({
-        "event": "inbound",
-        "pod": pod,
-        "target": target.to_string(),
-        "client": client.to_string(),
-        "bind_error": bind.err().map(|e| e.to_string()),
-        "source": upstream.local_addr()?.to_string(),
-    }));
+    report(ev::InboundConnected {
+        pod: pod.to_string(),
+        target,
+        client,
+        bind_error: bind.err().map(|e| e.to_string()),
+        source: upstream.local_addr()?,
+    });
     let (up, down) = relay_both(conn, upstream, relay)?;
-    report(
-        json!({"event": "inbound-relayed", "target": target.to_string(), "bytes_up": up, "bytes_down": down}),
-    );
+    report(ev::InboundRelayed {
+        target,
+        bytes_up: up,
+        bytes_down: down,
+    });
     Ok(())
 }
 
@@ -1130,10 +1166,14 @@ fn sockopts() -> io::Result<()> {
                     .map(|b| format!("{b:02x}"))
                     .collect::<String>()
             });
-            report(json!({
-                "event": "sockopt", "end": end, "name": name,
-                "ret": ret, "errno": errno, "optlen": optlen, "value": value,
-            }));
+            report(ev::Sockopt {
+                end: end.into(),
+                name: name.into(),
+                ret,
+                errno: errno.flatten(),
+                optlen,
+                value,
+            });
         }
     }
     Ok(())

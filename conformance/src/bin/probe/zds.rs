@@ -16,7 +16,7 @@ use std::{
 };
 
 use ambridge::publish::zds::wire::{self, Ack, Datagram, MAX_DATAGRAM, Request, WireError};
-use serde_json::json;
+use ambridge_conformance::event as ev;
 use socket2::{Domain, SockAddr, Socket, Type};
 
 use crate::{PodListeners, Serving, report};
@@ -107,7 +107,7 @@ impl Session {
             };
             hello(&self.conn, &self.socket)?;
             self.snapshot = Some(HashSet::new());
-            report(json!({"event": "zds-reconnected"}));
+            report(ev::ZdsReconnected {});
         }
     }
 
@@ -133,7 +133,7 @@ impl Session {
                         *left = left.saturating_sub(1);
                         if *left == 0 {
                             self.drop_after = None;
-                            report(json!({"event": "zds-dropping"}));
+                            report(ev::ZdsDropping {});
                             // The node agent sees the end now, not at the
                             // reconnect.
                             let _ = socket2::SockRef::from(&self.conn)
@@ -159,7 +159,7 @@ impl Session {
                 }
             }
         }
-        report(json!({"event": "zds-closed"}));
+        report(ev::ZdsClosed {});
         Ok(())
     }
 
@@ -177,10 +177,10 @@ impl Session {
                 service_account,
             } => self.add(uid, [name, namespace, service_account], fds, serving),
             Request::Keep { uid } => {
-                report(json!({"event": "zds-keep", "uid": uid}));
                 if let Some(snapshot) = &mut self.snapshot {
-                    snapshot.insert(uid);
+                    snapshot.insert(uid.clone());
                 }
+                report(ev::ZdsKeep { uid });
                 Ack::Ok
             }
             Request::Del { uid } => {
@@ -188,7 +188,7 @@ impl Session {
                 let listeners = self.pods.remove(&uid);
                 let known = listeners.is_some();
                 drop(listeners);
-                report(json!({"event": "zds-del", "uid": uid, "known": known}));
+                report(ev::ZdsDel { uid, known });
                 Ack::Ok
             }
             Request::SnapshotSent => {
@@ -203,7 +203,7 @@ impl Session {
                 for uid in &dropped {
                     self.pods.remove(uid);
                 }
-                report(json!({"event": "zds-snapshot-sent", "dropped": dropped}));
+                report(ev::ZdsSnapshotSent { dropped });
                 Ack::Ok
             }
         }
@@ -220,7 +220,10 @@ impl Session {
         if let Some(left) = self.nacks_left.get_mut(&uid).filter(|left| **left > 0) {
             *left -= 1;
             let error = format!("stand-in refuses {uid}");
-            report(json!({"event": "zds-nack", "uid": uid, "error": error}));
+            report(ev::ZdsNack {
+                uid,
+                error: error.clone(),
+            });
             return Ack::Nack(error);
         }
         let id = match nix::sys::stat::fstat(&netns) {
@@ -233,9 +236,15 @@ impl Session {
         // An Add of a pod it has, in the same netns (a new node agent's
         // snapshot), changes nothing, as in ztunnel: its listeners stay.
         if self.pods.get(&uid).is_some_and(|(_, had)| *had == id) {
-            report(
-                json!({"event": "zds-add", "uid": uid, "name": name, "namespace": namespace, "service_account": service_account, "netns_ino": id.1, "kept": true}),
-            );
+            report(ev::ZdsAdd {
+                uid,
+                name,
+                namespace,
+                service_account,
+                netns_ino: id.1,
+                kept: true,
+                replaced: false,
+            });
             return Ack::Ok;
         }
         // A sandbox recreated under the same UID comes as an Add with a new
@@ -243,11 +252,16 @@ impl Session {
         let replaced = self.pods.remove(&uid).is_some();
         match PodListeners::open(netns, &uid, serving) {
             Ok(listeners) => {
-                report(json!({
-                    "event": "zds-add", "uid": uid, "name": name, "namespace": namespace,
-                    "service_account": service_account, "netns_ino": id.1, "replaced": replaced,
-                }));
-                self.pods.insert(uid, (listeners, id));
+                self.pods.insert(uid.clone(), (listeners, id));
+                report(ev::ZdsAdd {
+                    uid,
+                    name,
+                    namespace,
+                    service_account,
+                    netns_ino: id.1,
+                    kept: false,
+                    replaced,
+                });
                 Ack::Ok
             }
             Err(e) => refuse(format!("AddWorkload {uid}: {e}")),
@@ -261,13 +275,16 @@ impl Session {
 /// come before a step could be sent (a refused peer).
 pub fn scripted_peer(socket: &Path, steps: &[String]) -> io::Result<()> {
     let conn = try_connect(socket)?;
-    report(json!({"event": "zds-peer-connected"}));
+    report(ev::ZdsPeerConnected {});
     let sock = socket2::SockRef::from(&conn);
     let mut buf = [0; MAX_DATAGRAM];
     // Reports what arrives; false once the node agent closed.
     let mut receive = || match wire::recv(conn.as_fd(), &mut buf) {
         Ok(Datagram::Message { len, fds }) => {
-            report(json!({"event": "zds-peer-received", "len": len, "fds": fds.len()}));
+            report(ev::ZdsPeerReceived {
+                len: len as u64,
+                fds: fds.len() as u64,
+            });
             Ok(true)
         }
         Ok(Datagram::Closed) => Ok(false),
@@ -308,7 +325,7 @@ pub fn scripted_peer(socket: &Path, steps: &[String]) -> io::Result<()> {
     while open {
         open = receive()?;
     }
-    report(json!({"event": "zds-peer-closed"}));
+    report(ev::ZdsPeerClosed {});
     Ok(())
 }
 
@@ -346,7 +363,9 @@ fn try_connect(path: &Path) -> io::Result<OwnedFd> {
 
 /// Refuses a request the stand-in could not apply, reporting why.
 fn refuse(error: String) -> Ack {
-    report(json!({"event": "zds-error", "error": error}));
+    report(ev::ZdsError {
+        error: error.clone(),
+    });
     Ack::Nack(error)
 }
 
