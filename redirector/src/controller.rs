@@ -6,7 +6,7 @@
 //! controller calls the datapath; [`crate::daemon`] feeds it.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     path::{Path, PathBuf},
     time::Duration,
@@ -646,23 +646,8 @@ impl Controller {
             pending
         });
         let settings = &self.settings;
-        // Pods found by address stay where they were while another cgroup
-        // claims their address.
-        let placed_before: HashMap<WorkloadId, PathBuf> = self
-            .last_pods
-            .values()
-            .filter(|p| p.cgroup == PodCgroup::Address)
-            .filter_map(|p| {
-                let (path, _) = self.maps.desired.placed.get(&p.uid)?;
-                Some((p.uid.clone(), path.clone()))
-            })
-            .collect();
-        let mut resolver = SystemResolver::new(
-            &self.kubepods_parent,
-            &self.node_addresses,
-            &mut self.host,
-            &placed_before,
-        );
+        let mut resolver =
+            SystemResolver::new(&self.kubepods_parent, &self.node_addresses, &mut self.host);
         let mut changed = self.maps.update_retrying(
             &node,
             &self.last_pods,
@@ -849,14 +834,20 @@ impl Controller {
             .collect();
         let mut changed = BTreeSet::new();
         for (uid, pod) in merged {
-            let placed = self.maps.desired.placed.get(&uid).map(|(p, _)| p.as_path());
-            self.host.forget(&uid, placed);
-            for p in [self.last_pods.get(&uid), pod.as_ref()]
-                .into_iter()
-                .flatten()
+            // What was found on the host still holds for a pod whose change
+            // names the same cgroup, namespace and addresses (a new mode,
+            // name or capture override).
+            let was = self.last_pods.get(&uid);
+            if !was
+                .zip(pod.as_ref())
+                .is_some_and(|(was, now)| same_host_facts(was, now))
             {
-                if let PodCgroup::Path(path) = &p.cgroup {
-                    self.host.forget(&uid, Some(path));
+                let placed = self.maps.desired.placed.get(&uid).map(|(p, _)| p.as_path());
+                self.host.forget(&uid, placed);
+                for p in [was, pod.as_ref()].into_iter().flatten() {
+                    if let PodCgroup::Path(path) = &p.cgroup {
+                        self.host.forget(&uid, Some(path));
+                    }
                 }
             }
             match pod {
@@ -870,6 +861,12 @@ impl Controller {
             Touched::Pods(_) => Touched::Pods(changed),
         }
     }
+}
+
+/// Whether two specs of a pod are looked up on the host alike: the same
+/// cgroup, network namespace and addresses.
+fn same_host_facts(a: &PodSpec, b: &PodSpec) -> bool {
+    a.cgroup == b.cgroup && a.netns == b.netns && a.ips == b.ips
 }
 
 /// Adds to `pending` each pod that differs between `old` and `new`.

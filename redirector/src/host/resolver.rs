@@ -97,27 +97,21 @@ pub struct SystemResolver<'a> {
     /// Pod cgroups by the addresses of their netns, listed at the first
     /// lookup of a reconcile.
     by_address: Option<AddressIndex>,
-    /// Where the last reconcile placed each pod found by address: it stays
-    /// there while another cgroup claims its address.
-    placed_before: &'a HashMap<WorkloadId, PathBuf>,
 }
 
 impl<'a> SystemResolver<'a> {
     /// A resolver for one reconcile: pods named by UID are looked for
-    /// under `kubepods_parent`; `placed_before` is where the last
-    /// reconcile placed each pod found by address.
+    /// under `kubepods_parent`.
     pub fn new(
         kubepods_parent: &'a Path,
         node_addresses: &'a [IpAddr],
         cache: &'a mut HostCache,
-        placed_before: &'a HashMap<WorkloadId, PathBuf>,
     ) -> Self {
         Self {
             kubepods_parent,
             node_addresses,
             cache,
             by_address: None,
-            placed_before,
         }
     }
 
@@ -164,11 +158,10 @@ impl Resolve for SystemResolver<'_> {
 
     fn pod_cgroup_by_address(
         &mut self,
-        uid: &WorkloadId,
         ips: &[IpAddr],
+        placed_before: Option<&Path>,
     ) -> std::io::Result<Claim> {
-        let before = self.placed_before.get(uid).cloned();
-        netns::claimant(self.address_index()?, ips, before.as_deref())
+        netns::claimant(self.address_index()?, ips, placed_before)
     }
 
     fn cgroup_id(&mut self, cgroup: &Path) -> std::io::Result<CgroupId> {

@@ -27,9 +27,13 @@ use crate::{
 pub trait Resolve {
     /// The pod-level cgroup of a pod the node state names only by UID.
     fn pod_cgroup(&mut self, uid: &PodUid) -> io::Result<std::path::PathBuf>;
-    /// The pod-level cgroup whose network namespace holds one of `ips`, for
-    /// the pod `uid` (which stays where it was if the address is disputed).
-    fn pod_cgroup_by_address(&mut self, uid: &WorkloadId, ips: &[IpAddr]) -> io::Result<Claim>;
+    /// The pod-level cgroup whose network namespace holds one of `ips`; a
+    /// pod `placed_before` on one of several claimants stays there.
+    fn pod_cgroup_by_address(
+        &mut self,
+        ips: &[IpAddr],
+        placed_before: Option<&Path>,
+    ) -> io::Result<Claim>;
     /// The id of a cgroup directory.
     fn cgroup_id(&mut self, cgroup: &Path) -> io::Result<CgroupId>;
     /// The cookie of a network namespace; `None` while the cgroup it is
@@ -341,9 +345,14 @@ impl DesiredMaps {
             Touched::Pods(uids) => uids.iter().cloned().collect(),
         };
         for uid in looked_at {
+            let placed_before = self
+                .desired
+                .placed
+                .get(&uid)
+                .map(|(path, _)| path.as_path());
             let part = pods
                 .get(&uid)
-                .map(|pod| pod_part(pod, node, readiness, settings, resolve));
+                .map(|pod| pod_part(pod, placed_before, node, readiness, settings, resolve));
             self.replace_part(&uid, part, &mut changed);
         }
         self.update_ztunnels(node, settings, resolve, &mut changed);
@@ -497,9 +506,11 @@ impl DesiredMaps {
     }
 }
 
-/// What `pod` asks of the maps.
+/// What `pod` asks of the maps; a pod found by address was last placed on
+/// `placed_before`.
 fn pod_part(
     pod: &PodSpec,
+    placed_before: Option<&Path>,
     node: &NodeSpec,
     readiness: &Readiness,
     settings: &Settings,
@@ -526,7 +537,7 @@ fn pod_part(
             )),
         },
         PodCgroup::Address => resolve
-            .pod_cgroup_by_address(&pod.uid, &pod.ips)
+            .pod_cgroup_by_address(&pod.ips, placed_before)
             .map(|claim| match claim {
                 Claim::Sole(path) => path,
                 Claim::Disputed { kept, report } => {
@@ -829,7 +840,7 @@ mod tests {
         }
 
         /// Address `198.18.9.<n>` is in the netns of `/cg/<n>`.
-        fn pod_cgroup_by_address(&mut self, _: &WorkloadId, ips: &[IpAddr]) -> io::Result<Claim> {
+        fn pod_cgroup_by_address(&mut self, ips: &[IpAddr], _: Option<&Path>) -> io::Result<Claim> {
             ips.iter()
                 .find_map(|ip| match ip {
                     IpAddr::V4(v4) if v4.octets()[..3] == [198, 18, 9] => Some(v4.octets()[3]),
