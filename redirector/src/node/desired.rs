@@ -304,33 +304,9 @@ impl DesiredMaps {
             self.last_node = Some(node_wide);
         }
         let mut changed = Changed::default();
-        if let Touched::Pods(uids) = touched {
-            if retry {
-                uids.extend(
-                    self.parts
-                        .iter()
-                        .filter(|(_, (_, part))| part.incomplete)
-                        .map(|(uid, _)| uid.clone()),
-                );
-                // Pods found by address depend on every other pod's netns.
-                uids.extend(
-                    pods.values()
-                        .filter(|p| p.cgroup == PodCgroup::Address)
-                        .map(|p| p.uid.clone()),
-                );
-            }
-            if self.last_readiness != *readiness {
-                for uid in self.parts.keys() {
-                    if self.last_readiness.holds(uid) != readiness.holds(uid) {
-                        uids.insert(uid.clone());
-                    }
-                }
-            }
-        }
-        self.last_readiness = readiness.clone();
-        let d = &mut self.desired;
-        d.node = entries::node_config(Some(node), settings);
-        d.exempt = exempt_sources(settings, resolve.node_addresses());
+        // Besides the touched pods, those whose lookups are retried or whose
+        // hold changed are looked at; they are republished only if their
+        // part changes (`changed.pods`).
         let looked_at: Vec<WorkloadId> = match &*touched {
             Touched::All => {
                 changed.all = true;
@@ -342,8 +318,36 @@ impl DesiredMaps {
                     .collect();
                 gone.into_iter().chain(pods.keys().cloned()).collect()
             }
-            Touched::Pods(uids) => uids.iter().cloned().collect(),
+            Touched::Pods(uids) => {
+                let mut uids = uids.clone();
+                if retry {
+                    uids.extend(
+                        self.parts
+                            .iter()
+                            .filter(|(_, (_, part))| part.incomplete)
+                            .map(|(uid, _)| uid.clone()),
+                    );
+                    // Pods found by address depend on every other pod's netns.
+                    uids.extend(
+                        pods.values()
+                            .filter(|p| p.cgroup == PodCgroup::Address)
+                            .map(|p| p.uid.clone()),
+                    );
+                }
+                if self.last_readiness != *readiness {
+                    for uid in self.parts.keys() {
+                        if self.last_readiness.holds(uid) != readiness.holds(uid) {
+                            uids.insert(uid.clone());
+                        }
+                    }
+                }
+                uids.into_iter().collect()
+            }
         };
+        self.last_readiness = readiness.clone();
+        let d = &mut self.desired;
+        d.node = entries::node_config(Some(node), settings);
+        d.exempt = exempt_sources(settings, resolve.node_addresses());
         for uid in looked_at {
             let placed_before = self
                 .desired
