@@ -22,6 +22,11 @@ use std::{
 /// process that has moved into a network namespace of its own (one that may
 /// hold another pod's address) is never taken for the pod's.
 pub fn netns_of_cgroup(cgroup: &Path) -> io::Result<Option<PathBuf>> {
+    // One read says whether any process runs in the subtree: a pod whose
+    // sandbox has not started (or a cgroup that stays empty) costs no walk.
+    if !populated(cgroup)? {
+        return Ok(None);
+    }
     let mut oldest: Option<(u64, u32)> = None;
     for_each_process(cgroup, &mut |pid| {
         // A process that exited while listed has no start time: skipped.
@@ -53,6 +58,13 @@ impl NetnsAt<'_> {
             NetnsAt::File(path) => Ok(Some(path.to_path_buf())),
         }
     }
+}
+
+/// Whether a process runs in `cgroup` or below it: `populated` of its
+/// `cgroup.events` (cgroup v2, Linux 4.5).
+fn populated(cgroup: &Path) -> io::Result<bool> {
+    let events = fs::read_to_string(cgroup.join("cgroup.events"))?;
+    Ok(events.lines().any(|l| l == "populated 1"))
 }
 
 /// Calls `f` with every pid listed in `cgroup` and the cgroups below it.
@@ -494,20 +506,35 @@ impl AddressCache {
 mod tests {
     use super::*;
 
+    /// A plain directory standing in for a pod cgroup, its `cgroup.events`
+    /// saying whether a process runs below it.
+    fn pod_cgroup(populated: bool) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let events = format!("populated {}\nfrozen 0\n", u8::from(populated));
+        fs::write(dir.path().join("cgroup.events"), events).unwrap();
+        fs::write(dir.path().join("cgroup.procs"), "").unwrap();
+        dir
+    }
+
     #[test]
     fn a_cgroup_directory_without_processes_has_no_netns() {
-        // A plain directory stands in for an empty cgroup.
-        let dir = tempfile::tempdir().unwrap();
-        fs::write(dir.path().join("cgroup.procs"), "").unwrap();
+        let dir = pod_cgroup(true);
         fs::create_dir(dir.path().join("app")).unwrap();
         fs::write(dir.path().join("app").join("cgroup.procs"), "\n").unwrap();
         assert_eq!(netns_of_cgroup(dir.path()).unwrap(), None);
     }
 
     #[test]
+    fn an_unpopulated_cgroup_is_not_walked() {
+        let dir = pod_cgroup(false);
+        let me = std::process::id();
+        fs::write(dir.path().join("cgroup.procs"), format!("{me}\n")).unwrap();
+        assert_eq!(netns_of_cgroup(dir.path()).unwrap(), None);
+    }
+
+    #[test]
     fn a_process_in_a_child_cgroup_gives_the_pods_netns() {
-        let dir = tempfile::tempdir().unwrap();
-        fs::write(dir.path().join("cgroup.procs"), "").unwrap();
+        let dir = pod_cgroup(true);
         fs::create_dir(dir.path().join("app")).unwrap();
         let me = std::process::id();
         fs::write(
@@ -537,7 +564,7 @@ mod tests {
             }
         }
         let younger = Kill(younger);
-        let dir = tempfile::tempdir().unwrap();
+        let dir = pod_cgroup(true);
         let me = std::process::id();
         fs::write(
             dir.path().join("cgroup.procs"),
@@ -647,8 +674,7 @@ mod tests {
 
     #[test]
     fn a_cgroup_without_processes_has_no_addresses_yet() {
-        let dir = tempfile::tempdir().unwrap();
-        fs::write(dir.path().join("cgroup.procs"), "").unwrap();
+        let dir = pod_cgroup(false);
         assert_eq!(
             AddressCache::default()
                 .of(NetnsAt::SandboxOf(dir.path()))
@@ -660,7 +686,7 @@ mod tests {
     #[test]
     fn cached_addresses_last_while_seen_in_every_pass() {
         // A plain directory listing our pid stands in for our own cgroup.
-        let dir = tempfile::tempdir().unwrap();
+        let dir = pod_cgroup(true);
         fs::write(
             dir.path().join("cgroup.procs"),
             format!("{}\n", std::process::id()),
