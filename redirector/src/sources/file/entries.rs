@@ -26,8 +26,10 @@ use crate::{
 #[derive(Default)]
 pub struct Loader {
     view: Option<View>,
-    /// Each entry's text, with its pod's UID and the load that last saw it.
-    entries: HashMap<Box<str>, (WorkloadId, u64)>,
+    /// Each entry's text, with its pod's UID and the load that last saw it
+    /// (hashed with foldhash: every load hashes every entry's text, and the
+    /// file is root's, so SipHash's resistance to chosen keys buys nothing).
+    entries: HashMap<Box<str>, (WorkloadId, u64), foldhash::fast::RandomState>,
     /// Counts loads: an entry seen twice in one is a duplicate.
     load: u64,
     /// The pods' cgroups and addresses, for a new entry's clashes.
@@ -271,13 +273,78 @@ fn parse_entry(entry: &Entry) -> Option<PodSpec> {
     alone.workloads.into_iter().next().map(pod_spec)
 }
 
+/// One line of the file, with its newline, and how it starts.
+#[derive(Clone, Copy)]
+struct Line<'a> {
+    text: &'a str,
+    /// Its offsets in the file.
+    start: usize,
+    end: usize,
+    /// Leading spaces.
+    depth: usize,
+    /// Nothing but white space.
+    empty: bool,
+}
+
+impl<'a> Line<'a> {
+    /// The line past its leading spaces.
+    fn body(&self) -> &'a str {
+        &self.text[self.depth..]
+    }
+
+    /// Empty, or a comment.
+    fn blank(&self) -> bool {
+        self.empty || self.body().starts_with('#')
+    }
+}
+
+/// The lines of a text, each cut at its newline with `memchr`.
+struct Lines<'a> {
+    text: &'a str,
+    at: usize,
+}
+
+impl<'a> Lines<'a> {
+    fn new(text: &'a str) -> Self {
+        Self { text, at: 0 }
+    }
+}
+
+impl<'a> Iterator for Lines<'a> {
+    type Item = Line<'a>;
+
+    fn next(&mut self) -> Option<Line<'a>> {
+        let rest = &self.text[self.at..];
+        if rest.is_empty() {
+            return None;
+        }
+        let len = memchr::memchr(b'\n', rest.as_bytes()).map_or(rest.len(), |n| n + 1);
+        let text = &rest[..len];
+        let depth = text.bytes().take_while(|&b| b == b' ').count();
+        let empty = match text.as_bytes().get(depth) {
+            None | Some(b'\n') => true,
+            Some(b) if b.is_ascii_graphic() => false,
+            Some(_) => text.trim().is_empty(),
+        };
+        let start = self.at;
+        self.at += len;
+        Some(Line {
+            text,
+            start,
+            end: self.at,
+            depth,
+            empty,
+        })
+    }
+}
+
 /// Cuts `text` into the rest and the entries of its `workloads` block
 /// list; `None` when it is not plainly that shape.
 fn cut(text: &str) -> Option<Cut<'_>> {
     // What could tie one entry to another or change how it reads alone.
-    if text
-        .bytes()
-        .any(|c| matches!(c, b'&' | b'*' | b'!' | b'%' | b'\t' | b'\r'))
+    let bytes = text.as_bytes();
+    if memchr::memchr3(b'&', b'*', b'!', bytes).is_some()
+        || memchr::memchr3(b'%', b'\t', b'\r', bytes).is_some()
         || text.starts_with("---")
         || text.contains("\n---")
         || text.contains("\n...")
@@ -287,12 +354,10 @@ fn cut(text: &str) -> Option<Cut<'_>> {
     let mut rest = String::new();
     let mut entries: Vec<Entry> = Vec::new();
     let mut found = false;
-    let mut offset = 0;
-    let mut lines = text.split_inclusive('\n').peekable();
+    let mut lines = Lines::new(text).peekable();
     while let Some(line) = lines.next() {
-        offset += line.len();
-        if line.trim_end() != "workloads:" {
-            rest.push_str(line);
+        if line.text.trim_end() != "workloads:" {
+            rest.push_str(line.text);
             continue;
         }
         if found {
@@ -302,40 +367,36 @@ fn cut(text: &str) -> Option<Cut<'_>> {
         let mut indent = None;
         // Where the entry being read started.
         let mut start: Option<usize> = None;
-        while let Some(&next) = lines.peek() {
-            let trimmed = next.trim_start_matches(' ');
-            let depth = next.len() - trimmed.len();
-            let blank = trimmed.trim().is_empty() || trimmed.starts_with('#');
-            if depth == 0 && !blank {
+        let mut end = line.end;
+        while let Some(next) = lines.peek().copied() {
+            if next.depth == 0 && !next.blank() {
                 break;
             }
             lines.next();
-            let line_start = offset;
-            offset += next.len();
-            let empty = trimmed.trim().is_empty();
-            if empty && indent.is_none() {
+            end = next.end;
+            if next.empty && indent.is_none() {
                 continue;
             }
-            let at = *indent.get_or_insert(depth);
+            let at = *indent.get_or_insert(next.depth);
             // A comment or a value less indented than the entries would be
             // cut through when an entry is read alone.
-            if depth < at && !(empty && trimmed == "\n") {
+            if next.depth < at && !(next.empty && next.body() == "\n") {
                 return None;
             }
-            if blank {
+            if next.blank() {
                 continue;
             }
-            if depth == at {
-                if !trimmed.starts_with("- ") {
+            if next.depth == at {
+                if !next.body().starts_with("- ") {
                     return None;
                 }
                 if let Some(s) = start {
                     entries.push(Entry {
-                        text: &text[s..line_start],
+                        text: &text[s..next.start],
                         indent: at,
                     });
                 }
-                start = Some(line_start);
+                start = Some(next.start);
             } else if start.is_none() {
                 return None;
             }
@@ -344,7 +405,7 @@ fn cut(text: &str) -> Option<Cut<'_>> {
             return None;
         };
         entries.push(Entry {
-            text: &text[s..offset],
+            text: &text[s..end],
             indent: at,
         });
     }
