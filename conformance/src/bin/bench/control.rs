@@ -161,8 +161,8 @@ impl FileNode {
     }
 
     /// The file with pods `0..n` (less `missing`), pod `none` out of the
-    /// mesh.
-    fn write(&self, n: usize, missing: Option<usize>, none: Option<usize>) {
+    /// mesh. Made before an event's clock starts: the event is the write.
+    fn text(&self, n: usize, missing: Option<usize>, none: Option<usize>) -> String {
         let mut y = String::from(if n == 0 {
             "workloads: []\n"
         } else {
@@ -181,7 +181,11 @@ impl FileNode {
             );
         }
         let _ = write!(y, "ztunnel:\n  cgroup: {}\n", self.ztunnel.display());
-        self.node.write_workloads_text(&y);
+        y
+    }
+
+    fn write(&self, text: &str) {
+        self.node.write_workloads_text(text);
     }
 }
 
@@ -209,7 +213,8 @@ impl Figures {
 
 fn file_feed(plan: &Plan) -> Value {
     let f = FileNode::new(plan.pods);
-    f.write(0, None, None);
+    let (empty, full) = (f.text(0, None, None), f.text(plan.pods, None, None));
+    f.write(&empty);
     // The daemon's own defaults, not the test harness's one-second ones.
     let daemon = Daemon::start_with(
         &f.node,
@@ -229,28 +234,29 @@ fn file_feed(plan: &Plan) -> Value {
     };
     for _ in 0..plan.repetitions {
         let t0 = Instant::now();
-        f.write(n, None, None);
+        f.write(&full);
         figures.fill.push(map.until(last, t0, enrolled));
         assert!(f.ids.iter().all(|id| enrolled(map.get(*id))));
         let t0 = Instant::now();
-        f.write(0, None, None);
+        f.write(&empty);
         figures.empty.push(map.until(last, t0, |e| e.is_none()));
         assert!(f.ids.iter().all(|id| map.get(*id).is_none()));
     }
-    f.write(n, None, None);
+    f.write(&full);
     map.until(last, Instant::now(), enrolled);
     let rss_loaded = rss_kib(pid);
     for k in 0..plan.events {
         let i = (k * 7919) % n;
         let id = f.ids[i];
+        let (changed, removed) = (f.text(n, None, Some(i)), f.text(n, Some(i), None));
         let t0 = Instant::now();
-        f.write(n, None, Some(i));
+        f.write(&changed);
         figures.changed.push(map.until(id, t0, listed_not_enrolled));
         let t0 = Instant::now();
-        f.write(n, Some(i), None);
+        f.write(&removed);
         figures.removed.push(map.until(id, t0, |e| e.is_none()));
         let t0 = Instant::now();
-        f.write(n, None, None);
+        f.write(&full);
         figures.added.push(map.until(id, t0, enrolled));
     }
     let mut out = figures.json();
