@@ -813,8 +813,9 @@ impl Controller {
 impl Controller {
     /// Merges the pods `candidates` again (every pod for
     /// [`Touched::All`]); forgets what was found on the live system about
-    /// each that is new, changed or gone; returns which those are
-    /// ([`Touched::All`] stays all).
+    /// each that is new or gone or names another cgroup, namespace or
+    /// addresses; returns the new, changed and gone ([`Touched::All`] stays
+    /// all).
     fn merge_pods(&mut self, candidates: Touched) -> Touched {
         let views = self.views();
         let uids: Vec<WorkloadId> = match &candidates {

@@ -20,6 +20,13 @@ impl PodUid {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// Whether `uid` may name a Kubernetes pod: never with a `/`, which
+    /// istiod's workload names (`<cluster>//Pod/<namespace>/<name>`) have,
+    /// so the two kinds of [`WorkloadId`] never meet on the wire.
+    pub fn may_be(uid: &str) -> bool {
+        !uid.contains('/')
+    }
 }
 
 impl fmt::Display for PodUid {

@@ -13,17 +13,14 @@ const MAX_BACKOFF_SHIFT: u32 = 6;
 /// Things not found: each is looked for again at the retry passes 1, 2, 4,
 /// ... passes after its last miss (a cgroup that stays empty costs less and
 /// less), and at once by a full pass or once its pod changed
-/// ([`Misses::forget`]). A full pass that misses a thing again continues
-/// its backoff rather than starting it over, so things that stay missing
-/// cost the periodic full pass and little more.
+/// ([`Misses::forget`]). A full pass starts the backoff over: a pod
+/// cgroup made later than its entry is found within seconds of the full
+/// pass, not minutes.
 #[derive(Debug)]
 pub struct Misses<K> {
     /// The retry pass each is looked for again at, and how often it was
     /// missed in a row.
     by_key: HashMap<K, (u64, u32)>,
-    /// During a full pass, what was missed before it: the things it misses
-    /// again keep their count, the others are dropped with it.
-    before_full_pass: HashMap<K, (u64, u32)>,
     /// Retry passes so far.
     retry_passes: u64,
 }
@@ -32,7 +29,6 @@ impl<K> Default for Misses<K> {
     fn default() -> Self {
         Self {
             by_key: HashMap::new(),
-            before_full_pass: HashMap::new(),
             retry_passes: 0,
         }
     }
@@ -40,9 +36,8 @@ impl<K> Default for Misses<K> {
 
 impl<K: Hash + Eq> Misses<K> {
     pub fn begin_pass(&mut self, pass: Pass) {
-        self.before_full_pass.clear();
         match pass {
-            Pass::Full => self.before_full_pass = std::mem::take(&mut self.by_key),
+            Pass::Full => self.by_key.clear(),
             Pass::Retry => self.retry_passes += 1,
             Pass::Cached => {}
         }
@@ -57,8 +52,7 @@ impl<K: Hash + Eq> Misses<K> {
 
     /// `key` was looked for and not found.
     pub fn missed(&mut self, key: K) {
-        let before = self.before_full_pass.remove(&key).unwrap_or((0, 0));
-        let (due, misses) = self.by_key.entry(key).or_insert(before);
+        let (due, misses) = self.by_key.entry(key).or_insert((0, 0));
         *misses += 1;
         *due = self.retry_passes + (1 << (*misses - 1).min(MAX_BACKOFF_SHIFT));
     }
@@ -66,7 +60,6 @@ impl<K: Hash + Eq> Misses<K> {
     /// `key` was found, or its pod changed: looked for at once next time.
     pub fn forget(&mut self, key: &K) {
         self.by_key.remove(key);
-        self.before_full_pass.remove(key);
     }
 }
 
@@ -112,22 +105,5 @@ mod tests {
         misses.missed("cg");
         misses.begin_pass(Pass::Full);
         assert!(!misses.skip(&"cg"));
-    }
-
-    #[test]
-    fn a_full_pass_that_misses_again_continues_the_backoff() {
-        let mut misses = Misses::default();
-        misses.missed("cg");
-        assert_eq!(looks(&mut misses, 7), vec![1, 3, 7]);
-        misses.begin_pass(Pass::Full);
-        assert!(!misses.skip(&"cg"));
-        misses.missed("cg");
-        // The fifth miss in a row: 16 passes on, not 1.
-        assert_eq!(looks(&mut misses, 16), vec![16]);
-        // A thing the full pass did not miss again is forgotten.
-        misses.begin_pass(Pass::Full);
-        misses.begin_pass(Pass::Retry);
-        misses.missed("cg");
-        assert_eq!(looks(&mut misses, 1), vec![1]);
     }
 }

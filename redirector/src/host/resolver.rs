@@ -5,7 +5,9 @@
 //! A change to one pod should cost work for that pod, not for the node. A
 //! pass of the kind [`Pass::Cached`] (every reconcile a source's change
 //! starts) takes what was found, or found missing, as it was, except for
-//! the pods whose state changed ([`HostCache::forget`]); a [`Pass::Retry`]
+//! the pods whose cgroup, namespace or addresses changed
+//! ([`HostCache::forget`]; a new mode or name looks nothing up); a
+//! [`Pass::Retry`]
 //! (each resync) looks again for what was not found yet (a pod cgroup not
 //! created yet, a sandbox with no process yet), each the less often the
 //! longer it stays missing ([`super::misses::Misses`]); a [`Pass::Full`] (the

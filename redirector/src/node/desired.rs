@@ -167,7 +167,8 @@ pub fn desired(
 pub enum Touched {
     /// Every pod: something every pod depends on changed, or a full pass.
     All,
-    /// These pods (new, changed or gone), and those a retry pass looks at.
+    /// These pods (new, changed or gone). A retry pass and a change of
+    /// readiness look at more, republished only if their part changed.
     Pods(BTreeSet<WorkloadId>),
 }
 

@@ -57,8 +57,10 @@ impl Views<'_> {
 }
 
 /// The pod `uid` as the sources say, a later one replacing an earlier: the
-/// file, then Kubernetes (or istiod's workloads), then pushes. `None`: no
-/// source names it.
+/// file, then Kubernetes (or istiod's workloads), then pushes. The file,
+/// Kubernetes and pushes name pods by Kubernetes UID, istiod by its own
+/// workload name, so a push or a file entry never replaces an istiod
+/// workload. `None`: no source names it.
 pub fn pod(views: &Views, uid: &WorkloadId) -> Option<PodSpec> {
     let mut pod = views
         .pushed_pods

@@ -53,6 +53,12 @@ pub fn pushed(req: pb::PushCgroupRequest) -> Result<Pushed, Status> {
             if p.uid.is_empty() {
                 return Err(invalid("pod.uid", "must not be empty".into()));
             }
+            if !crate::types::PodUid::may_be(&p.uid) {
+                return Err(invalid(
+                    "pod.uid",
+                    format!("{:?} is not a Kubernetes pod UID (it has a `/`)", p.uid),
+                ));
+            }
             if req.remove {
                 return Ok(Pushed::RemovePod(WorkloadId::kubernetes(p.uid)));
             }
@@ -74,10 +80,16 @@ pub fn pushed(req: pb::PushCgroupRequest) -> Result<Pushed, Status> {
             let mode = match pb::Mode::try_from(p.mode) {
                 Ok(pb::Mode::Ambient) => Mode::Ambient,
                 Ok(pb::Mode::None) => Mode::None,
-                Ok(pb::Mode::Unspecified) | Err(_) => {
+                Ok(pb::Mode::Unspecified) => {
                     return Err(invalid(
                         "pod.mode",
-                        format!("{}: expected MODE_AMBIENT or MODE_NONE", p.mode),
+                        "not set: expected MODE_AMBIENT or MODE_NONE".into(),
+                    ));
+                }
+                Err(_) => {
+                    return Err(invalid(
+                        "pod.mode",
+                        format!("{} is no Mode: expected MODE_AMBIENT or MODE_NONE", p.mode),
                     ));
                 }
             };
@@ -242,6 +254,20 @@ mod tests {
                     ..good.clone()
                 },
                 "pod.mode",
+            ),
+            (
+                pb::PushedPod {
+                    mode: 7,
+                    ..good.clone()
+                },
+                "pod.mode",
+            ),
+            (
+                pb::PushedPod {
+                    uid: "Kubernetes//Pod/default/sleep".into(),
+                    ..good.clone()
+                },
+                "pod.uid",
             ),
             (
                 pb::PushedPod {

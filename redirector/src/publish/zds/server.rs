@@ -70,7 +70,8 @@ pub struct ZdsPod {
     pub netns: Option<NetnsCookie>,
 }
 
-/// The pods ztunnel should capture, by Kubernetes pod UID.
+/// The pods ztunnel should capture, by workload id (a Kubernetes pod UID,
+/// or istiod's name for a workload it describes), which is ZDS's `uid`.
 pub type Pods = BTreeMap<WorkloadId, ZdsPod>;
 
 /// Why the server could not start.

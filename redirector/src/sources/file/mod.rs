@@ -366,6 +366,13 @@ fn validate(file: &File) -> Result<(), FileError> {
                 "must not be empty".into(),
             ));
         }
+        if !PodUid::may_be(uid.as_str()) {
+            return Err(FileError::about(
+                uid_field,
+                &w.uid,
+                format!("{uid} is not a Kubernetes pod UID (it has a `/`)"),
+            ));
+        }
         if let Some(first) = uids.get(uid) {
             return Err(FileError::about(
                 uid_field,
@@ -898,6 +905,18 @@ workloads:
             assert_eq!(err.field, "workloads[2].uid", "{empty}: {err}");
             assert_eq!(err.line(), Some(14), "{empty}: {err}");
         }
+    }
+
+    #[test]
+    fn an_istiod_workload_name_is_no_uid_and_is_placed_on_its_entry() {
+        let text = THREE.replace("uid: 9f2c-3", "uid: Kubernetes//Pod/default/curl");
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.field, "workloads[2].uid", "{err}");
+        assert_eq!(err.line(), Some(14), "{err}");
+        assert!(
+            err.to_string().contains("not a Kubernetes pod UID"),
+            "{err}"
+        );
     }
 
     #[test]
