@@ -39,6 +39,10 @@ use crate::{
     types::{CgroupId, NetnsCookie, PodUid, WorkloadId},
 };
 
+/// How many pods of a retry pass one reconcile looks at again (a few ms
+/// of cgroupfs reads); the rest wait for the next turns of the loop.
+const RETRY_SLICE: usize = 250;
+
 /// How the sources are named in logs.
 pub const FILE_SOURCE: &str = "workloads file";
 pub const KUBERNETES_SOURCE: &str = "Kubernetes";
@@ -117,6 +121,8 @@ pub struct Controller {
     istiod_pods: Option<BTreeMap<WorkloadId, PodSpec>>,
     /// The pods some input changed since the last reconcile.
     pending: Touched,
+    /// The pods of the last retry pass not looked at again yet.
+    retry_backlog: Vec<WorkloadId>,
     /// Where Kubernetes and istiod disagree, as last logged.
     disagreements: BTreeSet<String>,
     /// What the passes found on the live system.
@@ -204,6 +210,7 @@ impl Controller {
             xds: None,
             istiod_pods: None,
             pending: Touched::All,
+            retry_backlog: Vec::new(),
             disagreements: BTreeSet::new(),
             host: HostCache::default(),
             pass_due: Pass::Full,
@@ -350,6 +357,13 @@ impl Controller {
     /// succeeded.
     pub fn retry_at(&self) -> Option<tokio::time::Instant> {
         self.apply.at
+    }
+
+    /// Whether a retry pass has pods left to look at again (and no failed
+    /// apply waits for its backoff): the loop reconciles again when it has
+    /// nothing else to do.
+    pub fn retrying(&self) -> bool {
+        !self.retry_backlog.is_empty() && self.apply.at.is_none()
     }
 
     /// The periodic resync: re-reads the node's addresses, and makes the
@@ -645,6 +659,17 @@ impl Controller {
         } else {
             pending
         });
+        // A retry pass's pods are looked at a slice per reconcile, so a
+        // source's change waits for one slice, not for every pod still
+        // starting.
+        match pass {
+            Pass::Full => self.retry_backlog.clear(),
+            Pass::Retry => self.retry_backlog = self.maps.retry_candidates(&self.last_pods),
+            Pass::Cached => {}
+        }
+        let retry = self
+            .retry_backlog
+            .split_off(self.retry_backlog.len().saturating_sub(RETRY_SLICE));
         let settings = &self.settings;
         let mut resolver =
             SystemResolver::new(&self.kubepods_parent, &self.node_addresses, &mut self.host);
@@ -652,7 +677,7 @@ impl Controller {
             &node,
             &self.last_pods,
             &mut touched,
-            pass == Pass::Retry,
+            &retry,
             &readiness,
             settings,
             &mut resolver,

@@ -364,6 +364,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             _ = sleep_until(node.retry_at()) => {
                 node.reconcile(&mut datapath);
             }
+            () = std::future::ready(()), if node.retrying() => {
+                node.reconcile(&mut datapath);
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }

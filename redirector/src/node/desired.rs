@@ -275,26 +275,18 @@ impl DesiredMaps {
         settings: &Settings,
         resolve: &mut impl Resolve,
     ) -> Changed {
-        self.update_retrying(
-            node,
-            pods,
-            &mut touched,
-            false,
-            readiness,
-            settings,
-            resolve,
-        )
+        self.update_retrying(node, pods, &mut touched, &[], readiness, settings, resolve)
     }
 
-    /// As [`Self::update`]; with `retry`, the pods not fully found yet are
-    /// looked at again too.
+    /// As [`Self::update`], looking at the pods `retry` again too (some of
+    /// [`Self::retry_candidates`]).
     #[allow(clippy::too_many_arguments)]
     pub fn update_retrying(
         &mut self,
         node: &NodeSpec,
         pods: &BTreeMap<WorkloadId, PodSpec>,
         touched: &mut Touched,
-        retry: bool,
+        retry: &[WorkloadId],
         readiness: &Readiness,
         settings: &Settings,
         resolve: &mut impl Resolve,
@@ -321,20 +313,7 @@ impl DesiredMaps {
             }
             Touched::Pods(uids) => {
                 let mut uids = uids.clone();
-                if retry {
-                    uids.extend(
-                        self.parts
-                            .iter()
-                            .filter(|(_, (_, part))| part.incomplete)
-                            .map(|(uid, _)| uid.clone()),
-                    );
-                    // Pods found by address depend on every other pod's netns.
-                    uids.extend(
-                        pods.values()
-                            .filter(|p| p.cgroup == PodCgroup::Address)
-                            .map(|p| p.uid.clone()),
-                    );
-                }
+                uids.extend(retry.iter().cloned());
                 if self.last_readiness != *readiness {
                     for uid in self.parts.keys() {
                         if self.last_readiness.holds(uid) != readiness.holds(uid) {
@@ -368,6 +347,23 @@ impl DesiredMaps {
             .find_map(|z| z.netns)
             .map_or(0, |(cookie, _)| cookie.0);
         changed
+    }
+
+    /// The pods a retry pass looks at again: those not fully found yet, and
+    /// those found by address, which depend on every other pod's netns.
+    pub fn retry_candidates(&self, pods: &BTreeMap<WorkloadId, PodSpec>) -> Vec<WorkloadId> {
+        let mut uids: BTreeSet<WorkloadId> = self
+            .parts
+            .iter()
+            .filter(|(_, (_, part))| part.incomplete)
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        uids.extend(
+            pods.values()
+                .filter(|p| p.cgroup == PodCgroup::Address)
+                .map(|p| p.uid.clone()),
+        );
+        uids.into_iter().collect()
     }
 
     /// Replaces what the pod `uid` asks of the maps with `part` (`None`:
