@@ -639,8 +639,11 @@ impl Controller {
     }
 
     fn try_reconcile(&mut self, datapath: &mut Datapath) -> anyhow::Result<()> {
-        // Until some source has delivered a state, whatever is pinned stays.
+        // Until some source has delivered a state, whatever is pinned stays
+        // (and no retry slice is left waiting for a reconcile that returns
+        // here).
         if !self.views().any() {
+            self.retry_backlog.clear();
             return Ok(());
         }
         let node = merge::node(&self.views());
