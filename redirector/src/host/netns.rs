@@ -10,7 +10,8 @@
 use super::misses::Misses;
 use std::{
     collections::{BTreeSet, HashMap},
-    fs, io,
+    fs,
+    io::{self, Read},
     net::IpAddr,
     os::{fd::AsRawFd, unix::fs::MetadataExt},
     path::{Path, PathBuf},
@@ -63,8 +64,20 @@ impl NetnsAt<'_> {
 /// Whether a process runs in `cgroup` or below it: `populated` of its
 /// `cgroup.events` (cgroup v2, Linux 4.5).
 fn populated(cgroup: &Path) -> io::Result<bool> {
-    let events = fs::read_to_string(cgroup.join("cgroup.events"))?;
-    Ok(events.lines().any(|l| l == "populated 1"))
+    // The file is two short lines: read into a buffer on the stack, with
+    // no size query (`read_to_string` asks for one first).
+    let mut events = fs::File::open(cgroup.join("cgroup.events"))?;
+    let mut buf = [0u8; 128];
+    let mut len = 0;
+    while len < buf.len() {
+        match events.read(&mut buf[len..])? {
+            0 => break,
+            n => len += n,
+        }
+    }
+    Ok(buf[..len]
+        .split(|b| *b == b'\n')
+        .any(|l| l == b"populated 1"))
 }
 
 /// Calls `f` with every pid listed in `cgroup` and the cgroups below it.
