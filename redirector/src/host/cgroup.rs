@@ -1,9 +1,19 @@
 //! Finding cgroup v2 and turning cgroup directories into ids.
 
 use std::{
+    collections::HashMap,
     io,
-    os::unix::fs::{MetadataExt, OpenOptionsExt},
+    os::{
+        fd::OwnedFd,
+        unix::fs::{MetadataExt, OpenOptionsExt},
+    },
     path::{Path, PathBuf},
+};
+
+use nix::{
+    errno::Errno,
+    fcntl::{OFlag, open, openat},
+    sys::stat::Mode,
 };
 
 use crate::types::CgroupId;
@@ -58,29 +68,107 @@ fn unescape_mount_path(s: &str) -> String {
 /// The id of the cgroup v2 directory at `path`. Fails if `path` is not a
 /// directory on a cgroup2 filesystem.
 pub fn cgroup_id(path: &Path) -> io::Result<CgroupId> {
-    // The kind is kept: callers tell a cgroup not made yet (`NotFound`)
-    // apart.
-    let named = |call: &str, e: io::Error| {
-        io::Error::new(e.kind(), format!("{call} {}: {e}", path.display()))
-    };
-    // One path walk, then questions to the descriptor: a 10,000-pod fill
-    // asks this for every pod, and walking a deep cgroupfs path costs more
-    // than the calls themselves (`O_PATH` fstatfs: Linux 3.12).
     let dir = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
         .open(path)
-        .map_err(|e| named("open", e))?;
-    let fs = nix::sys::statfs::fstatfs(&dir).map_err(|e| named("fstatfs", e.into()))?;
+        .map_err(|e| named("open", path, e))?;
+    id_of(dir.into(), path)
+}
+
+/// The id of the cgroup v2 directory open as `dir` (at `path`): one path
+/// walk to open it, then questions to the descriptor (`O_PATH` fstatfs:
+/// Linux 3.12).
+fn id_of(dir: OwnedFd, path: &Path) -> io::Result<CgroupId> {
+    let fs = nix::sys::statfs::fstatfs(&dir).map_err(|e| named("fstatfs", path, e.into()))?;
     if fs.filesystem_type().0 as i64 != CGROUP2_SUPER_MAGIC {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("{} is not on a cgroup2 filesystem", path.display()),
         ));
     }
-    Ok(CgroupId(
-        dir.metadata().map_err(|e| named("fstat", e))?.ino(),
-    ))
+    let meta = std::fs::File::from(dir)
+        .metadata()
+        .map_err(|e| named("fstat", path, e))?;
+    Ok(CgroupId(meta.ino()))
+}
+
+/// `e` of the call `call` on `path`, its kind kept: callers tell a cgroup
+/// not made yet (`NotFound`) apart.
+fn named(call: &str, path: &Path, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{call} {}: {e}", path.display()))
+}
+
+/// Open cgroupfs directories, each the parent of cgroups looked up: a
+/// cgroup below one is opened relative to it, walking one path component
+/// instead of the whole path (a kernfs lookup a component is most of what
+/// finding 10,000 pods' cgroups costs).
+///
+/// cgroup v2 directories cannot be renamed, so a kept directory stands for
+/// its path until it is removed. A cgroup not found below a kept directory
+/// is looked for again by path: the directory may have been removed and
+/// made anew.
+#[derive(Default)]
+pub struct Dirs(HashMap<PathBuf, OwnedFd>);
+
+impl Dirs {
+    /// At most this many directories are kept; past it, all are let go.
+    const KEPT: usize = 64;
+
+    /// The id of the cgroup v2 directory at `path` (see [`cgroup_id`]).
+    pub fn cgroup_id(&mut self, path: &Path) -> io::Result<CgroupId> {
+        let dir = self
+            .open(path, None, OFlag::O_PATH | OFlag::O_DIRECTORY)
+            .map_err(|e| named("open", path, e))?;
+        id_of(dir, path)
+    }
+
+    /// Opens `cgroup`, or the file `file` in it, with `flags`.
+    pub fn open(&mut self, cgroup: &Path, file: Option<&str>, flags: OFlag) -> io::Result<OwnedFd> {
+        let flags = flags | OFlag::O_CLOEXEC;
+        let (Some(parent), Some(name)) = (cgroup.parent(), cgroup.file_name()) else {
+            return by_path(cgroup, file, flags);
+        };
+        let below = match file {
+            Some(file) => Path::new(name).join(file),
+            None => PathBuf::from(name),
+        };
+        if let Some(dir) = self.0.get(parent) {
+            match openat(dir, &below, flags, Mode::empty()) {
+                Err(Errno::ENOENT) => {
+                    self.0.remove(parent);
+                }
+                found => return found.map_err(io::Error::from),
+            }
+        }
+        let Ok(dir) = open(
+            parent,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) else {
+            return by_path(cgroup, file, flags);
+        };
+        let found = openat(&dir, &below, flags, Mode::empty());
+        if self.0.len() >= Self::KEPT {
+            self.0.clear();
+        }
+        self.0.insert(parent.to_path_buf(), dir);
+        found.map_err(io::Error::from)
+    }
+
+    /// Lets every kept directory go.
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
+/// Opens `cgroup`, or the file `file` in it, by its whole path.
+fn by_path(cgroup: &Path, file: Option<&str>, flags: OFlag) -> io::Result<OwnedFd> {
+    let path = match file {
+        Some(file) => cgroup.join(file),
+        None => cgroup.to_path_buf(),
+    };
+    Ok(open(&path, flags, Mode::empty())?)
 }
 
 /// The cgroup v2 path in the text of a `/proc/<pid>/cgroup` file: the
@@ -189,6 +277,46 @@ cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0
     fn a_plain_directory_is_not_a_cgroup() {
         let dir = tempfile::tempdir().unwrap();
         assert!(cgroup_id(dir.path()).is_err());
+        let inner = dir.path().join("inner");
+        std::fs::create_dir(&inner).unwrap();
+        let e = Dirs::default().cgroup_id(&inner).unwrap_err();
+        assert!(e.to_string().contains("not on a cgroup2 filesystem"), "{e}");
+    }
+
+    /// A cgroup tree made for one test, removed however the test ends.
+    struct Tree(PathBuf);
+
+    impl Drop for Tree {
+        fn drop(&mut self) {
+            for dir in ["parent/child", "parent", ""] {
+                let _ = std::fs::remove_dir(self.0.join(dir));
+            }
+        }
+    }
+
+    #[test]
+    fn a_cgroup_is_found_below_a_kept_parent_even_once_both_are_made_anew() {
+        let root = cgroup2_mount()
+            .unwrap()
+            .join(format!("ambridge-unit-dirs-{}", std::process::id()));
+        let tree = Tree(root);
+        let (parent, child) = (tree.0.join("parent"), tree.0.join("parent/child"));
+        std::fs::create_dir_all(&child).unwrap();
+        let mut dirs = Dirs::default();
+        let first = dirs.cgroup_id(&child).unwrap();
+        assert_eq!(first, cgroup_id(&child).unwrap());
+        assert!(dirs.0.contains_key(&parent), "the parent is kept open");
+        dirs.open(&child, Some("cgroup.events"), OFlag::O_RDONLY)
+            .expect("a file in the cgroup, below the kept parent");
+
+        std::fs::remove_dir(&child).unwrap();
+        std::fs::remove_dir(&parent).unwrap();
+        let gone = dirs.cgroup_id(&child).unwrap_err();
+        assert_eq!(gone.kind(), io::ErrorKind::NotFound, "{gone}");
+        std::fs::create_dir_all(&child).unwrap();
+        let again = dirs.cgroup_id(&child).unwrap();
+        assert_eq!(again, cgroup_id(&child).unwrap());
+        assert_ne!(again, first, "the new cgroup, not the removed one");
     }
 }
 

@@ -7,7 +7,8 @@
 //! (Linux 5.14) on a socket opened inside it, from a short-lived thread that
 //! enters the namespace, so the daemon's own threads never change netns.
 
-use super::misses::Misses;
+use super::{cgroup, misses::Misses};
+use nix::fcntl::OFlag;
 use std::{
     collections::{BTreeSet, HashMap},
     fs,
@@ -23,9 +24,22 @@ use std::{
 /// process that has moved into a network namespace of its own (one that may
 /// hold another pod's address) is never taken for the pod's.
 pub fn netns_of_cgroup(cgroup: &Path) -> io::Result<Option<PathBuf>> {
+    sandbox_netns(cgroup, fs::File::open(cgroup.join("cgroup.events"))?)
+}
+
+/// As [`netns_of_cgroup`], with `cgroup` opened below a directory `dirs`
+/// keeps open.
+fn netns_of_cgroup_in(dirs: &mut cgroup::Dirs, cgroup: &Path) -> io::Result<Option<PathBuf>> {
+    let events = dirs.open(cgroup, Some("cgroup.events"), OFlag::O_RDONLY)?;
+    sandbox_netns(cgroup, events.into())
+}
+
+/// [`netns_of_cgroup`], once `cgroup`'s `cgroup.events` is open as
+/// `events`.
+fn sandbox_netns(cgroup: &Path, events: fs::File) -> io::Result<Option<PathBuf>> {
     // One read says whether any process runs in the subtree: a pod whose
     // sandbox has not started (or a cgroup that stays empty) costs no walk.
-    if !populated(cgroup)? {
+    if !populated(events)? {
         return Ok(None);
     }
     let mut oldest: Option<(u64, u32)> = None;
@@ -53,20 +67,19 @@ pub enum NetnsAt<'a> {
 
 impl NetnsAt<'_> {
     /// The namespace's path, `None` while a cgroup has no process.
-    fn path(self) -> io::Result<Option<PathBuf>> {
+    fn path(self, dirs: &mut cgroup::Dirs) -> io::Result<Option<PathBuf>> {
         match self {
-            NetnsAt::SandboxOf(cgroup) => netns_of_cgroup(cgroup),
+            NetnsAt::SandboxOf(cgroup) => netns_of_cgroup_in(dirs, cgroup),
             NetnsAt::File(path) => Ok(Some(path.to_path_buf())),
         }
     }
 }
 
-/// Whether a process runs in `cgroup` or below it: `populated` of its
-/// `cgroup.events` (cgroup v2, Linux 4.5).
-fn populated(cgroup: &Path) -> io::Result<bool> {
+/// Whether a process runs in a cgroup or below it: `populated` of its
+/// `cgroup.events` (cgroup v2, Linux 4.5), open as `events`.
+fn populated(mut events: fs::File) -> io::Result<bool> {
     // The file is two short lines: read into a buffer on the stack, with
     // no size query (`read_to_string` asks for one first).
-    let mut events = fs::File::open(cgroup.join("cgroup.events"))?;
     let mut buf = [0u8; 128];
     let mut len = 0;
     while len < buf.len() {
@@ -294,6 +307,8 @@ pub struct NsCache<T> {
     no_sandbox: Misses<PathBuf>,
     /// What this pass takes as found before.
     pass: Pass,
+    /// Where the cgroups' `cgroup.events` files are opened.
+    dirs: cgroup::Dirs,
 }
 
 /// How much of what was found before a pass takes as it was.
@@ -324,6 +339,7 @@ impl<T> Default for NsCache<T> {
             sandboxes: HashMap::new(),
             no_sandbox: Misses::default(),
             pass: Pass::Full,
+            dirs: cgroup::Dirs::default(),
         }
     }
 }
@@ -367,7 +383,7 @@ impl<T: Clone> NsCache<T> {
                 return Ok(None);
             }
         }
-        let Some(netns) = at.path()? else {
+        let Some(netns) = at.path(&mut self.dirs)? else {
             if let NetnsAt::SandboxOf(cgroup) = at {
                 self.no_sandbox.missed(cgroup.to_path_buf());
             }
@@ -429,6 +445,7 @@ impl<T: Clone> NsCache<T> {
         self.no_sandbox.begin_pass(pass);
         if pass == Pass::Full {
             self.sandboxes.clear();
+            self.dirs.clear();
         }
     }
 

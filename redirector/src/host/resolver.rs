@@ -41,6 +41,8 @@ pub struct HostCache {
     missing: Misses<PodUid>,
     /// Cgroup ids by directory.
     ids: HashMap<PathBuf, CgroupId>,
+    /// Where the cgroups whose ids are looked up are opened.
+    dirs: cgroup::Dirs,
 }
 
 impl HostCache {
@@ -50,6 +52,7 @@ impl HostCache {
             Pass::Full => {
                 self.pod_cgroups.clear();
                 self.ids.clear();
+                self.dirs.clear();
             }
             Pass::Retry | Pass::Cached => {}
         }
@@ -170,7 +173,7 @@ impl Resolve for SystemResolver<'_> {
         if let Some(id) = self.cache.ids.get(cgroup) {
             return Ok(*id);
         }
-        let id = cgroup::cgroup_id(cgroup)?;
+        let id = self.cache.dirs.cgroup_id(cgroup)?;
         self.cache.ids.insert(cgroup.to_path_buf(), id);
         Ok(id)
     }
