@@ -5,13 +5,12 @@
 //! the DaemonSet object it names as its controller is the one the API
 //! server holds under ztunnel's name (same UID).
 
+mod pod;
+
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use futures::StreamExt;
-use k8s_openapi::api::{
-    apps::v1::DaemonSet,
-    core::v1::{Namespace, Pod},
-};
+use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::Namespace};
 use kube::{
     Api, Client,
     runtime::{WatchStreamExt, reflector, watcher},
@@ -19,6 +18,7 @@ use kube::{
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
+use self::pod::Pod;
 use crate::{
     node::membership::{self, DaemonSetUid, Decision, MeshSettings, Owner, PodFacts},
     node::spec::{CaptureOverrides, Mode, PodCgroup, PodSpec},
@@ -41,29 +41,15 @@ pub struct Snapshot {
 /// istiod marks the workload HBONE only when it reads `enabled`.
 pub const REDIRECTION: &str = "ambient.istio.io/redirection";
 
-/// Drops what the feed never reads from a pod before the reflector stores
-/// it (managed fields, containers, volumes, conditions: most of a pod's
-/// size), so a node's pods cost their metadata and a few fields.
+/// Drops what the feed never reads of a pod's metadata before the
+/// reflector stores it ([`Pod`] reads only the fields of `spec` and
+/// `status` the feed uses).
 fn keep_what_is_read(pod: &mut Pod) {
-    pod.metadata.managed_fields = None;
-    pod.spec = pod
-        .spec
-        .take()
-        .map(|spec| k8s_openapi::api::core::v1::PodSpec {
-            host_network: spec.host_network,
-            node_name: spec.node_name,
-            service_account_name: spec.service_account_name,
-            ..Default::default()
-        });
-    pod.status = pod
-        .status
-        .take()
-        .map(|status| k8s_openapi::api::core::v1::PodStatus {
-            phase: status.phase,
-            pod_ip: status.pod_ip,
-            pod_ips: status.pod_ips,
-            ..Default::default()
-        });
+    let meta = &mut pod.metadata;
+    meta.managed_fields = None;
+    meta.finalizers = None;
+    meta.creation_timestamp = None;
+    meta.generate_name = None;
 }
 
 fn facts(pod: &Pod) -> PodFacts {
