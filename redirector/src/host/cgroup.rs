@@ -415,9 +415,10 @@ pub fn kubelet_pod_dirs(parent: &Path) -> Vec<PathBuf> {
 }
 
 /// Every pod-level cgroup under `parent` (the same parent as
-/// [`find_pod_cgroup`]), as (pod UID with dashes, cgroup directory), in no
-/// particular order. Layouts that do not exist on this node (the other
-/// driver, an unused QoS class) are skipped.
+/// [`find_pod_cgroup`]), as (pod UID with dashes, cgroup directory),
+/// layout by layout in the order [`find_pod_cgroup`] tries them. Layouts
+/// that do not exist on this node (the other driver, an unused QoS class)
+/// are skipped.
 pub fn list_pod_cgroups(parent: &Path) -> io::Result<Vec<(String, PathBuf)>> {
     let mut pods = Vec::new();
     for layout in &POD_CGROUP_DIRS {

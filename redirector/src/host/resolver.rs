@@ -102,7 +102,18 @@ pub struct SystemResolver<'a> {
     /// Pod cgroups by the addresses of their netns, listed at the first
     /// lookup of a reconcile.
     by_address: Option<AddressIndex>,
+    /// Pod cgroups by UID, listed once this reconcile has looked for
+    /// [`LIST_AFTER`] of them one by one.
+    by_uid: Option<HashMap<String, PathBuf>>,
+    /// Pod cgroups looked for one by one in this reconcile.
+    looked_for: usize,
 }
+
+/// A reconcile that looks for this many pod cgroups by UID lists the
+/// kubelet's directories once for the rest: each lookup of one tries up
+/// to six layouts, a path walk each, while a listing reads the few
+/// directories that exist (a node filled from empty: 10,000 lookups).
+const LIST_AFTER: usize = 64;
 
 impl<'a> SystemResolver<'a> {
     /// A resolver for one reconcile: pods named by UID are looked for
@@ -117,7 +128,31 @@ impl<'a> SystemResolver<'a> {
             node_addresses,
             cache,
             by_address: None,
+            by_uid: None,
+            looked_for: 0,
         }
+    }
+
+    /// The cgroup of the pod `uid` under the kubelet's directories.
+    fn find_pod_cgroup(&mut self, uid: &PodUid) -> std::io::Result<PathBuf> {
+        let uid = uid.as_str();
+        if self.looked_for < LIST_AFTER || !cgroup::is_pod_uid(uid) {
+            self.looked_for += 1;
+            return cgroup::find_pod_cgroup(self.kubepods_parent, uid);
+        }
+        if self.by_uid.is_none() {
+            let mut by_uid = HashMap::new();
+            // In the order a lookup of one tries the layouts.
+            for (uid, path) in cgroup::list_pod_cgroups(self.kubepods_parent)? {
+                by_uid.entry(uid).or_insert(path);
+            }
+            self.by_uid = Some(by_uid);
+        }
+        let by_uid = self.by_uid.as_ref().expect("listed above");
+        by_uid
+            .get(uid)
+            .cloned()
+            .ok_or_else(|| cgroup::pod_cgroup_missing(self.kubepods_parent, uid))
     }
 
     fn address_index(&mut self) -> std::io::Result<&AddressIndex> {
@@ -149,7 +184,7 @@ impl Resolve for SystemResolver<'_> {
                 uid.as_str(),
             ))
         } else {
-            cgroup::find_pod_cgroup(self.kubepods_parent, uid.as_str())
+            self.find_pod_cgroup(uid)
         };
         match &found {
             Ok(path) => {
@@ -188,5 +223,46 @@ impl Resolve for SystemResolver<'_> {
 
     fn node_addresses(&mut self) -> Vec<IpAddr> {
         self.node_addresses.to_vec()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::desired::Resolve as _;
+
+    fn uid(i: usize) -> PodUid {
+        PodUid::new(format!("00000000-0000-4000-8000-{i:012x}"))
+    }
+
+    #[test]
+    fn a_reconcile_of_many_pods_finds_each_cgroup_where_a_lookup_of_one_does() {
+        let root = tempfile::tempdir().unwrap();
+        let pods = LIST_AFTER * 3;
+        for i in 0..pods {
+            // Every third pod is missing; every fifth is in two layouts.
+            let layouts: &[&str] = match (i % 3, i % 5) {
+                (0, _) => &[],
+                (_, 0) => &["kubepods/burstable", "kubepods/besteffort"],
+                _ => &["kubepods/besteffort"],
+            };
+            for layout in layouts {
+                let dir = root
+                    .path()
+                    .join(layout)
+                    .join(format!("pod{}", uid(i).as_str()));
+                std::fs::create_dir_all(dir).unwrap();
+            }
+        }
+        let mut cache = HostCache::default();
+        let mut resolver = SystemResolver::new(root.path(), &[], &mut cache);
+        for i in 0..pods {
+            let one = cgroup::find_pod_cgroup(root.path(), uid(i).as_str()).ok();
+            assert_eq!(resolver.pod_cgroup(&uid(i)).ok(), one, "pod {i}");
+        }
+        assert!(
+            resolver.by_uid.is_some(),
+            "the later pods came from a listing"
+        );
     }
 }
