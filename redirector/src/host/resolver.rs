@@ -229,7 +229,6 @@ impl Resolve for SystemResolver<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::node::desired::Resolve as _;
 
     fn uid(i: usize) -> PodUid {
         PodUid::new(format!("00000000-0000-4000-8000-{i:012x}"))
