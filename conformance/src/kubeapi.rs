@@ -213,6 +213,8 @@ struct State {
     watchers: Vec<(Scope, WatchSender)>,
     /// Watches started from a resource version at or below this get 410.
     expired_below: u64,
+    /// When each list of pods was asked for.
+    pod_lists: Vec<std::time::Instant>,
 }
 
 impl State {
@@ -295,6 +297,12 @@ impl KubeApi {
             axum::serve(listener, app).await.ok();
         });
         *self.serving.lock().unwrap() = Some(runtime);
+    }
+
+    /// When the first list of pods asked for at or after `since` came in.
+    pub fn pods_listed_since(&self, since: std::time::Instant) -> Option<std::time::Instant> {
+        let st = self.state.lock().unwrap();
+        st.pod_lists.iter().copied().find(|at| *at >= since)
     }
 
     /// Takes the server down as a rebooting API server goes: every open
@@ -519,6 +527,9 @@ fn list_or_watch(
         return watch(api, scope, from);
     }
     let mut st = api.state.lock().unwrap();
+    if kind == Kind::Pods {
+        st.pod_lists.push(std::time::Instant::now());
+    }
     let resource_version = st.resource_version;
     let items: Vec<Value> = st
         .objects(kind)
