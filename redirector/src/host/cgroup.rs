@@ -109,7 +109,7 @@ fn named(call: &str, path: &Path, e: io::Error) -> io::Error {
 /// is looked for again by path: the directory may have been removed and
 /// made anew.
 #[derive(Default)]
-pub struct Dirs(HashMap<PathBuf, OwnedFd>);
+pub struct Dirs(HashMap<PathBuf, OwnedFd, crate::types::FastHash>);
 
 impl Dirs {
     /// At most this many directories are kept; past it, all are let go.

@@ -20,7 +20,7 @@ const MAX_BACKOFF_SHIFT: u32 = 6;
 pub struct Misses<K> {
     /// The retry pass each is looked for again at, and how often it was
     /// missed in a row.
-    by_key: HashMap<K, (u64, u32)>,
+    by_key: HashMap<K, (u64, u32), crate::types::FastHash>,
     /// Retry passes so far.
     retry_passes: u64,
 }
@@ -28,7 +28,7 @@ pub struct Misses<K> {
 impl<K> Default for Misses<K> {
     fn default() -> Self {
         Self {
-            by_key: HashMap::new(),
+            by_key: HashMap::default(),
             retry_passes: 0,
         }
     }

@@ -8,6 +8,7 @@
 //! enters the namespace, so the daemon's own threads never change netns.
 
 use super::{cgroup, misses::Misses};
+use crate::types::FastHash;
 use nix::fcntl::OFlag;
 use std::{
     collections::{BTreeSet, HashMap},
@@ -298,11 +299,11 @@ fn in_netns<T: Send>(
 /// addresses. The price is that a dead pod's namespace lives on until
 /// [`Self::retain_seen`] drops its entry.
 pub struct NsCache<T> {
-    by_ns: HashMap<(u64, u64), Held<T>>,
+    by_ns: HashMap<(u64, u64), Held<T>, FastHash>,
     /// The namespace each cgroup's sandbox was found in, by the last full
     /// pass (or since): a light pass takes it from here instead of
     /// looking for the sandbox process again.
-    sandboxes: HashMap<PathBuf, (u64, u64)>,
+    sandboxes: HashMap<PathBuf, (u64, u64), FastHash>,
     /// Cgroups found with no process yet, and when to look again.
     no_sandbox: Misses<PathBuf>,
     /// What this pass takes as found before.
@@ -335,8 +336,8 @@ struct Held<T> {
 impl<T> Default for NsCache<T> {
     fn default() -> Self {
         Self {
-            by_ns: HashMap::new(),
-            sandboxes: HashMap::new(),
+            by_ns: HashMap::default(),
+            sandboxes: HashMap::default(),
             no_sandbox: Misses::default(),
             pass: Pass::Full,
             dirs: cgroup::Dirs::default(),
@@ -462,7 +463,7 @@ impl<T: Clone> NsCache<T> {
 pub struct CookieCache {
     cache: NsCache<u64>,
     /// Which held namespace each cookie is.
-    by_cookie: HashMap<u64, (u64, u64)>,
+    by_cookie: HashMap<u64, (u64, u64), FastHash>,
 }
 
 impl CookieCache {

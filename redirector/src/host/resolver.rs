@@ -27,7 +27,7 @@ use super::{
 };
 use crate::{
     node::desired::Resolve,
-    types::{CgroupId, NetnsCookie, PodUid, WorkloadId},
+    types::{CgroupId, FastHash, NetnsCookie, PodUid, WorkloadId},
 };
 
 /// What the passes found, kept between reconciles.
@@ -36,11 +36,11 @@ pub struct HostCache {
     pub cookies: CookieCache,
     pub addresses: AddressCache,
     /// Pod cgroups found by UID.
-    pod_cgroups: HashMap<PodUid, PathBuf>,
+    pod_cgroups: HashMap<PodUid, PathBuf, FastHash>,
     /// Pods whose cgroup was not found, and when to look again.
     missing: Misses<PodUid>,
     /// Cgroup ids by directory.
-    ids: HashMap<PathBuf, CgroupId>,
+    ids: HashMap<PathBuf, CgroupId, FastHash>,
     /// Where the cgroups whose ids are looked up are opened.
     dirs: cgroup::Dirs,
 }
@@ -104,7 +104,7 @@ pub struct SystemResolver<'a> {
     by_address: Option<AddressIndex>,
     /// Pod cgroups by UID, listed once this reconcile has looked for
     /// [`LIST_AFTER`] of them one by one.
-    by_uid: Option<HashMap<String, PathBuf>>,
+    by_uid: Option<HashMap<String, PathBuf, FastHash>>,
     /// Pod cgroups looked for one by one in this reconcile.
     looked_for: usize,
 }
@@ -141,7 +141,7 @@ impl<'a> SystemResolver<'a> {
             return cgroup::find_pod_cgroup(self.kubepods_parent, uid);
         }
         if self.by_uid.is_none() {
-            let mut by_uid = HashMap::new();
+            let mut by_uid = HashMap::default();
             // In the order a lookup of one tries the layouts.
             for (uid, path) in cgroup::list_pod_cgroups(self.kubepods_parent)? {
                 by_uid.entry(uid).or_insert(path);

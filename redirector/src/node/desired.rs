@@ -238,7 +238,7 @@ impl Changed {
 #[derive(Default)]
 pub struct DesiredMaps {
     pub desired: Desired,
-    parts: std::collections::HashMap<WorkloadId, (u32, PodPart)>,
+    parts: std::collections::HashMap<WorkloadId, (u32, PodPart), crate::types::FastHash>,
     next_slot: u32,
     ztunnel_parts: Vec<ZtunnelPart>,
     cgroup_claims: Claims<CgroupId, CgroupInfo>,

@@ -19,7 +19,7 @@ use std::{
 use super::{File, FileError, View, Workload, parse, pod_spec, validate};
 use crate::{
     node::spec::{CgroupRef, NodeSpec, PodCgroup, PodSpec},
-    types::WorkloadId,
+    types::{FastHash, WorkloadId},
 };
 
 /// The workloads file's last good state, and what it was parsed from.
@@ -27,18 +27,13 @@ use crate::{
 pub struct Loader {
     view: Option<View>,
     /// Each entry's text, with its pod's UID and the load that last saw it.
-    entries: HashMap<Box<str>, (WorkloadId, u64), Fast>,
+    entries: HashMap<Box<str>, (WorkloadId, u64), FastHash>,
     /// Counts loads: an entry seen twice in one is a duplicate.
     load: u64,
     /// The pods' cgroups and addresses, for a new entry's clashes.
-    cgroups: HashMap<PathBuf, WorkloadId, Fast>,
-    addresses: HashMap<IpAddr, WorkloadId, Fast>,
+    cgroups: HashMap<PathBuf, WorkloadId, FastHash>,
+    addresses: HashMap<IpAddr, WorkloadId, FastHash>,
 }
-
-/// The hasher of the loader's maps: every load hashes every entry's text,
-/// and the file is root's, so SipHash's resistance to chosen keys buys
-/// nothing.
-type Fast = foldhash::fast::RandomState;
 
 /// What a good load changed.
 #[derive(Debug, PartialEq, Eq)]
@@ -127,9 +122,9 @@ impl Loader {
         // A new entry may clash with any other; the kept ones did not
         // clash with each other.
         let kept = |owner: Option<&WorkloadId>| owner.is_some_and(|uid| !gone.contains(uid));
-        let mut new_uids = HashSet::with_hasher(Fast::default());
-        let mut new_cgroups = HashSet::with_hasher(Fast::default());
-        let mut new_addresses = HashSet::with_hasher(Fast::default());
+        let mut new_uids = HashSet::with_hasher(FastHash::default());
+        let mut new_cgroups = HashSet::with_hasher(FastHash::default());
+        let mut new_addresses = HashSet::with_hasher(FastHash::default());
         for (_, pod) in &new {
             let uid_taken = view.pods.contains_key(&pod.uid) && !gone.contains(&pod.uid);
             if uid_taken || !new_uids.insert(&pod.uid) {
@@ -224,8 +219,8 @@ impl Loader {
 }
 
 fn index(
-    cgroups: &mut HashMap<PathBuf, WorkloadId, Fast>,
-    addresses: &mut HashMap<IpAddr, WorkloadId, Fast>,
+    cgroups: &mut HashMap<PathBuf, WorkloadId, FastHash>,
+    addresses: &mut HashMap<IpAddr, WorkloadId, FastHash>,
     pod: &PodSpec,
 ) {
     if let PodCgroup::Path(path) = &pod.cgroup {
@@ -237,8 +232,8 @@ fn index(
 }
 
 fn forget(
-    cgroups: &mut HashMap<PathBuf, WorkloadId, Fast>,
-    addresses: &mut HashMap<IpAddr, WorkloadId, Fast>,
+    cgroups: &mut HashMap<PathBuf, WorkloadId, FastHash>,
+    addresses: &mut HashMap<IpAddr, WorkloadId, FastHash>,
     pod: &PodSpec,
 ) {
     if let PodCgroup::Path(path) = &pod.cgroup {
