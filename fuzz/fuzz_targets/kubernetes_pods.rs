@@ -17,10 +17,10 @@ use ambridge::{
         MeshSettings, SIDECAR_STATUS_ANNOTATION,
     },
     node::spec::{Mode, PodSpec},
-    sources::kubernetes::{self, REDIRECTION, Snapshot},
+    sources::kubernetes::{self, REDIRECTION, Snapshot, pod::Pod},
     types::WorkloadId,
 };
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::Namespace;
 use libfuzzer_sys::fuzz_target;
 use serde::Deserialize;
 

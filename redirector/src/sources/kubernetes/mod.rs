@@ -5,7 +5,7 @@
 //! the DaemonSet object it names as its controller is the one the API
 //! server holds under ztunnel's name (same UID).
 
-mod pod;
+pub mod pod;
 
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
