@@ -298,7 +298,7 @@ fn kubernetes_feed(plan: &Plan) -> Value {
     api.put_namespace(json!({"apiVersion": "v1", "kind": "Namespace",
         "metadata": {"name": "bench", "labels": {}}}));
     // The API server holds every pod before the daemon starts: the fill
-    // is the daemon's initial list, from its start to the kernel map.
+    // is the daemon's initial list, from its request to the kernel map.
     for (i, uid) in uids.iter().enumerate() {
         api.put_pod(pod_json(i, uid, true));
     }
