@@ -107,7 +107,9 @@ fn named(call: &str, path: &Path, e: io::Error) -> io::Error {
 /// cgroup v2 directories cannot be renamed, so a kept directory stands for
 /// its path until it is removed. A cgroup not found below a kept directory
 /// is looked for again by path: the directory may have been removed and
-/// made anew.
+/// made anew. Only a parent whose path has no symbolic link is kept (a
+/// link could be pointed elsewhere later); a mount moved over a kept path
+/// is seen at the next full pass, when every directory is let go.
 #[derive(Default)]
 pub struct Dirs(HashMap<PathBuf, OwnedFd, crate::types::FastHash>);
 
@@ -149,10 +151,12 @@ impl Dirs {
             return by_path(cgroup, file, flags);
         };
         let found = openat(&dir, &below, flags, Mode::empty());
-        if self.0.len() >= Self::KEPT {
-            self.0.clear();
+        if std::fs::canonicalize(parent).is_ok_and(|real| real == parent) {
+            if self.0.len() >= Self::KEPT {
+                self.0.clear();
+            }
+            self.0.insert(parent.to_path_buf(), dir);
         }
-        self.0.insert(parent.to_path_buf(), dir);
         found.map_err(io::Error::from)
     }
 
@@ -209,7 +213,7 @@ pub fn lineage(mount: &Path, relative: &Path) -> io::Result<Vec<CgroupId>> {
     let mut ids = Vec::new();
     let mut at = Some(mount.join(relative));
     while let Some(dir) = at {
-        ids.push(cgroup_id(&dir).map_err(|e| with_path(e, "statfs", &dir))?);
+        ids.push(cgroup_id(&dir)?);
         at = dir.parent().filter(|_| dir != mount).map(Path::to_path_buf);
     }
     Ok(ids)
@@ -317,6 +321,14 @@ cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0
         let again = dirs.cgroup_id(&child).unwrap();
         assert_eq!(again, cgroup_id(&child).unwrap());
         assert_ne!(again, first, "the new cgroup, not the removed one");
+
+        // Through a symbolic link the parent is used, never kept.
+        let links = tempfile::tempdir().unwrap();
+        let link = links.path().join("tree");
+        std::os::unix::fs::symlink(&tree.0, &link).unwrap();
+        let mut dirs = Dirs::default();
+        assert_eq!(dirs.cgroup_id(&link.join("parent/child")).unwrap(), again);
+        assert!(dirs.0.is_empty(), "a parent behind a link is not kept");
     }
 }
 

@@ -20,6 +20,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use tracing::warn;
+
 use super::{
     cgroup,
     misses::Misses,
@@ -103,8 +105,9 @@ pub struct SystemResolver<'a> {
     /// lookup of a reconcile.
     by_address: Option<AddressIndex>,
     /// Pod cgroups by UID, listed once this reconcile has looked for
-    /// [`LIST_AFTER`] of them one by one.
-    by_uid: Option<HashMap<String, PathBuf, FastHash>>,
+    /// [`LIST_AFTER`] of them one by one; `Err` if the listing failed (the
+    /// rest are then looked for one by one).
+    by_uid: Option<Result<HashMap<String, PathBuf, FastHash>, ()>>,
     /// Pod cgroups looked for one by one in this reconcile.
     looked_for: usize,
 }
@@ -140,15 +143,20 @@ impl<'a> SystemResolver<'a> {
             self.looked_for += 1;
             return cgroup::find_pod_cgroup(self.kubepods_parent, uid);
         }
-        if self.by_uid.is_none() {
+        let parent = self.kubepods_parent;
+        let listed = self.by_uid.get_or_insert_with(|| {
             let mut by_uid = HashMap::default();
             // In the order a lookup of one tries the layouts.
-            for (uid, path) in cgroup::list_pod_cgroups(self.kubepods_parent)? {
+            for (uid, path) in cgroup::list_pod_cgroups(parent).map_err(|e| {
+                warn!("listing the kubelet's pod cgroups, looking for each pod alone: {e}");
+            })? {
                 by_uid.entry(uid).or_insert(path);
             }
-            self.by_uid = Some(by_uid);
-        }
-        let by_uid = self.by_uid.as_ref().expect("listed above");
+            Ok(by_uid)
+        });
+        let Ok(by_uid) = listed else {
+            return cgroup::find_pod_cgroup(parent, uid);
+        };
         by_uid
             .get(uid)
             .cloned()
@@ -260,8 +268,29 @@ mod tests {
             assert_eq!(resolver.pod_cgroup(&uid(i)).ok(), one, "pod {i}");
         }
         assert!(
-            resolver.by_uid.is_some(),
+            matches!(resolver.by_uid, Some(Ok(_))),
             "the later pods came from a listing"
         );
+    }
+
+    #[test]
+    fn a_listing_that_fails_leaves_each_pod_looked_for_alone() {
+        let root = tempfile::tempdir().unwrap();
+        // A layout's directory that is a file: listing it fails.
+        std::fs::create_dir_all(root.path().join("kubepods")).unwrap();
+        std::fs::write(root.path().join("kubepods/burstable"), "").unwrap();
+        let found = uid(LIST_AFTER + 1);
+        let dir = root
+            .path()
+            .join("kubepods")
+            .join(format!("pod{}", found.as_str()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut cache = HostCache::default();
+        let mut resolver = SystemResolver::new(root.path(), &[], &mut cache);
+        for i in 0..LIST_AFTER {
+            assert!(resolver.pod_cgroup(&uid(i)).is_err());
+        }
+        assert_eq!(resolver.pod_cgroup(&found).unwrap(), dir);
+        assert!(matches!(resolver.by_uid, Some(Err(()))));
     }
 }

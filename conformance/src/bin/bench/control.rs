@@ -421,13 +421,16 @@ pub fn markdown(cp: &Value) -> String {
         "\nControl plane, {} pods (event to kernel map; median and range over fills, p50/p99/max over events):\n\n",
         cp["pods"]
     );
-    let _ = writeln!(
-        md,
-        "The Kubernetes fill is a new daemon's initial list on an empty node: from its request for the pods to the last pod in the kernel map; from the daemon's start (programs loaded and attached) it is {} ms ({}-{}).\n",
-        cp["kubernetes"]["fill_from_daemon_start"]["median_ms"],
-        cp["kubernetes"]["fill_from_daemon_start"]["min_ms"],
-        cp["kubernetes"]["fill_from_daemon_start"]["max_ms"],
-    );
+    md += "The Kubernetes fill is a new daemon's initial list on an empty node: from its request for the pods to the last pod in the kernel map";
+    let from_start = &cp["kubernetes"]["fill_from_daemon_start"];
+    if !from_start.is_null() {
+        let _ = write!(
+            md,
+            "; from the daemon's start (programs loaded and attached) it is {} ms ({}-{})",
+            from_start["median_ms"], from_start["min_ms"], from_start["max_ms"],
+        );
+    }
+    md += ".\n\n";
     md += "| feed | fill from empty | empty again | one pod added | one pod changed | one pod removed | churn | daemon CPU in churn | RSS idle / loaded |\n|---|---|---|---|---|---|---|---|---|\n";
     let s = |v: &Value| {
         if v.is_null() {

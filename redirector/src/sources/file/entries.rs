@@ -268,29 +268,45 @@ fn dedent(entry: &Entry) -> String {
 /// on up to [`PARSERS`] threads when there are many (a node filled from
 /// empty), in their order; `None` if any fails.
 fn parse_entries(entries: &[Entry]) -> Option<Vec<PodSpec>> {
+    if entries.len() < 2 * PER_PARSER {
+        return parse_on(entries, 1);
+    }
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(PARSERS)
-        .min(entries.len() / PER_PARSER)
-        .max(1);
-    let share = entries.len().div_ceil(threads);
+        .min(entries.len() / PER_PARSER);
+    parse_on(entries, threads)
+}
+
+/// [`parse_entries`] on `threads` threads, the caller's among them. A
+/// part whose thread cannot be started (a `pids.max` reached) is parsed on
+/// the caller's.
+fn parse_on(entries: &[Entry], threads: usize) -> Option<Vec<PodSpec>> {
     let parse_all = |part: &[Entry]| part.iter().map(parse_entry).collect::<Option<Vec<_>>>();
-    if threads == 1 {
+    if threads <= 1 || entries.is_empty() {
         return parse_all(entries);
     }
+    let share = entries.len().div_ceil(threads);
     std::thread::scope(|scope| {
         let others: Vec<_> = entries
             .chunks(share)
             .skip(1)
-            .map(|part| scope.spawn(move || parse_all(part)))
+            .map(|part| {
+                let parser = std::thread::Builder::new().name("parse".into());
+                (
+                    part,
+                    parser.spawn_scoped(scope, move || parse_all(part)).ok(),
+                )
+            })
             .collect();
         let mut pods = parse_all(&entries[..share])?;
-        for other in others {
-            pods.extend(
-                other
+        for (part, parser) in others {
+            pods.extend(match parser {
+                Some(parser) => parser
                     .join()
                     .unwrap_or_else(|p| std::panic::resume_unwind(p))?,
-            );
+                None => parse_all(part)?,
+            });
         }
         Some(pods)
     })
@@ -569,6 +585,32 @@ ztunnel:
         assert_eq!(loader.parse(flow), Ok(uids(&["a", "b"])));
         assert_eq!(Ok(spec(&loader)), whole(flow));
         assert!(loader.entries.is_empty());
+    }
+
+    #[test]
+    fn entries_parsed_on_several_threads_come_back_in_file_order_and_one_bad_entry_fails_all() {
+        let text: String = (0..10)
+            .map(|i| {
+                format!(
+                    "  - uid: p{i}\n    name: p{i}\n    namespace: default\n    cgroup: /cg/p{i}\n    mode: ambient\n"
+                )
+            })
+            .collect();
+        let file = format!("workloads:\n{text}");
+        let entries = cut(&file).expect("plain block style").entries;
+        let alone: Vec<PodSpec> = entries.iter().map(|e| parse_entry(e).unwrap()).collect();
+        for threads in 1..=4 {
+            assert_eq!(
+                parse_on(&entries, threads),
+                Some(alone.clone()),
+                "{threads} threads"
+            );
+        }
+        let bad = file.replace("uid: p7\n", "uid: p7\n    ips: [nonsense]\n");
+        let entries = cut(&bad).expect("plain block style").entries;
+        for threads in 1..=4 {
+            assert_eq!(parse_on(&entries, threads), None, "{threads} threads");
+        }
     }
 
     #[test]

@@ -6,12 +6,14 @@
 //! the API), so 10,000 pods cost about 24 MiB that way.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 
-/// A core/v1 Pod, as far as the feed reads it.
+/// A core/v1 Pod, as far as the feed reads it. Like k8s-openapi's, it
+/// takes a missing or null field for its default: in kube's watcher one
+/// object that does not decode fails its whole list.
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct Pod {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub metadata: ObjectMeta,
     pub spec: Option<Spec>,
     pub status: Option<Status>,
@@ -22,7 +24,6 @@ pub struct Pod {
 #[serde(rename_all = "camelCase")]
 pub struct Spec {
     pub host_network: Option<bool>,
-    pub node_name: Option<String>,
     pub service_account_name: Option<String>,
 }
 
@@ -39,7 +40,17 @@ pub struct Status {
 /// One of a pod's addresses.
 #[derive(Clone, Debug, Deserialize)]
 pub struct PodIp {
+    #[serde(default, deserialize_with = "null_as_default")]
     pub ip: String,
+}
+
+/// A field's value, or its default where it is null.
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 impl k8s_openapi::Resource for Pod {
@@ -84,7 +95,6 @@ mod tests {
         .unwrap();
         assert_eq!(pod.metadata.uid.as_deref(), Some("u1"));
         let spec = pod.spec.unwrap();
-        assert_eq!(spec.node_name.as_deref(), Some("n1"));
         assert_eq!(spec.host_network, Some(true));
         assert_eq!(spec.service_account_name.as_deref(), Some("sa"));
         let status = pod.status.unwrap();
@@ -92,6 +102,21 @@ mod tests {
         assert_eq!(status.pod_ip.as_deref(), Some("10.0.0.1"));
         let ips: Vec<String> = status.pod_ips.unwrap().into_iter().map(|p| p.ip).collect();
         assert_eq!(ips, ["10.0.0.1", "fd00::1"]);
+    }
+
+    #[test]
+    fn takes_what_k8s_openapi_takes_for_missing_or_null_fields() {
+        for value in [
+            json!({"metadata": null, "spec": null, "status": null}),
+            json!({"status": {"podIPs": [{}, {"ip": null}, {"ip": "10.0.0.2"}]}}),
+            json!({}),
+        ] {
+            let full: Result<k8s_openapi::api::core::v1::Pod, _> =
+                serde_json::from_value(value.clone());
+            let lean: Result<Pod, _> = serde_json::from_value(value.clone());
+            assert!(full.is_ok(), "{value}");
+            assert!(lean.is_ok(), "{value}: {lean:?}");
+        }
     }
 
     #[test]
