@@ -136,12 +136,20 @@ impl Dirs {
             None => PathBuf::from(name),
         };
         if let Some(dir) = self.0.get(parent) {
-            match openat(dir, &below, flags, Mode::empty()) {
+            return match openat(dir, &below, flags, Mode::empty()) {
+                // The kept parent may have been removed and made anew: the
+                // path decides, and a cgroup found by it retires the kept
+                // directory. Not found either way, the parent stays kept (a
+                // pod cgroup not made yet costs no reopening of it).
                 Err(Errno::ENOENT) => {
-                    self.0.remove(parent);
+                    let found = by_path(cgroup, file, flags);
+                    if found.is_ok() {
+                        self.0.remove(parent);
+                    }
+                    found
                 }
-                found => return found.map_err(io::Error::from),
-            }
+                found => found.map_err(io::Error::from),
+            };
         }
         let Ok(dir) = open(
             parent,
