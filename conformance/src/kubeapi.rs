@@ -299,6 +299,24 @@ impl KubeApi {
         *self.serving.lock().unwrap() = Some(runtime);
     }
 
+    /// `ambridge run`'s arguments that make this server the Kubernetes
+    /// source of the node named `node_name`, whose kubelet puts its pod
+    /// cgroups under `node`'s cgroup.
+    pub fn source_args(&self, node: &crate::Node, node_name: &str) -> Vec<String> {
+        [
+            "--source",
+            "kubernetes",
+            "--node-name",
+            node_name,
+            "--kube-api",
+            &self.url(),
+            "--kubepods-parent",
+            &node.cgroup.display().to_string(),
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
     /// When the first list of pods asked for at or after `since` came in.
     pub fn pods_listed_since(&self, since: std::time::Instant) -> Option<std::time::Instant> {
         let st = self.state.lock().unwrap();

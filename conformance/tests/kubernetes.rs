@@ -55,20 +55,8 @@ fn daemonset_owner(uid: &str, controller: bool) -> Value {
 /// The daemon with Kubernetes as its only source, `api` its API server and
 /// `node`'s cgroup the kubelet's pod parent.
 fn kubernetes_daemon(node: &Node, api: &KubeApi) -> Daemon {
-    let kubepods_parent = node.cgroup.display().to_string();
-    Daemon::start_with(
-        node,
-        &[
-            "--source",
-            "kubernetes",
-            "--node-name",
-            NODE,
-            "--kube-api",
-            &api.url(),
-            "--kubepods-parent",
-            &kubepods_parent,
-        ],
-    )
+    let args = api.source_args(node, NODE);
+    Daemon::start_with(node, &args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 #[test]
@@ -335,19 +323,9 @@ fn a_daemon_restarted_while_the_api_server_is_down_keeps_kubernetes_pods_capture
     ));
     api.put_pod(pod_json(&kube_client, &kube_uid, "default", json!({})));
     api.put_pod(pod_json(&deleted, &deleted_uid, "default", json!({})));
-    let (url, kubepods_parent) = (api.url(), node.cgroup.display().to_string());
-    let args = [
-        "--source",
-        "file",
-        "--source",
-        "kubernetes",
-        "--node-name",
-        NODE,
-        "--kube-api",
-        &url,
-        "--kubepods-parent",
-        &kubepods_parent,
-    ];
+    let kubernetes = api.source_args(&node, NODE);
+    let mut args = vec!["--source", "file"];
+    args.extend(kubernetes.iter().map(String::as_str));
     let mut daemon = Daemon::start_with(&node, &args);
     let _app = server.echo_server("[::]:8080");
     let ztunnel = ztunnel_stand_in_with(

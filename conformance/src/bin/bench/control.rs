@@ -302,21 +302,9 @@ fn kubernetes_feed(plan: &Plan) -> Value {
     for (i, uid) in uids.iter().enumerate() {
         api.put_pod(pod_json(i, uid, true));
     }
-    let kubepods_parent = node.cgroup.display().to_string();
-    let args = [
-        "--source",
-        "kubernetes",
-        "--node-name",
-        NODE,
-        "--kube-api",
-        &api.url(),
-        "--kubepods-parent",
-        &kubepods_parent,
-        "--resync-seconds",
-        "5",
-        "--full-resync-seconds",
-        "60",
-    ];
+    let source = api.source_args(&node, NODE);
+    let mut args: Vec<&str> = source.iter().map(String::as_str).collect();
+    args.extend(["--resync-seconds", "5", "--full-resync-seconds", "60"]);
     let last_id = ids[plan.pods - 1];
     // Each fill is a daemon's first list on an empty node: the one before
     // is stopped and uninstalled (its guard dropped) first.
