@@ -164,6 +164,8 @@ pub struct Controller {
     view: api::SharedView,
     /// When a failed datapath apply is tried again.
     apply: ApplyRetry,
+    /// When the memory a large change freed is handed back to the kernel.
+    release_at: Option<tokio::time::Instant>,
 }
 
 impl Controller {
@@ -229,6 +231,7 @@ impl Controller {
             node_addresses: Vec::new(),
             view: config.view,
             apply: ApplyRetry::new(config.health),
+            release_at: None,
         };
         controller.refresh_node_addresses();
         controller
@@ -357,6 +360,18 @@ impl Controller {
     /// succeeded.
     pub fn retry_at(&self) -> Option<tokio::time::Instant> {
         self.apply.at
+    }
+
+    /// When the memory freed by a large change is to be handed back (see
+    /// [`crate::heap`]); `None` while none is due.
+    pub fn release_at(&self) -> Option<tokio::time::Instant> {
+        self.release_at
+    }
+
+    /// Hands the heap's free pages back to the kernel.
+    pub fn release_free_pages(&mut self) {
+        self.release_at = None;
+        crate::heap::release_free_pages();
     }
 
     /// Whether a retry pass has pods left to look at again (and no failed
@@ -808,6 +823,14 @@ impl Controller {
         };
         for publisher in &mut self.publishers {
             publisher.reconciled(&reconciled);
+        }
+        let large = match &republish {
+            Touched::All => true,
+            Touched::Pods(uids) => uids.len() >= crate::heap::LARGE_CHANGE,
+        };
+        if large || cgroup_ops.len() >= crate::heap::LARGE_CHANGE {
+            self.release_at
+                .get_or_insert_with(|| tokio::time::Instant::now() + crate::heap::SETTLE);
         }
         if !cgroup_ops.is_empty() || !netns_ops.is_empty() || inbound_changes > 0 {
             info!(

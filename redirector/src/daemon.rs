@@ -364,6 +364,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             _ = sleep_until(node.retry_at()) => {
                 node.reconcile(&mut datapath);
             }
+            _ = sleep_until(node.release_at()) => node.release_free_pages(),
             () = std::future::ready(()), if node.retrying() => {
                 node.reconcile(&mut datapath);
             }

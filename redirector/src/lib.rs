@@ -24,6 +24,7 @@ pub mod cni;
 pub mod controller;
 pub mod daemon;
 pub mod datapath;
+pub mod heap;
 pub mod host;
 pub mod local_socket;
 pub mod node;

@@ -12,8 +12,8 @@ use std::{
 
 use nix::{
     errno::Errno,
-    fcntl::{OFlag, open, openat},
-    sys::stat::Mode,
+    fcntl::{AtFlags, OFlag, open, openat},
+    sys::stat::{Mode, SFlag, fstatat},
 };
 
 use crate::types::CgroupId;
@@ -111,7 +111,27 @@ fn named(call: &str, path: &Path, e: io::Error) -> io::Error {
 /// link could be pointed elsewhere later); a mount moved over a kept path
 /// is seen at the next full pass, when every directory is let go.
 #[derive(Default)]
-pub struct Dirs(HashMap<PathBuf, OwnedFd, crate::types::FastHash>);
+pub struct Dirs(HashMap<PathBuf, Kept, crate::types::FastHash>);
+
+/// A kept parent directory.
+struct Kept {
+    dir: OwnedFd,
+    /// The device of its filesystem, if that is cgroup2: a directory below
+    /// it on the same device is a cgroup of that hierarchy.
+    cgroup2_dev: Option<u64>,
+}
+
+impl Kept {
+    fn new(dir: OwnedFd) -> Self {
+        let on_cgroup2 = nix::sys::statfs::fstatfs(&dir)
+            .is_ok_and(|fs| fs.filesystem_type().0 as i64 == CGROUP2_SUPER_MAGIC);
+        let cgroup2_dev = on_cgroup2
+            .then(|| nix::sys::stat::fstat(&dir).ok())
+            .flatten()
+            .map(|st| st.st_dev);
+        Self { dir, cgroup2_dev }
+    }
+}
 
 impl Dirs {
     /// At most this many directories are kept; past it, all are let go.
@@ -119,6 +139,19 @@ impl Dirs {
 
     /// The id of the cgroup v2 directory at `path` (see [`cgroup_id`]).
     pub fn cgroup_id(&mut self, path: &Path) -> io::Result<CgroupId> {
+        // Below a kept cgroup2 parent, one `fstatat` answers (the id is the
+        // inode number, Linux 5.5 on 64-bit hosts) where an open, two
+        // questions to the descriptor and a close would. Anything else it
+        // finds is left to the open below, which says what is wrong.
+        if let (Some(parent), Some(name)) = (path.parent(), path.file_name())
+            && let Some(kept) = self.0.get(parent)
+            && let Some(dev) = kept.cgroup2_dev
+            && let Ok(st) = fstatat(&kept.dir, name, AtFlags::AT_SYMLINK_NOFOLLOW)
+            && st.st_dev == dev
+            && SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR
+        {
+            return Ok(CgroupId(st.st_ino));
+        }
         let dir = self
             .open(path, None, OFlag::O_PATH | OFlag::O_DIRECTORY)
             .map_err(|e| named("open", path, e))?;
@@ -135,8 +168,8 @@ impl Dirs {
             Some(file) => Path::new(name).join(file),
             None => PathBuf::from(name),
         };
-        if let Some(dir) = self.0.get(parent) {
-            return match openat(dir, &below, flags, Mode::empty()) {
+        if let Some(kept) = self.0.get(parent) {
+            return match openat(&kept.dir, &below, flags, Mode::empty()) {
                 // The kept parent may have been removed and made anew: the
                 // path decides, and a cgroup found by it retires the kept
                 // directory. Not found either way, the parent stays kept (a
@@ -163,7 +196,7 @@ impl Dirs {
             if self.0.len() >= Self::KEPT {
                 self.0.clear();
             }
-            self.0.insert(parent.to_path_buf(), dir);
+            self.0.insert(parent.to_path_buf(), Kept::new(dir));
         }
         found.map_err(io::Error::from)
     }

@@ -85,6 +85,15 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// The daemon's resident size once it has settled after a large change:
+/// it hands the memory such a change freed back to the kernel a little
+/// later (`ambridge::heap::SETTLE`), so a node at rest is measured, not
+/// the garbage of its last fill.
+fn settled_rss_kib(pid: u32) -> u64 {
+    std::thread::sleep(ambridge::heap::SETTLE + Duration::from_secs(1));
+    rss_kib(pid)
+}
+
 /// The daemon's CPU time so far (user + system), in seconds.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -244,7 +253,7 @@ fn file_feed(plan: &Plan) -> Value {
     }
     f.write(&full);
     map.until(last, Instant::now(), enrolled);
-    let rss_loaded = rss_kib(pid);
+    let rss_loaded = settled_rss_kib(pid);
     for k in 0..plan.events {
         let i = (k * 7919) % n;
         let id = f.ids[i];
@@ -336,7 +345,7 @@ fn kubernetes_feed(plan: &Plan) -> Value {
     let map = CgroupMap::open(&node);
     daemon.wait_ready();
     let pid = daemon.pid().expect("daemon running");
-    let rss_loaded = rss_kib(pid);
+    let rss_loaded = settled_rss_kib(pid);
     let mut figures = Figures {
         fill: fills,
         empty: vec![],

@@ -1,0 +1,28 @@
+//! The daemon's heap after a large change.
+//!
+//! glibc's allocator keeps what a reconcile of thousands of pods freed (the
+//! old parts, the parser threads' arenas) mapped for the next allocation,
+//! so a node that filled and settled would stay at its peak resident size.
+//! Handing the free pages back after such a change keeps the daemon's RSS
+//! at what it holds.
+
+/// How many pods a change must touch before its freed memory is handed
+/// back: `malloc_trim` walks every arena, 10-15 ms at 10,000 pods, too much
+/// for each one-pod event.
+pub const LARGE_CHANGE: usize = 1024;
+
+/// How long after a large change the pages are handed back: the changes
+/// that often follow one (a node filling, then its pods starting) are not
+/// kept waiting behind the walk, and their garbage goes back with it.
+pub const SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Returns the heap's free pages to the kernel (`malloc_trim(3)`, glibc
+/// 2.8 and later trim every arena). A no-op with other allocators.
+pub fn release_free_pages() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists; it
+    // takes the arenas' locks like any allocation.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
