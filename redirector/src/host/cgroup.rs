@@ -124,7 +124,7 @@ struct Kept {
 impl Kept {
     fn new(dir: OwnedFd) -> Self {
         let on_cgroup2 = nix::sys::statfs::fstatfs(&dir)
-            .is_ok_and(|fs| fs.filesystem_type().0 as i64 == CGROUP2_SUPER_MAGIC);
+            .is_ok_and(|fs| fs.filesystem_type().0 == CGROUP2_SUPER_MAGIC);
         let cgroup2_dev = on_cgroup2
             .then(|| nix::sys::stat::fstat(&dir).ok())
             .flatten()
