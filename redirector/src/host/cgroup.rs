@@ -333,7 +333,7 @@ cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0
 
     impl Drop for Tree {
         fn drop(&mut self) {
-            for dir in ["parent/child", "parent", ""] {
+            for dir in ["parent/child", "parent/sibling", "parent", ""] {
                 let _ = std::fs::remove_dir(self.0.join(dir));
             }
         }
@@ -353,6 +353,21 @@ cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0
         assert!(dirs.0.contains_key(&parent), "the parent is kept open");
         dirs.open(&child, Some("cgroup.events"), OFlag::O_RDONLY)
             .expect("a file in the cgroup, below the kept parent");
+        // Below the kept parent an id is one stat: a sibling's is its own,
+        // and a file (twice: the second below its kept cgroup) is refused.
+        let sibling = parent.join("sibling");
+        std::fs::create_dir(&sibling).unwrap();
+        assert_eq!(
+            dirs.cgroup_id(&sibling).unwrap(),
+            cgroup_id(&sibling).unwrap()
+        );
+        assert_ne!(dirs.cgroup_id(&sibling).unwrap(), first);
+        for _ in 0..2 {
+            let file = dirs.cgroup_id(&child.join("cgroup.procs")).unwrap_err();
+            assert!(file.to_string().contains("cgroup.procs"), "{file}");
+        }
+        assert!(dirs.0.contains_key(&child), "the file's cgroup is kept");
+        std::fs::remove_dir(&sibling).unwrap();
 
         std::fs::remove_dir(&child).unwrap();
         std::fs::remove_dir(&parent).unwrap();
