@@ -16,6 +16,7 @@ fi
 
 # --- Debian packages -------------------------------------------------------
 need_pkgs=()
+lean_pkgs=()
 command -v ip >/dev/null || need_pkgs+=(iproute2)
 command -v iptables >/dev/null || need_pkgs+=(iptables)
 command -v conntrack >/dev/null || need_pkgs+=(conntrack)
@@ -23,12 +24,21 @@ command -v bpftool >/dev/null || need_pkgs+=(bpftool)
 command -v protoc >/dev/null || need_pkgs+=(protobuf-compiler)
 # libfuzzer-sys compiles libFuzzer (C++) for the fuzz targets.
 command -v c++ >/dev/null || need_pkgs+=(g++)
-if ((${#need_pkgs[@]})); then
-    say "installing Debian packages: ${need_pkgs[*]}"
+# The monitoring tests check /metrics with promtool and scrape it with a
+# real Prometheus server (its recommends, the exporters, are not needed).
+command -v prometheus >/dev/null && command -v promtool >/dev/null || lean_pkgs+=(prometheus)
+if ((${#need_pkgs[@]} + ${#lean_pkgs[@]})); then
+    say "installing Debian packages: ${need_pkgs[*]} ${lean_pkgs[*]}"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+    if ((${#need_pkgs[@]})); then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+    fi
+    if ((${#lean_pkgs[@]})); then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            "${lean_pkgs[@]}" >/dev/null
+    fi
 else
-    say "Debian packages present (iproute2, iptables, conntrack, bpftool, protoc, c++)"
+    say "Debian packages present (iproute2, iptables, conntrack, bpftool, protoc, c++, prometheus)"
 fi
 
 # --- Rust: nightly rust-src for -Z build-std --------------------------------

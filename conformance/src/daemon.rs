@@ -73,6 +73,13 @@ impl Daemon {
                     format!("/run/netns/{}", node.netns_name),
                 ]
             })
+            // Every test daemon on a port of its own, found through its
+            // status ([`Daemon::monitoring_url`]).
+            .args(if extra.contains(&"--monitoring-address") {
+                &[][..]
+            } else {
+                &["--monitoring-address", "127.0.0.1:0"][..]
+            })
             .args(extra)
             .args(if crate::replacement_mode() && !extra.contains(&"--zds") {
                 vec![
@@ -111,6 +118,16 @@ impl Daemon {
     /// panics with its log if it exits or takes over 30 s.
     pub fn wait_ready(&mut self) {
         self.wait_status("ready", |status| status["ready"] == true);
+    }
+
+    /// The base URL of the daemon's metrics and health probes
+    /// (`http://127.0.0.1:PORT`), from its status.
+    pub fn monitoring_url(&self) -> String {
+        let status = self.status().expect("the daemon's status");
+        let address = status["monitoring_address"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no monitoring address in the status: {status}"));
+        format!("http://{address}")
     }
 
     /// Waits until the daemon's API answers, ready or not: for a test that

@@ -82,6 +82,8 @@ pub struct Config {
     /// Where the API's view and its changes are published.
     pub view: api::SharedView,
     pub changes: broadcast::Sender<pb::Change>,
+    /// What the reconciles add to the metrics.
+    pub recorder: api::monitoring::Recorder,
     pub health: Health,
 }
 
@@ -200,6 +202,7 @@ impl Controller {
             view: config.view.clone(),
             changes: config.changes,
         }));
+        publishers.push(Box::new(config.recorder));
         let mut controller = Self {
             settings: config.settings,
             kubepods_parent: config.kubepods_parent,
@@ -820,6 +823,7 @@ impl Controller {
             complete: self.unsynced.is_empty(),
             acknowledged: acknowledged.as_ref(),
             kubernetes: self.kube.as_ref(),
+            applied_in: started.elapsed(),
         };
         for publisher in &mut self.publishers {
             publisher.reconciled(&reconciled);

@@ -51,6 +51,8 @@ pub struct Options {
     pub full_resync: Duration,
     /// Where the local API listens.
     pub api_socket: PathBuf,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, if anywhere.
+    pub monitoring: Option<std::net::SocketAddr>,
     /// Whether the workloads file is a source.
     pub file_source: bool,
     /// The Kubernetes source, if any.
@@ -224,9 +226,26 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         _ => Some(zds_ready_tx),
     };
     let view = api::SharedView::default();
+    let recorder = api::monitoring::Recorder::default();
     let (push, mut pushes) = mpsc::channel(64);
     let (cni_calls, mut cni_rx) = mpsc::channel(64);
     let (changes, _) = tokio::sync::broadcast::channel(1024);
+    // Bound before the daemon says it is ready: a port in use is an error
+    // at start, not a probe that never answers. Port 0 takes a free one; the
+    // address bound is what `ambridge status` reports, and what a restart
+    // binds again.
+    let monitoring_listener = match opts.monitoring {
+        Some(address) => Some(api::monitoring::bind(address).await?),
+        None => None,
+    };
+    let monitoring = monitoring_listener
+        .as_ref()
+        .map(|l| l.local_addr())
+        .transpose()
+        .context("the monitoring listener's address")?;
+    if let Some(address) = monitoring {
+        info!(%address, "serving /metrics, /healthz and /readyz");
+    }
     {
         let context = api::Context {
             view: view.clone(),
@@ -239,8 +258,29 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             reports: api::Reports {
                 zds: zds_stats,
                 health: health.clone(),
+                monitoring,
             },
         };
+        if let Some(listener) = monitoring_listener {
+            let (context, recorder) = (context.clone(), recorder.clone());
+            let mut first = Some(listener);
+            tokio::spawn(supervise(
+                Component::Monitoring,
+                health.clone(),
+                move || {
+                    let listener = first.take();
+                    let (context, recorder) = (context.clone(), recorder.clone());
+                    async move {
+                        let listener = match (listener, monitoring) {
+                            (Some(listener), _) => listener,
+                            (None, Some(address)) => api::monitoring::bind(address).await?,
+                            (None, None) => unreachable!("a listener was bound"),
+                        };
+                        api::monitoring::serve(listener, context, recorder).await
+                    }
+                },
+            ));
+        }
         let channels = (push, cni_calls, changes.clone());
         let socket = opts.api_socket.clone();
         // Bound before the daemon says it is ready when it can be.
@@ -288,6 +328,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         annotator,
         view,
         changes,
+        recorder,
         health: health.clone(),
     });
     if opts.file_source {

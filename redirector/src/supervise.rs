@@ -86,6 +86,8 @@ pub enum Component {
     Api,
     /// The ZDS server (`--zds serve`).
     ZdsServer,
+    /// The metrics and health port.
+    Monitoring,
     /// Writing the node state into the kernel maps (each reconcile).
     Datapath,
 }
@@ -99,6 +101,7 @@ impl Component {
             Component::Istiod => "istiod",
             Component::Api => "api",
             Component::ZdsServer => "zds-server",
+            Component::Monitoring => "monitoring",
             Component::Datapath => "datapath",
         }
     }
@@ -145,13 +148,13 @@ impl ComponentHealth {
 }
 
 /// What readiness is made of, beside the components' health.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-struct Gates {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Gates {
     /// The programs are attached.
-    attached: bool,
+    pub attached: bool,
     /// Every configured source has delivered a state since the daemon
     /// started.
-    sources_synced: bool,
+    pub sources_synced: bool,
 }
 
 #[derive(Debug, Default)]
@@ -232,6 +235,11 @@ impl Health {
     /// Every configured source has delivered once.
     pub fn set_sources_synced(&self) {
         self.with(|inner| inner.gates.sources_synced = true);
+    }
+
+    /// The readiness gates besides the components.
+    pub fn gates(&self) -> Gates {
+        self.with(|inner| inner.gates)
     }
 
     /// Every component, by name order of [`Component`].

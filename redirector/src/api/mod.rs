@@ -35,6 +35,7 @@ pub mod pb {
 
 pub mod client;
 mod enums;
+pub mod monitoring;
 pub mod view;
 
 pub use client::{DEFAULT_SOCKET, connect};
@@ -64,6 +65,8 @@ pub struct Reports {
     pub zds: Option<Arc<crate::publish::zds::server::Stats>>,
     /// The supervised components and readiness.
     pub health: Health,
+    /// Where the metrics and health probes are served, if anywhere.
+    pub monitoring: Option<std::net::SocketAddr>,
 }
 
 /// The channels between the API and the reconcile loop.
@@ -265,6 +268,11 @@ impl pb::node_server::Node for Service {
                         .map_or(0, |d| d.as_secs()),
                 })
                 .collect(),
+            monitoring_address: self
+                .reports
+                .monitoring
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
         }))
     }
 

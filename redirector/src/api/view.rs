@@ -155,6 +155,7 @@ mod tests {
             complete: true,
             acknowledged: None,
             kubernetes: None,
+            applied_in: std::time::Duration::ZERO,
         };
         update(view, &r)
             .into_iter()

@@ -57,6 +57,11 @@ pub struct Run {
     /// Unix socket of the local API (mode 0600, root only).
     #[arg(long, default_value = DEFAULT_API)]
     api_socket: PathBuf,
+    /// Where Prometheus metrics (`/metrics`) and the health probes
+    /// (`/healthz`, `/readyz`) are served over HTTP, as `ADDRESS:PORT`
+    /// (the pod IP, or `0.0.0.0`); `off` serves none.
+    #[arg(long, default_value = "0.0.0.0:15014", value_parser = monitoring_address)]
+    monitoring_address: Monitoring,
     /// Where the node state comes from (repeat to combine; later
     /// sources replace pods of the same UID: file, then kubernetes or
     /// xds; with both kubernetes and xds, istiod only cross-checks).
@@ -96,6 +101,7 @@ impl Run {
             resync_seconds,
             full_resync_seconds,
             api_socket,
+            monitoring_address,
             sources,
             node_name,
             kube_api,
@@ -150,6 +156,7 @@ impl Run {
             resync: Duration::from_secs(resync_seconds.max(1)),
             full_resync: Duration::from_secs(full_resync_seconds.max(1)),
             api_socket,
+            monitoring: monitoring_address.0,
             file_source: sources.contains(&Source::File),
             kubernetes,
             xds,
@@ -237,6 +244,19 @@ impl XdsArgs {
                 .context("--source xds needs this agent's IP (--instance-ip or INSTANCE_IP)")?,
         })
     }
+}
+
+/// `--monitoring-address`: an address, or none for `off`.
+#[derive(Clone, Copy, Debug)]
+struct Monitoring(Option<std::net::SocketAddr>);
+
+fn monitoring_address(s: &str) -> Result<Monitoring, String> {
+    if s == "off" {
+        return Ok(Monitoring(None));
+    }
+    s.parse()
+        .map(|a| Monitoring(Some(a)))
+        .map_err(|e| format!("{e}: expected ADDRESS:PORT (e.g. 0.0.0.0:15014, [::]:15014) or off"))
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -53,6 +53,8 @@ fn as_json(status: &api::pb::StatusResponse) -> serde_json::Value {
             "connections": z.connections, "peers_refused": z.peers_refused,
         })),
         "ready": status.ready,
+        "monitoring_address": (!status.monitoring_address.is_empty())
+            .then_some(&status.monitoring_address),
         "components": status.components.iter().map(|c| serde_json::json!({
             "name": c.name, "state": c.state().word(), "last_error": c.last_error,
             "restarts": c.restarts, "since_unix_seconds": c.since_unix_seconds,
@@ -95,6 +97,14 @@ fn print_text(status: api::pb::StatusResponse) {
             ("original-src", original_src.into()),
             ("sockmap", if status.sockmap { "on" } else { "off" }.into()),
             ("zds", zds),
+            (
+                "monitoring",
+                if status.monitoring_address.is_empty() {
+                    "off".into()
+                } else {
+                    format!("http://{}/metrics", status.monitoring_address)
+                },
+            ),
         ],
     );
     let mut components =

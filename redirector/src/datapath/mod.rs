@@ -647,6 +647,22 @@ impl ReadOnly {
             .collect()
     }
 
+    /// How many entries each map of [`Self::occupancy`] can hold, as this
+    /// build creates them.
+    pub fn capacity(&self) -> Vec<(&'static str, u32)> {
+        use ambridge_common::*;
+        vec![
+            ("cgroups", CGROUPS_CAPACITY),
+            ("netns", NETNS_CAPACITY),
+            ("pending_connects", PENDING_CAPACITY),
+            ("tracked_connections", CONNS_CAPACITY),
+            ("accelerated_sockets", SOCKS_CAPACITY),
+            ("inbound_addresses", INBOUND_CAPACITY),
+            ("inbound_listeners", LISTENERS_CAPACITY),
+            ("dns_sockets", DNS_CAPACITY),
+        ]
+    }
+
     /// How many entries each map holds: cgroups and network namespaces
     /// known to the datapath, connects not yet established, connections
     /// whose record is tracked, sockets in the sockhash, and so on. Walks

@@ -38,6 +38,8 @@ pub struct Reconciled<'a> {
     pub acknowledged: Option<&'a BTreeSet<WorkloadId>>,
     /// The Kubernetes feed's last snapshot, if it is a source.
     pub kubernetes: Option<&'a kubernetes::Snapshot>,
+    /// From the reconcile's start to its changes written into the maps.
+    pub applied_in: std::time::Duration,
 }
 
 impl Reconciled<'_> {
