@@ -261,7 +261,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 monitoring,
             },
         };
-        if let Some(listener) = monitoring_listener {
+        if let (Some(listener), Some(address)) = (monitoring_listener, monitoring) {
             let (context, recorder) = (context.clone(), recorder.clone());
             let mut first = Some(listener);
             tokio::spawn(supervise(
@@ -271,10 +271,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                     let listener = first.take();
                     let (context, recorder) = (context.clone(), recorder.clone());
                     async move {
-                        let listener = match (listener, monitoring) {
-                            (Some(listener), _) => listener,
-                            (None, Some(address)) => api::monitoring::bind(address).await?,
-                            (None, None) => unreachable!("a listener was bound"),
+                        let listener = match listener {
+                            Some(listener) => listener,
+                            None => api::monitoring::bind(address).await?,
                         };
                         api::monitoring::serve(listener, context, recorder).await
                     }
