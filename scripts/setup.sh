@@ -41,6 +41,20 @@ else
     say "Debian packages present (iproute2, iptables, conntrack, bpftool, protoc, c++, prometheus)"
 fi
 
+# --- deploy/: kubectl (on the image) and kubernetes-validate (PyPI) ---------
+if ! command -v kubectl >/dev/null; then
+    echo "kubectl is missing: deploy/ is rendered with its kustomize" >&2
+    exit 1
+fi
+KUBERNETES_VALIDATE_VERSION=1.37.0
+if [[ "$(kubernetes-validate --version 2>/dev/null)" == "$KUBERNETES_VALIDATE_VERSION" ]]; then
+    say "kubernetes-validate $KUBERNETES_VALIDATE_VERSION present"
+else
+    say "installing kubernetes-validate $KUBERNETES_VALIDATE_VERSION from PyPI"
+    python3 -m pip install --quiet --root-user-action=ignore \
+        "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
+fi
+
 # --- Rust: nightly rust-src for -Z build-std --------------------------------
 if ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src'; then
     say "adding rust-src to the nightly toolchain"

@@ -27,6 +27,65 @@ use axum::{
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
+/// One kind of request a client made, in RBAC's terms: what a role must
+/// grant for it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ApiCall {
+    /// `get`, `list`, `watch`, `create`, `update`, `patch` or `delete`.
+    pub verb: String,
+    /// `""` for the core group.
+    pub group: String,
+    /// With its subresource, as RBAC writes it (`pods/status`).
+    pub resource: String,
+    /// `None` for a cluster-wide request.
+    pub namespace: Option<String>,
+}
+
+impl ApiCall {
+    /// The call a request of `method` on `path` (with `query`) is.
+    fn of(method: &axum::http::Method, path: &str, query: &str) -> Option<Self> {
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let (group, rest) = match segments.as_slice() {
+            ["api", "v1", rest @ ..] => ("", rest),
+            ["apis", group, _version, rest @ ..] => (*group, rest),
+            _ => return None,
+        };
+        // `namespaces/NS/RESOURCE...` is namespaced, but `namespaces` and
+        // `namespaces/NAME` are the namespaces themselves.
+        let (namespace, rest) = match rest {
+            ["namespaces", ns, resource, rest @ ..] => (Some(ns.to_string()), {
+                let mut r = vec![*resource];
+                r.extend(rest);
+                r
+            }),
+            other => (None, other.to_vec()),
+        };
+        let (resource, name, subresource) = (rest.first()?, rest.get(1), rest.get(2));
+        let watch = query
+            .split('&')
+            .any(|kv| kv == "watch=true" || kv == "watch=1");
+        let verb = match *method {
+            axum::http::Method::GET if watch => "watch",
+            axum::http::Method::GET if name.is_some() => "get",
+            axum::http::Method::GET => "list",
+            axum::http::Method::POST => "create",
+            axum::http::Method::PUT => "update",
+            axum::http::Method::PATCH => "patch",
+            axum::http::Method::DELETE => "delete",
+            _ => return None,
+        };
+        Some(ApiCall {
+            verb: verb.into(),
+            group: group.into(),
+            resource: match subresource {
+                Some(sub) => format!("{resource}/{sub}"),
+                None => resource.to_string(),
+            },
+            namespace,
+        })
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
     Pods,
@@ -215,6 +274,8 @@ struct State {
     expired_below: u64,
     /// When each list of pods was asked for.
     pod_lists: Vec<std::time::Instant>,
+    /// Every kind of request made, answered or not.
+    calls: std::collections::BTreeSet<ApiCall>,
 }
 
 impl State {
@@ -291,6 +352,7 @@ impl KubeApi {
                 patch(patch_pod_status),
             )
             .fallback(|| async { not_found() })
+            .layer(axum::middleware::from_fn_with_state(self.clone(), record))
             .with_state(self.clone());
         runtime.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
@@ -315,6 +377,11 @@ impl KubeApi {
         ]
         .map(String::from)
         .to_vec()
+    }
+
+    /// Every kind of request clients have made so far.
+    pub fn calls(&self) -> std::collections::BTreeSet<ApiCall> {
+        self.state.lock().unwrap().calls.clone()
     }
 
     /// When the first list of pods asked for at or after `since` came in.
@@ -484,6 +551,20 @@ fn bad_request(message: String) -> Response {
         ),
     )
         .into_response()
+}
+
+/// Notes what each request asks for, before it is answered.
+async fn record(
+    Shared(api): Shared<KubeApi>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let uri = request.uri();
+    let call = ApiCall::of(request.method(), uri.path(), uri.query().unwrap_or(""));
+    if let Some(call) = call {
+        api.state.lock().unwrap().calls.insert(call);
+    }
+    next.run(request).await
 }
 
 async fn list_or_watch_pods(
