@@ -42,7 +42,7 @@ impl Daemon {
 
     /// As [`Daemon::spawn`], with extra `ambridge run` arguments.
     pub fn spawn_with(node: &Node, extra: &[&str]) -> Self {
-        let mut child = Command::new(workspace_bin("ambridge"))
+        let mut child = crate::capabilities::command(workspace_bin("ambridge"))
             .arg("run")
             .arg("--cgroup-root")
             .arg(&node.cgroup)

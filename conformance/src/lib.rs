@@ -22,6 +22,7 @@
 //! included. Nothing here touches the machine's own interfaces or its root
 //! cgroup's programs.
 
+pub mod capabilities;
 pub mod cni;
 pub mod daemon;
 pub mod event;

@@ -1,0 +1,100 @@
+//! Issue 14: the daemon runs the whole capture path with exactly the
+//! capabilities `deploy/`'s DaemonSet grants it, root with every set cut to
+//! that list (`setpriv`), as the container runtime starts it.
+//!
+//! One test in this binary: it sets the environment variable the harness
+//! reads ([`capabilities::ENV`]) for every daemon it starts.
+
+use std::{path::Path, process::Command};
+
+use ambridge_conformance::{Fixture, PodRole, capabilities};
+use serde_json::Value;
+
+/// The capabilities the rendered DaemonSet adds (it drops all others).
+fn daemonset_capabilities() -> Vec<String> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/overlays/replacement");
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(&dir)
+        .output()
+        .expect("running kubectl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let objects: Vec<Value> =
+        serde_saphyr::from_multiple(&String::from_utf8(out.stdout).unwrap()).unwrap();
+    let daemonset = objects
+        .iter()
+        .find(|o| o["kind"] == "DaemonSet" && o["metadata"]["name"] == "ambridge")
+        .expect("the DaemonSet");
+    let caps =
+        &daemonset["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"];
+    assert_eq!(caps["drop"], serde_json::json!(["ALL"]));
+    caps["add"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_ascii_lowercase())
+        .collect()
+}
+
+/// The bit of a capability in `/proc/PID/status` masks.
+fn bit(cap: &str) -> u64 {
+    let number = match cap {
+        "net_admin" => 12,
+        "sys_ptrace" => 19,
+        "sys_admin" => 21,
+        "perfmon" => 38,
+        "bpf" => 39,
+        other => panic!("no bit known for {other}"),
+    };
+    1 << number
+}
+
+/// A capability mask line of `/proc/PID/status`.
+fn mask(pid: u32, line: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix(line)?.strip_prefix(":"))
+        .unwrap_or_else(|| panic!("no {line} in {status}"));
+    u64::from_str_radix(hex.trim(), 16).unwrap()
+}
+
+#[test]
+fn with_only_the_daemonsets_capabilities_the_daemon_captures_outbound_and_inbound() {
+    let caps = daemonset_capabilities();
+    // SAFETY: the only test in this binary, set before any daemon starts;
+    // nothing else reads the environment meanwhile.
+    unsafe { std::env::set_var(capabilities::ENV, caps.join(",")) };
+    let f = Fixture::three_pods()
+        .app()
+        .ztunnel(&[PodRole::Client], &[])
+        .wait_enrolled()
+        .start();
+    let pid = f.daemon.pid().expect("the daemon runs");
+    let want: u64 = caps.iter().map(|c| bit(c)).fold(0, |a, b| a | b);
+    for set in ["CapBnd", "CapPrm", "CapEff", "CapInh", "CapAmb"] {
+        assert_eq!(mask(pid, set), want, "{set} of the daemon, for {caps:?}");
+    }
+    // Outbound: through ztunnel's 15001 in the client's netns.
+    let result = f.client.connect(&format!("{}:8080", f.server.ip4), 4096);
+    assert!(result.ok && result.intact, "{result}");
+    assert_eq!(f.daemon.stats()["connect_redirected_ipv4"], 1);
+    // Every pod found on the node (cgroup, netns through /proc, its
+    // addresses through setns), the enrolled one captured inbound.
+    let pods = f.daemon.api_json("pods");
+    for pod in pods.as_array().unwrap() {
+        assert_eq!(pod["problem"], "", "{pod}");
+        assert_eq!(pod["in_datapath"], true, "{pod}");
+    }
+    let client = pods
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "client")
+        .unwrap();
+    assert_eq!(client["inbound"], "captured", "{client}");
+}
