@@ -2,12 +2,13 @@
 //! capabilities `deploy/`'s DaemonSet grants it, root with every set cut to
 //! that list (`setpriv`), as the container runtime starts it.
 //!
-//! One test in this binary: it sets the environment variable the harness
-//! reads ([`capabilities::ENV`]) for every daemon it starts.
+//! The one test here that starts daemons through the harness sets the
+//! environment variable it reads ([`capabilities::ENV`]); the others start
+//! theirs themselves.
 
 use std::{path::Path, process::Command};
 
-use ambridge_conformance::{Fixture, PodRole, capabilities};
+use ambridge_conformance::{Fixture, Node, PodRole, capabilities, workspace_bin};
 use serde_json::Value;
 
 /// The capabilities the rendered DaemonSet adds (it drops all others).
@@ -97,4 +98,53 @@ fn with_only_the_daemonsets_capabilities_the_daemon_captures_outbound_and_inboun
         .find(|p| p["name"] == "client")
         .unwrap();
     assert_eq!(client["inbound"], "captured", "{client}");
+}
+
+#[test]
+fn the_daemonset_grants_exactly_the_capabilities_the_daemon_asks_for() {
+    let asked: Vec<String> = ambridge::capabilities::NEEDED
+        .iter()
+        .map(|n| {
+            n.capability
+                .to_string()
+                .trim_start_matches("CAP_")
+                .to_ascii_lowercase()
+        })
+        .collect();
+    assert_eq!(daemonset_capabilities(), asked);
+}
+
+#[test]
+fn without_any_one_of_them_the_daemon_stops_at_start_naming_it_and_what_for() {
+    let all = daemonset_capabilities();
+    for needed in ambridge::capabilities::NEEDED {
+        let name = needed.capability.to_string();
+        let short = name.trim_start_matches("CAP_").to_ascii_lowercase();
+        let fewer: Vec<String> = all.iter().filter(|c| **c != short).cloned().collect();
+        let node = Node::new();
+        node.write_workloads_text("workloads: []\n");
+        let out = capabilities::with_only(&workspace_bin("ambridge"), &fewer)
+            .arg("run")
+            .arg("--cgroup-root")
+            .arg(&node.cgroup)
+            .arg("--bpffs")
+            .arg(node.bpffs())
+            .arg("--workloads")
+            .arg(node.workloads_path())
+            .arg("--api-socket")
+            .arg(node.dir.join("api.sock"))
+            .args(["--node-netns", "none", "--monitoring-address", "off"])
+            .output()
+            .expect("running setpriv (util-linux)");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "ran without {name}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{name} for {}", needed.for_what)),
+            "without {name}: {stderr}"
+        );
+        // Stopped before anything: nothing pinned, no API socket.
+        let pinned = std::fs::read_dir(node.bpffs()).map_or(0, |d| d.count());
+        assert_eq!(pinned, 0, "without {name}, something was pinned");
+        assert!(!node.dir.join("api.sock").exists());
+    }
 }

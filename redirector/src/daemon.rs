@@ -93,6 +93,9 @@ async fn kube_client(source: &KubernetesSource) -> anyhow::Result<kube::Client> 
 /// be taken, end it: every other part is supervised, and retried with
 /// backoff when it fails (see [`crate::supervise`]).
 pub async fn run(opts: Options) -> anyhow::Result<()> {
+    // Before anything is touched: too few capabilities stop the daemon
+    // here, naming each one and what it is for.
+    crate::capabilities::check()?;
     let pins = opts.pins.clone();
     let _owner = tokio::task::spawn_blocking(move || {
         pins.own(|| {

@@ -16,10 +16,12 @@
 //! - [`publish`] and [`api`]: what the rest of the world sees (ZDS for
 //!   ztunnel, the redirection annotation, the local API's view).
 //!
-//! [`daemon`] wires them together; [`cni`] is the chained plugin the
-//! container runtime runs.
+//! [`daemon`] wires them together, once [`capabilities`] has checked that
+//! the process may; [`cni`] is the chained plugin the container runtime
+//! runs.
 
 pub mod api;
+pub mod capabilities;
 pub mod cni;
 pub mod controller;
 pub mod daemon;
