@@ -13,7 +13,31 @@ use serde_json::Value;
 
 /// The capabilities the rendered DaemonSet adds (it drops all others).
 fn daemonset_capabilities() -> Vec<String> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/overlays/replacement");
+    let spec = pod_spec("overlays/replacement", "ambridge");
+    added(&spec["containers"][0])
+}
+
+/// The capabilities a container adds (none if it adds none), having
+/// dropped all.
+fn added(container: &Value) -> Vec<String> {
+    let caps = &container["securityContext"]["capabilities"];
+    assert_eq!(caps["drop"], serde_json::json!(["ALL"]), "{container}");
+    caps["add"]
+        .as_array()
+        .map(|added| {
+            added
+                .iter()
+                .map(|c| c.as_str().unwrap().to_ascii_lowercase())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The pod spec of the DaemonSet `name` of `deploy/<dir>`, rendered.
+fn pod_spec(dir: &str, name: &str) -> Value {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(dir);
     let out = Command::new("kubectl")
         .arg("kustomize")
         .arg(&dir)
@@ -26,19 +50,11 @@ fn daemonset_capabilities() -> Vec<String> {
     );
     let objects: Vec<Value> =
         serde_saphyr::from_multiple(&String::from_utf8(out.stdout).unwrap()).unwrap();
-    let daemonset = objects
+    objects
         .iter()
-        .find(|o| o["kind"] == "DaemonSet" && o["metadata"]["name"] == "ambridge")
-        .expect("the DaemonSet");
-    let caps =
-        &daemonset["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"];
-    assert_eq!(caps["drop"], serde_json::json!(["ALL"]));
-    caps["add"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c.as_str().unwrap().to_ascii_lowercase())
-        .collect()
+        .find(|o| o["kind"] == "DaemonSet" && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no DaemonSet {name}"))["spec"]["template"]["spec"]
+        .clone()
 }
 
 /// The bit of a capability in `/proc/PID/status` masks.
@@ -147,4 +163,48 @@ fn without_any_one_of_them_the_daemon_stops_at_start_naming_it_and_what_for() {
         assert_eq!(pinned, 0, "without {name}, something was pinned");
         assert!(!node.dir.join("api.sock").exists());
     }
+}
+
+#[test]
+fn the_uninstallers_capabilities_take_the_plugin_and_the_datapath_away() {
+    let spec = pod_spec("uninstall", "ambridge-uninstall");
+    let caps = added(&spec["initContainers"][0]);
+    let node = Node::new();
+    node.write_workloads_text("workloads: []\n");
+    let dirs = tempfile::tempdir().unwrap();
+    let (bin, conf) = (dirs.path().join("bin"), dirs.path().join("net.d"));
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::create_dir_all(&conf).unwrap();
+    let main = r#"{"cniVersion":"1.0.0","name":"net","plugins":[{"type":"bridge"}]}"#;
+    std::fs::write(conf.join("10-net.conflist"), main).unwrap();
+    let (bin_arg, conf_arg) = (bin.display().to_string(), conf.display().to_string());
+    let mut daemon = ambridge_conformance::Daemon::start_with(
+        &node,
+        &["--cni-bin-dir", &bin_arg, "--cni-conf-dir", &conf_arg],
+    );
+    assert!(bin.join("ambridge-cni").exists());
+    daemon.stop();
+    let pins = std::fs::read_dir(node.bpffs()).unwrap().count();
+    assert!(pins > 0, "the stopped daemon left its datapath pinned");
+
+    let out = capabilities::with_only(&workspace_bin("ambridge"), &caps)
+        .arg("uninstall")
+        .arg("--bpffs")
+        .arg(node.bpffs())
+        .args(["--cni-bin-dir", &bin_arg, "--cni-conf-dir", &conf_arg])
+        .output()
+        .expect("running setpriv (util-linux)");
+    assert!(
+        out.status.success(),
+        "uninstall with {caps:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let left: Vec<_> = std::fs::read_dir(node.bpffs())
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "still pinned: {left:?}");
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(conf.join("10-net.conflist")).unwrap()).unwrap();
+    assert_eq!(config, serde_json::from_str::<Value>(main).unwrap());
+    assert!(!bin.join("ambridge-cni").exists());
 }

@@ -53,6 +53,8 @@ pub struct Options {
     pub api_socket: PathBuf,
     /// Where `/metrics`, `/healthz` and `/readyz` are served, if anywhere.
     pub monitoring: Option<std::net::SocketAddr>,
+    /// The chained CNI plugin to keep installed, if the daemon does.
+    pub cni_install: Option<crate::cni::install::Install>,
     /// Whether the workloads file is a source.
     pub file_source: bool,
     /// The Kubernetes source, if any.
@@ -355,6 +357,13 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }
     info!(workloads = %opts.workloads.display(), "ready");
 
+    let mut cni_keeper = opts
+        .cni_install
+        .clone()
+        .map(|install| CniKeeper::new(install, health.clone()));
+    if let Some(keeper) = cni_keeper.as_mut() {
+        keeper.keep();
+    }
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut resync = tokio::time::interval(opts.resync);
@@ -398,6 +407,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             }
             _ = sleep_until(node.cni_deadline()) => {}
             _ = resync.tick() => {
+                if let Some(keeper) = cni_keeper.as_mut() {
+                    keeper.keep();
+                }
                 // A failed apply is tried again on its backoff, not at
                 // every resync.
                 if node.resync() {
@@ -430,5 +442,50 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+/// Puts the chained CNI plugin in place where it is missing (at start, and
+/// at every resync: a main plugin may rewrite its conflist), reporting to
+/// `health`; a failure is logged when it first happens or changes.
+struct CniKeeper {
+    install: crate::cni::install::Install,
+    health: Health,
+    last_error: Option<String>,
+}
+
+impl CniKeeper {
+    fn new(install: crate::cni::install::Install, health: Health) -> Self {
+        health.register(Component::CniPlugin);
+        Self {
+            install,
+            health,
+            last_error: None,
+        }
+    }
+
+    fn keep(&mut self) {
+        match self.install.ensure() {
+            Ok(changed) => {
+                if changed.any() {
+                    info!(
+                        binary = changed.binary,
+                        config = ?changed.config,
+                        bin_dir = %self.install.bin_dir.display(),
+                        "chained CNI plugin installed"
+                    );
+                }
+                self.last_error = None;
+                self.health.running(Component::CniPlugin);
+            }
+            Err(e) => {
+                let error = e.to_string();
+                if self.last_error.as_ref() != Some(&error) {
+                    warn!("installing the chained CNI plugin, retrying at each resync: {error}");
+                }
+                self.health.failed(Component::CniPlugin, error.clone());
+                self.last_error = Some(error);
+            }
+        }
     }
 }

@@ -88,6 +88,8 @@ pub enum Component {
     ZdsServer,
     /// The metrics and health port.
     Monitoring,
+    /// Keeping the chained CNI plugin installed (`--cni-conf-dir`).
+    CniPlugin,
     /// Writing the node state into the kernel maps (each reconcile).
     Datapath,
 }
@@ -102,6 +104,7 @@ impl Component {
             Component::Api => "api",
             Component::ZdsServer => "zds-server",
             Component::Monitoring => "monitoring",
+            Component::CniPlugin => "cni-plugin",
             Component::Datapath => "datapath",
         }
     }
@@ -254,15 +257,20 @@ impl Health {
     }
 
     /// Ready: the programs are attached, every configured source has
-    /// delivered once, and the ZDS server (when configured) is listening.
+    /// delivered once, the ZDS server (when configured) is listening and
+    /// the chained CNI plugin (when installed by the daemon) is in place.
     pub fn ready(&self) -> bool {
         self.with(|inner| {
             inner.gates.attached
                 && inner.gates.sources_synced
-                && inner
-                    .components
-                    .get(&Component::ZdsServer)
-                    .is_none_or(|z| z.state == State::Running)
+                && [Component::ZdsServer, Component::CniPlugin]
+                    .iter()
+                    .all(|c| {
+                        inner
+                            .components
+                            .get(c)
+                            .is_none_or(|h| h.state == State::Running)
+                    })
         })
     }
 }

@@ -117,8 +117,13 @@ fn not_ready(health: &Health) -> String {
         out.push_str("a configured source has not delivered yet\n");
     }
     for (component, h) in health.components() {
-        if component == Component::ZdsServer && h.state != ComponentState::Running {
-            out.push_str("the ZDS server is not listening\n");
+        if h.state == ComponentState::Running {
+            continue;
+        }
+        match component {
+            Component::ZdsServer => out.push_str("the ZDS server is not listening\n"),
+            Component::CniPlugin => out.push_str("the chained CNI plugin is not installed\n"),
+            _ => {}
         }
     }
     out

@@ -62,6 +62,8 @@ pub struct Run {
     /// (the pod IP, or `0.0.0.0`); `off` serves none.
     #[arg(long, default_value = "0.0.0.0:15014", value_parser = monitoring_address)]
     monitoring_address: Monitoring,
+    #[command(flatten)]
+    cni: CniArgs,
     /// Where the node state comes from (repeat to combine; later
     /// sources replace pods of the same UID: file, then kubernetes or
     /// xds; with both kubernetes and xds, istiod only cross-checks).
@@ -102,6 +104,7 @@ impl Run {
             full_resync_seconds,
             api_socket,
             monitoring_address,
+            cni,
             sources,
             node_name,
             kube_api,
@@ -140,6 +143,7 @@ impl Run {
             Some(dir) => dir,
             None => cgroup::cgroup2_mount()?,
         };
+        let cni_install = cni.install(&api_socket)?;
         let opts = Options {
             cgroup_root,
             kubepods_parent,
@@ -157,6 +161,7 @@ impl Run {
             full_resync: Duration::from_secs(full_resync_seconds.max(1)),
             api_socket,
             monitoring: monitoring_address.0,
+            cni_install,
             file_source: sources.contains(&Source::File),
             kubernetes,
             xds,
@@ -243,6 +248,48 @@ impl XdsArgs {
                 .instance_ip
                 .context("--source xds needs this agent's IP (--instance-ip or INSTANCE_IP)")?,
         })
+    }
+}
+
+/// Where the daemon installs the chained CNI plugin, if it does.
+#[derive(clap::Args)]
+struct CniArgs {
+    /// Install `ambridge-cni` into this CNI bin directory (the node's, as
+    /// mounted where the daemon runs: `/host/opt/cni/bin` in deploy/'s
+    /// DaemonSet) and keep its entry last in the conflist of
+    /// `--cni-conf-dir`.
+    #[arg(long, requires = "cni_conf_dir")]
+    cni_bin_dir: Option<PathBuf>,
+    /// The CNI configuration directory whose first conflist (by name, as
+    /// the runtime loads it) gets the plugin's entry.
+    #[arg(long, requires = "cni_bin_dir")]
+    cni_conf_dir: Option<PathBuf>,
+    /// The plugin binary to install [default: `ambridge-cni` beside this
+    /// executable].
+    #[arg(long)]
+    cni_plugin: Option<PathBuf>,
+}
+
+impl CniArgs {
+    fn install(
+        self,
+        api_socket: &std::path::Path,
+    ) -> anyhow::Result<Option<ambridge::cni::install::Install>> {
+        let (Some(bin_dir), Some(conf_dir)) = (self.cni_bin_dir, self.cni_conf_dir) else {
+            return Ok(None);
+        };
+        let binary = match self.cni_plugin {
+            Some(path) => path,
+            None => std::env::current_exe()
+                .context("finding this executable, beside which ambridge-cni is")?
+                .with_file_name(ambridge::cni::install::PLUGIN_TYPE),
+        };
+        Ok(Some(ambridge::cni::install::Install {
+            bin_dir,
+            conf_dir,
+            binary,
+            socket: api_socket.to_path_buf(),
+        }))
     }
 }
 

@@ -4,9 +4,11 @@
 //! the pod in the datapath. Without it a pod's containers could connect in
 //! the window before the daemon has seen the pod in a feed, uncaptured.
 //!
-//! [`plugin`] speaks the CNI protocol to the runtime (environment, stdin
+//! [`install`] puts the plugin on the node and keeps it there; [`plugin`]
+//! speaks the CNI protocol to the runtime (environment, stdin
 //! config, result or error on stdout); the daemon's side (what the plugin
 //! reports about each sandbox, and when an ADD is answered) is the source
 //! [`crate::sources::cni`].
 
+pub mod install;
 pub mod plugin;
