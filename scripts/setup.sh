@@ -2,7 +2,18 @@
 # Installs what ambridge needs to build and test on a Debian machine with
 # rustup's stable and nightly toolchains. Idempotent: each step checks first
 # and says what it does. Must run as root (apt, bpffs mount).
+#
+# `--build-only`: only what `cargo build --release --bins` needs (protoc,
+# the nightly's rust-src, bpf-linker), as deploy/Dockerfile's build stage
+# runs it; nothing is mounted.
 set -euo pipefail
+
+build_only=false
+case "${1:-}" in
+    "") ;;
+    --build-only) build_only=true ;;
+    *) echo "usage: setup.sh [--build-only]" >&2; exit 2 ;;
+esac
 
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
@@ -17,16 +28,18 @@ fi
 # --- Debian packages -------------------------------------------------------
 need_pkgs=()
 lean_pkgs=()
-command -v ip >/dev/null || need_pkgs+=(iproute2)
-command -v iptables >/dev/null || need_pkgs+=(iptables)
-command -v conntrack >/dev/null || need_pkgs+=(conntrack)
-command -v bpftool >/dev/null || need_pkgs+=(bpftool)
 command -v protoc >/dev/null || need_pkgs+=(protobuf-compiler)
-# libfuzzer-sys compiles libFuzzer (C++) for the fuzz targets.
-command -v c++ >/dev/null || need_pkgs+=(g++)
-# The monitoring tests check /metrics with promtool and scrape it with a
-# real Prometheus server (its recommends, the exporters, are not needed).
-command -v prometheus >/dev/null && command -v promtool >/dev/null || lean_pkgs+=(prometheus)
+if ! $build_only; then
+    command -v ip >/dev/null || need_pkgs+=(iproute2)
+    command -v iptables >/dev/null || need_pkgs+=(iptables)
+    command -v conntrack >/dev/null || need_pkgs+=(conntrack)
+    command -v bpftool >/dev/null || need_pkgs+=(bpftool)
+    # libfuzzer-sys compiles libFuzzer (C++) for the fuzz targets.
+    command -v c++ >/dev/null || need_pkgs+=(g++)
+    # The monitoring tests check /metrics with promtool and scrape it with a
+    # real Prometheus server (its recommends, the exporters, are not needed).
+    command -v prometheus >/dev/null && command -v promtool >/dev/null || lean_pkgs+=(prometheus)
+fi
 if ((${#need_pkgs[@]} + ${#lean_pkgs[@]})); then
     say "installing Debian packages: ${need_pkgs[*]} ${lean_pkgs[*]}"
     apt-get update -qq
@@ -38,16 +51,20 @@ if ((${#need_pkgs[@]} + ${#lean_pkgs[@]})); then
             "${lean_pkgs[@]}" >/dev/null
     fi
 else
-    say "Debian packages present (iproute2, iptables, conntrack, bpftool, protoc, c++, prometheus)"
+    say "Debian packages present"
 fi
 
 # --- deploy/: kubectl (on the image) and kubernetes-validate (PyPI) ---------
-if ! command -v kubectl >/dev/null; then
+if $build_only; then
+    : # not needed to build
+elif ! command -v kubectl >/dev/null; then
     echo "kubectl is missing: deploy/ is rendered with its kustomize" >&2
     exit 1
 fi
 KUBERNETES_VALIDATE_VERSION=1.37.0
-if [[ "$(kubernetes-validate --version 2>/dev/null)" == "$KUBERNETES_VALIDATE_VERSION" ]]; then
+if $build_only; then
+    :
+elif [[ "$(kubernetes-validate --version 2>/dev/null)" == "$KUBERNETES_VALIDATE_VERSION" ]]; then
     say "kubernetes-validate $KUBERNETES_VALIDATE_VERSION present"
 else
     say "installing kubernetes-validate $KUBERNETES_VALIDATE_VERSION from PyPI"
@@ -83,6 +100,11 @@ else
     LLVM_PREFIX=$prefix RUSTFLAGS="-C link-arg=-Wl,-rpath,$sysroot/lib" \
         cargo +stable install bpf-linker --locked --version "$BPF_LINKER_VERSION" \
         --no-default-features --features "llvm-$major" --quiet
+fi
+
+if $build_only; then
+    say "ready to build"
+    exit 0
 fi
 
 # --- cargo-fuzz, for the fuzz targets in fuzz/ (scripts/fuzz.sh) -----------

@@ -326,3 +326,80 @@ fn each_daemonset_passes_arguments_ambridge_run_accepts_and_probes_its_monitorin
         );
     }
 }
+
+/// The `RUN` commands of the Dockerfile's build stage, continuation lines
+/// joined.
+fn build_stage_runs(dockerfile: &str) -> Vec<String> {
+    let joined = dockerfile.replace("\\\n", " ");
+    let build_stage = joined
+        .split("\nFROM ")
+        .find(|stage| stage.contains(" AS build"))
+        .expect("a build stage");
+    build_stage
+        .lines()
+        .filter_map(|l| l.strip_prefix("RUN "))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect()
+}
+
+#[test]
+fn the_image_builds_as_the_readme_does_and_holds_what_the_daemonsets_run() {
+    let dockerfile = std::fs::read_to_string(deploy_dir().join("Dockerfile")).unwrap();
+    let runs = build_stage_runs(&dockerfile);
+    assert_eq!(
+        runs[runs.len() - 2..],
+        [
+            "scripts/setup.sh --build-only",
+            "cargo build --release --bins"
+        ],
+        "{runs:?}"
+    );
+    // The test command builds the same way (scripts/test.sh runs setup.sh
+    // and cargo build; --build-only is a subset, tried here).
+    let out = Command::new("bash")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/setup.sh"))
+        .arg("--build-only")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "setup.sh --build-only: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let copied = dockerfile
+        .lines()
+        .find(|l| l.starts_with("COPY --from=build"))
+        .expect("the binaries copied out of the build stage");
+    for binary in ["ambridge", "ambridge-cni"] {
+        assert!(
+            copied.contains(&format!("/src/target/release/{binary} ")),
+            "{copied}"
+        );
+    }
+    assert!(copied.ends_with(" /usr/local/bin/"), "{copied}");
+    // Every command the DaemonSets run is in the image.
+    for (dir, name) in [
+        ("overlays/replacement", "ambridge"),
+        ("overlays/companion", "ambridge"),
+        ("uninstall", "ambridge-uninstall"),
+    ] {
+        let (_, objects) = render_dir(dir);
+        let spec = &object(&objects, "DaemonSet", name)["spec"]["template"]["spec"];
+        for container in spec["containers"]
+            .as_array()
+            .into_iter()
+            .chain(spec["initContainers"].as_array())
+            .flatten()
+            .filter(|c| {
+                c["image"]
+                    .as_str()
+                    .is_some_and(|i| i.starts_with("ambridge:"))
+            })
+        {
+            assert_eq!(
+                container["command"][0], "/usr/local/bin/ambridge",
+                "{dir}: {container}"
+            );
+        }
+    }
+}
