@@ -13,6 +13,7 @@ pub const DEFAULT_SOCKET: &str = "/run/ambridge/api.sock";
 pub async fn connect(
     socket: &Path,
 ) -> anyhow::Result<pb::node_client::NodeClient<tonic::transport::Channel>> {
+    let at = socket.display().to_string();
     let socket = socket.to_path_buf();
     let channel = tonic::transport::Endpoint::try_from("http://ambridge.local")?
         .connect_with_connector(tower::service_fn(move |_| {
@@ -23,6 +24,8 @@ pub async fn connect(
             }
         }))
         .await
-        .context("connecting to the ambridge API (is `ambridge run` running, and are you root?)")?;
+        .with_context(|| {
+            format!("connecting to the ambridge API at {at} (is `ambridge run` running, and are you root?)")
+        })?;
     Ok(pb::node_client::NodeClient::new(channel))
 }

@@ -1,7 +1,11 @@
 //! The `ambridge` commands, one module each, and their one renderer. Every
-//! command but `run` talks to the daemon through the local API, or, while
-//! the daemon is down, reads the datapath's pinned maps (`stats`) or removes
-//! them (`uninstall`).
+//! command but `run` and `version` talks to the daemon through the local
+//! API, or, while the daemon is down, reads the datapath's pinned maps
+//! (`stats`) or removes them (`uninstall`).
+//!
+//! Exit codes, for every command: 0 done; 1 failed (the error is printed
+//! on stderr, `ambridge: ...`); 2 the command line was wrong (clap's
+//! usage error).
 
 mod pods;
 mod render;
@@ -10,6 +14,7 @@ mod stats;
 mod status;
 mod uninstall;
 mod validate;
+mod version;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -21,8 +26,19 @@ const DEFAULT_API: &str = ambridge::api::DEFAULT_SOCKET;
 #[derive(Parser)]
 #[command(version, about = "eBPF traffic capture for Istio Ambient")]
 pub struct Cli {
+    /// How log lines are written on stderr: `text` for people, `json` (one
+    /// object a line) for a log collector.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// `--log-format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -33,6 +49,7 @@ enum Command {
     Uninstall(uninstall::Uninstall),
     Stats(stats::Stats),
     Validate(validate::Validate),
+    Version(version::Version),
 }
 
 impl Cli {
@@ -44,6 +61,7 @@ impl Cli {
             Command::Uninstall(uninstall) => uninstall.run(),
             Command::Stats(stats) => stats.run(),
             Command::Validate(validate) => validate.run(),
+            Command::Version(version) => version.run(),
         }
     }
 }

@@ -7,7 +7,7 @@ use ambridge::api;
 
 use super::{
     DEFAULT_API, on_runtime,
-    render::{self, Format},
+    render::{self, Format, OutputArgs},
 };
 
 /// List the node's workloads and where they stand (local API).
@@ -15,8 +15,8 @@ use super::{
 pub struct Pods {
     #[arg(long, default_value = DEFAULT_API)]
     api: PathBuf,
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    output: OutputArgs,
 }
 
 impl Pods {
@@ -29,44 +29,52 @@ impl Pods {
                 .into_inner()
                 .pods)
         })?;
-        match Format::from_json_flag(self.json) {
-            Format::Json => render::json(&serde_json::Value::Array(
-                pods.iter().map(as_json).collect(),
-            )),
-            Format::Text => {
-                let mut table = render::Table::new(&[
-                    "NAMESPACE",
-                    "NAME",
-                    "MODE",
-                    "DATAPATH",
-                    "INBOUND",
-                    "DNS",
-                    "ACCEL",
-                    "IPS",
-                    "PROBLEM",
-                ]);
-                for p in pods {
-                    let (mode, inbound) = (p.mode().word(), p.inbound().word());
-                    table.row(vec![
-                        p.namespace,
-                        p.name,
-                        mode.into(),
-                        match (p.in_datapath, p.held) {
-                            (false, _) => "not yet",
-                            (true, true) => "held",
-                            (true, false) => "in",
-                        }
-                        .into(),
-                        inbound.into(),
-                        render::yes_no(p.dns_captured).into(),
-                        render::yes_no(p.accelerated).into(),
-                        p.ips.join(","),
-                        p.problem,
-                    ]);
-                }
-                table.print();
-            }
+        let format = self.output.format();
+        if render::document(format, || {
+            serde_json::Value::Array(pods.iter().map(as_json).collect())
+        })? {
+            return Ok(());
         }
+        let wide = format == Format::Wide;
+        let mut headers = vec![
+            "NAMESPACE",
+            "NAME",
+            "MODE",
+            "DATAPATH",
+            "INBOUND",
+            "DNS",
+            "ACCEL",
+            "IPS",
+        ];
+        if wide {
+            headers.extend(["UID", "CGROUP ID", "CGROUP"]);
+        }
+        headers.push("PROBLEM");
+        let mut table = render::Table::new(&headers);
+        for p in pods {
+            let (mode, inbound) = (p.mode().word(), p.inbound().word());
+            let mut row = vec![
+                p.namespace,
+                p.name,
+                mode.into(),
+                match (p.in_datapath, p.held) {
+                    (false, _) => "not yet",
+                    (true, true) => "held",
+                    (true, false) => "in",
+                }
+                .into(),
+                inbound.into(),
+                render::yes_no(p.dns_captured).into(),
+                render::yes_no(p.accelerated).into(),
+                p.ips.join(","),
+            ];
+            if wide {
+                row.extend([p.uid, p.cgroup_id.to_string(), p.cgroup]);
+            }
+            row.push(p.problem);
+            table.row(row);
+        }
+        table.print();
         Ok(())
     }
 }

@@ -1,24 +1,51 @@
 //! The one renderer of the CLI's output: a table or key-value list for
-//! people, one JSON document for scripts.
+//! people, one JSON or YAML document for scripts, chosen with kubectl's
+//! `-o`.
 
 use std::fmt::Display;
 
-/// How a command prints what it found.
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// How a command prints what it found (`-o`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
-    Text,
+    /// A table or key-value list.
+    Table,
+    /// The table with more columns.
+    Wide,
+    /// One JSON document.
     Json,
+    /// One YAML document (the JSON document's fields).
+    Yaml,
 }
 
-impl Format {
-    pub fn from_json_flag(json: bool) -> Self {
-        if json { Format::Json } else { Format::Text }
+/// The output flags every reporting command takes.
+#[derive(clap::Args, Clone, Copy, Debug)]
+pub struct OutputArgs {
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+    output: Format,
+    /// Same as `-o json`.
+    #[arg(long, conflicts_with = "output")]
+    json: bool,
+}
+
+impl OutputArgs {
+    pub fn format(self) -> Format {
+        if self.json { Format::Json } else { self.output }
     }
 }
 
-/// Prints `value` as one line of JSON.
-pub fn json(value: &serde_json::Value) {
-    println!("{value}");
+/// Prints `value` as one JSON line, or as YAML; `false` for the table
+/// formats, which the command prints itself.
+pub fn document(format: Format, value: impl FnOnce() -> serde_json::Value) -> anyhow::Result<bool> {
+    match format {
+        Format::Json => println!("{}", value()),
+        Format::Yaml => print!(
+            "{}",
+            serde_saphyr::to_string(&value()).map_err(|e| anyhow::anyhow!("writing YAML: {e}"))?
+        ),
+        Format::Table | Format::Wide => return Ok(false),
+    }
+    Ok(true)
 }
 
 /// Rows under upper-case headers, each column as wide as its widest cell;

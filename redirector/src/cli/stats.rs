@@ -12,7 +12,7 @@ use anyhow::Context as _;
 
 use super::{
     DEFAULT_API, DEFAULT_BPFFS, on_runtime,
-    render::{self, Format},
+    render::{self, OutputArgs},
 };
 
 /// Counters or map sizes, by name.
@@ -26,9 +26,8 @@ pub struct Stats {
     api: PathBuf,
     #[arg(long, default_value = DEFAULT_BPFFS)]
     bpffs: PathBuf,
-    /// One JSON object instead of a table.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    output: OutputArgs,
 }
 
 impl Stats {
@@ -39,22 +38,17 @@ impl Stats {
                 format!("daemon not reachable ({e:#}), and reading the pinned maps failed")
             })?,
         };
-        match Format::from_json_flag(self.json) {
-            Format::Json => {
-                let obj = |v: &[(String, u64)]| -> serde_json::Map<String, serde_json::Value> {
-                    v.iter()
-                        .map(|(k, n)| (k.clone(), serde_json::Value::from(*n)))
-                        .collect()
-                };
-                render::json(
-                    &serde_json::json!({"counters": obj(&counters), "map_entries": obj(&maps), "source": source}),
-                );
-            }
-            Format::Text => {
-                println!("from {source}");
-                render::fields("counters", &counters);
-                render::fields("map entries", &maps);
-            }
+        let obj = |v: &[(String, u64)]| -> serde_json::Map<String, serde_json::Value> {
+            v.iter()
+                .map(|(k, n)| (k.clone(), serde_json::Value::from(*n)))
+                .collect()
+        };
+        let document = || serde_json::json!({"counters": obj(&counters), "map_entries": obj(&maps), "source": source});
+        // Key-value lists: wide adds nothing to them.
+        if !render::document(self.output.format(), document)? {
+            println!("from {source}");
+            render::fields("counters", &counters);
+            render::fields("map entries", &maps);
         }
         Ok(())
     }

@@ -7,7 +7,7 @@ use ambridge::api;
 
 use super::{
     DEFAULT_API, on_runtime,
-    render::{self, Format},
+    render::{self, Format, OutputArgs},
 };
 
 /// Show the daemon, its settings and the datapath counters (local API).
@@ -15,8 +15,8 @@ use super::{
 pub struct Status {
     #[arg(long, default_value = DEFAULT_API)]
     api: PathBuf,
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    output: OutputArgs,
 }
 
 impl Status {
@@ -28,9 +28,9 @@ impl Status {
                 .await?
                 .into_inner())
         })?;
-        match Format::from_json_flag(self.json) {
-            Format::Json => render::json(&as_json(&status)),
-            Format::Text => print_text(status),
+        let format = self.output.format();
+        if !render::document(format, || as_json(&status))? {
+            print_text(status, format == Format::Wide);
         }
         Ok(())
     }
@@ -49,6 +49,9 @@ fn as_json(status: &api::pb::StatusResponse) -> serde_json::Value {
         "ztunnels": status.ztunnels, "unresolved": status.unresolved,
         "original_src": status.original_src().word(), "sockmap": status.sockmap,
         "counters": counters,
+        "map_entries": status.map_entries.iter()
+            .map(|c| (c.name.clone(), serde_json::Value::from(c.value)))
+            .collect::<serde_json::Map<_, _>>(),
         "zds": status.zds.as_ref().map(|z| serde_json::json!({
             "connections": z.connections, "peers_refused": z.peers_refused,
         })),
@@ -62,7 +65,7 @@ fn as_json(status: &api::pb::StatusResponse) -> serde_json::Value {
     })
 }
 
-fn print_text(status: api::pb::StatusResponse) {
+fn print_text(status: api::pb::StatusResponse, wide: bool) {
     let original_src = status.original_src().word();
     let zds = match &status.zds {
         Some(z) => format!(
@@ -129,4 +132,12 @@ fn print_text(status: api::pb::StatusResponse) {
         .map(|c| (c.name.as_str(), c.value))
         .collect();
     render::fields("counters", &counters);
+    if wide {
+        let maps: Vec<(&str, u64)> = status
+            .map_entries
+            .iter()
+            .map(|c| (c.name.as_str(), c.value))
+            .collect();
+        render::fields("map entries", &maps);
+    }
 }

@@ -12,6 +12,7 @@
 //! them the attachments.
 
 mod error;
+pub mod features;
 mod link;
 mod pins;
 

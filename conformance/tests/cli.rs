@@ -1,0 +1,115 @@
+//! Issue 14: the CLI's conventions, as kubectl and istioctl users expect
+//! them: `-o table|wide|json|yaml` on every report, `ambridge version`,
+//! exit codes, and the daemon's `--log-format json`.
+
+use std::process::{Command, Output};
+
+use ambridge_conformance::{Fixture, workspace_bin};
+use serde_json::Value;
+
+fn ambridge(args: &[&str]) -> Output {
+    Command::new(workspace_bin("ambridge"))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running ambridge {args:?}: {e}"))
+}
+
+fn stdout_of(args: &[&str]) -> String {
+    let out = ambridge(args);
+    assert!(
+        out.status.success(),
+        "ambridge {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn every_report_prints_the_same_document_as_json_and_yaml_and_wide_adds_columns() {
+    let f = Fixture::three_pods().wait_enrolled().start();
+    let api = f.daemon.api_socket().display().to_string();
+    for command in ["status", "pods", "stats"] {
+        let json: Value =
+            serde_json::from_str(&stdout_of(&[command, "-o", "json", "--api", &api])).unwrap();
+        let legacy: Value =
+            serde_json::from_str(&stdout_of(&[command, "--json", "--api", &api])).unwrap();
+        let yaml: Value =
+            serde_saphyr::from_str(&stdout_of(&[command, "-o", "yaml", "--api", &api])).unwrap();
+        assert_eq!(yaml, json, "{command}: -o yaml and -o json differ");
+        assert_eq!(legacy, json, "{command}: --json and -o json differ");
+        let table = stdout_of(&[command, "--api", &api]);
+        assert!(
+            !table.trim_start().starts_with(['{', '[']),
+            "{command}: {table}"
+        );
+    }
+    let uid = &f.client.uid;
+    let table = stdout_of(&["pods", "--api", &api]);
+    let wide = stdout_of(&["pods", "-o", "wide", "--api", &api]);
+    assert!(!table.contains(uid.as_str()), "{table}");
+    let header = wide.lines().next().unwrap();
+    assert!(
+        header.contains("UID") && header.contains("CGROUP ID"),
+        "{wide}"
+    );
+    assert!(wide.contains(uid.as_str()), "{wide}");
+    let status_wide = stdout_of(&["status", "-o", "wide", "--api", &api]);
+    assert!(status_wide.contains("map entries"), "{status_wide}");
+}
+
+#[test]
+fn exit_codes_are_0_done_1_failed_2_usage() {
+    assert_eq!(ambridge(&["version"]).status.code(), Some(0));
+    let unreachable = ambridge(&["status", "--api", "/nonexistent/api.sock"]);
+    assert_eq!(unreachable.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&unreachable.stderr);
+    assert!(
+        stderr.starts_with("ambridge: ") && stderr.contains("/nonexistent/api.sock"),
+        "{stderr}"
+    );
+    for usage in [
+        &["status", "-o", "xml"][..],
+        &["pods", "--json", "-o", "yaml"],
+        &["no-such-command"],
+    ] {
+        assert_eq!(ambridge(usage).status.code(), Some(2), "{usage:?}");
+    }
+}
+
+#[test]
+fn version_names_the_running_kernel_and_finds_every_feature_the_datapath_needs() {
+    let version: Value = serde_json::from_str(&stdout_of(&["version", "-o", "json"])).unwrap();
+    let release = nix::sys::utsname::uname().unwrap();
+    assert_eq!(
+        version["kernel"],
+        release.release().to_string_lossy().as_ref()
+    );
+    assert_eq!(version["version"], env!("CARGO_PKG_VERSION"));
+    let features = version["features"].as_array().unwrap();
+    assert!(features.len() >= 10, "{version}");
+    for feature in features {
+        assert_eq!(feature["found"], true, "{feature}");
+    }
+}
+
+#[test]
+fn with_log_format_json_the_daemon_writes_one_json_object_a_line() {
+    let node = ambridge_conformance::Node::new();
+    node.write_workloads_text("workloads: []\n");
+    let daemon = ambridge_conformance::Daemon::start_with(&node, &["--log-format", "json"]);
+    let log = daemon.log();
+    assert!(!log.is_empty());
+    for line in &log {
+        let entry: Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON object ({e}): {line}"));
+        assert!(
+            entry["level"].is_string() && entry["timestamp"].is_string(),
+            "{line}"
+        );
+    }
+    assert!(
+        log.iter()
+            .any(|l| serde_json::from_str::<Value>(l).unwrap()["fields"]["message"] == "ready"),
+        "{log:?}"
+    );
+}
