@@ -35,11 +35,3 @@ pub fn with_only(program: &Path, caps: &[String]) -> Command {
         .arg(program);
     cmd
 }
-
-/// A command running `program`, limited as [`ENV`] says.
-pub fn command(program: impl AsRef<Path>) -> Command {
-    match limited() {
-        Some(caps) => with_only(program.as_ref(), &caps),
-        None => Command::new(program.as_ref()),
-    }
-}

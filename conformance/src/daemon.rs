@@ -42,7 +42,24 @@ impl Daemon {
 
     /// As [`Daemon::spawn`], with extra `ambridge run` arguments.
     pub fn spawn_with(node: &Node, extra: &[&str]) -> Self {
-        let mut child = crate::capabilities::command(workspace_bin("ambridge"))
+        Self::spawn_limited(node, extra, crate::capabilities::limited().as_deref())
+    }
+
+    /// As [`Daemon::start_with`], root with only the capabilities `caps`
+    /// (names without `CAP_`) in every set, whatever the environment says.
+    pub fn start_limited(node: &Node, extra: &[&str], caps: &[String]) -> Self {
+        let mut daemon = Self::spawn_limited(node, extra, Some(caps));
+        daemon.wait_ready();
+        daemon
+    }
+
+    fn spawn_limited(node: &Node, extra: &[&str], caps: Option<&[String]>) -> Self {
+        let program = workspace_bin("ambridge");
+        let mut command = match caps {
+            Some(caps) => crate::capabilities::with_only(&program, caps),
+            None => Command::new(&program),
+        };
+        let mut child = command
             .arg("run")
             .arg("--cgroup-root")
             .arg(&node.cgroup)

@@ -66,6 +66,7 @@ pub struct FixtureBuilder {
     echoes: Vec<(PodRole, String)>,
     ztunnel: Option<(Vec<PodRole>, Vec<String>)>,
     wait_enrolled: bool,
+    capabilities: Option<Vec<String>>,
 }
 
 impl FixtureBuilder {
@@ -102,6 +103,13 @@ impl FixtureBuilder {
         self
     }
 
+    /// The daemon runs as root with only `caps` (names without `CAP_`) in
+    /// every set ([`crate::capabilities`]).
+    pub fn capabilities(mut self, caps: &[String]) -> Self {
+        self.capabilities = Some(caps.to_vec());
+        self
+    }
+
     /// Once everything runs, waits until the daemon has the client in the
     /// datapath as ambient (in replacement mode, acknowledged by ztunnel).
     pub fn wait_enrolled(mut self) -> Self {
@@ -114,11 +122,15 @@ impl FixtureBuilder {
     /// handed its pods), in that order.
     pub fn start(self) -> Fixture {
         let t = &self.pods;
-        let daemon = if self.zds_serve {
-            let socket = zds_socket(&t.node).display().to_string();
-            Daemon::start_with(&t.node, &["--zds", "serve", "--zds-socket", &socket])
+        let socket = zds_socket(&t.node).display().to_string();
+        let extra: &[&str] = if self.zds_serve {
+            &["--zds", "serve", "--zds-socket", &socket]
         } else {
-            Daemon::start(&t.node)
+            &[]
+        };
+        let daemon = match &self.capabilities {
+            Some(caps) => Daemon::start_limited(&t.node, extra, caps),
+            None => Daemon::start_with(&t.node, extra),
         };
         let app = self.app.then(|| t.server.echo_server("[::]:8080"));
         let echoes = self
@@ -180,6 +192,7 @@ impl Fixture {
             echoes: Vec::new(),
             ztunnel: None,
             wait_enrolled: false,
+            capabilities: None,
         }
     }
 

@@ -255,9 +255,9 @@ fn each_overlay_grants_exactly_the_calls_its_daemon_makes() {
     }
 }
 
-/// The container's arguments with the ConfigMap's values (and the
-/// downward API's, made up) put in, as the kubelet expands `$(VAR)`.
-fn expanded_args(objects: &[Value]) -> Vec<String> {
+/// The container's arguments with the ConfigMap's values and the downward
+/// API's (made up: `pod_ip`) put in, as the kubelet expands `$(VAR)`.
+fn expanded_args(objects: &[Value], pod_ip: &str) -> Vec<String> {
     let config = object(objects, "ConfigMap", "ambridge-config");
     let container =
         &object(objects, "DaemonSet", "ambridge")["spec"]["template"]["spec"]["containers"][0];
@@ -266,7 +266,7 @@ fn expanded_args(objects: &[Value]) -> Vec<String> {
         .unwrap()
         .iter()
         .map(|a| {
-            let mut arg = a.as_str().unwrap().to_string();
+            let mut arg = a.as_str().unwrap().replace("$(INSTANCE_IP)", pod_ip);
             for (key, value) in config["data"].as_object().unwrap() {
                 arg = arg.replace(&format!("$({key})"), value.as_str().unwrap());
             }
@@ -280,28 +280,39 @@ fn expanded_args(objects: &[Value]) -> Vec<String> {
 }
 
 #[test]
-fn each_daemonset_passes_arguments_ambridge_run_accepts_and_probes_its_monitoring_port() {
+fn each_daemonsets_arguments_parse_on_either_family_and_its_probes_name_its_monitoring_port() {
     for overlay in OVERLAYS {
         let (_, objects) = render(overlay);
-        let args = expanded_args(&objects);
-        // clap checks every value as it parses; `--help` then stops it
-        // before anything runs.
-        let out = Command::new(workspace_bin("ambridge"))
-            .args(&args)
-            .arg("--help")
-            .env("NODE_NAME", NODE)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{overlay}: ambridge {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        for pod_ip in ["10.0.0.7", "fd00::7"] {
+            let args = expanded_args(&objects, pod_ip);
+            // clap checks each value as it parses; `--help` then stops it
+            // before anything runs (and before clap checks which flags
+            // need which: those are checked below).
+            let out = Command::new(workspace_bin("ambridge"))
+                .args(&args)
+                .arg("--help")
+                .env("NODE_NAME", NODE)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{overlay}: ambridge {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let has = |flag: &str| args.iter().any(|a| a.starts_with(&format!("{flag}=")));
+            assert!(
+                has("--cni-bin-dir") && has("--cni-conf-dir"),
+                "{overlay}: the CNI flags go in pairs: {args:?}"
+            );
+        }
+        let args = expanded_args(&objects, "10.0.0.7");
         let address = args
             .iter()
             .find_map(|a| a.strip_prefix("--monitoring-address="))
             .expect("a monitoring address");
-        let port: u16 = address.rsplit(':').next().unwrap().parse().unwrap();
+        let (ip, port) = address.rsplit_once(':').unwrap();
+        assert_eq!(ip, "10.0.0.7", "{overlay}: bound to the pod IP only");
+        let port: u16 = port.parse().unwrap();
         let spec = &object(&objects, "DaemonSet", "ambridge")["spec"]["template"];
         let container = &spec["spec"]["containers"][0];
         for probe in ["livenessProbe", "readinessProbe"] {
@@ -350,7 +361,7 @@ fn the_image_builds_as_the_readme_does_and_holds_what_the_daemonsets_run() {
         runs[runs.len() - 2..],
         [
             "scripts/setup.sh --build-only",
-            "cargo build --release --bins"
+            "cargo build --release --locked --bins"
         ],
         "{runs:?}"
     );

@@ -2,9 +2,6 @@
 //! capabilities `deploy/`'s DaemonSet grants it, root with every set cut to
 //! that list (`setpriv`), as the container runtime starts it.
 //!
-//! The one test here that starts daemons through the harness sets the
-//! environment variable it reads ([`capabilities::ENV`]); the others start
-//! theirs themselves.
 
 use std::{path::Path, process::Command};
 
@@ -83,10 +80,8 @@ fn mask(pid: u32, line: &str) -> u64 {
 #[test]
 fn with_only_the_daemonsets_capabilities_the_daemon_captures_outbound_and_inbound() {
     let caps = daemonset_capabilities();
-    // SAFETY: the only test in this binary, set before any daemon starts;
-    // nothing else reads the environment meanwhile.
-    unsafe { std::env::set_var(capabilities::ENV, caps.join(",")) };
     let f = Fixture::three_pods()
+        .capabilities(&caps)
         .app()
         .ztunnel(&[PodRole::Client], &[])
         .wait_enrolled()

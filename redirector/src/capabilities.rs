@@ -14,19 +14,16 @@ pub struct Needed {
 }
 
 /// Every capability the daemon needs, in the DaemonSet's order.
-pub const NEEDED: [Needed; 4] = [
-    Needed {
-        // Linux 5.8; before it, CAP_SYS_ADMIN covers bpf(2).
-        capability: Capability::CAP_BPF,
-        for_what: "loading the programs and creating the maps (bpf(2))",
-    },
-    Needed {
-        capability: Capability::CAP_NET_ADMIN,
-        for_what: "attaching the cgroup, sockops and sk_lookup programs",
-    },
+///
+/// `CAP_BPF` (Linux 5.8) and `CAP_NET_ADMIN` are the narrow grants for
+/// loading and attaching the programs, but the kernel lets `CAP_SYS_ADMIN`
+/// stand in for both there, and `setns(2)` needs `CAP_SYS_ADMIN` anyway:
+/// they would add nothing for the programs, and `CAP_NET_ADMIN` would add
+/// the power to change the node's interfaces, routes and firewall.
+pub const NEEDED: [Needed; 2] = [
     Needed {
         capability: Capability::CAP_SYS_ADMIN,
-        for_what: "entering pods' network namespaces (setns(2)) to read their addresses and cookies",
+        for_what: "loading and attaching the programs (bpf(2)) and entering pods' network namespaces (setns(2)) to read their addresses and cookies",
     },
     Needed {
         capability: Capability::CAP_SYS_PTRACE,
@@ -46,9 +43,8 @@ pub enum Error {
     Missing(Vec<Needed>),
 }
 
-/// The capabilities of [`NEEDED`] this process lacks in its effective set;
-/// one this kernel does not know (`CAP_BPF` before Linux 5.8) is not asked
-/// for.
+/// The capabilities of [`NEEDED`] this process lacks in its effective set
+/// (of those this kernel knows).
 pub fn missing() -> Result<Vec<Needed>, Error> {
     let effective = caps::read(None, CapSet::Effective)?;
     let known = caps::runtime::thread_all_supported();

@@ -808,6 +808,7 @@ impl Controller {
         let acknowledged = self.zds.as_ref().map(ZdsState::ready);
         // A pod whose spec changed but not its entries (a new name) is
         // republished too.
+        let changed_pods = changed.pods.len();
         let republish = match touched {
             Touched::Pods(mut uids) if !changed.all => {
                 uids.extend(changed.pods);
@@ -828,11 +829,9 @@ impl Controller {
         for publisher in &mut self.publishers {
             publisher.reconciled(&reconciled);
         }
-        let large = match &republish {
-            Touched::All => true,
-            Touched::Pods(uids) => uids.len() >= crate::heap::LARGE_CHANGE,
-        };
-        if large || cgroup_ops.len() >= crate::heap::LARGE_CHANGE {
+        // A full pass that changed little frees little: only a change of
+        // many pods (their parts replaced) or many map entries counts.
+        if changed_pods.max(cgroup_ops.len()) >= crate::heap::LARGE_CHANGE {
             self.release_at
                 .get_or_insert_with(|| tokio::time::Instant::now() + crate::heap::SETTLE);
         }

@@ -11,7 +11,7 @@ use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
 };
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     api,
@@ -121,6 +121,12 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         && opts.zds_socket.is_some();
     let loaded_at = std::time::Instant::now();
     let health = Health::default();
+    // Registered before anything can report readiness: the daemon is not
+    // ready until the plugin is in place.
+    let mut cni_keeper = opts
+        .cni_install
+        .clone()
+        .map(|install| CniKeeper::new(install, health.clone()));
     if !datapath.needs_state_before_attach() {
         datapath.attach(&opts.cgroup_root, &opts.pins)?;
         attached = true;
@@ -237,8 +243,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let (changes, _) = tokio::sync::broadcast::channel(1024);
     // Bound before the daemon says it is ready: a port in use is an error
     // at start, not a probe that never answers. Port 0 takes a free one; the
-    // address bound is what `ambridge status` reports, and what a restart
-    // binds again.
+    // address bound is what `ambridge status` reports.
     let monitoring_listener = match opts.monitoring {
         Some(address) => Some(api::monitoring::bind(address).await?),
         None => None,
@@ -266,24 +271,16 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 monitoring,
             },
         };
-        if let (Some(listener), Some(address)) = (monitoring_listener, monitoring) {
-            let (context, recorder) = (context.clone(), recorder.clone());
-            let mut first = Some(listener);
-            tokio::spawn(supervise(
-                Component::Monitoring,
-                health.clone(),
-                move || {
-                    let listener = first.take();
-                    let (context, recorder) = (context.clone(), recorder.clone());
-                    async move {
-                        let listener = match listener {
-                            Some(listener) => listener,
-                            None => api::monitoring::bind(address).await?,
-                        };
-                        api::monitoring::serve(listener, context, recorder).await
-                    }
-                },
-            ));
+        if let Some(listener) = monitoring_listener {
+            // axum's server handles failed accepts itself (it waits and
+            // accepts again): it returns only if it cannot go on at all.
+            let (context, recorder, health) = (context.clone(), recorder.clone(), health.clone());
+            tokio::spawn(async move {
+                if let Err(e) = api::monitoring::serve(listener, context, recorder).await {
+                    error!("the monitoring port stopped: {e:#}");
+                    health.failed(Component::Monitoring, format!("{e:#}"));
+                }
+            });
         }
         let channels = (push, cni_calls, changes.clone());
         let socket = opts.api_socket.clone();
@@ -357,10 +354,6 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }
     info!(workloads = %opts.workloads.display(), "ready");
 
-    let mut cni_keeper = opts
-        .cni_install
-        .clone()
-        .map(|install| CniKeeper::new(install, health.clone()));
     if let Some(keeper) = cni_keeper.as_mut() {
         keeper.keep();
     }

@@ -6,9 +6,13 @@
 //!   readiness, pods by state, ZDS connections and acknowledgements, the
 //!   reconcile duration, build info; Prometheus text format 0.0.4;
 //! - `/healthz`: the process answers;
-//! - `/readyz`: 200 once the programs are attached and every configured
-//!   source has delivered (the [`Health::ready`] of `ambridge status`),
-//!   503 with what is missing before.
+//! - `/readyz`: 200 once the programs are attached, every configured
+//!   source has delivered, and the ZDS server and the chained CNI plugin
+//!   (where the daemon runs them) are in place (the [`Health::ready`] of
+//!   `ambridge status`), 503 with what is missing before.
+//!
+//! One scrape renders at a time (each walks the maps): scrapers that come
+//! together wait in turn rather than each starting a walk.
 //!
 //! Everything is read when scraped, from the API's view, the health
 //! record and the datapath's read-only maps: nothing here writes the
@@ -90,15 +94,27 @@ pub async fn serve(
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(Arc::new((context, recorder)));
+        .with_state(Arc::new(Scraped {
+            context,
+            recorder,
+            rendering: tokio::sync::Mutex::new(()),
+        }));
     health.running(Component::Monitoring);
     axum::serve(listener, app)
         .await
         .map_err(|e| anyhow::anyhow!("serving the monitoring port: {e}"))
 }
 
-async fn readyz(State(state): State<Arc<(Context, Recorder)>>) -> impl IntoResponse {
-    let health = &state.0.reports.health;
+/// What the handlers read.
+struct Scraped {
+    context: Context,
+    recorder: Recorder,
+    /// Held while `/metrics` renders.
+    rendering: tokio::sync::Mutex<()>,
+}
+
+async fn readyz(State(state): State<Arc<Scraped>>) -> impl IntoResponse {
+    let health = &state.context.reports.health;
     if health.ready() {
         (StatusCode::OK, "ready\n".to_string())
     } else {
@@ -129,9 +145,12 @@ fn not_ready(health: &Health) -> String {
     out
 }
 
-async fn metrics(State(state): State<Arc<(Context, Recorder)>>) -> impl IntoResponse {
+async fn metrics(State(state): State<Arc<Scraped>>) -> impl IntoResponse {
+    let _turn = state.rendering.lock().await;
     // Walking maps of up to 65,536 entries: off the reactor.
-    let rendered = tokio::task::spawn_blocking(move || render(&state.0, &state.1)).await;
+    let scraped = state.clone();
+    let rendered =
+        tokio::task::spawn_blocking(move || render(&scraped.context, &scraped.recorder)).await;
     match rendered {
         Ok(Ok(text)) => (
             StatusCode::OK,

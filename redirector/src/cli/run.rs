@@ -59,7 +59,8 @@ pub struct Run {
     api_socket: PathBuf,
     /// Where Prometheus metrics (`/metrics`) and the health probes
     /// (`/healthz`, `/readyz`) are served over HTTP, as `ADDRESS:PORT`
-    /// (the pod IP, or `0.0.0.0`); `off` serves none.
+    /// (the pod IP, or `0.0.0.0`; an IPv6 address with or without
+    /// brackets); `off` serves none.
     #[arg(long, default_value = "0.0.0.0:15014", value_parser = monitoring_address)]
     monitoring_address: Monitoring,
     #[command(flatten)]
@@ -284,12 +285,12 @@ impl CniArgs {
                 .context("finding this executable, beside which ambridge-cni is")?
                 .with_file_name(ambridge::cni::install::PLUGIN_TYPE),
         };
-        Ok(Some(ambridge::cni::install::Install {
+        Ok(Some(ambridge::cni::install::Install::new(
             bin_dir,
             conf_dir,
             binary,
-            socket: api_socket.to_path_buf(),
-        }))
+            api_socket.to_path_buf(),
+        )))
     }
 }
 
@@ -301,9 +302,22 @@ fn monitoring_address(s: &str) -> Result<Monitoring, String> {
     if s == "off" {
         return Ok(Monitoring(None));
     }
+    // `$(INSTANCE_IP):15014` in a manifest gives an IPv6 pod IP without
+    // brackets: the port is after the last colon.
+    let unbracketed = || {
+        let (ip, port) = s.rsplit_once(':')?;
+        Some(std::net::SocketAddr::new(
+            ip.parse().ok()?,
+            port.parse().ok()?,
+        ))
+    };
     s.parse()
+        .ok()
+        .or_else(unbracketed)
         .map(|a| Monitoring(Some(a)))
-        .map_err(|e| format!("{e}: expected ADDRESS:PORT (e.g. 0.0.0.0:15014, [::]:15014) or off"))
+        .ok_or_else(|| {
+            format!("{s:?}: expected ADDRESS:PORT (e.g. 0.0.0.0:15014, [::]:15014, fd00::1:15014) or off")
+        })
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -336,4 +350,31 @@ struct CaptureArgs {
     /// the node.
     #[arg(long = "probe-source", value_name = "CIDR")]
     probe_sources: Vec<ipnet::IpNet>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_monitoring_address_takes_either_family_bracketed_or_not() {
+        let parsed = |s| monitoring_address(s).map(|m| m.0.map(|a| a.to_string()));
+        assert_eq!(parsed("10.0.0.1:15014"), Ok(Some("10.0.0.1:15014".into())));
+        assert_eq!(
+            parsed("[fd00::1]:15014"),
+            Ok(Some("[fd00::1]:15014".into()))
+        );
+        assert_eq!(parsed("fd00::1:15014"), Ok(Some("[fd00::1]:15014".into())));
+        assert_eq!(parsed("off"), Ok(None));
+        for bad in [
+            "10.0.0.1",
+            "fd00::1",
+            ":15014",
+            "node:15014",
+            "10.0.0.1:99999",
+        ] {
+            let e = parsed(bad).unwrap_err();
+            assert!(e.contains(bad) && e.contains("ADDRESS:PORT"), "{e}");
+        }
+    }
 }

@@ -7,12 +7,15 @@
 //! The runtime (libcni, as containerd and CRI-O use it) loads the first
 //! file of the configuration directory by name among `*.conf`,
 //! `*.conflist` and `*.json`; only a conflist chains plugins, so a
-//! single-plugin `.conf` is refused, naming it.
+//! single-plugin `.conf` is refused, naming it. A file is replaced in one
+//! rename, keeping its mode, through a symbolic link to where it points,
+//! and not over a change someone else made meanwhile; its keys come out
+//! in sorted order.
 
 use std::{
     fs, io,
     io::Write,
-    os::unix::fs::PermissionsExt,
+    os::unix::fs::{MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
 };
 
@@ -41,6 +44,33 @@ pub enum Error {
         "{0}: a single-plugin configuration (no `plugins` list); a chained plugin needs a conflist"
     )]
     NotAList(PathBuf),
+    #[error(
+        "{0}: changed by someone else each time it was being updated; tried {RACE_TRIES} times"
+    )]
+    KeptChanging(PathBuf),
+}
+
+/// How many times a configuration file changed under an update is read
+/// and updated again.
+const RACE_TRIES: usize = 3;
+
+/// What tells a file's versions apart without reading it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    inode: u64,
+    len: u64,
+    modified_ns: i128,
+}
+
+impl Stamp {
+    fn of(path: &Path) -> Option<Self> {
+        let meta = fs::metadata(path).ok()?;
+        Some(Self {
+            inode: meta.ino(),
+            len: meta.len(),
+            modified_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        })
+    }
 }
 
 fn io_error(path: &Path, op: &'static str) -> impl FnOnce(io::Error) -> Error {
@@ -59,6 +89,9 @@ pub struct Install {
     pub binary: PathBuf,
     /// The daemon's API socket, as the plugin reaches it on the node.
     pub socket: PathBuf,
+    /// The source and the installed binary as last found equal: while
+    /// both stamps hold, neither is read again.
+    binaries: Option<(Stamp, Stamp)>,
 }
 
 /// What [`Install::ensure`] changed.
@@ -76,6 +109,16 @@ impl Changed {
 }
 
 impl Install {
+    pub fn new(bin_dir: PathBuf, conf_dir: PathBuf, binary: PathBuf, socket: PathBuf) -> Self {
+        Self {
+            bin_dir,
+            conf_dir,
+            binary,
+            socket,
+            binaries: None,
+        }
+    }
+
     /// The plugin's entry in the conflist.
     pub fn entry(&self) -> Value {
         json!({"type": PLUGIN_TYPE, "socket": self.socket})
@@ -83,34 +126,56 @@ impl Install {
 
     /// Puts the binary and the entry in place where they are missing or
     /// differ; touches nothing that is already right.
-    pub fn ensure(&self) -> Result<Changed, Error> {
+    pub fn ensure(&mut self) -> Result<Changed, Error> {
         let config =
             active_config(&self.conf_dir)?.ok_or(Error::NoConfig(self.conf_dir.clone()))?;
         let binary = self.ensure_binary()?;
-        let text = fs::read(&config).map_err(io_error(&config, "read"))?;
-        let current: Value = serde_json::from_slice(&text).map_err(|source| Error::NotJson {
-            path: config.clone(),
-            source,
-        })?;
-        let wanted = with_entry(&current, &self.entry()).ok_or(Error::NotAList(config.clone()))?;
-        let config = if wanted == current {
-            None
-        } else {
-            write_atomically(&config, &to_text(&wanted), None)?;
-            Some(config)
-        };
+        let config = ensure_entry(&config, &self.entry())?.then_some(config);
         Ok(Changed { binary, config })
     }
 
-    fn ensure_binary(&self) -> Result<bool, Error> {
+    fn ensure_binary(&mut self) -> Result<bool, Error> {
         let target = self.bin_dir.join(PLUGIN_TYPE);
-        let new = fs::read(&self.binary).map_err(io_error(&self.binary, "read"))?;
-        if fs::read(&target).is_ok_and(|old| old == new) {
+        let stamps = Stamp::of(&self.binary).zip(Stamp::of(&target));
+        if stamps.is_some() && stamps == self.binaries {
             return Ok(false);
         }
-        write_atomically(&target, &new, Some(0o755))?;
-        Ok(true)
+        let new = fs::read(&self.binary).map_err(io_error(&self.binary, "read"))?;
+        let written = !fs::read(&target).is_ok_and(|old| old == new);
+        if written {
+            write_atomically(&target, &new, 0o755, None)?;
+        }
+        self.binaries = Stamp::of(&self.binary).zip(Stamp::of(&target));
+        Ok(written)
     }
+}
+
+/// Puts `entry` last in the conflist `config` unless it is there; returns
+/// whether the file was written.
+fn ensure_entry(config: &Path, entry: &Value) -> Result<bool, Error> {
+    // Through a symbolic link: the file it points to is what the runtime
+    // reads, and the link stays a link.
+    let target = fs::canonicalize(config).map_err(io_error(config, "resolve"))?;
+    for _ in 0..RACE_TRIES {
+        let before = Stamp::of(&target);
+        let text = fs::read(&target).map_err(io_error(&target, "read"))?;
+        let current: Value = serde_json::from_slice(&text).map_err(|source| Error::NotJson {
+            path: config.to_path_buf(),
+            source,
+        })?;
+        let wanted = with_entry(&current, entry).ok_or(Error::NotAList(config.to_path_buf()))?;
+        if wanted == current {
+            return Ok(false);
+        }
+        let mode = fs::metadata(&target)
+            .map_err(io_error(&target, "stat"))?
+            .mode();
+        match write_atomically(&target, &to_text(&wanted), mode & 0o7777, before) {
+            Err(Error::KeptChanging(_)) => continue,
+            done => return done.map(|()| true),
+        }
+    }
+    Err(Error::KeptChanging(config.to_path_buf()))
 }
 
 /// What [`remove`] took away.
@@ -127,7 +192,11 @@ pub struct Removed {
 pub fn remove(bin_dir: &Path, conf_dir: &Path) -> Result<Removed, Error> {
     let mut removed = Removed::default();
     for config in config_files(conf_dir)? {
-        let Ok(text) = fs::read(&config) else {
+        let Ok(target) = fs::canonicalize(&config) else {
+            continue;
+        };
+        let before = Stamp::of(&target);
+        let Ok(text) = fs::read(&target) else {
             continue;
         };
         let Ok(current) = serde_json::from_slice::<Value>(&text) else {
@@ -135,7 +204,10 @@ pub fn remove(bin_dir: &Path, conf_dir: &Path) -> Result<Removed, Error> {
         };
         let without = without_entry(&current);
         if without != current {
-            write_atomically(&config, &to_text(&without), None)?;
+            let mode = fs::metadata(&target)
+                .map_err(io_error(&target, "stat"))?
+                .mode();
+            write_atomically(&target, &to_text(&without), mode & 0o7777, before)?;
             removed.configs.push(config);
         }
     }
@@ -197,10 +269,17 @@ fn to_text(config: &Value) -> Vec<u8> {
     text
 }
 
-/// Replaces `path` by `contents` in one rename: the runtime reads the old
-/// file or the new one, never half of one. The temporary file's name has
-/// no configuration extension, so it is never loaded.
-fn write_atomically(path: &Path, contents: &[u8], mode: Option<u32>) -> Result<(), Error> {
+/// Replaces `path` by `contents`, of mode `mode`, in one rename: the
+/// runtime reads the old file or the new one, never half of one. The
+/// temporary file's name has no configuration extension, so it is never
+/// loaded. With `unchanged_since`, a file that changed since that stamp is
+/// left as it is ([`Error::KeptChanging`], for the caller to read again).
+fn write_atomically(
+    path: &Path,
+    contents: &[u8],
+    mode: u32,
+    unchanged_since: Option<Stamp>,
+) -> Result<(), Error> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut tmp = tempfile::Builder::new()
         .prefix(".ambridge-")
@@ -209,9 +288,10 @@ fn write_atomically(path: &Path, contents: &[u8], mode: Option<u32>) -> Result<(
         .map_err(io_error(dir, "create a temporary file"))?;
     tmp.write_all(contents)
         .map_err(io_error(tmp.path(), "write"))?;
-    if let Some(mode) = mode {
-        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(mode))
-            .map_err(io_error(tmp.path(), "chmod"))?;
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(mode))
+        .map_err(io_error(tmp.path(), "chmod"))?;
+    if unchanged_since.is_some() && Stamp::of(path) != unchanged_since {
+        return Err(Error::KeptChanging(path.to_path_buf()));
     }
     tmp.persist(path)
         .map_err(|e| io_error(path, "rename into place")(e.error))?;
@@ -233,12 +313,7 @@ mod tests {
         fs::create_dir_all(&conf).unwrap();
         let binary = dir.join("built-ambridge-cni");
         fs::write(&binary, b"plugin v1").unwrap();
-        Install {
-            bin_dir: bin,
-            conf_dir: conf,
-            binary,
-            socket: "/var/run/ambridge/api.sock".into(),
-        }
+        Install::new(bin, conf, binary, "/var/run/ambridge/api.sock".into())
     }
 
     #[test]
@@ -266,7 +341,7 @@ mod tests {
     #[test]
     fn ensuring_twice_writes_once_and_removal_leaves_the_main_plugin_as_it_was() {
         let dir = tempfile::tempdir().unwrap();
-        let install = install(dir.path());
+        let mut install = install(dir.path());
         assert!(matches!(install.ensure(), Err(Error::NoConfig(_))));
         let conflist = install.conf_dir.join("10-calico.conflist");
         fs::write(&conflist, to_text(&calico())).unwrap();
@@ -316,7 +391,7 @@ mod tests {
     #[test]
     fn a_single_plugin_conf_or_a_file_that_is_not_json_is_refused_naming_it() {
         let dir = tempfile::tempdir().unwrap();
-        let install = install(dir.path());
+        let mut install = install(dir.path());
         let conf = install.conf_dir.join("10-bridge.conf");
         fs::write(&conf, br#"{"cniVersion": "0.4.0", "type": "bridge"}"#).unwrap();
         let e = install.ensure().unwrap_err();
@@ -326,5 +401,56 @@ mod tests {
         let e = install.ensure().unwrap_err();
         assert!(e.to_string().contains("10-bridge.conf: not JSON"), "{e}");
         assert_eq!(fs::read(&conf).unwrap(), b"{not json", "left as it was");
+    }
+
+    #[test]
+    fn a_linked_configuration_is_updated_where_it_points_keeping_its_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut install = install(dir.path());
+        let real = dir.path().join("real.conflist");
+        fs::write(&real, to_text(&calico())).unwrap();
+        fs::set_permissions(&real, fs::Permissions::from_mode(0o640)).unwrap();
+        let link = install.conf_dir.join("10-calico.conflist");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+
+        install.ensure().unwrap();
+        assert!(
+            fs::symlink_metadata(&link)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        let written: Value = serde_json::from_slice(&fs::read(&real).unwrap()).unwrap();
+        assert_eq!(written["plugins"][2]["type"], PLUGIN_TYPE);
+        let mode = fs::metadata(&real).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o640);
+
+        remove(&install.bin_dir, &install.conf_dir).unwrap();
+        assert!(
+            fs::symlink_metadata(&link)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        let restored: Value = serde_json::from_slice(&fs::read(&real).unwrap()).unwrap();
+        assert_eq!(restored, calico());
+        assert_eq!(
+            fs::metadata(&real).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
+    }
+
+    #[test]
+    fn a_file_changed_under_an_update_is_left_to_be_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("10-calico.conflist");
+        fs::write(&path, to_text(&calico())).unwrap();
+        let before = Stamp::of(&path);
+        // Someone else's write lands between the read and the rename.
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        fs::write(&path, b"{\"theirs\": true}").unwrap();
+        let e = write_atomically(&path, b"ours", 0o644, before).unwrap_err();
+        assert!(matches!(e, Error::KeptChanging(_)), "{e}");
+        assert_eq!(fs::read(&path).unwrap(), b"{\"theirs\": true}");
     }
 }

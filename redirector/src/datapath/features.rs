@@ -1,6 +1,8 @@
 //! What this kernel offers of what the datapath needs, found by loading a
 //! trivial program or creating a tiny map of each type (`bpf(2)`, so it
-//! needs `CAP_BPF`; without it every probe fails and says so).
+//! needs `CAP_BPF` or `CAP_SYS_ADMIN`; without them every probe fails and
+//! says so). A program type is probed, not each hook of it: the releases
+//! name when the last hook the datapath attaches came.
 
 use aya::{maps::MapType, programs::ProgramType};
 
@@ -19,8 +21,8 @@ pub struct Feature {
 const PROGRAMS: [(ProgramType, &str, &str); 6] = [
     (
         ProgramType::CgroupSockAddr,
-        "cgroup_sock_addr (connect, bind, getpeername, sendmsg, recvmsg)",
-        "4.17",
+        "cgroup_sock_addr (connect and bind 4.17, sendmsg 4.18, recvmsg 5.2, getpeername 5.8)",
+        "5.8",
     ),
     (
         ProgramType::SockOps,
@@ -29,8 +31,8 @@ const PROGRAMS: [(ProgramType, &str, &str); 6] = [
     ),
     (
         ProgramType::SkMsg,
-        "sk_msg (same-node acceleration)",
-        "4.17",
+        "sk_msg (same-node acceleration, on a sockhash)",
+        "4.18",
     ),
     (
         ProgramType::CgroupSockopt,
@@ -40,8 +42,8 @@ const PROGRAMS: [(ProgramType, &str, &str); 6] = [
     (ProgramType::SkLookup, "sk_lookup (inbound capture)", "5.9"),
     (
         ProgramType::CgroupSock,
-        "cgroup_sock (records freed with their socket)",
-        "4.10",
+        "cgroup_sock (sock_release: records freed with their socket)",
+        "5.9",
     ),
 ];
 
