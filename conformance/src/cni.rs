@@ -102,3 +102,46 @@ pub fn call(
         returned_ns,
     }
 }
+
+/// A node's CNI directories, made for one test and removed after it: the
+/// bin directory and the configuration directory, with `conflist` (if
+/// any) as its network configuration, `10-net.conflist`.
+pub struct CniDirs {
+    pub bin: std::path::PathBuf,
+    pub conf: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl CniDirs {
+    pub fn new(conflist: Option<&Value>) -> Self {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (bin, conf) = (dir.path().join("bin"), dir.path().join("net.d"));
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::create_dir_all(&conf).unwrap();
+        let dirs = Self {
+            bin,
+            conf,
+            _dir: dir,
+        };
+        if let Some(conflist) = conflist {
+            std::fs::write(dirs.conflist(), conflist.to_string()).unwrap();
+        }
+        dirs
+    }
+
+    /// The network configuration's path.
+    pub fn conflist(&self) -> std::path::PathBuf {
+        self.conf.join("10-net.conflist")
+    }
+
+    /// `--cni-bin-dir DIR --cni-conf-dir DIR`, for `ambridge run` and
+    /// `ambridge uninstall`.
+    pub fn args(&self) -> Vec<String> {
+        vec![
+            "--cni-bin-dir".into(),
+            self.bin.display().to_string(),
+            "--cni-conf-dir".into(),
+            self.conf.display().to_string(),
+        ]
+    }
+}

@@ -53,6 +53,22 @@ impl Daemon {
         daemon
     }
 
+    /// `run` with `node`'s cgroup, pins, workloads file and API socket: the
+    /// arguments every daemon of `node` starts with.
+    pub fn run_args(node: &Node) -> Vec<std::ffi::OsString> {
+        vec![
+            "run".into(),
+            "--cgroup-root".into(),
+            node.cgroup.clone().into(),
+            "--bpffs".into(),
+            node.bpffs().into(),
+            "--workloads".into(),
+            node.workloads_path().into(),
+            "--api-socket".into(),
+            node.dir.join("api.sock").into(),
+        ]
+    }
+
     fn spawn_limited(node: &Node, extra: &[&str], caps: Option<&[String]>) -> Self {
         let program = workspace_bin("ambridge");
         let mut command = match caps {
@@ -60,15 +76,7 @@ impl Daemon {
             None => Command::new(&program),
         };
         let mut child = command
-            .arg("run")
-            .arg("--cgroup-root")
-            .arg(&node.cgroup)
-            .arg("--bpffs")
-            .arg(node.bpffs())
-            .arg("--workloads")
-            .arg(node.workloads_path())
-            .arg("--api-socket")
-            .arg(node.dir.join("api.sock"))
+            .args(Self::run_args(node))
             // Tests want changes picked up fast, unless they say otherwise.
             .args(if extra.contains(&"--resync-seconds") {
                 &[][..]

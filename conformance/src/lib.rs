@@ -25,6 +25,7 @@
 pub mod capabilities;
 pub mod cni;
 pub mod daemon;
+pub mod deploy;
 pub mod event;
 pub mod fixture;
 pub mod istiod;

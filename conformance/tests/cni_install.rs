@@ -5,7 +5,7 @@
 
 use std::{path::Path, process::Command, time::Duration};
 
-use ambridge_conformance::{Daemon, Node, eventually, workspace_bin};
+use ambridge_conformance::{Daemon, Node, cni::CniDirs, eventually, workspace_bin};
 use serde_json::{Value, json};
 
 fn main_plugin() -> Value {
@@ -30,15 +30,10 @@ fn plugin_types(config: &Value) -> Vec<String> {
 fn the_daemon_installs_the_plugin_keeps_it_through_a_rewrite_and_uninstall_removes_it() {
     let node = Node::new();
     node.write_workloads_text("workloads: []\n");
-    let dirs = tempfile::tempdir().unwrap();
-    let (bin, conf) = (dirs.path().join("bin"), dirs.path().join("net.d"));
-    std::fs::create_dir_all(&bin).unwrap();
-    std::fs::create_dir_all(&conf).unwrap();
-    let (bin_arg, conf_arg) = (bin.display().to_string(), conf.display().to_string());
-    let mut daemon = Daemon::spawn_with(
-        &node,
-        &["--cni-bin-dir", &bin_arg, "--cni-conf-dir", &conf_arg],
-    );
+    let cni = CniDirs::new(None);
+    let args = cni.args();
+    let mut daemon =
+        Daemon::spawn_with(&node, &args.iter().map(String::as_str).collect::<Vec<_>>());
     // No configuration yet (the main plugin not installed): serving, not
     // ready, and saying why.
     daemon.wait_serving();
@@ -62,7 +57,7 @@ fn the_daemon_installs_the_plugin_keeps_it_through_a_rewrite_and_uninstall_remov
     );
 
     // The main plugin arrives: the entry goes last, the binary beside it.
-    let conflist = conf.join("10-main.conflist");
+    let conflist = cni.conflist();
     std::fs::write(&conflist, main_plugin().to_string()).unwrap();
     daemon.wait_ready();
     let installed = read_json(&conflist);
@@ -75,7 +70,7 @@ fn the_daemon_installs_the_plugin_keeps_it_through_a_rewrite_and_uninstall_remov
         daemon.api_socket().display().to_string()
     );
     assert_eq!(
-        std::fs::read(bin.join("ambridge-cni")).unwrap(),
+        std::fs::read(cni.bin.join("ambridge-cni")).unwrap(),
         std::fs::read(workspace_bin("ambridge-cni")).unwrap()
     );
 
@@ -92,7 +87,7 @@ fn the_daemon_installs_the_plugin_keeps_it_through_a_rewrite_and_uninstall_remov
         .arg("uninstall")
         .arg("--bpffs")
         .arg(node.bpffs())
-        .args(["--cni-bin-dir", &bin_arg, "--cni-conf-dir", &conf_arg])
+        .args(&args)
         .output()
         .unwrap();
     assert!(
@@ -101,5 +96,5 @@ fn the_daemon_installs_the_plugin_keeps_it_through_a_rewrite_and_uninstall_remov
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(read_json(&conflist), main_plugin());
-    assert!(!bin.join("ambridge-cni").exists());
+    assert!(!cni.bin.join("ambridge-cni").exists());
 }

@@ -3,15 +3,10 @@
 //! release's schemas `kubernetes-validate` carries, and its RBAC compared
 //! with the requests the real daemon makes to an API server.
 
-use std::{
-    collections::BTreeSet,
-    path::{Path, PathBuf},
-    process::Command,
-    time::Duration,
-};
+use std::{collections::BTreeSet, path::Path, process::Command, time::Duration};
 
 use ambridge_conformance::{
-    Daemon, Node, eventually,
+    Daemon, Node, deploy, eventually,
     kubeapi::{ApiCall, KubeApi},
     workspace_bin,
 };
@@ -21,41 +16,9 @@ use serde_json::{Value, json};
 const OVERLAYS: [&str; 2] = ["companion", "replacement"];
 const NODE: &str = "node-1";
 
-fn deploy_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
-}
-
 /// `kubectl kustomize` of an agent overlay: its text and its objects.
 fn render(overlay: &str) -> (String, Vec<Value>) {
-    render_dir(&format!("overlays/{overlay}"))
-}
-
-/// `kubectl kustomize` of `deploy/<dir>`.
-fn render_dir(dir: &str) -> (String, Vec<Value>) {
-    let overlay = dir;
-    let dir = deploy_dir().join(dir);
-    let out = Command::new("kubectl")
-        .arg("kustomize")
-        .arg(&dir)
-        .output()
-        .expect("running kubectl (on the image; README's set-up checks it)");
-    assert!(
-        out.status.success(),
-        "kubectl kustomize {}: {}",
-        dir.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    let objects: Vec<Value> = serde_saphyr::from_multiple(&text)
-        .unwrap_or_else(|e| panic!("the rendered {overlay} overlay: {e}"));
-    (text, objects)
-}
-
-fn object<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
-    objects
-        .iter()
-        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
-        .unwrap_or_else(|| panic!("no {kind} {name} in {objects:#?}"))
+    deploy::render(&format!("overlays/{overlay}"))
 }
 
 /// Every Kubernetes release `kubernetes-validate` has strict schemas for,
@@ -110,7 +73,7 @@ fn every_overlay_and_the_uninstaller_validate_strictly_against_kubernetes_1_30_t
     );
     let dir = tempfile::tempdir().unwrap();
     for overlay in ["overlays/companion", "overlays/replacement", "uninstall"] {
-        let (text, _) = render_dir(overlay);
+        let (text, _) = deploy::render(overlay);
         let file = dir
             .path()
             .join(format!("{}.yaml", overlay.replace('/', "-")));
@@ -258,9 +221,9 @@ fn each_overlay_grants_exactly_the_calls_its_daemon_makes() {
 /// The container's arguments with the ConfigMap's values and the downward
 /// API's (made up: `pod_ip`) put in, as the kubelet expands `$(VAR)`.
 fn expanded_args(objects: &[Value], pod_ip: &str) -> Vec<String> {
-    let config = object(objects, "ConfigMap", "ambridge-config");
-    let container =
-        &object(objects, "DaemonSet", "ambridge")["spec"]["template"]["spec"]["containers"][0];
+    let config = deploy::object(objects, "ConfigMap", "ambridge-config");
+    let container = &deploy::object(objects, "DaemonSet", "ambridge")["spec"]["template"]["spec"]["containers"]
+        [0];
     container["args"]
         .as_array()
         .unwrap()
@@ -313,7 +276,7 @@ fn each_daemonsets_arguments_parse_on_either_family_and_its_probes_name_its_moni
         let (ip, port) = address.rsplit_once(':').unwrap();
         assert_eq!(ip, "10.0.0.7", "{overlay}: bound to the pod IP only");
         let port: u16 = port.parse().unwrap();
-        let spec = &object(&objects, "DaemonSet", "ambridge")["spec"]["template"];
+        let spec = &deploy::object(&objects, "DaemonSet", "ambridge")["spec"]["template"];
         let container = &spec["spec"]["containers"][0];
         for probe in ["livenessProbe", "readinessProbe"] {
             assert_eq!(
@@ -355,7 +318,7 @@ fn build_stage_runs(dockerfile: &str) -> Vec<String> {
 
 #[test]
 fn the_image_builds_as_the_readme_does_and_holds_what_the_daemonsets_run() {
-    let dockerfile = std::fs::read_to_string(deploy_dir().join("Dockerfile")).unwrap();
+    let dockerfile = std::fs::read_to_string(deploy::dir().join("Dockerfile")).unwrap();
     let runs = build_stage_runs(&dockerfile);
     assert_eq!(
         runs[runs.len() - 2..],
@@ -394,8 +357,8 @@ fn the_image_builds_as_the_readme_does_and_holds_what_the_daemonsets_run() {
         ("overlays/companion", "ambridge"),
         ("uninstall", "ambridge-uninstall"),
     ] {
-        let (_, objects) = render_dir(dir);
-        let spec = &object(&objects, "DaemonSet", name)["spec"]["template"]["spec"];
+        let (_, objects) = deploy::render(dir);
+        let spec = &deploy::object(&objects, "DaemonSet", name)["spec"]["template"]["spec"];
         for container in spec["containers"]
             .as_array()
             .into_iter()

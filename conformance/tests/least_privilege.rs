@@ -3,9 +3,9 @@
 //! that list (`setpriv`), as the container runtime starts it.
 //!
 
-use std::{path::Path, process::Command};
-
-use ambridge_conformance::{Fixture, Node, PodRole, capabilities, workspace_bin};
+use ambridge_conformance::{
+    Daemon, Fixture, Node, PodRole, capabilities, cni::CniDirs, deploy, workspace_bin,
+};
 use serde_json::Value;
 
 /// The capabilities the rendered DaemonSet adds (it drops all others).
@@ -32,26 +32,8 @@ fn added(container: &Value) -> Vec<String> {
 
 /// The pod spec of the DaemonSet `name` of `deploy/<dir>`, rendered.
 fn pod_spec(dir: &str, name: &str) -> Value {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../deploy")
-        .join(dir);
-    let out = Command::new("kubectl")
-        .arg("kustomize")
-        .arg(&dir)
-        .output()
-        .expect("running kubectl");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let objects: Vec<Value> =
-        serde_saphyr::from_multiple(&String::from_utf8(out.stdout).unwrap()).unwrap();
-    objects
-        .iter()
-        .find(|o| o["kind"] == "DaemonSet" && o["metadata"]["name"] == name)
-        .unwrap_or_else(|| panic!("no DaemonSet {name}"))["spec"]["template"]["spec"]
-        .clone()
+    let (_, objects) = deploy::render(dir);
+    deploy::object(&objects, "DaemonSet", name)["spec"]["template"]["spec"].clone()
 }
 
 /// The bit of a capability in `/proc/PID/status` masks.
@@ -135,15 +117,7 @@ fn without_any_one_of_them_the_daemon_stops_at_start_naming_it_and_what_for() {
         let node = Node::new();
         node.write_workloads_text("workloads: []\n");
         let out = capabilities::with_only(&workspace_bin("ambridge"), &fewer)
-            .arg("run")
-            .arg("--cgroup-root")
-            .arg(&node.cgroup)
-            .arg("--bpffs")
-            .arg(node.bpffs())
-            .arg("--workloads")
-            .arg(node.workloads_path())
-            .arg("--api-socket")
-            .arg(node.dir.join("api.sock"))
+            .args(Daemon::run_args(&node))
             .args(["--node-netns", "none", "--monitoring-address", "off"])
             .output()
             .expect("running setpriv (util-linux)");
@@ -166,18 +140,13 @@ fn the_uninstallers_capabilities_take_the_plugin_and_the_datapath_away() {
     let caps = added(&spec["initContainers"][0]);
     let node = Node::new();
     node.write_workloads_text("workloads: []\n");
-    let dirs = tempfile::tempdir().unwrap();
-    let (bin, conf) = (dirs.path().join("bin"), dirs.path().join("net.d"));
-    std::fs::create_dir_all(&bin).unwrap();
-    std::fs::create_dir_all(&conf).unwrap();
-    let main = r#"{"cniVersion":"1.0.0","name":"net","plugins":[{"type":"bridge"}]}"#;
-    std::fs::write(conf.join("10-net.conflist"), main).unwrap();
-    let (bin_arg, conf_arg) = (bin.display().to_string(), conf.display().to_string());
-    let mut daemon = ambridge_conformance::Daemon::start_with(
-        &node,
-        &["--cni-bin-dir", &bin_arg, "--cni-conf-dir", &conf_arg],
-    );
-    assert!(bin.join("ambridge-cni").exists());
+    let main = serde_json::json!({"cniVersion": "1.0.0", "name": "net",
+                                  "plugins": [{"type": "bridge"}]});
+    let cni = CniDirs::new(Some(&main));
+    let args = cni.args();
+    let mut daemon =
+        Daemon::start_with(&node, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(cni.bin.join("ambridge-cni").exists());
     daemon.stop();
     let pins = std::fs::read_dir(node.bpffs()).unwrap().count();
     assert!(pins > 0, "the stopped daemon left its datapath pinned");
@@ -186,7 +155,7 @@ fn the_uninstallers_capabilities_take_the_plugin_and_the_datapath_away() {
         .arg("uninstall")
         .arg("--bpffs")
         .arg(node.bpffs())
-        .args(["--cni-bin-dir", &bin_arg, "--cni-conf-dir", &conf_arg])
+        .args(&args)
         .output()
         .expect("running setpriv (util-linux)");
     assert!(
@@ -198,8 +167,7 @@ fn the_uninstallers_capabilities_take_the_plugin_and_the_datapath_away() {
         .map(|d| d.map(|e| e.unwrap().file_name()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "still pinned: {left:?}");
-    let config: Value =
-        serde_json::from_slice(&std::fs::read(conf.join("10-net.conflist")).unwrap()).unwrap();
-    assert_eq!(config, serde_json::from_str::<Value>(main).unwrap());
-    assert!(!bin.join("ambridge-cni").exists());
+    let config: Value = serde_json::from_slice(&std::fs::read(cni.conflist()).unwrap()).unwrap();
+    assert_eq!(config, main);
+    assert!(!cni.bin.join("ambridge-cni").exists());
 }

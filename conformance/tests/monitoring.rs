@@ -161,15 +161,7 @@ fn a_monitoring_address_in_use_stops_the_daemon_at_start_naming_it() {
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let address = taken.local_addr().unwrap().to_string();
     let out = Command::new(ambridge_conformance::workspace_bin("ambridge"))
-        .arg("run")
-        .arg("--cgroup-root")
-        .arg(&node.cgroup)
-        .arg("--bpffs")
-        .arg(node.bpffs())
-        .arg("--workloads")
-        .arg(node.workloads_path())
-        .arg("--api-socket")
-        .arg(node.dir.join("api.sock"))
+        .args(Daemon::run_args(&node))
         .args(["--node-netns", "none", "--monitoring-address", &address])
         .output()
         .unwrap();
