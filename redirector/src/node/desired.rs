@@ -198,6 +198,8 @@ struct PodPart {
     /// Its addresses captured inbound, into `netns`.
     inbound: Vec<IpAddr>,
     inbound_netns: Option<NetnsCookie>,
+    /// What is not found yet; moved to `Desired::unresolved` when the part
+    /// is kept.
     unresolved: Vec<Unresolved>,
     /// Something was not found yet (a retry pass looks again).
     incomplete: bool,
@@ -369,8 +371,21 @@ impl DesiredMaps {
     /// Replaces what the pod `uid` asks of the maps with `part` (`None`:
     /// the pod is gone).
     fn replace_part(&mut self, uid: &WorkloadId, part: Option<PodPart>, changed: &mut Changed) {
+        // A kept part's unresolved entries live in `desired.unresolved`
+        // only, not twice (one per pod still starting, at 10,000 pods).
+        let (part, unresolved) = match part {
+            Some(mut part) => {
+                let unresolved = std::mem::take(&mut part.unresolved);
+                (Some(part), unresolved)
+            }
+            None => (None, Vec::new()),
+        };
         let old = match (self.parts.get(uid), &part) {
-            (Some((_, old)), Some(new)) if old == new => return,
+            (Some((_, old)), Some(new))
+                if old == new && self.desired.unresolved.of_pod(uid) == unresolved.as_slice() =>
+            {
+                return;
+            }
             (None, None) => return,
             _ => self.parts.remove(uid),
         };
@@ -384,10 +399,10 @@ impl DesiredMaps {
         };
         let owner = Owner::Pod(slot);
         let d = &mut self.desired;
+        if old.is_some() {
+            d.unresolved.set_pod(uid, Vec::new());
+        }
         if let Some((_, old)) = old {
-            if !old.unresolved.is_empty() {
-                d.unresolved.set_pod(uid, Vec::new());
-            }
             if let Some((_, id, _)) = old.cgroup {
                 d.placed.remove(uid);
                 if self.cgroup_claims.release(&mut d.cgroups, id, owner) {
@@ -414,9 +429,9 @@ impl DesiredMaps {
         let Some(part) = part else {
             return;
         };
-        if !part.unresolved.is_empty() {
-            d.unresolved.set_pod(uid, part.unresolved.clone());
-            changed.unresolved.extend(part.unresolved.iter().cloned());
+        if !unresolved.is_empty() {
+            changed.unresolved.extend(unresolved.iter().cloned());
+            d.unresolved.set_pod(uid, unresolved);
         }
         if let Some((path, id, info)) = &part.cgroup {
             d.placed.insert(uid.clone(), (path.clone(), *id));
