@@ -39,9 +39,10 @@ use crate::{
     types::{CgroupId, NetnsCookie, PodUid, WorkloadId},
 };
 
-/// How many pods of a retry pass one reconcile looks at again (a few ms
-/// of cgroupfs reads); the rest wait for the next turns of the loop.
-const RETRY_SLICE: usize = 250;
+/// How many pods of a retry pass one reconcile looks at again (about 2 ms
+/// of cgroupfs reads at 100); the rest wait for the next turns of the loop,
+/// so a source's change waits at most that long behind a retry pass.
+const RETRY_SLICE: usize = 100;
 
 /// How the sources are named in logs.
 pub const FILE_SOURCE: &str = "workloads file";
