@@ -352,11 +352,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             );
         }
     }
-    info!(workloads = %opts.workloads.display(), "ready");
-
     if let Some(keeper) = cni_keeper.as_mut() {
         keeper.keep();
     }
+    info!(workloads = %opts.workloads.display(), "ready");
+
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut resync = tokio::time::interval(opts.resync);
