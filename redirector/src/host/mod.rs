@@ -6,3 +6,4 @@ pub mod cgroup;
 pub mod misses;
 pub mod netns;
 pub mod resolver;
+pub mod survey;

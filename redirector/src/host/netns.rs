@@ -30,7 +30,10 @@ pub fn netns_of_cgroup(cgroup: &Path) -> io::Result<Option<PathBuf>> {
 
 /// As [`netns_of_cgroup`], with `cgroup` opened below a directory `dirs`
 /// keeps open.
-fn netns_of_cgroup_in(dirs: &mut cgroup::Dirs, cgroup: &Path) -> io::Result<Option<PathBuf>> {
+pub(super) fn netns_of_cgroup_in(
+    dirs: &mut cgroup::Dirs,
+    cgroup: &Path,
+) -> io::Result<Option<PathBuf>> {
     let events = dirs.open(cgroup, Some("cgroup.events"), OFlag::O_RDONLY)?;
     sandbox_netns(cgroup, events.into())
 }
@@ -306,6 +309,9 @@ pub struct NsCache<T> {
     sandboxes: HashMap<PathBuf, (u64, u64), FastHash>,
     /// Cgroups found with no process yet, and when to look again.
     no_sandbox: Misses<PathBuf>,
+    /// Where this pass's survey found each cgroup's sandbox
+    /// ([`super::survey`]), taken instead of looking again.
+    surveyed: HashMap<PathBuf, Option<PathBuf>, FastHash>,
     /// What this pass takes as found before.
     pass: Pass,
     /// Where the cgroups' `cgroup.events` files are opened.
@@ -339,6 +345,7 @@ impl<T> Default for NsCache<T> {
             by_ns: HashMap::default(),
             sandboxes: HashMap::default(),
             no_sandbox: Misses::default(),
+            surveyed: HashMap::default(),
             pass: Pass::Full,
             dirs: cgroup::Dirs::default(),
         }
@@ -384,7 +391,15 @@ impl<T: Clone> NsCache<T> {
                 return Ok(None);
             }
         }
-        let Some(netns) = at.path(&mut self.dirs)? else {
+        let surveyed = match at {
+            NetnsAt::SandboxOf(cgroup) => self.surveyed.remove(cgroup),
+            NetnsAt::File(_) => None,
+        };
+        let netns = match surveyed {
+            Some(found) => found,
+            None => at.path(&mut self.dirs)?,
+        };
+        let Some(netns) = netns else {
             if let NetnsAt::SandboxOf(cgroup) = at {
                 self.no_sandbox.missed(cgroup.to_path_buf());
             }
@@ -443,11 +458,29 @@ impl<T: Clone> NsCache<T> {
     /// the sandboxes found before as they were.
     pub fn begin_pass(&mut self, pass: Pass) {
         self.pass = pass;
+        self.surveyed.clear();
         self.no_sandbox.begin_pass(pass);
         if pass == Pass::Full {
             self.sandboxes.clear();
             self.dirs.clear();
         }
+    }
+
+    /// Whether [`Self::of`] the sandbox of `cgroup` would look on the live
+    /// system this pass, rather than answer from what it holds.
+    fn would_look(&self, cgroup: &Path) -> bool {
+        self.pass == Pass::Full
+            || !(self
+                .sandboxes
+                .get(cgroup)
+                .is_some_and(|id| self.by_ns.contains_key(id))
+                || self.no_sandbox.skip(&cgroup.to_path_buf()))
+    }
+
+    /// Where a survey found `cgroup`'s sandbox this pass (`None`: no
+    /// process runs there): the next look at it takes this.
+    fn surveyed(&mut self, cgroup: PathBuf, sandbox: Option<PathBuf>) {
+        self.surveyed.insert(cgroup, sandbox);
     }
 
     /// Forgets what was found about `cgroup`'s sandbox: its pod's state
@@ -500,6 +533,16 @@ impl CookieCache {
     /// See [`NsCache::forget`].
     pub fn forget(&mut self, cgroup: &Path) {
         self.cache.forget(cgroup);
+    }
+
+    /// See [`NsCache::would_look`].
+    pub fn would_look(&self, cgroup: &Path) -> bool {
+        self.cache.would_look(cgroup)
+    }
+
+    /// See [`NsCache::surveyed`].
+    pub fn surveyed(&mut self, cgroup: PathBuf, sandbox: Option<PathBuf>) {
+        self.cache.surveyed(cgroup, sandbox);
     }
 }
 

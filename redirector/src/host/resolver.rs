@@ -15,6 +15,7 @@
 //! may have been recreated since.
 
 use std::{
+    borrow::Cow,
     collections::HashMap,
     net::IpAddr,
     path::{Path, PathBuf},
@@ -26,9 +27,10 @@ use super::{
     cgroup,
     misses::Misses,
     netns::{self, AddressCache, AddressIndex, Claim, CookieCache, NetnsAt, Pass},
+    survey::{self, Ask},
 };
 use crate::{
-    node::desired::Resolve,
+    node::desired::{Ahead, AheadCgroup, Resolve},
     types::{CgroupId, FastHash, NetnsCookie, PodUid, WorkloadId},
 };
 
@@ -163,6 +165,21 @@ impl<'a> SystemResolver<'a> {
             .ok_or_else(|| cgroup::pod_cgroup_missing(self.kubepods_parent, uid))
     }
 
+    /// The cgroup of the pod `uid` if it is known or can be found now,
+    /// without recording a miss: the lookup of its part does that.
+    fn pod_cgroup_if_found(&mut self, uid: &PodUid) -> Option<PathBuf> {
+        if let Some(path) = self.cache.pod_cgroups.get(uid) {
+            return Some(path.clone());
+        }
+        if self.cache.missing.skip(uid) {
+            return None;
+        }
+        let path = self.find_pod_cgroup(uid).ok()?;
+        self.cache.missing.forget(uid);
+        self.cache.pod_cgroups.insert(uid.clone(), path.clone());
+        Some(path)
+    }
+
     fn address_index(&mut self) -> std::io::Result<&AddressIndex> {
         if self.by_address.is_none() {
             let mut index = AddressIndex::new();
@@ -232,6 +249,46 @@ impl Resolve for SystemResolver<'_> {
     fn node_addresses(&mut self) -> Vec<IpAddr> {
         self.node_addresses.to_vec()
     }
+
+    /// Surveys on several threads the cgroups this pass would look at one
+    /// by one ([`survey`]); what it could not find is left to those
+    /// lookups, which say why.
+    fn look_ahead(&mut self, pods: &[Ahead]) {
+        let mut cgroups: Vec<(Cow<Path>, bool)> = Vec::with_capacity(pods.len());
+        for pod in pods {
+            let cgroup = match pod.cgroup {
+                AheadCgroup::Path(path) => Cow::Borrowed(path),
+                AheadCgroup::Uid(uid) => match self.pod_cgroup_if_found(uid) {
+                    Some(path) => Cow::Owned(path),
+                    None => continue,
+                },
+            };
+            let sandbox = pod.sandbox && self.cache.cookies.would_look(&cgroup);
+            if sandbox || !self.cache.ids.contains_key(cgroup.as_ref()) {
+                cgroups.push((cgroup, sandbox));
+            }
+        }
+        if cgroups.len() < survey::PARALLEL_AFTER {
+            return;
+        }
+        let asks: Vec<Ask> = cgroups
+            .iter()
+            .map(|(cgroup, sandbox)| Ask {
+                cgroup,
+                sandbox: *sandbox,
+            })
+            .collect();
+        let found = survey::survey(&asks);
+        for ((cgroup, _), found) in cgroups.into_iter().zip(found) {
+            let cgroup = cgroup.into_owned();
+            if let Some(Ok(sandbox)) = found.sandbox {
+                self.cache.cookies.surveyed(cgroup.clone(), sandbox);
+            }
+            if let Ok(id) = found.id {
+                self.cache.ids.insert(cgroup, id);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -271,6 +328,72 @@ mod tests {
             matches!(resolver.by_uid, Some(Ok(_))),
             "the later pods came from a listing"
         );
+    }
+
+    /// Pods by UID under a kubelet layout, every third with a process (this
+    /// one), every seventh missing.
+    fn kubelet_pods(root: &Path, pods: usize) -> Vec<PodUid> {
+        let me = std::process::id();
+        (0..pods)
+            .map(|i| {
+                let dir = root
+                    .join("kubepods/besteffort")
+                    .join(format!("pod{}", uid(i).as_str()));
+                if i % 7 != 0 {
+                    std::fs::create_dir_all(&dir).unwrap();
+                    let populated = i % 3 == 0;
+                    let events = format!("populated {}\nfrozen 0\n", u8::from(populated));
+                    std::fs::write(dir.join("cgroup.events"), events).unwrap();
+                    let procs = if populated {
+                        format!("{me}\n")
+                    } else {
+                        String::new()
+                    };
+                    std::fs::write(dir.join("cgroup.procs"), procs).unwrap();
+                }
+                uid(i)
+            })
+            .collect()
+    }
+
+    /// Every answer a pod's part asks for, in the order it asks.
+    fn answers(resolver: &mut SystemResolver, uid: &PodUid) -> String {
+        let Ok(cgroup) = resolver.pod_cgroup(uid) else {
+            return "no cgroup".into();
+        };
+        let id = resolver.cgroup_id(&cgroup).map_err(|e| e.kind());
+        let cookie = resolver
+            .netns_cookie(NetnsAt::SandboxOf(&cgroup))
+            .map_err(|e| e.kind());
+        format!("{id:?} {cookie:?}")
+    }
+
+    #[test]
+    fn a_look_ahead_changes_no_answer_in_any_pass() {
+        let root = tempfile::tempdir().unwrap();
+        let uids = kubelet_pods(root.path(), survey::PARALLEL_AFTER * 2 + 3);
+        let ahead: Vec<Ahead> = uids
+            .iter()
+            .map(|uid| Ahead {
+                cgroup: AheadCgroup::Uid(uid),
+                sandbox: true,
+            })
+            .collect();
+        let (mut one_by_one, mut looking_ahead) = (HostCache::default(), HostCache::default());
+        for pass in [Pass::Full, Pass::Cached, Pass::Retry, Pass::Full] {
+            one_by_one.begin_pass(pass);
+            looking_ahead.begin_pass(pass);
+            let mut plain = SystemResolver::new(root.path(), &[], &mut one_by_one);
+            let expected: Vec<String> = uids.iter().map(|u| answers(&mut plain, u)).collect();
+            let mut ahead_first = SystemResolver::new(root.path(), &[], &mut looking_ahead);
+            ahead_first.look_ahead(&ahead);
+            let got: Vec<String> = uids.iter().map(|u| answers(&mut ahead_first, u)).collect();
+            assert_eq!(got, expected, "{pass:?} pass");
+            assert!(
+                expected.iter().any(|a| a.contains("Ok(Some(")),
+                "some pods had a namespace"
+            );
+        }
     }
 
     #[test]

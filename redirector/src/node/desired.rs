@@ -45,7 +45,29 @@ pub trait Resolve {
     /// The addresses of the node's own network namespace: connections from
     /// them (kubelet probes, host-network pods) reach pods uncaptured.
     fn node_addresses(&mut self) -> Vec<IpAddr>;
+    /// Told before many pods' parts are computed what they will ask (their
+    /// cgroups' ids, and their sandboxes' namespaces), so it can look all
+    /// up at once. The answers after it must be those without it.
+    fn look_ahead(&mut self, _pods: &[Ahead]) {}
 }
+
+/// A pod whose part is about to be computed (see [`Resolve::look_ahead`]).
+pub struct Ahead<'a> {
+    pub cgroup: AheadCgroup<'a>,
+    /// Whether its namespace is found through its sandbox (it has no
+    /// namespace file).
+    pub sandbox: bool,
+}
+
+/// How an [`Ahead`] pod's cgroup is named.
+pub enum AheadCgroup<'a> {
+    Path(&'a Path),
+    Uid(&'a PodUid),
+}
+
+/// At least this many pods' parts computed in one go are announced with
+/// [`Resolve::look_ahead`] first.
+const LOOK_AHEAD_AFTER: usize = 256;
 
 /// istio-cni's host-side SNAT address for kubelet probes.
 pub const PROBE_SNAT4: Ipv4Addr = Ipv4Addr::new(169, 254, 7, 127);
@@ -330,6 +352,13 @@ impl DesiredMaps {
         let d = &mut self.desired;
         d.node = entries::node_config(Some(node), settings);
         d.exempt = exempt_sources(settings, resolve.node_addresses());
+        if looked_at.len() >= LOOK_AHEAD_AFTER {
+            let ahead: Vec<Ahead> = looked_at
+                .iter()
+                .filter_map(|uid| ahead(pods.get(uid)?))
+                .collect();
+            resolve.look_ahead(&ahead);
+        }
         for uid in looked_at {
             let placed_before = self
                 .desired
@@ -520,6 +549,20 @@ impl DesiredMaps {
         d.unresolved.set_ztunnels(unresolved);
         self.ztunnel_parts = parts;
     }
+}
+
+/// What [`pod_part`] will ask `resolve` about `pod`, where that is known
+/// before (not for a pod found by address).
+fn ahead(pod: &PodSpec) -> Option<Ahead<'_>> {
+    let cgroup = match &pod.cgroup {
+        PodCgroup::Path(path) => AheadCgroup::Path(path),
+        PodCgroup::Uid => AheadCgroup::Uid(pod.uid.pod_uid()?),
+        PodCgroup::Address => return None,
+    };
+    Some(Ahead {
+        cgroup,
+        sandbox: pod.netns.is_none(),
+    })
 }
 
 /// What `pod` asks of the maps; a pod found by address was last placed on
