@@ -3,7 +3,8 @@
 //! empty, one pod added, changed or removed, and a steady churn, each timed
 //! from the event (the file renamed into place, the API server's object
 //! changed) to the kernel: the benchmark polls the pinned cgroup map itself
-//! for the entry the event changes, every 20 us. Also the daemon's RSS,
+//! for the entry the event changes, every 20 us for one pod's event, every
+//! millisecond for a fill. Also the daemon's RSS,
 //! idle and loaded, and its CPU during the churn.
 
 use std::{
@@ -46,8 +47,15 @@ impl CgroupMap {
         self.0.get(&id, 0).ok()
     }
 
-    /// How long after `since` the entry of `id` satisfied `done`.
-    fn until(&self, id: u64, since: Instant, done: impl Fn(Option<CgroupInfo>) -> bool) -> f64 {
+    /// How long after `since` the entry of `id` satisfied `done`, looked
+    /// at every `poll`.
+    fn until(
+        &self,
+        id: u64,
+        since: Instant,
+        poll: Duration,
+        done: impl Fn(Option<CgroupInfo>) -> bool,
+    ) -> f64 {
         loop {
             if done(self.get(id)) {
                 return since.elapsed().as_secs_f64();
@@ -56,10 +64,19 @@ impl CgroupMap {
                 since.elapsed() < Duration::from_secs(60),
                 "cgroup {id} never reached the state waited for"
             );
-            std::thread::sleep(Duration::from_micros(20));
+            std::thread::sleep(poll);
         }
     }
 }
+
+/// How often a one-pod event's entry is looked at: its figures are
+/// fractions of a millisecond.
+const EVENT_POLL: Duration = Duration::from_micros(20);
+
+/// How often a fill's last entry is looked at. Looking every 20 us took
+/// much of one of the machine's two CPUs from the daemon filling the maps
+/// on several threads; a millisecond is a fraction of a percent of a fill.
+const FILL_POLL: Duration = Duration::from_millis(1);
 
 fn enrolled(e: Option<CgroupInfo>) -> bool {
     e.is_some_and(|e| e.flags & flags::ENROLLED != 0)
@@ -244,15 +261,17 @@ fn file_feed(plan: &Plan) -> Value {
     for _ in 0..plan.repetitions {
         let t0 = Instant::now();
         f.write(&full);
-        figures.fill.push(map.until(last, t0, enrolled));
+        figures.fill.push(map.until(last, t0, FILL_POLL, enrolled));
         assert!(f.ids.iter().all(|id| enrolled(map.get(*id))));
         let t0 = Instant::now();
         f.write(&empty);
-        figures.empty.push(map.until(last, t0, |e| e.is_none()));
+        figures
+            .empty
+            .push(map.until(last, t0, FILL_POLL, |e| e.is_none()));
         assert!(f.ids.iter().all(|id| map.get(*id).is_none()));
     }
     f.write(&full);
-    map.until(last, Instant::now(), enrolled);
+    map.until(last, Instant::now(), FILL_POLL, enrolled);
     let rss_loaded = settled_rss_kib(pid);
     for k in 0..plan.events {
         let i = (k * 7919) % n;
@@ -260,13 +279,17 @@ fn file_feed(plan: &Plan) -> Value {
         let (changed, removed) = (f.text(n, None, Some(i)), f.text(n, Some(i), None));
         let t0 = Instant::now();
         f.write(&changed);
-        figures.changed.push(map.until(id, t0, listed_not_enrolled));
+        figures
+            .changed
+            .push(map.until(id, t0, EVENT_POLL, listed_not_enrolled));
         let t0 = Instant::now();
         f.write(&removed);
-        figures.removed.push(map.until(id, t0, |e| e.is_none()));
+        figures
+            .removed
+            .push(map.until(id, t0, EVENT_POLL, |e| e.is_none()));
         let t0 = Instant::now();
         f.write(&full);
-        figures.added.push(map.until(id, t0, enrolled));
+        figures.added.push(map.until(id, t0, EVENT_POLL, enrolled));
     }
     let mut out = figures.json();
     out["rss_idle_kib"] = json!(rss_idle);
@@ -332,7 +355,7 @@ fn kubernetes_feed(plan: &Plan) -> Value {
             std::thread::sleep(Duration::from_micros(200));
         }
         let map = CgroupMap::open(&node);
-        let end = map.until(last_id, t0, enrolled);
+        let end = map.until(last_id, t0, FILL_POLL, enrolled);
         assert!(ids.iter().all(|id| enrolled(map.get(*id))));
         let listed = api
             .pods_listed_since(t0)
@@ -358,13 +381,17 @@ fn kubernetes_feed(plan: &Plan) -> Value {
         let (uid, id) = (&uids[i], ids[i]);
         let t0 = Instant::now();
         api.put_pod(pod_json(i, uid, false));
-        figures.changed.push(map.until(id, t0, listed_not_enrolled));
+        figures
+            .changed
+            .push(map.until(id, t0, EVENT_POLL, listed_not_enrolled));
         let t0 = Instant::now();
         api.delete_pod(uid);
-        figures.removed.push(map.until(id, t0, |e| e.is_none()));
+        figures
+            .removed
+            .push(map.until(id, t0, EVENT_POLL, |e| e.is_none()));
         let t0 = Instant::now();
         api.put_pod(pod_json(i, uid, true));
-        figures.added.push(map.until(id, t0, enrolled));
+        figures.added.push(map.until(id, t0, EVENT_POLL, enrolled));
     }
     // The churn: one pod's label flipped every 1/rate s, each change timed
     // to the kernel.
@@ -383,9 +410,9 @@ fn kubernetes_feed(plan: &Plan) -> Value {
         let t0 = Instant::now();
         api.put_pod(pod_json(i, &uids[i], ambient));
         churn.push(if ambient {
-            map.until(ids[i], t0, enrolled)
+            map.until(ids[i], t0, EVENT_POLL, enrolled)
         } else {
-            map.until(ids[i], t0, listed_not_enrolled)
+            map.until(ids[i], t0, EVENT_POLL, listed_not_enrolled)
         });
         k += 1;
     }
