@@ -38,6 +38,25 @@ pub(super) fn netns_of_cgroup_in(
     sandbox_netns(cgroup, events.into())
 }
 
+/// A sandbox's namespace as a survey found it ([`super::survey`]): opened
+/// when it was found, so a pid reused since cannot stand in for it.
+pub struct Opened {
+    pub(super) path: PathBuf,
+    /// What opening it gave (`NotFound`: the process had exited).
+    ns: io::Result<fs::File>,
+}
+
+/// As [`netns_of_cgroup_in`], the namespace opened at once.
+pub(super) fn open_sandbox_of(
+    dirs: &mut cgroup::Dirs,
+    cgroup: &Path,
+) -> io::Result<Option<Opened>> {
+    Ok(netns_of_cgroup_in(dirs, cgroup)?.map(|path| Opened {
+        ns: open_netns(&path),
+        path,
+    }))
+}
+
 /// [`netns_of_cgroup`], once `cgroup`'s `cgroup.events` is open as
 /// `events`.
 fn sandbox_netns(cgroup: &Path, events: fs::File) -> io::Result<Option<PathBuf>> {
@@ -311,7 +330,7 @@ pub struct NsCache<T> {
     no_sandbox: Misses<PathBuf>,
     /// Where this pass's survey found each cgroup's sandbox
     /// ([`super::survey`]), taken instead of looking again.
-    surveyed: HashMap<PathBuf, Option<PathBuf>, FastHash>,
+    surveyed: HashMap<PathBuf, Option<Opened>, FastHash>,
     /// What this pass takes as found before.
     pass: Pass,
     /// Where the cgroups' `cgroup.events` files are opened.
@@ -395,9 +414,10 @@ impl<T: Clone> NsCache<T> {
             NetnsAt::SandboxOf(cgroup) => self.surveyed.remove(cgroup),
             NetnsAt::File(_) => None,
         };
-        let netns = match surveyed {
-            Some(found) => found,
-            None => at.path(&mut self.dirs)?,
+        let (netns, opened) = match surveyed {
+            Some(Some(Opened { path, ns })) => (Some(path), Some(ns)),
+            Some(None) => (None, None),
+            None => (at.path(&mut self.dirs)?, None),
         };
         let Some(netns) = netns else {
             if let NetnsAt::SandboxOf(cgroup) = at {
@@ -405,7 +425,7 @@ impl<T: Clone> NsCache<T> {
             }
             return Ok(None);
         };
-        let ns = match open_netns(&netns) {
+        let ns = match opened.unwrap_or_else(|| open_netns(&netns)) {
             Ok(f) => f,
             // The process exited between listing and looking: try later.
             Err(e)
@@ -458,9 +478,7 @@ impl<T: Clone> NsCache<T> {
     /// the sandboxes found before as they were.
     pub fn begin_pass(&mut self, pass: Pass) {
         self.pass = pass;
-        // Dropped, not cleared: a survey of 10,000 cgroups is rare, and its
-        // table need not stay allocated between them.
-        self.surveyed = HashMap::default();
+        self.end_survey();
         self.no_sandbox.begin_pass(pass);
         if pass == Pass::Full {
             self.sandboxes.clear();
@@ -479,10 +497,18 @@ impl<T: Clone> NsCache<T> {
                 || self.no_sandbox.skip(&cgroup.to_path_buf()))
     }
 
-    /// Where a survey found `cgroup`'s sandbox this pass (`None`: no
-    /// process runs there): the next look at it takes this.
-    fn surveyed(&mut self, cgroup: PathBuf, sandbox: Option<PathBuf>) {
+    /// Where a survey found `cgroup`'s sandbox (`None`: no process runs
+    /// there): the next look at it takes this, until [`Self::end_survey`].
+    fn surveyed(&mut self, cgroup: PathBuf, sandbox: Option<Opened>) {
         self.surveyed.insert(cgroup, sandbox);
+    }
+
+    /// Lets go of what a survey found and no look took: it is only as good
+    /// as the parts computed right after it.
+    fn end_survey(&mut self) {
+        // Dropped, not cleared: a survey of 10,000 cgroups is rare, and its
+        // table need not stay allocated between them.
+        self.surveyed = HashMap::default();
     }
 
     /// Forgets what was found about `cgroup`'s sandbox: its pod's state
@@ -543,8 +569,13 @@ impl CookieCache {
     }
 
     /// See [`NsCache::surveyed`].
-    pub fn surveyed(&mut self, cgroup: PathBuf, sandbox: Option<PathBuf>) {
+    pub fn surveyed(&mut self, cgroup: PathBuf, sandbox: Option<Opened>) {
         self.cache.surveyed(cgroup, sandbox);
+    }
+
+    /// See [`NsCache::end_survey`].
+    pub fn end_survey(&mut self) {
+        self.cache.end_survey();
     }
 }
 

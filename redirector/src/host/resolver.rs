@@ -252,8 +252,10 @@ impl Resolve for SystemResolver<'_> {
 
     /// Surveys on several threads the cgroups this pass would look at one
     /// by one ([`survey`]); what it could not find is left to those
-    /// lookups, which say why.
+    /// lookups, which say why. What it found stands until the next call
+    /// (`look_ahead(&[])` lets it go) or pass.
     fn look_ahead(&mut self, pods: &[Ahead]) {
+        self.cache.cookies.end_survey();
         let mut cgroups: Vec<(Cow<Path>, bool)> = Vec::with_capacity(pods.len());
         for pod in pods {
             let cgroup = match pod.cgroup {
@@ -284,8 +286,10 @@ impl Resolve for SystemResolver<'_> {
             if let Some(Ok(sandbox)) = found.sandbox {
                 self.cache.cookies.surveyed(cgroup.clone(), sandbox);
             }
+            // An id found before stands until a full pass, as without the
+            // survey.
             if let Ok(id) = found.id {
-                self.cache.ids.insert(cgroup, id);
+                self.cache.ids.entry(cgroup).or_insert(id);
             }
         }
     }
@@ -394,6 +398,37 @@ mod tests {
                 "some pods had a namespace"
             );
         }
+    }
+
+    #[test]
+    fn what_a_look_ahead_found_is_let_go_once_the_parts_are_computed() {
+        let root = tempfile::tempdir().unwrap();
+        // Enough for a survey with every seventh pod missing.
+        let uids = kubelet_pods(root.path(), survey::PARALLEL_AFTER * 2);
+        let ahead: Vec<Ahead> = uids
+            .iter()
+            .map(|uid| Ahead {
+                cgroup: AheadCgroup::Uid(uid),
+                sandbox: true,
+            })
+            .collect();
+        let mut cache = HostCache::default();
+        cache.begin_pass(Pass::Full);
+        let mut resolver = SystemResolver::new(root.path(), &[], &mut cache);
+        resolver.look_ahead(&ahead);
+        resolver.look_ahead(&[]);
+        // Pod 1 had no process when surveyed; its sandbox starts now.
+        let cgroup = resolver.pod_cgroup(&uids[1]).unwrap();
+        let me = std::process::id();
+        std::fs::write(cgroup.join("cgroup.events"), "populated 1\nfrozen 0\n").unwrap();
+        std::fs::write(cgroup.join("cgroup.procs"), format!("{me}\n")).unwrap();
+        assert!(
+            matches!(
+                resolver.netns_cookie(NetnsAt::SandboxOf(&cgroup)),
+                Ok(Some(_))
+            ),
+            "the live sandbox is found, not the survey's empty cgroup"
+        );
     }
 
     #[test]

@@ -2,14 +2,10 @@
 //! from empty, or a full pass, asks for 10,000 cgroup ids and as many
 //! `cgroup.events` reads, each a kernfs lookup and open that one thread
 //! would make one after the other. The answers are handed to the caches
-//! ([`super::resolver::SystemResolver::survey`]), which the pods' parts
-//! then read as if they had looked one by one.
+//! (`Resolve::look_ahead` of [`super::resolver::SystemResolver`]), which
+//! the pods' parts then read as if they had looked one by one.
 
-use std::{
-    io,
-    path::{Path, PathBuf},
-    thread,
-};
+use std::{io, path::Path, thread};
 
 use super::{cgroup, netns};
 use crate::types::CgroupId;
@@ -29,12 +25,12 @@ pub struct Ask<'a> {
 pub struct Found {
     pub id: io::Result<CgroupId>,
     /// `None` if the sandbox was not asked for.
-    pub sandbox: Option<io::Result<Option<PathBuf>>>,
+    pub sandbox: Option<io::Result<Option<netns::Opened>>>,
 }
 
 /// Looks at every cgroup of `asks`, on up to as many threads as the
-/// machine has CPUs, at least [`PARALLEL_AFTER`] cgroups each; in the
-/// order asked.
+/// machine has CPUs and no more than one per [`PARALLEL_AFTER`] cgroups;
+/// in the order asked.
 pub fn survey(asks: &[Ask]) -> Vec<Found> {
     let threads = thread::available_parallelism()
         .map_or(1, usize::from)
@@ -75,13 +71,15 @@ fn look(asks: &[Ask]) -> Vec<Found> {
             id: dirs.cgroup_id(ask.cgroup),
             sandbox: ask
                 .sandbox
-                .then(|| netns::netns_of_cgroup_in(&mut dirs, ask.cgroup)),
+                .then(|| netns::open_sandbox_of(&mut dirs, ask.cgroup)),
         })
         .collect()
 }
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
     use super::*;
 
     /// A plain directory per pod standing in for its cgroup, every third
@@ -126,7 +124,10 @@ mod tests {
             assert_eq!(found.id.as_ref().ok(), id.as_ref(), "pod {i}");
             let sandbox = ask.sandbox.then(|| netns::netns_of_cgroup(ask.cgroup).ok());
             assert_eq!(
-                found.sandbox.as_ref().map(|s| s.as_ref().ok().cloned()),
+                found
+                    .sandbox
+                    .as_ref()
+                    .map(|s| s.as_ref().ok().map(|o| o.as_ref().map(|o| o.path.clone()))),
                 sandbox,
                 "pod {i}"
             );

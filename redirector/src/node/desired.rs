@@ -47,15 +47,16 @@ pub trait Resolve {
     fn node_addresses(&mut self) -> Vec<IpAddr>;
     /// Told before many pods' parts are computed what they will ask (their
     /// cgroups' ids, and their sandboxes' namespaces), so it can look all
-    /// up at once. The answers after it must be those without it.
+    /// up at once; told `&[]` once they are. The answers after it must be
+    /// those without it.
     fn look_ahead(&mut self, _pods: &[Ahead]) {}
 }
 
 /// A pod whose part is about to be computed (see [`Resolve::look_ahead`]).
 pub struct Ahead<'a> {
     pub cgroup: AheadCgroup<'a>,
-    /// Whether its namespace is found through its sandbox (it has no
-    /// namespace file).
+    /// Whether its part asks for its namespace's cookie through its
+    /// sandbox (it has addresses and no namespace file).
     pub sandbox: bool,
 }
 
@@ -352,7 +353,8 @@ impl DesiredMaps {
         let d = &mut self.desired;
         d.node = entries::node_config(Some(node), settings);
         d.exempt = exempt_sources(settings, resolve.node_addresses());
-        if looked_at.len() >= LOOK_AHEAD_AFTER {
+        let look_ahead = looked_at.len() >= LOOK_AHEAD_AFTER;
+        if look_ahead {
             let ahead: Vec<Ahead> = looked_at
                 .iter()
                 .filter_map(|uid| ahead(pods.get(uid)?))
@@ -369,6 +371,9 @@ impl DesiredMaps {
                 .get(&uid)
                 .map(|pod| pod_part(pod, placed_before, node, readiness, settings, resolve));
             self.replace_part(&uid, part, &mut changed);
+        }
+        if look_ahead {
+            resolve.look_ahead(&[]);
         }
         self.update_ztunnels(node, settings, resolve, &mut changed);
         // The shared ztunnel's namespace keys its connections.
@@ -561,7 +566,9 @@ fn ahead(pod: &PodSpec) -> Option<Ahead<'_>> {
     };
     Some(Ahead {
         cgroup,
-        sandbox: pod.netns.is_none(),
+        // A pod with no addresses looks for them first, and then for its
+        // cookie: rare enough to be left to the lookups one by one.
+        sandbox: pod.netns.is_none() && !pod.ips.is_empty(),
     })
 }
 
