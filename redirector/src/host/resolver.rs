@@ -203,14 +203,15 @@ impl Resolve for SystemResolver<'_> {
         if let Some(path) = self.cache.pod_cgroups.get(uid) {
             return Ok(path.clone());
         }
-        let found = if self.cache.missing.skip(uid) {
-            Err(cgroup::pod_cgroup_missing(
+        // Taken as still missing without a look, it counts as no new miss:
+        // the wait before the next look stays as the last miss set it.
+        if self.cache.missing.skip(uid) {
+            return Err(cgroup::pod_cgroup_missing(
                 self.kubepods_parent,
                 uid.as_str(),
-            ))
-        } else {
-            self.find_pod_cgroup(uid)
-        };
+            ));
+        }
+        let found = self.find_pod_cgroup(uid);
         match &found {
             Ok(path) => {
                 self.cache.missing.forget(uid);
@@ -429,6 +430,32 @@ mod tests {
             ),
             "the live sandbox is found, not the survey's empty cgroup"
         );
+    }
+
+    #[test]
+    fn a_pod_cgroup_made_after_two_misses_is_found_at_the_retry_pass_its_backoff_names() {
+        let root = tempfile::tempdir().unwrap();
+        let pod = uid(1);
+        let mut cache = HostCache::default();
+        let mut found_at = None;
+        // Missed at the full pass and at retry pass 1, the pod is looked
+        // for again at retry pass 3 (two passes after its second miss).
+        for pass in 0..8 {
+            cache.begin_pass(if pass == 0 { Pass::Full } else { Pass::Retry });
+            let mut resolver = SystemResolver::new(root.path(), &[], &mut cache);
+            if resolver.pod_cgroup(&pod).is_ok() {
+                found_at = Some(pass);
+                break;
+            }
+            if pass == 1 {
+                let dir = root
+                    .path()
+                    .join("kubepods")
+                    .join(format!("pod{}", pod.as_str()));
+                std::fs::create_dir_all(dir).unwrap();
+            }
+        }
+        assert_eq!(found_at, Some(3));
     }
 
     #[test]
