@@ -4,7 +4,7 @@
 
 use std::process::{Command, Output};
 
-use ambridge_conformance::{Fixture, workspace_bin};
+use ambridge_conformance::{Fixture, PodRole, workspace_bin};
 use serde_json::Value;
 
 fn ambridge(args: &[&str]) -> Output {
@@ -26,7 +26,11 @@ fn stdout_of(args: &[&str]) -> String {
 
 #[test]
 fn every_report_prints_the_same_document_as_json_and_yaml_and_wide_adds_columns() {
-    let f = Fixture::three_pods().wait_enrolled().start();
+    // A ztunnel stand-in acknowledges the client in replacement mode.
+    let f = Fixture::three_pods()
+        .ztunnel(&[PodRole::Client], &[])
+        .wait_enrolled()
+        .start();
     let api = f.daemon.api_socket().display().to_string();
     for command in ["status", "pods", "stats"] {
         let json: Value =
