@@ -361,6 +361,17 @@ mod tests {
             .collect()
     }
 
+    /// The pods `uids` as a look-ahead names them, each asking for its
+    /// sandbox.
+    fn ahead_of(uids: &[PodUid]) -> Vec<Ahead<'_>> {
+        uids.iter()
+            .map(|uid| Ahead {
+                cgroup: AheadCgroup::Uid(uid),
+                sandbox: true,
+            })
+            .collect()
+    }
+
     /// Every answer a pod's part asks for, in the order it asks.
     fn answers(resolver: &mut SystemResolver, uid: &PodUid) -> String {
         let Ok(cgroup) = resolver.pod_cgroup(uid) else {
@@ -377,13 +388,7 @@ mod tests {
     fn a_look_ahead_changes_no_answer_in_any_pass() {
         let root = tempfile::tempdir().unwrap();
         let uids = kubelet_pods(root.path(), survey::PARALLEL_AFTER * 2 + 3);
-        let ahead: Vec<Ahead> = uids
-            .iter()
-            .map(|uid| Ahead {
-                cgroup: AheadCgroup::Uid(uid),
-                sandbox: true,
-            })
-            .collect();
+        let ahead = ahead_of(&uids);
         let (mut one_by_one, mut looking_ahead) = (HostCache::default(), HostCache::default());
         for pass in [Pass::Full, Pass::Cached, Pass::Retry, Pass::Full] {
             one_by_one.begin_pass(pass);
@@ -406,13 +411,7 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         // Enough for a survey with every seventh pod missing.
         let uids = kubelet_pods(root.path(), survey::PARALLEL_AFTER * 2);
-        let ahead: Vec<Ahead> = uids
-            .iter()
-            .map(|uid| Ahead {
-                cgroup: AheadCgroup::Uid(uid),
-                sandbox: true,
-            })
-            .collect();
+        let ahead = ahead_of(&uids);
         let mut cache = HostCache::default();
         cache.begin_pass(Pass::Full);
         let mut resolver = SystemResolver::new(root.path(), &[], &mut cache);
