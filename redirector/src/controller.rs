@@ -9,6 +9,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -27,7 +28,7 @@ use crate::{
     node::{
         desired::{self, DesiredMaps, Touched},
         merge,
-        spec::{NodeSpec, PodCgroup, PodSpec, Readiness, Settings},
+        spec::{NodeSpec, PodCgroup, PodMap, PodSpec, Readiness, Settings},
     },
     publish::{Publish, Reconciled, annotator::Annotator, zds},
     sources::{
@@ -121,7 +122,7 @@ pub struct Controller {
     /// istiod's last view of this node's workloads.
     xds: Option<xds::Snapshot>,
     /// Those workloads as pods, when istiod decides membership.
-    istiod_pods: Option<BTreeMap<WorkloadId, PodSpec>>,
+    istiod_pods: Option<PodMap>,
     /// The pods some input changed since the last reconcile.
     pending: Touched,
     /// The pods of the last retry pass not looked at again yet.
@@ -136,7 +137,7 @@ pub struct Controller {
     pass_due: Pass,
     /// Each pod as the last reconcile saw it: a pod that differs now has
     /// changed, and what was found about it is looked up again.
-    last_pods: BTreeMap<WorkloadId, PodSpec>,
+    last_pods: PodMap,
     /// The desired maps, brought up to date pod by pod.
     maps: DesiredMaps,
     /// The next diff against the kernel compares whole maps (at start, after
@@ -151,7 +152,7 @@ pub struct Controller {
     /// the API's view.
     publishers: Vec<Box<dyn Publish + Send>>,
     /// Entries pushed through the API.
-    pushed_pods: BTreeMap<WorkloadId, PodSpec>,
+    pushed_pods: PodMap,
     /// Pushed ztunnel cgroups, with their zero-copy flag.
     pushed_ztunnels: BTreeMap<PathBuf, bool>,
     /// The pod sandboxes the CNI plugin reported.
@@ -495,7 +496,7 @@ impl Controller {
         match entry {
             Pushed::Pod(pod) => {
                 self.pending.add(&pod.uid);
-                self.pushed_pods.insert(pod.uid.clone(), pod);
+                self.pushed_pods.insert(pod.uid.clone(), Arc::new(pod));
             }
             Pushed::RemovePod(uid) => {
                 self.pending.add(&uid);
@@ -588,7 +589,13 @@ impl Controller {
             );
         }
         let id = WorkloadId::Kubernetes(uid.clone());
-        let view = self.view.read().expect("view lock");
+        let pod = self
+            .view
+            .read()
+            .expect("view lock")
+            .pods
+            .get(&id)
+            .map(api::view::PodRow::to_pb);
         let ztunnels = self
             .kube
             .as_ref()
@@ -597,7 +604,7 @@ impl Controller {
         cni::verdict(
             uid,
             &cni::Standing {
-                pod: view.pods.get(&id),
+                pod: pod.as_ref(),
                 ztunnels: &ztunnels,
                 listed_by_kubernetes: self.kube_is_source.then(|| {
                     self.kube
@@ -638,7 +645,7 @@ impl Controller {
         let (Some(kube), Some(xds)) = (&self.kube, &self.xds) else {
             return;
         };
-        let now = xds::disagreements(kube.pods.values(), &xds.workloads);
+        let now = xds::disagreements(kube.pods.values().map(Arc::as_ref), &xds.workloads);
         for d in now.difference(&self.disagreements) {
             info!("Kubernetes and istiod disagree (Kubernetes decides): {d}");
         }
@@ -881,7 +888,7 @@ impl Controller {
             }
             Touched::Pods(uids) => uids.iter().cloned().collect(),
         };
-        let merged: Vec<(WorkloadId, Option<PodSpec>)> = uids
+        let merged: Vec<(WorkloadId, Option<Arc<PodSpec>>)> = uids
             .into_iter()
             .filter_map(|uid| {
                 let pod = merge::pod(&views, &uid);
@@ -898,7 +905,7 @@ impl Controller {
                 .zip(pod.as_ref())
                 .is_some_and(|(was, now)| same_host_facts(was, now))
             {
-                let placed = self.maps.desired.placed.get(&uid).map(|(p, _)| p.as_path());
+                let placed = self.maps.desired.placed.get(&uid).map(|(p, _)| &**p);
                 self.host.forget(&uid, placed);
                 for p in [was, pod.as_ref()].into_iter().flatten() {
                     if let PodCgroup::Path(path) = &p.cgroup {
@@ -926,11 +933,7 @@ fn same_host_facts(a: &PodSpec, b: &PodSpec) -> bool {
 }
 
 /// Adds to `pending` each pod that differs between `old` and `new`.
-fn touch_differing(
-    pending: &mut Touched,
-    old: &BTreeMap<WorkloadId, PodSpec>,
-    new: &BTreeMap<WorkloadId, PodSpec>,
-) {
+fn touch_differing(pending: &mut Touched, old: &PodMap, new: &PodMap) {
     for (uid, pod) in new {
         if old.get(uid) != Some(pod) {
             pending.add(uid);

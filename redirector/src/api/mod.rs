@@ -120,7 +120,7 @@ impl pb::node_server::Node for Service {
             .map(|pod| {
                 Ok(pb::Change {
                     kind: pb::change::Kind::Added as i32,
-                    pod: Some(pod.clone()),
+                    pod: Some(pod.to_pb()),
                 })
             })
             .collect();
@@ -229,20 +229,30 @@ impl pb::node_server::Node for Service {
                 value: n as u64,
             })
             .collect();
-        let view = self.view.read().expect("view lock").clone();
+        let (state_loaded, pods, enrolled, ztunnels, unresolved) = {
+            let view = self.view.read().expect("view lock");
+            let enrolled = view
+                .pods
+                .values()
+                .filter(|p| p.spec.mode == crate::node::spec::Mode::Ambient)
+                .count();
+            (
+                view.state_loaded,
+                view.pods.len() as u32,
+                enrolled as u32,
+                view.ztunnels,
+                view.unresolved,
+            )
+        };
         Ok(Response::new(pb::StatusResponse {
             version: env!("CARGO_PKG_VERSION").to_string(),
             cgroup_root: self.cgroup_root.display().to_string(),
             bpffs: self.pins.root().display().to_string(),
-            state_loaded: view.state_loaded,
-            pods: view.pods.len() as u32,
-            enrolled: view
-                .pods
-                .values()
-                .filter(|p| p.mode() == pb::Mode::Ambient)
-                .count() as u32,
-            ztunnels: view.ztunnels,
-            unresolved: view.unresolved,
+            state_loaded,
+            pods,
+            enrolled,
+            ztunnels,
+            unresolved,
             original_src: pb::OriginalSrc::from(self.settings.original_src).into(),
             sockmap: self.settings.sockmap,
             counters,
@@ -287,7 +297,7 @@ impl pb::node_server::Node for Service {
             .expect("view lock")
             .pods
             .values()
-            .cloned()
+            .map(view::PodRow::to_pb)
             .collect();
         Ok(Response::new(pb::ListPodsResponse { pods }))
     }

@@ -35,7 +35,7 @@ use prometheus_client::{
 };
 use tokio::net::TcpListener;
 
-use super::{Context, pb};
+use super::Context;
 use crate::{
     publish::{Publish, Reconciled},
     supervise::{Component, Health, State as ComponentState},
@@ -297,7 +297,7 @@ pub fn render(context: &Context, recorder: &Recorder) -> anyhow::Result<String> 
         registry.register(name, help, gauge);
     }
 
-    let view = context.view.read().expect("view lock").clone();
+    let view = context.view.read().expect("view lock");
     let mut by_state = [
         ("enrolled", 0),
         ("held", 0),
@@ -305,11 +305,11 @@ pub fn render(context: &Context, recorder: &Recorder) -> anyhow::Result<String> 
         ("not_enrolled", 0),
     ];
     for pod in view.pods.values() {
-        let state = if !pod.problem.is_empty() {
+        let state = if !pod.problems.is_empty() {
             2
-        } else if pod.mode() != pb::Mode::Ambient {
+        } else if pod.spec.mode != crate::node::spec::Mode::Ambient {
             3
-        } else if pod.held {
+        } else if pod.held() {
             1
         } else {
             0

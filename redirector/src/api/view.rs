@@ -2,7 +2,9 @@
 //! pod by pod, and each pod's change, which watchers are sent.
 
 use std::{
+    borrow::Cow,
     collections::BTreeMap,
+    path::Path,
     sync::{Arc, RwLock},
 };
 
@@ -15,7 +17,7 @@ use crate::{
     node::desired::{Desired, Touched},
     node::spec::{Mode, NodeSpec, PodSpec},
     publish::{Publish, Reconciled},
-    types::WorkloadId,
+    types::{CgroupId, WorkloadId},
 };
 
 /// What the API reports about the node, refreshed after every reconcile.
@@ -23,7 +25,7 @@ use crate::{
 pub struct View {
     pub state_loaded: bool,
     /// By UID.
-    pub pods: BTreeMap<WorkloadId, pb::Pod>,
+    pub pods: BTreeMap<WorkloadId, PodRow>,
     pub ztunnels: u32,
     pub unresolved: u32,
 }
@@ -41,22 +43,32 @@ pub fn update(view: &mut View, r: &Reconciled) -> Vec<pb::Change> {
     };
     let mut out = Vec::new();
     for uid in r.uids(before.iter()) {
-        let now = r.pods.get(uid).map(|pod| pod_view(pod, r.node, r.desired));
+        let now = r
+            .pods
+            .get(uid)
+            .map(|pod| PodRow::new(pod, r.node, r.desired));
         let change = match (view.pods.get(uid), now) {
             (None, None) => continue,
             (Some(was), Some(now)) if *was == now => continue,
+            // A change the API does not show (a service account, say):
+            // the row follows the spec, and no watcher is told.
+            (Some(was), Some(now)) if was.to_pb() == now.to_pb() => {
+                view.pods.insert(uid.clone(), now);
+                continue;
+            }
             (was, Some(now)) => {
                 let kind = if was.is_some() {
                     Kind::Updated
                 } else {
                     Kind::Added
                 };
-                view.pods.insert(uid.clone(), now.clone());
-                (kind, now)
+                let pod = now.to_pb();
+                view.pods.insert(uid.clone(), now);
+                (kind, pod)
             }
             (Some(_), None) => {
                 let was = view.pods.remove(uid).expect("present");
-                (Kind::Removed, was)
+                (Kind::Removed, was.to_pb())
             }
         };
         out.push(pb::Change {
@@ -67,32 +79,70 @@ pub fn update(view: &mut View, r: &Reconciled) -> Vec<pb::Change> {
     out
 }
 
-/// One pod as the API shows it: where it landed in the datapath.
-fn pod_view(pod: &PodSpec, node: &NodeSpec, desired: &Desired) -> pb::Pod {
-    let problems: Vec<&str> = desired
-        .unresolved
-        .of_pod(&pod.uid)
-        .iter()
-        .map(|u| u.error.as_str())
-        .collect();
-    let placed = desired.placed.get(&pod.uid);
-    let entry = placed.and_then(|(_, id)| desired.cgroups.get(id));
-    pb::Pod {
-        uid: pod.uid.to_string(),
-        namespace: pod.namespace.clone(),
-        name: pod.name.clone(),
-        mode: pb::Mode::from(pod.mode).into(),
-        ips: pod.ips.iter().map(ToString::to_string).collect(),
-        cgroup: placed
-            .map(|(p, _)| p.display().to_string())
-            .unwrap_or_default(),
-        cgroup_id: placed.map(|(_, id)| id.0).unwrap_or(0),
-        in_datapath: placed.is_some(),
-        accelerated: entry.is_some_and(|e| e.flags & flags::ACCEL != 0),
-        held: entry.is_some_and(|e| e.flags & flags::HELD != 0),
-        inbound: inbound_state(pod, node, desired).into(),
-        dns_captured: entry.is_some_and(|e| e.flags & flags::DNS_CAPTURE != 0),
-        problem: problems.join("; "),
+/// One pod as the API shows it: where it landed in the datapath. Kept
+/// for every pod of the node, so it shares what the controller holds (the
+/// spec, the cgroup's path, the reasons) and is rendered as a [`pb::Pod`]
+/// only when a client asks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodRow {
+    pub spec: Arc<PodSpec>,
+    /// Its cgroup, where the datapath has placed it.
+    pub placed: Option<(Arc<Path>, CgroupId)>,
+    /// The flags of its cgroup map entry (none without one).
+    pub flags: u32,
+    pub inbound: pb::InboundCapture,
+    /// What is not found yet; empty when nothing.
+    pub problems: Box<[Cow<'static, str>]>,
+}
+
+impl PodRow {
+    fn new(pod: &Arc<PodSpec>, node: &NodeSpec, desired: &Desired) -> Self {
+        let placed = desired.placed.get(&pod.uid).cloned();
+        let flags = placed
+            .as_ref()
+            .and_then(|(_, id)| desired.cgroups.get(id))
+            .map_or(0, |e| e.flags);
+        Self {
+            spec: pod.clone(),
+            placed,
+            flags,
+            inbound: inbound_state(pod, node, desired),
+            problems: desired
+                .unresolved
+                .of_pod(&pod.uid)
+                .iter()
+                .map(|u| u.error.clone())
+                .collect(),
+        }
+    }
+
+    /// Enrolled, and its connects refused until ztunnel acknowledges it.
+    pub fn held(&self) -> bool {
+        self.flags & flags::HELD != 0
+    }
+
+    /// The row as the API sends it.
+    pub fn to_pb(&self) -> pb::Pod {
+        let pod = &self.spec;
+        pb::Pod {
+            uid: pod.uid.to_string(),
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+            mode: pb::Mode::from(pod.mode).into(),
+            ips: pod.ips.iter().map(ToString::to_string).collect(),
+            cgroup: self
+                .placed
+                .as_ref()
+                .map(|(p, _)| p.display().to_string())
+                .unwrap_or_default(),
+            cgroup_id: self.placed.as_ref().map_or(0, |(_, id)| id.0),
+            in_datapath: self.placed.is_some(),
+            accelerated: self.flags & flags::ACCEL != 0,
+            held: self.held(),
+            inbound: self.inbound.into(),
+            dns_captured: self.flags & flags::DNS_CAPTURE != 0,
+            problem: self.problems.join("; "),
+        }
     }
 }
 
@@ -136,17 +186,16 @@ impl Publish for Publisher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::node::spec::fixtures;
+    use crate::node::spec::{PodMap, fixtures};
 
-    fn pod(uid: &str, name: &str) -> (WorkloadId, PodSpec) {
-        (WorkloadId::kubernetes(uid), fixtures::pod(uid, name))
+    fn pod(uid: &str, name: &str) -> (WorkloadId, Arc<PodSpec>) {
+        (
+            WorkloadId::kubernetes(uid),
+            Arc::new(fixtures::pod(uid, name)),
+        )
     }
 
-    fn reconcile(
-        view: &mut View,
-        pods: &BTreeMap<WorkloadId, PodSpec>,
-        republish: Touched,
-    ) -> Vec<(i32, String)> {
+    fn reconcile(view: &mut View, pods: &PodMap, republish: Touched) -> Vec<(i32, String)> {
         let r = Reconciled {
             node: &NodeSpec::default(),
             pods,

@@ -4,10 +4,12 @@
 //! changes nothing the second time.
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, BTreeSet},
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::Path,
+    sync::Arc,
 };
 
 use ambridge_common::{CgroupInfo, InboundTarget, NetnsInfo, NodeConfig, exempt};
@@ -18,7 +20,7 @@ use crate::{
     node::claims::{Claims, Counted, Owner},
     node::entries,
     node::spec::{
-        CgroupRef, Mode, NodeSpec, PodCgroup, PodSpec, Readiness, Settings, SharedRedirect,
+        CgroupRef, Mode, NodeSpec, PodCgroup, PodMap, PodSpec, Readiness, Settings, SharedRedirect,
     },
     types::{CgroupId, NetnsCookie, PodUid, WorkloadId},
 };
@@ -85,8 +87,10 @@ pub struct Unresolved {
     /// The pod's UID (`None` for a ztunnel).
     pub uid: Option<WorkloadId>,
     pub owner: String,
-    pub cgroup: std::path::PathBuf,
-    pub error: String,
+    pub cgroup: Arc<Path>,
+    /// Why, borrowed where the reason is always the same words (a pod not
+    /// started yet, thousands of them on a node filling up).
+    pub error: Cow<'static, str>,
 }
 
 /// The map contents that a node state calls for.
@@ -96,7 +100,7 @@ pub struct Desired {
     pub netns: BTreeMap<NetnsCookie, NetnsInfo>,
     pub node: NodeConfig,
     /// Where each pod with a resolved cgroup sits.
-    pub placed: BTreeMap<WorkloadId, (std::path::PathBuf, CgroupId)>,
+    pub placed: BTreeMap<WorkloadId, (Arc<Path>, CgroupId)>,
     /// The netns of each pod whose processes were found.
     pub pod_netns: BTreeMap<WorkloadId, NetnsCookie>,
     /// Where inbound connections to each enrolled pod address are
@@ -175,10 +179,10 @@ pub fn desired(
     settings: &Settings,
     resolve: &mut impl Resolve,
 ) -> Desired {
-    let pods: BTreeMap<WorkloadId, PodSpec> = spec
+    let pods: PodMap = spec
         .pods
         .iter()
-        .map(|p| (p.uid.clone(), p.clone()))
+        .map(|p| (p.uid.clone(), Arc::new(p.clone())))
         .collect();
     let mut maps = DesiredMaps::default();
     maps.update(spec, &pods, Touched::All, readiness, settings, resolve);
@@ -216,7 +220,7 @@ impl Touched {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct PodPart {
     /// Its claim on the cgroup map, with where the cgroup is.
-    cgroup: Option<(std::path::PathBuf, CgroupId, CgroupInfo)>,
+    cgroup: Option<(Arc<Path>, CgroupId, CgroupInfo)>,
     netns: Option<(NetnsCookie, NetnsInfo)>,
     /// Its addresses captured inbound, into `netns`.
     inbound: Vec<IpAddr>,
@@ -294,7 +298,7 @@ impl DesiredMaps {
     pub fn update(
         &mut self,
         node: &NodeSpec,
-        pods: &BTreeMap<WorkloadId, PodSpec>,
+        pods: &PodMap,
         mut touched: Touched,
         readiness: &Readiness,
         settings: &Settings,
@@ -309,7 +313,7 @@ impl DesiredMaps {
     pub fn update_retrying(
         &mut self,
         node: &NodeSpec,
-        pods: &BTreeMap<WorkloadId, PodSpec>,
+        pods: &PodMap,
         touched: &mut Touched,
         retry: &[WorkloadId],
         readiness: &Readiness,
@@ -362,11 +366,7 @@ impl DesiredMaps {
             resolve.look_ahead(&ahead);
         }
         for uid in looked_at {
-            let placed_before = self
-                .desired
-                .placed
-                .get(&uid)
-                .map(|(path, _)| path.as_path());
+            let placed_before = self.desired.placed.get(&uid).map(|(path, _)| &**path);
             let part = pods
                 .get(&uid)
                 .map(|pod| pod_part(pod, placed_before, node, readiness, settings, resolve));
@@ -387,7 +387,7 @@ impl DesiredMaps {
 
     /// The pods a retry pass looks at again: those not fully found yet, and
     /// those found by address, which depend on every other pod's netns.
-    pub fn retry_candidates(&self, pods: &BTreeMap<WorkloadId, PodSpec>) -> Vec<WorkloadId> {
+    pub fn retry_candidates(&self, pods: &PodMap) -> Vec<WorkloadId> {
         let mut uids: BTreeSet<WorkloadId> = self
             .parts
             .iter()
@@ -409,7 +409,10 @@ impl DesiredMaps {
         // only, not twice (one per pod still starting, at 10,000 pods).
         let (part, unresolved) = match part {
             Some(mut part) => {
-                let unresolved = std::mem::take(&mut part.unresolved);
+                let mut unresolved = std::mem::take(&mut part.unresolved);
+                // Kept until the pod resolves: without the spare room of a
+                // vector grown by pushes (four entries' worth for one).
+                unresolved.shrink_to_fit();
                 (Some(part), unresolved)
             }
             None => (None, Vec::new()),
@@ -584,19 +587,19 @@ fn pod_part(
 ) -> PodPart {
     let mut out = PodPart::default();
     let owner = PodOwner(pod);
-    let unresolved = |out: &mut PodPart, cgroup: &Path, error: String| {
+    let unresolved = |out: &mut PodPart, cgroup: &Arc<Path>, error: Cow<'static, str>| {
         out.incomplete = true;
         out.unresolved.push(Unresolved {
             uid: Some(pod.uid.clone()),
             owner: owner.to_string(),
-            cgroup: cgroup.to_path_buf(),
+            cgroup: cgroup.clone(),
             error,
         });
     };
-    let located = match &pod.cgroup {
+    let located: io::Result<Arc<Path>> = match &pod.cgroup {
         PodCgroup::Path(path) => Ok(path.clone()),
         PodCgroup::Uid => match pod.uid.pod_uid() {
-            Some(uid) => resolve.pod_cgroup(uid),
+            Some(uid) => resolve.pod_cgroup(uid).map(Arc::from),
             None => Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "named by istiod, it has no Kubernetes UID to find its cgroup by",
@@ -605,9 +608,10 @@ fn pod_part(
         PodCgroup::Address => resolve
             .pod_cgroup_by_address(&pod.ips, placed_before)
             .map(|claim| match claim {
-                Claim::Sole(path) => path,
+                Claim::Sole(path) => path.into(),
                 Claim::Disputed { kept, report } => {
-                    unresolved(&mut out, &kept, report);
+                    let kept = Arc::from(kept);
+                    unresolved(&mut out, &kept, report.into());
                     kept
                 }
             }),
@@ -615,7 +619,7 @@ fn pod_part(
     let cgroup = match located {
         Ok(path) => path,
         Err(e) => {
-            unresolved(&mut out, Path::new(""), e.to_string());
+            unresolved(&mut out, &Arc::from(Path::new("")), e.to_string().into());
             return out;
         }
     };
@@ -644,7 +648,7 @@ fn pod_part(
             out.cgroup = Some((cgroup.clone(), id, entry));
         }
         Err(e) => {
-            unresolved(&mut out, &cgroup, e.to_string());
+            unresolved(&mut out, &cgroup, e.to_string().into());
             return out;
         }
     }
@@ -669,11 +673,11 @@ fn pod_part(
 }
 
 /// The cookie of the network namespace `at`, or why it is not known yet.
-fn netns_cookie(resolve: &mut impl Resolve, at: NetnsAt) -> Result<NetnsCookie, String> {
+fn netns_cookie(resolve: &mut impl Resolve, at: NetnsAt) -> Result<NetnsCookie, Cow<'static, str>> {
     match resolve.netns_cookie(at) {
         Ok(Some(cookie)) => Ok(cookie),
         Ok(None) => Err("no process in the cgroup yet, so its network namespace is unknown".into()),
-        Err(e) => Err(format!("network namespace: {e}")),
+        Err(e) => Err(format!("network namespace: {e}").into()),
     }
 }
 
@@ -689,11 +693,11 @@ fn ztunnel_part(
         CgroupRef::Path(path) => (Ok(path.clone()), "ztunnel".to_string()),
         CgroupRef::Pod(uid) => (resolve.pod_cgroup(uid), format!("ztunnel pod {uid}")),
     };
-    let unresolved = |out: &mut ZtunnelPart, cgroup: &Path, error: String| {
+    let unresolved = |out: &mut ZtunnelPart, cgroup: &Path, error: Cow<'static, str>| {
         out.unresolved.push(Unresolved {
             uid: None,
             owner: owner.clone(),
-            cgroup: cgroup.to_path_buf(),
+            cgroup: cgroup.into(),
             error,
         })
     };
@@ -703,7 +707,7 @@ fn ztunnel_part(
             path
         }
         Err(e) => {
-            unresolved(&mut out, Path::new(""), e.to_string());
+            unresolved(&mut out, Path::new(""), e.to_string().into());
             return out;
         }
     };
@@ -860,7 +864,7 @@ mod tests {
             name: uid.into(),
             namespace: "default".into(),
             service_account: "default".into(),
-            cgroup: PodCgroup::Path(cgroup.into()),
+            cgroup: PodCgroup::Path(Path::new(cgroup).into()),
             netns: None,
             ips: vec!["198.18.0.2".parse().unwrap()],
             mode,
@@ -1101,7 +1105,7 @@ mod tests {
         s.pods.push(by_ip.clone());
         let d = desired(&s, &Readiness::Ungated, &Settings::default(), &mut Fake);
         assert_ne!(d.cgroups[&CgroupId(14)].flags & flags::ENROLLED, 0);
-        assert_eq!(d.placed[&by_ip.uid].0, std::path::Path::new("/cg/14"));
+        assert_eq!(&*d.placed[&by_ip.uid].0, std::path::Path::new("/cg/14"));
         by_ip.ips = vec!["198.18.7.1".parse().unwrap()];
         s.pods.pop();
         s.pods.push(by_ip);
@@ -1356,7 +1360,7 @@ mod tests {
             seed ^= seed << 17;
             seed % n
         };
-        let mut pods: BTreeMap<WorkloadId, PodSpec> = BTreeMap::new();
+        let mut pods: PodMap = BTreeMap::new();
         let node = spec();
         let mut maps = DesiredMaps::default();
         let settings = Settings::default();
@@ -1377,7 +1381,7 @@ mod tests {
                     p.mode = Mode::None;
                 }
                 p.ips = vec![format!("198.18.0.{}", next(5)).parse().unwrap()];
-                pods.insert(uid.clone(), p);
+                pods.insert(uid.clone(), Arc::new(p));
             }
             let readiness = if step % 50 < 25 {
                 Readiness::Ungated
@@ -1402,7 +1406,7 @@ mod tests {
             );
             assert_eq!(inbound, maps.desired.inbound, "step {step}");
             let whole = NodeSpec {
-                pods: pods.values().cloned().collect(),
+                pods: pods.values().map(|p| PodSpec::clone(p)).collect(),
                 ..node.clone()
             };
             let want = desired(&whole, &readiness, &settings, &mut Fake);

@@ -176,7 +176,9 @@ mod tests {
             name: "p".into(),
             namespace: "default".into(),
             service_account: "default".into(),
-            cgroup: crate::node::spec::PodCgroup::Path("/sys/fs/cgroup/p".into()),
+            cgroup: crate::node::spec::PodCgroup::Path(
+                std::path::Path::new("/sys/fs/cgroup/p").into(),
+            ),
             netns: None,
             ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
             mode,

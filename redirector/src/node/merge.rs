@@ -5,20 +5,26 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::PathBuf,
+    sync::Arc,
 };
 
-use super::spec::{CgroupRef, Mode, NodeSpec, PodCgroup, PodSpec, ZtunnelSpec};
+use super::spec::{CgroupRef, Mode, NodeSpec, PodCgroup, PodMap, PodSpec, ZtunnelSpec};
 use crate::{
     sources::{cni::Sandboxes, file, kubernetes, xds},
     types::WorkloadId,
 };
 
 /// istiod's workloads on this node as pods, by UID.
-pub fn istiod_pods(snapshot: &xds::Snapshot) -> BTreeMap<WorkloadId, PodSpec> {
+pub fn istiod_pods(snapshot: &xds::Snapshot) -> PodMap {
     snapshot
         .workloads
         .iter()
-        .map(|w| (WorkloadId::Istio(w.uid.as_str().into()), istiod_pod(w)))
+        .map(|w| {
+            (
+                WorkloadId::Istio(w.uid.as_str().into()),
+                Arc::new(istiod_pod(w)),
+            )
+        })
         .collect()
 }
 
@@ -29,8 +35,8 @@ pub struct Views<'a> {
     pub kubernetes: Option<&'a kubernetes::Snapshot>,
     /// istiod's workloads as pods, when they decide membership (Kubernetes
     /// is not a source; otherwise they are only a cross-check).
-    pub istiod: Option<&'a BTreeMap<WorkloadId, PodSpec>>,
-    pub pushed_pods: &'a BTreeMap<WorkloadId, PodSpec>,
+    pub istiod: Option<&'a PodMap>,
+    pub pushed_pods: &'a PodMap,
     /// Pushed ztunnel cgroups, with their zero-copy flag.
     pub pushed_ztunnels: &'a BTreeMap<PathBuf, bool>,
     pub sandboxes: &'a Sandboxes,
@@ -61,7 +67,7 @@ impl Views<'_> {
 /// Kubernetes and pushes name pods by Kubernetes UID, istiod by its own
 /// workload name, so a push or a file entry never replaces an istiod
 /// workload. `None`: no source names it.
-pub fn pod(views: &Views, uid: &WorkloadId) -> Option<PodSpec> {
+pub fn pod(views: &Views, uid: &WorkloadId) -> Option<Arc<PodSpec>> {
     let mut pod = views
         .pushed_pods
         .get(uid)
@@ -72,6 +78,7 @@ pub fn pod(views: &Views, uid: &WorkloadId) -> Option<PodSpec> {
     // The plugin knows a new sandbox's namespace before any process runs
     // in it, and its addresses before the API publishes them.
     if let Some(sandbox) = uid.pod_uid().and_then(|uid| views.sandboxes.get(uid)) {
+        let pod = Arc::make_mut(&mut pod);
         pod.netns = Some(sandbox.netns.clone());
         if pod.ips.is_empty() {
             pod.ips = sandbox.ips.clone();
@@ -140,6 +147,7 @@ mod tests {
             .uids()
             .into_iter()
             .filter_map(|uid| super::pod(views, uid))
+            .map(Arc::unwrap_or_clone)
             .collect();
         Some(spec)
     }
@@ -167,10 +175,14 @@ mod tests {
             ..NodeSpec::default()
         };
         let kube = kubernetes::Snapshot {
-            pods: [(WorkloadId::kubernetes("a"), pod("a", "from-kubernetes"))].into(),
+            pods: [(
+                WorkloadId::kubernetes("a"),
+                Arc::new(pod("a", "from-kubernetes")),
+            )]
+            .into(),
             ..Default::default()
         };
-        let pushed: BTreeMap<_, _> = [(WorkloadId::kubernetes("b"), pod("b", "pushed"))].into();
+        let pushed: PodMap = [(WorkloadId::kubernetes("b"), Arc::new(pod("b", "pushed")))].into();
         let ztunnels = BTreeMap::new();
         let sandboxes = Sandboxes::default();
         let file = file::View::from(file);
@@ -206,8 +218,9 @@ mod tests {
         let mut sandboxes = Sandboxes::default();
         sandboxes.add(PodUid::new(name), sandbox());
         sandboxes.add(PodUid::new("uid-b"), sandbox());
-        let istiod: BTreeMap<_, _> = [(WorkloadId::Istio(name.into()), pod(name, "a"))].into();
-        let pushed: BTreeMap<_, _> = [(WorkloadId::kubernetes("uid-b"), pod("uid-b", "b"))].into();
+        let istiod: PodMap = [(WorkloadId::Istio(name.into()), Arc::new(pod(name, "a")))].into();
+        let pushed: PodMap =
+            [(WorkloadId::kubernetes("uid-b"), Arc::new(pod("uid-b", "b")))].into();
         let ztunnels = BTreeMap::new();
         let views = Views {
             file: None,
@@ -218,7 +231,7 @@ mod tests {
             sandboxes: &sandboxes,
         };
         let a = super::pod(&views, &WorkloadId::Istio(name.into())).unwrap();
-        assert_eq!((a.netns, a.ips), (None, vec![]));
+        assert_eq!((&a.netns, &a.ips), (&None, &vec![]));
         let b = super::pod(&views, &WorkloadId::kubernetes("uid-b")).unwrap();
         assert_eq!(b.netns, Some("/var/run/netns/a".into()));
     }

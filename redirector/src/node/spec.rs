@@ -2,12 +2,18 @@
 //! which cgroups are ztunnel, and how connects are redirected.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    path::PathBuf,
+    path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use crate::types::{PodUid, Port, WorkloadId};
+
+/// Pods by workload id. A pod is shared, not copied, between the source
+/// that gave it, the merged state and the publishers: one copy per holder
+/// was megabytes at 10,000 pods.
+pub type PodMap = BTreeMap<WorkloadId, Arc<PodSpec>>;
 
 /// Whether a pod is in the mesh, as its feed decided.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
@@ -91,8 +97,9 @@ pub fn service_account_or_default(given: Option<String>) -> String {
 /// How a pod's cgroup is found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PodCgroup {
-    /// This directory.
-    Path(PathBuf),
+    /// This directory (shared with the desired state that places the pod
+    /// there).
+    Path(Arc<Path>),
     /// From the pod's UID (a Kubernetes pod UID), in the kubelet's layout.
     Uid,
     /// The kubelet pod cgroup whose network namespace holds the pod's IPs:

@@ -11,12 +11,12 @@
 pub mod annotator;
 pub mod zds;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use crate::{
     node::{
         desired::{Desired, Touched},
-        spec::{NodeSpec, PodSpec},
+        spec::{NodeSpec, PodMap},
     },
     sources::kubernetes,
     types::WorkloadId,
@@ -26,7 +26,7 @@ use crate::{
 pub struct Reconciled<'a> {
     /// The node's ztunnels and shared redirect (its pods are `pods`).
     pub node: &'a NodeSpec,
-    pub pods: &'a BTreeMap<WorkloadId, PodSpec>,
+    pub pods: &'a PodMap,
     /// The pods whose state may differ from the last reconcile's: a
     /// publisher looks at these only.
     pub republish: &'a Touched,

@@ -100,7 +100,7 @@ pub fn pushed(req: pb::PushCgroupRequest) -> Result<Pushed, Status> {
                 service_account: crate::node::spec::service_account_or_default(Some(
                     p.service_account,
                 )),
-                cgroup: cgroup.map_or(PodCgroup::Uid, PodCgroup::Path),
+                cgroup: cgroup.map_or(PodCgroup::Uid, |c| PodCgroup::Path(c.into())),
                 netns: None,
                 ips,
                 mode,
@@ -171,12 +171,12 @@ pub fn refuse_containing<'a>(
     id_of: &mut dyn FnMut(&Path) -> Option<CgroupId>,
 ) -> Result<(), Status> {
     let (field, pushed, uid) = match entry {
-        Pushed::Ztunnel { cgroup, .. } => ("ztunnel.cgroup", cgroup, None),
+        Pushed::Ztunnel { cgroup, .. } => ("ztunnel.cgroup", cgroup.as_path(), None),
         Pushed::Pod(PodSpec {
             cgroup: PodCgroup::Path(cgroup),
             uid,
             ..
-        }) => ("pod.cgroup", cgroup, Some(uid)),
+        }) => ("pod.cgroup", &**cgroup, Some(uid)),
         _ => return Ok(()),
     };
     let mut ids: HashMap<PathBuf, Option<CgroupId>> = HashMap::new();
@@ -366,7 +366,7 @@ mod tests {
             name: uid.into(),
             namespace: "default".into(),
             service_account: "default".into(),
-            cgroup: PodCgroup::Path(path.into()),
+            cgroup: PodCgroup::Path(Path::new(path).into()),
             netns: None,
             ips: vec![],
             mode: Mode::None,

@@ -61,7 +61,7 @@ pub struct ZdsPod {
     pub namespace: String,
     pub service_account: String,
     /// The pod-level cgroup; its processes lead to the pod's netns.
-    pub cgroup: PathBuf,
+    pub cgroup: Arc<Path>,
     /// The pod's netns file, where a source named it (the CNI plugin):
     /// opened instead of going through the cgroup's processes.
     pub netns_file: Option<PathBuf>,

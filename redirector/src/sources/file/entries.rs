@@ -13,7 +13,8 @@
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
     net::IpAddr,
-    path::PathBuf,
+    path::Path,
+    sync::Arc,
 };
 
 use super::{File, FileError, View, Workload, parse, pod_spec, validate};
@@ -31,7 +32,7 @@ pub struct Loader {
     /// Counts loads: an entry seen twice in one is a duplicate.
     load: u64,
     /// The pods' cgroups and addresses, for a new entry's clashes.
-    cgroups: HashMap<PathBuf, WorkloadId, FastHash>,
+    cgroups: HashMap<Arc<Path>, WorkloadId, FastHash>,
     addresses: HashMap<IpAddr, WorkloadId, FastHash>,
 }
 
@@ -131,7 +132,7 @@ impl Loader {
                 return None;
             }
             if let PodCgroup::Path(path) = &pod.cgroup
-                && (kept(self.cgroups.get(path)) || !new_cgroups.insert(path))
+                && (kept(self.cgroups.get(&**path)) || !new_cgroups.insert(&**path))
             {
                 return None;
             }
@@ -143,7 +144,7 @@ impl Loader {
         }
         for z in &node.ztunnels {
             if let CgroupRef::Path(path) = &z.cgroup
-                && (kept(self.cgroups.get(path)) || new_cgroups.contains(path))
+                && (kept(self.cgroups.get(path.as_path())) || new_cgroups.contains(path.as_path()))
             {
                 return None;
             }
@@ -161,7 +162,7 @@ impl Loader {
             self.entries.insert(text.into(), (pod.uid.clone(), load));
             index(&mut self.cgroups, &mut self.addresses, &pod);
             changed.insert(pod.uid.clone());
-            view.pods.insert(pod.uid.clone(), pod);
+            view.pods.insert(pod.uid.clone(), Arc::new(pod));
         }
         view.node = node;
         Some(Loaded::Changed(changed))
@@ -219,7 +220,7 @@ impl Loader {
 }
 
 fn index(
-    cgroups: &mut HashMap<PathBuf, WorkloadId, FastHash>,
+    cgroups: &mut HashMap<Arc<Path>, WorkloadId, FastHash>,
     addresses: &mut HashMap<IpAddr, WorkloadId, FastHash>,
     pod: &PodSpec,
 ) {
@@ -232,12 +233,12 @@ fn index(
 }
 
 fn forget(
-    cgroups: &mut HashMap<PathBuf, WorkloadId, FastHash>,
+    cgroups: &mut HashMap<Arc<Path>, WorkloadId, FastHash>,
     addresses: &mut HashMap<IpAddr, WorkloadId, FastHash>,
     pod: &PodSpec,
 ) {
     if let PodCgroup::Path(path) = &pod.cgroup {
-        cgroups.remove(path);
+        cgroups.remove(&**path);
     }
     for ip in &pod.ips {
         addresses.remove(ip);
@@ -505,7 +506,7 @@ ztunnel:
     fn spec(loader: &Loader) -> NodeSpec {
         let view = loader.view().expect("a good state");
         NodeSpec {
-            pods: view.pods.values().cloned().collect(),
+            pods: view.pods.values().map(|p| PodSpec::clone(p)).collect(),
             ..view.node.clone()
         }
     }

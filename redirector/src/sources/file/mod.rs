@@ -39,6 +39,7 @@ use std::{
     fmt::{self, Write as _},
     net::IpAddr,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use serde::Deserialize;
@@ -49,10 +50,10 @@ use serde_saphyr::{
 
 use crate::{
     node::spec::{
-        CaptureOverrides, CgroupRef, Mode, NodeSpec, PodCgroup, PodSpec, SharedRedirect,
+        CaptureOverrides, CgroupRef, Mode, NodeSpec, PodCgroup, PodMap, PodSpec, SharedRedirect,
         ZtunnelSpec,
     },
-    types::{PodUid, Port, WorkloadId},
+    types::{PodUid, Port},
 };
 
 #[derive(Debug, Deserialize)]
@@ -203,14 +204,14 @@ pub fn parse(text: &str) -> Result<NodeSpec, FileError> {
 pub struct View {
     /// Its ztunnels and shared redirect (its pods are `pods`).
     pub node: NodeSpec,
-    pub pods: std::collections::BTreeMap<WorkloadId, PodSpec>,
+    pub pods: PodMap,
 }
 
 impl From<NodeSpec> for View {
     fn from(mut spec: NodeSpec) -> Self {
         let pods = std::mem::take(&mut spec.pods)
             .into_iter()
-            .map(|p| (p.uid.clone(), p))
+            .map(|p| (p.uid.clone(), Arc::new(p)))
             .collect();
         Self { node: spec, pods }
     }
@@ -225,7 +226,7 @@ fn pod_spec(w: Workload) -> PodSpec {
         service_account: w.service_account,
         cgroup: w
             .cgroup
-            .map_or(PodCgroup::Uid, |c| PodCgroup::Path(c.value)),
+            .map_or(PodCgroup::Uid, |c| PodCgroup::Path(c.value.into())),
         netns: None,
         ips: w.ips.into_iter().map(|ip| ip.value).collect(),
         mode: w.mode,
@@ -554,6 +555,7 @@ fn shared_redirect(redirect: &Spanned<Redirect>) -> Result<SharedRedirect, FileE
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::types::WorkloadId;
 
     const GOOD: &str = r#"
 workloads:

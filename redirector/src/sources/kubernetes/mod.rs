@@ -21,7 +21,7 @@ use tracing::{error, info, warn};
 use self::pod::Pod;
 use crate::{
     node::membership::{self, DaemonSetUid, Decision, MeshSettings, Owner, PodFacts},
-    node::spec::{CaptureOverrides, Mode, PodCgroup, PodSpec},
+    node::spec::{CaptureOverrides, Mode, PodCgroup, PodMap, PodSpec},
     types::{PodUid, WorkloadId},
 };
 
@@ -29,7 +29,7 @@ use crate::{
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
     /// By UID.
-    pub pods: BTreeMap<WorkloadId, PodSpec>,
+    pub pods: PodMap,
     /// ztunnel pods, by UID (their cgroups are found like any pod's).
     pub ztunnels: Vec<PodUid>,
     /// Pods carrying [`REDIRECTION`], with its value.
@@ -114,7 +114,7 @@ pub fn ztunnel_daemonset(
 pub enum PodState {
     /// A pod, in the mesh or not, with the [`REDIRECTION`] value it shows.
     Pod {
-        spec: PodSpec,
+        spec: Arc<PodSpec>,
         redirection: Option<String>,
     },
     /// ztunnel itself (identity proven).
@@ -231,7 +231,13 @@ fn pod_state(
         accelerate: None,
         capture,
     };
-    Some((uid, Some(PodState::Pod { spec, redirection })))
+    Some((
+        uid,
+        Some(PodState::Pod {
+            spec: Arc::new(spec),
+            redirection,
+        }),
+    ))
 }
 
 /// Applies Istio's rules to every pod, with `ztunnel_daemonset` the UID of
