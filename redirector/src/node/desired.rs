@@ -84,9 +84,7 @@ pub const PROBE_SNAT6: Ipv6Addr = Ipv6Addr::new(
 /// next reconcile.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unresolved {
-    /// The pod's UID (`None` for a ztunnel).
-    pub uid: Option<WorkloadId>,
-    pub owner: String,
+    pub owner: Whose,
     pub cgroup: Arc<Path>,
     /// Why, borrowed where the reason is always the same words (a pod not
     /// started yet, thousands of them on a node filling up).
@@ -161,13 +159,32 @@ impl UnresolvedEntries {
     }
 }
 
-/// A pod as unresolved entries name it, spelled only when one is.
-struct PodOwner<'a>(&'a PodSpec);
+/// Whose an [`Unresolved`] entry is. A pod is named by its spec, shared
+/// and spelled only when the entry is shown: a node filling up has an
+/// entry for each pod that has not started yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Whose {
+    Pod(Arc<PodSpec>),
+    /// A ztunnel, as its cgroup was named.
+    Ztunnel(String),
+}
 
-impl std::fmt::Display for PodOwner<'_> {
+impl Whose {
+    /// The pod's UID (`None` for a ztunnel).
+    pub fn uid(&self) -> Option<&WorkloadId> {
+        match self {
+            Whose::Pod(pod) => Some(&pod.uid),
+            Whose::Ztunnel(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Whose {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let pod = self.0;
-        write!(f, "pod {}/{} ({})", pod.namespace, pod.name, pod.uid)
+        match self {
+            Whose::Pod(pod) => write!(f, "pod {}/{} ({})", pod.namespace, pod.name, pod.uid),
+            Whose::Ztunnel(name) => f.write_str(name),
+        }
     }
 }
 
@@ -267,7 +284,9 @@ impl Changed {
 #[derive(Default)]
 pub struct DesiredMaps {
     pub desired: Desired,
-    parts: std::collections::HashMap<WorkloadId, (u32, PodPart), crate::types::FastHash>,
+    /// Boxed: a table sized for the next thousands of pods holds a word,
+    /// not a whole part, in each free slot.
+    parts: std::collections::HashMap<WorkloadId, (u32, Box<PodPart>), crate::types::FastHash>,
     next_slot: u32,
     ztunnel_parts: Vec<ZtunnelPart>,
     cgroup_claims: Claims<CgroupId, CgroupInfo>,
@@ -419,7 +438,7 @@ impl DesiredMaps {
         };
         let old = match (self.parts.get(uid), &part) {
             (Some((_, old)), Some(new))
-                if old == new && self.desired.unresolved.of_pod(uid) == unresolved.as_slice() =>
+                if **old == *new && self.desired.unresolved.of_pod(uid) == unresolved.as_slice() =>
             {
                 return;
             }
@@ -498,7 +517,7 @@ impl DesiredMaps {
                 changed.inbound_netns.insert(cookie);
             }
         }
-        self.parts.insert(uid.clone(), (slot, part));
+        self.parts.insert(uid.clone(), (slot, Box::new(part)));
     }
 
     /// Looks at every ztunnel again (a node has one, two in an upgrade).
@@ -578,7 +597,7 @@ fn ahead(pod: &PodSpec) -> Option<Ahead<'_>> {
 /// What `pod` asks of the maps; a pod found by address was last placed on
 /// `placed_before`.
 fn pod_part(
-    pod: &PodSpec,
+    pod: &Arc<PodSpec>,
     placed_before: Option<&Path>,
     node: &NodeSpec,
     readiness: &Readiness,
@@ -586,12 +605,10 @@ fn pod_part(
     resolve: &mut impl Resolve,
 ) -> PodPart {
     let mut out = PodPart::default();
-    let owner = PodOwner(pod);
     let unresolved = |out: &mut PodPart, cgroup: &Arc<Path>, error: Cow<'static, str>| {
         out.incomplete = true;
         out.unresolved.push(Unresolved {
-            uid: Some(pod.uid.clone()),
-            owner: owner.to_string(),
+            owner: Whose::Pod(pod.clone()),
             cgroup: cgroup.clone(),
             error,
         });
@@ -631,10 +648,10 @@ fn pod_part(
         None => NetnsAt::SandboxOf(&cgroup),
     };
     let learned;
-    let pod = if pod.ips.is_empty() {
+    let pod: &PodSpec = if pod.ips.is_empty() {
         learned = PodSpec {
             ips: learned_addresses(resolve, netns),
-            ..pod.clone()
+            ..PodSpec::clone(pod)
         };
         // Until its addresses are found, it is looked at again.
         out.incomplete |= learned.ips.is_empty();
@@ -695,8 +712,7 @@ fn ztunnel_part(
     };
     let unresolved = |out: &mut ZtunnelPart, cgroup: &Path, error: Cow<'static, str>| {
         out.unresolved.push(Unresolved {
-            uid: None,
-            owner: owner.clone(),
+            owner: Whose::Ztunnel(owner.clone()),
             cgroup: cgroup.into(),
             error,
         })
@@ -1032,6 +1048,7 @@ mod tests {
                 .next()
                 .unwrap()
                 .owner
+                .to_string()
                 .contains("default/c")
         );
     }
@@ -1066,7 +1083,7 @@ mod tests {
         let ip: IpAddr = "198.18.8.13".parse().unwrap();
         assert_eq!(d.inbound[&ip].netns_cookie, 2013);
         assert!(
-            d.unresolved.iter().all(|u| u.uid.as_ref() != Some(&uid)),
+            d.unresolved.iter().all(|u| u.owner.uid() != Some(&uid)),
             "{:?}",
             d.unresolved
         );
@@ -1092,6 +1109,7 @@ mod tests {
                 .next()
                 .unwrap()
                 .owner
+                .to_string()
                 .contains("default/unknown")
         );
     }
@@ -1117,6 +1135,7 @@ mod tests {
                 .next()
                 .unwrap()
                 .owner
+                .to_string()
                 .contains("default/Kubernetes//Pod/default/web")
         );
     }
@@ -1138,7 +1157,7 @@ mod tests {
         assert_ne!(d.cgroups[&CgroupId(21)].flags & flags::ZTUNNEL, 0);
         assert_eq!(d.unresolved.len(), 1);
         assert_eq!(
-            d.unresolved.iter().next().unwrap().owner,
+            d.unresolved.iter().next().unwrap().owner.to_string(),
             "ztunnel pod gone"
         );
     }
