@@ -8,6 +8,7 @@ use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    ambridge::heap::configure();
     let cli = cli::Cli::parse();
     let logs = tracing_subscriber::fmt()
         .with_env_filter(
