@@ -235,4 +235,44 @@ mod tests {
             ["a", "b", "d"]
         );
     }
+
+    #[test]
+    fn a_change_the_api_does_not_show_reaches_the_row_and_no_watcher() {
+        let mut view = View::default();
+        let pods: PodMap = [pod("a", "a")].into();
+        reconcile(&mut view, &pods, Touched::All);
+        let mut edited = fixtures::pod("a", "a");
+        edited.service_account = "other".into();
+        let now: PodMap = [(WorkloadId::kubernetes("a"), Arc::new(edited))].into();
+        assert!(reconcile(&mut view, &now, Touched::All).is_empty());
+        // The row holds the pod the controller holds, not the one before.
+        let row = &view.pods[&WorkloadId::kubernetes("a")];
+        assert!(Arc::ptr_eq(&row.spec, &now[&WorkloadId::kubernetes("a")]));
+    }
+
+    #[test]
+    fn a_row_renders_what_the_desired_maps_say_of_its_pod() {
+        let (uid, spec) = pod("a", "a");
+        let mut desired = Desired::default();
+        let path: Arc<Path> = Path::new("/cg/a").into();
+        desired
+            .placed
+            .insert(uid.clone(), (path.clone(), CgroupId(7)));
+        desired.cgroups.insert(
+            CgroupId(7),
+            ambridge_common::CgroupInfo {
+                flags: flags::ENROLLED | flags::HELD | flags::DNS_CAPTURE,
+                ..Default::default()
+            },
+        );
+        let row = PodRow::new(&spec, &NodeSpec::default(), &desired);
+        assert!(Arc::ptr_eq(&row.placed.as_ref().unwrap().0, &path));
+        let shown = row.to_pb();
+        assert_eq!(
+            (shown.uid.as_str(), shown.cgroup.as_str(), shown.cgroup_id),
+            ("a", "/cg/a", 7)
+        );
+        assert!(shown.in_datapath && shown.held && shown.dns_captured && !shown.accelerated);
+        assert_eq!(shown.problem, "");
+    }
 }

@@ -438,7 +438,8 @@ impl DesiredMaps {
         };
         let old = match (self.parts.get(uid), &part) {
             (Some((_, old)), Some(new))
-                if **old == *new && self.desired.unresolved.of_pod(uid) == unresolved.as_slice() =>
+                if **old == *new
+                    && self.desired.unresolved.of_pod(uid) == unresolved.as_slice() =>
             {
                 return;
             }
