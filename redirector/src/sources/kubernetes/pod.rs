@@ -1,9 +1,9 @@
 //! The pod as the feed reads it: metadata and the few fields of `spec` and
 //! `status` that Istio's rules and the datapath use, nothing else. The
-//! reflector keeps one of these for every pod on the node; a
-//! `k8s_openapi` Pod, even emptied of what is not read, takes about 2 KiB
-//! before its first value (its spec and status types hold every field of
-//! the API), so 10,000 pods cost about 24 MiB that way.
+//! watcher decodes every pod of a list into one of these at once; a
+//! `k8s_openapi` Pod takes about 2 KiB before its first value (its spec
+//! and status types hold every field of the API). Between events the feed
+//! keeps only a [`super::KeptPod`] of each.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Deserializer};
