@@ -96,7 +96,7 @@ impl PodStore {
                     self.relisting
                         .get_or_insert_default()
                         .insert(kept.uid.clone(), kept.clone());
-                    Step::Pod(kept)
+                    Step::Pod(Box::new(kept))
                 }
                 None => Step::Nothing,
             },
@@ -107,7 +107,7 @@ impl PodStore {
             watcher::Event::Apply(pod) => match KeptPod::of(&pod) {
                 Some(kept) => {
                     self.pods.insert(kept.uid.clone(), kept.clone());
-                    Step::Pod(kept)
+                    Step::Pod(Box::new(kept))
                 }
                 None => Step::Nothing,
             },
@@ -341,7 +341,7 @@ enum Feed {
 /// What a watch event asks of the feed.
 enum Step {
     /// Look at this pod again (it was applied).
-    Pod(KeptPod),
+    Pod(Box<KeptPod>),
     /// This pod is gone.
     Gone(PodUid),
     /// Look at every pod again: a (re)list ended, or a namespace or
@@ -355,7 +355,7 @@ enum Step {
 /// A watch event: a pod's, which the loop takes into its [`PodStore`], or
 /// what a namespace or DaemonSet event asks of the feed.
 enum Watched {
-    Pod(watcher::Event<Pod>),
+    Pod(Box<watcher::Event<Pod>>),
     Other((Feed, Step)),
 }
 
@@ -391,7 +391,7 @@ pub async fn run(
         watcher::Config::default().fields(&format!("spec.nodeName={node}")),
     )
     .default_backoff()
-    .map(|e| e.map(Watched::Pod));
+    .map(|e| e.map(|e| Watched::Pod(Box::new(e))));
     let namespaces = watcher(
         Api::<Namespace>::all(client.clone()),
         watcher::Config::default(),
@@ -428,7 +428,7 @@ pub async fn run(
                 );
                 continue;
             }
-            Ok(Watched::Pod(event)) => (Feed::Pods, pod_store.apply(event)),
+            Ok(Watched::Pod(event)) => (Feed::Pods, pod_store.apply(*event)),
             Ok(Watched::Other(tagged)) => tagged,
         };
         if let Step::All { listed: true } = step {
