@@ -17,14 +17,14 @@ use ambridge::{
         MeshSettings, SIDECAR_STATUS_ANNOTATION,
     },
     node::spec::{Mode, PodSpec},
-    sources::kubernetes::{self, REDIRECTION, Snapshot, pod::Pod},
+    sources::kubernetes::{self, KeptPod, REDIRECTION, Snapshot, pod::Pod},
     types::WorkloadId,
 };
 use k8s_openapi::api::core::v1::Namespace;
 use libfuzzer_sys::fuzz_target;
 use serde::Deserialize;
 
-/// What the reflectors hold: pods, namespaces, and the UID of ztunnel's
+/// What the watches see: pods, namespaces, and the UID of ztunnel's
 /// DaemonSet object (none: no DaemonSet found).
 #[derive(Deserialize)]
 struct Objects {
@@ -91,7 +91,7 @@ fn by_uid<'a>(
         .pods
         .iter()
         .filter(|(uid, _)| unique.contains(uid))
-        .map(|(uid, p)| (uid.clone(), p))
+        .map(|(uid, p)| (uid.clone(), &**p))
         .collect()
 }
 
@@ -104,7 +104,9 @@ fuzz_target!(|bytes: &[u8]| {
     let namespaces: Vec<Arc<Namespace>> = objects.namespaces.into_iter().map(Arc::new).collect();
     let daemonset = objects.ztunnel_daemonset_uid.map(DaemonSetUid);
     let ds = daemonset.as_ref();
-    let fresh = kubernetes::snapshot(&pods, &namespaces, ds, &mesh, &Snapshot::default());
+    // What the feed keeps of each (a pod without a UID is not kept).
+    let kept: Vec<KeptPod> = pods.iter().filter_map(|p| KeptPod::of(p)).collect();
+    let fresh = kubernetes::snapshot(&kept, &namespaces, ds, &mesh, &Snapshot::default());
 
     let mut count: BTreeMap<WorkloadId, usize> = BTreeMap::new();
     for uid in pods.iter().filter_map(|p| p.metadata.uid.clone()) {
@@ -153,6 +155,7 @@ fuzz_target!(|bytes: &[u8]| {
             Arc::new(p)
         })
         .collect();
+    let stripped: Vec<KeptPod> = stripped.iter().filter_map(|p| KeptPod::of(p)).collect();
     let last = kubernetes::snapshot(&stripped, &namespaces, ds, &mesh, &Snapshot::default());
     let unique: BTreeSet<WorkloadId> = count
         .iter()
@@ -168,7 +171,7 @@ fuzz_target!(|bytes: &[u8]| {
             "pod {uid} undecidable without override annotations"
         );
     }
-    let current = kubernetes::snapshot(&pods, &namespaces, ds, &mesh, &last);
+    let current = kubernetes::snapshot(&kept, &namespaces, ds, &mesh, &last);
     let (fresh_by, current_by) = (by_uid(&fresh, &unique), by_uid(&current, &unique));
     for uid in &unique {
         assert_eq!(
@@ -184,7 +187,7 @@ fuzz_target!(|bytes: &[u8]| {
         return;
     }
     assert_eq!(
-        kubernetes::snapshot(&pods, &namespaces, ds, &mesh, &fresh),
+        kubernetes::snapshot(&kept, &namespaces, ds, &mesh, &fresh),
         fresh,
         "a snapshot given itself as the last one is not the same"
     );

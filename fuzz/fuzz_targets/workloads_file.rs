@@ -43,7 +43,7 @@ fn check_accepted(spec: &NodeSpec) {
         match &pod.cgroup {
             PodCgroup::Path(path) => {
                 assert!(path.is_absolute(), "relative cgroup {path:?} accepted");
-                assert!(cgroups.insert(path), "cgroup {path:?} accepted twice");
+                assert!(cgroups.insert(&**path), "cgroup {path:?} accepted twice");
             }
             PodCgroup::Uid => assert!(
                 is_pod_uid(pod.uid.as_str()),
@@ -73,7 +73,7 @@ fn check_accepted(spec: &NodeSpec) {
             "relative ztunnel cgroup {path:?} accepted"
         );
         assert!(
-            !cgroups.contains(path),
+            !cgroups.contains(path.as_path()),
             "ztunnel shares pod cgroup {path:?}"
         );
     }
@@ -108,7 +108,10 @@ fuzz_target!(|bytes: &[u8]| {
                 let mut pods = spec.pods.clone();
                 pods.sort_by(|a, b| a.uid.cmp(&b.uid));
                 assert_eq!(
-                    view.pods.values().cloned().collect::<Vec<_>>(),
+                    view.pods
+                        .values()
+                        .map(|p| (**p).clone())
+                        .collect::<Vec<_>>(),
                     pods,
                     "entry by entry, {round}"
                 );

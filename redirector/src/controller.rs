@@ -28,7 +28,7 @@ use crate::{
     node::{
         desired::{self, DesiredMaps, Touched},
         merge,
-        spec::{NodeSpec, PodCgroup, PodMap, PodSpec, Readiness, Settings},
+        spec::{NodeSpec, PodCgroup, PodMap, PodSpec, Readiness, Settings, keep_shared},
     },
     publish::{Publish, Reconciled, annotator::Annotator, zds},
     sources::{
@@ -273,7 +273,11 @@ impl Controller {
         self.xds = snapshot;
         if !self.kube_is_source {
             let old = std::mem::take(&mut self.istiod_pods).unwrap_or_default();
-            self.istiod_pods = self.xds.as_ref().map(merge::istiod_pods);
+            self.istiod_pods = self.xds.as_ref().map(|xds| {
+                let mut pods = merge::istiod_pods(xds);
+                keep_shared(&mut pods, &old);
+                pods
+            });
             touch_differing(
                 &mut self.pending,
                 &old,

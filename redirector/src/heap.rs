@@ -18,14 +18,21 @@ pub const SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How many arenas glibc's allocator keeps (`M_ARENA_MAX`): by default
 /// eight per CPU, so each parser and survey thread of a fill gets one of
-/// its own, which stays resident between fills. The reconcile loop keeps
-/// the main arena; the short-lived threads share one more.
+/// its own, which stays resident between fills. With two, every thread
+/// (the runtime's workers, the fill's threads) shares the main arena or
+/// one more.
 const ARENAS: i32 = 2;
 
 /// Sets glibc's allocator up for a daemon that holds a node's pods and
-/// starts threads only for large changes ([`ARENAS`]). A no-op with other
-/// allocators.
+/// starts threads only for large changes ([`ARENAS`]), unless the
+/// operator set `MALLOC_ARENA_MAX` (or glibc's tunable) for it. A no-op
+/// with other allocators.
 pub fn configure() {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_some()
+        || std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("arena_max"))
+    {
+        return;
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets the allocator's parameters; called first
     // thing in `main`, before any other thread exists.

@@ -297,25 +297,29 @@ pub fn render(context: &Context, recorder: &Recorder) -> anyhow::Result<String> 
         registry.register(name, help, gauge);
     }
 
-    let view = context.view.read().expect("view lock");
     let mut by_state = [
         ("enrolled", 0),
         ("held", 0),
         ("unresolved", 0),
         ("not_enrolled", 0),
     ];
-    for pod in view.pods.values() {
-        let state = if !pod.problems.is_empty() {
-            2
-        } else if pod.spec.mode != crate::node::spec::Mode::Ambient {
-            3
-        } else if pod.held() {
-            1
-        } else {
-            0
-        };
-        by_state[state].1 += 1;
-    }
+    let ztunnel_count = {
+        // Counted under the lock, which the encoding below need not hold.
+        let view = context.view.read().expect("view lock");
+        for pod in view.pods.values() {
+            let state = if !pod.problems.is_empty() {
+                2
+            } else if pod.spec.mode != crate::node::spec::Mode::Ambient {
+                3
+            } else if pod.held() {
+                1
+            } else {
+                0
+            };
+            by_state[state].1 += 1;
+        }
+        view.ztunnels
+    };
     gauges(
         &mut registry,
         "pods",
@@ -324,7 +328,7 @@ pub fn render(context: &Context, recorder: &Recorder) -> anyhow::Result<String> 
         by_state,
     );
     let ztunnels = Gauge::<i64>::default();
-    ztunnels.set(i64::from(view.ztunnels));
+    ztunnels.set(i64::from(ztunnel_count));
     registry.register(
         "ztunnels",
         "ztunnel instances the node state names.",

@@ -159,6 +159,15 @@ impl UnresolvedEntries {
     }
 }
 
+/// Whether two lists of entries say the same of the same workload: the
+/// same cgroups and reasons, whatever else its spec says.
+fn same_reasons(a: &[Unresolved], b: &[Unresolved]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(a, b)| {
+            a.cgroup == b.cgroup && a.error == b.error && a.owner.uid() == b.owner.uid()
+        })
+}
+
 /// Whose an [`Unresolved`] entry is. A pod is named by its spec, shared
 /// and spelled only when the entry is shown: a node filling up has an
 /// entry for each pod that has not started yet.
@@ -439,8 +448,13 @@ impl DesiredMaps {
         let old = match (self.parts.get(uid), &part) {
             (Some((_, old)), Some(new))
                 if **old == *new
-                    && self.desired.unresolved.of_pod(uid) == unresolved.as_slice() =>
+                    && same_reasons(self.desired.unresolved.of_pod(uid), &unresolved) =>
             {
+                // Only the spec the entries name may be newer (a service
+                // account, say): they follow it, and nothing has changed.
+                if self.desired.unresolved.of_pod(uid) != unresolved.as_slice() {
+                    self.desired.unresolved.set_pod(uid, unresolved);
+                }
                 return;
             }
             (None, None) => return,
@@ -1034,6 +1048,26 @@ mod tests {
         let ops = diff(&before, &after);
         assert_eq!(ops.len(), 1);
         assert!(matches!(ops[0], Op::Put(CgroupId(11), info) if info.flags & flags::ENROLLED != 0));
+    }
+
+    #[test]
+    fn a_spec_change_that_leaves_a_pod_unresolved_for_the_same_reason_is_not_reported_again() {
+        let node = spec();
+        let mut c = pod("c", "/elsewhere/pod-c", Mode::Ambient);
+        let uid = c.uid.clone();
+        let mut pods: PodMap = [(uid.clone(), Arc::new(c.clone()))].into();
+        let (ungated, settings) = (Readiness::Ungated, Settings::default());
+        let mut maps = DesiredMaps::default();
+        let first = maps.update(&node, &pods, Touched::All, &ungated, &settings, &mut Fake);
+        assert_eq!(first.unresolved.len(), 1);
+        c.service_account = "other".into();
+        pods.insert(uid.clone(), Arc::new(c));
+        let touched = Touched::Pods([uid.clone()].into());
+        let again = maps.update(&node, &pods, touched, &ungated, &settings, &mut Fake);
+        assert!(again.unresolved.is_empty() && again.pods.is_empty());
+        // The entry names the pod as it is now, not the spec before.
+        let entry = &maps.desired.unresolved.of_pod(&uid)[0];
+        assert!(matches!(&entry.owner, Whose::Pod(p) if Arc::ptr_eq(p, &pods[&uid])));
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! until every configured source has, nothing is deleted on its behalf.
 //!
 //! - [`file`]: the workloads file, watched;
-//! - [`kubernetes`]: reflectors over this node's pods and every namespace;
+//! - [`kubernetes`]: watches of this node's pods, every namespace and
+//!   ztunnel's DaemonSet;
 //! - [`xds`]: istiod's workload discovery (`istio.workload.Address`);
 //! - [`push`]: entries pushed through the local API;
 //! - [`cni`]: the sandboxes the chained CNI plugin reports.

@@ -19,7 +19,7 @@ use std::{
 
 use super::{File, FileError, View, Workload, parse, pod_spec, validate};
 use crate::{
-    node::spec::{CgroupRef, NodeSpec, PodCgroup, PodSpec},
+    node::spec::{CgroupRef, NodeSpec, PodCgroup, PodSpec, keep_shared},
     types::{FastHash, WorkloadId},
 };
 
@@ -171,8 +171,11 @@ impl Loader {
     /// Replaces the state with the whole file's `spec` (its entries are
     /// `cut`'s, when it could be cut).
     fn replace(&mut self, spec: NodeSpec, cut: Option<Cut>) -> Loaded {
-        let new = View::from(spec);
+        let mut new = View::from(spec);
         let old = self.view.take();
+        if let Some(old) = &old {
+            keep_shared(&mut new.pods, &old.pods);
+        }
         if old.as_ref() == Some(&new) {
             self.view = old;
             return Loaded::Unchanged;
@@ -408,6 +411,7 @@ fn cut(text: &str) -> Option<Cut<'_>> {
         || text.starts_with("---")
         || text.contains("\n---")
         || text.contains("\n...")
+        || text.contains('\u{feff}')
     {
         return None;
     }
@@ -554,6 +558,9 @@ ztunnel:
                 "    mode: none\n    service_account: |\n      a\n \n      b\n",
             ),
             FILE.replace("    mode: none\n", &format!("    mode: none\n{THIRD}")),
+            // A byte order mark is allowed only where a document starts
+            // (found by the `workloads_file` fuzz target).
+            FILE.replace("ztunnel:\n  cgroup: /cg/z\n", "\u{feff}"),
         ] {
             let mut loader = Loader::default();
             loader.parse(FILE).unwrap();

@@ -1,6 +1,6 @@
-//! The Kubernetes feed: this node's pods, every namespace and ztunnel's
-//! DaemonSet, watched with kube-rs reflectors, turned into node state with
-//! Istio's rules ([`crate::node::membership`]). Pods are named by UID; the daemon
+//! The Kubernetes feed: this node's pods (watched, each kept as a lean
+//! [`KeptPod`]), every namespace and ztunnel's DaemonSet (kube-rs
+//! reflectors), turned into node state with Istio's rules ([`crate::node::membership`]). Pods are named by UID; the daemon
 //! finds their cgroups in the kubelet's layout. A pod is ztunnel only if
 //! the DaemonSet object it names as its controller is the one the API
 //! server holds under ztunnel's name (same UID).
@@ -21,7 +21,7 @@ use tracing::{error, info, warn};
 use self::pod::Pod;
 use crate::{
     node::membership::{self, DaemonSetUid, Decision, MeshSettings, Owner, PodFacts},
-    node::spec::{CaptureOverrides, Mode, PodCgroup, PodMap, PodSpec},
+    node::spec::{CaptureOverrides, Mode, PodCgroup, PodMap, PodSpec, keep_shared},
     types::{PodUid, WorkloadId},
 };
 
@@ -217,7 +217,7 @@ impl Snapshot {
     /// Sets what the feed says about `uid`.
     pub fn set(&mut self, uid: &PodUid, state: Option<PodState>) {
         let id = WorkloadId::Kubernetes(uid.clone());
-        self.pods.remove(&id);
+        let was = self.pods.remove(&id);
         self.redirection.remove(&id);
         self.ztunnels.retain(|z| z != uid);
         match state {
@@ -227,6 +227,12 @@ impl Snapshot {
                 if let Some(value) = redirection {
                     self.redirection.insert(id.clone(), value);
                 }
+                // A new redirection value alone (ambridge's own annotation)
+                // keeps the spec everyone shares.
+                let spec = match was {
+                    Some(was) if was == spec => was,
+                    _ => spec,
+                };
                 self.pods.insert(id, spec);
             }
         }
@@ -327,6 +333,7 @@ pub fn snapshot<'a>(
             out.set(&uid, state);
         }
     }
+    keep_shared(&mut out.pods, &last.pods);
     out
 }
 
@@ -623,6 +630,27 @@ mod tests {
         assert_eq!(a.ips.len(), 2);
         assert_eq!(a.namespace, "mesh");
         assert_eq!(a.cgroup, PodCgroup::Uid);
+    }
+
+    #[test]
+    fn a_new_redirection_value_alone_keeps_the_spec_the_node_state_shares() {
+        let ambient = json!({"istio.io/dataplane-mode": "ambient"});
+        let nss = [namespace("mesh", json!({}))];
+        let mesh = MeshSettings::default();
+        let first = app("a", "mesh", ambient.clone(), json!({}));
+        let mut snap = snapshot([&first], &nss, None, &mesh, &Snapshot::default());
+        let id = WorkloadId::kubernetes("a");
+        let before = snap.pods[&id].clone();
+        let annotated = app("a", "mesh", ambient, json!({REDIRECTION: "enabled"}));
+        let labels = namespace_labels(&nss);
+        let (uid, state) =
+            pod_state(&annotated, &labels, None, &mesh, |uid| snap.state(uid)).expect("a UID");
+        snap.set(&uid, state);
+        assert!(Arc::ptr_eq(&snap.pods[&id], &before));
+        assert_eq!(snap.redirection[&id], "enabled");
+        // A whole snapshot of the same pods, as after a relist, keeps it too.
+        let again = snapshot([&annotated], &nss, None, &mesh, &snap);
+        assert!(Arc::ptr_eq(&again.pods[&id], &before));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The pod as the feed reads it: metadata and the few fields of `spec` and
 //! `status` that Istio's rules and the datapath use, nothing else. The
-//! watcher decodes every pod of a list into one of these at once; a
+//! watcher decodes each page of a list (500 pods) into these at once; a
 //! `k8s_openapi` Pod takes about 2 KiB before its first value (its spec
 //! and status types hold every field of the API). Between events the feed
 //! keeps only a [`super::KeptPod`] of each.
