@@ -780,6 +780,8 @@ impl Controller {
                     netns: datapath.netns_entries()?.clone(),
                     inbound: datapath.inbound_entries()?.clone(),
                     inbound_netns: datapath.netns_links().clone(),
+                    sidecar_ranges: datapath.sidecar_range_entries()?.clone(),
+                    sidecar_ports: datapath.sidecar_port_entries()?.clone(),
                 },
             );
             retained = kept;
@@ -806,7 +808,29 @@ impl Controller {
         if datapath.set_node_config(desired.node)? {
             info!(config = ?desired.node, "node settings written");
         }
+        // A sidecar pod's new rule set is in place before its entry names
+        // it, and its old one goes only after: a connect never sees half.
+        let (range_deletes, range_puts): (Vec<_>, Vec<_>) = desired::diff_changed(
+            datapath.sidecar_range_entries()?,
+            &desired.sidecar_ranges,
+            &changed.sidecar_ranges,
+            changed.all,
+        )
+        .into_iter()
+        .partition(|op| matches!(op, desired::Op::Delete(_)));
+        let (port_deletes, port_puts): (Vec<_>, Vec<_>) = desired::diff_changed(
+            datapath.sidecar_port_entries()?,
+            &desired.sidecar_ports,
+            &changed.sidecar_ports,
+            changed.all,
+        )
+        .into_iter()
+        .partition(|op| matches!(op, desired::Op::Delete(_)));
+        datapath.apply_sidecar_ranges(&range_puts)?;
+        datapath.apply_sidecar_ports(&port_puts)?;
         datapath.apply_cgroups(&cgroup_ops)?;
+        datapath.apply_sidecar_ranges(&range_deletes)?;
+        datapath.apply_sidecar_ports(&port_deletes)?;
         let (inbound_changes, attached_all) =
             apply_inbound(&mut self.host, datapath, desired, &changed)?;
         // A namespace not attached yet is tried again by a whole diff.

@@ -110,6 +110,8 @@ pub struct Port(pub u16);
 impl Port {
     /// ztunnel's outbound capture listener.
     pub const ZTUNNEL_OUTBOUND: Port = Port(15001);
+    /// A sidecar proxy's (Envoy's) outbound capture listener.
+    pub const SIDECAR_OUTBOUND: Port = Port(15001);
     /// ztunnel's inbound plaintext listener.
     pub const ZTUNNEL_INBOUND_PLAINTEXT: Port = Port(15006);
     /// ztunnel's inbound HBONE listener.

@@ -36,9 +36,9 @@ pub mod map_names {
     /// (`src` = local end).
     pub const SOCKS: &str = "AMB_SOCKS_V2";
     /// Per-CPU `u64` counters indexed by [`super::Counter`].
-    pub const COUNTERS: &str = "AMB_COUNTERS_V5";
+    pub const COUNTERS: &str = "AMB_COUNTERS_V6";
     /// One [`super::NodeConfig`], at index 0.
-    pub const NODE: &str = "AMB_NODE_V3";
+    pub const NODE: &str = "AMB_NODE_V4";
     /// [`super::InboundTarget`] by enrolled pod IP ([`super::IpKey`]): where
     /// inbound connections to that address are captured.
     pub const INBOUND: &str = "AMB_INBOUND_V1";
@@ -52,9 +52,28 @@ pub mod map_names {
     /// sources whose connections to enrolled pods are never captured
     /// (the node's own addresses, kubelet probes).
     pub const EXEMPT: &str = "AMB_EXEMPT_V1";
+    /// LPM trie of [`super::SidecarRange`] -> [`super::sidecar_verdict`]:
+    /// the destinations a sidecar-captured pod's annotations include or
+    /// exclude, under the pod's rule set.
+    pub const SIDECAR_RANGES: &str = "AMB_SIDECAR_RANGES_V1";
+    /// [`super::SidecarPort`] -> [`super::sidecar_verdict`]: the outbound
+    /// ports a sidecar-captured pod's annotations include or exclude.
+    pub const SIDECAR_PORTS: &str = "AMB_SIDECAR_PORTS_V1";
     /// Every map of the object.
-    pub const ALL: [&str; 11] = [
-        CGROUPS, NETNS, PENDING, CONNS, SOCKS, COUNTERS, NODE, INBOUND, LISTENERS, DNS, EXEMPT,
+    pub const ALL: [&str; 13] = [
+        CGROUPS,
+        NETNS,
+        PENDING,
+        CONNS,
+        SOCKS,
+        COUNTERS,
+        NODE,
+        INBOUND,
+        LISTENERS,
+        DNS,
+        EXEMPT,
+        SIDECAR_RANGES,
+        SIDECAR_PORTS,
     ];
 }
 
@@ -82,6 +101,12 @@ pub const LISTENERS_CAPACITY: u32 = 16_384;
 pub const DNS_CAPACITY: u32 = 65_536;
 /// Capacity of [`map_names::EXEMPT`].
 pub const EXEMPT_CAPACITY: u32 = 1_024;
+/// Capacity of [`map_names::SIDECAR_RANGES`]: only pods with range
+/// annotations have entries (an LPM trie allocates entries as they come).
+pub const SIDECAR_RANGES_CAPACITY: u32 = 65_536;
+/// Capacity of [`map_names::SIDECAR_PORTS`]: only pods with port
+/// annotations have entries.
+pub const SIDECAR_PORTS_CAPACITY: u32 = 65_536;
 
 /// Deepest cgroup level the kernel programs look at when matching a socket's
 /// cgroup against [`map_names::CGROUPS`].
@@ -119,6 +144,17 @@ pub mod flags {
     /// mode), so an inbound connection ztunnel cannot take is refused. In
     /// companion mode it is left to istio-cni's rules instead.
     pub const INBOUND_FAIL_CLOSED: u32 = 1 << 9;
+    /// On a pod: sidecar-injected and captured to its own proxy
+    /// (`--sidecar=on`): its outbound TCP goes to the proxy's outbound
+    /// port on the pod's own address, as `istio-iptables` sends it, shaped
+    /// by the pod's rule set ([`super::CgroupInfo::rules`]). The proxy's
+    /// own sockets (its container's cgroup, [`SIDECAR_PROXY`], or the
+    /// proxy's uid or gid, [`super::NodeConfig::sidecar_uid`]) are never
+    /// captured.
+    pub const SIDECAR: u32 = 1 << 10;
+    /// On a container cgroup: a sidecar-captured pod's proxy container.
+    /// Its sockets are the proxy's whatever their uid.
+    pub const SIDECAR_PROXY: u32 = 1 << 11;
 }
 
 /// What the datapath knows about one pod-level (or ztunnel) cgroup.
@@ -129,7 +165,12 @@ pub struct CgroupInfo {
     pub flags: u32,
     /// Port connects are redirected to (host order), e.g. 15001.
     pub redirect_port: u16,
-    pub _pad: u16,
+    /// On a [`flags::SIDECAR`] pod: its rule set in
+    /// [`map_names::SIDECAR_RANGES`] and [`map_names::SIDECAR_PORTS`]
+    /// (0: none, Istio's defaults: every destination captured). The
+    /// daemon writes a changed set under a new number before it points the
+    /// pod at it, so a connect never sees half of an update.
+    pub rules: u16,
     /// The pod's IPv4 address (network order); connects to it are not
     /// redirected, as istio-cni does not redirect a pod calling itself.
     pub pod_ip4: u32,
@@ -185,6 +226,12 @@ pub struct NodeConfig {
     /// namespace of every connection to or from the shared ztunnel's
     /// addresses (see [`ConnKey::netns`]).
     pub shared_netns: u64,
+    /// The uid sidecar proxies run as (Istio's `ISTIO_PROXY_UID`, 1337):
+    /// in a [`flags::SIDECAR`] pod, sockets of tasks with this uid, or
+    /// with [`NodeConfig::sidecar_gid`], are the proxy's.
+    pub sidecar_uid: u32,
+    /// The gid sidecar proxies run as (`ISTIO_PROXY_GID`, 1337).
+    pub sidecar_gid: u32,
 }
 
 impl NodeConfig {
@@ -236,6 +283,48 @@ pub struct InboundTarget {
 pub struct SourcePrefix {
     pub prefix_len: u32,
     pub addr: IpKey,
+}
+
+/// The data of an LPM trie key of [`map_names::SIDECAR_RANGES`] (after
+/// the key's prefix length): a destination prefix of one pod's rule set.
+/// The pod's cgroup id and rule set number always match whole, so the
+/// prefix length is [`SIDECAR_RANGE_FIXED_BITS`] plus the address
+/// prefix's length (an IPv4 /n counted as /(96+n), as [`SourcePrefix`]
+/// does).
+#[repr(C, packed)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SidecarRange {
+    /// The pod-level cgroup id.
+    pub cgroup: u64,
+    /// [`CgroupInfo::rules`], widened.
+    pub rules: u32,
+    pub addr: IpKey,
+}
+
+/// The bits of a [`SidecarRange`] before its address.
+pub const SIDECAR_RANGE_FIXED_BITS: u32 = 96;
+
+/// A key of [`map_names::SIDECAR_PORTS`]: one outbound port of one pod's
+/// rule set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SidecarPort {
+    /// The pod-level cgroup id.
+    pub cgroup: u64,
+    /// [`CgroupInfo::rules`].
+    pub rules: u16,
+    /// Host order.
+    pub port: u16,
+    pub _pad: u32,
+}
+
+/// What a sidecar rule says of a destination (the values of
+/// [`map_names::SIDECAR_RANGES`] and [`map_names::SIDECAR_PORTS`]).
+pub mod sidecar_verdict {
+    /// Captured: sent to the pod's proxy.
+    pub const CAPTURE: u32 = 1;
+    /// Excluded: goes where it was going.
+    pub const PASS: u32 = 2;
 }
 
 /// Why a source is in [`map_names::EXEMPT`] (the value).
@@ -386,11 +475,16 @@ pub enum Counter {
     /// filling the least-recently-used maps), so ztunnel cannot route it and
     /// refuses it.
     OrigDstMissing = 23,
+    /// Connects of a sidecar-captured pod sent to its own proxy.
+    SidecarRedirected = 24,
+    /// Connects of a sidecar-captured pod left alone by its rule set (an
+    /// excluded port or range, or a destination not included).
+    SidecarPassed = 25,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 24] = [
+    pub const ALL: [Counter; 26] = [
         Counter::ConnectRedirected4,
         Counter::ConnectRedirected6,
         Counter::ConnectRecordFailed,
@@ -415,6 +509,8 @@ impl Counter {
         Counter::ConnectNoTarget,
         Counter::ConnectUnspread,
         Counter::OrigDstMissing,
+        Counter::SidecarRedirected,
+        Counter::SidecarPassed,
     ];
 
     /// Stable name, as printed by `ambridge stats`.
@@ -444,6 +540,8 @@ impl Counter {
             Counter::ConnectNoTarget => "connect_no_target",
             Counter::ConnectUnspread => "connect_unspread",
             Counter::OrigDstMissing => "orig_dst_missing",
+            Counter::SidecarRedirected => "sidecar_redirected",
+            Counter::SidecarPassed => "sidecar_passed",
         }
     }
 }
@@ -501,6 +599,7 @@ const _: () = {
     assert!(size_of::<CgroupInfo>() == 48);
     assert!(offset_of!(CgroupInfo, flags) == 0);
     assert!(offset_of!(CgroupInfo, redirect_port) == 4);
+    assert!(offset_of!(CgroupInfo, rules) == 6);
     assert!(offset_of!(CgroupInfo, pod_ip4) == 8);
     assert!(offset_of!(CgroupInfo, redirect_ip4) == 12);
     assert!(offset_of!(CgroupInfo, pod_ip6) == 16);
@@ -511,7 +610,7 @@ const _: () = {
     assert!(offset_of!(NetnsInfo, ip4) == 4);
     assert!(offset_of!(NetnsInfo, ip6) == 8);
 
-    assert!(size_of::<NodeConfig>() == 64);
+    assert!(size_of::<NodeConfig>() == 72);
     assert!(offset_of!(NodeConfig, redirect_ports) == 0);
     assert!(offset_of!(NodeConfig, flags) == 8);
     assert!(offset_of!(NodeConfig, shared_ip4) == 12);
@@ -520,6 +619,17 @@ const _: () = {
     assert!(offset_of!(NodeConfig, hbone_port) == 46);
     assert!(offset_of!(NodeConfig, dns_port) == 48);
     assert!(offset_of!(NodeConfig, shared_netns) == 56);
+    assert!(offset_of!(NodeConfig, sidecar_uid) == 64);
+    assert!(offset_of!(NodeConfig, sidecar_gid) == 68);
+
+    assert!(size_of::<SidecarRange>() == 28);
+    assert!(offset_of!(SidecarRange, rules) == 8);
+    assert!(offset_of!(SidecarRange, addr) == 12);
+    assert!(SIDECAR_RANGE_FIXED_BITS as usize == 8 * (size_of::<u64>() + size_of::<u32>()));
+
+    assert!(size_of::<SidecarPort>() == 16);
+    assert!(offset_of!(SidecarPort, rules) == 8);
+    assert!(offset_of!(SidecarPort, port) == 10);
 
     assert!(size_of::<InboundTarget>() == 8);
     assert!(size_of::<SourcePrefix>() == 20);
@@ -550,6 +660,8 @@ mod pod {
     unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::InboundTarget {}
     unsafe impl aya::Pod for super::SourcePrefix {}
+    unsafe impl aya::Pod for super::SidecarRange {}
+    unsafe impl aya::Pod for super::SidecarPort {}
 }
 
 #[cfg(test)]
@@ -673,6 +785,18 @@ mod tests {
                 4,
                 EXEMPT_CAPACITY,
             ),
+            (
+                map_names::SIDECAR_RANGES,
+                4 + size_of::<SidecarRange>(),
+                4,
+                SIDECAR_RANGES_CAPACITY,
+            ),
+            (
+                map_names::SIDECAR_PORTS,
+                size_of::<SidecarPort>(),
+                4,
+                SIDECAR_PORTS_CAPACITY,
+            ),
         ];
         assert_eq!(
             layouts,
@@ -682,12 +806,14 @@ mod tests {
                 ("AMB_PENDING_V1", 8, 20, 65_536),
                 ("AMB_CONNS_V2", 48, 20, 65_536),
                 ("AMB_SOCKS_V2", 48, 4, 65_536),
-                ("AMB_COUNTERS_V5", 4, 8, 24),
-                ("AMB_NODE_V3", 4, 64, 1),
+                ("AMB_COUNTERS_V6", 4, 8, 26),
+                ("AMB_NODE_V4", 4, 72, 1),
                 ("AMB_INBOUND_V1", 16, 8, 32_768),
                 ("AMB_LISTENERS_V1", 8, 4, 16_384),
                 ("AMB_DNS_V1", 8, 20, 65_536),
                 ("AMB_EXEMPT_V1", 20, 4, 1_024),
+                ("AMB_SIDECAR_RANGES_V1", 32, 4, 65_536),
+                ("AMB_SIDECAR_PORTS_V1", 16, 4, 65_536),
             ]
         );
     }

@@ -12,7 +12,9 @@
 //! every socket of a ztunnel or of a cgroup that is not enrolled.
 //!
 //! A pod's DNS queries over connected UDP or TCP are captured here too,
-//! before the outbound rules: see [`crate::dns`].
+//! before the outbound rules: see [`crate::dns`]. A sidecar-captured pod's
+//! connects go to its own proxy by its rule set instead: see
+//! [`crate::sidecar`].
 
 use ambridge_common::{
     CgroupInfo, ConnRecord, Counter, as_v4, conn_kind, flags, landing4, v4_mapped,
@@ -32,7 +34,7 @@ use crate::{
         AF_INET, AF_INET6, KUBELET_PROBE_IP4, KUBELET_PROBE_IP6, LOCALHOST4, SOCK_STREAM, ctx_read,
         ctx_write, ctx_write_ip6, is_loopback4, is_loopback6,
     },
-    pod,
+    pod, sidecar,
 };
 
 const ALLOW: i32 = 1;
@@ -53,7 +55,7 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
     if sock_type != SOCK_STREAM && !query {
         return ALLOW;
     }
-    let Some(pod) = pod::current() else {
+    let Some((cgroup, pod)) = pod::current_entry() else {
         return ALLOW;
     };
     if query {
@@ -74,7 +76,7 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
     if sock_type != SOCK_STREAM {
         return ALLOW;
     }
-    let target = match target4(&pod, sa.user_ip4) {
+    let target = match target4(cgroup, &pod, sa.user_ip4, port) {
         Outbound::Leave => return ALLOW,
         Outbound::Refuse => return REFUSE,
         Outbound::Redirect(target) => target,
@@ -111,7 +113,7 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
     if sock_type != SOCK_STREAM && !query {
         return ALLOW;
     }
-    let Some(pod) = pod::current() else {
+    let Some((cgroup, pod)) = pod::current_entry() else {
         return ALLOW;
     };
     // SAFETY: `sa` is the live context of this program.
@@ -145,7 +147,7 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
     // wire (only this hook runs, not connect4): apply the IPv4 rules and
     // keep the mapped form so the socket stays IPv4 on the wire.
     if let Some(dst4) = as_v4(&dst) {
-        let target = match target4(&pod, dst4) {
+        let target = match target4(cgroup, &pod, dst4, port) {
             Outbound::Leave => return ALLOW,
             Outbound::Refuse => return REFUSE,
             Outbound::Redirect(target) => target,
@@ -166,7 +168,7 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
         bump(Counter::ConnectRedirected4);
         return ALLOW;
     }
-    let target = match target6(&pod, &dst) {
+    let target = match target6(cgroup, &pod, &dst, port) {
         Outbound::Leave => return ALLOW,
         Outbound::Refuse => return REFUSE,
         Outbound::Redirect(target) => target,
@@ -206,9 +208,37 @@ fn unless_held<A>(pod: &CgroupInfo, target: A) -> Outbound<A> {
     }
 }
 
-/// The IPv4 verdict for a connect from `pod` to `dst`.
+/// The verdict for a sidecar-captured pod's connect to `dst:port`: its
+/// own address in the family (`target`, with `has_ip` set) when its rule
+/// set captures it.
 #[inline(always)]
-fn target4(pod: &CgroupInfo, dst: u32) -> Outbound<u32> {
+fn sidecar_target<A>(
+    cgroup: u64,
+    pod: &CgroupInfo,
+    dst: &[u32; 4],
+    port: u16,
+    has_ip: u32,
+    target: A,
+) -> Outbound<A> {
+    if !sidecar::captures(cgroup, pod, dst, port) {
+        return Outbound::Leave;
+    }
+    if pod.flags & has_ip == 0 {
+        bump(Counter::ConnectNoTarget);
+        return Outbound::Refuse;
+    }
+    bump(Counter::SidecarRedirected);
+    Outbound::Redirect(target)
+}
+
+/// The IPv4 verdict for a connect from `pod` (its entry `cgroup`) to
+/// `dst:port`.
+#[inline(always)]
+fn target4(cgroup: u64, pod: &CgroupInfo, dst: u32, port: u16) -> Outbound<u32> {
+    if sidecar::is_sidecar(pod) {
+        let dst = v4_mapped(dst);
+        return sidecar_target(cgroup, pod, &dst, port, flags::HAS_IP4, pod.redirect_ip4);
+    }
     if !pod::redirects(pod) || is_loopback4(dst) || dst == KUBELET_PROBE_IP4 {
         return Outbound::Leave;
     }
@@ -222,9 +252,13 @@ fn target4(pod: &CgroupInfo, dst: u32) -> Outbound<u32> {
     unless_held(pod, pod.redirect_ip4)
 }
 
-/// The IPv6 verdict for a connect from `pod` to `dst`.
+/// The IPv6 verdict for a connect from `pod` (its entry `cgroup`) to
+/// `dst:port`.
 #[inline(always)]
-fn target6(pod: &CgroupInfo, dst: &[u32; 4]) -> Outbound<[u32; 4]> {
+fn target6(cgroup: u64, pod: &CgroupInfo, dst: &[u32; 4], port: u16) -> Outbound<[u32; 4]> {
+    if sidecar::is_sidecar(pod) {
+        return sidecar_target(cgroup, pod, dst, port, flags::HAS_IP6, pod.redirect_ip6);
+    }
     if !pod::redirects(pod) || is_loopback6(dst) || *dst == KUBELET_PROBE_IP6 {
         return Outbound::Leave;
     }

@@ -13,7 +13,7 @@
 //! | `cgroup/sock_release` | [`release`] | 5.9 |
 //!
 //! Shared helpers live apart: [`maps`] (every map), [`pod`] (which pod a
-//! socket belongs to), [`conn`] (connection keys and their namespace),
+//! socket belongs to), [`sidecar`] (a sidecar-captured pod's rule set), [`conn`] (connection keys and their namespace),
 //! [`net`] (context access, address and port conversions).
 #![no_std]
 #![no_main]
@@ -28,6 +28,7 @@ mod net;
 mod peername;
 mod pod;
 mod release;
+mod sidecar;
 mod sk_msg;
 mod sock_ops;
 mod sockopt;

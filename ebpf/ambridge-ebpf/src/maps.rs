@@ -4,7 +4,8 @@
 use ambridge_common::{
     CGROUPS_CAPACITY, CONNS_CAPACITY, COUNTER_SLOTS, CgroupInfo, ConnKey, ConnRecord, Counter,
     DNS_CAPACITY, EXEMPT_CAPACITY, INBOUND_CAPACITY, InboundTarget, IpKey, LISTENERS_CAPACITY,
-    NETNS_CAPACITY, NetnsInfo, NodeConfig, PENDING_CAPACITY, SOCKS_CAPACITY,
+    NETNS_CAPACITY, NetnsInfo, NodeConfig, PENDING_CAPACITY, SIDECAR_PORTS_CAPACITY,
+    SIDECAR_RANGES_CAPACITY, SOCKS_CAPACITY, SidecarPort, SidecarRange,
 };
 use aya_ebpf::{
     macros::map,
@@ -57,8 +58,18 @@ pub static DNS: LruHashMap<u64, ConnRecord> = LruHashMap::pinned(DNS_CAPACITY, 0
 #[map(name = "AMB_EXEMPT_V1")]
 pub static EXEMPT: LpmTrie<IpKey, u32> = LpmTrie::pinned(EXEMPT_CAPACITY, 0);
 
+/// The destination prefixes sidecar-captured pods' rule sets include or
+/// exclude, longest prefix first. Written by the daemon only.
+#[map(name = "AMB_SIDECAR_RANGES_V1")]
+pub static SIDECAR_RANGES: LpmTrie<SidecarRange, u32> = LpmTrie::pinned(SIDECAR_RANGES_CAPACITY, 0);
+
+/// The outbound ports sidecar-captured pods' rule sets include or exclude.
+/// Written by the daemon only.
+#[map(name = "AMB_SIDECAR_PORTS_V1")]
+pub static SIDECAR_PORTS: HashMap<SidecarPort, u32> = HashMap::pinned(SIDECAR_PORTS_CAPACITY, 0);
+
 /// Node-wide settings (one entry). Written by the daemon only.
-#[map(name = "AMB_NODE_V3")]
+#[map(name = "AMB_NODE_V4")]
 static NODE: Array<NodeConfig> = Array::pinned(1, 0);
 
 /// The node's settings; all-zero (nothing matches) until the daemon wrote
@@ -68,7 +79,7 @@ pub fn node() -> NodeConfig {
     NODE.get(0).copied().unwrap_or_default()
 }
 
-#[map(name = "AMB_COUNTERS_V5")]
+#[map(name = "AMB_COUNTERS_V6")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
 
 /// Adds one to a per-CPU counter (no atomics needed: per-CPU, and BPF

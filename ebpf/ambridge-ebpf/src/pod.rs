@@ -4,10 +4,11 @@
 //! stores pod-level (and ztunnel) cgroup ids. The calling task's ancestors are
 //! matched level by level (`bpf_get_current_ancestor_cgroup_id`, Linux 5.7 for
 //! cgroup sock_addr programs), so every container of a pod is covered without
-//! per-container entries.
+//! per-container entries. A sidecar pod's proxy container may have an entry
+//! of its own, deeper than its pod's.
 
 use ambridge_common::{CgroupInfo, MAX_CGROUP_DEPTH, conn_flags, flags};
-use aya_ebpf::helpers::bpf_get_current_ancestor_cgroup_id;
+use aya_ebpf::helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_uid_gid};
 
 use crate::maps::CGROUPS;
 
@@ -16,10 +17,18 @@ use crate::maps::CGROUPS;
 /// are never redirected, even when its cgroup nests under a pod-like path.
 #[inline(always)]
 pub fn current() -> Option<CgroupInfo> {
+    current_entry().map(|(_, info)| info)
+}
+
+/// As [`current`], with the id of the cgroup whose entry it is (the key of
+/// a sidecar pod's rule set).
+#[inline(always)]
+pub fn current_entry() -> Option<(u64, CgroupInfo)> {
     // Not an `Option` in the loop: LLVM would copy its uninitialised
     // payload around, which the verifier rejects as a read of an unset
     // register.
     let mut found = CgroupInfo::default();
+    let mut found_id = 0;
     let mut matched = false;
     let mut ztunnel = false;
     // Level 0 is the root cgroup, which is never a pod.
@@ -34,6 +43,7 @@ pub fn current() -> Option<CgroupInfo> {
         if let Some(info) = unsafe { CGROUPS.get(id) } {
             ztunnel |= info.flags & flags::ZTUNNEL != 0;
             found = *info;
+            found_id = id;
             matched = true;
         }
     }
@@ -43,13 +53,29 @@ pub fn current() -> Option<CgroupInfo> {
     if ztunnel {
         found.flags |= flags::ZTUNNEL;
     }
-    Some(found)
+    Some((found_id, found))
 }
 
-/// Whether connects from this cgroup are redirected at all.
+/// Whether connects from this cgroup are redirected to ztunnel at all.
 #[inline(always)]
 pub fn redirects(info: &CgroupInfo) -> bool {
     info.flags & flags::ENROLLED != 0 && info.flags & flags::ZTUNNEL == 0
+}
+
+/// Whether the current task is a sidecar proxy's: its container's cgroup
+/// says so, or it runs in a sidecar-captured pod as the proxy's uid or gid.
+#[inline(always)]
+pub fn is_sidecar_proxy(info: &CgroupInfo) -> bool {
+    if info.flags & flags::SIDECAR_PROXY != 0 {
+        return true;
+    }
+    if info.flags & flags::SIDECAR == 0 {
+        return false;
+    }
+    let node = crate::maps::node();
+    // Sockets are made in a task's context, so its ids are the maker's.
+    let ids = bpf_get_current_uid_gid();
+    ids as u32 == node.sidecar_uid || (ids >> 32) as u32 == node.sidecar_gid
 }
 
 /// The acceleration flags of a connection opened (or bound) by this cgroup:

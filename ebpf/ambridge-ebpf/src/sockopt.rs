@@ -1,7 +1,7 @@
 //! `cgroup/getsockopt` (Linux 5.3; netns cookie 5.15): answer
 //! `SO_ORIGINAL_DST` for connections that were redirected at connect time,
-//! where no conntrack entry exists, to ztunnel only, in the connection's
-//! own network namespace.
+//! where no conntrack entry exists, to ztunnel (or a sidecar-captured pod's
+//! proxy) only, in the connection's own network namespace.
 //!
 //! The program runs after the kernel's own getsockopt and sees its result.
 //! Anything but `SO_ORIGINAL_DST` at `SOL_IP`/`SOL_IPV6` on a TCP socket
@@ -58,8 +58,9 @@ pub fn getsockopt(ctx: SockoptContext) -> i32 {
 /// The original destination of the accepted socket's connection: its peer is
 /// the client's source, its local address the redirect target, and the
 /// connection lives in the socket's namespace (or the shared ztunnel's).
-/// Only a ztunnel's task is answered: nobody else may read where another
-/// pod's connection was going.
+/// Only a ztunnel's task, or a sidecar proxy's (whose pod's connections
+/// are the only ones in its namespace), is answered: nobody else may read
+/// where another pod's connection was going.
 #[inline(always)]
 fn lookup(ctx: &SockoptContext, opt: &bpf_sockopt) -> Option<ConnRecord> {
     // SAFETY: `sk` is the union's only pointer member for this hook.
@@ -90,7 +91,9 @@ fn lookup(ctx: &SockoptContext, opt: &bpf_sockopt) -> Option<ConnRecord> {
         local,
         local_port,
     );
-    let is_ztunnel = || pod::current().is_some_and(|p| p.flags & flags::ZTUNNEL != 0);
+    let is_ztunnel = || {
+        pod::current().is_some_and(|p| p.flags & flags::ZTUNNEL != 0 || pod::is_sidecar_proxy(&p))
+    };
     // SAFETY: copied out at once.
     match unsafe { CONNS.get(key) }
         .copied()

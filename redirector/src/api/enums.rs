@@ -9,6 +9,7 @@ impl From<spec::Mode> for pb::Mode {
         match mode {
             spec::Mode::Ambient => Self::Ambient,
             spec::Mode::None => Self::None,
+            spec::Mode::Sidecar => Self::Sidecar,
         }
     }
 }
@@ -39,6 +40,7 @@ impl pb::Mode {
             Self::Unspecified => "unspecified",
             Self::Ambient => "ambient",
             Self::None => "none",
+            Self::Sidecar => "sidecar",
         }
     }
 }

@@ -6,7 +6,7 @@ use ambridge::{
     daemon::{self, Options},
     datapath::Pins,
     host::cgroup,
-    node::spec::{OriginalSrc, Settings},
+    node::spec::{OriginalSrc, Settings, SidecarProxy},
     types::Port,
 };
 use anyhow::Context as _;
@@ -119,7 +119,14 @@ impl Run {
             dns_capture,
             node_netns,
             probe_sources,
+            sidecar,
+            sidecar_proxy_uid,
+            sidecar_proxy_gid,
         } = *capture;
+        let sidecar = (sidecar == Switch::On).then_some(SidecarProxy {
+            uid: sidecar_proxy_uid,
+            gid: sidecar_proxy_gid,
+        });
         let xds = if sources.contains(&Source::Xds) {
             Some(xds.source(node_name.clone())?)
         } else {
@@ -131,7 +138,10 @@ impl Run {
                     "--source kubernetes needs the node's name (--node-name or NODE_NAME)",
                 )?,
                 api_url: kube_api,
-                mesh: ambridge::node::membership::MeshSettings::default(),
+                mesh: ambridge::node::membership::MeshSettings {
+                    sidecar: sidecar.is_some(),
+                    ..Default::default()
+                },
             })
         } else {
             None
@@ -157,6 +167,7 @@ impl Run {
                 dns_capture: dns_capture == Switch::On,
                 probe_sources,
                 inbound_fail_closed: zds == Zds::Serve,
+                sidecar,
             },
             resync: Duration::from_secs(resync_seconds.max(1)),
             full_resync: Duration::from_secs(full_resync_seconds.max(1)),
@@ -350,6 +361,19 @@ struct CaptureArgs {
     /// the node.
     #[arg(long = "probe-source", value_name = "CIDR")]
     probe_sources: Vec<ipnet::IpNet>,
+    /// The sidecar-mode fallback: capture sidecar-injected pods' outbound
+    /// TCP to their own proxy (15001 in the pod), by Istio's
+    /// `traffic.sidecar.istio.io/` annotations, as istio-init's iptables
+    /// would. Off: such pods are left alone.
+    #[arg(long, value_enum, default_value = "off")]
+    sidecar: Switch,
+    /// The uid sidecar proxies run as (Istio's `ISTIO_PROXY_UID`): their
+    /// sockets are never captured.
+    #[arg(long, default_value_t = 1337)]
+    sidecar_proxy_uid: u32,
+    /// The gid sidecar proxies run as (`ISTIO_PROXY_GID`).
+    #[arg(long, default_value_t = 1337)]
+    sidecar_proxy_gid: u32,
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ mod error;
 pub mod features;
 mod link;
 mod pins;
+mod sidecar_rules;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -26,7 +27,7 @@ use std::{
 
 use ambridge_common::{
     CgroupInfo, ConnKey, ConnRecord, Counter, InboundTarget, IpKey, NetnsInfo, NodeConfig,
-    map_names,
+    SidecarPort, SidecarRange, map_names,
 };
 use aya::{
     Ebpf, EbpfLoader, Pod,
@@ -43,9 +44,9 @@ pub use pins::Pins;
 use tracing::{debug, info};
 
 use crate::{
-    node::desired::Op,
+    node::desired::{Op, RuleKey},
     node::entries::{ip_from_key, ip_key},
-    types::{CgroupId, NetnsCookie},
+    types::{CgroupId, NetnsCookie, Port},
 };
 
 /// The compiled kernel programs, built by `build.rs` for the BPF target.
@@ -100,12 +101,14 @@ const SK_MSG: &str = "redirect";
 
 /// The maps the daemon fills from the node state (the others are the
 /// programs' own).
-const CONFIG_MAPS: [&str; 5] = [
+const CONFIG_MAPS: [&str; 7] = [
     map_names::CGROUPS,
     map_names::NETNS,
     map_names::NODE,
     map_names::INBOUND,
     map_names::EXEMPT,
+    map_names::SIDECAR_RANGES,
+    map_names::SIDECAR_PORTS,
 ];
 
 /// Copies of the daemon-written maps; `None` until read (again).
@@ -115,6 +118,8 @@ struct Mirror {
     netns: Option<BTreeMap<NetnsCookie, NetnsInfo>>,
     inbound: Option<BTreeMap<IpAddr, InboundTarget>>,
     exempt: Option<BTreeMap<IpNet, u32>>,
+    sidecar_ranges: Option<BTreeMap<RuleKey<IpNet>, u32>>,
+    sidecar_ports: Option<BTreeMap<RuleKey<Port>, u32>>,
 }
 
 /// The loaded datapath, with handles on the maps the daemon writes.
@@ -124,6 +129,8 @@ pub struct Datapath {
     node: Array<MapData, NodeConfig>,
     inbound: HashMap<MapData, IpKey, InboundTarget>,
     exempt: LpmTrie<MapData, IpKey, u32>,
+    sidecar_ranges: LpmTrie<MapData, SidecarRange, u32>,
+    sidecar_ports: HashMap<MapData, SidecarPort, u32>,
     /// The pod network namespaces the `sk_lookup` program is attached to.
     netns_links: BTreeSet<NetnsCookie>,
     pins: Pins,
@@ -176,12 +183,24 @@ impl Datapath {
             .take_map(map_names::EXEMPT)
             .ok_or(Error::MissingMap(map_names::EXEMPT))?;
         let exempt = LpmTrie::try_from(exempt).map_err(map_err(map_names::EXEMPT))?;
+        let sidecar_ranges = ebpf
+            .take_map(map_names::SIDECAR_RANGES)
+            .ok_or(Error::MissingMap(map_names::SIDECAR_RANGES))?;
+        let sidecar_ranges =
+            LpmTrie::try_from(sidecar_ranges).map_err(map_err(map_names::SIDECAR_RANGES))?;
+        let sidecar_ports = ebpf
+            .take_map(map_names::SIDECAR_PORTS)
+            .ok_or(Error::MissingMap(map_names::SIDECAR_PORTS))?;
+        let sidecar_ports =
+            HashMap::try_from(sidecar_ports).map_err(map_err(map_names::SIDECAR_PORTS))?;
         Ok(Self {
             cgroups,
             netns,
             node,
             inbound,
             exempt,
+            sidecar_ranges,
+            sidecar_ports,
             netns_links,
             pins: pins.clone(),
             fresh_config,

@@ -22,7 +22,7 @@ use crate::{
     node::spec::{
         CgroupRef, Mode, NodeSpec, PodCgroup, PodMap, PodSpec, Readiness, Settings, SharedRedirect,
     },
-    types::{CgroupId, NetnsCookie, PodUid, WorkloadId},
+    types::{CgroupId, NetnsCookie, PodUid, Port, WorkloadId},
 };
 
 /// Turns the paths named by the node state into kernel ids.
@@ -112,7 +112,21 @@ pub struct Desired {
     /// The cgroups of every ztunnel found: only processes in them (or
     /// below) may speak ZDS.
     pub ztunnel_cgroups: BTreeSet<CgroupId>,
+    /// Sidecar pods' destination prefixes, with a
+    /// [`ambridge_common::sidecar_verdict`].
+    pub sidecar_ranges: BTreeMap<RuleKey<IpNet>, u32>,
+    /// Sidecar pods' outbound ports, with a verdict.
+    pub sidecar_ports: BTreeMap<RuleKey<Port>, u32>,
     pub unresolved: UnresolvedEntries,
+}
+
+/// One entry of a sidecar pod's rule set: its pod-level cgroup, the set's
+/// number ([`CgroupInfo::rules`]) and what it says something of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RuleKey<T> {
+    pub cgroup: CgroupId,
+    pub rules: u16,
+    pub what: T,
 }
 
 /// What is not (fully) in the datapath yet, by whose it is.
@@ -251,6 +265,9 @@ struct PodPart {
     /// Its addresses captured inbound, into `netns`.
     inbound: Vec<IpAddr>,
     inbound_netns: Option<NetnsCookie>,
+    /// A sidecar pod's rule set (none under Istio's defaults).
+    sidecar_ranges: Vec<(RuleKey<IpNet>, u32)>,
+    sidecar_ports: Vec<(RuleKey<Port>, u32)>,
     /// What is not found yet; moved to `Desired::unresolved` when the part
     /// is kept.
     unresolved: Vec<Unresolved>,
@@ -268,6 +285,8 @@ pub struct Changed {
     pub netns: BTreeSet<NetnsCookie>,
     pub inbound: BTreeSet<IpAddr>,
     pub inbound_netns: BTreeSet<NetnsCookie>,
+    pub sidecar_ranges: BTreeSet<RuleKey<IpNet>>,
+    pub sidecar_ports: BTreeSet<RuleKey<Port>>,
     pub pods: BTreeSet<WorkloadId>,
     /// What is newly not (fully) in the datapath, or not for a new reason.
     pub unresolved: Vec<Unresolved>,
@@ -281,6 +300,8 @@ impl Changed {
         self.netns.extend(more.netns);
         self.inbound.extend(more.inbound);
         self.inbound_netns.extend(more.inbound_netns);
+        self.sidecar_ranges.extend(more.sidecar_ranges);
+        self.sidecar_ports.extend(more.sidecar_ports);
         self.pods.extend(more.pods);
         self.unresolved.extend(more.unresolved);
     }
@@ -302,6 +323,8 @@ pub struct DesiredMaps {
     netns_claims: Claims<NetnsCookie, NetnsInfo>,
     inbound_claims: Claims<IpAddr, InboundTarget>,
     inbound_netns: Counted<NetnsCookie>,
+    sidecar_range_claims: Claims<RuleKey<IpNet>, u32>,
+    sidecar_port_claims: Claims<RuleKey<Port>, u32>,
     /// The node-wide inputs of the last update: when they change, every
     /// pod is looked at again.
     last_node: Option<(Vec<crate::node::spec::ZtunnelSpec>, Option<SharedRedirect>)>,
@@ -496,6 +519,22 @@ impl DesiredMaps {
             {
                 changed.inbound_netns.insert(cookie);
             }
+            for (key, _) in old.sidecar_ranges {
+                if self
+                    .sidecar_range_claims
+                    .release(&mut d.sidecar_ranges, key, owner)
+                {
+                    changed.sidecar_ranges.insert(key);
+                }
+            }
+            for (key, _) in old.sidecar_ports {
+                if self
+                    .sidecar_port_claims
+                    .release(&mut d.sidecar_ports, key, owner)
+                {
+                    changed.sidecar_ports.insert(key);
+                }
+            }
         }
         let Some(part) = part else {
             return;
@@ -530,6 +569,22 @@ impl DesiredMaps {
             }
             if self.inbound_netns.hold(&mut d.inbound_netns, cookie) {
                 changed.inbound_netns.insert(cookie);
+            }
+        }
+        for (key, verdict) in &part.sidecar_ranges {
+            if self
+                .sidecar_range_claims
+                .claim(&mut d.sidecar_ranges, *key, owner, *verdict)
+            {
+                changed.sidecar_ranges.insert(*key);
+            }
+        }
+        for (key, verdict) in &part.sidecar_ports {
+            if self
+                .sidecar_port_claims
+                .claim(&mut d.sidecar_ports, *key, owner, *verdict)
+            {
+                changed.sidecar_ports.insert(*key);
             }
         }
         self.parts.insert(uid.clone(), (slot, Box::new(part)));
@@ -677,6 +732,13 @@ fn pod_part(
     match resolve.cgroup_id(&cgroup) {
         Ok(id) => {
             let entry = entries::pod_entry(pod, node, readiness, settings);
+            if entry.rules != 0
+                && let Some(rules) = &pod.capture.sidecar
+            {
+                let set = entries::sidecar_rule_set(rules);
+                out.sidecar_ranges = set.keyed(id, &set.ranges);
+                out.sidecar_ports = set.keyed(id, &set.ports);
+            }
             out.cgroup = Some((cgroup.clone(), id, entry));
         }
         Err(e) => {
@@ -817,6 +879,8 @@ pub struct Current {
     pub netns: BTreeMap<NetnsCookie, NetnsInfo>,
     pub inbound: BTreeMap<IpAddr, InboundTarget>,
     pub inbound_netns: BTreeSet<NetnsCookie>,
+    pub sidecar_ranges: BTreeMap<RuleKey<IpNet>, u32>,
+    pub sidecar_ports: BTreeMap<RuleKey<Port>, u32>,
 }
 
 /// Keeps every entry the kernel holds that `desired` would delete: while a
@@ -838,6 +902,12 @@ pub fn retain_current(desired: &mut Desired, current: Current) {
         desired.inbound.entry(k).or_insert(v);
     }
     desired.inbound_netns.extend(current.inbound_netns);
+    for (k, v) in current.sidecar_ranges {
+        desired.sidecar_ranges.entry(k).or_insert(v);
+    }
+    for (k, v) in current.sidecar_ports {
+        desired.sidecar_ports.entry(k).or_insert(v);
+    }
 }
 
 /// The operations that turn `current` into `desired`: deletes of keys no
@@ -1362,6 +1432,8 @@ mod tests {
                 netns: d0.netns.clone(),
                 inbound: d0.inbound.clone(),
                 inbound_netns: d0.inbound_netns.clone(),
+                sidecar_ranges: d0.sidecar_ranges.clone(),
+                sidecar_ports: d0.sidecar_ports.clone(),
             },
         );
         assert_eq!(d.cgroups[&CgroupId(10)], d0.cgroups[&CgroupId(10)]);
@@ -1401,6 +1473,125 @@ mod tests {
     ) {
         let ops = diff_changed(kernel, desired, keys, all);
         apply(kernel, &ops);
+    }
+
+    fn sidecar_settings() -> Settings {
+        Settings {
+            sidecar: Some(crate::node::spec::SidecarProxy::default()),
+            ..Settings::default()
+        }
+    }
+
+    #[test]
+    fn a_sidecar_pod_is_sent_to_its_own_proxy_only_with_the_fallback_on() {
+        let mut s = spec();
+        s.pods[0].mode = Mode::Sidecar;
+        s.redirect = Some(SharedRedirect {
+            ip4: Some("198.18.0.50".parse().unwrap()),
+            ..SharedRedirect::default()
+        });
+        let on = desired(&s, &Readiness::Ungated, &sidecar_settings(), &mut Fake);
+        let entry = on.cgroups[&CgroupId(10)];
+        assert_eq!(
+            entry.flags & (flags::SIDECAR | flags::ENROLLED),
+            flags::SIDECAR
+        );
+        assert_eq!(entry.redirect_port, 15001);
+        // Its own address, not the shared ztunnel's: its proxy is in the pod.
+        assert_eq!(entry.redirect_ip4, entry.pod_ip4);
+        assert_eq!(entry.rules, 0, "Istio's defaults need no rule set");
+        assert!(on.sidecar_ranges.is_empty() && on.sidecar_ports.is_empty());
+        assert!(on.inbound.is_empty());
+        assert_eq!((on.node.sidecar_uid, on.node.sidecar_gid), (1337, 1337));
+        let off = desired(&s, &Readiness::Ungated, &Settings::default(), &mut Fake);
+        assert_eq!(off.cgroups[&CgroupId(10)].flags & flags::SIDECAR, 0);
+        assert_eq!(off.cgroups[&CgroupId(10)].flags & flags::ENROLLED, 0);
+    }
+
+    #[test]
+    fn a_changed_rule_set_is_written_under_new_keys_and_the_old_ones_go() {
+        use crate::node::sidecar::{self, OutboundRules};
+        let rules = |excluded: &str| -> Option<Arc<OutboundRules>> {
+            sidecar::outbound_rules(|a| {
+                (a == sidecar::EXCLUDE_OUTBOUND_IP_RANGES)
+                    .then_some(excluded)
+                    .or((a == sidecar::EXCLUDE_OUTBOUND_PORTS).then_some("22"))
+            })
+            .unwrap()
+        };
+        let mut s = spec();
+        s.pods[0].mode = Mode::Sidecar;
+        s.pods[0].capture.sidecar = rules("10.0.0.0/8");
+        let settings = sidecar_settings();
+        let pods: PodMap = s
+            .pods
+            .iter()
+            .map(|p| (p.uid.clone(), Arc::new(p.clone())))
+            .collect();
+        let mut maps = DesiredMaps::default();
+        maps.update(
+            &s,
+            &pods,
+            Touched::All,
+            &Readiness::Ungated,
+            &settings,
+            &mut Fake,
+        );
+        let first = maps.desired.cgroups[&CgroupId(10)].rules;
+        assert_ne!(first, 0);
+        let nets: Vec<(String, u32)> = maps
+            .desired
+            .sidecar_ranges
+            .iter()
+            .map(|(k, v)| (k.what.to_string(), *v))
+            .collect();
+        assert_eq!(
+            nets,
+            [
+                (
+                    "10.0.0.0/8".to_string(),
+                    ambridge_common::sidecar_verdict::PASS
+                ),
+                (
+                    "::/0".to_string(),
+                    ambridge_common::sidecar_verdict::CAPTURE
+                ),
+            ]
+        );
+        assert!(
+            maps.desired
+                .sidecar_ranges
+                .keys()
+                .all(|k| k.rules == first && k.cgroup == CgroupId(10))
+        );
+        assert_eq!(maps.desired.sidecar_ports.len(), 1);
+
+        let mut changed_pod = s.pods[0].clone();
+        changed_pod.capture.sidecar = rules("10.1.0.0/16");
+        let mut pods2 = pods.clone();
+        pods2.insert(changed_pod.uid.clone(), Arc::new(changed_pod.clone()));
+        let touched = Touched::Pods([changed_pod.uid.clone()].into());
+        let changed = maps.update(
+            &s,
+            &pods2,
+            touched,
+            &Readiness::Ungated,
+            &settings,
+            &mut Fake,
+        );
+        let second = maps.desired.cgroups[&CgroupId(10)].rules;
+        assert_ne!(second, first);
+        assert!(
+            maps.desired
+                .sidecar_ranges
+                .keys()
+                .all(|k| k.rules == second)
+        );
+        assert!(maps.desired.sidecar_ports.keys().all(|k| k.rules == second));
+        // Both sets' keys are named changed: the new ones to put, the old
+        // ones to delete.
+        assert!(changed.sidecar_ranges.iter().any(|k| k.rules == first));
+        assert!(changed.sidecar_ranges.iter().any(|k| k.rules == second));
     }
 
     #[test]

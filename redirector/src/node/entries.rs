@@ -1,13 +1,21 @@
 //! What the datapath holds for a pod, a ztunnel or a network namespace: pure
 //! functions from node state and settings to map values.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
-use ambridge_common::{CgroupInfo, IpKey, NetnsInfo, NodeConfig, REDIRECT_PORTS, flags, v4_mapped};
+use ambridge_common::{
+    CgroupInfo, IpKey, NetnsInfo, NodeConfig, REDIRECT_PORTS, flags, sidecar_verdict, v4_mapped,
+};
+use ipnet::{IpNet, Ipv6Net};
 
 use crate::{
+    node::desired::RuleKey,
+    node::sidecar::{OutboundRules, Ranges},
     node::spec::{Mode, NodeSpec, OriginalSrc, PodSpec, Readiness, Settings, ZtunnelSpec},
-    types::Port,
+    types::{CgroupId, Port},
 };
 
 /// A network-order IPv4 address as the kernel programs compare it.
@@ -54,18 +62,29 @@ fn accel(accelerate: bool, zero_copy: bool) -> u32 {
 /// the pod's own network namespace, so the redirect target is the pod's own
 /// IP (which also keeps the pod IP as the connection's source); in the
 /// shared model it is ztunnel's IP. A family is redirected only when both
-/// the pod and the target have an address in it.
+/// the pod and the target have an address in it. A sidecar-captured pod's
+/// proxy is in its own network namespace whatever the model.
 pub fn pod_entry(
     pod: &PodSpec,
     node: &NodeSpec,
     readiness: &Readiness,
     settings: &Settings,
 ) -> CgroupInfo {
-    let shared = node.redirect;
+    let sidecar = pod.mode == Mode::Sidecar && settings.sidecar.is_some();
+    let shared = node.redirect.filter(|_| !sidecar);
     let mut info = CgroupInfo {
         redirect_port: shared.and_then(|s| s.port).unwrap_or(settings.port).0,
         ..CgroupInfo::default()
     };
+    if sidecar {
+        info.flags |= flags::SIDECAR;
+        info.redirect_port = Port::SIDECAR_OUTBOUND.0;
+        info.rules = pod
+            .capture
+            .sidecar
+            .as_deref()
+            .map_or(0, |rules| sidecar_rule_set(rules).number);
+    }
     if pod.mode == Mode::Ambient {
         let accelerate = pod.accelerate.unwrap_or(settings.sockmap);
         info.flags |= flags::ENROLLED | accel(accelerate, node.zero_copy());
@@ -123,10 +142,15 @@ pub fn node_config(spec: Option<&NodeSpec>, settings: &Settings) -> NodeConfig {
     if settings.inbound_fail_closed {
         cfg.flags |= flags::INBOUND_FAIL_CLOSED;
     }
+    if let Some(proxy) = settings.sidecar {
+        cfg.sidecar_uid = proxy.uid;
+        cfg.sidecar_gid = proxy.gid;
+    }
     let shared = spec.and_then(|s| s.redirect);
     let ports = [
         Some(settings.port.0),
         shared.and_then(|s| s.port).map(|p| p.0),
+        settings.sidecar.map(|_| Port::SIDECAR_OUTBOUND.0),
     ];
     let mut n = 0;
     for port in ports.into_iter().flatten() {
@@ -146,6 +170,107 @@ pub fn node_config(spec: Option<&NodeSpec>, settings: &Settings) -> NodeConfig {
         }
     }
     cfg
+}
+
+/// A sidecar pod's outbound rules as the kernel programs read them (see
+/// `ambridge-ebpf`'s `sidecar` module), before they are keyed by the pod's
+/// cgroup.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SidecarRuleSet {
+    /// [`CgroupInfo::rules`]: a digest of the entries, never 0, so a
+    /// changed set is written under new keys before the pod points at it,
+    /// and the same set always gets the same number (a restarted daemon
+    /// finds its entries in place).
+    pub number: u16,
+    /// Destination prefixes, each with the verdict of the first
+    /// `istio-iptables` rule that matches its addresses: an included
+    /// prefix inside an excluded one is excluded.
+    pub ranges: Vec<(IpNet, u32)>,
+    /// Outbound ports: an excluded port wins over an included one.
+    pub ports: Vec<(Port, u32)>,
+}
+
+impl SidecarRuleSet {
+    /// `entries` (its ranges or ports) keyed for the pod on `cgroup`.
+    pub fn keyed<T: Copy>(&self, cgroup: CgroupId, entries: &[(T, u32)]) -> Vec<(RuleKey<T>, u32)> {
+        entries
+            .iter()
+            .map(|(what, verdict)| {
+                let key = RuleKey {
+                    cgroup,
+                    rules: self.number,
+                    what: *what,
+                };
+                (key, *verdict)
+            })
+            .collect()
+    }
+}
+
+/// The kernel's form of `rules` (see [`SidecarRuleSet`]).
+pub fn sidecar_rule_set(rules: &OutboundRules) -> SidecarRuleSet {
+    let mut ranges: BTreeMap<IpNet, u32> = BTreeMap::new();
+    let included: Vec<IpNet> = match &rules.include_ranges {
+        // Every IPv6 address, IPv4-mapped ones (all of IPv4) among them.
+        Ranges::All => vec![IpNet::V6(Ipv6Net::default())],
+        Ranges::Only(nets) => nets.clone(),
+    };
+    for net in included {
+        let excluded = rules.exclude_ranges.iter().any(|x| x.contains(&net));
+        let verdict = if excluded {
+            sidecar_verdict::PASS
+        } else {
+            sidecar_verdict::CAPTURE
+        };
+        ranges.insert(net, verdict);
+    }
+    for net in &rules.exclude_ranges {
+        ranges.insert(*net, sidecar_verdict::PASS);
+    }
+    let mut ports: BTreeMap<Port, u32> = rules
+        .include_ports
+        .iter()
+        .map(|p| (*p, sidecar_verdict::CAPTURE))
+        .collect();
+    for port in &rules.exclude_ports {
+        ports.insert(*port, sidecar_verdict::PASS);
+    }
+    let ranges: Vec<(IpNet, u32)> = ranges.into_iter().collect();
+    let ports: Vec<(Port, u32)> = ports.into_iter().collect();
+    SidecarRuleSet {
+        number: rule_set_number(&ranges, &ports),
+        ranges,
+        ports,
+    }
+}
+
+/// FNV-1a over the entries, folded to 16 bits; never 0 (no rule set).
+fn rule_set_number(ranges: &[(IpNet, u32)], ports: &[(Port, u32)]) -> u16 {
+    let mut hash: u32 = 0x811c_9dc5;
+    let mut eat = |bytes: &[u8]| {
+        for b in bytes {
+            hash = (hash ^ u32::from(*b)).wrapping_mul(0x0100_0193);
+        }
+    };
+    for (net, verdict) in ranges {
+        eat(&ip_key_bytes(net.addr()));
+        eat(&[net.prefix_len(), *verdict as u8]);
+    }
+    eat(&[0xff]);
+    for (port, verdict) in ports {
+        eat(&port.0.to_be_bytes());
+        eat(&[*verdict as u8]);
+    }
+    let folded = (hash >> 16) as u16 ^ hash as u16;
+    folded.max(1)
+}
+
+/// An address as 16 bytes, IPv4 mapped.
+fn ip_key_bytes(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
 }
 
 /// The local identity of a network namespace holding `ip4`/`ip6`.

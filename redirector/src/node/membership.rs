@@ -13,8 +13,15 @@
 //! - ztunnel is recognised by proven identity (namespace, service account
 //!   and controlling DaemonSet: the DaemonSet object itself, by UID), never
 //!   by a label.
+//!
+//! With the sidecar-mode fallback on (`--sidecar=on`), a sidecar-injected
+//! pod (not host-network, not in an excluded namespace, not terminated) is
+//! captured to its own proxy instead, unless its
+//! `sidecar.istio.io/interceptionMode` is `NONE`: see [`super::sidecar`].
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
+
+use crate::node::sidecar::{self, Interception, OutboundRules};
 
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
 pub const SIDECAR_STATUS_ANNOTATION: &str = "sidecar.istio.io/status";
@@ -60,6 +67,9 @@ pub struct MeshSettings {
     pub ztunnel_service_account: String,
     /// Name of ztunnel's DaemonSet.
     pub ztunnel_daemonset: String,
+    /// Sidecar-injected pods are captured to their own proxy
+    /// (`--sidecar=on`).
+    pub sidecar: bool,
 }
 
 impl Default for MeshSettings {
@@ -69,6 +79,7 @@ impl Default for MeshSettings {
             ztunnel_namespace: "istio-system".into(),
             ztunnel_service_account: "ztunnel".into(),
             ztunnel_daemonset: "ztunnel".into(),
+            sidecar: false,
         }
     }
 }
@@ -87,7 +98,7 @@ pub enum Excluded {
 }
 
 /// The rules' verdict on a pod.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {
     Enrolled {
         /// False under `bypass-inbound-capture: "true"`.
@@ -98,6 +109,9 @@ pub enum Decision {
     NotEnrolled(Excluded),
     /// The pod is ztunnel itself (identity proven).
     Ztunnel,
+    /// Sidecar-injected, captured to its own proxy with these outbound
+    /// rules (`None`: Istio's defaults), under `--sidecar=on`.
+    Sidecar(Option<Arc<OutboundRules>>),
 }
 
 /// An annotation whose value the rules cannot use. The caller keeps the
@@ -161,14 +175,20 @@ pub fn decide(
     if is_ztunnel(pod, settings, ztunnel_daemonset) {
         return Ok(Decision::Ztunnel);
     }
+    let injected = pod.annotations.contains_key(SIDECAR_STATUS_ANNOTATION);
     let excluded = if pod.host_network {
         Some(Excluded::HostNetwork)
-    } else if pod.annotations.contains_key(SIDECAR_STATUS_ANNOTATION) {
+    } else if injected && !settings.sidecar {
         Some(Excluded::SidecarInjected)
     } else if settings.excluded_namespaces.contains(&pod.namespace) {
         Some(Excluded::ExcludedNamespace)
     } else if matches!(pod.phase.as_deref(), Some("Succeeded" | "Failed")) {
         Some(Excluded::Terminated)
+    } else if injected {
+        return match sidecar::from_annotations(&pod.annotations)? {
+            Interception::Captured(rules) => Ok(Decision::Sidecar(rules)),
+            Interception::None => Ok(Decision::NotEnrolled(Excluded::SidecarInjected)),
+        };
     } else {
         match (
             pod.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str),
@@ -279,6 +299,64 @@ mod tests {
         assert_eq!(
             decide_default(&p, AMBIENT),
             Decision::NotEnrolled(Excluded::SidecarInjected)
+        );
+    }
+
+    #[test]
+    fn with_the_sidecar_fallback_on_an_injected_pod_is_captured_to_its_proxy_by_its_annotations() {
+        let on = MeshSettings {
+            sidecar: true,
+            ..MeshSettings::default()
+        };
+        let decide_on = |p: &PodFacts| decide(p, &labels(AMBIENT), &on, Some(&daemonset()));
+        let injected = pod("default", AMBIENT, &[(SIDECAR_STATUS_ANNOTATION, "{}")]);
+        assert_eq!(decide_on(&injected), Ok(Decision::Sidecar(None)));
+        let excluding = pod(
+            "default",
+            &[],
+            &[
+                (SIDECAR_STATUS_ANNOTATION, "{}"),
+                (sidecar::EXCLUDE_OUTBOUND_PORTS, "22"),
+            ],
+        );
+        assert!(matches!(
+            decide_on(&excluding),
+            Ok(Decision::Sidecar(Some(r))) if r.exclude_ports == [crate::types::Port(22)]
+        ));
+        let none = pod(
+            "default",
+            &[],
+            &[
+                (SIDECAR_STATUS_ANNOTATION, "{}"),
+                (sidecar::INTERCEPTION_MODE, "NONE"),
+            ],
+        );
+        assert_eq!(
+            decide_on(&none),
+            Ok(Decision::NotEnrolled(Excluded::SidecarInjected))
+        );
+        let bad = pod(
+            "default",
+            &[],
+            &[
+                (SIDECAR_STATUS_ANNOTATION, "{}"),
+                (sidecar::INCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/40"),
+            ],
+        );
+        assert_eq!(
+            decide_on(&bad).map_err(|e| e.annotation),
+            Err(sidecar::INCLUDE_OUTBOUND_IP_RANGES)
+        );
+        let mut host = injected.clone();
+        host.host_network = true;
+        assert_eq!(
+            decide_on(&host),
+            Ok(Decision::NotEnrolled(Excluded::HostNetwork))
+        );
+        let system = pod("kube-system", &[], &[(SIDECAR_STATUS_ANNOTATION, "{}")]);
+        assert_eq!(
+            decide_on(&system),
+            Ok(Decision::NotEnrolled(Excluded::ExcludedNamespace))
         );
     }
 

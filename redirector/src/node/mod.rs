@@ -3,6 +3,8 @@
 //! - [`spec`]: the node state every source contributes to;
 //! - [`merge`]: the sources' views merged into one [`spec::NodeSpec`];
 //! - [`membership`]: Istio's enrollment rules for a Kubernetes pod;
+//! - [`sidecar`]: Istio's sidecar capture annotations, for the sidecar-mode
+//!   fallback;
 //! - [`claims`]: map entries owned by pods and ztunnels, for updates pod
 //!   by pod;
 //! - [`entries`]: the map value for one pod, ztunnel or namespace;
@@ -15,4 +17,5 @@ pub mod desired;
 pub mod entries;
 pub mod membership;
 pub mod merge;
+pub mod sidecar;
 pub mod spec;

@@ -8,7 +8,10 @@ use std::{
     sync::Arc,
 };
 
-use crate::types::{PodUid, Port, WorkloadId};
+use crate::{
+    node::sidecar::OutboundRules,
+    types::{PodUid, Port, WorkloadId},
+};
 
 /// Pods by workload id. A pod is shared, not copied, between the source
 /// that gave it, the merged state and the publishers: one copy per holder
@@ -39,6 +42,9 @@ pub enum Mode {
     Ambient,
     /// Explicitly out of the mesh.
     None,
+    /// Sidecar-injected, captured to its own proxy (`--sidecar=on`), by
+    /// the rules in its [`CaptureOverrides::sidecar`].
+    Sidecar,
 }
 
 /// One pod on this node.
@@ -66,8 +72,8 @@ pub struct PodSpec {
     pub capture: CaptureOverrides,
 }
 
-/// A pod's own say on what is captured besides its outbound TCP.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A pod's own say on what is captured.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CaptureOverrides {
     /// Inbound TCP goes through ztunnel; false under
     /// `ambient.istio.io/bypass-inbound-capture: "true"`.
@@ -75,6 +81,10 @@ pub struct CaptureOverrides {
     /// `ambient.istio.io/dns-capture`, when the pod sets it; the node's
     /// `--dns-capture` otherwise.
     pub dns: Option<bool>,
+    /// A [`Mode::Sidecar`] pod's outbound rules, from its
+    /// `traffic.sidecar.istio.io/` annotations; `None`: Istio's defaults
+    /// (every destination captured), as most pods have.
+    pub sidecar: Option<Arc<OutboundRules>>,
 }
 
 impl Default for CaptureOverrides {
@@ -82,6 +92,7 @@ impl Default for CaptureOverrides {
         Self {
             inbound: true,
             dns: None,
+            sidecar: None,
         }
     }
 }
@@ -221,6 +232,27 @@ pub struct Settings {
     /// ztunnel cannot take are refused rather than left to istio-cni's
     /// rules.
     pub inbound_fail_closed: bool,
+    /// The sidecar-mode fallback (`--sidecar=on`): how sidecar proxies
+    /// are told apart; `None` when off, and [`Mode::Sidecar`] pods are
+    /// captured by nothing.
+    pub sidecar: Option<SidecarProxy>,
+}
+
+/// Who a sidecar-captured pod's proxy is, besides its own container's
+/// cgroup: Istio's `ISTIO_PROXY_UID` and `ISTIO_PROXY_GID`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SidecarProxy {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Default for SidecarProxy {
+    fn default() -> Self {
+        Self {
+            uid: 1337,
+            gid: 1337,
+        }
+    }
 }
 
 impl Default for Settings {
@@ -232,6 +264,7 @@ impl Default for Settings {
             dns_capture: true,
             probe_sources: Vec::new(),
             inbound_fail_closed: false,
+            sidecar: None,
         }
     }
 }

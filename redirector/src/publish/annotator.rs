@@ -116,7 +116,7 @@ fn redirection_patch(
     let want = match pod.mode {
         Mode::Ambient if ready.contains(&pod.uid) => Some("enabled"),
         Mode::Ambient => Some("pending"),
-        Mode::None => None,
+        Mode::None | Mode::Sidecar => None,
     };
     let has = snapshot.redirection.get(&pod.uid).map(String::as_str);
     (has != want).then(|| RedirectionPatch {

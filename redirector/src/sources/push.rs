@@ -80,16 +80,21 @@ pub fn pushed(req: pb::PushCgroupRequest) -> Result<Pushed, Status> {
             let mode = match pb::Mode::try_from(p.mode) {
                 Ok(pb::Mode::Ambient) => Mode::Ambient,
                 Ok(pb::Mode::None) => Mode::None,
+                // With Istio's default rules: a push carries no annotations.
+                Ok(pb::Mode::Sidecar) => Mode::Sidecar,
                 Ok(pb::Mode::Unspecified) => {
                     return Err(invalid(
                         "pod.mode",
-                        "not set: expected MODE_AMBIENT or MODE_NONE".into(),
+                        "not set: expected MODE_AMBIENT, MODE_NONE or MODE_SIDECAR".into(),
                     ));
                 }
                 Err(_) => {
                     return Err(invalid(
                         "pod.mode",
-                        format!("{} is no Mode: expected MODE_AMBIENT or MODE_NONE", p.mode),
+                        format!(
+                            "{} is no Mode: expected MODE_AMBIENT, MODE_NONE or MODE_SIDECAR",
+                            p.mode
+                        ),
                     ));
                 }
             };

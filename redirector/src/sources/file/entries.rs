@@ -333,7 +333,7 @@ fn parse_entry(entry: &Entry) -> Option<PodSpec> {
         redirect: None,
     };
     validate(&alone).ok()?;
-    alone.workloads.into_iter().next().map(pod_spec)
+    pod_spec(alone.workloads.into_iter().next()?, 0).ok()
 }
 
 /// One line of the file, with its newline, and how it starts.

@@ -35,7 +35,7 @@ pub use watch::watch;
 
 use std::{
     borrow::Cow,
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     fmt::{self, Write as _},
     net::IpAddr,
     path::{Path, PathBuf},
@@ -49,6 +49,7 @@ use serde_saphyr::{
 };
 
 use crate::{
+    node::sidecar::{self, OutboundRules},
     node::spec::{
         CaptureOverrides, CgroupRef, Mode, NodeSpec, PodCgroup, PodMap, PodSpec, SharedRedirect,
         ZtunnelSpec,
@@ -81,6 +82,9 @@ struct Workload {
     #[serde(default)]
     bypass_inbound_capture: bool,
     dns_capture: Option<bool>,
+    /// A `mode: sidecar` pod's `traffic.sidecar.istio.io/` annotations, by
+    /// their last part (`excludeOutboundPorts: "22"`).
+    sidecar: Option<Spanned<BTreeMap<String, String>>>,
 }
 
 fn default_service_account() -> String {
@@ -187,7 +191,12 @@ pub fn parse(text: &str) -> Result<NodeSpec, FileError> {
     let redirect = file.redirect.as_ref().map(shared_redirect).transpose()?;
     Ok(NodeSpec {
         redirect,
-        pods: file.workloads.into_iter().map(pod_spec).collect(),
+        pods: file
+            .workloads
+            .into_iter()
+            .enumerate()
+            .map(|(i, w)| pod_spec(w, i))
+            .collect::<Result<_, _>>()?,
         ztunnels: file
             .ztunnel
             .into_iter()
@@ -217,9 +226,11 @@ impl From<NodeSpec> for View {
     }
 }
 
-/// A validated entry as the pod it describes.
-fn pod_spec(w: Workload) -> PodSpec {
-    PodSpec {
+/// A validated entry (the `i`th) as the pod it describes, or what is wrong
+/// with its sidecar rules.
+fn pod_spec(w: Workload, i: usize) -> Result<PodSpec, FileError> {
+    let sidecar = sidecar_rules(&w, i)?;
+    Ok(PodSpec {
         uid: w.uid.value.into(),
         name: w.name,
         namespace: w.namespace,
@@ -234,8 +245,45 @@ fn pod_spec(w: Workload) -> PodSpec {
         capture: CaptureOverrides {
             inbound: !w.bypass_inbound_capture,
             dns: w.dns_capture,
+            sidecar,
         },
+    })
+}
+
+/// The outbound rules of the `i`th entry's `sidecar` block, read as Istio
+/// reads the annotations it names.
+fn sidecar_rules(w: &Workload, i: usize) -> Result<Option<Arc<OutboundRules>>, FileError> {
+    let Some(block) = &w.sidecar else {
+        return Ok(None);
+    };
+    let field = format!("workloads[{i}].sidecar");
+    if w.mode != Mode::Sidecar {
+        return Err(FileError::about(
+            field,
+            block,
+            "is only for `mode: sidecar`".into(),
+        ));
     }
+    let name = |annotation: &'static str| annotation.rsplit('/').next().unwrap_or(annotation);
+    let mut annotations = BTreeMap::new();
+    for (key, value) in &block.value {
+        let Some(annotation) = sidecar::ANNOTATIONS.iter().find(|a| name(a) == key) else {
+            let known: Vec<&str> = sidecar::ANNOTATIONS.iter().map(|a| name(a)).collect();
+            return Err(FileError::about(
+                format!("{field}.{key}"),
+                block,
+                format!("unknown key; expected one of {}", known.join(", ")),
+            ));
+        };
+        annotations.insert(annotation.to_string(), value.clone());
+    }
+    sidecar::outbound_rules(|a| annotations.get(a).map(String::as_str)).map_err(|e| {
+        FileError::about(
+            format!("{field}.{}", name(e.annotation)),
+            block,
+            format!("{:?} is not valid: expected {}", e.value, e.expected),
+        )
+    })
 }
 
 /// The text of the workloads file at `path`.
@@ -578,6 +626,45 @@ ztunnel:
     const SHARED: &str = "redirect:\n  ips: [198.18.0.50, \"fd00:18::50\"]\n  port: 15011\n";
 
     #[test]
+    fn a_sidecar_pods_block_is_read_as_istios_annotations_and_a_bad_value_names_its_key() {
+        let block = "    mode: sidecar\n    sidecar:\n      excludeOutboundPorts: \"22, 443\"\n      includeOutboundIPRanges: \"198.18.0.0/24\"\n";
+        let spec = parse(&GOOD.replace("    mode: none\n", block)).unwrap();
+        let pod = &spec.pods[1];
+        assert_eq!(pod.mode, Mode::Sidecar);
+        let rules = pod.capture.sidecar.as_deref().expect("rules");
+        assert_eq!(rules.exclude_ports, [Port(22), Port(443)]);
+        assert_eq!(
+            rules.include_ranges,
+            sidecar::Ranges::Only(vec!["198.18.0.0/24".parse().unwrap()])
+        );
+        let plain = parse(&GOOD.replace("mode: none", "mode: sidecar")).unwrap();
+        assert_eq!(plain.pods[1].capture.sidecar, None);
+
+        for (bad, field, says) in [
+            (
+                block.replace("22, 443", "22, 70000"),
+                "workloads[1].sidecar.excludeOutboundPorts",
+                "70000",
+            ),
+            (
+                block.replace("excludeOutboundPorts", "excludeInboundPortz"),
+                "workloads[1].sidecar.excludeInboundPortz",
+                "unknown key",
+            ),
+            (
+                block.replace("mode: sidecar", "mode: ambient"),
+                "workloads[1].sidecar",
+                "mode: sidecar",
+            ),
+        ] {
+            let err = parse(&GOOD.replace("    mode: none\n", &bad)).unwrap_err();
+            assert_eq!(err.field, field, "{err}");
+            assert!(err.message.contains(says), "{err}");
+            assert_eq!(err.line(), Some(16), "{err}");
+        }
+    }
+
+    #[test]
     fn parses_the_documented_shape() {
         let spec = parse(GOOD).unwrap();
         assert_eq!(spec.pods.len(), 2);
@@ -673,7 +760,7 @@ ztunnel:
 
     #[test]
     fn a_bad_mode_names_its_line_and_field() {
-        let text = GOOD.replace("mode: none", "mode: sidecar");
+        let text = GOOD.replace("mode: none", "mode: sidecars");
         let err = parse(&text).unwrap_err();
         assert_eq!(
             err.at,
@@ -683,7 +770,7 @@ ztunnel:
             })
         );
         assert_eq!(err.field, "workloads[1].mode");
-        assert!(err.message.contains("sidecar"), "{err}");
+        assert!(err.message.contains("sidecars"), "{err}");
         assert!(
             !err.message.contains("line"),
             "the position is given once: {err}"

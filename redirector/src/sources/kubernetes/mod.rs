@@ -280,6 +280,14 @@ fn pod_state(
             CaptureOverrides {
                 inbound: inbound_capture,
                 dns: dns_capture,
+                sidecar: None,
+            },
+        ),
+        Ok(Decision::Sidecar(rules)) => (
+            Mode::Sidecar,
+            CaptureOverrides {
+                sidecar: rules,
+                ..CaptureOverrides::default()
             },
         ),
         Ok(Decision::NotEnrolled(_)) => (Mode::None, CaptureOverrides::default()),

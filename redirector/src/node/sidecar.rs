@@ -1,0 +1,233 @@
+//! Istio's sidecar capture annotations, as `istio-iptables` reads them, for
+//! the sidecar-mode fallback (`--sidecar=on`): which of a sidecar-injected
+//! pod's outbound TCP goes to its own proxy.
+//!
+//! The values are Istio's: comma-separated CIDR lists (`*` for every
+//! address, empty for none) and port lists, blanks around items ignored.
+//! A value Istio's injector would refuse (a bare address, a prefix longer
+//! than its family, a port outside 1-65535) is an [`AnnotationError`]:
+//! the pod keeps its last good state.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use ipnet::IpNet;
+
+use crate::{node::membership::AnnotationError, types::Port};
+
+pub const INCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/includeOutboundIPRanges";
+pub const EXCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/excludeOutboundIPRanges";
+pub const INCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeOutboundPorts";
+pub const EXCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
+/// `REDIRECT` (the default), `TPROXY` or `NONE` (no capture at all).
+pub const INTERCEPTION_MODE: &str = "sidecar.istio.io/interceptionMode";
+
+/// Every capture annotation this module reads, for sources that spell
+/// them by their last part (the workloads file).
+pub const ANNOTATIONS: [&str; 4] = [
+    INCLUDE_OUTBOUND_IP_RANGES,
+    EXCLUDE_OUTBOUND_IP_RANGES,
+    INCLUDE_OUTBOUND_PORTS,
+    EXCLUDE_OUTBOUND_PORTS,
+];
+
+/// A sidecar pod's outbound rules. [`OutboundRules::default`] is Istio's
+/// default: every destination captured.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OutboundRules {
+    /// `includeOutboundIPRanges`.
+    pub include_ranges: Ranges,
+    /// `excludeOutboundIPRanges`.
+    pub exclude_ranges: Vec<IpNet>,
+    /// `includeOutboundPorts`: captured whatever the address.
+    pub include_ports: Vec<Port>,
+    /// `excludeOutboundPorts`: never captured.
+    pub exclude_ports: Vec<Port>,
+}
+
+/// A CIDR list that may be `*`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Ranges {
+    /// `*`: every address of both families.
+    #[default]
+    All,
+    /// These prefixes (none for an empty value).
+    Only(Vec<IpNet>),
+}
+
+impl OutboundRules {
+    /// Whether these are Istio's defaults (no rule set in the kernel).
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// How a sidecar-injected pod wants its traffic intercepted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Interception {
+    /// `REDIRECT` or `TPROXY`: captured, with these rules (`None`: Istio's
+    /// defaults, shared by most pods).
+    Captured(Option<Arc<OutboundRules>>),
+    /// `NONE`: nothing is captured.
+    None,
+}
+
+/// Reads a sidecar-injected pod's annotations (`get` gives a value by
+/// annotation name).
+pub fn interception<'a>(
+    get: impl Fn(&str) -> Option<&'a str>,
+) -> Result<Interception, AnnotationError> {
+    match get(INTERCEPTION_MODE) {
+        None | Some("REDIRECT" | "TPROXY") => outbound_rules(get).map(Interception::Captured),
+        Some("NONE") => Ok(Interception::None),
+        Some(other) => Err(AnnotationError {
+            annotation: INTERCEPTION_MODE,
+            value: other.to_string(),
+            expected: "REDIRECT, TPROXY or NONE",
+        }),
+    }
+}
+
+/// The outbound rules the [`ANNOTATIONS`] give (`get` gives a value by
+/// annotation name); `None` for Istio's defaults.
+pub fn outbound_rules<'a>(
+    get: impl Fn(&str) -> Option<&'a str>,
+) -> Result<Option<Arc<OutboundRules>>, AnnotationError> {
+    let rules = OutboundRules {
+        include_ranges: match get(INCLUDE_OUTBOUND_IP_RANGES) {
+            None => Ranges::All,
+            Some(value) if value.trim() == "*" => Ranges::All,
+            Some(value) => Ranges::Only(cidrs(INCLUDE_OUTBOUND_IP_RANGES, value)?),
+        },
+        exclude_ranges: get(EXCLUDE_OUTBOUND_IP_RANGES)
+            .map(|v| cidrs(EXCLUDE_OUTBOUND_IP_RANGES, v))
+            .transpose()?
+            .unwrap_or_default(),
+        include_ports: get(INCLUDE_OUTBOUND_PORTS)
+            .map(|v| ports(INCLUDE_OUTBOUND_PORTS, v))
+            .transpose()?
+            .unwrap_or_default(),
+        exclude_ports: get(EXCLUDE_OUTBOUND_PORTS)
+            .map(|v| ports(EXCLUDE_OUTBOUND_PORTS, v))
+            .transpose()?
+            .unwrap_or_default(),
+    };
+    Ok((!rules.is_default()).then(|| Arc::new(rules)))
+}
+
+/// [`interception`] over an annotation map.
+pub fn from_annotations(
+    annotations: &BTreeMap<String, String>,
+) -> Result<Interception, AnnotationError> {
+    interception(|name| annotations.get(name).map(String::as_str))
+}
+
+/// The non-blank items of a comma-separated value.
+fn items(value: &str) -> impl Iterator<Item = &str> {
+    value.split(',').map(str::trim).filter(|i| !i.is_empty())
+}
+
+/// A CIDR list; host bits are dropped, as iptables drops them.
+fn cidrs(annotation: &'static str, value: &str) -> Result<Vec<IpNet>, AnnotationError> {
+    items(value)
+        .map(|item| {
+            item.parse::<IpNet>()
+                .map(|net| net.trunc())
+                .map_err(|_| AnnotationError {
+                    annotation,
+                    value: value.to_string(),
+                    expected: "comma-separated CIDRs (address/length), or *",
+                })
+        })
+        .collect()
+}
+
+/// A port list.
+fn ports(annotation: &'static str, value: &str) -> Result<Vec<Port>, AnnotationError> {
+    items(value)
+        .map(|item| match item.parse::<u16>() {
+            Ok(port) if port != 0 => Ok(Port(port)),
+            _ => Err(AnnotationError {
+                annotation,
+                value: value.to_string(),
+                expected: "comma-separated ports, 1-65535",
+            }),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(pairs: &[(&str, &str)]) -> Result<Interception, AnnotationError> {
+        let map: BTreeMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        from_annotations(&map)
+    }
+
+    fn rules(pairs: &[(&str, &str)]) -> OutboundRules {
+        match read(pairs).expect("valid") {
+            Interception::Captured(rules) => rules.map(|r| (*r).clone()).unwrap_or_default(),
+            Interception::None => panic!("not captured"),
+        }
+    }
+
+    #[test]
+    fn a_pod_without_annotations_has_istios_defaults_and_no_rule_set() {
+        assert_eq!(read(&[]), Ok(Interception::Captured(None)));
+        assert_eq!(
+            read(&[
+                (INCLUDE_OUTBOUND_IP_RANGES, " * "),
+                (INTERCEPTION_MODE, "TPROXY")
+            ]),
+            Ok(Interception::Captured(None))
+        );
+    }
+
+    #[test]
+    fn interception_mode_none_captures_nothing() {
+        assert_eq!(read(&[(INTERCEPTION_MODE, "NONE")]), Ok(Interception::None));
+    }
+
+    #[test]
+    fn lists_are_read_as_istio_writes_them() {
+        let r = rules(&[
+            (INCLUDE_OUTBOUND_IP_RANGES, "10.1.2.3/16, fd00::/64,"),
+            (EXCLUDE_OUTBOUND_IP_RANGES, "10.1.9.0/24"),
+            (INCLUDE_OUTBOUND_PORTS, "8080"),
+            (EXCLUDE_OUTBOUND_PORTS, "22, 443"),
+        ]);
+        assert_eq!(
+            r.include_ranges,
+            Ranges::Only(vec![
+                "10.1.0.0/16".parse().unwrap(),
+                "fd00::/64".parse().unwrap()
+            ])
+        );
+        assert_eq!(r.exclude_ranges, vec!["10.1.9.0/24".parse().unwrap()]);
+        assert_eq!(r.include_ports, vec![Port(8080)]);
+        assert_eq!(r.exclude_ports, vec![Port(22), Port(443)]);
+        assert_eq!(
+            rules(&[(INCLUDE_OUTBOUND_IP_RANGES, "")]).include_ranges,
+            Ranges::Only(vec![])
+        );
+    }
+
+    #[test]
+    fn a_malformed_value_names_its_annotation_and_value() {
+        for (annotation, value) in [
+            (INCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/33"),
+            (EXCLUDE_OUTBOUND_IP_RANGES, "10.0.0.1"),
+            (INCLUDE_OUTBOUND_PORTS, "70000"),
+            (EXCLUDE_OUTBOUND_PORTS, "0"),
+            (EXCLUDE_OUTBOUND_PORTS, "22,http"),
+            (INTERCEPTION_MODE, "redirect"),
+        ] {
+            let err = read(&[(annotation, value)]).expect_err(value);
+            assert_eq!((err.annotation, err.value.as_str()), (annotation, value));
+            assert!(err.to_string().contains(annotation), "{err}");
+        }
+    }
+}
