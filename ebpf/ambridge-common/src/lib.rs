@@ -41,10 +41,13 @@ pub mod map_names {
     pub const NODE: &str = "AMB_NODE_V4";
     /// [`super::InboundTarget`] by enrolled pod IP ([`super::IpKey`]): where
     /// inbound connections to that address are captured.
-    pub const INBOUND: &str = "AMB_INBOUND_V1";
+    pub const INBOUND: &str = "AMB_INBOUND_V2";
     /// Sockhash of ztunnel's inbound plaintext (15006) listeners, by the
     /// netns cookie of the pod they listen in.
     pub const LISTENERS: &str = "AMB_LISTENERS_V1";
+    /// Sockhash of sidecar proxies' inbound (15006) listeners, by the
+    /// netns cookie of the pod they listen in.
+    pub const SIDECAR_LISTENERS: &str = "AMB_SIDECAR_LISTENERS_V1";
     /// [`super::ConnRecord`] by socket cookie: the DNS server a captured
     /// query was sent to, until the socket is released.
     pub const DNS: &str = "AMB_DNS_V1";
@@ -56,11 +59,12 @@ pub mod map_names {
     /// the destinations a sidecar-captured pod's annotations include or
     /// exclude, under the pod's rule set.
     pub const SIDECAR_RANGES: &str = "AMB_SIDECAR_RANGES_V1";
-    /// [`super::SidecarPort`] -> [`super::sidecar_verdict`]: the outbound
-    /// ports a sidecar-captured pod's annotations include or exclude.
+    /// [`super::SidecarPort`] -> [`super::sidecar_verdict`]: the ports a
+    /// sidecar-captured pod's annotations include or exclude, outbound and
+    /// inbound.
     pub const SIDECAR_PORTS: &str = "AMB_SIDECAR_PORTS_V1";
     /// Every map of the object.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         CGROUPS,
         NETNS,
         PENDING,
@@ -70,6 +74,7 @@ pub mod map_names {
         NODE,
         INBOUND,
         LISTENERS,
+        SIDECAR_LISTENERS,
         DNS,
         EXEMPT,
         SIDECAR_RANGES,
@@ -96,6 +101,8 @@ pub const SOCKS_CAPACITY: u32 = 65_536;
 pub const INBOUND_CAPACITY: u32 = 32_768;
 /// Capacity of [`map_names::LISTENERS`]: one per pod netns.
 pub const LISTENERS_CAPACITY: u32 = 16_384;
+/// Capacity of [`map_names::SIDECAR_LISTENERS`]: one per pod netns.
+pub const SIDECAR_LISTENERS_CAPACITY: u32 = 16_384;
 /// Capacity of [`map_names::DNS`] (an LRU; entries are deleted when their
 /// socket is released, eviction is only a safety net).
 pub const DNS_CAPACITY: u32 = 65_536;
@@ -267,13 +274,21 @@ impl NodeConfig {
 /// hold it: IPv6, or IPv4-mapped (network order words).
 pub type IpKey = [u32; 4];
 
-/// Where inbound connections to one enrolled pod address are captured.
+/// Where inbound connections to one captured pod address go.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct InboundTarget {
     /// The pod's netns cookie: the key of ztunnel's listener there in
-    /// [`map_names::LISTENERS`].
+    /// [`map_names::LISTENERS`] (or of its sidecar proxy's in
+    /// [`map_names::SIDECAR_LISTENERS`]).
     pub netns_cookie: u64,
+    /// A sidecar pod's cgroup id: the key of its rule set.
+    pub cgroup: u64,
+    /// [`flags::SIDECAR`]: captured to the pod's own proxy, by its rule set.
+    pub flags: u32,
+    /// A sidecar pod's rule set number ([`CgroupInfo::rules`]).
+    pub rules: u16,
+    pub _pad: u16,
 }
 
 /// An LPM trie key of [`map_names::EXEMPT`]: `prefix_len` leading bits of
@@ -304,8 +319,7 @@ pub struct SidecarRange {
 /// The bits of a [`SidecarRange`] before its address.
 pub const SIDECAR_RANGE_FIXED_BITS: u32 = 96;
 
-/// A key of [`map_names::SIDECAR_PORTS`]: one outbound port of one pod's
-/// rule set.
+/// A key of [`map_names::SIDECAR_PORTS`]: one port of one pod's rule set.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SidecarPort {
@@ -313,9 +327,20 @@ pub struct SidecarPort {
     pub cgroup: u64,
     /// [`CgroupInfo::rules`].
     pub rules: u16,
-    /// Host order.
+    /// Host order. Inbound, port 0 holds the verdict for every port the
+    /// set does not list (`includeInboundPorts` `*` or a list).
     pub port: u16,
-    pub _pad: u32,
+    /// A [`sidecar_direction`] value.
+    pub direction: u16,
+    pub _pad: u16,
+}
+
+/// [`SidecarPort::direction`] values.
+pub mod sidecar_direction {
+    /// A destination port of the pod's connects.
+    pub const OUTBOUND: u16 = 1;
+    /// A port of the pod that connections come in to.
+    pub const INBOUND: u16 = 2;
 }
 
 /// What a sidecar rule says of a destination (the values of
@@ -349,6 +374,9 @@ pub mod conn_kind {
     /// Between a ztunnel's `bind()` of its inbound plaintext port and its
     /// `listen()`: the socket to register in [`super::map_names::LISTENERS`].
     pub const LISTENER: u8 = 3;
+    /// As [`LISTENER`], for a sidecar proxy's inbound port: registered in
+    /// [`super::map_names::SIDECAR_LISTENERS`].
+    pub const SIDECAR_LISTENER: u8 = 4;
 }
 
 /// What the datapath remembers about one connection it changed.
@@ -630,8 +658,12 @@ const _: () = {
     assert!(size_of::<SidecarPort>() == 16);
     assert!(offset_of!(SidecarPort, rules) == 8);
     assert!(offset_of!(SidecarPort, port) == 10);
+    assert!(offset_of!(SidecarPort, direction) == 12);
 
-    assert!(size_of::<InboundTarget>() == 8);
+    assert!(size_of::<InboundTarget>() == 24);
+    assert!(offset_of!(InboundTarget, cgroup) == 8);
+    assert!(offset_of!(InboundTarget, flags) == 16);
+    assert!(offset_of!(InboundTarget, rules) == 20);
     assert!(size_of::<SourcePrefix>() == 20);
     assert!(offset_of!(SourcePrefix, addr) == 4);
 
@@ -778,6 +810,12 @@ mod tests {
                 INBOUND_CAPACITY,
             ),
             (map_names::LISTENERS, 8, 4, LISTENERS_CAPACITY),
+            (
+                map_names::SIDECAR_LISTENERS,
+                8,
+                4,
+                SIDECAR_LISTENERS_CAPACITY,
+            ),
             (map_names::DNS, 8, size_of::<ConnRecord>(), DNS_CAPACITY),
             (
                 map_names::EXEMPT,
@@ -808,8 +846,9 @@ mod tests {
                 ("AMB_SOCKS_V2", 48, 4, 65_536),
                 ("AMB_COUNTERS_V6", 4, 8, 26),
                 ("AMB_NODE_V4", 4, 72, 1),
-                ("AMB_INBOUND_V1", 16, 8, 32_768),
+                ("AMB_INBOUND_V2", 16, 24, 32_768),
                 ("AMB_LISTENERS_V1", 8, 4, 16_384),
+                ("AMB_SIDECAR_LISTENERS_V1", 8, 4, 16_384),
                 ("AMB_DNS_V1", 8, 20, 65_536),
                 ("AMB_EXEMPT_V1", 20, 4, 1_024),
                 ("AMB_SIDECAR_RANGES_V1", 32, 4, 65_536),

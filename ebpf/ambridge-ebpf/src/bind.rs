@@ -20,7 +20,8 @@
 //!
 //! A ztunnel's TCP bind of the inbound plaintext port (15006) is recorded
 //! as a listener placeholder: `sock_ops` registers the socket for inbound
-//! capture when it listens ([`crate::inbound`]).
+//! capture when it listens ([`crate::inbound`]). So is a sidecar proxy's
+//! bind of its inbound port (15006) in its pod.
 
 use ambridge_common::{
     CgroupInfo, ConnRecord, Counter, NetnsInfo, as_v4, conn_kind, flags, v4_mapped,
@@ -35,7 +36,7 @@ use aya_ebpf::{
 use crate::{
     maps::{NETNS, PENDING, bump, node},
     net::{SOCK_STREAM, ctx_read, ctx_write, ctx_write_ip6, is_loopback4, is_loopback6},
-    pod,
+    pod, sidecar,
 };
 
 const ALLOW: i32 = 1;
@@ -48,9 +49,9 @@ enum Bind {
     /// A ztunnel's TCP bind of an ephemeral port (a candidate
     /// original-source bind).
     Ephemeral(CgroupInfo),
-    /// A ztunnel's bind of the inbound port whose listener placeholder
-    /// could not be recorded: refused, or its listener would never be
-    /// registered.
+    /// A ztunnel's (or sidecar proxy's) bind of the inbound port whose
+    /// listener placeholder could not be recorded: refused, or its listener
+    /// would never be registered.
     Unrecorded,
 }
 
@@ -66,15 +67,39 @@ fn classify(ctx: &SockAddrContext) -> Bind {
             u16::from_be(ctx_read!((*sa).user_port) as u16),
         )
     };
-    if sock_type != SOCK_STREAM || (port != 0 && port != node().inbound_port) {
+    let inbound_port = node().inbound_port;
+    if sock_type != SOCK_STREAM
+        || (port != 0 && port != inbound_port && port != sidecar::INBOUND_PORT)
+    {
         return Bind::Other;
     }
-    let Some(ztunnel) = pod::current().filter(|info| info.flags & flags::ZTUNNEL != 0) else {
+    let Some(info) = pod::current() else {
         return Bind::Other;
     };
+    if info.flags & flags::ZTUNNEL == 0 {
+        return sidecar_listener(ctx, &info, port);
+    }
+    let ztunnel = info;
+    if port != 0 && port != inbound_port {
+        return Bind::Other;
+    }
     if port == 0 {
         Bind::Ephemeral(ztunnel)
     } else if record(ctx, &ztunnel, conn_kind::LISTENER, [0; 4]) {
+        Bind::Other
+    } else {
+        Bind::Unrecorded
+    }
+}
+
+/// A sidecar proxy's bind of its inbound port, recorded as a listener
+/// placeholder; any other bind of a pod is left alone.
+#[inline(always)]
+fn sidecar_listener(ctx: &SockAddrContext, info: &CgroupInfo, port: u16) -> Bind {
+    if port != sidecar::INBOUND_PORT || !sidecar::is_sidecar(info) || !pod::is_sidecar_proxy(info) {
+        return Bind::Other;
+    }
+    if record(ctx, info, conn_kind::SIDECAR_LISTENER, [0; 4]) {
         Bind::Other
     } else {
         Bind::Unrecorded

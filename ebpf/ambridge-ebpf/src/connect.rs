@@ -76,10 +76,10 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
     if sock_type != SOCK_STREAM {
         return ALLOW;
     }
-    let target = match target4(cgroup, &pod, sa.user_ip4, port) {
+    let (target, to_port) = match target4(cgroup, &pod, sa.user_ip4, port) {
         Outbound::Leave => return ALLOW,
         Outbound::Refuse => return REFUSE,
-        Outbound::Redirect(target) => target,
+        Outbound::Redirect(target, to_port) => (target, to_port),
     };
     if !record(&ctx, &pod, sa.user_ip4, sa, v4_mapped) {
         return REFUSE;
@@ -92,7 +92,7 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: writable fields of the live context.
     unsafe {
         ctx_write!(sa.user_ip4, target);
-        ctx_write!(sa.user_port, u32::from(pod.redirect_port.to_be()));
+        ctx_write!(sa.user_port, u32::from(to_port.to_be()));
     }
     bump(Counter::ConnectRedirected4);
     ALLOW
@@ -147,10 +147,10 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
     // wire (only this hook runs, not connect4): apply the IPv4 rules and
     // keep the mapped form so the socket stays IPv4 on the wire.
     if let Some(dst4) = as_v4(&dst) {
-        let target = match target4(cgroup, &pod, dst4, port) {
+        let (target, to_port) = match target4(cgroup, &pod, dst4, port) {
             Outbound::Leave => return ALLOW,
             Outbound::Refuse => return REFUSE,
-            Outbound::Redirect(target) => target,
+            Outbound::Redirect(target, to_port) => (target, to_port),
         };
         if !record(&ctx, &pod, dst4, sa, v4_mapped) {
             return REFUSE;
@@ -163,15 +163,15 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
         // SAFETY: writable fields of the live context.
         unsafe {
             ctx_write_ip6!(sa.user_ip6, target);
-            ctx_write!(sa.user_port, u32::from(pod.redirect_port.to_be()));
+            ctx_write!(sa.user_port, u32::from(to_port.to_be()));
         }
         bump(Counter::ConnectRedirected4);
         return ALLOW;
     }
-    let target = match target6(cgroup, &pod, &dst, port) {
+    let (target, to_port) = match target6(cgroup, &pod, &dst, port) {
         Outbound::Leave => return ALLOW,
         Outbound::Refuse => return REFUSE,
-        Outbound::Redirect(target) => target,
+        Outbound::Redirect(target, to_port) => (target, to_port),
     };
     if !record(&ctx, &pod, dst, sa, |ip6| ip6) {
         return REFUSE;
@@ -179,7 +179,7 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
     // SAFETY: writable fields of the live context.
     unsafe {
         ctx_write_ip6!(sa.user_ip6, target);
-        ctx_write!(sa.user_port, u32::from(pod.redirect_port.to_be()));
+        ctx_write!(sa.user_port, u32::from(to_port.to_be()));
     }
     bump(Counter::ConnectRedirected6);
     ALLOW
@@ -190,8 +190,8 @@ enum Outbound<A> {
     /// Not captured: loopback, the pod itself, the probe address, the
     /// redirect target, or a pod that is not redirected at all.
     Leave,
-    /// To the redirect target.
-    Redirect(A),
+    /// To the redirect target, on this port.
+    Redirect(A, u16),
     /// Refused (`EPERM`): the pod is enrolled but has no redirect target in
     /// this family, or ztunnel is not ready for it; counted.
     Refuse,
@@ -204,7 +204,7 @@ fn unless_held<A>(pod: &CgroupInfo, target: A) -> Outbound<A> {
         bump(Counter::ConnectHeld);
         Outbound::Refuse
     } else {
-        Outbound::Redirect(target)
+        Outbound::Redirect(target, pod.redirect_port)
     }
 }
 
@@ -220,15 +220,17 @@ fn sidecar_target<A>(
     has_ip: u32,
     target: A,
 ) -> Outbound<A> {
-    if !sidecar::captures(cgroup, pod, dst, port) {
-        return Outbound::Leave;
-    }
+    let to_port = match sidecar::connect(cgroup, pod, dst, port) {
+        sidecar::Connect::Leave => return Outbound::Leave,
+        sidecar::Connect::Outbound => pod.redirect_port,
+        sidecar::Connect::InboundSelf => sidecar::INBOUND_PORT,
+    };
     if pod.flags & has_ip == 0 {
         bump(Counter::ConnectNoTarget);
         return Outbound::Refuse;
     }
     bump(Counter::SidecarRedirected);
-    Outbound::Redirect(target)
+    Outbound::Redirect(target, to_port)
 }
 
 /// The IPv4 verdict for a connect from `pod` (its entry `cgroup`) to

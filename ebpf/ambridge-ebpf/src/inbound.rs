@@ -31,8 +31,16 @@
 //! ztunnel socket bound to the inbound port ([`crate::bind`]) listens, by
 //! the netns cookie of the pod (`sk_lookup` cannot read its own netns
 //! cookie, so the pod's address leads to it through [`INBOUND`]).
+//!
+//! A sidecar-captured pod's address ([`flags::SIDECAR`] on its target) goes
+//! to its own proxy's listener ([`SIDECAR_LISTENERS`]) by its rule set
+//! ([`crate::sidecar::captures_inbound`]), as istio-iptables'
+//! `PREROUTING` rules send it: no source is exempt there, loopback sources
+//! pass (the proxy's inbound passthrough connects from 127.0.0.6), and a
+//! connection the proxy cannot take is refused in either mode, as it is
+//! when nothing listens on the redirect port.
 
-use ambridge_common::{Counter, IpKey, NodeConfig, conn_kind, flags};
+use ambridge_common::{Counter, InboundTarget, IpKey, NodeConfig, conn_kind, flags};
 use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
     macros::sk_lookup,
@@ -42,8 +50,9 @@ use aya_ebpf::{
 
 use crate::{
     conn,
-    maps::{CONNS, EXEMPT, INBOUND, LISTENERS, bump, node},
+    maps::{CONNS, EXEMPT, INBOUND, LISTENERS, SIDECAR_LISTENERS, bump, node},
     net::{IPPROTO_TCP, ctx_addr, ctx_read, is_loopback},
+    sidecar,
 };
 
 #[sk_lookup]
@@ -63,7 +72,7 @@ pub fn inbound(ctx: SkLookupContext) -> u32 {
         return SK_PASS;
     }
     let node = node();
-    if node.inbound_port == 0 || local_port == node.hbone_port {
+    if node.inbound_port == 0 {
         return SK_PASS;
     }
     // SAFETY: as above.
@@ -77,12 +86,19 @@ pub fn inbound(ctx: SkLookupContext) -> u32 {
     if remote == local || is_loopback(&local) {
         return SK_PASS;
     }
+    // SAFETY: copied out at once.
+    let target = unsafe { INBOUND.get(local) }.copied();
+    if let Some(target) = target.filter(|t| t.flags & flags::SIDECAR != 0) {
+        return to_sidecar(&ctx, &target, &remote, local_port);
+    }
+    if local_port == node.hbone_port {
+        return SK_PASS;
+    }
     if EXEMPT.get(Key::new(128, remote)).is_some() {
         bump(Counter::InboundExempt);
         return SK_PASS;
     }
-    // SAFETY: copied out at once.
-    let Some(target) = (unsafe { INBOUND.get(local) }).copied() else {
+    let Some(target) = target else {
         return uncaptured(&node);
     };
     // ztunnel's preserved-source leg, recorded in the pod's namespace.
@@ -97,6 +113,25 @@ pub fn inbound(ctx: SkLookupContext) -> u32 {
             SK_PASS
         }
         Err(_) => uncaptured(&node),
+    }
+}
+
+/// A connection to a sidecar pod from `remote` to `port`: to its proxy's
+/// listener by the pod's rule set, refused when the proxy has none.
+#[inline(always)]
+fn to_sidecar(ctx: &SkLookupContext, target: &InboundTarget, remote: &IpKey, port: u16) -> u32 {
+    if is_loopback(remote) || !sidecar::captures_inbound(target, port) {
+        return SK_PASS;
+    }
+    match SIDECAR_LISTENERS.redirect_sk_lookup(ctx, target.netns_cookie, 0) {
+        Ok(()) => {
+            bump(Counter::InboundCaptured);
+            SK_PASS
+        }
+        Err(_) => {
+            bump(Counter::InboundRefused);
+            SK_DROP
+        }
     }
 }
 

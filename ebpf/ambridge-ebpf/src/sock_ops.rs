@@ -22,7 +22,8 @@
 //! - `TCP_LISTEN_CB` (listening sockets in a sockhash: 5.10; netns cookie
 //!   in sock_ops: 5.15): a ztunnel socket bound to the inbound port
 //!   ([`crate::bind`]) starts listening; it is registered under its netns
-//!   cookie for [`crate::inbound`] to select.
+//!   cookie for [`crate::inbound`] to select (a sidecar proxy's, in the
+//!   sidecar proxies' own sockhash).
 //! - `STATE_CB` to `TCP_CLOSE`: the connecting end's cookie record goes;
 //!   the 4-tuple record goes once both ends have closed, so a client that
 //!   writes and closes before ztunnel accepts loses nothing. The kernel
@@ -43,7 +44,7 @@ use aya_ebpf::{
 
 use crate::{
     conn,
-    maps::{CONNS, LISTENERS, PENDING, SOCKS, bump, node},
+    maps::{CONNS, LISTENERS, PENDING, SIDECAR_LISTENERS, SOCKS, bump, node},
     net::{ctx_addr, ctx_read},
 };
 
@@ -184,15 +185,17 @@ fn on_listen(ctx: &SockOpsContext) {
     let Some(record) = (unsafe { PENDING.get(cookie) }).copied() else {
         return;
     };
-    if record.kind != conn_kind::LISTENER {
-        return;
-    }
+    let listeners = match record.kind {
+        conn_kind::LISTENER => &LISTENERS,
+        conn_kind::SIDECAR_LISTENER => &SIDECAR_LISTENERS,
+        _ => return,
+    };
     let _ = PENDING.remove(cookie);
     // SAFETY: plain helper call on the program's own context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: `ops` is the live context; a listening socket is a full
     // socket.
-    if LISTENERS
+    if listeners
         .update(netns, unsafe { &mut *ctx.ops }, BPF_ANY as u64)
         .is_ok()
     {

@@ -148,15 +148,25 @@ impl PodRow {
 
 /// Where a pod's inbound capture stands.
 fn inbound_state(pod: &PodSpec, node: &NodeSpec, desired: &Desired) -> pb::InboundCapture {
+    let in_netns = || {
+        desired
+            .pod_netns
+            .get(&pod.uid)
+            .is_some_and(|n| desired.inbound_netns.contains(n))
+    };
+    if pod.mode == Mode::Sidecar {
+        // To its own proxy, under `--sidecar=on` only.
+        return if in_netns() {
+            pb::InboundCapture::Captured
+        } else {
+            pb::InboundCapture::None
+        };
+    }
     if pod.mode != Mode::Ambient || node.redirect.is_some() {
         pb::InboundCapture::None
     } else if !pod.capture.inbound {
         pb::InboundCapture::Bypassed
-    } else if desired
-        .pod_netns
-        .get(&pod.uid)
-        .is_some_and(|n| desired.inbound_netns.contains(n))
-    {
+    } else if in_netns() {
         pb::InboundCapture::Captured
     } else {
         pb::InboundCapture::Waiting

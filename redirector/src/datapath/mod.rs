@@ -44,9 +44,9 @@ pub use pins::Pins;
 use tracing::{debug, info};
 
 use crate::{
-    node::desired::{Op, RuleKey},
+    node::desired::{Op, PortRule, RuleKey},
     node::entries::{ip_from_key, ip_key},
-    types::{CgroupId, NetnsCookie, Port},
+    types::{CgroupId, NetnsCookie},
 };
 
 /// The compiled kernel programs, built by `build.rs` for the BPF target.
@@ -119,7 +119,7 @@ struct Mirror {
     inbound: Option<BTreeMap<IpAddr, InboundTarget>>,
     exempt: Option<BTreeMap<IpNet, u32>>,
     sidecar_ranges: Option<BTreeMap<RuleKey<IpNet>, u32>>,
-    sidecar_ports: Option<BTreeMap<RuleKey<Port>, u32>>,
+    sidecar_ports: Option<BTreeMap<PortRule, u32>>,
 }
 
 /// The loaded datapath, with handles on the maps the daemon writes.

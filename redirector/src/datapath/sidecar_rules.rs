@@ -10,7 +10,7 @@ use ipnet::IpNet;
 
 use super::{Datapath, Error, apply, follow, map_err};
 use crate::{
-    node::desired::{Op, RuleKey},
+    node::desired::{Op, PortRule, RuleKey},
     node::entries::{ip_from_key, ip_key},
     types::{CgroupId, Port},
 };
@@ -51,7 +51,7 @@ impl Datapath {
     }
 
     /// What the kernel's sidecar port map holds.
-    pub fn sidecar_port_entries(&mut self) -> Result<&BTreeMap<RuleKey<Port>, u32>, Error> {
+    pub fn sidecar_port_entries(&mut self) -> Result<&BTreeMap<PortRule, u32>, Error> {
         if self.mirror.sidecar_ports.is_none() {
             let read = self
                 .sidecar_ports
@@ -65,7 +65,7 @@ impl Datapath {
     }
 
     /// Applies sidecar port operations.
-    pub fn apply_sidecar_ports(&mut self, ops: &[Op<RuleKey<Port>, u32>]) -> Result<(), Error> {
+    pub fn apply_sidecar_ports(&mut self, ops: &[Op<PortRule, u32>]) -> Result<(), Error> {
         let applied = apply(
             &mut self.sidecar_ports,
             map_names::SIDECAR_PORTS,
@@ -103,20 +103,22 @@ fn range_from_key(key: &Key<SidecarRange>) -> RuleKey<IpNet> {
     }
 }
 
-fn port_key(key: RuleKey<Port>) -> SidecarPort {
+fn port_key(key: PortRule) -> SidecarPort {
+    let (direction, port) = key.what;
     SidecarPort {
         cgroup: key.cgroup.0,
         rules: key.rules,
-        port: key.what.0,
+        port: port.0,
+        direction,
         _pad: 0,
     }
 }
 
-fn port_from_key(key: &SidecarPort) -> RuleKey<Port> {
+fn port_from_key(key: &SidecarPort) -> PortRule {
     RuleKey {
         cgroup: CgroupId(key.cgroup),
         rules: key.rules,
-        what: Port(key.port),
+        what: (key.direction, Port(key.port)),
     }
 }
 
@@ -143,7 +145,7 @@ mod tests {
         let port = RuleKey {
             cgroup: CgroupId(77),
             rules: 513,
-            what: Port(8080),
+            what: (ambridge_common::sidecar_direction::INBOUND, Port(8080)),
         };
         assert_eq!(port_from_key(&port_key(port)), port);
     }

@@ -115,10 +115,14 @@ pub struct Desired {
     /// Sidecar pods' destination prefixes, with a
     /// [`ambridge_common::sidecar_verdict`].
     pub sidecar_ranges: BTreeMap<RuleKey<IpNet>, u32>,
-    /// Sidecar pods' outbound ports, with a verdict.
-    pub sidecar_ports: BTreeMap<RuleKey<Port>, u32>,
+    /// Sidecar pods' ports by direction, with a verdict.
+    pub sidecar_ports: BTreeMap<PortRule, u32>,
     pub unresolved: UnresolvedEntries,
 }
+
+/// A port entry of a sidecar pod's rule set: the port with its
+/// [`ambridge_common::sidecar_direction`].
+pub type PortRule = RuleKey<(u16, Port)>;
 
 /// One entry of a sidecar pod's rule set: its pod-level cgroup, the set's
 /// number ([`CgroupInfo::rules`]) and what it says something of.
@@ -262,12 +266,13 @@ struct PodPart {
     /// Its claim on the cgroup map, with where the cgroup is.
     cgroup: Option<(Arc<Path>, CgroupId, CgroupInfo)>,
     netns: Option<(NetnsCookie, NetnsInfo)>,
-    /// Its addresses captured inbound, into `netns`.
+    /// Its addresses captured inbound, into `netns`, to `inbound_target`.
     inbound: Vec<IpAddr>,
     inbound_netns: Option<NetnsCookie>,
+    inbound_target: InboundTarget,
     /// A sidecar pod's rule set (none under Istio's defaults).
     sidecar_ranges: Vec<(RuleKey<IpNet>, u32)>,
-    sidecar_ports: Vec<(RuleKey<Port>, u32)>,
+    sidecar_ports: Vec<(PortRule, u32)>,
     /// What is not found yet; moved to `Desired::unresolved` when the part
     /// is kept.
     unresolved: Vec<Unresolved>,
@@ -286,7 +291,7 @@ pub struct Changed {
     pub inbound: BTreeSet<IpAddr>,
     pub inbound_netns: BTreeSet<NetnsCookie>,
     pub sidecar_ranges: BTreeSet<RuleKey<IpNet>>,
-    pub sidecar_ports: BTreeSet<RuleKey<Port>>,
+    pub sidecar_ports: BTreeSet<PortRule>,
     pub pods: BTreeSet<WorkloadId>,
     /// What is newly not (fully) in the datapath, or not for a new reason.
     pub unresolved: Vec<Unresolved>,
@@ -324,7 +329,7 @@ pub struct DesiredMaps {
     inbound_claims: Claims<IpAddr, InboundTarget>,
     inbound_netns: Counted<NetnsCookie>,
     sidecar_range_claims: Claims<RuleKey<IpNet>, u32>,
-    sidecar_port_claims: Claims<RuleKey<Port>, u32>,
+    sidecar_port_claims: Claims<PortRule, u32>,
     /// The node-wide inputs of the last update: when they change, every
     /// pod is looked at again.
     last_node: Option<(Vec<crate::node::spec::ZtunnelSpec>, Option<SharedRedirect>)>,
@@ -556,9 +561,7 @@ impl DesiredMaps {
             }
         }
         if let Some(cookie) = part.inbound_netns {
-            let target = InboundTarget {
-                netns_cookie: cookie.0,
-            };
+            let target = part.inbound_target;
             for ip in &part.inbound {
                 if self
                     .inbound_claims
@@ -754,14 +757,26 @@ fn pod_part(
         }
     }
     // Inbound capture needs ztunnel's listeners in the pod's own netns:
-    // the in-pod model only.
-    if pod.mode == Mode::Ambient
-        && pod.capture.inbound
-        && node.redirect.is_none()
+    // the in-pod model only. A sidecar pod's proxy is always in its own.
+    let sidecar = out
+        .cgroup
+        .as_ref()
+        .filter(|(_, _, entry)| entry.flags & ambridge_common::flags::SIDECAR != 0);
+    let ambient = pod.mode == Mode::Ambient && pod.capture.inbound && node.redirect.is_none();
+    if (ambient || sidecar.is_some())
         && let Some((cookie, _)) = out.netns
     {
         out.inbound = pod.ips.clone();
         out.inbound_netns = Some(cookie);
+        out.inbound_target = InboundTarget {
+            netns_cookie: cookie.0,
+            ..InboundTarget::default()
+        };
+        if let Some((_, id, entry)) = sidecar {
+            out.inbound_target.cgroup = id.0;
+            out.inbound_target.flags = ambridge_common::flags::SIDECAR;
+            out.inbound_target.rules = entry.rules;
+        }
     }
     out
 }
@@ -880,7 +895,7 @@ pub struct Current {
     pub inbound: BTreeMap<IpAddr, InboundTarget>,
     pub inbound_netns: BTreeSet<NetnsCookie>,
     pub sidecar_ranges: BTreeMap<RuleKey<IpNet>, u32>,
-    pub sidecar_ports: BTreeMap<RuleKey<Port>, u32>,
+    pub sidecar_ports: BTreeMap<PortRule, u32>,
 }
 
 /// Keeps every entry the kernel holds that `desired` would delete: while a
@@ -1501,7 +1516,12 @@ mod tests {
         assert_eq!(entry.redirect_ip4, entry.pod_ip4);
         assert_eq!(entry.rules, 0, "Istio's defaults need no rule set");
         assert!(on.sidecar_ranges.is_empty() && on.sidecar_ports.is_empty());
-        assert!(on.inbound.is_empty());
+        // Inbound goes to its own proxy too, with no rule set to look up.
+        let target = on.inbound[&"198.18.0.2".parse::<IpAddr>().unwrap()];
+        assert_eq!(
+            (target.flags, target.cgroup, target.rules),
+            (flags::SIDECAR, 10, 0)
+        );
         assert_eq!((on.node.sidecar_uid, on.node.sidecar_gid), (1337, 1337));
         let off = desired(&s, &Readiness::Ungated, &Settings::default(), &mut Fake);
         assert_eq!(off.cgroups[&CgroupId(10)].flags & flags::SIDECAR, 0);
@@ -1510,9 +1530,9 @@ mod tests {
 
     #[test]
     fn a_changed_rule_set_is_written_under_new_keys_and_the_old_ones_go() {
-        use crate::node::sidecar::{self, OutboundRules};
-        let rules = |excluded: &str| -> Option<Arc<OutboundRules>> {
-            sidecar::outbound_rules(|a| {
+        use crate::node::sidecar::{self, SidecarRules};
+        let rules = |excluded: &str| -> Option<Arc<SidecarRules>> {
+            sidecar::rules(|a| {
                 (a == sidecar::EXCLUDE_OUTBOUND_IP_RANGES)
                     .then_some(excluded)
                     .or((a == sidecar::EXCLUDE_OUTBOUND_PORTS).then_some("22"))
@@ -1564,7 +1584,26 @@ mod tests {
                 .keys()
                 .all(|k| k.rules == first && k.cgroup == CgroupId(10))
         );
-        assert_eq!(maps.desired.sidecar_ports.len(), 1);
+        let ports: Vec<_> = maps
+            .desired
+            .sidecar_ports
+            .iter()
+            .map(|(k, v)| (k.what, *v))
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                (
+                    (ambridge_common::sidecar_direction::OUTBOUND, Port(22)),
+                    ambridge_common::sidecar_verdict::PASS
+                ),
+                // Every inbound port (`includeInboundPorts` `*`).
+                (
+                    (ambridge_common::sidecar_direction::INBOUND, Port(0)),
+                    ambridge_common::sidecar_verdict::CAPTURE
+                ),
+            ]
+        );
 
         let mut changed_pod = s.pods[0].clone();
         changed_pod.capture.sidecar = rules("10.1.0.0/16");

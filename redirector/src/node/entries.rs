@@ -7,13 +7,14 @@ use std::{
 };
 
 use ambridge_common::{
-    CgroupInfo, IpKey, NetnsInfo, NodeConfig, REDIRECT_PORTS, flags, sidecar_verdict, v4_mapped,
+    CgroupInfo, IpKey, NetnsInfo, NodeConfig, REDIRECT_PORTS, flags, sidecar_direction,
+    sidecar_verdict, v4_mapped,
 };
 use ipnet::{IpNet, Ipv6Net};
 
 use crate::{
     node::desired::RuleKey,
-    node::sidecar::{OutboundRules, Ranges},
+    node::sidecar::{Ports, Ranges, SidecarRules},
     node::spec::{Mode, NodeSpec, OriginalSrc, PodSpec, Readiness, Settings, ZtunnelSpec},
     types::{CgroupId, Port},
 };
@@ -186,8 +187,10 @@ pub struct SidecarRuleSet {
     /// `istio-iptables` rule that matches its addresses: an included
     /// prefix inside an excluded one is excluded.
     pub ranges: Vec<(IpNet, u32)>,
-    /// Outbound ports: an excluded port wins over an included one.
-    pub ports: Vec<(Port, u32)>,
+    /// Ports by [`sidecar_direction`]: an excluded port wins over an
+    /// included one; inbound, port 0 holds the verdict for the ports not
+    /// listed.
+    pub ports: Vec<((u16, Port), u32)>,
 }
 
 impl SidecarRuleSet {
@@ -208,7 +211,7 @@ impl SidecarRuleSet {
 }
 
 /// The kernel's form of `rules` (see [`SidecarRuleSet`]).
-pub fn sidecar_rule_set(rules: &OutboundRules) -> SidecarRuleSet {
+pub fn sidecar_rule_set(rules: &SidecarRules) -> SidecarRuleSet {
     let mut ranges: BTreeMap<IpNet, u32> = BTreeMap::new();
     let included: Vec<IpNet> = match &rules.include_ranges {
         // Every IPv6 address, IPv4-mapped ones (all of IPv4) among them.
@@ -227,16 +230,31 @@ pub fn sidecar_rule_set(rules: &OutboundRules) -> SidecarRuleSet {
     for net in &rules.exclude_ranges {
         ranges.insert(*net, sidecar_verdict::PASS);
     }
-    let mut ports: BTreeMap<Port, u32> = rules
+    let out = |port: &Port| (sidecar_direction::OUTBOUND, *port);
+    let inbound = |port: &Port| (sidecar_direction::INBOUND, *port);
+    let mut ports: BTreeMap<(u16, Port), u32> = rules
         .include_ports
         .iter()
-        .map(|p| (*p, sidecar_verdict::CAPTURE))
+        .map(|p| (out(p), sidecar_verdict::CAPTURE))
         .collect();
     for port in &rules.exclude_ports {
-        ports.insert(*port, sidecar_verdict::PASS);
+        ports.insert(out(port), sidecar_verdict::PASS);
+    }
+    let unlisted = match &rules.include_inbound_ports {
+        Ports::All => sidecar_verdict::CAPTURE,
+        Ports::Only(listed) => {
+            for port in listed {
+                ports.insert(inbound(port), sidecar_verdict::CAPTURE);
+            }
+            sidecar_verdict::PASS
+        }
+    };
+    ports.insert(inbound(&Port(0)), unlisted);
+    for port in &rules.exclude_inbound_ports {
+        ports.insert(inbound(port), sidecar_verdict::PASS);
     }
     let ranges: Vec<(IpNet, u32)> = ranges.into_iter().collect();
-    let ports: Vec<(Port, u32)> = ports.into_iter().collect();
+    let ports: Vec<((u16, Port), u32)> = ports.into_iter().collect();
     SidecarRuleSet {
         number: rule_set_number(&ranges, &ports),
         ranges,
@@ -245,7 +263,7 @@ pub fn sidecar_rule_set(rules: &OutboundRules) -> SidecarRuleSet {
 }
 
 /// FNV-1a over the entries, folded to 16 bits; never 0 (no rule set).
-fn rule_set_number(ranges: &[(IpNet, u32)], ports: &[(Port, u32)]) -> u16 {
+fn rule_set_number(ranges: &[(IpNet, u32)], ports: &[((u16, Port), u32)]) -> u16 {
     let mut hash: u32 = 0x811c_9dc5;
     let mut eat = |bytes: &[u8]| {
         for b in bytes {
@@ -257,7 +275,8 @@ fn rule_set_number(ranges: &[(IpNet, u32)], ports: &[(Port, u32)]) -> u16 {
         eat(&[net.prefix_len(), *verdict as u8]);
     }
     eat(&[0xff]);
-    for (port, verdict) in ports {
+    for ((direction, port), verdict) in ports {
+        eat(&direction.to_be_bytes());
         eat(&port.0.to_be_bytes());
         eat(&[*verdict as u8]);
     }

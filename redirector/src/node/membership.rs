@@ -21,7 +21,7 @@
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use crate::node::sidecar::{self, Interception, OutboundRules};
+use crate::node::sidecar::{self, Interception, SidecarRules};
 
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
 pub const SIDECAR_STATUS_ANNOTATION: &str = "sidecar.istio.io/status";
@@ -111,7 +111,7 @@ pub enum Decision {
     Ztunnel,
     /// Sidecar-injected, captured to its own proxy with these outbound
     /// rules (`None`: Istio's defaults), under `--sidecar=on`.
-    Sidecar(Option<Arc<OutboundRules>>),
+    Sidecar(Option<Arc<SidecarRules>>),
 }
 
 /// An annotation whose value the rules cannot use. The caller keeps the

@@ -1,9 +1,10 @@
 //! Istio's sidecar capture annotations, as `istio-iptables` reads them, for
 //! the sidecar-mode fallback (`--sidecar=on`): which of a sidecar-injected
-//! pod's outbound TCP goes to its own proxy.
+//! pod's TCP, outbound and inbound, goes to its own proxy.
 //!
 //! The values are Istio's: comma-separated CIDR lists (`*` for every
-//! address, empty for none) and port lists, blanks around items ignored.
+//! address, empty for none) and port lists (`includeInboundPorts` also
+//! takes `*`), blanks around items ignored.
 //! A value Istio's injector would refuse (a bare address, a prefix longer
 //! than its family, a port outside 1-65535) is an [`AnnotationError`]:
 //! the pod keeps its last good state.
@@ -18,22 +19,27 @@ pub const INCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/includeOu
 pub const EXCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/excludeOutboundIPRanges";
 pub const INCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeOutboundPorts";
 pub const EXCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
+pub const INCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeInboundPorts";
+pub const EXCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
 /// `REDIRECT` (the default), `TPROXY` or `NONE` (no capture at all).
 pub const INTERCEPTION_MODE: &str = "sidecar.istio.io/interceptionMode";
 
 /// Every capture annotation this module reads, for sources that spell
 /// them by their last part (the workloads file).
-pub const ANNOTATIONS: [&str; 4] = [
+pub const ANNOTATIONS: [&str; 6] = [
     INCLUDE_OUTBOUND_IP_RANGES,
     EXCLUDE_OUTBOUND_IP_RANGES,
     INCLUDE_OUTBOUND_PORTS,
     EXCLUDE_OUTBOUND_PORTS,
+    INCLUDE_INBOUND_PORTS,
+    EXCLUDE_INBOUND_PORTS,
 ];
 
-/// A sidecar pod's outbound rules. [`OutboundRules::default`] is Istio's
-/// default: every destination captured.
+/// A sidecar pod's capture rules. [`SidecarRules::default`] is Istio's
+/// default: every destination and every inbound port (but Istio's own)
+/// captured.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct OutboundRules {
+pub struct SidecarRules {
     /// `includeOutboundIPRanges`.
     pub include_ranges: Ranges,
     /// `excludeOutboundIPRanges`.
@@ -42,6 +48,20 @@ pub struct OutboundRules {
     pub include_ports: Vec<Port>,
     /// `excludeOutboundPorts`: never captured.
     pub exclude_ports: Vec<Port>,
+    /// `includeInboundPorts`.
+    pub include_inbound_ports: Ports,
+    /// `excludeInboundPorts`: never captured inbound.
+    pub exclude_inbound_ports: Vec<Port>,
+}
+
+/// A port list that may be `*`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Ports {
+    /// `*`: every port.
+    #[default]
+    All,
+    /// These ports (none for an empty value).
+    Only(Vec<Port>),
 }
 
 /// A CIDR list that may be `*`.
@@ -54,7 +74,7 @@ pub enum Ranges {
     Only(Vec<IpNet>),
 }
 
-impl OutboundRules {
+impl SidecarRules {
     /// Whether these are Istio's defaults (no rule set in the kernel).
     pub fn is_default(&self) -> bool {
         *self == Self::default()
@@ -66,7 +86,7 @@ impl OutboundRules {
 pub enum Interception {
     /// `REDIRECT` or `TPROXY`: captured, with these rules (`None`: Istio's
     /// defaults, shared by most pods).
-    Captured(Option<Arc<OutboundRules>>),
+    Captured(Option<Arc<SidecarRules>>),
     /// `NONE`: nothing is captured.
     None,
 }
@@ -77,7 +97,7 @@ pub fn interception<'a>(
     get: impl Fn(&str) -> Option<&'a str>,
 ) -> Result<Interception, AnnotationError> {
     match get(INTERCEPTION_MODE) {
-        None | Some("REDIRECT" | "TPROXY") => outbound_rules(get).map(Interception::Captured),
+        None | Some("REDIRECT" | "TPROXY") => rules(get).map(Interception::Captured),
         Some("NONE") => Ok(Interception::None),
         Some(other) => Err(AnnotationError {
             annotation: INTERCEPTION_MODE,
@@ -87,12 +107,12 @@ pub fn interception<'a>(
     }
 }
 
-/// The outbound rules the [`ANNOTATIONS`] give (`get` gives a value by
-/// annotation name); `None` for Istio's defaults.
-pub fn outbound_rules<'a>(
+/// The rules the [`ANNOTATIONS`] give (`get` gives a value by annotation
+/// name); `None` for Istio's defaults.
+pub fn rules<'a>(
     get: impl Fn(&str) -> Option<&'a str>,
-) -> Result<Option<Arc<OutboundRules>>, AnnotationError> {
-    let rules = OutboundRules {
+) -> Result<Option<Arc<SidecarRules>>, AnnotationError> {
+    let rules = SidecarRules {
         include_ranges: match get(INCLUDE_OUTBOUND_IP_RANGES) {
             None => Ranges::All,
             Some(value) if value.trim() == "*" => Ranges::All,
@@ -108,6 +128,15 @@ pub fn outbound_rules<'a>(
             .unwrap_or_default(),
         exclude_ports: get(EXCLUDE_OUTBOUND_PORTS)
             .map(|v| ports(EXCLUDE_OUTBOUND_PORTS, v))
+            .transpose()?
+            .unwrap_or_default(),
+        include_inbound_ports: match get(INCLUDE_INBOUND_PORTS) {
+            None => Ports::All,
+            Some(value) if value.trim() == "*" => Ports::All,
+            Some(value) => Ports::Only(ports(INCLUDE_INBOUND_PORTS, value)?),
+        },
+        exclude_inbound_ports: get(EXCLUDE_INBOUND_PORTS)
+            .map(|v| ports(EXCLUDE_INBOUND_PORTS, v))
             .transpose()?
             .unwrap_or_default(),
     };
@@ -167,7 +196,7 @@ mod tests {
         from_annotations(&map)
     }
 
-    fn rules(pairs: &[(&str, &str)]) -> OutboundRules {
+    fn rules(pairs: &[(&str, &str)]) -> SidecarRules {
         match read(pairs).expect("valid") {
             Interception::Captured(rules) => rules.map(|r| (*r).clone()).unwrap_or_default(),
             Interception::None => panic!("not captured"),
@@ -198,6 +227,8 @@ mod tests {
             (EXCLUDE_OUTBOUND_IP_RANGES, "10.1.9.0/24"),
             (INCLUDE_OUTBOUND_PORTS, "8080"),
             (EXCLUDE_OUTBOUND_PORTS, "22, 443"),
+            (INCLUDE_INBOUND_PORTS, "9080,9090"),
+            (EXCLUDE_INBOUND_PORTS, "9091"),
         ]);
         assert_eq!(
             r.include_ranges,
@@ -209,6 +240,19 @@ mod tests {
         assert_eq!(r.exclude_ranges, vec!["10.1.9.0/24".parse().unwrap()]);
         assert_eq!(r.include_ports, vec![Port(8080)]);
         assert_eq!(r.exclude_ports, vec![Port(22), Port(443)]);
+        assert_eq!(
+            r.include_inbound_ports,
+            Ports::Only(vec![Port(9080), Port(9090)])
+        );
+        assert_eq!(r.exclude_inbound_ports, vec![Port(9091)]);
+        assert_eq!(
+            rules(&[(INCLUDE_INBOUND_PORTS, "")]).include_inbound_ports,
+            Ports::Only(vec![])
+        );
+        assert_eq!(
+            rules(&[(INCLUDE_INBOUND_PORTS, "*")]).include_inbound_ports,
+            Ports::All
+        );
         assert_eq!(
             rules(&[(INCLUDE_OUTBOUND_IP_RANGES, "")]).include_ranges,
             Ranges::Only(vec![])
@@ -223,6 +267,8 @@ mod tests {
             (INCLUDE_OUTBOUND_PORTS, "70000"),
             (EXCLUDE_OUTBOUND_PORTS, "0"),
             (EXCLUDE_OUTBOUND_PORTS, "22,http"),
+            (INCLUDE_INBOUND_PORTS, "*,80"),
+            (EXCLUDE_INBOUND_PORTS, "-1"),
             (INTERCEPTION_MODE, "redirect"),
         ] {
             let err = read(&[(annotation, value)]).expect_err(value);

@@ -9,7 +9,7 @@ use std::{
 };
 
 use crate::{
-    node::sidecar::OutboundRules,
+    node::sidecar::SidecarRules,
     types::{PodUid, Port, WorkloadId},
 };
 
@@ -84,7 +84,7 @@ pub struct CaptureOverrides {
     /// A [`Mode::Sidecar`] pod's outbound rules, from its
     /// `traffic.sidecar.istio.io/` annotations; `None`: Istio's defaults
     /// (every destination captured), as most pods have.
-    pub sidecar: Option<Arc<OutboundRules>>,
+    pub sidecar: Option<Arc<SidecarRules>>,
 }
 
 impl Default for CaptureOverrides {

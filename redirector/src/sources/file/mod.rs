@@ -49,7 +49,7 @@ use serde_saphyr::{
 };
 
 use crate::{
-    node::sidecar::{self, OutboundRules},
+    node::sidecar::{self, SidecarRules},
     node::spec::{
         CaptureOverrides, CgroupRef, Mode, NodeSpec, PodCgroup, PodMap, PodSpec, SharedRedirect,
         ZtunnelSpec,
@@ -252,7 +252,7 @@ fn pod_spec(w: Workload, i: usize) -> Result<PodSpec, FileError> {
 
 /// The outbound rules of the `i`th entry's `sidecar` block, read as Istio
 /// reads the annotations it names.
-fn sidecar_rules(w: &Workload, i: usize) -> Result<Option<Arc<OutboundRules>>, FileError> {
+fn sidecar_rules(w: &Workload, i: usize) -> Result<Option<Arc<SidecarRules>>, FileError> {
     let Some(block) = &w.sidecar else {
         return Ok(None);
     };
@@ -277,7 +277,7 @@ fn sidecar_rules(w: &Workload, i: usize) -> Result<Option<Arc<OutboundRules>>, F
         };
         annotations.insert(annotation.to_string(), value.clone());
     }
-    sidecar::outbound_rules(|a| annotations.get(a).map(String::as_str)).map_err(|e| {
+    sidecar::rules(|a| annotations.get(a).map(String::as_str)).map_err(|e| {
         FileError::about(
             format!("{field}.{}", name(e.annotation)),
             block,
