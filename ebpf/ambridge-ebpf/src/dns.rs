@@ -16,6 +16,11 @@
 //! istio-cni does, UDP to a local address (loopback, the pod's own IP:
 //! what leaves through `lo`) and TCP to loopback are left alone, and so is
 //! every socket of ztunnel (its own upstream queries).
+//!
+//! A sidecar-captured pod's queries ([`flags::SIDECAR`] with
+//! [`flags::DNS_CAPTURE`]) go to its istio-agent's DNS proxy at the same
+//! address and port, and its proxy's own sockets (uid or gid 1337) are
+//! left alone, as istio-iptables leaves them.
 
 use ambridge_common::{CgroupInfo, ConnRecord, Counter, as_v4, conn_kind, flags, v4_mapped};
 use aya_ebpf::{
@@ -70,8 +75,16 @@ pub fn candidate(sock_type: u32, port: u16) -> bool {
 /// captured, records `dst` under the socket's cookie.
 #[inline(always)]
 pub fn capture(ctx: &SockAddrContext, pod: &CgroupInfo, sock_type: u32, dst: [u32; 4]) -> Verdict {
-    let wanted = flags::ENROLLED | flags::DNS_CAPTURE;
-    if pod.flags & wanted != wanted || pod.flags & flags::ZTUNNEL != 0 || is_loopback(&dst) {
+    let captured = pod.flags & (flags::ENROLLED | flags::SIDECAR) != 0;
+    if !captured
+        || pod.flags & flags::DNS_CAPTURE == 0
+        || pod.flags & flags::ZTUNNEL != 0
+        || is_loopback(&dst)
+    {
+        return Verdict::Leave;
+    }
+    // The sidecar proxy's own queries (the agent's upstream ones) go out.
+    if pod::is_sidecar_proxy(pod) {
         return Verdict::Leave;
     }
     // UDP to the pod's own address leaves through `lo`: istio-cni does not

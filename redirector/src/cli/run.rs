@@ -6,7 +6,7 @@ use ambridge::{
     daemon::{self, Options},
     datapath::Pins,
     host::cgroup,
-    node::spec::{OriginalSrc, Settings, SidecarProxy},
+    node::spec::{OriginalSrc, Settings, SidecarSettings},
     types::Port,
 };
 use anyhow::Context as _;
@@ -122,10 +122,12 @@ impl Run {
             sidecar,
             sidecar_proxy_uid,
             sidecar_proxy_gid,
+            sidecar_dns_capture,
         } = *capture;
-        let sidecar = (sidecar == Switch::On).then_some(SidecarProxy {
+        let sidecar = (sidecar == Switch::On).then_some(SidecarSettings {
             uid: sidecar_proxy_uid,
             gid: sidecar_proxy_gid,
+            dns_capture: sidecar_dns_capture == Switch::On,
         });
         let xds = if sources.contains(&Source::Xds) {
             Some(xds.source(node_name.clone())?)
@@ -374,6 +376,12 @@ struct CaptureArgs {
     /// The gid sidecar proxies run as (`ISTIO_PROXY_GID`).
     #[arg(long, default_value_t = 1337)]
     sidecar_proxy_gid: u32,
+    /// Send sidecar-captured pods' DNS (UDP and TCP to port 53) to their
+    /// istio-agent's DNS proxy (127.0.0.1:15053); a pod's
+    /// `proxy.istio.io/config` `proxyMetadata.ISTIO_META_DNS_CAPTURE`
+    /// overrides it.
+    #[arg(long, value_enum, default_value = "off")]
+    sidecar_dns_capture: Switch,
 }
 
 #[cfg(test)]

@@ -1492,7 +1492,7 @@ mod tests {
 
     fn sidecar_settings() -> Settings {
         Settings {
-            sidecar: Some(crate::node::spec::SidecarProxy::default()),
+            sidecar: Some(crate::node::spec::SidecarSettings::default()),
             ..Settings::default()
         }
     }
@@ -1532,7 +1532,7 @@ mod tests {
     fn a_changed_rule_set_is_written_under_new_keys_and_the_old_ones_go() {
         use crate::node::sidecar::{self, SidecarRules};
         let rules = |excluded: &str| -> Option<Arc<SidecarRules>> {
-            sidecar::rules(|a| {
+            sidecar::rules(&|a| {
                 (a == sidecar::EXCLUDE_OUTBOUND_IP_RANGES)
                     .then_some(excluded)
                     .or((a == sidecar::EXCLUDE_OUTBOUND_PORTS).then_some("22"))

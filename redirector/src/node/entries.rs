@@ -77,8 +77,11 @@ pub fn pod_entry(
         redirect_port: shared.and_then(|s| s.port).unwrap_or(settings.port).0,
         ..CgroupInfo::default()
     };
-    if sidecar {
+    if let Some(proxy) = settings.sidecar.filter(|_| sidecar) {
         info.flags |= flags::SIDECAR;
+        if pod.capture.dns.unwrap_or(proxy.dns_capture) {
+            info.flags |= flags::DNS_CAPTURE;
+        }
         info.redirect_port = Port::SIDECAR_OUTBOUND.0;
         info.rules = pod
             .capture

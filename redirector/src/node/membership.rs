@@ -109,9 +109,13 @@ pub enum Decision {
     NotEnrolled(Excluded),
     /// The pod is ztunnel itself (identity proven).
     Ztunnel,
-    /// Sidecar-injected, captured to its own proxy with these outbound
-    /// rules (`None`: Istio's defaults), under `--sidecar=on`.
-    Sidecar(Option<Arc<SidecarRules>>),
+    /// Sidecar-injected, captured to its own proxy with these rules
+    /// (`None`: Istio's defaults) and DNS capture (`None`: the node's
+    /// default), under `--sidecar=on`.
+    Sidecar {
+        rules: Option<Arc<SidecarRules>>,
+        dns_capture: Option<bool>,
+    },
 }
 
 /// An annotation whose value the rules cannot use. The caller keeps the
@@ -186,7 +190,10 @@ pub fn decide(
         Some(Excluded::Terminated)
     } else if injected {
         return match sidecar::from_annotations(&pod.annotations)? {
-            Interception::Captured(rules) => Ok(Decision::Sidecar(rules)),
+            Interception::Captured { rules, dns } => Ok(Decision::Sidecar {
+                rules,
+                dns_capture: dns,
+            }),
             Interception::None => Ok(Decision::NotEnrolled(Excluded::SidecarInjected)),
         };
     } else {
@@ -310,7 +317,13 @@ mod tests {
         };
         let decide_on = |p: &PodFacts| decide(p, &labels(AMBIENT), &on, Some(&daemonset()));
         let injected = pod("default", AMBIENT, &[(SIDECAR_STATUS_ANNOTATION, "{}")]);
-        assert_eq!(decide_on(&injected), Ok(Decision::Sidecar(None)));
+        assert_eq!(
+            decide_on(&injected),
+            Ok(Decision::Sidecar {
+                rules: None,
+                dns_capture: None
+            })
+        );
         let excluding = pod(
             "default",
             &[],
@@ -321,7 +334,7 @@ mod tests {
         );
         assert!(matches!(
             decide_on(&excluding),
-            Ok(Decision::Sidecar(Some(r))) if r.exclude_ports == [crate::types::Port(22)]
+            Ok(Decision::Sidecar { rules: Some(r), .. }) if r.exclude_ports == [crate::types::Port(22)]
         ));
         let none = pod(
             "default",

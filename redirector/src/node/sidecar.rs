@@ -23,6 +23,11 @@ pub const INCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeInbound
 pub const EXCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
 /// `REDIRECT` (the default), `TPROXY` or `NONE` (no capture at all).
 pub const INTERCEPTION_MODE: &str = "sidecar.istio.io/interceptionMode";
+/// The pod's own `ProxyConfig` (YAML or JSON); its
+/// `proxyMetadata.ISTIO_META_DNS_CAPTURE` turns DNS capture on or off.
+pub const PROXY_CONFIG: &str = "proxy.istio.io/config";
+/// The proxy metadata key that asks istio-agent to proxy DNS.
+const DNS_CAPTURE_METADATA: &str = "ISTIO_META_DNS_CAPTURE";
 
 /// Every capture annotation this module reads, for sources that spell
 /// them by their last part (the workloads file).
@@ -85,10 +90,51 @@ impl SidecarRules {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Interception {
     /// `REDIRECT` or `TPROXY`: captured, with these rules (`None`: Istio's
-    /// defaults, shared by most pods).
-    Captured(Option<Arc<SidecarRules>>),
+    /// defaults, shared by most pods), and its DNS to istio-agent's proxy
+    /// if its proxy config says so (`None`: the node's default).
+    Captured {
+        rules: Option<Arc<SidecarRules>>,
+        dns: Option<bool>,
+    },
     /// `NONE`: nothing is captured.
     None,
+}
+
+/// The part of a pod's `proxy.istio.io/config` this module reads.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ProxyConfig {
+    #[serde(default)]
+    proxy_metadata: BTreeMap<String, String>,
+}
+
+/// Whether the pod's proxy config turns DNS capture on or off (`get`
+/// gives a value by annotation name).
+pub fn dns_capture<'a>(
+    get: impl Fn(&str) -> Option<&'a str>,
+) -> Result<Option<bool>, AnnotationError> {
+    let Some(text) = get(PROXY_CONFIG) else {
+        return Ok(None);
+    };
+    let invalid = |expected| AnnotationError {
+        annotation: PROXY_CONFIG,
+        value: text.to_string(),
+        expected,
+    };
+    let config: ProxyConfig =
+        serde_saphyr::from_str(text).map_err(|_| invalid("a ProxyConfig in YAML or JSON"))?;
+    match config
+        .proxy_metadata
+        .get(DNS_CAPTURE_METADATA)
+        .map(String::as_str)
+    {
+        None => Ok(None),
+        Some("true") => Ok(Some(true)),
+        Some("false") => Ok(Some(false)),
+        Some(_) => Err(invalid(
+            "proxyMetadata.ISTIO_META_DNS_CAPTURE \"true\" or \"false\"",
+        )),
+    }
 }
 
 /// Reads a sidecar-injected pod's annotations (`get` gives a value by
@@ -97,7 +143,10 @@ pub fn interception<'a>(
     get: impl Fn(&str) -> Option<&'a str>,
 ) -> Result<Interception, AnnotationError> {
     match get(INTERCEPTION_MODE) {
-        None | Some("REDIRECT" | "TPROXY") => rules(get).map(Interception::Captured),
+        None | Some("REDIRECT" | "TPROXY") => Ok(Interception::Captured {
+            rules: rules(&get)?,
+            dns: dns_capture(&get)?,
+        }),
         Some("NONE") => Ok(Interception::None),
         Some(other) => Err(AnnotationError {
             annotation: INTERCEPTION_MODE,
@@ -110,7 +159,7 @@ pub fn interception<'a>(
 /// The rules the [`ANNOTATIONS`] give (`get` gives a value by annotation
 /// name); `None` for Istio's defaults.
 pub fn rules<'a>(
-    get: impl Fn(&str) -> Option<&'a str>,
+    get: &impl Fn(&str) -> Option<&'a str>,
 ) -> Result<Option<Arc<SidecarRules>>, AnnotationError> {
     let rules = SidecarRules {
         include_ranges: match get(INCLUDE_OUTBOUND_IP_RANGES) {
@@ -198,21 +247,48 @@ mod tests {
 
     fn rules(pairs: &[(&str, &str)]) -> SidecarRules {
         match read(pairs).expect("valid") {
-            Interception::Captured(rules) => rules.map(|r| (*r).clone()).unwrap_or_default(),
+            Interception::Captured { rules, .. } => rules.map(|r| (*r).clone()).unwrap_or_default(),
             Interception::None => panic!("not captured"),
         }
     }
 
     #[test]
     fn a_pod_without_annotations_has_istios_defaults_and_no_rule_set() {
-        assert_eq!(read(&[]), Ok(Interception::Captured(None)));
+        let defaults = Ok(Interception::Captured {
+            rules: None,
+            dns: None,
+        });
+        assert_eq!(read(&[]), defaults);
         assert_eq!(
             read(&[
                 (INCLUDE_OUTBOUND_IP_RANGES, " * "),
                 (INTERCEPTION_MODE, "TPROXY")
             ]),
-            Ok(Interception::Captured(None))
+            defaults
         );
+    }
+
+    #[test]
+    fn the_proxy_config_annotation_turns_dns_capture_on_or_off() {
+        let dns = |config: &str| match read(&[(PROXY_CONFIG, config)]) {
+            Ok(Interception::Captured { dns, .. }) => Ok(dns),
+            Ok(Interception::None) => panic!("not captured"),
+            Err(e) => Err(e.annotation),
+        };
+        assert_eq!(
+            dns("proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"true\"\n"),
+            Ok(Some(true))
+        );
+        assert_eq!(
+            dns(r#"{"proxyMetadata": {"ISTIO_META_DNS_CAPTURE": "false"}}"#),
+            Ok(Some(false))
+        );
+        assert_eq!(dns("holdApplicationUntilProxyStarts: true\n"), Ok(None));
+        assert_eq!(
+            dns("proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: maybe\n"),
+            Err(PROXY_CONFIG)
+        );
+        assert_eq!(dns("proxyMetadata: [\n"), Err(PROXY_CONFIG));
     }
 
     #[test]

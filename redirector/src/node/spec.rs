@@ -235,22 +235,27 @@ pub struct Settings {
     /// The sidecar-mode fallback (`--sidecar=on`): how sidecar proxies
     /// are told apart; `None` when off, and [`Mode::Sidecar`] pods are
     /// captured by nothing.
-    pub sidecar: Option<SidecarProxy>,
+    pub sidecar: Option<SidecarSettings>,
 }
 
-/// Who a sidecar-captured pod's proxy is, besides its own container's
-/// cgroup: Istio's `ISTIO_PROXY_UID` and `ISTIO_PROXY_GID`.
+/// The sidecar-mode fallback's settings: who a sidecar-captured pod's
+/// proxy is, besides its own container's cgroup (Istio's `ISTIO_PROXY_UID`
+/// and `ISTIO_PROXY_GID`), and whether its DNS is captured when its proxy
+/// config does not say.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SidecarProxy {
+pub struct SidecarSettings {
     pub uid: u32,
     pub gid: u32,
+    /// `--sidecar-dns-capture` (off by default, as in Istio).
+    pub dns_capture: bool,
 }
 
-impl Default for SidecarProxy {
+impl Default for SidecarSettings {
     fn default() -> Self {
         Self {
             uid: 1337,
             gid: 1337,
+            dns_capture: false,
         }
     }
 }

@@ -277,7 +277,7 @@ fn sidecar_rules(w: &Workload, i: usize) -> Result<Option<Arc<SidecarRules>>, Fi
         };
         annotations.insert(annotation.to_string(), value.clone());
     }
-    sidecar::rules(|a| annotations.get(a).map(String::as_str)).map_err(|e| {
+    sidecar::rules(&|a| annotations.get(a).map(String::as_str)).map_err(|e| {
         FileError::about(
             format!("{field}.{}", name(e.annotation)),
             block,

@@ -283,10 +283,11 @@ fn pod_state(
                 sidecar: None,
             },
         ),
-        Ok(Decision::Sidecar(rules)) => (
+        Ok(Decision::Sidecar { rules, dns_capture }) => (
             Mode::Sidecar,
             CaptureOverrides {
                 sidecar: rules,
+                dns: dns_capture,
                 ..CaptureOverrides::default()
             },
         ),
