@@ -107,11 +107,17 @@ impl PodRow {
             placed,
             flags,
             inbound: inbound_state(pod, node, desired),
-            problems: desired
-                .unresolved
-                .of_pod(&pod.uid)
+            problems: pod
+                .kept_because
                 .iter()
-                .map(|u| u.error.clone())
+                .map(|because| Cow::Owned(because.to_string()))
+                .chain(
+                    desired
+                        .unresolved
+                        .of_pod(&pod.uid)
+                        .iter()
+                        .map(|u| u.error.clone()),
+                )
                 .collect(),
         }
     }

@@ -976,6 +976,7 @@ mod tests {
 
     fn pod(uid: &str, cgroup: &str, mode: Mode) -> PodSpec {
         PodSpec {
+            kept_because: None,
             uid: WorkloadId::kubernetes(uid),
             name: uid.into(),
             namespace: "default".into(),

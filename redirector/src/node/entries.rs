@@ -319,6 +319,7 @@ mod tests {
 
     fn pod(mode: Mode, ips: &[&str]) -> PodSpec {
         PodSpec {
+            kept_because: None,
             uid: WorkloadId::kubernetes("u1"),
             name: "p".into(),
             namespace: "default".into(),

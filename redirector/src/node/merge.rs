@@ -113,6 +113,7 @@ pub fn node(views: &Views) -> NodeSpec {
 /// A pod as istiod describes it: found by its addresses.
 fn istiod_pod(w: &xds::Workload) -> PodSpec {
     PodSpec {
+        kept_because: None,
         uid: WorkloadId::Istio(w.uid.as_str().into()),
         name: w.name.clone(),
         namespace: w.namespace.clone(),

@@ -70,6 +70,10 @@ pub struct PodSpec {
     pub accelerate: Option<bool>,
     /// Its capture overrides (Istio's per-pod annotations).
     pub capture: CaptureOverrides,
+    /// Why this is the pod's last good state and not what its source says
+    /// now (a malformed annotation, named with its value); shown with the
+    /// pod until the source says something usable again.
+    pub kept_because: Option<Arc<str>>,
 }
 
 /// A pod's own say on what is captured.
@@ -300,6 +304,7 @@ pub mod fixtures {
     /// An ambient pod in `default`, found by its UID, with no address.
     pub fn pod(uid: &str, name: &str) -> PodSpec {
         PodSpec {
+            kept_because: None,
             uid: WorkloadId::kubernetes(uid),
             name: name.into(),
             namespace: "default".into(),

@@ -99,6 +99,7 @@ pub fn pushed(req: pb::PushCgroupRequest) -> Result<Pushed, Status> {
                 }
             };
             Ok(Pushed::Pod(PodSpec {
+                kept_because: None,
                 uid: WorkloadId::kubernetes(p.uid),
                 name: p.name,
                 namespace: p.namespace,
@@ -178,6 +179,7 @@ pub fn refuse_containing<'a>(
     let (field, pushed, uid) = match entry {
         Pushed::Ztunnel { cgroup, .. } => ("ztunnel.cgroup", cgroup.as_path(), None),
         Pushed::Pod(PodSpec {
+            kept_because: None,
             cgroup: PodCgroup::Path(cgroup),
             uid,
             ..
@@ -367,6 +369,7 @@ mod tests {
 
     fn pod_at(uid: &str, path: &str) -> Pushed {
         Pushed::Pod(PodSpec {
+            kept_because: None,
             uid: WorkloadId::kubernetes(uid),
             name: uid.into(),
             namespace: "default".into(),

@@ -231,6 +231,7 @@ impl From<NodeSpec> for View {
 fn pod_spec(w: Workload, i: usize) -> Result<PodSpec, FileError> {
     let sidecar = sidecar_rules(&w, i)?;
     Ok(PodSpec {
+        kept_because: None,
         uid: w.uid.value.into(),
         name: w.name,
         namespace: w.namespace,

@@ -293,13 +293,31 @@ fn pod_state(
         ),
         Ok(Decision::NotEnrolled(_)) => (Mode::None, CaptureOverrides::default()),
         Err(e) => {
-            error!(pod = %uid, namespace = %facts.namespace, "keeping the pod's last good state: {e}");
-            let kept = last(&uid);
+            error!(
+                pod = %uid,
+                name = %pod.name,
+                namespace = %facts.namespace,
+                annotation = e.annotation,
+                value = %e.value,
+                "keeping the pod's last good state: {e}"
+            );
+            let because: Arc<str> = e.to_string().into();
+            let kept = match last(&uid) {
+                Some(PodState::Pod { spec, redirection }) => Some(PodState::Pod {
+                    spec: Arc::new(PodSpec {
+                        kept_because: Some(because),
+                        ..PodSpec::clone(&spec)
+                    }),
+                    redirection,
+                }),
+                other => other,
+            };
             return Some((uid, kept));
         }
     };
     let redirection = pod.redirection.clone();
     let spec = PodSpec {
+        kept_because: None,
         uid: uid.clone().into(),
         name: pod.name.clone(),
         service_account: crate::node::spec::service_account_or_default(
@@ -791,7 +809,35 @@ mod tests {
             json!({"ambient.istio.io/dns-capture": "maybe"}),
         )];
         let after = snapshot(&bad, &[], None, &MeshSettings::default(), &good);
-        assert_eq!(after, good);
+        // The same pod, saying why it is kept.
+        let uid = WorkloadId::kubernetes("a");
+        let kept = &after.pods[&uid];
+        let because = kept.kept_because.as_deref().expect("a reason");
+        assert!(
+            because.contains("ambient.istio.io/dns-capture") && because.contains("maybe"),
+            "{because}"
+        );
+        assert_eq!(
+            PodSpec {
+                kept_because: None,
+                ..PodSpec::clone(kept)
+            },
+            *good.pods[&uid]
+        );
+        // Once the annotation is good again, the reason goes.
+        let fixed = snapshot(
+            &[app(
+                "a",
+                "ns",
+                json!({"istio.io/dataplane-mode": "ambient"}),
+                json!({}),
+            )],
+            &[],
+            None,
+            &MeshSettings::default(),
+            &after,
+        );
+        assert_eq!(fixed, good);
         // With no earlier state, the pod stays out.
         let first = snapshot(
             &bad,

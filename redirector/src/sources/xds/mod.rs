@@ -329,6 +329,7 @@ mod tests {
 
     fn pod(name: &str, mode: Mode) -> PodSpec {
         PodSpec {
+            kept_because: None,
             uid: crate::types::WorkloadId::kubernetes(format!("uid-{name}")),
             name: name.into(),
             namespace: "default".into(),
