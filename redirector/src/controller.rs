@@ -828,6 +828,7 @@ impl Controller {
         .partition(|op| matches!(op, desired::Op::Delete(_)));
         datapath.apply_sidecar_ranges(&range_puts)?;
         datapath.apply_sidecar_ports(&port_puts)?;
+        let cgroup_ops = desired::proxies_around(cgroup_ops, datapath.cgroup_entries()?);
         datapath.apply_cgroups(&cgroup_ops)?;
         datapath.apply_sidecar_ranges(&range_deletes)?;
         datapath.apply_sidecar_ports(&port_deletes)?;

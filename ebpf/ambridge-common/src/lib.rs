@@ -162,6 +162,10 @@ pub mod flags {
     /// On a container cgroup: a sidecar-captured pod's proxy container.
     /// Its sockets are the proxy's whatever their uid.
     pub const SIDECAR_PROXY: u32 = 1 << 11;
+    /// On a [`SIDECAR`] pod: its proxy's container has an entry of its own
+    /// ([`SIDECAR_PROXY`]), so the proxy's uid and gid identify nothing
+    /// else in the pod: another container running as 1337 is captured.
+    pub const SIDECAR_PROXY_KNOWN: u32 = 1 << 12;
 }
 
 /// What the datapath knows about one pod-level (or ztunnel) cgroup.

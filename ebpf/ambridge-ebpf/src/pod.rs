@@ -63,13 +63,14 @@ pub fn redirects(info: &CgroupInfo) -> bool {
 }
 
 /// Whether the current task is a sidecar proxy's: its container's cgroup
-/// says so, or it runs in a sidecar-captured pod as the proxy's uid or gid.
+/// says so, or, where the proxy's container is not known, it runs in a
+/// sidecar-captured pod as the proxy's uid or gid.
 #[inline(always)]
 pub fn is_sidecar_proxy(info: &CgroupInfo) -> bool {
     if info.flags & flags::SIDECAR_PROXY != 0 {
         return true;
     }
-    if info.flags & flags::SIDECAR == 0 {
+    if info.flags & flags::SIDECAR == 0 || info.flags & flags::SIDECAR_PROXY_KNOWN != 0 {
         return false;
     }
     let node = crate::maps::node();

@@ -534,6 +534,24 @@ pub fn find_pod_cgroup(parent: &Path, pod_uid: &str) -> io::Result<PathBuf> {
         .ok_or_else(|| pod_cgroup_missing(parent, pod_uid))
 }
 
+/// The cgroup of container `container` (the runtime's ID for it) below
+/// the pod-level cgroup `pod`: named `<id>` by the kubelet's cgroupfs
+/// driver, `<runtime>-<id>.scope` (`cri-containerd-`, `crio-`, `docker-`)
+/// by its systemd driver. `None` while there is none.
+pub fn container_cgroup(pod: &Path, container: &str) -> io::Result<Option<PathBuf>> {
+    let scope = format!("-{container}.scope");
+    let entries = std::fs::read_dir(pod).map_err(|e| named("read_dir", pod, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| named("read_dir", pod, e))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name == container || name.ends_with(&scope) {
+            return Ok(Some(entry.path()));
+        }
+    }
+    Ok(None)
+}
+
 /// The error of [`find_pod_cgroup`] finding no cgroup for `pod_uid`.
 pub fn pod_cgroup_missing(parent: &Path, pod_uid: &str) -> io::Error {
     io::Error::new(
@@ -573,6 +591,29 @@ mod kubepods_tests {
                 relative.display()
             );
         }
+    }
+
+    #[test]
+    fn a_container_cgroup_is_found_by_its_id_in_either_drivers_layout() {
+        let id = "3f1a9c";
+        for name in [
+            id.to_string(),
+            format!("cri-containerd-{id}.scope"),
+            format!("crio-{id}.scope"),
+        ] {
+            let pod = tempfile::tempdir().unwrap();
+            std::fs::create_dir(pod.path().join("other")).unwrap();
+            std::fs::create_dir(pod.path().join(&name)).unwrap();
+            assert_eq!(
+                container_cgroup(pod.path(), id).unwrap(),
+                Some(pod.path().join(&name)),
+                "{name}"
+            );
+            assert_eq!(container_cgroup(pod.path(), "3f1a").unwrap(), None);
+        }
+        let gone = tempfile::tempdir().unwrap().path().join("gone");
+        let err = container_cgroup(&gone, id).unwrap_err();
+        assert!(err.to_string().contains("gone"), "{err}");
     }
 
     #[test]

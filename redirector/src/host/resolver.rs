@@ -239,6 +239,21 @@ impl Resolve for SystemResolver<'_> {
         Ok(id)
     }
 
+    fn container_cgroup(
+        &mut self,
+        pod: &Path,
+        container: &str,
+    ) -> std::io::Result<Option<CgroupId>> {
+        // Not cached, and by path: a container's cgroup comes and goes
+        // with it, only sidecar pods whose proxy's container is named ask,
+        // and their pod directories must not push the kubelet's out of the
+        // kept parents.
+        let Some(path) = cgroup::container_cgroup(pod, container)? else {
+            return Ok(None);
+        };
+        cgroup::cgroup_id(&path).map(Some)
+    }
+
     fn netns_cookie(&mut self, at: NetnsAt) -> std::io::Result<Option<NetnsCookie>> {
         Ok(self.cache.cookies.of(at)?.map(NetnsCookie))
     }

@@ -38,6 +38,11 @@ pub trait Resolve {
     ) -> io::Result<Claim>;
     /// The id of a cgroup directory.
     fn cgroup_id(&mut self, cgroup: &Path) -> io::Result<CgroupId>;
+    /// The id of the cgroup of container `container` (the runtime's ID
+    /// for it) below the pod-level cgroup `pod`: `<id>` (the kubelet's
+    /// cgroupfs driver) or `<runtime>-<id>.scope` (systemd); `None` while
+    /// it does not exist.
+    fn container_cgroup(&mut self, pod: &Path, container: &str) -> io::Result<Option<CgroupId>>;
     /// The cookie of a network namespace; `None` while the cgroup it is
     /// found through has no process.
     fn netns_cookie(&mut self, at: NetnsAt) -> io::Result<Option<NetnsCookie>>;
@@ -265,6 +270,8 @@ impl Touched {
 struct PodPart {
     /// Its claim on the cgroup map, with where the cgroup is.
     cgroup: Option<(Arc<Path>, CgroupId, CgroupInfo)>,
+    /// A sidecar pod's claim for its proxy's container cgroup.
+    proxy_cgroup: Option<(CgroupId, CgroupInfo)>,
     netns: Option<(NetnsCookie, NetnsInfo)>,
     /// Its addresses captured inbound, into `netns`, to `inbound_target`.
     inbound: Vec<IpAddr>,
@@ -508,6 +515,11 @@ impl DesiredMaps {
                     changed.cgroups.insert(id);
                 }
             }
+            if let Some((id, _)) = old.proxy_cgroup
+                && self.cgroup_claims.release(&mut d.cgroups, id, owner)
+            {
+                changed.cgroups.insert(id);
+            }
             if let Some((cookie, _)) = old.netns {
                 d.pod_netns.remove(uid);
                 if self.netns_claims.release(&mut d.netns, cookie, owner) {
@@ -553,6 +565,11 @@ impl DesiredMaps {
             if self.cgroup_claims.claim(&mut d.cgroups, *id, owner, *info) {
                 changed.cgroups.insert(*id);
             }
+        }
+        if let Some((id, info)) = part.proxy_cgroup
+            && self.cgroup_claims.claim(&mut d.cgroups, id, owner, info)
+        {
+            changed.cgroups.insert(id);
         }
         if let Some((cookie, info)) = part.netns {
             d.pod_netns.insert(uid.clone(), cookie);
@@ -734,7 +751,21 @@ fn pod_part(
     };
     match resolve.cgroup_id(&cgroup) {
         Ok(id) => {
-            let entry = entries::pod_entry(pod, node, readiness, settings);
+            let mut entry = entries::pod_entry(pod, node, readiness, settings);
+            if entry.flags & ambridge_common::flags::SIDECAR != 0
+                && let Some(container) = &pod.capture.sidecar_proxy
+            {
+                // Until the proxy's container is found, its uid tells its
+                // sockets apart.
+                match resolve.container_cgroup(&cgroup, container) {
+                    Ok(Some(proxy)) => {
+                        out.proxy_cgroup = Some((proxy, entries::proxy_entry(&entry)));
+                        entry.flags |= ambridge_common::flags::SIDECAR_PROXY_KNOWN;
+                    }
+                    Ok(None) => out.incomplete = true,
+                    Err(e) => unresolved(&mut out, &cgroup, format!("proxy container: {e}").into()),
+                }
+            }
             if entry.rules != 0
                 && let Some(rules) = &pod.capture.sidecar
             {
@@ -942,6 +973,25 @@ pub fn diff<K: Ord + Copy, V: PartialEq + Copy>(
     deletes.chain(puts).collect()
 }
 
+/// Orders cgroup map operations so that a sidecar proxy's container entry
+/// is in place whenever a pod entry relies on it
+/// ([`flags::SIDECAR_PROXY_KNOWN`](ambridge_common::flags::SIDECAR_PROXY_KNOWN)):
+/// its puts first, its deletes last (by what `current` holds), everything
+/// else in between, in its order. Otherwise the proxy's own connects could
+/// be sent back to itself for a moment.
+pub fn proxies_around(
+    mut ops: Vec<Op<CgroupId, CgroupInfo>>,
+    current: &BTreeMap<CgroupId, CgroupInfo>,
+) -> Vec<Op<CgroupId, CgroupInfo>> {
+    let proxy = |info: &CgroupInfo| info.flags & ambridge_common::flags::SIDECAR_PROXY != 0;
+    ops.sort_by_key(|op| match op {
+        Op::Put(_, info) if proxy(info) => 0,
+        Op::Delete(id) if current.get(id).is_some_and(proxy) => 2,
+        _ => 1,
+    });
+    ops
+}
+
 /// As [`diff`], looking only at `keys` (those an update changed), or at
 /// every key with `all`.
 pub fn diff_changed<K: Ord + Copy, V: PartialEq + Copy>(
@@ -1043,6 +1093,20 @@ mod tests {
                 .and_then(|p| p.to_str()?.parse().ok())
                 .map(CgroupId)
                 .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
+        }
+
+        /// Container `proxy-<n>` of `/cg/<m>` is cgroup `100 * m + n`; no
+        /// other container exists.
+        fn container_cgroup(
+            &mut self,
+            pod: &Path,
+            container: &str,
+        ) -> io::Result<Option<CgroupId>> {
+            let pod = self.cgroup_id(pod)?.0;
+            Ok(container
+                .strip_prefix("proxy-")
+                .and_then(|n| n.parse::<u64>().ok())
+                .map(|n| CgroupId(100 * pod + n)))
         }
 
         /// `/cg/13` has no process; the file `/ns/<n>` is netns `2000 + n`.
@@ -1527,6 +1591,58 @@ mod tests {
         let off = desired(&s, &Readiness::Ungated, &Settings::default(), &mut Fake);
         assert_eq!(off.cgroups[&CgroupId(10)].flags & flags::SIDECAR, 0);
         assert_eq!(off.cgroups[&CgroupId(10)].flags & flags::ENROLLED, 0);
+    }
+
+    #[test]
+    fn a_sidecar_proxys_known_container_stands_for_its_uid() {
+        let mut s = spec();
+        s.pods[0].mode = Mode::Sidecar;
+        s.pods[0].capture.sidecar_proxy = Some("proxy-5".into());
+        let d = desired(&s, &Readiness::Ungated, &sidecar_settings(), &mut Fake);
+        let pod = d.cgroups[&CgroupId(10)];
+        let proxy = d.cgroups[&CgroupId(1005)];
+        assert_ne!(pod.flags & flags::SIDECAR_PROXY_KNOWN, 0);
+        assert_eq!(pod.flags & flags::SIDECAR_PROXY, 0);
+        assert_eq!(
+            proxy.flags & (flags::SIDECAR | flags::SIDECAR_PROXY),
+            flags::SIDECAR | flags::SIDECAR_PROXY
+        );
+        assert_eq!((proxy.pod_ip4, proxy.rules), (pod.pod_ip4, 0));
+        // A container not made yet: the uid tells the proxy apart meanwhile.
+        s.pods[0].capture.sidecar_proxy = Some("not-yet".into());
+        let d = desired(&s, &Readiness::Ungated, &sidecar_settings(), &mut Fake);
+        assert_eq!(
+            d.cgroups[&CgroupId(10)].flags & flags::SIDECAR_PROXY_KNOWN,
+            0
+        );
+        assert_eq!(d.cgroups.len(), 3, "the two pods and the ztunnel");
+    }
+
+    #[test]
+    fn a_proxys_container_entry_is_written_before_and_removed_after_the_rest() {
+        let entry = |f| CgroupInfo {
+            flags: f,
+            ..CgroupInfo::default()
+        };
+        let proxy = entry(flags::SIDECAR | flags::SIDECAR_PROXY);
+        let pod = entry(flags::SIDECAR | flags::SIDECAR_PROXY_KNOWN);
+        let current: BTreeMap<CgroupId, CgroupInfo> =
+            [(CgroupId(1), pod), (CgroupId(9), proxy)].into();
+        let ops = vec![
+            Op::Delete(CgroupId(9)),
+            Op::Put(CgroupId(1), entry(flags::SIDECAR)),
+            Op::Delete(CgroupId(2)),
+            Op::Put(CgroupId(8), proxy),
+        ];
+        assert_eq!(
+            proxies_around(ops, &current),
+            [
+                Op::Put(CgroupId(8), proxy),
+                Op::Put(CgroupId(1), entry(flags::SIDECAR)),
+                Op::Delete(CgroupId(2)),
+                Op::Delete(CgroupId(9)),
+            ]
+        );
     }
 
     #[test]

@@ -120,6 +120,17 @@ pub fn pod_entry(
     info
 }
 
+/// The cgroup entry of a sidecar pod's proxy container, below the pod's
+/// `entry`: the pod's, marked as the proxy's, with no rule set (its rules
+/// are keyed by the pod's cgroup, and the proxy's connects are left alone).
+pub fn proxy_entry(entry: &CgroupInfo) -> CgroupInfo {
+    CgroupInfo {
+        flags: entry.flags | flags::SIDECAR_PROXY,
+        rules: 0,
+        ..*entry
+    }
+}
+
 /// The cgroup entry of a ztunnel: nothing of its own is ever redirected;
 /// its original-source binds are undone or preserved as the node is set up.
 pub fn ztunnel_entry(ztunnel: &ZtunnelSpec, settings: &Settings) -> CgroupInfo {

@@ -89,6 +89,11 @@ pub struct CaptureOverrides {
     /// `traffic.sidecar.istio.io/` annotations; `None`: Istio's defaults
     /// (every destination captured), as most pods have.
     pub sidecar: Option<Arc<SidecarRules>>,
+    /// A [`Mode::Sidecar`] pod's proxy container, by the runtime's ID for
+    /// it, where its source knows it: its cgroup, not the proxy's uid,
+    /// then tells the proxy's sockets apart (a uid is shared by anything
+    /// running as it).
+    pub sidecar_proxy: Option<Arc<str>>,
 }
 
 impl Default for CaptureOverrides {
@@ -97,6 +102,7 @@ impl Default for CaptureOverrides {
             inbound: true,
             dns: None,
             sidecar: None,
+            sidecar_proxy: None,
         }
     }
 }

@@ -85,6 +85,9 @@ struct Workload {
     /// A `mode: sidecar` pod's `traffic.sidecar.istio.io/` annotations, by
     /// their last part (`excludeOutboundPorts: "22"`).
     sidecar: Option<Spanned<BTreeMap<String, String>>>,
+    /// A `mode: sidecar` pod's proxy container, by the runtime's ID for
+    /// it (the name of its cgroup below the pod's, or part of it).
+    proxy_container: Option<Spanned<String>>,
 }
 
 fn default_service_account() -> String {
@@ -230,6 +233,23 @@ impl From<NodeSpec> for View {
 /// with its sidecar rules.
 fn pod_spec(w: Workload, i: usize) -> Result<PodSpec, FileError> {
     let sidecar = sidecar_rules(&w, i)?;
+    let sidecar_proxy = match w.proxy_container {
+        Some(id) if w.mode != Mode::Sidecar => {
+            return Err(FileError::about(
+                format!("workloads[{i}].proxy_container"),
+                &id,
+                "is only for `mode: sidecar`".into(),
+            ));
+        }
+        Some(id) if id.value.is_empty() || id.value.contains('/') => {
+            return Err(FileError::about(
+                format!("workloads[{i}].proxy_container"),
+                &id,
+                format!("{:?} is not a container ID", id.value),
+            ));
+        }
+        other => other.map(|id| Arc::from(id.value)),
+    };
     Ok(PodSpec {
         kept_because: None,
         uid: w.uid.value.into(),
@@ -247,6 +267,7 @@ fn pod_spec(w: Workload, i: usize) -> Result<PodSpec, FileError> {
             inbound: !w.bypass_inbound_capture,
             dns: w.dns_capture,
             sidecar,
+            sidecar_proxy,
         },
     })
 }

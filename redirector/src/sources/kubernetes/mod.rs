@@ -53,6 +53,9 @@ pub struct KeptPod {
     /// Its [`REDIRECTION`] annotation.
     pub redirection: Option<String>,
     pub ips: Vec<IpAddr>,
+    /// The runtime's ID of its sidecar proxy's container (Istio's
+    /// `istio-proxy`), once created.
+    pub proxy_container: Option<Arc<str>>,
 }
 
 impl KeptPod {
@@ -70,8 +73,28 @@ impl KeptPod {
                 .and_then(|a| a.get(REDIRECTION))
                 .cloned(),
             ips: pod_ips(pod),
+            proxy_container: proxy_container(pod),
         })
     }
+}
+
+/// The name of the container Istio's injector runs the sidecar proxy in.
+const PROXY_CONTAINER: &str = "istio-proxy";
+
+/// The runtime's ID of the pod's `istio-proxy` container, without the
+/// runtime's `<name>://` prefix.
+fn proxy_container(pod: &Pod) -> Option<Arc<str>> {
+    let status = pod.status.as_ref()?;
+    let id = status
+        .container_statuses
+        .iter()
+        .chain(&status.init_container_statuses)
+        .flatten()
+        .find(|c| c.name == PROXY_CONTAINER)?
+        .container_id
+        .as_deref()?;
+    let id = id.split_once("://").map_or(id, |(_, id)| id);
+    (!id.is_empty()).then(|| id.into())
 }
 
 /// The pods the watch listed and changed since, as [`KeptPod`]s: what
@@ -280,13 +303,14 @@ fn pod_state(
             CaptureOverrides {
                 inbound: inbound_capture,
                 dns: dns_capture,
-                sidecar: None,
+                ..CaptureOverrides::default()
             },
         ),
         Ok(Decision::Sidecar { rules, dns_capture }) => (
             Mode::Sidecar,
             CaptureOverrides {
                 sidecar: rules,
+                sidecar_proxy: pod.proxy_container.clone(),
                 dns: dns_capture,
                 ..CaptureOverrides::default()
             },
@@ -577,6 +601,27 @@ mod tests {
 
     fn kept(store: &PodStore) -> Vec<&str> {
         store.pods.keys().map(PodUid::as_str).collect()
+    }
+
+    #[test]
+    fn the_proxy_container_is_found_among_containers_or_native_sidecars() {
+        let with = |statuses: serde_json::Value| {
+            pod(json!({"metadata": {"uid": "a"}, "status": statuses})).proxy_container
+        };
+        let app = json!({"name": "app", "containerID": "containerd://aaa"});
+        let proxy = json!({"name": "istio-proxy", "containerID": "containerd://bbb"});
+        assert_eq!(
+            with(json!({"containerStatuses": [app, proxy]})).as_deref(),
+            Some("bbb")
+        );
+        assert_eq!(
+            with(json!({"containerStatuses": [app], "initContainerStatuses": [proxy]})).as_deref(),
+            Some("bbb")
+        );
+        // Not created yet, or no proxy at all.
+        let waiting = json!({"name": "istio-proxy", "containerID": null});
+        assert_eq!(with(json!({"containerStatuses": [app, waiting]})), None);
+        assert_eq!(with(json!({"containerStatuses": [app]})), None);
     }
 
     #[test]

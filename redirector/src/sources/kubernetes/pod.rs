@@ -35,6 +35,22 @@ pub struct Status {
     pub pod_ip: Option<String>,
     #[serde(rename = "podIPs")]
     pub pod_ips: Option<Vec<PodIp>>,
+    #[serde(rename = "containerStatuses")]
+    pub container_statuses: Option<Vec<ContainerStatus>>,
+    /// Where a native sidecar (an init container that keeps running, as
+    /// Istio injects its proxy on Kubernetes 1.29 and later) reports.
+    #[serde(rename = "initContainerStatuses")]
+    pub init_container_statuses: Option<Vec<ContainerStatus>>,
+}
+
+/// What the feed reads of a container's status: its name and the
+/// runtime's ID for it (`containerd://<id>`), once it is created.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ContainerStatus {
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub name: String,
+    #[serde(rename = "containerID")]
+    pub container_id: Option<String>,
 }
 
 /// One of a pod's addresses.
