@@ -302,6 +302,7 @@ pub fn render(context: &Context, recorder: &Recorder) -> anyhow::Result<String> 
         ("held", 0),
         ("unresolved", 0),
         ("not_enrolled", 0),
+        ("sidecar", 0),
     ];
     let ztunnel_count = {
         // Counted under the lock, which the encoding below need not hold.
@@ -309,6 +310,8 @@ pub fn render(context: &Context, recorder: &Recorder) -> anyhow::Result<String> 
         for pod in view.pods.values() {
             let state = if !pod.problems.is_empty() {
                 2
+            } else if pod.flags & ambridge_common::flags::SIDECAR != 0 {
+                4
             } else if pod.spec.mode != crate::node::spec::Mode::Ambient {
                 3
             } else if pod.held() {
@@ -323,7 +326,7 @@ pub fn render(context: &Context, recorder: &Recorder) -> anyhow::Result<String> 
     gauges(
         &mut registry,
         "pods",
-        "Pods of the node state by where they stand: enrolled (captured), held (enrolled, connects refused until ztunnel acknowledges it), unresolved (not fully found on the node yet), not_enrolled.",
+        "Pods of the node state by where they stand: enrolled (captured), held (enrolled, connects refused until ztunnel acknowledges it), unresolved (not fully found on the node yet), not_enrolled, sidecar (captured to its own sidecar proxy, --sidecar on).",
         "state",
         by_state,
     );
