@@ -91,6 +91,9 @@ pub struct PodRow {
     /// The flags of its cgroup map entry (none without one).
     pub flags: u32,
     pub inbound: pb::InboundCapture,
+    /// Captured to its own sidecar proxy (`--sidecar on`), whether or not
+    /// it is in the datapath yet.
+    pub sidecar: bool,
     /// What is not found yet; empty when nothing.
     pub problems: Box<[Cow<'static, str>]>,
 }
@@ -107,6 +110,7 @@ impl PodRow {
             placed,
             flags,
             inbound: inbound_state(pod, node, desired),
+            sidecar: pod.mode == Mode::Sidecar && desired.sidecar,
             problems: pod
                 .kept_because
                 .iter()
@@ -147,6 +151,7 @@ impl PodRow {
             held: self.held(),
             inbound: self.inbound.into(),
             dns_captured: self.flags & flags::DNS_CAPTURE != 0,
+            sidecar_captured: self.sidecar,
             problem: self.problems.join("; "),
         }
     }
@@ -162,10 +167,10 @@ fn inbound_state(pod: &PodSpec, node: &NodeSpec, desired: &Desired) -> pb::Inbou
     };
     if pod.mode == Mode::Sidecar {
         // To its own proxy, under `--sidecar=on` only.
-        return if in_netns() {
-            pb::InboundCapture::Captured
-        } else {
-            pb::InboundCapture::None
+        return match (desired.sidecar, in_netns()) {
+            (false, _) => pb::InboundCapture::None,
+            (true, true) => pb::InboundCapture::Captured,
+            (true, false) => pb::InboundCapture::Waiting,
         };
     }
     if pod.mode != Mode::Ambient || node.redirect.is_some() {

@@ -117,6 +117,8 @@ pub struct Desired {
     /// The cgroups of every ztunnel found: only processes in them (or
     /// below) may speak ZDS.
     pub ztunnel_cgroups: BTreeSet<CgroupId>,
+    /// The sidecar-mode fallback is on: [`Mode::Sidecar`] pods are captured.
+    pub sidecar: bool,
     /// Sidecar pods' destination prefixes, with a
     /// [`ambridge_common::sidecar_verdict`].
     pub sidecar_ranges: BTreeMap<RuleKey<IpNet>, u32>,
@@ -419,6 +421,7 @@ impl DesiredMaps {
         self.last_readiness = readiness.clone();
         let d = &mut self.desired;
         d.node = entries::node_config(Some(node), settings);
+        d.sidecar = settings.sidecar.is_some();
         d.exempt = exempt_sources(settings, resolve.node_addresses());
         let look_ahead = looked_at.len() >= LOOK_AHEAD_AFTER;
         if look_ahead {

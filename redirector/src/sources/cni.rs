@@ -169,12 +169,16 @@ pub fn verdict(uid: &PodUid, standing: &Standing) -> Verdict {
             _ => Verdict::Done(pb::CniOutcome::NotEnrolled, "no source lists it".into()),
         };
     };
-    if pod.mode() != pb::Mode::Ambient {
-        return Verdict::Done(
-            pb::CniOutcome::NotEnrolled,
-            "its sources leave it out of the mesh".into(),
-        );
-    }
+    let done = match pod.mode() {
+        pb::Mode::Ambient => pb::CniOutcome::Enrolled,
+        pb::Mode::Sidecar if pod.sidecar_captured => pb::CniOutcome::Sidecar,
+        _ => {
+            return Verdict::Done(
+                pb::CniOutcome::NotEnrolled,
+                "its sources leave it out of the mesh".into(),
+            );
+        }
+    };
     if !pod.problem.is_empty() {
         return Verdict::Waiting(pod.problem.clone());
     }
@@ -189,7 +193,7 @@ pub fn verdict(uid: &PodUid, standing: &Standing) -> Verdict {
             "ztunnel has not acknowledged it yet (its connects are refused until then)".into(),
         );
     }
-    Verdict::Done(pb::CniOutcome::Enrolled, String::new())
+    Verdict::Done(done, String::new())
 }
 
 /// The longest an ADD may ask to wait.
@@ -339,6 +343,37 @@ mod tests {
         ));
         s.listed_by_kubernetes = Some(false);
         assert!(matches!(verdict(&uid("a"), &s), Verdict::Waiting(_)));
+    }
+
+    #[test]
+    fn a_sidecar_pod_is_done_once_placed_and_captured_inbound_and_only_with_the_fallback_on() {
+        let zt = BTreeSet::new();
+        let mut pod = pb::Pod {
+            mode: pb::Mode::Sidecar.into(),
+            sidecar_captured: true,
+            in_datapath: false,
+            inbound: pb::InboundCapture::Waiting.into(),
+            ..enrolled()
+        };
+        assert!(matches!(
+            verdict(&uid("a"), &standing(Some(&pod), &zt)),
+            Verdict::Waiting(_)
+        ));
+        pod.in_datapath = true;
+        assert!(matches!(
+            verdict(&uid("a"), &standing(Some(&pod), &zt)),
+            Verdict::Waiting(_)
+        ));
+        pod.inbound = pb::InboundCapture::Captured.into();
+        assert!(matches!(
+            verdict(&uid("a"), &standing(Some(&pod), &zt)),
+            Verdict::Done(pb::CniOutcome::Sidecar, _)
+        ));
+        pod.sidecar_captured = false;
+        assert!(matches!(
+            verdict(&uid("a"), &standing(Some(&pod), &zt)),
+            Verdict::Done(pb::CniOutcome::NotEnrolled, _)
+        ));
     }
 
     #[test]
