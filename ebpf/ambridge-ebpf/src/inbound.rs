@@ -87,8 +87,15 @@ pub fn inbound(ctx: SkLookupContext) -> u32 {
         return SK_PASS;
     }
     // SAFETY: copied out at once.
-    let target = unsafe { INBOUND.get(local) }.copied();
-    if let Some(target) = target.filter(|t| t.flags & flags::SIDECAR != 0) {
+    // Not an `Option`: LLVM would spill its uninitialised payload, which
+    // the verifier rejects.
+    let mut target = InboundTarget::default();
+    let mut known = false;
+    if let Some(t) = unsafe { INBOUND.get(local) } {
+        target = *t;
+        known = true;
+    }
+    if known && target.flags & flags::SIDECAR != 0 {
         return to_sidecar(&ctx, &target, &remote, local_port);
     }
     if local_port == node.hbone_port {
@@ -98,9 +105,9 @@ pub fn inbound(ctx: SkLookupContext) -> u32 {
         bump(Counter::InboundExempt);
         return SK_PASS;
     }
-    let Some(target) = target else {
+    if !known {
         return uncaptured(&node);
-    };
+    }
     // ztunnel's preserved-source leg, recorded in the pod's namespace.
     let leg = conn::key(target.netns_cookie, remote, remote_port, local, local_port);
     // SAFETY: only tested for its kind.
