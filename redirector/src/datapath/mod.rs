@@ -368,20 +368,7 @@ impl Datapath {
 
     /// Applies exempt-source operations.
     pub fn apply_exempt(&mut self, ops: &[Op<IpNet, u32>]) -> Result<(), Error> {
-        let mut applied = Ok(());
-        for op in ops {
-            let result = match *op {
-                Op::Put(net, reason) => self.exempt.insert(&prefix_key(net), reason, 0),
-                Op::Delete(net) => match self.exempt.remove(&prefix_key(net)) {
-                    Err(MapError::KeyNotFound) => Ok(()),
-                    other => other,
-                },
-            };
-            if let Err(e) = result {
-                applied = Err(map_err(map_names::EXEMPT)(e));
-                break;
-            }
-        }
+        let applied = apply_trie(&mut self.exempt, map_names::EXEMPT, ops, prefix_key);
         follow(&mut self.mirror.exempt, ops, &applied);
         applied
     }
@@ -576,6 +563,26 @@ fn follow<K: Ord + Copy, V: Copy>(
             }
         }
     }
+}
+
+/// As [`apply`], for an LPM trie.
+fn apply_trie<K: Copy, R: Pod, V: Pod>(
+    trie: &mut LpmTrie<MapData, R, V>,
+    name: &'static str,
+    ops: &[Op<K, V>],
+    raw: impl Fn(K) -> Key<R>,
+) -> Result<(), Error> {
+    for op in ops {
+        let result = match *op {
+            Op::Put(k, v) => trie.insert(&raw(k), v, 0),
+            Op::Delete(k) => match trie.remove(&raw(k)) {
+                Err(MapError::KeyNotFound) => Ok(()),
+                other => other,
+            },
+        };
+        result.map_err(map_err(name))?;
+    }
+    Ok(())
 }
 
 fn apply<K: Copy, R: Pod, V: Pod>(

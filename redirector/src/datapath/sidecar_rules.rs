@@ -5,10 +5,10 @@
 use std::collections::BTreeMap;
 
 use ambridge_common::{SIDECAR_RANGE_FIXED_BITS, SidecarPort, SidecarRange, map_names};
-use aya::maps::{MapError, lpm_trie::Key};
+use aya::maps::lpm_trie::Key;
 use ipnet::IpNet;
 
-use super::{Datapath, Error, apply, follow, map_err};
+use super::{Datapath, Error, apply, apply_trie, follow, map_err};
 use crate::{
     node::desired::{Op, PortRule, RuleKey},
     node::entries::{ip_from_key, ip_key},
@@ -32,20 +32,12 @@ impl Datapath {
 
     /// Applies sidecar range operations.
     pub fn apply_sidecar_ranges(&mut self, ops: &[Op<RuleKey<IpNet>, u32>]) -> Result<(), Error> {
-        let mut applied = Ok(());
-        for op in ops {
-            let result = match *op {
-                Op::Put(key, verdict) => self.sidecar_ranges.insert(&range_key(key), verdict, 0),
-                Op::Delete(key) => match self.sidecar_ranges.remove(&range_key(key)) {
-                    Err(MapError::KeyNotFound) => Ok(()),
-                    other => other,
-                },
-            };
-            if let Err(e) = result {
-                applied = Err(map_err(map_names::SIDECAR_RANGES)(e));
-                break;
-            }
-        }
+        let applied = apply_trie(
+            &mut self.sidecar_ranges,
+            map_names::SIDECAR_RANGES,
+            ops,
+            range_key,
+        );
         follow(&mut self.mirror.sidecar_ranges, ops, &applied);
         applied
     }
