@@ -9,16 +9,16 @@
 //!    15008), which goes to its inbound port;
 //! 3. what leaves through `lo` (loopback, the pod's own addresses): left
 //!    alone;
-//! 4. `includeOutboundPorts`: captured, whatever the address;
-//! 5. `excludeOutboundIPRanges`: left alone;
+//! 4. `excludeOutboundIPRanges`: left alone;
+//! 5. `includeOutboundPorts`: captured, whatever the address;
 //! 6. `includeOutboundIPRanges` (`*` by default): captured;
 //! 7. anything else: left alone.
 //!
-//! Rules 1 and 4 are [`SIDECAR_PORTS`] (an excluded port wins over an
-//! included one: the daemon writes it so); rules 5 to 7 are one longest-prefix
-//! lookup in [`SIDECAR_RANGES`], where the daemon gave every included prefix
-//! inside an excluded one the excluded verdict, so the longest match is the
-//! first rule that would have matched. A pod with no rule set
+//! Rules 1 and 5 are [`SIDECAR_PORTS`] (an excluded port wins over an
+//! included one: the daemon writes it so); rules 4 and 6 are one
+//! longest-prefix lookup in [`SIDECAR_RANGES`], where the daemon gave every
+//! included prefix inside an excluded one the excluded verdict, so the
+//! longest match says whether an exclusion matched. A pod with no rule set
 //! ([`CgroupInfo::rules`] 0) has Istio's defaults: every destination is
 //! captured. `bpf_get_current_uid_gid` in `cgroup/connect4/6`: Linux 4.17.
 //!
@@ -71,16 +71,22 @@ pub fn connect(cgroup: u64, pod: &CgroupInfo, dst: &[u32; 4], port: u16) -> Conn
     if is_loopback(dst) || is_own(pod, dst) {
         return Connect::Leave;
     }
-    if pod.rules == 0 || port_rule == sidecar_verdict::CAPTURE || captures_range(cgroup, pod, dst) {
+    if pod.rules == 0 {
+        return Connect::Outbound;
+    }
+    let range_rule = range_verdict(cgroup, pod, dst);
+    if range_rule != sidecar_verdict::PASS
+        && (port_rule == sidecar_verdict::CAPTURE || range_rule == sidecar_verdict::CAPTURE)
+    {
         return Connect::Outbound;
     }
     bump(Counter::SidecarPassed);
     Connect::Leave
 }
 
-/// Whether the pod's rule set captures `dst` by its ranges.
+/// What the pod's rule set says of `dst` by its ranges (0: nothing).
 #[inline(always)]
-fn captures_range(cgroup: u64, pod: &CgroupInfo, dst: &[u32; 4]) -> bool {
+fn range_verdict(cgroup: u64, pod: &CgroupInfo, dst: &[u32; 4]) -> u32 {
     let key = Key::new(
         SIDECAR_RANGE_FIXED_BITS + 128,
         SidecarRange {
@@ -89,9 +95,7 @@ fn captures_range(cgroup: u64, pod: &CgroupInfo, dst: &[u32; 4]) -> bool {
             addr: *dst,
         },
     );
-    SIDECAR_RANGES
-        .get(key)
-        .is_some_and(|v| *v == sidecar_verdict::CAPTURE)
+    SIDECAR_RANGES.get(key).copied().unwrap_or(0)
 }
 
 /// Whether the pod is captured to its sidecar proxy rather than to
