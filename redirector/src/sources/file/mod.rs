@@ -84,7 +84,7 @@ struct Workload {
     dns_capture: Option<bool>,
     /// A `mode: sidecar` pod's `traffic.sidecar.istio.io/` annotations, by
     /// their last part (`excludeOutboundPorts: "22"`).
-    sidecar: Option<Spanned<BTreeMap<String, String>>>,
+    sidecar: Option<Spanned<BTreeMap<String, Spanned<String>>>>,
     /// A `mode: sidecar` pod's proxy container, by the runtime's ID for
     /// it (the name of its cgroup below the pod's, or part of it).
     proxy_container: Option<Spanned<String>>,
@@ -272,8 +272,8 @@ fn pod_spec(w: Workload, i: usize) -> Result<PodSpec, FileError> {
     })
 }
 
-/// The outbound rules of the `i`th entry's `sidecar` block, read as Istio
-/// reads the annotations it names.
+/// The rules of the `i`th entry's `sidecar` block, read as Istio reads the
+/// annotations it names; an error is placed at the value it is about.
 fn sidecar_rules(w: &Workload, i: usize) -> Result<Option<Arc<SidecarRules>>, FileError> {
     let Some(block) = &w.sidecar else {
         return Ok(None);
@@ -293,18 +293,19 @@ fn sidecar_rules(w: &Workload, i: usize) -> Result<Option<Arc<SidecarRules>>, Fi
             let known: Vec<&str> = sidecar::ANNOTATIONS.iter().map(|a| name(a)).collect();
             return Err(FileError::about(
                 format!("{field}.{key}"),
-                block,
+                value,
                 format!("unknown key; expected one of {}", known.join(", ")),
             ));
         };
-        annotations.insert(annotation.to_string(), value.clone());
+        annotations.insert(*annotation, value);
     }
-    sidecar::rules(&|a| annotations.get(a).map(String::as_str)).map_err(|e| {
-        FileError::about(
-            format!("{field}.{}", name(e.annotation)),
-            block,
-            format!("{:?} is not valid: expected {}", e.value, e.expected),
-        )
+    sidecar::rules(&|a| annotations.get(a).map(|v| v.value.as_str())).map_err(|e| {
+        let message = format!("{:?} is not valid: expected {}", e.value, e.expected);
+        let field = format!("{field}.{}", name(e.annotation));
+        match annotations.get(e.annotation) {
+            Some(value) => FileError::about(field, *value, message),
+            None => FileError::about(field, block, message),
+        }
     })
 }
 
@@ -662,27 +663,32 @@ ztunnel:
         let plain = parse(&GOOD.replace("mode: none", "mode: sidecar")).unwrap();
         assert_eq!(plain.pods[1].capture.sidecar, None);
 
-        for (bad, field, says) in [
+        // Each error is placed at the value it is about (the block itself
+        // for a block that does not belong).
+        for (bad, field, says, column) in [
             (
                 block.replace("22, 443", "22, 70000"),
                 "workloads[1].sidecar.excludeOutboundPorts",
                 "70000",
+                29,
             ),
             (
                 block.replace("excludeOutboundPorts", "excludeInboundPortz"),
                 "workloads[1].sidecar.excludeInboundPortz",
                 "unknown key",
+                28,
             ),
             (
                 block.replace("mode: sidecar", "mode: ambient"),
                 "workloads[1].sidecar",
                 "mode: sidecar",
+                7,
             ),
         ] {
             let err = parse(&GOOD.replace("    mode: none\n", &bad)).unwrap_err();
             assert_eq!(err.field, field, "{err}");
             assert!(err.message.contains(says), "{err}");
-            assert_eq!(err.line(), Some(16), "{err}");
+            assert_eq!(err.at, Some(Position { line: 16, column }), "{err}");
         }
     }
 
