@@ -574,6 +574,12 @@ impl Node {
     /// As [`Node::write_workloads`], with `tail` (raw YAML: the `ztunnel`
     /// and `redirect` blocks) after the workloads.
     pub fn write_workloads_yaml(&self, pods: &[(&Pod, &str)], tail: &str) {
+        self.write_workloads_text(&Self::workloads_yaml(pods, tail));
+    }
+
+    /// The text [`Node::write_workloads_yaml`] writes, for a test to
+    /// change before writing it.
+    pub fn workloads_yaml(pods: &[(&Pod, &str)], tail: &str) -> String {
         let mut text = String::from("workloads:\n");
         for (pod, mode) in pods {
             text += &format!(
@@ -588,8 +594,7 @@ impl Node {
         if pods.is_empty() {
             text = "workloads: []\n".into();
         }
-        text += tail;
-        self.write_workloads_text(&text);
+        text + tail
     }
 
     /// Replaces the workloads file with `text` as it is.

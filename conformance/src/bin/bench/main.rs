@@ -4,13 +4,18 @@
 //! machine drift hits all paths alike), and reports each figure with its
 //! ratio to iptables capture and to the floors.
 //!
-//! Three groups of paths, each its own table:
+//! Groups of paths, each its own table:
 //! - outbound, an enrolled client to a server: `no-mesh` (straight to the
 //!   server, the floor), `explicit` (the client dials the relay's 15001, the
 //!   floor for any capture mechanism), `iptables` (Istio's in-pod nat
 //!   REDIRECT, `SO_ORIGINAL_DST` from conntrack), `ambridge` (connect-time
 //!   rewrite and `SO_ORIGINAL_DST` emulation) and `ambridge+sockmap`
 //!   (msg_redirect acceleration);
+//! - sidecar, a sidecar-injected client to a server, through its own proxy
+//!   (the relay, as uid and gid 1337 in the pod's cgroup and netns, on
+//!   15001): `no-mesh` (the outbound group's), `iptables` (istio-iptables'
+//!   nat OUTPUT rules, REDIRECT mode) and `ambridge` (`--sidecar on`,
+//!   `mode: sidecar`);
 //! - inbound, a client outside the mesh to an enrolled server, through the
 //!   relay's 15006 in the server's netns: `no-mesh`, `explicit` (the client
 //!   dials 15006), `iptables` (Istio's in-pod PREROUTING REDIRECT) and
@@ -50,7 +55,7 @@ struct Args {
     /// Interleaved rounds; each figure is the median over them.
     #[arg(long)]
     rounds: Option<usize>,
-    /// Only these groups (comma-separated: outbound, inbound, dns,
+    /// Only these groups (comma-separated: outbound, sidecar, inbound, dns,
     /// sustained, control); every group by default.
     #[arg(long, value_delimiter = ',')]
     groups: Vec<String>,
@@ -82,7 +87,7 @@ enum Traffic {
 
 const BASELINE: &str = "iptables";
 
-const GROUPS: [Group; 4] = [
+const GROUPS: [Group; 5] = [
     Group {
         name: "outbound",
         title: "Outbound: an enrolled client pod to a server pod",
@@ -94,6 +99,13 @@ const GROUPS: [Group; 4] = [
             "ambridge+sockmap",
         ],
         floors: &["no-mesh", "explicit"],
+        traffic: Traffic::Tcp,
+    },
+    Group {
+        name: "sidecar",
+        title: "Sidecar: a sidecar-injected client pod to a server pod, through its own proxy's 15001 (uid 1337, in the pod)",
+        paths: &["no-mesh", "iptables", "ambridge"],
+        floors: &["no-mesh"],
         traffic: Traffic::Tcp,
     },
     Group {
@@ -307,11 +319,16 @@ fn phases(plan: &Plan, traffic: Traffic) -> Vec<Phase> {
 /// The sandbox the benchmark runs in. Field order is drop order.
 struct Bench {
     _relay: Background,
+    /// The sidecar pods' proxies.
+    _proxies: Vec<Background>,
     _servers: Vec<Background>,
     daemon: Daemon,
     server: Pod,
     /// The outbound paths' client pods (also the DNS paths' clients).
     clients: BTreeMap<&'static str, Pod>,
+    /// The sidecar paths' client pods, each with its proxy, but
+    /// `no-mesh`'s, which is the outbound group's.
+    sidecar_clients: BTreeMap<&'static str, Pod>,
     /// The inbound paths' server pods, but `no-mesh`'s, which is `server`.
     inbound_servers: BTreeMap<&'static str, Pod>,
     /// The sustained paths' client pods, with the kernel's default sysctls,
@@ -341,6 +358,25 @@ fn workload_yaml(pod: &Pod, mode: &str, accelerate: Option<bool>) -> String {
 /// Where the in-pod DNS proxy listens.
 const DNS_PROXY: &str = "127.0.0.1:15053";
 
+/// The uid and gid a sidecar proxy runs as (Istio's `ISTIO_PROXY_UID` and
+/// `ISTIO_PROXY_GID`): what istio-iptables' rules and ambridge's
+/// `--sidecar-proxy-uid`/`-gid` leave alone.
+const SIDECAR_PROXY_USER: &str = "1337:1337";
+/// The sidecar proxy's outbound port (`istio-iptables -p`).
+const SIDECAR_PROXY_PORT: u16 = 15001;
+
+/// A container cgroup `istio-proxy` in `pod`'s cgroup, where its sidecar
+/// proxy runs.
+fn add_proxy_cgroup(node: &mut Node, pod: &Pod) -> PathBuf {
+    let pod_cgroup = pod
+        .cgroup
+        .strip_prefix(&node.cgroup)
+        .expect("the pod cgroup is under the node's")
+        .display()
+        .to_string();
+    node.add_cgroup(&format!("{pod_cgroup}/istio-proxy"))
+}
+
 impl Bench {
     fn new() -> Self {
         let mut node = Node::new();
@@ -361,6 +397,14 @@ impl Bench {
         ] {
             inbound_servers.insert(path, node.add_pod(name));
         }
+        let mut sidecar_clients = BTreeMap::new();
+        for (path, name) in [("iptables", "sideipt"), ("ambridge", "sideamb")] {
+            sidecar_clients.insert(path, node.add_pod(name));
+        }
+        let proxy_cgroups: Vec<(PathBuf, PathBuf)> = sidecar_clients
+            .values()
+            .map(|pod| (add_proxy_cgroup(&mut node, pod), pod.netns.clone()))
+            .collect();
         let sustained_server = node.add_pod("susserver");
         let mut sustained_clients = BTreeMap::new();
         for (path, name) in [
@@ -376,10 +420,14 @@ impl Bench {
         workloads += &workload_yaml(&sustained_clients["no-mesh"], "none", None);
         workloads += &workload_yaml(&sustained_clients["iptables"], "none", None);
         workloads += &workload_yaml(&sustained_clients["ambridge"], "ambient", Some(false));
+        workloads += &workload_yaml(&sidecar_clients["iptables"], "none", None);
+        workloads += &workload_yaml(&sidecar_clients["ambridge"], "sidecar", None);
         workloads += &format!("ztunnel:\n  cgroup: {}\n", ztunnel.display());
         fs::write(node.workloads_path(), workloads).expect("writing the workloads file");
         // Sockmap stays off node-wide; the accelerated path's pod opts in.
-        let daemon = Daemon::start_with(&node, &["--resync-seconds", "300"]);
+        // Sidecar capture is on node-wide; only the sidecar path's pod is
+        // `mode: sidecar`.
+        let daemon = Daemon::start_with(&node, &["--resync-seconds", "300", "--sidecar", "on"]);
         for pod in [
             &clients["ambridge"],
             &inbound_servers["ambridge"],
@@ -387,17 +435,21 @@ impl Bench {
         ] {
             daemon.wait_for_mode(&pod.uid, Some("ambient"));
         }
+        daemon.wait_for_mode(&sidecar_clients["ambridge"].uid, Some("sidecar"));
         install_istio_outbound(&clients["iptables"].netns_name);
         install_istio_outbound(&sustained_clients["iptables"].netns_name);
         install_istio_inbound(&inbound_servers["iptables"].netns_name);
+        install_istio_sidecar_outbound(&sidecar_clients["iptables"].netns_name);
         // Connection storms leave thousands of TIME_WAIT sockets towards one
         // destination; without reuse every later connect searches past them
         // and the rate collapses (about 14k/s to 1k/s here, with or without
         // a mesh). Clients and the relay's upstream side reuse them, as many
-        // production nodes are set up to.
+        // production nodes are set up to; so does each sidecar proxy, whose
+        // upstream side is in its client's netns.
         let namespaces = clients
             .values()
             .chain(inbound_servers.values())
+            .chain(sidecar_clients.values())
             .map(|p| p.netns_name.clone())
             .chain([node.netns_name.clone()]);
         for ns in namespaces {
@@ -474,12 +526,39 @@ impl Bench {
             c
         });
         relay.wait_first::<event::RelayListening>(Duration::from_secs(10));
+        // Each sidecar pod's proxy: the same relay, in the pod's netns and
+        // its `istio-proxy` container cgroup, as 1337 (which neither
+        // capture takes: a proxy not recognised would be sent to itself,
+        // and `check_paths` would see its path fail).
+        let proxies = proxy_cgroups
+            .iter()
+            .map(|(cgroup, netns)| {
+                let mut c = Command::new(&probe);
+                c.arg("--cgroup")
+                    .arg(cgroup)
+                    .arg("--netns")
+                    .arg(netns)
+                    .args([
+                        "--user",
+                        SIDECAR_PROXY_USER,
+                        "bench-relay",
+                        "--in-own-netns",
+                        "--port",
+                        &SIDECAR_PROXY_PORT.to_string(),
+                    ]);
+                let p = Background::spawn(c);
+                p.wait_first::<event::RelayListening>(Duration::from_secs(10));
+                p
+            })
+            .collect();
         Bench {
             _relay: relay,
+            _proxies: proxies,
             _servers: servers,
             daemon,
             server,
             clients,
+            sidecar_clients,
             inbound_servers,
             sustained_clients,
             sustained_server,
@@ -513,6 +592,14 @@ impl Bench {
                 format!("{}:15001", self.clients[r.path].ip4),
             ),
             ("outbound", _) => (&self.clients[r.path], format!("{}:8080", self.server.ip4)),
+            ("sidecar", "no-mesh") => (
+                &self.clients["no-mesh"],
+                format!("{}:8080", self.server.ip4),
+            ),
+            ("sidecar", _) => (
+                &self.sidecar_clients[r.path],
+                format!("{}:8080", self.server.ip4),
+            ),
             ("inbound", "no-mesh") => (
                 &self.clients["no-mesh"],
                 format!("{}:8080", self.server.ip4),
@@ -565,8 +652,9 @@ impl Bench {
     }
 
     /// Checks that every path takes the route it claims before measuring:
-    /// the counter of its capture moves on its own path only, and the
-    /// iptables paths leave conntrack entries.
+    /// the counter of its capture moves on its own path only, the iptables
+    /// paths leave conntrack entries, and the sidecar iptables path's are
+    /// of connections REDIRECT sent to the proxy.
     fn check_paths(&self, plan: &Plan) {
         let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         for r in Route::all(plan) {
@@ -586,6 +674,10 @@ impl Bench {
                         &SUSTAINED_DESTINATIONS.to_string(),
                     ]),
                     "connect_redirected_ipv4",
+                ),
+                "sidecar" => (
+                    args(&["cps", "--concurrency", "1", "--duration-ms", "100"]),
+                    "sidecar_redirected",
                 ),
                 "inbound" => (
                     args(&["cps", "--concurrency", "1", "--duration-ms", "100"]),
@@ -621,6 +713,12 @@ impl Bench {
                     "{r:?} created no conntrack entry"
                 );
             }
+            if r.group == "sidecar" && r.path == BASELINE {
+                assert!(
+                    conntrack_replies_from(self.conntrack_netns(r), SIDECAR_PROXY_PORT) > 0,
+                    "{r:?}: no connection was redirected to the proxy"
+                );
+            }
         }
     }
 }
@@ -653,6 +751,46 @@ fn install_istio_inbound(ns: &str) {
     ] {
         iptables(ns, rule);
     }
+}
+
+/// istio-iptables' nat OUTPUT rules for a sidecar pod in REDIRECT mode
+/// (its defaults: proxy uid and gid 1337, every outbound range captured,
+/// no port excluded, no DNS capture), as `istio-iptables` writes them:
+/// the proxy's own connections and loopback are left alone, the rest of
+/// TCP goes to the proxy's 15001. The nat OUTPUT rules alone, which is
+/// what the captured outbound path costs; the PREROUTING (inbound) rules
+/// are left out, the client pod taking no connection.
+fn install_istio_sidecar_outbound(ns: &str) {
+    for rule in [
+        "-t nat -N ISTIO_REDIRECT",
+        "-t nat -N ISTIO_IN_REDIRECT",
+        "-t nat -N ISTIO_OUTPUT",
+        "-t nat -A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001",
+        "-t nat -A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006",
+        "-t nat -A OUTPUT -p tcp -j ISTIO_OUTPUT",
+        "-t nat -A ISTIO_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN",
+        "-t nat -A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT",
+        "-t nat -A ISTIO_OUTPUT -o lo -m owner ! --uid-owner 1337 -j RETURN",
+        "-t nat -A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN",
+        "-t nat -A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -m owner --gid-owner 1337 -j ISTIO_IN_REDIRECT",
+        "-t nat -A ISTIO_OUTPUT -o lo -m owner ! --gid-owner 1337 -j RETURN",
+        "-t nat -A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN",
+        "-t nat -A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN",
+        "-t nat -A ISTIO_OUTPUT -j ISTIO_REDIRECT",
+    ] {
+        iptables(ns, rule);
+    }
+}
+
+/// Conntrack entries of TCP connections answered from local `port` in a
+/// netns: the connections REDIRECT sent there.
+fn conntrack_replies_from(ns: &str, port: u16) -> u64 {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "conntrack", "-L", "-p", "tcp"])
+        .args(["--reply-port-src", &port.to_string()])
+        .output()
+        .expect("running conntrack (scripts/setup.sh installs it)");
+    String::from_utf8_lossy(&out.stdout).lines().count() as u64
 }
 
 /// Conntrack entries of `proto` in a netns (0 where conntrack is not
@@ -706,17 +844,17 @@ type Figures = BTreeMap<String, f64>;
 type Spread = BTreeMap<String, (f64, f64)>;
 
 /// What one run measured: medians, spreads, and the 1-byte latency
-/// distribution of each outbound path.
+/// distribution of each TCP path (its last round's).
 #[derive(Default)]
 struct Measured {
     figures: BTreeMap<Route, Figures>,
     spread: BTreeMap<Route, Spread>,
-    cdfs: BTreeMap<&'static str, Vec<f64>>,
+    cdfs: BTreeMap<Route, Vec<f64>>,
 }
 
 fn measure(bench: &Bench, plan: &Plan) -> Measured {
     let mut samples: BTreeMap<(Route, String), Vec<f64>> = BTreeMap::new();
-    let mut cdfs: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
+    let mut cdfs: BTreeMap<Route, Vec<f64>> = BTreeMap::new();
     for round in 0..plan.rounds {
         eprintln!("[bench] round {}/{}", round + 1, plan.rounds);
         for group in GROUPS.iter().filter(|g| plan.measures(g.name)) {
@@ -750,8 +888,8 @@ fn measure(bench: &Bench, plan: &Plan) -> Measured {
                                 put(&format!("{}_{p}_us", phase.key), us);
                             }
                             put(&format!("{}_cpu_s_per_10k", phase.key), per_10k(r.count));
-                            if phase.key == "rr_1B" && group.name == "outbound" {
-                                cdfs.insert(path, r.cdf_us);
+                            if phase.key == "rr_1B" {
+                                cdfs.insert(route, r.cdf_us);
                             }
                         }
                         ProbeEvent::Bulk(r) => put("bulk_gbit_per_s", r.gbit_per_s),
@@ -980,18 +1118,51 @@ fn report(
     (json, md)
 }
 
+/// One path of the chart, and its colour.
+struct Series {
+    route: Route,
+    color: &'static str,
+}
+
+const fn series(group: &'static str, path: &'static str, color: &'static str) -> Series {
+    Series {
+        route: Route { group, path },
+        color,
+    }
+}
+
+impl Series {
+    /// The path's name, after its group's but in the outbound group.
+    fn label(&self) -> String {
+        let Route { group, path } = self.route;
+        if group == GROUPS[0].name {
+            path.to_string()
+        } else {
+            format!("{group} {path}")
+        }
+    }
+}
+
+/// The chart's paths, in legend order: every outbound path, then the
+/// sidecar group's captured ones (its `no-mesh` is the outbound one's).
+const CHART: [Series; 7] = [
+    series("outbound", "no-mesh", "#7f7f7f"),
+    series("outbound", "explicit", "#1f77b4"),
+    series("outbound", "iptables", "#d62728"),
+    series("outbound", "ambridge", "#2ca02c"),
+    series("outbound", "ambridge+sockmap", "#9467bd"),
+    series("sidecar", "iptables", "#ff7f0e"),
+    series("sidecar", "ambridge", "#17becf"),
+];
+
 /// Two panels: connection rates by concurrency, and the latency
-/// distribution of 1-byte request/response.
+/// distribution of 1-byte request/response, of the [`CHART`] paths
+/// measured.
 fn chart(measured: &Measured) -> String {
-    let cdfs = &measured.cdfs;
-    let figures: &BTreeMap<&str, &Figures> = &measured
-        .figures
+    let paths: Vec<(&Series, &Figures)> = CHART
         .iter()
-        .filter(|(r, _)| r.group == GROUPS[0].name)
-        .map(|(r, f)| (r.path, f))
+        .filter_map(|s| Some((s, measured.figures.get(&s.route)?)))
         .collect();
-    let paths = GROUPS[0].paths;
-    const COLORS: [&str; 5] = ["#7f7f7f", "#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
     let (w, h, pad) = (1100.0, 440.0, 50.0);
     let mut s = format!(
         "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='12'>\n<rect width='100%' height='100%' fill='white'/>\n"
@@ -1004,7 +1175,7 @@ fn chart(measured: &Measured) -> String {
         .flat_map(|k| {
             paths
                 .iter()
-                .map(move |p| figures[p].get(*k).copied().unwrap_or(0.0))
+                .map(move |(_, f)| f.get(*k).copied().unwrap_or(0.0))
         })
         .fold(1.0, f64::max);
     let _ = writeln!(
@@ -1015,16 +1186,17 @@ fn chart(measured: &Measured) -> String {
     let group = pw / keys.len() as f64;
     let bar = group / (paths.len() as f64 + 1.5);
     for (gi, k) in keys.iter().enumerate() {
-        for (pi, p) in paths.iter().enumerate() {
-            let v = figures[p].get(*k).copied().unwrap_or(0.0);
+        for (pi, (p, f)) in paths.iter().enumerate() {
+            let v = f.get(*k).copied().unwrap_or(0.0);
             let bh = v / max * ph;
             let x = x0 + gi as f64 * group + (pi as f64 + 0.5) * bar;
             let _ = writeln!(
                 s,
-                "<rect x='{x:.1}' y='{:.1}' width='{:.1}' height='{bh:.1}' fill='{}'><title>{p}: {v:.0}/s</title></rect>",
+                "<rect x='{x:.1}' y='{:.1}' width='{:.1}' height='{bh:.1}' fill='{}'><title>{}: {v:.0}/s</title></rect>",
                 y0 + ph - bh,
                 bar * 0.9,
-                COLORS[pi]
+                p.color,
+                p.label()
             );
         }
         let label = k.trim_start_matches("cps_c").trim_end_matches("_per_s");
@@ -1042,9 +1214,13 @@ fn chart(measured: &Measured) -> String {
     );
     // Panel 2: latency percentiles (x: latency, y: percentile).
     let (x1, pw2) = (x0 + pw + 80.0, 480.0);
+    let cdfs: Vec<(&Series, &Vec<f64>)> = paths
+        .iter()
+        .filter_map(|(p, _)| Some((*p, measured.cdfs.get(&p.route)?)))
+        .collect();
     let lmax = cdfs
-        .values()
-        .filter_map(|c| c.get(99).copied())
+        .iter()
+        .filter_map(|(_, c)| c.get(99).copied())
         .fold(1.0, f64::max);
     let _ = writeln!(
         s,
@@ -1063,8 +1239,7 @@ fn chart(measured: &Measured) -> String {
         "<line x1='{x1}' y1='{y0}' x2='{x1}' y2='{:.1}' stroke='black'/>",
         y0 + ph
     );
-    for (pi, p) in paths.iter().enumerate() {
-        let Some(cdf) = cdfs.get(p) else { continue };
+    for (p, cdf) in &cdfs {
         let points: Vec<String> = cdf
             .iter()
             .take(100)
@@ -1080,7 +1255,7 @@ fn chart(measured: &Measured) -> String {
         let _ = writeln!(
             s,
             "<polyline fill='none' stroke='{}' stroke-width='2' points='{}'/>",
-            COLORS[pi],
+            p.color,
             points.join(" ")
         );
     }
@@ -1091,15 +1266,17 @@ fn chart(measured: &Measured) -> String {
         y0 + ph + 15.0
     );
     // Legend.
-    for (pi, p) in paths.iter().enumerate() {
-        let x = x0 + pi as f64 * 190.0;
+    let step = ((w - 2.0 * pad) / paths.len() as f64).min(190.0).floor();
+    for (pi, (p, _)) in paths.iter().enumerate() {
+        let x = x0 + pi as f64 * step;
         let y = h - 15.0;
         let _ = writeln!(
             s,
-            "<rect x='{x}' y='{}' width='12' height='12' fill='{}'/><text x='{}' y='{y}'>{p}</text>",
+            "<rect x='{x}' y='{}' width='12' height='12' fill='{}'/><text x='{}' y='{y}'>{}</text>",
             y - 11.0,
-            COLORS[pi],
-            x + 16.0
+            p.color,
+            x + 16.0,
+            p.label()
         );
     }
     s.push_str("</svg>\n");
@@ -1138,8 +1315,8 @@ fn main() {
     )
     .expect("writing results.json");
     fs::write(args.out.join("results.md"), &md).expect("writing results.md");
-    // The chart is of the outbound group.
-    if plan.measures(GROUPS[0].name) {
+    // The chart is of the outbound and sidecar groups.
+    if CHART.iter().any(|s| plan.measures(s.route.group)) {
         fs::write(args.out.join("chart.svg"), chart(&measured)).expect("writing chart.svg");
     }
     println!("{md}");

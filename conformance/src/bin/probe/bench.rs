@@ -88,6 +88,12 @@ pub struct RelayArgs {
     /// ztunnel's DNS proxy answers the names it knows.
     #[arg(long = "dns-pod-netns")]
     dns_pods: Vec<PathBuf>,
+    /// Also take outbound connections on `--port` in the relay's own netns
+    /// (`--netns`), as a sidecar proxy does in its pod; their upstream legs
+    /// leave from that netns. The one listener an unprivileged `--user`
+    /// can open: joining a `--pod-netns` needs privilege.
+    #[arg(long)]
+    in_own_netns: bool,
 }
 
 /// Where in-pod ztunnel's DNS proxy listens.
@@ -95,13 +101,19 @@ const DNS_PROXY: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 15053);
 
 /// The relay every proxied path goes through. Outbound: listens on `port`
-/// inside each pod netns, reads `SO_ORIGINAL_DST` as ztunnel does (or relays
-/// to `default_upstream`, the explicit-proxy path), and copies both ways with
+/// inside each pod netns (and, with `in_own_netns`, in its own), reads
+/// `SO_ORIGINAL_DST` as ztunnel and a sidecar proxy do (or relays to
+/// `default_upstream`, the explicit-proxy path), and copies both ways with
 /// buffered reads; upstream legs leave from the relay's own netns. Inbound
 /// and DNS: one thread per pod netns, so that upstream legs leave from
 /// inside the pod as in-pod ztunnel's do.
 pub fn relay(args: RelayArgs) -> io::Result<()> {
     let mut listeners = Vec::new();
+    if args.in_own_netns {
+        let l = listener(SocketAddr::from(([0u16; 8], args.port)))?;
+        l.set_nonblocking(true)?;
+        listeners.push(l);
+    }
     for pod in &args.pods {
         let l = in_netns(pod, {
             let port = args.port;
@@ -142,7 +154,7 @@ pub fn relay(args: RelayArgs) -> io::Result<()> {
             });
         }
         report(ev::RelayListening {
-            pods: args.pods.len() as u64,
+            pods: args.pods.len() as u64 + u64::from(args.in_own_netns),
             port: args.port,
             inbound_pods: args.inbound_pods.len() as u64,
             dns_pods: args.dns_pods.len() as u64,

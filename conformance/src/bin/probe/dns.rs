@@ -20,7 +20,7 @@ use std::{
 use ambridge_conformance::event::{self as ev, DnsTransport};
 use socket2::{Domain, Socket, Type};
 
-use crate::{ZTUNNEL_MARK, io_timeout, report};
+use crate::{io_timeout, mark_as_ztunnel, report};
 
 /// The addresses in-pod ztunnel's DNS proxy listens on, UDP and TCP.
 pub const PROXY_ADDRS: [SocketAddr; 2] = [
@@ -219,7 +219,7 @@ fn proxy_answer(
 /// ztunnel marks its sockets, over the transport the query came over.
 fn forward(upstream: SocketAddr, transport: Transport, query: &[u8]) -> io::Result<Vec<u8>> {
     let socket = Socket::new(Domain::for_address(upstream), transport.socket_type(), None)?;
-    socket.set_mark(ZTUNNEL_MARK)?;
+    mark_as_ztunnel(&socket)?;
     socket.set_read_timeout(Some(UPSTREAM_TIMEOUT))?;
     socket.set_write_timeout(Some(UPSTREAM_TIMEOUT))?;
     match transport {

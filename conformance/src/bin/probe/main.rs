@@ -25,6 +25,19 @@ use socket2::{Domain, SockAddr, Socket, Type};
 
 /// The mark ztunnel puts on every socket it opens in a pod (0x539).
 const ZTUNNEL_MARK: u32 = 1337;
+/// Whether the stand-in marks its sockets with [`ZTUNNEL_MARK`]: not when
+/// it runs as an unprivileged `--user` (a sidecar proxy marks nothing, and
+/// `SO_MARK` needs `CAP_NET_ADMIN`).
+static MARK_SOCKETS: AtomicBool = AtomicBool::new(true);
+
+/// Marks `socket` as ztunnel marks the sockets it opens, unless the probe
+/// runs as an unprivileged `--user`.
+fn mark_as_ztunnel(socket: &Socket) -> io::Result<()> {
+    if MARK_SOCKETS.load(Ordering::Relaxed) {
+        socket.set_mark(ZTUNNEL_MARK)?;
+    }
+    Ok(())
+}
 /// I/O and connect timeout in milliseconds (`--timeout-ms`).
 static TIMEOUT_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(10_000);
 
@@ -48,8 +61,49 @@ struct Cli {
     /// whose first instruction runs the instant its runtime starts it.
     #[arg(long)]
     start_on_stdin: bool,
+    /// Run as `UID:GID`, with no supplementary group and no capability,
+    /// once the cgroup and netns are joined, as a sidecar proxy runs
+    /// (Istio's as 1337:1337). The ztunnel stand-in takes it on once its
+    /// listeners are open (`--pod-netns` only: opening them needs
+    /// privilege), and then marks none of its sockets.
+    #[arg(long, value_parser = parse_user)]
+    user: Option<User>,
     #[command(subcommand)]
     role: Role,
+}
+
+/// A process's identity for `--user`.
+#[derive(Clone, Copy, Debug)]
+struct User {
+    uid: u32,
+    gid: u32,
+}
+
+fn parse_user(text: &str) -> Result<User, String> {
+    let (uid, gid) = text
+        .split_once(':')
+        .ok_or_else(|| format!("{text:?} is not UID:GID"))?;
+    let number = |n: &str| {
+        n.parse::<u32>()
+            .map_err(|e| format!("{n:?} in {text:?}: {e}"))
+    };
+    Ok(User {
+        uid: number(uid)?,
+        gid: number(gid)?,
+    })
+}
+
+/// Becomes `user` in every thread (glibc applies set*id calls to the
+/// whole process): real, effective and saved IDs, no supplementary group;
+/// a non-zero UID drops every capability.
+fn become_user(user: User) -> io::Result<()> {
+    use nix::unistd::{Gid, Uid, setgroups, setresgid, setresuid};
+    let (uid, gid) = (Uid::from_raw(user.uid), Gid::from_raw(user.gid));
+    setgroups(&[])?;
+    setresgid(gid, gid, gid)?;
+    setresuid(uid, uid, uid)?;
+    MARK_SOCKETS.store(false, Ordering::Relaxed);
+    Ok(())
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -113,8 +167,28 @@ enum Role {
     /// SO_ORIGINAL_DST as ztunnel does, relay to the original destination.
     Ztunnel {
         /// Pod network namespaces to open listeners in.
-        #[arg(long = "pod-netns", required_unless_present = "zds")]
+        #[arg(long = "pod-netns", required_unless_present_any = ["zds", "in_place"])]
         pods: Vec<PathBuf>,
+        /// Listen in the network namespace this probe entered (`--netns`)
+        /// instead, without switching namespaces, as a sidecar proxy
+        /// listens in its own pod: with `--user`, the user is taken on
+        /// first, so the listeners are bound by it (the node agent
+        /// registers a sidecar proxy's 15006 only when the proxy's uid or
+        /// gid binds it).
+        #[arg(long, conflicts_with_all = ["pods", "zds"])]
+        in_place: bool,
+        /// The inbound leg to the application binds this address (port
+        /// 0), one per family, rather than the client's
+        /// (`IP_TRANSPARENT`): a sidecar's Envoy connects to the
+        /// application from 127.0.0.6 (its inbound passthrough).
+        #[arg(long = "inbound-source")]
+        inbound_sources: Vec<std::net::IpAddr>,
+        /// Answer plaintext inbound connections (15006) itself, echoing
+        /// what the client sends, rather than relaying them to the
+        /// application: for tests of where connections land, apart from
+        /// where the proxy's own legs go.
+        #[arg(long)]
+        inbound_echo: bool,
         #[arg(long, default_value_t = 15001)]
         port: u16,
         /// How bytes are relayed: `poll` (buffered reads like today's
@@ -319,6 +393,9 @@ fn main() {
         Role::Echo { listen } => echo(listen),
         Role::Ztunnel {
             pods,
+            in_place,
+            inbound_sources,
+            inbound_echo,
             port,
             relay,
             hbone,
@@ -333,11 +410,16 @@ fn main() {
             accept_delay_ms,
         } => ztunnel(
             &pods,
+            in_place.then(|| cli.netns.as_deref().unwrap_or(Path::new("own netns"))),
+            cli.user,
             Serving {
                 port,
                 relay,
                 hbone: hbone.then_some(hbone_via),
                 inbound: !no_inbound,
+                inbound_source4: inbound_sources.iter().find(|ip| ip.is_ipv4()).copied(),
+                inbound_source6: inbound_sources.iter().find(|ip| ip.is_ipv6()).copied(),
+                inbound_echo,
                 dns: !no_dns,
                 dns_upstream,
                 accept_delay: Duration::from_millis(accept_delay_ms),
@@ -417,6 +499,12 @@ fn enter(cli: &Cli) -> io::Result<()> {
     }
     if let Some(netns) = &cli.netns {
         enter_netns(netns)?;
+    }
+    // The stand-in still opens its listeners first (`ztunnel`).
+    if let Some(user) = cli.user
+        && !matches!(cli.role, Role::Ztunnel { .. })
+    {
+        become_user(user)?;
     }
     Ok(())
 }
@@ -675,6 +763,13 @@ struct Serving {
     hbone: Option<Option<SocketAddr>>,
     /// Also serve plaintext inbound on 15006, as ztunnel always does.
     inbound: bool,
+    /// What the inbound leg binds, by the application's family, rather
+    /// than the client's address (`--inbound-source`).
+    inbound_source4: Option<std::net::IpAddr>,
+    inbound_source6: Option<std::net::IpAddr>,
+    /// Echo plaintext inbound connections rather than relay them
+    /// (`--inbound-echo`).
+    inbound_echo: bool,
     /// Also serve ztunnel's DNS proxy on 15053 (UDP and TCP, both
     /// loopbacks).
     dns: bool,
@@ -747,6 +842,12 @@ impl PodListeners {
     /// Opens the listeners `serving` asks for inside the network namespace
     /// `netns`; `pod` names the pod in events and errors.
     fn open(netns: OwnedFd, pod: &str, serving: Serving) -> io::Result<Self> {
+        Self::open_in(Some(netns), pod, serving)
+    }
+
+    /// As [`PodListeners::open`], in the calling thread's own network
+    /// namespace with `None` (no namespace switch: no privilege needed).
+    fn open_in(netns: Option<OwnedFd>, pod: &str, serving: Serving) -> io::Result<Self> {
         let netns = Arc::new(netns);
         let mut opened = PodListeners {
             handles: Vec::new(),
@@ -761,7 +862,7 @@ impl PodListeners {
             opened
                 .threads
                 .push(thread::spawn(move || -> io::Result<()> {
-                    let socket = match bind_in(&netns, listen) {
+                    let socket = match bind_in(netns.as_ref().as_ref(), listen) {
                         Ok(Some((socket, handle))) => {
                             ready_tx.send(Ok(Some(handle))).ok();
                             socket
@@ -812,11 +913,13 @@ impl Drop for PodListeners {
 /// Moves the calling thread into `netns` for good and opens `listen` there,
 /// as in-pod ztunnel does: a socket keeps the netns it was created in, and
 /// the threads this one spawns (connections, DNS upstreams) start in it.
-/// Returns the socket and a second handle on it, or `None` for the `[::1]`
-/// DNS proxy in a netns without IPv6 loopback (ztunnel then serves IPv4
-/// only).
-fn bind_in(netns: &OwnedFd, listen: Listen) -> io::Result<Option<(Socket, Socket)>> {
-    nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+/// With no `netns`, opens it in the thread's own. Returns the socket and a
+/// second handle on it, or `None` for the `[::1]` DNS proxy in a netns
+/// without IPv6 loopback (ztunnel then serves IPv4 only).
+fn bind_in(netns: Option<&OwnedFd>, listen: Listen) -> io::Result<Option<(Socket, Socket)>> {
+    if let Some(netns) = netns {
+        nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+    }
     let (addr, ty) = match listen {
         Listen::Capture(port) => (SocketAddr::from(([0u16; 8], port)), Type::STREAM),
         Listen::Dns(addr, transport) => (addr, transport.socket_type()),
@@ -875,10 +978,8 @@ fn serve_listen(
         let pod = pod.to_string();
         thread::spawn(move || {
             let result = match listen {
-                Listen::Capture(HBONE_PORT) => inbound_hbone(&pod, conn, serving.relay),
-                Listen::Capture(INBOUND_PLAINTEXT_PORT) => {
-                    inbound_plaintext(&pod, conn, serving.relay)
-                }
+                Listen::Capture(HBONE_PORT) => inbound_hbone(&pod, conn, serving),
+                Listen::Capture(INBOUND_PLAINTEXT_PORT) => inbound_plaintext(&pod, conn, serving),
                 Listen::Capture(_) => outbound(&pod, conn, serving.relay, serving.hbone),
                 Listen::Dns(addr, _) => dns::proxy_tcp(&pod, conn, addr, serving.dns_upstream),
             };
@@ -898,9 +999,32 @@ fn serve_listen(
 }
 
 /// Opens the listeners in each of `pods` and, with `zds`, in each pod the
-/// node agent hands over; serves until killed.
-fn ztunnel(pods: &[PathBuf], serving: Serving, zds: Option<zds::Options>) -> io::Result<()> {
+/// node agent hands over; then, with `user`, becomes that user; serves
+/// until killed. With `in_place` (the netns the probe entered), becomes
+/// `user` first and opens the listeners there, in its own netns.
+fn ztunnel(
+    pods: &[PathBuf],
+    in_place: Option<&Path>,
+    user: Option<User>,
+    serving: Serving,
+    zds: Option<zds::Options>,
+) -> io::Result<()> {
+    if user.is_some() && zds.is_some() {
+        return Err(io::Error::other(
+            "--user with --zds: the listeners of pods handed over later could not be opened",
+        ));
+    }
     let mut named = Vec::new();
+    if let Some(netns) = in_place {
+        if let Some(user) = user {
+            become_user(user)?;
+        }
+        named.push(PodListeners::open_in(
+            None,
+            &netns.display().to_string(),
+            serving,
+        )?);
+    }
     for path in pods {
         let netns = fs::File::open(path)
             .map_err(|e| io::Error::new(e.kind(), format!("opening {}: {e}", path.display())))?;
@@ -910,9 +1034,12 @@ fn ztunnel(pods: &[PathBuf], serving: Serving, zds: Option<zds::Options>) -> io:
             serving,
         )?);
     }
+    if let Some(user) = user.filter(|_| in_place.is_none()) {
+        become_user(user)?;
+    }
     let session = zds.as_ref().map(zds::Session::connect).transpose()?;
     report(ev::ZtunnelListening {
-        pods: pods.len() as u64,
+        pods: named.len() as u64,
         port: serving.port,
         hbone: serving.hbone.is_some(),
         inbound: serving.inbound,
@@ -965,7 +1092,7 @@ fn outbound(
     // The upstream leg is opened in the pod's netns (this thread's), marked
     // as ztunnel marks its sockets.
     let upstream = Socket::new(Domain::for_address(next_hop), Type::STREAM, None)?;
-    upstream.set_mark(ZTUNNEL_MARK)?;
+    mark_as_ztunnel(&upstream)?;
     upstream.connect_timeout(&next_hop.into(), io_timeout())?;
     let upstream: TcpStream = upstream.into();
     if hbone.is_some() {
@@ -985,7 +1112,7 @@ fn outbound(
 }
 
 /// The HBONE inbound leg: the header names the target and the client.
-fn inbound_hbone(pod: &str, conn: Socket, relay: Relay) -> io::Result<()> {
+fn inbound_hbone(pod: &str, conn: Socket, serving: Serving) -> io::Result<()> {
     let conn: TcpStream = conn.into();
     let header = read_line(&conn)?;
     let mut words = header.split_whitespace();
@@ -1002,13 +1129,13 @@ fn inbound_hbone(pod: &str, conn: Socket, relay: Relay) -> io::Result<()> {
     let client: std::net::IpAddr = client
         .parse()
         .map_err(|e| io::Error::other(format!("{e}")))?;
-    inbound(pod, conn, target, client, relay)
+    inbound(pod, conn, target, client, serving)
 }
 
 /// The plaintext inbound leg (15006): the target is the original
 /// destination (the local address if there is none, as ztunnel falls back
 /// to), the client is the peer.
-fn inbound_plaintext(pod: &str, conn: Socket, relay: Relay) -> io::Result<()> {
+fn inbound_plaintext(pod: &str, conn: Socket, serving: Serving) -> io::Result<()> {
     let (peer, local) = inet_ends(&conn)?;
     let orig = original_dst(&conn);
     report(ev::InboundAccepted {
@@ -1018,6 +1145,12 @@ fn inbound_plaintext(pod: &str, conn: Socket, relay: Relay) -> io::Result<()> {
         orig_dst: orig.as_ref().ok().copied(),
         orig_dst_error: orig.as_ref().err().map(|e| e.to_string()),
     });
+    if serving.inbound_echo {
+        let mut conn: TcpStream = conn.into();
+        let mut back = conn.try_clone()?;
+        io::copy(&mut conn, &mut back)?;
+        return back.shutdown(Shutdown::Write);
+    }
     let target = orig.unwrap_or(local);
     // A dual-stack listener reports IPv4 as IPv4-mapped; ztunnel connects
     // to the canonical address, in the family of the client's.
@@ -1030,23 +1163,40 @@ fn inbound_plaintext(pod: &str, conn: Socket, relay: Relay) -> io::Result<()> {
         ));
     }
     let client = peer.ip().to_canonical();
-    inbound(pod, conn.into(), target, client, relay)
+    // A leg of its own captured back to it would go round for ever.
+    if [serving.inbound_source4, serving.inbound_source6].contains(&Some(client)) {
+        return Err(io::Error::new(
+            io::ErrorKind::ConnectionRefused,
+            format!("{peer} is an inbound leg of its own, captured back to {local}"),
+        ));
+    }
+    inbound(pod, conn.into(), target, client, serving)
 }
 
 /// The inbound leg to the application: bind the client's address
 /// (`IP_TRANSPARENT` + `IP_FREEBIND`, port 0) as ztunnel's ORIGINAL_SRC does,
-/// connect to the target, relay. A failed bind is reported and the
-/// connection goes on with a kernel-chosen source, as ztunnel does.
+/// or the `--inbound-source` of the target's family as a sidecar's Envoy
+/// binds 127.0.0.6, connect to the target, relay. A failed bind is
+/// reported and the connection goes on with a kernel-chosen source, as
+/// ztunnel does.
 fn inbound(
     pod: &str,
     conn: TcpStream,
     target: SocketAddr,
     client: std::net::IpAddr,
-    relay: Relay,
+    serving: Serving,
 ) -> io::Result<()> {
     let upstream = Socket::new(Domain::for_address(target), Type::STREAM, None)?;
-    upstream.set_mark(ZTUNNEL_MARK)?;
+    mark_as_ztunnel(&upstream)?;
+    let source = if target.is_ipv4() {
+        serving.inbound_source4
+    } else {
+        serving.inbound_source6
+    };
     let bind = (|| -> io::Result<()> {
+        if let Some(source) = source {
+            return upstream.bind(&SocketAddr::new(source, 0).into());
+        }
         if target.is_ipv4() {
             upstream.set_ip_transparent_v4(true)?;
             upstream.set_freebind_v4(true)?;
@@ -1065,7 +1215,7 @@ fn inbound(
         bind_error: bind.err().map(|e| e.to_string()),
         source: upstream.local_addr()?,
     });
-    let (up, down) = relay_both(conn, upstream, relay)?;
+    let (up, down) = relay_both(conn, upstream, serving.relay)?;
     report(ev::InboundRelayed {
         target,
         bytes_up: up,
