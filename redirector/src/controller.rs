@@ -808,8 +808,8 @@ impl Controller {
         if datapath.set_node_config(desired.node)? {
             info!(config = ?desired.node, "node settings written");
         }
-        // A sidecar pod's new rule set is in place before its entry names
-        // it, and its old one goes only after: a connect never sees half.
+        // A sidecar pod's new rule set is in place before its entries name
+        // it, and its old one goes only after: no connection sees half.
         let (range_deletes, range_puts): (Vec<_>, Vec<_>) = desired::diff_changed(
             datapath.sidecar_range_entries()?,
             &desired.sidecar_ranges,
@@ -830,10 +830,11 @@ impl Controller {
         datapath.apply_sidecar_ports(&port_puts)?;
         let cgroup_ops = desired::proxies_around(cgroup_ops, datapath.cgroup_entries()?);
         datapath.apply_cgroups(&cgroup_ops)?;
-        datapath.apply_sidecar_ranges(&range_deletes)?;
-        datapath.apply_sidecar_ports(&port_deletes)?;
         let (inbound_changes, attached_all) =
             apply_inbound(&mut self.host, datapath, desired, &changed)?;
+        // After the inbound targets too, which name the set as well.
+        datapath.apply_sidecar_ranges(&range_deletes)?;
+        datapath.apply_sidecar_ports(&port_deletes)?;
         // A namespace not attached yet is tried again by a whole diff.
         self.diff_all = !self.unsynced.is_empty() || !attached_all;
         // A pass that looked at every pod lets go of the namespaces it did

@@ -315,9 +315,18 @@ pub struct SourcePrefix {
 pub struct SidecarRange {
     /// The pod-level cgroup id.
     pub cgroup: u64,
-    /// [`CgroupInfo::rules`], widened.
-    pub rules: u32,
+    /// [`CgroupInfo::rules`].
+    pub rules: u16,
+    /// A [`sidecar_family`] value: an IPv6 prefix never covers the
+    /// IPv4-mapped keys of IPv4 destinations.
+    pub family: u16,
     pub addr: IpKey,
+}
+
+/// [`SidecarRange::family`] values.
+pub mod sidecar_family {
+    pub const IPV4: u16 = 4;
+    pub const IPV6: u16 = 6;
 }
 
 /// The bits of a [`SidecarRange`] before its address.
@@ -656,6 +665,7 @@ const _: () = {
 
     assert!(size_of::<SidecarRange>() == 28);
     assert!(offset_of!(SidecarRange, rules) == 8);
+    assert!(offset_of!(SidecarRange, family) == 10);
     assert!(offset_of!(SidecarRange, addr) == 12);
     assert!(SIDECAR_RANGE_FIXED_BITS as usize == 8 * (size_of::<u64>() + size_of::<u32>()));
 

@@ -93,10 +93,16 @@ fn classify(ctx: &SockAddrContext) -> Bind {
 }
 
 /// A sidecar proxy's bind of its inbound port, recorded as a listener
-/// placeholder; any other bind of a pod is left alone.
+/// placeholder; any other bind of a pod is left alone. The proxy's uid
+/// counts even where its container is known: a proxy container just
+/// restarted is not known by its new cgroup yet, and nothing else in the
+/// pod can hold 15006 beside it.
 #[inline(always)]
 fn sidecar_listener(ctx: &SockAddrContext, info: &CgroupInfo, port: u16) -> Bind {
-    if port != sidecar::INBOUND_PORT || !sidecar::is_sidecar(info) || !pod::is_sidecar_proxy(info) {
+    if port != sidecar::INBOUND_PORT
+        || !sidecar::is_sidecar(info)
+        || !(pod::is_sidecar_proxy(info) || pod::runs_as_sidecar_proxy())
+    {
         return Bind::Other;
     }
     if record(ctx, info, conn_kind::SIDECAR_LISTENER, [0; 4]) {

@@ -59,7 +59,7 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
         return ALLOW;
     };
     if query {
-        let verdict = dns::capture(&ctx, &pod, sock_type, v4_mapped(sa.user_ip4));
+        let verdict = dns::capture(&ctx, (cgroup, &pod), sock_type, v4_mapped(sa.user_ip4));
         match verdict {
             dns::Verdict::Leave => {}
             dns::Verdict::Redirect => {
@@ -76,7 +76,7 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
     if sock_type != SOCK_STREAM {
         return ALLOW;
     }
-    let (target, to_port) = match target4(cgroup, &pod, sa.user_ip4, port) {
+    let (target, to_port) = match target4(&ctx, false, cgroup, &pod, sa.user_ip4, port) {
         Outbound::Leave => return ALLOW,
         Outbound::Refuse => return REFUSE,
         Outbound::Redirect(target, to_port) => (target, to_port),
@@ -126,7 +126,7 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
         ]
     };
     if query {
-        let verdict = dns::capture(&ctx, &pod, sock_type, dst);
+        let verdict = dns::capture(&ctx, (cgroup, &pod), sock_type, dst);
         match verdict {
             dns::Verdict::Leave => {}
             dns::Verdict::Redirect => {
@@ -147,7 +147,7 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
     // wire (only this hook runs, not connect4): apply the IPv4 rules and
     // keep the mapped form so the socket stays IPv4 on the wire.
     if let Some(dst4) = as_v4(&dst) {
-        let (target, to_port) = match target4(cgroup, &pod, dst4, port) {
+        let (target, to_port) = match target4(&ctx, true, cgroup, &pod, dst4, port) {
             Outbound::Leave => return ALLOW,
             Outbound::Refuse => return REFUSE,
             Outbound::Redirect(target, to_port) => (target, to_port),
@@ -168,7 +168,7 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
         bump(Counter::ConnectRedirected4);
         return ALLOW;
     }
-    let (target, to_port) = match target6(cgroup, &pod, &dst, port) {
+    let (target, to_port) = match target6(&ctx, cgroup, &pod, &dst, port) {
         Outbound::Leave => return ALLOW,
         Outbound::Refuse => return REFUSE,
         Outbound::Redirect(target, to_port) => (target, to_port),
@@ -208,19 +208,20 @@ fn unless_held<A>(pod: &CgroupInfo, target: A) -> Outbound<A> {
     }
 }
 
-/// The verdict for a sidecar-captured pod's connect to `dst:port`: its
-/// own address in the family (`target`, with `has_ip` set) when its rule
-/// set captures it.
+/// The verdict for a sidecar-captured pod's connect to `dst:port` from a
+/// socket (IPv6 or not, `ip6`) of `ctx`: its own address in the family
+/// (`target`, with `has_ip` set) when its rule set captures it.
 #[inline(always)]
 fn sidecar_target<A>(
-    cgroup: u64,
-    pod: &CgroupInfo,
+    ctx: &SockAddrContext,
+    ip6: bool,
+    (cgroup, pod): (u64, &CgroupInfo),
     dst: &[u32; 4],
     port: u16,
-    has_ip: u32,
-    target: A,
+    (has_ip, target): (u32, A),
 ) -> Outbound<A> {
-    let to_port = match sidecar::connect(cgroup, pod, dst, port) {
+    let (source, _) = bound_source(ctx, ip6);
+    let to_port = match sidecar::connect(cgroup, pod, &source, dst, port) {
         sidecar::Connect::Leave => return Outbound::Leave,
         sidecar::Connect::Outbound => pod.redirect_port,
         sidecar::Connect::InboundSelf => sidecar::INBOUND_PORT,
@@ -234,12 +235,20 @@ fn sidecar_target<A>(
 }
 
 /// The IPv4 verdict for a connect from `pod` (its entry `cgroup`) to
-/// `dst:port`.
+/// `dst:port`, on an IPv6 socket (`ip6`) or not.
 #[inline(always)]
-fn target4(cgroup: u64, pod: &CgroupInfo, dst: u32, port: u16) -> Outbound<u32> {
+fn target4(
+    ctx: &SockAddrContext,
+    ip6: bool,
+    cgroup: u64,
+    pod: &CgroupInfo,
+    dst: u32,
+    port: u16,
+) -> Outbound<u32> {
     if sidecar::is_sidecar(pod) {
         let dst = v4_mapped(dst);
-        return sidecar_target(cgroup, pod, &dst, port, flags::HAS_IP4, pod.redirect_ip4);
+        let target = (flags::HAS_IP4, pod.redirect_ip4);
+        return sidecar_target(ctx, ip6, (cgroup, pod), &dst, port, target);
     }
     if !pod::redirects(pod) || is_loopback4(dst) || dst == KUBELET_PROBE_IP4 {
         return Outbound::Leave;
@@ -257,9 +266,16 @@ fn target4(cgroup: u64, pod: &CgroupInfo, dst: u32, port: u16) -> Outbound<u32> 
 /// The IPv6 verdict for a connect from `pod` (its entry `cgroup`) to
 /// `dst:port`.
 #[inline(always)]
-fn target6(cgroup: u64, pod: &CgroupInfo, dst: &[u32; 4], port: u16) -> Outbound<[u32; 4]> {
+fn target6(
+    ctx: &SockAddrContext,
+    cgroup: u64,
+    pod: &CgroupInfo,
+    dst: &[u32; 4],
+    port: u16,
+) -> Outbound<[u32; 4]> {
     if sidecar::is_sidecar(pod) {
-        return sidecar_target(cgroup, pod, dst, port, flags::HAS_IP6, pod.redirect_ip6);
+        let target = (flags::HAS_IP6, pod.redirect_ip6);
+        return sidecar_target(ctx, true, (cgroup, pod), dst, port, target);
     }
     if !pod::redirects(pod) || is_loopback6(dst) || *dst == KUBELET_PROBE_IP6 {
         return Outbound::Leave;

@@ -34,7 +34,7 @@ use crate::{
         DNS_PORT, LOCALHOST4, LOCALHOST6, SOCK_DGRAM, SOCK_STREAM, ctx_read, ctx_write,
         ctx_write_ip6, is_loopback,
     },
-    pod,
+    pod, sidecar,
 };
 
 const ALLOW: i32 = 1;
@@ -74,7 +74,12 @@ pub fn candidate(sock_type: u32, port: u16) -> bool {
 /// Decides on a query from `pod` to `dst` over `sock_type` and, if it is
 /// captured, records `dst` under the socket's cookie.
 #[inline(always)]
-pub fn capture(ctx: &SockAddrContext, pod: &CgroupInfo, sock_type: u32, dst: [u32; 4]) -> Verdict {
+pub fn capture(
+    ctx: &SockAddrContext,
+    (cgroup, pod): (u64, &CgroupInfo),
+    sock_type: u32,
+    dst: [u32; 4],
+) -> Verdict {
     let captured = pod.flags & (flags::ENROLLED | flags::SIDECAR) != 0;
     if !captured
         || pod.flags & flags::DNS_CAPTURE == 0
@@ -83,8 +88,11 @@ pub fn capture(ctx: &SockAddrContext, pod: &CgroupInfo, sock_type: u32, dst: [u3
     {
         return Verdict::Leave;
     }
-    // The sidecar proxy's own queries (the agent's upstream ones) go out.
-    if pod::is_sidecar_proxy(pod) {
+    // The sidecar proxy's own queries (the agent's upstream ones) go out,
+    // and so do a sidecar pod's when its rules exclude port 53.
+    if pod.flags & flags::SIDECAR != 0
+        && (pod::is_sidecar_proxy(pod) || sidecar::excludes_dns(cgroup, pod))
+    {
         return Verdict::Leave;
     }
     // UDP to the pod's own address leaves through `lo`: istio-cni does not
@@ -164,10 +172,10 @@ pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
     if !candidate(sock_type, port) {
         return ALLOW;
     }
-    let Some(pod) = pod::current() else {
+    let Some((cgroup, pod)) = pod::current_entry() else {
         return ALLOW;
     };
-    let verdict = capture(&ctx, &pod, sock_type, v4_mapped(dst));
+    let verdict = capture(&ctx, (cgroup, &pod), sock_type, v4_mapped(dst));
     if let Verdict::Redirect = verdict {
         // SAFETY: writable fields of the live context.
         unsafe {
@@ -197,10 +205,10 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
     if !candidate(sock_type, port) {
         return ALLOW;
     }
-    let Some(pod) = pod::current() else {
+    let Some((cgroup, pod)) = pod::current_entry() else {
         return ALLOW;
     };
-    let verdict = capture(&ctx, &pod, sock_type, dst);
+    let verdict = capture(&ctx, (cgroup, &pod), sock_type, dst);
     if let Verdict::Redirect = verdict {
         // SAFETY: writable fields of the live context.
         unsafe {

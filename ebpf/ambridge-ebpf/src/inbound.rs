@@ -127,7 +127,7 @@ pub fn inbound(ctx: SkLookupContext) -> u32 {
 /// listener by the pod's rule set, refused when the proxy has none.
 #[inline(always)]
 fn to_sidecar(ctx: &SkLookupContext, target: &InboundTarget, remote: &IpKey, port: u16) -> u32 {
-    if is_loopback(remote) || !sidecar::captures_inbound(target, port) {
+    if sidecar::is_passthrough_source(remote) || !sidecar::captures_inbound(target, port) {
         return SK_PASS;
     }
     match SIDECAR_LISTENERS.redirect_sk_lookup(ctx, target.netns_cookie, 0) {

@@ -13,8 +13,9 @@
 //! | `cgroup/sock_release` | [`release`] | 5.9 |
 //!
 //! Shared helpers live apart: [`maps`] (every map), [`pod`] (which pod a
-//! socket belongs to), [`sidecar`] (a sidecar-captured pod's rule set), [`conn`] (connection keys and their namespace),
-//! [`net`] (context access, address and port conversions).
+//! socket belongs to), [`sidecar`] (a sidecar-captured pod's rule set),
+//! [`conn`] (connection keys and their namespace), [`net`] (context
+//! access, address and port conversions).
 #![no_std]
 #![no_main]
 

@@ -20,8 +20,8 @@ pub fn current() -> Option<CgroupInfo> {
     current_entry().map(|(_, info)| info)
 }
 
-/// As [`current`], with the id of the cgroup whose entry it is (the key of
-/// a sidecar pod's rule set).
+/// As [`current`], with the id of the deepest matching cgroup that is not
+/// a sidecar proxy's container: the pod's, the key of its rule set.
 #[inline(always)]
 pub fn current_entry() -> Option<(u64, CgroupInfo)> {
     // Not an `Option` in the loop: LLVM would copy its uninitialised
@@ -43,7 +43,9 @@ pub fn current_entry() -> Option<(u64, CgroupInfo)> {
         if let Some(info) = unsafe { CGROUPS.get(id) } {
             ztunnel |= info.flags & flags::ZTUNNEL != 0;
             found = *info;
-            found_id = id;
+            if info.flags & flags::SIDECAR_PROXY == 0 {
+                found_id = id;
+            }
             matched = true;
         }
     }
@@ -73,6 +75,12 @@ pub fn is_sidecar_proxy(info: &CgroupInfo) -> bool {
     if info.flags & flags::SIDECAR == 0 || info.flags & flags::SIDECAR_PROXY_KNOWN != 0 {
         return false;
     }
+    runs_as_sidecar_proxy()
+}
+
+/// Whether the current task runs as the sidecar proxies' uid or gid.
+#[inline(always)]
+pub fn runs_as_sidecar_proxy() -> bool {
     let node = crate::maps::node();
     // Sockets are made in a task's context, so its ids are the maker's.
     let ids = bpf_get_current_uid_gid();

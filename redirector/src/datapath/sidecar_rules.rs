@@ -2,9 +2,14 @@
 //! (an LPM trie) and outbound ports, keyed by the pod's cgroup and the
 //! set's number (see `ambridge-ebpf`'s `sidecar` module).
 
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv6Addr},
+};
 
-use ambridge_common::{SIDECAR_RANGE_FIXED_BITS, SidecarPort, SidecarRange, map_names};
+use ambridge_common::{
+    SIDECAR_RANGE_FIXED_BITS, SidecarPort, SidecarRange, map_names, sidecar_family,
+};
 use aya::maps::lpm_trie::Key;
 use ipnet::IpNet;
 
@@ -75,9 +80,14 @@ fn range_key(key: RuleKey<IpNet>) -> Key<SidecarRange> {
         IpNet::V4(v4) => 96 + u32::from(v4.prefix_len()),
         IpNet::V6(v6) => u32::from(v6.prefix_len()),
     };
+    let family = match net {
+        IpNet::V4(_) => sidecar_family::IPV4,
+        IpNet::V6(_) => sidecar_family::IPV6,
+    };
     let data = SidecarRange {
         cgroup: key.cgroup.0,
-        rules: u32::from(key.rules),
+        rules: key.rules,
+        family,
         addr: ip_key(net.addr()),
     };
     Key::new(SIDECAR_RANGE_FIXED_BITS + len, data)
@@ -85,14 +95,25 @@ fn range_key(key: RuleKey<IpNet>) -> Key<SidecarRange> {
 
 fn range_from_key(key: &Key<SidecarRange>) -> RuleKey<IpNet> {
     let data = key.data();
-    let ip = ip_from_key(&{ data.addr });
+    let addr = data.addr;
     let len = key.prefix_len() - SIDECAR_RANGE_FIXED_BITS;
+    let ip = match data.family {
+        sidecar_family::IPV4 => ip_from_key(&addr),
+        // Not canonicalised: `::ffff:0:0/96` is an IPv6 prefix here.
+        _ => IpAddr::V6(Ipv6Addr::from_bits(addr_bits(&addr))),
+    };
     let len = if ip.is_ipv4() { len - 96 } else { len };
     RuleKey {
         cgroup: CgroupId(data.cgroup),
-        rules: data.rules as u16,
+        rules: data.rules,
         what: IpNet::new(ip, len as u8).expect("a prefix this module wrote"),
     }
+}
+
+/// The 128 bits of a key's address words (network order each).
+fn addr_bits(addr: &[u32; 4]) -> u128 {
+    addr.iter()
+        .fold(0, |bits, w| bits << 32 | u128::from(u32::from_be(*w)))
 }
 
 fn port_key(key: PortRule) -> SidecarPort {
@@ -124,6 +145,8 @@ mod tests {
             "10.1.0.0/16",
             "0.0.0.0/0",
             "::/0",
+            "::/96",
+            "::ffff:0:0/96",
             "fd00::/120",
             "198.18.0.9/32",
         ] {

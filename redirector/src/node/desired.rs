@@ -756,6 +756,14 @@ fn pod_part(
         Ok(id) => {
             let mut entry = entries::pod_entry(pod, node, readiness, settings);
             if entry.flags & ambridge_common::flags::SIDECAR != 0
+                && let Some(rules) = &pod.capture.sidecar
+            {
+                let set = entries::sidecar_rule_set(rules);
+                entry.rules = set.number;
+                out.sidecar_ranges = set.keyed(id, &set.ranges);
+                out.sidecar_ports = set.keyed(id, &set.ports);
+            }
+            if entry.flags & ambridge_common::flags::SIDECAR != 0
                 && let Some(container) = &pod.capture.sidecar_proxy
             {
                 // Until the proxy's container is found, its uid tells its
@@ -768,13 +776,6 @@ fn pod_part(
                     Ok(None) => out.incomplete = true,
                     Err(e) => unresolved(&mut out, &cgroup, format!("proxy container: {e}").into()),
                 }
-            }
-            if entry.rules != 0
-                && let Some(rules) = &pod.capture.sidecar
-            {
-                let set = entries::sidecar_rule_set(rules);
-                out.sidecar_ranges = set.keyed(id, &set.ranges);
-                out.sidecar_ports = set.keyed(id, &set.ports);
             }
             out.cgroup = Some((cgroup.clone(), id, entry));
         }
@@ -1688,6 +1689,11 @@ mod tests {
         assert_eq!(
             nets,
             [
+                // `*`: every address of each family, but the excluded.
+                (
+                    "0.0.0.0/0".to_string(),
+                    ambridge_common::sidecar_verdict::CAPTURE
+                ),
                 (
                     "10.0.0.0/8".to_string(),
                     ambridge_common::sidecar_verdict::PASS

@@ -10,7 +10,7 @@ use ambridge_common::{
     CgroupInfo, IpKey, NetnsInfo, NodeConfig, REDIRECT_PORTS, flags, sidecar_direction,
     sidecar_verdict, v4_mapped,
 };
-use ipnet::{IpNet, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::{
     node::desired::RuleKey,
@@ -77,17 +77,13 @@ pub fn pod_entry(
         redirect_port: shared.and_then(|s| s.port).unwrap_or(settings.port).0,
         ..CgroupInfo::default()
     };
+    // Its rule set's number is the caller's to set: it computes the set.
     if let Some(proxy) = settings.sidecar.filter(|_| sidecar) {
         info.flags |= flags::SIDECAR;
         if pod.capture.dns.unwrap_or(proxy.dns_capture) {
             info.flags |= flags::DNS_CAPTURE;
         }
         info.redirect_port = Port::SIDECAR_OUTBOUND.0;
-        info.rules = pod
-            .capture
-            .sidecar
-            .as_deref()
-            .map_or(0, |rules| sidecar_rule_set(rules).number);
     }
     if pod.mode == Mode::Ambient {
         let accelerate = pod.accelerate.unwrap_or(settings.sockmap);
@@ -121,12 +117,11 @@ pub fn pod_entry(
 }
 
 /// The cgroup entry of a sidecar pod's proxy container, below the pod's
-/// `entry`: the pod's, marked as the proxy's, with no rule set (its rules
-/// are keyed by the pod's cgroup, and the proxy's connects are left alone).
+/// `entry`: the pod's, marked as the proxy's (its rule set stays keyed by
+/// the pod's cgroup, which the programs find above it).
 pub fn proxy_entry(entry: &CgroupInfo) -> CgroupInfo {
     CgroupInfo {
         flags: entry.flags | flags::SIDECAR_PROXY,
-        rules: 0,
         ..*entry
     }
 }
@@ -157,10 +152,11 @@ pub fn node_config(spec: Option<&NodeSpec>, settings: &Settings) -> NodeConfig {
     if settings.inbound_fail_closed {
         cfg.flags |= flags::INBOUND_FAIL_CLOSED;
     }
-    if let Some(proxy) = settings.sidecar {
-        cfg.sidecar_uid = proxy.uid;
-        cfg.sidecar_gid = proxy.gid;
-    }
+    // Written off too: entries of a run with it on, kept until the
+    // sources have delivered, must not take uid 0 for the proxy's.
+    let proxy = settings.sidecar.unwrap_or_default();
+    cfg.sidecar_uid = proxy.uid;
+    cfg.sidecar_gid = proxy.gid;
     let shared = spec.and_then(|s| s.redirect);
     let ports = [
         Some(settings.port.0),
@@ -228,8 +224,7 @@ impl SidecarRuleSet {
 pub fn sidecar_rule_set(rules: &SidecarRules) -> SidecarRuleSet {
     let mut ranges: BTreeMap<IpNet, u32> = BTreeMap::new();
     let included: Vec<IpNet> = match &rules.include_ranges {
-        // Every IPv6 address, IPv4-mapped ones (all of IPv4) among them.
-        Ranges::All => vec![IpNet::V6(Ipv6Net::default())],
+        Ranges::All => vec![IpNet::V4(Ipv4Net::default()), IpNet::V6(Ipv6Net::default())],
         Ranges::Only(nets) => nets.clone(),
     };
     for net in included {
@@ -254,8 +249,15 @@ pub fn sidecar_rule_set(rules: &SidecarRules) -> SidecarRuleSet {
     for port in &rules.exclude_ports {
         ports.insert(out(port), sidecar_verdict::PASS);
     }
+    // As istio-iptables: exclusions apply to `*` only; a list is taken as
+    // it is.
     let unlisted = match &rules.include_inbound_ports {
-        Ports::All => sidecar_verdict::CAPTURE,
+        Ports::All => {
+            for port in &rules.exclude_inbound_ports {
+                ports.insert(inbound(port), sidecar_verdict::PASS);
+            }
+            sidecar_verdict::CAPTURE
+        }
         Ports::Only(listed) => {
             for port in listed {
                 ports.insert(inbound(port), sidecar_verdict::CAPTURE);
@@ -264,9 +266,6 @@ pub fn sidecar_rule_set(rules: &SidecarRules) -> SidecarRuleSet {
         }
     };
     ports.insert(inbound(&Port(0)), unlisted);
-    for port in &rules.exclude_inbound_ports {
-        ports.insert(inbound(port), sidecar_verdict::PASS);
-    }
     let ranges: Vec<(IpNet, u32)> = ranges.into_iter().collect();
     let ports: Vec<((u16, Port), u32)> = ports.into_iter().collect();
     SidecarRuleSet {
@@ -613,5 +612,30 @@ mod tests {
         let w = ip6_words("fd00:18::2".parse().unwrap());
         assert_eq!(w[0].to_ne_bytes(), [0xfd, 0x00, 0x00, 0x18]);
         assert_eq!(w[3].to_ne_bytes(), [0, 0, 0, 2]);
+    }
+
+    #[test]
+    fn an_inbound_port_list_is_taken_as_it_is_and_exclusions_apply_to_every_port_only() {
+        use crate::node::sidecar::{Ports, SidecarRules};
+        use ambridge_common::{sidecar_direction::INBOUND, sidecar_verdict::*};
+        let inbound = |rules: SidecarRules| -> Vec<(u16, u32)> {
+            sidecar_rule_set(&rules)
+                .ports
+                .into_iter()
+                .filter(|((d, _), _)| *d == INBOUND)
+                .map(|((_, p), v)| (p.0, v))
+                .collect()
+        };
+        let listed = SidecarRules {
+            include_inbound_ports: Ports::Only(vec![Port(9080)]),
+            exclude_inbound_ports: vec![Port(9080), Port(9091)],
+            ..SidecarRules::default()
+        };
+        assert_eq!(inbound(listed), [(0, PASS), (9080, CAPTURE)]);
+        let every = SidecarRules {
+            exclude_inbound_ports: vec![Port(9091)],
+            ..SidecarRules::default()
+        };
+        assert_eq!(inbound(every), [(0, CAPTURE), (9091, PASS)]);
     }
 }

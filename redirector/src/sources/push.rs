@@ -179,7 +179,6 @@ pub fn refuse_containing<'a>(
     let (field, pushed, uid) = match entry {
         Pushed::Ztunnel { cgroup, .. } => ("ztunnel.cgroup", cgroup.as_path(), None),
         Pushed::Pod(PodSpec {
-            kept_because: None,
             cgroup: PodCgroup::Path(cgroup),
             uid,
             ..
