@@ -417,6 +417,9 @@ pub mod conn_flags {
     pub const ACCEPT_TRACKED: u8 = 1 << 2;
     /// One of two followed ends has closed.
     pub const ONE_END_CLOSED: u8 = 1 << 3;
+    /// Sent to a sidecar proxy: its `SO_ORIGINAL_DST` is the proxy's to
+    /// read even once its pod has left sidecar mode.
+    pub const SIDECAR: u8 = 1 << 4;
 }
 
 /// One direction of a TCP connection, as seen by its client: `src` is the

@@ -17,7 +17,7 @@
 //! [`crate::sidecar`].
 
 use ambridge_common::{
-    CgroupInfo, ConnRecord, Counter, as_v4, conn_kind, flags, landing4, v4_mapped,
+    CgroupInfo, ConnRecord, Counter, as_v4, conn_flags, conn_kind, flags, landing4, v4_mapped,
 };
 use aya_ebpf::{
     EbpfContext,
@@ -301,11 +301,16 @@ fn record<A>(
     sa: &bpf_sock_addr,
     to_ip6: impl FnOnce(A) -> [u32; 4],
 ) -> bool {
+    let sidecar = if sidecar::is_sidecar(pod) {
+        conn_flags::SIDECAR
+    } else {
+        0
+    };
     let orig = ConnRecord {
         addr: to_ip6(dst),
         port: u16::from_be(sa.user_port as u16),
         kind: conn_kind::ORIG_DST,
-        flags: pod::accel_flags(pod),
+        flags: pod::accel_flags(pod) | sidecar,
     };
     // SAFETY: plain helper call on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };

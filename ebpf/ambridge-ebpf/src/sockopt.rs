@@ -10,7 +10,7 @@
 //! As the kernel does, `SOL_IP` answers IPv4 connections with a
 //! `sockaddr_in` and `SOL_IPV6` answers IPv6 ones with a `sockaddr_in6`.
 
-use ambridge_common::{ConnRecord, Counter, SO_ORIGINAL_DST, as_v4, conn_kind, flags};
+use ambridge_common::{ConnRecord, Counter, SO_ORIGINAL_DST, as_v4, conn_flags, conn_kind, flags};
 use aya_ebpf::{
     EbpfContext, bindings::bpf_sockopt, helpers::bpf_get_netns_cookie, macros::cgroup_sockopt,
     programs::SockoptContext,
@@ -91,15 +91,20 @@ fn lookup(ctx: &SockoptContext, opt: &bpf_sockopt) -> Option<ConnRecord> {
         local,
         local_port,
     );
-    let is_ztunnel = || {
-        pod::current().is_some_and(|p| p.flags & flags::ZTUNNEL != 0 || pod::is_sidecar_proxy(&p))
+    let is_ztunnel = || pod::current().is_some_and(|p| p.flags & flags::ZTUNNEL != 0);
+    // A connection sent to a sidecar proxy stays the proxy's to ask about
+    // when its pod has just left sidecar mode (the proxy is still there).
+    let is_its_proxy = |record: &ConnRecord| {
+        record.flags & conn_flags::SIDECAR != 0
+            && pod::current()
+                .is_some_and(|p| pod::is_sidecar_proxy(&p) || pod::runs_as_sidecar_proxy())
     };
     // SAFETY: copied out at once.
     match unsafe { CONNS.get(key) }
         .copied()
         .filter(|r| r.kind == conn_kind::ORIG_DST)
     {
-        Some(record) if is_ztunnel() => Some(record),
+        Some(record) if is_its_proxy(&record) || is_ztunnel() => Some(record),
         Some(_) => {
             bump(Counter::OrigDstRefused);
             None

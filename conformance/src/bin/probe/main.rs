@@ -189,6 +189,12 @@ enum Role {
         /// where the proxy's own legs go.
         #[arg(long)]
         inbound_echo: bool,
+        /// Answer outbound connections (`port`) itself, once it has their
+        /// original destination, echoing what the client sends, rather
+        /// than relaying them: for tests of where connections land, apart
+        /// from where the proxy's own legs go.
+        #[arg(long)]
+        outbound_echo: bool,
         #[arg(long, default_value_t = 15001)]
         port: u16,
         /// How bytes are relayed: `poll` (buffered reads like today's
@@ -396,6 +402,7 @@ fn main() {
             in_place,
             inbound_sources,
             inbound_echo,
+            outbound_echo,
             port,
             relay,
             hbone,
@@ -420,6 +427,7 @@ fn main() {
                 inbound_source4: inbound_sources.iter().find(|ip| ip.is_ipv4()).copied(),
                 inbound_source6: inbound_sources.iter().find(|ip| ip.is_ipv6()).copied(),
                 inbound_echo,
+                outbound_echo,
                 dns: !no_dns,
                 dns_upstream,
                 accept_delay: Duration::from_millis(accept_delay_ms),
@@ -770,6 +778,9 @@ struct Serving {
     /// Echo plaintext inbound connections rather than relay them
     /// (`--inbound-echo`).
     inbound_echo: bool,
+    /// Echo outbound connections rather than relay them
+    /// (`--outbound-echo`).
+    outbound_echo: bool,
     /// Also serve ztunnel's DNS proxy on 15053 (UDP and TCP, both
     /// loopbacks).
     dns: bool,
@@ -980,7 +991,7 @@ fn serve_listen(
             let result = match listen {
                 Listen::Capture(HBONE_PORT) => inbound_hbone(&pod, conn, serving),
                 Listen::Capture(INBOUND_PLAINTEXT_PORT) => inbound_plaintext(&pod, conn, serving),
-                Listen::Capture(_) => outbound(&pod, conn, serving.relay, serving.hbone),
+                Listen::Capture(_) => outbound(&pod, conn, serving),
                 Listen::Dns(addr, _) => dns::proxy_tcp(&pod, conn, addr, serving.dns_upstream),
             };
             if let Err(e) = result {
@@ -1068,13 +1079,10 @@ fn ztunnel(
 }
 
 /// The outbound leg: where was the client going, and relay there (or to the
-/// destination's HBONE port, telling it the target and the client).
-fn outbound(
-    pod: &str,
-    client: Socket,
-    relay: Relay,
-    hbone: Option<Option<SocketAddr>>,
-) -> io::Result<()> {
+/// destination's HBONE port, telling it the target and the client; or, with
+/// `--outbound-echo`, echo it).
+fn outbound(pod: &str, client: Socket, serving: Serving) -> io::Result<()> {
+    let (relay, hbone) = (serving.relay, serving.hbone);
     let (peer, local) = inet_ends(&client)?;
     let orig = original_dst(&client);
     report(ev::OutboundAccepted {
@@ -1085,6 +1093,12 @@ fn outbound(
         orig_dst_error: orig.as_ref().err().map(|e| e.to_string()),
     });
     let orig = orig?;
+    if serving.outbound_echo {
+        let mut client: TcpStream = client.into();
+        let mut back = client.try_clone()?;
+        io::copy(&mut client, &mut back)?;
+        return back.shutdown(Shutdown::Write);
+    }
     let next_hop = match hbone {
         None => orig,
         Some(via) => via.unwrap_or(SocketAddr::new(orig.ip(), HBONE_PORT)),
