@@ -4,7 +4,8 @@
 //! `OUTPUT` rules would `REDIRECT` them, and its Istio annotations
 //! (`sidecar:` block, `traffic.sidecar.istio.io/<key>` by key) are honoured
 //! in istio-iptables' order: `excludeOutboundPorts`; the proxy's own
-//! sockets (uid or gid 1337); loopback and the pod's own IPs;
+//! sockets (uid or gid 1337, or, where the pod names it, its container's
+//! cgroup, whatever the uid); loopback and the pod's own IPs;
 //! `excludeOutboundIPRanges`; `includeOutboundPorts`;
 //! `includeOutboundIPRanges` (default `*`). The proxy reads each captured
 //! connection's original destination with `SO_ORIGINAL_DST` and sees the
@@ -92,6 +93,12 @@ impl Layout {
     /// Starts the daemon with `daemon_args` (ready), the echo servers
     /// (listening) and the proxy (listening, as 1337 in the pod).
     fn start(self, daemon_args: &[&str]) -> Sidecar {
+        self.start_as(daemon_args, PROXY)
+    }
+
+    /// As [`Layout::start`], with the proxy running as `proxy_user`
+    /// (`UID:GID`).
+    fn start_as(self, daemon_args: &[&str], proxy_user: &str) -> Sidecar {
         let daemon = Daemon::start_with(&self.node, daemon_args);
         let mut echoes = Vec::new();
         for pod in [&self.near, &self.far] {
@@ -104,12 +111,12 @@ impl Layout {
             .arg(&self.proxy_cgroup)
             .arg("--netns")
             .arg(&self.app.netns)
-            .args(["--user", PROXY, "ztunnel", "--pod-netns"])
+            .args(["--user", proxy_user, "ztunnel", "--pod-netns"])
             .arg(&self.app.netns)
             .args(["--no-inbound", "--no-dns"]);
         let proxy = Background::spawn(cmd);
         proxy.wait_first::<ZtunnelListening>(Duration::from_secs(10));
-        assert_is_the_proxy(proxy.pid(), &self.proxy_cgroup);
+        assert_is_the_proxy(proxy.pid(), &self.proxy_cgroup, proxy_user);
         let Layout {
             near,
             app,
@@ -146,15 +153,16 @@ fn workloads(t: &Layout, rules: &[(&str, &str)], more: &[(&Pod, &str)], tail: &s
     text.replacen(marker, &format!("{marker}{block}"), 1)
 }
 
-/// Asserts that process `pid` runs as the proxy does: uid and gid 1337
-/// (real, effective, saved, filesystem) in `cgroup`.
-fn assert_is_the_proxy(pid: u32, cgroup: &std::path::Path) {
+/// Asserts that process `pid` runs as the proxy does: as `user`
+/// (`UID:GID`: real, effective, saved, filesystem) in `cgroup`.
+fn assert_is_the_proxy(pid: u32, cgroup: &std::path::Path, user: &str) {
     let status =
         std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the proxy's status");
-    for id in ["Uid:", "Gid:"] {
+    let (uid, gid) = user.split_once(':').expect("UID:GID");
+    for (id, want) in [("Uid:", uid), ("Gid:", gid)] {
         let line = status.lines().find(|l| l.starts_with(id)).unwrap_or("");
         let ids: Vec<&str> = line.split_whitespace().skip(1).collect();
-        assert_eq!(ids, ["1337"; 4], "the proxy's {line}");
+        assert_eq!(ids, [want; 4], "the proxy's {line}");
     }
     let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).expect("the proxy's cgroup");
     assert!(
@@ -581,6 +589,31 @@ fn the_proxys_own_connects_as_uid_or_gid_1337_reach_the_real_destination() {
         cases.push(exempt_as(user, v6(&t.far, 8080)));
     }
     t.assert_ways(&cases);
+}
+
+#[test]
+fn a_proxy_container_the_pod_names_is_the_proxy_whatever_its_uid_and_1337_elsewhere_is_captured() {
+    let t = layout();
+    let named = workloads(&t, &[], &[], "").replacen(
+        "    mode: sidecar\n",
+        "    mode: sidecar\n    proxy_container: istio-proxy\n",
+        1,
+    );
+    t.node.write_workloads_text(&named);
+    // As root: only its container's cgroup tells the proxy apart, and its
+    // own legs must not be captured back to it.
+    let t = t.start_as(&["--sidecar", "on"], "0:0");
+    t.wait_until(v4(&t.far, 8080), true);
+    let as_1337 = |to| Case {
+        to,
+        user: Some(PROXY),
+        way: Way::Captured,
+    };
+    t.assert_ways(&[
+        captured(v4(&t.far, 8080)),
+        as_1337(v4(&t.far, 8080)),
+        as_1337(v6(&t.near, 9090)),
+    ]);
 }
 
 #[test]

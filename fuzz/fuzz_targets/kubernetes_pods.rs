@@ -173,11 +173,25 @@ fuzz_target!(|bytes: &[u8]| {
     }
     let current = kubernetes::snapshot(&kept, &namespaces, ds, &mesh, &last);
     let (fresh_by, current_by) = (by_uid(&fresh, &unique), by_uid(&current, &unique));
+    // A kept entry says why it is kept; the rest of it is the last good one.
+    let without_reason = |p: Option<&&PodSpec>| {
+        p.map(|p| PodSpec {
+            kept_because: None,
+            ..PodSpec::clone(p)
+        })
+    };
     for uid in &unique {
+        let now = current_by.get(uid);
         assert_eq!(
-            current_by.get(uid),
-            fresh_by.get(uid).or(last_by.get(uid)),
+            without_reason(now),
+            without_reason(fresh_by.get(uid).or(last_by.get(uid))),
             "pod {uid}: neither its decision nor its last good entry"
+        );
+        let kept = !fresh_by.contains_key(uid) && last_by.contains_key(uid);
+        assert_eq!(
+            now.is_some_and(|p| p.kept_because.is_some()),
+            kept,
+            "pod {uid}: a reason where no last good entry is kept, or none where one is"
         );
     }
 
