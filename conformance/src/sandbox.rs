@@ -512,6 +512,19 @@ impl Node {
         path
     }
 
+    /// Creates the cgroup of a container `name` below `pod`'s cgroup (e.g.
+    /// a sidecar's `istio-proxy`), as the kubelet's cgroupfs driver names
+    /// it.
+    pub fn add_container(&mut self, pod: &Pod, name: &str) -> PathBuf {
+        let path = pod.cgroup.join(name);
+        assert!(
+            path.starts_with(&self.cgroup),
+            "{pod:?} is not on this node"
+        );
+        self.mkdir_cgroup(&path.clone());
+        path
+    }
+
     /// Where the daemon of this node pins its maps and links.
     pub fn bpffs(&self) -> PathBuf {
         PathBuf::from(format!("/sys/fs/bpf/ambridge-test-{}", self.id))

@@ -65,13 +65,7 @@ fn layout() -> Layout {
     let near = node.add_pod("near");
     let app = node.add_pod("app");
     let far = node.add_pod("far");
-    let pod_cgroup = app
-        .cgroup
-        .strip_prefix(&node.cgroup)
-        .expect("the pod cgroup is under the node's")
-        .display()
-        .to_string();
-    let proxy_cgroup = node.add_cgroup(&format!("{pod_cgroup}/istio-proxy"));
+    let proxy_cgroup = node.add_container(&app, "istio-proxy");
     Layout {
         near,
         app,

@@ -89,13 +89,7 @@ fn layout() -> Layout {
     let client = node.add_pod("client");
     let app = node.add_pod("app");
     let far = node.add_pod("far");
-    let pod_cgroup = app
-        .cgroup
-        .strip_prefix(&node.cgroup)
-        .expect("the pod cgroup is under the node's")
-        .display()
-        .to_string();
-    let proxy_cgroup = node.add_cgroup(&format!("{pod_cgroup}/istio-proxy"));
+    let proxy_cgroup = node.add_container(&app, "istio-proxy");
     let ztunnel_cgroup = node.add_cgroup("ztunnel");
     // Envoy's IPv6 passthrough source, which istio-init adds to the pod's
     // loopback (`ip -6 addr add ::6/128 dev lo`): IPv6 loopback is ::1
