@@ -30,6 +30,29 @@ pub fn render(kustomization: &str) -> (String, Vec<Value>) {
     (text, objects)
 }
 
+/// `kubectl kustomize` of an overlay of the user's own: `deploy/<overlay>`
+/// with `deploy/<component>` of each of `components`, as their README
+/// shows. Its text and its objects.
+pub fn render_with(overlay: &str, components: &[&str]) -> (String, Vec<Value>) {
+    let own = tempfile::tempdir().expect("a temporary directory");
+    // kustomize takes only relative paths to other kustomizations.
+    let up = "../".repeat(own.path().components().count() - 1);
+    let deploy = dir().canonicalize().expect("deploy/ exists");
+    let from_root = deploy.strip_prefix("/").expect("an absolute path");
+    let at = |path: &str| format!("{up}{}", from_root.join(path).display());
+    let components: Vec<String> = components.iter().map(|c| at(c)).collect();
+    std::fs::write(
+        own.path().join("kustomization.yaml"),
+        format!(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [{}]\ncomponents: [{}]\n",
+            at(overlay),
+            components.join(", ")
+        ),
+    )
+    .expect("writing the kustomization");
+    render(own.path().to_str().expect("a UTF-8 path"))
+}
+
 /// The object of `kind` named `name` among `objects`.
 pub fn object<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
     objects

@@ -95,7 +95,13 @@ fn with_only_the_daemonsets_capabilities_the_daemon_captures_outbound_and_inboun
 
 #[test]
 fn the_daemonset_grants_exactly_the_capabilities_the_daemon_asks_for() {
-    let asked: Vec<String> = ambridge::capabilities::NEEDED
+    assert_eq!(daemonset_capabilities(), asked(false));
+}
+
+/// The capability names of [`ambridge::capabilities::needed`], as a
+/// DaemonSet lists them.
+fn asked(sidecar: bool) -> Vec<String> {
+    ambridge::capabilities::needed(sidecar)
         .iter()
         .map(|n| {
             n.capability
@@ -103,8 +109,45 @@ fn the_daemonset_grants_exactly_the_capabilities_the_daemon_asks_for() {
                 .trim_start_matches("CAP_")
                 .to_ascii_lowercase()
         })
-        .collect();
-    assert_eq!(daemonset_capabilities(), asked);
+        .collect()
+}
+
+#[test]
+fn the_sidecar_component_turns_the_fallback_on_and_grants_exactly_what_it_asks_for_more() {
+    for overlay in ["overlays/companion", "overlays/replacement"] {
+        let (_, objects) = deploy::render_with(overlay, &["components/sidecar"]);
+        let config = deploy::object(&objects, "ConfigMap", "ambridge-config");
+        assert_eq!(config["data"]["SIDECAR"], "on", "{overlay}: {config}");
+        let spec = &deploy::object(&objects, "DaemonSet", "ambridge")["spec"]["template"]["spec"];
+        assert_eq!(added(&spec["containers"][0]), asked(true), "{overlay}");
+        let args = spec["containers"][0]["args"].as_array().unwrap();
+        assert!(args.contains(&"--sidecar=$(SIDECAR)".into()), "{args:?}");
+    }
+    // Without it, the fallback is off and NET_ADMIN not granted.
+    let (_, objects) = deploy::render("overlays/companion");
+    let config = deploy::object(&objects, "ConfigMap", "ambridge-config");
+    assert_eq!(config["data"]["SIDECAR"], "off", "{config}");
+}
+
+#[test]
+fn under_sidecar_on_without_net_admin_the_daemon_stops_at_start_naming_it_and_what_for() {
+    let node = Node::new();
+    node.write_workloads_text("workloads: []\n");
+    let needed = ambridge::capabilities::SIDECAR_NEEDED;
+    let out = capabilities::with_only(&workspace_bin("ambridge"), &daemonset_capabilities())
+        .args(Daemon::run_args(&node))
+        .args(["--node-netns", "none", "--monitoring-address", "off"])
+        .args(["--sidecar", "on"])
+        .output()
+        .expect("running setpriv (util-linux)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "ran without NET_ADMIN: {stderr}");
+    assert!(
+        stderr.contains(&format!("{} for {}", needed.capability, needed.for_what)),
+        "{stderr}"
+    );
+    let pinned = std::fs::read_dir(node.bpffs()).map_or(0, |d| d.count());
+    assert_eq!(pinned, 0, "without NET_ADMIN, something was pinned");
 }
 
 #[test]

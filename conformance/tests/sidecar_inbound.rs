@@ -46,7 +46,7 @@ use ambridge_conformance::{
     eventually, ip_of,
     probe::run_in,
     replacement_mode,
-    sandbox::{ip, iptables},
+    sandbox::iptables,
     stand_in_id, workspace_bin, ztunnel_stand_in_with,
 };
 
@@ -91,18 +91,8 @@ fn layout() -> Layout {
     let far = node.add_pod("far");
     let proxy_cgroup = node.add_container(&app, "istio-proxy");
     let ztunnel_cgroup = node.add_cgroup("ztunnel");
-    // Envoy's IPv6 passthrough source, which istio-init adds to the pod's
-    // loopback (`ip -6 addr add ::6/128 dev lo`): IPv6 loopback is ::1
-    // alone.
-    ip(&[
-        "-n",
-        &app.netns_name,
-        "addr",
-        "add",
-        &format!("{PASSTHROUGH6}/128"),
-        "dev",
-        "lo",
-    ]);
+    // No `::6` on the app pod's loopback: istio-init adds it, and the
+    // daemon does in its place.
     Layout {
         client,
         app,
@@ -166,6 +156,19 @@ impl Layout {
     /// proxy yet.
     fn start(self, daemon_args: &[&str], app_ports: &[u16]) -> Sidecar {
         let daemon = Daemon::start_with(&self.node, daemon_args);
+        self.serve(daemon, daemon_args, app_ports)
+    }
+
+    /// As [`Layout::start`], the daemon root with only the capabilities
+    /// `caps` (as a DaemonSet lists them).
+    fn start_limited(self, caps: &[String], daemon_args: &[&str], app_ports: &[u16]) -> Sidecar {
+        let daemon = Daemon::start_limited(&self.node, daemon_args, caps);
+        self.serve(daemon, daemon_args, app_ports)
+    }
+
+    /// The rest of [`Layout::start`], around `daemon`, started with
+    /// `daemon_args`.
+    fn serve(self, daemon: Daemon, daemon_args: &[&str], app_ports: &[u16]) -> Sidecar {
         let servers = app_ports
             .iter()
             .map(|port| (*port, self.app.echo_server(&format!("[::]:{port}"))))
@@ -770,10 +773,75 @@ fn the_proxys_passthrough_from_127_0_0_6_to_the_pod_ip_reaches_the_application()
     assert_passthrough(&t, at(t.app.ip4, APP_PORT));
 }
 
+/// The host addresses on `lo` in `pod`'s netns, as `ip` lists them.
+fn loopback_addresses(pod: &Pod) -> Vec<IpAddr> {
+    let out = Command::new("ip")
+        .args(["-n", &pod.netns_name, "-o", "addr", "show", "dev", "lo"])
+        .output()
+        .expect("running `ip`");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            words.find(|w| *w == "inet" || *w == "inet6")?;
+            words.next()?.split('/').next()?.parse().ok()
+        })
+        .collect()
+}
+
 #[test]
-fn the_proxys_ipv6_passthrough_from_6_to_the_pod_ip_reaches_the_application() {
-    let t = sidecar_on("", &[APP_PORT], &["--no-dns"]);
+fn the_daemon_gives_a_sidecar_pods_loopback_the_ipv6_passthrough_source_and_the_proxy_binds_it() {
+    let l = layout();
+    assert!(
+        !loopback_addresses(&l.app).contains(&PASSTHROUGH6.into()),
+        "the test pod has ::6 before the daemon runs"
+    );
+    l.write("sidecar", "");
+    // With only the capabilities the daemon asks for under --sidecar on
+    // (deploy's sidecar component grants exactly these).
+    let caps: Vec<String> = ambridge::capabilities::needed(true)
+        .iter()
+        .map(|n| {
+            n.capability
+                .to_string()
+                .trim_start_matches("CAP_")
+                .to_ascii_lowercase()
+        })
+        .collect();
+    let mut t = l.start_limited(&caps, &["--sidecar", "on"], &[APP_PORT]);
+    assert!(
+        loopback_addresses(&t.app).contains(&PASSTHROUGH6.into()),
+        "no ::6 on the sidecar pod's lo once it is captured: {:?}",
+        loopback_addresses(&t.app)
+    );
+    assert!(
+        !loopback_addresses(&t.client).contains(&PASSTHROUGH6.into()),
+        "::6 was added to a pod that is not a sidecar pod"
+    );
+    t.start_proxy(&["--no-dns"]);
     assert_passthrough(&t, at(t.app.ip6, APP_PORT));
+}
+
+#[test]
+fn a_dual_stack_proxys_ipv4_and_ipv6_only_listeners_each_take_their_own_familys_inbound() {
+    let l = layout();
+    l.write("sidecar", "");
+    let mut t = l.start(&["--sidecar", "on"], &[APP_PORT]);
+    let registered = t.counter("listener_registered");
+    t.spawn_proxy(&["--no-dns", "--inbound-echo", "--split-stack"]);
+    let both_registered = eventually(STATE_WITHIN, || {
+        (t.counter("listener_registered") >= registered + 2).then_some(())
+    });
+    assert!(
+        both_registered.is_some(),
+        "the proxy's two 15006 listeners were not both registered: {}",
+        t.state()
+    );
+    for to in both(&t.app, APP_PORT) {
+        let accepted = t.assert_captured(to);
+        assert_eq!(accepted.local.is_ipv4(), to.is_ipv4(), "{accepted}");
+    }
 }
 
 // DNS.

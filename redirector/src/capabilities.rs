@@ -1,8 +1,9 @@
 //! The capabilities `ambridge run` needs, each for one kind of operation,
 //! checked at start: a container given too few fails at once, naming what
 //! it lacks and what for, rather than with an `EPERM` somewhere later.
-//! `deploy/`'s DaemonSet grants exactly these (a conformance test compares
-//! the two, and runs the daemon with only these).
+//! `deploy/`'s DaemonSet grants exactly these, and its `sidecar` component
+//! what the sidecar-mode fallback adds (a conformance test compares them,
+//! and runs the daemon with only these).
 
 use caps::{CapSet, Capability};
 
@@ -31,6 +32,26 @@ pub const NEEDED: [Needed; 2] = [
     },
 ];
 
+/// What `--sidecar on` needs besides [`NEEDED`]: a sidecar pod with an
+/// IPv6 address gets its proxy's passthrough source, `::6`, on its `lo`,
+/// which rtnetlink grants to `CAP_NET_ADMIN` alone (`CAP_SYS_ADMIN` does
+/// not stand in). Without the fallback the daemon changes no interface,
+/// and is not given it.
+pub const SIDECAR_NEEDED: Needed = Needed {
+    capability: Capability::CAP_NET_ADMIN,
+    for_what: "adding the sidecar proxy's passthrough source ::6 to sidecar pods' loopback (rtnetlink), under --sidecar on",
+};
+
+/// Every capability the daemon needs with the sidecar-mode fallback on or
+/// off, in the DaemonSet's order.
+pub fn needed(sidecar: bool) -> Vec<Needed> {
+    let mut needed = NEEDED.to_vec();
+    if sidecar {
+        needed.push(SIDECAR_NEEDED);
+    }
+    needed
+}
+
 /// Why the daemon cannot start with the capabilities it has.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -43,21 +64,20 @@ pub enum Error {
     Missing(Vec<Needed>),
 }
 
-/// The capabilities of [`NEEDED`] this process lacks in its effective set
+/// The capabilities of [`needed`] this process lacks in its effective set
 /// (of those this kernel knows).
-pub fn missing() -> Result<Vec<Needed>, Error> {
+pub fn missing(sidecar: bool) -> Result<Vec<Needed>, Error> {
     let effective = caps::read(None, CapSet::Effective)?;
     let known = caps::runtime::thread_all_supported();
-    Ok(NEEDED
-        .iter()
+    Ok(needed(sidecar)
+        .into_iter()
         .filter(|n| known.contains(&n.capability) && !effective.contains(&n.capability))
-        .copied()
         .collect())
 }
 
-/// Fails unless this process has every capability of [`NEEDED`].
-pub fn check() -> Result<(), Error> {
-    match missing()? {
+/// Fails unless this process has every capability of [`needed`].
+pub fn check(sidecar: bool) -> Result<(), Error> {
+    match missing(sidecar)? {
         lacking if lacking.is_empty() => Ok(()),
         lacking => Err(Error::Missing(lacking)),
     }

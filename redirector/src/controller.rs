@@ -13,6 +13,7 @@ use std::{
     time::Duration,
 };
 
+use ambridge_common::InboundTarget;
 use tokio::sync::broadcast;
 use tonic::Status;
 use tracing::{error, info, warn};
@@ -1037,6 +1038,44 @@ fn apply_inbound(
         datapath.detach_inbound(*cookie)?;
         changes += 1;
     }
+    attached_all &= add_passthrough_sources(host, datapath, desired, changed);
     datapath.apply_inbound(&deletes)?;
     Ok((changes, attached_all))
+}
+
+/// Gives the namespace of each sidecar pod with an IPv6 address that the
+/// update changed (or of every one, on a whole diff) its proxy's IPv6
+/// passthrough source. Whether every one has it.
+fn add_passthrough_sources(
+    host: &HostCache,
+    datapath: &mut Datapath,
+    desired: &desired::Desired,
+    changed: &desired::Changed,
+) -> bool {
+    let sidecar_v6 = |(ip, target): (&IpAddr, &InboundTarget)| {
+        (ip.is_ipv6() && target.flags & ambridge_common::flags::SIDECAR != 0)
+            .then_some(NetnsCookie(target.netns_cookie))
+    };
+    let namespaces: BTreeSet<NetnsCookie> = if changed.all {
+        desired.inbound.iter().filter_map(sidecar_v6).collect()
+    } else {
+        changed
+            .inbound
+            .iter()
+            .filter_map(|ip| desired.inbound.get_key_value(ip))
+            .filter_map(sidecar_v6)
+            .collect()
+    };
+    let mut all = true;
+    for cookie in namespaces {
+        let Some(ns) = host.cookies.namespace(cookie.0) else {
+            all = false;
+            continue;
+        };
+        if let Err(e) = datapath.add_passthrough_source(cookie, ns) {
+            all = false;
+            warn!(netns = %cookie, "sidecar passthrough source, retrying: {e}");
+        }
+    }
+    all
 }

@@ -97,7 +97,7 @@ async fn kube_client(source: &KubernetesSource) -> anyhow::Result<kube::Client> 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
     // Before anything is touched: too few capabilities stop the daemon
     // here, naming each one and what it is for.
-    crate::capabilities::check()?;
+    crate::capabilities::check(opts.settings.sidecar.is_some())?;
     let pins = opts.pins.clone();
     let _owner = tokio::task::spawn_blocking(move || {
         pins.own(|| {

@@ -45,9 +45,10 @@ pub mod map_names {
     /// Sockhash of ztunnel's inbound plaintext (15006) listeners, by the
     /// netns cookie of the pod they listen in.
     pub const LISTENERS: &str = "AMB_LISTENERS_V1";
-    /// Sockhash of sidecar proxies' inbound (15006) listeners, by the
-    /// netns cookie of the pod they listen in.
-    pub const SIDECAR_LISTENERS: &str = "AMB_SIDECAR_LISTENERS_V1";
+    /// Sockhash of sidecar proxies' inbound (15006) listeners, by
+    /// [`super::ListenerKey`]: the pod's netns cookie and the listener's
+    /// address family.
+    pub const SIDECAR_LISTENERS: &str = "AMB_SIDECAR_LISTENERS_V2";
     /// [`super::ConnRecord`] by socket cookie: the DNS server a captured
     /// query was sent to, until the socket is released.
     pub const DNS: &str = "AMB_DNS_V1";
@@ -101,8 +102,9 @@ pub const SOCKS_CAPACITY: u32 = 65_536;
 pub const INBOUND_CAPACITY: u32 = 32_768;
 /// Capacity of [`map_names::LISTENERS`]: one per pod netns.
 pub const LISTENERS_CAPACITY: u32 = 16_384;
-/// Capacity of [`map_names::SIDECAR_LISTENERS`]: one per pod netns.
-pub const SIDECAR_LISTENERS_CAPACITY: u32 = 16_384;
+/// Capacity of [`map_names::SIDECAR_LISTENERS`]: one per address family
+/// and pod netns.
+pub const SIDECAR_LISTENERS_CAPACITY: u32 = 32_768;
 /// Capacity of [`map_names::DNS`] (an LRU; entries are deleted when their
 /// socket is released, eviction is only a safety net).
 pub const DNS_CAPACITY: u32 = 65_536;
@@ -327,6 +329,18 @@ pub struct SidecarRange {
 pub mod sidecar_family {
     pub const IPV4: u16 = 4;
     pub const IPV6: u16 = 6;
+}
+
+/// A key of [`map_names::SIDECAR_LISTENERS`]: a sidecar proxy's inbound
+/// listener of one address family in one pod netns. A dual-stack Envoy
+/// listens twice, on `0.0.0.0:15006` and on an IPv6-only `[::]:15006`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ListenerKey {
+    pub netns_cookie: u64,
+    /// The listening socket's `AF_INET` or `AF_INET6`.
+    pub family: u32,
+    pub _pad: u32,
 }
 
 /// The bits of a [`SidecarRange`] before its address.
@@ -672,6 +686,9 @@ const _: () = {
     assert!(offset_of!(SidecarRange, addr) == 12);
     assert!(SIDECAR_RANGE_FIXED_BITS as usize == 8 * (size_of::<u64>() + size_of::<u32>()));
 
+    assert!(size_of::<ListenerKey>() == 16);
+    assert!(offset_of!(ListenerKey, family) == 8);
+
     assert!(size_of::<SidecarPort>() == 16);
     assert!(offset_of!(SidecarPort, rules) == 8);
     assert!(offset_of!(SidecarPort, port) == 10);
@@ -829,7 +846,7 @@ mod tests {
             (map_names::LISTENERS, 8, 4, LISTENERS_CAPACITY),
             (
                 map_names::SIDECAR_LISTENERS,
-                8,
+                size_of::<ListenerKey>(),
                 4,
                 SIDECAR_LISTENERS_CAPACITY,
             ),
@@ -865,7 +882,7 @@ mod tests {
                 ("AMB_NODE_V4", 4, 72, 1),
                 ("AMB_INBOUND_V2", 16, 24, 32_768),
                 ("AMB_LISTENERS_V1", 8, 4, 16_384),
-                ("AMB_SIDECAR_LISTENERS_V1", 8, 4, 16_384),
+                ("AMB_SIDECAR_LISTENERS_V2", 16, 4, 32_768),
                 ("AMB_DNS_V1", 8, 20, 65_536),
                 ("AMB_EXEMPT_V1", 20, 4, 1_024),
                 ("AMB_SIDECAR_RANGES_V1", 32, 4, 65_536),

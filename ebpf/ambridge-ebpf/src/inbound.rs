@@ -40,7 +40,7 @@
 //! connection the proxy cannot take is refused in either mode, as it is
 //! when nothing listens on the redirect port.
 
-use ambridge_common::{Counter, InboundTarget, IpKey, NodeConfig, conn_kind, flags};
+use ambridge_common::{Counter, InboundTarget, IpKey, ListenerKey, NodeConfig, conn_kind, flags};
 use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
     macros::sk_lookup,
@@ -51,7 +51,7 @@ use aya_ebpf::{
 use crate::{
     conn,
     maps::{CONNS, EXEMPT, INBOUND, LISTENERS, SIDECAR_LISTENERS, bump, node},
-    net::{IPPROTO_TCP, ctx_addr, ctx_read, is_loopback},
+    net::{AF_INET, AF_INET6, IPPROTO_TCP, ctx_addr, ctx_read, is_loopback},
     sidecar,
 };
 
@@ -130,15 +130,26 @@ fn to_sidecar(ctx: &SkLookupContext, target: &InboundTarget, remote: &IpKey, por
     if sidecar::is_passthrough_source(remote) || !sidecar::captures_inbound(target, port) {
         return SK_PASS;
     }
-    match SIDECAR_LISTENERS.redirect_sk_lookup(ctx, target.netns_cookie, 0) {
-        Ok(()) => {
-            bump(Counter::InboundCaptured);
-            SK_PASS
-        }
-        Err(_) => {
-            bump(Counter::InboundRefused);
-            SK_DROP
-        }
+    // SAFETY: the live context, read at its fixed offset.
+    let family = unsafe { ctx_read!((*ctx.lookup).family) };
+    let mut key = ListenerKey {
+        netns_cookie: target.netns_cookie,
+        family,
+        _pad: 0,
+    };
+    let mut assigned = SIDECAR_LISTENERS.redirect_sk_lookup(ctx, key, 0).is_ok();
+    // An IPv4 connection may go to a dual-stack IPv6 listener where the
+    // proxy has no IPv4 one (the kernel refuses an IPv6-only one).
+    if !assigned && family == AF_INET {
+        key.family = AF_INET6;
+        assigned = SIDECAR_LISTENERS.redirect_sk_lookup(ctx, key, 0).is_ok();
+    }
+    if assigned {
+        bump(Counter::InboundCaptured);
+        SK_PASS
+    } else {
+        bump(Counter::InboundRefused);
+        SK_DROP
     }
 }
 

@@ -4,8 +4,9 @@
 use ambridge_common::{
     CGROUPS_CAPACITY, CONNS_CAPACITY, COUNTER_SLOTS, CgroupInfo, ConnKey, ConnRecord, Counter,
     DNS_CAPACITY, EXEMPT_CAPACITY, INBOUND_CAPACITY, InboundTarget, IpKey, LISTENERS_CAPACITY,
-    NETNS_CAPACITY, NetnsInfo, NodeConfig, PENDING_CAPACITY, SIDECAR_LISTENERS_CAPACITY,
-    SIDECAR_PORTS_CAPACITY, SIDECAR_RANGES_CAPACITY, SOCKS_CAPACITY, SidecarPort, SidecarRange,
+    ListenerKey, NETNS_CAPACITY, NetnsInfo, NodeConfig, PENDING_CAPACITY,
+    SIDECAR_LISTENERS_CAPACITY, SIDECAR_PORTS_CAPACITY, SIDECAR_RANGES_CAPACITY, SOCKS_CAPACITY,
+    SidecarPort, SidecarRange,
 };
 use aya_ebpf::{
     macros::map,
@@ -50,10 +51,11 @@ pub static INBOUND: HashMap<IpKey, InboundTarget> = HashMap::pinned(INBOUND_CAPA
 pub static LISTENERS: SockHash<u64> = SockHash::pinned(LISTENERS_CAPACITY, 0);
 
 /// Sidecar proxies' inbound listeners, by the netns cookie of the pod they
-/// listen in: apart from ztunnel's, so a pod moving between the two modes
-/// is never handed to the other's listener.
-#[map(name = "AMB_SIDECAR_LISTENERS_V1")]
-pub static SIDECAR_LISTENERS: SockHash<u64> = SockHash::pinned(SIDECAR_LISTENERS_CAPACITY, 0);
+/// listen in and their address family: apart from ztunnel's, so a pod
+/// moving between the two modes is never handed to the other's listener.
+#[map(name = "AMB_SIDECAR_LISTENERS_V2")]
+pub static SIDECAR_LISTENERS: SockHash<ListenerKey> =
+    SockHash::pinned(SIDECAR_LISTENERS_CAPACITY, 0);
 
 /// The server each captured DNS query was sent to, by socket cookie.
 #[map(name = "AMB_DNS_V1")]

@@ -29,7 +29,9 @@
 //!   writes and closes before ztunnel accepts loses nothing. The kernel
 //!   drops closed sockets from the sockhash by itself.
 
-use ambridge_common::{ConnKey, ConnRecord, Counter, NodeConfig, conn_flags, conn_kind};
+use ambridge_common::{
+    ConnKey, ConnRecord, Counter, ListenerKey, NodeConfig, conn_flags, conn_kind,
+};
 use aya_ebpf::{
     EbpfContext,
     bindings::{
@@ -175,9 +177,11 @@ fn accelerate(ctx: &SockOpsContext, key: ConnKey, record: &ConnRecord) {
     }
 }
 
-/// A ztunnel inbound listener (placeholder recorded at its bind) joins the
-/// listeners sockhash under its netns cookie, replacing an earlier one
-/// there (a restarted or upgraded ztunnel).
+/// An inbound listener (placeholder recorded at its bind) joins its
+/// sockhash under its netns cookie, replacing an earlier one there (a
+/// restarted or upgraded proxy): ztunnel's under the cookie alone (its one
+/// listener is dual-stack), a sidecar proxy's under the cookie and its
+/// address family.
 #[inline(always)]
 fn on_listen(ctx: &SockOpsContext) {
     let cookie = cookie(ctx);
@@ -185,20 +189,26 @@ fn on_listen(ctx: &SockOpsContext) {
     let Some(record) = (unsafe { PENDING.get(cookie) }).copied() else {
         return;
     };
-    let listeners = match record.kind {
-        conn_kind::LISTENER => &LISTENERS,
-        conn_kind::SIDECAR_LISTENER => &SIDECAR_LISTENERS,
-        _ => return,
-    };
+    if record.kind != conn_kind::LISTENER && record.kind != conn_kind::SIDECAR_LISTENER {
+        return;
+    }
     let _ = PENDING.remove(cookie);
     // SAFETY: plain helper call on the program's own context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: `ops` is the live context; a listening socket is a full
     // socket.
-    if listeners
-        .update(netns, unsafe { &mut *ctx.ops }, BPF_ANY as u64)
-        .is_ok()
-    {
+    let listener = unsafe { &mut *ctx.ops };
+    let registered = if record.kind == conn_kind::LISTENER {
+        LISTENERS.update(netns, listener, BPF_ANY as u64)
+    } else {
+        let key = ListenerKey {
+            netns_cookie: netns,
+            family: ctx.family(),
+            _pad: 0,
+        };
+        SIDECAR_LISTENERS.update(key, listener, BPF_ANY as u64)
+    };
+    if registered.is_ok() {
         bump(Counter::ListenerRegistered);
     }
 }

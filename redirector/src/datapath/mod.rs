@@ -14,6 +14,7 @@
 mod error;
 pub mod features;
 mod link;
+mod loopback;
 mod pins;
 mod sidecar_rules;
 
@@ -48,6 +49,11 @@ use crate::{
     node::entries::{ip_from_key, ip_key},
     types::{CgroupId, NetnsCookie},
 };
+
+/// The source a sidecar proxy's inbound passthrough connections leave from
+/// over IPv6 (127.0.0.6 over IPv4, which `lo`'s 127.0.0.0/8 holds already).
+pub const PASSTHROUGH_SOURCE_V6: std::net::Ipv6Addr =
+    std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
 
 /// The compiled kernel programs, built by `build.rs` for the BPF target.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ambridge-ebpf"));
@@ -133,6 +139,9 @@ pub struct Datapath {
     sidecar_ports: HashMap<MapData, SidecarPort, u32>,
     /// The pod network namespaces the `sk_lookup` program is attached to.
     netns_links: BTreeSet<NetnsCookie>,
+    /// The sidecar pod namespaces given the IPv6 passthrough source this
+    /// run.
+    passthrough_sources: BTreeSet<NetnsCookie>,
     pins: Pins,
     /// Some configuration map was created empty (first install, or a build
     /// whose layout differs from the pinned one).
@@ -202,6 +211,7 @@ impl Datapath {
             sidecar_ranges,
             sidecar_ports,
             netns_links,
+            passthrough_sources: BTreeSet::new(),
             pins: pins.clone(),
             fresh_config,
             running,
@@ -418,6 +428,35 @@ impl Datapath {
             }
         }
         self.netns_links.remove(&cookie);
+        self.passthrough_sources.remove(&cookie);
+        Ok(())
+    }
+
+    /// Gives a sidecar pod's network namespace `netns` (of cookie `cookie`)
+    /// its proxy's IPv6 passthrough source, `::6` on `lo`: Envoy binds it to
+    /// hand a captured inbound connection on to the application, and the
+    /// address is istio-init's (`ip -6 addr add ::6/128 dev lo`), which
+    /// does not run where ambridge captures. Once per namespace and run; the
+    /// address is never taken away (nor is it by istio-init), as a proxy
+    /// may still hold connections from it.
+    pub fn add_passthrough_source(
+        &mut self,
+        cookie: NetnsCookie,
+        netns: &fs::File,
+    ) -> Result<(), Error> {
+        if self.passthrough_sources.contains(&cookie) {
+            return Ok(());
+        }
+        let what = format!("the netns of cookie {cookie}");
+        crate::host::netns::in_netns(netns, &what, || {
+            loopback::add_address(IpAddr::V6(PASSTHROUGH_SOURCE_V6))
+        })
+        .map_err(|source| Error::Syscall {
+            call: "rtnetlink RTM_NEWADDR",
+            what: format!("add {PASSTHROUGH_SOURCE_V6} to lo in {what}"),
+            source,
+        })?;
+        self.passthrough_sources.insert(cookie);
         Ok(())
     }
 

@@ -208,7 +208,7 @@ pub fn claimant(
 /// The cookie of the network namespace at `netns` (a `/proc/*/ns/net` or
 /// `/run/netns/*` path).
 pub fn cookie(netns: &Path) -> io::Result<u64> {
-    in_netns(&open_netns(netns)?, netns, || own_cookie(netns))
+    in_netns(&open_netns(netns)?, &netns.display(), || own_cookie(netns))
 }
 
 /// The cookie of the calling thread's network namespace; `netns` only
@@ -242,7 +242,9 @@ fn own_cookie(netns: &Path) -> io::Result<u64> {
 /// sorted, without loopback and IPv6 link-local ones: in a pod's netns,
 /// the pod IPs.
 pub fn addresses(netns: &Path) -> io::Result<Vec<IpAddr>> {
-    in_netns(&open_netns(netns)?, netns, || own_addresses(netns))
+    in_netns(&open_netns(netns)?, &netns.display(), || {
+        own_addresses(netns)
+    })
 }
 
 /// The addresses of the calling thread's network namespace, filtered as
@@ -281,9 +283,9 @@ fn open_netns(netns: &Path) -> io::Result<fs::File> {
 /// Runs `f` on a short-lived thread that has entered the network namespace
 /// `ns` (opened from `netns`, which names it in errors). Only that thread
 /// changes netns, so the daemon's own threads never do.
-fn in_netns<T: Send>(
+pub(crate) fn in_netns<T: Send>(
     ns: &fs::File,
-    netns: &Path,
+    netns: &(dyn std::fmt::Display + Sync),
     f: impl FnOnce() -> io::Result<T> + Send,
 ) -> io::Result<T> {
     std::thread::scope(|s| {
@@ -293,21 +295,16 @@ fn in_netns<T: Send>(
                 nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
                     io::Error::new(
                         io::Error::from(e).kind(),
-                        format!("setns into {}: {e}", netns.display()),
+                        format!("setns into {netns}: {e}"),
                     )
                 })?;
                 f()
             })
             .map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("spawning a thread to enter {}: {e}", netns.display()),
-                )
+                io::Error::new(e.kind(), format!("spawning a thread to enter {netns}: {e}"))
             })?
             .join()
-            .map_err(|_| {
-                io::Error::other(format!("thread in netns {} panicked", netns.display()))
-            })?
+            .map_err(|_| io::Error::other(format!("thread in netns {netns} panicked")))?
     })
 }
 
@@ -445,7 +442,7 @@ impl<T: Clone> NsCache<T> {
             held.seen = true;
             return Ok(Some((id, held.value.clone())));
         }
-        let value = in_netns(&ns, &netns, || load(&netns))?;
+        let value = in_netns(&ns, &netns.display(), || load(&netns))?;
         if keep(&value) {
             if let NetnsAt::SandboxOf(cgroup) = at {
                 self.no_sandbox.forget(&cgroup.to_path_buf());

@@ -242,6 +242,11 @@ enum Role {
         /// a busy ztunnel does.
         #[arg(long, default_value_t = 0)]
         accept_delay_ms: u64,
+        /// Listen on each capture port twice, on `0.0.0.0` and on an
+        /// IPv6-only `[::]`, as a dual-stack Envoy does, rather than once
+        /// on a dual-stack `[::]`.
+        #[arg(long)]
+        split_stack: bool,
     },
     /// Sleep until killed: the pod sandbox's own process.
     Pause,
@@ -415,6 +420,7 @@ fn main() {
             no_dns,
             dns_upstream,
             accept_delay_ms,
+            split_stack,
         } => ztunnel(
             &pods,
             in_place.then(|| cli.netns.as_deref().unwrap_or(Path::new("own netns"))),
@@ -431,6 +437,7 @@ fn main() {
                 dns: !no_dns,
                 dns_upstream,
                 accept_delay: Duration::from_millis(accept_delay_ms),
+                split_stack,
             },
             zds.map(|socket| zds::Options {
                 socket,
@@ -788,21 +795,37 @@ struct Serving {
     dns_upstream: Option<SocketAddr>,
     /// How long each TCP `accept()` waits first.
     accept_delay: Duration,
+    /// Each capture port on two sockets, one per family (`--split-stack`).
+    split_stack: bool,
 }
 
 /// One socket the stand-in listens on in a pod, served by its own thread.
 #[derive(Clone, Copy)]
 enum Listen {
-    /// A TCP capture port on `[::]`, dual-stack: outbound, 15006 or 15008.
-    Capture(u16),
+    /// A TCP capture port (outbound, 15006 or 15008), for the families of
+    /// its [`Stack`].
+    Capture(u16, Stack),
     /// The DNS proxy on one loopback address.
     Dns(SocketAddr, dns::Transport),
+}
+
+/// The families a capture listener takes.
+#[derive(Clone, Copy)]
+enum Stack {
+    /// `[::]` with `IPV6_V6ONLY` off: both.
+    Dual,
+    /// `0.0.0.0`.
+    V4,
+    /// `[::]` with `IPV6_V6ONLY` on.
+    V6Only,
 }
 
 impl std::fmt::Display for Listen {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Listen::Capture(port) => write!(f, "listener on {port}"),
+            Listen::Capture(port, Stack::Dual) => write!(f, "listener on {port}"),
+            Listen::Capture(port, Stack::V4) => write!(f, "IPv4 listener on {port}"),
+            Listen::Capture(port, Stack::V6Only) => write!(f, "IPv6-only listener on {port}"),
             Listen::Dns(addr, dns::Transport::Udp) => write!(f, "DNS proxy on udp {addr}"),
             Listen::Dns(addr, dns::Transport::Tcp) => write!(f, "DNS proxy on tcp {addr}"),
         }
@@ -821,7 +844,19 @@ impl Serving {
                 ports.push(port);
             }
         }
-        let mut listens: Vec<Listen> = ports.into_iter().map(Listen::Capture).collect();
+        let stacks: &[Stack] = if self.split_stack {
+            &[Stack::V4, Stack::V6Only]
+        } else {
+            &[Stack::Dual]
+        };
+        let mut listens: Vec<Listen> = ports
+            .into_iter()
+            .flat_map(|port| {
+                stacks
+                    .iter()
+                    .map(move |stack| Listen::Capture(port, *stack))
+            })
+            .collect();
         if self.dns {
             for addr in dns::PROXY_ADDRS {
                 for transport in [dns::Transport::Udp, dns::Transport::Tcp] {
@@ -932,7 +967,8 @@ fn bind_in(netns: Option<&OwnedFd>, listen: Listen) -> io::Result<Option<(Socket
         nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET)?;
     }
     let (addr, ty) = match listen {
-        Listen::Capture(port) => (SocketAddr::from(([0u16; 8], port)), Type::STREAM),
+        Listen::Capture(port, Stack::V4) => (SocketAddr::from(([0u8; 4], port)), Type::STREAM),
+        Listen::Capture(port, _) => (SocketAddr::from(([0u16; 8], port)), Type::STREAM),
         Listen::Dns(addr, transport) => (addr, transport.socket_type()),
     };
     let ipv6_optional = matches!(listen, Listen::Dns(..)) && addr.is_ipv6();
@@ -943,8 +979,9 @@ fn bind_in(netns: Option<&OwnedFd>, listen: Listen) -> io::Result<Option<(Socket
         socket => socket?,
     };
     if addr.is_ipv6() {
-        // The capture ports take both families; `[::1]` is IPv6 only.
-        socket.set_only_v6(matches!(listen, Listen::Dns(..)))?;
+        // A dual-stack capture port takes both families; `[::1]` is IPv6
+        // only.
+        socket.set_only_v6(!matches!(listen, Listen::Capture(_, Stack::Dual)))?;
     }
     socket.set_reuse_address(true)?;
     // During an upgrade a new ztunnel binds the same ports in the pod's
@@ -989,15 +1026,17 @@ fn serve_listen(
         let pod = pod.to_string();
         thread::spawn(move || {
             let result = match listen {
-                Listen::Capture(HBONE_PORT) => inbound_hbone(&pod, conn, serving),
-                Listen::Capture(INBOUND_PLAINTEXT_PORT) => inbound_plaintext(&pod, conn, serving),
-                Listen::Capture(_) => outbound(&pod, conn, serving),
+                Listen::Capture(HBONE_PORT, _) => inbound_hbone(&pod, conn, serving),
+                Listen::Capture(INBOUND_PLAINTEXT_PORT, _) => {
+                    inbound_plaintext(&pod, conn, serving)
+                }
+                Listen::Capture(..) => outbound(&pod, conn, serving),
                 Listen::Dns(addr, _) => dns::proxy_tcp(&pod, conn, addr, serving.dns_upstream),
             };
             if let Err(e) = result {
                 let error = e.to_string();
                 match listen {
-                    Listen::Capture(_) => report(ev::RelayError { pod, error }),
+                    Listen::Capture(..) => report(ev::RelayError { pod, error }),
                     Listen::Dns(..) => report(ev::DnsError {
                         pod: Some(pod),
                         peer: None,
