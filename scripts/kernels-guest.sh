@@ -26,13 +26,48 @@ ip link set lo up
     uname -a
     dmesg | grep -m1 'Hypervisor detected' || echo "no hypervisor detected: software emulation"
 } > /tmp/results/kernel
+# What this kernel offers, and whether its verifier takes each program.
+"$AMBRIDGE_CHECKOUT/target/debug/ambridge" version > /tmp/results/version.txt 2>&1
+# The daemon on its own scratch cgroup: it starts, or refuses at start
+# with one line; either way, after it has stopped, whether any link stayed
+# pinned (a half-attached datapath).
+start_check() {
+    local dir=/tmp/start-check cgroup=/sys/fs/cgroup/ambridge-start-check
+    local bpffs=/sys/fs/bpf/ambridge-start-check pid
+    mkdir -p "$dir" "$cgroup"
+    echo "workloads: []" > "$dir/workloads.yaml"
+    "$AMBRIDGE_CHECKOUT/target/debug/ambridge" run --cgroup-root "$cgroup" \
+        --kubepods-parent "$cgroup" --bpffs "$bpffs" --workloads "$dir/workloads.yaml" \
+        --api-socket "$dir/api.sock" --node-netns none --monitoring-address off \
+        > "$dir/log" 2>&1 &
+    pid=$!
+    for _ in $(seq $((30 * ${AMBRIDGE_TEST_TIME_SCALE:-1}))); do
+        kill -0 "$pid" 2> /dev/null || break
+        "$AMBRIDGE_CHECKOUT/target/debug/ambridge" status --api "$dir/api.sock" \
+            > /dev/null 2>&1 && break
+        sleep 1
+    done
+    if kill -0 "$pid" 2> /dev/null; then
+        echo "started"
+        kill "$pid"
+        wait "$pid"
+    else
+        wait "$pid"
+        echo "refused (exit $?): $(grep -v '^\s*$' "$dir/log" | grep -m1 -i 'error' || tail -1 "$dir/log")"
+        echo "links pinned after it stopped: $(ls "$bpffs/links" 2> /dev/null | wc -l)"
+    fi
+}
+start_check > /tmp/results/start.txt 2>&1
+# A kernel the daemon refuses runs no suite: that it refuses, clearly and
+# with nothing attached, is its result.
+grep -q '^refused' /tmp/results/start.txt && : > /tmp/results/plan.run || cp /tmp/results/plan /tmp/results/plan.run
 while read -r suite binary filter; do
     echo "[guest] $suite on $(uname -r)"
     # shellcheck disable=SC2086 # the filter is one word or none
     # From the package's directory, as `cargo test` runs it.
     (cd "$AMBRIDGE_CHECKOUT/conformance" && "$binary" $filter) > "/tmp/results/$suite.log" 2>&1
     echo $? > "/tmp/results/$suite.rc"
-done < /tmp/results/plan
+done < /tmp/results/plan.run
 touch /tmp/results/done
 sync
 echo o > /proc/sysrq-trigger

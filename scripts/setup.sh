@@ -39,6 +39,21 @@ if ! $build_only; then
     # The monitoring tests check /metrics with promtool and scrape it with a
     # real Prometheus server (its recommends, the exporters, are not needed).
     command -v prometheus >/dev/null && command -v promtool >/dev/null || lean_pkgs+=(prometheus)
+    # The kernel matrix (scripts/kernels.sh): qemu boots Debian's kernels,
+    # whose packages are checked with gpgv against Debian's keyring and
+    # unpacked with dpkg-deb; busybox, cpio and the decompressors build
+    # each kernel's initramfs, and kmod (modprobe, depmod) loads its
+    # modules, in the guest too.
+    command -v qemu-system-x86_64 >/dev/null || lean_pkgs+=(qemu-system-x86)
+    command -v modprobe >/dev/null && command -v depmod >/dev/null || need_pkgs+=(kmod)
+    # Static: it runs alone in the initramfs.
+    [[ -x /bin/busybox ]] && ! ldd /bin/busybox >/dev/null 2>&1 || need_pkgs+=(busybox-static)
+    command -v cpio >/dev/null || need_pkgs+=(cpio)
+    command -v xz >/dev/null || need_pkgs+=(xz-utils)
+    command -v zstd >/dev/null || need_pkgs+=(zstd)
+    command -v curl >/dev/null || need_pkgs+=(curl)
+    command -v gpgv >/dev/null || need_pkgs+=(gpgv)
+    [[ -f /usr/share/keyrings/debian-archive-keyring.gpg ]] || need_pkgs+=(debian-archive-keyring)
 fi
 if ((${#need_pkgs[@]} + ${#lean_pkgs[@]})); then
     say "installing Debian packages: ${need_pkgs[*]} ${lean_pkgs[*]}"

@@ -61,9 +61,25 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     );
 }
 
-/// Polls `check` until it returns `Some` or `timeout` passes.
+/// How many times slower than a machine like CI's the tests run, from
+/// `AMBRIDGE_TEST_TIME_SCALE` (default 1): the kernel matrix's VMs under
+/// software emulation set it, and every wait of [`eventually`] (the
+/// positive ones and the negative ones alike) is that much longer.
+pub fn time_scale() -> u32 {
+    static SCALE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *SCALE.get_or_init(|| {
+        std::env::var("AMBRIDGE_TEST_TIME_SCALE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|scale| *scale >= 1)
+            .unwrap_or(1)
+    })
+}
+
+/// Polls `check` until it returns `Some` or `timeout` (times
+/// [`time_scale`]) passes.
 pub fn eventually<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
+    let deadline = Instant::now() + timeout * time_scale();
     loop {
         if let Some(v) = check() {
             return Some(v);

@@ -1,7 +1,10 @@
-//! `ambridge version`: this build, the running kernel, and which of the
-//! program and map types the datapath needs the kernel has.
+//! `ambridge version`: this build, the running kernel, which of the
+//! program and map types the datapath needs the kernel has, and whether
+//! its verifier takes each of this build's programs.
 
-use ambridge::datapath::features;
+use std::path::PathBuf;
+
+use ambridge::datapath::{self, features};
 
 use super::render::{self, OutputArgs};
 
@@ -11,6 +14,10 @@ use super::render::{self, OutputArgs};
 pub struct Version {
     #[command(flatten)]
     output: OutputArgs,
+    /// A bpf filesystem where the program check creates its maps (in a
+    /// scratch directory, removed after).
+    #[arg(long, default_value = "/sys/fs/bpf")]
+    bpffs: PathBuf,
 }
 
 impl Version {
@@ -19,6 +26,16 @@ impl Version {
             .map(|u| u.release().to_string_lossy().into_owned())
             .map_err(|e| anyhow::anyhow!("uname: {e}"))?;
         let found = features::probe();
+        // Each program through the verifier: what the feature probes cannot
+        // tell (a helper a program calls, an access a kernel allows).
+        let programs: Vec<(&str, Result<(), String>)> = match datapath::check_programs(&self.bpffs)
+        {
+            Ok(checked) => checked
+                .into_iter()
+                .map(|(name, loaded)| (name, loaded.map_err(|e| e.to_string())))
+                .collect(),
+            Err(e) => vec![("(all)", Err(e.to_string()))],
+        };
         let document = || {
             serde_json::json!({
                 "version": env!("CARGO_PKG_VERSION"),
@@ -28,6 +45,11 @@ impl Version {
                     "since": f.since,
                     "found": f.found.as_ref().ok(),
                     "error": f.found.as_ref().err(),
+                })).collect::<Vec<_>>(),
+                "programs": programs.iter().map(|(name, loaded)| serde_json::json!({
+                    "name": name,
+                    "loaded": loaded.is_ok(),
+                    "error": loaded.as_ref().err(),
                 })).collect::<Vec<_>>(),
             })
         };
@@ -49,6 +71,15 @@ impl Version {
                 format!("Linux {}", f.since),
                 state,
             ]);
+        }
+        table.print();
+        let mut table = render::Table::new(&["PROGRAM", "VERIFIER"]);
+        for (name, loaded) in &programs {
+            let state = match loaded {
+                Ok(()) => "loaded".to_string(),
+                Err(e) => format!("refused: {}", e.replace('\n', " | ")),
+            };
+            table.row(vec![name.to_string(), state]);
         }
         table.print();
         Ok(())

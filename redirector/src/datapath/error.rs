@@ -12,6 +12,17 @@ pub enum Error {
     MissingProgram(&'static str),
     #[error("the BPF object has no map `{0}` (build mismatch)")]
     MissingMap(&'static str),
+    #[error(
+        "the verifier of Linux {kernel} refused program `{program}` ({source}); its last lines:\n{last_lines}"
+    )]
+    Verifier {
+        program: &'static str,
+        /// `uname -r`.
+        kernel: String,
+        #[source]
+        source: std::io::Error,
+        last_lines: String,
+    },
     #[error("program `{program}`")]
     Program {
         program: &'static str,

@@ -537,6 +537,63 @@ fn prefix_from_key(key: &Key<IpKey>) -> IpNet {
 /// Loads the `sk_msg` program and attaches it to the sockhash. The
 /// attachment lives as long as the (pinned) map does, and replaces the
 /// program of an earlier run.
+/// One program of the object, and whether this kernel loaded it.
+pub type ProgramCheck = (&'static str, Result<(), Error>);
+
+/// Every program of the object, through this kernel's verifier, none
+/// attached: what `ambridge version` reports of this build on this kernel.
+/// The maps are created under a scratch directory of the bpf filesystem
+/// `bpffs`, removed after.
+pub fn check_programs(bpffs: &Path) -> Result<Vec<ProgramCheck>, Error> {
+    let scratch = Pins::new(bpffs.join(format!("ambridge-check-{}", std::process::id())));
+    scratch.create()?;
+    let checked = load_each_program(&scratch);
+    let removed = fs::remove_dir_all(scratch.root()).map_err(|source| Error::Io {
+        what: format!("remove {}", scratch.root().display()),
+        source,
+    });
+    let checked = checked?;
+    removed?;
+    Ok(checked)
+}
+
+fn load_each_program(scratch: &Pins) -> Result<Vec<ProgramCheck>, Error> {
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(scratch.maps())
+        .load(OBJECT)
+        .map_err(Error::Load)?;
+    let kinds = PROGRAMS
+        .iter()
+        .map(|(name, kind, _)| (*name, Some(*kind)))
+        .chain([(SK_LOOKUP, None), (SK_MSG, None)]);
+    let mut checked = Vec::new();
+    for (name, kind) in kinds {
+        let program = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
+        let loaded = match (kind, name) {
+            (Some(Kind::SockAddr), _) => <&mut CgroupSockAddr>::try_from(program)
+                .map_err(prog_err(name))
+                .and_then(|p| p.load().map_err(prog_err(name))),
+            (Some(Kind::Sock), _) => <&mut CgroupSock>::try_from(program)
+                .map_err(prog_err(name))
+                .and_then(|p| p.load().map_err(prog_err(name))),
+            (Some(Kind::SockOps), _) => <&mut SockOps>::try_from(program)
+                .map_err(prog_err(name))
+                .and_then(|p| p.load().map_err(prog_err(name))),
+            (Some(Kind::Sockopt), _) => <&mut CgroupSockopt>::try_from(program)
+                .map_err(prog_err(name))
+                .and_then(|p| p.load().map_err(prog_err(name))),
+            (None, SK_LOOKUP) => <&mut SkLookup>::try_from(program)
+                .map_err(prog_err(name))
+                .and_then(|p| p.load().map_err(prog_err(name))),
+            (None, _) => <&mut SkMsg>::try_from(program)
+                .map_err(prog_err(name))
+                .and_then(|p| p.load().map_err(prog_err(name))),
+        };
+        checked.push((name, loaded));
+    }
+    Ok(checked)
+}
+
 fn attach_sk_msg(ebpf: &mut Ebpf) -> Result<(), Error> {
     let socks: SockHash<&MapData, ConnKey> = ebpf
         .map(map_names::SOCKS)
@@ -647,7 +704,41 @@ fn apply<K: Copy, R: Pod, V: Pod>(
 }
 
 fn prog_err(program: &'static str) -> impl Fn(aya::programs::ProgramError) -> Error {
-    move |source| Error::Program { program, source }
+    move |source| match source {
+        aya::programs::ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => verifier_refusal(program, io_error, &verifier_log.to_string()),
+        source => Error::Program { program, source },
+    }
+}
+
+/// The kernel's verifier refused `program` (`BPF_PROG_LOAD` failed with
+/// `error`), its log being `log`.
+fn verifier_refusal(program: &'static str, error: std::io::Error, log: &str) -> Error {
+    Error::Verifier {
+        program,
+        kernel: kernel_release(),
+        source: error,
+        last_lines: last_lines(log, VERIFIER_LINES),
+    }
+}
+
+/// How many of the verifier's last lines a refusal shows: where it
+/// stopped, and the instructions just before.
+const VERIFIER_LINES: usize = 12;
+
+/// The running kernel's release (`uname -r`), or why it is unknown.
+fn kernel_release() -> String {
+    fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|release| release.trim().to_string())
+        .unwrap_or_else(|e| format!("(release unknown: {e})"))
+}
+
+/// The last `n` non-blank lines of `log`.
+fn last_lines(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> Error {
@@ -775,6 +866,32 @@ pub fn uninstall(pins: &Pins) -> Result<Removed, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_verifier_refusal_names_the_program_the_kernel_and_the_logs_last_lines() {
+        let log = (1..=40)
+            .map(|i| format!("{i}: (b7) r{} = 0", i % 10))
+            .chain(["".into(), "R4 !read_ok".into(), "   ".into()])
+            .collect::<Vec<_>>()
+            .join("\n");
+        let tail = last_lines(&log, VERIFIER_LINES);
+        assert_eq!(tail.lines().count(), VERIFIER_LINES);
+        assert_eq!(tail.lines().last(), Some("R4 !read_ok"));
+        assert!(tail.starts_with("30: "), "{tail}");
+        let error = verifier_refusal(
+            "inbound",
+            std::io::Error::from_raw_os_error(libc::EACCES),
+            &log,
+        );
+        let shown = error.to_string();
+        assert!(shown.contains("program `inbound`"), "{shown}");
+        assert!(
+            shown.contains(&format!("Linux {}", kernel_release())),
+            "{shown}"
+        );
+        assert!(shown.ends_with("R4 !read_ok"), "{shown}");
+        assert_eq!(last_lines("", 3), "");
+    }
 
     /// Which cgroup programs write and which read (or remove) each record map:
     /// `(map, producers, consumers)`.
