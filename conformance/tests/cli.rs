@@ -81,7 +81,7 @@ fn exit_codes_are_0_done_1_failed_2_usage() {
 }
 
 #[test]
-fn version_names_the_running_kernel_and_finds_every_feature_the_datapath_needs() {
+fn version_names_the_running_kernel_and_finds_every_feature_and_program_the_datapath_needs() {
     let version: Value = serde_json::from_str(&stdout_of(&["version", "-o", "json"])).unwrap();
     let release = nix::sys::utsname::uname().unwrap();
     assert_eq!(
@@ -94,6 +94,33 @@ fn version_names_the_running_kernel_and_finds_every_feature_the_datapath_needs()
     for feature in features {
         assert_eq!(feature["found"], true, "{feature}");
     }
+    // Every program of this build through this kernel's verifier, the
+    // cgroup hooks, sk_lookup and sk_msg; the scratch maps gone after.
+    let programs = version["programs"].as_array().unwrap();
+    let names: Vec<&str> = programs.iter().filter_map(|p| p["name"].as_str()).collect();
+    for name in [
+        "connect4",
+        "connect6",
+        "getsockopt",
+        "sock_ops",
+        "inbound",
+        "redirect",
+    ] {
+        assert!(names.contains(&name), "{name} not checked: {version}");
+    }
+    for program in programs {
+        assert_eq!(program["loaded"], true, "{program}");
+    }
+    let scratch: Vec<_> = std::fs::read_dir("/sys/fs/bpf")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("ambridge-check-")
+        })
+        .collect();
+    assert!(scratch.is_empty(), "left behind: {scratch:?}");
 }
 
 #[test]
