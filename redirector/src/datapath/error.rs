@@ -13,12 +13,16 @@ pub enum Error {
     #[error("the BPF object has no map `{0}` (build mismatch)")]
     MissingMap(&'static str),
     #[error(
-        "the verifier of Linux {kernel} refused program `{program}` ({source}); its last lines:\n{last_lines}"
+        "the verifier of Linux {kernel} refused program `{program}`{}: {source}; its last lines:\n{last_lines}",
+        missing.as_ref().map(|m| format!(" ({m})")).unwrap_or_default()
     )]
     Verifier {
         program: &'static str,
         /// `uname -r`.
         kernel: String,
+        /// What the program needs that this kernel lacks, where the log
+        /// says ([`super::features::missing_helper`]).
+        missing: Option<String>,
         #[source]
         source: std::io::Error,
         last_lines: String,

@@ -72,3 +72,77 @@ pub fn probe() -> Vec<Feature> {
     });
     programs.chain(maps).collect()
 }
+
+/// Helpers the programs call that came to a program type after the type
+/// itself: the type, the helper, and the first release that lets it call
+/// it. The kernel table in the README lists the same.
+const LATE_HELPERS: [(&str, &str, &str); 5] = [
+    ("cgroup_sock_addr", "bpf_get_netns_cookie", "5.7"),
+    (
+        "cgroup_sock_addr",
+        "bpf_get_current_ancestor_cgroup_id",
+        "5.7",
+    ),
+    ("sock_ops", "bpf_get_netns_cookie", "5.15"),
+    ("sk_msg", "bpf_get_netns_cookie", "5.15"),
+    ("cgroup_sockopt", "bpf_get_netns_cookie", "5.15"),
+];
+
+/// The program type of each program of the object, by its name.
+fn program_type(program: &str) -> &'static str {
+    match program {
+        "sock_ops" => "sock_ops",
+        "getsockopt" => "cgroup_sockopt",
+        "sock_release" => "cgroup_sock",
+        "inbound" => "sk_lookup",
+        "redirect" => "sk_msg",
+        _ => "cgroup_sock_addr",
+    }
+}
+
+/// What a verifier refusal of `program` with this `log` says is missing,
+/// where it is a helper this kernel does not give the program's type
+/// (`unknown func <helper>#<id>`): the helper and, where known, the first
+/// release that has it there.
+pub fn missing_helper(program: &str, log: &str) -> Option<String> {
+    let helper = log
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("unknown func "))?
+        .split('#')
+        .next()?
+        .trim();
+    let kind = program_type(program);
+    let since = LATE_HELPERS
+        .iter()
+        .find(|(t, h, _)| *t == kind && *h == helper)
+        .map(|(_, _, since)| *since);
+    Some(match since {
+        Some(since) => format!("it calls {helper}, which {kind} programs have from Linux {since}"),
+        None => format!("it calls {helper}, which this kernel does not give {kind} programs"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_helper_the_kernel_lacks_is_named_with_the_release_that_brought_it() {
+        let log = "0: (bf) r6 = r1\n1: (85) call bpf_get_netns_cookie#122\nunknown func bpf_get_netns_cookie#122\nprocessed 2 insns";
+        assert_eq!(
+            missing_helper("sock_ops", log).as_deref(),
+            Some("it calls bpf_get_netns_cookie, which sock_ops programs have from Linux 5.15")
+        );
+        assert_eq!(
+            missing_helper("getsockopt", log).as_deref(),
+            Some(
+                "it calls bpf_get_netns_cookie, which cgroup_sockopt programs have from Linux 5.15"
+            )
+        );
+        assert_eq!(
+            missing_helper("inbound", "unknown func bpf_sk_assign#124").as_deref(),
+            Some("it calls bpf_sk_assign, which this kernel does not give sk_lookup programs")
+        );
+        assert_eq!(missing_helper("connect4", "R4 !read_ok"), None);
+    }
+}

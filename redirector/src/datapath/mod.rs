@@ -719,6 +719,7 @@ fn verifier_refusal(program: &'static str, error: std::io::Error, log: &str) -> 
     Error::Verifier {
         program,
         kernel: kernel_release(),
+        missing: features::missing_helper(program, log),
         source: error,
         last_lines: last_lines(log, VERIFIER_LINES),
     }
