@@ -228,9 +228,10 @@ OUT=$(realpath "$OUT")
 cargo build --bins -q
 table="$OUT/results.md"
 {
-    echo "| kernel | programs the verifier refused | daemon | suite | passed | failed | result |"
-    echo "|---|---|---|---|---|---|---|"
+    echo "| kernel | programs the verifier refuses | daemon | $(echo $SUITES | sed 's/ / | /g') |"
+    echo "|---|---|---|$(for _ in $SUITES; do printf -- '---|'; done)"
 } > "$table.part"
+failed_any=0
 for suite in $KERNELS; do
     results="$OUT/$suite"
     rm -rf "$results"
@@ -250,29 +251,49 @@ for suite in $KERNELS; do
     boot "$suite" "$results"
     version=$(cat "$CACHE/$suite/version")
     # `ambridge version`'s program table: the names not "loaded".
-    refused=$(awk '$1 == "PROGRAM" { table = 1; next } table && $2 != "loaded" { print $1 }' \
-        "$results/version.txt" 2> /dev/null | paste -sd, -)
+    refused=$(awk '$1 == "PROGRAM" { table = 1; next } table && $2 != "loaded" { print "`" $1 "`" }' \
+        "$results/version.txt" 2> /dev/null | paste -sd' ' -)
     [[ -f $results/version.txt ]] || refused="(not checked)"
-    daemon=$(head -1 "$results/start.txt" 2> /dev/null | tr '|' '/' || true)
+    start=$(head -1 "$results/start.txt" 2> /dev/null || true)
+    case $start in
+        started) daemon=starts ;;
+        refused*)
+            # The program and what it lacks, from the daemon's one line.
+            daemon="refuses: $(echo "$start" | sed -n 's/.*refused program \(`[^`]*`\)\( ([^)]*)\)\{0,1\}.*/\1\2/p')"
+            grep -q '^links pinned after it stopped: 0$' "$results/start.txt" ||
+                daemon="$daemon, LEAVING LINKS PINNED"
+            ;;
+        *) daemon="(not checked)" ;;
+    esac
+    row="| $version ($suite) | ${refused:-none} | $daemon |"
     for tests in $SUITES; do
         log="$results/$tests.log"
         passed=$(grep -c '^test .* \.\.\. ok$' "$log" 2> /dev/null || true)
         failed=$(grep -c '^test .* \.\.\. FAILED$' "$log" 2> /dev/null || true)
-        rc=$(cat "$results/$tests.rc" 2> /dev/null || echo "did not run")
-        case $rc in
-            0) result=pass ;;
-            "did not run")
-                if [[ $daemon == refused* ]] && grep -q '^links pinned after it stopped: 0$' "$results/start.txt"; then
-                    result="refused at start"
-                else
-                    result="did not run"
-                fi
-                ;;
-            *) result="fail (exit $rc)" ;;
-        esac
-        echo "| $suite $version | ${refused:-none} | ${daemon:-(not checked)} | $tests | ${passed:-0} | ${failed:-0} | $result |" >> "$table.part"
+        rc=$(cat "$results/$tests.rc" 2> /dev/null || echo none)
+        if [[ $rc == 0 ]]; then
+            cell="pass ($passed)"
+        elif [[ $rc == none && $daemon == refuses* && $daemon != *PINNED ]]; then
+            cell="refused at start"
+        elif [[ $rc == none ]]; then
+            cell="did not run"
+            failed_any=1
+        else
+            cell="FAIL ($failed of $((passed + failed)))"
+            failed_any=1
+        fi
+        row="$row $cell |"
     done
+    echo "$row" >> "$table.part"
 done
 mv "$table.part" "$table"
 cat "$table"
-! grep -q '| fail\|did not run' "$table"
+# The committed results are README's table too.
+if [[ $OUT == "$(realpath docs/kernels)" ]]; then
+    awk -v table="$table" '
+        /<!-- kernel-matrix:begin -->/ { print; while ((getline line < table) > 0) print line; skip = 1; next }
+        /<!-- kernel-matrix:end -->/ { skip = 0 }
+        !skip' README.md > README.md.part && mv README.md.part README.md
+    say "README.md's kernel table updated"
+fi
+exit "$failed_any"

@@ -28,6 +28,8 @@ echo "[test] conformance tests again in replacement mode (ambridge serves ZDS, n
 AMBRIDGE_TEST_ZDS=serve cargo test --no-fail-fast -p ambridge-conformance --tests
 echo "[test] conformance tests again in replacement mode on the macvlan topology"
 AMBRIDGE_TEST_TOPOLOGY=macvlan AMBRIDGE_TEST_ZDS=serve cargo test --no-fail-fast -p ambridge-conformance --tests
+echo "[test] kernel matrix, quick subset (Debian's kernels in qemu)"
+scripts/kernels.sh --quick --out target/kernels
 # Not a test: no threshold is checked. It runs so the benchmark cannot rot.
 echo "[test] benchmark, quick mode (figures not comparable)"
 if ! target/debug/ambridge-bench --quick --out target/bench-quick > target/bench-quick.log 2>&1; then

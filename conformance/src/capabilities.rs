@@ -35,3 +35,18 @@ pub fn with_only(program: &Path, caps: &[String]) -> Command {
         .arg(program);
     cmd
 }
+
+/// The capabilities the daemon asks for (`ambridge::capabilities::needed`),
+/// named as a DaemonSet lists them (`sys_admin`): with the sidecar-mode
+/// fallback on or off.
+pub fn asked_for(sidecar: bool) -> Vec<String> {
+    ambridge::capabilities::needed(sidecar)
+        .iter()
+        .map(|n| {
+            n.capability
+                .to_string()
+                .trim_start_matches("CAP_")
+                .to_ascii_lowercase()
+        })
+        .collect()
+}

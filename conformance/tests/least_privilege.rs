@@ -95,21 +95,7 @@ fn with_only_the_daemonsets_capabilities_the_daemon_captures_outbound_and_inboun
 
 #[test]
 fn the_daemonset_grants_exactly_the_capabilities_the_daemon_asks_for() {
-    assert_eq!(daemonset_capabilities(), asked(false));
-}
-
-/// The capability names of [`ambridge::capabilities::needed`], as a
-/// DaemonSet lists them.
-fn asked(sidecar: bool) -> Vec<String> {
-    ambridge::capabilities::needed(sidecar)
-        .iter()
-        .map(|n| {
-            n.capability
-                .to_string()
-                .trim_start_matches("CAP_")
-                .to_ascii_lowercase()
-        })
-        .collect()
+    assert_eq!(daemonset_capabilities(), capabilities::asked_for(false));
 }
 
 #[test]
@@ -119,7 +105,11 @@ fn the_sidecar_component_turns_the_fallback_on_and_grants_exactly_what_it_asks_f
         let config = deploy::object(&objects, "ConfigMap", "ambridge-config");
         assert_eq!(config["data"]["SIDECAR"], "on", "{overlay}: {config}");
         let spec = &deploy::object(&objects, "DaemonSet", "ambridge")["spec"]["template"]["spec"];
-        assert_eq!(added(&spec["containers"][0]), asked(true), "{overlay}");
+        assert_eq!(
+            added(&spec["containers"][0]),
+            capabilities::asked_for(true),
+            "{overlay}"
+        );
         let args = spec["containers"][0]["args"].as_array().unwrap();
         assert!(args.contains(&"--sidecar=$(SIDECAR)".into()), "{args:?}");
     }

@@ -800,15 +800,7 @@ fn the_daemon_gives_a_sidecar_pods_loopback_the_ipv6_passthrough_source_and_the_
     l.write("sidecar", "");
     // With only the capabilities the daemon asks for under --sidecar on
     // (deploy's sidecar component grants exactly these).
-    let caps: Vec<String> = ambridge::capabilities::needed(true)
-        .iter()
-        .map(|n| {
-            n.capability
-                .to_string()
-                .trim_start_matches("CAP_")
-                .to_ascii_lowercase()
-        })
-        .collect();
+    let caps = ambridge_conformance::capabilities::asked_for(true);
     let mut t = l.start_limited(&caps, &["--sidecar", "on"], &[APP_PORT]);
     assert!(
         loopback_addresses(&t.app).contains(&PASSTHROUGH6.into()),
