@@ -14,8 +14,10 @@
 # busybox and the modules that mount the shared root.
 #
 #   scripts/kernels.sh [--quick] [--kernels "bullseye bookworm trixie"]
-#                      [--out DIR] [--filter TEXT] [--prepare]
+#                      [--suites "redirect ..."] [--out DIR] [--filter TEXT]
+#                      [--prepare]
 #
+# --suites runs those conformance suites (tests/<name>.rs) instead.
 # --prepare only fetches the kernels and builds their images (cached).
 # --quick runs the outbound subset (redirect + SO_ORIGINAL_DST +
 # getpeername + bind-undo: tests/redirect.rs) on each kernel; without it,
@@ -33,6 +35,7 @@ KERNELS="bullseye bookworm trixie"
 OUT=target/kernels
 QUICK=0
 PREPARE=0
+ONLY_SUITES=""
 FILTER=""
 # Minutes one suite may take in a VM before it counts as failed.
 SUITE_MINUTES=${AMBRIDGE_KERNELS_SUITE_MINUTES:-25}
@@ -44,6 +47,7 @@ while (($#)); do
         --out) OUT=$2; shift ;;
         --filter) FILTER=$2; shift ;;
         --prepare) PREPARE=1 ;;
+        --suites) ONLY_SUITES=$2; shift ;;
         *) echo "kernels.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -214,6 +218,7 @@ if ((QUICK)); then
 else
     SUITES="redirect ztunnel inbound dns"
 fi
+SUITES=${ONLY_SUITES:-$SUITES}
 
 if ((PREPARE)); then
     for suite in $KERNELS; do
