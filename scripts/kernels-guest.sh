@@ -41,26 +41,38 @@ start_check() {
         --api-socket "$dir/api.sock" --node-netns none --monitoring-address off \
         > "$dir/log" 2>&1 &
     pid=$!
+    local answered=0
     for _ in $(seq $((30 * ${AMBRIDGE_TEST_TIME_SCALE:-1}))); do
         kill -0 "$pid" 2> /dev/null || break
-        "$AMBRIDGE_CHECKOUT/target/debug/ambridge" status --api "$dir/api.sock" \
-            > /dev/null 2>&1 && break
+        if "$AMBRIDGE_CHECKOUT/target/debug/ambridge" status --api "$dir/api.sock" \
+            > /dev/null 2>&1; then
+            answered=1
+            break
+        fi
         sleep 1
     done
-    if kill -0 "$pid" 2> /dev/null; then
+    if ((answered)); then
         echo "started"
+        kill "$pid"
+        wait "$pid"
+    elif kill -0 "$pid" 2> /dev/null; then
+        echo "hung: running, its API never answered"
         kill "$pid"
         wait "$pid"
     else
         wait "$pid"
-        echo "refused (exit $?): $(grep -v '^\s*$' "$dir/log" | grep -m1 -i 'error' || tail -1 "$dir/log")"
+        echo "stopped (exit $?): $(grep -v '^\s*$' "$dir/log" | head -1)"
         echo "links pinned after it stopped: $(ls "$bpffs/links" 2> /dev/null | wc -l)"
     fi
 }
 start_check > /tmp/results/start.txt 2>&1
 # A kernel the daemon refuses runs no suite: that it refuses, clearly and
 # with nothing attached, is its result.
-grep -q '^refused' /tmp/results/start.txt && : > /tmp/results/plan.run || cp /tmp/results/plan /tmp/results/plan.run
+if grep -q '^started$' /tmp/results/start.txt; then
+    cp /tmp/results/plan /tmp/results/plan.run
+else
+    : > /tmp/results/plan.run
+fi
 while read -r suite binary filter; do
     echo "[guest] $suite on $(uname -r)"
     # shellcheck disable=SC2086 # the filter is one word or none

@@ -82,7 +82,19 @@ fn exit_codes_are_0_done_1_failed_2_usage() {
 
 #[test]
 fn version_names_the_running_kernel_and_finds_every_feature_and_program_the_datapath_needs() {
-    let version: Value = serde_json::from_str(&stdout_of(&["version", "-o", "json"])).unwrap();
+    // A directory of its own for the program check's scratch maps: other
+    // tests run `ambridge version` meanwhile.
+    let bpffs =
+        std::path::PathBuf::from(format!("/sys/fs/bpf/ambridge-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&bpffs).unwrap();
+    let version: Value = serde_json::from_str(&stdout_of(&[
+        "version",
+        "-o",
+        "json",
+        "--bpffs",
+        bpffs.to_str().unwrap(),
+    ]))
+    .unwrap();
     let release = nix::sys::utsname::uname().unwrap();
     assert_eq!(
         version["kernel"],
@@ -111,16 +123,9 @@ fn version_names_the_running_kernel_and_finds_every_feature_and_program_the_data
     for program in programs {
         assert_eq!(program["loaded"], true, "{program}");
     }
-    let scratch: Vec<_> = std::fs::read_dir("/sys/fs/bpf")
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with("ambridge-check-")
-        })
-        .collect();
-    assert!(scratch.is_empty(), "left behind: {scratch:?}");
+    let left: Vec<_> = std::fs::read_dir(&bpffs).unwrap().collect();
+    std::fs::remove_dir(&bpffs).unwrap();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }
 
 #[test]

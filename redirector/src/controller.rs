@@ -997,6 +997,9 @@ fn apply_inbound(
     )
     .into_iter()
     .partition(|op| matches!(op, desired::Op::Delete(_)));
+    // Before a sidecar pod's inbound is captured: its proxy's passthrough
+    // binds `::6` from the first connection on.
+    let mut attached_all = add_passthrough_sources(host, datapath, desired, changed);
     datapath.apply_inbound(&puts)?;
     let attached = datapath.netns_links().clone();
     let mut changes = exempt_ops.len() + puts.len() + deletes.len();
@@ -1018,7 +1021,6 @@ fn apply_inbound(
             .iter()
             .partition(|cookie| desired.inbound_netns.contains(cookie))
     };
-    let mut attached_all = true;
     for cookie in attach.iter().filter(|c| !attached.contains(c)) {
         let Some(ns) = host.cookies.namespace(cookie.0) else {
             attached_all = false;
@@ -1038,7 +1040,6 @@ fn apply_inbound(
         datapath.detach_inbound(*cookie)?;
         changes += 1;
     }
-    attached_all &= add_passthrough_sources(host, datapath, desired, changed);
     datapath.apply_inbound(&deletes)?;
     Ok((changes, attached_all))
 }

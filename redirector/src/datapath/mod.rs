@@ -546,8 +546,7 @@ pub type ProgramCheck = (&'static str, Result<(), Error>);
 /// `bpffs`, removed after.
 pub fn check_programs(bpffs: &Path) -> Result<Vec<ProgramCheck>, Error> {
     let scratch = Pins::new(bpffs.join(format!("ambridge-check-{}", std::process::id())));
-    scratch.create()?;
-    let checked = load_each_program(&scratch);
+    let checked = scratch.create().and_then(|()| load_each_program(&scratch));
     let removed = fs::remove_dir_all(scratch.root()).map_err(|source| Error::Io {
         what: format!("remove {}", scratch.root().display()),
         source,
@@ -705,10 +704,13 @@ fn apply<K: Copy, R: Pod, V: Pod>(
 
 fn prog_err(program: &'static str) -> impl Fn(aya::programs::ProgramError) -> Error {
     move |source| match source {
+        // EPERM is the caller's privileges, not the verifier.
         aya::programs::ProgramError::LoadError {
             io_error,
             verifier_log,
-        } => verifier_refusal(program, io_error, &verifier_log.to_string()),
+        } if io_error.raw_os_error() != Some(libc::EPERM) => {
+            verifier_refusal(program, io_error, &verifier_log.to_string())
+        }
         source => Error::Program { program, source },
     }
 }
