@@ -314,7 +314,8 @@ impl Daemon {
             .unwrap_or_else(|e| panic!("running ambridge {args:?}: {e}"));
         assert!(
             out.status.success(),
-            "ambridge {args:?} failed: {}",
+            "ambridge {args:?} failed ({}): {}",
+            out.status,
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()

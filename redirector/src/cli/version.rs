@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use ambridge::datapath::{self, features};
+use ambridge::datapath::features;
 
 use super::render::{self, OutputArgs};
 
@@ -28,7 +28,7 @@ impl Version {
         let found = features::probe();
         // Each program through the verifier: what the feature probes cannot
         // tell (a helper a program calls, an access a kernel allows).
-        let programs: Vec<(&str, Result<(), String>)> = match datapath::check_programs(&self.bpffs)
+        let programs: Vec<(&str, Result<(), String>)> = match features::check_programs(&self.bpffs)
         {
             Ok(checked) => checked
                 .into_iter()

@@ -2,9 +2,19 @@
 //! trivial program or creating a tiny map of each type (`bpf(2)`, so it
 //! needs `CAP_BPF` or `CAP_SYS_ADMIN`; without them every probe fails and
 //! says so). A program type is probed, not each hook of it: the releases
-//! name when the last hook the datapath attaches came.
+//! name when the last hook the datapath attaches came. [`check_programs`]
+//! goes further: every program of this build through this kernel's
+//! verifier, on throwaway maps, never the datapath's.
 
-use aya::{maps::MapType, programs::ProgramType};
+use std::{fs, path::Path};
+
+use aya::{
+    EbpfLoader,
+    maps::MapType,
+    programs::{CgroupSock, CgroupSockAddr, CgroupSockopt, ProgramType, SkLookup, SkMsg, SockOps},
+};
+
+use super::{Error, Kind, OBJECT, Pins, SK_LOOKUP, SK_MSG, prog_err};
 
 /// One program or map type the datapath uses, and whether this kernel has
 /// it.
@@ -71,6 +81,62 @@ pub fn probe() -> Vec<Feature> {
         found: aya::sys::is_map_supported(*kind).map_err(|e| e.to_string()),
     });
     programs.chain(maps).collect()
+}
+
+/// One program of the object, and whether this kernel loaded it.
+pub type ProgramCheck = (&'static str, Result<(), Error>);
+
+/// Every program of the object, through this kernel's verifier, none
+/// attached: what `ambridge version` reports of this build on this kernel.
+/// The maps are created under a scratch directory of the bpf filesystem
+/// `bpffs`, removed after.
+pub fn check_programs(bpffs: &Path) -> Result<Vec<ProgramCheck>, Error> {
+    let scratch = Pins::new(bpffs.join(format!("ambridge-check-{}", std::process::id())));
+    let checked = scratch.create().and_then(|()| load_each_program(&scratch));
+    let removed = fs::remove_dir_all(scratch.root()).map_err(|source| Error::Io {
+        what: format!("remove {}", scratch.root().display()),
+        source,
+    });
+    let checked = checked?;
+    removed?;
+    Ok(checked)
+}
+
+fn load_each_program(scratch: &Pins) -> Result<Vec<ProgramCheck>, Error> {
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(scratch.maps())
+        .load(OBJECT)
+        .map_err(Error::Load)?;
+    let kinds = super::PROGRAMS
+        .iter()
+        .map(|(name, kind, _)| (*name, Some(*kind)))
+        .chain([(SK_LOOKUP, None), (SK_MSG, None)]);
+    let mut checked = Vec::new();
+    for (name, kind) in kinds {
+        let program = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
+        let loaded = match (kind, name) {
+            (Some(Kind::SockAddr), _) => <&mut CgroupSockAddr>::try_from(program)
+                .map_err(prog_err(name))
+                .and_then(|p| p.load().map_err(prog_err(name))),
+            (Some(Kind::Sock), _) => <&mut CgroupSock>::try_from(program)
+                .map_err(prog_err(name))
+                .and_then(|p| p.load().map_err(prog_err(name))),
+            (Some(Kind::SockOps), _) => <&mut SockOps>::try_from(program)
+                .map_err(prog_err(name))
+                .and_then(|p| p.load().map_err(prog_err(name))),
+            (Some(Kind::Sockopt), _) => <&mut CgroupSockopt>::try_from(program)
+                .map_err(prog_err(name))
+                .and_then(|p| p.load().map_err(prog_err(name))),
+            (None, SK_LOOKUP) => <&mut SkLookup>::try_from(program)
+                .map_err(prog_err(name))
+                .and_then(|p| p.load().map_err(prog_err(name))),
+            (None, _) => <&mut SkMsg>::try_from(program)
+                .map_err(prog_err(name))
+                .and_then(|p| p.load().map_err(prog_err(name))),
+        };
+        checked.push((name, loaded));
+    }
+    Ok(checked)
 }
 
 /// Helpers the programs call that came to a program type after the type

@@ -537,62 +537,6 @@ fn prefix_from_key(key: &Key<IpKey>) -> IpNet {
 /// Loads the `sk_msg` program and attaches it to the sockhash. The
 /// attachment lives as long as the (pinned) map does, and replaces the
 /// program of an earlier run.
-/// One program of the object, and whether this kernel loaded it.
-pub type ProgramCheck = (&'static str, Result<(), Error>);
-
-/// Every program of the object, through this kernel's verifier, none
-/// attached: what `ambridge version` reports of this build on this kernel.
-/// The maps are created under a scratch directory of the bpf filesystem
-/// `bpffs`, removed after.
-pub fn check_programs(bpffs: &Path) -> Result<Vec<ProgramCheck>, Error> {
-    let scratch = Pins::new(bpffs.join(format!("ambridge-check-{}", std::process::id())));
-    let checked = scratch.create().and_then(|()| load_each_program(&scratch));
-    let removed = fs::remove_dir_all(scratch.root()).map_err(|source| Error::Io {
-        what: format!("remove {}", scratch.root().display()),
-        source,
-    });
-    let checked = checked?;
-    removed?;
-    Ok(checked)
-}
-
-fn load_each_program(scratch: &Pins) -> Result<Vec<ProgramCheck>, Error> {
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(scratch.maps())
-        .load(OBJECT)
-        .map_err(Error::Load)?;
-    let kinds = PROGRAMS
-        .iter()
-        .map(|(name, kind, _)| (*name, Some(*kind)))
-        .chain([(SK_LOOKUP, None), (SK_MSG, None)]);
-    let mut checked = Vec::new();
-    for (name, kind) in kinds {
-        let program = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
-        let loaded = match (kind, name) {
-            (Some(Kind::SockAddr), _) => <&mut CgroupSockAddr>::try_from(program)
-                .map_err(prog_err(name))
-                .and_then(|p| p.load().map_err(prog_err(name))),
-            (Some(Kind::Sock), _) => <&mut CgroupSock>::try_from(program)
-                .map_err(prog_err(name))
-                .and_then(|p| p.load().map_err(prog_err(name))),
-            (Some(Kind::SockOps), _) => <&mut SockOps>::try_from(program)
-                .map_err(prog_err(name))
-                .and_then(|p| p.load().map_err(prog_err(name))),
-            (Some(Kind::Sockopt), _) => <&mut CgroupSockopt>::try_from(program)
-                .map_err(prog_err(name))
-                .and_then(|p| p.load().map_err(prog_err(name))),
-            (None, SK_LOOKUP) => <&mut SkLookup>::try_from(program)
-                .map_err(prog_err(name))
-                .and_then(|p| p.load().map_err(prog_err(name))),
-            (None, _) => <&mut SkMsg>::try_from(program)
-                .map_err(prog_err(name))
-                .and_then(|p| p.load().map_err(prog_err(name))),
-        };
-        checked.push((name, loaded));
-    }
-    Ok(checked)
-}
-
 fn attach_sk_msg(ebpf: &mut Ebpf) -> Result<(), Error> {
     let socks: SockHash<&MapData, ConnKey> = ebpf
         .map(map_names::SOCKS)
