@@ -207,7 +207,7 @@ pub struct ConnectSummary {
     pub to: SocketAddr,
     pub ok: u64,
     pub failed: u64,
-    /// Why the first connects that failed did (at most five when looping).
+    /// Why connects failed: when looping, the first five distinct reasons.
     pub failures: Vec<String>,
 }
 

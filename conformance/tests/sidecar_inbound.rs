@@ -1150,6 +1150,9 @@ struct Switched {
     summary: ConnectSummary,
     /// The loop's connects refused (EPERM) because the pod was held.
     held: u64,
+    /// The loop's connects redirected to a proxy that never accepted them:
+    /// reset in ztunnel's accept queue when it let the pod go.
+    unaccepted: u64,
     /// The connections the two proxies accepted from the loop.
     accepted: Vec<OutboundAccepted>,
     /// The connections the destination accepted: around both proxies.
@@ -1200,6 +1203,7 @@ fn switch_under_a_connect_loop() -> Switched {
     let far = t.others.last().expect("far's echo server");
     let (proxy_start, ztunnel_start) = (by_proxy().len(), by_ztunnel().len());
     let held = t.counter("connect_held");
+    let (redirected_before, asked_before) = (connects_redirected(&t), original_dsts_asked(&t));
     let stop = t.node.dir.join("stop-switch-loop");
     let stop_arg = stop.display().to_string();
     let to_arg = to.to_string();
@@ -1243,11 +1247,23 @@ fn switch_under_a_connect_loop() -> Switched {
     std::fs::write(&stop, b"").expect("writing the loop's stop file");
     let summary = looped.wait_first::<ConnectSummary>(Duration::from_secs(30));
     let held = t.counter("connect_held") - held;
-    let accepted: Vec<OutboundAccepted> = by_proxy()
-        .split_off(proxy_start)
-        .into_iter()
-        .chain(by_ztunnel().split_off(ztunnel_start))
-        .collect();
+    let asked = original_dsts_asked(&t) - asked_before;
+    let unaccepted = (connects_redirected(&t) - redirected_before).saturating_sub(asked);
+    // Each proxy reports a connection as soon as it has asked for its
+    // original destination, before relaying a byte; the reports are read
+    // apart from the loop's, so wait until as many are in as were asked.
+    let landed = || {
+        by_proxy()
+            .split_off(proxy_start)
+            .into_iter()
+            .chain(by_ztunnel().split_off(ztunnel_start))
+            .collect::<Vec<OutboundAccepted>>()
+    };
+    let accepted = eventually(SEEN_WITHIN, || {
+        let accepted = landed();
+        (accepted.len() as u64 >= asked).then_some(accepted)
+    })
+    .unwrap_or_else(landed);
     // A connection around both would have been accepted before its
     // connect returned; watched as long as one has to show up anyway.
     let around = eventually(SEEN_WITHIN, || {
@@ -1256,7 +1272,7 @@ fn switch_under_a_connect_loop() -> Switched {
     })
     .unwrap_or_default();
     let state = format!(
-        "{summary}; held: {held}; the proxies' connections with no original destination: {:?}; their errors: {:?} {:?}; counters: {:?}",
+        "{summary}; held: {held}; redirected but never accepted: {unaccepted}; the proxies' connections with no original destination: {:?}; their errors: {:?} {:?}; counters: {:?}",
         accepted
             .iter()
             .filter(|a| a.orig_dst.is_none())
@@ -1268,6 +1284,7 @@ fn switch_under_a_connect_loop() -> Switched {
     Switched {
         summary,
         held,
+        unaccepted,
         accepted,
         around,
         state,
@@ -1286,19 +1303,20 @@ fn a_pod_switched_between_sidecar_and_ambient_moves_between_the_two_proxies_and_
     );
     // Every connect landed at one of the two proxies (whether or not it
     // went on from there), but those refused (EPERM) while the pod was
-    // held: in replacement mode, from its switch to ambient until ztunnel
-    // had it.
+    // held (in replacement mode, from its switch to ambient until ztunnel
+    // had it) and those reset unaccepted in ztunnel's queue.
     let landed_and_failed = s
         .summary
         .failed
-        .checked_sub(s.held)
-        .unwrap_or_else(|| panic!("more connects held than failed: {}", s.state));
+        .checked_sub(s.held + s.unaccepted)
+        .unwrap_or_else(|| panic!("more connects held or reset than failed: {}", s.state));
     assert_eq!(
         s.accepted.len() as u64,
         s.summary.ok + landed_and_failed,
         "connects that neither landed at a proxy nor were held: {}",
         s.state
     );
+    assert_only_reset_in_flight_to_ztunnel(&s);
     if !replacement_mode() {
         assert_eq!(s.held, 0, "{}", s.state);
     }
@@ -1315,10 +1333,48 @@ fn a_connection_the_sidecar_proxy_took_as_its_pod_switches_to_ambient_keeps_its_
         s.state
     );
     assert_eq!(
-        s.summary.failed, s.held,
-        "connects that failed but for a hold: {}",
+        s.summary.failed,
+        s.held + s.unaccepted,
+        "connects that failed but for a hold or a reset in ztunnel's queue: {}",
         s.state
     );
+    assert_only_reset_in_flight_to_ztunnel(&s);
+}
+
+/// A connect redirected to ztunnel just before its pod switched to sidecar
+/// may still wait in ztunnel's accept queue when ztunnel, told to let the
+/// pod go, closes its listener: the kernel resets it. That is ztunnel's
+/// drain (istio-cni's order, rules out then `DelWorkload`, has the same
+/// window), and fail-closed: at most the one connect in flight at each of
+/// the loop's two switches to sidecar, and reset, never around.
+fn assert_only_reset_in_flight_to_ztunnel(s: &Switched) {
+    assert!(s.unaccepted <= 2, "{}", s.state);
+    let expected = [
+        "Operation not permitted (os error 1)",
+        "Connection reset by peer (os error 104)",
+    ];
+    assert!(
+        s.summary
+            .failures
+            .iter()
+            .all(|f| expected.contains(&f.as_str())),
+        "{}",
+        s.state
+    );
+}
+
+/// The connects the datapath redirected, either family, sidecar or ambient.
+fn connects_redirected(t: &Sidecar) -> u64 {
+    t.counter("connect_redirected_ipv4") + t.counter("connect_redirected_ipv6")
+}
+
+/// The `SO_ORIGINAL_DST` queries the datapath saw, answered or not: one per
+/// connection a proxy accepted.
+fn original_dsts_asked(t: &Sidecar) -> u64 {
+    ["orig_dst_answered", "orig_dst_missing", "orig_dst_refused"]
+        .iter()
+        .map(|c| t.counter(c))
+        .sum()
 }
 
 /// Runs `ip6tables <rule>` inside network namespace `ns`, panicking with

@@ -581,13 +581,18 @@ fn connect_many(to: SocketAddr, bytes: usize, until: Until, io: Io) -> io::Resul
         let result = connect(to, bytes, io, None, Duration::ZERO)?;
         if result.ok {
             ok += 1;
-        } else if failures.len() < 5 {
-            failures.push(result.error.unwrap_or_else(|| {
-                format!(
-                    "{} of {} bytes came back, intact: {}",
-                    result.received, result.sent, result.intact
-                )
-            }));
+            continue;
+        }
+        // The first few distinct reasons: a rare one after many of a
+        // common one (EPERM while held) is the one worth reading.
+        let reason = result.error.unwrap_or_else(|| {
+            format!(
+                "{} of {} bytes came back, intact: {}",
+                result.received, result.sent, result.intact
+            )
+        });
+        if failures.len() < 5 && !failures.contains(&reason) {
+            failures.push(reason);
         }
     }
     report(ev::ConnectSummary {
