@@ -101,8 +101,16 @@ fn version_names_the_running_kernel_and_finds_every_feature_and_program_the_data
         release.release().to_string_lossy().as_ref()
     );
     assert_eq!(version["version"], env!("CARGO_PKG_VERSION"));
+    // The netns cookie in sock_ops, sk_msg and cgroup_sockopt programs.
+    assert_eq!(version["minimum_kernel"], "5.15", "{version}");
     let features = version["features"].as_array().unwrap();
-    assert!(features.len() >= 10, "{version}");
+    assert!(
+        features
+            .iter()
+            .any(|f| f["name"].as_str().unwrap().starts_with("SO_NETNS_COOKIE")),
+        "{version}"
+    );
+    assert!(features.len() >= 11, "{version}");
     for feature in features {
         assert_eq!(feature["found"], true, "{feature}");
     }

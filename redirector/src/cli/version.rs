@@ -40,6 +40,7 @@ impl Version {
             serde_json::json!({
                 "version": env!("CARGO_PKG_VERSION"),
                 "kernel": kernel,
+                "minimum_kernel": features::minimum_kernel(),
                 "features": found.iter().map(|f| serde_json::json!({
                     "name": f.name,
                     "since": f.since,
@@ -56,9 +57,10 @@ impl Version {
         if render::document(self.output.format(), document)? {
             return Ok(());
         }
+        let needs = format!("Linux {} or later", features::minimum_kernel());
         render::fields(
             &format!("ambridge {}", env!("CARGO_PKG_VERSION")),
-            &[("kernel", kernel.as_str())],
+            &[("kernel", kernel.as_str()), ("needs", needs.as_str())],
         );
         let mut table = render::Table::new(&["KERNEL FEATURE", "SINCE", "FOUND"]);
         for f in &found {

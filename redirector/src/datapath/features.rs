@@ -8,13 +8,9 @@
 
 use std::{fs, path::Path};
 
-use aya::{
-    EbpfLoader,
-    maps::MapType,
-    programs::{CgroupSock, CgroupSockAddr, CgroupSockopt, ProgramType, SkLookup, SkMsg, SockOps},
-};
+use aya::{EbpfLoader, maps::MapType, programs::ProgramType};
 
-use super::{Error, Kind, OBJECT, Pins, SK_LOOKUP, SK_MSG, prog_err};
+use super::{Error, OBJECT, Pins, load_order, load_program};
 
 /// One program or map type the datapath uses, and whether this kernel has
 /// it.
@@ -68,7 +64,15 @@ const MAPS: [(MapType, &str, &str); 4] = [
     (MapType::PerCpuArray, "percpu_array (counters)", "4.6"),
 ];
 
-/// Probes every program and map type the datapath uses.
+/// The daemon's own use of a socket option: a pod namespace's cookie
+/// (the key of its inbound capture), read from a socket inside it.
+const NETNS_COOKIE: (&str, &str) = (
+    "SO_NETNS_COOKIE (a pod namespace's cookie, for inbound capture)",
+    "5.14",
+);
+
+/// Probes every program and map type the datapath uses, and the socket
+/// option the daemon reads namespace cookies with.
 pub fn probe() -> Vec<Feature> {
     let programs = PROGRAMS.iter().map(|(kind, name, since)| Feature {
         name,
@@ -80,7 +84,44 @@ pub fn probe() -> Vec<Feature> {
         since,
         found: aya::sys::is_map_supported(*kind).map_err(|e| e.to_string()),
     });
-    programs.chain(maps).collect()
+    let (name, since) = NETNS_COOKIE;
+    // ENOPROTOOPT before 5.14; any other failure is the probe's own.
+    let cookie = match crate::host::netns::own_cookie() {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => Ok(false),
+        Err(e) => Err(e.to_string()),
+    };
+    programs
+        .chain(maps)
+        .chain([Feature {
+            name,
+            since,
+            found: cookie,
+        }])
+        .collect()
+}
+
+/// The oldest Linux release the daemon runs on: the latest of the
+/// releases that brought each program type, map type, late helper and
+/// socket option it uses (the netns cookie in `sock_ops`, `sk_msg` and
+/// `cgroup_sockopt` programs, 5.15). Older kernels refuse at start, the
+/// verifier naming the first program it refuses.
+pub fn minimum_kernel() -> &'static str {
+    let release = |since: &str| -> (u32, u32) {
+        let (major, minor) = since.split_once('.').expect("releases are major.minor");
+        (
+            major.parse().expect("a numeric major"),
+            minor.parse().expect("a numeric minor"),
+        )
+    };
+    PROGRAMS
+        .iter()
+        .map(|(_, _, since)| *since)
+        .chain(MAPS.iter().map(|(_, _, since)| *since))
+        .chain(LATE_HELPERS.iter().map(|(_, _, since)| *since))
+        .chain([NETNS_COOKIE.1])
+        .max_by_key(|since| release(since))
+        .expect("non-empty tables")
 }
 
 /// One program of the object, and whether this kernel loaded it.
@@ -107,36 +148,9 @@ fn load_each_program(scratch: &Pins) -> Result<Vec<ProgramCheck>, Error> {
         .default_map_pin_directory(scratch.maps())
         .load(OBJECT)
         .map_err(Error::Load)?;
-    let kinds = super::PROGRAMS
-        .iter()
-        .map(|(name, kind, _)| (*name, Some(*kind)))
-        .chain([(SK_LOOKUP, None), (SK_MSG, None)]);
-    let mut checked = Vec::new();
-    for (name, kind) in kinds {
-        let program = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
-        let loaded = match (kind, name) {
-            (Some(Kind::SockAddr), _) => <&mut CgroupSockAddr>::try_from(program)
-                .map_err(prog_err(name))
-                .and_then(|p| p.load().map_err(prog_err(name))),
-            (Some(Kind::Sock), _) => <&mut CgroupSock>::try_from(program)
-                .map_err(prog_err(name))
-                .and_then(|p| p.load().map_err(prog_err(name))),
-            (Some(Kind::SockOps), _) => <&mut SockOps>::try_from(program)
-                .map_err(prog_err(name))
-                .and_then(|p| p.load().map_err(prog_err(name))),
-            (Some(Kind::Sockopt), _) => <&mut CgroupSockopt>::try_from(program)
-                .map_err(prog_err(name))
-                .and_then(|p| p.load().map_err(prog_err(name))),
-            (None, SK_LOOKUP) => <&mut SkLookup>::try_from(program)
-                .map_err(prog_err(name))
-                .and_then(|p| p.load().map_err(prog_err(name))),
-            (None, _) => <&mut SkMsg>::try_from(program)
-                .map_err(prog_err(name))
-                .and_then(|p| p.load().map_err(prog_err(name))),
-        };
-        checked.push((name, loaded));
-    }
-    Ok(checked)
+    Ok(load_order()
+        .map(|(name, kind)| (name, load_program(&mut ebpf, name, kind)))
+        .collect())
 }
 
 /// Helpers the programs call that came to a program type after the type
@@ -182,9 +196,14 @@ pub fn missing_helper(program: &str, log: &str) -> Option<String> {
         .iter()
         .find(|(t, h, _)| *t == kind && *h == helper)
         .map(|(_, _, since)| *since);
+    let needs = minimum_kernel();
     Some(match since {
-        Some(since) => format!("it calls {helper}, which {kind} programs have from Linux {since}"),
-        None => format!("it calls {helper}, which this kernel does not give {kind} programs"),
+        Some(since) => format!(
+            "it calls {helper}, which {kind} programs have from Linux {since}; ambridge needs Linux {needs} or later"
+        ),
+        None => format!(
+            "it calls {helper}, which this kernel does not give {kind} programs; ambridge needs Linux {needs} or later"
+        ),
     })
 }
 
@@ -197,18 +216,29 @@ mod tests {
         let log = "0: (bf) r6 = r1\n1: (85) call bpf_get_netns_cookie#122\nunknown func bpf_get_netns_cookie#122\nprocessed 2 insns";
         assert_eq!(
             missing_helper("sock_ops", log).as_deref(),
-            Some("it calls bpf_get_netns_cookie, which sock_ops programs have from Linux 5.15")
+            Some(
+                "it calls bpf_get_netns_cookie, which sock_ops programs have from Linux 5.15; ambridge needs Linux 5.15 or later"
+            )
         );
         assert_eq!(
             missing_helper("getsockopt", log).as_deref(),
             Some(
-                "it calls bpf_get_netns_cookie, which cgroup_sockopt programs have from Linux 5.15"
+                "it calls bpf_get_netns_cookie, which cgroup_sockopt programs have from Linux 5.15; ambridge needs Linux 5.15 or later"
             )
         );
         assert_eq!(
             missing_helper("inbound", "unknown func bpf_sk_assign#124").as_deref(),
-            Some("it calls bpf_sk_assign, which this kernel does not give sk_lookup programs")
+            Some(
+                "it calls bpf_sk_assign, which this kernel does not give sk_lookup programs; ambridge needs Linux 5.15 or later"
+            )
         );
         assert_eq!(missing_helper("connect4", "R4 !read_ok"), None);
+    }
+
+    #[test]
+    fn the_minimum_kernel_is_the_latest_release_any_feature_needs() {
+        // 5.15 (netns cookie in sock_ops) outranks 5.9 and 5.14, compared
+        // as numbers, not text ("5.9" > "5.15" as strings).
+        assert_eq!(minimum_kernel(), "5.15");
     }
 }

@@ -65,6 +65,46 @@ enum Kind {
     Sock,
     SockOps,
     Sockopt,
+    SkLookup,
+    SkMsg,
+}
+
+/// Loads program `name` of `ebpf` (through the kernel's verifier), as its
+/// `kind`. Loading an already loaded program is an error of aya's.
+fn load_program(ebpf: &mut Ebpf, name: &'static str, kind: Kind) -> Result<(), Error> {
+    let program = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
+    match kind {
+        Kind::SockAddr => <&mut CgroupSockAddr>::try_from(program)
+            .map_err(prog_err(name))?
+            .load(),
+        Kind::Sock => <&mut CgroupSock>::try_from(program)
+            .map_err(prog_err(name))?
+            .load(),
+        Kind::SockOps => <&mut SockOps>::try_from(program)
+            .map_err(prog_err(name))?
+            .load(),
+        Kind::Sockopt => <&mut CgroupSockopt>::try_from(program)
+            .map_err(prog_err(name))?
+            .load(),
+        Kind::SkLookup => <&mut SkLookup>::try_from(program)
+            .map_err(prog_err(name))?
+            .load(),
+        Kind::SkMsg => <&mut SkMsg>::try_from(program)
+            .map_err(prog_err(name))?
+            .load(),
+    }
+    .map_err(prog_err(name))
+}
+
+/// Every program of the object and how it is loaded, in load order: the
+/// cgroup programs, then inbound capture's, then same-node acceleration's
+/// (on a kernel that refuses several, the first refusal named is that of
+/// a program every pod needs).
+fn load_order() -> impl Iterator<Item = (&'static str, Kind)> {
+    PROGRAMS
+        .iter()
+        .map(|(name, kind, _)| (*name, *kind))
+        .chain([(SK_LOOKUP, Kind::SkLookup), (SK_MSG, Kind::SkMsg)])
 }
 
 /// Every cgroup program of the object: its name (the function name), how
@@ -160,7 +200,10 @@ pub struct Datapath {
 
 impl Datapath {
     /// Loads the programs, reusing the pinned maps of the same layout, and
-    /// attaches the `sk_msg` program to the sockhash. Nothing is attached
+    /// attaches the `sk_msg` program to the sockhash. Every program goes
+    /// through the verifier first: one it refuses (another kernel, another
+    /// LLVM) fails the start before anything is attached, naming the
+    /// program and, in the error, the verifier's log. Nothing is attached
     /// to a cgroup yet: see [`Datapath::attach`].
     pub fn load(pins: &Pins) -> Result<Self, Error> {
         pins.create()?;
@@ -170,13 +213,10 @@ impl Datapath {
             .default_map_pin_directory(pins.maps())
             .load(OBJECT)
             .map_err(Error::Load)?;
+        for (name, kind) in load_order() {
+            load_program(&mut ebpf, name, kind)?;
+        }
         attach_sk_msg(&mut ebpf)?;
-        let sk_lookup: &mut SkLookup = ebpf
-            .program_mut(SK_LOOKUP)
-            .ok_or(Error::MissingProgram(SK_LOOKUP))?
-            .try_into()
-            .map_err(prog_err(SK_LOOKUP))?;
-        sk_lookup.load().map_err(prog_err(SK_LOOKUP))?;
         let netns_links = pinned_netns_links(pins)?;
         let cgroups = take_hash(&mut ebpf, map_names::CGROUPS)?;
         let netns = take_hash(&mut ebpf, map_names::NETNS)?;
@@ -246,31 +286,6 @@ impl Datapath {
             what: format!("open cgroup {}", cgroup_root.display()),
             source,
         })?;
-        // Every program through the verifier first: one it refuses (another
-        // kernel, another LLVM) fails the install before anything is
-        // attached, naming the program and, in the error, the verifier's
-        // log.
-        for (name, kind, _) in PROGRAMS {
-            let program = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
-            match kind {
-                Kind::SockAddr => {
-                    let p: &mut CgroupSockAddr = program.try_into().map_err(prog_err(name))?;
-                    p.load().map_err(prog_err(name))?;
-                }
-                Kind::Sock => {
-                    let p: &mut CgroupSock = program.try_into().map_err(prog_err(name))?;
-                    p.load().map_err(prog_err(name))?;
-                }
-                Kind::SockOps => {
-                    let p: &mut SockOps = program.try_into().map_err(prog_err(name))?;
-                    p.load().map_err(prog_err(name))?;
-                }
-                Kind::Sockopt => {
-                    let p: &mut CgroupSockopt = program.try_into().map_err(prog_err(name))?;
-                    p.load().map_err(prog_err(name))?;
-                }
-            }
-        }
         for (name, _, attach_type) in PROGRAMS {
             let program = ebpf.program(name).ok_or(Error::MissingProgram(name))?;
             let prog_fd = program.fd().map_err(prog_err(name))?.as_fd();
@@ -534,7 +549,7 @@ fn prefix_from_key(key: &Key<IpKey>) -> IpNet {
     IpNet::new(ip, len as u8).expect("a prefix this module wrote")
 }
 
-/// Loads the `sk_msg` program and attaches it to the sockhash. The
+/// Attaches the (loaded) `sk_msg` program to the sockhash. The
 /// attachment lives as long as the (pinned) map does, and replaces the
 /// program of an earlier run.
 fn attach_sk_msg(ebpf: &mut Ebpf) -> Result<(), Error> {
@@ -552,7 +567,6 @@ fn attach_sk_msg(ebpf: &mut Ebpf) -> Result<(), Error> {
         .ok_or(Error::MissingProgram(SK_MSG))?
         .try_into()
         .map_err(prog_err(SK_MSG))?;
-    program.load().map_err(prog_err(SK_MSG))?;
     let link = program.attach(&map_fd).map_err(prog_err(SK_MSG))?;
     // Dropping the link would detach it; the map holds the program anyway.
     std::mem::forget(program.take_link(link).map_err(prog_err(SK_MSG))?);

@@ -208,12 +208,23 @@ pub fn claimant(
 /// The cookie of the network namespace at `netns` (a `/proc/*/ns/net` or
 /// `/run/netns/*` path).
 pub fn cookie(netns: &Path) -> io::Result<u64> {
-    in_netns(&open_netns(netns)?, &netns.display(), || own_cookie(netns))
+    in_netns(&open_netns(netns)?, &netns.display(), || cookie_here(netns))
 }
 
-/// The cookie of the calling thread's network namespace; `netns` only
-/// names it in errors.
-fn own_cookie(netns: &Path) -> io::Result<u64> {
+/// [`own_cookie`], its error naming `netns`, the namespace the calling
+/// thread is in.
+fn cookie_here(netns: &Path) -> io::Result<u64> {
+    own_cookie().map_err(|e| {
+        io::Error::other(format!(
+            "getsockopt(SO_NETNS_COOKIE) in {}: {e}",
+            netns.display()
+        ))
+    })
+}
+
+/// The cookie of the calling thread's network namespace (`ENOPROTOOPT`
+/// before Linux 5.14).
+pub(crate) fn own_cookie() -> io::Result<u64> {
     let sock = std::net::UdpSocket::bind("127.0.0.1:0")
         .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))?;
     let mut cookie = 0u64;
@@ -229,11 +240,7 @@ fn own_cookie(netns: &Path) -> io::Result<u64> {
         )
     };
     if ret != 0 {
-        return Err(io::Error::other(format!(
-            "getsockopt(SO_NETNS_COOKIE) in {}: {}",
-            netns.display(),
-            io::Error::last_os_error()
-        )));
+        return Err(io::Error::last_os_error());
     }
     Ok(cookie)
 }
@@ -528,7 +535,7 @@ impl CookieCache {
     /// The cookie of the network namespace `at`, `None` while a cgroup has
     /// no process.
     pub fn of(&mut self, at: NetnsAt) -> io::Result<Option<u64>> {
-        let found = self.cache.of_with_id(at, own_cookie, |_| true)?;
+        let found = self.cache.of_with_id(at, cookie_here, |_| true)?;
         Ok(found.map(|(id, cookie)| {
             self.by_cookie.insert(cookie, id);
             cookie
