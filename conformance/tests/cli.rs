@@ -157,3 +157,36 @@ fn with_log_format_json_the_daemon_writes_one_json_object_a_line() {
         "{log:?}"
     );
 }
+
+#[test]
+fn a_cgroup_root_that_is_not_a_cgroup_v2_directory_stops_the_daemon_at_start_naming_it() {
+    let dir = std::env::temp_dir().join(format!("ambridge-not-a-cgroup-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let workloads = dir.join("workloads.yaml");
+    std::fs::write(&workloads, "workloads: []\n").unwrap();
+    let bpffs = format!("/sys/fs/bpf/ambridge-cli-root-{}", std::process::id());
+    let (root, api) = (dir.display().to_string(), dir.join("api.sock"));
+    let out = ambridge(&[
+        "run",
+        "--cgroup-root",
+        &root,
+        "--bpffs",
+        &bpffs,
+        "--workloads",
+        workloads.to_str().unwrap(),
+        "--api-socket",
+        api.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    // Before anything is loaded or pinned.
+    let pinned = std::path::Path::new(&bpffs).exists();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "--cgroup-root {root} must be a cgroup v2 directory"
+        )) && stderr.contains("is not on a cgroup2 filesystem"),
+        "{stderr}"
+    );
+    assert!(!pinned, "{bpffs} was made");
+}

@@ -98,6 +98,14 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     // Before anything is touched: too few capabilities stop the daemon
     // here, naming each one and what it is for.
     crate::capabilities::check(opts.settings.sidecar.is_some())?;
+    // The programs attach to this directory; anything but a cgroup v2 one
+    // would fail only then, with the kernel's bare EBADF.
+    crate::host::cgroup::cgroup_id(&opts.cgroup_root).with_context(|| {
+        format!(
+            "--cgroup-root {} must be a cgroup v2 directory (with the hybrid layout, below /sys/fs/cgroup/unified)",
+            opts.cgroup_root.display()
+        )
+    })?;
     let pins = opts.pins.clone();
     let _owner = tokio::task::spawn_blocking(move || {
         pins.own(|| {
