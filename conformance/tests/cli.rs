@@ -190,3 +190,33 @@ fn a_cgroup_root_that_is_not_a_cgroup_v2_directory_stops_the_daemon_at_start_nam
     );
     assert!(!pinned, "{bpffs} was made");
 }
+
+#[test]
+fn a_report_whose_reader_went_away_ends_quietly_with_success() {
+    // As `ambridge version | head -0`: the reader is gone before the
+    // first line (the program check takes a while before any output).
+    let bpffs = format!("/sys/fs/bpf/ambridge-cli-pipe-{}", std::process::id());
+    std::fs::create_dir_all(&bpffs).unwrap();
+    let mut child = Command::new(workspace_bin("ambridge"))
+        .args(["version", "--bpffs", &bpffs])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running ambridge version");
+    drop(child.stdout.take());
+    let out = child
+        .wait_with_output()
+        .expect("waiting for ambridge version");
+    std::fs::remove_dir(&bpffs).unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1150,6 +1150,9 @@ struct Switched {
     summary: ConnectSummary,
     /// The loop's connects refused (EPERM) because the pod was held.
     held: u64,
+    /// The `SO_ORIGINAL_DST` asks the datapath counted: one per connection
+    /// a proxy accepted from the loop.
+    asked: u64,
     /// The loop's connects redirected to a proxy that never accepted them:
     /// reset in ztunnel's accept queue when it let the pod go.
     unaccepted: u64,
@@ -1248,7 +1251,8 @@ fn switch_under_a_connect_loop() -> Switched {
     let summary = looped.wait_first::<ConnectSummary>(Duration::from_secs(30));
     let held = t.counter("connect_held") - held;
     let asked = original_dsts_asked(&t) - asked_before;
-    let unaccepted = (connects_redirected(&t) - redirected_before).saturating_sub(asked);
+    let redirected = connects_redirected(&t) - redirected_before;
+    let unaccepted = redirected.saturating_sub(asked);
     // Each proxy reports a connection as soon as it has asked for its
     // original destination, before relaying a byte; the reports are read
     // apart from the loop's, so wait until as many are in as were asked.
@@ -1272,7 +1276,7 @@ fn switch_under_a_connect_loop() -> Switched {
     })
     .unwrap_or_default();
     let state = format!(
-        "{summary}; held: {held}; redirected but never accepted: {unaccepted}; the proxies' connections with no original destination: {:?}; their errors: {:?} {:?}; counters: {:?}",
+        "{summary}; held: {held}; redirected: {redirected}; SO_ORIGINAL_DST asked: {asked}; redirected but never accepted: {unaccepted}; the proxies' connections with no original destination: {:?}; their errors: {:?} {:?}; counters: {:?}",
         accepted
             .iter()
             .filter(|a| a.orig_dst.is_none())
@@ -1284,6 +1288,7 @@ fn switch_under_a_connect_loop() -> Switched {
     Switched {
         summary,
         held,
+        asked,
         unaccepted,
         accepted,
         around,
@@ -1313,7 +1318,7 @@ fn a_pod_switched_between_sidecar_and_ambient_moves_between_the_two_proxies_and_
     assert_eq!(
         s.accepted.len() as u64,
         s.summary.ok + landed_and_failed,
-        "connects that neither landed at a proxy nor were held: {}",
+        "connects that neither landed at a proxy nor were held or reset unaccepted: {}",
         s.state
     );
     assert_only_reset_in_flight_to_ztunnel(&s);
@@ -1348,10 +1353,17 @@ fn a_connection_the_sidecar_proxy_took_as_its_pod_switches_to_ambient_keeps_its_
 /// window), and fail-closed: at most the one connect in flight at each of
 /// the loop's two switches to sidecar, and reset, never around.
 fn assert_only_reset_in_flight_to_ztunnel(s: &Switched) {
+    // Every connection a proxy reported asked once: what was redirected
+    // and not asked is what no proxy took.
+    assert_eq!(s.accepted.len() as u64, s.asked, "{}", s.state);
     assert!(s.unaccepted <= 2, "{}", s.state);
+    // Reset in the queue (seen reading, or as no peer once connected), or
+    // refused if its SYN came after the listener closed; EPERM while held.
     let expected = [
         "Operation not permitted (os error 1)",
         "Connection reset by peer (os error 104)",
+        "Transport endpoint is not connected (os error 107)",
+        "Connection refused (os error 111)",
     ];
     assert!(
         s.summary

@@ -18,7 +18,6 @@ mod version;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use nix::sys::signal::{SigHandler, Signal};
 
 /// Where `run` pins the datapath unless told otherwise.
 const DEFAULT_BPFFS: &str = "/sys/fs/bpf/ambridge";
@@ -55,15 +54,6 @@ enum Command {
 
 impl Cli {
     pub fn run(self) -> anyhow::Result<()> {
-        if !matches!(self.command, Command::Run(_)) {
-            // A report piped into `head` ends quietly where the reader
-            // stopped, as other Unix tools do, instead of panicking at the
-            // next line. The daemon keeps Rust's ignored SIGPIPE: a peer
-            // gone is an error on its socket, not its end.
-            // SAFETY: restores the default disposition, before any thread.
-            unsafe { nix::sys::signal::signal(Signal::SIGPIPE, SigHandler::SigDfl) }
-                .context("restoring SIGPIPE's default")?;
-        }
         match self.command {
             Command::Run(run) => run.run(),
             Command::Status(status) => status.run(),

@@ -2,7 +2,36 @@
 //! people, one JSON or YAML document for scripts, chosen with kubectl's
 //! `-o`.
 
-use std::fmt::Display;
+use std::{
+    fmt::Display,
+    io::{self, Write as _},
+};
+
+/// Writes `text` and a newline to stdout: every line the CLI prints goes
+/// through here. A reader that went away (`ambridge pods | head`) ends the
+/// command quietly, as for other Unix tools, where `println!` would panic;
+/// SIGPIPE stays ignored, so a daemon gone mid-call is an error naming it,
+/// not a silent signal.
+pub fn line(text: impl Display) {
+    write(format_args!("{text}\n"));
+}
+
+/// Writes `text` to stdout as it is (see [`line`]).
+pub fn text(text: &str) {
+    write(format_args!("{text}"));
+}
+
+fn write(args: std::fmt::Arguments<'_>) {
+    let mut out = io::stdout().lock();
+    match out.write_fmt(args).and_then(|()| out.flush()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => {
+            eprintln!("ambridge: writing to stdout: {e}");
+            std::process::exit(1);
+        }
+    }
+}
 
 /// How a command prints what it found (`-o`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -38,10 +67,9 @@ impl OutputArgs {
 /// formats, which the command prints itself.
 pub fn document(format: Format, value: impl FnOnce() -> serde_json::Value) -> anyhow::Result<bool> {
     match format {
-        Format::Json => println!("{}", value()),
-        Format::Yaml => print!(
-            "{}",
-            serde_saphyr::to_string(&value()).map_err(|e| anyhow::anyhow!("writing YAML: {e}"))?
+        Format::Json => line(value()),
+        Format::Yaml => text(
+            &serde_saphyr::to_string(&value()).map_err(|e| anyhow::anyhow!("writing YAML: {e}"))?,
         ),
         Format::Table | Format::Wide => return Ok(false),
     }
@@ -88,7 +116,7 @@ impl Table {
                     }
                 })
                 .collect();
-            println!("{}", text.join("  ").trim_end());
+            line(text.join("  ").trim_end());
         };
         line(self.headers.clone());
         for row in &self.rows {
@@ -99,11 +127,11 @@ impl Table {
 
 /// A titled list of `name  value` lines, names aligned.
 pub fn fields<N: Display, V: Display>(title: &str, fields: &[(N, V)]) {
-    println!("{title}");
+    line(title);
     let names: Vec<String> = fields.iter().map(|(n, _)| n.to_string()).collect();
     let width = names.iter().map(String::len).max().unwrap_or(0);
     for (name, (_, value)) in names.iter().zip(fields) {
-        println!("  {name:<width$}  {value}");
+        line(format_args!("  {name:<width$}  {value}"));
     }
 }
 

@@ -46,7 +46,7 @@ impl Stats {
         let document = || serde_json::json!({"counters": obj(&counters), "map_entries": obj(&maps), "source": source});
         // Key-value lists: wide adds nothing to them.
         if !render::document(self.output.format(), document)? {
-            println!("from {source}");
+            render::line(format_args!("from {source}"));
             render::fields("counters", &counters);
             render::fields("map entries", &maps);
         }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use ambridge::datapath::{self, Pins};
 
-use super::DEFAULT_BPFFS;
+use super::{DEFAULT_BPFFS, render};
 
 /// Detach every program and remove every pin: traffic flows directly.
 #[derive(clap::Args)]
@@ -27,7 +27,7 @@ impl Uninstall {
         // every new pod, unable to reach it.
         if let (Some(bin_dir), Some(conf_dir)) = (&self.cni_bin_dir, &self.cni_conf_dir) {
             let removed = ambridge::cni::install::remove(bin_dir, conf_dir)?;
-            println!(
+            render::line(format_args!(
                 "removed the chained CNI plugin: binary {}, entry from {}",
                 if removed.binary { "removed" } else { "absent" },
                 if removed.configs.is_empty() {
@@ -40,19 +40,22 @@ impl Uninstall {
                         .collect::<Vec<_>>()
                         .join(", ")
                 }
-            );
+            ));
         }
         let removed = datapath::uninstall(&Pins::new(&self.bpffs))?;
         if removed.links.is_empty() && removed.maps.is_empty() {
-            println!("nothing installed under {}", self.bpffs.display());
+            render::line(format_args!(
+                "nothing installed under {}",
+                self.bpffs.display()
+            ));
         } else {
-            println!(
+            render::line(format_args!(
                 "detached {} ({}) and removed {} maps from {}",
                 removed.links.len(),
                 removed.links.join(", "),
                 removed.maps.len(),
                 self.bpffs.display()
-            );
+            ));
         }
         Ok(())
     }

@@ -32,7 +32,7 @@ impl Validate {
         }
         pods.print();
         for z in &spec.ztunnels {
-            println!("ztunnel cgroup={:?}", z.cgroup);
+            render::line(format_args!("ztunnel cgroup={:?}", z.cgroup));
         }
         Ok(())
     }

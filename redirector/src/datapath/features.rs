@@ -1,10 +1,12 @@
 //! What this kernel offers of what the datapath needs, found by loading a
 //! trivial program or creating a tiny map of each type (`bpf(2)`, so it
 //! needs `CAP_BPF` or `CAP_SYS_ADMIN`; without them every probe fails and
-//! says so). A program type is probed, not each hook of it: the releases
-//! name when the last hook the datapath attaches came. [`check_programs`]
-//! goes further: every program of this build through this kernel's
-//! verifier, on throwaway maps, never the datapath's.
+//! says so), and the socket option the daemon reads namespace cookies
+//! with. A program type is probed, not each hook of it: the releases name
+//! when the last hook the datapath attaches came. [`check_programs`] goes
+//! further: every program of this build through this kernel's verifier, on
+//! throwaway maps, never the datapath's. [`minimum_kernel`] is the latest
+//! of all these releases.
 
 use std::{fs, path::Path};
 
@@ -12,8 +14,8 @@ use aya::{EbpfLoader, maps::MapType, programs::ProgramType};
 
 use super::{Error, OBJECT, Pins, load_order, load_program};
 
-/// One program or map type the datapath uses, and whether this kernel has
-/// it.
+/// One program or map type the datapath uses, or the daemon's socket
+/// option, and whether this kernel has it.
 #[derive(Debug)]
 pub struct Feature {
     /// The type, with what ambridge uses it for.
@@ -64,10 +66,11 @@ const MAPS: [(MapType, &str, &str); 4] = [
     (MapType::PerCpuArray, "percpu_array (counters)", "4.6"),
 ];
 
-/// The daemon's own use of a socket option: a pod namespace's cookie
-/// (the key of its inbound capture), read from a socket inside it.
+/// The daemon's own use of a socket option: the cookie of each pod's and
+/// ztunnel's network namespace (the key of the netns map, which bind,
+/// connection records and inbound capture read), from a socket inside it.
 const NETNS_COOKIE: (&str, &str) = (
-    "SO_NETNS_COOKIE (a pod namespace's cookie, for inbound capture)",
+    "SO_NETNS_COOKIE (each pod's and ztunnel's namespace cookie, the netns map's key)",
     "5.14",
 );
 
@@ -107,21 +110,21 @@ pub fn probe() -> Vec<Feature> {
 /// `cgroup_sockopt` programs, 5.15). Older kernels refuse at start, the
 /// verifier naming the first program it refuses.
 pub fn minimum_kernel() -> &'static str {
-    let release = |since: &str| -> (u32, u32) {
-        let (major, minor) = since.split_once('.').expect("releases are major.minor");
-        (
-            major.parse().expect("a numeric major"),
-            minor.parse().expect("a numeric minor"),
-        )
-    };
     PROGRAMS
         .iter()
         .map(|(_, _, since)| *since)
         .chain(MAPS.iter().map(|(_, _, since)| *since))
         .chain(LATE_HELPERS.iter().map(|(_, _, since)| *since))
         .chain([NETNS_COOKIE.1])
-        .max_by_key(|since| release(since))
+        .max_by_key(|since| release(since).expect("the tables' releases are major.minor"))
         .expect("non-empty tables")
+}
+
+/// The `(major, minor)` of a release (`5.15`, or `uname -r`'s
+/// `6.1.0-50-amd64`), compared as numbers.
+fn release(text: &str) -> Option<(u32, u32)> {
+    let mut parts = text.split(['.', '-', '+']);
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
 /// One program of the object, and whether this kernel loaded it.
@@ -183,8 +186,10 @@ fn program_type(program: &str) -> &'static str {
 /// What a verifier refusal of `program` with this `log` says is missing,
 /// where it is a helper this kernel does not give the program's type
 /// (`unknown func <helper>#<id>`): the helper and, where known, the first
-/// release that has it there.
-pub fn missing_helper(program: &str, log: &str) -> Option<String> {
+/// release that has it there; on a `kernel` older than
+/// [`minimum_kernel`], that release too (on a newer one the helper is
+/// missing for another reason: a distribution's build, a lockdown).
+pub fn missing_helper(program: &str, log: &str, kernel: &str) -> Option<String> {
     let helper = log
         .lines()
         .find_map(|line| line.trim().strip_prefix("unknown func "))?
@@ -197,13 +202,18 @@ pub fn missing_helper(program: &str, log: &str) -> Option<String> {
         .find(|(t, h, _)| *t == kind && *h == helper)
         .map(|(_, _, since)| *since);
     let needs = minimum_kernel();
-    Some(match since {
-        Some(since) => format!(
-            "it calls {helper}, which {kind} programs have from Linux {since}; ambridge needs Linux {needs} or later"
-        ),
-        None => format!(
-            "it calls {helper}, which this kernel does not give {kind} programs; ambridge needs Linux {needs} or later"
-        ),
+    let too_old = matches!(
+        (release(kernel), release(needs)),
+        (Some(running), Some(needed)) if running < needed
+    );
+    let why = match since {
+        Some(since) => format!("it calls {helper}, which {kind} programs have from Linux {since}"),
+        None => format!("it calls {helper}, which this kernel does not give {kind} programs"),
+    };
+    Some(if too_old {
+        format!("{why}; ambridge needs Linux {needs} or later")
+    } else {
+        why
     })
 }
 
@@ -214,25 +224,38 @@ mod tests {
     #[test]
     fn a_helper_the_kernel_lacks_is_named_with_the_release_that_brought_it() {
         let log = "0: (bf) r6 = r1\n1: (85) call bpf_get_netns_cookie#122\nunknown func bpf_get_netns_cookie#122\nprocessed 2 insns";
+        let old = "5.10.0-32-amd64";
         assert_eq!(
-            missing_helper("sock_ops", log).as_deref(),
+            missing_helper("sock_ops", log, old).as_deref(),
             Some(
                 "it calls bpf_get_netns_cookie, which sock_ops programs have from Linux 5.15; ambridge needs Linux 5.15 or later"
             )
         );
         assert_eq!(
-            missing_helper("getsockopt", log).as_deref(),
+            missing_helper("getsockopt", log, old).as_deref(),
             Some(
                 "it calls bpf_get_netns_cookie, which cgroup_sockopt programs have from Linux 5.15; ambridge needs Linux 5.15 or later"
             )
         );
         assert_eq!(
-            missing_helper("inbound", "unknown func bpf_sk_assign#124").as_deref(),
+            missing_helper("inbound", "unknown func bpf_sk_assign#124", old).as_deref(),
             Some(
                 "it calls bpf_sk_assign, which this kernel does not give sk_lookup programs; ambridge needs Linux 5.15 or later"
             )
         );
-        assert_eq!(missing_helper("connect4", "R4 !read_ok"), None);
+        assert_eq!(missing_helper("connect4", "R4 !read_ok", old), None);
+    }
+
+    #[test]
+    fn a_kernel_new_enough_is_not_told_to_upgrade() {
+        let log = "unknown func bpf_sk_assign#124";
+        for kernel in ["5.15.0-91-generic", "6.12.117+deb13-amd64", "6.18"] {
+            assert_eq!(
+                missing_helper("inbound", log, kernel).as_deref(),
+                Some("it calls bpf_sk_assign, which this kernel does not give sk_lookup programs"),
+                "{kernel}"
+            );
+        }
     }
 
     #[test]
@@ -240,5 +263,9 @@ mod tests {
         // 5.15 (netns cookie in sock_ops) outranks 5.9 and 5.14, compared
         // as numbers, not text ("5.9" > "5.15" as strings).
         assert_eq!(minimum_kernel(), "5.15");
+        assert_eq!(release("6.1.0-50-amd64"), Some((6, 1)));
+        assert_eq!(release("6.12.117+deb13-amd64"), Some((6, 12)));
+        assert_eq!(release("5.15"), Some((5, 15)));
+        assert_eq!(release("weird"), None);
     }
 }

@@ -676,10 +676,11 @@ fn prog_err(program: &'static str) -> impl Fn(aya::programs::ProgramError) -> Er
 /// The kernel's verifier refused `program` (`BPF_PROG_LOAD` failed with
 /// `error`), its log being `log`.
 fn verifier_refusal(program: &'static str, error: std::io::Error, log: &str) -> Error {
+    let kernel = kernel_release();
     Error::Verifier {
         program,
-        kernel: kernel_release(),
-        missing: features::missing_helper(program, log),
+        missing: features::missing_helper(program, log, &kernel),
+        kernel,
         source: error,
         last_lines: last_lines(log, VERIFIER_LINES),
     }

@@ -225,8 +225,15 @@ fn cookie_here(netns: &Path) -> io::Result<u64> {
 /// The cookie of the calling thread's network namespace (`ENOPROTOOPT`
 /// before Linux 5.14).
 pub(crate) fn own_cookie() -> io::Result<u64> {
-    let sock = std::net::UdpSocket::bind("127.0.0.1:0")
-        .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))?;
+    // Any socket will do (the option is the socket layer's): a Unix one
+    // needs no address, so a namespace whose `lo` is still down answers.
+    let sock = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| io::Error::other(format!("socket(AF_UNIX): {e}")))?;
     let mut cookie = 0u64;
     let mut len = size_of::<u64>() as libc::socklen_t;
     // SAFETY: `cookie` and `len` outlive the call and match in size.

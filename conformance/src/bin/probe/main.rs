@@ -640,8 +640,23 @@ fn connect(
     };
     stream.set_read_timeout(Some(io_timeout()))?;
     stream.set_write_timeout(Some(io_timeout()))?;
-    let local = stream.local_addr()?;
-    let peer = stream.peer_addr()?;
+    // A connection reset right after its handshake has no peer any more
+    // (ENOTCONN): a failed connect, like one refused.
+    let (local, peer) = match (stream.local_addr(), stream.peer_addr()) {
+        (Ok(local), Ok(peer)) => (local, peer),
+        (Err(e), _) | (_, Err(e)) => {
+            return Ok(ev::Connect {
+                ok: false,
+                to,
+                local: None,
+                peer: None,
+                sent: 0,
+                received: 0,
+                intact: false,
+                error: Some(e.to_string()),
+            });
+        }
+    };
     thread::sleep(hold);
     let sent = pattern(bytes);
     let writer = {
