@@ -623,8 +623,14 @@ fn connect(
     bind: Option<SocketAddr>,
     hold: Duration,
 ) -> io::Result<ev::Connect> {
-    let stream = match open(to, bind) {
-        Ok(s) => s,
+    // Refused, or reset right after its handshake (no peer any more,
+    // ENOTCONN): a failed connect, not the loop's end.
+    let opened = open(to, bind).and_then(|stream| {
+        let ends = (stream.local_addr()?, stream.peer_addr()?);
+        Ok((stream, ends))
+    });
+    let (stream, (local, peer)) = match opened {
+        Ok(opened) => opened,
         Err(e) => {
             return Ok(ev::Connect {
                 ok: false,
@@ -640,23 +646,6 @@ fn connect(
     };
     stream.set_read_timeout(Some(io_timeout()))?;
     stream.set_write_timeout(Some(io_timeout()))?;
-    // A connection reset right after its handshake has no peer any more
-    // (ENOTCONN): a failed connect, like one refused.
-    let (local, peer) = match (stream.local_addr(), stream.peer_addr()) {
-        (Ok(local), Ok(peer)) => (local, peer),
-        (Err(e), _) | (_, Err(e)) => {
-            return Ok(ev::Connect {
-                ok: false,
-                to,
-                local: None,
-                peer: None,
-                sent: 0,
-                received: 0,
-                intact: false,
-                error: Some(e.to_string()),
-            });
-        }
-    };
     thread::sleep(hold);
     let sent = pattern(bytes);
     let writer = {
