@@ -7,8 +7,22 @@ set -u
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root
 mkdir -p /dev/shm
-for dir in /tmp /run /var/tmp /var/lib /dev/shm; do
+writable="/tmp /run /var/tmp /var/lib /dev/shm"
+# The host's root as it is, kept visible (on the guest's own writable
+# /dev) before tmpfs covers those places: a checkout below one of them (a
+# CI clone in /tmp) is shown again from it. virtio-9p mounts a share once.
+mkdir -p /dev/hostroot
+mount --bind / /dev/hostroot
+for dir in $writable; do
     mount -t tmpfs tmpfs "$dir"
+done
+for dir in $writable; do
+    case $AMBRIDGE_CHECKOUT/ in
+    "$dir"/*)
+        mkdir -p "$AMBRIDGE_CHECKOUT"
+        mount --bind "/dev/hostroot$AMBRIDGE_CHECKOUT" "$AMBRIDGE_CHECKOUT"
+        ;;
+    esac
 done
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 mount -t bpf bpf /sys/fs/bpf
