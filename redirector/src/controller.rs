@@ -545,6 +545,7 @@ impl Controller {
     /// Re-reads the workloads file; returns whether the spec changed. A bad
     /// file is logged and the last good spec stays in force.
     fn load(&mut self, path: &Path) -> bool {
+        let started = std::time::Instant::now();
         match self.file.load(path) {
             Ok(loaded) => {
                 self.rejected = None;
@@ -558,6 +559,7 @@ impl Controller {
                     pods = view.pods.len(),
                     ztunnels = view.node.ztunnels.len(),
                     changed = pods.len(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
                     "workloads file loaded"
                 );
                 for uid in &pods {

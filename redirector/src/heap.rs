@@ -20,7 +20,10 @@ pub const SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
 /// eight per CPU, so each parser and survey thread of a fill gets one of
 /// its own, which stays resident between fills. With two, every thread
 /// (the runtime's workers, the fill's threads) shares the main arena or
-/// one more.
+/// one more: a thread started later is given them in turn, so threads
+/// that work at once are started one after the other, the caller waiting
+/// (a parser beside the controller's thread would share its arena's lock
+/// every other fill, and parse at half speed then).
 const ARENAS: i32 = 2;
 
 /// Sets glibc's allocator up for a daemon that holds a node's pods and

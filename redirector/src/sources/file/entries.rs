@@ -282,9 +282,13 @@ fn parse_entries(entries: &[Entry]) -> Option<Vec<PodSpec>> {
     parse_on(entries, threads)
 }
 
-/// [`parse_entries`] on `threads` threads, the caller's among them. A
-/// part whose thread cannot be started (a `pids.max` reached) is parsed on
-/// the caller's.
+/// [`parse_entries`] on `threads` threads of its own, the caller waiting.
+/// The caller does not take a part: glibc's allocator gives threads started
+/// later one of its few arenas in turn (see [`crate::heap`]), so a parser
+/// beside the caller would share the caller's arena, and its lock, every
+/// other fill (parsing at half speed then); threads started one after the
+/// other take different ones. A part whose thread cannot be started (a
+/// `pids.max` reached) is parsed on the caller's.
 fn parse_on(entries: &[Entry], threads: usize) -> Option<Vec<PodSpec>> {
     let parse_all = |part: &[Entry]| part.iter().map(parse_entry).collect::<Option<Vec<_>>>();
     if threads <= 1 || entries.is_empty() {
@@ -292,9 +296,8 @@ fn parse_on(entries: &[Entry], threads: usize) -> Option<Vec<PodSpec>> {
     }
     let share = entries.len().div_ceil(threads);
     std::thread::scope(|scope| {
-        let others: Vec<_> = entries
+        let parsers: Vec<_> = entries
             .chunks(share)
-            .skip(1)
             .map(|part| {
                 let parser = std::thread::Builder::new().name("parse".into());
                 (
@@ -303,8 +306,8 @@ fn parse_on(entries: &[Entry], threads: usize) -> Option<Vec<PodSpec>> {
                 )
             })
             .collect();
-        let mut pods = parse_all(&entries[..share])?;
-        for (part, parser) in others {
+        let mut pods = Vec::with_capacity(entries.len());
+        for (part, parser) in parsers {
             pods.extend(match parser {
                 Some(parser) => parser
                     .join()
