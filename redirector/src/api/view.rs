@@ -31,8 +31,9 @@ pub struct View {
 }
 
 /// Brings `view` to the reconcile `r`, pod by pod; returns each pod's
-/// change.
-pub fn update(view: &mut View, r: &Reconciled) -> Vec<pb::Change> {
+/// change if `watched` (rendering 10,000 pods for no watcher was a tenth
+/// of a fill's reconcile).
+pub fn update(view: &mut View, r: &Reconciled, watched: bool) -> Vec<pb::Change> {
     use pb::change::Kind;
     view.state_loaded = true;
     view.ztunnels = r.node.ztunnels.len() as u32;
@@ -50,6 +51,14 @@ pub fn update(view: &mut View, r: &Reconciled) -> Vec<pb::Change> {
         let change = match (view.pods.get(uid), now) {
             (None, None) => continue,
             (Some(was), Some(now)) if *was == now => continue,
+            (_, Some(now)) if !watched => {
+                view.pods.insert(uid.clone(), now);
+                continue;
+            }
+            (Some(_), None) if !watched => {
+                view.pods.remove(uid);
+                continue;
+            }
             // A change the API does not show (a service account, say):
             // the row follows the spec, and no watcher is told.
             (Some(was), Some(now)) if was.to_pb() == now.to_pb() => {
@@ -196,7 +205,12 @@ pub struct Publisher {
 
 impl Publish for Publisher {
     fn reconciled(&mut self, r: &Reconciled) {
-        let changes = update(&mut self.view.write().expect("view lock"), r);
+        let mut view = self.view.write().expect("view lock");
+        // Counted under the lock: a watcher subscribes before it reads its
+        // snapshot, so one that subscribes after this sees the new view.
+        let watched = self.changes.receiver_count() > 0;
+        let changes = update(&mut view, r, watched);
+        drop(view);
         for change in changes {
             // No watcher is not an error.
             let _ = self.changes.send(change);
@@ -227,7 +241,7 @@ mod tests {
             kubernetes: None,
             applied_in: std::time::Duration::ZERO,
         };
-        update(view, &r)
+        update(view, &r, true)
             .into_iter()
             .map(|c| (c.kind, c.pod.unwrap().uid))
             .collect()
@@ -255,6 +269,28 @@ mod tests {
             view.pods.keys().map(WorkloadId::as_str).collect::<Vec<_>>(),
             ["a", "b", "d"]
         );
+    }
+
+    #[test]
+    fn with_no_watcher_the_rows_follow_the_reconcile_and_no_change_is_made() {
+        let pods: BTreeMap<_, _> = [pod("a", "a"), pod("b", "b"), pod("c", "c")].into();
+        let now: BTreeMap<_, _> = [pod("a", "a"), pod("b", "b2"), pod("d", "d")].into();
+        let (mut watched, mut unwatched) = (View::default(), View::default());
+        for (pods, republish) in [(&pods, Touched::All), (&now, Touched::All)] {
+            reconcile(&mut watched, pods, republish.clone());
+            let r = Reconciled {
+                node: &NodeSpec::default(),
+                pods,
+                republish: &republish,
+                desired: &Desired::default(),
+                complete: true,
+                acknowledged: None,
+                kubernetes: None,
+                applied_in: std::time::Duration::ZERO,
+            };
+            assert!(update(&mut unwatched, &r, false).is_empty());
+            assert_eq!(unwatched.pods, watched.pods);
+        }
     }
 
     #[test]
