@@ -275,8 +275,14 @@ mod tests {
     fn with_no_watcher_the_rows_follow_the_reconcile_and_no_change_is_made() {
         let pods: BTreeMap<_, _> = [pod("a", "a"), pod("b", "b"), pod("c", "c")].into();
         let now: BTreeMap<_, _> = [pod("a", "a"), pod("b", "b2"), pod("d", "d")].into();
+        // A change the API does not show, to one pod.
+        let mut edited: PodMap = now.clone();
+        let mut a = fixtures::pod("a", "a");
+        a.service_account = "other".into();
+        edited.insert(WorkloadId::kubernetes("a"), Arc::new(a));
+        let one: Touched = Touched::Pods([WorkloadId::kubernetes("a")].into());
         let (mut watched, mut unwatched) = (View::default(), View::default());
-        for (pods, republish) in [(&pods, Touched::All), (&now, Touched::All)] {
+        for (pods, republish) in [(&pods, Touched::All), (&now, Touched::All), (&edited, one)] {
             reconcile(&mut watched, pods, republish.clone());
             let r = Reconciled {
                 node: &NodeSpec::default(),
