@@ -231,6 +231,15 @@ mod tests {
     }
 
     fn reconcile(view: &mut View, pods: &PodMap, republish: Touched) -> Vec<(i32, String)> {
+        reconcile_watched(view, pods, republish, true)
+    }
+
+    fn reconcile_watched(
+        view: &mut View,
+        pods: &PodMap,
+        republish: Touched,
+        watched: bool,
+    ) -> Vec<(i32, String)> {
         let r = Reconciled {
             node: &NodeSpec::default(),
             pods,
@@ -241,7 +250,7 @@ mod tests {
             kubernetes: None,
             applied_in: std::time::Duration::ZERO,
         };
-        update(view, &r, true)
+        update(view, &r, watched)
             .into_iter()
             .map(|c| (c.kind, c.pod.unwrap().uid))
             .collect()
@@ -284,17 +293,7 @@ mod tests {
         let (mut watched, mut unwatched) = (View::default(), View::default());
         for (pods, republish) in [(&pods, Touched::All), (&now, Touched::All), (&edited, one)] {
             reconcile(&mut watched, pods, republish.clone());
-            let r = Reconciled {
-                node: &NodeSpec::default(),
-                pods,
-                republish: &republish,
-                desired: &Desired::default(),
-                complete: true,
-                acknowledged: None,
-                kubernetes: None,
-                applied_in: std::time::Duration::ZERO,
-            };
-            assert!(update(&mut unwatched, &r, false).is_empty());
+            assert!(reconcile_watched(&mut unwatched, pods, republish, false).is_empty());
             assert_eq!(unwatched.pods, watched.pods);
         }
     }
