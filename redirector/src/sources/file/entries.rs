@@ -282,13 +282,10 @@ fn parse_entries(entries: &[Entry]) -> Option<Vec<PodSpec>> {
     parse_on(entries, threads)
 }
 
-/// [`parse_entries`] on `threads` threads of its own, the caller waiting.
-/// The caller does not take a part: glibc's allocator gives threads started
-/// later one of its few arenas in turn (see [`crate::heap`]), so a parser
-/// beside the caller would share the caller's arena, and its lock, every
-/// other fill (parsing at half speed then); threads started one after the
-/// other take different ones. A part whose thread cannot be started (a
-/// `pids.max` reached) is parsed on the caller's.
+/// [`parse_entries`] on `threads` threads of its own, the caller waiting
+/// rather than parsing beside them (why: [`crate::heap`]'s arenas). A
+/// part whose thread cannot be started (a `pids.max` reached) is parsed on
+/// the caller's.
 fn parse_on(entries: &[Entry], threads: usize) -> Option<Vec<PodSpec>> {
     let parse_all = |part: &[Entry]| part.iter().map(parse_entry).collect::<Option<Vec<_>>>();
     if threads <= 1 || entries.is_empty() {
