@@ -612,9 +612,25 @@ impl Node {
 
     /// Replaces the workloads file with `text` as it is.
     pub fn write_workloads_text(&self, text: &str) {
-        let staging = self.dir.join("workloads.yaml.tmp");
-        fs::write(&staging, text).expect("writing the workloads file");
-        fs::rename(&staging, self.workloads_path()).expect("renaming the workloads file");
+        self.stage_workloads_text(text);
+        self.commit_workloads_text();
+    }
+
+    /// Writes `text` beside the workloads file, for
+    /// [`Node::commit_workloads_text`] to put in its place.
+    pub fn stage_workloads_text(&self, text: &str) {
+        fs::write(self.staged_workloads_path(), text).expect("writing the workloads file");
+    }
+
+    /// Renames the staged text into the workloads file's place, as editors
+    /// and ConfigMap mounts replace a file.
+    pub fn commit_workloads_text(&self) {
+        fs::rename(self.staged_workloads_path(), self.workloads_path())
+            .expect("renaming the workloads file");
+    }
+
+    fn staged_workloads_path(&self) -> PathBuf {
+        self.dir.join("workloads.yaml.tmp")
     }
 
     fn kill_all(&self) {

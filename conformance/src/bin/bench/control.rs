@@ -210,8 +210,13 @@ impl FileNode {
         y
     }
 
-    fn write(&self, text: &str) {
-        self.node.write_workloads_text(text);
+    /// Puts `text` in the file's place, written beside it first; returns
+    /// when the event happened: the rename, not the writing before it.
+    fn write(&self, text: &str) -> Instant {
+        self.node.stage_workloads_text(text);
+        let renamed = Instant::now();
+        self.node.commit_workloads_text();
+        renamed
     }
 }
 
@@ -259,36 +264,31 @@ fn file_feed(plan: &Plan) -> Value {
         removed: vec![],
     };
     for _ in 0..plan.repetitions {
-        let t0 = Instant::now();
-        f.write(&full);
+        let t0 = f.write(&full);
         figures.fill.push(map.until(last, t0, FILL_POLL, enrolled));
         assert!(f.ids.iter().all(|id| enrolled(map.get(*id))));
-        let t0 = Instant::now();
-        f.write(&empty);
+        let t0 = f.write(&empty);
         figures
             .empty
             .push(map.until(last, t0, FILL_POLL, |e| e.is_none()));
         assert!(f.ids.iter().all(|id| map.get(*id).is_none()));
     }
-    f.write(&full);
-    map.until(last, Instant::now(), FILL_POLL, enrolled);
+    let t0 = f.write(&full);
+    map.until(last, t0, FILL_POLL, enrolled);
     let rss_loaded = settled_rss_kib(pid);
     for k in 0..plan.events {
         let i = (k * 7919) % n;
         let id = f.ids[i];
         let (changed, removed) = (f.text(n, None, Some(i)), f.text(n, Some(i), None));
-        let t0 = Instant::now();
-        f.write(&changed);
+        let t0 = f.write(&changed);
         figures
             .changed
             .push(map.until(id, t0, EVENT_POLL, listed_not_enrolled));
-        let t0 = Instant::now();
-        f.write(&removed);
+        let t0 = f.write(&removed);
         figures
             .removed
             .push(map.until(id, t0, EVENT_POLL, |e| e.is_none()));
-        let t0 = Instant::now();
-        f.write(&full);
+        let t0 = f.write(&full);
         figures.added.push(map.until(id, t0, EVENT_POLL, enrolled));
     }
     let mut out = figures.json();
