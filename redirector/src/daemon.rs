@@ -375,6 +375,12 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     resync.reset();
     loop {
         tokio::select! {
+            // Looked at in this order: a change waiting goes before the
+            // next slice of a retry pass, which is always ready while one
+            // runs, so it comes last.
+            biased;
+            _ = term.recv() => break,
+            _ = int.recv() => break,
             Some(()) = changed.recv() => {
                 while changed.try_recv().is_ok() {}
                 if node.file_changed(&opts.workloads) {
@@ -428,8 +434,6 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             () = std::future::ready(()), if node.retrying() => {
                 node.reconcile(&mut datapath);
             }
-            _ = term.recv() => break,
-            _ = int.recv() => break,
         }
         if !attached && ready_to_attach(&node) {
             datapath.attach(&opts.cgroup_root, &opts.pins)?;

@@ -454,18 +454,19 @@ impl DesiredMaps {
     /// The pods a retry pass looks at again: those not fully found yet, and
     /// those found by address, which depend on every other pod's netns.
     pub fn retry_candidates(&self, pods: &PodMap) -> Vec<WorkloadId> {
-        let mut uids: BTreeSet<WorkloadId> = self
-            .parts
+        let incomplete = |uid: &WorkloadId| self.parts.get(uid).is_some_and(|(_, p)| p.incomplete);
+        // In no order: a pass looks at all of them, a slice at a time (and
+        // sorting 10,000 would keep the first slice's event waiting).
+        self.parts
             .iter()
             .filter(|(_, (_, part))| part.incomplete)
             .map(|(uid, _)| uid.clone())
-            .collect();
-        uids.extend(
-            pods.values()
-                .filter(|p| p.cgroup == PodCgroup::Address)
-                .map(|p| p.uid.clone()),
-        );
-        uids.into_iter().collect()
+            .chain(
+                pods.values()
+                    .filter(|p| p.cgroup == PodCgroup::Address && !incomplete(&p.uid))
+                    .map(|p| p.uid.clone()),
+            )
+            .collect()
     }
 
     /// Replaces what the pod `uid` asks of the maps with `part` (`None`:
