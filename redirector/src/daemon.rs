@@ -377,7 +377,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         tokio::select! {
             // Looked at in this order: a change waiting goes before the
             // next slice of a retry pass, which is always ready while one
-            // runs, so it comes last.
+            // runs, so it comes last. An input ready at every turn would
+            // keep those after it waiting; each branch takes all its
+            // channel holds, so only changes coming faster than reconciles
+            // could.
             biased;
             _ = term.recv() => break,
             _ = int.recv() => break,

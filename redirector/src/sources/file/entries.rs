@@ -545,6 +545,12 @@ fn cut(text: &str) -> Option<Cut<'_>> {
         entries = list;
         lines = Lines::from(text, end);
     }
+    // The rest is parsed alone: it must read as it does around the list,
+    // a block mapping from column 0 (`workloads:` is at column 0).
+    let root = Lines::from(&rest, 0).find(|line| !line.blank());
+    if root.is_some_and(|line| line.depth > 0 || line.body().starts_with(['{', '['])) {
+        return None;
+    }
     (!entries.is_empty()).then_some(Cut { rest, entries })
 }
 
@@ -630,7 +636,10 @@ fn splice<'a>(last: &LastText, text: &'a str) -> Option<Edit<'a>> {
         return None;
     }
     let (entries, list_end) = cut_list(text, from, to, last.indent)?;
-    if list_end != to {
+    // An edit that leaves the list without entries leaves `workloads:`
+    // without a value, which the whole parse rejects.
+    let emptied = entries.is_empty() && first == 0 && end == last.entries.len();
+    if list_end != to || emptied {
         return None;
     }
     Some(Edit {
@@ -994,11 +1003,22 @@ ztunnel:
             FILE.replace("ips: [198.18.0.2]", "ips: [198.18.0.2, 198.18.0.3]"),
             FILE.replace("    mode: none", "    mode: none\n    ips: [198.18.0.2]"),
             FILE.replace("ztunnel:", "workloads:\n  - uid: c\n    name: c\nztunnel:"),
+            // Every entry gone.
+            "workloads:\nztunnel:\n  cgroup: /cg/z\n".to_string(),
         ] {
             let err = loader.parse(&bad).unwrap_err();
             assert_eq!(Err(err), parse(&bad), "{bad}");
             assert_eq!(Ok(spec(&loader)), whole(FILE), "{bad}");
         }
+        // The text around the list reads otherwise alone: a mapping from
+        // column 1 is one, but not before `workloads:` at column 0.
+        let first = "ztunnel:\n  cgroup: /cg/z\nworkloads:\n  - uid: a\n    name: a\n    namespace: d\n    cgroup: /cg/a\n    mode: none\n";
+        let mut ztunnel_first = Loader::default();
+        ztunnel_first.parse(first).unwrap();
+        let bad = format!(" {first}");
+        let err = ztunnel_first.parse(&bad).unwrap_err();
+        assert_eq!(Err(err), parse(&bad));
+        assert_eq!(Ok(spec(&ztunnel_first)), whole(first));
         // The last good entries are still known.
         assert_eq!(loader.parse(FILE), Ok(Loaded::Unchanged));
         assert_eq!(loader.last.as_ref().map_or(0, |l| l.entries.len()), 2);
